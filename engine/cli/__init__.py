@@ -1,0 +1,42 @@
+"""The engine's command line: one module per subcommand, each registering itself in COMMANDS.
+
+Exit codes: 0 success, 2 a config or input the user must fix (every problem is printed as `path: message`),
+1 an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from engine import __version__
+from engine.cli import import_cmd, schema_cmd, validate_cmd
+
+# name -> function adding the subcommand's parser (with `handler` set as a default)
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
+    "validate": validate_cmd.add_parser,
+    "schema": schema_cmd.add_parser,
+    "import": import_cmd.add_parser,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="Atelier's engine: check, convert and (as it grows) run Stable Diffusion training configs.",
+    )
+    parser.add_argument("--version", action="version", version=f"atelier engine {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS.values():
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

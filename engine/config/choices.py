@@ -1,0 +1,166 @@
+"""Named choices of the config and what each one needs.
+
+Choices that are closed sets are `Literal` types (strict-mode friendly and readable by the GUI). Choices that
+need an optional package are described in small registries, so validation can say exactly which package and
+which extra to install, without importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+Method = Literal["lora", "dreambooth", "finetune", "textual_inversion"]
+ModelFamily = Literal["auto", "sd1", "sd2", "sdxl"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Attention = Literal["sdpa", "xformers", "none"]
+LossType = Literal["l2", "huber", "smooth_l1", "l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
+SaveModelAs = Literal["safetensors", "ckpt", "pt", "diffusers", "diffusers_safetensors"]
+SavePrecision = Literal["float", "fp16", "bf16"]
+LogWith = Literal["tensorboard", "wandb", "all"]
+DynamoBackend = Literal["no", "inductor", "eager", "aot_eager", "cudagraphs"]
+MaxTokenLength = Literal[75, 150, 225]
+ResizeInterpolation = Literal["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"]
+
+LrScheduler = Literal[
+    "constant",
+    "constant_with_warmup",
+    "cosine",
+    "cosine_with_restarts",
+    "cosine_with_min_lr",
+    "linear",
+    "polynomial",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+    "piecewise_constant",
+    "adafactor",
+]
+
+# sd-scripts' sampler names (spec §7), mapped later to diffusers schedulers by the sampling code.
+Sampler = Literal[
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "dpmsolver",
+    "dpmsolver++",
+    "dpmsingle",
+    "k_lms",
+    "k_euler",
+    "k_euler_a",
+    "k_dpm_2",
+    "k_dpm_2_a",
+]
+
+# Which parts of a full model each save format can hold: LoRA and embeddings are single files only.
+SMALL_FILE_FORMATS = ("safetensors", "ckpt", "pt")
+FULL_MODEL_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
+
+
+@dataclass(frozen=True)
+class OptionalPackage:
+    """An importable module that a choice needs, and how a user gets it."""
+
+    module: str
+    pip_name: str
+    extra: str
+
+    def is_installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def install_hint(self) -> str:
+        return f"install it with `pip install {self.pip_name}` (or the `{self.extra}` extra: pip install -e .[{self.extra}])"
+
+
+BITSANDBYTES = OptionalPackage("bitsandbytes", "bitsandbytes", "gpu")
+XFORMERS = OptionalPackage("xformers", "xformers", "gpu")
+LYCORIS = OptionalPackage("lycoris", "lycoris-lora", "lycoris")
+PRODIGY = OptionalPackage("prodigyopt", "prodigyopt", "optimizers")
+DADAPTATION = OptionalPackage("dadaptation", "dadaptation", "optimizers")
+LION = OptionalPackage("lion_pytorch", "lion-pytorch", "optimizers")
+SCHEDULEFREE = OptionalPackage("schedulefree", "schedulefree", "optimizers")
+WANDB = OptionalPackage("wandb", "wandb", "wandb")
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """What the config needs to know about an optimizer; building it is the trainer's registry's job."""
+
+    package: OptionalPackage | None = None
+    schedule_free: bool = False
+    # D-Adaptation and Prodigy estimate the step size themselves and expect learning_rate around 1.0.
+    adaptive_lr: bool = False
+
+
+_DADAPT = OptimizerInfo(DADAPTATION, adaptive_lr=True)
+OPTIMIZERS: dict[str, OptimizerInfo] = {
+    "AdamW": OptimizerInfo(),
+    "AdamW8bit": OptimizerInfo(BITSANDBYTES),
+    "PagedAdamW": OptimizerInfo(BITSANDBYTES),
+    "PagedAdamW8bit": OptimizerInfo(BITSANDBYTES),
+    "PagedAdamW32bit": OptimizerInfo(BITSANDBYTES),
+    "Lion": OptimizerInfo(LION),
+    "Lion8bit": OptimizerInfo(BITSANDBYTES),
+    "PagedLion8bit": OptimizerInfo(BITSANDBYTES),
+    "SGDNesterov": OptimizerInfo(),
+    "SGDNesterov8bit": OptimizerInfo(BITSANDBYTES),
+    "DAdaptation": _DADAPT,
+    "DAdaptAdamPreprint": _DADAPT,
+    "DAdaptAdaGrad": _DADAPT,
+    "DAdaptAdam": _DADAPT,
+    "DAdaptAdan": _DADAPT,
+    "DAdaptAdanIP": _DADAPT,
+    "DAdaptLion": _DADAPT,
+    "DAdaptSGD": _DADAPT,
+    "Prodigy": OptimizerInfo(PRODIGY, adaptive_lr=True),
+    "Adafactor": OptimizerInfo(),
+    "AdamWScheduleFree": OptimizerInfo(SCHEDULEFREE, schedule_free=True),
+    "RAdamScheduleFree": OptimizerInfo(SCHEDULEFREE, schedule_free=True),
+    "SGDScheduleFree": OptimizerInfo(SCHEDULEFREE, schedule_free=True),
+}
+_OPTIMIZERS_BY_LOWER = {name.lower(): name for name in OPTIMIZERS}
+
+
+def canonical_optimizer_name(name: str) -> str | None:
+    """The registry's spelling of an optimizer name given in any letter case, or None if it is not a known name."""
+    return _OPTIMIZERS_BY_LOWER.get(name.lower())
+
+
+def is_dotted_class_path(name: str) -> bool:
+    """True for 'package.module.ClassName', the form sd-scripts accepts for optimizers outside its list."""
+    parts = name.split(".")
+    return len(parts) >= 2 and all(part.isidentifier() for part in parts)
+
+
+@dataclass(frozen=True)
+class NetworkTypeInfo:
+    """What a network type is built with, for validation and for the GUI's help text."""
+
+    backend: Literal["kohya", "lycoris"]
+    summary: str
+    needs_conv_dim: bool = False
+
+    @property
+    def package(self) -> OptionalPackage | None:
+        return LYCORIS if self.backend == "lycoris" else None
+
+
+NETWORK_TYPES: dict[str, NetworkTypeInfo] = {
+    "lora": NetworkTypeInfo("kohya", "Classic LoRA on attention and feed-forward layers (kohya format)."),
+    "locon": NetworkTypeInfo("kohya", "LoRA plus the 3x3 convolutions of ResNet blocks (kohya LoCon).", True),
+    "loha": NetworkTypeInfo("lycoris", "LyCORIS LoHa: Hadamard product of two low-rank pairs."),
+    "lokr": NetworkTypeInfo("lycoris", "LyCORIS LoKr: Kronecker product; very small files."),
+    "dylora": NetworkTypeInfo("lycoris", "LyCORIS DyLoRA: trains several ranks at once."),
+    "ia3": NetworkTypeInfo("lycoris", "LyCORIS (IA)^3: learned rescaling vectors, tiny and fast."),
+    "glora": NetworkTypeInfo("lycoris", "LyCORIS GLoRA: generalized LoRA."),
+    "boft": NetworkTypeInfo("lycoris", "LyCORIS BOFT: butterfly orthogonal fine-tuning."),
+    "diag-oft": NetworkTypeInfo("lycoris", "LyCORIS Diag-OFT: diagonal orthogonal fine-tuning."),
+    "full": NetworkTypeInfo("lycoris", "LyCORIS native fine-tuning: full weight differences."),
+}
+NetworkType = Literal["lora", "locon", "loha", "lokr", "dylora", "ia3", "glora", "boft", "diag-oft", "full"]

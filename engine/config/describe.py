@@ -1,0 +1,122 @@
+"""Reading the config model back as data: one `FieldSpec` per parameter, for the GUI, the docs and the CLI.
+
+Nothing here declares a parameter; it only reports what `setting()` declared in the sections.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from engine.config.literals import literal_values
+from engine.config.schema import SECTIONS, RunConfig
+
+# Containers that the GUI and the docs treat as one value rather than descending into.
+_LEAF_MODEL_LISTS = {"datasets"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One parameter as the GUI and docs see it."""
+
+    path: str
+    kind: str  # bool, int, float, number (int or float), str, choice, list, table, size
+    default: Any
+    description: str
+    optional: bool = False
+    choices: tuple[Any, ...] = ()
+    bounds: dict[str, Any] = field(default_factory=dict)
+    advanced: bool = False
+    group: str | None = None
+    widget: str | None = None
+    unit: str | None = None
+
+    @property
+    def section(self) -> str:
+        return self.path.split(".")[0] if "." in self.path else ""
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) < len(typing.get_args(annotation)):
+            return (members[0] if len(members) == 1 else typing.Union[tuple(members)]), True
+    return annotation, False
+
+
+def _kind(annotation: Any, choices: tuple[Any, ...]) -> str:
+    if choices:
+        return "choice"
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _kind(typing.get_args(annotation)[0], choices)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = set(typing.get_args(annotation))
+        if members == {int, float}:
+            return "number"
+        if int in members and any(typing.get_origin(m) is list for m in members):
+            return "size"
+    if origin is list:
+        return "list"
+    if origin is dict:
+        return "table"
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(annotation, "str")
+
+
+def _bounds(info: Any) -> dict[str, Any]:
+    bounds = {}
+    for constraint in info.metadata:
+        for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            value = getattr(constraint, name, None)
+            if value is not None:
+                bounds[name] = value
+    return bounds
+
+
+def _default(info: Any) -> Any:
+    if info.default_factory is not None:
+        value = info.default_factory()
+        return value.model_dump() if isinstance(value, BaseModel) else value
+    return None if info.default is PydanticUndefined else info.default
+
+
+def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[FieldSpec]:
+    """Every leaf parameter of `model` with its full dotted path, in declaration order."""
+    specs = []
+    for name, info in model.model_fields.items():
+        annotation, optional = _strip_optional(info.annotation)
+        path = prefix + name
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            specs.extend(iter_fields(annotation, path + "."))
+            continue
+        if name in _LEAF_MODEL_LISTS and typing.get_origin(annotation) is list:
+            continue  # inline datasets are edited as a whole (Dataset tab / TOML), not as single fields
+        choices = literal_values(annotation)
+        hints = info.json_schema_extra or {}
+        specs.append(FieldSpec(
+            path=path, kind=_kind(annotation, choices), default=_default(info), description=info.description or "",
+            optional=optional, choices=choices, bounds=_bounds(info), advanced=bool(hints.get("advanced")),
+            group=hints.get("group"), widget=hints.get("widget"), unit=hints.get("unit"),
+        ))
+    return specs
+
+
+def section_fields(section: str) -> list[FieldSpec]:
+    return [spec for spec in iter_fields() if spec.section == section]
+
+
+def top_level_fields() -> list[FieldSpec]:
+    return [spec for spec in iter_fields() if spec.section == ""]
+
+
+def sections() -> tuple[str, ...]:
+    return SECTIONS

@@ -1,0 +1,88 @@
+"""Config sections for what is trained: the base model, the network (LoRA family) and the embedding (TI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.config.base import StrictModel, setting
+from engine.config.choices import MaxTokenLength, ModelFamily, NetworkType
+
+
+class ModelSection(StrictModel):
+    """The base model being trained on."""
+
+    pretrained_model_name_or_path: str = setting(
+        "", "Base model: a .safetensors/.ckpt file, a diffusers folder, or a Hugging Face id.", widget="path",
+    )
+    model_family: ModelFamily = setting(
+        "auto", "Model architecture; 'auto' detects SD1.x, SD2.x or SDXL from the checkpoint's keys.",
+    )
+    v_parameterization: bool = setting(
+        False, "The model predicts v instead of noise (SD2.x 768-v and v-prediction SDXL models).",
+    )
+    vae: str = setting("", "A separate VAE file or folder to use instead of the model's own.", widget="path",
+                       advanced=True)
+    no_half_vae: bool = setting(
+        False, "Keep the VAE in 32-bit floats; SDXL's VAE produces NaNs in fp16.", advanced=True,
+    )
+    clip_skip: int = setting(
+        1, "Use the text encoder's output this many layers from the end (2 for many anime SD1.5 models).",
+        ge=1, le=12,
+    )
+    max_token_length: MaxTokenLength = setting(
+        75, "Longest caption in tokens; 150 or 225 encodes long captions in 75-token chunks.", advanced=True,
+    )
+
+
+class NetworkSection(StrictModel):
+    """The trained network for method = "lora": LoRA, LoCon and the LyCORIS family."""
+
+    network_type: NetworkType = setting(
+        "lora", "Kind of network: kohya LoRA/LoCon, or a LyCORIS algorithm (needs the lycoris extra).",
+    )
+    network_dim: int = setting(
+        8, "Rank of the network: larger learns more detail and makes bigger files (4-128 is usual).",
+        ge=1, le=100000,
+    )
+    network_alpha: float = setting(
+        1.0, "Scales the network's output by alpha/dim; commonly dim or dim/2, and 1 for a gentle start.",
+        gt=0.0, le=100000.0,
+    )
+    conv_dim: int = setting(
+        0, "Rank for 3x3 convolution layers (LoCon); 0 leaves convolutions untrained.", ge=0, le=100000,
+    )
+    conv_alpha: float = setting(1.0, "Alpha for the convolution layers.", gt=0.0, le=100000.0)
+    network_dropout: float = setting(
+        0.0, "Dropout on the network's hidden activations (0 = off, 0.1 is typical).", ge=0.0, lt=1.0,
+        advanced=True, group="dropout",
+    )
+    rank_dropout: float = setting(
+        0.0, "Chance of dropping each rank per step.", ge=0.0, lt=1.0, advanced=True, group="dropout",
+    )
+    module_dropout: float = setting(
+        0.0, "Chance of skipping a whole module per step.", ge=0.0, lt=1.0, advanced=True, group="dropout",
+    )
+    network_weights: str = setting(
+        "", "Start from the weights of an existing network file instead of from scratch.", widget="file",
+        advanced=True,
+    )
+    train_unet_only: bool = setting(False, "Train only the UNet; the text encoder stays as it is.")
+    train_text_encoder_only: bool = setting(False, "Train only the text encoder.", advanced=True)
+    network_args: dict[str, Any] = setting(
+        default_factory=dict, description="Extra algorithm options, e.g. {preset = 'attn-mlp', use_tucker = true}.",
+        advanced=True,
+    )
+
+
+class EmbeddingSection(StrictModel):
+    """The new token for method = "textual_inversion"."""
+
+    token_string: str = setting(
+        "", "The new word you will type in prompts; it must not already be a word the tokenizer knows.",
+    )
+    init_word: str = setting(
+        "", "An existing word the new embedding starts from, e.g. 'dog' (empty = start from '*').",
+    )
+    num_vectors_per_token: int = setting(
+        1, "How many token vectors the embedding uses; more captures more, costs prompt length.", ge=1, le=75,
+    )

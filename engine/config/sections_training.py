@@ -1,0 +1,166 @@
+"""Config sections for how training runs: the optimizer and the training loop (precision, noise, loss, caches)."""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from engine.config.base import StrictModel, setting
+from engine.config.choices import (
+    OPTIMIZERS,
+    Attention,
+    HuberSchedule,
+    LossType,
+    LrScheduler,
+    MixedPrecision,
+    canonical_optimizer_name,
+    is_dotted_class_path,
+)
+
+OptimizerArg = str | int | float | bool | list[str | int | float | bool]
+
+
+class OptimizerSection(StrictModel):
+    """The optimizer and learning-rate schedule."""
+
+    optimizer_type: str = setting(
+        "AdamW", "Optimizer: AdamW, AdamW8bit, Lion, Prodigy, Adafactor, ... or a dotted class path.",
+    )
+    learning_rate: float = setting(
+        1e-4, "Base learning rate (about 1e-4 for LoRA, 1e-6 for DreamBooth, 1.0 for Prodigy/D-Adaptation).",
+        gt=0.0, le=10.0,
+    )
+    unet_lr: float | None = setting(
+        None, "Learning rate for the UNet; empty uses learning_rate, 0 freezes the UNet.", ge=0.0, le=10.0,
+    )
+    text_encoder_lr: float | None = setting(
+        None, "Learning rate for the text encoder; empty uses learning_rate, 0 freezes it.", ge=0.0, le=10.0,
+    )
+    text_encoder2_lr: float | None = setting(
+        None, "SDXL only: learning rate for the second text encoder; empty uses text_encoder_lr.",
+        ge=0.0, le=10.0, advanced=True,
+    )
+    optimizer_args: dict[str, OptimizerArg] = setting(
+        default_factory=dict, description="Extra optimizer arguments, e.g. {weight_decay = 0.01, betas = [0.9, 0.99]}.",
+        advanced=True,
+    )
+    max_grad_norm: float = setting(1.0, "Clip gradients to this norm (0 = no clipping).", ge=0.0, advanced=True)
+    lr_scheduler: LrScheduler = setting("cosine", "How the learning rate changes over the run.")
+    lr_warmup_steps: int | float = setting(
+        0, "Warm-up: a whole number of steps, or a fraction of the run below 1 (e.g. 0.05).", ge=0,
+    )
+    lr_scheduler_num_cycles: int = setting(
+        1, "Restarts for cosine_with_restarts.", ge=1, le=1000, advanced=True,
+    )
+    lr_scheduler_power: float = setting(1.0, "Power of the polynomial schedule.", gt=0.0, advanced=True)
+    lr_scheduler_args: dict[str, OptimizerArg] = setting(
+        default_factory=dict, description="Extra scheduler arguments, e.g. {min_lr_ratio = 0.1}.", advanced=True,
+    )
+
+    @field_validator("optimizer_type")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        canonical = canonical_optimizer_name(name)
+        if canonical is not None:
+            return canonical
+        if is_dotted_class_path(name):
+            return name
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, or give a full "
+                         "class path such as 'torch.optim.RAdam'")
+
+    @field_validator("lr_warmup_steps")
+    @classmethod
+    def _warmup_form(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError(f"{value} is a fraction of the run and must be below 1; write an integer for a number "
+                             "of steps")
+        return value
+
+
+class TrainingSection(StrictModel):
+    """The training loop: length, precision, memory savers, noise and loss."""
+
+    max_train_epochs: int = setting(10, "Epochs to train (one epoch sees every image its repeats times).",
+                                    ge=0, le=100000)
+    max_train_steps: int = setting(
+        0, "Steps to train instead of epochs; 0 uses max_train_epochs. Set only one of the two.", ge=0,
+        le=10_000_000,
+    )
+    gradient_accumulation_steps: int = setting(
+        1, "Add up gradients over this many batches before each update (a larger effective batch).",
+        ge=1, le=1024, advanced=True,
+    )
+    mixed_precision: MixedPrecision = setting(
+        "fp16", "Compute precision: fp16 for most GPUs, bf16 for RTX 30xx and newer, no for CPU.",
+    )
+    full_fp16: bool = setting(False, "Keep trained weights in fp16 too (less memory, less stable).", advanced=True,
+                              group="precision")
+    full_bf16: bool = setting(False, "Keep trained weights in bf16 too (less memory).", advanced=True,
+                              group="precision")
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in the backward pass: much less memory, about 20% slower.",
+    )
+    attention: Attention = setting(
+        "sdpa", "Attention kernel: PyTorch's SDPA, xformers (needs the gpu extra), or none (plain).", advanced=True,
+    )
+    seed: int = setting(42, "Random seed; the same seed and settings give the same run.", ge=0, le=2**32 - 1)
+    cache_latents: bool = setting(
+        True, "Encode every image with the VAE once before training: faster and less memory.", group="caching",
+    )
+    cache_latents_to_disk: bool = setting(
+        False, "Keep the latent cache on disk so later runs reuse it.", group="caching",
+    )
+    cache_text_encoder_outputs: bool = setting(
+        False, "Encode captions once before training; needs fixed captions and a frozen text encoder.",
+        advanced=True, group="caching",
+    )
+    vae_batch_size: int = setting(1, "Images encoded at once while caching latents.", ge=1, le=256, advanced=True,
+                                  group="caching")
+    noise_offset: float = setting(
+        0.0, "Adds a constant offset to the noise so the model learns very dark and bright images (0.05-0.1).",
+        ge=0.0, le=1.0, advanced=True, group="noise",
+    )
+    adaptive_noise_scale: float = setting(
+        0.0, "Grows the noise offset with each latent's mean; needs noise_offset.", ge=-1.0, le=1.0,
+        advanced=True, group="noise",
+    )
+    multires_noise_iterations: int = setting(
+        0, "Multi-resolution (pyramid) noise iterations, 6-10 is typical (0 = off).", ge=0, le=64, advanced=True,
+        group="noise",
+    )
+    multires_noise_discount: float = setting(
+        0.3, "Strength falloff of each multi-resolution noise level.", ge=0.0, le=1.0, advanced=True, group="noise",
+    )
+    ip_noise_gamma: float = setting(
+        0.0, "Input-perturbation noise strength, about 0.1 (0 = off).", ge=0.0, le=1.0, advanced=True, group="noise",
+    )
+    min_snr_gamma: float = setting(
+        0.0, "Min-SNR loss weighting; 5 is the usual value (0 = off).", ge=0.0, le=100.0, advanced=True,
+        group="loss",
+    )
+    loss_type: LossType = setting("l2", "Loss function.", advanced=True, group="loss")
+    huber_schedule: HuberSchedule = setting(
+        "snr", "How the Huber loss's threshold varies with the timestep.", advanced=True, group="loss",
+    )
+    huber_c: float = setting(0.1, "Huber loss threshold.", gt=0.0, le=10.0, advanced=True, group="loss")
+    scale_v_pred_loss_like_noise_pred: bool = setting(
+        False, "Weight the v-prediction loss like a noise-prediction loss.", advanced=True, group="loss",
+    )
+    debiased_estimation_loss: bool = setting(
+        False, "Debiased estimation loss weighting.", advanced=True, group="loss",
+    )
+    zero_terminal_snr: bool = setting(
+        False, "Rescale the noise schedule to reach pure noise at the last step (use with v-prediction).",
+        advanced=True, group="noise",
+    )
+    min_timestep: int = setting(0, "Lowest noise timestep trained.", ge=0, le=999, advanced=True, group="noise")
+    max_timestep: int = setting(1000, "Highest noise timestep trained (exclusive).", ge=1, le=1000, advanced=True,
+                                group="noise")
+    prior_loss_weight: float = setting(
+        1.0, "Loss weight of regularization images relative to training images.", ge=0.0, le=100.0,
+    )
+    max_data_loader_n_workers: int = setting(
+        0, "Processes loading images in parallel (0 = in the training process).", ge=0, le=64, advanced=True,
+    )
+    persistent_data_loader_workers: bool = setting(
+        False, "Keep loader processes alive between epochs (faster epochs, more memory).", advanced=True,
+    )
