@@ -35,6 +35,7 @@ class FieldSpec:
     group: str | None = None
     widget: str | None = None
     unit: str | None = None
+    item_kind: str | None = None  # for lists: the kind of each item (str, int, float)
 
     @property
     def section(self) -> str:
@@ -72,6 +73,14 @@ def _kind(annotation: Any, choices: tuple[Any, ...]) -> str:
     return {bool: "bool", int: "int", float: "float", str: "str"}.get(annotation, "str")
 
 
+def _item_kind(annotation: Any) -> str | None:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _item_kind(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is list:
+        return _kind(typing.get_args(annotation)[0], ())
+    return None
+
+
 def _bounds(info: Any) -> dict[str, Any]:
     bounds = {}
     for constraint in info.metadata:
@@ -106,6 +115,7 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[Fi
             path=path, kind=_kind(annotation, choices), default=_default(info), description=info.description or "",
             optional=optional, choices=choices, bounds=_bounds(info), advanced=bool(hints.get("advanced")),
             group=hints.get("group"), widget=hints.get("widget"), unit=hints.get("unit"),
+            item_kind=_item_kind(annotation),
         ))
     return specs
 

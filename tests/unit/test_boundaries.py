@@ -1,0 +1,78 @@
+"""Package layout and import boundaries: engine never imports gradio/gui; gui never imports torch & co."""
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUI_FORBIDDEN = {"torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "onnxruntime"}
+ENGINE_FORBIDDEN = {"gradio", "gui"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def offenders(folder: str, forbidden: set[str]) -> dict[str, set[str]]:
+    found = {}
+    for path in sorted((REPO / folder).rglob("*.py")):
+        bad = imported_modules(path) & forbidden
+        if bad:
+            found[str(path.relative_to(REPO))] = bad
+    return found
+
+
+def test_engine_never_imports_gradio_or_gui():
+    assert offenders("engine", ENGINE_FORBIDDEN) == {}
+
+
+def test_gui_never_imports_heavy_ml_libraries():
+    found = offenders("gui", GUI_FORBIDDEN)
+    app = imported_modules(REPO / "app.py") & GUI_FORBIDDEN if (REPO / "app.py").exists() else set()
+    assert found == {} and app == set()
+
+
+def test_the_boundary_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("import os\nfrom torch import nn\ndef f():\n    import gradio as gr\n")
+    assert imported_modules(bad) == {"os", "torch", "gradio"}
+
+
+def test_importing_engine_config_stays_light():
+    # The GUI imports engine.config; it must not drag torch & co. in behind the scenes.
+    code = ("import sys, engine.config.io, engine.config.describe, engine.config.reference; "
+            f"print(sorted(m for m in {sorted(GUI_FORBIDDEN)!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_packages_resolve_inside_the_repository():
+    import engine
+    import gui
+
+    assert Path(engine.__file__).resolve().is_relative_to(REPO)
+    assert Path(gui.__file__).resolve().is_relative_to(REPO)
+
+
+def test_packages_are_declared_explicitly_in_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert set(include) == {"engine", "engine.*", "gui", "gui.*"}
+
+
+def test_top_level_layout():
+    required = {"pyproject.toml", "app.py", "gui", "engine", "presets", "tools", "tests", "README.md"}
+    allowed = required | {".ci", "bench", "docs", ".git", ".gitignore", ".venv"}
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    top = {line.split("/")[0] for line in tracked.splitlines()} | {p.name for p in REPO.iterdir() if p.name in required}
+    assert required <= top
+    assert top <= allowed, top - allowed

@@ -1,0 +1,75 @@
+"""`python -m engine` as a user runs it: real subprocesses, exit codes and messages."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config.reference import parameters_markdown
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def engine(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_help_lists_the_commands():
+    result = engine("--help")
+    assert result.returncode == 0
+    for command in ("validate", "schema", "import"):
+        assert command in result.stdout
+        assert engine(command, "--help").returncode == 0
+
+
+def test_validate_accepts_a_good_config_with_a_one_line_summary(tmp_path):
+    (tmp_path / "run.toml").write_text('[model]\npretrained_model_name_or_path = "m.safetensors"\n'
+                                       '[dataset]\ntrain_data_dir = "img"\n')
+    result = engine("validate", str(tmp_path / "run.toml"), "--set", "network.network_dim=16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    assert result.stdout.startswith("ok: lora dim 16 on m.safetensors")
+
+
+def test_validate_lists_every_error_as_path_and_message(tmp_path):
+    (tmp_path / "bad.toml").write_text('[training]\nmax_train_epoch = 3\nseed = "x"\n'
+                                       '[network]\nnetwork_dim = 4\nnetwork_alpha = 8.0\n'
+                                       '[dataset.general]\ncolor_aug = true\n')
+    result = engine("validate", str(tmp_path / "bad.toml"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "error: training.max_train_epoch: unknown key; did you mean 'max_train_epochs'?" in lines
+    assert "error: training.seed: expected a whole number, got the text 'x'" in lines
+    assert any(line.startswith("error: network.network_alpha: alpha 8 is above network_dim 4") for line in lines)
+    assert any(line.startswith("error: dataset.general.color_aug:") for line in lines)
+
+
+def test_validate_applies_overrides_before_checking(tmp_path):
+    (tmp_path / "run.toml").write_text("")
+    result = engine("validate", str(tmp_path / "run.toml"), "--set", "training.full_fp16=true", "--set",
+                    "training.mixed_precision=bf16")
+    assert result.returncode == 2
+    assert "error: training.full_fp16: needs training.mixed_precision = 'fp16'" in result.stderr
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.json")), ids=lambda p: p.stem)
+def test_validate_accepts_every_shipped_preset(preset):
+    result = engine("validate", str(preset))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ")
+
+
+def test_schema_prints_the_parameter_reference():
+    result = engine("schema")
+    assert result.returncode == 0
+    assert result.stdout == parameters_markdown()
+    assert "`network_dim`" in result.stdout and "## [dataset]" in result.stdout
+
+
+def test_schema_as_json_schema():
+    import json
+
+    schema = json.loads(engine("schema", "--format", "json-schema").stdout)
+    assert "training" in schema["properties"]
