@@ -9,8 +9,14 @@ from pathlib import Path
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
 from engine.config.errors import ConfigError
 from engine.config.importers import ImportResult
-from engine.config.io import apply_overrides, config_to_toml, deep_merge, default_config_dict, save_config
-from engine.config.io import validate_config
+from engine.config.io import (
+    apply_overrides,
+    config_to_toml,
+    deep_merge,
+    default_config_dict,
+    save_config,
+    validate_config,
+)
 
 FORMATS = ("auto", "kohya_gui", "sd_scripts_args", "sd_scripts_dataset")
 

@@ -29,9 +29,10 @@ def summary(config: RunConfig) -> str:
     """One line a user can read at a glance: what is trained, on what, for how long, into where."""
     model = config.model.pretrained_model_name_or_path or "no base model yet"
     family = "" if config.model.model_family == "auto" else f" ({config.model.model_family})"
-    what = config.method if config.method != "lora" else f"{config.network.network_type} dim {config.network.network_dim}"
+    network = config.network
+    what = config.method if config.method != "lora" else f"{network.network_type} dim {network.network_dim}"
     training = config.training
-    length = (f"{training.max_train_steps} steps" if training.max_train_steps else f"{training.max_train_epochs} epochs")
+    length = f"{training.max_train_steps} steps" if training.max_train_steps else f"{training.max_train_epochs} epochs"
     dataset = config.dataset
     images = (dataset.config_file or dataset.train_data_dir or
               (f"{len(dataset.datasets)} inline dataset(s)" if dataset.datasets else "no images yet"))

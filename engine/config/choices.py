@@ -75,7 +75,8 @@ class OptionalPackage:
         return importlib.util.find_spec(self.module) is not None
 
     def install_hint(self) -> str:
-        return f"install it with `pip install {self.pip_name}` (or the `{self.extra}` extra: pip install -e .[{self.extra}])"
+        return (f"install it with `pip install {self.pip_name}` (or the `{self.extra}` extra: "
+                f"pip install -e .[{self.extra}])")
 
 
 BITSANDBYTES = OptionalPackage("bitsandbytes", "bitsandbytes", "gpu")

@@ -5,6 +5,8 @@ Nothing here declares a parameter; it only reports what `setting()` declared in 
 
 from __future__ import annotations
 
+import functools
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ def _strip_optional(annotation: Any) -> tuple[Any, bool]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(members) < len(typing.get_args(annotation)):
-            return (members[0] if len(members) == 1 else typing.Union[tuple(members)]), True
+            return functools.reduce(operator.or_, members), True
     return annotation, False
 
 

@@ -31,12 +31,10 @@ def read_document(path: str | Path) -> dict[str, Any]:
         raise ConfigError([Problem(str(path), "file not found")])
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = tomllib.loads(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError([Problem(str(path), f"not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {error}")])
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise ConfigError([Problem(str(path), f"not valid {kind}: {error}")]) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "expected a table/object at the top level")])
     return data
@@ -157,10 +155,26 @@ def _diff(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return changed
 
 
+# A multi-line array of scalars as tomli_w writes it; brackets and braces inside items are excluded so that nested
+# arrays and inline tables are never touched (tomli_w escapes newlines in strings, so items are single lines).
+_SCALAR_ARRAY = re.compile(r"\[\n((?:[ ]+[^\n\[\]{}]+,\n)+)\]")
+
+
+def _inline_short_arrays(text: str, limit: int = 100) -> str:
+    """`resolution = [\n    512,\n    512,\n]` -> `resolution = [512, 512]`: easier to read and edit by hand."""
+
+    def collapse(match: re.Match) -> str:
+        items = [line.strip().rstrip(",") for line in match[1].splitlines()]
+        inline = f"[{', '.join(items)}]"
+        return inline if len(inline) <= limit else match[0]
+
+    return _SCALAR_ARRAY.sub(collapse, text)
+
+
 def config_to_toml(config: RunConfig, *, only_changed: bool = False) -> str:
     data = diff_from_defaults(config) if only_changed else config_to_dict(config)
     data["schema_version"] = config.schema_version
-    return tomli_w.dumps(data)
+    return _inline_short_arrays(tomli_w.dumps(data))
 
 
 def save_config(config: RunConfig, path: str | Path, *, only_changed: bool = False, header: str = "") -> None:

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from engine.config.choices import (
+    FULL_MODEL_FORMATS,
     NETWORK_TYPES,
     OPTIMIZERS,
+    SMALL_FILE_FORMATS,
     WANDB,
     XFORMERS,
-    FULL_MODEL_FORMATS,
-    SMALL_FILE_FORMATS,
     OptionalPackage,
 )
 from engine.config.dataset import DatasetFile, ResolvedDataset, resolve_datasets, resolve_general_only
@@ -104,13 +104,12 @@ _CHANGING_CAPTION_KEYS = ("shuffle_caption", "enable_wildcard", "token_warmup_st
 
 
 def _trains_text_encoder(config: RunConfig) -> bool:
+    """Whether the text encoder's output changes during training (text_encoder_lr empty = learning_rate)."""
     if config.method == "textual_inversion":
         return True  # the embedding lives inside the text encoder's input
-    if config.method == "lora" and (config.network.train_unet_only or config.optimizer.text_encoder_lr == 0):
+    if config.method == "lora" and config.network.train_unet_only:
         return False
-    if config.method in ("dreambooth", "finetune"):
-        return bool(config.optimizer.text_encoder_lr)
-    return True
+    return config.optimizer.text_encoder_lr != 0
 
 
 @rule
@@ -213,9 +212,10 @@ def network_ranks_make_sense(config: RunConfig, context: RuleContext) -> Iterato
         yield Problem("network.network_dim", f"{network.network_dim} is far above any useful LoRA rank; use 1-1024 "
                       "(only LoKr uses huge dims, for its full-matrix mode)")
     if network.network_alpha > network.network_dim:
+        scale = network.network_alpha / network.network_dim
         yield Problem("network.network_alpha", f"alpha {network.network_alpha:g} is above network_dim "
-                      f"{network.network_dim}, which scales the network up by {network.network_alpha / network.network_dim:g}x "
-                      "and usually wrecks training; use at most network_dim")
+                      f"{network.network_dim}, which scales the network up by {scale:g}x and usually wrecks "
+                      "training; use at most network_dim")
     if info.needs_conv_dim and network.conv_dim == 0:
         yield Problem("network.conv_dim", "locon trains convolutions and needs conv_dim above 0 (e.g. 8); or use "
                       "network_type = 'lora'")

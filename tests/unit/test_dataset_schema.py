@@ -92,9 +92,12 @@ def test_precedence_subset_then_dataset_then_file_general_then_run_defaults():
     run_defaults = DatasetGeneral(flip_aug=True, keep_tokens=1, batch_size=3)
     (dataset,) = resolve_datasets(run_defaults, file.datasets, file.general, source="[d.toml]")
     first, second = dataset.subsets
-    assert first.params["keep_tokens"] == 4 and first.source_of("keep_tokens") == "[d.toml].datasets[0].subsets[0].keep_tokens"
-    assert second.params["keep_tokens"] == 3 and second.source_of("keep_tokens") == "[d.toml].datasets[0].keep_tokens"
-    assert second.params["shuffle_caption"] is True and second.source_of("shuffle_caption") == "[d.toml].general.shuffle_caption"
+    assert first.params["keep_tokens"] == 4
+    assert first.source_of("keep_tokens") == "[d.toml].datasets[0].subsets[0].keep_tokens"
+    assert second.params["keep_tokens"] == 3
+    assert second.source_of("keep_tokens") == "[d.toml].datasets[0].keep_tokens"
+    assert second.params["shuffle_caption"] is True
+    assert second.source_of("shuffle_caption") == "[d.toml].general.shuffle_caption"
     assert second.params["caption_extension"] == ".caption"
     assert second.params["flip_aug"] is True and second.source_of("flip_aug") == "dataset.general.flip_aug"
     assert dataset.params["resolution"] == [768, 768]

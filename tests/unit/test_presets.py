@@ -13,7 +13,7 @@ REQUIRED = {"sd15-lora-character", "sd15-lora-style", "sd15-lora-8gb", "sdxl-lor
 
 
 def test_the_required_presets_ship():
-    assert REQUIRED <= {path.stem for path in PRESETS}
+    assert {path.stem for path in PRESETS} >= REQUIRED
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -22,6 +22,7 @@ def test_preset_validates_on_the_defaults(path):
     assert document["format"] == PRESET_FORMAT
     assert document["title"] and document["description"]
     config = load_preset(path)  # packages checked: the test extras install every optional one presets use
+    assert config.method == document["config"].get("method", "lora")
     for section, values in document["config"].items():
         if isinstance(values, dict):
             assert values, f"{section} is an empty overlay"

@@ -1,0 +1,73 @@
+"""Config fields -> gradio components. One function per kind; the registry keeps the mapping explicit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from engine.config.describe import FieldSpec
+
+
+def _label(spec: FieldSpec) -> str:
+    label = spec.name.replace("_", " ").capitalize()
+    return f"{label} ({spec.unit})" if spec.unit else label
+
+
+def _common(spec: FieldSpec) -> dict[str, Any]:
+    return {"label": _label(spec), "info": spec.description, "elem_id": element_id(spec.path)}
+
+
+def element_id(path: str) -> str:
+    """A stable DOM id for a field's component, e.g. 'field-network-network_dim' (tests and CSS use it)."""
+    return "field-" + path.replace(".", "-")
+
+
+def _bounds(spec: FieldSpec) -> dict[str, Any]:
+    bounds = spec.bounds
+    return {"minimum": bounds.get("ge", bounds.get("gt")), "maximum": bounds.get("le", bounds.get("lt"))}
+
+
+def _checkbox(spec: FieldSpec, value: Any) -> gr.Component:
+    return gr.Checkbox(value=bool(value), **_common(spec))
+
+
+def _dropdown(spec: FieldSpec, value: Any) -> gr.Component:
+    choices = list(spec.choices)
+    if spec.optional:
+        choices = [("(default)", ""), *[(str(choice), choice) for choice in choices]]
+        value = "" if value is None else value
+    return gr.Dropdown(choices=choices, value=value, **_common(spec))
+
+
+def _number(spec: FieldSpec, value: Any) -> gr.Component:
+    precision = 0 if spec.kind == "int" else None
+    return gr.Number(value=value, precision=precision, **_bounds(spec), **_common(spec))
+
+
+def _text(spec: FieldSpec, value: Any) -> gr.Component:
+    multiline = spec.kind == "table" or spec.widget in ("textarea", "prompts")
+    placeholder = {"size": "512 or 768,512", "table": "key = value, one per line", "list": "0,1"}.get(spec.kind)
+    if spec.widget == "prompts":
+        placeholder = "one prompt per line, e.g.  a photo of sks dog --n blurry --w 512 --h 512 --d 1"
+    return gr.Textbox(value=value, lines=4 if multiline else 1, placeholder=placeholder,
+                      **_common(spec))
+
+
+COMPONENT_BUILDERS: dict[str, Callable[[FieldSpec, Any], gr.Component]] = {
+    "bool": _checkbox,
+    "choice": _dropdown,
+    "int": _number,
+    "float": _number,
+    "number": _number,
+    "str": _text,
+    "size": _text,
+    "list": _text,
+    "table": _text,
+}
+
+
+def build_component(spec: FieldSpec, widget_value: Any) -> gr.Component:
+    """The component for one field, showing `widget_value` (already converted by gui.state.to_widget)."""
+    return COMPONENT_BUILDERS[spec.kind](spec, widget_value)

@@ -1,0 +1,65 @@
+"""The Parameters tab, clicked through in Chromium: validation errors appear and clear, presets load and save."""
+
+import json
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.browser
+
+
+def number_input(page, path: str):
+    return page.locator(f"#field-{path.replace('.', '-')} input[type=number]")
+
+
+def open_section(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def test_a_bad_combination_is_named_and_clears_when_fixed(page, screenshot):
+    status = page.locator("#validation-status")
+    expect(status).to_contain_text("Valid.")
+    open_section(page, "Network")
+    alpha = number_input(page, "network.network_alpha")
+    alpha.fill("64")
+    alpha.press("Tab")
+    expect(status).to_contain_text("network.network_alpha", timeout=15000)
+    expect(status).to_contain_text("use at most network_dim")
+    screenshot(page, "parameters-validation-error")
+    alpha.fill("4")
+    alpha.press("Tab")
+    expect(status).to_contain_text("Valid.", timeout=15000)
+
+
+def test_preview_shows_the_toml_that_will_be_written(page):
+    open_section(page, "Training")
+    seed = number_input(page, "training.seed")
+    seed.fill("1234")
+    seed.press("Tab")
+    expect(page.locator("#toml-preview")).to_contain_text("seed = 1234", timeout=15000)
+
+
+def test_choosing_a_preset_fills_the_form(page, screenshot):
+    page.locator("#preset-choice input").click()
+    page.get_by_role("option", name="SDXL LoRA").click()
+    open_section(page, "Model")
+    expect(page.locator("#field-model-model_family input")).to_have_value("sdxl", timeout=15000)
+    expect(page.locator("#toml-preview")).to_contain_text('model_family = "sdxl"', timeout=15000)
+    expect(page.locator("#validation-status")).to_contain_text("Valid.")
+    screenshot(page, "parameters-sdxl-preset")
+
+
+def test_saving_a_preset_writes_only_the_changes(page, app_server):
+    open_section(page, "Network")
+    dim = number_input(page, "network.network_dim")
+    dim.fill("24")
+    dim.press("Tab")
+    expect(page.locator("#toml-preview")).to_contain_text("network_dim = 24", timeout=15000)
+    page.locator("#preset-title textarea, #preset-title input").first.fill("My rank 24")
+    page.locator("#preset-save").click()
+    expect(page.locator("#preset-message")).to_contain_text("Saved", timeout=15000)
+    saved = json.loads((app_server["presets_dir"] / "my-rank-24.json").read_text())
+    assert saved["config"] == {"network": {"network_dim": 24}}
+    page.locator("#preset-save").click()
+    expect(page.locator("#preset-message")).to_contain_text(re.compile("already exists"), timeout=15000)

@@ -1,0 +1,13 @@
+"""The code base stays ruff clean (rules in pyproject.toml)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_ruff_finds_nothing():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True,
+                            text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
