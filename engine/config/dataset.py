@@ -220,13 +220,18 @@ def resolve_datasets(
     return resolved
 
 
-def resolve_general_only(defaults: DatasetGeneral, path: str = "dataset.general") -> ResolvedDataset:
-    """The effective settings of legacy-folder subsets, which inherit everything from [general]."""
-    params = defaults.model_dump()
+def resolve_general_only(section: DatasetSection, path: str = "dataset.general") -> ResolvedDataset:
+    """The effective settings of legacy-folder subsets, which inherit everything from [general].
+
+    With in_json the folder is one fine-tuning subset (sd-scripts builds {image_dir, metadata_file} the same way).
+    """
+    params = section.general.model_dump()
+    subset = {key: params[key] for key in SUBSET_INHERITABLE_KEYS}
+    subset.update(image_dir=section.train_data_dir or None, metadata_file=section.in_json or None, is_reg=False,
+                  alpha_mask=False, conditioning_data_dir=None)
     return ResolvedDataset(
         params={key: params[key] for key in DATASET_LEVEL_KEYS},
-        subsets=[ResolvedSubset({key: params[key] for key in SUBSET_INHERITABLE_KEYS}, path,
-                                {key: f"{path}.{key}" for key in SUBSET_INHERITABLE_KEYS})],
+        subsets=[ResolvedSubset(subset, path, {key: f"{path}.{key}" for key in SUBSET_INHERITABLE_KEYS})],
         path=path,
     )
 

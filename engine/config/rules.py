@@ -69,7 +69,7 @@ def effective_datasets(config: RunConfig, context: RuleContext) -> list[Resolved
                                 source=f"[{context.dataset_file_name or section.config_file}]")
     if section.datasets:
         return resolve_datasets(section.general, section.datasets)
-    return [resolve_general_only(section.general)]
+    return [resolve_general_only(section)]
 
 
 def check(config: RunConfig, context: RuleContext | None = None) -> list[Problem]:

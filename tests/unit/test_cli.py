@@ -73,3 +73,48 @@ def test_schema_as_json_schema():
 
     schema = json.loads(engine("schema", "--format", "json-schema").stdout)
     assert "training" in schema["properties"]
+
+
+FIXTURES = REPO / "tests" / "fixtures" / "import"
+
+
+def test_import_writes_a_config_that_validates_and_lists_what_was_left_out(tmp_path):
+    output = tmp_path / "run.toml"
+    result = engine("import", str(FIXTURES / "kohya_lora_sdxl.json"), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "format: kohya_gui" in result.stderr
+    assert "not imported: fp8_base = True: not supported by Atelier" in result.stderr
+    assert output.read_text().startswith("# Imported from kohya_lora_sdxl.json")
+    validated = engine("validate", str(output), "--skip-package-check")
+    assert validated.returncode == 0, validated.stderr
+    assert "(sdxl)" in validated.stdout
+
+
+def test_import_never_overwrites_without_force(tmp_path):
+    output = tmp_path / "run.toml"
+    output.write_text("mine")
+    result = engine("import", str(FIXTURES / "dataset_class_identifier.toml"), "-o", str(output))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert output.read_text() == "mine"
+    assert engine("import", str(FIXTURES / "dataset_class_identifier.toml"), "-o", str(output), "--force",
+                  ).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["dataset_class_identifier.toml", "dataset_captions.toml", "dataset_finetune.toml"])
+def test_sd_scripts_dataset_examples_import_and_validate(tmp_path, name):
+    output = tmp_path / "run.toml"
+    assert engine("import", str(FIXTURES / name), "-o", str(output)).returncode == 0
+    assert engine("validate", str(output)).returncode == 0
+
+
+def test_import_prints_the_config_when_no_output_is_named():
+    result = engine("import", str(FIXTURES / "dataset_captions.toml"), "--set", "training.seed=9")
+    assert result.returncode == 0
+    assert "seed = 9" in result.stdout and "[[dataset.datasets]]" in result.stdout
+
+
+def test_import_of_an_unknown_file_names_it(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text("[1, 2]")
+    result = engine("import", str(path))
+    assert result.returncode == 2 and str(path) in result.stderr

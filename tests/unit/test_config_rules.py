@@ -96,3 +96,11 @@ def test_check_runs_over_a_dataset_file_in_the_context():
     config = RunConfig.model_validate({"dataset": {"config_file": "d.toml"}})
     problems = check(config, RuleContext(check_packages=False, dataset_file=file, dataset_file_name="d.toml"))
     assert [str(p.path) for p in problems if p.severity == "error"] == ["[d.toml].general.color_aug"]
+
+
+def test_legacy_finetune_folder_with_metadata_is_a_finetune_subset():
+    config = validate_config({"method": "finetune", "dataset": {"train_data_dir": "img", "in_json": "meta.json"}},
+                             check_packages=False)
+    assert config.dataset.in_json == "meta.json"
+    problems = errors_for({"method": "dreambooth", "dataset": {"train_data_dir": "img", "in_json": "meta.json"}})
+    assert "dreambooth-style subsets" in problems["dataset.general"]

@@ -34,6 +34,12 @@ class ImportResult:
     skipped: list[Skipped] = field(default_factory=list)  # keys with a value that could not be used
     unset: list[str] = field(default_factory=list)  # keys whose value was empty/off, so nothing was lost
     notes: list[str] = field(default_factory=list)  # decisions the user should know about
+    mapped: dict[str, list[str]] = field(default_factory=dict)  # source key -> config paths it was mapped onto
+
+    def accounted_keys(self) -> set[str]:
+        """Top-level source keys that were mapped, skipped or unset ('network_args.conv_dim' counts as network_args)."""
+        names = [*self.mapped, *(item.key for item in self.skipped), *self.unset]
+        return {name.split(".")[0].split("[")[0] for name in names}
 
 
 Detector = Callable[[Path, Mapping[str, Any]], bool]
