@@ -16,6 +16,7 @@ import tomli_w
 from engine.config.describe import FieldSpec
 from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, default_config_dict, validate_config
+from engine.config.paths import get_path, set_path
 from engine.config.rules import Problem
 from engine.config.schema import RunConfig
 
@@ -99,24 +100,6 @@ def from_widget(spec: FieldSpec, value: Any) -> Any:
         return convert(spec, value)
     except (ValueError, tomllib.TOMLDecodeError) as error:
         raise ValueError(f"cannot read {value!r}: {error}") from None
-
-
-def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        data = data.setdefault(part, {})
-    if value is None:
-        data.pop(last, None)
-    else:
-        data[last] = value
-
-
-def get_path(data: Mapping[str, Any], path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(data, Mapping) or part not in data:
-            return None
-        data = data[part]
-    return data
 
 
 def form_to_config(

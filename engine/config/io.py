@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from engine.config.dataset import DatasetFile
 from engine.config.errors import ConfigError, problems_from_validation_error
 from engine.config.migrations import SchemaVersionError, migrate
+from engine.config.paths import set_path
 from engine.config.rules import Problem, RuleContext, check
 from engine.config.schema import RunConfig
 from engine.files import atomic_write_text
@@ -245,7 +246,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                                     "training.max_train_epochs=5"))
             continue
         try:
-            _set_path(result, steps, parse_override_value(text.strip()))
+            set_path(result, steps, parse_override_value(text.strip()))
         except (KeyError, IndexError, TypeError):
             problems.append(Problem(path.strip(), "there is no such list item or table to set"))
     if problems:
@@ -263,11 +264,3 @@ def _parse_override_path(path: str) -> list[str | int] | None:
         steps.extend(int(index) for index in re.findall(r"\[(\d+)\]", match[2]))
     return steps
 
-
-def _set_path(data: dict[str, Any], steps: list[str | int], value: Any) -> None:
-    node: Any = data
-    for step in steps[:-1]:
-        if isinstance(step, str) and isinstance(node, dict) and step not in node:
-            node[step] = {}
-        node = node[step]
-    node[steps[-1]] = value

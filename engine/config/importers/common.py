@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from engine.config.describe import FieldSpec, iter_fields
 from engine.config.importers import ImportResult, Skipped
+from engine.config.paths import get_path, set_path
 from engine.config.schema import RunConfig
 
 MISSING: Any = object()
@@ -130,22 +131,6 @@ def reason_of(error: Exception) -> str:
         first = error.errors(include_url=False)[0]
         return str(first["msg"]).removeprefix("Value error, ")
     return str(error)
-
-
-def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    *parents, name = path.split(".")
-    for part in parents:
-        data = data.setdefault(part, {})
-    data[name] = value
-
-
-def get_path(data: Mapping[str, Any], path: str, default: Any = MISSING) -> Any:
-    node: Any = data
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def put(result: ImportResult, path: str, value: Any, source_key: str) -> bool:

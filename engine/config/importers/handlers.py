@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.config.choices import NETWORK_TYPES
-from engine.config.importers.common import NOT_SUPPORTED, parse_kv_args, put_table, same_value, set_path
+from engine.config.importers.common import NOT_SUPPORTED, parse_kv_args, put_table, same_value
 from engine.config.importers.sd_scripts_keys import LYCORIS_OPTION_DEFAULTS, NETWORK_ARG_PATHS
 from engine.config.importers.source import Source
+from engine.config.paths import set_path
 
 SD_SCRIPTS_DEFAULT_STEPS = 1600
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.config.importers.common import set_path
 from engine.config.importers.handlers import finetune_dataset
 from engine.config.importers.kohya_network import lora_type
 from engine.config.importers.source import Source
+from engine.config.paths import set_path
 
 # (field that only this tab saves, method, tab name), checked in this order.
 _TABS = (

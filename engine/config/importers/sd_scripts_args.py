@@ -12,9 +12,10 @@ from typing import Any
 
 from engine.config.importers import ImportResult
 from engine.config.importers import handlers as shared
-from engine.config.importers.common import parse_kv_args, set_path
+from engine.config.importers.common import parse_kv_args
 from engine.config.importers.sd_scripts_keys import ARG_PATHS, ARG_PINS, LYCORIS_ALGOS, NETWORK_MODULES
 from engine.config.importers.source import Source, apply_pins, finish, map_keys, note_relative_paths
+from engine.config.paths import set_path
 from engine.config.schema import SECTIONS
 
 FORMAT = "sd_scripts_args"

@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from engine.config.dataset import DatasetFile
 from engine.config.errors import ConfigError, problems_from_validation_error
 from engine.config.importers import ImportResult
-from engine.config.importers.common import set_path
 from engine.config.importers.sd_scripts_keys import DATASET_PINS
 from engine.config.importers.source import Source, apply_pins, note_relative_paths
+from engine.config.paths import set_path
 
 FORMAT = "sd_scripts_dataset"
 

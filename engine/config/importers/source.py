@@ -12,17 +12,8 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from engine.config.importers import ImportResult, Skipped
-from engine.config.importers.common import (
-    MISSING,
-    NOT_SUPPORTED,
-    convert,
-    field_specs,
-    get_path,
-    is_blank,
-    put,
-    same_value,
-    set_path,
-)
+from engine.config.importers.common import MISSING, NOT_SUPPORTED, convert, field_specs, is_blank, put, same_value
+from engine.config.paths import get_path, set_path
 
 # --- walking a source file ---------------------------------------------------------------------------------------
 
@@ -87,7 +78,7 @@ class Source:
         self.result.mapped.setdefault(key, []).extend(paths)
 
     def is_set(self, path: str) -> bool:
-        return get_path(self.result.overlay, path) is not MISSING
+        return get_path(self.result.overlay, path, MISSING) is not MISSING
 
 
 Converter = Callable[[Any], Any]
