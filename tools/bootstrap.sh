@@ -32,7 +32,9 @@ if [ ! -x "$py" ]; then
     "$(pick_python)" -m venv "$venv"
 fi
 
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" 2>/dev/null; then
+# Read the version from the package metadata: importing torch just to ask would cost seconds on every start.
+installed_torch="$("$py" -c "import importlib.metadata as m; print(m.version('torch').split('+')[0])" 2>/dev/null || true)"
+if [ "$installed_torch" != "$torch_version" ]; then
     say "installing torch $torch_version (first and alone, so nothing else chooses its build)"
     "$py" -m pip install --quiet "torch==$torch_version"
 fi
@@ -45,10 +47,21 @@ extras="optimizers,lycoris"
 if [ "$gpu" = "1" ]; then extras="$extras,gpu"; runtime_to_drop="onnxruntime"; else extras="$extras,cpu"; runtime_to_drop="onnxruntime-gpu"; fi
 if [ "$purpose" = "test" ]; then extras="$extras,test"; fi
 
-# Reinstall only when what we would install changed: the stamp records the inputs of the last install.
+# Reinstall only when needed. The stamp records the hash of the install inputs and the extras installed; a run
+# asking for a subset of them (the app after the tests) installs nothing. Extras accumulate, except that the
+# ONNX runtime extra (cpu or gpu) is replaced, never doubled.
 stamp="$venv/.atelier-install-stamp"
-want="$(cat "$root/pyproject.toml" "$root/tools/constraints.txt" | sha256sum | cut -d' ' -f1) $extras"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+inputs_hash="$(cat "$root/pyproject.toml" "$root/tools/constraints.txt" | sha256sum | cut -d' ' -f1)"
+stamped_hash=""; stamped_extras=""
+if [ -f "$stamp" ]; then read -r stamped_hash stamped_extras <"$stamp" || true; fi
+missing=""
+for extra in ${extras//,/ }; do
+    case ",$stamped_extras," in *",$extra,"*) ;; *) missing="$missing $extra" ;; esac
+done
+if [ "$stamped_hash" != "$inputs_hash" ] || [ -n "$missing" ]; then
+    keep="$(echo "$stamped_extras" | tr ',' '\n' | { grep -vxE "cpu|gpu|$(echo "$extras" | tr ',' '|')" || true; } |
+        paste -sd, -)"
+    if [ -n "$keep" ]; then extras="$extras,$keep"; fi
     # onnxruntime and onnxruntime-gpu install the same module; never keep both.
     if "$py" -m pip show "$runtime_to_drop" >/dev/null 2>&1; then
         say "removing $runtime_to_drop (it would clash with the ONNX runtime this install picks)"
@@ -56,7 +69,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     fi
     say "installing atelier[$extras] in editable mode"
     "$py" -m pip install --quiet -c "$root/tools/constraints.txt" -e "$root[$extras]"
-    echo "$want" >"$stamp"
+    echo "$inputs_hash $extras" >"$stamp"
 fi
 
 if [ "$purpose" = "test" ] && [ ! -x /usr/bin/chromium ]; then
