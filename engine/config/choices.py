@@ -69,12 +69,14 @@ class OptionalPackage:
 
     module: str
     pip_name: str
-    extra: str
+    extra: str | None = None  # the extra of pyproject.toml that installs it, if any
 
     def is_installed(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
 
     def install_hint(self) -> str:
+        if self.extra is None:
+            return f"install it with `pip install {self.pip_name}`"
         return (f"install it with `pip install {self.pip_name}` (or the `{self.extra}` extra: "
                 f"pip install -e .[{self.extra}])")
 

@@ -374,7 +374,7 @@ def _needed_packages(config: RunConfig) -> Iterator[tuple[str, str, OptionalPack
         yield "optimizer.optimizer_type", optimizer, info.package
     elif info is None:
         module = optimizer.split(".")[0]
-        yield "optimizer.optimizer_type", optimizer, OptionalPackage(module, module, "optimizers")
+        yield "optimizer.optimizer_type", optimizer, OptionalPackage(module, module.replace("_", "-"))
     network_package = NETWORK_TYPES[config.network.network_type].package
     if config.method == "lora" and network_package is not None:
         yield "network.network_type", config.network.network_type, network_package

@@ -20,7 +20,7 @@ from engine.config.io import (
     read_document,
     save_preset,
 )
-from engine.config.schema import SECTIONS, RunConfig
+from engine.config.schema import SECTIONS, RunConfig, config_warnings
 from gui.fields import build_component
 from gui.presets import USER_DIR, list_presets, preset_file_name
 from gui.state import config_to_form, form_to_config
@@ -35,9 +35,13 @@ def editable_fields() -> dict[str, FieldSpec]:
 
 def status_markdown(config: RunConfig | None, problems: list) -> str:
     if config is not None:
-        return f"**Valid.** {config.method}, {config.training.max_train_epochs or config.training.max_train_steps} " \
-               f"{'epochs' if config.training.max_train_epochs else 'steps'}, saves to " \
-               f"`{config.saving.output_dir}/{config.saving.output_name}`"
+        training = config.training
+        length = f"{training.max_train_epochs} epochs" if training.max_train_epochs else \
+            f"{training.max_train_steps} steps"
+        lines = [f"**Valid.** {config.method}, {length}, saves to "
+                 f"`{config.saving.output_dir}/{config.saving.output_name}`"]
+        lines += [f"- warning: `{warning.path}`: {warning.message}" for warning in config_warnings(config)]
+        return "\n".join(lines)
     lines = [f"**{len(problems)} problem(s) to fix:**", ""]
     lines += [f"- `{problem.path}`: {problem.message}" for problem in problems]
     return "\n".join(lines)

@@ -63,3 +63,13 @@ def test_saving_a_preset_writes_only_the_changes(page, app_server):
     assert saved["config"] == {"network": {"network_dim": 24}}
     page.locator("#preset-save").click()
     expect(page.locator("#preset-message")).to_contain_text(re.compile("already exists"), timeout=15000)
+
+
+def test_warnings_show_without_blocking(page):
+    open_section(page, "Optimizer")
+    page.locator("#field-optimizer-optimizer_type textarea, #field-optimizer-optimizer_type input").first.fill(
+        "Prodigy")
+    page.keyboard.press("Tab")
+    status = page.locator("#validation-status")
+    expect(status).to_contain_text("Valid.", timeout=15000)
+    expect(status).to_contain_text("warning: optimizer.learning_rate", timeout=15000)

@@ -104,3 +104,8 @@ def test_legacy_finetune_folder_with_metadata_is_a_finetune_subset():
     assert config.dataset.in_json == "meta.json"
     problems = errors_for({"method": "dreambooth", "dataset": {"train_data_dir": "img", "in_json": "meta.json"}})
     assert "dreambooth-style subsets" in problems["dataset.general"]
+
+
+def test_unknown_dotted_optimizer_package_gets_a_plain_pip_hint():
+    problems = errors_for({"optimizer": {"optimizer_type": "pytorch_optimizer.CAME"}}, check_packages=True)
+    assert problems["optimizer.optimizer_type"].endswith("install it with `pip install pytorch-optimizer`")
