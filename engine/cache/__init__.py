@@ -1,0 +1,1 @@
+"""Caches computed before training: VAE latents and text-encoder outputs, each entry with a key checked on reuse."""
