@@ -1,0 +1,44 @@
+"""`python -m engine doctor CONFIG`: check the dataset before any GPU time is spent."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
+from engine.config.errors import ConfigError
+from engine.config.io import load_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "doctor", help="check the dataset: folders, images, captions, buckets, steps per epoch",
+        description="Scan the config's datasets and report every problem with the file it concerns and what to "
+                    "do, plus images, repeats, buckets and steps. Exit 0 when there is no error, 2 otherwise.",
+    )
+    parser.add_argument("config", help="run config .toml (or a .json preset)")
+    add_override_option(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (the form the GUI reads)")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the checks that read every file in full (corrupt images, duplicates)")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.data.doctor import format_report, run_doctor  # image libraries load only for this command
+
+    try:
+        config = load_config(args.config, args.overrides, check_packages=False)
+    except ConfigError as error:
+        print_problems(error.problems)
+        return EXIT_BAD_INPUT
+    report = run_doctor(config, Path(args.config).resolve().parent, quick=args.quick)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(format_report(report))
+    return EXIT_OK if report.ok else EXIT_BAD_INPUT
