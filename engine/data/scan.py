@@ -6,6 +6,7 @@ takes about a second. Deeper checks (full decodes, duplicates, caches) belong to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,8 @@ from engine.config.io import load_dataset_file, resolve_path
 from engine.config.schema import RunConfig
 from engine.data.balance import balance_regularization
 from engine.data.buckets import BucketManager
-from engine.data.captions import CaptionError, find_caption_file, read_caption_file
+from engine.data.caption_files import caption_candidates
+from engine.data.captions import CaptionError, read_caption_file
 from engine.data.images import UnreadableImage, is_image_file, read_image_size, verify_image
 from engine.data.legacy import legacy_subset_params
 from engine.data.metadata import MetadataError, metadata_caption, read_metadata, resolve_image
@@ -50,15 +52,19 @@ class _Scanner:
             self.add("error", "folder-missing", str(folder), "the image folder does not exist",
                      f"check image_dir of {plan.path}")
             return
-        files = sorted(entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith("."))
-        images = [entry for entry in files if is_image_file(entry)]
-        self._report_other_files(folder, files, images, plan.params["caption_extension"])
+        # One listing serves everything: DirEntry knows file types without a stat, and caption lookups become
+        # set lookups instead of a stat per candidate (this is most of what makes 10,000 images scan in ~1 s).
+        with os.scandir(folder) as entries:
+            names = sorted(entry.name for entry in entries if entry.is_file() and not entry.name.startswith("."))
+        name_set = set(names)
+        images = [folder / name for name in names if is_image_file(name)]
+        self._report_other_files(folder, names, images, plan.params["caption_extension"])
         missing_caption, empty_caption = [], []
         for image in images:
             size = self._size(image)
             if size is None:
                 continue
-            caption, source = self._caption(image, plan.params, missing_caption, empty_caption)
+            caption, source = self._caption(image, plan.params, missing_caption, empty_caption, name_set)
             plan.records.append(self._record(image, size, caption, source, plan, dataset_index, subset_index))
         self._report_captions(plan, folder, missing_caption, empty_caption)
 
@@ -103,9 +109,11 @@ class _Scanner:
                      "it will be skipped; re-save or delete the file")
             return None
 
-    def _caption(self, image: Path, params: dict[str, Any], missing: list, empty: list) -> tuple[str, str]:
+    def _caption(self, image: Path, params: dict[str, Any], missing: list, empty: list,
+                 names: set[str]) -> tuple[str, str]:
         class_tokens = params.get("class_tokens") or ""
-        caption_file = find_caption_file(image, params["caption_extension"])
+        caption_file = next((candidate for candidate in caption_candidates(image, params["caption_extension"])
+                             if candidate.name in names), None)
         if caption_file is None:
             missing.append(image)
             return class_tokens, "class_tokens" if class_tokens else "none"
@@ -128,9 +136,11 @@ class _Scanner:
                            subset_index=subset_index,
                            loss_weight=self.config.training.prior_loss_weight if is_reg else 1.0)
 
-    def _report_other_files(self, folder: Path, files: list[Path], images: list[Path], caption_extension: str) -> None:
+    def _report_other_files(self, folder: Path, names: list[str], images: list[Path], caption_extension: str) -> None:
         companions = _COMPANION_SUFFIXES | {caption_extension.lower()}
-        others = [f for f in files if f not in images and f.suffix.lower() not in companions]
+        image_names = {image.name for image in images}
+        others = [Path(name) for name in names
+                  if name not in image_names and Path(name).suffix.lower() not in companions]
         if others:
             kinds = ", ".join(sorted({f.suffix.lower() or f.name for f in others})[:5])
             self.add("warning", "unsupported-file", str(folder),
