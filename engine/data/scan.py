@@ -279,7 +279,15 @@ def _balance(dataset: DatasetPlan, scanner: _Scanner) -> None:
 
 
 def _assign_buckets(dataset: DatasetPlan, scanner: _Scanner) -> None:
-    manager = bucket_manager(dataset.params)
+    try:
+        manager = bucket_manager(dataset.params)
+    except ValueError as error:  # settings the config rules let through but the bucket maths cannot use
+        scanner.add("error", "bucket-settings", dataset.path, str(error), "adjust the bucket settings of this dataset")
+        for subset in dataset.subsets:
+            subset.records = []
+        return
+    for note in manager.notes:
+        scanner.add("info", "bucket-rounded", dataset.path, note)
     for subset in dataset.subsets:
         kept = []
         for record in subset.records:
