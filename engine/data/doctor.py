@@ -105,6 +105,16 @@ def _image_dict(record) -> dict[str, Any]:
             "num_repeats": record.num_repeats}
 
 
+def _latent_cache_findings(config: RunConfig, scan: ScanResult) -> list[Finding]:
+    """Cache files on disk that the current settings would not reuse (only when latents are cached to disk)."""
+    if not (config.training.cache_latents and config.training.cache_latents_to_disk):
+        return []
+    from engine.cache.latent_jobs import jobs_from_scan, stale_cache_findings
+
+    family = None if config.model.model_family == "auto" else config.model.model_family
+    return stale_cache_findings(jobs_from_scan(scan), family=family)
+
+
 def run_doctor(config: RunConfig, base_dir: str | Path, *, quick: bool = False) -> DoctorReport:
     """Scan and check the datasets of `config` (paths relative to `base_dir`).
 
@@ -117,6 +127,7 @@ def run_doctor(config: RunConfig, base_dir: str | Path, *, quick: bool = False) 
         if quick and name == "duplicates":
             continue
         findings += check(scan, config.model.max_token_length)
+    findings += _latent_cache_findings(config, scan)
     training = config.training
     batches = sum(batches_per_epoch([r for s in d.subsets for r in s.records], d.params["batch_size"])
                   for d in scan.datasets)

@@ -1,0 +1,187 @@
+"""Latent cache files: where they live, what they hold, and whether one can be reused.
+
+One ``.npz`` per image and bucket, ``<image stem>_<bucket w>x<bucket h>_<sd|sdxl>.npz``, beside the image or under
+a cache folder. The arrays are sd-scripts' (``latents`` unscaled, ``latents_flipped``, ``original_size``,
+``crop_ltrb``; spec §3.3) plus ``cache_key``, a JSON string (see ``latent_key``). sd-scripts can read our files;
+files without a ``cache_key`` (sd-scripts', or anything else) are never trusted.
+
+The bucket is part of the name so that one image can be cached for two datasets of different resolutions. A file
+of the same image for a bucket no current dataset uses is *superseded*: it is reported as stale ("the bucket
+changed from ... to ...") and removed once the new entry is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zipfile
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from engine.cache.latent_key import LatentKey, key_mismatch
+from engine.data.records import Finding
+from engine.files import atomic_write_bytes
+
+__all__ = ["CachedLatents", "EntryState", "cache_path", "entry_status", "inspect_entry", "load_entry",
+           "read_key", "write_entry"]
+
+Status = Literal["ok", "missing", "stale", "unreadable"]
+FAMILY_SUFFIX = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
+STALE_HINT = "it will be rebuilt; run cache-latents to rebuild it now"
+
+
+@dataclass
+class CachedLatents:
+    """One cache entry as arrays: float32 latents (C, H/8, W/8), unscaled."""
+
+    latents: np.ndarray
+    latents_flipped: np.ndarray | None
+    original_size: tuple[int, int]  # (w, h)
+    crop_ltrb: tuple[int, int, int, int]  # in resized-image pixels
+    key: LatentKey | None = None
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """Where an entry goes and whether the file there (or a superseded one) can be reused."""
+
+    path: Path
+    status: Status
+    reason: str
+    superseded: tuple[Path, ...] = ()  # our files of the same image for buckets no longer used
+
+
+def cache_path(image: Path, bucket: tuple[int, int], family: str, cache_dir: Path | None = None) -> Path:
+    """The cache file of ``image`` in ``bucket``: beside the image, or in ``cache_dir``.
+
+    In a cache folder, images from different folders may share a name, so each image folder gets its own
+    sub-folder named after it plus a short hash of its absolute path.
+    """
+    name = f"{image.stem}_{bucket[0]}x{bucket[1]}_{FAMILY_SUFFIX[family]}.npz"
+    if cache_dir is None:
+        return image.with_name(name)
+    folder = image.resolve().parent
+    tag = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:10]
+    return Path(cache_dir) / f"{folder.name}-{tag}" / name
+
+
+def write_entry(path: Path, entry: CachedLatents, key: LatentKey) -> None:
+    """Write an entry atomically: a reader never sees a half-written file."""
+    arrays = {
+        "latents": np.ascontiguousarray(entry.latents, dtype=np.float32),
+        "original_size": np.asarray(entry.original_size, dtype=np.int64),
+        "crop_ltrb": np.asarray(entry.crop_ltrb, dtype=np.int64),
+        "cache_key": np.asarray(key.to_json()),
+    }
+    if entry.latents_flipped is not None:
+        arrays["latents_flipped"] = np.ascontiguousarray(entry.latents_flipped, dtype=np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_key_and_members(path: Path) -> tuple[LatentKey | None, list[str]]:
+    with np.load(path, allow_pickle=False) as npz:  # lazy: only the members read here are decompressed
+        members = list(npz.files)
+        key = LatentKey.from_json(str(npz["cache_key"])) if "cache_key" in members else None
+    return key, members
+
+
+def read_key(path: Path) -> LatentKey | None:
+    """The stored key, or None for a file without one (another tool's)."""
+    return _read_key_and_members(path)[0]
+
+
+def load_entry(path: Path) -> CachedLatents:
+    """Read a cache entry.
+
+    Raises:
+        OSError, ValueError: the file is missing, damaged or lacks the latents.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = set(npz.files)
+            key = LatentKey.from_json(str(npz["cache_key"])) if "cache_key" in files else None
+            flipped = npz["latents_flipped"] if "latents_flipped" in files else None
+            return CachedLatents(npz["latents"], flipped, tuple(int(v) for v in npz["original_size"]),
+                                 tuple(int(v) for v in npz["crop_ltrb"]), key)  # type: ignore[arg-type]
+    except (KeyError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path}: not a complete latent cache file ({error})") from error
+
+
+def entry_status(path: Path, key: LatentKey) -> tuple[Status, str]:
+    """Whether the file at ``path`` holds latents valid for ``key``.
+
+    Returns:
+        ("ok", ""), ("missing", why), ("stale", what changed) or ("unreadable", what is wrong).
+    """
+    if not path.is_file():
+        return "missing", "not cached yet"
+    try:
+        stored, members = _read_key_and_members(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+        return "unreadable", f"the cache file cannot be read ({error})"
+    if stored is None:
+        return "stale", "the file has no cache key (written by another tool or an older version)"
+    needed = ["latents", "latents_flipped"] if key.flip else ["latents"]
+    lacking = [name for name in needed if name not in members]
+    if lacking and not key_mismatch(stored, key):
+        return "unreadable", f"the cache file lacks {', '.join(lacking)}"
+    reason = key_mismatch(stored, key)
+    return ("stale", reason) if reason else ("ok", "")
+
+
+def _siblings(path: Path) -> list[Path]:
+    """Our-style names for the same image and family with another bucket (sd-scripts pads sizes with zeros)."""
+    match = re.fullmatch(r"(.+)_\d+x\d+_(sd|sdxl)\.npz", path.name)
+    if match is None or not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(match[1])}_[1-9]\d*x[1-9]\d*_{match[2]}\.npz")
+    return sorted(p for p in path.parent.iterdir() if p != path and pattern.fullmatch(p.name))
+
+
+def _superseded(path: Path, in_use: Collection[Path]) -> list[tuple[Path, LatentKey]]:
+    found = []
+    for sibling in _siblings(path):
+        if sibling in in_use:
+            continue  # another dataset caches this image in that bucket
+        try:
+            key = read_key(sibling)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            continue
+        if key is not None:  # only files we wrote; anything else is left alone
+            found.append((sibling, key))
+    return found
+
+
+def inspect_entry(path: Path, key: LatentKey, in_use: Collection[Path] = ()) -> EntryState:
+    """:func:`entry_status`, plus superseded files of the same image for a bucket that ``in_use`` lacks.
+
+    A missing entry with a superseded sibling is "stale": its settings changed (typically the bucket).
+    """
+    status, reason = entry_status(path, key)
+    superseded = _superseded(path, in_use) if status != "ok" else []
+    if status == "missing" and superseded:
+        status, reason = "stale", key_mismatch(superseded[0][1], key) or "the cache settings changed"
+    return EntryState(path, status, reason, tuple(sibling for sibling, _ in superseded))
+
+
+def remove_superseded(state: EntryState) -> None:
+    for sibling in state.superseded:
+        sibling.unlink(missing_ok=True)
+
+
+def stale_findings(states: Iterable[EntryState]) -> list[Finding]:
+    """One warning per cache file that does not match the current settings."""
+    findings = []
+    for state in states:
+        if state.status not in ("stale", "unreadable"):
+            continue
+        where = state.superseded[0] if state.superseded and not state.path.exists() else state.path
+        findings.append(Finding("warning", "cache-stale", str(where), state.reason, STALE_HINT))
+    return findings

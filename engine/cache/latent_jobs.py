@@ -1,0 +1,83 @@
+"""Which images to cache with which options, and the doctor's check of existing cache files.
+
+Neither needs torch or a decoded image, so the doctor can call :func:`stale_cache_findings` on a large dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.cache.latent_files import cache_path, inspect_entry, stale_findings
+from engine.cache.latent_key import CacheOptions, expected_key, options_from_params
+from engine.data.records import Finding, ImageRecord, ScanResult
+
+__all__ = ["CacheJob", "jobs_from_scan", "stale_cache_findings"]
+
+MemoryKey = tuple[Path, tuple[int, int]]  # (image path, bucket)
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    """One image to cache, with the options of its subset."""
+
+    record: ImageRecord
+    options: CacheOptions
+
+
+def jobs_from_scan(scan: ScanResult) -> list[CacheJob]:
+    """Every image of a scan that is trained on, once per (image, bucket), with its subset's cache options.
+
+    Regularization images that balancing left unused (0 repeats) are skipped. An image in two subsets with the
+    same bucket is cached once, with flipped latents if either subset flips.
+
+    Raises:
+        ValueError: a subset uses random_crop, which cannot be cached.
+    """
+    merged: dict[MemoryKey, CacheJob] = {}
+    for dataset in scan.datasets:
+        for subset in dataset.subsets:
+            options = options_from_params(dataset.params, subset.params)
+            for record in subset.records:
+                if record.num_repeats <= 0 or record.bucket is None:
+                    continue
+                key = (record.path, tuple(record.bucket))
+                first = merged.get(key)
+                if first is None:
+                    merged[key] = CacheJob(record, options)
+                elif options.flip_aug and not first.options.flip_aug:
+                    merged[key] = CacheJob(first.record, dataclasses.replace(first.options, flip_aug=True))
+    return list(merged.values())
+
+
+def stale_cache_findings(jobs: Iterable[CacheJob], *, family: str | None = None, cache_dir: Path | None = None,
+                         vae_identity: str | None = None, dtype: str | None = None) -> list[Finding]:
+    """Existing cache files that do not match the current settings (for the doctor; no torch, no decoding).
+
+    Args:
+        jobs: from :func:`jobs_from_scan` (which refuses random_crop subsets: call this only when latents are
+            cached, where the config rules already forbid random_crop).
+        family: "sd1", "sd2" or "sdxl" (which file suffix to look at), or None to look at both.
+        cache_dir: the cache folder, if the cache is not beside the images.
+        vae_identity, dtype: checked only when given (the doctor does not load the VAE).
+
+    Returns:
+        One "cache-stale" warning per stale or unreadable file; missing entries are not findings.
+    """
+    jobs = list(jobs)
+    families = [family] if family else ["sd1", "sdxl"]
+    findings: list[Finding] = []
+    for fam in families:
+        paths = [(job, cache_path(job.record.path, job.record.bucket, fam, cache_dir)) for job in jobs]
+        in_use = {path for _, path in paths}
+        states = []
+        for job, path in paths:
+            try:
+                key = expected_key(job.record, job.options, vae_identity=vae_identity, dtype=dtype)
+            except OSError:
+                continue  # the image itself is gone; the scan reports that
+            states.append(inspect_entry(path, key, in_use))
+        findings.extend(stale_findings(states))
+    return findings

@@ -1,0 +1,138 @@
+"""`python -m engine cache-latents CONFIG`: encode every training image with the VAE once, ahead of training.
+
+The command always writes the cache to disk, whatever training.cache_latents_to_disk says: a cache that vanished
+when the command exits would be work thrown away. Training then reuses every entry whose key still matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
+from engine.config.errors import ConfigError
+from engine.config.io import load_config, resolve_path
+
+if TYPE_CHECKING:
+    from engine.config.schema import RunConfig
+    from engine.events import EventWriter
+
+TASK = "cache-latents"
+# training.mixed_precision → the dtype the VAE encodes in on a GPU (sd-scripts: the weight dtype).
+_GPU_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        TASK, help="encode the dataset's images with the VAE and store the latents (.npz) for training",
+        description="Scan the config's datasets, load the VAE and write one latent cache file per image and bucket. "
+                    "Each file records what it depends on (VAE, bucket, crop, flip, resize settings, the image "
+                    "file), so training never reuses a stale one. Exit 0 with a summary (failed images are listed), "
+                    "2 when the config or dataset must be fixed or nothing could be cached.",
+    )
+    parser.add_argument("config", help="run config .toml (or a .json preset)")
+    add_override_option(parser)
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="keep entries whose cache key matches the current settings; without it every entry is "
+                             "re-encoded (stale entries are rebuilt either way)")
+    parser.add_argument("--events", metavar="FILE", help="append start/progress/warning/done events (JSON lines)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="threads decoding and resizing images (default: training.max_data_loader_n_workers, "
+                             "at least 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="where the VAE runs (default: cuda if available)")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def model_location(value: str, base_dir: Path) -> str:
+    """A config path made absolute, except a hub id (``owner/name``) that is not a local path."""
+    from engine.models.vae import looks_like_hub_id
+
+    if not value:
+        return ""
+    resolved = resolve_path(value, base_dir)
+    return value if not resolved.exists() and looks_like_hub_id(value) else str(resolved)
+
+
+def vae_dtype_name(config: RunConfig, device: str) -> str:
+    """float32 on a CPU (half-precision convolutions are slow there) or with no_half_vae, else the mixed precision.
+
+    A float32 cache satisfies a later half-precision run, so caching on a CPU never forces a rebuild on a GPU.
+    """
+    if device == "cpu" or config.model.no_half_vae:
+        return "float32"
+    return _GPU_DTYPES[config.training.mixed_precision]
+
+
+def _fail(message: str, events: EventWriter, hint: str = "") -> int:
+    print(f"error: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    events.emit("error", message=message, hint=hint)
+    events.emit("done", task=TASK, ok=False)
+    return EXIT_BAD_INPUT
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.events import EventWriter
+
+    try:
+        config = load_config(args.config, args.overrides, check_packages=False)
+    except ConfigError as error:
+        print(f"{error.source or args.config}: {len(error.problems)} problem(s)", file=sys.stderr)
+        print_problems(error.problems)
+        return EXIT_BAD_INPUT
+    with EventWriter(args.events) as events:
+        try:
+            return _cache(config, Path(args.config).resolve().parent, args, events)
+        except Exception as error:  # an unexpected failure still ends the event stream for a GUI tailing it
+            events.emit("error", message=f"{type(error).__name__}: {error}", hint="this is a bug; please report it")
+            events.emit("done", task=TASK, ok=False)
+            raise
+
+
+def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: EventWriter) -> int:
+    import torch
+
+    from engine.cache.latents import build_latent_cache, jobs_from_scan
+    from engine.data.scan import scan_config
+    from engine.events import Progress
+    from engine.models.vae import VaeLoadError, load_vae
+
+    scan = scan_config(config, base_dir)
+    for finding in scan.findings:
+        if finding.severity != "info":
+            print(f"{finding.severity}: {finding.where}: {finding.message}", file=sys.stderr)
+    if scan.has_errors:
+        return _fail("the dataset has errors (listed above)", events, "fix them, or run `python -m engine doctor`")
+    try:
+        jobs = jobs_from_scan(scan)
+    except ValueError as error:
+        return _fail(str(error), events)
+    if not jobs:
+        return _fail("no images to cache", events)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = config.model
+    try:
+        loaded = load_vae(model_location(model.pretrained_model_name_or_path, base_dir),
+                          model_location(model.vae, base_dir), family=model.model_family,
+                          dtype=getattr(torch, vae_dtype_name(config, device)), device=device)
+    except VaeLoadError as error:
+        return _fail(str(error), events)
+    workers = args.workers or max(1, config.training.max_data_loader_n_workers)
+    progress = Progress(TASK, len(jobs), events if args.events else None)
+    try:
+        report = build_latent_cache(jobs, loaded, to_disk=True, batch_size=config.training.vae_batch_size,
+                                    workers=workers, skip_existing=args.skip_existing, progress=progress)
+    finally:
+        progress.close()
+    for image, message in report.failed:
+        print(f"failed: {message}", file=sys.stderr)
+        events.emit("warning", message=message, where=str(image), hint="the image is skipped; re-save or remove it")
+    for path, reason in report.rebuilt_stale:
+        print(f"rebuilt: {path}: {reason}", file=sys.stderr)
+    cached = report.encoded + report.reused
+    events.emit("done", task=TASK, ok=cached > 0, total=report.total, encoded=report.encoded, reused=report.reused,
+                rebuilt_stale=len(report.rebuilt_stale), failed=len(report.failed))
+    print(report.summary())
+    return EXIT_OK if cached > 0 else EXIT_BAD_INPUT

@@ -1,0 +1,155 @@
+"""Encoding captions with the loaded text encoders, the way sd-scripts does, long captions included.
+
+CLIP sees at most 77 tokens (BOS + 75 + EOS). For ``max_token_length`` 150 or 225 sd-scripts tokenizes to
+``max_token_length + 2`` tokens, cuts the 75-token middle into chunks, wraps each chunk as BOS + 75 + EOS, encodes
+the chunks as one batch and rebuilds one sequence: the first BOS, the 75 inner positions of every chunk, the last
+EOS (``library/strategy_base.py`` ``_get_input_ids``, ``library/strategy_sd.py``/``strategy_sdxl.py``). With 75 it is
+a single chunk, which is exactly the plain 77-token encoding that diffusers does.
+
+Which layer:
+
+* SD1/SD2: ``hidden_states[-clip_skip]`` followed by the encoder's ``final_layer_norm``; clip_skip 1 is the last
+  layer, i.e. ``last_hidden_state``. diffusers' ``encode_prompt(clip_skip=k)`` takes ``hidden_states[-(k + 1)]``,
+  so its k is ours minus one (ours 1 = diffusers None, ours 2 = diffusers 1).
+* SDXL: the penultimate hidden states of both encoders, without the final norm, concatenated on the feature axis
+  (as SDXL was trained and as sd-scripts and diffusers do); **clip_skip is ignored**. The pooled embedding is
+  encoder 2's projected EOS state of the first chunk.
+
+Grad mode is the caller's: caching wraps this in ``torch.no_grad()``; a trainer may backpropagate through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.models.text_encoders import LoadedTextEncoders
+
+__all__ = ["CHUNK_TOKENS", "MAX_TOKEN_LENGTHS", "EncodedText", "encode_captions", "tokenize_chunks"]
+
+CHUNK_TOKENS = 75  # caption tokens per CLIP pass: 77 positions minus BOS and EOS
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+@dataclass
+class EncodedText:
+    """Text-encoder outputs for a batch of captions, on the encoders' device and dtype.
+
+    Attributes:
+        hidden_states: [B, max_token_length + 2, D]; D is the encoder width (SD1/SD2) or both widths (SDXL).
+        pooled: [B, projection dim] of SDXL's second encoder; None for SD1/SD2.
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None
+
+
+def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_skip: int,
+                    max_token_length: int) -> EncodedText:
+    """Encode ``captions`` as sd-scripts does for training (see the module docstring).
+
+    Args:
+        loaded: from ``engine.models.text_encoders.load_text_encoders``.
+        captions: the processed captions, one per image.
+        clip_skip: 1 = the last layer, 2 = the one before, ... (SD1/SD2); ignored for SDXL.
+        max_token_length: 75, 150 or 225 caption tokens; longer captions are truncated.
+
+    Returns:
+        Hidden states [B, max_token_length + 2, D] and, for SDXL, pooled embeddings.
+
+    Raises:
+        ValueError: an unsupported max_token_length, or a clip_skip outside 1..number of layers.
+    """
+    if max_token_length not in MAX_TOKEN_LENGTHS:
+        raise ValueError(f"max_token_length must be one of {MAX_TOKEN_LENGTHS}, not {max_token_length}")
+    if loaded.family == "sdxl":
+        return _encode_sdxl(loaded, captions, max_token_length)
+    tokenizer, encoder = loaded.tokenizers[0], loaded.encoders[0]
+    layers = encoder.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must be between 1 and {layers} (the text encoder's layers), not {clip_skip}")
+    chunks = tokenize_chunks(tokenizer, captions, max_token_length)
+    output = encoder(_flat(chunks, encoder), output_hidden_states=True)
+    states = _final_norm(encoder)(output.hidden_states[-clip_skip])
+    return EncodedText(_join_chunks(states, chunks.shape[1]), None)
+
+
+def tokenize_chunks(tokenizer: Any, captions: list[str], max_token_length: int) -> torch.Tensor:
+    """Token ids [B, n, 77] of ``captions``: n = max_token_length / 75 chunks, each BOS + 75 tokens + EOS/pad."""
+    import torch
+
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_token_length + 2,
+                    return_tensors="pt").input_ids
+    count = max_token_length // CHUNK_TOKENS
+    chunks = torch.stack([torch.cat([ids[:, :1], ids[:, 1 + k * CHUNK_TOKENS: 1 + (k + 1) * CHUNK_TOKENS],
+                                     ids[:, -1:]], dim=1) for k in range(count)], dim=1)
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        _fix_open_clip_chunks(chunks, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return chunks
+
+
+def _fix_open_clip_chunks(chunks: torch.Tensor, eos: int, pad: int) -> None:
+    """sd-scripts' EOS fix-up for tokenizers that pad with a token other than EOS (SD2's and SDXL's OpenCLIP).
+
+    Each chunk's last position is the whole sequence's last token (EOS or pad), so a chunk cut out of the middle of a
+    long caption would end in pad right after text, and a chunk past the text would be BOS + pads with no EOS.
+    CLIP models were trained on BOS ... EOS pad ..., so sd-scripts puts an EOS in both places.
+    """
+    import torch
+
+    last_real = chunks[..., -2]
+    ends_in_text = (last_real != eos) & (last_real != pad)
+    chunks[..., -1] = torch.where(ends_in_text, eos, chunks[..., -1])
+    chunks[..., 1] = torch.where(chunks[..., 1] == pad, eos, chunks[..., 1])
+
+
+def _flat(chunks: torch.Tensor, encoder: Any) -> torch.Tensor:
+    """[B, n, 77] → [B·n, 77] on the encoder's device: every chunk of every caption in one forward pass."""
+    return chunks.reshape(-1, chunks.shape[-1]).to(encoder.device)
+
+
+def _join_chunks(states: torch.Tensor, count: int) -> torch.Tensor:
+    """[B·n, 77, D] → [B, n·75 + 2, D]: the first BOS, each chunk's 75 inner positions, the last chunk's EOS."""
+    import torch
+
+    states = states.reshape(-1, count, *states.shape[1:])
+    inner = states[:, :, 1:-1].reshape(states.shape[0], count * CHUNK_TOKENS, states.shape[-1])
+    return torch.cat([states[:, 0, :1], inner, states[:, -1, -1:]], dim=1)
+
+
+def _final_norm(encoder: Any) -> Any:
+    # transformers ≥ 5.6 flattened CLIPTextModel (no .text_model); CLIPTextModelWithProjection still wraps it.
+    return getattr(encoder, "text_model", encoder).final_layer_norm
+
+
+def _encode_sdxl(loaded: LoadedTextEncoders, captions: list[str], max_token_length: int) -> EncodedText:
+    import torch
+
+    states, pooled = [], None
+    for tokenizer, encoder in zip(loaded.tokenizers, loaded.encoders, strict=True):
+        chunks = tokenize_chunks(tokenizer, captions, max_token_length)
+        ids = _flat(chunks, encoder)
+        output = encoder(ids, output_hidden_states=True)
+        # SDXL conditions on the penultimate layer of both encoders, without the final norm.
+        states.append(_join_chunks(output.hidden_states[-2], chunks.shape[1]))
+        if hasattr(encoder, "text_projection"):
+            # The first chunk's pooled embedding stands for the caption (sd-scripts: pool2[::n]).
+            pooled = _pooled(encoder, output.last_hidden_state, ids, tokenizer.eos_token_id)[:: chunks.shape[1]]
+    return EncodedText(torch.cat(states, dim=-1), pooled)
+
+
+def _pooled(encoder: Any, last_hidden_state: torch.Tensor, ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """The projected state at each sequence's first EOS (sd-scripts' ``_pool_workaround``).
+
+    transformers finds the EOS by the highest token id when the config has the legacy ``eos_token_id`` 2 (real
+    SDXL's encoder 2 does), which picks an added token (Textual Inversion) instead of EOS; the first EOS is what
+    the model was trained on, and for configs with the right EOS id it equals transformers' ``text_embeds``.
+    """
+    import torch
+
+    first_eos = (ids == eos).int().argmax(dim=1)
+    states = last_hidden_state[torch.arange(ids.shape[0], device=ids.device), first_eos]
+    return encoder.text_projection(states.to(encoder.text_projection.weight.dtype)).to(last_hidden_state.dtype)

@@ -1,0 +1,221 @@
+"""Loading the VAE alone (for latent caching), from whatever a user points at, offline.
+
+Sources, tried in this order:
+
+* a diffusers pipeline folder (``vae/config.json``) or a diffusers VAE folder (``config.json`` + weights);
+* a single file (``.safetensors``, ``.ckpt``, ...): a whole SD checkpoint (``first_stage_model.*`` keys), a
+  standalone LDM VAE (``encoder.down.0.block.0...``, like ``vae-ft-mse-840000-ema-pruned.safetensors``) or a
+  standalone diffusers VAE (``encoder.down_blocks.0.resnets.0...``). No config ships with such files, so the
+  AutoencoderKL config is read off the tensor shapes (``engine.models.vae_layout``);
+* a Hugging Face hub id, which only works from the local HF cache on an offline machine.
+
+The identity returned with the model is a hash of its weights, so a latent cache can tell which VAE made it
+whatever the file format: a folder and a single file holding the same weights have the same identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.models.ldm_checkpoint import FAMILIES
+from engine.models.vae_layout import VaeLoadError, read_single_file, single_file_family, vae_from_state_dict
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL
+
+__all__ = ["SCALING_FACTORS", "LoadedVae", "VaeLoadError", "load_vae", "looks_like_hub_id", "weights_identity"]
+
+# The latent scale each family's diffusion model was trained with (sd-scripts' constants). SD1 and SD2 share one VAE.
+SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+_FAMILY_BY_SCALING = {0.13025: "sdxl", 0.18215: "sd1"}  # a diffusers VAE folder states its scale; sd1 covers sd2
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass
+class LoadedVae:
+    """A VAE ready to encode: frozen, in eval mode, on its device and dtype.
+
+    Attributes:
+        vae: the ``diffusers.AutoencoderKL``.
+        identity: sha256 (hex) of the weights as float32 (see :func:`weights_identity`).
+        family: "sd1", "sd2" or "sdxl": which diffusion model the latents are for.
+        scaling_factor: what training multiplies the (unscaled, cached) latents by.
+        source: the file, folder or hub id the weights came from.
+    """
+
+    vae: AutoencoderKL
+    identity: str
+    family: str
+    scaling_factor: float
+    source: str
+
+
+@dataclass
+class _Source:
+    vae: AutoencoderKL
+    family: str | None  # what the source itself says, if anything
+    scaling_factor: float | None  # stated by a diffusers config; None → the family's constant
+
+
+def weights_identity(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted tensor names, shapes, dtypes and bytes, every tensor taken as float32.
+
+    Hashing all of it is affordable: a real-size SD/SDXL VAE (83.7 M parameters, 335 MB in float32) hashes in
+    0.23 s on a 2-core CPU, so no subsampling is needed. Tensors are cast to float32 first so that the same
+    weights give the same identity whether they were stored in fp16 or fp32 files.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|float32|".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def load_vae(model_path: str | Path, vae_path: str | Path = "", *, family: str = "auto", dtype: Any = None,
+             device: str = "cpu") -> LoadedVae:
+    """Load the VAE to encode latents with: ``vae_path`` when given, else the one inside ``model_path``.
+
+    Args:
+        model_path: the base model (single file, diffusers folder or hub id); also tells the family when a
+            separate VAE is used. May be empty when ``vae_path`` and ``family`` are given.
+        vae_path: a separate VAE (file or folder), like ``model.vae`` in the config.
+        family: "sd1", "sd2", "sdxl", or "auto" to detect it. A standalone VAE file cannot say whether it is an
+            SDXL VAE (same shapes as SD1/SD2), so with such a file and no usable ``model_path`` it is required.
+        dtype: torch dtype to encode in (default float32).
+        device: where to put the model.
+
+    Returns:
+        The loaded VAE with its identity, family and scaling factor.
+
+    Raises:
+        VaeLoadError: a missing file or folder, an unrecognised layout, a hub id that is not available offline,
+            or a family that cannot be decided; the message names the path and what to do.
+    """
+    if family != "auto" and family not in FAMILIES:
+        raise VaeLoadError(f"unknown model family {family!r}; use one of auto, {', '.join(FAMILIES)}")
+    vae_location = str(vae_path or model_path)
+    if not vae_location:
+        raise VaeLoadError("no model given: set model.pretrained_model_name_or_path (or model.vae)")
+    explicit = None if family == "auto" else family
+    model_family = _family_of_model(str(model_path)) if vae_path and model_path and not explicit else None
+    source = _load_source(vae_location, subfolder="" if vae_path else "vae")
+    resolved = explicit or model_family or source.family
+    if resolved is None:
+        raise VaeLoadError(
+            f"{vae_location}: a standalone VAE file does not say which model family it belongs to (an SDXL VAE has "
+            "the same shapes as an SD1/SD2 one); set model.model_family to sd1, sd2 or sdxl")
+    identity = weights_identity(source.vae.state_dict())
+    # nn.Module.to, not diffusers' override: that one warns about fp32-only modules on every dtype cast, and
+    # AutoencoderKL has none (the list it prints is empty).
+    import torch
+
+    vae = torch.nn.Module.to(source.vae, device=device, dtype=dtype)
+    vae.eval().requires_grad_(False)
+    scaling = source.scaling_factor if source.scaling_factor is not None else SCALING_FACTORS[resolved]
+    return LoadedVae(vae=vae, identity=identity, family=resolved, scaling_factor=scaling, source=vae_location)
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+
+def _load_source(location: str, *, subfolder: str) -> _Source:
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file():
+        return _load_single_file(path)
+    if looks_like_hub_id(location):
+        return _load_hub(location, subfolder)
+    raise VaeLoadError(f"model not found: {path} (no such file or folder)")
+
+
+def _load_folder(folder: Path) -> _Source:
+    from diffusers import AutoencoderKL
+
+    if (folder / "vae" / "config.json").is_file():
+        vae_folder, family = folder / "vae", _pipeline_family(folder)
+    elif (folder / "config.json").is_file():
+        vae_folder, family = folder, None
+    else:
+        raise VaeLoadError(f"{folder}: a folder but not a diffusers model; expected vae/config.json (a pipeline "
+                           "folder) or config.json with the weights (a VAE folder)")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(vae_folder), local_files_only=True).float()
+    except (OSError, ValueError, KeyError) as error:
+        raise VaeLoadError(f"{vae_folder}: cannot load the VAE ({error})") from error
+    scaling = float(vae.config.scaling_factor)
+    return _Source(vae, family or _FAMILY_BY_SCALING.get(round(scaling, 5)), scaling)
+
+
+def _load_single_file(path: Path) -> _Source:
+    state_dict, layout, family = read_single_file(path)
+    return _Source(vae_from_state_dict(state_dict, layout, path), family, None)
+
+
+def _load_hub(repo_id: str, subfolder: str) -> _Source:
+    """From the local Hugging Face cache; a download only when the machine is online."""
+    from diffusers import AutoencoderKL
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in _OFFLINE_VALUES
+    try:
+        vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder or None, local_files_only=offline).float()
+    except Exception as error:  # huggingface_hub raises many types (LocalEntryNotFoundError, HTTP errors, OSError)
+        state = "this machine is offline (HF_HUB_OFFLINE=1) and it is not in the Hugging Face cache" if offline \
+            else f"it could not be downloaded ({type(error).__name__}: {error})"
+        raise VaeLoadError(
+            f"{repo_id!r} is not a local file or folder; read as a Hugging Face hub id, {state}. Download it on a "
+            f"machine with network (`huggingface-cli download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`) "
+            "and point the config at that folder, or at a local .safetensors file") from error
+    scaling = float(vae.config.scaling_factor)
+    return _Source(vae, _FAMILY_BY_SCALING.get(round(scaling, 5)), scaling)
+
+
+def looks_like_hub_id(location: str) -> bool:
+    """``owner/name`` with no model-file extension: what a hub id looks like (it may still be a missing folder)."""
+    return bool(_HUB_ID.match(location)) and Path(location).suffix.lower() not in {".safetensors", ".ckpt", ".pt",
+                                                                                  ".pth", ".bin"}
+
+
+# --- family ----------------------------------------------------------------------------------------------------
+
+# Pipeline class (model_index.json) → family; StableDiffusionPipeline is SD1 or SD2, told apart by its text encoder.
+_PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+                      "StableDiffusionPipeline": "sd1", "StableDiffusionImg2ImgPipeline": "sd1"}
+
+
+def _pipeline_family(folder: Path) -> str | None:
+    try:
+        pipeline = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        family = _PIPELINE_FAMILIES.get(pipeline)
+        if family == "sd1":
+            # SD2's OpenCLIP encoder uses gelu, SD1's OpenAI CLIP quick_gelu (true of the tiny test models too).
+            text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+            family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
+        return family
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _family_of_model(location: str) -> str | None:
+    """The base model's family, when a separate VAE is used; None when it cannot be told cheaply."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return _pipeline_family(path)
+    if path.is_file():
+        try:
+            return single_file_family(path)
+        except (VaeLoadError, ValueError, OSError):
+            return None
+    return None
