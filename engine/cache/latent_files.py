@@ -62,12 +62,19 @@ def cache_path(image: Path, bucket: tuple[int, int], family: str, cache_dir: Pat
     In a cache folder, images from different folders may share a name, so each image folder gets its own
     sub-folder named after it plus a short hash of its absolute path.
     """
-    name = f"{image.stem}_{bucket[0]}x{bucket[1]}_{FAMILY_SUFFIX[family]}.npz"
+    return cache_folder(image, cache_dir) / f"{image.stem}_{bucket[0]}x{bucket[1]}_{FAMILY_SUFFIX[family]}.npz"
+
+
+def cache_folder(image: Path, cache_dir: Path | None = None) -> Path:
+    """Where cache files of ``image`` live: its own folder, or a sub-folder of ``cache_dir`` per image folder.
+
+    Shared by every cache (latents, text-encoder outputs) so one image's files always sit together.
+    """
     if cache_dir is None:
-        return image.with_name(name)
+        return image.parent
     folder = image.resolve().parent
     tag = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:10]
-    return Path(cache_dir) / f"{folder.name}-{tag}" / name
+    return Path(cache_dir) / f"{folder.name}-{tag}"
 
 
 def write_entry(path: Path, entry: CachedLatents, key: LatentKey) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from engine.cache.latent_files import cache_path as latent_cache_path
+from engine.cache.latent_files import cache_folder
 from engine.data.captions import CaptionOptions, process_caption
 from engine.data.records import ImageRecord, ScanResult
 from engine.files import atomic_write_bytes
@@ -108,10 +108,7 @@ class TextCacheReport:
 
 def cache_path(image: Path, family: str, cache_dir: Path | None = None) -> Path:
     """The cache file of ``image``: beside it, or in the same sub-folder of ``cache_dir`` as its latents."""
-    # The latent cache's helper decides the folder (one sub-folder per image folder); bucket and family only
-    # change its file name, so any values do.
-    folder = latent_cache_path(Path(image), (1, 1), "sd1", cache_dir).parent
-    return folder / f"{Path(image).stem}_te_outputs_{family}.npz"
+    return cache_folder(Path(image), cache_dir) / f"{Path(image).stem}_te_outputs_{family}.npz"
 
 
 def expected_key(caption: str, *, encoder_identity: str | None, clip_skip: int, max_token_length: int,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.ldm_checkpoint import FAMILIES
-from engine.models.vae import _pipeline_family, weights_identity
+from engine.models.vae import pipeline_family, weights_identity
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +130,7 @@ def _folder_family(folder: Path) -> str | None:
     if not (folder / "text_encoder" / "config.json").is_file():
         raise TextEncoderLoadError(f"{folder}: not a diffusers pipeline folder (no text_encoder/config.json); "
                                    "point model.pretrained_model_name_or_path at the pipeline folder or a checkpoint")
-    return _pipeline_family(folder) or ("sdxl" if (folder / "text_encoder_2").is_dir() else None)
+    return pipeline_family(folder) or ("sdxl" if (folder / "text_encoder_2").is_dir() else None)
 
 
 def _check_family(where: Path, detected: str | None, wanted: str) -> str:

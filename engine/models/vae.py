@@ -145,7 +145,7 @@ def _load_folder(folder: Path) -> _Source:
     from diffusers import AutoencoderKL
 
     if (folder / "vae" / "config.json").is_file():
-        vae_folder, family = folder / "vae", _pipeline_family(folder)
+        vae_folder, family = folder / "vae", pipeline_family(folder)
     elif (folder / "config.json").is_file():
         vae_folder, family = folder, None
     else:
@@ -195,7 +195,7 @@ _PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg
                       "StableDiffusionPipeline": "sd1", "StableDiffusionImg2ImgPipeline": "sd1"}
 
 
-def _pipeline_family(folder: Path) -> str | None:
+def pipeline_family(folder: Path) -> str | None:
     try:
         pipeline = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
         family = _PIPELINE_FAMILIES.get(pipeline)
@@ -212,7 +212,7 @@ def _family_of_model(location: str) -> str | None:
     """The base model's family, when a separate VAE is used; None when it cannot be told cheaply."""
     path = Path(location).expanduser()
     if path.is_dir():
-        return _pipeline_family(path)
+        return pipeline_family(path)
     if path.is_file():
         try:
             return single_file_family(path)
