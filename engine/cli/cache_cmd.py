@@ -129,10 +129,19 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     for image, message in report.failed:
         print(f"failed: {message}", file=sys.stderr)
         events.emit("warning", message=message, where=str(image), hint="the image is skipped; re-save or remove it")
-    for path, reason in report.rebuilt_stale:
-        print(f"rebuilt: {path}: {reason}", file=sys.stderr)
+    # Grouped by reason: a changed setting makes thousands of entries stale at once, for one reason.
+    for reason, paths in _by_reason(report.rebuilt_stale).items():
+        others = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        print(f"rebuilt: {reason}: {paths[0]}{others}", file=sys.stderr)
     cached = report.encoded + report.reused
     events.emit("done", task=TASK, ok=cached > 0, total=report.total, encoded=report.encoded, reused=report.reused,
                 rebuilt_stale=len(report.rebuilt_stale), failed=len(report.failed))
     print(report.summary())
     return EXIT_OK if cached > 0 else EXIT_BAD_INPUT
+
+
+def _by_reason(entries: list[tuple[Path, str]]) -> dict[str, list[Path]]:
+    grouped: dict[str, list[Path]] = {}
+    for path, reason in entries:
+        grouped.setdefault(reason, []).append(path)
+    return grouped
