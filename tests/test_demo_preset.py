@@ -3,8 +3,8 @@
 import importlib.util
 from pathlib import Path
 
-from engine.config.dataset import legacy_subsets
 from engine.config.io import load_config, load_preset, resolve_path, save_config
+from engine.data.scan import scan_config
 from engine.models import detect_family
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,9 @@ def test_demo_run_config_finds_the_tiny_model_and_dataset(tmp_path):
     with safe_open(str(checkpoint), "pt") as handle:
         assert detect_family(handle.keys()) == config.model.model_family == "sd1"
 
-    subsets = legacy_subsets(resolve_path(config.dataset.train_data_dir, run_dir),
-                             resolve_path(config.dataset.reg_data_dir, run_dir))
-    assert [(s.num_repeats, s.class_tokens, s.is_reg) for s in subsets] == [(10, "sks dog", False), (1, "dog", True)]
-    assert all(any(Path(s.image_dir).glob("*.png")) or any(Path(s.image_dir).glob("*.jpg")) for s in subsets)
+    scan = scan_config(config, run_dir, verify_images=True)
+    assert not scan.has_errors, scan.findings
+    subsets = scan.datasets[0].subsets
+    assert [(s.params["num_repeats"], s.params["class_tokens"], s.is_reg) for s in subsets] == [
+        (10, "sks dog", False), (1, "dog", True)]
+    assert all(s.records for s in subsets)

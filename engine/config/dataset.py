@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -257,21 +256,3 @@ def parse_legacy_folder_name(name: str) -> LegacyFolderName | None:
     if match is None:
         return None
     return LegacyFolderName(int(match["repeats"]), match["tokens"])
-
-
-def legacy_subsets(train_data_dir: str | Path, reg_data_dir: str | Path | None = None) -> list[Subset]:
-    """The subsets sd-scripts builds from legacy folders: only immediate subfolders with a valid name.
-
-    Folders with a bad name or fewer than 1 repeat are left out here; the dataset doctor reports them.
-    """
-    subsets = []
-    for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
-        if not root or not Path(root).is_dir():
-            continue
-        for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
-            parsed = parse_legacy_folder_name(folder.name)
-            if parsed is None or parsed.repeats < 1:
-                continue
-            subsets.append(Subset(image_dir=str(folder), num_repeats=parsed.repeats,
-                                  class_tokens=parsed.class_tokens, is_reg=is_reg))
-    return subsets

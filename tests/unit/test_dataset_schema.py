@@ -1,12 +1,13 @@
 """sd-scripts' dataset-config schema: levels, styles, precedence and the legacy folder convention."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from engine.config.dataset import (
     DatasetFile,
     DatasetGeneral,
-    legacy_subsets,
     parse_legacy_folder_name,
     resolve_datasets,
 )
@@ -127,9 +128,13 @@ def test_legacy_folder_names(name, expected):
 
 
 def test_legacy_subsets_take_only_valid_direct_subfolders(tmp_path):
+    from engine.data.legacy import legacy_subset_params
+
     for folder in ("train/10_sks dog", "train/sks cat", "train/0_zero", "train/3_a/2_nested", "reg/1_dog"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "train" / "5_file.png").write_bytes(b"")
-    subsets = legacy_subsets(tmp_path / "train", tmp_path / "reg")
-    summary = [(s.num_repeats, s.class_tokens, s.is_reg) for s in subsets]
+    train, findings = legacy_subset_params(tmp_path / "train", is_reg=False, base={})
+    reg, _ = legacy_subset_params(tmp_path / "reg", is_reg=True, base={})
+    summary = [(p["num_repeats"], p["class_tokens"], p["is_reg"]) for _, p in train + reg]
     assert summary == [(10, "sks dog", False), (3, "a", False), (1, "dog", True)]
+    assert sorted(Path(f.where).name for f in findings if f.code == "folder-name") == ["0_zero", "sks cat"]
