@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
-from engine.cli import cache_cmd, doctor_cmd, import_cmd, schema_cmd, validate_cmd
+from engine.cli import cache_cmd, caption_cmd, doctor_cmd, import_cmd, schema_cmd, validate_cmd
 
 # name -> function adding the subcommand's parser (with `handler` set as a default)
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -20,6 +20,8 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentPars
     "import": import_cmd.add_parser,
     "doctor": doctor_cmd.add_parser,
     "cache-latents": cache_cmd.add_parser,
+    "caption": caption_cmd.add_parser,
+    "captions": caption_cmd.add_edit_parser,
 }
 
 

@@ -1,0 +1,150 @@
+"""Captioning a folder: which images, what to write, and never touching a caption file unless the mode says so.
+
+Images are opened in worker threads while the captioner runs on the previous batch. Write modes:
+  skip       (default) images that already have a caption file are left alone;
+  overwrite  every caption file is written anew;
+  append     new tags are added to the existing caption, without duplicates (for taggers; a sentence
+             captioner's text is added as one more piece).
+A file is only written when its content changes, and always atomically.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, ImageOps
+
+from engine.caption.base import Captioner, CaptionOutput
+from engine.data.images import is_image_file
+from engine.events import Progress
+from engine.files import atomic_write_text
+
+WriteMode = Literal["skip", "overwrite", "append"]
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """How a folder is captioned, whatever the captioner."""
+
+    caption_extension: str = ".txt"
+    recursive: bool = False
+    mode: WriteMode = "skip"
+    prefix: str = ""  # e.g. the trigger word, put first
+    suffix: str = ""
+    separator: str = ", "  # joins prefix, caption and suffix, and splits tags when appending
+    dry_run: bool = False
+    batch_size: int = 1
+    workers: int = 2
+
+
+@dataclass
+class CaptionSummary:
+    written: list[Path] = field(default_factory=list)
+    unchanged: list[Path] = field(default_factory=list)  # the new text equals the file's: nothing written
+    skipped: list[Path] = field(default_factory=list)  # already captioned, mode "skip"
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    planned: dict[Path, str] = field(default_factory=dict)  # every caption decided, written or (dry run) not
+    tag_counts: Counter = field(default_factory=Counter)
+
+    def line(self, dry_run: bool = False) -> str:
+        verb = "would write" if dry_run else "written"
+        count = len(self.planned) - len(self.unchanged) if dry_run else len(self.written)
+        return (f"{verb}: {count}, unchanged: {len(self.unchanged)}, skipped (already captioned): "
+                f"{len(self.skipped)}, failed: {len(self.failed)}")
+
+
+def find_images(folder: Path, recursive: bool) -> list[Path]:
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(path for path in pattern if path.is_file() and is_image_file(path) and not path.name.startswith("."))
+
+
+def caption_path(image: Path, extension: str) -> Path:
+    return image.with_name(image.stem + (extension if extension.startswith(".") else f".{extension}"))
+
+
+def split_tags(text: str, separator: str) -> list[str]:
+    return [tag.strip() for tag in text.replace("\n", separator).split(separator.strip() or ",") if tag.strip()]
+
+
+def compose(output: CaptionOutput, existing: str | None, options: FolderOptions) -> str:
+    """The caption to write: prefix + new caption + suffix, merged into the existing one when appending."""
+    pieces = [p for p in (options.prefix.strip(), output.text.strip(), options.suffix.strip()) if p]
+    if options.mode != "append" or not existing or not existing.strip():
+        return options.separator.join(pieces)
+    merged = split_tags(existing, options.separator)
+    seen = {tag.lower() for tag in merged}
+    for tag in split_tags(options.separator.join(pieces), options.separator):
+        if tag.lower() not in seen:
+            merged.append(tag)
+            seen.add(tag.lower())
+    return options.separator.join(merged)
+
+
+def _open(path: Path) -> Image.Image:
+    """The image as displayed (EXIF orientation applied), in its own mode: taggers need the alpha channel."""
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)
+
+
+def _batches(paths: Sequence[Path], options: FolderOptions, pool: ThreadPoolExecutor,
+             summary: CaptionSummary) -> Iterator[list[tuple[Path, Image.Image]]]:
+    """Batches of opened images; opening runs ahead in the pool while the caller captions."""
+    futures: list[tuple[Path, Future]] = [(path, pool.submit(_open, path)) for path in paths]
+    batch: list[tuple[Path, Image.Image]] = []
+    for path, future in futures:
+        try:
+            batch.append((path, future.result()))
+        except Exception as error:  # noqa: BLE001 - any unreadable file is reported by name and skipped
+            summary.failed.append((path, f"cannot be opened as an image ({type(error).__name__}: {error})"))
+            continue
+        if len(batch) == options.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _read_existing(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except UnicodeDecodeError:
+        return None
+
+
+def run_captioning(folder: str | Path, captioner: Captioner, options: FolderOptions,
+                   progress: Progress | None = None) -> CaptionSummary:
+    """Caption every image of `folder` with `captioner` as `options` say; see the module docstring."""
+    summary = CaptionSummary()
+    todo = []
+    for image in find_images(Path(folder), options.recursive):
+        if options.mode == "skip" and caption_path(image, options.caption_extension).exists():
+            summary.skipped.append(image)
+        else:
+            todo.append(image)
+    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+        for batch in _batches(todo, options, pool, summary):
+            outputs = captioner.caption([image for _, image in batch])
+            for (path, _), output in zip(batch, outputs, strict=True):
+                _record(path, output, options, summary)
+            if progress is not None:
+                progress.update(len(batch))
+    return summary
+
+
+def _record(image: Path, output: CaptionOutput, options: FolderOptions, summary: CaptionSummary) -> None:
+    target = caption_path(image, options.caption_extension)
+    existing = _read_existing(target)
+    text = compose(output, existing, options)
+    summary.planned[image] = text
+    summary.tag_counts.update(output.tags)
+    if existing is not None and existing.rstrip("\n") == text:
+        summary.unchanged.append(image)
+    elif not options.dry_run:
+        atomic_write_text(target, text + "\n")
+        summary.written.append(image)
