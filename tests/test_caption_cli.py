@@ -78,3 +78,15 @@ def test_captions_edit_writes_only_changed_files(tmp_path):
     assert (folder / "blue.txt").read_text() == "sks, mine, solo\n"
     assert "changed: 2" in result.stdout
     json.dumps(result.stdout)  # plain text output
+
+
+def test_git_captions_a_folder_recursively_with_another_extension(tiny_models, tmp_path):
+    folder = image_folder(tmp_path)
+    (folder / "nested").mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "nested" / "green.webp")
+    result = engine("caption", str(folder), "--captioner", "git", "--model", str(tiny_models["git"]),
+                    "--recursive", "--caption-extension", ".caption", "--max-length", "12")
+    assert result.returncode == 0, result.stderr
+    for name in ("red", "blue", "grey", "nested/green"):
+        assert (folder / f"{name}.caption").read_text().strip(), name
+    assert (folder / "blue.txt").read_text() == "mine, keep\n"

@@ -24,6 +24,10 @@ class CaptionOutput:
 
 
 class Captioner(Protocol):
+    """What the folder runner needs. A captioner may also offer `preprocess(image) -> item` and
+    `caption_preprocessed(items) -> list[CaptionOutput]`: the runner then preprocesses in its worker threads,
+    overlapped with inference, instead of on the thread that runs the model."""
+
     name: str
     separator: str  # how this captioner's text splits into tags when appending ("" for sentence captioners)
 

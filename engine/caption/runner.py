@@ -11,11 +11,11 @@ A file is only written when its content changes, and always atomically.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, ImageOps
 
@@ -92,11 +92,19 @@ def _open(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image)
 
 
-def _batches(paths: Sequence[Path], options: FolderOptions, pool: ThreadPoolExecutor,
-             summary: CaptionSummary) -> Iterator[list[tuple[Path, Image.Image]]]:
-    """Batches of opened images; opening runs ahead in the pool while the caller captions."""
-    futures: list[tuple[Path, Future]] = [(path, pool.submit(_open, path)) for path in paths]
-    batch: list[tuple[Path, Image.Image]] = []
+def _loader(captioner: Captioner) -> Callable[[Path], Any]:
+    """Open an image, and preprocess it too when the captioner can do that apart from inference."""
+    preprocess = getattr(captioner, "preprocess", None)
+    if preprocess is None or not hasattr(captioner, "caption_preprocessed"):
+        return _open
+    return lambda path: preprocess(_open(path))
+
+
+def _batches(paths: Sequence[Path], load: Callable[[Path], Any], options: FolderOptions, pool: ThreadPoolExecutor,
+             summary: CaptionSummary) -> Iterator[list[tuple[Path, Any]]]:
+    """Batches of loaded images; loading runs ahead in the pool while the caller captions."""
+    futures: list[tuple[Path, Future]] = [(path, pool.submit(load, path)) for path in paths]
+    batch: list[tuple[Path, Any]] = []
     for path, future in futures:
         try:
             batch.append((path, future.result()))
@@ -127,9 +135,11 @@ def run_captioning(folder: str | Path, captioner: Captioner, options: FolderOpti
             summary.skipped.append(image)
         else:
             todo.append(image)
+    load = _loader(captioner)
+    infer = captioner.caption_preprocessed if load is not _open else captioner.caption  # type: ignore[attr-defined]
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        for batch in _batches(todo, options, pool, summary):
-            outputs = captioner.caption([image for _, image in batch])
+        for batch in _batches(todo, load, options, pool, summary):
+            outputs = infer([item for _, item in batch])
             for (path, _), output in zip(batch, outputs, strict=True):
                 _record(path, output, options, summary)
             if progress is not None:

@@ -113,16 +113,26 @@ class Wd14Tagger:
             return "CUDA (onnxruntime-gpu)"
         return "CPU (onnxruntime)"
 
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One image as the model's input array; the folder runner calls this in its worker threads."""
+        return preprocess_wd14(image, self.input_size)
+
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Raw scores, shape (len(images), rows of selected_tags.csv), in batches of ``batch_size``."""
-        size, step = self.input_size, self.batch_size
-        batches = [self._run([preprocess_wd14(image, size) for image in images[start:start + step]])
-                   for start in range(0, len(images), step)]
-        return np.concatenate(batches) if batches else np.zeros((0, len(self.table)), dtype=np.float32)
+        return self._predict_arrays([self.preprocess(image) for image in images])
 
     def caption(self, images: Sequence[Image.Image]) -> list[CaptionOutput]:
         """Tags for each image, chosen and ordered by the options (see ``engine.caption.wd14_tags``)."""
-        return [self._selector.select(probs) for probs in self.predict(images)]
+        return self.caption_preprocessed([self.preprocess(image) for image in images])
+
+    def caption_preprocessed(self, arrays: Sequence[np.ndarray]) -> list[CaptionOutput]:
+        """Tags for arrays from :meth:`preprocess`."""
+        return [self._selector.select(probs) for probs in self._predict_arrays(list(arrays))]
+
+    def _predict_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
+        step = self.batch_size
+        batches = [self._run(arrays[start:start + step]) for start in range(0, len(arrays), step)]
+        return np.concatenate(batches) if batches else np.zeros((0, len(self.table)), dtype=np.float32)
 
     def _run(self, arrays: list[np.ndarray]) -> np.ndarray:
         count = len(arrays)

@@ -118,3 +118,30 @@ def test_edit_folder_writes_only_changed_files(tmp_path):
     assert (folder / "a.txt").read_text() == "sks girl\n"
     assert summary.unchanged == [folder / "b.txt"] and os.stat(folder / "b.txt").st_mtime_ns == untouched
     assert [p.name for p, _ in summary.failed] == ["c.txt"]
+
+
+class PreprocessingTagger(ColourTagger):
+    """Offers a separate preprocessing step, as WD14 does."""
+
+    def __init__(self):
+        super().__init__()
+        self.preprocess_threads = set()
+
+    def preprocess(self, image):
+        import threading
+
+        self.preprocess_threads.add(threading.current_thread().name)
+        return image.convert("RGB")
+
+    def caption_preprocessed(self, items):
+        return self.caption(items)
+
+
+def test_preprocessing_runs_in_the_worker_threads(tmp_path):
+    import threading
+
+    tagger = PreprocessingTagger()
+    summary = run_captioning(make_folder(tmp_path), tagger, FolderOptions(mode="overwrite", workers=2))
+    assert len(summary.written) == 3
+    assert tagger.preprocess_threads and threading.main_thread().name not in tagger.preprocess_threads
+    assert set(tagger.seen_modes) == {"RGB"}  # the model side got the preprocessed items
