@@ -1,6 +1,7 @@
 """`python -m engine caption` and `captions edit` end to end, with the real tiny WD14 and BLIP models."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,12 @@ def test_blip_dry_run_prints_and_writes_nothing(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "red.png: " in result.stdout and result.stdout.count("\n") >= 4
     assert (folder / "blue.txt").read_text() == "mine, keep\n" and not (folder / "red.txt").exists()
+    planned = dict(re.findall(r"^(\S+\.(?:png|jpg)): (.*)$", result.stdout, re.MULTILINE))
+    written = engine("caption", str(folder), "--captioner", "blip", "--model", str(tiny_models["blip"]),
+                     "--mode", "overwrite", "--max-length", "10", "--prefix", "sks")
+    assert written.returncode == 0, written.stderr
+    assert (folder / "red.txt").read_text() == f"sks, {planned['red.png']}\n"
+    assert (folder / "blue.txt").read_text().startswith("sks, ")
 
 
 def test_an_option_of_another_captioner_is_refused(tiny_models, tmp_path):
