@@ -21,8 +21,8 @@ from engine.caption.models import (
     load_model,
     load_processor,
     resolve_device,
-    to_rgb,
 )
+from engine.data.images import to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image

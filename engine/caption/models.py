@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 DEFAULT_CACHE_DIR = Path("~/.cache/atelier/models")
 MARKER_NAME = ".atelier-download.json"  # written only after a download finished: its presence means "complete"
@@ -169,19 +169,6 @@ def describe_torch_device(device: str) -> str:
     if device.startswith("cuda"):
         return f"CUDA ({torch.cuda.get_device_name(torch.device(device))})"
     return device.upper()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Return an RGB copy; transparency is composited onto white rather than left as whatever colour it hides."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def check_model_type(folder: Path, expected: str, label: str) -> None:

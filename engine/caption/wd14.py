@@ -24,7 +24,7 @@ from engine.caption.wd14_tags import (
     parse_tag_replacement,
     tag_frequency_summary,
 )
-from engine.data.images import _to_rgb
+from engine.data.images import to_rgb
 from engine.data.transforms import resize_image
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ def preprocess_wd14(image: Image.Image, size: int) -> np.ndarray:
     area (shrinking) or Lanczos (enlarging). No normalisation.
     """
     # Tags should describe the image as displayed, so orientation comes first (sd-scripts skips this step).
-    # _to_rgb is the dataset loader's conversion: transparency (RGBA/LA/PA, tRNS) onto white, else RGB.
-    rgb = _to_rgb(ImageOps.exif_transpose(image))
+    # The dataset loader's conversion: transparency (RGBA/LA/PA, tRNS) onto white, 16-bit scaled, else RGB.
+    rgb = to_rgb(ImageOps.exif_transpose(image))
     side = max(rgb.size)
     if rgb.width != rgb.height:
         square = Image.new("RGB", (side, side), _WHITE)

@@ -72,7 +72,7 @@ def load_rgb_image(path: StrPath) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = _to_rgb(image)
+            rgb = to_rgb(image)
     except Exception as err:  # PIL signals damage with many types (OSError, SyntaxError, zlib.error, ...)
         raise UnreadableImage(path, _describe(err)) from err
     transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
@@ -181,14 +181,21 @@ def _orientation_from_exif(data: bytes) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-class _UnsupportedMode(Exception):
+class _UnsupportedMode(ValueError):
     """A pixel format PIL decodes but cannot convert to RGB (e.g. LAB); turned into UnreadableImage."""
 
 
 # --- decoding --------------------------------------------------------------------------------------------------
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image: transparency (alpha or colour key) onto white, 16-bit scaled.
+
+    The one conversion used by training, caching and every captioner, so an image looks the same everywhere.
+
+    Raises:
+        ValueError: for a pixel format PIL cannot convert to RGB (e.g. LAB).
+    """
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_depth_to_rgb(image)
