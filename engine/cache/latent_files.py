@@ -19,10 +19,11 @@ import zipfile
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from engine.cache.entries import READ_ERRORS, Status, read_key_and_members
+from engine.cache.entries import entry_status as shared_entry_status
 from engine.cache.latent_key import LatentKey, key_mismatch
 from engine.data.records import Finding
 from engine.files import atomic_write_bytes
@@ -30,7 +31,6 @@ from engine.files import atomic_write_bytes
 __all__ = ["CachedLatents", "EntryState", "cache_path", "entry_status", "inspect_entry", "load_entry",
            "read_key", "write_entry"]
 
-Status = Literal["ok", "missing", "stale", "unreadable"]
 FAMILY_SUFFIX = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
 STALE_HINT = "it will be rebuilt; run cache-latents to rebuild it now"
 
@@ -92,16 +92,9 @@ def write_entry(path: Path, entry: CachedLatents, key: LatentKey) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _read_key_and_members(path: Path) -> tuple[LatentKey | None, list[str]]:
-    with np.load(path, allow_pickle=False) as npz:  # lazy: only the members read here are decompressed
-        members = list(npz.files)
-        key = LatentKey.from_json(str(npz["cache_key"])) if "cache_key" in members else None
-    return key, members
-
-
 def read_key(path: Path) -> LatentKey | None:
     """The stored key, or None for a file without one (another tool's)."""
-    return _read_key_and_members(path)[0]
+    return read_key_and_members(path, LatentKey.from_json)[0]
 
 
 def load_entry(path: Path) -> CachedLatents:
@@ -127,20 +120,8 @@ def entry_status(path: Path, key: LatentKey) -> tuple[Status, str]:
     Returns:
         ("ok", ""), ("missing", why), ("stale", what changed) or ("unreadable", what is wrong).
     """
-    if not path.is_file():
-        return "missing", "not cached yet"
-    try:
-        stored, members = _read_key_and_members(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        return "unreadable", f"the cache file cannot be read ({error})"
-    if stored is None:
-        return "stale", "the file has no cache key (written by another tool or an older version)"
-    needed = ["latents", "latents_flipped"] if key.flip else ["latents"]
-    lacking = [name for name in needed if name not in members]
-    if lacking and not key_mismatch(stored, key):
-        return "unreadable", f"the cache file lacks {', '.join(lacking)}"
-    reason = key_mismatch(stored, key)
-    return ("stale", reason) if reason else ("ok", "")
+    required = ["latents", "latents_flipped"] if key.flip else ["latents"]
+    return shared_entry_status(path, key, parse_key=LatentKey.from_json, mismatch=key_mismatch, required=required)
 
 
 def _siblings(path: Path) -> list[Path]:
@@ -159,7 +140,7 @@ def _superseded(path: Path, in_use: Collection[Path]) -> list[tuple[Path, Latent
             continue  # another dataset caches this image in that bucket
         try:
             key = read_key(sibling)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        except READ_ERRORS:
             continue
         if key is not None:  # only files we wrote; anything else is left alone
             found.append((sibling, key))

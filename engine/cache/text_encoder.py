@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.cache.entries import Status
+from engine.cache.entries import entry_status as shared_entry_status
 from engine.cache.latent_files import cache_folder
 from engine.data.captions import CaptionOptions, process_caption
 from engine.data.records import ImageRecord, ScanResult
@@ -41,7 +43,6 @@ __all__ = ["FORMAT_VERSION", "CachedText", "TextCacheReport", "TextJob", "TextKe
            "write_entry"]
 
 FORMAT_VERSION = 1
-Status = Literal["ok", "missing", "stale", "unreadable"]
 _PRECISION = {"float32": 2, "bfloat16": 1, "float16": 1}
 
 
@@ -152,12 +153,6 @@ def write_entry(path: Path, entry: CachedText, key: TextKey) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _read_key_and_members(path: Path) -> tuple[TextKey | None, list[str]]:
-    with np.load(path, allow_pickle=False) as npz:  # lazy: only the key is decompressed
-        members = list(npz.files)
-        return (TextKey.from_json(str(npz["cache_key"])) if "cache_key" in members else None), members
-
-
 def load_entry(path: Path) -> CachedText:
     """Read a cache entry.
 
@@ -179,19 +174,8 @@ def entry_status(path: Path, key: TextKey) -> tuple[Status, str]:
     Returns:
         ("ok", ""), ("missing", why), ("stale", what changed) or ("unreadable", what is wrong).
     """
-    if not path.is_file():
-        return "missing", "not cached yet"
-    try:
-        stored, members = _read_key_and_members(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        return "unreadable", f"the cache file cannot be read ({error})"
-    if stored is None:
-        return "stale", "the file has no cache key (written by another tool or an older version)"
-    reason = key_mismatch(stored, key)
-    if reason:
-        return "stale", reason
-    lacking = [name for name in ("hidden_states", "pooled")[: 2 if key.family == "sdxl" else 1] if name not in members]
-    return ("unreadable", f"the cache file lacks {', '.join(lacking)}") if lacking else ("ok", "")
+    required = ["hidden_states", "pooled"] if key.family == "sdxl" else ["hidden_states"]
+    return shared_entry_status(path, key, parse_key=TextKey.from_json, mismatch=key_mismatch, required=required)
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------
