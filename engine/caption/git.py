@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from engine.caption.base import CaptionOutput
 from engine.caption.models import (
+    caption_in_batches,
     check_model_folder,
     check_model_type,
     describe_torch_device,
@@ -93,11 +94,7 @@ class GitCaptioner:
 
     def caption(self, images: Sequence[Image.Image]) -> list[CaptionOutput]:
         """Caption ``images`` in chunks of ``batch_size``, in order."""
-        size = self.options.batch_size
-        texts: list[str] = []
-        for start in range(0, len(images), size):
-            texts.extend(self._caption_batch(images[start : start + size]))
-        return [CaptionOutput(text=text) for text in texts]
+        return caption_in_batches(images, self.options.batch_size, self._caption_batch)
 
     def _caption_batch(self, images: Sequence[Image.Image]) -> list[str]:
         import torch

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.caption.base import CaptionOutput
+
 if TYPE_CHECKING:
-    pass
+    from PIL import Image
 
 DEFAULT_CACHE_DIR = Path("~/.cache/atelier/models")
 MARKER_NAME = ".atelier-download.json"  # written only after a download finished: its presence means "complete"
@@ -212,3 +215,13 @@ def load_model(folder: Path, model_class: str, device: str):
         message = f"Cannot load {model_class} from {folder} (weights missing or damaged?): {exc}"
         raise CaptionModelError(message) from exc
     return model.to(device).eval()
+
+
+def caption_in_batches(
+    images: Sequence[Image.Image], batch_size: int, caption_batch: Callable[[Sequence[Image.Image]], list[str]],
+) -> list[CaptionOutput]:
+    """Run a sentence captioner's `caption_batch` over `images` in chunks of `batch_size`, keeping the order."""
+    texts: list[str] = []
+    for start in range(0, len(images), batch_size):
+        texts.extend(caption_batch(images[start : start + batch_size]))
+    return [CaptionOutput(text=text) for text in texts]
