@@ -14,16 +14,16 @@ Baseline: the same session run on arrays preprocessed beforehand. Ratio = folder
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import timed  # noqa: E402
 
 from engine.caption.runner import FolderOptions, run_captioning  # noqa: E402
 from engine.caption.wd14 import Wd14Options, Wd14Tagger, preprocess_wd14  # noqa: E402
@@ -76,15 +76,6 @@ def make_images(folder: Path, count: int) -> None:
     for index in range(count):
         pixels = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{index:03d}.jpg", quality=90)
-
-
-def timed(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
+from timing import timed
 
 from engine.config.io import validate_config
 from engine.data.scan import scan_config
@@ -39,15 +39,6 @@ def listing_floor(root: Path) -> int:
                 entry.stat()
                 count += 1
     return count
-
-
-def timed(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
