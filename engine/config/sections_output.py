@@ -37,8 +37,14 @@ class SavingSection(StrictModel):
     save_last_n_epochs: int = setting(
         0, "Keep only the newest N per-epoch files (0 = keep all).", ge=0, advanced=True,
     )
+    save_last_n_steps: int = setting(
+        0, "Keep only the per-step files of the last N steps (0 = keep all).", ge=0, advanced=True,
+    )
     save_state: bool = setting(
         False, "Save a resumable training state next to each saved file.", advanced=True,
+    )
+    save_state_on_train_end: bool = setting(
+        False, "Save a resumable training state when the run ends, to continue it later.", advanced=True,
     )
     resume: str = setting("", "Resume from a saved state folder.", widget="folder", advanced=True)
     metadata: MetadataSection = setting(

@@ -119,6 +119,9 @@ class TrainingSection(StrictModel):
         0.0, "Adds a constant offset to the noise so the model learns very dark and bright images (0.05-0.1).",
         ge=0.0, le=1.0, advanced=True, group="noise",
     )
+    noise_offset_random_strength: bool = setting(
+        False, "Use a random noise offset between 0 and noise_offset each step.", advanced=True, group="noise",
+    )
     adaptive_noise_scale: float = setting(
         0.0, "Grows the noise offset with each latent's mean; needs noise_offset.", ge=-1.0, le=1.0,
         advanced=True, group="noise",
@@ -133,6 +136,10 @@ class TrainingSection(StrictModel):
     ip_noise_gamma: float = setting(
         0.0, "Input-perturbation noise strength, about 0.1 (0 = off).", ge=0.0, le=1.0, advanced=True, group="noise",
     )
+    ip_noise_gamma_random_strength: bool = setting(
+        False, "Use a random input-perturbation strength between 0 and ip_noise_gamma each step.", advanced=True,
+        group="noise",
+    )
     min_snr_gamma: float = setting(
         0.0, "Min-SNR loss weighting; 5 is the usual value (0 = off).", ge=0.0, le=100.0, advanced=True,
         group="loss",
@@ -142,6 +149,10 @@ class TrainingSection(StrictModel):
         "snr", "How the Huber loss's threshold varies with the timestep.", advanced=True, group="loss",
     )
     huber_c: float = setting(0.1, "Huber loss threshold.", gt=0.0, le=10.0, advanced=True, group="loss")
+    huber_scale: float = setting(
+        1.0, "Scale of the Huber threshold for the constant and exponential schedules.", gt=0.0, le=10.0,
+        advanced=True, group="loss",
+    )
     scale_v_pred_loss_like_noise_pred: bool = setting(
         False, "Weight the v-prediction loss like a noise-prediction loss.", advanced=True, group="loss",
     )

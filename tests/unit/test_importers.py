@@ -112,7 +112,7 @@ def test_kohya_lora_accounts_for_every_key():
                                "additional_parameters": "--lowram"}
     assert all(item.reason == "not supported by Atelier" for item in result.skipped)
     # empty, off, GUI-only, and options the Standard type does not use (at the GUI's defaults)
-    for key in ("vae", "reg_data_dir", "max_train_steps", "model_list", "save_as_bool", "huber_scale",
+    for key in ("vae", "reg_data_dir", "max_train_steps", "model_list", "save_as_bool",
                 "conv_dim", "LyCORIS_preset", "factor", "train_on_input", "multires_noise_discount", "v2"):
         assert key in result.unset, key
     assert result.mapped["max_resolution"] == ["dataset.general.resolution"]

@@ -47,7 +47,7 @@ KOHYA_PATHS = {
 GUI_ONLY = ("model_list", "save_as_bool", "save_as", "file_path", "ask_for_file", "headless", "print_only")
 # The GUI's defaults of fields Atelier does not have: a field left at its default was never used, nothing is lost.
 KOHYA_DEFAULTS: Mapping[str, Any] = {
-    "huber_scale": 1.0, "dynamo_mode": "default", "template": "caption", "show_timesteps_resolution": 1024,
+    "dynamo_mode": "default", "template": "caption", "show_timesteps_resolution": 1024,
     "ggpo_sigma": 0.03, "ggpo_beta": 0.01, "discrete_flow_shift": 3.0, "guidance_scale": 3.5,
     "mode_scale": 1.29, "logit_std": 1.0, "sigmoid_scale": 1.0, "weighting_scheme": "logit_normal",
     "timestep_sampling": "sigma", "model_prediction_type": "sigma_scaled", "t5xxl_max_token_length": 512,
