@@ -1,0 +1,1 @@
+"""Training: the loop, methods, noise and losses, optimizers and schedulers, sampling, checkpoints."""
