@@ -1,0 +1,399 @@
+"""kohya's LoRA / LoCon network (sd-scripts ``networks/lora.py``), on diffusers and transformers models, without peft.
+
+Files it saves use kohya's keys (``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha``), so
+A1111, ComfyUI, sd-scripts and diffusers' ``load_lora_weights`` read them. The maths follow spec §5.2:
+``y = org(x) + multiplier * alpha/rank * up(down(x))`` with kohya's three dropouts in training mode.
+
+Layers are wrapped the way kohya does it: the original layer's ``forward`` is monkey-patched, the model's module
+tree stays as it is (so diffusers' gradient checkpointing, attention processors and state dicts are untouched),
+and the network holds only the LoRA weights.
+
+Which layers, their names and the settings (network_args): :mod:`engine.networks.lora_names`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.families import family_info
+from engine.networks.lora_names import (
+    LoRAOptions,
+    LoRATarget,
+    resolve_options,
+    text_encoder_targets,
+    unet_targets,
+)
+
+__all__ = ["LoRALoadResult", "LoRAModule", "LoRANetwork", "LoRAOptions", "create_lora_network"]
+
+_FILE_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+class LoRAModule(nn.Module):
+    """A low-rank update ``multiplier * alpha/rank * up(down(x))`` added to one ``nn.Linear`` or ``nn.Conv2d``.
+
+    The wrapped layer is kept outside the module tree, so the network's state dict holds only ``lora_down``,
+    ``lora_up`` and ``alpha``. Dropouts apply only while this module is in training mode and draw from torch's
+    global RNG, so a trainer that saves and restores that RNG resumes them exactly.
+    """
+
+    def __init__(self, lora_name: str, org_module: nn.Linear | nn.Conv2d, multiplier: float = 1.0,
+                 lora_dim: int = 4, alpha: float | torch.Tensor | None = 1.0, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0) -> None:
+        super().__init__()
+        if lora_dim < 1:
+            raise ValueError(f"{lora_name}: the rank must be at least 1, got {lora_dim}")
+        self.lora_name = lora_name
+        self.lora_dim = lora_dim
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.__dict__["_org_module"] = org_module  # bypasses nn.Module registration on purpose (see class doc)
+        self._org_forward: Callable[..., torch.Tensor] | None = None
+        self._org_had_instance_forward = False
+        self.lora_down, self.lora_up = _low_rank_pair(org_module, lora_dim, lora_name)
+        self.register_buffer("alpha", torch.tensor(0.0))
+        self.scale = 1.0
+        self.set_alpha(alpha)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    @property
+    def org_module(self) -> nn.Linear | nn.Conv2d:
+        return self.__dict__["_org_module"]
+
+    @property
+    def is_applied(self) -> bool:
+        return self._org_forward is not None
+
+    def set_alpha(self, alpha: float | torch.Tensor | None) -> None:
+        """Set alpha and the scale alpha/rank; None or 0 means alpha = rank (kohya's rule for old files)."""
+        value = 0.0 if alpha is None else float(alpha)
+        if value < 0:
+            raise ValueError(f"{self.lora_name}: alpha must not be negative, got {value:g}")
+        with torch.no_grad():
+            self.alpha.fill_(value if value else float(self.lora_dim))
+        # From the stored float32 value, so training uses the scale any loader of the saved file computes.
+        self.scale = self.alpha.item() / self.lora_dim
+
+    def apply_to(self) -> None:
+        """Route the wrapped layer's calls through :meth:`forward` (monkey-patching, as kohya does)."""
+        if self.is_applied:
+            raise RuntimeError(f"{self.lora_name} is already applied")
+        org = self.org_module
+        self._org_had_instance_forward = "forward" in org.__dict__
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the wrapped layer its own forward back (no-op when not applied)."""
+        if not self.is_applied:
+            return
+        org = self.org_module
+        if org.__dict__.get("forward") != self.forward:
+            raise RuntimeError(f"{self.lora_name}: the layer's forward was replaced again after this LoRA was "
+                               "applied; restore the later wrapper first")
+        if self._org_had_instance_forward:
+            org.forward = self._org_forward
+        else:
+            del org.forward
+        self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        org_forward = self._org_forward if self._org_forward is not None else self.org_module.forward
+        org_out = org_forward(x)
+        if self.training and self.module_dropout > 0 and torch.rand(1) < self.module_dropout:
+            return org_out
+        lx = self.lora_down(x)
+        scale = self.scale
+        if self.training and self.dropout > 0:
+            lx = F.dropout(lx, p=self.dropout)
+        if self.training and self.rank_dropout > 0:
+            lx = lx * self._rank_keep_mask(lx)
+            scale = self.scale * (1.0 / (1.0 - self.rank_dropout))  # as if the rank shrank to the kept part
+        return org_out + self.lora_up(lx) * self.multiplier * scale
+
+    def _rank_keep_mask(self, lx: torch.Tensor) -> torch.Tensor:
+        """A Bernoulli keep-mask over [batch, rank], shaped to broadcast over tokens or pixels."""
+        mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+        if lx.dim() == 3:  # Linear on [batch, tokens, rank]
+            return mask.unsqueeze(1)
+        if lx.dim() == 4:  # Conv2d on [batch, rank, height, width]
+            return mask.unsqueeze(-1).unsqueeze(-1)
+        return mask
+
+    def load_file_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``lora_down.weight``, ``lora_up.weight`` and (optional) ``alpha`` from a file into this module.
+
+        Raises:
+            ValueError: a weight is missing or its shape differs (names the key and both shapes).
+        """
+        self.check_file_tensors(tensors)
+        with torch.no_grad():
+            self.lora_down.weight.copy_(tensors["lora_down.weight"])
+            self.lora_up.weight.copy_(tensors["lora_up.weight"])
+        self.set_alpha(tensors.get("alpha"))
+
+    def check_file_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError if ``tensors`` (keys without the module name) cannot be loaded into this module."""
+        for part, layer in (("lora_down.weight", self.lora_down), ("lora_up.weight", self.lora_up)):
+            key = f"{self.lora_name}.{part}"
+            if part not in tensors:
+                raise ValueError(f"{key} is missing from the network weights")
+            if tuple(tensors[part].shape) != tuple(layer.weight.shape):
+                raise ValueError(f"{key} has shape {tuple(tensors[part].shape)} in the network weights but "
+                                 f"{tuple(layer.weight.shape)} here (rank {self.lora_dim}); set network_dim "
+                                 "(or conv_dim for 3x3 convolutions) to the rank the file was trained with")
+
+
+def _low_rank_pair(org: nn.Module, rank: int, name: str) -> tuple[nn.Module, nn.Module]:
+    """``down`` and ``up`` shaped like kohya's: Conv2d down keeps the kernel, stride and padding; up is 1x1."""
+    if isinstance(org, nn.Conv2d):
+        down = nn.Conv2d(org.in_channels, rank, org.kernel_size, org.stride, org.padding, bias=False)
+        return down, nn.Conv2d(rank, org.out_channels, (1, 1), (1, 1), bias=False)
+    if isinstance(org, nn.Linear):
+        return nn.Linear(org.in_features, rank, bias=False), nn.Linear(rank, org.out_features, bias=False)
+    raise TypeError(f"{name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org).__name__}")
+
+
+class LoRALoadResult(NamedTuple):
+    """What a non-strict load skipped: modules the file lacks and file keys the network does not know."""
+
+    missing_modules: list[str]
+    unexpected_keys: list[str]
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one model, registered under their kohya names so the state dict is kohya's format.
+
+    The modules are children of the network, not of the UNet or text encoders, so the dropouts follow the
+    network's own ``train()``/``eval()``: call ``network.train()`` for training and ``network.eval()`` for sampling.
+
+    Attributes:
+        unet_loras: the UNet's modules.
+        text_encoder_loras: one list per text encoder, in the family's encoder order (empty when not trained).
+        text_encoder_prefixes: ``("lora_te",)`` or ``("lora_te1", "lora_te2")``.
+        options: the settings it was built with.
+
+    ``aliases`` maps names other tools give a module (SDXL UNet modules under diffusers paths) to its kohya name,
+    for :meth:`load_kohya_state_dict`.
+    """
+
+    def __init__(self, unet_loras: Sequence[LoRAModule], text_encoder_loras: Sequence[Sequence[LoRAModule]],
+                 text_encoder_prefixes: Sequence[str], options: LoRAOptions,
+                 aliases: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        if len(text_encoder_loras) != len(text_encoder_prefixes):
+            raise ValueError("one list of text-encoder modules per text-encoder prefix is needed")
+        self.unet_loras = list(unet_loras)
+        self.text_encoder_loras = [list(loras) for loras in text_encoder_loras]
+        self.text_encoder_prefixes = tuple(text_encoder_prefixes)
+        self.options = options
+        self._aliases = dict(aliases or {})  # other tools' names for a module -> its kohya name
+        for lora in self.all_loras():
+            if lora.lora_name in self._modules:
+                raise ValueError(f"duplicate LoRA module name {lora.lora_name!r}")
+            self.add_module(lora.lora_name, lora)
+
+    def all_loras(self) -> list[LoRAModule]:
+        return [*self.unet_loras, *(lora for loras in self.text_encoder_loras for lora in loras)]
+
+    def parts(self) -> list[tuple[str, list[LoRAModule]]]:
+        """(part name, modules) for the UNet and each text encoder: "unet", "text_encoder" or "text_encoder1/2"."""
+        single = len(self.text_encoder_loras) == 1
+        text = [("text_encoder" if single else f"text_encoder{index + 1}", loras)
+                for index, loras in enumerate(self.text_encoder_loras)]
+        return [("unet", self.unet_loras), *text]
+
+    def apply_to(self) -> None:
+        """Patch every wrapped layer; from now on the models compute with the network."""
+        for lora in self.all_loras():
+            lora.apply_to()
+
+    def restore(self) -> None:
+        """Undo :meth:`apply_to`: the models compute as if the network did not exist."""
+        for lora in reversed(self.all_loras()):
+            lora.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for lora in self.all_loras():
+            lora.multiplier = multiplier
+
+    def module_count(self) -> dict[str, int]:
+        """Number of LoRA modules per part, e.g. ``{"unet": 192, "text_encoder": 72}`` (for the run's log)."""
+        return {name: len(loras) for name, loras in self.parts()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that require a gradient (after :meth:`prepare_optimizer_params`: those being trained)."""
+        return [param for param in self.parameters() if param.requires_grad]
+
+    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lrs: Sequence[float | None],
+                                 default_lr: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, one per part (two with LoRA+: ``lora_up`` gets lr * ratio).
+
+        Args:
+            unet_lr: the UNet's learning rate; None uses ``default_lr``.
+            text_encoder_lrs: one rate per text encoder, or a single rate for all (empty: ``default_lr``).
+            default_lr: the run's learning_rate, for rates given as None (kohya's fallback).
+
+        Returns:
+            Dicts with "params", "lr" and "name" ("unet", "text_encoder", "text_encoder1", ... and
+            "<part>_loraplus"). A part with no modules or a rate of 0 gets no group, and its parameters stop
+            requiring gradients: nothing would ever apply them, and the backward pass skips their work.
+
+        Raises:
+            ValueError: the number of text-encoder rates fits neither one nor every encoder, or a trained part
+                has no rate at all.
+        """
+        rates = list(text_encoder_lrs) or [None]
+        if len(rates) == 1:
+            rates *= len(self.text_encoder_loras)
+        if len(rates) != len(self.text_encoder_loras):
+            raise ValueError(f"{len(rates)} text-encoder learning rates for {len(self.text_encoder_loras)} "
+                             "text encoders; give one rate for all of them or one per encoder")
+        options = self.options
+        unet_ratio = options.loraplus_unet_lr_ratio or options.loraplus_lr_ratio
+        text_ratio = options.loraplus_text_encoder_lr_ratio or options.loraplus_lr_ratio
+        ratios = [unet_ratio, *[text_ratio] * len(rates)]
+        groups: list[dict[str, Any]] = []
+        for (name, loras), lr, ratio in zip(self.parts(), [unet_lr, *rates], ratios, strict=True):
+            lr = default_lr if lr is None else lr
+            trained = bool(loras) and lr != 0
+            for lora in loras:
+                lora.requires_grad_(trained)
+            if not trained:
+                continue
+            if lr is None:
+                raise ValueError(f"no learning rate for the {name}: set its rate or the default learning rate")
+            groups.extend(_part_groups(name, loras, lr, ratio))
+        return groups
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors to save: kohya keys, on the CPU, copied (never aliasing the training weights)."""
+        return {key: value.detach().to("cpu", dtype=dtype or value.dtype, copy=True)
+                for key, value in self.state_dict().items()}
+
+    def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> LoRALoadResult:
+        """Load kohya-format weights (e.g. ``network_weights`` to start from); nothing changes if it fails.
+
+        Files without ``alpha`` (old kohya versions) load with alpha = rank. For SDXL, UNet keys with diffusers
+        paths (``lora_unet_down_blocks_...``) are accepted too, as kohya converts them.
+
+        Args:
+            state_dict: tensors keyed ``<module name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+            strict: raise when a module of the network is not in the file or the file has keys the network does
+                not know; otherwise skip them and report them in the result.
+
+        Raises:
+            ValueError: a shape or rank differs, a module has only one of its two weights, or (strict) a module
+                is missing or a key unknown. The message names the key.
+        """
+        modules: dict[str, LoRAModule] = dict(self.named_children())  # type: ignore[arg-type]
+        found, unexpected = self._group_file_keys(state_dict, modules)
+        missing = [name for name in modules if name not in found]
+        if strict and unexpected:
+            raise ValueError(f"the network weights have keys this network does not have: {_some(unexpected)} "
+                             "(another model family, network type or target layers?)")
+        if strict and missing:
+            raise ValueError(f"the network weights lack {len(missing)} LoRA modules of this network: "
+                             f"{_some(missing)} (was it trained with different layers, conv_dim or text encoders?)")
+        for name, tensors in found.items():
+            modules[name].check_file_tensors(tensors)
+        for name, tensors in found.items():
+            modules[name].load_file_tensors(tensors)
+        return LoRALoadResult(missing, unexpected)
+
+    def _group_file_keys(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, LoRAModule]
+                         ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+        """{module name: {part: tensor}} for the keys that belong to a module here, and the other keys."""
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        unexpected: list[str] = []
+        for key, tensor in state_dict.items():
+            file_name, _, part = key.partition(".")
+            name = self._aliases.get(file_name, file_name)
+            if name not in modules or part not in _FILE_PARTS:
+                unexpected.append(key)
+                continue
+            tensors = found.setdefault(name, {})
+            if part in tensors:
+                raise ValueError(f"{key}: the network weights hold {name}.{part} twice, under two names")
+            tensors[part] = tensor
+        return found, unexpected
+
+
+def _part_groups(name: str, loras: Sequence[LoRAModule], lr: float, ratio: float | None) -> list[dict[str, Any]]:
+    if ratio is None:
+        params = [param for lora in loras for param in lora.parameters()]
+        return [{"params": params, "lr": lr, "name": name}]
+    up = [param for lora in loras for key, param in lora.named_parameters() if key.startswith("lora_up.")]
+    rest = [param for lora in loras for key, param in lora.named_parameters() if not key.startswith("lora_up.")]
+    return [{"params": rest, "lr": lr, "name": name},
+            {"params": up, "lr": lr * ratio, "name": f"{name}_loraplus"}]
+
+
+def _some(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+
+def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], family: str, *, dim: int, alpha: float,
+                        conv_dim: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, rank_dropout: float = 0.0,
+                        module_dropout: float = 0.0, train_unet: bool = True,
+                        train_text_encoder: bool | Sequence[bool] = True,
+                        network_args: Mapping[str, Any] | None = None, multiplier: float = 1.0) -> LoRANetwork:
+    """Build a kohya LoRA (or LoCon, with conv_dim > 0) for a UNet and its text encoders; not yet applied.
+
+    Args:
+        unet: diffusers ``UNet2DConditionModel``.
+        text_encoders: the family's CLIP encoders in order (one for SD1/SD2, two for SDXL).
+        family: "sd1", "sd2" or "sdxl" (names and text-encoder prefixes, see ``FAMILY_INFO``).
+        dim, alpha: rank and alpha of Linear and 1x1 conv layers (alpha 0 means alpha = rank).
+        conv_dim, conv_alpha: rank and alpha of 3x3 convs in ResNet/down/up blocks (0 = no LoCon).
+        dropout: kohya's network_dropout (on ``down(x)``); rank_dropout, module_dropout: as in kohya.
+        train_unet: add modules to the UNet.
+        train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder).
+        network_args: kohya's extra options (:data:`NETWORK_ARGS`); unknown keys are errors.
+        multiplier: the initial strength of every module.
+
+    Raises:
+        ValueError: bad settings (the message names the setting), or the encoders do not fit the family.
+    """
+    options = resolve_options({"dim": dim, "alpha": alpha, "conv_dim": conv_dim, "conv_alpha": conv_alpha,
+                                "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout},
+                               network_args)
+    prefixes = family_info(family).text_encoder_lora_prefixes
+    if len(text_encoders) != len(prefixes):
+        raise ValueError(f"{family} has {len(prefixes)} text encoder(s); got {len(text_encoders)}")
+    train_each = [train_text_encoder] * len(prefixes) if isinstance(train_text_encoder, bool) else train_text_encoder
+    if len(train_each) != len(prefixes):
+        raise ValueError(f"train_text_encoder needs one flag per text encoder ({len(prefixes)}), got {train_each}")
+
+    unet_side = unet_targets(unet, family, include_conv_blocks=options.conv_dim > 0) if train_unet else []
+    text_side = [text_encoder_targets(encoder, prefix) if train else []
+                 for encoder, prefix, train in zip(text_encoders, prefixes, train_each, strict=True)]
+    unet_loras = _build_modules(unet_side, options, multiplier)
+    aliases = {target.alias: target.name for target in unet_side if target.alias and target.name in
+               {lora.lora_name for lora in unet_loras}}
+    text_loras = [_build_modules(targets, options, multiplier) for targets in text_side]
+    return LoRANetwork(unet_loras, text_loras, prefixes, options, aliases)
+
+
+def _build_modules(targets: Sequence[LoRATarget], options: LoRAOptions, multiplier: float) -> list[LoRAModule]:
+    modules = []
+    for target in targets:
+        rank, alpha = options.rank_and_alpha(target)
+        if rank == 0:  # a 3x3 conv without conv_dim stays untrained, as in kohya
+            continue
+        modules.append(LoRAModule(target.name, target.module, multiplier, rank, alpha, options.dropout,
+                                  options.rank_dropout, options.module_dropout))
+    return modules
+

@@ -1,0 +1,299 @@
+"""Which layers a kohya LoRA trains, the names it gives them in saved files (spec §5.1), and its settings.
+
+kohya searches "parent" modules by class name (``Transformer2DModel`` in the UNet, plus the ResNet, down- and
+upsampling blocks for LoCon; the CLIP attention and MLP blocks in the text encoders) and wraps every ``Linear`` and
+``Conv2d`` inside them. A module's name is ``<prefix>.<module path>`` with every ``.`` replaced by ``_``.
+
+The module paths are kohya's, which are not always diffusers' or transformers':
+
+* SD1/SD2: kohya's ``original_unet`` uses diffusers' module paths, so those are used as they are.
+* SDXL: kohya's ``sdxl_original_unet`` uses the original (SAI / LDM) layout, e.g. ``input_blocks.4.1`` for
+  ``down_blocks.1.attentions.0``. The mapping is derived from :func:`engine.models.ldm_keys.unet_to_ldm`, the same
+  code that writes single-file checkpoints, so there is one table for both.
+* Text encoders: kohya's paths start with ``text_model.`` (transformers 4's ``CLIPTextModel`` wrapper).
+  transformers >= 5.6 ``CLIPTextModel`` has no wrapper while ``CLIPTextModelWithProjection`` keeps one, so the
+  prefix is added where it is missing.
+
+Settings come as keyword arguments and as kohya's ``network_args``. Left out of the latter: ``block_dims``,
+``block_alphas``, ``conv_block_dims``, ``conv_block_alphas`` and the block learning-rate weights (``down_lr_weight``,
+``mid_lr_weight``, ``up_lr_weight``, ``block_lr_zero_threshold``); they are rejected with a message that says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from engine.models.ldm_keys import UNET_PREFIX, unet_to_ldm
+
+__all__ = [
+    "NETWORK_ARGS",
+    "TEXT_ENCODER_PATH_PREFIX",
+    "UNET_CONV_TARGET_CLASSES",
+    "UNET_LORA_PREFIX",
+    "UNET_TARGET_CLASSES",
+    "LoRAOptions",
+    "LoRATarget",
+    "resolve_options",
+    "text_encoder_targets",
+    "unet_targets",
+]
+
+UNET_LORA_PREFIX = "lora_unet"
+UNET_TARGET_CLASSES = frozenset({"Transformer2DModel"})
+UNET_CONV_TARGET_CLASSES = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D"})
+# kohya lists CLIPAttention, CLIPSdpaAttention and CLIPMLP; transformers has had other attention variants
+# (CLIPFlashAttention2), all named CLIP*Attention, so the pattern covers them and any future one.
+_TEXT_ENCODER_TARGET = re.compile(r"CLIP\w*Attention|CLIPMLP")
+TEXT_ENCODER_PATH_PREFIX = "text_model."
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One layer to wrap.
+
+    Attributes:
+        name: the kohya module name, e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``.
+        module: the ``nn.Linear`` or ``nn.Conv2d`` to wrap.
+        alias: another name the same layer has in files written by other tools (diffusers-style paths for
+            SDXL, which kohya converts when it loads them), or None.
+    """
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    alias: str | None = None
+
+    @property
+    def is_spatial_conv(self) -> bool:
+        """A conv with a kernel larger than 1x1: it takes conv_dim/conv_alpha instead of dim/alpha."""
+        return isinstance(self.module, nn.Conv2d) and tuple(self.module.kernel_size) != (1, 1)
+
+
+def _kohya_name(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}".replace(".", "_")
+
+
+def _wrapped_layers(root: nn.Module, is_parent: Callable[[nn.Module], bool]) -> Iterable[tuple[str, nn.Module]]:
+    """Yield (path, layer) for every Linear/Conv2d inside a parent module, in kohya's order."""
+    for parent_path, parent in root.named_modules():
+        if not is_parent(parent):
+            continue
+        for child_path, child in parent.named_modules():
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                yield f"{parent_path}.{child_path}" if parent_path else child_path, child
+
+
+def _collect(prefix: str, layers: Iterable[tuple[str, nn.Module]], rename: Callable[[str], str],
+             alias: Callable[[str], str | None]) -> list[LoRATarget]:
+    targets: dict[str, LoRATarget] = {}
+    for path, layer in layers:
+        name = _kohya_name(prefix, rename(path))
+        if name in targets:
+            # kohya asserts the same; two layers under one name would overwrite each other in the file.
+            raise ValueError(f"two layers map to the LoRA module name {name!r} (the second is at {path!r})")
+        targets[name] = LoRATarget(name, layer, alias(path))
+    return list(targets.values())
+
+
+def _sai_paths(unet: nn.Module) -> dict[str, str]:
+    """diffusers module path -> SAI/LDM module path, for every module of the UNet that has a weight."""
+    # unet_to_ldm only renames keys; giving it each key as its own "tensor" returns {ldm key: diffusers key}.
+    keys = {key: key for key in unet.state_dict()}
+    ldm = unet_to_ldm(keys, unet.config)  # type: ignore[arg-type]
+    return {diffusers_key.removesuffix(".weight"): ldm_key.removeprefix(UNET_PREFIX).removesuffix(".weight")
+            for ldm_key, diffusers_key in ldm.items() if diffusers_key.endswith(".weight")}
+
+
+def _diffusers_unet_naming(unet: nn.Module) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    return (lambda path: path), (lambda path: None)
+
+
+def _sai_unet_naming(unet: nn.Module) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    paths = _sai_paths(unet)
+
+    def rename(path: str) -> str:
+        if path not in paths:
+            raise ValueError(f"the SDXL UNet layer {path!r} has no original (SAI) name; is this an SDXL UNet?")
+        return paths[path]
+
+    return rename, (lambda path: _kohya_name(UNET_LORA_PREFIX, path))
+
+
+# How each family's kohya UNet names its modules: (rename path, alias for a path).
+UNET_NAMING: dict[str, Callable[[nn.Module], tuple[Callable[[str], str], Callable[[str], str | None]]]] = {
+    "sd1": _diffusers_unet_naming,
+    "sd2": _diffusers_unet_naming,
+    "sdxl": _sai_unet_naming,
+}
+
+
+def unet_targets(unet: nn.Module, family: str, *, include_conv_blocks: bool) -> list[LoRATarget]:
+    """The UNet layers a kohya LoRA wraps, with their kohya names.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel``.
+        family: "sd1", "sd2" or "sdxl" (decides the naming, see the module docstring).
+        include_conv_blocks: also search ResNet, Downsample and Upsample blocks (LoCon; kohya does this when
+            conv_dim is given). The caller decides which of those layers get a rank.
+
+    Raises:
+        ValueError: an unknown family, or two layers with the same name.
+    """
+    if family not in UNET_NAMING:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(UNET_NAMING)}")
+    parents = UNET_TARGET_CLASSES | (UNET_CONV_TARGET_CLASSES if include_conv_blocks else frozenset())
+    rename, alias = UNET_NAMING[family](unet)
+    layers = _wrapped_layers(unet, lambda module: type(module).__name__ in parents)
+    return _collect(UNET_LORA_PREFIX, layers, rename, alias)
+
+
+def _is_text_encoder_parent(module: nn.Module) -> bool:
+    # The MRO, so that a subclass of CLIPAttention (an attention-implementation variant) is found too.
+    return any(_TEXT_ENCODER_TARGET.fullmatch(cls.__name__) for cls in type(module).__mro__)
+
+
+def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarget]:
+    """The layers of one CLIP text encoder a kohya LoRA wraps, named ``<prefix>_text_model_...``.
+
+    Args:
+        text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection``.
+        prefix: ``lora_te`` (SD1/SD2), ``lora_te1`` or ``lora_te2`` (SDXL).
+    """
+    def rename(path: str) -> str:
+        return path if path.startswith(TEXT_ENCODER_PATH_PREFIX) else TEXT_ENCODER_PATH_PREFIX + path
+
+    return _collect(prefix, _wrapped_layers(text_encoder, _is_text_encoder_parent), rename, lambda path: None)
+
+
+# --- settings -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """The resolved settings of a network (keyword arguments merged with network_args)."""
+
+    dim: int
+    alpha: float
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+
+    def rank_and_alpha(self, target: LoRATarget) -> tuple[int, float]:
+        """3x3 convs take conv_dim/conv_alpha (0 = not trained); Linear and 1x1 convs take dim/alpha."""
+        return (self.conv_dim, self.conv_alpha) if target.is_spatial_conv else (self.dim, self.alpha)
+
+
+# --- network_args ------------------------------------------------------------------------------------------------
+
+def _number(path: str, value: Any) -> float:
+    # kohya passes network_args as "key=value" strings; a TOML table gives numbers. Both are accepted.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{path} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{path} must be a number, got {value!r}") from None
+
+
+def _rank(path: str, value: Any) -> int:
+    number = _number(path, value)
+    if number < 0 or number != int(number):
+        raise ValueError(f"{path} must be a whole number of at least 0, got {value!r}")
+    return int(number)
+
+
+def _positive_rank(path: str, value: Any) -> int:
+    rank = _rank(path, value)
+    if rank < 1:
+        raise ValueError(f"{path} must be at least 1, got {value!r}")
+    return rank
+
+
+def _alpha(path: str, value: Any) -> float:
+    number = _number(path, value)
+    if number < 0:
+        raise ValueError(f"{path} must not be negative, got {value!r}")
+    return number
+
+
+def _probability(path: str, value: Any) -> float:
+    number = _number(path, value)
+    if not 0 <= number < 1:
+        raise ValueError(f"{path} must be at least 0 and below 1, got {value!r}")
+    return number
+
+
+def _ratio(path: str, value: Any) -> float:
+    number = _number(path, value)
+    if number <= 0:
+        raise ValueError(f"{path} must be above 0, got {value!r}")
+    return number
+
+
+# network_args this network understands: key -> parser(path, value). The first five are also keyword arguments.
+NETWORK_ARGS: dict[str, Callable[[str, Any], Any]] = {
+    "conv_dim": _rank,
+    "conv_alpha": _alpha,
+    "dropout": _probability,
+    "rank_dropout": _probability,
+    "module_dropout": _probability,
+    "loraplus_lr_ratio": _ratio,
+    "loraplus_unet_lr_ratio": _ratio,
+    "loraplus_text_encoder_lr_ratio": _ratio,
+}
+# The keyword settings: config path (for messages) and check.
+_KEYWORDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "dim": ("network.network_dim", _positive_rank),
+    "alpha": ("network.network_alpha", _alpha),
+    "conv_dim": ("network.conv_dim", _rank),
+    "conv_alpha": ("network.conv_alpha", _alpha),
+    "dropout": ("network.network_dropout", _probability),
+    "rank_dropout": ("network.rank_dropout", _probability),
+    "module_dropout": ("network.module_dropout", _probability),
+}
+_DEFAULTS = {field.name: field.default for field in fields(LoRAOptions)}
+_LEFT_OUT_ARGS = frozenset({"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                            "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"})
+
+
+def _parse_network_args(network_args: Mapping[str, Any]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for key, value in network_args.items():
+        path = f"network.network_args.{key}"
+        if key in _LEFT_OUT_ARGS:
+            raise ValueError(f"{path}: per-block ranks and learning-rate weights are not supported by Atelier's "
+                             f"LoRA; accepted keys: {', '.join(NETWORK_ARGS)}")
+        if key not in NETWORK_ARGS:
+            raise ValueError(f"{path} is not an option of the LoRA network; accepted keys: {', '.join(NETWORK_ARGS)}")
+        parsed[key] = NETWORK_ARGS[key](path, value)
+    return parsed
+
+
+def resolve_options(keywords: Mapping[str, Any], network_args: Mapping[str, Any] | None) -> LoRAOptions:
+    """Check the keyword settings and merge kohya's network_args into them.
+
+    Args:
+        keywords: ``dim``, ``alpha``, ``conv_dim``, ``conv_alpha``, ``dropout``, ``rank_dropout``,
+            ``module_dropout`` (all required).
+        network_args: :data:`NETWORK_ARGS` keys with numbers or numeric strings; a setting that is also a keyword
+            (conv_dim, ...) may be given in either place, as kohya allows, but not differently in both.
+
+    Raises:
+        ValueError: an unknown or unsupported key, a bad value or a contradiction; the message names the config
+            path (``network.network_args.<key>``, ``network.network_dim``, ...).
+    """
+    merged = {key: check(path, keywords[key]) for key, (path, check) in _KEYWORDS.items()}
+    for key, value in _parse_network_args(network_args or {}).items():
+        if key in merged and merged[key] not in (_DEFAULTS[key], value):
+            raise ValueError(f"network.network_args.{key} = {value!r} contradicts {_KEYWORDS[key][0]} = "
+                             f"{merged[key]!r}; set it in one place")
+        merged[key] = value
+    return LoRAOptions(**merged)
