@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from engine.cache.latent_files import cache_path as latent_cache_path
 from engine.cache.text_encoder import (
@@ -22,9 +23,12 @@ from engine.models.text_encoders import TextEncoderLoadError, load_text_encoders
 from engine.models.text_encoding import encode_captions, tokenize_chunks
 
 CAPTIONS = ["a photo of sks cat, red square!", "", "sks dog, blue circle, white background"]
-# Words outside the tiny BPE's merges tokenize byte by byte: 87 tokens, 12 of them beyond the first 75.
-LONG = ("sks dog, extraordinarily detailed watercolour landscape, misty mountains beyond a quiet lake at dawn, "
-        "soft light")
+# 86 CLIP tokens, 11 of them beyond the first 75 ("soft light" is among those).
+LONG = ("sks dog sitting on a wooden porch, extraordinarily detailed watercolour landscape, misty mountains beyond "
+        "a quiet lake at dawn, tall pine trees along the shore, a small red boat tied to a weathered pier, "
+        "reflections rippling across the water, wildflowers in the foreground, scattered clouds drifting over "
+        "snowy peaks, birds circling high above the valley, a winding path leading into the forest, golden reeds "
+        "swaying in the breeze, soft light")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,10 @@ def encode(loaded_encoders, captions, clip_skip=1, max_token_length=75):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_single_file_with_config_dir_loads_the_folders_encoders(tiny_models, loaded, family):
-    from_file = load_text_encoders(tiny_models[f"{family}_ckpt"], config_dir=tiny_models[family])
+@pytest.mark.parametrize("with_config_dir", [False, True], ids=["shipped-configs", "config-dir"])
+def test_single_file_loads_the_folders_encoders(tiny_models, loaded, family, with_config_dir):
+    config_dir = tiny_models[family] if with_config_dir else None
+    from_file = load_text_encoders(tiny_models[f"{family}_ckpt"], config_dir=config_dir)
     folder = loaded[family]
     assert (from_file.family, folder.family) == (family, family)
     assert [type(e).__name__ for e in from_file.encoders] == [type(e).__name__ for e in folder.encoders] == (
@@ -51,14 +57,17 @@ def test_single_file_with_config_dir_loads_the_folders_encoders(tiny_models, loa
     assert len({loaded[f].identity for f in loaded}) == 3
 
 
-def test_loading_errors_name_the_file_and_what_to_do(tiny_models):
-    with pytest.raises(TextEncoderLoadError, match=r"sd1\.safetensors: loading text encoders from a single-file "
-                                                   r"checkpoint needs the model family's diffusers configs"):
-        load_text_encoders(tiny_models["sd1_ckpt"])
+def test_loading_errors_name_the_file_and_what_to_do(tiny_models, tmp_path):
+    lora = tmp_path / "style_lora.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}, str(lora))
+    with pytest.raises(TextEncoderLoadError, match=r"style_lora\.safetensors: this is a LoRA file, not a base model"):
+        load_text_encoders(lora)
     with pytest.raises(TextEncoderLoadError, match="is an sdxl model folder, but .* is an sd1 checkpoint"):
         load_text_encoders(tiny_models["sd1_ckpt"], config_dir=tiny_models["sdxl"])
-    with pytest.raises(TextEncoderLoadError, match="is an sdxl model, but model.model_family is sd1"):
+    with pytest.raises(TextEncoderLoadError, match="this model folder is SDXL but model.model_family is sd1"):
         load_text_encoders(tiny_models["sdxl"], family="sd1")
+    with pytest.raises(TextEncoderLoadError, match="this checkpoint is SD1.x but model.model_family is sd2"):
+        load_text_encoders(tiny_models["sd1_ckpt"], family="sd2")
     with pytest.raises(TextEncoderLoadError, match="model not found"):
         load_text_encoders(tiny_models["sd1"] / "missing")
 

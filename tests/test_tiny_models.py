@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from engine.models import detect_family, pipeline_to_ldm, unet_to_ldm, vae_to_ldm
+from engine.models.ldm_checkpoint import EMBEDDED_CONFIGS_KEY
+from engine.models.tokenizers import load_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 TEXT_ENCODERS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
@@ -83,8 +86,17 @@ def test_model_level_single_file_loading(family, tiny_models):
 
 
 def test_checkpoint_layout_and_metadata(tiny_models):
+    from diffusers import UNet2DConditionModel
+
     with safe_open(str(tiny_models["sd1_ckpt"]), framework="pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        metadata = handle.metadata()
+    assert set(metadata) == {"format", EMBEDDED_CONFIGS_KEY} and metadata["format"] == "pt"
+    # The embedded configs are the folder's: loading the file needs no guess about the tiny sizes.
+    embedded = json.loads(metadata[EMBEDDED_CONFIGS_KEY])
+    assert set(embedded) == {"unet", "vae", "text_encoder", "scheduler"}
+    folder_unet = UNet2DConditionModel.load_config(str(tiny_models["sd1"]), subfolder="unet")
+    assert UNet2DConditionModel.from_config(embedded["unet"]).config == UNet2DConditionModel.from_config(
+        folder_unet).config
     sd1, sd2, sdxl = (set(_checkpoint_keys(tiny_models[f"{f}_ckpt"])) for f in FAMILIES)
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in sd1
     # Index rules: downsampler at input_blocks.(i+1)(L+1); upsampler in slot 1 after a resnet-only up block,
@@ -232,20 +244,24 @@ def test_sdxl_pipeline_generates_an_image(tiny_models):
 
 
 # --- tokenizers -------------------------------------------------------------------------------------------------
-def test_clip_tokenizer_knows_the_prompt_words(tiny_models, tmp_path):
+def test_clip_tokenizers_are_the_shipped_real_ones(tiny_models, tmp_path):
     from transformers import CLIPTokenizer
 
     folder = tiny_models["sd1"] / "tokenizer"
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a photo of sks dog")["input_ids"])
+    ids = tokenizer("a photo of sks dog")["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "sks</w>", "dog</w>", "<|endoftext|>"]
-    assert tokenizer.model_max_length == 77
+    assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    assert ids == load_tokenizer("sd1")("a photo of sks dog")["input_ids"]
     # The vocab.json/merges.txt kept for transformers 4.x must describe the same tokenizer on their own.
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(folder / name, tmp_path / name)
     from_bpe_files = CLIPTokenizer.from_pretrained(str(tmp_path))
-    assert from_bpe_files("a photo of sks dog")["input_ids"] == tokenizer("a photo of sks dog")["input_ids"]
-    assert CLIPTokenizer.from_pretrained(str(tiny_models["sdxl"] / "tokenizer_2")).pad_token == "!"
+    assert from_bpe_files("a photo of sks dog")["input_ids"] == ids
+    for family, subfolder, pad in (("sd2", "tokenizer", "!"), ("sdxl", "tokenizer", "<|endoftext|>"),
+                                   ("sdxl", "tokenizer_2", "!")):
+        assert CLIPTokenizer.from_pretrained(str(tiny_models[family] / subfolder)).pad_token == pad
 
 
 # --- captioners -------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 
 Layout under OUT_DIR:
 
-* ``sd1/``, ``sd2/``, ``sdxl/``: diffusers pipeline folders; ``sd1.safetensors`` etc.: the same weights as
-  original-layout single-file checkpoints (converted by ``engine.models``).
+* ``sd1/``, ``sd2/``, ``sdxl/``: diffusers pipeline folders with the real CLIP tokenizers; ``sd1.safetensors``
+  etc.: the same weights as original-layout single-file checkpoints (converted by ``engine.models``, with the
+  diffusers configs embedded in their metadata).
 * ``blip/``, ``git/``: transformers captioning models with their processors.
 * ``wd14/``: ``model.onnx`` + ``selected_tags.csv`` shaped like a SmilingWolf WD14 tagger.
 * ``dataset/``: ``img/10_sks dog/`` (captioned) and ``reg/1_dog/`` images.

@@ -1,7 +1,14 @@
-"""Whole-checkpoint assembly (diffusers pipeline → one LDM state dict), saving, and model-family detection."""
+"""Whole-checkpoint assembly (diffusers pipeline → one LDM state dict), saving, and model-family detection.
+
+Our own single files also carry the diffusers configs of their components, as JSON in the safetensors metadata
+(:data:`EMBEDDED_CONFIGS_KEY`): loading them back then needs no guess about the model's shape (a fine-tuned model
+with other sizes, or the tiny test models), and the scheduler's ``prediction_type`` survives the trip.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,24 +26,36 @@ from engine.models.ldm_text import (
     open_clip_to_ldm,
 )
 
-__all__ = ["FAMILIES", "detect_family", "pipeline_to_ldm", "save_ldm_checkpoint"]
+__all__ = [
+    "EMBEDDED_CONFIGS_KEY",
+    "FAMILIES",
+    "TEXT_ENCODER_LAYOUTS",
+    "detect_family",
+    "pipeline_configs",
+    "pipeline_to_ldm",
+    "save_ldm_checkpoint",
+]
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+
+# The safetensors metadata key under which save_ldm_checkpoint stores the components' diffusers configs (JSON).
+EMBEDDED_CONFIGS_KEY = "atelier.diffusers_configs"
 
 # SDXL's second text encoder; any layout of it (OpenCLIP or HF) lives under this prefix.
 _SDXL_MARKER = "conditioner.embedders.1."
 # SDXL's size/crop micro-conditioning MLP: lets a UNet-only SDXL file be recognised too.
 _SDXL_UNET_MARKER = "model.diffusion_model.label_emb.0.0.weight"
 
-# Which components each family needs, and how its text encoders are laid out in the single file.
-_TEXT_ENCODERS = {
-    "sd1": [("text_encoder", clip_to_ldm, SD1_TEXT_PREFIX)],
-    "sd2": [("text_encoder", open_clip_to_ldm, SD2_TEXT_PREFIX)],
-    "sdxl": [
-        ("text_encoder", clip_to_ldm, SDXL_TEXT1_PREFIX),
-        ("text_encoder_2", open_clip_to_ldm, SDXL_TEXT2_PREFIX),
-    ],
+# The text encoders of each family and how the single file lays them out: (component, layout, key prefix).
+# "clip" is a Hugging Face CLIPTextModel under a prefix; "open_clip" is OpenCLIP's naming with fused q/k/v.
+TEXT_ENCODER_LAYOUTS: dict[str, list[tuple[str, str, str]]] = {
+    "sd1": [("text_encoder", "clip", SD1_TEXT_PREFIX)],
+    "sd2": [("text_encoder", "open_clip", SD2_TEXT_PREFIX)],
+    "sdxl": [("text_encoder", "clip", SDXL_TEXT1_PREFIX), ("text_encoder_2", "open_clip", SDXL_TEXT2_PREFIX)],
 }
+_TEXT_CONVERTERS = {"clip": clip_to_ldm, "open_clip": open_clip_to_ldm}
+# Components whose configs save_ldm_checkpoint embeds, when present.
+_CONFIG_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
 def _components(pipe_or_components: Any) -> Mapping[str, Any]:
@@ -75,13 +94,35 @@ def pipeline_to_ldm(pipe_or_components: Any, family: str) -> dict[str, torch.Ten
     unet = _require(components, "unet", family)
     checkpoint = unet_to_ldm(unet.state_dict(), unet.config)
     checkpoint.update(vae_to_ldm(_require(components, "vae", family).state_dict()))
-    for name, convert, prefix in _TEXT_ENCODERS[family]:
-        checkpoint.update(convert(_require(components, name, family).state_dict(), prefix))
+    for name, layout, prefix in TEXT_ENCODER_LAYOUTS[family]:
+        checkpoint.update(_TEXT_CONVERTERS[layout](_require(components, name, family).state_dict(), prefix))
     return checkpoint
 
 
+def pipeline_configs(pipe_or_components: Any) -> dict[str, dict[str, Any]]:
+    """The diffusers/transformers configs of a pipeline's UNet, VAE, text encoders and scheduler, as JSON-able dicts.
+
+    This is what :func:`save_ldm_checkpoint` embeds (``configs=``). Local paths (``_name_or_path``) are left out.
+    """
+    components = _components(pipe_or_components)
+    return {name: _config_json(components[name]) for name in _CONFIG_COMPONENTS if components.get(name) is not None}
+
+
+def _config_json(module: Any) -> dict[str, Any]:
+    # diffusers models and schedulers serialise themselves; transformers models through their config.
+    if hasattr(module, "to_json_string"):
+        text = module.to_json_string()
+    else:
+        text = module.config.to_json_string(use_diff=False)
+    return {key: value for key, value in json.loads(text).items() if key != "_name_or_path"}
+
+
 def save_ldm_checkpoint(
-    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint as safetensors with ``{"format": "pt"}`` metadata (what SD tools look for).
 
@@ -92,6 +133,8 @@ def save_ldm_checkpoint(
         state_dict: the tensors to write.
         path: destination ``.safetensors`` file; parent folders are created.
         metadata: extra string metadata merged over ``{"format": "pt"}``.
+        configs: the components' diffusers configs (:func:`pipeline_configs`), stored as JSON under
+            :data:`EMBEDDED_CONFIGS_KEY` so that loading the file uses them instead of inferring them.
 
     Returns:
         The path written.
@@ -110,8 +153,26 @@ def save_ldm_checkpoint(
         tensors[key] = tensor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    embedded = {EMBEDDED_CONFIGS_KEY: json.dumps(dict(configs), sort_keys=True)} if configs else {}
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {}), **embedded})
+    _sort_header_metadata(path)
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Put the header's metadata in key order, so that the same tensors and metadata always give the same bytes.
+
+    safetensors writes metadata from a Rust HashMap, whose order changes from one process to the next. The header is
+    rewritten in place at the same length (padded with spaces, as safetensors pads it), so no tensor data moves.
+    """
+    with path.open("r+b") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:
+            handle.seek(8)
+            handle.write(text.ljust(size, b" "))
 
 
 def detect_family(state_dict_keys: Iterable[str]) -> str:

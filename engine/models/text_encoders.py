@@ -4,11 +4,11 @@ Sources:
 
 * a diffusers pipeline folder: ``tokenizer/`` + ``text_encoder/`` (SD1/SD2), plus ``tokenizer_2/`` +
   ``text_encoder_2/`` (SDXL);
-* a single-file checkpoint (``.safetensors``/``.ckpt``), through diffusers' ``from_single_file`` with
-  ``config=config_dir``: a local diffusers folder of the same family that supplies the tokenizers and the model
-  configs. Single files carry neither, and without ``config=`` diffusers goes to the hub (stack-notes §2, §8.5).
-  Finding that folder by itself is future work: it needs the per-family configs that the training issue ships with
-  the package; until then the caller passes ``config_dir`` and otherwise gets a :class:`TextEncoderLoadError`.
+* a single-file checkpoint (``.safetensors``/``.ckpt``), through diffusers' ``from_single_file`` with a local
+  ``config=`` folder: the configs embedded in the file or the family's shipped ones fitted to the file's shapes,
+  with the shipped tokenizers (``engine.models.single_file``). Single files carry no tokenizer, and without
+  ``config=`` diffusers goes to the hub (stack-notes §2, §8.5). ``config_dir`` (a local diffusers folder of the
+  same family) overrides that choice.
 
 The identity is a hash of the encoders' weights (as ``engine.models.vae.weights_identity``: every tensor, as
 float32) plus a fingerprint of each tokenizer, so a text-encoder cache can tell which encoders made it whatever the
@@ -19,28 +19,40 @@ from ``CLIPTextModel`` (stack-notes §8.3), so the identity does not change with
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.ldm_checkpoint import FAMILIES
+from engine.models.single_file import (
+    SINGLE_FILE_SUFFIXES,
+    ModelLoadError,
+    check_family,
+    load_single_file_pipeline,
+    resolve_single_file,
+)
 from engine.models.vae import pipeline_family, weights_identity
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LoadedTextEncoders", "TextEncoderLoadError", "load_text_encoders", "text_encoders_identity"]
+__all__ = [
+    "TEXT_COMPONENTS",
+    "LoadedTextEncoders",
+    "TextEncoderLoadError",
+    "load_text_encoders",
+    "ready_text_encoders",
+    "text_encoders_identity",
+]
 
-_SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 # The components each family has, in the order encoders and tokenizers are listed.
-_COMPONENTS = {"sd1": [("tokenizer", "text_encoder")], "sd2": [("tokenizer", "text_encoder")],
-               "sdxl": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]}
-_NOT_NEEDED = ("unet", "vae", "scheduler", "safety_checker", "feature_extractor", "image_encoder")
+TEXT_COMPONENTS = {"sd1": [("tokenizer", "text_encoder")], "sd2": [("tokenizer", "text_encoder")],
+                   "sdxl": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]}
+_NOT_NEEDED = ("unet", "vae", "scheduler")
 
 
-class TextEncoderLoadError(ValueError):
+class TextEncoderLoadError(ModelLoadError):
     """The text encoders cannot be loaded; the message names the file or folder and says what to do."""
 
 
@@ -68,36 +80,44 @@ def load_text_encoders(model_path: str | Path, *, family: str = "auto", dtype: A
     """Load the tokenizers and text encoders of ``model_path``.
 
     Args:
-        model_path: a diffusers pipeline folder, or a single-file checkpoint (then ``config_dir`` is required).
+        model_path: a diffusers pipeline folder, or a single-file checkpoint.
         family: "sd1", "sd2", "sdxl", or "auto" to detect it (from ``model_index.json`` or the checkpoint's keys).
         dtype: torch dtype to encode in (default float32).
         device: where to put the encoders.
-        config_dir: for a single file: a local diffusers folder of the same family (tokenizers and configs).
+        config_dir: for a single file: a local diffusers folder of the same family (tokenizers and configs) to
+            use instead of the embedded or shipped configs.
 
     Returns:
         The loaded encoders with their family and identity (computed on the float32 weights before any cast).
 
     Raises:
-        TextEncoderLoadError: a missing path, a folder that is not a diffusers pipeline, a family that does not
-            match, or a single file without ``config_dir``.
+        TextEncoderLoadError: a missing path, a folder that is not a diffusers pipeline, a file that is not a base
+            model (a LoRA), or a family that does not match.
     """
     if family != "auto" and family not in FAMILIES:
         raise TextEncoderLoadError(f"unknown model family {family!r}; use one of auto, {', '.join(FAMILIES)}")
     path = Path(model_path).expanduser()
     if path.is_dir():
-        resolved = _check_family(path, _folder_family(path), family)
+        resolved = check_family(path, _folder_family(path), family, exact=False, what="model folder",
+                                error=TextEncoderLoadError)
         tokenizers, encoders = _load_folder(path, resolved)
-    elif path.is_file() and path.suffix.lower() in _SINGLE_FILE_SUFFIXES:
+    elif path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         resolved, tokenizers, encoders = _load_single_file(path, family, config_dir)
     else:
         raise TextEncoderLoadError(f"model not found: {path} (expected a diffusers pipeline folder or a "
                                    ".safetensors/.ckpt checkpoint; a hub id must be downloaded to a folder first)")
-    identity = text_encoders_identity(encoders, tokenizers)
+    return ready_text_encoders(resolved, tokenizers, encoders, str(path), dtype=dtype, device=device)
+
+
+def ready_text_encoders(family: str, tokenizers: list[Any], encoders: list[Any], source: str, *, dtype: Any = None,
+                        device: str = "cpu") -> LoadedTextEncoders:
+    """Wrap loaded float32 encoders: identity of their float32 weights, then cast, moved, frozen and in eval mode."""
     import torch
 
+    identity = text_encoders_identity(encoders, tokenizers)
     for encoder in encoders:
         torch.nn.Module.to(encoder, device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedTextEncoders(resolved, tokenizers, encoders, identity, str(path))
+    return LoadedTextEncoders(family, tokenizers, encoders, identity, source)
 
 
 def text_encoders_identity(encoders: list[Any], tokenizers: list[Any]) -> str:
@@ -133,21 +153,6 @@ def _folder_family(folder: Path) -> str | None:
     return pipeline_family(folder) or ("sdxl" if (folder / "text_encoder_2").is_dir() else None)
 
 
-def _check_family(where: Path, detected: str | None, wanted: str) -> str:
-    """The family to use: the one asked for, unless the model plainly is another (SDXL or not)."""
-    if wanted == "auto":
-        if detected is None:
-            raise TextEncoderLoadError(f"{where}: cannot tell the model family; set model.model_family to sd1, sd2 "
-                                       "or sdxl")
-        return detected
-    # SD1 and SD2 are told apart by a heuristic, so an explicit choice between them wins; SDXL's second encoder
-    # is either there or not.
-    if detected is not None and (detected == "sdxl") != (wanted == "sdxl"):
-        raise TextEncoderLoadError(f"{where} is an {detected} model, but model.model_family is {wanted}; set it to "
-                                   f"{detected} or auto")
-    return wanted
-
-
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
@@ -161,7 +166,7 @@ def _load_folder(folder: Path, family: str) -> tuple[list[Any], list[torch.nn.Mo
     from transformers import CLIPTokenizer
 
     tokenizers, encoders = [], []
-    for tokenizer_name, encoder_name in _COMPONENTS[family]:
+    for tokenizer_name, encoder_name in TEXT_COMPONENTS[family]:
         try:
             tokenizers.append(CLIPTokenizer.from_pretrained(str(folder / tokenizer_name), local_files_only=True))
             encoder = _encoder_class(encoder_name).from_pretrained(str(folder / encoder_name), local_files_only=True)
@@ -173,37 +178,20 @@ def _load_folder(folder: Path, family: str) -> tuple[list[Any], list[torch.nn.Mo
 
 def _load_single_file(path: Path, family: str, config_dir: str | Path | None) -> tuple[str, list[Any], list[Any]]:
     """Through diffusers' ``from_single_file`` with every component but the text encoders and tokenizers left out."""
-    from engine.models.vae_layout import single_file_family
-
-    if config_dir is None:
-        raise TextEncoderLoadError(
-            f"{path}: loading text encoders from a single-file checkpoint needs the model family's diffusers configs "
-            "(tokenizers and text-encoder configs), which the training issue ships with the package; until then "
-            "pass config_dir = a local diffusers folder of the same family, or use a diffusers pipeline folder")
-    config = Path(config_dir).expanduser()
     try:
-        file_family = single_file_family(path)
-    except Exception as error:  # safetensors and torch.load signal damage with many types
-        raise TextEncoderLoadError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
-    resolved = _check_family(path, file_family, family)
-    config_family = _folder_family(config)
-    if config_family is not None and (config_family == "sdxl") != (resolved == "sdxl"):
-        raise TextEncoderLoadError(f"config_dir {config} is an {config_family} model folder, but {path} is an "
-                                   f"{resolved} checkpoint; pass a folder of the same family")
-    pipeline = _pipeline_class(resolved)
-    # Components passed as None are not built: only the text encoders and tokenizers are.
-    signature = inspect.signature(pipeline.__init__).parameters
-    skip = {name: None for name in _NOT_NEEDED if name in signature}
-    try:
-        pipe = pipeline.from_single_file(str(path), config=str(config), local_files_only=True, **skip)
-    except Exception as error:  # diffusers raises ValueError, OSError, SingleFileComponentError, ...
-        raise TextEncoderLoadError(f"{path}: cannot load the text encoders ({type(error).__name__}: {error})") \
-            from error
-    names = _COMPONENTS[resolved]
+        resolved, config = resolve_single_file(path, family)
+    except ModelLoadError as error:
+        raise TextEncoderLoadError(str(error)) from error
+    if config_dir is not None:
+        config = _checked_config_dir(Path(config_dir).expanduser(), path, resolved)
+    pipe = load_single_file_pipeline(path, resolved, config, skip=_NOT_NEEDED, error=TextEncoderLoadError)
+    names = TEXT_COMPONENTS[resolved]
     return resolved, [getattr(pipe, t) for t, _ in names], [getattr(pipe, e).float() for _, e in names]
 
 
-def _pipeline_class(family: str) -> Any:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+def _checked_config_dir(config: Path, path: Path, family: str) -> Path:
+    config_family = _folder_family(config)
+    if config_family is not None and (config_family == "sdxl") != (family == "sdxl"):
+        raise TextEncoderLoadError(f"config_dir {config} is an {config_family} model folder, but {path} is an "
+                                   f"{family} checkpoint; pass a folder of the same family")
+    return config

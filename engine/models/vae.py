@@ -5,8 +5,9 @@ Sources, tried in this order:
 * a diffusers pipeline folder (``vae/config.json``) or a diffusers VAE folder (``config.json`` + weights);
 * a single file (``.safetensors``, ``.ckpt``, ...): a whole SD checkpoint (``first_stage_model.*`` keys), a
   standalone LDM VAE (``encoder.down.0.block.0...``, like ``vae-ft-mse-840000-ema-pruned.safetensors``) or a
-  standalone diffusers VAE (``encoder.down_blocks.0.resnets.0...``). No config ships with such files, so the
-  AutoencoderKL config is read off the tensor shapes (``engine.models.vae_layout``);
+  standalone diffusers VAE (``encoder.down_blocks.0.resnets.0...``). The AutoencoderKL config is the one embedded
+  by our writer, else the family's shipped one with the sizes read off the tensor shapes
+  (``engine.models.vae_layout``); only the VAE's tensors are read;
 * a Hugging Face hub id, which only works from the local HF cache on an offline machine.
 
 The identity returned with the model is a hash of its weights, so a latent cache can tell which VAE made it
@@ -24,13 +25,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.ldm_checkpoint import FAMILIES
-from engine.models.vae_layout import VaeLoadError, read_single_file, single_file_family, vae_from_state_dict
+from engine.models.single_file import SINGLE_FILE_SUFFIXES
+from engine.models.vae_layout import VaeLoadError, load_single_file_vae, single_file_family
 
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKL
 
-__all__ = ["SCALING_FACTORS", "LoadedVae", "VaeLoadError", "load_vae", "looks_like_hub_id", "weights_identity"]
+__all__ = [
+    "SCALING_FACTORS",
+    "LoadedVae",
+    "VaeLoadError",
+    "hub_download_hint",
+    "is_offline",
+    "load_vae",
+    "looks_like_hub_id",
+    "pipeline_family",
+    "ready_vae",
+    "weights_identity",
+]
 
 # The latent scale each family's diffusion model was trained with (sd-scripts' constants). SD1 and SD2 share one VAE.
 SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
@@ -116,15 +129,27 @@ def load_vae(model_path: str | Path, vae_path: str | Path = "", *, family: str =
         raise VaeLoadError(
             f"{vae_location}: a standalone VAE file does not say which model family it belongs to (an SDXL VAE has "
             "the same shapes as an SD1/SD2 one); set model.model_family to sd1, sd2 or sdxl")
-    identity = weights_identity(source.vae.state_dict())
-    # nn.Module.to, not diffusers' override: that one warns about fp32-only modules on every dtype cast, and
-    # AutoencoderKL has none (the list it prints is empty).
+    scaling = source.scaling_factor if source.scaling_factor is not None else SCALING_FACTORS[resolved]
+    return ready_vae(source.vae, resolved, scaling, vae_location, dtype=dtype, device=device)
+
+
+def ready_vae(vae: AutoencoderKL, family: str, scaling_factor: float, source: str, *, dtype: Any = None,
+              device: str = "cpu") -> LoadedVae:
+    """Wrap a loaded float32 VAE: identity of its float32 weights, then cast, moved, frozen and in eval mode.
+
+    The module's own ``scaling_factor`` is set to ``scaling_factor`` too, so that a pipeline built on it (sampling)
+    decodes with the family's scale even when the file did not state one (an SDXL VAE from a single file).
+    """
     import torch
 
-    vae = torch.nn.Module.to(source.vae, device=device, dtype=dtype)
+    identity = weights_identity(vae.state_dict())
+    if vae.config.scaling_factor != scaling_factor:
+        vae.register_to_config(scaling_factor=scaling_factor)
+    # nn.Module.to, not diffusers' override: that one warns about fp32-only modules on every dtype cast, and
+    # AutoencoderKL has none (the list it prints is empty).
+    vae = torch.nn.Module.to(vae, device=device, dtype=dtype)
     vae.eval().requires_grad_(False)
-    scaling = source.scaling_factor if source.scaling_factor is not None else SCALING_FACTORS[resolved]
-    return LoadedVae(vae=vae, identity=identity, family=resolved, scaling_factor=scaling, source=vae_location)
+    return LoadedVae(vae=vae, identity=identity, family=family, scaling_factor=scaling_factor, source=source)
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
@@ -160,32 +185,42 @@ def _load_folder(folder: Path) -> _Source:
 
 
 def _load_single_file(path: Path) -> _Source:
-    state_dict, layout, family = read_single_file(path)
-    return _Source(vae_from_state_dict(state_dict, layout, path), family, None)
+    loaded = load_single_file_vae(path)
+    return _Source(loaded.vae, loaded.family, None)
 
 
 def _load_hub(repo_id: str, subfolder: str) -> _Source:
     """From the local Hugging Face cache; a download only when the machine is online."""
     from diffusers import AutoencoderKL
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in _OFFLINE_VALUES
+    offline = is_offline()
     try:
         vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder or None, local_files_only=offline).float()
     except Exception as error:  # huggingface_hub raises many types (LocalEntryNotFoundError, HTTP errors, OSError)
-        state = "this machine is offline (HF_HUB_OFFLINE=1) and it is not in the Hugging Face cache" if offline \
-            else f"it could not be downloaded ({type(error).__name__}: {error})"
-        raise VaeLoadError(
-            f"{repo_id!r} is not a local file or folder; read as a Hugging Face hub id, {state}. Download it on a "
-            f"machine with network (`huggingface-cli download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`) "
-            "and point the config at that folder, or at a local .safetensors file") from error
+        raise VaeLoadError(hub_download_hint(repo_id, offline, error)) from error
     scaling = float(vae.config.scaling_factor)
     return _Source(vae, _FAMILY_BY_SCALING.get(round(scaling, 5)), scaling)
 
 
+def is_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the hub (then only the local Hugging Face cache is used)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _OFFLINE_VALUES
+
+
+def hub_download_hint(repo_id: str, offline: bool, error: Exception) -> str:
+    """The message for a hub id that cannot be loaded: why, and how to get it onto this machine."""
+    state = "this machine is offline (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache" if offline \
+        else f"it could not be downloaded ({type(error).__name__}: {error})"
+    folder = f"models/{repo_id.split('/')[-1]}"
+    return (f"{repo_id!r} is not a local file or folder; read as a Hugging Face hub id, {state}. Download it on a "
+            f"machine with network (`hf download {repo_id} --local-dir {folder}`, or with older huggingface_hub "
+            f"`huggingface-cli download {repo_id} --local-dir {folder}`) and point the config at that folder, or at "
+            "a local .safetensors file")
+
+
 def looks_like_hub_id(location: str) -> bool:
     """``owner/name`` with no model-file extension: what a hub id looks like (it may still be a missing folder)."""
-    return bool(_HUB_ID.match(location)) and Path(location).suffix.lower() not in {".safetensors", ".ckpt", ".pt",
-                                                                                  ".pth", ".bin"}
+    return bool(_HUB_ID.match(location)) and Path(location).suffix.lower() not in SINGLE_FILE_SUFFIXES
 
 
 # --- family ----------------------------------------------------------------------------------------------------
@@ -196,6 +231,7 @@ _PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg
 
 
 def pipeline_family(folder: Path) -> str | None:
+    """A diffusers folder's family from ``model_index.json`` (and its text encoder); None when it cannot tell."""
     try:
         pipeline = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
         family = _PIPELINE_FAMILIES.get(pipeline)
@@ -216,6 +252,6 @@ def _family_of_model(location: str) -> str | None:
     if path.is_file():
         try:
             return single_file_family(path)
-        except (VaeLoadError, ValueError, OSError):
+        except ValueError:  # VaeLoadError included: the family is then not known cheaply
             return None
     return None

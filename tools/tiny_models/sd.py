@@ -4,6 +4,10 @@ Shapes are chosen so that the three families can be told apart the way real ones
 32-wide CLIP (stand-in for 768), SD2 on a 64-wide OpenCLIP-style encoder (stand-in for 1024), SDXL on the
 concatenation of a 32-wide and a 64-wide encoder (stand-in for 768 + 1280 = 2048). The two SDXL encoders must
 differ in width: diffusers' single-file loader picks the encoder for each slot by comparing widths.
+
+The tokenizers are the real ones (CLIP's 49408-token vocabulary with each family's shipped tokenizer config, from
+``engine.models.tokenizers``), so single-file checkpoints load with the package's own tokenizers, exactly as real
+models do. The single files carry their diffusers configs in their metadata (``save_ldm_checkpoint(configs=)``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 import torch
 
 from engine.models import pipeline_to_ldm, save_ldm_checkpoint
-from tiny_models.vocab import write_clip_bpe
+from engine.models.ldm_checkpoint import pipeline_configs
+from engine.models.tokenizers import load_tokenizer, tokenizer_folder
 
 FAMILY_SEEDS = {"sd1": 100, "sd2": 200, "sdxl": 300}
 
@@ -23,13 +28,6 @@ _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_
 
 _SDXL_TIME_EMBED_DIM = 8  # SDXL: 256 per micro-conditioning value, 6 values (sizes, crop, target size).
 _SDXL_TEXT2_PROJECTION = 48  # Deliberately ≠ the encoder width, so a transposed text_projection cannot load.
-
-
-def _tokenizer(vocab_folder: Path, pad_token: str | None = None):
-    from transformers import CLIPTokenizer
-
-    extra = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(vocab_folder), model_max_length=77, **extra)
 
 
 def _text_encoder(tokenizer, seed: int, hidden: int, act: str, projection_dim: int | None = None):
@@ -45,7 +43,7 @@ def _text_encoder(tokenizer, seed: int, hidden: int, act: str, projection_dim: i
         vocab_size=len(tokenizer),
         hidden_act=act,
         projection_dim=projection_dim or hidden,
-        # Pooling looks for the eos id, so ids must match the tokenizer, not CLIP's 49406/49407.
+        # Pooling looks for the eos id; the real configs' legacy ids (0/2/1) make transformers guess it instead.
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -137,12 +135,12 @@ def _scheduler(family: str):
     )
 
 
-def make_pipeline(family: str, vocab_folder: Path):
+def make_pipeline(family: str):
     """Build the tiny diffusers pipeline of one family in memory (deterministic for a given family)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     seed = FAMILY_SEEDS[family]
-    tokenizer = _tokenizer(vocab_folder)
+    tokenizer = load_tokenizer(family)
     if family == "sd1":
         text_encoder = _text_encoder(tokenizer, seed + 1, hidden=32, act="quick_gelu")
         unet = _unet(seed + 2, family, cross_attention_dim=32)
@@ -151,7 +149,7 @@ def make_pipeline(family: str, vocab_folder: Path):
         unet = _unet(seed + 2, family, cross_attention_dim=64)
     else:
         text_encoder = _text_encoder(tokenizer, seed + 1, hidden=32, act="quick_gelu")
-        tokenizer_2 = _tokenizer(vocab_folder, pad_token="!")  # SDXL's OpenCLIP tokenizer pads with "!"
+        tokenizer_2 = load_tokenizer(family, "tokenizer_2")  # SDXL's OpenCLIP tokenizer pads with "!"
         text_encoder_2 = _text_encoder(tokenizer_2, seed + 3, 64, "gelu", projection_dim=_SDXL_TEXT2_PROJECTION)
         unet = _unet(seed + 2, family, cross_attention_dim=32 + 64, text2_projection=_SDXL_TEXT2_PROJECTION)
         vae = _vae(seed + 4, scaling_factor=0.13025)
@@ -180,13 +178,11 @@ def make_pipeline(family: str, vocab_folder: Path):
 
 def write_sd(family: str, folder: Path, single_file: Path) -> None:
     """Save ``family``'s pipeline as a diffusers folder and as an LDM single-file checkpoint."""
-    vocab_folder = write_clip_bpe(folder.parent / f".{family}-bpe")
-    pipe = make_pipeline(family, vocab_folder)
+    pipe = make_pipeline(family)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # transformers 5 writes only tokenizer.json; older (4.x) CLIPTokenizer needs the BPE files themselves.
-    for tokenizer_folder in ("tokenizer", "tokenizer_2"):
-        if (folder / tokenizer_folder).is_dir():
+    for subfolder in ("tokenizer", "tokenizer_2"):
+        if (folder / subfolder).is_dir():
             for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(vocab_folder / name, folder / tokenizer_folder / name)
-    shutil.rmtree(vocab_folder)
-    save_ldm_checkpoint(pipeline_to_ldm(pipe, family), single_file)
+                shutil.copyfile(tokenizer_folder(family, subfolder) / name, folder / subfolder / name)
+    save_ldm_checkpoint(pipeline_to_ldm(pipe, family), single_file, configs=pipeline_configs(pipe))
