@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
-from engine.cli import cache_cmd, caption_cmd, doctor_cmd, import_cmd, schema_cmd, validate_cmd
+from engine.cli import cache_cmd, caption_cmd, doctor_cmd, import_cmd, schema_cmd, train_cmd, validate_cmd
 
 # name -> function adding the subcommand's parser (with `handler` set as a default)
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -22,6 +22,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentPars
     "cache-latents": cache_cmd.add_parser,
     "caption": caption_cmd.add_parser,
     "captions": caption_cmd.add_edit_parser,
+    "train": train_cmd.add_parser,
 }
 
 

@@ -1,0 +1,250 @@
+"""Assembling a `Session`: scan, load, cache, then create the method, optimizer and schedules, in that order.
+
+The order matters for memory: latents and text-encoder outputs are cached while nothing trainable exists yet, and
+the VAE (and frozen text encoders) leave the GPU before the first step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config.io import resolve_path
+from engine.config.schema import RunConfig
+from engine.data.records import ScanResult
+from engine.data.sampler import BucketBatchSampler
+from engine.data.scan import scan_config
+from engine.train.dataset import TrainingDataset, batch_sizes, examples_from_scan
+from engine.train.methods import create_method
+from engine.train.reporting import RunLog
+from engine.train.setup import (
+    RunInputError,
+    Session,
+    compute_schedule,
+    configure_attention,
+    make_accelerator,
+    weight_dtype,
+)
+
+
+def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, *,
+                  accelerator: Any = None) -> Session:
+    accelerator = accelerator or make_accelerator(config)
+    scan = scan_dataset(config, base_dir, log)
+    model = load_base_model(config, base_dir, accelerator)
+    dtype = weight_dtype(accelerator)
+    latents = cache_latents(config, scan, model, accelerator, log) if config.training.cache_latents else None
+    texts = cache_texts(config, scan, model, accelerator, log) if config.training.cache_text_encoder_outputs else None
+    from accelerate.utils import set_seed
+
+    set_seed(config.training.seed)  # the network's initial weights come from the global generators
+    method = create_method(config, model, base_dir)
+    place_models(config, model, method, accelerator, dtype, latents_cached=latents is not None,
+                 texts_cached=texts is not None)
+    sampler = BucketBatchSampler(examples_records(scan), batch_sizes(scan), seed=config.training.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    schedule = compute_schedule(config, len(sampler))
+    dataset = TrainingDataset(examples_from_scan(scan), seed=config.training.seed,
+                              max_train_steps=schedule.total_steps, latents=latents, texts=texts)
+    built, lr_scheduler = build_optimization(config, method, schedule, accelerator)
+    for warning in built.warnings:
+        log.event("warning", message=warning, where="optimizer", hint="")
+    output_dir = resolve_path(config.saving.output_dir, base_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    output_name = choose_output_name(config, base_dir, output_dir, log)
+    session = Session(
+        config=config, base_dir=base_dir, run_dir=run_dir, output_dir=output_dir,
+        output_name=output_name, accelerator=accelerator, log=log, scan=scan, model=model,
+        method=method, dataset=dataset, sampler=sampler, schedule=schedule, optimizer=built.optimizer,
+        built_optimizer=built, lr_scheduler=lr_scheduler, noise_scheduler=None, weight_dtype=dtype, facts=None,
+        text_cached=texts is not None, latents_cached=latents is not None,
+    )
+    session.noise_scheduler = make_noise(config)
+    session.facts = training_facts(session)
+    return session
+
+
+def choose_output_name(config: RunConfig, base_dir: Path, output_dir: Path, log: RunLog) -> str:
+    """The configured name, or a suffixed one when files of that name from another run are already there."""
+    from engine.train.naming import unique_output_name
+
+    resume = str(resolve_path(config.saving.resume, base_dir)) if config.saving.resume else None
+    name, changed = unique_output_name(output_dir, config.saving.output_name, config.saving.save_model_as,
+                                       resume_from=resume)
+    if changed:
+        log.event("warning", where="saving.output_name",
+                  message=f"{output_dir} already has files named {config.saving.output_name!r} from another run; "
+                          f"this run saves as {name!r} so nothing is overwritten",
+                  hint="choose another saving.output_name or output_dir to pick the name yourself")
+    return name
+
+
+def examples_records(scan: ScanResult) -> list:
+    # The sampler and the dataset must index the same list: both come from examples_from_scan's order.
+    return [example.record for example in examples_from_scan(scan)]
+
+
+def scan_dataset(config: RunConfig, base_dir: Path, log: RunLog) -> ScanResult:
+    scan = scan_config(config, base_dir)
+    errors = [finding for finding in scan.findings if finding.severity == "error"]
+    for finding in scan.findings:
+        if finding.severity == "warning":
+            log.event("warning", message=finding.message, where=finding.where, hint=finding.hint)
+    if errors:
+        first = errors[0]
+        others = f" (and {len(errors) - 1} more problem(s); `python -m engine doctor CONFIG` lists them all)" \
+            if len(errors) > 1 else ""
+        raise RunInputError(f"{first.where}: {first.message}{others}", first.hint, first.where)
+    return scan
+
+
+def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
+    from engine.cli.cache_cmd import model_location
+    from engine.models.loading import ModelLoadError, load_model
+
+    location = model_location(config.model.pretrained_model_name_or_path, base_dir)
+    if not location:
+        raise RunInputError("no base model is set", "set model.pretrained_model_name_or_path to a .safetensors "
+                            "file, a diffusers folder or a hub id", "model.pretrained_model_name_or_path")
+    vae = model_location(config.model.vae, base_dir)
+    try:
+        model = load_model(location, family=config.model.model_family, vae_path=vae)
+    except ModelLoadError as error:
+        raise RunInputError(str(error), "check model.pretrained_model_name_or_path and model.model_family",
+                            "model.pretrained_model_name_or_path") from error
+    configure_attention(model.unet, config)
+    return model
+
+
+def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: Any, log: RunLog) -> dict:
+    """Latents of every trained image, from disk entries when they match, encoded otherwise."""
+    from engine.cache.latent_files import cache_path, load_entry
+    from engine.cache.latent_jobs import jobs_from_scan
+    from engine.cache.latents import build_latent_cache
+
+    try:
+        jobs = jobs_from_scan(scan)
+    except ValueError as error:
+        raise RunInputError(str(error), "turn off random_crop or training.cache_latents",
+                            "training.cache_latents") from error
+    vae = model.vae
+    vae_dtype = torch.float32 if (config.model.no_half_vae or accelerator.device.type == "cpu") \
+        else weight_dtype(accelerator)
+    torch.nn.Module.to(vae.vae, device=accelerator.device, dtype=vae_dtype)
+    to_disk = config.training.cache_latents_to_disk
+    # Each process encodes its own share of a disk cache would race on files; the main process writes, others wait.
+    with accelerator.main_process_first():
+        report = build_latent_cache(jobs, vae, to_disk=to_disk, batch_size=config.training.vae_batch_size,
+                                    workers=max(1, config.training.max_data_loader_n_workers))
+    for image, message in report.failed:
+        raise RunInputError(f"{image}: cannot be encoded ({message})", "fix or remove the image", str(image))
+    log.line(f"latents: {report.summary()}")
+    if not to_disk:
+        return dict(report.latents or {})
+    family = vae.family
+    return {(job.record.path, tuple(job.record.bucket)): load_entry(cache_path(job.record.path, job.record.bucket,
+                                                                               family))
+            for job in jobs}
+
+
+def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: Any, log: RunLog) -> dict:
+    from engine.cache.text_encoder import build_text_encoder_cache, jobs_from_scan
+
+    try:
+        jobs = jobs_from_scan(scan)
+    except ValueError as error:
+        raise RunInputError(str(error), "turn training.cache_text_encoder_outputs off",
+                            "training.cache_text_encoder_outputs") from error
+    for encoder in model.text.encoders:
+        torch.nn.Module.to(encoder, device=accelerator.device)
+    with torch.no_grad():
+        report = build_text_encoder_cache(jobs, model.text, clip_skip=config.model.clip_skip,
+                                          max_token_length=config.model.max_token_length, to_disk=False)
+    log.line(f"text encoder outputs: {report.summary()}")
+    return dict(report.outputs or {})
+
+
+def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, dtype: torch.dtype, *,
+                 latents_cached: bool, texts_cached: bool) -> None:
+    """Frozen weights in the mixed-precision dtype on the device; cached-away models back to the CPU."""
+    device = accelerator.device
+    unet = model.unet
+    torch.nn.Module.to(unet, device=device, dtype=dtype)
+    unet.requires_grad_(False)
+    gradient_checkpointing = config.training.gradient_checkpointing
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    # diffusers only checkpoints in training mode; the frozen UNet has no dropout, so train() changes nothing else.
+    unet.train(gradient_checkpointing)
+    for encoder, trains in zip(model.text.encoders, method.trains_text_encoders, strict=True):
+        encoder.requires_grad_(False)
+        target = "cpu" if texts_cached else device
+        torch.nn.Module.to(encoder, device=target, dtype=dtype if target != "cpu" else torch.float32)
+        if trains and gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        encoder.train(trains)
+    vae_device = "cpu" if latents_cached else device
+    vae_dtype = torch.float32 if (config.model.no_half_vae or vae_device == "cpu") else dtype
+    torch.nn.Module.to(model.vae.vae, device=vae_device, dtype=vae_dtype)
+    for module in method.trainable_modules():
+        module.to(device)
+        if config.training.full_fp16 or config.training.full_bf16:
+            module.to(torch.float16 if config.training.full_fp16 else torch.bfloat16)
+    if latents_cached and device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_optimization(config: RunConfig, method: Any, schedule: Any, accelerator: Any) -> tuple[Any, Any]:
+    from engine.train.lr_schedulers import build_lr_scheduler
+    from engine.train.optimizers import OptimizerConfigError, build_optimizer
+
+    groups = method.param_groups()
+    if not groups:
+        raise RunInputError("nothing would be trained: every learning rate is 0 or every part is frozen",
+                            "set optimizer.unet_lr or optimizer.text_encoder_lr above 0", "optimizer")
+    try:
+        built = build_optimizer(config.optimizer, groups)
+        scheduler = build_lr_scheduler(config.optimizer, built.optimizer, schedule.total_steps,
+                                       num_processes=1, schedule_free=built.schedule_free)
+    except (OptimizerConfigError, ValueError) as error:
+        raise RunInputError(str(error), "check the optimizer section", "optimizer") from error
+    # Only the optimizer goes through accelerate (loss scaling); gradients are averaged across processes by the
+    # trainer itself, and the schedule is stepped once per update whatever the process count.
+    built.optimizer = accelerator.prepare_optimizer(built.optimizer)
+    return built, scheduler
+
+
+def make_noise(config: RunConfig) -> Any:
+    from engine.train.noise import make_noise_scheduler
+
+    return make_noise_scheduler(v_prediction=config.model.v_parameterization,
+                                zero_terminal_snr=config.training.zero_terminal_snr)
+
+
+def training_facts(session: Session) -> Any:
+    """What the saved files' metadata needs beyond the config; the model hash is computed here, once per run."""
+    from engine.cli.cache_cmd import model_location
+    from engine.networks.metadata import TrainingFacts, image_counts, model_hash_metadata, new_session_id
+    from engine.train.lr_schedulers import warmup_steps
+
+    scan, config = session.scan, session.config
+    num_train, num_reg = image_counts(scan.datasets)
+    resolution = scan.datasets[0].params.get("resolution", 512) if scan.datasets else 512
+    width, height = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    model_file = getattr(session.model, "model_file", None)
+    model_path = str(model_file) if model_file else str(session.model.source)
+    vae_path = model_location(config.model.vae, session.base_dir) or None
+    hashes = model_hash_metadata(model_path, vae_path) if session.is_main else {}
+    return TrainingFacts(
+        session_id=new_session_id(), started_at=time.time(), family=session.model.family,
+        v_prediction=config.model.v_parameterization, num_train_images=num_train, num_reg_images=num_reg,
+        num_batches_per_epoch=session.schedule.batches_per_epoch, num_epochs=session.schedule.num_epochs,
+        max_train_steps=session.schedule.total_steps,
+        warmup_steps=warmup_steps(config.optimizer, session.schedule.total_steps),
+        optimizer_description=session.built_optimizer.description, datasets=scan.datasets,
+        model_path=model_path, vae_path=vae_path, network_module="networks.lora",
+        resolution=(int(width), int(height)), model_hashes=hashes,
+    )

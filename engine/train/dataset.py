@@ -1,0 +1,174 @@
+"""The training data: scanned records joined with their subset settings, caches and per-step randomness.
+
+Every random choice of a sample (flip, crop, colour, caption shuffle and dropout) is drawn from a generator seeded
+by (seed, epoch, position in the epoch, record), never from a shared stream. A resumed run therefore sees exactly
+the samples the interrupted one would have seen, and data-loader workers need no coordination.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.cache.latent_files import CachedLatents
+from engine.cache.text_encoder import CachedText
+from engine.data.buckets import BucketAssignment
+from engine.data.captions import CaptionOptions, process_caption
+from engine.data.records import ImageRecord, ScanResult
+from engine.data.sampler import BucketBatchSampler
+from engine.data.transforms import prepare, to_model_tensor
+
+
+@dataclass(frozen=True)
+class Example:
+    """One trained image with the settings of the subset it came from."""
+
+    record: ImageRecord
+    captions: CaptionOptions
+    flip_aug: bool
+    color_aug: bool
+    random_crop: bool
+    interpolation: str | None
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    """What the batch sampler hands the dataset: which example, and where in the run it is drawn."""
+
+    index: int
+    epoch: int  # counted from 1, as sd-scripts counts epochs for caption dropout
+    position: int  # the batch's index within the epoch
+    step: int  # the optimizer step the batch belongs to (token warm-up)
+
+
+def examples_from_scan(scan: ScanResult) -> list[Example]:
+    """Every image that is trained on (regularization images left unused by balancing are dropped)."""
+    examples = []
+    for dataset in scan.datasets:
+        for subset in dataset.subsets:
+            params = subset.params
+            options = CaptionOptions.from_params(params)
+            for record in subset.records:
+                if record.num_repeats > 0 and record.bucket is not None:
+                    examples.append(Example(record, options, bool(params.get("flip_aug")),
+                                            bool(params.get("color_aug")), bool(params.get("random_crop")),
+                                            params.get("resize_interpolation")))
+    return examples
+
+
+def batch_sizes(scan: ScanResult) -> dict[int, int]:
+    """Dataset index -> batch size per device."""
+    return {index: int(dataset.params.get("batch_size", 1)) for index, dataset in enumerate(scan.datasets)}
+
+
+def sample_rng(seed: int, key: SampleKey) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across processes and Python runs.
+    return random.Random(f"{seed}/{key.epoch}/{key.position}/{key.index}")
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Turns a `SampleKey` into the tensors and caption of one sample.
+
+    Args:
+        examples: from :func:`examples_from_scan`.
+        seed: the run's seed.
+        max_train_steps: the run's length (token warm-up as a fraction of it).
+        latents: cached latents by (image path, bucket); None loads and prepares pixels every step.
+        texts: cached text-encoder outputs by image path; None returns processed captions.
+    """
+
+    def __init__(self, examples: Sequence[Example], *, seed: int, max_train_steps: int,
+                 latents: dict[tuple[Path, tuple[int, int]], CachedLatents] | None = None,
+                 texts: dict[Path, CachedText] | None = None):
+        self.examples = list(examples)
+        self.seed = seed
+        self.max_train_steps = max_train_steps
+        self.latents = latents
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        example = self.examples[key.index]
+        record = example.record
+        rng = sample_rng(self.seed, key)
+        item: dict[str, Any] = {"loss_weight": float(record.loss_weight), "target_size": _hw(record.bucket)}
+        flip = example.flip_aug and rng.random() < 0.5
+        if self.latents is not None:
+            cached = self.latents[(record.path, tuple(record.bucket))]
+            chosen = cached.latents_flipped if flip and cached.latents_flipped is not None else cached.latents
+            item["latents"] = torch.from_numpy(np.ascontiguousarray(chosen, dtype=np.float32))
+            item["original_size"] = _hw(cached.original_size)
+            item["crop_top_left"] = _crop(cached, flip, record.resized[0])
+        else:
+            assignment = BucketAssignment(tuple(record.bucket), tuple(record.resized), 0.0)
+            prepared = prepare(record.path, assignment, flip=flip, random_crop=example.random_crop, rng=rng,
+                               interpolation=example.interpolation, color_aug=example.color_aug)
+            item["pixels"] = to_model_tensor(prepared.pixels)
+            item["original_size"] = _hw(prepared.original_size)
+            item["crop_top_left"] = (prepared.crop_ltrb[1], prepared.crop_ltrb[0])
+        if self.texts is not None:
+            text = self.texts[record.path]
+            item["hidden_states"] = torch.from_numpy(np.asarray(text.hidden_states, dtype=np.float32))
+            if text.pooled is not None:
+                item["pooled"] = torch.from_numpy(np.asarray(text.pooled, dtype=np.float32))
+        else:
+            item["caption"] = process_caption(record.caption, example.captions, rng=rng, epoch=key.epoch,
+                                              step=key.step, max_train_steps=self.max_train_steps)
+        return item
+
+
+def _hw(size_wh: Sequence[int] | None) -> tuple[int, int]:
+    width, height = size_wh  # type: ignore[misc]
+    return int(height), int(width)
+
+
+def _crop(cached: CachedLatents, flipped: bool, resized_width: int) -> tuple[int, int]:
+    left, top, right, _ = cached.crop_ltrb
+    if flipped:
+        # The flipped latents were encoded from the mirrored crop: its left edge is the original's right margin.
+        left = resized_width - right
+    return int(top), int(left)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch; all items share a bucket, so every tensor has the same shape."""
+    batch: dict[str, Any] = {}
+    for name in items[0]:
+        values = [item[name] for item in items]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    batch["loss_weight"] = torch.tensor(batch["loss_weight"], dtype=torch.float32)
+    return batch
+
+
+class EpochBatches:
+    """The batch sampler handed to DataLoader: one epoch's batches of `SampleKey`, from a start position.
+
+    Wraps the bucket sampler (which decides order and sharding) and labels each index with what the dataset
+    needs for its per-sample randomness. `start` skips batches already trained when a run resumes mid-epoch.
+    """
+
+    def __init__(self, sampler: BucketBatchSampler, *, epoch: int, start: int, accumulation: int,
+                 epoch_first_step: int):
+        self.sampler = sampler
+        self.epoch = epoch
+        self.start = start
+        self.accumulation = accumulation
+        self.epoch_first_step = epoch_first_step  # optimizer steps taken before this epoch began
+        sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        batches = list(self.sampler)
+        for position in range(self.start, len(batches)):
+            step = self.epoch_first_step + position // self.accumulation
+            yield [SampleKey(index, self.epoch, position, step) for index in batches[position]]
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.start)

@@ -1,0 +1,131 @@
+"""`run_training`: one run from a config file to its `done` event, whatever happens in between.
+
+The run directory (``--run-dir``, else ``saving.output_dir``) receives config.toml (the full config with absolute
+paths, so it can be run again from anywhere), events.jsonl, train.log and, on a crash, error-traceback.txt.
+Exit codes: 0 finished or stopped on request, 2 input the user must fix, 1 a failure during training.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from engine.config.describe import iter_fields
+from engine.config.io import config_to_toml, resolve_path
+from engine.config.paths import get_path, set_path
+from engine.config.schema import RunConfig
+from engine.files import atomic_write_text
+from engine.train.reporting import RunLog
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+_PATH_WIDGETS = ("path", "folder", "file")
+_SUBSET_PATHS = ("image_dir", "metadata_file", "conditioning_data_dir")
+
+
+def absolute_config(config: RunConfig, base_dir: Path) -> RunConfig:
+    """The config with every local path made absolute (hub ids and empty values stay as they are)."""
+    data = config.model_dump(mode="json")
+    for spec in iter_fields():
+        if spec.widget in _PATH_WIDGETS:
+            value = get_path(data, spec.path)
+            if value and resolve_path(value, base_dir).exists() or (value and spec.widget == "folder"):
+                set_path(data, spec.path, str(resolve_path(value, base_dir)))
+    for dataset in data["dataset"].get("datasets", []):
+        for subset in dataset.get("subsets", []):
+            for key in _SUBSET_PATHS:
+                if subset.get(key):
+                    subset[key] = str(resolve_path(subset[key], base_dir))
+    return RunConfig.model_validate(data, context={"check_packages": False})
+
+
+def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = None) -> int:
+    from engine.train.control import ControlChannel
+    from engine.train.setup import make_accelerator, precision_warning
+
+    run_dir = (run_dir or resolve_path(config.saving.output_dir, base_dir)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(config)
+    log = RunLog(run_dir, active=accelerator.is_main_process)
+    precision_warning(config, accelerator, log)
+    if accelerator.is_main_process:
+        write_run_config(config, base_dir, run_dir)
+    control = ControlChannel(run_dir)
+    control.install_signal_handlers()  # SIGTERM/SIGINT request a graceful stop, like the "stop" command
+    try:
+        return _run(config, base_dir, run_dir, log, accelerator, control)
+    finally:
+        control.restore_signal_handlers()
+        accelerator.end_training()
+        log.close()
+
+
+def write_run_config(config: RunConfig, base_dir: Path, run_dir: Path) -> None:
+    text = config_to_toml(absolute_config(config, base_dir))
+    target = run_dir / "config.toml"
+    if target.exists() and target.read_text(encoding="utf-8") == text:
+        return
+    if target.exists():
+        # The run folder already has a different config (a user's file or an older run): keep it, write beside it.
+        target = run_dir / f"config-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+    atomic_write_text(target, text)
+
+
+def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelerator: Any, control: Any) -> int:
+    from engine.train.build import build_session
+    from engine.train.setup import RunInputError
+    from engine.train.state import StateError
+    from engine.train.trainer import Trainer
+
+    started = time.time()
+    try:
+        session = build_session(config, base_dir, run_dir, log, accelerator=accelerator)
+        trainer = Trainer(session, control)
+        resumed = ""
+        if config.saving.resume:
+            resumed = str(resolve_path(config.saving.resume, base_dir))
+            trainer.resume(Path(resumed))
+        log.event("start", task="train", **start_fields(session, resumed))
+        if config.logging.logging_dir and accelerator.is_main_process:
+            accelerator.init_trackers(config.logging.log_prefix or "atelier")
+        outcome = trainer.run()
+    except (RunInputError, StateError) as error:
+        log.event("error", message=str(error), hint=getattr(error, "hint", ""), where=getattr(error, "where", ""))
+        log.event("done", task="train", ok=False, stopped=False, summary="could not start")
+        return EXIT_BAD_INPUT
+    except Exception as error:  # noqa: BLE001 - every failure must end the event stream with an explanation
+        trace_file = run_dir / "error-traceback.txt"
+        trace_file.write_text(traceback.format_exc(), encoding="utf-8")
+        log.event("error", message=f"{type(error).__name__}: {error}", traceback_file=str(trace_file),
+                  hint="see the traceback file; if the message does not say what to change, please report it")
+        log.event("done", task="train", ok=False, stopped=False, summary="failed")
+        return EXIT_FAILED
+    elapsed = time.time() - started
+    ok = outcome.status != "failed"
+    summary = {"finished": f"finished {outcome.global_step} steps in {elapsed:.0f} s",
+               "stopped": f"stopped at step {outcome.global_step}; resume from {outcome.state}",
+               "failed": f"failed after step {outcome.global_step}"}[outcome.status]
+    log.event("done", task="train", ok=ok, stopped=outcome.status == "stopped", summary=summary,
+              global_step=outcome.global_step, files=outcome.files, state=outcome.state, elapsed_s=elapsed)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def start_fields(session: Any, resumed: str) -> dict[str, Any]:
+    config, schedule, facts = session.config, session.schedule, session.facts
+    return {
+        "method": config.method, "family": session.model.family, "total_steps": schedule.total_steps,
+        "num_epochs": schedule.num_epochs, "steps_per_epoch": schedule.steps_per_epoch,
+        "batches_per_epoch": schedule.batches_per_epoch, "num_train_images": facts.num_train_images,
+        "num_reg_images": facts.num_reg_images, "resumed_from": resumed, "resume_step": 0,
+        "run_dir": str(session.run_dir), "output_dir": str(session.output_dir),
+        "output_name": session.output_name, "trainable": session.method.describe(),
+        "config": {
+            "network_type": config.network.network_type, "network_dim": config.network.network_dim,
+            "network_alpha": config.network.network_alpha, "optimizer": config.optimizer.optimizer_type,
+            "learning_rate": config.optimizer.learning_rate, "lr_scheduler": config.optimizer.lr_scheduler,
+            "mixed_precision": str(session.accelerator.mixed_precision),
+            "gradient_accumulation_steps": schedule.accumulation, "processes": session.accelerator.num_processes,
+            "device": str(session.device),
+        },
+    }

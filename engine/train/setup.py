@@ -1,0 +1,136 @@
+"""Everything a run needs before its first step: data, models, caches, the method, optimizer and schedule.
+
+Input the user must fix (a broken dataset, a missing model, an impossible option) raises `RunInputError` here,
+before any GPU time is spent on training; the run turns it into an `error` event with a hint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config.schema import RunConfig
+from engine.data.records import ScanResult
+from engine.train.reporting import RunLog
+
+_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RunInputError(ValueError):
+    """Something in the config or the files it names that the user must fix; `hint` says how."""
+
+    def __init__(self, message: str, hint: str = "", where: str = ""):
+        super().__init__(message)
+        self.hint = hint
+        self.where = where
+
+
+@dataclass
+class Schedule:
+    """How long the run is, in the units the loop counts."""
+
+    batches_per_epoch: int  # micro-batches per epoch on this process
+    steps_per_epoch: int  # optimizer steps per epoch
+    num_epochs: int
+    total_steps: int
+    accumulation: int
+
+
+@dataclass
+class Session:
+    """The assembled parts of a run (see :func:`build_session`)."""
+
+    config: RunConfig
+    base_dir: Path
+    run_dir: Path
+    output_dir: Path
+    output_name: str
+    accelerator: Any
+    log: RunLog
+    scan: ScanResult
+    model: Any  # engine.models.loading.LoadedModel
+    method: Any  # engine.train.methods.Method
+    dataset: Any  # engine.train.dataset.TrainingDataset
+    sampler: Any  # engine.data.sampler.BucketBatchSampler
+    schedule: Schedule
+    optimizer: Any
+    built_optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+    weight_dtype: torch.dtype
+    facts: Any  # engine.networks.metadata.TrainingFacts
+    text_cached: bool
+    latents_cached: bool
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def make_accelerator(config: RunConfig) -> Any:
+    """An Accelerator for this machine: CPU runs use `cpu=True` so several CPU processes form a real group."""
+    from accelerate import Accelerator
+
+    on_cpu = not torch.cuda.is_available()
+    precision = "no" if on_cpu else config.training.mixed_precision  # see precision_warning
+    logging_dir = config.logging.logging_dir
+    trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+    return Accelerator(cpu=on_cpu, mixed_precision=precision,
+                       log_with=trackers[config.logging.log_with] if logging_dir else None,
+                       project_dir=logging_dir or None)
+
+
+def precision_warning(config: RunConfig, accelerator: Any, log: RunLog) -> None:
+    wanted = config.training.mixed_precision
+    if wanted != str(accelerator.mixed_precision):
+        log.event("warning", message=f"training.mixed_precision = {wanted} needs a GPU; training in float32",
+                  hint="set training.mixed_precision = \"no\" for CPU runs", where="training.mixed_precision")
+
+
+def compute_schedule(config: RunConfig, batches_per_epoch: int) -> Schedule:
+    accumulation = config.training.gradient_accumulation_steps
+    if batches_per_epoch <= 0:
+        raise RunInputError("the dataset gives no batches", "add images or check the folders' repeats")
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    if config.training.max_train_steps > 0:
+        total = config.training.max_train_steps
+        epochs = math.ceil(total / steps_per_epoch)
+    else:
+        epochs = config.training.max_train_epochs
+        total = epochs * steps_per_epoch
+    return Schedule(batches_per_epoch, steps_per_epoch, epochs, total, accumulation)
+
+
+def weight_dtype(accelerator: Any) -> torch.dtype:
+    """The dtype frozen weights are kept in: the mixed-precision type (as sd-scripts does for LoRA)."""
+    return _PRECISION_DTYPES.get(str(accelerator.mixed_precision), torch.float32)
+
+
+def configure_attention(unet: Any, config: RunConfig) -> None:
+    """SDPA is diffusers' default; xformers on request (refused without CUDA or the package); "none" = plain."""
+    choice = config.training.attention
+    if choice == "xformers":
+        from engine.config.choices import XFORMERS
+
+        if not torch.cuda.is_available():
+            raise RunInputError("training.attention = \"xformers\" needs a CUDA GPU",
+                                "use attention = \"sdpa\" (the default), which is as fast on recent PyTorch",
+                                "training.attention")
+        if not XFORMERS.is_installed():
+            raise RunInputError("training.attention = \"xformers\" but the xformers package is not installed",
+                                XFORMERS.install_hint() + ", or use attention = \"sdpa\"", "training.attention")
+        unet.enable_xformers_memory_efficient_attention()
+    elif choice == "none":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())

@@ -1,0 +1,275 @@
+"""The trainer: runs a `Session` from its first (or resumed) step to the end, a stop request, or a failure.
+
+Between updates it asks small predicates what is due (save, sample, stop) and does it on the main process only;
+every other process waits at a barrier so all of them stay in step.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.train import naming
+from engine.train.loop import NonFiniteLoss, StepRunner, epoch_loader, micro_seed, position_after
+from engine.train.reporting import ProgressMeter, memory_figures, progress_line
+from engine.train.setup import Session
+from engine.train.state import SavedState, TrainPosition, load_state, save_state
+
+
+@dataclass
+class Outcome:
+    """How a run ended: finished, stopped on request, or failed (with the step)."""
+
+    status: str  # "finished" | "stopped" | "failed"
+    global_step: int
+    files: list[str] = field(default_factory=list)
+    state: str | None = None
+
+
+class Trainer:
+    def __init__(self, session: Session, control: Any):
+        self.session = session
+        self.control = control  # engine.train.control.ControlChannel
+        self.runner = StepRunner(session)
+        self.position = TrainPosition()
+        self.meter = ProgressMeter(session.schedule.total_steps)
+        self.files: list[str] = []
+        self._metadata: dict[str, str] | None = None  # built at the first save; only progress changes after
+
+    # --- public ----------------------------------------------------------------------------------------------
+
+    def resume(self, folder: Path) -> None:
+        state = load_state(folder)
+        session = self.session
+        session.method.load_trained_state(state.trained)
+        session.optimizer.load_state_dict(state.optimizer)
+        session.lr_scheduler.load_state_dict(state.scheduler)
+        scaler = getattr(session.accelerator, "scaler", None)
+        if scaler is not None and state.scaler is not None:
+            scaler.load_state_dict(state.scaler)
+        self.position = state.position
+        self.files = [str(path) for path in state.info.get("files", [])]
+        self.meter.start_step = state.position.global_step
+
+    def run(self) -> Outcome:
+        session = self.session
+        schedule = session.schedule
+        self._set_train_mode(True)
+        if session.config.sampling.sample_at_first and self.position.global_step == 0:
+            self._sample(epoch=0, step=0, stem_kind="step")
+        step = self.position.global_step
+        for epoch in range(self.position.epoch, schedule.num_epochs + 1):
+            start = self.position.batches_done if epoch == self.position.epoch else 0
+            outcome = self._run_epoch(epoch, start)
+            if outcome is not None:
+                return outcome
+            step = self.position.global_step
+            if step >= schedule.total_steps:
+                break
+            self._after_epoch(epoch)
+        return self._finish(step)
+
+    # --- epochs and steps ------------------------------------------------------------------------------------
+
+    def _run_epoch(self, epoch: int, start: int) -> Outcome | None:
+        session = self.session
+        schedule = session.schedule
+        accumulation = schedule.accumulation
+        step = self.position.global_step
+        pending, loss_sum = 0, 0.0
+        micro = start
+        for batch in epoch_loader(session, epoch, start):
+            seed = micro_seed(session.config.training.seed, epoch, micro, session.accelerator.process_index)
+            try:
+                loss_sum += self.runner.micro_batch(batch, seed, accumulation, step + 1)
+            except NonFiniteLoss as error:
+                return self._non_finite(error)
+            pending += 1
+            micro += 1
+            if pending < accumulation and micro < schedule.batches_per_epoch:
+                continue
+            lrs = self.runner.update()
+            step += 1
+            self.position = position_after(epoch, micro, step, schedule.batches_per_epoch)
+            self._report(step, epoch, loss_sum / pending, lrs)
+            pending, loss_sum = 0, 0.0
+            outcome = self._between_steps(epoch, step)
+            if outcome is not None:
+                return outcome
+            if step >= schedule.total_steps:
+                break
+        return None
+
+    def _between_steps(self, epoch: int, step: int) -> Outcome | None:
+        session = self.session
+        commands = self._commands()
+        if "stop" in commands:
+            return self._stop(epoch, step)
+        saving, sampling = session.config.saving, session.config.sampling
+        if "save" in commands or naming.step_save_due(step, saving.save_every_n_steps):
+            self._save(naming.step_stem(session.output_name, step), kind="step", epoch=epoch, step=step,
+                       with_state=saving.save_state)
+            self._retire_steps(step)
+        if "sample" in commands or naming.sample_due_after_step(step, sampling):
+            self._sample(epoch=epoch, step=step, stem_kind="step")
+        return None
+
+    def _after_epoch(self, epoch: int) -> None:
+        session = self.session
+        saving = session.config.saving
+        if naming.epoch_save_due(epoch, session.schedule.num_epochs, saving.save_every_n_epochs):
+            self._save(naming.epoch_stem(session.output_name, epoch), kind="epoch", epoch=epoch,
+                       step=self.position.global_step, with_state=saving.save_state)
+            for name in naming.epoch_files_to_remove(session.output_name, epoch, every_n=saving.save_every_n_epochs,
+                                                     keep_last_n=saving.save_last_n_epochs):
+                self._remove_output(name)
+        if naming.sample_due_after_epoch(epoch, session.config.sampling):
+            self._sample(epoch=epoch, step=self.position.global_step, stem_kind="epoch")
+
+    def _finish(self, step: int) -> Outcome:
+        session = self.session
+        saving = session.config.saving
+        epoch = min(self.position.epoch, session.schedule.num_epochs)
+        with_state = saving.save_state or saving.save_state_on_train_end
+        state = self._save(naming.last_stem(session.output_name), kind="last", epoch=epoch, step=step,
+                           with_state=with_state)
+        if naming.sample_due_after_epoch(session.schedule.num_epochs, session.config.sampling):
+            self._sample(epoch=session.schedule.num_epochs, step=step, stem_kind="epoch")
+        return Outcome("finished", step, list(self.files), state)
+
+    def _stop(self, epoch: int, step: int) -> Outcome:
+        state = self._save(naming.step_stem(self.session.output_name, step), kind="stop", epoch=epoch, step=step,
+                           with_state=True)
+        return Outcome("stopped", step, list(self.files), state)
+
+    def _non_finite(self, error: NonFiniteLoss) -> Outcome:
+        self.session.log.event(
+            "error", message=f"{error}; training stopped and the current weights were not saved",
+            hint="lower the learning rate (optimizer.learning_rate), or train in float32 or bf16 "
+                 "(training.mixed_precision) instead of fp16; the last checkpoint saved before this is intact",
+            step=error.step,
+        )
+        return Outcome("failed", error.step - 1, list(self.files))
+
+    # --- control ---------------------------------------------------------------------------------------------
+
+    def _commands(self) -> set[str]:
+        commands = set(self.control.poll())
+        if self.control.stop_requested:
+            commands.add("stop")
+        accelerator = self.session.accelerator
+        if accelerator.num_processes > 1:
+            # The main process decides for everyone, so all processes save, sample or stop at the same step.
+            flags = torch.tensor([name in commands for name in ("stop", "save", "sample")], dtype=torch.float32,
+                                 device=accelerator.device)
+            flags = accelerator.reduce(flags, reduction="sum")
+            commands = {name for name, flag in zip(("stop", "save", "sample"), flags.tolist(), strict=True) if flag}
+        return commands
+
+    # --- reporting -------------------------------------------------------------------------------------------
+
+    def _report(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
+        session = self.session
+        if not session.is_main:
+            return
+        figures = self.meter.update(step, loss)
+        names = [group.get("name", f"group{index}") for index, group in enumerate(session.optimizer.param_groups)]
+        session.log.event("progress", task="train", step=step, total_steps=session.schedule.total_steps,
+                          epoch=epoch, num_epochs=session.schedule.num_epochs, lr=lrs, lr_names=names,
+                          **figures, **memory_figures())
+        if step == 1 or step % 10 == 0 or step == session.schedule.total_steps:
+            session.log.line(progress_line(step, session.schedule.total_steps, epoch, figures, lrs))
+        if session.config.logging.logging_dir:
+            values = {"loss/current": loss, "loss/average": figures["loss_avg"]}
+            values.update({f"lr/{name}": lr for name, lr in zip(names, lrs, strict=True)})
+            session.accelerator.log(values, step=step)
+
+    # --- saving ----------------------------------------------------------------------------------------------
+
+    def _save(self, stem: str, *, kind: str, epoch: int, step: int, with_state: bool) -> str | None:
+        session = self.session
+        state_folder = None
+        if session.is_main:
+            from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
+
+            self._set_train_mode(False)
+            if self._metadata is None:
+                self._metadata = {**build_metadata(session.config, session.facts),
+                                  **modelspec_metadata(session.config, session.facts)}
+            metadata = with_progress(self._metadata, steps=step, epoch=epoch, finished_at=time.time())
+            path = session.method.save(session.output_dir / stem, metadata)
+            self._set_train_mode(True)
+            self.files.append(str(path))
+            session.log.event("checkpoint", kind=kind, path=str(path), step=step, epoch=epoch)
+            if with_state:
+                state_folder = str(self._save_state(stem, epoch, step))
+                self.files.append(state_folder)
+                session.log.event("checkpoint", kind="state", path=state_folder, step=step, epoch=epoch)
+        session.accelerator.wait_for_everyone()
+        return state_folder
+
+    def _save_state(self, stem: str, epoch: int, step: int) -> Path:
+        session = self.session
+        scaler = getattr(session.accelerator, "scaler", None)
+        state = SavedState(
+            trained=session.method.trained_state(), optimizer=session.optimizer.state_dict(),
+            scheduler=session.lr_scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+            position=self.position,
+            info={"method": session.config.method, "output_name": session.output_name, "epoch_saved": epoch,
+                  "step_saved": step, "session_id": getattr(session.facts, "session_id", None),
+                  "files": [*self.files, str(session.output_dir / naming.state_dir_name(stem))]},
+        )
+        return save_state(session.output_dir / naming.state_dir_name(stem), state)
+
+    def _retire_steps(self, step: int) -> None:
+        saving = self.session.config.saving
+        for name in naming.step_files_to_remove(self.session.output_name, step, every_n=saving.save_every_n_steps,
+                                                keep_last_n_steps=saving.save_last_n_steps):
+            self._remove_output(name)
+
+    def _remove_output(self, stem: str) -> None:
+        """Remove one of this run's own older checkpoints and its state, as the retention settings ask.
+
+        Only paths this run wrote (including before a resume: the list travels in the state) are ever removed.
+        """
+        session = self.session
+        if not session.is_main:
+            return
+        save_as = session.config.saving.save_model_as
+        for path in (session.output_dir / naming.file_name(stem, save_as),
+                     session.output_dir / naming.state_dir_name(stem)):
+            if str(path) not in self.files:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+            self.files.remove(str(path))
+
+    # --- sampling --------------------------------------------------------------------------------------------
+
+    def _sample(self, *, epoch: int, step: int, stem_kind: str) -> None:
+        session = self.session
+        if session.is_main:
+            from engine.train.sample_hooks import sample_now
+
+            self._set_train_mode(False)
+            images = sample_now(session, epoch=epoch, step=step, kind=stem_kind)
+            self._set_train_mode(True)
+            if images:
+                session.log.event("sample", step=step, epoch=epoch, count=len(images),
+                                  folder=str(Path(images[0]["path"]).parent), images=images)
+        session.accelerator.wait_for_everyone()
+
+    def _set_train_mode(self, training: bool) -> None:
+        from engine.train.optimizers import set_eval_mode, set_train_mode
+
+        optimizer = getattr(self.session.optimizer, "optimizer", self.session.optimizer)
+        (set_train_mode if training else set_eval_mode)(optimizer)
+        for module in self.session.method.trainable_modules():
+            module.train(training)

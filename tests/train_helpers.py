@@ -1,0 +1,113 @@
+"""Shared pieces of the training tests: tiny run configs, running the engine, and a fixed validation loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config.io import deep_merge, default_config_dict, save_config
+from engine.config.schema import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, tiny_models: dict[str, Path], family: str = "sd1", **sections: Any) -> Path:
+    """A small LoRA run on a tiny model: 64 px, batch 2, a few steps, float32, latents cached in memory."""
+    model = tiny_models[family]
+    base = {
+        "model": {"pretrained_model_name_or_path": str(model), "model_family": family,
+                  "v_parameterization": family == "sd2"},
+        "network": {"network_dim": 4, "network_alpha": 4.0},
+        "dataset": {"train_data_dir": str(tiny_models["dataset_img"]),
+                    "general": {"resolution": 64, "batch_size": 2, "min_bucket_reso": 64, "max_bucket_reso": 128,
+                                "bucket_reso_steps": 64}},
+        "optimizer": {"learning_rate": 2e-3, "lr_scheduler": "constant"},
+        "training": {"max_train_epochs": 0, "max_train_steps": 8, "mixed_precision": "no", "seed": 3},
+        "saving": {"output_dir": str(path.parent / "out"), "output_name": "lora", "save_precision": "float"},
+    }
+    data = deep_merge(deep_merge(default_config_dict(), base), sections)
+    config = RunConfig.model_validate(data, context={"check_packages": False})
+    save_config(config, path)
+    return path
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_engine(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=engine_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def events_of(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_pipeline(folder: Path) -> Any:
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None)
+
+
+def pipeline_text_encoders(pipe: Any, family: str) -> Any:
+    from engine.models.text_encoders import LoadedTextEncoders
+
+    if family == "sdxl":
+        return LoadedTextEncoders(family, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                  "", "")
+    return LoadedTextEncoders(family, [pipe.tokenizer], [pipe.text_encoder], "", "")
+
+
+def dataset_batch(image_dir: Path, size: int = 64) -> tuple[torch.Tensor, list[str]]:
+    pixels, captions = [], []
+    for image_path in sorted(p for p in image_dir.rglob("*") if p.suffix in (".png", ".jpg")):
+        image = Image.open(image_path).convert("RGB").resize((size, size), Image.BICUBIC)
+        pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+        captions.append(image_path.with_suffix(".txt").read_text(encoding="utf-8").strip())
+    return torch.stack(pixels), captions
+
+
+@torch.no_grad()
+def validation_loss(pipe: Any, family: str, image_dir: Path, *, v_prediction: bool = False, seed: int = 0) -> float:
+    """Mean denoising loss on the dataset with fixed noise and timesteps (the same for every call)."""
+    from diffusers import DDPMScheduler
+
+    from engine.models.text_encoding import encode_captions
+
+    pixels, captions = dataset_batch(image_dir)
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False,
+                              prediction_type="v_prediction" if v_prediction else "epsilon")
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    encoded = encode_captions(pipeline_text_encoders(pipe, family), captions, clip_skip=1, max_token_length=75)
+    for _ in range(4):
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(100, 900, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = pipe.unet(noisy, timesteps, **unet_conditioning(encoded, family, latents.shape[0])).sample
+        target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        losses.append(torch.nn.functional.mse_loss(prediction, target).item())
+    return float(np.mean(losses))
+
+
+def unet_conditioning(encoded: Any, family: str, batch: int, size: int = 64) -> dict[str, Any]:
+    conditioning: dict[str, Any] = {"encoder_hidden_states": encoded.hidden_states}
+    if family == "sdxl":
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)
+        conditioning["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids}
+    return conditioning
