@@ -245,6 +245,7 @@ def training_facts(session: Session) -> Any:
         max_train_steps=session.schedule.total_steps,
         warmup_steps=warmup_steps(config.optimizer, session.schedule.total_steps),
         optimizer_description=session.built_optimizer.description, datasets=scan.datasets,
-        model_path=model_path, vae_path=vae_path, network_module="networks.lora",
+        model_path=model_path, vae_path=vae_path,
+        network_module=getattr(session.method, "network_module", "networks.lora"),
         resolution=(int(width), int(height)), model_hashes=hashes,
     )

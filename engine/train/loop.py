@@ -98,8 +98,10 @@ class StepRunner:
             hidden, pooled = batch["hidden_states"], batch.get("pooled")
         else:
             config = session.config
+            prepare = getattr(session.method, "prepare_captions", None)
+            captions = prepare(batch["caption"]) if prepare is not None else batch["caption"]
             with torch.set_grad_enabled(self.trains_text), session.accelerator.autocast():
-                encoded = encode_captions(session.model.text, batch["caption"], clip_skip=config.model.clip_skip,
+                encoded = encode_captions(session.model.text, captions, clip_skip=config.model.clip_skip,
                                           max_token_length=config.model.max_token_length)
             hidden, pooled = encoded.hidden_states, encoded.pooled
         conditioning: dict[str, Any] = {"encoder_hidden_states": hidden.to(device, dtype)}
@@ -125,6 +127,9 @@ class StepRunner:
         session.optimizer.step()
         session.lr_scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
+        after_update = getattr(session.method, "after_update", None)
+        if after_update is not None:
+            after_update()
         return lrs
 
 

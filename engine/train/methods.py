@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from engine.config.choices import NETWORK_TYPES
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -37,7 +39,13 @@ def learning_rates(config: RunConfig, text_encoder_count: int) -> LearningRates:
 
 
 class Method(Protocol):
-    """What the trainer needs from a training method."""
+    """What the trainer needs from a training method.
+
+    Optional hooks, looked up with getattr by the trainer: `prepare_captions(captions) -> captions` (e.g. Textual
+    Inversion puts its token in), `after_update()` (runs after each optimizer step, e.g. to restore frozen
+    embedding rows), `metadata_kind` ("lora", "textual-inversion" or "" for full checkpoints; default "lora") and
+    `network_module` (ss_network_module; default "networks.lora").
+    """
 
     name: str
     trains_unet: bool
@@ -64,8 +72,6 @@ class LoraMethod:
     name = "lora"
 
     def __init__(self, config: RunConfig, model: LoadedModel, base_dir: Path):
-        from engine.networks.lora import create_lora_network
-
         self.config = config
         section = config.network
         rates = learning_rates(config, len(model.text.encoders))
@@ -74,14 +80,9 @@ class LoraMethod:
         caches_text = config.training.cache_text_encoder_outputs
         self.trains_text_encoders = [lr > 0 and not section.train_unet_only and not caches_text
                                      for lr in rates.text_encoders]
-        conv_dim = section.conv_dim
-        self.network = create_lora_network(
-            model.unet, model.text.encoders, model.family, dim=section.network_dim, alpha=section.network_alpha,
-            conv_dim=conv_dim, conv_alpha=section.conv_alpha, dropout=section.network_dropout,
-            rank_dropout=section.rank_dropout, module_dropout=section.module_dropout,
-            train_unet=self.trains_unet, train_text_encoder=self.trains_text_encoders,
-            network_args=section.network_args,
-        )
+        backend = NETWORK_TYPES[section.network_type].backend
+        self.network_module = NETWORK_MODULES[backend]
+        self.network = NETWORK_BUILDERS[backend](config, model, self.trains_unet, self.trains_text_encoders)
         if section.network_weights:
             self._load_start_weights(base_dir / section.network_weights)
         self.network.apply_to()
@@ -120,6 +121,26 @@ class LoraMethod:
     def describe(self) -> str:
         counts = self.network.module_count()
         return ", ".join(f"{part}: {count} modules" for part, count in counts.items())
+
+
+def kohya_network(config: RunConfig, model: LoadedModel, train_unet: bool, train_text: list[bool]) -> Any:
+    """LoRA and LoCon in kohya's own format (engine.networks.lora)."""
+    from engine.networks.lora import create_lora_network
+
+    section = config.network
+    return create_lora_network(
+        model.unet, model.text.encoders, model.family, dim=section.network_dim, alpha=section.network_alpha,
+        conv_dim=section.conv_dim, conv_alpha=section.conv_alpha, dropout=section.network_dropout,
+        rank_dropout=section.rank_dropout, module_dropout=section.module_dropout, train_unet=train_unet,
+        train_text_encoder=train_text, network_args=section.network_args,
+    )
+
+
+# A network builder returns an nn.Module with apply_to(), prepare_optimizer_params(unet_lr, text_lrs),
+# kohya_state_dict(dtype=None), load_kohya_state_dict(tensors) and module_count(), like LoRANetwork.
+NetworkBuilder = Callable[["RunConfig", "LoadedModel", bool, list[bool]], Any]
+NETWORK_BUILDERS: dict[str, NetworkBuilder] = {"kohya": kohya_network}
+NETWORK_MODULES = {"kohya": "networks.lora", "lycoris": "lycoris.kohya"}
 
 
 MethodFactory = Callable[["RunConfig", "LoadedModel", Path], Method]

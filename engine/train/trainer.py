@@ -200,7 +200,8 @@ class Trainer:
             self._set_train_mode(False)
             if self._metadata is None:
                 self._metadata = {**build_metadata(session.config, session.facts),
-                                  **modelspec_metadata(session.config, session.facts)}
+                                  **modelspec_metadata(session.config, session.facts,
+                                                       kind=getattr(session.method, "metadata_kind", "lora"))}
             metadata = with_progress(self._metadata, steps=step, epoch=epoch, finished_at=time.time())
             path = session.method.save(session.output_dir / stem, metadata)
             self._set_train_mode(True)
