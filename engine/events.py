@@ -10,6 +10,8 @@ Every event has `type` and `time` (seconds since the epoch, float); the other fi
     done        task, ok (bool), summary fields; `stopped` when a run was stopped on request
     sample, checkpoint   emitted by training (file paths and step)
 
+Training's fields are listed in docs/events.md.
+
 Lines are flushed as they are written so a reader never waits for a buffer. Readers must ignore unknown fields
 and unknown types: new ones are added over time.
 """
