@@ -59,7 +59,13 @@ def test_save_sample_and_stop_through_the_control_file(tiny_models, tmp_path):
     # The run's config copy has absolute paths, so it runs from anywhere.
     copied = load_config(run_dir / "config.toml")
     assert Path(copied.model.pretrained_model_name_or_path).is_absolute()
-    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log was written"
+    logs = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert logs, "no TensorBoard log was written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logs[0].parent), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    assert "loss/current" in accumulator.Tags()["scalars"] and accumulator.Tags()["images"]
 
 
 def test_accelerate_launch_with_two_cpu_processes(tiny_models, tmp_path):

@@ -46,7 +46,8 @@ def sd1_run(tiny_models, tmp_path_factory):
         network={"network_dim": 4, "network_alpha": 2.0},
         optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
         saving={"save_every_n_steps": 20, "save_state": True},
-        sampling={"sample_every_n_steps": 20, "sample_prompts": ["sks dog, red square --w 64 --h 64 --s 2 --d 5"]},
+        sampling={"sample_every_n_steps": 20, "sample_at_first": True,
+                  "sample_prompts": ["sks dog, red square --w 64 --h 64 --s 2 --d 5"]},
     )
     result = run_engine("train", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -125,7 +126,7 @@ def test_run_writes_events_samples_checkpoints_and_state(sd1_run):
     assert (out / "lora-step00000020.safetensors").is_file() and (out / "lora.safetensors").is_file()
     assert (out / "lora-step00000020-state" / "train_state.json").is_file()
     samples = sorted((out / "samples").glob("*.png"))
-    assert [path.name.split("_")[1] for path in samples] == ["000020", "000040"]
+    assert [path.name.split("_")[1] for path in samples] == ["000000", "000020", "000040"]
     assert (out / "config.toml").is_file() and (out / "train.log").read_text().count("step ") >= 2
     warnings = [event for event in events if event["type"] == "warning"]
     assert any(event.get("where") == "training.mixed_precision" for event in warnings)
@@ -156,7 +157,10 @@ def test_lora_learns_on_sd2_v_and_sdxl(family, tiny_models, tmp_path):
 
 
 def test_locon_trains_conv_modules(tiny_models, tmp_path):
-    config = write_config(tmp_path / "config.toml", tiny_models, "sd1", training={"max_train_steps": 2},
+    # Also runs the memory and caption-length options end to end: checkpointing, clip skip, 150-token captions.
+    config = write_config(tmp_path / "config.toml", tiny_models, "sd1",
+                          training={"max_train_steps": 2, "gradient_checkpointing": True},
+                          model={"clip_skip": 2, "max_token_length": 150},
                           network={"network_type": "locon", "network_dim": 4, "conv_dim": 2, "conv_alpha": 1.0})
     result = run_engine("train", str(config))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -265,7 +265,22 @@ class Trainer:
             if images:
                 session.log.event("sample", step=step, epoch=epoch, count=len(images),
                                   folder=str(Path(images[0]["path"]).parent), images=images)
+                self._log_sample_images(images, step)
         session.accelerator.wait_for_everyone()
+
+    def _log_sample_images(self, images: list[dict[str, Any]], step: int) -> None:
+        """Sample images to TensorBoard too, when it is the tracker (W&B users have the files and the GUI)."""
+        config = self.session.config
+        if not config.logging.logging_dir or config.logging.log_with not in ("tensorboard", "all"):
+            return
+        import numpy as np
+        from PIL import Image
+
+        writer = self.session.accelerator.get_tracker("tensorboard", unwrap=True)
+        for image in images:
+            with Image.open(image["path"]) as opened:
+                pixels = np.asarray(opened.convert("RGB"))
+            writer.add_image(f"samples/{image['index']:02d}", pixels, step, dataformats="HWC")
 
     def _set_train_mode(self, training: bool) -> None:
         from engine.train.optimizers import set_eval_mode, set_train_mode
