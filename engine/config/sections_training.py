@@ -85,6 +85,10 @@ class TrainingSection(StrictModel):
         0, "Steps to train instead of epochs; 0 uses max_train_epochs. Set only one of the two.", ge=0,
         le=10_000_000,
     )
+    stop_text_encoder_training: int | float = setting(
+        0, "DreamBooth/fine-tuning: stop training the text encoder after this many steps, or this fraction of the "
+        "run below 1 (0 = train it to the end).", ge=0, advanced=True,
+    )
     gradient_accumulation_steps: int = setting(
         1, "Add up gradients over this many batches before each update (a larger effective batch).",
         ge=1, le=1024, advanced=True,
@@ -169,6 +173,14 @@ class TrainingSection(StrictModel):
     prior_loss_weight: float = setting(
         1.0, "Loss weight of regularization images relative to training images.", ge=0.0, le=100.0,
     )
+    @field_validator("stop_text_encoder_training")
+    @classmethod
+    def _stop_form(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError(f"{value} is a fraction of the run and must be below 1; write an integer for a number "
+                             "of steps")
+        return value
+
     max_data_loader_n_workers: int = setting(
         0, "Processes loading images in parallel (0 = in the training process).", ge=0, le=64, advanced=True,
     )

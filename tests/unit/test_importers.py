@@ -175,7 +175,7 @@ def test_kohya_dreambooth():
     assert config.optimizer.text_encoder_lr == 5e-7 and skipped(result)["learning_rate_te1"] == 1e-5
     assert config.launch.gpu_ids == [0, 1] and config.launch.num_processes == 2
     assert config.dataset.general.resolution == [512, 512]
-    assert skipped(result)["stop_text_encoder_training"] == 20
+    assert config.training.stop_text_encoder_training == 0.2  # the GUI's percentage as a fraction
     # an empty caption_extension and a false bucket_no_upscale were not passed: sd-scripts' defaults applied
     assert config.dataset.general.caption_extension == ".caption"
     assert config.dataset.general.bucket_no_upscale is False

@@ -77,6 +77,18 @@ def _dreambooth(source: Source) -> None:
         source.put("learning_rate", "optimizer.text_encoder_lr")
         source.note("optimizer.text_encoder_lr = learning_rate: sd-scripts' DreamBooth trains the text encoder at "
                     "learning_rate when learning_rate_te is not given")
+    _stop_text_encoder_percent(source)
+
+
+def _stop_text_encoder_percent(source: Source) -> None:
+    """kohya_ss's DreamBooth tab gives a percentage of the run; ours takes a fraction below 1 (0 = never stop)."""
+    if not source.given("stop_text_encoder_training"):
+        return
+    percent = rate(source, "stop_text_encoder_training")
+    fraction = percent / 100 if 0 < percent < 100 else 0
+    source.put("stop_text_encoder_training", "training.stop_text_encoder_training", fraction)
+    source.note(f"stop_text_encoder_training {percent:g}% of the run -> training.stop_text_encoder_training = "
+                f"{fraction:g}")
 
 
 def _finetune(source: Source) -> None:

@@ -92,6 +92,7 @@ ARG_PATHS: Mapping[str, Target] = {
     "huber_schedule": "training.huber_schedule",
     "huber_c": "training.huber_c",
     "huber_scale": "training.huber_scale",
+    "stop_text_encoder_training": "training.stop_text_encoder_training",
     "noise_offset_random_strength": "training.noise_offset_random_strength",
     "ip_noise_gamma_random_strength": "training.ip_noise_gamma_random_strength",
     "scale_v_pred_loss_like_noise_pred": "training.scale_v_pred_loss_like_noise_pred",
