@@ -189,10 +189,12 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     vae_device = "cpu" if latents_cached else device
     vae_dtype = torch.float32 if (config.model.no_half_vae or vae_device == "cpu") else dtype
     torch.nn.Module.to(model.vae.vae, device=vae_device, dtype=vae_dtype)
+    # Trained weights stay in float32 under mixed precision (autocast computes in half), unless full_fp16/bf16.
+    trained_dtype = torch.float16 if config.training.full_fp16 else \
+        torch.bfloat16 if config.training.full_bf16 else torch.float32
     for module in method.trainable_modules():
-        module.to(device)
-        if config.training.full_fp16 or config.training.full_bf16:
-            module.to(torch.float16 if config.training.full_fp16 else torch.bfloat16)
+        torch.nn.Module.to(module, device=device, dtype=trained_dtype)
+        module.requires_grad_(True)  # a method may narrow this down when it builds its parameter groups
     if latents_cached and device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -50,7 +50,6 @@ class StepRunner:
         self.loss_settings = LossSettings.from_config(config.training, config.model.v_parameterization)
         self.snr = snr_table(session.noise_scheduler).to(session.device)
         self.parameters = session.method.trainable_parameters()
-        self.trains_text = any(session.method.trains_text_encoders)
 
     def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> float:
         """Loss of one micro-batch (unscaled, for reporting); gradients are accumulated, divided by `accumulation`."""
@@ -100,7 +99,9 @@ class StepRunner:
             config = session.config
             prepare = getattr(session.method, "prepare_captions", None)
             captions = prepare(batch["caption"]) if prepare is not None else batch["caption"]
-            with torch.set_grad_enabled(self.trains_text), session.accelerator.autocast():
+            # Asked every step: DreamBooth stops training the text encoder part-way through a run.
+            trains_text = any(session.method.trains_text_encoders)
+            with torch.set_grad_enabled(trains_text), session.accelerator.autocast():
                 encoded = encode_captions(session.model.text, captions, clip_skip=config.model.clip_skip,
                                           max_token_length=config.model.max_token_length)
             hidden, pooled = encoded.hidden_states, encoded.pooled
