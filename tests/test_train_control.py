@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from train_helpers import REPO, engine_env, events_of, write_config
 
@@ -68,18 +69,39 @@ def test_save_sample_and_stop_through_the_control_file(tiny_models, tmp_path):
     assert "loss/current" in accumulator.Tags()["scalars"] and accumulator.Tags()["images"]
 
 
-def test_accelerate_launch_with_two_cpu_processes(tiny_models, tmp_path):
-    config_path = write_config(tmp_path / "config.toml", tiny_models, "sd1",
-                               training={"max_train_steps": 4},
-                               launch={"num_processes": 2, "multi_gpu": True, "main_process_port": 29517})
-    argv = launch_command(load_config(config_path), config_path)
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_models, tmp_path):
+    """Data parallelism through `accelerate launch` (two CPU processes, gloo) is the same training as one process
+    with the doubled batch: same images per step, same noise per image, gradients averaged."""
+    sections = {"training": {"max_train_steps": 4}, "dataset": {"general": {"flip_aug": True}}}
+    single = write_config(tmp_path / "single" / "config.toml", tiny_models, "sd1",
+                          **{**sections, "dataset": {"general": {"flip_aug": True, "batch_size": 2}}})
+    result = run_engine_args(["-m", "engine", "train", str(single)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    pair = write_config(tmp_path / "pair" / "config.toml", tiny_models, "sd1",
+                        **{**sections, "dataset": {"general": {"flip_aug": True, "batch_size": 1}}},
+                        launch={"num_processes": 2, "multi_gpu": True, "main_process_port": 29517})
+    argv = launch_command(load_config(pair), pair)
     assert argv[1:3] == ["-m", "accelerate.commands.launch"]
     result = subprocess.run(argv, cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    events = events_of(tmp_path / "out")
+    events = events_of(tmp_path / "pair" / "out")
     start = next(event for event in events if event["type"] == "start")
     assert start["config"]["processes"] == 2
     # Only the main process reports and saves: one progress event per step, one final file.
     assert [event["step"] for event in events if event["type"] == "progress"] == [1, 2, 3, 4]
-    assert sorted(path.name for path in (tmp_path / "out").glob("*.safetensors")) == ["lora.safetensors"]
-    assert load_file(str(tmp_path / "out" / "lora.safetensors"))
+    assert sorted(path.name for path in (tmp_path / "pair" / "out").glob("*.safetensors")) == ["lora.safetensors"]
+
+    expected = load_file(str(tmp_path / "single" / "out" / "lora.safetensors"))
+    actual = load_file(str(tmp_path / "pair" / "out" / "lora.safetensors"))
+    assert expected.keys() == actual.keys()
+    changed = 0
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+        changed += key.endswith("lora_up.weight") and bool(actual[key].abs().max() > 0)
+    assert changed, "nothing was trained"
+
+
+def run_engine_args(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=engine_env(), capture_output=True, text=True,
+                          timeout=600)

@@ -271,3 +271,10 @@ def test_bad_dataset_is_refused_before_training(tiny_models, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     error = next(event for event in events_of(tmp_path / "out") if event["type"] == "error")
     assert "missing" in error["message"] and error["hint"]
+
+
+def test_xformers_on_a_machine_without_it_is_refused_before_loading(tiny_models, tmp_path):
+    config = write_config(tmp_path / "config.toml", tiny_models, "sd1", training={"attention": "xformers"})
+    result = run_engine("train", str(config))
+    assert result.returncode == 2
+    assert "training.attention" in result.stderr + result.stdout

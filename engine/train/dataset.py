@@ -7,6 +7,7 @@ the samples the interrupted one would have seen, and data-loader workers need no
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class SampleKey:
     epoch: int  # counted from 1, as sd-scripts counts epochs for caption dropout
     position: int  # the batch's index within the epoch
     step: int  # the optimizer step the batch belongs to (token warm-up)
+    slot: int = 0  # the sample's place in the global batch (all processes together)
 
 
 def examples_from_scan(scan: ScanResult) -> list[Example]:
@@ -69,7 +71,14 @@ def batch_sizes(scan: ScanResult) -> dict[int, int]:
 
 def sample_rng(seed: int, key: SampleKey) -> random.Random:
     # A string seed is hashed with SHA-512 by `random`, so this is stable across processes and Python runs.
-    return random.Random(f"{seed}/{key.epoch}/{key.position}/{key.index}")
+    # (epoch, position, slot) names a sample the same way whatever the number of processes.
+    return random.Random(f"{seed}/{key.epoch}/{key.position}/{key.slot}")
+
+
+def noise_seed(seed: int, key: SampleKey) -> int:
+    """The seed of this sample's noise and timestep: per sample, so N processes draw what one process would."""
+    digest = hashlib.sha256(f"noise/{seed}/{key.epoch}/{key.position}/{key.slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -99,7 +108,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         example = self.examples[key.index]
         record = example.record
         rng = sample_rng(self.seed, key)
-        item: dict[str, Any] = {"loss_weight": float(record.loss_weight), "target_size": _hw(record.bucket)}
+        item: dict[str, Any] = {"loss_weight": float(record.loss_weight), "target_size": _hw(record.bucket),
+                                "noise_seed": noise_seed(self.seed, key)}
         flip = example.flip_aug and rng.random() < 0.5
         if self.latents is not None:
             cached = self.latents[(record.path, tuple(record.bucket))]
@@ -145,6 +155,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         values = [item[name] for item in items]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     batch["loss_weight"] = torch.tensor(batch["loss_weight"], dtype=torch.float32)
+    batch["noise_seed"] = [int(seed) for seed in batch["noise_seed"]]
     return batch
 
 
@@ -165,10 +176,10 @@ class EpochBatches:
         sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        batches = list(self.sampler)
+        batches = self.sampler.rank_batches_with_slots(self.epoch)
         for position in range(self.start, len(batches)):
             step = self.epoch_first_step + position // self.accumulation
-            yield [SampleKey(index, self.epoch, position, step) for index in batches[position]]
+            yield [SampleKey(index, self.epoch, position, step, slot) for index, slot in batches[position]]
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.start)

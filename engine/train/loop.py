@@ -54,15 +54,12 @@ class StepRunner:
     def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> float:
         """Loss of one micro-batch (unscaled, for reporting); gradients are accumulated, divided by `accumulation`."""
         from engine.train.losses import batch_loss
-        from engine.train.noise import noisy_latents, sample_noise, sample_timesteps, training_target
+        from engine.train.noise import training_target
 
         session = self.session
-        torch.manual_seed(seed)  # dropout in the network and the text encoders
-        generator = torch.Generator().manual_seed(seed)
-        latents = self._latents(batch, generator)
-        noise = sample_noise(latents, self.noise_settings, generator)
-        timesteps = sample_timesteps(latents.shape[0], self.noise_settings, latents.device, generator)
-        noisy = noisy_latents(session.noise_scheduler, latents, noise, timesteps, self.noise_settings, generator)
+        torch.manual_seed(seed)  # dropout in the network and the text encoders, VAE sampling
+        latents = self._latents(batch)
+        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
         conditioning = self._conditioning(batch)
         with session.accelerator.autocast():
             prediction = session.model.unet(noisy.to(session.weight_dtype), timesteps, **conditioning).sample
@@ -76,7 +73,27 @@ class StepRunner:
         session.accelerator.backward(loss / accumulation)
         return value
 
-    def _latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise, timestep and noisy latents drawn per sample from the sample's own seed.
+
+        Per sample rather than per batch, so that a sample gets the same noise whether it is trained by one process
+        in a batch of 2b or by one of two processes in a batch of b (and in any position of the batch).
+        """
+        from engine.train.noise import noisy_latents, sample_noise, sample_timesteps
+
+        scheduler, settings = self.session.noise_scheduler, self.noise_settings
+        noises, steps, noisy = [], [], []
+        for index, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            sample = latents[index:index + 1]
+            noise = sample_noise(sample, settings, generator)
+            timestep = sample_timesteps(1, settings, sample.device, generator)
+            noisy.append(noisy_latents(scheduler, sample, noise, timestep, settings, generator))
+            noises.append(noise)
+            steps.append(timestep)
+        return torch.cat(noises), torch.cat(steps), torch.cat(noisy)
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
         session = self.session
         scaling = session.model.vae.scaling_factor
         if "latents" in batch:
@@ -120,7 +137,8 @@ class StepRunner:
         session = self.session
         accelerator = session.accelerator
         if accelerator.num_processes > 1:
-            average_gradients(self.parameters, accelerator.num_processes)
+            # Parts a method froze mid-run (DreamBooth's text encoders) must get no gradient, not a zero one.
+            average_gradients([p for p in self.parameters if p.requires_grad], accelerator.num_processes)
         max_norm = session.config.optimizer.max_grad_norm
         if max_norm > 0:
             accelerator.clip_grad_norm_(self.parameters, max_norm)

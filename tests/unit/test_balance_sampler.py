@@ -91,15 +91,31 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
     assert list(BucketBatchSampler(records, {0: 3, 1: 2}, seed=100)) != list(again)
 
 
-def test_sampler_shards_evenly_and_covers_every_batch():
+def test_sampler_shards_global_batches_evenly():
     records = make_records()
-    whole = BucketBatchSampler(records, {0: 3, 1: 2}, seed=3).epoch_batches(0)
-    ranks = [list(BucketBatchSampler(records, {0: 3, 1: 2}, seed=3, num_replicas=3, rank=r)) for r in range(3)]
-    assert len({len(batches) for batches in ranks}) == 1
-    union = [batch for batches in ranks for batch in batches]
-    assert all(batch in union for batch in whole)
-    interleaved = [ranks[i % 3][i // 3] for i in range(len(union))]
-    assert interleaved[: len(whole)] == whole  # rank r takes batches r, r+3, ...
+    sizes = {0: 3, 1: 2}
+    ranks = [BucketBatchSampler(records, sizes, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    global_batches = ranks[0].epoch_batches(0)
+    served = [list(sampler) for sampler in ranks]
+    assert all(len(batches) == len(global_batches) for batches in served)
+    for step, batch in enumerate(global_batches):
+        together = [index for batches in served for index in batches[step]]
+        assert set(together) == set(batch)  # the ranks share the global batch, padding repeats its own images
+        assert len({len(batches[step]) for batches in served}) == 1  # lockstep: equal shares
+        full = records[batch[0]].dataset_index
+        if len(batch) == 3 * sizes[full]:
+            assert together == batch  # a full global batch is split exactly, in order
+
+
+def test_n_processes_with_batch_b_see_what_one_process_with_batch_nb_sees():
+    records = make_records()
+    single = BucketBatchSampler(records, {0: 4, 1: 2}, seed=5)
+    pair = [BucketBatchSampler(records, {0: 2, 1: 1}, seed=5, num_replicas=2, rank=r) for r in range(2)]
+    single_slots = single.rank_batches_with_slots(0)
+    pair_slots = [sampler.rank_batches_with_slots(0) for sampler in pair]
+    for step, batch in enumerate(single_slots):
+        if len(batch) == 4 or len(batch) == 2:
+            assert pair_slots[0][step] + pair_slots[1][step] == batch  # same images in the same slots
 
 
 def test_sampler_can_drop_partial_batches():
