@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
-from engine.cli import cache_cmd, caption_cmd, doctor_cmd, import_cmd, schema_cmd, train_cmd, validate_cmd
+from engine.cli import cache_cmd, caption_cmd, doctor_cmd, import_cmd, lora_cmd, schema_cmd, train_cmd, validate_cmd
 
 # name -> function adding the subcommand's parser (with `handler` set as a default)
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -23,6 +23,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentPars
     "caption": caption_cmd.add_parser,
     "captions": caption_cmd.add_edit_parser,
     "train": train_cmd.add_parser,
+    "lora": lora_cmd.add_parser,
 }
 
 

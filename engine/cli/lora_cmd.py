@@ -1,0 +1,181 @@
+"""`python -m engine lora inspect|merge|resize|extract`: tools for kohya LoRA files.
+
+Every tool writes a new file and refuses to overwrite one (or an input). Reports are readable text, or JSON with
+--json (for the GUI's Tools tab). Exit 0 on success, 2 when an input must be fixed (the message names the file and
+says what to do) or when inspect finds a file it does not understand or NaN/inf weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK
+from engine.config.choices import SavePrecision
+
+TASK = "lora"
+_PRECISIONS = typing.get_args(SavePrecision)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        TASK, help="inspect, merge, resize or extract kohya LoRA files",
+        description="Tools for kohya-format LoRA/LoCon files (the format Atelier, sd-scripts, A1111 and ComfyUI "
+                    "use). Each writes a new file and never overwrites one.",
+    )
+    tools = parser.add_subparsers(dest="lora_command", metavar="TOOL", required=True)
+    for add in TOOLS.values():
+        tool = add(tools)
+        tool.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-precision", choices=_PRECISIONS, default="float",
+                        help="dtype of the saved weights (default float: float32)")
+
+
+def _add_inspect(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = tools.add_parser(
+        "inspect", help="format, modules, ranks, metadata and weight checks of a LoRA/LyCORIS/embedding file",
+        description="Report a file's format (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, Textual Inversion), its modules "
+                    "per model part, ranks, alphas, base model, training metadata and change norms. Exit 2 for a "
+                    "file it does not understand or one with NaN/inf weights (named by module).")
+    parser.add_argument("file", help="a .safetensors, .ckpt or .pt file")
+    parser.set_defaults(handler=_run_inspect)
+    return parser
+
+
+def _add_merge(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = tools.add_parser(
+        "merge", help="merge LoRAs into a base model, or into one LoRA",
+        description="With --into-model: add each LoRA (times its ratio) to the base model's weights and save a new "
+                    "single-file checkpoint. Without: combine the LoRAs into one LoRA by concatenating their ranks "
+                    "(exact), or with --svd re-factor to one rank.")
+    parser.add_argument("loras", nargs="+", metavar="LORA[:RATIO]", help="LoRA files, each with an optional ratio "
+                        "(default 1), e.g. style.safetensors:0.7")
+    parser.add_argument("-o", "--output", required=True, help="the new file (.safetensors)")
+    parser.add_argument("--into-model", metavar="BASE", help="a base model (single file or diffusers folder)")
+    parser.add_argument("--svd", type=int, metavar="RANK", help="without --into-model: re-factor every module to "
+                        "this rank instead of concatenating")
+    parser.add_argument("--conv-rank", type=int, metavar="RANK", help="with --svd: the rank of 3x3 conv modules")
+    _precision_option(parser)
+    parser.set_defaults(handler=_run_merge)
+    return parser
+
+
+def _add_resize(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = tools.add_parser(
+        "resize", help="change the rank of a LoRA by SVD",
+        description="Re-factor each module at a new rank: fixed (--rank), or per module from its singular values "
+                    "(--sv-ratio, --sv-fro). The report gives the fraction of each change that is kept.")
+    parser.add_argument("file", help="a kohya LoRA/LoCon file")
+    parser.add_argument("-o", "--output", required=True, help="the new file (.safetensors, .ckpt or .pt)")
+    rule = parser.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=int, help="the new rank of every module")
+    rule.add_argument("--sv-ratio", type=float, metavar="X", help="keep singular values at least the largest / X")
+    rule.add_argument("--sv-fro", type=float, metavar="Y", help="keep the smallest rank that holds this fraction "
+                      "(0-1) of each module's Frobenius norm")
+    parser.add_argument("--conv-rank", type=int, metavar="RANK", help="with --rank: the rank of 3x3 conv modules")
+    _precision_option(parser)
+    parser.set_defaults(handler=_run_resize)
+    return parser
+
+
+def _add_extract(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = tools.add_parser(
+        "extract", help="a LoRA from the difference between a fine-tuned model and its base",
+        description="SVD of the weight difference of every layer a LoRA trains (the same layers as training), cut "
+                    "to --rank; with --conv-rank also the ResNet convolutions (LoCon).")
+    parser.add_argument("--base", required=True, help="the base model (single file or diffusers folder)")
+    parser.add_argument("--tuned", required=True, help="the fine-tuned model, of the same family")
+    parser.add_argument("-o", "--output", required=True, help="the new LoRA file (.safetensors, .ckpt or .pt)")
+    parser.add_argument("--rank", type=int, required=True, help="rank of Linear and 1x1 conv modules")
+    parser.add_argument("--conv-rank", type=int, default=0, help="rank of 3x3 convs (default 0: none)")
+    parser.add_argument("--min-diff", type=float, metavar="D",
+                        help="leave out a text encoder whose largest weight change is at most D (default: kohya's "
+                             "0.01)")
+    parser.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
+    _precision_option(parser)
+    parser.set_defaults(handler=_run_extract)
+    return parser
+
+
+# tool name -> function adding its parser (with `handler` set)
+TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
+    "inspect": _add_inspect,
+    "merge": _add_merge,
+    "resize": _add_resize,
+    "extract": _add_extract,
+}
+
+
+# --- handlers ----------------------------------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace, work: Callable[[], Any]) -> int:
+    """Run a tool; print its report (text or JSON), or its ToolError as `error: ...` with exit 2."""
+    from engine.networks.tools.lora_file import ToolError
+
+    try:
+        report = work()
+    except ToolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(error)}))
+        return EXIT_BAD_INPUT
+    payload = {"ok": True, **report.to_dict()}
+    print(json.dumps(payload, indent=2) if args.json else report.to_text())
+    return EXIT_OK if payload["ok"] else EXIT_BAD_INPUT
+
+
+def _dtype(args: argparse.Namespace) -> Any:
+    from engine.networks.network_file import save_dtype
+
+    return save_dtype(args.save_precision)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from engine.networks.tools.inspect_file import inspect_network_file
+
+    return _report(args, lambda: inspect_network_file(args.file))
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from engine.networks.tools.lora_file import ToolError, parse_lora_source
+    from engine.networks.tools.merge import merge_loras
+    from engine.networks.tools.merge_model import merge_into_model
+
+    sources = [parse_lora_source(text) for text in args.loras]
+
+    def work() -> Any:
+        if args.into_model is None:
+            return merge_loras(sources, args.output, svd_rank=args.svd, conv_rank=args.conv_rank,
+                               save_dtype=_dtype(args))
+        if args.svd is not None or args.conv_rank is not None:
+            raise ToolError("--svd and --conv-rank apply when merging LoRAs into one LoRA, not with --into-model")
+        return merge_into_model(args.into_model, sources, args.output, save_dtype=_dtype(args))
+
+    return _report(args, work)
+
+
+def _run_resize(args: argparse.Namespace) -> int:
+    from engine.networks.tools.resize import resize_lora
+
+    rule, value = next((rule, value) for rule, value in (("rank", args.rank), ("sv_ratio", args.sv_ratio),
+                                                          ("sv_fro", args.sv_fro)) if value is not None)
+    return _report(args, lambda: resize_lora(args.file, args.output, rule=rule, value=value,
+                                             conv_rank=args.conv_rank, save_dtype=_dtype(args)))
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from engine.networks.tools.extract import extract_lora
+
+    min_diff = {} if args.min_diff is None else {"min_diff": args.min_diff}
+    return _report(args, lambda: extract_lora(args.base, args.tuned, args.output, rank=args.rank,
+                                              conv_rank=args.conv_rank, device=args.device, save_dtype=_dtype(args),
+                                              **min_diff))

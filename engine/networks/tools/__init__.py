@@ -1,0 +1,27 @@
+"""Tools for kohya LoRA files (``python -m engine lora ...``): inspect, merge (into a model or into one LoRA),
+resize and extract. One module per tool; :mod:`.lora_file` (reading, formats, writing new files only),
+:mod:`.factorize` (SVD and ranks), :mod:`.metadata_keys` and :mod:`.model_layers` are shared.
+"""
+
+from engine.networks.tools.extract import ExtractReport, extract_lora
+from engine.networks.tools.inspect_file import InspectReport, inspect_network_file
+from engine.networks.tools.lora_file import LoRASource, ToolError, parse_lora_source
+from engine.networks.tools.merge import LoRAMergeReport, merge_loras
+from engine.networks.tools.merge_model import ModelMergeReport, merge_into_model
+from engine.networks.tools.resize import ResizeReport, resize_lora
+
+__all__ = [
+    "ExtractReport",
+    "InspectReport",
+    "LoRAMergeReport",
+    "LoRASource",
+    "ModelMergeReport",
+    "ResizeReport",
+    "ToolError",
+    "extract_lora",
+    "inspect_network_file",
+    "merge_into_model",
+    "merge_loras",
+    "parse_lora_source",
+    "resize_lora",
+]
