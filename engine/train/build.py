@@ -229,7 +229,8 @@ def make_noise(config: RunConfig) -> Any:
 def training_facts(session: Session) -> Any:
     """What the saved files' metadata needs beyond the config; the model hash is computed here, once per run."""
     from engine.cli.cache_cmd import model_location
-    from engine.networks.metadata import TrainingFacts, image_counts, model_hash_metadata, new_session_id
+    from engine.networks.dataset_metadata import image_counts
+    from engine.networks.metadata import TrainingFacts, model_hash_metadata, new_session_id
     from engine.train.lr_schedulers import warmup_steps
 
     scan, config = session.scan, session.config

@@ -14,11 +14,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from engine.config.io import validate_config
 from engine.data.scan import bucket_manager, scan_config
+from engine.networks.dataset_metadata import image_counts
 from engine.networks.metadata import (
     TrainingFacts,
     a1111_legacy_hash,
     build_metadata,
-    image_counts,
     model_hash_metadata,
     modelspec_metadata,
     new_session_id,
