@@ -34,7 +34,7 @@ def test_save_sample_and_stop_through_the_control_file(tiny_models, tmp_path):
         tmp_path / "config.toml", tiny_models, "sd1",
         training={"max_train_steps": 100000, "max_train_epochs": 0},
         sampling={"sample_prompts": ["sks dog --w 64 --h 64 --s 2 --d 3"]},
-        logging={"logging_dir": str(tmp_path / "logs")},
+        logging={"logging_dir": "logs"},  # relative: beside the config file, wherever the engine runs from
     )
     run_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "engine", "train", str(config), "--run-dir", str(run_dir)],

@@ -116,7 +116,10 @@ def _trains_text_encoder(config: RunConfig) -> bool:
 def text_encoder_cache_needs_fixed_captions(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
     if not config.training.cache_text_encoder_outputs:
         return
-    if _trains_text_encoder(config):
+    if config.method == "textual_inversion":
+        yield Problem("training.cache_text_encoder_outputs", "Textual Inversion trains the text encoder's new "
+                      "embedding, so its outputs cannot be cached; turn caching off")
+    elif _trains_text_encoder(config):
         yield Problem("training.cache_text_encoder_outputs", "cached text-encoder outputs cannot change, but the "
                       "text encoder is being trained; set network.train_unet_only = true (or "
                       "optimizer.text_encoder_lr = 0), or turn caching off")

@@ -32,7 +32,7 @@ from engine.train.setup import (
 
 def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, *,
                   accelerator: Any = None) -> Session:
-    accelerator = accelerator or make_accelerator(config)
+    accelerator = accelerator or make_accelerator(config, base_dir)
     scan = scan_dataset(config, base_dir, log)
     model = load_base_model(config, base_dir, accelerator)
     dtype = weight_dtype(accelerator)

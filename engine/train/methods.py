@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from engine.config.choices import NETWORK_TYPES
+from engine.networks.lycoris_network import lycoris_network
+from engine.train.method_full import FullModelMethod
+from engine.train.method_ti import TextualInversionMethod
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -41,8 +44,9 @@ def learning_rates(config: RunConfig, text_encoder_count: int) -> LearningRates:
 class Method(Protocol):
     """What the trainer needs from a training method.
 
-    Optional hooks, looked up with getattr by the trainer: `prepare_captions(captions) -> captions` (e.g. Textual
-    Inversion puts its token in), `after_update()` (runs after each optimizer step, e.g. to restore frozen
+    Optional hooks, looked up with getattr by the trainer: `prepare_captions(captions) -> captions` and
+    `prepare_prompt(prompt) -> prompt` for sample prompts (e.g. Textual Inversion puts its token in),
+    `before_training(step, total_steps)`, `after_update()` (runs after each optimizer step, e.g. to restore frozen
     embedding rows), `metadata_kind` ("lora", "textual-inversion" or "" for full checkpoints; default "lora") and
     `network_module` (ss_network_module; default "networks.lora").
     """
@@ -139,12 +143,13 @@ def kohya_network(config: RunConfig, model: LoadedModel, train_unet: bool, train
 # A network builder returns an nn.Module with apply_to(), prepare_optimizer_params(unet_lr, text_lrs),
 # kohya_state_dict(dtype=None), load_kohya_state_dict(tensors) and module_count(), like LoRANetwork.
 NetworkBuilder = Callable[["RunConfig", "LoadedModel", bool, list[bool]], Any]
-NETWORK_BUILDERS: dict[str, NetworkBuilder] = {"kohya": kohya_network}
+NETWORK_BUILDERS: dict[str, NetworkBuilder] = {"kohya": kohya_network, "lycoris": lycoris_network}
 NETWORK_MODULES = {"kohya": "networks.lora", "lycoris": "lycoris.kohya"}
 
 
 MethodFactory = Callable[["RunConfig", "LoadedModel", Path], Method]
-METHODS: dict[str, MethodFactory] = {"lora": LoraMethod}
+METHODS: dict[str, MethodFactory] = {"lora": LoraMethod, "textual_inversion": TextualInversionMethod,
+                                      "dreambooth": FullModelMethod, "finetune": FullModelMethod}
 
 
 def create_method(config: RunConfig, model: LoadedModel, base_dir: Path) -> Method:

@@ -46,7 +46,7 @@ def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = No
 
     run_dir = (run_dir or resolve_path(config.saving.output_dir, base_dir)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config, base_dir)
     log = RunLog(run_dir, active=accelerator.is_main_process)
     precision_warning(config, accelerator, log)
     if accelerator.is_main_process:

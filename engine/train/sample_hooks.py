@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,6 +43,10 @@ def sample_now(session: Session, *, epoch: int, step: int, kind: str) -> list[di
                                default_size=family_info(session.model.family).default_resolution)
     if not requests:
         return []
+    prepare = getattr(session.method, "prepare_prompt", None)  # e.g. Textual Inversion's multi-vector token
+    if prepare is not None:
+        requests = [replace(request, prompt=prepare(request.prompt),
+                            negative_prompt=prepare(request.negative_prompt)) for request in requests]
     model = session.model
     parts = SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
                          v_prediction=config.model.v_parameterization, scaling_factor=model.vae.scaling_factor)

@@ -77,13 +77,15 @@ class Session:
         return self.accelerator.is_main_process
 
 
-def make_accelerator(config: RunConfig) -> Any:
+def make_accelerator(config: RunConfig, base_dir: Path) -> Any:
     """An Accelerator for this machine: CPU runs use `cpu=True` so several CPU processes form a real group."""
     from accelerate import Accelerator
 
+    from engine.config.io import resolve_path
+
     on_cpu = not torch.cuda.is_available()
     precision = "no" if on_cpu else config.training.mixed_precision  # see precision_warning
-    logging_dir = config.logging.logging_dir
+    logging_dir = str(resolve_path(config.logging.logging_dir, base_dir)) if config.logging.logging_dir else ""
     trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
     return Accelerator(cpu=on_cpu, mixed_precision=precision,
                        log_with=trackers[config.logging.log_with] if logging_dir else None,
