@@ -245,7 +245,8 @@ def network_args_metadata(config: RunConfig) -> dict[str, Any]:
     args: dict[str, Any] = {key: _arg_text(value) for key, value in network.network_args.items()}
     if NETWORK_TYPES[network.network_type].backend == "lycoris":
         args.setdefault("algo", network.network_type)
-    if network.conv_dim:
+    # LyCORIS reads a missing conv_dim as network_dim, so for it 0 is written out too.
+    if network.conv_dim or NETWORK_TYPES[network.network_type].backend == "lycoris":
         args.setdefault("conv_dim", str(network.conv_dim))
         args.setdefault("conv_alpha", str(network.conv_alpha))
     for key in ("rank_dropout", "module_dropout"):

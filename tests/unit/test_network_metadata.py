@@ -211,8 +211,9 @@ def test_network_args_are_recorded_like_kohya_ss_passes_them(dataset, scanned):
     loha = legacy_config(dataset, network={"network_type": "loha", "network_dropout": 0.1,
                                            "network_args": {"preset": "attn-mlp", "use_tucker": True}})
     metadata = build_metadata(loha, facts_for(loha, datasets, network_module="lycoris.kohya"))
+    # conv_dim 0 is written for LyCORIS, which would read a missing conv_dim as network_dim.
     assert json.loads(metadata["ss_network_args"]) == {"preset": "attn-mlp", "use_tucker": "True", "algo": "loha",
-                                                       "dropout": 0.1}
+                                                       "conv_dim": "0", "conv_alpha": "1.0", "dropout": 0.1}
     assert metadata["ss_network_module"] == "lycoris.kohya" and metadata["ss_network_dropout"] == "0.1"
 
 

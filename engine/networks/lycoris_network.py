@@ -1,0 +1,500 @@
+"""LyCORIS network types (LoHa, LoKr, DyLoRA, (IA)^3, GLoRA, BOFT, Diag-OFT, full) through the lycoris-lora package.
+
+lycoris' kohya path (``lycoris.kohya.LycorisNetworkKohya``, what sd-scripts runs for ``--network_module
+lycoris.kohya``) chooses the layers from a preset and builds the modules. This module renames them to kohya's names
+and gives the network the trainer's interface (:class:`engine.networks.lora.LoRANetwork`'s, which it extends).
+
+Names. Saved files must load where sd-scripts' LyCORIS files load (A1111, ComfyUI): ``lora_unet_*`` / ``lora_te*_``
+module names with the algorithm's suffixes (``hada_w1_a``, ``lokr_w1``, ...). lycoris names a module after its path
+in the model it is given. For sd-scripts' models that is kohya's name; for diffusers and transformers 5 models it is
+not: SDXL's UNet gets diffusers paths (``lora_unet_down_blocks_1_attentions_0_...`` where kohya has the SAI layout,
+``lora_unet_input_blocks_4_1_...``), and transformers >= 5.6 ``CLIPTextModel`` has no ``text_model`` wrapper, so the
+text encoder gets ``lora_te_encoder_layers_0_...`` where A1111, ComfyUI and diffusers look for
+``lora_te_text_model_encoder_layers_0_...``. So every module is renamed with the kohya LoRA's naming
+(:mod:`engine.networks.lora_names`); lycoris' own names for this model are accepted when loading.
+
+Settings: network_dim/alpha, conv_dim/conv_alpha and the three dropouts come from the config; ``network_args`` holds
+the LyCORIS options (:data:`LYCORIS_ARGS`). An option that lycoris would silently ignore (unknown, or not read by the
+chosen algorithm) is an error that names ``network.network_args.<key>``. conv_dim = 0 means what the config says,
+no 3x3 convolutions (lycoris alone would give them network_dim).
+
+Worked around in lycoris 4.1.3:
+
+* Presets list ``TimestepEmbedding`` (meant for another architecture). In a diffusers UNet that class is the time
+  embedding, which "full" also targets by name, so lycoris builds ``lora_unet_time_embedding_linear_1`` twice and
+  fails; it is dropped from the presets' class lists, which leaves the time embedding to the names that mean it.
+* Presets are class attributes that a build only partly overwrites; every key is set for every build.
+* Flags given as text are true unless they read "false", and ``decompose_both`` is not parsed at all; values are
+  parsed here and handed to lycoris as Python values.
+* Modules compute their scale from alpha once, when built, so a file with another alpha is refused, not loaded.
+
+Refused: DyLoRA (:data:`REFUSED_ALGORITHMS`). lycoris 4.1.3's DyLoRA scales its update by alpha / (blocks used)
+while training but saves plain ``lora_up``/``lora_down``/``alpha`` entries, which every loader (lycoris' own, A1111,
+diffusers) applies with alpha / rank; it also picks a random rank in eval mode, and saves convolution ``lora_up``
+weights without their 1x1 kernel dimensions. Its files would not reproduce the network that was trained and sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from engine.config.choices import LYCORIS, NETWORK_TYPES
+from engine.models.families import family_info
+from engine.networks.lora import LoRALoadResult, LoRANetwork, LoRAOptions
+from engine.networks.lora_names import TEXT_ENCODER_PATH_PREFIX, UNET_LORA_PREFIX, UNET_NAMING, resolve_options
+
+if TYPE_CHECKING:
+    from engine.config.schema import RunConfig
+    from engine.models.loading import LoadedModel
+
+__all__ = ["ALGORITHMS", "LYCORIS_ARGS", "REFUSED_ALGORITHMS", "LycorisKohyaNetwork", "LycorisSettings",
+           "create_lycoris_network", "lycoris_network", "resolve_lycoris_settings"]
+
+ALGORITHMS = tuple(name for name, info in NETWORK_TYPES.items() if info.backend == "lycoris")
+# LyCORIS network types of the config that are refused, with the reason (module docstring).
+REFUSED_ALGORITHMS = {
+    "dylora": "lycoris-lora's DyLoRA (4.1.3) trains with another scale than the one its saved files carry and picks a "
+              "random rank even when sampling, so the saved file would not reproduce the trained network; use "
+              "network_type = 'lora' or 'locon'",
+}
+_EVERY = frozenset(name for name in ALGORITHMS if name not in REFUSED_ALGORITHMS)
+_LORA_LIKE = frozenset({"loha", "lokr"})  # the algorithms built on low-rank factors with DoRA and Tucker options
+_SHARED_ARGS = frozenset({"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"})
+# In presets for other architectures; in SD UNets it is the time (and SDXL's add) embedding (module docstring).
+_NOT_FOR_SD_UNETS = frozenset({"TimestepEmbedding"})
+# State-dict entries that come from settings rather than training: a file must agree with the network on them.
+_SETTING_PARTS = frozenset({"alpha", "on_input"})
+_ALPHA_RTOL = 4e-3  # an alpha saved in bf16 or fp16 is the same setting
+
+
+# --- network_args ------------------------------------------------------------------------------------------------
+
+def _flag(path: str, value: Any) -> bool:
+    # kohya passes network_args as "key=value" text; TOML gives booleans. lycoris would read "no" or "0" as true.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{path} must be true or false, got {value!r}")
+
+
+def _whole(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{path} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{path} must be a whole number, got {value!r}") from None
+    if number != int(number):
+        raise ValueError(f"{path} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _factor(path: str, value: Any) -> int:
+    number = _whole(path, value)
+    if number != -1 and number < 1:
+        raise ValueError(f"{path} must be -1 (automatic) or at least 1, got {value!r}")
+    return number
+
+
+def _non_negative(path: str, value: Any) -> float:
+    message = f"{path} must be a number of at least 0, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(message)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(message) from None
+    if not number >= 0:  # also refuses nan
+        raise ValueError(message)
+    return number
+
+
+@dataclass(frozen=True)
+class LycorisArg:
+    """One LyCORIS option of network_args.
+
+    Attributes:
+        keyword: the ``LycorisNetworkKohya`` keyword it sets (sd-scripts' create_network renames a few).
+        parse: checks and converts the value; raises ValueError naming the config path.
+        algorithms: the algorithms whose modules read it; for any other it would be silently ignored.
+    """
+
+    keyword: str
+    parse: Callable[[str, Any], Any]
+    algorithms: frozenset[str] = _EVERY
+
+
+LYCORIS_ARGS: dict[str, LycorisArg] = {
+    "train_norm": LycorisArg("train_norm", _flag),
+    "bypass_mode": LycorisArg("bypass_mode", _flag),
+    "use_tucker": LycorisArg("use_tucker", _flag, _LORA_LIKE),
+    "rs_lora": LycorisArg("rs_lora", _flag, _LORA_LIKE | {"glora"}),
+    "dora_wd": LycorisArg("weight_decompose", _flag, _LORA_LIKE),
+    "wd_on_output": LycorisArg("wd_on_out", _flag, _LORA_LIKE),
+    "factor": LycorisArg("factor", _factor, frozenset({"lokr"})),
+    "decompose_both": LycorisArg("decompose_both", _flag, frozenset({"lokr"})),
+    "full_matrix": LycorisArg("full_matrix", _flag, frozenset({"lokr"})),
+    "unbalanced_factorization": LycorisArg("unbalanced_factorization", _flag, frozenset({"lokr"})),
+    "constraint": LycorisArg("constraint", _non_negative, frozenset({"diag-oft", "boft"})),
+    "rescaled": LycorisArg("rescaled", _flag, frozenset({"diag-oft", "boft"})),
+}
+# What sd-scripts' lycoris.kohya.create_network passes when an option is not given.
+_DEFAULT_KEYWORDS: dict[str, Any] = {
+    "train_norm": False, "bypass_mode": False, "use_tucker": False, "use_scalar": False, "rs_lora": False,
+    "weight_decompose": False, "wd_on_out": True, "factor": -1, "decompose_both": False, "full_matrix": False,
+    "unbalanced_factorization": False, "constraint": 0.0, "rescaled": False,
+}
+_OLD_NAMES = {"disable_conv_cp": "use_tucker", "use_cp": "use_tucker", "use_conv_cp": "use_tucker",
+              "constrain": "constraint"}
+_LORAPLUS = ("lycoris applies LoRA+ ratios only to lora_up weights, which these algorithms do not have; use "
+             "network_type = 'lora' or 'locon' for LoRA+")
+# Options lycoris has that Atelier refuses, with the reason.
+_REFUSED_ARGS = {
+    "use_scalar": "lycoris folds the trained scalar into the saved weights and resets it to 1 when loading, so a "
+                  "resumed run would not continue exactly",
+    "loraplus_lr_ratio": _LORAPLUS, "loraplus_unet_lr_ratio": _LORAPLUS, "loraplus_text_encoder_lr_ratio": _LORAPLUS,
+}
+# The dropouts lycoris 4.1.3 applies, per setting, without and with bypass_mode: (algorithms, algorithms). Others
+# ignore the setting (LoHa and LoKr print a warning, the rest nothing); module_dropout works everywhere.
+_APPLIED_DROPOUTS: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
+    "dropout": ("network.network_dropout", frozenset(), frozenset({"loha", "lokr", "glora"})),
+    "rank_dropout": ("network.rank_dropout", frozenset({"loha", "lokr", "diag-oft", "full"}),
+                     frozenset({"loha", "glora"})),
+}
+_ACCEPTED = ", ".join(["algo", "preset", *sorted(_SHARED_ARGS), *LYCORIS_ARGS])
+
+
+@dataclass(frozen=True)
+class LycorisSettings:
+    """The LyCORIS part of the settings (the rest is a :class:`LoRAOptions`).
+
+    Attributes:
+        algo: the lycoris algorithm, e.g. "loha" (the config's network_type).
+        preset: a built-in lycoris preset name or the path of a preset TOML file.
+        keywords: ``LycorisNetworkKohya`` keywords, the defaults of sd-scripts' create_network overlaid with
+            network_args.
+    """
+
+    algo: str
+    preset: str = "full"
+    keywords: Mapping[str, Any] = field(default_factory=lambda: dict(_DEFAULT_KEYWORDS))
+
+
+def _lycoris_arg(key: str, algo: str) -> LycorisArg:
+    path = f"network.network_args.{key}"
+    if key in _OLD_NAMES:
+        raise ValueError(f"{path} is an old lycoris name; use network.network_args.{_OLD_NAMES[key]}")
+    if key in _REFUSED_ARGS:
+        raise ValueError(f"{path} is not supported: {_REFUSED_ARGS[key]}")
+    arg = LYCORIS_ARGS.get(key)
+    if arg is None:
+        raise ValueError(f"{path} is not a LyCORIS option that Atelier passes on; accepted keys: {_ACCEPTED}")
+    if algo not in arg.algorithms:
+        users = ", ".join(sorted(arg.algorithms))
+        raise ValueError(f"{path} has no effect with network_type = {algo!r} (lycoris reads it only for {users}); "
+                         "remove it")
+    return arg
+
+
+def _preset_name(value: Any) -> str:
+    from lycoris.config import PRESET
+
+    path = "network.network_args.preset"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{path} must be a preset name or the path of a preset TOML file, got {value!r}")
+    if value not in PRESET and not Path(value).is_file():
+        raise ValueError(f"{path} = {value!r} is neither a built-in LyCORIS preset ({', '.join(PRESET)}) nor an "
+                         "existing preset file")
+    return value
+
+
+def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_args: Mapping[str, Any] | None
+                             ) -> tuple[LoRAOptions, LycorisSettings]:
+    """Check the settings of a LyCORIS network and split network_args into shared and LyCORIS options.
+
+    Args:
+        algo: one of :data:`ALGORITHMS`.
+        keywords: ``dim``, ``alpha``, ``conv_dim``, ``conv_alpha``, ``dropout``, ``rank_dropout``,
+            ``module_dropout`` (as for :func:`engine.networks.lora_names.resolve_options`).
+        network_args: the shared settings above (may also be given here, as kohya allows), ``algo`` (must match),
+            ``preset`` and :data:`LYCORIS_ARGS`.
+
+    Raises:
+        ValueError: an unknown, ignored or contradictory option, or a bad value; the message names the config path.
+        ImportError: lycoris is not installed (a preset is given and has to be looked up).
+    """
+    if algo not in ALGORITHMS:
+        raise ValueError(f"network.network_type = {algo!r} is not a LyCORIS algorithm; expected one of "
+                         f"{', '.join(ALGORITHMS)}")
+    if algo in REFUSED_ALGORITHMS:
+        raise ValueError(f"network.network_type = {algo!r} is not supported: {REFUSED_ALGORITHMS[algo]}")
+    args = dict(network_args or {})
+    options = resolve_options(keywords, {key: args.pop(key) for key in list(args) if key in _SHARED_ARGS})
+    given = args.pop("algo", algo)
+    if str(given).lower() != algo:
+        raise ValueError(f"network.network_args.algo = {given!r} contradicts network.network_type = {algo!r}; "
+                         "set network_type only")
+    preset = _preset_name(args.pop("preset")) if "preset" in args else "full"
+    chosen = dict(_DEFAULT_KEYWORDS)
+    for key, value in args.items():
+        arg = _lycoris_arg(key, algo)
+        chosen[arg.keyword] = arg.parse(f"network.network_args.{key}", value)
+    _check_dropouts(algo, options, bypass=chosen["bypass_mode"])
+    return options, LycorisSettings(algo, preset, chosen)
+
+
+def _check_dropouts(algo: str, options: LoRAOptions, *, bypass: bool) -> None:
+    """lycoris ignores a dropout some algorithms do not implement; refuse it rather than train without it."""
+    for setting, (path, plain, bypassed) in _APPLIED_DROPOUTS.items():
+        if getattr(options, setting) and algo not in (bypassed if bypass else plain):
+            users = ", ".join(sorted(plain)) or "no algorithm"
+            raise ValueError(f"{path} has no effect with network_type = {algo!r}{' in bypass mode' if bypass else ''}"
+                             f"; lycoris applies it for {users}, and with network.network_args.bypass_mode = true "
+                             f"for {', '.join(sorted(bypassed))}; set it to 0")
+
+
+# --- presets -----------------------------------------------------------------------------------------------------
+
+def _preset_config(name: str, conv: bool) -> dict[str, Any]:
+    """Every preset key lycoris reads, from the named preset over lycoris' defaults, fitted to SD UNets."""
+    from lycoris.config import PRESET
+    from lycoris.utils.preset import read_preset
+
+    chosen = PRESET[name] if name in PRESET else read_preset(name)
+    if chosen is None:
+        raise ValueError(f"network.network_args.preset: {name!r} could not be read as a LyCORIS preset file")
+    defaults = {**PRESET["full"], "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False,
+                "exclude_name": []}
+    preset = {**defaults, **chosen}
+    preset["unet_target_module"] = [cls for cls in preset["unet_target_module"] if cls not in _NOT_FOR_SD_UNETS]
+    if conv and not preset["enable_conv"]:
+        raise ValueError(f"network.conv_dim has no effect with the LyCORIS preset {name!r}, which trains no 3x3 "
+                         "convolutions; set conv_dim = 0 or use the preset 'full'")
+    preset["enable_conv"] = conv
+    return preset
+
+
+def _lycoris_kohya_class() -> type:
+    try:
+        from lycoris.kohya import LycorisNetworkKohya
+    except ImportError as error:
+        raise ImportError(f"LyCORIS network types need the '{LYCORIS.module}' package, which could not be imported "
+                          f"({error}); {LYCORIS.install_hint()}") from error
+    return LycorisNetworkKohya
+
+
+# --- the network -------------------------------------------------------------------------------------------------
+
+class LycorisKohyaNetwork(LoRANetwork):
+    """lycoris modules under kohya's names: a :class:`LoRANetwork` whose modules are LoHa, LoKr, ... modules.
+
+    Applying, restoring, multipliers, optimizer groups and module counts are the LoRA network's; saving keeps
+    integer entries (IA3's ``on_input``) as they are, and loading checks each module's entries against the file.
+
+    Attributes:
+        settings: the LyCORIS settings it was built with.
+    """
+
+    def __init__(self, unet_loras: Sequence[nn.Module], text_encoder_loras: Sequence[Sequence[nn.Module]],
+                 text_encoder_prefixes: Sequence[str], options: LoRAOptions, settings: LycorisSettings,
+                 aliases: Mapping[str, str] | None = None) -> None:
+        super().__init__(unet_loras, text_encoder_loras, text_encoder_prefixes, options, aliases)  # type: ignore[arg-type]
+        self.settings = settings
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors to save, on the CPU and copied; ``dtype`` applies to floating-point entries only."""
+        return {key: value.detach().to("cpu", dtype=dtype if dtype and value.is_floating_point() else value.dtype,
+                                       copy=True)
+                for key, value in self.state_dict().items()}
+
+    def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> LoRALoadResult:
+        """Load weights saved by :meth:`kohya_state_dict` or sd-scripts with lycoris; nothing changes if it fails.
+
+        Args:
+            state_dict: tensors keyed ``<module name>.<entry>`` (kohya names, or lycoris' names for this model).
+            strict: raise when a module of the network is not in the file or the file has modules the network
+                does not have; otherwise skip them and report them in the result.
+
+        Raises:
+            ValueError: a module's entries, shapes or alpha differ from this network's (the file was trained with
+                other settings), or (strict) a module is missing or unknown. The message names the key.
+        """
+        modules: dict[str, nn.Module] = dict(self.named_children())
+        found, unexpected = self._file_modules(state_dict, modules)
+        missing = [name for name in modules if name not in found]
+        if strict and unexpected:
+            raise ValueError(f"the network weights have modules this network does not have: {_some(unexpected)} "
+                             "(another model family, network type, preset or target layers?)")
+        if strict and missing:
+            raise ValueError(f"the network weights lack {len(missing)} modules of this network: {_some(missing)} "
+                             "(was it trained with another preset, conv_dim or text encoders?)")
+        for name, tensors in found.items():
+            _check_module_tensors(name, modules[name], tensors)
+        for name, tensors in found.items():
+            _load_module_tensors(modules[name], tensors)
+        return LoRALoadResult(missing, unexpected)
+
+    def _file_modules(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]
+                      ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+        """{module name: {entry: tensor}} for the keys of modules here, and the keys of other modules."""
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        unexpected: list[str] = []
+        for key, tensor in state_dict.items():
+            file_name, _, part = key.partition(".")
+            name = self._aliases.get(file_name, file_name)
+            if name not in modules:
+                unexpected.append(key)
+                continue
+            tensors = found.setdefault(name, {})
+            if part in tensors:
+                raise ValueError(f"{key}: the network weights hold {name}.{part} twice, under two names")
+            tensors[part] = tensor
+        return found, unexpected
+
+
+def _check_module_tensors(name: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    expected = module.state_dict()
+    hint = ("set network_dim, conv_dim and network_args (factor, decompose_both, use_tucker, ...) to what the file "
+            "was trained with")
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing:
+        raise ValueError(f"{name}.{missing[0]} is missing from the network weights; {hint}")
+    if extra:
+        raise ValueError(f"{name}.{extra[0]} is in the network weights, but this network's module has "
+                         f"{', '.join(sorted(expected))}; {hint}")
+    for part, tensor in tensors.items():
+        ours = expected[part]
+        if tuple(tensor.shape) != tuple(ours.shape):
+            raise ValueError(f"{name}.{part} has shape {tuple(tensor.shape)} in the network weights but "
+                             f"{tuple(ours.shape)} here; {hint}")
+        if part in _SETTING_PARTS and not torch.allclose(tensor.double(), ours.double(), rtol=_ALPHA_RTOL):
+            raise ValueError(f"{name}.{part} is {tensor.item():g} in the network weights but {ours.item():g} here; "
+                             "set network_alpha (conv_alpha for convolutions) to the file's value")
+
+
+def _load_module_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    # The setting entries were checked to agree; the module keeps its own values, which its scale was built from.
+    # lycoris' load hooks run (they turn full's saved difference into a weight, reset use_scalar's scalar, ...).
+    own = {**tensors, **{part: value for part, value in module.state_dict().items() if part in _SETTING_PARTS}}
+    with torch.no_grad():
+        module.load_state_dict(own, strict=True)
+
+
+def _some(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+
+def _module_name(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}".replace(".", "_")
+
+
+def _text_encoder_path(path: str) -> str:
+    return path if path.startswith(TEXT_ENCODER_PATH_PREFIX) else TEXT_ENCODER_PATH_PREFIX + path
+
+
+def _rename(loras: Sequence[nn.Module], root: nn.Module, prefix: str, rename: Callable[[str], str]
+            ) -> tuple[list[nn.Module], dict[str, str]]:
+    """The modules that wrap a layer of ``root``, renamed to kohya's names, and {lycoris' name: kohya name}."""
+    paths = {id(module): path for path, module in root.named_modules()}
+    mine: list[nn.Module] = []
+    aliases: dict[str, str] = {}
+    for lora in loras:
+        path = paths.get(id(lora.org_module[0]))
+        if path is None:
+            continue
+        lora.lora_name = _module_name(prefix, rename(path))
+        if _module_name(prefix, path) != lora.lora_name:
+            aliases[_module_name(prefix, path)] = lora.lora_name
+        mine.append(lora)
+    return mine, aliases
+
+
+def create_lycoris_network(unet: nn.Module, text_encoders: Sequence[nn.Module], family: str, *, algo: str, dim: int,
+                           alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0,
+                           rank_dropout: float = 0.0, module_dropout: float = 0.0, train_unet: bool = True,
+                           train_text_encoder: bool | Sequence[bool] = True,
+                           network_args: Mapping[str, Any] | None = None,
+                           multiplier: float = 1.0) -> LycorisKohyaNetwork:
+    """Build a LyCORIS network with lycoris' kohya path and kohya's module names; not yet applied.
+
+    Args:
+        unet: diffusers ``UNet2DConditionModel``.
+        text_encoders: the family's CLIP encoders in order (one for SD1/SD2, two for SDXL).
+        family: "sd1", "sd2" or "sdxl".
+        algo: the lycoris algorithm (:data:`ALGORITHMS`).
+        dim, alpha: rank and alpha of Linear and 1x1 conv layers (LoKr: a huge dim means full matrices).
+        conv_dim, conv_alpha: rank and alpha of 3x3 convs (0 = not trained).
+        dropout, rank_dropout, module_dropout: lycoris' dropouts (dropout acts on each module's output).
+        train_unet: add modules to the UNet.
+        train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder).
+        network_args: preset and LyCORIS options (see :func:`resolve_lycoris_settings`).
+        multiplier: the initial strength of every module.
+
+    Raises:
+        ValueError: bad settings (the message names the setting), or the preset matches no layer.
+        ImportError: lycoris is not installed (the message says how to install it).
+    """
+    _lycoris_kohya_class()  # a missing package is reported before any option that needs it
+    options, settings = resolve_lycoris_settings(
+        algo, {"dim": dim, "alpha": alpha, "conv_dim": conv_dim, "conv_alpha": conv_alpha, "dropout": dropout,
+               "rank_dropout": rank_dropout, "module_dropout": module_dropout}, network_args)
+    prefixes = family_info(family).text_encoder_lora_prefixes
+    if len(text_encoders) != len(prefixes):
+        raise ValueError(f"{family} has {len(prefixes)} text encoder(s); got {len(text_encoders)}")
+    train_each = [train_text_encoder] * len(prefixes) if isinstance(train_text_encoder, bool) else train_text_encoder
+    if len(train_each) != len(prefixes):
+        raise ValueError(f"train_text_encoder needs one flag per text encoder ({len(prefixes)}), got {train_each}")
+
+    built = _build_lycoris(unet if train_unet else nn.Module(),
+                           [encoder if train else nn.Module() for encoder, train in zip(text_encoders, train_each,
+                                                                                        strict=True)],
+                           options, settings, multiplier)
+    unet_loras, aliases = _rename(built.unet_loras, unet, UNET_LORA_PREFIX, UNET_NAMING[family](unet)[0])
+    text_loras = []
+    for encoder, prefix in zip(text_encoders, prefixes, strict=True):
+        loras, encoder_aliases = _rename(built.text_encoder_loras, encoder, prefix, _text_encoder_path)
+        text_loras.append(loras)
+        aliases.update(encoder_aliases)
+    if not unet_loras and not any(text_loras):
+        raise ValueError(f"the LyCORIS preset {settings.preset!r} matches no layer of this {family} model "
+                         "(network.network_args.preset)")
+    return LycorisKohyaNetwork(unet_loras, text_loras, prefixes, options, settings, aliases)
+
+
+def _build_lycoris(unet: nn.Module, text_encoders: list[nn.Module], options: LoRAOptions, settings: LycorisSettings,
+                   multiplier: float) -> Any:
+    """lycoris' kohya network for the given models (untrained parts are empty modules), built but not applied."""
+    kohya_class = _lycoris_kohya_class()
+    kohya_class.apply_preset(_preset_config(settings.preset, conv=options.conv_dim > 0))
+    try:
+        return kohya_class(
+            text_encoders, unet, multiplier=multiplier, lora_dim=options.dim, conv_lora_dim=options.conv_dim,
+            alpha=options.alpha, conv_alpha=options.conv_alpha, dropout=options.dropout,
+            rank_dropout=options.rank_dropout, module_dropout=options.module_dropout, network_module=settings.algo,
+            warn_on_unmatched=False, **settings.keywords,
+        )
+    except ValueError as error:  # e.g. BOFT on a layer width it cannot factor
+        raise ValueError(f"lycoris could not build a {settings.algo} network with these settings: {error}; "
+                         "check network.network_dim and network.network_args") from error
+
+
+def lycoris_network(config: RunConfig, model: LoadedModel, train_unet: bool, train_text: list[bool]
+                    ) -> LycorisKohyaNetwork:
+    """The trainer's builder for network types with the "lycoris" backend (engine.train.methods)."""
+    section = config.network
+    return create_lycoris_network(
+        model.unet, model.text.encoders, model.family, algo=section.network_type, dim=section.network_dim,
+        alpha=section.network_alpha, conv_dim=section.conv_dim, conv_alpha=section.conv_alpha,
+        dropout=section.network_dropout, rank_dropout=section.rank_dropout, module_dropout=section.module_dropout,
+        train_unet=train_unet, train_text_encoder=train_text, network_args=section.network_args,
+    )
