@@ -62,6 +62,9 @@ class Trainer:
         self._set_train_mode(True)
         if session.config.sampling.sample_at_first and self.position.global_step == 0:
             self._sample(epoch=0, step=0, stem_kind="step")
+        before_training = getattr(session.method, "before_training", None)  # e.g. DreamBooth's text-encoder stop
+        if before_training is not None:
+            before_training(self.position.global_step, schedule.total_steps)
         step = self.position.global_step
         for epoch in range(self.position.epoch, schedule.num_epochs + 1):
             start = self.position.batches_done if epoch == self.position.epoch else 0

@@ -1,0 +1,250 @@
+"""DreamBooth and fine-tuning: the whole UNet and text encoders learn, and each save is a complete model.
+
+As sd-scripts' train_db.py, fine_tune.py and sdxl_train.py: every weight of the UNet (when its learning rate is above
+0) and of each text encoder whose rate is above 0 is trained, embeddings included. The text encoders can stop
+learning part-way (`training.stop_text_encoder_training`, a step count or a fraction of the run); from then on
+they get no gradients, so the optimizer leaves them as they are. DreamBooth and fine-tuning differ only in their
+data (folders with class tokens and regularization images, or metadata files), which the scan already tells apart.
+
+A save writes the UNet, the text encoders and the VAE the run used (a separate `model.vae` included) either as one
+file in the original LDM key layout, which A1111, ComfyUI and diffusers' `from_single_file` load, with the
+diffusers configs embedded so that `load_model` needs no guess; or as a diffusers folder. Weights are cast to
+`saving.save_precision` on copies: training continues on the untouched float32 weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.models.text_encoders import TEXT_COMPONENTS
+from engine.train.setup import RunInputError
+
+if TYPE_CHECKING:
+    from engine.config.schema import RunConfig
+    from engine.models.loading import LoadedModel
+
+# ss_* keys that describe a LoRA network; a full checkpoint has none (sd-scripts writes none into one).
+NETWORK_KEY_PREFIX = "ss_network_"
+
+
+def text_encoder_stop_step(value: int | float, total_steps: int) -> int | None:
+    """The optimizer step after which the text encoders stop learning; None = they learn to the end.
+
+    An integer is a step count, as sd-scripts' --stop_text_encoder_training (the encoders take part in exactly that
+    many updates); a float below 1 is a fraction of the run, rounded up as kohya_ss rounds its percentage.
+    """
+    if not value:
+        return None
+    return math.ceil(total_steps * value) if isinstance(value, float) else int(value)
+
+
+class FullModelMethod:
+    """Full-weight training of the UNet and text encoders (sd-scripts' DreamBooth and fine-tuning)."""
+
+    metadata_kind = ""  # modelspec describes a whole checkpoint, not a LoRA
+
+    def __init__(self, config: RunConfig, model: LoadedModel, base_dir: Path):
+        from engine.train.methods import learning_rates  # methods.py imports this module to register it
+
+        self.config = config
+        self.name = config.method
+        self.model = model
+        rates = learning_rates(config, len(model.text.encoders))
+        self.trains_unet = rates.unet > 0
+        caches_text = config.training.cache_text_encoder_outputs  # cached outputs mean the encoders never run
+        self.trains_text_encoders = [rate > 0 and not caches_text for rate in rates.text_encoders]
+        names = [encoder for _, encoder in TEXT_COMPONENTS[model.family]]
+        # The trained parts as (component name, module, learning rate); fixed for the run, even after the stop.
+        self.parts: list[tuple[str, torch.nn.Module, float]] = [("unet", model.unet, rates.unet)] \
+            if self.trains_unet else []
+        self.parts += [(name, encoder, rate) for name, encoder, rate, trains
+                       in zip(names, model.text.encoders, rates.text_encoders, self.trains_text_encoders, strict=True)
+                       if trains]
+        self.stop_step: int | None = None
+        self.global_step = 0
+
+    # --- what learns -------------------------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(module.parameters()), "lr": rate, "name": name} for name, module, rate in self.parts]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for module in self.trainable_modules() for parameter in module.parameters()
+                if parameter.requires_grad]
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [module for _, module, _ in self.parts]
+
+    def before_training(self, global_step: int, total_steps: int) -> None:
+        """Where the run starts (0, or the resumed step) and how long it is: fixes the text encoders' stop step."""
+        self.stop_step = text_encoder_stop_step(self.config.training.stop_text_encoder_training, total_steps)
+        self.global_step = global_step
+        self._stop_text_encoders_if_due()
+
+    def after_update(self) -> None:
+        self.global_step += 1
+        self._stop_text_encoders_if_due()
+
+    def _stop_text_encoders_if_due(self) -> None:
+        if self.stop_step is None or self.global_step < self.stop_step or not any(self.trains_text_encoders):
+            return
+        for encoder in self.model.text.encoders:
+            encoder.requires_grad_(False)
+        self.trains_text_encoders = [False] * len(self.trains_text_encoders)
+
+    # --- resumable state ---------------------------------------------------------------------------------------
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": tensor for name, module, _ in self.parts
+                for key, tensor in module.state_dict().items()}
+
+    def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, module, _ in self.parts:
+            prefix = f"{name}."
+            own = {key.removeprefix(prefix): tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+            try:
+                module.load_state_dict(own)
+            except RuntimeError as error:
+                raise RunInputError(f"the saved state does not fit this run's {name} ({str(error)[:200]})",
+                                    "resume with the same base model, method and learning rates that are above 0",
+                                    "saving.resume") from error
+
+    # --- saving ------------------------------------------------------------------------------------------------
+
+    def components(self) -> dict[str, Any]:
+        """The pipeline's parts as diffusers names them: modules, tokenizers, and the scheduler the model predicts
+        with (v-prediction when the run trains it)."""
+        model = self.model
+        parts: dict[str, Any] = {"unet": model.unet, "vae": model.vae.vae,
+                                 "scheduler": scheduler_for(model.scheduler_config,
+                                                            self.config.model.v_parameterization)}
+        for (tokenizer_name, encoder_name), tokenizer, encoder in zip(
+                TEXT_COMPONENTS[model.family], model.text.tokenizers, model.text.encoders, strict=True):
+            parts[tokenizer_name], parts[encoder_name] = tokenizer, encoder
+        return parts
+
+    def save(self, path_without_suffix: Path, metadata: dict[str, str]) -> Path:
+        from engine.networks.network_file import save_dtype
+
+        saving = self.config.saving
+        kept = {key: value for key, value in metadata.items() if not key.startswith(NETWORK_KEY_PREFIX)}
+        write = MODEL_WRITERS[saving.save_model_as]
+        return write(self.components(), self.model.family, path_without_suffix, kept, save_dtype(saving.save_precision))
+
+    def describe(self) -> str:
+        counts = [f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters"
+                  for name, module, _ in self.parts]
+        stop = self.config.training.stop_text_encoder_training
+        until = f"; text encoders stop after {stop:g} {'of the run' if isinstance(stop, float) else 'steps'}" \
+            if stop and any(self.trains_text_encoders) else ""
+        return ", ".join(counts) + until
+
+
+def scheduler_for(config: Mapping[str, Any], v_prediction: bool) -> Any:
+    """The model's noise scheduler, with the prediction type the run trained (a single file's config says epsilon)."""
+    import diffusers
+
+    settings = {**config, "prediction_type": "v_prediction" if v_prediction else "epsilon"}
+    return getattr(diffusers, settings["_class_name"]).from_config(settings)
+
+
+# --- writers -------------------------------------------------------------------------------------------------------
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A CPU tensor in `dtype` (integer buffers such as position ids keep theirs); a new tensor whenever it must move
+    or change type, so the module's own weights are never touched."""
+    tensor = tensor.detach()
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.to("cpu")
+    return tensor.to("cpu", dtype)
+
+
+def save_single_file(components: dict[str, Any], family: str, path_without_suffix: Path, metadata: dict[str, str],
+                     dtype: torch.dtype | None, *, suffix: str) -> Path:
+    """One LDM-layout file (.safetensors with metadata and the embedded configs, or a .ckpt as sd-scripts writes it),
+    written under a temporary name and renamed."""
+    from engine.models.ldm_checkpoint import pipeline_configs, pipeline_to_ldm, save_ldm_checkpoint
+
+    tensors = {key: _cast(tensor, dtype) for key, tensor in pipeline_to_ldm(components, family).items()}
+    target = path_without_suffix.with_name(path_without_suffix.name + suffix)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        if suffix == ".safetensors":
+            save_ldm_checkpoint(tensors, temporary, metadata, configs=pipeline_configs(components))
+        else:  # sd-scripts' ckpt: the state dict plus the progress, no metadata
+            torch.save({"state_dict": tensors, "epoch": int(metadata.get("ss_epoch", 0)),
+                        "global_step": int(metadata.get("ss_steps", 0))}, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return target
+
+
+def cpu_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The module rebuilt on the CPU with its weights in `dtype`, without a second copy on the training device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device: nothing is allocated until the weights are assigned
+        builder = getattr(type(module), "from_config", None) or type(module)._from_config
+        copy = builder(module.config)
+    copy.load_state_dict({key: _cast(tensor, dtype) for key, tensor in module.state_dict().items()}, assign=True)
+    return copy.eval()
+
+
+# Pipeline options that keep optional parts out of a saved folder (no safety checker, no watermarker).
+_PIPELINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "sd": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    "sdxl": {"add_watermarker": False},
+}
+
+
+def save_diffusers_folder(components: dict[str, Any], family: str, path_without_suffix: Path,
+                          metadata: dict[str, str], dtype: torch.dtype | None, *, safetensors: bool) -> Path:
+    """A diffusers pipeline folder, written beside the target and moved into place once complete.
+
+    diffusers folders carry no metadata. transformers 5 writes text encoders as safetensors whatever is asked, so
+    the "diffusers" format has .bin files for the UNet and VAE only.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class, options = (StableDiffusionXLPipeline, _PIPELINE_OPTIONS["sdxl"]) if family == "sdxl" \
+        else (StableDiffusionPipeline, _PIPELINE_OPTIONS["sd"])
+    copies = {name: cpu_copy(part, dtype) if isinstance(part, torch.nn.Module) else part
+              for name, part in components.items()}
+    target = path_without_suffix
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        pipeline_class(**copies, **options).save_pretrained(str(temporary), safe_serialization=safetensors)
+        _replace_folder(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return target
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Move `source` to `target`; an existing `target` (an earlier save of this run) goes only once it is replaced."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, retired)
+    os.replace(source, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+ModelWriter = Callable[[dict[str, Any], str, Path, dict[str, str], "torch.dtype | None"], Path]
+MODEL_WRITERS: dict[str, ModelWriter] = {
+    "safetensors": lambda *args: save_single_file(*args, suffix=".safetensors"),
+    "ckpt": lambda *args: save_single_file(*args, suffix=".ckpt"),
+    "diffusers": lambda *args: save_diffusers_folder(*args, safetensors=False),
+    "diffusers_safetensors": lambda *args: save_diffusers_folder(*args, safetensors=True),
+}
