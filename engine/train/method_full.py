@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.files import atomic_output, replace_folder
 from engine.models.text_encoders import TEXT_COMPONENTS
 from engine.train.setup import RunInputError
 
@@ -175,16 +176,12 @@ def save_single_file(components: dict[str, Any], family: str, path_without_suffi
 
     tensors = {key: _cast(tensor, dtype) for key, tensor in pipeline_to_ldm(components, family).items()}
     target = path_without_suffix.with_name(path_without_suffix.name + suffix)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(target) as temporary:
         if suffix == ".safetensors":
             save_ldm_checkpoint(tensors, temporary, metadata, configs=pipeline_configs(components))
         else:  # sd-scripts' ckpt: the state dict plus the progress, no metadata
             torch.save({"state_dict": tensors, "epoch": int(metadata.get("ss_epoch", 0)),
                         "global_step": int(metadata.get("ss_steps", 0))}, temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return target
 
 
@@ -224,21 +221,10 @@ def save_diffusers_folder(components: dict[str, Any], family: str, path_without_
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         pipeline_class(**copies, **options).save_pretrained(str(temporary), safe_serialization=safetensors)
-        _replace_folder(temporary, target)
+        replace_folder(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return target
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Move `source` to `target`; an existing `target` (an earlier save of this run) goes only once it is replaced."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, retired)
-    os.replace(source, target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 ModelWriter = Callable[[dict[str, Any], str, Path, dict[str, str], "torch.dtype | None"], Path]

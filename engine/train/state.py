@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.files import replace_folder
+
 STATE_VERSION = 1
 _TRAINED = "trained.safetensors"
 _POSITION = "train_state.json"
@@ -87,18 +89,8 @@ def save_state(folder: Path, state: SavedState) -> Path:
     torch.save(rng_states(), temporary / "rng.pt")
     document = {"version": STATE_VERSION, **asdict(state.position), "info": state.info}
     (temporary / _POSITION).write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
-    _replace_folder(temporary, folder)
+    replace_folder(temporary, folder)
     return folder
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, retired)
-        os.replace(source, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(source, target)
 
 
 def load_state(folder: Path) -> SavedState:

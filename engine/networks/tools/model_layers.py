@@ -6,13 +6,13 @@ so merge and extract address exactly the layers ``create_lora_network`` wraps.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from engine.files import atomic_output
 from engine.models.families import family_info
 from engine.models.ldm_checkpoint import pipeline_configs, pipeline_to_ldm, save_ldm_checkpoint
 from engine.models.loading import ModelLoadError, load_model
@@ -71,10 +71,6 @@ def save_checkpoint(model: LoadedModel, path: Path, metadata: dict[str, str],
     if dtype is not None:
         state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
     configs = {**pipeline_configs(components), "scheduler": model.scheduler_config}
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_output(path) as temporary:
         save_ldm_checkpoint(state, temporary, metadata, configs=configs)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
