@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from gui.tabs import parameters
+from gui.tabs import parameters, train
 
 TITLE = "Atelier"
 
@@ -25,4 +25,5 @@ def build_app(options: AppOptions) -> gr.Blocks:
                     f"kept in `{options.runs_dir}`.", elem_id="app-header")
         with gr.Tabs():
             parameters.build(options.presets_dir)
+            train.build(options.runs_dir)
     return app

@@ -1,0 +1,147 @@
+"""The Train tab: pick a run (or try the demo), watch it live and control it.
+
+Everything shown is read from the run directory on a 1-second timer (RunManager.status and tail_events only read
+files), so a reloaded page or a restarted GUI re-attaches to running and finished runs alike. Components that did
+not change are skipped, so the charts and gallery do not redraw every second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from engine.config.errors import ConfigError
+from gui import train_view as view
+from gui.demo import DemoError, start_demo
+from gui.runner import RunError, RunManager
+from gui.runs import PROCESS_LOG, RunHandle, tail_lines
+
+LOG_LINES = 200
+TICK_SECONDS = 1.0
+_RUNNING = ("running",)
+
+
+def _handle(manager: RunManager, name: str | None) -> RunHandle | None:
+    run_dir = manager.runs_dir / name if name else None
+    return RunHandle.from_dir(run_dir) if run_dir is not None and run_dir.is_dir() else None
+
+
+def _log_text(handle: RunHandle, log_tail: list[str]) -> str:
+    """train.log once the engine writes it; before that (model loading, a crash at start) its stdout."""
+    return "\n".join(log_tail or tail_lines(handle.run_dir / PROCESS_LOG, LOG_LINES))
+
+
+def _default_run(manager: RunManager) -> str | None:
+    """On page load: a running run if there is one, else the newest."""
+    handles = manager.discover()
+    for handle in handles:
+        if manager.status(handle, log_lines=0).state in _RUNNING:
+            return handle.name
+    return handles[0].name if handles else None
+
+
+def build(runs_dir: Path) -> None:
+    """Add the Train tab to the current gr.Blocks; runs live in runs_dir."""
+    manager = RunManager(runs_dir)
+    gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
+    with gr.Tab("Train", id="train"):
+        with gr.Row():
+            picker = gr.Dropdown(choices=view.run_choices(manager.discover()), value=None, label="Run",
+                                 elem_id="run-picker", scale=3, info="Runs in the runs folder, newest first.")
+            demo_button = gr.Button("Try the demo", elem_id="try-demo", variant="primary", scale=1)
+        message = gr.Markdown(elem_id="train-message")
+        error_box = gr.Markdown(visible=False, elem_id="run-error")
+        status_line = gr.Markdown("No run selected. New here? **Try the demo**: a tiny model that trains on a "
+                                  "CPU in about a minute.", elem_id="run-status")
+        progress = gr.HTML(elem_id="run-progress")
+        with gr.Row():
+            buttons = {"stop": gr.Button("Stop", elem_id="run-stop", interactive=False),
+                       "save": gr.Button("Save now", elem_id="run-save", interactive=False),
+                       "sample": gr.Button("Sample now", elem_id="run-sample", interactive=False),
+                       "resume": gr.Button("Resume", elem_id="run-resume", interactive=False)}
+        log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True, elem_id="run-log")
+        with gr.Row():
+            loss_plot = gr.LinePlot(view.loss_frame([]), x="step", y="value", color="series", title="Loss",
+                                    color_map=view.LOSS_COLORS,
+                                    elem_id="loss-chart", height=260)
+            lr_plot = gr.LinePlot(view.lr_frame([]), x="step", y="lr", title="Learning rate", elem_id="lr-chart",
+                                  height=260)
+        gallery = gr.Gallery(label="Samples", columns=4, height=280, elem_id="run-samples")
+        checkpoints = gr.Markdown(elem_id="run-checkpoints")
+        cache = gr.State({})
+        timer = gr.Timer(TICK_SECONDS)
+
+    def tick(name: str | None, seen: dict) -> dict:
+        names = [handle.name for handle in manager.discover()]
+        updates: dict[Any, Any] = {}
+        if names != seen.get("names"):
+            updates[picker] = gr.Dropdown(choices=names)
+        handle = _handle(manager, name)
+        if handle is None:
+            return updates | {cache: {**seen, "names": names}}
+        if seen.get("run") != name:
+            seen = {"run": name, "offset": 0, "rows": [], "samples": None}
+        status = manager.status(handle, log_lines=LOG_LINES)
+        events, offset = manager.tail_events(handle, seen["offset"])
+        new_rows = view.progress_rows(events)
+        rows = seen["rows"] + new_rows
+        error_text = view.error_markdown(status)
+        updates |= {
+            status_line: view.status_markdown(name, status), progress: view.progress_html(status),
+            error_box: gr.Markdown(error_text, visible=bool(error_text)), log: _log_text(handle, status.log_tail),
+            checkpoints: view.checkpoints_markdown(status),
+            buttons["stop"]: gr.Button(interactive=status.state in _RUNNING),
+            buttons["save"]: gr.Button(interactive=status.state in _RUNNING),
+            buttons["sample"]: gr.Button(interactive=status.state in _RUNNING),
+            buttons["resume"]: gr.Button(interactive=view.can_resume(status)),
+        }
+        if new_rows or seen["offset"] == 0:
+            updates |= {loss_plot: view.loss_frame(rows), lr_plot: view.lr_frame(rows)}
+        if status.samples != seen["samples"]:
+            updates[gallery] = list(status.samples)
+        return updates | {cache: {**seen, "names": names, "offset": offset, "rows": rows,
+                                  "samples": status.samples}}
+
+    def on_demo() -> Iterator[dict]:
+        yield {message: "Building the tiny demo model and images (about 20 s the first time)…"}
+        try:
+            handle = start_demo(manager)
+        except (DemoError, RunError, ConfigError, OSError) as error:
+            yield {message: f"**The demo could not start:** {error}"}
+            return
+        names = [entry.name for entry in manager.discover()]
+        yield {message: f"Started the demo run `{handle.name}`.",
+               picker: gr.Dropdown(choices=names, value=handle.name)}
+
+    def control(action: Callable[[RunHandle], Any], done: str) -> Callable[[str | None], str]:
+        def run(name: str | None) -> str:
+            handle = _handle(manager, name)
+            if handle is None:
+                return "Choose a run first."
+            try:
+                action(handle)
+            except (RunError, ConfigError, OSError) as error:
+                return f"**Could not {done}:** {error}"
+            return f"Asked `{name}` to {done}."
+        return run
+
+    def resume(handle: RunHandle) -> None:
+        state = manager.status(handle, log_lines=0).resume_state
+        if not state:
+            raise RunError("this run has no saved state to resume from")
+        manager.resume(handle, state)
+
+    outputs = [picker, cache, status_line, progress, error_box, log, checkpoints, loss_plot, lr_plot, gallery,
+               *buttons.values()]
+    timer.tick(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden", queue=False)
+    picker.change(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden")
+    gr.on(None, lambda: gr.Dropdown(choices=[h.name for h in manager.discover()], value=_default_run(manager)),
+          outputs=picker)
+    demo_button.click(on_demo, outputs=[message, picker])
+    for key, action, done in (("stop", manager.stop, "stop (it saves a resumable state first)"),
+                              ("save", manager.save_now, "save now"), ("sample", manager.sample_now, "sample now"),
+                              ("resume", resume, "resume")):
+        buttons[key].click(control(action, done), inputs=picker, outputs=message)

@@ -1,0 +1,109 @@
+"""What the Train tab shows for a run, as pure functions of its RunStatus and events: the status line, the error
+box, chart rows, the checkpoint list, the run picker's labels. No gradio here, so it is tested without a browser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gui.runs import RunHandle, RunStatus
+
+LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
+LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point
+RESUMABLE_STATES = ("stopped", "failed", "lost")  # a finished run has no steps left to train
+_FAILED_STATES = ("failed", "lost")
+
+
+def format_duration(seconds: float | None) -> str:
+    """'1h 02m', '3m 05s', '42s'; an em dash while the engine cannot estimate it yet."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def status_markdown(name: str, status: RunStatus) -> str:
+    """One line: the run, its state, step/total, epoch, speed and time left."""
+    steps = f"step {status.step}/{status.total_steps}" if status.total_steps else f"step {status.step}"
+    epochs = f"epoch {status.epoch}/{status.num_epochs}" if status.num_epochs else f"epoch {status.epoch}"
+    speed = f"{status.it_per_s:.2f} it/s" if status.it_per_s else "— it/s"
+    parts = [f"**{status.state}**", steps, epochs, speed, f"ETA {format_duration(status.eta_s)}"]
+    if status.loss is not None:
+        parts.append(f"loss {status.loss:.4f}")
+    line = f"`{name}` — " + " · ".join(parts)
+    return f"{line}\n\n{status.summary}" if status.summary else line
+
+
+def error_markdown(status: RunStatus) -> str:
+    """The error event's message and hint for a failed (or lost) run; empty for any other state."""
+    if status.state not in _FAILED_STATES or not (status.error or status.hint):
+        return ""
+    lines = [f"**The run {status.state}:** {status.error}"]
+    if status.hint:
+        lines.append(f"**What to do:** {status.hint}")
+    return "\n\n".join(lines)
+
+
+def progress_fraction(status: RunStatus) -> float:
+    return min(1.0, status.step / status.total_steps) if status.total_steps else 0.0
+
+
+def progress_rows(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per progress event: step, loss, loss_avg and the first parameter group's learning rate."""
+    rows = []
+    for event in events:
+        if event.get("type") != "progress" or event.get("step") is None:
+            continue
+        rates = event.get("lr") or [None]
+        rows.append({"step": event["step"], "loss": event.get("loss"), "loss_avg": event.get("loss_avg"),
+                     "lr": rates[0] if isinstance(rates, list) else rates})
+    return rows
+
+
+def loss_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Long format (step, value, series) so one LinePlot draws the raw and the smoothed loss in two colours."""
+    records = [{"step": row["step"], "value": row[key], "series": series}
+               for row in rows for key, series in LOSS_SERIES.items() if row.get(key) is not None]
+    # Explicit dtypes: an empty frame would otherwise be `object`, and the plot would take step as categories.
+    return pd.DataFrame(records, columns=["step", "value", "series"]).astype(
+        {"step": "int64", "value": "float64", "series": object})
+
+
+def lr_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    records = [{"step": row["step"], "lr": row["lr"]} for row in rows if row.get("lr") is not None]
+    return pd.DataFrame(records, columns=["step", "lr"]).astype({"step": "int64", "lr": "float64"})
+
+
+def checkpoints_markdown(status: RunStatus) -> str:
+    """The files and state folders written so far, newest last; a state folder is what Resume continues from."""
+    if not status.checkpoints:
+        return "No checkpoints yet."
+    lines = [f"- step {entry.get('step')} · {entry.get('kind')} · `{Path(entry['path']).name}`"
+             for entry in status.checkpoints]
+    if status.resume_state:
+        lines.append(f"\nResume continues from `{status.resume_state}`.")
+    return "\n".join(lines)
+
+
+def run_choices(handles: Sequence[RunHandle]) -> list[tuple[str, str]]:
+    """Dropdown entries (label, run folder name), in the order given (discover() gives newest first)."""
+    return [(handle.name, handle.name) for handle in handles]
+
+
+def can_resume(status: RunStatus) -> bool:
+    return status.state in RESUMABLE_STATES and bool(status.resume_state)
+
+
+def progress_html(status: RunStatus) -> str:
+    """A native progress bar with the step count, so the page shows progress without reading the text."""
+    percent = round(100 * progress_fraction(status))
+    return (f'<div id="run-progress-bar"><progress value="{status.step}" max="{max(status.total_steps, 1)}" '
+            f'style="width:100%"></progress> <span>{percent}%</span></div>')

@@ -1,0 +1,68 @@
+"""What the Train tab shows, from a RunStatus and events: checked against the inputs, not against a browser."""
+
+from pathlib import Path
+
+from gui import train_view as view
+from gui.runs import RunHandle, RunStatus
+
+
+def progress(step: int, loss: float, avg: float, lr: float) -> dict:
+    return {"type": "progress", "step": step, "loss": loss, "loss_avg": avg, "lr": [lr, lr / 2]}
+
+
+def test_durations_read_like_a_clock():
+    assert view.format_duration(None) == "—"
+    assert view.format_duration(42.4) == "42s"
+    assert view.format_duration(185) == "3m 05s"
+    assert view.format_duration(3720) == "1h 02m"
+
+
+def test_status_line_names_state_step_epoch_speed_and_eta():
+    status = RunStatus(state="running", step=17, total_steps=120, epoch=1, num_epochs=4, loss=1.25,
+                       it_per_s=6.5, eta_s=16)
+    line = view.status_markdown("run-a", status)
+    for part in ("running", "step 17/120", "epoch 1/4", "6.50 it/s", "ETA 16s", "loss 1.2500"):
+        assert part in line
+    assert view.progress_fraction(status) == 17 / 120
+    assert 'value="17" max="120"' in view.progress_html(status)
+
+
+def test_error_box_only_for_failed_runs_and_carries_the_hint():
+    failed = RunStatus(state="failed", error="loss is NaN at step 3", hint="lower the learning rate")
+    text = view.error_markdown(failed)
+    assert "loss is NaN at step 3" in text and "lower the learning rate" in text
+    assert view.error_markdown(RunStatus(state="stopped", error="old", hint="old")) == ""
+
+
+def test_chart_rows_follow_progress_events_only():
+    events = [{"type": "start", "total_steps": 3}, progress(1, 1.0, 1.0, 1e-3), {"type": "sample", "step": 1},
+              progress(2, 0.5, 0.75, 5e-4)]
+    rows = view.progress_rows(events)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["lr"] for row in rows] == [1e-3, 5e-4]  # the first parameter group
+    loss = view.loss_frame(rows)
+    assert len(loss) == 2 * len(rows)
+    smoothed = loss[loss["series"] == "smoothed"]
+    assert list(smoothed["value"]) == [1.0, 0.75]
+    assert list(view.lr_frame(rows)["lr"]) == [1e-3, 5e-4]
+
+
+def test_empty_charts_keep_numeric_steps():
+    assert str(view.loss_frame([])["step"].dtype) == "int64"
+    assert str(view.lr_frame([])["lr"].dtype) == "float64"
+
+
+def test_checkpoints_list_and_resume_rule(tmp_path: Path):
+    status = RunStatus(state="stopped", resume_state=str(tmp_path / "x-state"),
+                       checkpoints=[{"kind": "stop", "path": str(tmp_path / "x.safetensors"), "step": 40}])
+    text = view.checkpoints_markdown(status)
+    assert "step 40" in text and "x.safetensors" in text and "x-state" in text
+    assert view.can_resume(status)
+    assert not view.can_resume(RunStatus(state="finished", resume_state="s"))
+    assert not view.can_resume(RunStatus(state="stopped"))
+    assert view.checkpoints_markdown(RunStatus(state="running")) == "No checkpoints yet."
+
+
+def test_run_choices_keep_the_given_order(tmp_path: Path):
+    handles = [RunHandle(tmp_path / "b"), RunHandle(tmp_path / "a")]
+    assert view.run_choices(handles) == [("b", "b"), ("a", "a")]
