@@ -64,10 +64,10 @@ def build(runs_dir: Path) -> None:
                        "resume": gr.Button("Resume", elem_id="run-resume", interactive=False)}
         log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True, elem_id="run-log")
         with gr.Row():
-            loss_plot = gr.LinePlot(view.loss_frame([]), x="step", y="value", color="series", title="Loss",
+            loss_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Loss",
                                     color_map=view.LOSS_COLORS,
                                     elem_id="loss-chart", height=260)
-            lr_plot = gr.LinePlot(view.lr_frame([]), x="step", y="lr", title="Learning rate", elem_id="lr-chart",
+            lr_plot = gr.LinePlot(None, x="step", y="lr", title="Learning rate", elem_id="lr-chart",
                                   height=260)
         gallery = gr.Gallery(label="Samples", columns=4, height=280, elem_id="run-samples")
         checkpoints = gr.Markdown(elem_id="run-checkpoints")
@@ -99,7 +99,10 @@ def build(runs_dir: Path) -> None:
             buttons["resume"]: gr.Button(interactive=view.can_resume(status)),
         }
         if new_rows or seen["offset"] == 0:
-            updates |= {loss_plot: view.loss_frame(rows), lr_plot: view.lr_frame(rows)}
+            # None, not an empty frame: a LinePlot first drawn from an empty frame keeps an empty colour scale in
+            # Gradio 6.31 and draws every later line without colour.
+            updates |= {loss_plot: view.loss_frame(rows) if rows else None,
+                        lr_plot: view.lr_frame(rows) if rows else None}
         if status.samples != seen["samples"]:
             updates[gallery] = list(status.samples)
         return updates | {cache: {**seen, "names": names, "offset": offset, "rows": rows,

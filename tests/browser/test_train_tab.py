@@ -56,6 +56,16 @@ def open_train_tab(browser, url):
     return context, page
 
 
+def _coloured_pixels(png: bytes) -> int:
+    """Pixels that are clearly coloured (not white, grey or black): what a drawn line leaves on a chart."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return sum(count for count, (r, g, b) in image.getcolors(1 << 22) if max(r, g, b) - min(r, g, b) > 60)
+
+
 def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screenshot):
     context, page = open_train_tab(browser, train_server["url"])
     status = page.locator("#run-status")
@@ -66,6 +76,7 @@ def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screens
     expect(page.locator("#run-log textarea")).to_have_value(re.compile(r"step \d+/360"), timeout=SLOW)
     expect(page.locator("#loss-chart .mark-line path")).to_have_count(2, timeout=SLOW)  # raw and smoothed
     expect(page.locator("#lr-chart .mark-line path")).to_have_count(1, timeout=SLOW)
+    assert _coloured_pixels(page.locator("#loss-chart").screenshot()) > 200, "the loss lines are drawn without colour"
     expect(page.locator("#run-samples img").first).to_be_visible(timeout=SLOW)
     expect(page.locator("#run-checkpoints")).to_contain_text("safetensors", timeout=SLOW)
     expect(page.locator("#run-error")).to_be_hidden()
