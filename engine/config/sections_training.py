@@ -19,6 +19,14 @@ from engine.config.choices import (
 OptimizerArg = str | int | float | bool | list[str | int | float | bool]
 
 
+def steps_or_fraction(value: int | float) -> int | float:
+    """A length given as whole steps (int) or as a fraction of the run (float below 1)."""
+    if isinstance(value, float) and value >= 1:
+        raise ValueError(f"{value} is a fraction of the run and must be below 1; write an integer for a number "
+                         "of steps")
+    return value
+
+
 class OptimizerSection(StrictModel):
     """The optimizer and learning-rate schedule."""
 
@@ -67,13 +75,7 @@ class OptimizerSection(StrictModel):
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, or give a full "
                          "class path such as 'torch.optim.RAdam'")
 
-    @field_validator("lr_warmup_steps")
-    @classmethod
-    def _warmup_form(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and value >= 1:
-            raise ValueError(f"{value} is a fraction of the run and must be below 1; write an integer for a number "
-                             "of steps")
-        return value
+    _warmup_form = field_validator("lr_warmup_steps")(steps_or_fraction)
 
 
 class TrainingSection(StrictModel):
@@ -173,13 +175,7 @@ class TrainingSection(StrictModel):
     prior_loss_weight: float = setting(
         1.0, "Loss weight of regularization images relative to training images.", ge=0.0, le=100.0,
     )
-    @field_validator("stop_text_encoder_training")
-    @classmethod
-    def _stop_form(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and value >= 1:
-            raise ValueError(f"{value} is a fraction of the run and must be below 1; write an integer for a number "
-                             "of steps")
-        return value
+    _stop_form = field_validator("stop_text_encoder_training")(steps_or_fraction)
 
     max_data_loader_n_workers: int = setting(
         0, "Processes loading images in parallel (0 = in the training process).", ge=0, le=64, advanced=True,
