@@ -44,10 +44,12 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     method = create_method(config, model, base_dir)
     place_models(config, model, method, accelerator, dtype, latents_cached=latents is not None,
                  texts_cached=texts is not None)
-    sampler = BucketBatchSampler(examples_records(scan), batch_sizes(scan), seed=config.training.seed,
+    examples = examples_from_scan(scan)  # the sampler and the dataset index this one list
+    sampler = BucketBatchSampler([example.record for example in examples], batch_sizes(scan),
+                                 seed=config.training.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     schedule = compute_schedule(config, len(sampler))
-    dataset = TrainingDataset(examples_from_scan(scan), seed=config.training.seed,
+    dataset = TrainingDataset(examples, seed=config.training.seed,
                               max_train_steps=schedule.total_steps, latents=latents, texts=texts)
     built, lr_scheduler = build_optimization(config, method, schedule, accelerator)
     for warning in built.warnings:

@@ -75,10 +75,15 @@ def sample_rng(seed: int, key: SampleKey) -> random.Random:
     return random.Random(f"{seed}/{key.epoch}/{key.position}/{key.slot}")
 
 
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from the parts' text, the same in every process and Python run (no hash randomisation)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def noise_seed(seed: int, key: SampleKey) -> int:
     """The seed of this sample's noise and timestep: per sample, so N processes draw what one process would."""
-    digest = hashlib.sha256(f"noise/{seed}/{key.epoch}/{key.position}/{key.slot}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed("noise", seed, key.epoch, key.position, key.slot)
 
 
 class TrainingDataset(torch.utils.data.Dataset):

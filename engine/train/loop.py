@@ -8,13 +8,12 @@ run would have.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.train.dataset import EpochBatches, collate
+from engine.train.dataset import EpochBatches, collate, derived_seed
 from engine.train.setup import Session
 from engine.train.state import TrainPosition
 
@@ -33,8 +32,8 @@ class StepResult:
 
 
 def micro_seed(seed: int, epoch: int, position: int, rank: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{epoch}/{position}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """The seed of a micro-batch's global draws (dropout, VAE sampling) on one process."""
+    return derived_seed(seed, epoch, position, rank)
 
 
 class StepRunner:

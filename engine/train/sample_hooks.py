@@ -50,8 +50,8 @@ def sample_now(session: Session, *, epoch: int, step: int, kind: str) -> list[di
     model = session.model
     parts = SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
                          v_prediction=config.model.v_parameterization, scaling_factor=model.vae.scaling_factor)
-    movable = [model.vae.vae, *model.text.encoders]
-    with _on_device(movable, session.device):
+    # The VAE is moved by generate_samples itself; the text encoders are moved here.
+    with _on_device(list(model.text.encoders), session.device):
         images = generate_samples(parts, requests, session.output_dir / "samples",
                                   stem=sample_stem(session.output_name, epoch=epoch, step=step, kind=kind),
                                   clip_skip=config.model.clip_skip, max_token_length=config.model.max_token_length,
