@@ -295,20 +295,34 @@ class LoRANetwork(nn.Module):
             ValueError: a shape or rank differs, a module has only one of its two weights, or (strict) a module
                 is missing or a key unknown. The message names the key.
         """
-        modules: dict[str, LoRAModule] = dict(self.named_children())  # type: ignore[arg-type]
+        modules: dict[str, nn.Module] = dict(self.named_children())
         found, unexpected = self._group_file_keys(state_dict, modules)
         missing = [name for name in modules if name not in found]
         if strict and unexpected:
-            raise ValueError(f"the network weights have keys this network does not have: {_some(unexpected)} "
-                             "(another model family, network type or target layers?)")
+            raise ValueError(f"the network weights have {self._UNEXPECTED} this network does not have: "
+                             f"{_some(unexpected)} ({self._UNEXPECTED_HINT})")
         if strict and missing:
-            raise ValueError(f"the network weights lack {len(missing)} LoRA modules of this network: "
-                             f"{_some(missing)} (was it trained with different layers, conv_dim or text encoders?)")
+            raise ValueError(f"the network weights lack {len(missing)} {self._MODULES} of this network: "
+                             f"{_some(missing)} ({self._MISSING_HINT})")
+        for name, tensors in found.items():  # every module is checked before any is changed
+            self._check_module(name, modules[name], tensors)
         for name, tensors in found.items():
-            modules[name].check_file_tensors(tensors)
-        for name, tensors in found.items():
-            modules[name].load_file_tensors(tensors)
+            self._load_module(modules[name], tensors)
         return LoRALoadResult(missing, unexpected)
+
+    # What load_kohya_state_dict says and does per module; a subclass with other module kinds overrides these.
+    _UNEXPECTED = "keys"
+    _UNEXPECTED_HINT = "another model family, network type or target layers?"
+    _MODULES = "LoRA modules"
+    _MISSING_HINT = "was it trained with different layers, conv_dim or text encoders?"
+
+    @staticmethod
+    def _check_module(name: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        module.check_file_tensors(tensors)
+
+    @staticmethod
+    def _load_module(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        module.load_file_tensors(tensors)
 
     def _group_file_keys(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, LoRAModule]
                          ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:

@@ -46,7 +46,7 @@ from torch import nn
 
 from engine.config.choices import LYCORIS, NETWORK_TYPES
 from engine.models.families import family_info
-from engine.networks.lora import LoRALoadResult, LoRANetwork, LoRAOptions
+from engine.networks.lora import LoRANetwork, LoRAOptions
 from engine.networks.lora_names import TEXT_ENCODER_PATH_PREFIX, UNET_LORA_PREFIX, UNET_NAMING, resolve_options
 
 if TYPE_CHECKING:
@@ -314,35 +314,23 @@ class LycorisKohyaNetwork(LoRANetwork):
                                        copy=True)
                 for key, value in self.state_dict().items()}
 
-    def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> LoRALoadResult:
-        """Load weights saved by :meth:`kohya_state_dict` or sd-scripts with lycoris; nothing changes if it fails.
+    # load_kohya_state_dict (inherited) reads kohya names or lycoris' names for this model and changes nothing if
+    # a module's entries, shapes or alpha differ from this network's (the file was trained with other settings).
+    _UNEXPECTED = "modules"
+    _UNEXPECTED_HINT = "another model family, network type, preset or target layers?"
+    _MODULES = "modules"
+    _MISSING_HINT = "was it trained with another preset, conv_dim or text encoders?"
 
-        Args:
-            state_dict: tensors keyed ``<module name>.<entry>`` (kohya names, or lycoris' names for this model).
-            strict: raise when a module of the network is not in the file or the file has modules the network
-                does not have; otherwise skip them and report them in the result.
+    @staticmethod
+    def _check_module(name: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        _check_module_tensors(name, module, tensors)
 
-        Raises:
-            ValueError: a module's entries, shapes or alpha differ from this network's (the file was trained with
-                other settings), or (strict) a module is missing or unknown. The message names the key.
-        """
-        modules: dict[str, nn.Module] = dict(self.named_children())
-        found, unexpected = self._file_modules(state_dict, modules)
-        missing = [name for name in modules if name not in found]
-        if strict and unexpected:
-            raise ValueError(f"the network weights have modules this network does not have: {_some(unexpected)} "
-                             "(another model family, network type, preset or target layers?)")
-        if strict and missing:
-            raise ValueError(f"the network weights lack {len(missing)} modules of this network: {_some(missing)} "
-                             "(was it trained with another preset, conv_dim or text encoders?)")
-        for name, tensors in found.items():
-            _check_module_tensors(name, modules[name], tensors)
-        for name, tensors in found.items():
-            _load_module_tensors(modules[name], tensors)
-        return LoRALoadResult(missing, unexpected)
+    @staticmethod
+    def _load_module(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        _load_module_tensors(module, tensors)
 
-    def _file_modules(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]
-                      ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    def _group_file_keys(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]
+                         ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
         """{module name: {entry: tensor}} for the keys of modules here, and the keys of other modules."""
         found: dict[str, dict[str, torch.Tensor]] = {}
         unexpected: list[str] = []
