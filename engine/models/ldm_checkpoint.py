@@ -208,3 +208,36 @@ def detect_family(state_dict_keys: Iterable[str]) -> str:
         f"'cond_stage_model.model.' or 'cond_stage_model.transformer.'); saw {len(keys)} keys with prefixes "
         f"{seen[:12]}{' …' if len(seen) > 12 else ''}"
     )
+
+
+def cpu_cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A CPU tensor, floats in `dtype` (None keeps it; integer buffers such as position ids keep theirs).
+
+    A tensor that must move or change type becomes a new one, so a module's own weights are never touched.
+    """
+    tensor = tensor.detach()
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.to("cpu")
+    return tensor.to("cpu", dtype)
+
+
+def ldm_state(components: Any, family: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the LDM layout, on the CPU, floats in `dtype` (see :func:`cpu_cast`)."""
+    return {key: cpu_cast(tensor, dtype) for key, tensor in pipeline_to_ldm(components, family).items()}
+
+
+def write_pipeline_checkpoint(components: Any, family: str, path: str | Path, metadata: Mapping[str, str],
+                              *, dtype: torch.dtype | None = None,
+                              configs: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """A pipeline as one LDM-layout .safetensors file with its configs embedded, written atomically.
+
+    `configs` defaults to :func:`pipeline_configs` of the components; what load_model needs to read the file back
+    exactly (non-standard sizes, a v-prediction scheduler) travels with it.
+    """
+    from engine.files import atomic_output
+
+    state = ldm_state(components, family, dtype)
+    with atomic_output(path) as temporary:
+        save_ldm_checkpoint(state, temporary, metadata,
+                            configs=pipeline_configs(components) if configs is None else configs)
+    return Path(path)

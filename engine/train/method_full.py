@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.files import atomic_output, replace_folder
+from engine.models.ldm_checkpoint import cpu_cast
 from engine.models.text_encoders import TEXT_COMPONENTS
 from engine.train.setup import RunInputError
 
@@ -159,29 +160,18 @@ def scheduler_for(config: Mapping[str, Any], v_prediction: bool) -> Any:
 # --- writers -------------------------------------------------------------------------------------------------------
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A CPU tensor in `dtype` (integer buffers such as position ids keep theirs); a new tensor whenever it must move
-    or change type, so the module's own weights are never touched."""
-    tensor = tensor.detach()
-    if dtype is None or not tensor.is_floating_point():
-        return tensor.to("cpu")
-    return tensor.to("cpu", dtype)
-
-
 def save_single_file(components: dict[str, Any], family: str, path_without_suffix: Path, metadata: dict[str, str],
                      dtype: torch.dtype | None, *, suffix: str) -> Path:
     """One LDM-layout file (.safetensors with metadata and the embedded configs, or a .ckpt as sd-scripts writes it),
     written under a temporary name and renamed."""
-    from engine.models.ldm_checkpoint import pipeline_configs, pipeline_to_ldm, save_ldm_checkpoint
+    from engine.models.ldm_checkpoint import ldm_state, write_pipeline_checkpoint
 
-    tensors = {key: _cast(tensor, dtype) for key, tensor in pipeline_to_ldm(components, family).items()}
     target = path_without_suffix.with_name(path_without_suffix.name + suffix)
-    with atomic_output(target) as temporary:
-        if suffix == ".safetensors":
-            save_ldm_checkpoint(tensors, temporary, metadata, configs=pipeline_configs(components))
-        else:  # sd-scripts' ckpt: the state dict plus the progress, no metadata
-            torch.save({"state_dict": tensors, "epoch": int(metadata.get("ss_epoch", 0)),
-                        "global_step": int(metadata.get("ss_steps", 0))}, temporary)
+    if suffix == ".safetensors":
+        return write_pipeline_checkpoint(components, family, target, metadata, dtype=dtype)
+    with atomic_output(target) as temporary:  # sd-scripts' ckpt: the state dict plus the progress, no metadata
+        torch.save({"state_dict": ldm_state(components, family, dtype), "epoch": int(metadata.get("ss_epoch", 0)),
+                    "global_step": int(metadata.get("ss_steps", 0))}, temporary)
     return target
 
 
@@ -192,7 +182,7 @@ def cpu_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Mod
     with init_empty_weights():  # parameters on the meta device: nothing is allocated until the weights are assigned
         builder = getattr(type(module), "from_config", None) or type(module)._from_config
         copy = builder(module.config)
-    copy.load_state_dict({key: _cast(tensor, dtype) for key, tensor in module.state_dict().items()}, assign=True)
+    copy.load_state_dict({key: cpu_cast(tensor, dtype) for key, tensor in module.state_dict().items()}, assign=True)
     return copy.eval()
 
 

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.files import atomic_output
 from engine.models.families import family_info
-from engine.models.ldm_checkpoint import pipeline_configs, pipeline_to_ldm, save_ldm_checkpoint
+from engine.models.ldm_checkpoint import pipeline_configs, write_pipeline_checkpoint
 from engine.models.loading import ModelLoadError, load_model
 from engine.models.text_encoders import TEXT_COMPONENTS
 from engine.networks.lora_names import LoRATarget, text_encoder_targets, unet_targets
@@ -67,10 +66,5 @@ def save_checkpoint(model: LoadedModel, path: Path, metadata: dict[str, str],
     v-prediction one) loads without guessing. Written to a temporary file and renamed: never half a file.
     """
     components = _components(model)
-    state = pipeline_to_ldm(components, model.family)
-    if dtype is not None:
-        state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
     configs = {**pipeline_configs(components), "scheduler": model.scheduler_config}
-    with atomic_output(path) as temporary:
-        save_ldm_checkpoint(state, temporary, metadata, configs=configs)
-    return path
+    return write_pipeline_checkpoint(components, model.family, path, metadata, dtype=dtype, configs=configs)
