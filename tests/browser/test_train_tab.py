@@ -66,6 +66,15 @@ def _coloured_pixels(png: bytes) -> int:
     return sum(count for count, (r, g, b) in image.getcolors(1 << 22) if max(r, g, b) - min(r, g, b) > 60)
 
 
+def _expect_coloured_lines(chart, minimum: int = 200, seconds: float = 30) -> None:
+    """The chart redraws on every poll, so one screenshot can catch it mid-redraw: wait for colour to show up.
+    With the empty-colour-scale bug the lines never get colour, so this still fails then."""
+    deadline = time.monotonic() + seconds
+    while (count := _coloured_pixels(chart.screenshot())) <= minimum:
+        assert time.monotonic() < deadline, f"the loss lines are drawn without colour ({count} coloured pixels)"
+        time.sleep(1)
+
+
 def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screenshot):
     context, page = open_train_tab(browser, train_server["url"])
     status = page.locator("#run-status")
@@ -76,7 +85,7 @@ def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screens
     expect(page.locator("#run-log textarea")).to_have_value(re.compile(r"step \d+/360"), timeout=SLOW)
     expect(page.locator("#loss-chart .mark-line path")).to_have_count(2, timeout=SLOW)  # raw and smoothed
     expect(page.locator("#lr-chart .mark-line path")).to_have_count(1, timeout=SLOW)
-    assert _coloured_pixels(page.locator("#loss-chart").screenshot()) > 200, "the loss lines are drawn without colour"
+    _expect_coloured_lines(page.locator("#loss-chart"))
     expect(page.locator("#run-samples img").first).to_be_visible(timeout=SLOW)
     expect(page.locator("#run-checkpoints")).to_contain_text("safetensors", timeout=SLOW)
     expect(page.locator("#run-error")).to_be_hidden()
