@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default ./runs)")
     parser.add_argument("--presets-dir", type=Path, default=None, help="folder for your own presets "
                         "(default presets/user)")
+    parser.add_argument("--allow-path", type=Path, action="append", default=[], metavar="DIR",
+                        help="a folder the file browser may show besides your home folder (repeat for more)")
     return parser.parse_args(argv)
 
 
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from gui.app import AppOptions, build_app  # gradio loads here, after the checks that need no GUI
 
-    app = build_app(AppOptions(runs_dir=args.runs_dir.resolve(), presets_dir=args.presets_dir))
+    app = build_app(AppOptions(runs_dir=args.runs_dir.resolve(), presets_dir=args.presets_dir,
+                                allowed_paths=tuple(path.resolve() for path in args.allow_path)))
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, ssr_mode=False,
                footer_links=[], inbrowser=False, show_error=True)

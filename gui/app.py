@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
-from gui.tabs import parameters, train
+from gui.context import TabContext
+from gui.file_browser import FileRoots
+from gui.tabs import captioning, dataset, parameters, regularization, tools, train
 
 TITLE = "Atelier"
+# In the order a newcomer works: prepare images, caption them, add regularization, set parameters, train.
+TABS = (dataset, captioning, regularization, parameters, train, tools)
 
 
 @dataclass(frozen=True)
 class AppOptions:
     runs_dir: Path
     presets_dir: Path | None = None
+    allowed_paths: tuple[Path, ...] = field(default_factory=tuple)  # besides the home folder
 
 
 def build_app(options: AppOptions) -> gr.Blocks:
@@ -23,7 +28,10 @@ def build_app(options: AppOptions) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\nTrain Stable Diffusion LoRA, DreamBooth and Textual Inversion models. Runs are "
                     f"kept in `{options.runs_dir}`.", elem_id="app-header")
+        ctx = TabContext(runs_dir=options.runs_dir, presets_dir=options.presets_dir,
+                         roots=FileRoots.from_paths([*options.allowed_paths, options.runs_dir]),
+                         config=gr.State(None), config_patch=gr.State(None))
         with gr.Tabs():
-            parameters.build(options.presets_dir)
-            train.build(options.runs_dir)
+            for tab in TABS:
+                tab.build(ctx)
     return app

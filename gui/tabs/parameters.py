@@ -4,7 +4,6 @@ a TOML preview and presets. Handlers receive values keyed by field path, never b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -21,6 +20,7 @@ from engine.config.io import (
     save_preset,
 )
 from engine.config.schema import SECTIONS, RunConfig, config_warnings
+from gui.context import TabContext
 from gui.fields import build_component
 from gui.presets import USER_DIR, list_presets, preset_file_name
 from gui.state import config_to_form, form_to_config
@@ -70,8 +70,9 @@ def _load_preset_values(path: str, specs: dict[str, FieldSpec]) -> dict[str, Any
     return config_to_form(deep_merge(default_config_dict(), overlay), specs)
 
 
-def build(presets_dir: Path | None = None) -> None:
+def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
+    presets_dir = ctx.presets_dir
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
     preset_choices = [(entry.title, str(entry.path)) for entry in list_presets()]

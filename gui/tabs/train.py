@@ -8,13 +8,13 @@ not change are skipped, so the charts and gallery do not redraw every second.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from engine.config.errors import ConfigError
 from gui import train_view as view
+from gui.context import TabContext
 from gui.demo import DemoError, start_demo
 from gui.runner import RunError, RunManager
 from gui.runs import PROCESS_LOG, RunHandle, tail_lines
@@ -43,9 +43,9 @@ def _default_run(manager: RunManager) -> str | None:
     return handles[0].name if handles else None
 
 
-def build(runs_dir: Path) -> None:
-    """Add the Train tab to the current gr.Blocks; runs live in runs_dir."""
-    manager = RunManager(runs_dir)
+def build(ctx: TabContext) -> None:
+    """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir."""
+    manager = RunManager(ctx.runs_dir)
     gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
     with gr.Tab("Train", id="train"):
         with gr.Row():

@@ -47,7 +47,7 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs_dir),
-         "--presets-dir", str(presets_dir)],
+         "--presets-dir", str(presets_dir), "--allow-path", str(tmp_path_factory.getbasetemp())],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -69,14 +69,34 @@ def browser():
         browser.close()
 
 
+def open_tab(page, name: str) -> None:
+    """Click one of the app's top-level tabs (exact name: 'Train' is also part of other labels)."""
+    page.get_by_role("tab", name=name, exact=True).first.click()
+
+
 @pytest.fixture
-def page(browser, app_server):
+def app_page(browser, app_server):
+    """A fresh page on the shared app, on its first tab."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.goto(app_server["url"])
-    page.wait_for_selector("#validation-status")
+    page.wait_for_selector("#app-header")
     yield page
     context.close()
+
+
+@pytest.fixture
+def page(app_page):
+    """A page on the Parameters tab."""
+    open_tab(app_page, "Parameters")
+    app_page.wait_for_selector("#validation-status")
+    return app_page
+
+
+@pytest.fixture
+def work_dir(tmp_path_factory) -> Path:
+    """A fresh folder inside the app's allowed paths (the file browser may show it)."""
+    return tmp_path_factory.mktemp("work")
 
 
 @pytest.fixture

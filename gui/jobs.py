@@ -1,0 +1,116 @@
+"""Short engine jobs started from the GUI (captioning, latent caching, class images, LoRA tools).
+
+Each job runs `python -m engine ...` in its own process with `--events FILE`; the GUI never imports torch. A
+handler iterates `EngineJob.follow()` and shows each `JobUpdate` (the progress line, the events so far, the
+output) in the page; the job's stdout and stderr are kept in a log file next to the events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `engine` package
+
+
+@dataclass
+class JobUpdate:
+    """What a job has said so far. `returncode` is None while it runs."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    returncode: int | None = None
+    output: str = ""  # stdout and stderr so far
+
+    @property
+    def finished(self) -> bool:
+        return self.returncode is not None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def last(self, type_: str) -> dict[str, Any] | None:
+        return next((event for event in reversed(self.events) if event.get("type") == type_), None)
+
+    def progress_text(self) -> str:
+        """'caption: 12/40 (3.1/s, about 9 s left)' from the newest progress event, or ''."""
+        event = self.last("progress")
+        if event is None:
+            return ""
+        text = f"{event.get('task', 'working')}: {event.get('done', '?')}/{event.get('total', '?')}"
+        extras = []
+        if event.get("rate"):
+            extras.append(f"{event['rate']:.1f}/s")
+        if event.get("eta_s") is not None:
+            extras.append(f"about {event['eta_s']:.0f} s left")
+        return text + (f" ({', '.join(extras)})" if extras else "")
+
+    def error_text(self) -> str:
+        """The error event's message and hint, else the last lines of the output when the job failed."""
+        event = self.last("error")
+        if event is not None:
+            hint = f" {event['hint']}" if event.get("hint") else ""
+            return f"{event.get('message', 'failed')}.{hint}"
+        if self.finished and not self.ok:
+            return "\n".join(self.output.strip().splitlines()[-5:]) or f"exit code {self.returncode}"
+        return ""
+
+
+class EngineJob:
+    """One `python -m engine <args> --events FILE` process."""
+
+    def __init__(self, args: Sequence[str], *, work_dir: str | Path | None = None, events_flag: bool = True,
+                 python: str = sys.executable):
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="atelier-job-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.events_path = self.work_dir / "events.jsonl"
+        self.log_path = self.work_dir / "output.log"
+        self.argv = [python, "-m", "engine", *args] + (["--events", str(self.events_path)] if events_flag else [])
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> EngineJob:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ENGINE_ROOT),
+                                                                         os.environ.get("PYTHONPATH")]))}
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            # Its own session: a closed browser tab or a reloaded GUI does not kill it half-way through a folder.
+            self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True)
+        return self
+
+    def snapshot(self) -> JobUpdate:
+        events = []
+        if self.events_path.exists():
+            for line in self.events_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line still being written
+        output = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        code = self._process.poll() if self._process is not None else None
+        return JobUpdate(events, code, output)
+
+    def follow(self, interval: float = 0.5) -> Iterator[JobUpdate]:
+        """Yield an update every `interval` seconds while the job runs, and a final one when it has ended."""
+        if self._process is None:
+            self.start()
+        while self._process.poll() is None:
+            yield self.snapshot()
+            time.sleep(interval)
+        yield self.snapshot()
+
+    def cancel(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+
+    def run(self) -> JobUpdate:
+        """Run to the end and return the final update."""
+        updates = list(self.follow())
+        return updates[-1]

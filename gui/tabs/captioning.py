@@ -1,0 +1,12 @@
+"""The Captioning tab (being built)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from gui.context import TabContext
+
+
+def build(ctx: TabContext) -> None:
+    with gr.Tab("Captioning", id="captioning"):
+        gr.Markdown("Coming in this session.")

@@ -1,0 +1,12 @@
+"""The Dataset tab (being built)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from gui.context import TabContext
+
+
+def build(ctx: TabContext) -> None:
+    with gr.Tab("Dataset", id="dataset"):
+        gr.Markdown("Coming in this session.")
