@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from gui.app import AppOptions, build_app  # gradio loads here, after the checks that need no GUI
 
-    app = build_app(AppOptions(runs_dir=args.runs_dir.resolve(), presets_dir=args.presets_dir,
-                                allowed_paths=tuple(path.resolve() for path in args.allow_path)))
+    options = AppOptions(runs_dir=args.runs_dir.resolve(), presets_dir=args.presets_dir,
+                         allowed_paths=tuple(path.resolve() for path in args.allow_path))
+    app = build_app(options)
     app.queue(default_concurrency_limit=4)
+    # Images shown in galleries (datasets, captions, samples) are served only from the folders the user allows.
     app.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, ssr_mode=False,
-               footer_links=[], inbrowser=False, show_error=True)
+               footer_links=[], inbrowser=False, show_error=True,
+               allowed_paths=[str(folder) for folder in options.roots().folders])
     return 0
 
 

@@ -55,11 +55,15 @@ class RunManager:
     def create_run(self, config: RunConfig, name: str | None = None, *, base_dir: str | Path | None = None
                    ) -> RunHandle:
         """A new run directory with config.toml (paths made absolute against base_dir, default the current
-        folder). The models go to `<run dir>/output` unless the config names another folder; an output name
-        already used there (by files or by another run) gets a suffix, and the handle's notes say so."""
+        folder). The models go to `<run dir>/output` unless the config names another folder, TensorBoard logs to
+        `<run dir>/logs` unless it names a log folder; an output name already used there (by files or by another
+        run) gets a suffix, and the handle's notes say so."""
         run_dir = self._new_run_dir(name or config.saving.output_name)
         if config.saving.output_dir == DEFAULT_OUTPUT_DIR:
             config = _with_saving(config, output_dir=str(run_dir / "output"))
+        if not config.logging.logging_dir:  # the GUI's runs always keep TensorBoard logs, in the run directory
+            config = config.model_copy(update={"logging": config.logging.model_copy(
+                update={"logging_dir": str(run_dir / "logs")})})
         config = absolute_config(config, Path(base_dir or Path.cwd()))
         output_name, notes = self._unique_output_name(config)
         config = _with_saving(config, output_name=output_name)

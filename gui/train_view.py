@@ -107,3 +107,28 @@ def progress_html(status: RunStatus) -> str:
     percent = round(100 * progress_fraction(status))
     return (f'<div id="run-progress-bar"><progress value="{status.step}" max="{max(status.total_steps, 1)}" '
             f'style="width:100%"></progress> <span>{percent}%</span></div>')
+
+
+def queue_markdown(queued: Sequence[RunHandle]) -> str:
+    """The queued runs in the order they will start ('' when none)."""
+    if not queued:
+        return ""
+    lines = [f"**Queue** ({len(queued)} waiting; each starts when the one before it has ended):"]
+    lines += [f"{position}. `{handle.name}`" for position, handle in enumerate(queued, start=1)]
+    return "\n".join(lines)
+
+
+def log_dir(handle: RunHandle) -> str:
+    """The run's TensorBoard folder, from its config.toml (absolute paths there)."""
+    from engine.config.io import load_config
+
+    folder = load_config(handle.config_path, check_packages=False).logging.logging_dir
+    if not folder:
+        raise ValueError("this run keeps no TensorBoard logs (its logging.logging_dir is empty)")
+    return folder
+
+
+def tensorboard_markdown(name: str, url: str) -> str:
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    return (f"[Open TensorBoard for `{name}`]({url}) — it listens on this machine only; from another machine, "
+            f"forward the port first: `ssh -L {port}:127.0.0.1:{port} <this machine>`.")

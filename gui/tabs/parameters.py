@@ -4,6 +4,7 @@ a TOML preview and presets. Handlers receive values keyed by field path, never b
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -11,6 +12,7 @@ import tomli_w
 
 from engine.config.describe import FieldSpec, iter_fields
 from engine.config.errors import ConfigError
+from engine.config.importers import ImportResult
 from engine.config.io import (
     config_to_toml,
     deep_merge,
@@ -22,8 +24,9 @@ from engine.config.io import (
 from engine.config.schema import SECTIONS, RunConfig, config_warnings
 from gui.context import TabContext
 from gui.fields import build_component
+from gui.file_browser import path_field
 from gui.presets import USER_DIR, list_presets, preset_file_name
-from gui.state import config_to_form, form_to_config
+from gui.state import config_to_form, form_to_config, to_widget
 
 # Shown in the form only where it helps; schema_version is a file detail.
 _HIDDEN = {"schema_version"}
@@ -70,6 +73,28 @@ def _load_preset_values(path: str, specs: dict[str, FieldSpec]) -> dict[str, Any
     return config_to_form(deep_merge(default_config_dict(), overlay), specs)
 
 
+def import_report_markdown(result: ImportResult, path: str) -> str:
+    """What an import carried over and, above all, what it could not: nothing is dropped silently."""
+    lines = [f"**Imported `{Path(path).name}`** ({result.format}): {len(result.mapped)} setting(s) carried over."]
+    lines += [f"- note: {note}" for note in result.notes]
+    if result.skipped:
+        lines += ["", f"**Not imported ({len(result.skipped)})** — set these by hand if you need them:"]
+        lines += [f"- {skipped}" for skipped in result.skipped]
+    if result.unset:
+        lines += ["", f"Empty or off in the file, nothing lost: {', '.join(sorted(result.unset))}"]
+    return "\n".join(lines)
+
+
+def _open_file_row(ctx: TabContext) -> dict[str, Any]:
+    with gr.Row(equal_height=True):
+        path = path_field("Open a settings file", ctx.roots, kind="file", elem_id="params-file",
+                          info="An Atelier preset (.json) or run config (.toml), or a kohya_ss GUI .json / "
+                               "sd-scripts .toml to import.")
+        load = gr.Button("Load", elem_id="params-load", scale=0)
+        imported = gr.Button("Import from kohya_ss / sd-scripts", elem_id="params-import", scale=0)
+    return {"path": path, "load": load, "import": imported}
+
+
 def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
     presets_dir = ctx.presets_dir
@@ -83,6 +108,7 @@ def build(ctx: TabContext) -> None:
             preset_title = gr.Textbox(label="Save as preset", placeholder="name of your preset",
                                       elem_id="preset-title", info="Saves only what differs from the defaults.")
             save_button = gr.Button("Save preset", elem_id="preset-save")
+        open_row = _open_file_row(ctx)
         preset_message = gr.Markdown(elem_id="preset-message")
         status = gr.Markdown(status_markdown(RunConfig(), []), elem_id="validation-status")
         with gr.Row():
@@ -98,18 +124,46 @@ def build(ctx: TabContext) -> None:
                                   interactive=False)
     path_of = {component: path for path, component in components.items()}
 
-    def on_change(form: dict) -> tuple[str, str]:
+    def on_change(form: dict) -> tuple[str, str, dict | None]:
         config, data, problems = form_to_config({path_of[c]: v for c, v in form.items()}, specs)
-        return status_markdown(config, problems), preview_text(config, data)
+        return status_markdown(config, problems), preview_text(config, data), data if config is not None else None
+
+    def fill(new_values: dict[str, Any], message: str) -> dict:
+        return {components[path]: value for path, value in new_values.items()} | {preset_message: message}
+
+    def on_patch(patch: dict | None) -> dict:
+        """Fields set by another tab (Dataset, Regularization); the change events then revalidate."""
+        patch = patch or {}
+        known = [path for path in patch if path in components]
+        unknown = [path for path in patch if path not in components]
+        message = f"Set from another tab: {', '.join(f'`{path}`' for path in known)}." if known else ""
+        if unknown:
+            message += f" Not a field here: {', '.join(unknown)}."
+        return {components[path]: to_widget(specs[path], patch[path]) for path in known} | {preset_message: message}
+
+    def on_load(path: str) -> dict:
+        try:
+            return fill(_load_preset_values(path, specs), f"Loaded `{path}`.")
+        except ConfigError as error:
+            return {preset_message: f"**Could not load it:** {error}"}
+
+    def on_import(path: str) -> dict:
+        from engine.config.importers.registry import import_file
+
+        try:
+            result = import_file(path)
+        except ConfigError as error:
+            return {preset_message: f"**Could not import it:** {error}"}
+        new_values = config_to_form(deep_merge(default_config_dict(), result.overlay), specs)
+        return fill(new_values, import_report_markdown(result, path))
 
     def on_preset(choice: str | None) -> dict:
         if not choice:
             return {}
         try:
-            new_values = _load_preset_values(choice, specs)
+            return fill(_load_preset_values(choice, specs), "")
         except ConfigError as error:
             return {preset_message: f"Could not read the preset: {error}"}
-        return {components[path]: value for path, value in new_values.items()} | {preset_message: ""}
 
     def on_save(title: str, form: dict) -> dict:
         config, _, problems = form_to_config({path_of[c]: v for c, v in form.items() if c in path_of}, specs)
@@ -127,7 +181,11 @@ def build(ctx: TabContext) -> None:
         return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=choices)}
 
     gr.on([component.change for component in components.values()], on_change, inputs=set(components.values()),
-          outputs=[status, preview], trigger_mode="always_last")
-    preset.change(on_preset, inputs=preset, outputs=[*components.values(), preset_message])
+          outputs=[status, preview, ctx.config], trigger_mode="always_last")
+    field_outputs = [*components.values(), preset_message]
+    ctx.config_patch.change(on_patch, inputs=ctx.config_patch, outputs=field_outputs)
+    open_row["load"].click(on_load, inputs=open_row["path"], outputs=field_outputs)
+    open_row["import"].click(on_import, inputs=open_row["path"], outputs=field_outputs)
+    preset.change(on_preset, inputs=preset, outputs=field_outputs)
     save_button.click(lambda form: on_save(form[preset_title], form),
                       inputs={preset_title, *components.values()}, outputs=[preset_message, preset])

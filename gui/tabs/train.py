@@ -18,6 +18,8 @@ from gui.context import TabContext
 from gui.demo import DemoError, start_demo
 from gui.runner import RunError, RunManager
 from gui.runs import PROCESS_LOG, RunHandle, tail_lines
+from gui.tensorboard import TensorBoardError, TensorBoards
+from gui.train_start import start_queue_worker, start_run
 
 LOG_LINES = 200
 TICK_SECONDS = 1.0
@@ -46,8 +48,17 @@ def _default_run(manager: RunManager) -> str | None:
 def build(ctx: TabContext) -> None:
     """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir."""
     manager = RunManager(ctx.runs_dir)
+    boards = TensorBoards()
+    start_queue_worker(manager)
     gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
     with gr.Tab("Train", id="train"):
+        with gr.Row(equal_height=True):
+            run_name = gr.Textbox(label="New run's name", placeholder="(the output name)", elem_id="train-name",
+                                  scale=2, info="Start uses the settings of the Parameters tab; the dataset "
+                                                "doctor checks them first.")
+            start_button = gr.Button("Start training", elem_id="train-start", variant="primary", scale=1)
+            enqueue_button = gr.Button("Add to queue", elem_id="train-enqueue", scale=1)
+        queue_view = gr.Markdown(elem_id="run-queue")
         with gr.Row():
             picker = gr.Dropdown(choices=view.run_choices(manager.discover()), value=None, label="Run",
                                  elem_id="run-picker", scale=3, info="Runs in the runs folder, newest first.")
@@ -62,6 +73,8 @@ def build(ctx: TabContext) -> None:
                        "save": gr.Button("Save now", elem_id="run-save", interactive=False),
                        "sample": gr.Button("Sample now", elem_id="run-sample", interactive=False),
                        "resume": gr.Button("Resume", elem_id="run-resume", interactive=False)}
+            tensorboard_button = gr.Button("Open TensorBoard", elem_id="run-tensorboard")
+        tensorboard_link = gr.Markdown(elem_id="tensorboard-link")
         log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True, elem_id="run-log")
         with gr.Row():
             loss_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Loss",
@@ -79,6 +92,10 @@ def build(ctx: TabContext) -> None:
         updates: dict[Any, Any] = {}
         if names != seen.get("names"):
             updates[picker] = gr.Dropdown(choices=names)
+        queue_text = view.queue_markdown(manager.queue())
+        if queue_text != seen.get("queue"):
+            updates[queue_view] = queue_text
+        seen = {**seen, "queue": queue_text}
         handle = _handle(manager, name)
         if handle is None:
             return updates | {cache: {**seen, "names": names}}
@@ -119,6 +136,27 @@ def build(ctx: TabContext) -> None:
         yield {message: f"Started the demo run `{handle.name}`.",
                picker: gr.Dropdown(choices=names, value=handle.name)}
 
+    def on_start(config: dict | None, name: str, queue: bool) -> dict:
+        try:
+            result = start_run(manager, config, name=name, queue=queue)
+        except (RunError, ConfigError, OSError) as error:
+            return {message: f"**Could not start:** {error}"}
+        updates: dict[Any, Any] = {message: result.message}
+        if result.handle is not None and not queue:
+            names = [entry.name for entry in manager.discover()]
+            updates[picker] = gr.Dropdown(choices=names, value=result.handle.name)
+        return updates
+
+    def on_tensorboard(name: str | None) -> str:
+        handle = _handle(manager, name)
+        if handle is None:
+            return "Choose a run first."
+        try:
+            url = boards.url_for(view.log_dir(handle))
+        except (TensorBoardError, ConfigError, ValueError, OSError) as error:
+            return f"**TensorBoard could not start:** {error}"
+        return view.tensorboard_markdown(name, url)
+
     def control(action: Callable[[RunHandle], Any], done: str) -> Callable[[str | None], str]:
         def run(name: str | None) -> str:
             handle = _handle(manager, name)
@@ -137,13 +175,18 @@ def build(ctx: TabContext) -> None:
             raise RunError("this run has no saved state to resume from")
         manager.resume(handle, state)
 
-    outputs = [picker, cache, status_line, progress, error_box, log, checkpoints, loss_plot, lr_plot, gallery,
-               *buttons.values()]
+    outputs = [picker, cache, queue_view, status_line, progress, error_box, log, checkpoints, loss_plot, lr_plot,
+               gallery, *buttons.values()]
     timer.tick(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden", queue=False)
     picker.change(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden")
     gr.on(None, lambda: gr.Dropdown(choices=[h.name for h in manager.discover()], value=_default_run(manager)),
           outputs=picker)
     demo_button.click(on_demo, outputs=[message, picker])
+    start_button.click(lambda config, name: on_start(config, name, queue=False), inputs=[ctx.config, run_name],
+                       outputs=[message, picker])
+    enqueue_button.click(lambda config, name: on_start(config, name, queue=True), inputs=[ctx.config, run_name],
+                         outputs=[message, picker])
+    tensorboard_button.click(on_tensorboard, inputs=picker, outputs=tensorboard_link)
     for key, action, done in (("stop", manager.stop, "stop (it saves a resumable state first)"),
                               ("save", manager.save_now, "save now"), ("sample", manager.sample_now, "sample now"),
                               ("resume", resume, "resume")):

@@ -2,11 +2,14 @@
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "import"
 
 
 def number_input(page, path: str):
@@ -73,3 +76,34 @@ def test_warnings_show_without_blocking(page):
     status = page.locator("#validation-status")
     expect(status).to_contain_text("Valid.", timeout=15000)
     expect(status).to_contain_text("warning: optimizer.learning_rate", timeout=15000)
+
+
+def test_importing_a_kohya_json_fills_the_form_and_lists_what_was_not_imported(page, work_dir, screenshot):
+    source = work_dir / "kohya_lora_sdxl.json"
+    shutil.copy(FIXTURES / "kohya_lora_sdxl.json", source)
+    page.locator("#params-file textarea, #params-file input").first.fill(str(source))
+    page.locator("#params-import").click()
+    message = page.locator("#preset-message")
+    expect(message).to_contain_text("Imported kohya_lora_sdxl.json", timeout=60000)
+    expect(message).to_contain_text("Not imported (4)")
+    expect(message).to_contain_text("fp8_base")
+    expect(message).to_contain_text("--lowram")
+    open_section(page, "Model")
+    expect(page.locator("#field-model-model_family input")).to_have_value("sdxl", timeout=15000)
+    screenshot(page, "parameters-import-kohya")
+
+
+def test_loading_a_saved_config_fills_the_form(page, work_dir):
+    config = work_dir / "my-run.toml"
+    config.write_text('[network]\nnetwork_dim = 12\nnetwork_alpha = 6.0\n[training]\nseed = 777\n', encoding="utf-8")
+    page.locator("#params-file textarea, #params-file input").first.fill(str(config))
+    page.locator("#params-load").click()
+    expect(page.locator("#preset-message")).to_contain_text("Loaded", timeout=60000)
+    preview = page.locator("#toml-preview")
+    expect(preview).to_contain_text("network_dim = 12", timeout=90000)  # revalidation after a whole-form fill
+    open_section(page, "Training")
+    expect(number_input(page, "training.seed")).to_have_value("777")
+    page.locator("#params-file textarea, #params-file input").first.fill(str(work_dir / "missing.toml"))
+    page.locator("#params-load").click()
+    expect(page.locator("#preset-message")).to_contain_text("missing.toml", timeout=15000)
+    expect(page.locator("#preset-message")).to_contain_text("file not found")
