@@ -86,12 +86,13 @@ def import_report_markdown(result: ImportResult, path: str) -> str:
 
 
 def _open_file_row(ctx: TabContext) -> dict[str, Any]:
-    with gr.Row(equal_height=True):
-        path = path_field("Open a settings file", ctx.roots, kind="file", elem_id="params-file",
-                          info="An Atelier preset (.json) or run config (.toml), or a kohya_ss GUI .json / "
-                               "sd-scripts .toml to import.")
-        load = gr.Button("Load", elem_id="params-load", scale=0)
-        imported = gr.Button("Import from kohya_ss / sd-scripts", elem_id="params-import", scale=0)
+    path = path_field("Open a settings file", ctx.roots, kind="file", elem_id="params-file",
+                      extensions=(".json", ".toml"),
+                      info="An Atelier preset (.json) or run config (.toml), or a kohya_ss GUI .json / "
+                           "sd-scripts .toml to import.")
+    with gr.Row():
+        load = gr.Button("Load", elem_id="params-load")
+        imported = gr.Button("Import from kohya_ss / sd-scripts", elem_id="params-import")
     return {"path": path, "load": load, "import": imported}
 
 

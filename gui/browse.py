@@ -1,0 +1,255 @@
+"""What the server-side file browser shows: folder listings and path completion, limited to the allowed roots.
+
+Pure and gradio-free, so every rule (roots, symlinks, hidden files, filters, caps) is tested on real folders without
+a browser. gui/file_browser.py only lays these results out as components.
+
+Every path is checked with `FileRoots.allows`, which resolves symlinks: a link inside the home folder that points
+to /etc is refused like /etc itself, and is left out of listings and completions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.data.images import is_image_file
+
+KINDS = ("folder", "file")
+SIZE_UNITS = ("B", "KB", "MB", "GB", "TB")
+IMAGE_COUNT_CAP = 2000  # entries looked at per subfolder when counting its images; a longer folder shows "N+"
+OUTSIDE_ROOTS = "{path} is outside the folders this app may browse (your home folder and --allow-path folders)"
+
+
+@dataclass(frozen=True)
+class FileRoots:
+    """The folders the browser may show (and everything below them)."""
+
+    folders: tuple[Path, ...]
+
+    @classmethod
+    def from_paths(cls, extra: Iterable[str | Path] = (), *, include_home: bool = True) -> FileRoots:
+        folders = [Path.home()] if include_home else []
+        folders += [Path(path).expanduser() for path in extra]
+        return cls(tuple(dict.fromkeys(folder.resolve() for folder in folders)))
+
+    def allows(self, path: str | Path) -> bool:
+        resolved = Path(path).expanduser().resolve()
+        return any(resolved == root or resolved.is_relative_to(root) for root in self.folders)
+
+
+class BrowseError(Exception):
+    """A folder that cannot be listed; the message names the path and says why, ready to show to the user."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a listing. size is in bytes (files only); images counts images in a folder (folder kind only)."""
+
+    name: str
+    path: Path
+    is_dir: bool
+    size: int | None = None
+    images: int | None = None
+    images_partial: bool = False  # the count stopped early: there are at least `images`
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A folder's shown entries (folders first), its parent when the user may go up, and how many were cut off."""
+
+    folder: Path
+    parent: Path | None
+    entries: tuple[Entry, ...]
+    more: int = 0
+
+
+def _absolute(text: str | Path) -> Path:
+    """The path as typed, with ~ expanded and .. folded, but symlinks kept (so the user sees the path they typed)."""
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        raise BrowseError(f"{text} is not a full path: start it with / or ~")
+    return Path(os.path.normpath(path))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+
+
+def _normal_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    return tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions)
+
+
+def _dir_entries(folder: Path, roots: FileRoots, *, kind: str, extensions: tuple[str, ...],
+                 show_hidden: bool) -> Iterator[os.DirEntry]:
+    """The entries a user may see in folder: no dot files unless asked, no links leading out of the roots, only
+    folders for kind 'folder', and only files with one of the extensions (when given) for kind 'file'."""
+    try:
+        with os.scandir(folder) as scan:
+            for entry in scan:
+                if not show_hidden and entry.name.startswith("."):
+                    continue
+                if entry.is_symlink() and not roots.allows(entry.path):
+                    continue
+                if _is_dir(entry) or (kind == "file" and _matches(entry, extensions)):
+                    yield entry
+    except PermissionError as error:
+        raise BrowseError(f"{folder} cannot be read: permission denied") from error
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a broken link or a vanished entry
+        return False
+
+
+def _matches(entry: os.DirEntry, extensions: tuple[str, ...]) -> bool:
+    try:
+        is_file = entry.is_file()
+    except OSError:
+        return False
+    return is_file and (not extensions or Path(entry.name).suffix.lower() in extensions)
+
+
+def count_images(folder: str | Path, cap: int = IMAGE_COUNT_CAP) -> tuple[int, bool] | None:
+    """Images directly in folder, by name (nothing is opened), and whether there may be more: at most cap entries
+    are looked at, so a huge folder stays cheap. None when the folder cannot be read."""
+    count = looked = 0
+    try:
+        with os.scandir(folder) as scan:
+            for looked, entry in enumerate(scan, start=1):
+                count += is_image_file(entry.name)
+                if looked >= cap:
+                    break
+    except OSError:
+        return None
+    return count, looked >= cap
+
+
+def _entry(dir_entry: os.DirEntry, kind: str) -> Entry:
+    is_dir = _is_dir(dir_entry)
+    path = Path(dir_entry.path)
+    if is_dir:
+        counted = count_images(path) if kind == "folder" else None
+        return Entry(dir_entry.name, path, True, images=counted[0] if counted else None,
+                     images_partial=bool(counted and counted[1]))
+    try:
+        size = dir_entry.stat().st_size
+    except OSError:
+        size = None
+    return Entry(dir_entry.name, path, False, size=size)
+
+
+def _sort_key(entry: os.DirEntry) -> tuple[bool, str, str]:
+    return not _is_dir(entry), entry.name.casefold(), entry.name
+
+
+def _parent(folder: Path, roots: FileRoots) -> Path | None:
+    """Where '..' leads: the parent folder, unless that is above every root."""
+    parent = folder.parent
+    return parent if parent != folder and roots.allows(parent) else None
+
+
+def list_folder(path: str | Path, roots: FileRoots, *, kind: str, extensions: Iterable[str] = (),
+                show_hidden: bool = False, limit: int = 500) -> Listing:
+    """The entries of folder `path` to show, folders first then files (kind 'file'), each group by name.
+
+    Raises BrowseError (with a message for the user) for a path outside the roots, a missing folder, a file, or an
+    unreadable folder. At most `limit` entries are returned; `Listing.more` says how many were left out.
+    """
+    _check_kind(kind)
+    folder = _absolute(path)
+    if not roots.allows(folder):
+        raise BrowseError(OUTSIDE_ROOTS.format(path=folder))
+    if not folder.exists():
+        raise BrowseError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise BrowseError(f"{folder} is a file, not a folder")
+    found = sorted(_dir_entries(folder, roots, kind=kind, extensions=_normal_extensions(extensions),
+                                show_hidden=show_hidden), key=_sort_key)
+    entries = tuple(_entry(entry, kind) for entry in found[:limit])
+    return Listing(folder, _parent(folder, roots), entries, more=max(0, len(found) - limit))
+
+
+def start_folder(text: str, roots: FileRoots) -> tuple[Path, str | None]:
+    """The folder the Browse button opens for what the textbox holds, and a note when that is not the path itself.
+
+    An existing folder opens itself; a file opens its folder; a missing path opens its nearest existing parent
+    (and says so); an empty, relative or disallowed path opens the first root.
+    """
+    if not roots.folders:
+        raise BrowseError("No folders may be browsed: start the app with --allow-path DIR")
+    first = roots.folders[0]
+    if not text.strip():
+        return first, None
+    try:
+        path = _absolute(text.strip())
+    except BrowseError as error:
+        return first, str(error)
+    if not roots.allows(path):
+        return first, OUTSIDE_ROOTS.format(path=path)
+    if path.is_file():
+        return path.parent, None
+    folder = path
+    while not folder.is_dir() and folder.parent != folder:
+        folder = folder.parent
+    if folder == path:
+        return folder, None
+    note = f"{path} does not exist; showing {folder}"
+    return (folder, note) if roots.allows(folder) else (first, note)
+
+
+def _split(text: str) -> tuple[Path, str]:
+    """The folder to look in and the start of the name being typed: '/a/b/ca' -> (/a/b, 'ca'), '/a/b/' -> (/a/b, '')."""
+    expanded = os.path.expanduser(text)
+    folder, _, prefix = expanded.rpartition("/")
+    return Path(folder or "/"), prefix
+
+
+def complete(text: str, roots: FileRoots, *, kind: str, extensions: Iterable[str] = (), limit: int = 50) -> list[str]:
+    """Full paths that continue what was typed, folders ending in '/' (kind 'file' adds matching files).
+
+    Names match case-insensitively. Dot entries are offered only once the typed name starts with a dot. Typing a
+    path whose folder is not allowed (such as '/' or '/ho') offers the roots that start with it instead.
+    """
+    _check_kind(kind)
+    if not text.strip():
+        return [f"{root}/" for root in roots.folders][:limit]
+    if not text.startswith(("/", "~")):
+        return []
+    folder, prefix = _split(text)
+    if not (roots.allows(folder) and folder.is_dir()):
+        typed = os.path.expanduser(text)
+        return [f"{root}/" for root in roots.folders if f"{root}/".startswith(typed)][:limit]
+    wanted = prefix.casefold()
+    try:
+        found = [entry for entry in _dir_entries(folder, roots, kind=kind, extensions=_normal_extensions(extensions),
+                                                 show_hidden=prefix.startswith("."))
+                 if entry.name.casefold().startswith(wanted)]
+    except BrowseError:
+        return []
+    found.sort(key=_sort_key)
+    return [str(folder / entry.name) + ("/" if _is_dir(entry) else "") for entry in found[:limit]]
+
+
+def format_size(size: int | None) -> str:
+    """Bytes as a person reads them: 512 B, 1.5 KB, 12.0 MB."""
+    if size is None:
+        return ""
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(SIZE_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{size} B" if unit == 0 else f"{value:.1f} {SIZE_UNITS[unit]}"
+
+
+def entry_detail(entry: Entry) -> str:
+    """The second column of a listing row: a file's size, or a folder's image count when it was counted."""
+    if not entry.is_dir:
+        return format_size(entry.size)
+    if entry.images is None:
+        return "folder"
+    plus = "+" if entry.images_partial else ""
+    return f"{entry.images}{plus} image" + ("" if entry.images == 1 and not plus else "s")
