@@ -34,10 +34,20 @@ def report_for(config_dict: Mapping[str, Any] | None, base_dir: str | Path, *, q
     return run_doctor(validate_config(data), base_dir, quick=quick).to_dict()
 
 
-def findings_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    """One row per finding, errors first (the doctor's order)."""
-    return [[_SEVERITY_MARK.get(f["severity"], f["severity"]), f.get("where") or "", f["message"], f.get("hint") or ""]
-            for f in report["findings"]]
+def short_path(where: str, base: str | Path | None) -> str:
+    """A finding's file relative to the folder the user is looking at, so the table keeps 'what to do' in view."""
+    if not where or base is None:
+        return where or ""
+    try:
+        return str(Path(where).relative_to(base))
+    except ValueError:
+        return where
+
+
+def findings_rows(report: Mapping[str, Any], base: str | Path | None = None) -> list[list[str]]:
+    """One row per finding, errors first (the doctor's order); files shown relative to `base` when inside it."""
+    return [[_SEVERITY_MARK.get(f["severity"], f["severity"]), short_path(f.get("where") or "", base),
+             f["message"], f.get("hint") or ""] for f in report["findings"]]
 
 
 def bucket_frame(report: Mapping[str, Any]) -> pd.DataFrame | None:
@@ -76,15 +86,16 @@ class DoctorPanel:
         self.summary = gr.Markdown(elem_id=f"{elem_prefix}-summary")
         self.findings = gr.Dataframe(headers=FINDING_COLUMNS, value=None, interactive=False, wrap=True,
                                      label="Findings", elem_id=f"{elem_prefix}-findings")
+        # y_lim from 0: with one bucket (or equal counts) the automatic axis starts at the value and bars vanish
         self.histogram = gr.BarPlot(None, x="bucket", y="images", title="Images per bucket", height=240,
-                                    elem_id=f"{elem_prefix}-buckets")
+                                    y_lim=[0, None], elem_id=f"{elem_prefix}-buckets")
 
     @property
     def outputs(self) -> list[gr.Component]:
         return [self.summary, self.findings, self.histogram]
 
-    def show(self, report: Mapping[str, Any]) -> dict[gr.Component, Any]:
-        rows = findings_rows(report)
+    def show(self, report: Mapping[str, Any], base: str | Path | None = None) -> dict[gr.Component, Any]:
+        rows = findings_rows(report, base)
         return {self.summary: steps_markdown(report),
                 self.findings: pd.DataFrame(rows or [["", "", "no findings", ""]], columns=FINDING_COLUMNS),
                 self.histogram: bucket_frame(report)}
