@@ -11,7 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
-from engine.cli import cache_cmd, caption_cmd, doctor_cmd, import_cmd, lora_cmd, schema_cmd, train_cmd, validate_cmd
+from engine.cli import (
+    cache_cmd,
+    caption_cmd,
+    class_images_cmd,
+    doctor_cmd,
+    import_cmd,
+    lora_cmd,
+    schema_cmd,
+    train_cmd,
+    validate_cmd,
+)
 
 # name -> function adding the subcommand's parser (with `handler` set as a default)
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -24,6 +34,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentPars
     "captions": caption_cmd.add_edit_parser,
     "train": train_cmd.add_parser,
     "lora": lora_cmd.add_parser,
+    "class-images": class_images_cmd.add_parser,
 }
 
 

@@ -1,0 +1,173 @@
+"""`python -m engine class-images`: generate class (regularization) images from a base model into a folder."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from engine.train.sampling import DEFAULT_SCALE, DEFAULT_STEPS, SAMPLERS
+
+if TYPE_CHECKING:
+    from engine.events import EventWriter
+
+TASK = "class-images"
+_MIN_SIDE = 64
+_SIDE_STEP = 8  # the VAE halves the size three times
+
+
+class StopRequested(Exception):
+    """SIGTERM (the GUI's Stop): end after cleaning up, keeping the images already written."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        TASK, help="generate class (regularization) images of a prompt from a base model",
+        description="Generate COUNT images of PROMPT into OUT as NNNN.png with a NNNN.txt caption holding the "
+                    "prompt. Numbering continues after the folder's highest number; no file is ever overwritten. "
+                    "Image i uses seed SEED+i. Exit 0 when every image was written, 2 for bad input (model, "
+                    "folder, count, size), 1 when generation failed or was stopped.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="base model: a .safetensors/.ckpt file, a diffusers folder or a hub id")
+    parser.add_argument("--model-family", choices=("auto", "sd1", "sd2", "sdxl"), default="auto")
+    parser.add_argument("--vae", default="", help="a separate VAE file or folder (default: the model's own)")
+    parser.add_argument("--v-parameterization", action="store_true",
+                        help="the model predicts v (SD2 768-v single files; folders say so in their scheduler)")
+    parser.add_argument("--prompt", required=True, help="e.g. 'a photo of a dog'")
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--count", type=int, required=True, help="how many images to add")
+    parser.add_argument("--out", type=Path, required=True, help="the class folder, e.g. reg/1_dog (created if missing)")
+    parser.add_argument("--width", type=int, help="default: the model's native size (512, 768 or 1024)")
+    parser.add_argument("--height", type=int, help="default: the model's native size")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_SCALE, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="euler_a")
+    parser.add_argument("--seed", type=int, help="seed of the first image (default: a random one, printed)")
+    parser.add_argument("--clip-skip", type=int, default=1)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="auto: float32 on a CPU; bfloat16 on a GPU that has it (no fp16 overflow in the SDXL "
+                             "VAE), else float16")
+    parser.add_argument("--events", metavar="FILE", help="append start/progress/warning/error/done events")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def _floored(value: int | None, flag: str, events: EventWriter) -> int | None:
+    """A size floored to a multiple of 8, as sd-scripts does, with a warning when that changes it."""
+    if value is None or value % _SIDE_STEP == 0:
+        return value
+    floored = value // _SIDE_STEP * _SIDE_STEP
+    events.emit("warning", message=f"{flag} {value} is not a multiple of {_SIDE_STEP}; using {floored}", where=flag,
+                hint="")
+    return floored
+
+
+def _input_problem(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(message, hint) for input that cannot work, checked before the model loads."""
+    checks = (
+        (args.count < 1, f"--count {args.count}: nothing to generate", "ask for 1 image or more"),
+        (args.steps < 1, f"--steps {args.steps}: at least 1 step is needed", "30 is usual"),
+        (not args.prompt.strip(), "--prompt is empty", "describe the class, e.g. 'a photo of a dog'"),
+        (args.out.exists() and not args.out.is_dir(), f"{args.out}: is a file, not a folder",
+         "choose a folder for the class images (it is created if missing)"),
+        (args.clip_skip < 1, f"--clip-skip {args.clip_skip}: must be 1 or more", "1 uses the last layer"),
+        *((side is not None and side < _MIN_SIDE, f"{flag} {side}: images must be at least {_MIN_SIDE} pixels",
+           "use 64 or more, a multiple of 8") for flag, side in (("--width", args.width), ("--height", args.height))),
+    )
+    return next(((message, hint) for failed, message, hint in checks if failed), None)
+
+
+def _folder_name_warning(out: Path, events: EventWriter) -> None:
+    from engine.config.dataset import parse_legacy_folder_name
+    from engine.data.legacy import suggest_folder_name
+
+    parsed = parse_legacy_folder_name(out.name)
+    if parsed is None or parsed.repeats < 1:
+        events.emit("warning", where=str(out),
+                    message=f"the folder name '{out.name}' is not '<repeats>_<class>', so training's "
+                            "dataset.reg_data_dir would skip it",
+                    hint=f"name it like '{suggest_folder_name(out.name)}' inside the regularization folder")
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, getattr(torch, dtype)
+
+
+def _fail(events: EventWriter, message: str, hint: str, code: int, **done: Any) -> int:
+    print(f"error: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    events.emit("error", message=message, hint=hint)
+    events.emit("done", task=TASK, ok=False, **done)
+    return code
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise StopRequested
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.events import EventWriter
+
+    with EventWriter(args.events) as events:
+        problem = _input_problem(args)
+        if problem is not None:
+            return _fail(events, *problem, EXIT_BAD_INPUT, written=0)
+        width, height = _floored(args.width, "--width", events), _floored(args.height, "--height", events)
+        _folder_name_warning(args.out, events)
+        seed = args.seed if args.seed is not None else secrets.randbits(32)
+        previous = signal.signal(signal.SIGTERM, _stop)
+        try:
+            return _generate(args, events, width, height, seed)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _generate(args: argparse.Namespace, events: EventWriter, width: int | None, height: int | None, seed: int) -> int:
+    from engine.class_images import ClassImageSettings, generate_class_images, sampler_parts
+    from engine.events import Progress
+    from engine.models.loading import ModelLoadError, load_model
+
+    written: list[Path] = []
+    try:
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        model = load_model(args.model, family=args.model_family, vae_path=args.vae, dtype=dtype, device=device)
+        parts = sampler_parts(model, v_prediction=True if args.v_parameterization else None)
+        settings = ClassImageSettings(prompt=args.prompt, count=args.count, seed=seed, negative_prompt=args.negative,
+                                      width=width, height=height, steps=args.steps, guidance=args.guidance,
+                                      sampler=args.sampler, clip_skip=args.clip_skip)
+        print(f"{args.count} image(s) of {args.prompt!r} from a {model.family} model on {device}, seed {seed}, "
+              f"into {args.out}", file=sys.stderr)
+        progress = Progress(TASK, args.count, events)
+
+        def on_image(path: Path) -> None:
+            written.append(path)
+            progress.update(file=str(path))
+
+        generate_class_images(parts, settings, args.out, device=device, dtype=dtype, on_image=on_image)
+        progress.close()
+    except ModelLoadError as error:
+        return _fail(events, str(error), "check --model and --model-family", EXIT_BAD_INPUT, written=0)
+    except (StopRequested, KeyboardInterrupt):
+        print(f"stopped after {len(written)} image(s)", file=sys.stderr)
+        events.emit("done", task=TASK, ok=False, stopped=True, written=len(written), seed=seed)
+        return EXIT_FAILED
+    except Exception as error:  # anything torch or diffusers raise: reported as an event, not a silent exit
+        traceback.print_exc()
+        return _fail(events, f"generation failed: {type(error).__name__}: {error}",
+                     "the output above has the details", EXIT_FAILED, written=len(written), seed=seed)
+    print(f"wrote {len(written)} image(s) to {args.out}")
+    events.emit("done", task=TASK, ok=True, written=len(written), seed=seed, folder=str(args.out),
+                files=[str(path) for path in written])
+    return EXIT_OK
