@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     # Images shown in galleries (datasets, captions, samples) are served only from the folders the user allows.
     app.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, ssr_mode=False,
                footer_links=[], inbrowser=False, show_error=True,
-               allowed_paths=[str(folder) for folder in options.roots().folders])
+               allowed_paths=[str(folder) for folder in options.roots().folders],
+               # Skips Gradio's start-up self-check (a 3-second HEAD of our own page): on a busy machine the first
+               # page build can take longer, and the check then aborts a server that works. Private in 6.31.
+               _frontend=False)
     return 0
 
 

@@ -1,12 +1,236 @@
-"""The Tools tab (being built)."""
+"""The Tools tab: inspect, merge, resize and extract LoRA files, build the latent cache, and run the dataset doctor
+on any config. The LoRA tools and the cache run as engine processes (they load torch); the doctor runs here.
+Logic lives in gui/tools_view.py; this module lays out components and wires events."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import gradio as gr
 
+from engine.config.errors import ConfigError
+from gui import tools_view as view
 from gui.context import TabContext
+from gui.doctor_view import DoctorPanel
+from gui.file_browser import FileRoots, path_field
+from gui.jobs import EngineJob
+
+_MODEL_INFO = "a single-file checkpoint (.safetensors/.ckpt) or a diffusers folder"
+_OUTPUT_INFO = "a new file; blank: next to the input with a name that says what was done (never overwrites)"
+_SOURCE_CHOICES = [(label, value) for value, label in view.CONFIG_SOURCES.items()]
+
+Values = dict[gr.components.Component, Any]
+
+
+def _lora_field(label: str, roots: FileRoots, elem_id: str, info: str = "a kohya LoRA/LoCon .safetensors file"
+                ) -> gr.Textbox:
+    return path_field(label, roots, kind="file", elem_id=elem_id, info=info, extensions=view.LORA_EXTENSIONS)
+
+
+def _model_field(label: str, roots: FileRoots, elem_id: str, info: str = _MODEL_INFO) -> gr.Textbox:
+    return path_field(label, roots, kind="file", elem_id=elem_id, info=info, extensions=view.MODEL_EXTENSIONS)
+
+
+def _output_field(roots: FileRoots, elem_id: str) -> gr.Textbox:
+    return path_field("Output file", roots, kind="file", elem_id=elem_id, info=_OUTPUT_INFO,
+                      extensions=(view.LORA_SUFFIX,))
+
+
+def _precision(elem_id: str) -> gr.Dropdown:
+    return gr.Dropdown(list(view.PRECISIONS), value="float", label="Save precision", elem_id=elem_id,
+                       info="dtype of the saved weights (float: float32)")
+
+
+def _results(prefix: str) -> tuple[gr.Markdown, gr.Markdown]:
+    """What the tool did, and the inspect summary of the file it wrote."""
+    return gr.Markdown(elem_id=f"{prefix}-result"), gr.Markdown(elem_id=f"{prefix}-written")
+
+
+def _wire_writer(tool: str, button: gr.Button, fields: set, make_args: Callable[[Values], list[str]],
+                 result: gr.Markdown, written: gr.Markdown) -> None:
+    """Run merge/resize/extract on click, then inspect the new file."""
+
+    def run(values: Values) -> Iterator[Values]:
+        try:
+            args = make_args(values)
+        except view.ToolInputError as error:
+            yield {result: f"✖ {error}", written: ""}
+            return
+        yield {result: f"Running `{view.command_text(args)}`…", written: ""}
+        outcome, inspected = view.run_and_inspect(args)
+        yield {result: view.result_markdown(tool, outcome), written: view.inspect_outcome_markdown(inspected)}
+
+    button.click(run, inputs=fields, outputs=[result, written])
+
+
+def _inspect_tab(roots: FileRoots) -> None:
+    with gr.Tab("Inspect LoRA", id="tools-inspect"):
+        file = _lora_field("LoRA file", roots, "tools-inspect-file",
+                           "a .safetensors, .ckpt or .pt LoRA, LyCORIS or Textual Inversion file")
+        button = gr.Button("Inspect", variant="primary", elem_id="tools-inspect-run")
+        summary = gr.Markdown(elem_id="tools-inspect-summary")
+        metadata = gr.Dataframe(headers=view.METADATA_COLUMNS, value=None, interactive=False, wrap=True,
+                                label="Training metadata", elem_id="tools-inspect-metadata")
+
+    def run(path: str) -> Iterator[Values]:
+        try:
+            args = view.inspect_args(path, roots)
+        except view.ToolInputError as error:
+            yield {summary: f"✖ {error}", metadata: None}
+            return
+        yield {summary: f"Running `{view.command_text(args)}`…", metadata: None}
+        outcome = view.run_lora_tool(args)
+        yield {summary: view.inspect_outcome_markdown(outcome),
+               metadata: view.metadata_frame(outcome.report) if outcome.report else None}
+
+    button.click(run, inputs=file, outputs=[summary, metadata])
+
+
+def _merge_tab(roots: FileRoots) -> None:
+    with gr.Tab("Merge", id="tools-merge"):
+        gr.Markdown("Combine LoRAs into one LoRA (their ranks concatenated, exact; or re-factored to one rank with "
+                    "an SVD rank), or merge them into a base model's weights to make a new checkpoint.")
+        with gr.Row():
+            pick = _lora_field("Add a LoRA", roots, "tools-merge-pick")
+            ratio = gr.Number(1.0, label="Ratio", elem_id="tools-merge-ratio", scale=0, min_width=120)
+            add = gr.Button("Add", elem_id="tools-merge-add", scale=0, min_width=80)
+        sources = gr.Textbox(label="LoRAs to merge", lines=3, elem_id="tools-merge-sources",
+                             info="one per line: PATH or PATH:RATIO")
+        output = _output_field(roots, "tools-merge-output")
+        into_model = _model_field("Merge into model (optional)", roots, "tools-merge-model",
+                                  _MODEL_INFO + "; blank: merge into one LoRA")
+        with gr.Row():
+            svd = gr.Number(0, label="SVD rank", precision=0, minimum=0, elem_id="tools-merge-svd",
+                            info="LoRA merge only; 0: concatenate the ranks (exact)")
+            conv = gr.Number(0, label="Conv rank", precision=0, minimum=0, elem_id="tools-merge-conv",
+                             info="with an SVD rank: the rank of 3x3 convs (0: the SVD rank)")
+            precision = _precision("tools-merge-precision")
+        button = gr.Button("Merge", variant="primary", elem_id="tools-merge-run")
+        result, written = _results("tools-merge")
+
+    add.click(lambda text, path, value: (view.add_merge_source(text, path, value), ""),
+              inputs=[sources, pick, ratio], outputs=[sources, pick])
+    _wire_writer("merge", button, {sources, output, into_model, svd, conv, precision},
+                 lambda v: view.merge_args(v[sources], v[output], roots, into_model=v[into_model], svd_rank=v[svd],
+                                           conv_rank=v[conv], precision=v[precision]), result, written)
+
+
+def _resize_tab(roots: FileRoots) -> None:
+    with gr.Tab("Resize", id="tools-resize"):
+        gr.Markdown("Write a copy of a LoRA at a new rank (SVD). The report says how much of each module's change "
+                    "is kept.")
+        file = _lora_field("LoRA file", roots, "tools-resize-file")
+        output = _output_field(roots, "tools-resize-output")
+        with gr.Row():
+            rule = gr.Radio([(f"{name}: {meaning}", name) for name, (_, meaning) in view.RESIZE_RULES.items()],
+                            value="rank", label="New size by", elem_id="tools-resize-rule")
+            value = gr.Number(8, label="Value", minimum=0, elem_id="tools-resize-value",
+                              info="the rank, X or the fraction, as the rule says")
+        with gr.Row():
+            conv = gr.Number(0, label="Conv rank", precision=0, minimum=0, elem_id="tools-resize-conv",
+                             info="with a fixed rank: the rank of 3x3 convs (0: the same rank)")
+            precision = _precision("tools-resize-precision")
+        button = gr.Button("Resize", variant="primary", elem_id="tools-resize-run")
+        result, written = _results("tools-resize")
+
+    _wire_writer("resize", button, {file, output, rule, value, conv, precision},
+                 lambda v: view.resize_args(v[file], v[output], roots, rule=v[rule], value=v[value],
+                                            conv_rank=v[conv], precision=v[precision]), result, written)
+
+
+def _extract_tab(roots: FileRoots) -> None:
+    with gr.Tab("Extract", id="tools-extract"):
+        gr.Markdown("Make a LoRA from the difference between a fine-tuned model and its base (the layers a LoRA "
+                    "trains; with a conv rank also the ResNet convolutions, LoCon).")
+        with gr.Row():
+            base = _model_field("Base model", roots, "tools-extract-base")
+            tuned = _model_field("Fine-tuned model", roots, "tools-extract-tuned", "of the same family as the base")
+        output = _output_field(roots, "tools-extract-output")
+        with gr.Row():
+            rank = gr.Number(8, label="Rank", precision=0, minimum=1, elem_id="tools-extract-rank",
+                             info="of Linear and 1x1 conv modules")
+            conv = gr.Number(0, label="Conv rank", precision=0, minimum=0, elem_id="tools-extract-conv",
+                             info="of 3x3 convs; 0: none")
+            min_diff = gr.Number(0.01, label="Min difference", minimum=0, elem_id="tools-extract-min-diff",
+                                 info="leave out a text encoder changed by at most this (kohya: 0.01)")
+            device = gr.Dropdown(["cpu", "cuda"], value="cpu", allow_custom_value=True, label="Device",
+                                 elem_id="tools-extract-device", info="where the SVDs run")
+            precision = _precision("tools-extract-precision")
+        button = gr.Button("Extract", variant="primary", elem_id="tools-extract-run")
+        result, written = _results("tools-extract")
+
+    _wire_writer("extract", button, {base, tuned, output, rank, conv, min_diff, device, precision},
+                 lambda v: view.extract_args(v[base], v[tuned], v[output], roots, rank=v[rank], conv_rank=v[conv],
+                                             min_diff=v[min_diff], device=v[device], precision=v[precision]),
+                 result, written)
+
+
+def _config_source(prefix: str, roots: FileRoots) -> tuple[gr.Radio, gr.Textbox]:
+    with gr.Row():
+        source = gr.Radio(_SOURCE_CHOICES, value="file", label="Config", elem_id=f"{prefix}-source")
+        path = path_field("Config file", roots, kind="file", elem_id=f"{prefix}-config",
+                          info="a run config .toml or a .json preset; relative paths start from its folder",
+                          extensions=view.CONFIG_EXTENSIONS)
+    return source, path
+
+
+def _cache_tab(ctx: TabContext) -> None:
+    with gr.Tab("Cache latents", id="tools-cache"):
+        gr.Markdown("Encode every training image with the VAE once, ahead of training; training then reuses each "
+                    "entry whose settings still match.")
+        source, path = _config_source("tools-cache", ctx.roots)
+        with gr.Row():
+            skip = gr.Checkbox(True, label="Keep entries that are up to date", elem_id="tools-cache-skip",
+                               info="off: re-encode everything (stale entries are rebuilt either way)")
+            device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", elem_id="tools-cache-device")
+            workers = gr.Number(0, label="Workers", precision=0, minimum=0, elem_id="tools-cache-workers",
+                                info="threads reading images (0: the config's data loader workers)")
+        button = gr.Button("Build the cache", variant="primary", elem_id="tools-cache-run")
+        progress = gr.Markdown(elem_id="tools-cache-progress")
+        result = gr.Markdown(elem_id="tools-cache-result")
+
+    def run(values: Values) -> Iterator[Values]:
+        try:
+            config = view.cache_config_path(values[source], values[path], values[ctx.config], ctx.roots)
+        except (view.ToolInputError, ConfigError) as error:
+            yield {progress: "", result: view.config_error_markdown(error)}
+            return
+        args = view.cache_args(config, skip_existing=values[skip], device=values[device], workers=values[workers])
+        yield {progress: "Starting (loading the VAE)…", result: ""}
+        for update in EngineJob(args).follow():
+            yield {progress: update.progress_text() or "Starting (loading the VAE)…"}
+        yield {progress: update.progress_text(), result: view.cache_markdown(update)}
+
+    button.click(run, inputs={source, path, skip, device, workers, ctx.config}, outputs=[progress, result])
+
+
+def _doctor_tab(ctx: TabContext) -> None:
+    with gr.Tab("Doctor", id="tools-doctor"):
+        gr.Markdown("Check the dataset of any config: folders, images, captions, buckets and the steps per epoch.")
+        source, path = _config_source("tools-doctor", ctx.roots)
+        quick = gr.Checkbox(False, label="Quick", elem_id="tools-doctor-quick",
+                            info="skip the checks that read every file in full (corrupt images, duplicates)")
+        button = gr.Button("Run the doctor", variant="primary", elem_id="tools-doctor-run")
+        panel = DoctorPanel("tools-doctor")
+
+    def run(values: Values) -> Values:
+        try:
+            report = view.doctor_report(values[source], values[path], values[ctx.config], ctx.roots,
+                                        quick=values[quick])
+        except (view.ToolInputError, ConfigError) as error:
+            return panel.show_error(error)
+        return panel.show(report)
+
+    button.click(run, inputs={source, path, quick, ctx.config}, outputs=panel.outputs)
 
 
 def build(ctx: TabContext) -> None:
-    with gr.Tab("Tools", id="tools"):
-        gr.Markdown("Coming in this session.")
+    """Add the Tools tab to the current gr.Blocks."""
+    with gr.Tab("Tools", id="tools"), gr.Tabs(elem_id="tools-tabs"):
+        _inspect_tab(ctx.roots)
+        _merge_tab(ctx.roots)
+        _resize_tab(ctx.roots)
+        _extract_tab(ctx.roots)
+        _cache_tab(ctx)
+        _doctor_tab(ctx)
