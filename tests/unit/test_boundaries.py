@@ -1,6 +1,8 @@
 """Package layout and import boundaries: engine never imports gradio/gui; gui never imports torch & co."""
 
 import ast
+import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -76,3 +78,26 @@ def test_top_level_layout():
     top = {line.split("/")[0] for line in tracked.splitlines()} | {p.name for p in REPO.iterdir() if p.name in required}
     assert required <= top
     assert top <= allowed, top - allowed
+
+
+# Modules the GUI imports inside its handlers (run in the GUI process when a button is pressed).
+GUI_LAZY_IMPORTS = ("engine.data.doctor", "engine.config.importers.registry", "engine.data.project",
+                    "engine.caption.edit", "engine.caption.registry", "engine.cache.latent_jobs", "engine.data.scan")
+
+
+def test_the_built_app_and_its_handlers_load_no_heavy_ml_library(tmp_path):
+    """The static check above sees one file at a time; this builds the whole app in a fresh interpreter and also
+    imports what handlers load later, then looks at what actually got imported."""
+    code = (
+        "import importlib, json, sys\n"
+        "from pathlib import Path\n"
+        "from gui.app import AppOptions, build_app\n"
+        f"build_app(AppOptions(runs_dir=Path({str(tmp_path)!r})))\n"
+        f"for name in {GUI_LAZY_IMPORTS!r}: importlib.import_module(name)\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(GUI_FORBIDDEN)!r})))\n"
+    )
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
