@@ -1,0 +1,449 @@
+"""The Tools tab's logic, apart from its components: command lines for `python -m engine lora ...` and
+`cache-latents`, running them, their JSON reports turned into what the page shows, and the doctor on any config.
+
+The LoRA tools load torch, so they always run as engine processes (gui.jobs.EngineJob); they print one JSON report
+(`--json`), which `parse_report` finds in the process output. The engine checks the inputs and refuses to overwrite
+a file; this module only checks what the engine cannot know: which fields the user left empty and whether a path is
+inside the folders this app may use.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from engine.config.choices import SavePrecision
+from engine.config.errors import ConfigError
+from engine.config.io import config_to_dict, deep_merge, default_config_dict, load_config, save_config, validate_config
+from engine.train.run import absolute_config
+from gui.doctor_view import report_for
+from gui.file_browser import FileRoots
+from gui.jobs import EngineJob, JobUpdate
+
+LORA_SUFFIX = ".safetensors"
+# what the file browser lists for each kind of input (the suffixes the engine reads)
+LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
+MODEL_EXTENSIONS = (".safetensors", ".ckpt")
+CONFIG_EXTENSIONS = (".toml", ".json")
+PRECISIONS: tuple[str, ...] = typing.get_args(SavePrecision)
+# resize rule (as the engine names it) -> (its option, what the value means to a user)
+RESIZE_RULES: dict[str, tuple[str, str]] = {
+    "rank": ("--rank", "a fixed rank for every module"),
+    "sv_ratio": ("--sv-ratio", "keep singular values at least the largest / X"),
+    "sv_fro": ("--sv-fro", "keep this fraction (0-1) of each module's Frobenius norm"),
+}
+METADATA_COLUMNS = ["key", "value"]
+CONFIG_FILE = "config.toml"
+# Where a config for the doctor or the latent cache comes from: value -> label
+CONFIG_SOURCES = {"file": "A config file", "current": "The Parameters tab's current settings"}
+
+
+class ToolInputError(ValueError):
+    """A field the user must fill or change before the engine is asked; the message names the field."""
+
+
+@dataclass
+class ToolOutcome:
+    """A LoRA tool's JSON report, or the engine's message when it refused or failed."""
+
+    report: dict[str, Any] | None
+    error: str = ""
+
+
+# --- checking fields ---------------------------------------------------------------------------------------------
+
+
+def checked_path(value: str | None, label: str, roots: FileRoots, *, required: bool = True) -> str:
+    """The path typed into a field, stripped; '' for an empty optional field.
+
+    Raises:
+        ToolInputError: an empty required field, or a path outside the folders this app may use.
+    """
+    text = (value or "").strip()
+    if not text:
+        if required:
+            raise ToolInputError(f"{label}: enter a path")
+        return ""
+    if not roots.allows(text):
+        raise ToolInputError(f"{label}: {text} is outside the folders this app may use (your home folder and the "
+                             "folders given with --allow-path)")
+    return str(Path(text).expanduser())
+
+
+def _positive(value: float | None, label: str) -> float:
+    if value is None:
+        raise ToolInputError(f"{label}: enter a number")
+    if value <= 0:
+        raise ToolInputError(f"{label}: must be more than 0")
+    return value
+
+
+def _optional(value: float | None, label: str) -> float | None:
+    """A number field where 0 (or blank) means 'not given': a Gradio Number sends 0 for an empty box."""
+    if not value:
+        return None
+    return _positive(value, label)
+
+
+def _int_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _option(flag: str, value: float | None) -> list[str]:
+    return [] if value is None else [flag, _int_text(value)]
+
+
+def default_output(source: str, tag: str) -> str:
+    """'<folder>/<stem>_<tag>.safetensors' next to `source`, with -2, -3... when that file exists (the tools never
+    overwrite, so a default must be free)."""
+    path = Path(source)
+    stem = path.stem if path.suffix else path.name  # a diffusers folder has no suffix
+    candidate = path.with_name(f"{stem}_{tag}{LORA_SUFFIX}")
+    number = 2
+    while candidate.exists():
+        candidate = path.with_name(f"{stem}_{tag}-{number}{LORA_SUFFIX}")
+        number += 1
+    return str(candidate)
+
+
+def _output(value: str | None, roots: FileRoots, source: str, tag: str) -> str:
+    return checked_path(value, "Output file", roots, required=False) or default_output(source, tag)
+
+
+# --- command lines -----------------------------------------------------------------------------------------------
+
+
+def inspect_args(path: str | None, roots: FileRoots) -> list[str]:
+    """`lora inspect FILE --json`. Raises ToolInputError for an empty or disallowed path (as do the others)."""
+    return ["lora", "inspect", checked_path(path, "LoRA file", roots), "--json"]
+
+
+def merge_sources(text: str | None) -> list[str]:
+    """The lines of the merge list: 'PATH' or 'PATH:RATIO' each, as the engine reads them."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def add_merge_source(text: str | None, path: str | None, ratio: float | None) -> str:
+    """The merge list with one more line, 'PATH:RATIO' (no ratio: the engine's default of 1)."""
+    line = (path or "").strip()
+    if not line:
+        return text or ""
+    if ratio is not None:
+        line += f":{ratio:g}"
+    return "\n".join([*merge_sources(text), line])
+
+
+def split_source(source: str) -> tuple[str, float | None]:
+    """'PATH:RATIO' -> (PATH, RATIO); a colon not followed by a number belongs to the path, as the engine reads it."""
+    path, colon, ratio = source.rpartition(":")
+    try:
+        return (path, float(ratio)) if colon else (source, None)
+    except ValueError:
+        return source, None
+
+
+def merge_args(sources_text: str | None, output: str | None, roots: FileRoots, *, into_model: str | None = None,
+               svd_rank: float | None = None, conv_rank: float | None = None, precision: str = "float") -> list[str]:
+    """`lora merge` of the listed LoRAs into one LoRA, or into `into_model` when given; 0 ranks mean not given."""
+    sources = merge_sources(sources_text)
+    if not sources:
+        raise ToolInputError("LoRAs to merge: add one or more LoRA files")
+    paths = [checked_path(split_source(source)[0], "LoRAs to merge", roots) for source in sources]
+    model = checked_path(into_model, "Merge into model", roots, required=False)
+    args = ["lora", "merge", *sources, "-o", _output(output, roots, model or paths[0], "merged")]
+    args += ["--into-model", model] if model else []
+    args += _option("--svd", _optional(svd_rank, "SVD rank"))
+    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
+    return [*args, "--save-precision", precision, "--json"]
+
+
+def resize_args(path: str | None, output: str | None, roots: FileRoots, *, rule: str, value: float | None,
+                conv_rank: float | None = None, precision: str = "float") -> list[str]:
+    """`lora resize` by one of RESIZE_RULES; the default output name says the rule and value (style_rank8)."""
+    source = checked_path(path, "LoRA file", roots)
+    flag = RESIZE_RULES[rule][0]
+    amount = _positive(value, "New size")
+    args = ["lora", "resize", source, "-o", _output(output, roots, source, f"{rule}{_int_text(amount)}"),
+            flag, _int_text(amount)]
+    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
+    return [*args, "--save-precision", precision, "--json"]
+
+
+def extract_args(base: str | None, tuned: str | None, output: str | None, roots: FileRoots, *, rank: float | None,
+                 conv_rank: float | None = None, min_diff: float | None = None, device: str = "cpu",
+                 precision: str = "float") -> list[str]:
+    """`lora extract` of tuned minus base; conv rank 0 means no 3x3 convs, min_diff None the engine's default."""
+    base_path = checked_path(base, "Base model", roots)
+    tuned_path = checked_path(tuned, "Fine-tuned model", roots)
+    size = _positive(rank, "Rank")
+    args = ["lora", "extract", "--base", base_path, "--tuned", tuned_path,
+            "-o", _output(output, roots, tuned_path, f"lora_r{_int_text(size)}"), "--rank", _int_text(size)]
+    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
+    args += [] if min_diff is None else ["--min-diff", f"{min_diff:g}"]
+    return [*args, "--device", device or "cpu", "--save-precision", precision, "--json"]
+
+
+def cache_args(config_path: str, *, skip_existing: bool = False, device: str | None = None,
+               workers: float | None = None) -> list[str]:
+    """`cache-latents CONFIG ...`; EngineJob adds --events. device None or 'auto': the engine's choice."""
+    args = ["cache-latents", config_path]
+    args += ["--skip-existing"] if skip_existing else []
+    args += ["--device", device] if device and device != "auto" else []
+    return args + _option("--workers", _optional(workers, "Workers"))
+
+
+# --- configs -----------------------------------------------------------------------------------------------------
+
+
+def config_from_file(path: str | None, roots: FileRoots) -> tuple[dict[str, Any], Path]:
+    """A run config file (TOML, or JSON preset) as a config dict and the folder its relative paths start from.
+
+    Raises:
+        ToolInputError: an empty field or a path outside the allowed folders.
+        ConfigError: the file is missing or not a valid config; its problems name the fields.
+    """
+    file = Path(checked_path(path, "Config file", roots))
+    return config_to_dict(load_config(file, check_packages=False)), file.resolve().parent
+
+
+def _current(config_dict: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The Parameters tab's config; it holds None while its form has problems."""
+    if config_dict is None:
+        raise ToolInputError("Parameters: the current settings have problems; fix them in the Parameters tab first")
+    return config_dict
+
+
+def write_temp_config(config_dict: Mapping[str, Any] | None, base_dir: str | Path) -> Path:
+    """The Parameters tab's config as a TOML file in a new temporary folder, with every local path made absolute
+    against `base_dir` (so the engine finds them from there).
+
+    Raises:
+        ToolInputError: there is no valid config (the Parameters tab shows its problems).
+        ConfigError: the config is not valid.
+    """
+    config = validate_config(deep_merge(default_config_dict(), dict(_current(config_dict))), check_packages=False)
+    path = Path(tempfile.mkdtemp(prefix="atelier-tools-")) / CONFIG_FILE
+    save_config(absolute_config(config, Path(base_dir)), path, header="Written by the Tools tab from the "
+                                                                      "Parameters tab's settings.")
+    return path
+
+
+def cache_config_path(source: str, path: str | None, current: Mapping[str, Any] | None, roots: FileRoots) -> str:
+    """The config file to cache latents for: the chosen file (checked here, so its problems show in the page), or
+    the Parameters tab's settings written to a temporary TOML (relative paths from the GUI's working folder, as for
+    a run started from the Train tab).
+
+    Raises:
+        ToolInputError, ConfigError: as :func:`config_from_file` and :func:`write_temp_config`.
+    """
+    if source == "current":
+        return str(write_temp_config(current, Path.cwd()))
+    config_from_file(path, roots)
+    return checked_path(path, "Config file", roots)
+
+
+def doctor_report(source: str, path: str | None, current: Mapping[str, Any] | None, roots: FileRoots, *,
+                  quick: bool = False) -> dict[str, Any]:
+    """The dataset doctor's report for a config file or for the Parameters tab's settings.
+
+    Raises:
+        ToolInputError, ConfigError: a field to fill or a config to fix.
+    """
+    if source == "current":
+        return report_for(_current(current), Path.cwd(), quick=quick)
+    config_dict, base_dir = config_from_file(path, roots)
+    return report_for(config_dict, base_dir, quick=quick)
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+
+
+def parse_report(output: str) -> dict[str, Any] | None:
+    """The last JSON object in a process's output (stderr lines such as warnings may come before it)."""
+    decoder = json.JSONDecoder()
+    found = None
+    position = output.find("{")
+    while position != -1:
+        try:
+            value, end = decoder.raw_decode(output, position)
+        except json.JSONDecodeError:
+            position = output.find("{", position + 1)
+            continue
+        if isinstance(value, dict):
+            found = value
+        position = output.find("{", end)
+    return found
+
+
+def outcome_of(update: JobUpdate) -> ToolOutcome:
+    """The report of a finished `lora ... --json` job, or the engine's message for what went wrong."""
+    report = parse_report(update.output)
+    if report is None:
+        return ToolOutcome(None, update.error_text() or "the engine printed no report")
+    if "error" in report:
+        return ToolOutcome(None, report["error"])
+    return ToolOutcome(report)
+
+
+def run_lora_tool(args: list[str]) -> ToolOutcome:
+    """Run one `python -m engine lora ...` to its end (the tools emit no progress events)."""
+    return outcome_of(EngineJob(args, events_flag=False).run())
+
+
+def run_and_inspect(args: list[str]) -> tuple[ToolOutcome, ToolOutcome | None]:
+    """Run merge/resize/extract, then inspect the file it wrote (None when the tool failed)."""
+    outcome = run_lora_tool(args)
+    if outcome.report is None:
+        return outcome, None
+    return outcome, run_lora_tool(["lora", "inspect", outcome.report["output"], "--json"])
+
+
+def command_text(args: Iterable[str]) -> str:
+    """The command line a user could run in a terminal, for the status line."""
+    return "python -m engine " + " ".join(f'"{arg}"' if " " in arg else arg for arg in args)
+
+
+# --- rendering ---------------------------------------------------------------------------------------------------
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    """'4 (73 modules), 2 (18 modules)': a value and how many modules have it."""
+    return ", ".join(f"{value} ({count} modules)" for value, count in counts.items()) or "none"
+
+
+def non_finite_errors(report: Mapping[str, Any]) -> list[str]:
+    """The inspect errors about NaN or inf weights (they make every image black)."""
+    return [error for error in report.get("errors", []) if "NaN or inf" in error]
+
+
+def _weights_line(report: Mapping[str, Any]) -> str:
+    bad = non_finite_errors(report)
+    return f"✖ **{bad[0]}**" if bad else "✔ No NaN or inf weights."
+
+
+def _module_lines(report: Mapping[str, Any]) -> list[str]:
+    modules = report.get("modules") or {}
+    if not modules:
+        return []
+    parts = ", ".join(f"{part} {count}" for part, count in modules.items())
+    lines = [f"- **Modules:** {sum(modules.values())} ({parts})", f"- **Rank:** {counts_text(report['ranks'])}",
+             f"- **Alpha:** {counts_text(report['alphas'])} (0 means alpha = rank)"]
+    if report.get("conv_modules"):
+        lines.append(f"- **3x3 conv modules (LoCon):** {report['conv_modules']}, rank "
+                     f"{counts_text(report['conv_ranks'])}")
+    return lines
+
+
+def _norm_lines(report: Mapping[str, Any]) -> list[str]:
+    norms = report.get("norms") or {}
+    if not norms:
+        return []
+    return [f"- **Change norms** |alpha/rank · up @ down|: min {norms['min']:.4g} (`{norms['min_module']}`), median "
+            f"{norms['median']:.4g}, max {norms['max']:.4g} (`{norms['max_module']}`)"]
+
+
+def _other_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = [f"- **Embedding** `{key}`: {shape[0]} vector(s) of {shape[-1]}"
+             for key, shape in (report.get("embedding") or {}).items()]
+    if report.get("top_tags"):
+        lines.append("- **Top tags:** " + ", ".join(f"{tag} ({count})" for tag, count in report["top_tags"]))
+    if report.get("unknown_keys"):
+        lines.append(f"- **Unknown keys:** {len(report['unknown_keys'])}")
+    lines += [f"- ⚠ {warning}" for warning in report.get("warnings", [])]
+    lines += [f"- ✖ {error}" for error in report.get("errors", []) if error not in non_finite_errors(report)]
+    return lines
+
+
+def inspect_markdown(report: Mapping[str, Any]) -> str:
+    """Format, base model, weight check, modules, ranks and alphas, norms and tags of an inspect report."""
+    lines = [f"**{report['format']}** · `{report['path']}`", "", f"**Base model:** {report['base_model']}", "",
+             _weights_line(report), ""]
+    return "\n".join(lines + _module_lines(report) + _norm_lines(report) + _other_lines(report))
+
+
+def metadata_frame(report: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The training metadata (ss_* and modelspec keys) and the dataset folders, one row each; None when empty."""
+    rows = [[key, str(value)] for key, value in report.get("training", {}).items()]
+    rows += [[f"dataset folder {name}", json.dumps(info)] for name, info in report.get("dataset_dirs", {}).items()]
+    return pd.DataFrame(rows, columns=METADATA_COLUMNS) if rows else None
+
+
+def _retained_line(report: Mapping[str, Any]) -> list[str]:
+    kept = report.get("retained") or {}
+    if not kept:
+        return []
+    return [f"- Kept of each change (Frobenius): min {kept['min']:.4f} (`{kept['min_module']}`), mean "
+            f"{kept['mean']:.4f}"]
+
+
+def _merge_lines(report: Mapping[str, Any]) -> list[str]:
+    if "family" in report:  # merged into a model
+        return [f"- Base model: `{report['base']}` ({report['family']})"] + [
+            f"- Merged `{entry['file']}` at {entry['ratio']:g}: {sum(entry['modules'].values())} modules"
+            for entry in report["loras"]]
+    return [f"- Merged ({report['method']}): " + ", ".join(f"`{name}`" for name in report["inputs"]),
+            f"- Ranks: {counts_text(report['ranks'])}", *_retained_line(report)]
+
+
+def _resize_lines(report: Mapping[str, Any]) -> list[str]:
+    return [f"- Resized `{report['input']}` ({report['rule']} {report['value']:g})",
+            f"- Ranks before: {counts_text(report['ranks_before'])}",
+            f"- Ranks after: {counts_text(report['ranks_after'])}", *_retained_line(report)]
+
+
+def _extract_lines(report: Mapping[str, Any]) -> list[str]:
+    conv = f", conv rank {report['conv_rank']}" if report["conv_rank"] else ""
+    parts = ", ".join(f"{part} {count}" for part, count in report["modules"].items())
+    return [f"- `{report['tuned']}` minus `{report['base']}` ({report['family']}) at rank {report['rank']}{conv}",
+            f"- Modules: {sum(report['modules'].values())} ({parts})",
+            *(f"- Left out {part}: {reason}" for part, reason in report["skipped"].items()), *_retained_line(report)]
+
+
+# tool name -> the lines that describe what its report says it did
+RESULT_LINES = {"merge": _merge_lines, "resize": _resize_lines, "extract": _extract_lines}
+
+
+def result_markdown(tool: str, outcome: ToolOutcome) -> str:
+    """'Wrote <file>' and what the tool did, or the engine's message."""
+    if outcome.report is None:
+        return error_markdown(outcome.error)
+    return "\n".join([f"✔ **Wrote `{outcome.report['output']}`**", "", *RESULT_LINES[tool](outcome.report)])
+
+
+def error_markdown(message: str) -> str:
+    """The engine's own message, shown as it is: it names the file and says what to do."""
+    return f"✖ **The engine refused:** {message}"
+
+
+def inspect_outcome_markdown(outcome: ToolOutcome | None) -> str:
+    """The inspect summary of a written file ('' when the tool wrote none)."""
+    if outcome is None:
+        return ""
+    return inspect_markdown(outcome.report) if outcome.report is not None else error_markdown(outcome.error)
+
+
+def cache_markdown(update: JobUpdate) -> str:
+    """The cache build's result from its done event (counts) and warnings, or the engine's error."""
+    done = update.last("done")
+    if done is None or not done.get("ok"):
+        return error_markdown(update.error_text() or "the cache build ended without a result")
+    lines = [f"✔ **Cached {done['encoded'] + done['reused']} of {done['total']} images:** {done['encoded']} encoded, "
+             f"{done['reused']} reused, {done['rebuilt_stale']} stale entries rebuilt, {done['failed']} failed."]
+    lines += [f"- ⚠ `{event.get('where', '')}`: {event['message']}" for event in update.events
+              if event.get("type") == "warning"]
+    return "\n".join(lines)
+
+
+def config_error_markdown(error: ConfigError | ToolInputError) -> str:
+    """A config's problems, one per field, or the field to fill."""
+    problems = getattr(error, "problems", None)
+    if not problems:
+        return f"✖ {error}"
+    return "✖ **The config has problems:**\n" + "\n".join(f"- `{p.path}`: {p.message}" for p in problems)
