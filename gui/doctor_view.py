@@ -18,7 +18,8 @@ from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, default_config_dict, validate_config
 
 FINDING_COLUMNS = ["severity", "file", "problem", "what to do"]
-_SEVERITY_MARK = {"error": "⛔ error", "warning": "⚠️ warning", "info": "ℹ️ info"}
+# Marks from common fonts: emoji show as empty boxes on machines without an emoji font.
+_SEVERITY_MARK = {"error": "✖ error", "warning": "⚠ warning", "info": "· note"}
 
 
 def report_for(config_dict: Mapping[str, Any] | None, base_dir: str | Path, *, quick: bool = False,
@@ -85,7 +86,8 @@ class DoctorPanel:
     def __init__(self, elem_prefix: str):
         self.summary = gr.Markdown(elem_id=f"{elem_prefix}-summary")
         self.findings = gr.Dataframe(headers=FINDING_COLUMNS, value=None, interactive=False, wrap=True,
-                                     label="Findings", elem_id=f"{elem_prefix}-findings")
+                                     column_widths=["12%", "26%", "32%", "30%"], label="Findings",
+                                     elem_id=f"{elem_prefix}-findings")
         # y_lim from 0: with one bucket (or equal counts) the automatic axis starts at the value and bars vanish
         self.histogram = gr.BarPlot(None, x="bucket", y="images", title="Images per bucket", height=240,
                                     y_lim=[0, None], elem_id=f"{elem_prefix}-buckets")

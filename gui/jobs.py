@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,7 @@ class EngineJob:
 
     def __init__(self, args: Sequence[str], *, work_dir: str | Path | None = None, events_flag: bool = True,
                  python: str = sys.executable):
+        self._temporary = work_dir is None  # removed once the job has ended and its output was read
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="atelier-job-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.work_dir / "events.jsonl"
@@ -104,7 +106,10 @@ class EngineJob:
         while self._process.poll() is None:
             yield self.snapshot()
             time.sleep(interval)
-        yield self.snapshot()
+        final = self.snapshot()
+        if self._temporary:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        yield final
 
     def cancel(self) -> None:
         if self._process is not None and self._process.poll() is None:

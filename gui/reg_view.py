@@ -29,7 +29,7 @@ PRIOR_LOSS_WEIGHT = "training.prior_loss_weight"
 _BAD_CLASS_CHARACTERS = re.compile(r"[/\\\x00]")
 # What the balance text says itself, or what only concerns a missing training folder.
 _FINDINGS_SAID = {"reg-unused", "no-images", "no-dataset"}
-_SEVERITY_MARK = {"error": "⛔", "warning": "⚠️"}
+_SEVERITY_MARK = {"error": "✖", "warning": "⚠"}  # not emoji: those need an emoji font
 
 
 @cache

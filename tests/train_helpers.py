@@ -111,3 +111,23 @@ def unet_conditioning(encoded: Any, family: str, batch: int, size: int = 64) -> 
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)
         conditioning["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids}
     return conditioning
+
+
+def make_locon_file(model_dir: Path, path: Path, metadata: dict[str, str], seed: int = 0) -> Path:
+    """A LoCon (rank 4, conv rank 2) on the tiny SD1 model with random lora_up, as a trained file looks, saved in
+    kohya's format with `metadata`."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.models.text_encoders import load_text_encoders
+    from engine.networks.lora import create_lora_network
+    from engine.networks.network_file import save_network_file
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    network = create_lora_network(unet, load_text_encoders(model_dir).encoders, "sd1", dim=4, alpha=2.0,
+                                  conv_dim=2, conv_alpha=1.0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in network.all_loras():
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=generator) * 0.3)
+    save_network_file(path, network.kohya_state_dict(), metadata, save_as="safetensors")
+    return path

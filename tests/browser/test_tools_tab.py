@@ -8,31 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import open_tab
-from diffusers import UNet2DConditionModel
 from playwright.sync_api import expect
 from safetensors import safe_open
-
-from engine.models.text_encoders import load_text_encoders
-from engine.networks.lora import create_lora_network
-from engine.networks.network_file import save_network_file
+from train_helpers import make_locon_file
 
 pytestmark = pytest.mark.browser
 SLOW = 120_000  # ms: each LoRA tool is an engine process that loads torch
-
-
-def make_lora(model_dir: Path, path: Path) -> Path:
-    """A LoCon (rank 4, conv rank 2) with random lora_up, saved in kohya's format with a base model version."""
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    network = create_lora_network(unet, load_text_encoders(model_dir).encoders, "sd1", dim=4, alpha=2.0,
-                                  conv_dim=2, conv_alpha=1.0)
-    with torch.no_grad():
-        for lora in network.all_loras():
-            lora.lora_up.weight.normal_(0, 0.3)
-    save_network_file(path, network.kohya_state_dict(), {"ss_base_model_version": "sd_v1",
-                                                         "ss_output_name": "tiny-style"}, save_as="safetensors")
-    return path
 
 
 def ranks_in(path: Path) -> Counter:
@@ -52,7 +34,8 @@ def tools(app_page):
 
 
 def test_inspect_then_resize_a_lora(tools, work_dir, tiny_models, screenshot):
-    lora = make_lora(tiny_models["sd1"], work_dir / "style.safetensors")
+    lora = make_locon_file(tiny_models["sd1"], work_dir / "style.safetensors",
+                           {"ss_base_model_version": "sd_v1", "ss_output_name": "tiny-style"})
     ranks = ranks_in(lora)
     fill(tools, "tools-inspect-file", str(lora))
     tools.locator("#tools-inspect-run").click()

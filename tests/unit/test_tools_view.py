@@ -9,14 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import UNet2DConditionModel
 from safetensors import safe_open
+from train_helpers import make_locon_file
 
 from engine.config.errors import ConfigError
 from engine.config.io import load_config
-from engine.models.text_encoders import load_text_encoders
-from engine.networks.lora import create_lora_network
 from engine.networks.network_file import read_network_file, save_network_file
 from gui import tools_view as view
 from gui.file_browser import FileRoots
@@ -26,19 +23,6 @@ METADATA = {"ss_base_model_version": "sd_v1", "ss_output_name": "tiny-style", "s
             "ss_learning_rate": "0.0001", "ss_tag_frequency": json.dumps({"10_sks dog": {"sks": 5, "dog": 4}}),
             "ss_dataset_dirs": json.dumps({"10_sks dog": {"n_repeats": 10, "img_count": 5}})}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-def make_lora(model_dir: Path, path: Path) -> Path:
-    """A LoCon (rank 4, conv rank 2) with random lora_up, as a trained file looks, saved in kohya's format."""
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    network = create_lora_network(unet, load_text_encoders(model_dir).encoders, "sd1", dim=4, alpha=2.0,
-                                  conv_dim=2, conv_alpha=1.0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for lora in network.all_loras():
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=generator) * 0.3)
-    save_network_file(path, network.kohya_state_dict(), METADATA, save_as="safetensors")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +37,7 @@ def roots(folder, tiny_models) -> FileRoots:
 
 @pytest.fixture(scope="module")
 def lora(folder, tiny_models) -> Path:
-    return make_lora(tiny_models["sd1"], folder / "style.safetensors")
+    return make_locon_file(tiny_models["sd1"], folder / "style.safetensors", METADATA)
 
 
 @pytest.fixture(scope="module")
