@@ -298,9 +298,9 @@ def run_lora_tool(args: list[str]) -> ToolOutcome:
 
 
 def run_and_inspect(args: list[str]) -> tuple[ToolOutcome, ToolOutcome | None]:
-    """Run merge/resize/extract, then inspect the file it wrote (None when the tool failed)."""
+    """Run merge/resize/extract, then inspect the LoRA it wrote (None when the tool failed or wrote a model)."""
     outcome = run_lora_tool(args)
-    if outcome.report is None:
+    if outcome.report is None or "--into-model" in args:  # a merged checkpoint is not a LoRA to inspect
         return outcome, None
     return outcome, run_lora_tool(["lora", "inspect", outcome.report["output"], "--json"])
 

@@ -190,3 +190,24 @@ def test_cache_latents_from_a_config_file(folder, roots, dataset_config):
     assert update.ok, update.output
     assert view.cache_markdown(update).startswith(f"✔ **Cached {images} of {images} images:** {images} encoded")
     assert f": {images}/{images}" in update.progress_text()
+
+
+def test_merge_into_a_model_then_extract_it_back(lora, folder, roots, tiny_models):
+    """The Merge and Extract pages' commands, run for real: merge the LoRA into the tiny checkpoint, then extract a
+    rank-4 LoRA from the difference; each page shows what the engine wrote."""
+    base = shutil.copy(tiny_models["sd1_ckpt"], folder / "base.safetensors")
+    merge = view.merge_args(f"{lora}:0.8", "", roots, into_model=str(base))
+    merged, inspected_model = view.run_and_inspect(merge)
+    assert merged.report is not None, merged.error
+    assert inspected_model is None  # a checkpoint, not a LoRA: the page shows no LoRA summary for it
+    written = Path(merged.report["output"])
+    assert written.is_file() and written != Path(base)
+    text = view.result_markdown("merge", merged)
+    assert f"Merged `{lora}` at 0.8" in text and "(sd1)" in text
+
+    extracted, inspected = view.run_and_inspect(view.extract_args(str(base), str(written), "", roots, rank=4))
+    assert extracted.report is not None, extracted.error
+    modules, ranks, _ = file_ranks(Path(extracted.report["output"]))
+    assert ranks == Counter({"4": modules}) and modules > 0
+    assert "at rank 4" in view.result_markdown("extract", extracted)
+    assert f"**Rank:** 4 ({modules} modules)" in view.inspect_outcome_markdown(inspected)
