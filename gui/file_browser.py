@@ -122,7 +122,7 @@ def _add_completion(box: gr.Textbox, spec: _Spec, elem_id: str) -> gr.Dataset:
 
     def choose(index: int | None, paths: list[str]) -> dict:
         if index is None or not 0 <= index < len(paths):
-            return {}
+            return {box: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
         chosen = paths[index]
         return {box: chosen} | (offer(chosen) if chosen.endswith("/") else offer_none())
 
@@ -163,7 +163,7 @@ def _add_listing(box: gr.Textbox, browse: gr.Button, suggestions: gr.Dataset, sp
     def pick(index: int | None, state: dict, hidden: bool) -> dict:
         paths = state["paths"]
         if index is None or not 0 <= index < len(paths):
-            return {}
+            return {box: gr.skip()}
         chosen = paths[index]
         if chosen.endswith("/"):
             return dict(zip(view, _show_folder(spec, chosen, hidden, []), strict=True))

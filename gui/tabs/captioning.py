@@ -222,7 +222,7 @@ def build(ctx: TabContext) -> None:
 
     def go(state: EditorState, text: str, index: int) -> dict:
         if not state.images or index == state.index:
-            return {}
+            return {editor_status: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
         warning = state.unsaved_warning(text)
         if warning:
             return {editor_status: warning, gallery: gr.Gallery(selected_index=state.index)}
@@ -247,7 +247,7 @@ def build(ctx: TabContext) -> None:
 
     def on_revert(state: EditorState) -> dict:
         if state.current is None:
-            return {}
+            return {editor_status: gr.skip()}
         try:
             return show(state.moved(state.index), "Back to the saved caption.")
         except CaptionViewError as error:

@@ -160,7 +160,7 @@ def build(ctx: TabContext) -> None:
 
     def on_preset(choice: str | None) -> dict:
         if not choice:
-            return {}
+            return {preset_message: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
         try:
             return fill(_load_preset_values(choice, specs), "")
         except ConfigError as error:

@@ -119,8 +119,9 @@ def build(ctx: TabContext) -> None:
         """Empty fields take the Parameters tab's values; what the user typed here is kept."""
         pairs = ((c["model"], model, view.MODEL_PATH), (c["train_dir"], train_dir, view.TRAIN_DIR),
                  (c["parent"], parent, view.REG_DIR))
-        return {component: view.config_value(config, path) for component, current, path in pairs
-                if not current.strip() and view.config_value(config, path)}
+        # Every output named (gr.skip() for kept ones): Gradio reads an empty dict as a missing value.
+        return {component: view.config_value(config, path) if not current.strip() and view.config_value(config, path)
+                else gr.skip() for component, current, path in pairs}
 
     def generate(values: dict) -> Iterator[dict]:
         folder = values[c["folder"]].strip()

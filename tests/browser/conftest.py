@@ -74,15 +74,34 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).first.click()
 
 
+# Records every error toast Gradio shows (a handler that raised or returned the wrong shape). Our handlers report
+# problems in the page's own text, so any such toast is a bug, even in a test that does not look for it.
+RECORD_ERROR_TOASTS = """
+window.__errorToasts = [];
+new MutationObserver(() => {
+  for (const toast of document.querySelectorAll('[data-testid="toast-body"].error')) {
+    if (!toast.dataset.seen) { toast.dataset.seen = "1"; window.__errorToasts.push(toast.innerText); }
+  }
+}).observe(document, {childList: true, subtree: true});
+"""
+
+
+def error_toasts(page) -> list[str]:
+    return page.evaluate("window.__errorToasts || []")
+
+
 @pytest.fixture
 def app_page(browser, app_server):
-    """A fresh page on the shared app, on its first tab."""
+    """A fresh page on the shared app, on its first tab; fails the test if Gradio showed an error toast."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.add_init_script(RECORD_ERROR_TOASTS)
     page = context.new_page()
     page.goto(app_server["url"])
     page.wait_for_selector("#app-header")
     yield page
+    toasts = error_toasts(page)
     context.close()
+    assert not toasts, f"Gradio showed error toasts: {toasts}"
 
 
 @pytest.fixture
