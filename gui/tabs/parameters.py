@@ -67,6 +67,15 @@ def _section_widgets(section: str, specs: dict[str, FieldSpec], values: Mapping[
     return components
 
 
+def _edit_events(component: gr.components.Component) -> list[Any]:
+    """The events of a user's edit. Text and number boxes use `input` (typing) and `blur` (leaving the box, e.g.
+    after a paste), which programmatic fills do not fire, so a preset does not revalidate once per field; that froze
+    the page for tens of seconds. Dropdowns and checkboxes use `change` (a preset sets few of them)."""
+    if isinstance(component, gr.Textbox | gr.Number):
+        return [component.input, component.blur]
+    return [component.change]
+
+
 def _load_preset_values(path: str, specs: dict[str, FieldSpec]) -> dict[str, Any]:
     document = read_document(path)
     overlay = document["config"] if is_preset_document(document) else document
@@ -125,30 +134,40 @@ def build(ctx: TabContext) -> None:
                                   interactive=False)
     path_of = {component: path for path, component in components.items()}
 
-    def on_change(form: dict) -> tuple[str, str, dict | None]:
-        config, data, problems = form_to_config({path_of[c]: v for c, v in form.items()}, specs)
-        return status_markdown(config, problems), preview_text(config, data), data if config is not None else None
+    def evaluate(values: dict[str, Any]) -> dict:
+        """Validation status, TOML preview and the shared config for form values keyed by field path."""
+        config, data, problems = form_to_config(values, specs)
+        return {status: status_markdown(config, problems), preview: preview_text(config, data),
+                ctx.config: data if config is not None else None}
 
-    def fill(new_values: dict[str, Any], message: str) -> dict:
-        return {components[path]: value for path, value in new_values.items()} | {preset_message: message}
+    def on_input(form: dict) -> dict:
+        return evaluate({path_of[c]: v for c, v in form.items() if c in path_of})
 
-    def on_patch(patch: dict | None) -> dict:
-        """Fields set by another tab (Dataset, Regularization); the change events then revalidate."""
+    def fill(new_values: dict[str, Any], form: dict, message: str) -> dict:
+        """Set the widgets whose value changes and validate the result once. Widgets revalidate on user input
+        only: letting each programmatic change revalidate froze the page for tens of seconds after a preset."""
+        current = {path_of[c]: v for c, v in form.items() if c in path_of}
+        changed = {path: value for path, value in new_values.items() if current.get(path) != value}
+        return ({components[path]: value for path, value in changed.items()} | evaluate(current | changed)
+                | {preset_message: message})
+
+    def on_patch(patch: dict | None, form: dict) -> dict:
+        """Fields set by another tab (Dataset, Regularization)."""
         patch = patch or {}
         known = [path for path in patch if path in components]
         unknown = [path for path in patch if path not in components]
         message = f"Set from another tab: {', '.join(f'`{path}`' for path in known)}." if known else ""
         if unknown:
             message += f" Not a field here: {', '.join(unknown)}."
-        return {components[path]: to_widget(specs[path], patch[path]) for path in known} | {preset_message: message}
+        return fill({path: to_widget(specs[path], patch[path]) for path in known}, form, message)
 
-    def on_load(path: str) -> dict:
+    def on_load(path: str, form: dict) -> dict:
         try:
-            return fill(_load_preset_values(path, specs), f"Loaded `{path}`.")
+            return fill(_load_preset_values(path, specs), form, f"Loaded `{path}`.")
         except ConfigError as error:
             return {preset_message: f"**Could not load it:** {error}"}
 
-    def on_import(path: str) -> dict:
+    def on_import(path: str, form: dict) -> dict:
         from engine.config.importers.registry import import_file
 
         try:
@@ -156,13 +175,13 @@ def build(ctx: TabContext) -> None:
         except ConfigError as error:
             return {preset_message: f"**Could not import it:** {error}"}
         new_values = config_to_form(deep_merge(default_config_dict(), result.overlay), specs)
-        return fill(new_values, import_report_markdown(result, path))
+        return fill(new_values, form, import_report_markdown(result, path))
 
-    def on_preset(choice: str | None) -> dict:
+    def on_preset(choice: str | None, form: dict) -> dict:
         if not choice:
             return {preset_message: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
         try:
-            return fill(_load_preset_values(choice, specs), "")
+            return fill(_load_preset_values(choice, specs), form, "")
         except ConfigError as error:
             return {preset_message: f"Could not read the preset: {error}"}
 
@@ -181,12 +200,17 @@ def build(ctx: TabContext) -> None:
         choices = [(entry.title, str(entry.path)) for entry in list_presets(user_dir=target)]
         return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=choices)}
 
-    gr.on([component.change for component in components.values()], on_change, inputs=set(components.values()),
-          outputs=[status, preview, ctx.config], trigger_mode="always_last")
-    field_outputs = [*components.values(), preset_message]
-    ctx.config_patch.change(on_patch, inputs=ctx.config_patch, outputs=field_outputs)
-    open_row["load"].click(on_load, inputs=open_row["path"], outputs=field_outputs)
-    open_row["import"].click(on_import, inputs=open_row["path"], outputs=field_outputs)
-    preset.change(on_preset, inputs=preset, outputs=field_outputs)
+    gr.on([event for component in components.values() for event in _edit_events(component)], on_input,
+          inputs=set(components.values()), outputs=[status, preview, ctx.config], trigger_mode="always_last")
+    field_outputs = [*components.values(), preset_message, status, preview, ctx.config]
+    # Handlers that fill the form also read it, to send only what changes.
+    with_form = {*components.values()}
+    open_row["load"].click(lambda form: on_load(form[open_row["path"]], form),
+                           inputs={open_row["path"], *with_form}, outputs=field_outputs)
+    open_row["import"].click(lambda form: on_import(form[open_row["path"]], form),
+                             inputs={open_row["path"], *with_form}, outputs=field_outputs)
+    preset.change(lambda form: on_preset(form[preset], form), inputs={preset, *with_form}, outputs=field_outputs)
+    ctx.config_patch.change(lambda form: on_patch(form[ctx.config_patch], form),
+                            inputs={ctx.config_patch, *with_form}, outputs=field_outputs)
     save_button.click(lambda form: on_save(form[preset_title], form),
                       inputs={preset_title, *components.values()}, outputs=[preset_message, preset])
