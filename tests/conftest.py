@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,5 +29,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert spec is not None and spec.loader is not None, f"cannot load {script}"
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    out_dir = os.environ.get("ATELIER_TINY_MODELS") or tmp_path_factory.mktemp("tiny_models")
-    return builder.build_all(out_dir)
+    # Under pytest-xdist every worker asks for them: build once into the run's shared temp folder (or the
+    # ATELIER_TINY_MODELS folder), the other workers waiting on a lock and then finding the stamps.
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    out_dir = Path(os.environ.get("ATELIER_TINY_MODELS") or (shared or tmp_path_factory.mktemp("run")) / "tiny_models")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return builder.build_all(out_dir)

@@ -6,4 +6,10 @@ bash "$root/tools/bootstrap.sh" test
 cd "$root"
 # Tests never reach a model hub or phone home; the tiny models are built offline.
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False PYTHONDONTWRITEBYTECODE=1
-exec "$root/.venv/bin/python" -m pytest -p no:cacheprovider "$@"
+# Two workers by default (ATELIER_TEST_WORKERS=0 runs in one process): much of the suite waits on engine
+# subprocesses and the browser, so two halves overlap well on 2 cores. --dist loadfile keeps each file's tests,
+# and so its module fixtures, on one worker.
+workers="${ATELIER_TEST_WORKERS:-2}"
+parallel=()
+if [ "$workers" != "0" ]; then parallel=(-n "$workers" --dist loadfile); fi
+exec "$root/.venv/bin/python" -m pytest -p no:cacheprovider "${parallel[@]}" "$@"
