@@ -324,6 +324,11 @@ class LoRANetwork(nn.Module):
     def _load_module(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         module.load_file_tensors(tensors)
 
+    @staticmethod
+    def _accepts_part(part: str) -> bool:
+        """Whether a key's part after the module name belongs to a module here (others are reported unexpected)."""
+        return part in _FILE_PARTS
+
     def _group_file_keys(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, LoRAModule]
                          ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
         """{module name: {part: tensor}} for the keys that belong to a module here, and the other keys."""
@@ -332,7 +337,7 @@ class LoRANetwork(nn.Module):
         for key, tensor in state_dict.items():
             file_name, _, part = key.partition(".")
             name = self._aliases.get(file_name, file_name)
-            if name not in modules or part not in _FILE_PARTS:
+            if name not in modules or not self._accepts_part(part):
                 unexpected.append(key)
                 continue
             tensors = found.setdefault(name, {})
@@ -359,6 +364,22 @@ def _some(names: Sequence[str], limit: int = 5) -> str:
 
 # --- building ----------------------------------------------------------------------------------------------------
 
+def text_encoder_flags(family: str, text_encoders: Sequence[nn.Module], train_text_encoder: bool | Sequence[bool]
+                       ) -> tuple[Sequence[str], Sequence[bool]]:
+    """The family's text-encoder LoRA prefixes and one train flag per encoder (a single bool applies to all).
+
+    Raises:
+        ValueError: the encoders or flags do not match the family's text encoders in number.
+    """
+    prefixes = family_info(family).text_encoder_lora_prefixes
+    if len(text_encoders) != len(prefixes):
+        raise ValueError(f"{family} has {len(prefixes)} text encoder(s); got {len(text_encoders)}")
+    train_each = [train_text_encoder] * len(prefixes) if isinstance(train_text_encoder, bool) else train_text_encoder
+    if len(train_each) != len(prefixes):
+        raise ValueError(f"train_text_encoder needs one flag per text encoder ({len(prefixes)}), got {train_each}")
+    return prefixes, train_each
+
+
 def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], family: str, *, dim: int, alpha: float,
                         conv_dim: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, rank_dropout: float = 0.0,
                         module_dropout: float = 0.0, train_unet: bool = True,
@@ -384,12 +405,7 @@ def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], fam
     options = resolve_options({"dim": dim, "alpha": alpha, "conv_dim": conv_dim, "conv_alpha": conv_alpha,
                                 "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout},
                                network_args)
-    prefixes = family_info(family).text_encoder_lora_prefixes
-    if len(text_encoders) != len(prefixes):
-        raise ValueError(f"{family} has {len(prefixes)} text encoder(s); got {len(text_encoders)}")
-    train_each = [train_text_encoder] * len(prefixes) if isinstance(train_text_encoder, bool) else train_text_encoder
-    if len(train_each) != len(prefixes):
-        raise ValueError(f"train_text_encoder needs one flag per text encoder ({len(prefixes)}), got {train_each}")
+    prefixes, train_each = text_encoder_flags(family, text_encoders, train_text_encoder)
 
     unet_side = unet_targets(unet, family, include_conv_blocks=options.conv_dim > 0) if train_unet else []
     text_side = [text_encoder_targets(encoder, prefix) if train else []

@@ -45,8 +45,7 @@ import torch
 from torch import nn
 
 from engine.config.choices import LYCORIS, NETWORK_TYPES
-from engine.models.families import family_info
-from engine.networks.lora import LoRANetwork, LoRAOptions
+from engine.networks.lora import LoRANetwork, LoRAOptions, text_encoder_flags
 from engine.networks.lora_names import TEXT_ENCODER_PATH_PREFIX, UNET_LORA_PREFIX, UNET_NAMING, resolve_options
 
 if TYPE_CHECKING:
@@ -329,22 +328,9 @@ class LycorisKohyaNetwork(LoRANetwork):
     def _load_module(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         _load_module_tensors(module, tensors)
 
-    def _group_file_keys(self, state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]
-                         ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-        """{module name: {entry: tensor}} for the keys of modules here, and the keys of other modules."""
-        found: dict[str, dict[str, torch.Tensor]] = {}
-        unexpected: list[str] = []
-        for key, tensor in state_dict.items():
-            file_name, _, part = key.partition(".")
-            name = self._aliases.get(file_name, file_name)
-            if name not in modules:
-                unexpected.append(key)
-                continue
-            tensors = found.setdefault(name, {})
-            if part in tensors:
-                raise ValueError(f"{key}: the network weights hold {name}.{part} twice, under two names")
-            tensors[part] = tensor
-        return found, unexpected
+    @staticmethod
+    def _accepts_part(part: str) -> bool:
+        return True  # every entry of a module here is this network's; _check_module names any it does not expect
 
 
 def _check_module_tensors(name: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -436,12 +422,7 @@ def create_lycoris_network(unet: nn.Module, text_encoders: Sequence[nn.Module], 
     options, settings = resolve_lycoris_settings(
         algo, {"dim": dim, "alpha": alpha, "conv_dim": conv_dim, "conv_alpha": conv_alpha, "dropout": dropout,
                "rank_dropout": rank_dropout, "module_dropout": module_dropout}, network_args)
-    prefixes = family_info(family).text_encoder_lora_prefixes
-    if len(text_encoders) != len(prefixes):
-        raise ValueError(f"{family} has {len(prefixes)} text encoder(s); got {len(text_encoders)}")
-    train_each = [train_text_encoder] * len(prefixes) if isinstance(train_text_encoder, bool) else train_text_encoder
-    if len(train_each) != len(prefixes):
-        raise ValueError(f"train_text_encoder needs one flag per text encoder ({len(prefixes)}), got {train_each}")
+    prefixes, train_each = text_encoder_flags(family, text_encoders, train_text_encoder)
 
     built = _build_lycoris(unet if train_unet else nn.Module(),
                            [encoder if train else nn.Module() for encoder, train in zip(text_encoders, train_each,
