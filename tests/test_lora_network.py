@@ -7,7 +7,6 @@ for SDXL, against the original (SAI) block layout, which is fixed by the archite
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 
@@ -17,9 +16,9 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
+from train_helpers import load_models
 from transformers.models.clip.modeling_clip import CLIPAttention
 
-from engine.models.text_encoders import load_text_encoders
 from engine.networks.lora import LoRAModule, LoRANetwork, create_lora_network
 from engine.networks.lora_names import unet_targets
 
@@ -28,15 +27,6 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
-_LOADED: dict[str, tuple[UNet2DConditionModel, list[nn.Module]]] = {}
-
-
-def load_models(tiny_models, family: str) -> tuple[UNet2DConditionModel, list[nn.Module]]:
-    """Fresh copies of a family's UNet and text encoders (each test patches its own; loading once saves time)."""
-    if family not in _LOADED:
-        unet = UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet").eval()
-        _LOADED[family] = unet, load_text_encoders(tiny_models[family]).encoders
-    return copy.deepcopy(_LOADED[family])
 
 
 def make_network(tiny_models, family: str, **options) -> tuple[LoRANetwork, UNet2DConditionModel, list[nn.Module]]:

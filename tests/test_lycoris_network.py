@@ -7,7 +7,6 @@ checked against the SAI layout) for the same layers.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import sys
@@ -18,9 +17,8 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import run_engine, write_config
+from train_helpers import load_models, run_engine, write_config
 
-from engine.models.text_encoders import load_text_encoders
 from engine.networks.lora_names import text_encoder_targets, unet_targets
 from engine.networks.lycoris_network import create_lycoris_network
 
@@ -37,15 +35,6 @@ ALGORITHM_PARTS = {
 ZERO_INIT_PARTS = {"loha": ("hada_w2_a",), "lokr": ("lokr_w2", "lokr_w2_b")}
 KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(.+)$")
 
-_LOADED: dict[str, tuple[UNet2DConditionModel, list[nn.Module]]] = {}
-
-
-def load_models(tiny_models, family: str) -> tuple[UNet2DConditionModel, list[nn.Module]]:
-    """Fresh copies of a family's UNet and text encoders (each test patches its own)."""
-    if family not in _LOADED:
-        unet = UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet").eval()
-        _LOADED[family] = unet, load_text_encoders(tiny_models[family]).encoders
-    return copy.deepcopy(_LOADED[family])
 
 
 def make_network(tiny_models, family: str, algo: str, **options):

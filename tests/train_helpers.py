@@ -131,3 +131,21 @@ def make_locon_file(model_dir: Path, path: Path, metadata: dict[str, str], seed:
             lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=generator) * 0.3)
     save_network_file(path, network.kohya_state_dict(), metadata, save_as="safetensors")
     return path
+
+
+_LOADED_MODELS: dict[str, tuple[Any, list[Any]]] = {}
+
+
+def load_models(tiny_models: dict[str, Path], family: str) -> tuple[Any, list[Any]]:
+    """Fresh copies of a tiny family's UNet and text encoders (each test patches its own; loading once per
+    session saves time)."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from engine.models.text_encoders import load_text_encoders
+
+    if family not in _LOADED_MODELS:
+        unet = UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet").eval()
+        _LOADED_MODELS[family] = unet, load_text_encoders(tiny_models[family]).encoders
+    return copy.deepcopy(_LOADED_MODELS[family])
