@@ -9,7 +9,7 @@ through which tabs talk to each other without importing one another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,4 +23,3 @@ class TabContext:
     roots: FileRoots
     config: Any = None  # gr.State: the current config dict, or None
     config_patch: Any = None  # gr.State: {field path: value} for the Parameters tab to apply
-    exports: dict[str, Any] = field(default_factory=dict)  # components a tab offers to others, by name

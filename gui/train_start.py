@@ -12,7 +12,6 @@ from typing import Any
 
 from engine.config.errors import ConfigError
 from engine.config.io import validate_config
-from gui.doctor_view import report_for
 from gui.runner import RunManager
 from gui.runs import RunHandle
 
@@ -62,10 +61,12 @@ def prepare_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, n
     """
     if config_dict is None:
         return StartResult(None, "**Not started:** the Parameters tab has problems; they are listed at its top.")
+    from engine.data.doctor import run_doctor  # image libraries load when a run is first started
+
     base = Path(base_dir or Path.cwd())
     try:
         config = validate_config(config_dict, base_dir=base)
-        report = report_for(config_dict, base, quick=quick)
+        report = run_doctor(config, base, quick=quick).to_dict()  # the config validated above, not again
     except ConfigError as error:
         listed = "\n".join(f"- `{problem.path}`: {problem.message}" for problem in error.problems)
         return StartResult(None, f"**Not started: the settings need changes.**\n{listed}")
