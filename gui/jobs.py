@@ -7,7 +7,6 @@ output) in the page; the job's stdout and stderr are kept in a log file next to 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gui.runs import tail_events
 
 _ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `engine` package
 
@@ -77,6 +78,8 @@ class EngineJob:
         self.log_path = self.work_dir / "output.log"
         self.argv = [python, "-m", "engine", *args] + (["--events", str(self.events_path)] if events_flag else [])
         self._process: subprocess.Popen | None = None
+        self._events: list[dict[str, Any]] = []
+        self._events_offset = 0
 
     def start(self) -> EngineJob:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ENGINE_ROOT),
@@ -88,16 +91,12 @@ class EngineJob:
         return self
 
     def snapshot(self) -> JobUpdate:
-        events = []
-        if self.events_path.exists():
-            for line in self.events_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line still being written
+        # Only the lines added since the last look are read and parsed (a caption job writes one per image).
+        new_events, self._events_offset = tail_events(self.events_path, self._events_offset)
+        self._events += new_events
         output = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
         code = self._process.poll() if self._process is not None else None
-        return JobUpdate(events, code, output)
+        return JobUpdate(list(self._events), code, output)
 
     def follow(self, interval: float = 0.5) -> Iterator[JobUpdate]:
         """Yield an update every `interval` seconds while the job runs, and a final one when it has ended."""
