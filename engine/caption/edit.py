@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.caption.runner import caption_path, find_images, split_tags
+from engine.config.choices import dotted_caption_extension
 from engine.files import atomic_write_text
 
 
@@ -85,7 +86,12 @@ def edit_caption(text: str, options: EditOptions) -> str:
 
 def edit_folder(folder: str | Path, options: EditOptions, *, caption_extension: str = ".txt",
                 recursive: bool = False, dry_run: bool = False) -> EditSummary:
-    """Apply `options` to the caption file of every image in `folder`; images without one are ignored."""
+    """Apply `options` to the caption file of every image in `folder`; images without one are ignored.
+
+    Raises:
+        ValueError: `caption_extension` is not one of engine.config.choices.CAPTION_EXTENSIONS.
+    """
+    dotted_caption_extension(caption_extension)  # refused even when the folder has no images
     summary = EditSummary()
     for image in find_images(Path(folder), recursive):
         path = caption_path(image, caption_extension)

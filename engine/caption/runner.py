@@ -20,6 +20,7 @@ from typing import Any, Literal
 from PIL import Image, ImageOps
 
 from engine.caption.base import Captioner, CaptionOutput
+from engine.config.choices import dotted_caption_extension
 from engine.data.images import is_image_file
 from engine.events import Progress
 from engine.files import atomic_write_text
@@ -40,6 +41,9 @@ class FolderOptions:
     dry_run: bool = False
     batch_size: int = 1
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        dotted_caption_extension(self.caption_extension)  # a ValueError before any model is loaded or file read
 
 
 @dataclass
@@ -64,7 +68,13 @@ def find_images(folder: Path, recursive: bool) -> list[Path]:
 
 
 def caption_path(image: Path, extension: str) -> Path:
-    return image.with_name(image.stem + (extension if extension.startswith(".") else f".{extension}"))
+    """The caption file of `image`: '<stem><extension>', the extension one of the text extensions allowed.
+
+    Raises:
+        ValueError: `extension` is not in engine.config.choices.CAPTION_EXTENSIONS (e.g. '.pt'), so captioning and
+            editing can never write a file that another program would load as code or data.
+    """
+    return image.with_name(image.stem + dotted_caption_extension(extension))
 
 
 def split_tags(text: str, separator: str) -> list[str]:

@@ -10,9 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from engine.config.choices import CAPTION_EXTENSIONS, dotted_caption_extension
 
 # Captioner options as flags, generated from each captioner's options dataclass (see _captioner_flags).
 _OPTION_PREFIX = "opt_"
+_EXTENSION_HELP = f"the caption files' extension, one of {', '.join(CAPTION_EXTENSIONS)} (default .txt)"
+
+
+def _caption_extension(text: str) -> str:
+    """--caption-extension: one of the allowed text extensions (engine.config.choices.CAPTION_EXTENSIONS)."""
+    try:
+        return dotted_caption_extension(text)
+    except ValueError as error:  # argparse prints this message and exits with 2
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _field_flags() -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -67,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--captioner", choices=("blip", "git", "wd14"), required=True)
     parser.add_argument("--model", help="a local model folder or a Hugging Face id (default: the captioner's)")
     parser.add_argument("--mode", choices=("skip", "overwrite", "append"), default="skip")
-    parser.add_argument("--caption-extension", default=".txt")
+    parser.add_argument("--caption-extension", type=_caption_extension, default=".txt",
+                        help=_EXTENSION_HELP)
     parser.add_argument("--recursive", action="store_true")
     parser.add_argument("--prefix", default="", help="text put first in every caption, e.g. the trigger word")
     parser.add_argument("--suffix", default="")
@@ -92,7 +103,8 @@ def add_edit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     edit.add_argument("--prefix", default="")
     edit.add_argument("--suffix", default="")
     edit.add_argument("--dedupe", action="store_true")
-    edit.add_argument("--caption-extension", default=".txt")
+    edit.add_argument("--caption-extension", type=_caption_extension, default=".txt",
+                      help=_EXTENSION_HELP)
     edit.add_argument("--recursive", action="store_true")
     edit.add_argument("--dry-run", action="store_true")
     edit.set_defaults(handler=run_edit)

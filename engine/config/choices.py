@@ -88,7 +88,24 @@ PRODIGY = OptionalPackage("prodigyopt", "prodigyopt", "optimizers")
 DADAPTATION = OptionalPackage("dadaptation", "dadaptation", "optimizers")
 LION = OptionalPackage("lion_pytorch", "lion-pytorch", "optimizers")
 SCHEDULEFREE = OptionalPackage("schedulefree", "schedulefree", "optimizers")
+# Not behind a name of OPTIMIZERS, but what sd-scripts users give as class paths (e.g. 'came_pytorch.CAME').
+CAME = OptionalPackage("came_pytorch", "came-pytorch")
+PYTORCH_OPTIMIZER = OptionalPackage("pytorch_optimizer", "pytorch-optimizer")
 WANDB = OptionalPackage("wandb", "wandb", "wandb")
+
+# The only top-level packages a class path in a config (optimizer_type) may be imported from. Importing a module
+# runs its code, and a config can come from anywhere (an import, a shared preset, the GUI's HTTP API), so a path
+# like 'os.system' or 'mypkg.evil.Opt' is refused by `validate`, and again right before importing.
+CLASS_PATH_PACKAGES: dict[str, OptionalPackage | None] = {
+    "torch": None, "transformers": None, "diffusers": None,  # always installed
+    **{package.module: package for package in (BITSANDBYTES, PRODIGY, DADAPTATION, LION, SCHEDULEFREE, CAME,
+                                               PYTORCH_OPTIMIZER)},
+}
+
+# Caption files are plain text. Only these extensions are read or written as captions, so that neither a config nor
+# the caption tools (whose extension the GUI's HTTP API accepts) can make Atelier write a file that another program
+# loads as code or data (a .pt state, a .py module). sd-scripts' form without the dot ('txt') is accepted too.
+CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".cap", ".tags", ".text")
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,37 @@ def is_dotted_class_path(name: str) -> bool:
     """True for 'package.module.ClassName', the form sd-scripts accepts for optimizers outside its list."""
     parts = name.split(".")
     return len(parts) >= 2 and all(part.isidentifier() for part in parts)
+
+
+def class_path_problem(path: str) -> str | None:
+    """Why the class path `path` may not be imported, or None when it may. Imports nothing.
+
+    Allowed: 'package.module.Class' whose top-level package is one of CLASS_PATH_PACKAGES, with no part starting
+    with '_' (private modules and `__main__` scripts are no optimizer's home, and some run code when imported).
+    """
+    allowed = ", ".join(CLASS_PATH_PACKAGES)
+    if not is_dotted_class_path(path):
+        return f"{path!r} is not a class path of the form 'package.module.Class'"
+    parts = path.split(".")
+    if parts[0] not in CLASS_PATH_PACKAGES:
+        return (f"{path!r} is not in an allowed package; class paths may only name classes of {allowed} "
+                "(importing any other module would run its code)")
+    if any(part.startswith("_") for part in parts):
+        return f"{path!r} names a private module or class (a part starts with '_'); give the public class path"
+    return None
+
+
+def dotted_caption_extension(text: str) -> str:
+    """'.txt', or sd-scripts' 'txt', -> '.txt' (letter case kept).
+
+    Raises:
+        ValueError: `text` is not one of CAPTION_EXTENSIONS; the message lists them.
+    """
+    dotted = text if text.startswith(".") else f".{text}"
+    if dotted.lower() not in CAPTION_EXTENSIONS:
+        raise ValueError(f"{text!r} is not a caption file extension; use one of {', '.join(CAPTION_EXTENSIONS)} "
+                         "(captions are text files)")
+    return dotted
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, create_model
 
 from engine.config.base import StrictModel, setting
-from engine.config.choices import ResizeInterpolation
+from engine.config.choices import CAPTION_EXTENSIONS, ResizeInterpolation, dotted_caption_extension
 
 
 def _as_width_height(value: int | list[int]) -> list[int]:
@@ -25,7 +25,13 @@ def _as_width_height(value: int | list[int]) -> list[int]:
     return size
 
 
+def _caption_extension(value: str) -> str:
+    dotted_caption_extension(value)  # refuses anything but a text extension of the fixed list
+    return value  # kept as written: sd-scripts' 'txt' stays 'txt' in a saved config
+
+
 Resolution = Annotated[int | list[int], AfterValidator(_as_width_height)]
+CaptionExtension = Annotated[str, AfterValidator(_caption_extension)]
 FloatPair = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
@@ -116,7 +122,9 @@ class CaptionDropoutKeys(StrictModel):
 class DreamBoothKeys(StrictModel):
     """DreamBooth-style keys that may also be written at the dataset and general levels."""
 
-    caption_extension: str = setting(".txt", "File extension of caption files next to the images.")
+    caption_extension: CaptionExtension = setting(
+        ".txt", f"File extension of caption files next to the images: {', '.join(CAPTION_EXTENSIONS)}.",
+    )
     class_tokens: str | None = setting(
         None, "Caption for images without a caption file, e.g. 'sks dog'.", advanced=True,
     )

@@ -13,6 +13,7 @@ from engine.config.choices import (
     LrScheduler,
     MixedPrecision,
     canonical_optimizer_name,
+    class_path_problem,
     is_dotted_class_path,
 )
 
@@ -31,7 +32,8 @@ class OptimizerSection(StrictModel):
     """The optimizer and learning-rate schedule."""
 
     optimizer_type: str = setting(
-        "AdamW", "Optimizer: AdamW, AdamW8bit, Lion, Prodigy, Adafactor, ... or a dotted class path.",
+        "AdamW", "Optimizer: AdamW, AdamW8bit, Lion, Prodigy, Adafactor, ... or a class path from torch, "
+        "transformers, bitsandbytes or an optimizer package, e.g. 'torch.optim.RAdam'.",
     )
     learning_rate: float = setting(
         1e-4, "Base learning rate (about 1e-4 for LoRA, 1e-6 for DreamBooth, 1.0 for Prodigy/D-Adaptation).",
@@ -71,6 +73,9 @@ class OptimizerSection(StrictModel):
         if canonical is not None:
             return canonical
         if is_dotted_class_path(name):
+            problem = class_path_problem(name)  # checked here, without importing, so `validate` refuses it
+            if problem is not None:
+                raise ValueError(problem)
             return name
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, or give a full "
                          "class path such as 'torch.optim.RAdam'")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.config.choices import dotted_caption_extension
+
 # sd-scripts' face-crop tool names its outputs `<stem>_<4 numbers>`; with >= 5 `_`-tokens the last 4 are dropped.
 _FACE_CROP_SUFFIX_TOKENS = 4
 
@@ -16,16 +18,15 @@ class CaptionError(Exception):
     """A caption file that cannot be used; the message names the file and what to do about it."""
 
 
-def _with_dot(caption_extension: str) -> str:
-    # sd-scripts accepts `caption_extension = "txt"` and adds the dot; an empty extension stays empty as there.
-    if caption_extension and not caption_extension.startswith("."):
-        return "." + caption_extension
-    return caption_extension
-
-
 def caption_candidates(image_path: Path, caption_extension: str) -> list[Path]:
-    """The caption files sd-scripts tries for an image, in order: `<stem><ext>`, then the face-crop variant."""
-    extension = _with_dot(caption_extension)
+    """The caption files sd-scripts tries for an image, in order: `<stem><ext>`, then the face-crop variant.
+
+    Raises:
+        ValueError: `caption_extension` is not a text extension of engine.config.choices.CAPTION_EXTENSIONS (the
+            config refuses those already; this is the last line before a file is touched).
+    """
+    # sd-scripts accepts `caption_extension = "txt"` and adds the dot; so does this.
+    extension = dotted_caption_extension(caption_extension)
     stem = image_path.stem
     candidates = [image_path.with_name(stem + extension)]
     tokens = stem.split("_")

@@ -154,7 +154,13 @@ def scheduler_for(config: Mapping[str, Any], v_prediction: bool) -> Any:
     import diffusers
 
     settings = {**config, "prediction_type": "v_prediction" if v_prediction else "epsilon"}
-    return getattr(diffusers, settings["_class_name"]).from_config(settings)
+    # The class name comes from the model's scheduler_config.json: only a diffusers scheduler class is built from it.
+    scheduler_class = getattr(diffusers, str(settings.get("_class_name")), None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        raise RunInputError(f"the model's scheduler_config.json names {settings.get('_class_name')!r}, which is not "
+                            "a diffusers scheduler class", "use a model folder with an intact scheduler config",
+                            "model.pretrained_model_name_or_path")
+    return scheduler_class.from_config(settings)
 
 
 # --- writers -------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every name of `engine.config.choices.OPTIMIZERS` has a recipe here (the class and the few defaults sd-scripts
 adds), so `optimizer_type` behaves as it does in kohya's `train_util.get_optimizer`. The class's module is
 imported only when the recipe is used: a missing optional package is an error only for the person who picked it,
-and that error names the package and the extra that installs it.
+and that error names the package and the extra that installs it. A dotted class path is imported only from the
+packages of `engine.config.choices.CLASS_PATH_PACKAGES` (importing a module runs its code).
 
 `optimizer_args` are checked against the class's constructor before anything is built, because a misspelt key
 (`weight_decy`) would otherwise be a TypeError deep inside the optimizer, or worse, silently swallowed by a
@@ -22,17 +23,18 @@ import torch
 
 from engine.config.choices import (
     BITSANDBYTES,
+    CLASS_PATH_PACKAGES,
     DADAPTATION,
     LION,
     OPTIMIZERS,
     PRODIGY,
     SCHEDULEFREE,
     OptionalPackage,
+    class_path_problem,
 )
 from engine.config.sections_training import OptimizerSection
 
 _ARGS_PATH = "optimizer.optimizer_args"
-_KNOWN_PACKAGES = {package.module: package for package in (BITSANDBYTES, DADAPTATION, LION, PRODIGY, SCHEDULEFREE)}
 # Arguments the builder passes itself; a user who sets them in optimizer_args is told where they belong.
 _RESERVED = {
     "params": "the trained parameters are chosen by the method",
@@ -235,6 +237,11 @@ def _dotted_recipe(class_path: str) -> _Recipe:
 
 
 def _import_class(optimizer_type: str, recipe: _Recipe) -> type[torch.optim.Optimizer]:
+    # Checked again here, not only by validate: a section built in code or copied around skips the config's
+    # validation (model_construct, model_copy), and importing a module runs its code.
+    problem = class_path_problem(f"{recipe.module}.{recipe.attr}")
+    if problem is not None:
+        raise OptimizerConfigError(f"optimizer.optimizer_type: {problem}")
     try:
         module = importlib.import_module(recipe.module)
     except ModuleNotFoundError as error:
@@ -252,7 +259,7 @@ def _import_class(optimizer_type: str, recipe: _Recipe) -> type[torch.optim.Opti
 def _missing_module_hint(missing: str) -> str:
     """Name the package to install, or, when the package is there, the module path that is wrong."""
     top = missing.split(".")[0]
-    package = _KNOWN_PACKAGES.get(top) or OptionalPackage(top, top.replace("_", "-"))
+    package = CLASS_PATH_PACKAGES.get(top) or OptionalPackage(top, top.replace("_", "-"))
     if package.is_installed():
         return f"there is no module {missing!r}; check the class path"
     return f"it needs the '{top}' package, which is not installed; {package.install_hint()}"

@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from engine.caption.edit import edit_folder
+from engine.config.choices import CAPTION_EXTENSIONS
 from gui import caption_view as view
 from gui.caption_view import CaptionViewError, EditorState, OptionSpec
 from gui.context import TabContext
@@ -76,8 +77,9 @@ def build(ctx: TabContext) -> None:
         with gr.Row():
             folder = path_field("Image folder", ctx.roots, kind="folder", elem_id="captioning-folder",
                                 placeholder="/home/me/project/img/20_sks dog")
-            extension = gr.Textbox(".txt", label="Caption extension", elem_id="captioning-extension", scale=0,
-                                   min_width=140)
+            # A fixed list of text extensions: the value is checked again by the engine before any file is written.
+            extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=".txt", label="Caption extension",
+                                    elem_id="captioning-extension", scale=0, min_width=140)
             recursive = gr.Checkbox(False, label="Include subfolders", elem_id="captioning-recursive", scale=0,
                                     min_width=180)
 
@@ -241,6 +243,8 @@ def build(ctx: TabContext) -> None:
             return {editor_status: "Open a folder first."}
         try:
             path = view.save_caption(current, state.extension, text or "")
+        except CaptionViewError as error:
+            return {editor_status: f"**Could not save:** {error}"}
         except OSError as error:
             return {editor_status: f"**Could not save:** {error}. Check that the folder is writable."}
         return reload(Path(state.folder), state.extension, state.recursive, current, f"Saved `{path.name}`.")
