@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from engine.caption.edit import EditOptions, EditSummary
 from engine.caption.registry import CAPTIONER_LOADERS, captioner_entry
 from engine.caption.runner import caption_path, find_images, split_tags
+from engine.config.choices import dotted_caption_extension
 from engine.files import atomic_write_text
 
 if TYPE_CHECKING:  # gui.file_browser imports gradio; this module stays free of it
@@ -175,11 +176,13 @@ class CaptionRequest:
 
 
 def caption_extension(text: str | None) -> str:
-    """'.txt', 'caption' -> '.caption'; empty means .txt."""
+    """'.txt', 'caption' -> '.caption'; empty means .txt. Only the text extensions of CAPTION_EXTENSIONS: the
+    editor must never write e.g. a `.pt` file that training would later load."""
     text = (text or "").strip() or ".txt"
-    if "/" in text or "\\" in text or text.strip(".") == "":
-        raise CaptionViewError(f"Caption extension: {text!r} is not a file extension; use e.g. .txt or .caption")
-    return text if text.startswith(".") else f".{text}"
+    try:
+        return dotted_caption_extension(text)
+    except ValueError as error:
+        raise CaptionViewError(f"Caption extension: {error}.") from None
 
 
 def resolve_folder(text: str | None, roots: FileRoots) -> Path:
@@ -227,7 +230,7 @@ def code(text: str) -> str:
 # --- caption files: the editor and the tag table -------------------------------------------------------------------
 def read_caption(image: Path, extension: str) -> str:
     """The caption of `image` without its final newline; '' when it has no caption file yet."""
-    path = caption_path(image, extension)
+    path = caption_path(image, caption_extension(extension))
     try:
         return path.read_text(encoding="utf-8").rstrip("\n") if path.is_file() else ""
     except UnicodeDecodeError as error:
@@ -235,8 +238,12 @@ def read_caption(image: Path, extension: str) -> str:
 
 
 def save_caption(image: Path, extension: str, text: str) -> Path:
-    """Write the caption of `image` atomically (a crash never leaves half a file); returns the caption file."""
-    path = caption_path(image, extension)
+    """Write the caption of `image` atomically (a crash never leaves half a file); returns the caption file.
+
+    Raises:
+        CaptionViewError: `extension` is not a caption text extension (checked again here, right before writing).
+    """
+    path = caption_path(image, caption_extension(extension))
     atomic_write_text(path, text.strip() + "\n")
     return path
 

@@ -78,7 +78,7 @@ def test_number_fields_must_hold_numbers(tmp_path):
 
 def test_caption_extension_and_folder_checks(tmp_path):
     assert view.caption_extension("txt") == ".txt" and view.caption_extension(" ") == ".txt"
-    with pytest.raises(CaptionViewError, match="not a file extension"):
+    with pytest.raises(CaptionViewError, match="not a caption file extension"):
         view.caption_extension("../x")
     roots = FileRoots.from_paths([tmp_path / "allowed"], include_home=False)
     (tmp_path / "allowed" / "img").mkdir(parents=True)
