@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,12 @@ from engine.config.io import config_to_toml, load_config, save_config
 from engine.config.schema import RunConfig
 from engine.config.sections_output import SavingSection
 from engine.files import atomic_write_text
-from engine.train.control import send_command
+from engine.train.control import OFFSET_ENV, control_path, send_command
 from engine.train.launch import describe_command, launch_command
 from engine.train.naming import name_in_use
 from engine.train.run import absolute_config
 from gui import runs
-from gui.runs import RunHandle, RunStatus, read_record, record_alive, update_record
+from gui.runs import ChartData, RunHandle, RunReader, RunStatus, read_record, record_alive, update_record
 
 QUEUE_FILE = "queue.json"
 DEFAULT_OUTPUT_DIR = SavingSection.model_fields["output_dir"].default
@@ -41,7 +42,8 @@ class RunError(RuntimeError):
 
 class RunManager:
     """Runs under one runs folder. Holds no state the files do not also hold, except the Popen objects it
-    started (kept only to reap them and learn their exit codes)."""
+    started (kept only to reap them and learn their exit codes) and one RunReader per run looked at (what it has
+    read of the run's events, so every viewer's tick reads only what was appended since)."""
 
     def __init__(self, runs_dir: str | Path, *, python: str = sys.executable, env: dict[str, str] | None = None):
         self.runs_dir = Path(runs_dir).resolve()
@@ -49,6 +51,8 @@ class RunManager:
         self.python = python
         self.env = env
         self._children: dict[Path, subprocess.Popen] = {}
+        self._readers: dict[Path, RunReader] = {}
+        self._readers_lock = threading.Lock()  # Gradio runs each viewer's tick in its own thread
 
     # --- creating ------------------------------------------------------------------------------------------
 
@@ -104,14 +108,19 @@ class RunManager:
         argv = launch_command(load_config(config_path, check_packages=False), config_path,
                               run_dir=handle.run_dir, python=self.python)
         events_offset = handle.events_path.stat().st_size if handle.events_path.exists() else 0
+        # A stop pressed from here on is this run's, even before its process exists; older lines are not.
+        control = control_path(handle.run_dir)
+        control_offset = control.stat().st_size if control.exists() else 0
         with (handle.run_dir / runs.PROCESS_LOG).open("ab") as log:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=handle.run_dir, env=self._engine_env(), start_new_session=True)
+                                       cwd=handle.run_dir, env={**self._engine_env(), OFFSET_ENV: str(control_offset)},
+                                       start_new_session=True)
         self._children[handle.run_dir] = process
         self._remove_from_queue(handle)
         update_record(handle.run_dir, status="started", pid=process.pid, pgid=os.getpgid(process.pid),
                       proc_start=runs.process_start_ticks(process.pid), argv=argv, command=describe_command(argv),
                       config=str(config_path), started_at=time.time(), events_offset=events_offset,
+                      control_offset=control_offset,
                       returncode=None, start_error="")
         return handle
 
@@ -160,7 +169,19 @@ class RunManager:
 
     def status(self, handle: RunHandle, *, log_lines: int = 30) -> RunStatus:
         self._reap(handle)
-        return runs.read_status(handle, queued=handle.name in self._load_queue(), log_lines=log_lines)
+        return self._reader(handle).status(queued=handle.name in self._load_queue(), log_lines=log_lines)
+
+    def chart(self, handle: RunHandle) -> ChartData:
+        """The run's loss and learning-rate rows (bounded, about 2000 points however long the run) and their
+        version, which changes only when they do."""
+        return self._reader(handle).chart()
+
+    def _reader(self, handle: RunHandle) -> RunReader:
+        with self._readers_lock:
+            reader = self._readers.get(handle.run_dir)
+            if reader is None:
+                reader = self._readers[handle.run_dir] = RunReader(handle.run_dir)
+            return reader
 
     def _reap(self, handle: RunHandle) -> None:
         """Collect the exit code of a process this manager started (else it lingers as a zombie)."""
@@ -171,7 +192,11 @@ class RunManager:
                 update_record(handle.run_dir, returncode=process.returncode)
 
     def discover(self) -> list[RunHandle]:
-        return runs.discover(self.runs_dir)
+        found = runs.discover(self.runs_dir)
+        with self._readers_lock:  # forget the readers of run directories that were deleted
+            kept = {handle.run_dir for handle in found}
+            self._readers = {run_dir: reader for run_dir, reader in self._readers.items() if run_dir in kept}
+        return found
 
     def tail_events(self, handle: RunHandle, since: int) -> tuple[list[dict[str, Any]], int]:
         """New events since byte offset `since` (0 for all) and the next offset; cheap enough to poll."""

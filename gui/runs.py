@@ -7,10 +7,13 @@ No torch here: the GUI imports this module.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,10 @@ class RunHandle:
 
     @classmethod
     def from_dir(cls, run_dir: Path) -> RunHandle:
-        record = read_record(run_dir)
+        return cls.from_record(run_dir, read_record(run_dir))
+
+    @classmethod
+    def from_record(cls, run_dir: Path, record: dict[str, Any]) -> RunHandle:
         return cls(run_dir, record.get("output_dir", ""), record.get("output_name", ""),
                    tuple(record.get("notes", ())))
 
@@ -102,8 +108,10 @@ def discover(runs_dir: Path) -> list[RunHandle]:
     """Every run directory (a folder with run.json) in runs_dir, newest first."""
     if not runs_dir.is_dir():
         return []
-    found = [RunHandle.from_dir(path) for path in runs_dir.iterdir() if (path / RECORD_FILE).is_file()]
-    return sorted(found, key=lambda handle: (read_record(handle.run_dir).get("created_at", 0), handle.name),
+    records = {path: read_record(path) for path in runs_dir.iterdir() if (path / RECORD_FILE).is_file()}
+    found = [RunHandle.from_record(path, record) for path, record in records.items()]
+    # One read of each record (the Train tab lists the runs every second).
+    return sorted(found, key=lambda handle: (records[handle.run_dir].get("created_at", 0), handle.name),
                   reverse=True)
 
 
@@ -243,24 +251,18 @@ _HISTORY = ("checkpoint", "sample")
 
 
 def read_status(handle: RunHandle, *, queued: bool = False, log_lines: int = 30) -> RunStatus:
-    """The run's state and progress, from its files and whether its recorded process is alive."""
-    record = read_record(handle.run_dir)
-    status = RunStatus(state="queued" if queued else "created")
-    offset = record.get("events_offset", 0)
-    for event in _events_before(handle.events_path, offset):
-        if event.get("type") in _HISTORY:
-            _FOLD[event["type"]](status, event)
-    current, _ = tail_events(handle.events_path, offset)
-    for event in current:
-        _FOLD.get(event.get("type", ""), lambda *_: None)(status, event)
+    """The run's state and progress, from its files and whether its recorded process is alive (reads the whole
+    event file; the GUI keeps a RunReader per run instead, which reads only what was appended)."""
+    return RunReader(handle.run_dir).status(queued=queued, log_lines=log_lines)
+
+
+def _status_from_record(status: RunStatus, record: dict[str, Any], run_dir: Path) -> None:
+    """What the record adds to the events: the exit code, and the state of a run that wrote no `done`."""
     status.returncode = record.get("returncode")
     if record.get("pid") and status.state in ("created", "queued"):
-        _settle_without_done(status, record, handle.run_dir)
+        _settle_without_done(status, record, run_dir)
     elif record.get("start_error"):
         status.state, status.error = "failed", record["start_error"]
-    status.checkpoints = [entry for entry in status.checkpoints if entry["path"] and Path(entry["path"]).exists()]
-    status.log_tail = tail_lines(handle.run_dir / TRAIN_LOG, log_lines)
-    return status
 
 
 def _settle_without_done(status: RunStatus, record: dict[str, Any], run_dir: Path) -> None:
@@ -278,3 +280,267 @@ def _settle_without_done(status: RunStatus, record: dict[str, Any], run_dir: Pat
         status.error = status.error or "the training process ended without finishing its event stream"
         status.hint = status.hint or (f"it was killed or crashed hard; see {run_dir / PROCESS_LOG}. "
                                       "Resume from the last saved state, if there is one.")
+
+
+# --- incremental reading (the Train tab's 1-second tick) -------------------------------------------------------
+
+_CHUNK_BYTES = 4 * 1024 * 1024  # a long file is parsed in pieces, so a first read never holds all its events
+CHART_BUCKETS = 1000  # at most this many buckets per chart: 1000 points per series, 2000 for the raw loss
+_RECHECK_S = 30.0  # checkpoint paths are re-checked at least this often, even if their folder's mtime did not move
+_VERSIONS = itertools.count(1)  # chart versions, unique in the process: a recreated reader never repeats one
+
+
+def progress_row(event: dict[str, Any]) -> dict[str, Any] | None:
+    """A chart row (step, loss, loss_avg, the first parameter group's learning rate) for a progress event."""
+    if event.get("type") != "progress" or event.get("step") is None:
+        return None
+    rates = event.get("lr") or [None]
+    return {"step": event["step"], "loss": event.get("loss"), "loss_avg": event.get("loss_avg"),
+            "lr": rates[0] if isinstance(rates, list) else rates}
+
+
+@dataclass
+class _Bucket:
+    """Consecutive chart rows folded into the few that draw the same shape: the lowest and the highest raw loss
+    (so the noise band keeps its width) and the newest row (smoothed loss and learning rate are smooth)."""
+
+    count: int
+    low: dict[str, Any] | None
+    high: dict[str, Any] | None
+    last: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> _Bucket:
+        raw = row if row.get("loss") is not None else None
+        return cls(1, raw, raw, row)
+
+    def merge(self, other: _Bucket) -> None:
+        """Fold `other`, which holds the rows after this bucket's."""
+        self.count += other.count
+        self.low = _extreme(self.low, other.low, min)
+        self.high = _extreme(self.high, other.high, max)
+        self.last = other.last
+
+    def rows(self, *, final: bool) -> list[dict[str, Any]]:
+        if self.count == 1:
+            return [self.last]
+        raw = {id(row): row for row in sorted(filter(None, (self.low, self.high)), key=lambda row: row["step"])}
+        points = [{"step": row["step"], "loss": row["loss"]} for row in raw.values()]
+        # The newest raw loss is always drawn, so the line ends where the run is.
+        last_raw = self.last["loss"] if final and id(self.last) not in raw else None
+        return [*points, {**self.last, "loss": last_raw}]
+
+
+def _extreme(first: dict | None, second: dict | None, pick: Callable) -> dict | None:
+    if first is None or second is None:
+        return first or second
+    return pick(first, second, key=lambda row: row["loss"])
+
+
+class ProgressSeries:
+    """The charts' rows, bounded: every row while there are at most `buckets`, then buckets of 2, 4, 8... rows
+    (a pair of neighbours merges whenever there would be more), so a 100k-step run still draws ~2000 points."""
+
+    def __init__(self, buckets: int = CHART_BUCKETS):
+        self.max_buckets = buckets
+        self.stride = 1  # rows per full bucket
+        self.count = 0  # rows added
+        self._buckets: list[_Bucket] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.count += 1
+        if self._buckets and self._buckets[-1].count < self.stride:
+            self._buckets[-1].merge(_Bucket.of(row))
+        else:
+            self._buckets.append(_Bucket.of(row))
+        if len(self._buckets) > self.max_buckets:
+            self._halve()
+
+    def _halve(self) -> None:
+        merged = self._buckets[::2]
+        for first, second in zip(merged, self._buckets[1::2], strict=False):
+            first.merge(second)
+        self._buckets = merged
+        self.stride *= 2
+
+    def rows(self) -> list[dict[str, Any]]:
+        last = len(self._buckets) - 1
+        return [row for index, bucket in enumerate(self._buckets) for row in bucket.rows(final=index == last)]
+
+
+@dataclass(frozen=True)
+class ChartData:
+    """The charts' rows at one moment; `version` changes whenever they do, so a viewer redraws only then."""
+
+    version: int
+    rows: list[dict[str, Any]]
+
+
+class _ExistenceCache:
+    """Which checkpoint paths still exist. A path is re-checked only when its folder's mtime moved (adding or
+    removing an entry moves it; the engine removes old checkpoints with keep-last-N) or every _RECHECK_S, so a run
+    with thousands of checkpoints does not stat them all every second."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, int | None] = {}
+        self._exists: dict[str, bool] = {}
+        self._checked_at = 0.0
+
+    def existing(self, paths: list[str]) -> set[str]:
+        now = time.monotonic()
+        if now - self._checked_at > _RECHECK_S:
+            self._folders, self._exists, self._checked_at = {}, {}, now
+        for folder in {os.path.dirname(path) for path in paths}:
+            mtime = _mtime_ns(folder)
+            if self._folders.get(folder, -1) != mtime:
+                self._folders[folder] = mtime
+                self._exists = {path: found for path, found in self._exists.items()
+                                if os.path.dirname(path) != folder}
+        for path in paths:
+            if path not in self._exists:
+                self._exists[path] = os.path.exists(path)
+        return {path for path in paths if self._exists[path]}
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+class RunReader:
+    """One run directory's status and chart rows, kept up to date by reading only what was appended to
+    events.jsonl since the last look. Shared by every viewer of the run (the RunManager keeps one per run), so
+    it is thread-safe: Gradio runs handlers in threads.
+
+    Follows read_status's rules: events before the record's `events_offset` (earlier processes, before a resume)
+    only add checkpoints and samples; the events after it give the state. A replaced or truncated file, or an
+    offset that moved backwards, starts the fold over from the beginning."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._lock = threading.Lock()
+        self._version = 0
+        self._log_cache: tuple[tuple[int, int, int], list[str]] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pos = 0  # bytes folded so far
+        self._file_id: tuple[int, int] | None = None
+        self._last_byte = b""  # the byte before _pos, checked to notice a file rewritten in place
+        self._split = 0  # the events_offset the fold follows
+        self._fold = RunStatus(state="")  # "" until a `done` event
+        self._last_state = ""  # the newest state checkpoint: the resume state once these events are history
+        self._series = ProgressSeries()
+        self._rows: ChartData | None = None
+        self._exists = _ExistenceCache()
+        self._version = next(_VERSIONS)  # so a viewer never takes a restarted fold for the one it drew
+
+    # --- reading -----------------------------------------------------------------------------------------------
+
+    def status(self, *, queued: bool = False, log_lines: int = 30) -> RunStatus:
+        """The run's state and progress, like read_status, at the cost of the bytes appended since the last call."""
+        record = read_record(self.run_dir)
+        with self._lock:
+            self._refresh(record)
+            fold = self._fold
+            existing = self._exists.existing([entry["path"] for entry in fold.checkpoints if entry["path"]])
+            status = replace(fold, checkpoints=[dict(entry) for entry in fold.checkpoints
+                                                if entry["path"] in existing],
+                             samples=list(fold.samples), warnings=list(fold.warnings))
+        status.state = status.state or ("queued" if queued else "created")
+        _status_from_record(status, record, self.run_dir)
+        status.log_tail = self._log_tail(log_lines)
+        return status
+
+    def chart(self) -> ChartData:
+        """The charts' rows (bounded, see ProgressSeries); the same object until new progress arrives."""
+        record = read_record(self.run_dir)
+        with self._lock:
+            self._refresh(record)
+            if self._rows is None:
+                self._rows = ChartData(self._version, self._series.rows())
+            return self._rows
+
+    def _log_tail(self, count: int) -> list[str]:
+        """train.log's last lines, read again only when the file changed (every viewer asks every second)."""
+        path = self.run_dir / TRAIN_LOG
+        try:
+            stat = path.stat()
+        except OSError:
+            return []
+        key = (stat.st_size, stat.st_mtime_ns, count)
+        cached = self._log_cache
+        if cached is None or cached[0] != key:
+            cached = self._log_cache = (key, tail_lines(path, count))
+        return list(cached[1])
+
+    # --- folding -----------------------------------------------------------------------------------------------
+
+    def _refresh(self, record: dict[str, Any]) -> None:
+        path = self.run_dir / EVENTS_FILE
+        try:
+            stream = path.open("rb")
+        except OSError:
+            if self._file_id is not None:
+                self._reset()
+            return
+        with stream:
+            stat = os.fstat(stream.fileno())
+            split = int(record.get("events_offset") or 0)
+            split = split if split <= stat.st_size else 0  # a file shorter than the offset was replaced
+            if self._replaced(stream, stat) or split < self._split or self._split < split < self._pos:
+                self._reset()
+            elif split > self._split:
+                self._to_history()
+            self._file_id, self._split = (stat.st_dev, stat.st_ino), split
+            self._read(stream, stat.st_size)
+
+    def _replaced(self, stream: Any, stat: os.stat_result) -> bool:
+        if self._file_id is None:
+            return False
+        if self._file_id != (stat.st_dev, stat.st_ino) or stat.st_size < self._pos:
+            return True
+        if self._pos:
+            stream.seek(self._pos - 1)
+            return stream.read(1) != self._last_byte
+        return False
+
+    def _to_history(self) -> None:
+        """A new process started on the run dir (a resume): what was read so far only keeps its files."""
+        self._fold = RunStatus(state="", checkpoints=self._fold.checkpoints, samples=self._fold.samples,
+                               resume_state=self._last_state)
+
+    def _read(self, stream: Any, size: int) -> None:
+        added = False
+        while self._pos < size:
+            history = self._pos < self._split
+            end = self._split if history else size
+            stream.seek(self._pos)
+            data = stream.read(min(end - self._pos, _CHUNK_BYTES))
+            if self._pos + len(data) < end and not data.endswith(b"\n"):
+                data += stream.readline(end - self._pos - len(data))  # a chunk ends at a line's end
+            # Up to the offset everything counts (read_status reads it so); after it, a line still being written
+            # waits for the next look.
+            complete = data if history and self._pos + len(data) == end else data[: data.rfind(b"\n") + 1]
+            if not complete:
+                break
+            for event in _parse_lines(complete):
+                added = self._apply(event, history) or added
+            self._pos += len(complete)
+            self._last_byte = complete[-1:]
+        if added:
+            self._version, self._rows = next(_VERSIONS), None
+
+    def _apply(self, event: dict[str, Any], history: bool) -> bool:
+        """Fold one event; True when it added a chart row."""
+        kind = event.get("type", "")
+        row = progress_row(event)
+        if row is not None:
+            self._series.add(row)
+        if kind == "checkpoint" and event.get("kind") == "state":
+            self._last_state = event.get("path", "")
+        if not history or kind in _HISTORY:
+            _FOLD.get(kind, lambda *_: None)(self._fold, event)
+        return row is not None

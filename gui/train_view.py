@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from gui.runs import RunHandle, RunStatus
+from gui.runs import RunHandle, RunStatus, progress_row
 
 LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
 LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point
@@ -57,15 +57,9 @@ def progress_fraction(status: RunStatus) -> float:
 
 
 def progress_rows(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per progress event: step, loss, loss_avg and the first parameter group's learning rate."""
-    rows = []
-    for event in events:
-        if event.get("type") != "progress" or event.get("step") is None:
-            continue
-        rates = event.get("lr") or [None]
-        rows.append({"step": event["step"], "loss": event.get("loss"), "loss_avg": event.get("loss_avg"),
-                     "lr": rates[0] if isinstance(rates, list) else rates})
-    return rows
+    """One row per progress event: step, loss, loss_avg and the first parameter group's learning rate (the Train
+    tab gets these rows already bounded, from RunManager.chart)."""
+    return [row for row in map(progress_row, events) if row is not None]
 
 
 def loss_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:

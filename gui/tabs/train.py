@@ -1,13 +1,17 @@
 """The Train tab: pick a run (or try the demo), watch it live and control it.
 
-Everything shown is read from the run directory on a 1-second timer (RunManager.status and tail_events only read
-files), so a reloaded page or a restarted GUI re-attaches to running and finished runs alike. Components that did
-not change are skipped, so the charts and gallery do not redraw every second.
+Everything shown is read from the run directory on a 1-second timer (RunManager.status and chart only read
+files), so a reloaded page or a restarted GUI re-attaches to running and finished runs alike. The manager keeps one
+reader per run for all viewers, which reads only the events appended since the last tick; a viewer keeps only
+versions and hashes of what it drew, and components that did not change are skipped, so the charts and gallery do
+not redraw every second.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -17,7 +21,7 @@ from gui import train_view as view
 from gui.context import TabContext
 from gui.demo import DemoError, start_demo
 from gui.runner import RunError, RunManager
-from gui.runs import PROCESS_LOG, RunHandle, tail_lines
+from gui.runs import PROCESS_LOG, ChartData, RunHandle, tail_lines
 from gui.tensorboard import TensorBoardError, TensorBoards
 from gui.train_start import start_queue_worker, start_run
 
@@ -36,6 +40,25 @@ def _log_text(handle: RunHandle, log_tail: list[str]) -> str:
     return "\n".join(log_tail or tail_lines(handle.run_dir / PROCESS_LOG, LOG_LINES))
 
 
+class _Frames:
+    """The charts' data frames per run and chart version, built once for all viewers of the run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._frames: dict[Path, tuple[int, Any, Any]] = {}
+
+    def get(self, run_dir: Path, chart: ChartData) -> tuple[Any, Any]:
+        with self._lock:
+            cached = self._frames.get(run_dir)
+            if cached is None or cached[0] != chart.version:
+                # None, not an empty frame: a LinePlot first drawn from an empty frame keeps an empty colour scale
+                # in Gradio 6.31 and draws every later line without colour.
+                rows = chart.rows
+                cached = (chart.version, view.loss_frame(rows) if rows else None, view.lr_frame(rows) if rows else None)
+                self._frames[run_dir] = cached
+            return cached[1], cached[2]
+
+
 def _default_run(manager: RunManager) -> str | None:
     """On page load: a running run if there is one, else the newest."""
     handles = manager.discover()
@@ -48,6 +71,7 @@ def _default_run(manager: RunManager) -> str | None:
 def build(ctx: TabContext) -> None:
     """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir."""
     manager = RunManager(ctx.runs_dir)
+    frames = _Frames()
     boards = TensorBoards()
     start_queue_worker(manager)
     gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
@@ -100,30 +124,31 @@ def build(ctx: TabContext) -> None:
         if handle is None:
             return updates | {cache: {**seen, "names": names}}
         if seen.get("run") != name:
-            seen = {"run": name, "offset": 0, "rows": [], "samples": None}
+            seen = {"run": name, "queue": queue_text}  # a new run: everything is drawn anew
         status = manager.status(handle, log_lines=LOG_LINES)
-        events, offset = manager.tail_events(handle, seen["offset"])
-        new_rows = view.progress_rows(events)
-        rows = seen["rows"] + new_rows
+        chart = manager.chart(handle)
         error_text = view.error_markdown(status)
         updates |= {
             status_line: view.status_markdown(name, status), progress: view.progress_html(status),
-            error_box: gr.Markdown(error_text, visible=bool(error_text)), log: _log_text(handle, status.log_tail),
-            checkpoints: view.checkpoints_markdown(status),
+            error_box: gr.Markdown(error_text, visible=bool(error_text)),
             buttons["stop"]: gr.Button(interactive=status.state in _RUNNING),
             buttons["save"]: gr.Button(interactive=status.state in _RUNNING),
             buttons["sample"]: gr.Button(interactive=status.state in _RUNNING),
             buttons["resume"]: gr.Button(interactive=view.can_resume(status)),
         }
-        if new_rows or seen["offset"] == 0:
-            # None, not an empty frame: a LinePlot first drawn from an empty frame keeps an empty colour scale in
-            # Gradio 6.31 and draws every later line without colour.
-            updates |= {loss_plot: view.loss_frame(rows) if rows else None,
-                        lr_plot: view.lr_frame(rows) if rows else None}
-        if status.samples != seen["samples"]:
+        # Each viewer remembers only hashes and the chart version of what it drew, never the rows themselves.
+        drawn = {"log": hash(log_text := _log_text(handle, status.log_tail)),
+                 "checkpoints": hash(checkpoints_text := view.checkpoints_markdown(status)),
+                 "samples": hash(tuple(status.samples)), "chart": chart.version}
+        if drawn["log"] != seen.get("log"):
+            updates[log] = log_text
+        if drawn["checkpoints"] != seen.get("checkpoints"):
+            updates[checkpoints] = checkpoints_text
+        if drawn["chart"] != seen.get("chart"):
+            updates[loss_plot], updates[lr_plot] = frames.get(handle.run_dir, chart)
+        if drawn["samples"] != seen.get("samples"):
             updates[gallery] = list(status.samples)
-        return updates | {cache: {**seen, "names": names, "offset": offset, "rows": rows,
-                                  "samples": status.samples}}
+        return updates | {cache: {**seen, **drawn, "names": names}}
 
     def on_demo() -> Iterator[dict]:
         yield {message: "Building the tiny demo model and images (about 20 s the first time)…"}
@@ -138,7 +163,7 @@ def build(ctx: TabContext) -> None:
 
     def on_start(config: dict | None, name: str, queue: bool) -> dict:
         try:
-            result = start_run(manager, config, name=name, queue=queue)
+            result = start_run(manager, config, name=name, queue=queue, roots=ctx.roots)
         except (RunError, ConfigError, OSError) as error:
             return {message: f"**Could not start:** {error}"}
         updates: dict[Any, Any] = {message: result.message}
