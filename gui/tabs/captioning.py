@@ -77,9 +77,10 @@ def build(ctx: TabContext) -> None:
         with gr.Row():
             folder = path_field("Image folder", ctx.roots, kind="folder", elem_id="captioning-folder",
                                 placeholder="/home/me/project/img/20_sks dog")
-            # A fixed list of text extensions: the value is checked again by the engine before any file is written.
+            # The allowed text extensions; a typed value (sd-scripts' 'txt') is accepted here and checked by
+            # view.caption_extension, which refuses anything else with a message rather than a Gradio error.
             extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=".txt", label="Caption extension",
-                                    elem_id="captioning-extension", scale=0, min_width=140)
+                                    allow_custom_value=True, elem_id="captioning-extension", scale=0, min_width=140)
             recursive = gr.Checkbox(False, label="Include subfolders", elem_id="captioning-recursive", scale=0,
                                     min_width=180)
 
