@@ -3,8 +3,10 @@
 Pure and gradio-free, so every rule (roots, symlinks, hidden files, filters, caps) is tested on real folders without
 a browser. gui/file_browser.py only lays these results out as components.
 
-Every path is checked with `FileRoots.allows`, which resolves symlinks: a link inside the home folder that points
-to /etc is refused like /etc itself, and is left out of listings and completions.
+Every path is checked with `FileRoots.check` (or its yes/no form `allows`), which resolves symlinks: a link inside
+the home folder that points to /etc is refused like /etc itself, and is left out of listings and completions. The
+same check guards every path the GUI uses (dataset, captioning, regularization and tools fields, settings files,
+the paths of a run started from the GUI), so one rule and one message hold everywhere; the CLI has no such limit.
 """
 
 from __future__ import annotations
@@ -19,24 +21,103 @@ from engine.data.images import is_image_file
 KINDS = ("folder", "file")
 SIZE_UNITS = ("B", "KB", "MB", "GB", "TB")
 IMAGE_COUNT_CAP = 2000  # entries looked at per subfolder when counting its images; a longer folder shows "N+"
-OUTSIDE_ROOTS = "{path} is outside the folders this app may browse (your home folder and --allow-path folders)"
+ALLOWED_FOLDERS = "your home folder, the runs folder and --allow-path folders"
+OUTSIDE_ROOTS = ("{path} is outside the folders this app may use (" + ALLOWED_FOLDERS + "); start the app with "
+                 "--allow-path {allow} to allow it")
+HIDDEN_PATH = ("{path} is a hidden folder or file ({hidden}): this app does not use hidden folders under your home "
+               "folder or the runs folder; start the app with --allow-path {hidden} to allow it")
+
+
+class PathNotAllowed(ValueError):
+    """A path the GUI may not use; the message names it (and the field) and says which flag allows it."""
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def _hidden_part(path: Path, root: Path) -> Path | None:
+    """The first hidden folder or file (a name starting with '.') of path below root, or None."""
+    below = root
+    for part in path.relative_to(root).parts:
+        below = below / part
+        if part.startswith("."):
+            return below
+    return None
 
 
 @dataclass(frozen=True)
 class FileRoots:
-    """The folders the browser may show (and everything below them)."""
+    """The folders the GUI may use (and everything below them).
+
+    Hidden folders and files (~/.ssh, ~/.config, ...) below a root are refused, except inside the `explicit` roots:
+    the user named those with --allow-path, so `--allow-path ~/.cache/models` makes that folder usable.
+    """
 
     folders: tuple[Path, ...]
+    explicit: tuple[Path, ...] = ()  # the --allow-path folders (resolved), where hidden names are allowed too
 
     @classmethod
-    def from_paths(cls, extra: Iterable[str | Path] = (), *, include_home: bool = True) -> FileRoots:
-        folders = [Path.home()] if include_home else []
-        folders += [Path(path).expanduser() for path in extra]
-        return cls(tuple(dict.fromkeys(folder.resolve() for folder in folders)))
+    def from_paths(cls, extra: Iterable[str | Path] = (), *, include_home: bool = True,
+                   runs_dir: str | Path | None = None) -> FileRoots:
+        """Home (unless include_home is False), the `extra` folders (given with --allow-path) and the runs folder."""
+        explicit = tuple(dict.fromkeys(Path(path).expanduser().resolve() for path in extra))
+        folders = [Path.home().resolve()] if include_home else []
+        folders += [*explicit, *([Path(runs_dir).expanduser().resolve()] if runs_dir is not None else [])]
+        return cls(tuple(dict.fromkeys(folders)), explicit)
 
-    def allows(self, path: str | Path) -> bool:
-        resolved = Path(path).expanduser().resolve()
-        return any(resolved == root or resolved.is_relative_to(root) for root in self.folders)
+    def refusal(self, path: str | Path, base: str | Path | None = None) -> str | None:
+        """Why path may not be used (symlinks resolved; a relative path starts from base, default the working
+        folder), or None when it may."""
+        typed = Path(path).expanduser()
+        typed = typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
+        resolved = typed.resolve()
+        hidden = None
+        for root in self.folders:
+            if not _is_within(resolved, root):
+                continue
+            found = None if root in self.explicit else _hidden_part(resolved, root)
+            if found is None:
+                return None
+            hidden = hidden or found
+        if hidden is not None:
+            return HIDDEN_PATH.format(path=typed, hidden=hidden)
+        return OUTSIDE_ROOTS.format(path=typed, allow=typed)
+
+    def allows(self, path: str | Path, base: str | Path | None = None) -> bool:
+        return self.refusal(path, base) is None
+
+    def check(self, path: str | Path, label: str = "", base: str | Path | None = None) -> Path:
+        """The path, with ~ expanded and made absolute against base (symlinks kept), when the GUI may use it.
+
+        Raises:
+            PathNotAllowed: "<label>: <path> is outside the folders this app may use ...; start the app with
+                --allow-path ... to allow it" (or "... is a hidden folder or file ..."), the one message of every
+                GUI path entry.
+        """
+        refusal = self.refusal(path, base)
+        if refusal is not None:
+            raise PathNotAllowed(f"{label}: {refusal}" if label else refusal)
+        typed = Path(path).expanduser()
+        return typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
+
+    def check_location(self, value: str, label: str = "", base: str | Path | None = None) -> str:
+        """A field that takes a local file or folder or a Hugging Face hub id (a base model, a VAE): a hub id is
+        returned as it is (the engine finds it in the hub cache), a local path must pass `check`. It is read as the
+        engine reads it: an existing file or folder first, then 'owner/name' as a hub id.
+
+        Raises:
+            PathNotAllowed: as `check`.
+        """
+        from engine.models.vae import looks_like_hub_id  # no torch: the regex and the model file suffixes
+
+        text = value.strip()
+        typed = Path(text).expanduser()
+        local = typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
+        if looks_like_hub_id(text) and not local.exists():
+            return text
+        self.check(text, label, base)
+        return text
 
 
 class BrowseError(Exception):
@@ -84,14 +165,16 @@ def _normal_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
 
 def _dir_entries(folder: Path, roots: FileRoots, *, kind: str, extensions: tuple[str, ...],
                  show_hidden: bool) -> Iterator[os.DirEntry]:
-    """The entries a user may see in folder: no dot files unless asked, no links leading out of the roots, only
-    folders for kind 'folder', and only files with one of the extensions (when given) for kind 'file'."""
+    """The entries a user may see in folder: no dot files unless asked (and only where the roots allow hidden names),
+    no links leading out of the roots, only folders for kind 'folder', and only files with one of the extensions
+    (when given) for kind 'file'."""
     try:
         with os.scandir(folder) as scan:
             for entry in scan:
-                if not show_hidden and entry.name.startswith("."):
+                hidden = entry.name.startswith(".")
+                if hidden and not show_hidden:
                     continue
-                if entry.is_symlink() and not roots.allows(entry.path):
+                if (hidden or entry.is_symlink()) and not roots.allows(entry.path):
                     continue
                 if _is_dir(entry) or (kind == "file" and _matches(entry, extensions)):
                     yield entry
@@ -162,8 +245,9 @@ def list_folder(path: str | Path, roots: FileRoots, *, kind: str, extensions: It
     """
     _check_kind(kind)
     folder = _absolute(path)
-    if not roots.allows(folder):
-        raise BrowseError(OUTSIDE_ROOTS.format(path=folder))
+    refusal = roots.refusal(folder)
+    if refusal is not None:
+        raise BrowseError(refusal)
     if not folder.exists():
         raise BrowseError(f"{folder} does not exist")
     if not folder.is_dir():
@@ -189,8 +273,9 @@ def start_folder(text: str, roots: FileRoots) -> tuple[Path, str | None]:
         path = _absolute(text.strip())
     except BrowseError as error:
         return first, str(error)
-    if not roots.allows(path):
-        return first, OUTSIDE_ROOTS.format(path=path)
+    refusal = roots.refusal(path)
+    if refusal is not None:
+        return first, refusal
     if path.is_file():
         return path.parent, None
     folder = path
@@ -212,8 +297,9 @@ def _split(text: str) -> tuple[Path, str]:
 def complete(text: str, roots: FileRoots, *, kind: str, extensions: Iterable[str] = (), limit: int = 50) -> list[str]:
     """Full paths that continue what was typed, folders ending in '/' (kind 'file' adds matching files).
 
-    Names match case-insensitively. Dot entries are offered only once the typed name starts with a dot. Typing a
-    path whose folder is not allowed (such as '/' or '/ho') offers the roots that start with it instead.
+    Names match case-insensitively. Dot entries are offered only once the typed name starts with a dot, and only
+    where the roots allow them (then a root inside a hidden folder, such as ~/.cache/models, is offered too). Typing
+    a path whose folder is not allowed (such as '/' or '/ho') offers the roots that start with it instead.
     """
     _check_kind(kind)
     if not text.strip():
@@ -232,7 +318,11 @@ def complete(text: str, roots: FileRoots, *, kind: str, extensions: Iterable[str
     except BrowseError:
         return []
     found.sort(key=_sort_key)
-    return [str(folder / entry.name) + ("/" if _is_dir(entry) else "") for entry in found[:limit]]
+    offered = [str(folder / entry.name) + ("/" if _is_dir(entry) else "") for entry in found]
+    if prefix.startswith("."):
+        typed = os.path.expanduser(text)
+        offered += [f"{root}/" for root in roots.folders if f"{root}/".startswith(typed)]
+    return list(dict.fromkeys(offered))[:limit]
 
 
 def format_size(size: int | None) -> str:

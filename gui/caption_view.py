@@ -25,6 +25,7 @@ from engine.caption.registry import CAPTIONER_LOADERS, captioner_entry
 from engine.caption.runner import caption_path, find_images, split_tags
 from engine.config.choices import dotted_caption_extension
 from engine.files import atomic_write_text
+from gui.browse import PathNotAllowed
 
 if TYPE_CHECKING:  # gui.file_browser imports gradio; this module stays free of it
     from gui.file_browser import FileRoots
@@ -193,12 +194,12 @@ def resolve_folder(text: str | None, roots: FileRoots) -> Path:
     """
     if not text or not text.strip():
         raise CaptionViewError("Folder: choose the folder of images to caption first.")
-    folder = Path(text.strip()).expanduser()
+    try:  # before looking at the folder: whether a folder outside the roots exists is not the page's to tell
+        folder = roots.check(text.strip(), "Folder")
+    except PathNotAllowed as error:  # the message every path field gives
+        raise CaptionViewError(str(error)) from None
     if not folder.is_dir():
         raise CaptionViewError(f"Folder: `{folder}` is not a folder; check the path.")
-    if not roots.allows(folder):
-        raise CaptionViewError(f"Folder: `{folder}` is outside the folders this app may use (your home folder and "
-                               f"those given with --allow-path); restart the app with --allow-path {folder}.")
     return folder.resolve()
 
 

@@ -1,7 +1,8 @@
 """What the Dataset tab shows, as plain functions: the concepts table, the balancing proposal, gallery thumbnails,
 and the settings that point the doctor and the Parameters tab at a project folder.
 
-The folder work itself (copying, converting, renaming) is engine.data.project; nothing here changes files.
+The folder work itself (copying, converting, renaming) is engine.data.project; nothing here changes files. Every
+folder typed into the tab passes `checked_folder` first (the GUI's one rule for paths, gui.browse.FileRoots.check).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image, ImageOps
 
 from engine.data.images import is_image_file, to_rgb
 from engine.data.project import Concept, ProjectError, list_concepts
+from gui.browse import FileRoots, PathNotAllowed
 
 CONCEPT_COLUMNS = ["folder", "images", "repeats", "samples/epoch"]
 PROPOSAL_COLUMNS = ["folder", "images", "repeats now", "proposed repeats", "samples/epoch"]
@@ -22,11 +24,32 @@ GALLERY_LIMIT = 24
 THUMBNAIL_SIDE = 256
 
 
-def project_path(text: str | None) -> Path:
-    """The project folder typed by the user, or a ProjectError saying what to fill in."""
+PROJECT_LABEL = "Project folder"
+SOURCE_LABEL = "Images folder"
+
+
+def checked_folder(text: str, label: str, roots: FileRoots) -> Path:
+    """A folder typed into the tab, with ~ expanded, once the app may use it.
+
+    Raises:
+        ProjectError: with the message of every GUI path field (outside the roots, or hidden, and the flag to use).
+    """
+    try:
+        return roots.check(text.strip(), label)
+    except PathNotAllowed as error:
+        raise ProjectError(str(error)) from None
+
+
+def project_path(text: str | None, roots: FileRoots) -> Path:
+    """The project folder typed by the user, or a ProjectError saying what to fill in or why it may not be used."""
     if not (text or "").strip():
         raise ProjectError("choose a project folder first (a new folder, or one made here before)")
-    return Path(text.strip()).expanduser()
+    return checked_folder(text, PROJECT_LABEL, roots)
+
+
+def source_path(text: str | None, roots: FileRoots) -> str:
+    """The images folder to copy from, checked like the project folder; '' stays '' (the import says to fill it)."""
+    return str(checked_folder(text, SOURCE_LABEL, roots)) if (text or "").strip() else ""
 
 
 def _shown_name(concept: Concept) -> str:
@@ -96,7 +119,8 @@ def parameters_patch(project: Path, concepts: list[Concept]) -> dict[str, str]:
 
 def gallery_items(project: Path, limit: int = GALLERY_LIMIT) -> list[tuple[Image.Image, str]]:
     """Thumbnails of the first `limit` images of the project (training concepts first), captioned with their
-    folder. Thumbnails, not the files: the page stays light and files outside the app's folders can be shown."""
+    folder. Thumbnails, not the files: the page stays light and serves no file path. The project must have passed
+    project_path."""
     items: list[tuple[Image.Image, str]] = []
     for concept in list_concepts(project):
         for path in sorted(p for p in concept.folder.iterdir() if p.is_file() and is_image_file(p)):

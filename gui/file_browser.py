@@ -1,8 +1,10 @@
 """The server-side file browser: a path textbox the user can type into, with completion and a folder listing.
 
 No native dialogs (they open on the server's screen, or nowhere on a remote machine). Browsing is limited to the
-user's home folder and the folders given with --allow-path; what may be listed is decided in gui/browse.py, which
-this module only lays out as Gradio components.
+user's home folder, the runs folder and the folders given with --allow-path, without the hidden folders of the first
+two (~/.ssh, ~/.config, ...); what may be listed is decided in gui/browse.py (FileRoots), which this module only lays
+out as Gradio components. The handlers that use a path check it again with FileRoots.check: a textbox can hold
+anything.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def _add_listing(box: gr.Textbox, browse: gr.Button, suggestions: gr.Dataset, sp
         with gr.Row():
             use = gr.Button("Use this folder", variant="primary", visible=spec.kind == "folder",
                             elem_id=f"{elem_id}-use")
-            show_hidden = gr.Checkbox(False, label="Show hidden", elem_id=f"{elem_id}-hidden")
+            show_hidden = gr.Checkbox(False, label="Show hidden", elem_id=f"{elem_id}-hidden",
+                                      info="inside --allow-path folders; never those of your home folder")
             close = gr.Button("Close", elem_id=f"{elem_id}-close")
     shown = gr.State({"folder": None, "paths": []})
     view = [heading, table, shown]

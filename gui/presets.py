@@ -36,6 +36,19 @@ def list_presets(shipped_dir: Path = SHIPPED_DIR, user_dir: Path = USER_DIR) -> 
     return entries
 
 
+def preset_path(choice: str, user_dir: Path = USER_DIR, shipped_dir: Path = SHIPPED_DIR) -> Path:
+    """The preset file a dropdown choice names, only when it is one of the listed presets: the page sends the
+    choice, and an HTTP client could send any path instead.
+
+    Raises:
+        ValueError: the choice is not a listed preset.
+    """
+    for entry in list_presets(shipped_dir, user_dir):
+        if str(entry.path) == choice:
+            return entry.path
+    raise ValueError(f"{choice} is not one of the presets; choose one from the list")
+
+
 def preset_file_name(title: str) -> str:
     """A safe file name for a user preset title: 'My SDXL style!' -> 'my-sdxl-style.json'."""
     slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")

@@ -9,7 +9,7 @@ The numbers come from scanning the same folders training scans (engine.data.scan
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,11 +21,17 @@ from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.config.paths import get_path
 from engine.data.images import is_image_file
 from engine.data.records import Finding, ScanResult
+from gui.browse import FileRoots, PathNotAllowed
 
 MODEL_PATH = "model.pretrained_model_name_or_path"
 TRAIN_DIR = "dataset.train_data_dir"
 REG_DIR = "dataset.reg_data_dir"
 PRIOR_LOSS_WEIGHT = "training.prior_loss_weight"
+# the tab's path fields, as their labels name them in messages
+PARENT_LABEL, FOLDER_LABEL, TRAIN_LABEL, MODEL_LABEL = ("Regularization folder", "Class image folder",
+                                                        "Training folder", "Base model")
+VAE_LABEL = "model.vae (Parameters tab)"  # generation uses the Parameters tab's VAE with its model
+LOCATION_LABELS = (MODEL_LABEL, VAE_LABEL)  # a local file/folder or a Hugging Face hub id
 _BAD_CLASS_CHARACTERS = re.compile(r"[/\\\x00]")
 # What the balance text says itself, or what only concerns a missing training folder.
 _FINDINGS_SAID = {"reg-unused", "no-images", "no-dataset"}
@@ -45,13 +51,26 @@ def config_value(config: Mapping[str, Any] | None, path: str, default: Any = "")
     return get_path(config, path, default) if config else default
 
 
-def outside_roots(paths: list[str], allowed: Callable[[Path], bool]) -> str:
-    """A sentence naming the first path the app may not use, or '' when all may be used (empty ones are skipped)."""
-    for path in paths:
-        if path.strip() and not allowed(Path(path.strip()).expanduser()):
-            return (f"**{path.strip()} is outside the folders this app may use;** choose one under your home folder "
-                    "or an --allow-path folder.")
+def outside_roots(fields: Mapping[str, str], roots: FileRoots) -> str:
+    """A sentence naming the first field (label -> path) whose path the app may not use (gui.browse's one rule and
+    message), or '' when all may be used. Empty ones are skipped; a model or VAE may also be a hub id."""
+    for label, path in fields.items():
+        if not path.strip():
+            continue
+        check = roots.check_location if label in LOCATION_LABELS else roots.check
+        try:
+            check(path.strip(), label)
+        except PathNotAllowed as error:
+            return f"**{error}**"
     return ""
+
+
+def generate_paths(request: GenerateRequest, config: Mapping[str, Any] | None) -> dict[str, str]:
+    """The paths generation reads and writes, by field label, for `outside_roots`: the class folder, the model and,
+    when the model is the Parameters tab's, its VAE (see _model_flags)."""
+    model = request.model.strip()
+    vae = config_value(config, "model.vae") if config and model == config_value(config, MODEL_PATH) else ""
+    return {FOLDER_LABEL: request.out, MODEL_LABEL: model, VAE_LABEL: vae or ""}
 
 
 def reg_patch(parent: str, prior_loss_weight: float) -> dict[str, Any]:
@@ -79,7 +98,7 @@ def class_folder_name(repeats: float | int | None, class_prompt: str) -> str:
 
 
 def create_class_folder(parent: str, repeats: float | int | None, class_prompt: str,
-                        allowed: Callable[[Path], bool]) -> tuple[Path, str]:
+                        roots: FileRoots) -> tuple[Path, str]:
     """Create (or reuse) `<parent>/<repeats>_<class>`; returns it and a sentence for the page.
 
     Raises:
@@ -87,10 +106,7 @@ def create_class_folder(parent: str, repeats: float | int | None, class_prompt: 
     """
     if not parent.strip():
         raise ValueError("Choose the regularization folder first (e.g. your project's 'reg' folder).")
-    root = Path(parent.strip()).expanduser()
-    if not allowed(root):
-        raise ValueError(f"{root} is outside the folders this app may use; choose one under your home folder or "
-                         "an --allow-path folder.")
+    root = roots.check(parent.strip(), PARENT_LABEL)  # PathNotAllowed is a ValueError
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} is a file, not a folder; choose a folder.")
     folder = root / class_folder_name(repeats, class_prompt)

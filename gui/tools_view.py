@@ -4,7 +4,8 @@
 The LoRA tools load torch, so they always run as engine processes (gui.jobs.EngineJob); they print one JSON report
 (`--json`), which `parse_report` finds in the process output. The engine checks the inputs and refuses to overwrite
 a file; this module only checks what the engine cannot know: which fields the user left empty and whether a path is
-inside the folders this app may use.
+inside the folders this app may use (gui.browse.FileRoots.check, the rule of every GUI path field; for a config, every
+path it names, as a run started from the GUI: gui.train_start.confined_config).
 """
 
 from __future__ import annotations
@@ -21,11 +22,20 @@ import pandas as pd
 
 from engine.config.choices import SavePrecision
 from engine.config.errors import ConfigError
-from engine.config.io import config_to_dict, deep_merge, default_config_dict, load_config, save_config, validate_config
+from engine.config.io import (
+    config_to_dict,
+    deep_merge,
+    default_config_dict,
+    is_preset_document,
+    read_document,
+    save_config,
+)
+from engine.config.schema import RunConfig
 from engine.train.run import absolute_config
+from gui.browse import FileRoots, PathNotAllowed
 from gui.doctor_view import report_for
-from gui.file_browser import FileRoots
 from gui.jobs import EngineJob, JobUpdate
+from gui.train_start import confined_config
 
 LORA_SUFFIX = ".safetensors"
 # what the file browser lists for each kind of input (the suffixes the engine reads)
@@ -64,17 +74,17 @@ def checked_path(value: str | None, label: str, roots: FileRoots, *, required: b
     """The path typed into a field, stripped; '' for an empty optional field.
 
     Raises:
-        ToolInputError: an empty required field, or a path outside the folders this app may use.
+        ToolInputError: an empty required field, or a path the app may not use (the message of every path field).
     """
     text = (value or "").strip()
     if not text:
         if required:
             raise ToolInputError(f"{label}: enter a path")
         return ""
-    if not roots.allows(text):
-        raise ToolInputError(f"{label}: {text} is outside the folders this app may use (your home folder and the "
-                             "folders given with --allow-path)")
-    return str(Path(text).expanduser())
+    try:
+        return str(roots.check(text, label))
+    except PathNotAllowed as error:
+        raise ToolInputError(str(error)) from None
 
 
 def _positive(value: float | None, label: str) -> float:
@@ -206,11 +216,28 @@ def config_from_file(path: str | None, roots: FileRoots) -> tuple[dict[str, Any]
     """A run config file (TOML, or JSON preset) as a config dict and the folder its relative paths start from.
 
     Raises:
-        ToolInputError: an empty field or a path outside the allowed folders.
+        ToolInputError: an empty field, or a path (of the file or in it) the app may not use.
         ConfigError: the file is missing or not a valid config; its problems name the fields.
     """
     file = Path(checked_path(path, "Config file", roots))
-    return config_to_dict(load_config(file, check_packages=False)), file.resolve().parent
+    data = read_document(file)
+    if is_preset_document(data):
+        data = deep_merge(default_config_dict(), data["config"])
+    base_dir = file.resolve().parent
+    return config_to_dict(_confined(data, roots, base_dir, source=str(file))), base_dir
+
+
+def _confined(config_dict: Mapping[str, Any], roots: FileRoots, base_dir: Path, source: str = "") -> RunConfig:
+    """The config once every path it names may be used from the GUI (see gui.train_start.confined_config).
+
+    Raises:
+        ToolInputError: the paths the app may not use, each with its field.
+        ConfigError: the config is not valid.
+    """
+    try:
+        return confined_config(config_dict, roots, base_dir, source=source, check_packages=False)
+    except PathNotAllowed as error:
+        raise ToolInputError(str(error)) from None
 
 
 def _current(config_dict: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -220,15 +247,16 @@ def _current(config_dict: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return config_dict
 
 
-def write_temp_config(config_dict: Mapping[str, Any] | None, base_dir: str | Path) -> Path:
+def write_temp_config(config_dict: Mapping[str, Any] | None, base_dir: str | Path, roots: FileRoots) -> Path:
     """The Parameters tab's config as a TOML file in a new temporary folder, with every local path made absolute
     against `base_dir` (so the engine finds them from there).
 
     Raises:
-        ToolInputError: there is no valid config (the Parameters tab shows its problems).
+        ToolInputError: there is no valid config (the Parameters tab shows its problems), or it names paths the
+            app may not use.
         ConfigError: the config is not valid.
     """
-    config = validate_config(deep_merge(default_config_dict(), dict(_current(config_dict))), check_packages=False)
+    config = _confined(deep_merge(default_config_dict(), dict(_current(config_dict))), roots, Path(base_dir))
     path = Path(tempfile.mkdtemp(prefix="atelier-tools-")) / CONFIG_FILE
     save_config(absolute_config(config, Path(base_dir)), path, header="Written by the Tools tab from the "
                                                                       "Parameters tab's settings.")
@@ -244,7 +272,7 @@ def cache_config_path(source: str, path: str | None, current: Mapping[str, Any] 
         ToolInputError, ConfigError: as :func:`config_from_file` and :func:`write_temp_config`.
     """
     if source == "current":
-        return str(write_temp_config(current, Path.cwd()))
+        return str(write_temp_config(current, Path.cwd(), roots))
     config_from_file(path, roots)
     return checked_path(path, "Config file", roots)
 
@@ -257,6 +285,7 @@ def doctor_report(source: str, path: str | None, current: Mapping[str, Any] | No
         ToolInputError, ConfigError: a field to fill or a config to fix.
     """
     if source == "current":
+        _confined(deep_merge(default_config_dict(), dict(_current(current))), roots, Path.cwd())
         return report_for(_current(current), Path.cwd(), quick=quick)
     config_dict, base_dir = config_from_file(path, roots)
     return report_for(config_dict, base_dir, quick=quick)

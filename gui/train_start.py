@@ -1,21 +1,34 @@
-"""Starting a run from the Parameters tab's config: validate, run the doctor, refuse with its errors, then create
-the run and start it (or put it in the queue). Kept free of gradio so the rules are tested directly."""
+"""Starting a run from the Parameters tab's config: validate, confine its paths to the GUI's folders, run the doctor,
+refuse with its errors, then create the run and start it (or put it in the queue). Kept free of gradio so the rules
+are tested directly.
+
+Every path field of the config (those the config model marks as a path, folder or file, and the same fields of each
+dataset subset, inline or in the dataset TOML) must pass `FileRoots.check`, the rule of every GUI path field: the GUI
+must not train on, resume from, or write to folders it may not show. The CLI has no such limit.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config.dataset import Subset
+from engine.config.describe import iter_fields
 from engine.config.errors import ConfigError
-from engine.config.io import validate_config
-from gui.runner import RunManager
+from engine.config.io import load_dataset_file, resolve_path, validate_config
+from engine.config.paths import get_path
+from engine.config.schema import RunConfig
+from gui.browse import FileRoots, PathNotAllowed
+from gui.runner import DEFAULT_OUTPUT_DIR, RunManager
 from gui.runs import RunHandle
 
 MAX_LISTED = 12  # errors listed in the refusal; the Dataset/Tools doctor shows the full table
+PATH_WIDGETS = ("path", "folder", "file")  # the config model's path fields (as engine.train.run.absolute_config)
+LOCATION_WIDGET = "path"  # a local file/folder or a Hugging Face hub id (base model, VAE)
 
 
 @dataclass
@@ -53,20 +66,105 @@ def missing_model_file(location: str, base_dir: Path) -> str:
     return ""
 
 
+def _subset_paths(datasets: Sequence[Any], prefix: str) -> Iterator[tuple[str, str, str]]:
+    """(field, value, widget) of the path fields of every subset of `datasets` (inline or from a dataset TOML)."""
+    specs = [spec for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
+    for d, dataset in enumerate(datasets):
+        for s, subset in enumerate(dataset.subsets):
+            for spec in specs:
+                value = getattr(subset, spec.path)
+                if value:
+                    yield f"{prefix}datasets[{d}].subsets[{s}].{spec.path}", value, spec.widget
+
+
+def config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
+    """(field, value, widget) of every non-empty path of the config that a run reads or writes. The default output
+    folder is left out: the runs manager replaces it with the run's own folder."""
+    data = config.model_dump(mode="json")
+    for spec in iter_fields():
+        value = get_path(data, spec.path) if spec.widget in PATH_WIDGETS else None
+        if value and not (spec.path == "saving.output_dir" and value == DEFAULT_OUTPUT_DIR):
+            yield spec.path, value, spec.widget
+    yield from _subset_paths(config.dataset.datasets, "dataset.")
+
+
+def _dataset_file_paths(config: RunConfig, base: Path) -> Iterator[tuple[str, str, str]]:
+    """The subset paths of the dataset TOML named by dataset.config_file (nothing when it cannot be read: the
+    validation that follows names its problems)."""
+    if not config.dataset.config_file:
+        return
+    path = resolve_path(config.dataset.config_file, base)
+    try:
+        dataset_file = load_dataset_file(path)
+    except (ConfigError, OSError):
+        return
+    yield from _subset_paths(dataset_file.datasets, f"dataset.config_file ({path.name}): ")
+
+
+def path_refusals(config: RunConfig, roots: FileRoots, base: Path) -> list[str]:
+    """Why each path of the config may not be used from the GUI ('`field`: path is outside ...'); [] when all may.
+    Relative paths start from base, as the run reads them. The dataset TOML is read only once its own path passed."""
+    refusals = []
+
+    def checked(paths: Iterator[tuple[str, str, str]]) -> None:
+        for name, value, widget in paths:
+            try:
+                check = roots.check_location if widget == LOCATION_WIDGET else roots.check
+                check(value, f"`{name}`", base)
+            except PathNotAllowed as error:
+                refusals.append(str(error))
+
+    checked(config_paths(config))
+    if not refusals:
+        checked(_dataset_file_paths(config, base))
+    return refusals
+
+
+class PathsRefused(PathNotAllowed):
+    """Paths of a config the GUI may not use; `refusals` holds one message per path, each naming its field."""
+
+    def __init__(self, refusals: list[str]):
+        self.refusals = refusals
+        lines = [f"**{len(refusals)} path(s) of the settings are outside what this app may use:**"]
+        super().__init__("\n".join([*lines, *(f"- {refusal}" for refusal in refusals)]))
+
+
+def confined_config(config_dict: Mapping[str, Any], roots: FileRoots, base: Path, *, source: str = "",
+                    check_packages: bool = True) -> RunConfig:
+    """The config validated once its paths are confined: the dataset TOML it names is read only after that.
+
+    Raises:
+        ConfigError: the settings are not valid.
+        PathsRefused: paths the GUI may not use, each named with its field.
+    """
+    config = validate_config(config_dict, source=source, check_packages=check_packages)  # reads no file
+    refusals = path_refusals(config, roots, base)
+    if refusals:
+        raise PathsRefused(refusals)
+    if not config.dataset.config_file:
+        return config
+    return validate_config(config_dict, source=source, base_dir=base, check_packages=check_packages)
+
+
 def prepare_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, name: str = "",
-                base_dir: str | Path | None = None, quick: bool = False) -> StartResult:
-    """Validate and doctor the config, then create its run directory (not started yet).
+                base_dir: str | Path | None = None, quick: bool = False,
+                roots: FileRoots | None = None) -> StartResult:
+    """Validate, confine and doctor the config, then create its run directory (not started yet).
 
     Paths in the config are relative to base_dir (default: the GUI's working folder), as in the Parameters tab.
+    They must lie inside roots (default: the home folder and the manager's runs folder; the GUI passes its own).
     """
     if config_dict is None:
         return StartResult(None, "**Not started:** the Parameters tab has problems; they are listed at its top.")
     from engine.data.doctor import run_doctor  # image libraries load when a run is first started
 
     base = Path(base_dir or Path.cwd())
+    roots = roots or FileRoots.from_paths(runs_dir=manager.runs_dir)
     try:
-        config = validate_config(config_dict, base_dir=base)
+        config = confined_config(config_dict, roots, base)
         report = run_doctor(config, base, quick=quick).to_dict()  # the config validated above, not again
+    except PathsRefused as error:
+        return StartResult(None, f"**Not started:** {error}")
     except ConfigError as error:
         listed = "\n".join(f"- `{problem.path}`: {problem.message}" for problem in error.problems)
         return StartResult(None, f"**Not started: the settings need changes.**\n{listed}")
@@ -84,9 +182,9 @@ def prepare_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, n
 
 
 def start_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, name: str = "", queue: bool = False,
-              base_dir: str | Path | None = None) -> StartResult:
+              base_dir: str | Path | None = None, roots: FileRoots | None = None) -> StartResult:
     """prepare_run, then start the run now (`queue=False`) or append it to the queue."""
-    result = prepare_run(manager, config_dict, name=name, base_dir=base_dir)
+    result = prepare_run(manager, config_dict, name=name, base_dir=base_dir, roots=roots)
     if result.handle is None:
         return result
     if queue:

@@ -16,7 +16,7 @@ from engine.data import project as projects
 from gui import dataset_view as view
 from gui.context import TabContext
 from gui.doctor_view import DoctorPanel, report_for
-from gui.file_browser import path_field
+from gui.file_browser import FileRoots, path_field
 
 _INTRO = ("Pick a folder of pictures (with `.txt` captions if you have them) and a project folder. **Create "
           "project** copies the pictures (never moves them) into `img/<repeats>_<identifier> <class>` and makes "
@@ -43,10 +43,14 @@ def _concept_inputs(prefix: str, *, with_reg: bool) -> dict[str, Any]:
     return fields
 
 
-def _concept_args(values: dict, fields: dict[str, Any], source: Any) -> dict[str, Any]:
-    """Keyword arguments of create_project/add_concept from the form."""
+def _concept_args(values: dict, fields: dict[str, Any], source: Any, roots: FileRoots) -> dict[str, Any]:
+    """Keyword arguments of create_project/add_concept from the form; the source folder checked like every path.
+
+    Raises:
+        ProjectError: the source folder may not be used.
+    """
     repeats = values[fields["repeats"]]
-    return {"source": values[source] or "", "identifier": values[fields["identifier"]] or "",
+    return {"source": view.source_path(values[source], roots), "identifier": values[fields["identifier"]] or "",
             "class_name": values[fields["class_name"]] or "", "convert": bool(values[fields["convert"]]),
             "repeats": int(repeats) if repeats is not None else 0}
 
@@ -96,7 +100,10 @@ def build(ctx: TabContext) -> None:
                   apply_button: gr.Button(visible=False)}
         if not (project_text or "").strip():
             return hidden | {overview: "", concepts_table: None, gallery: []}
-        folder = view.project_path(project_text)
+        try:
+            folder = view.project_path(project_text, ctx.roots)
+        except projects.ProjectError as error:
+            return hidden | {overview: f"**{error}**", concepts_table: None, gallery: []}
         concepts = projects.list_concepts(folder)
         return hidden | {overview: view.overview_markdown(folder, concepts),
                          concepts_table: view.concepts_frame(concepts), gallery: view.gallery_items(folder)}
@@ -105,10 +112,11 @@ def build(ctx: TabContext) -> None:
                     source_box: Any) -> Callable[[dict], dict]:
         def handler(values: dict) -> dict:
             try:
-                args = _concept_args(values, fields, source_box)
+                folder = view.project_path(values[project], ctx.roots)
+                args = _concept_args(values, fields, source_box, ctx.roots)
                 if "is_reg" in fields:
                     args["is_reg"] = bool(values[fields["is_reg"]])
-                report = action(view.project_path(values[project]), **args)
+                report = action(folder, **args)
             except (projects.ProjectError, OSError) as error:
                 return {message: f"**Nothing was copied:** {error}"}
             return {message: report.summary()} | shown(values[project])
@@ -116,7 +124,7 @@ def build(ctx: TabContext) -> None:
 
     def on_balance(project_text: str | None, target_value: float | None) -> dict:
         try:
-            folder = view.project_path(project_text)
+            folder = view.project_path(project_text, ctx.roots)
             concepts = projects.list_concepts(folder)
             wanted = int(target_value or 0)
             plan = projects.balance_repeats(concepts, wanted)
@@ -131,14 +139,14 @@ def build(ctx: TabContext) -> None:
 
     def on_apply(project_text: str | None, plan: dict | None) -> dict:
         try:
-            renames = projects.apply_repeats(view.project_path(project_text), plan or {})
+            renames = projects.apply_repeats(view.project_path(project_text, ctx.roots), plan or {})
         except (projects.ProjectError, OSError) as error:
             return {message: f"**Nothing was renamed:** {error}"}
         return {message: view.renames_markdown(renames)} | shown(project_text)
 
     def on_doctor(project_text: str | None, config: dict | None) -> dict:
         try:
-            folder = view.project_path(project_text)
+            folder = view.project_path(project_text, ctx.roots)
             overrides = view.doctor_overrides(folder, projects.list_concepts(folder))
             return doctor.show(report_for(config, folder, overrides=overrides), base=folder)
         except (ConfigError, projects.ProjectError, OSError) as error:
@@ -146,7 +154,7 @@ def build(ctx: TabContext) -> None:
 
     def on_use(project_text: str | None) -> dict:
         try:
-            folder = view.project_path(project_text)
+            folder = view.project_path(project_text, ctx.roots)
         except projects.ProjectError as error:
             return {message: f"**Not sent:** {error}"}
         patch = view.parameters_patch(folder, projects.list_concepts(folder))

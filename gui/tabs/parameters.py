@@ -22,10 +22,11 @@ from engine.config.io import (
     save_preset,
 )
 from engine.config.schema import SECTIONS, RunConfig, config_warnings
+from gui.browse import FileRoots, PathNotAllowed
 from gui.context import TabContext
 from gui.fields import build_component
 from gui.file_browser import path_field
-from gui.presets import USER_DIR, list_presets, preset_file_name
+from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
 from gui.state import config_to_form, form_to_config, to_widget
 
 # Shown in the form only where it helps; schema_version is a file detail.
@@ -76,7 +77,21 @@ def _edit_events(component: gr.components.Component) -> list[Any]:
     return [component.change]
 
 
-def _load_preset_values(path: str, specs: dict[str, FieldSpec]) -> dict[str, Any]:
+SETTINGS_FILE_LABEL = "Open a settings file"
+
+
+def settings_file(path: str | None, roots: FileRoots) -> Path:
+    """The settings file to load or import, once the app may read it (the rule of every GUI path field).
+
+    Raises:
+        PathNotAllowed: an empty field, or a path outside the roots or hidden; the message says what to do.
+    """
+    if not (path or "").strip():
+        raise PathNotAllowed(f"{SETTINGS_FILE_LABEL}: choose a .json or .toml file first")
+    return roots.check(path.strip(), SETTINGS_FILE_LABEL)
+
+
+def _load_preset_values(path: str | Path, specs: dict[str, FieldSpec]) -> dict[str, Any]:
     document = read_document(path)
     overlay = document["config"] if is_preset_document(document) else document
     return config_to_form(deep_merge(default_config_dict(), overlay), specs)
@@ -95,7 +110,7 @@ def import_report_markdown(result: ImportResult, path: str) -> str:
 
 
 def _open_file_row(ctx: TabContext) -> dict[str, Any]:
-    path = path_field("Open a settings file", ctx.roots, kind="file", elem_id="params-file",
+    path = path_field(SETTINGS_FILE_LABEL, ctx.roots, kind="file", elem_id="params-file",
                       extensions=(".json", ".toml"),
                       info="An Atelier preset (.json) or run config (.toml), or a kohya_ss GUI .json / "
                            "sd-scripts .toml to import.")
@@ -110,7 +125,8 @@ def build(ctx: TabContext) -> None:
     presets_dir = ctx.presets_dir
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
-    preset_choices = [(entry.title, str(entry.path)) for entry in list_presets()]
+    # the user's presets from --presets-dir, as on_save lists them after saving one
+    preset_choices = [(entry.title, str(entry.path)) for entry in list_presets(user_dir=presets_dir or USER_DIR)]
     with gr.Tab("Parameters", id="parameters"):
         with gr.Row():
             preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
@@ -163,16 +179,16 @@ def build(ctx: TabContext) -> None:
 
     def on_load(path: str, form: dict) -> dict:
         try:
-            return fill(_load_preset_values(path, specs), form, f"Loaded `{path}`.")
-        except ConfigError as error:
+            return fill(_load_preset_values(settings_file(path, ctx.roots), specs), form, f"Loaded `{path}`.")
+        except (ConfigError, PathNotAllowed) as error:
             return {preset_message: f"**Could not load it:** {error}"}
 
     def on_import(path: str, form: dict) -> dict:
         from engine.config.importers.registry import import_file
 
         try:
-            result = import_file(path)
-        except ConfigError as error:
+            result = import_file(settings_file(path, ctx.roots))
+        except (ConfigError, PathNotAllowed) as error:
             return {preset_message: f"**Could not import it:** {error}"}
         new_values = config_to_form(deep_merge(default_config_dict(), result.overlay), specs)
         return fill(new_values, form, import_report_markdown(result, path))
@@ -181,8 +197,8 @@ def build(ctx: TabContext) -> None:
         if not choice:
             return {preset_message: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
         try:
-            return fill(_load_preset_values(choice, specs), form, "")
-        except ConfigError as error:
+            return fill(_load_preset_values(preset_path(choice, presets_dir or USER_DIR), specs), form, "")
+        except (ConfigError, ValueError) as error:
             return {preset_message: f"Could not read the preset: {error}"}
 
     def on_save(title: str, form: dict) -> dict:

@@ -32,7 +32,7 @@ def _layout(ctx: TabContext) -> dict[str, Any]:
     gr.Markdown("Regularization (class) images keep the model's idea of your subject's class (e.g. *dog*) while it "
                 "learns your subject. They live in subfolders named `<repeats>_<class>` of a regularization "
                 "folder, e.g. `reg/1_dog`.", elem_id="reg-intro")
-    c["parent"] = path_field("Regularization folder", ctx.roots, kind="folder", elem_id="reg-parent",
+    c["parent"] = path_field(view.PARENT_LABEL, ctx.roots, kind="folder", elem_id="reg-parent",
                              info=view.field_help(view.REG_DIR))
     with gr.Row():
         c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="dog", scale=3, elem_id="reg-class",
@@ -40,7 +40,7 @@ def _layout(ctx: TabContext) -> dict[str, Any]:
                                             "have no caption file.")
         c["repeats"] = gr.Number(label="Repeats", value=1, minimum=1, precision=0, scale=1, elem_id="reg-repeats")
         c["create"] = gr.Button("Create folder", scale=1, min_width=160, elem_id="reg-create")
-    c["folder"] = path_field("Class image folder", ctx.roots, kind="folder", elem_id="reg-folder",
+    c["folder"] = path_field(view.FOLDER_LABEL, ctx.roots, kind="folder", elem_id="reg-folder",
                              info="The '<repeats>_<class>' folder inside the regularization folder; made by Create "
                                   "folder, or type one.")
     c["folder_note"] = gr.Markdown(elem_id="reg-folder-note")
@@ -51,12 +51,12 @@ def _layout(ctx: TabContext) -> dict[str, Any]:
     c["message"] = gr.Markdown(elem_id="reg-message")
     gr.Markdown("### Balance")
     with gr.Row():
-        c["train_dir"] = path_field("Training folder", ctx.roots, kind="folder", elem_id="reg-train-dir",
+        c["train_dir"] = path_field(view.TRAIN_LABEL, ctx.roots, kind="folder", elem_id="reg-train-dir",
                                     info=view.field_help(view.TRAIN_DIR))
         c["recount"] = gr.Button("Recount", size="sm", scale=0, elem_id="reg-recount")
     c["balance"] = gr.Markdown("Choose the folders above to see the balance.", elem_id="reg-balance")
     with gr.Accordion("Generate class images", open=True, elem_id="reg-generate-section"):
-        c["model"] = path_field("Base model", ctx.roots, kind="file", elem_id="reg-model",
+        c["model"] = path_field(view.MODEL_LABEL, ctx.roots, kind="file", elem_id="reg-model",
                                 info=view.field_help(view.MODEL_PATH))
         c["prompt"] = gr.Textbox(label="Prompt", placeholder="a photo of a dog (empty: the class prompt)",
                                  elem_id="reg-gen-prompt")
@@ -87,7 +87,7 @@ def build(ctx: TabContext) -> None:
 
     def create(parent: str, repeats: float, class_prompt: str) -> dict:
         try:
-            folder, message = view.create_class_folder(parent, repeats, class_prompt, ctx.roots.allows)
+            folder, message = view.create_class_folder(parent, repeats, class_prompt, ctx.roots)
         except ValueError as error:
             return {c["message"]: f"**{error}**"}
         return {c["folder"]: str(folder), c["message"]: message}
@@ -112,7 +112,7 @@ def build(ctx: TabContext) -> None:
     def recount(train_dir: str, parent: str, config: Any = None) -> str:
         if not (train_dir.strip() or parent.strip()):
             return "Choose the folders above to see the balance."
-        outside = view.outside_roots([train_dir, parent], ctx.roots.allows)
+        outside = view.outside_roots({view.TRAIN_LABEL: train_dir, view.PARENT_LABEL: parent}, ctx.roots)
         return outside or view.balance_markdown(view.balance_numbers(train_dir, parent, config))
 
     def defaults_from_config(config: Any, model: str, train_dir: str, parent: str) -> dict:
@@ -135,7 +135,7 @@ def build(ctx: TabContext) -> None:
         except ValueError as error:
             yield {c["progress"]: f"**{error}**"}
             return
-        outside = view.outside_roots([folder], ctx.roots.allows)
+        outside = view.outside_roots(view.generate_paths(request, values.get(ctx.config)), ctx.roots)
         if outside:
             yield {c["progress"]: outside}
             return

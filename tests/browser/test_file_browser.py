@@ -124,7 +124,7 @@ def test_a_path_outside_the_allowed_folders_is_refused(fresh):
     _box(page, "fb-folder").fill(str(outside))
     page.locator("#fb-folder-browse").click()
     heading = page.locator("#fb-folder-folder")
-    expect(heading).to_contain_text(f"{outside} is outside the folders this app may browse", timeout=WAIT)
+    expect(heading).to_contain_text(f"{outside} is outside the folders this app may use", timeout=WAIT)
     expect(heading).to_contain_text(str(root))  # it shows the first allowed folder instead
     expect(page.locator("#fb-folder-entries")).to_contain_text("photos/")
 
@@ -141,5 +141,5 @@ def test_the_apps_first_path_field_refuses_a_folder_outside_its_roots(app_page):
     _box(app_page, elem_id).fill(str(outside))
     browse.click()
     heading = app_page.locator(f"#{elem_id}-folder")
-    expect(heading).to_contain_text(f"{outside} is outside the folders this app may browse", timeout=WAIT)
+    expect(heading).to_contain_text(f"{outside} is outside the folders this app may use", timeout=WAIT)
     expect(heading).to_contain_text(str(Path.home().resolve()))  # it shows the home folder instead

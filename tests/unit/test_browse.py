@@ -92,8 +92,9 @@ def test_up_stops_at_the_root(tree):
 
 
 @pytest.mark.parametrize(("path", "message"), [
-    ("outside", "is outside the folders this app may browse (your home folder and --allow-path folders)"),
-    ("root/../outside", "is outside the folders this app may browse"),
+    ("outside", "is outside the folders this app may use (your home folder, the runs folder and --allow-path "
+                "folders); start the app with --allow-path"),
+    ("root/../outside", "is outside the folders this app may use"),
     ("root/missing", "does not exist"),
     ("root/notes.txt", "is a file, not a folder"),
 ])
@@ -173,7 +174,7 @@ def test_browse_starts_at_the_typed_folder_or_the_nearest_one_that_exists(tree):
     folder, note = start_folder(str(root / "alpha" / "new" / "deeper"), roots)
     assert folder == root / "alpha" and "does not exist" in note
     folder, note = start_folder(str(tree["outside"]), roots)
-    assert folder == root and "is outside the folders this app may browse" in note
+    assert folder == root and "is outside the folders this app may use" in note
     with pytest.raises(BrowseError, match="--allow-path"):
         start_folder("", FileRoots(()))
 

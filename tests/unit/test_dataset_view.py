@@ -9,6 +9,7 @@ from PIL import Image
 from engine.data.images import read_image_size
 from engine.data.project import ProjectError, balance_repeats, list_concepts
 from gui import dataset_view as view
+from gui.browse import FileRoots
 from gui.doctor_view import report_for
 
 
@@ -30,9 +31,10 @@ def project(tmp_path) -> Path:
 
 
 def test_project_path_refuses_an_empty_field():
+    roots = FileRoots.from_paths()
     with pytest.raises(ProjectError, match="choose a project folder"):
-        view.project_path("  ")
-    assert view.project_path(" ~/proj ") == Path("~/proj").expanduser()
+        view.project_path("  ", roots)
+    assert view.project_path(" ~/proj ", roots) == Path("~/proj").expanduser()
 
 
 def test_concepts_table_has_one_row_per_folder_with_samples_per_epoch(project):

@@ -10,6 +10,7 @@ from engine.cli import build_parser
 from engine.config.io import default_config_dict, validate_config
 from engine.config.paths import get_path, set_path
 from gui import reg_view as view
+from gui.browse import FileRoots
 
 
 def images(folder: Path, count: int, start: int = 0) -> Path:
@@ -37,28 +38,32 @@ def test_bad_class_folders_say_what_to_change(repeats, class_prompt, words):
 
 
 def test_create_class_folder_creates_then_reuses_and_keeps_images(tmp_path):
-    folder, message = view.create_class_folder(str(tmp_path / "reg"), 1, "dog", lambda path: True)
+    roots = FileRoots.from_paths([tmp_path], include_home=False)
+    folder, message = view.create_class_folder(str(tmp_path / "reg"), 1, "dog", roots)
     assert folder == tmp_path / "reg" / "1_dog" and folder.is_dir() and "Created" in message
     images(folder, 2)
-    again, message = view.create_class_folder(str(tmp_path / "reg"), 1, "dog", lambda path: True)
+    again, message = view.create_class_folder(str(tmp_path / "reg"), 1, "dog", roots)
     assert again == folder and "already exists" in message and len(view.image_names(folder)) == 2
 
 
 def test_create_class_folder_refuses_what_it_may_not_touch(tmp_path):
+    roots = FileRoots.from_paths([tmp_path / "allowed"], include_home=False)
     with pytest.raises(ValueError, match="outside the folders"):
-        view.create_class_folder(str(tmp_path), 1, "dog", lambda path: False)
-    (tmp_path / "file").write_text("x")
+        view.create_class_folder(str(tmp_path), 1, "dog", roots)
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
-        view.create_class_folder(str(tmp_path / "file"), 1, "dog", lambda path: True)
+        view.create_class_folder(str(tmp_path / "allowed" / "file"), 1, "dog", roots)
     with pytest.raises(ValueError, match="regularization folder first"):
-        view.create_class_folder(" ", 1, "dog", lambda path: True)
+        view.create_class_folder(" ", 1, "dog", roots)
     assert not (tmp_path / "1_dog").exists()
 
 
 def test_paths_outside_the_allowed_folders_are_named(tmp_path):
-    allowed = lambda path: path.is_relative_to(tmp_path)  # noqa: E731
-    assert view.outside_roots(["", str(tmp_path / "reg")], allowed) == ""
-    assert "/elsewhere is outside the folders" in view.outside_roots([str(tmp_path), "/elsewhere"], allowed)
+    roots = FileRoots.from_paths([tmp_path], include_home=False)
+    assert view.outside_roots({"Training folder": "", "Regularization folder": str(tmp_path / "reg")}, roots) == ""
+    refusal = view.outside_roots({"Training folder": str(tmp_path), "Regularization folder": "/elsewhere"}, roots)
+    assert "Regularization folder: /elsewhere is outside the folders" in refusal
 
 
 def test_read_class_folder_reads_repeats_and_class_from_the_name(tmp_path):

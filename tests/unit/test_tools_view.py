@@ -147,14 +147,15 @@ def test_merge_list_keeps_ratios_as_the_engine_reads_them(lora, roots):
 def test_current_settings_become_a_config_the_engine_reads(tiny_models, tmp_path):
     current = {"model": {"pretrained_model_name_or_path": str(tiny_models["sd1_ckpt"]), "model_family": "sd1"},
                "dataset": {"train_data_dir": "img"}}
-    path = view.write_temp_config(current, tmp_path)
+    roots = FileRoots.from_paths([tmp_path, Path(tiny_models["sd1_ckpt"]).parent], include_home=False)
+    path = view.write_temp_config(current, tmp_path, roots)
     config = load_config(path)
     assert config.dataset.train_data_dir == str(tmp_path / "img")  # relative paths made absolute
     assert config.model.pretrained_model_name_or_path == str(tiny_models["sd1_ckpt"])
     with pytest.raises(view.ToolInputError, match="Parameters"):
-        view.write_temp_config(None, tmp_path)
+        view.write_temp_config(None, tmp_path, roots)
     with pytest.raises(ConfigError):
-        view.write_temp_config({"training": {"max_train_epochs": -3}}, tmp_path)
+        view.write_temp_config({"training": {"max_train_epochs": -3}}, tmp_path, roots)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,13 @@ from gui.train_start import missing_model_file, prepare_run, refusal_markdown, s
 from gui.train_view import queue_markdown
 
 
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """The temporary folder is the home folder: the GUI's default roots (home and the runs folder) hold it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture
 def project(tmp_path):
     concept = tmp_path / "img" / "5_sks dog"
