@@ -28,7 +28,7 @@ def dreambooth_config(folder: Path, tiny_models: dict[str, Path], family: str, *
     """Kohya folders with class tokens for captions ("sks dog", and "dog" for the regularization images)."""
     base = {
         "method": "dreambooth",
-        "dataset": {"reg_data_dir": str(tiny_models["dataset_reg"]), "general": {"caption_extension": ".none"}},
+        "dataset": {"reg_data_dir": str(tiny_models["dataset_reg"]), "general": {"caption_extension": ".tags"}},
         "optimizer": {"learning_rate": 1e-3, "lr_scheduler": "constant"},
         "training": {"prior_loss_weight": 0.5},
         "saving": {"output_name": "model"},
@@ -194,7 +194,7 @@ def test_stopped_text_encoder_stays_as_it_is_under_data_parallelism(tiny_models,
 
     config = dreambooth_config(tmp_path, tiny_models, "sd1", launch={"num_processes": 2, "multi_gpu": True,
                                                                      "main_process_port": 29531},
-                               dataset={"reg_data_dir": "", "general": {"caption_extension": ".none"}},
+                               dataset={"reg_data_dir": "", "general": {"caption_extension": ".tags"}},
                                training={"max_train_steps": 4, "stop_text_encoder_training": 2},
                                optimizer={"optimizer_type": "SGDNesterov", "learning_rate": 0.05},
                                saving={"save_every_n_steps": 2})
