@@ -122,6 +122,15 @@ def _output_pattern(name: str, save_as: SaveModelAs) -> re.Pattern[str]:
     return re.compile(rf"{stems}(?:{re.escape(EXTENSIONS[save_as])}|-state)")
 
 
+def owns_name(name: str, save_as: SaveModelAs, entry: str) -> bool:
+    """Whether `entry` (a bare file or folder name) is one a run called `name` writes."""
+    return _output_pattern(name, save_as).fullmatch(entry) is not None
+
+
+# A folder whose save was interrupted between the two renames of engine.files.replace_folder: `.NAME.old-PID`.
+_RETIRED = re.compile(r"\.(?P<name>.+)\.old-\d+")
+
+
 def _resumes_into(output_dir: Path, pattern: re.Pattern[str], resume_from: str | Path | None) -> bool:
     """True when the run continues a state saved in output_dir under this name: those files are the run's own."""
     if not resume_from:
@@ -136,7 +145,13 @@ def name_in_use(output_dir: str | Path, name: str, save_as: SaveModelAs) -> bool
     if not directory.is_dir():
         return False
     pattern = _output_pattern(name, save_as)
-    return any(pattern.fullmatch(entry.name) for entry in directory.iterdir())
+    # A retired folder counts: the run that wrote it may be resumed, and its state is restored under its name.
+    return any(pattern.fullmatch(entry.name) or _retired_match(pattern, entry.name) for entry in directory.iterdir())
+
+
+def _retired_match(pattern: re.Pattern[str], entry: str) -> bool:
+    retired = _RETIRED.fullmatch(entry)
+    return retired is not None and pattern.fullmatch(retired["name"]) is not None
 
 
 def unique_output_name(

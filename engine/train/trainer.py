@@ -2,6 +2,10 @@
 
 Between updates it asks small predicates what is due (save, sample, stop) and does it on the main process only;
 every other process waits at a barrier so all of them stay in step.
+
+Every save first checks what it is about to write: trained weights (and, for a state, optimizer tensors) that hold
+NaN, infinity or values too large for save_precision stop the run instead of being saved, so every checkpoint a run
+lists is a usable one; and the disk must have room for the whole save (engine.files.ensure_free_space).
 """
 
 from __future__ import annotations
@@ -14,11 +18,28 @@ from typing import Any
 
 import torch
 
+from engine.files import as_disk_full, clean_stale_temporaries, ensure_free_space
 from engine.train import naming
 from engine.train.loop import NonFiniteLoss, StepRunner, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
 from engine.train.setup import Session
-from engine.train.state import SavedState, TrainPosition, load_state, save_state
+from engine.train.state import SavedState, TrainPosition, load_state, non_finite_tensors, save_state, tensor_bytes
+
+_NON_FINITE_HINT = ("lower the learning rate (optimizer.learning_rate), or train in float32 or bf16 "
+                    "(training.mixed_precision) instead of fp16")
+
+
+class NonFiniteWeights(RuntimeError):
+    """What a save would write holds NaN, infinity, or values beyond what save_precision can store."""
+
+    def __init__(self, step: int, what: str, names: list[str]):
+        super().__init__(f"the {what} became non-finite (NaN, infinity, or too large for saving.save_precision) at "
+                         f"step {step}, in {', '.join(names)}")
+        self.step = step
+
+
+class SaveFailedElsewhere(RuntimeError):
+    """Raised on the other processes when the main process could not save, so that every process stops."""
 
 
 @dataclass
@@ -40,6 +61,8 @@ class Trainer:
         self.meter = ProgressMeter(session.schedule.total_steps)
         self.files: list[str] = []
         self._metadata: dict[str, str] | None = None  # built at the first save; only progress changes after
+        if session.is_main:
+            self._clean_leftovers()
 
     # --- public ----------------------------------------------------------------------------------------------
 
@@ -65,6 +88,13 @@ class Trainer:
         before_training = getattr(session.method, "before_training", None)  # e.g. DreamBooth's text-encoder stop
         if before_training is not None:
             before_training(self.position.global_step, schedule.total_steps)
+        try:
+            return self._train()
+        except NonFiniteWeights as error:
+            return self._non_finite(error)
+
+    def _train(self) -> Outcome:
+        schedule = self.session.schedule
         step = self.position.global_step
         for epoch in range(self.position.epoch, schedule.num_epochs + 1):
             start = self.position.batches_done if epoch == self.position.epoch else 0
@@ -150,14 +180,18 @@ class Trainer:
                            with_state=True)
         return Outcome("stopped", step, list(self.files), state)
 
-    def _non_finite(self, error: NonFiniteLoss) -> Outcome:
-        self.session.log.event(
-            "error", message=f"{error}; training stopped and the current weights were not saved",
-            hint="lower the learning rate (optimizer.learning_rate), or train in float32 or bf16 "
-                 "(training.mixed_precision) instead of fp16; the last checkpoint saved before this is intact",
-            step=error.step,
-        )
+    def _non_finite(self, error: NonFiniteLoss | NonFiniteWeights) -> Outcome:
+        last = self._last_checkpoint()
+        kept = (f"the last checkpoint, {last}, was checked before it was saved and holds only finite values"
+                if last else "no checkpoint was saved before this")
+        self.session.log.event("error", message=f"{error}; training stopped and the current weights were not saved",
+                               hint=f"{_NON_FINITE_HINT}; {kept}", step=error.step, last_checkpoint=last)
         return Outcome("failed", error.step - 1, list(self.files))
+
+    def _last_checkpoint(self) -> str | None:
+        """The newest model file (or diffusers folder) this run saved and still has; states are not models."""
+        models = [path for path in self.files if not path.endswith("-state")]
+        return models[-1] if models else None
 
     # --- control ---------------------------------------------------------------------------------------------
 
@@ -196,32 +230,97 @@ class Trainer:
 
     def _save(self, stem: str, *, kind: str, epoch: int, step: int, with_state: bool) -> str | None:
         session = self.session
-        state_folder = None
+        trained = session.method.trained_state()
+        optimizer_state = session.optimizer.state_dict() if with_state else None
+        # Every process checks (their weights are the same), so all of them stop together without a message.
+        self._refuse_non_finite(step, trained, optimizer_state)
+        state_folder, failure = None, None
         if session.is_main:
-            from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
-
-            self._set_train_mode(False)
-            if self._metadata is None:
-                self._metadata = {**build_metadata(session.config, session.facts),
-                                  **modelspec_metadata(session.config, session.facts,
-                                                       kind=getattr(session.method, "metadata_kind", "lora"))}
-            metadata = with_progress(self._metadata, steps=step, epoch=epoch, finished_at=time.time())
-            path = session.method.save(session.output_dir / stem, metadata)
-            self._set_train_mode(True)
-            self.files.append(str(path))
-            session.log.event("checkpoint", kind=kind, path=str(path), step=step, epoch=epoch)
-            if with_state:
-                state_folder = str(self._save_state(stem, epoch, step))
-                self.files.append(state_folder)
-                session.log.event("checkpoint", kind="state", path=state_folder, step=step, epoch=epoch)
+            try:
+                state_folder = self._write(stem, kind=kind, epoch=epoch, step=step, trained=trained,
+                                           optimizer_state=optimizer_state)
+            except Exception as error:  # noqa: BLE001 - shared with the other processes below, then raised
+                failure = error
+        self._share_failure(failure)
         session.accelerator.wait_for_everyone()
         return state_folder
 
-    def _save_state(self, stem: str, epoch: int, step: int) -> Path:
+    def _write(self, stem: str, *, kind: str, epoch: int, step: int, trained: dict[str, torch.Tensor],
+               optimizer_state: dict[str, Any] | None) -> str | None:
+        from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
+
+        session = self.session
+        needed = self._checkpoint_bytes(trained)
+        if optimizer_state is not None:
+            needed += tensor_bytes(trained) + tensor_bytes(optimizer_state)
+        ensure_free_space(session.output_dir, needed)
+        if self._metadata is None:
+            self._metadata = {**build_metadata(session.config, session.facts),
+                              **modelspec_metadata(session.config, session.facts,
+                                                   kind=getattr(session.method, "metadata_kind", "lora"))}
+        metadata = with_progress(self._metadata, steps=step, epoch=epoch, finished_at=time.time())
+        self._set_train_mode(False)
+        try:
+            path = session.method.save(session.output_dir / stem, metadata)
+        except Exception as error:
+            full = as_disk_full(error, session.output_dir)  # the writer's own error says little
+            if full is not None and full is not error:
+                raise full from error
+            raise
+        finally:
+            self._set_train_mode(True)
+        self.files.append(str(path))
+        session.log.event("checkpoint", kind=kind, path=str(path), step=step, epoch=epoch)
+        if optimizer_state is None:
+            return None
+        state_folder = str(self._save_state(stem, epoch, step, trained, optimizer_state))
+        self.files.append(state_folder)
+        session.log.event("checkpoint", kind="state", path=state_folder, step=step, epoch=epoch)
+        return state_folder
+
+    def _refuse_non_finite(self, step: int, trained: dict[str, torch.Tensor],
+                           optimizer_state: dict[str, Any] | None) -> None:
+        from engine.networks.network_file import save_dtype
+
+        bad = non_finite_tensors(trained, save_dtype(self.session.config.saving.save_precision))
+        if bad:
+            raise NonFiniteWeights(step, "trained weights", bad)
+        if optimizer_state is not None:
+            bad = non_finite_tensors(optimizer_state)
+            if bad:
+                raise NonFiniteWeights(step, "optimizer state", [f"state {name}" for name in bad])
+
+    def _checkpoint_bytes(self, trained: dict[str, torch.Tensor]) -> int:
+        """The size of the model file in advance: the trained tensors, or every module of a full-model save."""
+        from engine.networks.network_file import save_dtype
+
+        dtype = save_dtype(self.session.config.saving.save_precision)
+        components = getattr(self.session.method, "components", None)  # full models save the whole pipeline
+        tensors = list(trained.values()) if components is None else [
+            tensor for part in components().values() if isinstance(part, torch.nn.Module)
+            for tensor in part.state_dict().values()]
+        return sum(tensor.numel() * (dtype.itemsize if dtype is not None and tensor.is_floating_point()
+                                     else tensor.element_size()) for tensor in tensors)
+
+    def _share_failure(self, failure: Exception | None) -> None:
+        """Raise the main process's save error there, and SaveFailedElsewhere on the others (which would
+        otherwise wait at the next barrier forever)."""
+        accelerator = self.session.accelerator
+        failed = failure is not None
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([float(failed)], device=accelerator.device)
+            failed = bool(accelerator.reduce(flag, reduction="sum").item())
+        if failure is not None:
+            raise failure
+        if failed:
+            raise SaveFailedElsewhere("the main process could not save; its events say why")
+
+    def _save_state(self, stem: str, epoch: int, step: int, trained: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any]) -> Path:
         session = self.session
         scaler = getattr(session.accelerator, "scaler", None)
         state = SavedState(
-            trained=session.method.trained_state(), optimizer=session.optimizer.state_dict(),
+            trained=trained, optimizer=optimizer_state,
             scheduler=session.lr_scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
             position=self.position,
             info={"method": session.config.method, "output_name": session.output_name, "epoch_saved": epoch,
@@ -229,6 +328,17 @@ class Trainer:
                   "files": [*self.files, str(session.output_dir / naming.state_dir_name(stem))]},
         )
         return save_state(session.output_dir / naming.state_dir_name(stem), state)
+
+    def _clean_leftovers(self) -> None:
+        """Remove what killed runs left half-written under this run's names (and restore a state folder a crash
+        left only under its retired name), before this run writes anything."""
+        session = self.session
+        save_as = session.config.saving.save_model_as
+        names = {session.output_name, session.config.saving.output_name}
+        cleaned = clean_stale_temporaries(session.output_dir,
+                                          lambda name: any(naming.owns_name(own, save_as, name) for own in names))
+        if cleaned:
+            session.log.line(f"cleaned {len(cleaned)} leftover(s) of interrupted saves in {session.output_dir}")
 
     def _retire_steps(self, step: int) -> None:
         saving = self.session.config.saving
