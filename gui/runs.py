@@ -285,7 +285,7 @@ def _settle_without_done(status: RunStatus, record: dict[str, Any], run_dir: Pat
 # --- incremental reading (the Train tab's 1-second tick) -------------------------------------------------------
 
 _CHUNK_BYTES = 4 * 1024 * 1024  # a long file is parsed in pieces, so a first read never holds all its events
-CHART_BUCKETS = 1000  # at most this many buckets per chart: 1000 points per series, 2000 for the raw loss
+CHART_BUCKETS = 500  # at most this many buckets per chart (about one per pixel): 500 points a series, 1000 raw loss
 _RECHECK_S = 30.0  # checkpoint paths are re-checked at least this often, even if their folder's mtime did not move
 _VERSIONS = itertools.count(1)  # chart versions, unique in the process: a recreated reader never repeats one
 
@@ -339,7 +339,7 @@ def _extreme(first: dict | None, second: dict | None, pick: Callable) -> dict | 
 
 class ProgressSeries:
     """The charts' rows, bounded: every row while there are at most `buckets`, then buckets of 2, 4, 8... rows
-    (a pair of neighbours merges whenever there would be more), so a 100k-step run still draws ~2000 points."""
+    (a pair of neighbours merges whenever there would be more), so a 100k-step run still draws ~2000 points in all."""
 
     def __init__(self, buckets: int = CHART_BUCKETS):
         self.max_buckets = buckets

@@ -111,44 +111,50 @@ def build(ctx: TabContext) -> None:
         cache = gr.State({})
         timer = gr.Timer(TICK_SECONDS)
 
+    def run_view(name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
+        """The run's part of a tick: the updates, and what the viewer keeps to compare next time (hashes and the
+        chart's version, never the rows).
+
+        Text parts are sent every tick as plain values, which Gradio passes through almost for free; a skipped
+        output or a component update (gr.Button(...)) costs it a component rebuild, about 1 ms each. So only the
+        charts and the gallery, thousands of values and file copies, are skipped while unchanged; an unchanged
+        button gets its label back (a plain value, which leaves it as it is)."""
+        status = manager.status(handle, log_lines=LOG_LINES)
+        chart = manager.chart(handle)
+        flags = (status.state in _RUNNING, view.can_resume(status))
+        error_text = view.error_markdown(status)
+        drawn = {"error": hash(error_text), "flags": flags, "chart": chart.version,
+                 "samples": hash(tuple(status.samples))}
+        updates: dict[Any, Any] = {
+            status_line: view.status_markdown(name, status), progress: view.progress_html(status),
+            log: _log_text(handle, status.log_tail), checkpoints: view.checkpoints_markdown(status),
+            error_box: error_text if drawn["error"] == seen.get("error") else gr.Markdown(error_text,
+                                                                                           visible=bool(error_text)),
+        }
+        for key, button in buttons.items():
+            enabled = flags[1] if key == "resume" else flags[0]
+            updates[button] = button.value if flags == seen.get("flags") else gr.Button(interactive=enabled)
+        if drawn["chart"] != seen.get("chart"):
+            updates[loss_plot], updates[lr_plot] = frames.get(handle.run_dir, chart)
+        if drawn["samples"] != seen.get("samples"):
+            updates[gallery] = list(status.samples)
+        return updates, drawn
+
     def tick(name: str | None, seen: dict) -> dict:
         names = [handle.name for handle in manager.discover()]
         updates: dict[Any, Any] = {}
         if names != seen.get("names"):
             updates[picker] = gr.Dropdown(choices=names)
         queue_text = view.queue_markdown(manager.queue())
-        if queue_text != seen.get("queue"):
-            updates[queue_view] = queue_text
-        seen = {**seen, "queue": queue_text}
+        updates[queue_view] = queue_text
+        seen = {**seen, "names": names}
         handle = _handle(manager, name)
         if handle is None:
-            return updates | {cache: {**seen, "names": names}}
+            return updates | {cache: seen}
         if seen.get("run") != name:
-            seen = {"run": name, "queue": queue_text}  # a new run: everything is drawn anew
-        status = manager.status(handle, log_lines=LOG_LINES)
-        chart = manager.chart(handle)
-        error_text = view.error_markdown(status)
-        updates |= {
-            status_line: view.status_markdown(name, status), progress: view.progress_html(status),
-            error_box: gr.Markdown(error_text, visible=bool(error_text)),
-            buttons["stop"]: gr.Button(interactive=status.state in _RUNNING),
-            buttons["save"]: gr.Button(interactive=status.state in _RUNNING),
-            buttons["sample"]: gr.Button(interactive=status.state in _RUNNING),
-            buttons["resume"]: gr.Button(interactive=view.can_resume(status)),
-        }
-        # Each viewer remembers only hashes and the chart version of what it drew, never the rows themselves.
-        drawn = {"log": hash(log_text := _log_text(handle, status.log_tail)),
-                 "checkpoints": hash(checkpoints_text := view.checkpoints_markdown(status)),
-                 "samples": hash(tuple(status.samples)), "chart": chart.version}
-        if drawn["log"] != seen.get("log"):
-            updates[log] = log_text
-        if drawn["checkpoints"] != seen.get("checkpoints"):
-            updates[checkpoints] = checkpoints_text
-        if drawn["chart"] != seen.get("chart"):
-            updates[loss_plot], updates[lr_plot] = frames.get(handle.run_dir, chart)
-        if drawn["samples"] != seen.get("samples"):
-            updates[gallery] = list(status.samples)
-        return updates | {cache: {**seen, **drawn, "names": names}}
+            seen = {"run": name, "names": names}  # another run: every part is drawn anew
+        run_updates, drawn = run_view(name, handle, seen)
+        return updates | run_updates | {cache: {**seen, **drawn}}
 
     def on_demo() -> Iterator[dict]:
         yield {message: "Building the tiny demo model and images (about 20 s the first time)…"}
