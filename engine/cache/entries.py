@@ -19,6 +19,22 @@ Key = TypeVar("Key")
 READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
 
 
+class NonFiniteEntry(ValueError):
+    """A cache file whose arrays hold NaN or infinity: training on it would turn the loss and the weights NaN."""
+
+    def __init__(self, path: Path, what: str, rebuild: str) -> None:
+        super().__init__(f"{path}: the cached {what} hold NaN or infinite values, so this cache file is damaged; "
+                         f"delete it, or {rebuild}")
+        self.path = path
+
+
+def check_finite(path: Path, arrays: dict[str, np.ndarray | None], what: str, rebuild: str) -> None:
+    """Raise NonFiniteEntry when any of `arrays` (None entries skipped) holds NaN or infinity."""
+    for array in arrays.values():
+        if array is not None and not np.isfinite(array).all():
+            raise NonFiniteEntry(path, what, rebuild)
+
+
 def read_key_and_members(path: Path, parse_key: Callable[[str], Key]) -> tuple[Key | None, list[str]]:
     """The stored key (None when the file has none) and the names of the arrays, decompressing only the key."""
     with np.load(path, allow_pickle=False) as npz:  # lazy: members are read on access only

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cache.entries import READ_ERRORS, Status, read_key_and_members
+from engine.cache.entries import READ_ERRORS, Status, check_finite, read_key_and_members
 from engine.cache.entries import entry_status as shared_entry_status
 from engine.cache.latent_key import LatentKey, key_mismatch
 from engine.data.records import Finding
@@ -33,6 +33,7 @@ __all__ = ["CachedLatents", "EntryState", "cache_path", "entry_status", "inspect
 
 FAMILY_SUFFIX = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
 STALE_HINT = "it will be rebuilt; run cache-latents to rebuild it now"
+REBUILD = "rebuild the cache with `python -m engine cache-latents CONFIG` (it re-encodes every entry)"
 
 
 @dataclass
@@ -101,17 +102,20 @@ def load_entry(path: Path) -> CachedLatents:
     """Read a cache entry.
 
     Raises:
-        OSError, ValueError: the file is missing, damaged or lacks the latents.
+        OSError, ValueError: the file is missing, damaged or lacks the latents; NonFiniteEntry (a ValueError
+            naming the file) when the latents hold NaN or infinity.
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
             files = set(npz.files)
             key = LatentKey.from_json(str(npz["cache_key"])) if "cache_key" in files else None
             flipped = npz["latents_flipped"] if "latents_flipped" in files else None
-            return CachedLatents(npz["latents"], flipped, tuple(int(v) for v in npz["original_size"]),
-                                 tuple(int(v) for v in npz["crop_ltrb"]), key)  # type: ignore[arg-type]
+            entry = CachedLatents(npz["latents"], flipped, tuple(int(v) for v in npz["original_size"]),
+                                  tuple(int(v) for v in npz["crop_ltrb"]), key)  # type: ignore[arg-type]
     except (KeyError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path}: not a complete latent cache file ({error})") from error
+    check_finite(path, {"latents": entry.latents, "latents_flipped": entry.latents_flipped}, "latents", REBUILD)
+    return entry
 
 
 def entry_status(path: Path, key: LatentKey) -> tuple[Status, str]:

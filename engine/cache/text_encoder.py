@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.cache.entries import Status
+from engine.cache.entries import Status, check_finite
 from engine.cache.entries import entry_status as shared_entry_status
 from engine.cache.latent_files import cache_folder
 from engine.data.captions import CaptionOptions, process_caption
@@ -157,15 +157,19 @@ def load_entry(path: Path) -> CachedText:
     """Read a cache entry.
 
     Raises:
-        OSError, ValueError: the file is missing, damaged or lacks the hidden states.
+        OSError, ValueError: the file is missing, damaged or lacks the hidden states; NonFiniteEntry (a
+            ValueError naming the file) when the outputs hold NaN or infinity.
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
             files = set(npz.files)
             key = TextKey.from_json(str(npz["cache_key"])) if "cache_key" in files else None
-            return CachedText(npz["hidden_states"], npz["pooled"] if "pooled" in files else None, key)
+            entry = CachedText(npz["hidden_states"], npz["pooled"] if "pooled" in files else None, key)
     except (KeyError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path}: not a complete text-encoder cache file ({error})") from error
+    check_finite(path, {"hidden_states": entry.hidden_states, "pooled": entry.pooled}, "text-encoder outputs",
+                 "build the text-encoder cache again without reusing entries")
+    return entry
 
 
 def entry_status(path: Path, key: TextKey) -> tuple[Status, str]:
@@ -289,6 +293,11 @@ def _encode(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max
 
 
 def _store(item: _Todo, entry: CachedText, report: TextCacheReport, progress: Progress | None) -> None:
+    if not np.isfinite(entry.hidden_states).all() or (entry.pooled is not None and not np.isfinite(entry.pooled).all()):
+        _fail(report, progress, item.job.record.path,
+              f"{item.job.record.path}: the text encoder produced NaN/inf outputs for its caption (fp16 overflow? "
+              "train in float32 or bf16: training.mixed_precision)")
+        return
     entry = CachedText(entry.hidden_states, entry.pooled, item.key)
     if item.path is None:
         report.outputs[item.job.record.path] = entry  # type: ignore[index]

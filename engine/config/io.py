@@ -29,8 +29,16 @@ def read_document(path: str | Path) -> dict[str, Any]:
     """Parse a .toml or .json file into a dict, turning syntax errors into a ConfigError that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([Problem(str(path), "file not found")])
-    text = path.read_text(encoding="utf-8")
+        what = "is a folder, not a file" if path.is_dir() else "file not found"
+        raise ConfigError([Problem(str(path), what)])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([Problem(str(path), f"not a text file in UTF-8 (byte {error.start} cannot be read as "
+                                   "text); give a .toml config or a .json preset, saved as UTF-8")]) from None
+    except OSError as error:
+        raise ConfigError([Problem(str(path), f"cannot be read ({error.strerror or error}); check that the file "
+                                   "is readable by this user")]) from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
@@ -59,11 +67,34 @@ def validate_config(
         problems = problems_from_validation_error(error, RunConfig)
         problems += _rules_beyond_failed_sections(migrated, error, check_packages)
         raise ConfigError(problems, source) from None
-    if base_dir is not None and config.dataset.config_file:
-        problems = _dataset_file_problems(config, Path(base_dir), check_packages)
+    if base_dir is not None:
+        problems = _output_folder_problems(config, Path(base_dir))
+        if config.dataset.config_file:
+            problems += _dataset_file_problems(config, Path(base_dir), check_packages)
         if problems:
             raise ConfigError(problems, source)
     return config
+
+
+# Folders a run creates and writes into; a file in the way would only fail once the run is under way.
+_OUTPUT_FOLDERS = ("saving.output_dir", "logging.logging_dir")
+
+
+def _output_folder_problems(config: RunConfig, base_dir: Path) -> list[Problem]:
+    """An output folder that is an existing file, or lies under one, on this machine."""
+    problems = []
+    for field_path in _OUTPUT_FOLDERS:
+        section, key = field_path.split(".")
+        value = getattr(getattr(config, section), key)
+        if not value:
+            continue
+        folder = resolve_path(value, base_dir)
+        blocker = next((part for part in (folder, *folder.parents) if part.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = "is a file" if blocker == folder else f"lies under {blocker}, which is a file"
+            problems.append(Problem(field_path, f"{folder} {where}, not a folder; choose another folder, or move "
+                                                "the file away"))
+    return problems
 
 
 def _rules_beyond_failed_sections(

@@ -7,6 +7,7 @@ the VAE (and frozen text encoders) leave the GPU before the first step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,18 @@ from engine.train.setup import (
 
 
 def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, *,
-                  accelerator: Any = None) -> Session:
+                  accelerator: Any = None, checkpoint: Callable[[str], None] | None = None) -> Session:
+    """`checkpoint(phase)` is called after each long phase; it raises to end the run there (a stop was asked)."""
+    checkpoint = checkpoint or (lambda phase: None)
     accelerator = accelerator or make_accelerator(config, base_dir)
     scan = scan_dataset(config, base_dir, log)
+    checkpoint("while scanning the dataset")
     model = load_base_model(config, base_dir, accelerator)
+    checkpoint("while loading the model")
     dtype = weight_dtype(accelerator)
     latents = cache_latents(config, scan, model, accelerator, log) if config.training.cache_latents else None
     texts = cache_texts(config, scan, model, accelerator, log) if config.training.cache_text_encoder_outputs else None
+    checkpoint("while caching")
     from accelerate.utils import set_seed
 
     set_seed(config.training.seed)  # the network's initial weights come from the global generators
@@ -147,9 +153,14 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
     if not to_disk:
         return dict(report.latents or {})
     family = vae.family
-    return {(job.record.path, tuple(job.record.bucket)): load_entry(cache_path(job.record.path, job.record.bucket,
-                                                                               family))
-            for job in jobs}
+    try:
+        return {(job.record.path, tuple(job.record.bucket)): load_entry(cache_path(job.record.path, job.record.bucket,
+                                                                                   family))
+                for job in jobs}
+    except (OSError, ValueError) as error:  # NaN/inf or a damaged file: each message names the cache file
+        raise RunInputError(str(error), "delete that cache file (this run then encodes the image again) or run "
+                            "`python -m engine cache-latents CONFIG`",
+                            str(getattr(error, "path", "") or "training.cache_latents_to_disk")) from error
 
 
 def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: Any, log: RunLog) -> dict:
@@ -165,6 +176,8 @@ def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: An
     with torch.no_grad():
         report = build_text_encoder_cache(jobs, model.text, clip_skip=config.model.clip_skip,
                                           max_token_length=config.model.max_token_length, to_disk=False)
+    for image, message in report.failed:  # e.g. NaN outputs: training on them would make the loss NaN
+        raise RunInputError(message, "fix the caption or turn training.cache_text_encoder_outputs off", str(image))
     log.line(f"text encoder outputs: {report.summary()}")
     return dict(report.outputs or {})
 

@@ -7,8 +7,11 @@ Exit codes: 0 finished or stopped on request, 2 input the user must fix, 1 a fai
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +44,92 @@ def absolute_config(config: RunConfig, base_dir: Path) -> RunConfig:
 
 
 def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = None) -> int:
-    from engine.train.control import ControlChannel
-    from engine.train.setup import make_accelerator, precision_warning
+    from engine.train.control import StoppedBeforeTraining, take_started_channel
 
+    started = time.time()
     run_dir = (run_dir or resolve_path(config.saving.output_dir, base_dir)).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(config, base_dir)
-    log = RunLog(run_dir, active=accelerator.is_main_process)
-    precision_warning(config, accelerator, log)
-    if accelerator.is_main_process:
-        write_run_config(config, base_dir, run_dir)
-    control = ControlChannel(run_dir)
-    control.install_signal_handlers()  # SIGTERM/SIGINT request a graceful stop, like the "stop" command
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, no permission, a read-only disk: input to fix, not a crash
+        print(f"error: {run_dir}: cannot be used as the run folder ({_os_reason(error)}); choose another "
+              "--run-dir or saving.output_dir", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # The channel watching since the process started (python -m engine train), so a stop asked during the
+    # imports and the model loading is not lost; SIGTERM/SIGINT request a graceful stop like the "stop" command.
+    control = take_started_channel(run_dir)
+    control.install_signal_handlers()
+    accelerator, log = None, None
+    try:
+        phase_check(control, None)("while reading the config")
+        from engine.train.setup import make_accelerator, precision_warning  # torch and accelerate: seconds
+
+        accelerator = make_accelerator(config, base_dir)
+        log = RunLog(run_dir, active=accelerator.is_main_process)
+        phase_check(control, accelerator)("while starting up")
+        precision_warning(config, accelerator, log)
+        if accelerator.is_main_process:
+            write_run_config(config, base_dir, run_dir)
         return _run(config, base_dir, run_dir, log, accelerator, control)
+    except StoppedBeforeTraining as stop:
+        log = log or RunLog(run_dir, active=_processes_from_env() == 1)
+        log.event("done", **stopped_early_fields(stop, config, base_dir, started))
+        return EXIT_OK
     finally:
         control.restore_signal_handlers()
-        accelerator.end_training()
-        log.close()
+        if accelerator is not None:
+            accelerator.end_training()
+        if log is not None:
+            log.close()
+
+
+def phase_check(control: Any, accelerator: Any) -> Callable[[str], None]:
+    """A check for a stop at a phase boundary before training: raises StoppedBeforeTraining when one was asked.
+
+    Several processes agree first (a stop seen by any stops all at the same boundary): one leaving alone would
+    leave the others waiting for it forever. Before the accelerator exists they cannot agree, so there only a
+    single process checks.
+    """
+    from engine.train.control import StoppedBeforeTraining
+
+    def check(phase: str) -> None:
+        asked = control.check_stop()
+        processes = accelerator.num_processes if accelerator is not None else _processes_from_env()
+        if processes > 1:
+            if accelerator is None:
+                return
+            import torch
+
+            flag = torch.tensor([float(asked)], device=accelerator.device)
+            asked = bool(accelerator.reduce(flag, reduction="sum").item())
+        if asked:
+            raise StoppedBeforeTraining(phase, control.stop_reason or "asked on another process")
+
+    return check
+
+
+def stopped_early_fields(stop: Any, config: RunConfig, base_dir: Path, started: float) -> dict[str, Any]:
+    """The `done` event of a run stopped before its first step: nothing was trained, so nothing is saved; a
+    resumed run can still be resumed from the state it was given."""
+    state = str(resolve_path(config.saving.resume, base_dir)) if config.saving.resume else None
+    then = f"; resume from {state}" if state else ""
+    return {"task": "train", "ok": True, "stopped": True, "phase": stop.phase, "reason": stop.reason,
+            "summary": f"stopped {stop.phase}, before the first training step: nothing was trained, so nothing "
+                       f"was saved{then}",
+            "global_step": None if state else 0, "files": [], "state": state, "elapsed_s": time.time() - started}
+
+
+def _processes_from_env() -> int:
+    """How many processes train together, as torchrun / accelerate launch tell them (before accelerate loads)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _os_reason(error: OSError) -> str:
+    if isinstance(error, FileExistsError | NotADirectoryError):
+        return "a file of that name is in the way"
+    return error.strerror or str(error)
 
 
 def write_run_config(config: RunConfig, base_dir: Path, run_dir: Path) -> None:
@@ -80,12 +151,14 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
 
     started = time.time()
     try:
-        session = build_session(config, base_dir, run_dir, log, accelerator=accelerator)
+        check = phase_check(control, accelerator)
+        session = build_session(config, base_dir, run_dir, log, accelerator=accelerator, checkpoint=check)
         trainer = Trainer(session, control)
         resumed = ""
         if config.saving.resume:
             resumed = str(resolve_path(config.saving.resume, base_dir))
             trainer.resume(Path(resumed))
+        check("before the first training step")  # StoppedBeforeTraining passes every `except Exception`
         log.event("start", task="train", **start_fields(session, resumed))
         if config.logging.logging_dir and accelerator.is_main_process:
             accelerator.init_trackers(config.logging.log_prefix or "atelier")
