@@ -172,3 +172,43 @@ def test_viewers_share_one_reader_and_agree_while_the_run_writes(run_dir: Path):
     assert errors == []
     assert manager.status(handle) == read_status(handle) and manager.status(handle).step == 399
     assert [row["step"] for row in manager.chart(handle).rows] == list(range(1, 400))
+
+
+def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_rows(run_dir: Path):
+    """The tick as Gradio runs it (pre- and postprocessing, the session's gr.State), without a browser."""
+    import asyncio
+
+    import gradio as gr
+    from gradio.state_holder import SessionState
+
+    from gui.browse import FileRoots
+    from gui.context import TabContext
+    from gui.tabs import train
+
+    append(run_dir, line("start", total_steps=5000, num_epochs=1) + "".join(progress(step, total=5000) for step in range(1, 3001)))
+    write_record(run_dir, {"created_at": 1.0, "pid": os.getpid(), "proc_start": runs.process_start_ticks(os.getpid())})
+    runs_dir = run_dir.parent
+    with gr.Blocks() as blocks:
+        train.build(TabContext(runs_dir=runs_dir, presets_dir=None, roots=FileRoots.from_paths(runs_dir=runs_dir),
+                               config=gr.State(None)))
+    tick = next(fn for fn in blocks.fns.values() if fn.api_name == "tick")
+    position = {getattr(block, "elem_id", None): index for index, block in enumerate(tick.outputs)}
+    cache = next(block for block in tick.outputs if isinstance(block, gr.State))
+    session = SessionState(blocks)
+
+    def run() -> dict:
+        data = asyncio.run(blocks.process_api(tick, [run_dir.name, None], state=session))["data"]
+        return {elem_id: data[index] for elem_id, index in position.items()}
+
+    first = run()
+    assert "running" in first["run-status"] and "step 3000/5000" in first["run-status"]
+    series = [row[2] for row in first["loss-chart"]["data"]]
+    assert series.count("raw") <= 2 * runs.CHART_BUCKETS and series.count("smoothed") <= runs.CHART_BUCKETS
+    assert first["loss-chart"]["data"][-1][0] == 3000 and len(first["lr-chart"]["data"]) <= runs.CHART_BUCKETS
+    assert len(repr(session[cache._id])) < 500  # fingerprints, not rows
+    again = run()  # nothing new: the charts are not sent again, the texts are
+    assert again["loss-chart"] == again["lr-chart"] == {"__type__": "update"}
+    assert "step 3000/5000" in again["run-status"]
+    append(run_dir, progress(3001, total=5000))
+    third = run()
+    assert third["loss-chart"]["data"][-1][0] == 3001 and "step 3001/5000" in third["run-status"]
