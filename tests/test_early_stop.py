@@ -102,3 +102,41 @@ def test_gui_runs_take_stops_from_their_launch_not_before(tiny_models, tmp_path)
     done = events_of(finished.run_dir)[-1]
     assert done["type"] == "done" and done["ok"] and not done["stopped"] and done["global_step"] == 2
     assert control_path(finished.run_dir).read_text() == "stop\n"
+
+
+@pytest.mark.parametrize("target", ["while scanning the dataset", "while loading the model", "while caching"])
+def test_a_stop_during_each_phase_ends_the_build_at_its_boundary(tiny_models, tmp_path, target):
+    """A `stop` written while the session is being built (here: during `target`) ends it at that phase's
+    boundary, through the run's own check, before anything trainable exists."""
+    from engine.config.io import load_config
+    from engine.train.build import build_session
+    from engine.train.control import ControlChannel, StoppedBeforeTraining
+    from engine.train.reporting import RunLog
+    from engine.train.run import phase_check
+    from engine.train.setup import make_accelerator
+
+    config_path = write_config(tmp_path / "config.toml", tiny_models, "sd1")
+    config = load_config(config_path, check_packages=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    channel = ControlChannel(run_dir)
+    accelerator = make_accelerator(config, tmp_path)
+    check = phase_check(channel, accelerator)
+    seen = []
+
+    def checkpoint(phase: str) -> None:
+        seen.append(phase)
+        if phase == target:
+            send_command(run_dir, "stop")  # as if written while this phase ran
+        check(phase)
+
+    log = RunLog(run_dir)
+    try:
+        with pytest.raises(StoppedBeforeTraining) as stopped:
+            build_session(config, tmp_path, run_dir, log, accelerator=accelerator, checkpoint=checkpoint)
+    finally:
+        log.close()
+    phases = ["while scanning the dataset", "while loading the model", "while caching"]
+    assert seen == phases[:phases.index(target) + 1]
+    assert stopped.value.phase == target and stopped.value.reason == "stop command"
+    assert not (tmp_path / "out").exists()  # stopped before the output folder was even made
