@@ -192,13 +192,15 @@ class ControlChannel:
         """Make SIGTERM and SIGINT request a graceful stop. Returns False (and does nothing) off the main thread.
 
         After the first SIGINT the previous handler is back, so a second Ctrl+C force-quits a run that is slow to
-        reach its next step.
+        reach its next step. Installing again (the run does, after the process start did) changes nothing, so
+        that a Ctrl+C pressed during the imports still leaves the next one to force-quit.
         """
         if threading.current_thread() is not threading.main_thread():
             return False
         for number in (signal.SIGTERM, signal.SIGINT):
-            self._saved_handlers.setdefault(number, signal.getsignal(number))
-            signal.signal(number, self._on_signal)
+            if number not in self._saved_handlers:
+                self._saved_handlers[number] = signal.getsignal(number)
+                signal.signal(number, self._on_signal)
         return True
 
     def restore_signal_handlers(self) -> None:

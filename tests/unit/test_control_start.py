@@ -162,3 +162,15 @@ def test_a_wrong_guess_is_corrected_keeping_signals_only(tmp_path, restore_signa
 def test_without_a_run_dir_only_signals_count(restore_signals):
     channel = ControlChannel(None)
     assert channel.poll() == [] and not channel.check_stop()
+
+
+def test_a_ctrl_c_during_the_imports_still_leaves_the_next_one_to_force_quit(tmp_path, restore_signals):
+    watch_from_process_start(["train", "x.toml", "--run-dir", str(tmp_path)], {})
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    taken = take_started_channel(tmp_path)
+    assert taken.install_signal_handlers()  # what run_training does once the imports are done
+    assert taken.stop_reason == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
