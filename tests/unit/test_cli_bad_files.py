@@ -27,7 +27,7 @@ def assert_refused(result: subprocess.CompletedProcess, *needles: str) -> str:
     return output
 
 
-@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+@pytest.mark.parametrize("command", [*CONFIG_COMMANDS, "import"])
 @pytest.mark.parametrize("content", [bytes(range(256)) * 4, "[saving]\noutput_name = \"caf\xe9\"\n".encode("latin-1")],
                          ids=["binary", "latin-1"])
 def test_a_config_that_is_not_utf8_text_is_refused_by_name(tmp_path, command, content):
