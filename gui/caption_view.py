@@ -203,6 +203,20 @@ def resolve_folder(text: str | None, roots: FileRoots) -> Path:
     return folder.resolve()
 
 
+def model_location(text: str | None, roots: FileRoots) -> str:
+    """The captioning model typed or chosen: a hub id (owner/name) as it is, a local model folder only where the app
+    may use it (the rule of every path field). '' means the captioner's default.
+
+    Raises:
+        CaptionViewError: a local folder the app may not use, with the flag that allows it.
+    """
+    text = (text or "").strip()
+    try:
+        return roots.check_location(text, "Model") if text else ""
+    except PathNotAllowed as error:
+        raise CaptionViewError(str(error)) from None
+
+
 # --- the run's progress and summary -------------------------------------------------------------------------------
 def summary_markdown(update: JobUpdate, folder: Path) -> str:
     """The result of a finished captioning job as the page shows it; '' while it runs."""

@@ -185,7 +185,8 @@ def build(ctx: TabContext) -> None:
     def request(values: dict, target: Path, ext: str, deep: bool) -> view.CaptionRequest:
         name = values[captioner]
         return view.CaptionRequest(
-            folder=target, captioner=name, model=values[model] or "", mode=values[mode], prefix=values[prefix] or "",
+            folder=target, captioner=name, model=view.model_location(values[model], ctx.roots), mode=values[mode],
+            prefix=values[prefix] or "",
             suffix=values[suffix] or "", extension=ext, recursive=deep, workers=values[workers] or 1,
             options={field: values[widget] for field, widget in option_widgets[name].items()})
 

@@ -161,6 +161,12 @@ def test_captioning_folder_refuses_before_saying_whether_it_exists(home, outside
         with pytest.raises(CaptionViewError, match=f"Folder: .*{message}"):
             caption_view.resolve_folder(str(path), roots)
     assert caption_view.resolve_folder("~/photos", roots) == home / "photos"
+    for path, message in refused_paths(home, outside):  # a local captioning model folder
+        with pytest.raises(CaptionViewError, match=f"Model: .*{message}"):
+            caption_view.model_location(str(path), roots)
+    assert caption_view.model_location(" SmilingWolf/wd-v1-4-convnext-tagger-v2 ", roots) == \
+        "SmilingWolf/wd-v1-4-convnext-tagger-v2"
+    assert caption_view.model_location("", roots) == ""
 
 
 def test_regularization_folders_and_model_refuse(home, outside, roots):
