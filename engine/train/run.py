@@ -2,7 +2,8 @@
 
 The run directory (``--run-dir``, else ``saving.output_dir``) receives config.toml (the full config with absolute
 paths, so it can be run again from anywhere), events.jsonl, train.log and, on a crash, error-traceback.txt.
-Exit codes: 0 finished or stopped on request, 2 input the user must fix, 1 a failure during training.
+Exit codes: 0 finished or stopped on request, 2 input the user must fix (a full disk too), 1 a failure
+during training.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = No
         if accelerator is not None:
             accelerator.end_training()
         if log is not None:
-            log.close()
+            try:
+                log.close()
+            except OSError as error:  # the last lines could not be flushed (a full disk): say so, not a traceback
+                print(f"error: the run's log could not be closed: {error}", file=sys.stderr)
 
 
 def phase_check(control: Any, accelerator: Any) -> Callable[[str], None]:
@@ -149,7 +153,7 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
     from engine.train.state import StateError
     from engine.train.trainer import Trainer
 
-    started = time.time()
+    started, training = time.time(), False
     try:
         check = phase_check(control, accelerator)
         session = build_session(config, base_dir, run_dir, log, accelerator=accelerator, checkpoint=check)
@@ -160,20 +164,15 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
             trainer.resume(Path(resumed))
         check("before the first training step")  # StoppedBeforeTraining passes every `except Exception`
         log.event("start", task="train", **start_fields(session, resumed))
+        training = True  # a failure from here on is not "could not start"
         if config.logging.logging_dir and accelerator.is_main_process:
             accelerator.init_trackers(config.logging.log_prefix or "atelier")
         outcome = trainer.run()
     except (RunInputError, StateError) as error:
-        log.event("error", message=str(error), hint=getattr(error, "hint", ""), where=getattr(error, "where", ""))
-        log.event("done", task="train", ok=False, stopped=False, summary="could not start")
-        return EXIT_BAD_INPUT
+        return report_failure(log, EXIT_BAD_INPUT, "failed" if training else "could not start",
+                              message=str(error), hint=getattr(error, "hint", ""), where=getattr(error, "where", ""))
     except Exception as error:  # noqa: BLE001 - every failure must end the event stream with an explanation
-        trace_file = run_dir / "error-traceback.txt"
-        trace_file.write_text(traceback.format_exc(), encoding="utf-8")
-        log.event("error", message=f"{type(error).__name__}: {error}", traceback_file=str(trace_file),
-                  hint="see the traceback file; if the message does not say what to change, please report it")
-        log.event("done", task="train", ok=False, stopped=False, summary="failed")
-        return EXIT_FAILED
+        return report_unexpected(error, log, run_dir)
     elapsed = time.time() - started
     ok = outcome.status != "failed"
     summary = {"finished": f"finished {outcome.global_step} steps in {elapsed:.0f} s",
@@ -182,6 +181,42 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
     log.event("done", task="train", ok=ok, stopped=outcome.status == "stopped", summary=summary,
               global_step=outcome.global_step, files=outcome.files, state=outcome.state, elapsed_s=elapsed)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def report_unexpected(error: Exception, log: RunLog, run_dir: Path) -> int:
+    """The error and done events of a failure nobody planned for, or of a full disk (input to fix: exit 2)."""
+    from engine.files import as_disk_full
+    from engine.train.trainer import SaveFailedElsewhere
+
+    if isinstance(error, SaveFailedElsewhere):
+        return EXIT_FAILED  # another process's failure, which that process reports
+    full = as_disk_full(error, run_dir)
+    if full is not None:
+        return report_failure(log, EXIT_BAD_INPUT, "stopped: the disk is full", message=str(full), hint=full.hint,
+                              where=str(full.folder))
+    trace_file = run_dir / "error-traceback.txt"
+    try:
+        trace_file.write_text(traceback.format_exc(), encoding="utf-8")
+    except OSError:
+        trace_file = None
+    return report_failure(log, EXIT_FAILED, "failed", message=f"{type(error).__name__}: {error}",
+                          traceback_file=str(trace_file) if trace_file else "",
+                          hint="see the traceback file; if the message does not say what to change, please report it")
+
+
+def report_failure(log: RunLog, code: int, summary: str, **error: Any) -> int:
+    """Write the `error` and `done` events; when the event log cannot be written (a full disk, often), the
+    message still reaches the console, on stderr, instead of a traceback."""
+    for type_, fields in (("error", error), ("done", {"task": "train", "ok": False, "stopped": False,
+                                                       "summary": summary})):
+        try:
+            log.event(type_, **fields)
+        except Exception as failure:  # noqa: BLE001 - the console is the last place left to say it
+            print(f"{type_}: {fields.get('message') or fields.get('summary')}"
+                  f" (the run's events could not be written: {failure})", file=sys.stderr)
+            if fields.get("hint"):
+                print(f"  what to do: {fields['hint']}", file=sys.stderr)
+    return code
 
 
 def start_fields(session: Any, resumed: str) -> dict[str, Any]:
