@@ -249,10 +249,13 @@ def clean_stale_temporaries(folder: str | Path, owns: Callable[[str], bool]) -> 
         if match is None or not owns(match["name"]) or not _leftover_of_gone_process(int(match["pid"])):
             continue
         target = folder / match["name"]
-        if match["kind"] == "old" and not target.exists() and not target.is_symlink() and recover_folder(target):
-            touched.append(target)
-            continue
-        if entry.exists():
-            remove_path(entry)
-            touched.append(entry)
+        try:
+            if match["kind"] == "old" and not os.path.lexists(target):
+                if recover_folder(target):  # the swap was cut short: this is the last complete save
+                    touched.append(target)
+            elif os.path.lexists(entry):
+                remove_path(entry)
+                touched.append(entry)
+        except OSError:
+            continue  # not ours to remove after all (another account's, a read-only disk): leave it
     return touched

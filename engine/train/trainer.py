@@ -273,7 +273,7 @@ class Trainer:
         session.log.event("checkpoint", kind=kind, path=str(path), step=step, epoch=epoch)
         if optimizer_state is None:
             return None
-        state_folder = str(self._save_state(stem, epoch, step, trained, optimizer_state))
+        state_folder = str(self._save_state(stem, epoch, step))
         self.files.append(state_folder)
         session.log.event("checkpoint", kind="state", path=state_folder, step=step, epoch=epoch)
         return state_folder
@@ -315,12 +315,13 @@ class Trainer:
         if failed:
             raise SaveFailedElsewhere("the main process could not save; its events say why")
 
-    def _save_state(self, stem: str, epoch: int, step: int, trained: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any]) -> Path:
+    def _save_state(self, stem: str, epoch: int, step: int) -> Path:
+        # Read again now that train mode is back: a schedule-free optimizer's eval/train round trip may round the
+        # weights, and a resume must start from exactly the values training goes on with.
         session = self.session
         scaler = getattr(session.accelerator, "scaler", None)
         state = SavedState(
-            trained=trained, optimizer=optimizer_state,
+            trained=session.method.trained_state(), optimizer=session.optimizer.state_dict(),
             scheduler=session.lr_scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
             position=self.position,
             info={"method": session.config.method, "output_name": session.output_name, "epoch_saved": epoch,
