@@ -3,8 +3,7 @@
 Everything shown is read from the run directory on a 1-second timer (RunManager.status and chart only read
 files), so a reloaded page or a restarted GUI re-attaches to running and finished runs alike. The manager keeps one
 reader per run for all viewers, which reads only the events appended since the last tick; a viewer keeps only
-versions and hashes of what it drew, and components that did not change are skipped, so the charts and gallery do
-not redraw every second.
+versions and hashes of what it drew, and the charts and gallery are sent only when they changed.
 """
 
 from __future__ import annotations
@@ -109,6 +108,7 @@ def build(ctx: TabContext) -> None:
         gallery = gr.Gallery(label="Samples", columns=4, height=280, elem_id="run-samples")
         checkpoints = gr.Markdown(elem_id="run-checkpoints")
         cache = gr.State({})
+        samples_seen = gr.State(None)  # the shown samples' fingerprint: its change event redraws the gallery
         timer = gr.Timer(TICK_SECONDS)
 
     def run_view(name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
@@ -116,15 +116,15 @@ def build(ctx: TabContext) -> None:
         chart's version, never the rows).
 
         Text parts are sent every tick as plain values, which Gradio passes through almost for free; a skipped
-        output or a component update (gr.Button(...)) costs it a component rebuild, about 1 ms each. So only the
-        charts and the gallery, thousands of values and file copies, are skipped while unchanged; an unchanged
-        button gets its label back (a plain value, which leaves it as it is)."""
+        output or a component update (gr.Button(...)) costs it a component rebuild. So only the charts, thousands
+        of values, are skipped while unchanged; an unchanged button gets its label back (a plain value, which
+        leaves it as it is). The gallery is no output at all (skipping it costs Gradio 3 ms, its data model's JSON
+        schema): the tick sets samples_seen, whose change event draws it."""
         status = manager.status(handle, log_lines=LOG_LINES)
         chart = manager.chart(handle)
         flags = (status.state in _RUNNING, view.can_resume(status))
         error_text = view.error_markdown(status)
-        drawn = {"error": hash(error_text), "flags": flags, "chart": chart.version,
-                 "samples": hash(tuple(status.samples))}
+        drawn = {"error": hash(error_text), "flags": flags, "chart": chart.version}
         updates: dict[Any, Any] = {
             status_line: view.status_markdown(name, status), progress: view.progress_html(status),
             log: _log_text(handle, status.log_tail), checkpoints: view.checkpoints_markdown(status),
@@ -136,8 +136,7 @@ def build(ctx: TabContext) -> None:
             updates[button] = button.value if flags == seen.get("flags") else gr.Button(interactive=enabled)
         if drawn["chart"] != seen.get("chart"):
             updates[loss_plot], updates[lr_plot] = frames.get(handle.run_dir, chart)
-        if drawn["samples"] != seen.get("samples"):
-            updates[gallery] = list(status.samples)
+        updates[samples_seen] = hash((name, tuple(status.samples)))
         return updates, drawn
 
     def tick(name: str | None, seen: dict) -> dict:
@@ -150,7 +149,7 @@ def build(ctx: TabContext) -> None:
         seen = {**seen, "names": names}
         handle = _handle(manager, name)
         if handle is None:
-            return updates | {cache: seen}
+            return updates | {cache: seen, samples_seen: None}
         if seen.get("run") != name:
             seen = {"run": name, "names": names}  # another run: every part is drawn anew
         run_updates, drawn = run_view(name, handle, seen)
@@ -206,10 +205,15 @@ def build(ctx: TabContext) -> None:
             raise RunError("this run has no saved state to resume from")
         manager.resume(handle, state)
 
-    outputs = [picker, cache, queue_view, status_line, progress, error_box, log, checkpoints, loss_plot, lr_plot,
-               gallery, *buttons.values()]
+    def draw_samples(name: str | None) -> list[str]:
+        handle = _handle(manager, name)
+        return list(manager.status(handle, log_lines=0).samples) if handle is not None else []
+
+    outputs = [picker, cache, samples_seen, queue_view, status_line, progress, error_box, log, checkpoints, loss_plot,
+               lr_plot, *buttons.values()]
     timer.tick(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden", queue=False)
     picker.change(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden")
+    samples_seen.change(draw_samples, inputs=picker, outputs=gallery, show_progress="hidden", queue=False)
     gr.on(None, lambda: gr.Dropdown(choices=[h.name for h in manager.discover()], value=_default_run(manager)),
           outputs=picker)
     demo_button.click(on_demo, outputs=[message, picker])

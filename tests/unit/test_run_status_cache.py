@@ -174,7 +174,7 @@ def test_viewers_share_one_reader_and_agree_while_the_run_writes(run_dir: Path):
     assert [row["step"] for row in manager.chart(handle).rows] == list(range(1, 400))
 
 
-def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_rows(run_dir: Path):
+def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_rows(run_dir: Path, monkeypatch):
     """The tick as Gradio runs it (pre- and postprocessing, the session's gr.State), without a browser."""
     import asyncio
 
@@ -185,30 +185,55 @@ def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_row
     from gui.context import TabContext
     from gui.tabs import train
 
-    append(run_dir, line("start", total_steps=5000, num_epochs=1) + "".join(progress(step, total=5000) for step in range(1, 3001)))
+    image = run_dir / "samples" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(bytes.fromhex("89504e470d0a1a0a"))
+    sample = line("sample", step=0, images=[{"path": str(image)}])
+    append(run_dir, line("start", total_steps=5000, num_epochs=1) + sample
+           + "".join(progress(step, total=5000) for step in range(1, 3001)))
     write_record(run_dir, {"created_at": 1.0, "pid": os.getpid(), "proc_start": runs.process_start_ticks(os.getpid())})
     runs_dir = run_dir.parent
     with gr.Blocks() as blocks:
         train.build(TabContext(runs_dir=runs_dir, presets_dir=None, roots=FileRoots.from_paths(runs_dir=runs_dir),
                                config=gr.State(None)))
     tick = next(fn for fn in blocks.fns.values() if fn.api_name == "tick")
+    draw_samples = next(fn for fn in blocks.fns.values() if fn.api_name == "draw_samples")
     position = {getattr(block, "elem_id", None): index for index, block in enumerate(tick.outputs)}
     cache = next(block for block in tick.outputs if isinstance(block, gr.State))
     session = SessionState(blocks)
 
     def run() -> dict:
-        data = asyncio.run(blocks.process_api(tick, [run_dir.name, None], state=session))["data"]
-        return {elem_id: data[index] for elem_id, index in position.items()}
+        answer = asyncio.run(blocks.process_api(tick, [run_dir.name, None], state=session))
+        shown = {elem_id: answer["data"][index] for elem_id, index in position.items()}
+        if answer["changed_state_ids"]:  # the page then runs the changed state's event: the gallery
+            shown["run-samples"] = asyncio.run(blocks.process_api(draw_samples, [run_dir.name], state=session))
+        return shown
 
     first = run()
     assert "running" in first["run-status"] and "step 3000/5000" in first["run-status"]
     series = [row[2] for row in first["loss-chart"]["data"]]
     assert series.count("raw") <= 2 * runs.CHART_BUCKETS and series.count("smoothed") <= runs.CHART_BUCKETS
     assert first["loss-chart"]["data"][-1][0] == 3000 and len(first["lr-chart"]["data"]) <= runs.CHART_BUCKETS
+    assert str(image) in json.dumps(first["run-samples"]["data"])
     assert len(repr(session[cache._id])) < 500  # fingerprints, not rows
-    again = run()  # nothing new: the charts are not sent again, the texts are
-    assert again["loss-chart"] == again["lr-chart"] == {"__type__": "update"}
+    again = run()  # nothing new: the charts and samples are not sent again, the texts are
+    assert again["loss-chart"] == again["lr-chart"] == {"__type__": "update"} and "run-samples" not in again
     assert "step 3000/5000" in again["run-status"]
+    monkeypatch.setattr(runs, "CHART_REFRESH_S", 3600.0)  # a long run's chart waits for its refresh time
     append(run_dir, progress(3001, total=5000))
+    waiting = run()
+    assert waiting["loss-chart"] == {"__type__": "update"} and "step 3001/5000" in waiting["run-status"]
+    monkeypatch.setattr(runs, "CHART_REFRESH_S", 0.0)
     third = run()
     assert third["loss-chart"]["data"][-1][0] == 3001 and "step 3001/5000" in third["run-status"]
+
+
+def test_nan_losses_and_odd_characters_keep_their_events(run_dir: Path):
+    """The engine's json writes NaN for a NaN loss (the fast parser refuses it: json reads it then), and a
+    message may hold U+2028, which is no line end in events.jsonl."""
+    odd = json.dumps({"type": "warning", "message": "two\u2028lines"}, ensure_ascii=False)
+    append(run_dir, '{"type": "progress", "step": 1, "loss": NaN, "loss_avg": 1.0, "lr": [0.1]}\n'
+           + odd + "\nnot json\n[1, 2]\n" + progress(2))
+    status = RunReader(run_dir).status()
+    assert status.step == 2 and status.warnings == ["two\u2028lines"]
+    assert [row["step"] for row in RunReader(run_dir).chart().rows] == [1, 2]
