@@ -235,9 +235,11 @@ def _poison_latents_of_a_later_image(config_path: Path) -> None:
     entry = cache_path(victim.path, victim.bucket, "sd1")
     with np.load(entry, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    arrays["latents"] = np.full_like(arrays["latents"], np.inf)
+    # Finite, so the cache's own check lets it through (it refuses NaN/inf by file), but so large that the forward
+    # pass overflows: the loss of that batch is not finite while the weights still are.
+    arrays["latents"] = np.full_like(arrays["latents"], 1e30)
     if "latents_flipped" in arrays:
-        arrays["latents_flipped"] = np.full_like(arrays["latents_flipped"], np.inf)
+        arrays["latents_flipped"] = np.full_like(arrays["latents_flipped"], 1e30)
     np.savez(entry, **arrays)
 
 
