@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presets-dir", type=Path, default=None, help="folder for your own presets "
                         "(default presets/user)")
     parser.add_argument("--allow-path", type=Path, action="append", default=[], metavar="DIR",
-                        help="a folder the file browser may show besides your home folder (repeat for more)")
+                        help="a folder the app may use besides your home folder and the runs folder (repeat for more); "
+                        "also the way to allow a hidden folder such as ~/.cache/models")
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.dataset import Subset
-from engine.config.describe import iter_fields
+from engine.config.describe import PATH_WIDGETS, iter_fields
 from engine.config.errors import ConfigError
 from engine.config.io import load_dataset_file, resolve_path, validate_config
 from engine.config.paths import get_path
@@ -27,7 +27,6 @@ from gui.runner import DEFAULT_OUTPUT_DIR, RunManager
 from gui.runs import RunHandle
 
 MAX_LISTED = 12  # errors listed in the refusal; the Dataset/Tools doctor shows the full table
-PATH_WIDGETS = ("path", "folder", "file")  # the config model's path fields (as engine.train.run.absolute_config)
 LOCATION_WIDGET = "path"  # a local file/folder or a Hugging Face hub id (base model, VAE)
 
 

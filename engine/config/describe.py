@@ -20,6 +20,9 @@ from engine.config.schema import SECTIONS, RunConfig
 
 # Containers that the GUI and the docs treat as one value rather than descending into.
 _LEAF_MODEL_LISTS = {"datasets"}
+# The UI hints that mark a field as a local path (a file, a folder, or either): made absolute for a run, confined by
+# the GUI.
+PATH_WIDGETS = ("path", "folder", "file")
 
 
 @dataclass(frozen=True)

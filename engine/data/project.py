@@ -25,12 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.config.choices import CAPTION_EXTENSIONS
 from engine.config.dataset import parse_legacy_folder_name
 from engine.data.images import IMAGE_EXTENSIONS, UnreadableImage, is_image_file, load_rgb_image
 from engine.files import atomic_output, atomic_write_bytes
 
 PROJECT_FOLDERS = ("img", "reg", "model", "log")
-CAPTION_EXTENSIONS = (".txt", ".caption")
 # Copied as they are: every tool in the SD world (sd-scripts, captioners, A1111, browsers) reads these alike.
 KEPT_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 # Converted to PNG. BMP is among them although training reads it: it is uncompressed (a folder of BMPs is several
@@ -272,8 +272,9 @@ def _place(target: Path, stem: str, suffix: str, taken: set[str],
 
 
 def _copy_captions(image: Path, placed: Path, report: ProjectReport) -> None:
-    """Copy '<stem>.txt' / '<stem>.caption' beside the placed image, under its stem. One that is already there
-    stays: it may have been edited in the project since the last import."""
+    """Copy the image's caption files ('<stem>.txt', '<stem>.caption', any allowed caption extension) beside the
+    placed image, under its stem. One that is already there stays: it may have been edited in the project since the
+    last import."""
     for extension in CAPTION_EXTENSIONS:
         caption = image.with_suffix(extension)
         destination = placed.with_suffix(extension)
