@@ -193,16 +193,18 @@ def viewer(url: str, ticks: int, times: list[tuple[int, float]], errors: list[st
     """One browser tab: the Train tab's timer endpoint once a second (or right away when a tick took longer).
 
     Posted as the page does for a `queue=False` event: straight to the run route, with the tab's session hash (the
-    server keeps the tab's gr.State under it) and null for the state inputs. When the answer says a gr.State with
-    a change event changed (the new Train tab draws its gallery so), the page runs that event next: so does this,
-    and its time counts in the tick's."""
+    server keeps the tab's gr.State under it) and null for the state input. When the tick changes the samples key
+    (the new Train tab draws its gallery through that component's change event), the page runs that event next:
+    so does this, and its time counts in the tick's."""
     session = uuid.uuid4().hex[:11]
+    key_index, key = _output_index(url, "tick", "run-samples-key"), None
     time.sleep(random.random())  # tabs are not opened in the same millisecond
     for number in range(ticks):
         start = time.perf_counter()
         try:
             text = _post(url, "tick", [RUN_NAME, None], session)
-            if json.loads(text).get("changed_state_ids"):
+            if key_index is not None and json.loads(text)["data"][key_index] != key:
+                key = json.loads(text)["data"][key_index]
                 _post(url, "draw_samples", [RUN_NAME], session)
         except OSError as error:
             errors.append(f"{type(error).__name__}: {error}")
@@ -212,6 +214,16 @@ def viewer(url: str, ticks: int, times: list[tuple[int, float]], errors: list[st
         if "running" not in text:
             errors.append(f"a tick did not show the run as running: {text[:300]}")
         time.sleep(max(0.0, 1.0 - elapsed))
+
+
+def _output_index(url: str, api_name: str, elem_id: str) -> int | None:
+    """Where the component `elem_id` is among the outputs of the event `api_name`, from the page's config."""
+    with urllib.request.urlopen(f"{url}config", timeout=60) as response:
+        config = json.loads(response.read())
+    [event] = [entry for entry in config["dependencies"] if entry.get("api_name") == api_name]
+    ids = {component["id"] for component in config["components"]
+           if component.get("props", {}).get("elem_id") == elem_id}
+    return next((index for index, block in enumerate(event["outputs"]) if block in ids), None)
 
 
 def _post(url: str, api_name: str, data: list, session: str) -> str:

@@ -108,7 +108,9 @@ def build(ctx: TabContext) -> None:
         gallery = gr.Gallery(label="Samples", columns=4, height=280, elem_id="run-samples")
         checkpoints = gr.Markdown(elem_id="run-checkpoints")
         cache = gr.State({})
-        samples_seen = gr.State(None)  # the shown samples' fingerprint: its change event redraws the gallery
+        # The samples' fingerprint; its change event draws the gallery. A hidden component, not a gr.State: the page
+        # runs a state's change event only after queued events, and the tick is not queued.
+        samples_key = gr.Textbox(visible="hidden", elem_id="run-samples-key")
         timer = gr.Timer(TICK_SECONDS)
 
     def run_view(name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
@@ -119,7 +121,7 @@ def build(ctx: TabContext) -> None:
         output or a component update (gr.Button(...)) costs it a component rebuild. So only the charts, thousands
         of values, are skipped while unchanged; an unchanged button gets its label back (a plain value, which
         leaves it as it is). The gallery is no output at all (skipping it costs Gradio 3 ms, its data model's JSON
-        schema): the tick sets samples_seen, whose change event draws it."""
+        schema): the tick sets samples_key, whose change event draws it."""
         status = manager.status(handle, log_lines=LOG_LINES)
         chart = manager.chart(handle)
         flags = (status.state in _RUNNING, view.can_resume(status))
@@ -136,7 +138,7 @@ def build(ctx: TabContext) -> None:
             updates[button] = button.value if flags == seen.get("flags") else gr.Button(interactive=enabled)
         if drawn["chart"] != seen.get("chart"):
             updates[loss_plot], updates[lr_plot] = frames.get(handle.run_dir, chart)
-        updates[samples_seen] = hash((name, tuple(status.samples)))
+        updates[samples_key] = str(hash((name, tuple(status.samples))))
         return updates, drawn
 
     def tick(name: str | None, seen: dict) -> dict:
@@ -149,7 +151,7 @@ def build(ctx: TabContext) -> None:
         seen = {**seen, "names": names}
         handle = _handle(manager, name)
         if handle is None:
-            return updates | {cache: seen, samples_seen: None}
+            return updates | {cache: seen, samples_key: ""}
         if seen.get("run") != name:
             seen = {"run": name, "names": names}  # another run: every part is drawn anew
         run_updates, drawn = run_view(name, handle, seen)
@@ -209,11 +211,11 @@ def build(ctx: TabContext) -> None:
         handle = _handle(manager, name)
         return list(manager.status(handle, log_lines=0).samples) if handle is not None else []
 
-    outputs = [picker, cache, samples_seen, queue_view, status_line, progress, error_box, log, checkpoints, loss_plot,
+    outputs = [picker, cache, samples_key, queue_view, status_line, progress, error_box, log, checkpoints, loss_plot,
                lr_plot, *buttons.values()]
     timer.tick(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden", queue=False)
     picker.change(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden")
-    samples_seen.change(draw_samples, inputs=picker, outputs=gallery, show_progress="hidden", queue=False)
+    samples_key.change(draw_samples, inputs=picker, outputs=gallery, show_progress="hidden", queue=False)
     gr.on(None, lambda: gr.Dropdown(choices=[h.name for h in manager.discover()], value=_default_run(manager)),
           outputs=picker)
     demo_button.click(on_demo, outputs=[message, picker])
