@@ -4,7 +4,7 @@ A run directory (`<runs_dir>/<timestamp>-<name>/`) holds config.toml (absolute p
 pid, process group, argv, start time), process.log (the engine's stdout and stderr), and what the engine writes:
 events.jsonl, train.log, and by default the models under output/. The engine runs in its own session, so
 closing the browser or the GUI never stops it; everything the GUI shows is read back from those files
-(gui/runs.py), so a restarted GUI re-attaches to running and finished runs alike.
+(gui/runs.py, folded by gui/run_reader.py), so a restarted GUI re-attaches to running and finished runs alike.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from engine.train.launch import describe_command, launch_command
 from engine.train.naming import name_in_use
 from engine.train.run import absolute_config
 from gui import runs
-from gui.runs import ChartData, RunHandle, RunReader, RunStatus, read_record, record_alive, update_record
+from gui.run_reader import ChartData, RunReader
+from gui.runs import RunHandle, RunStatus, read_record, record_alive, update_record
 
 QUEUE_FILE = "queue.json"
 DEFAULT_OUTPUT_DIR = SavingSection.model_fields["output_dir"].default

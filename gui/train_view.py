@@ -10,7 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from gui.runs import RunHandle, RunStatus, progress_row
+from gui.run_reader import progress_row
+from gui.runs import RunHandle, RunStatus
 
 LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
 LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point

@@ -19,8 +19,9 @@ from engine.config.errors import ConfigError
 from gui import train_view as view
 from gui.context import TabContext
 from gui.demo import DemoError, start_demo
+from gui.run_reader import ChartData
 from gui.runner import RunError, RunManager
-from gui.runs import PROCESS_LOG, ChartData, RunHandle, tail_lines
+from gui.runs import PROCESS_LOG, RunHandle, tail_lines
 from gui.tensorboard import TensorBoardError, TensorBoards
 from gui.train_start import start_queue_worker, start_run
 

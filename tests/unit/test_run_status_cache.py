@@ -1,4 +1,4 @@
-"""The run status the Train tab shows comes from one incremental reader per run (gui.runs.RunReader): checked
+"""The run status the Train tab shows comes from one incremental reader per run (gui.run_reader.RunReader): checked
 against a fresh read of the same files after every append, a resume, a replaced or rewritten file, and concurrent
 viewers; the chart rows stay bounded and keep the loss's shape."""
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gui import runs
+from gui import run_reader, runs
+from gui.run_reader import CHART_BUCKETS, ProgressSeries, RunReader, read_status
 from gui.runner import RunManager
-from gui.runs import EVENTS_FILE, ProgressSeries, RunHandle, RunReader, read_status, write_record
+from gui.runs import EVENTS_FILE, RunHandle, write_record
 
 
 def line(type_: str, **fields) -> str:
@@ -215,18 +216,18 @@ def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_row
     first = run()
     assert "running" in first["run-status"] and "step 3000/5000" in first["run-status"]
     series = [row[2] for row in first["loss-chart"]["data"]]
-    assert series.count("raw") <= 2 * runs.CHART_BUCKETS and series.count("smoothed") <= runs.CHART_BUCKETS
-    assert first["loss-chart"]["data"][-1][0] == 3000 and len(first["lr-chart"]["data"]) <= runs.CHART_BUCKETS
+    assert series.count("raw") <= 2 * CHART_BUCKETS and series.count("smoothed") <= CHART_BUCKETS
+    assert first["loss-chart"]["data"][-1][0] == 3000 and len(first["lr-chart"]["data"]) <= CHART_BUCKETS
     assert str(image) in json.dumps(first["run-samples"]["data"])
     assert len(repr(session[cache._id])) < 500  # fingerprints, not rows
     again = run()  # nothing new: the charts and samples are not sent again, the texts are
     assert again["loss-chart"] == again["lr-chart"] == {"__type__": "update"} and "run-samples" not in again
     assert "step 3000/5000" in again["run-status"]
-    monkeypatch.setattr(runs, "CHART_REFRESH_S", 3600.0)  # a long run's chart waits for its refresh time
+    monkeypatch.setattr(run_reader, "CHART_REFRESH_S", 3600.0)  # a long run's chart waits for its refresh time
     append(run_dir, progress(3001, total=5000))
     waiting = run()
     assert waiting["loss-chart"] == {"__type__": "update"} and "step 3001/5000" in waiting["run-status"]
-    monkeypatch.setattr(runs, "CHART_REFRESH_S", 0.0)
+    monkeypatch.setattr(run_reader, "CHART_REFRESH_S", 0.0)
     third = run()
     assert third["loss-chart"]["data"][-1][0] == 3001 and "step 3001/5000" in third["run-status"]
 
