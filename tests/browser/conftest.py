@@ -18,14 +18,17 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.fixture(scope="session")
-def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def app_server(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Iterator[dict]:
+    # The tiny models are shared by the test workers, outside each worker's own temp folder: allow them too.
+    models = Path(tiny_models["sd1"]).parent
     port = free_port()
     presets_dir = tmp_path_factory.mktemp("user_presets")
     runs_dir = tmp_path_factory.mktemp("runs")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs_dir),
-         "--presets-dir", str(presets_dir), "--allow-path", str(tmp_path_factory.getbasetemp())],
+         "--presets-dir", str(presets_dir), "--allow-path", str(tmp_path_factory.getbasetemp()),
+         "--allow-path", str(models)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -50,6 +53,13 @@ def browser():
 def open_tab(page, name: str) -> None:
     """Click one of the app's top-level tabs (exact name: 'Train' is also part of other labels)."""
     page.get_by_role("tab", name=name, exact=True).first.click()
+
+
+def fill(page, elem_id: str, text: str) -> None:
+    """Type into a text field and leave it, as a user does (the field's blur event then runs)."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(text)
+    box.press("Tab")
 
 
 # Records every error toast Gradio shows (a handler that raised or returned the wrong shape). Our handlers report

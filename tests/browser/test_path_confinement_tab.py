@@ -8,18 +8,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import open_tab
+from conftest import fill, open_tab
 from PIL import Image
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 SLOW = 30_000  # ms
-
-
-def fill(page, elem_id: str, text: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(text)
-    box.press("Tab")
 
 
 @pytest.fixture
