@@ -252,6 +252,12 @@ def take_started_channel(run_dir: str | Path) -> ControlChannel:
     return channel
 
 
+# The process start time is known to a clock tick (10 ms) and read through two clocks, so a line written just
+# before the start can look written after it (a busy machine showed it): only a change this much later counts.
+# A user's `stop` comes far later than that; the GUI passes the exact offset and needs no guess.
+_START_SLACK_S = 0.1
+
+
 def start_offset(path: Path, environ: Mapping[str, str]) -> int:
     """Where this run's commands begin in the control file (see the module docstring)."""
     given = environ.get(OFFSET_ENV, "").strip()
@@ -262,7 +268,7 @@ def start_offset(path: Path, environ: Mapping[str, str]) -> int:
     except OSError:
         return 0
     started = process_start_time(os.getppid() if "LOCAL_RANK" in environ else os.getpid())
-    if stat.st_size and started is not None and stat.st_mtime >= started:
+    if stat.st_size and started is not None and stat.st_mtime >= started + _START_SLACK_S:
         return _last_line_start(path, stat.st_size)
     return stat.st_size
 
