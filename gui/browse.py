@@ -82,7 +82,8 @@ class FileRoots:
             hidden = hidden or found
         if hidden is not None:
             return HIDDEN_PATH.format(path=typed, hidden=hidden)
-        return OUTSIDE_ROOTS.format(path=typed, allow=typed)
+        # --allow-path takes folders: for a file, name the folder that holds it.
+        return OUTSIDE_ROOTS.format(path=typed, allow=typed.parent if typed.is_file() else typed)
 
     def allows(self, path: str | Path, base: str | Path | None = None) -> bool:
         return self.refusal(path, base) is None
