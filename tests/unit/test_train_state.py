@@ -59,6 +59,15 @@ def _tiny_state() -> SavedState:
                       position=TrainPosition(1, 2, 2), info={"files": []})
 
 
+def _round_trip(tmp_path: Path, part: str, value: dict) -> dict:
+    """`value` as the `part` (optimizer, scheduler) of a state saved and loaded back; checked equal to the bit."""
+    state = _tiny_state()
+    setattr(state, part, value)
+    loaded = getattr(load_state(save_state(tmp_path / "state", state)), part)
+    assert _same(loaded, value)
+    return loaded
+
+
 def _same(a, b) -> bool:
     """Equal to the bit: tensors by value and dtype, containers item by item, the rest by ==."""
     if isinstance(a, torch.Tensor):
@@ -142,11 +151,7 @@ def test_every_shipped_optimizer_state_round_trips(tmp_path, name):
         model(torch.randn(4, 64)).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-    state = _tiny_state()
-    state.optimizer = optimizer.state_dict()
-    loaded = load_state(save_state(tmp_path / "state", state))
-    assert _same(loaded.optimizer, state.optimizer)
-    optimizer.load_state_dict(loaded.optimizer)
+    optimizer.load_state_dict(_round_trip(tmp_path, "optimizer", optimizer.state_dict()))
 
 
 _SCHEDULER_ARGS = {"cosine_with_min_lr": {"min_lr_ratio": 0.1}, "warmup_stable_decay": {"num_decay_steps": 0.2},
@@ -167,11 +172,7 @@ def test_every_shipped_scheduler_state_round_trips(tmp_path, name):
     for _ in range(3):
         optimizer.step()
         scheduler.step()
-    state = _tiny_state()
-    state.scheduler = scheduler.state_dict()
-    loaded = load_state(save_state(tmp_path / "state", state))
-    assert _same(loaded.scheduler, state.scheduler)
-    scheduler.load_state_dict(loaded.scheduler)
+    scheduler.load_state_dict(_round_trip(tmp_path, "scheduler", scheduler.state_dict()))
 
 
 def test_generator_states_round_trip_exactly(tmp_path):
