@@ -261,3 +261,16 @@ def test_a_run_cleans_stale_temporaries_and_resumes_a_state_left_under_its_hidde
     assert [event["step"] for event in events[events.index(start):] if event["type"] == "progress"] == [3, 4]
     assert _hidden(out) == sorted(kept)
     assert (out / "lora-state" / "train_state.json").is_file() and (out / "lora.safetensors").is_file()
+
+
+def test_a_run_folder_it_cannot_write_to_is_named_without_a_traceback(tiny_models, tmp_path):
+    """Start-up writes (the run's config copy) that fail end like a full disk mid-run: exit 2, the folder named."""
+    config = write_config(tmp_path / "config.toml", tiny_models, **QUICK)
+    run_dir = tmp_path / "run"
+    (run_dir / "config.toml").mkdir(parents=True)  # where the run's config copy goes: it cannot be written
+    result = run_engine("train", str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    error = _error(run_dir)
+    assert error["where"] == str(run_dir) and "cannot be written" in error["message"]
+    assert events_of(run_dir)[-1]["summary"] == "could not start"

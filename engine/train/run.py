@@ -75,6 +75,14 @@ def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = No
         log = log or RunLog(run_dir, active=_processes_from_env() == 1)
         log.event("done", **stopped_early_fields(stop, config, base_dir, started))
         return EXIT_OK
+    except OSError as error:  # the run folder's own files could not be written (a full disk, no permission)
+        message = f"{run_dir}: the run's files cannot be written there ({_os_reason(error)})"
+        hint = "free some space on that disk or choose another --run-dir or saving.output_dir"
+        if log is None:
+            print(f"error: {message}; {hint}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return report_failure(log, EXIT_BAD_INPUT, "could not start", message=message, hint=hint,
+                              where=str(run_dir))
     finally:
         control.restore_signal_handlers()
         if accelerator is not None:
