@@ -216,8 +216,9 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path)
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def _poison_latents_of_a_later_image(config_path: Path) -> None:
-    """Put inf into the cached latents of an image the first batch does not use (a corrupted cache entry)."""
+def _poison_latents_of_a_later_image(config_path: Path) -> Path:
+    """Put huge values into the cached latents of an image the first batch does not use (a corrupted cache entry
+    that still passes the cache's finiteness check); returns that image."""
     from engine.cache.latent_files import cache_path
     from engine.config.io import load_config
     from engine.data.sampler import BucketBatchSampler
@@ -241,6 +242,7 @@ def _poison_latents_of_a_later_image(config_path: Path) -> None:
     if "latents_flipped" in arrays:
         arrays["latents_flipped"] = np.full_like(arrays["latents_flipped"], 1e30)
     np.savez(entry, **arrays)
+    return victim.path
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_earlier_checkpoints(tiny_models, tmp_path):
@@ -251,13 +253,14 @@ def test_nan_loss_stops_with_an_error_and_keeps_earlier_checkpoints(tiny_models,
                           training={"max_train_steps": 30, "cache_latents_to_disk": True},
                           saving={"save_every_n_steps": 1})
     assert run_engine("cache-latents", str(config)).returncode == 0
-    _poison_latents_of_a_later_image(config)
+    victim = _poison_latents_of_a_later_image(config)
     result = run_engine("train", str(config))
     assert result.returncode == 1, result.stdout + result.stderr
     events = events_of(tmp_path / "out")
     error = next(event for event in events if event["type"] == "error")
     assert error["step"] >= 2 and f"at step {error['step']}" in error["message"]
     assert "learning rate" in error["hint"] and "bf16" in error["hint"]
+    assert str(victim) in error["images"] and str(victim) in error["message"]  # the batch that broke is named
     saved = sorted((tmp_path / "out").glob("lora-step*.safetensors"))
     assert len(saved) == error["step"] - 1
     for path in saved:

@@ -114,7 +114,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         record = example.record
         rng = sample_rng(self.seed, key)
         item: dict[str, Any] = {"loss_weight": float(record.loss_weight), "target_size": _hw(record.bucket),
-                                "noise_seed": noise_seed(self.seed, key)}
+                                "noise_seed": noise_seed(self.seed, key), "image": str(record.path)}
         flip = example.flip_aug and rng.random() < 0.5
         if self.latents is not None:
             cached = self.latents[(record.path, tuple(record.bucket))]

@@ -19,10 +19,15 @@ from engine.train.state import TrainPosition
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"the loss became {value} at step {step}")
+    """A micro-batch whose loss is not finite; `images` are its images, so a bad input (a damaged image, a cache
+    file that passed its checks but overflows the model) can be found."""
+
+    def __init__(self, step: int, value: float, images: list[str] | None = None):
+        named = f" (images of that batch: {', '.join(images)})" if images else ""
+        super().__init__(f"the loss became {value} at step {step}{named}")
         self.step = step
         self.value = value
+        self.images = list(images or [])
 
 
 @dataclass
@@ -68,7 +73,7 @@ class StepRunner:
         loss = batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
-            raise NonFiniteLoss(step, value)
+            raise NonFiniteLoss(step, value, batch.get("image"))
         session.accelerator.backward(loss / accumulation)
         return value
 

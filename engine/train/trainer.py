@@ -184,8 +184,12 @@ class Trainer:
         last = self._last_checkpoint()
         kept = (f"the last checkpoint, {last}, was checked before it was saved and holds only finite values"
                 if last else "no checkpoint was saved before this")
+        images = getattr(error, "images", [])
+        again = ("; if it happens again on the same images, check them and rebuild their caches (python -m engine "
+                 "cache-latents CONFIG)") if images else ""
         self.session.log.event("error", message=f"{error}; training stopped and the current weights were not saved",
-                               hint=f"{_NON_FINITE_HINT}; {kept}", step=error.step, last_checkpoint=last)
+                               hint=f"{_NON_FINITE_HINT}{again}; {kept}", step=error.step, last_checkpoint=last,
+                               images=images)
         return Outcome("failed", error.step - 1, list(self.files))
 
     def _last_checkpoint(self) -> str | None:
