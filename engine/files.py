@@ -102,9 +102,18 @@ def ensure_free_space(folder: str | Path, needed: int) -> None:
         raise DiskFullError(folder, wanted, available)
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` (or an error it came from) says the disk or quota is full."""
-    return any(_says_disk_full(item) for item in _chain(error))
+@contextmanager
+def disk_full_named(folder: str | Path) -> Iterator[None]:
+    """Re-raise an error inside the block that says the disk is full as a DiskFullError naming `folder` (or the
+    file's folder), chained to it: a writer's own error (safetensors' "StorageFull", torch's "file write failed")
+    says neither where nor what to do."""
+    try:
+        yield
+    except Exception as error:
+        full = as_disk_full(error, folder)
+        if full is None or full is error:
+            raise
+        raise full from error
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -38,13 +38,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.files import as_disk_full, recover_folder, remove_path, replace_folder
+from engine.files import disk_full_named, recover_folder, remove_path, replace_folder
 
 STATE_VERSION = 1
 _TRAINED = "trained.safetensors"
 _POSITION = "train_state.json"
 _RNG = "rng.safetensors"
-_PICKLED = ("optimizer.pt", "scheduler.pt", "scaler.pt")
 # What torch.load(weights_only=True) accepts without extra allow-listing: containers and scalars are pickle
 # opcodes, the torch types are on its default list.
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
@@ -208,22 +207,20 @@ def save_state(folder: Path, state: SavedState) -> Path:
         pickled["scaler.pt"] = plain_data(state.scaler, "the loss-scaler state")
     temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     remove_path(temporary)
-    try:
-        temporary.mkdir(parents=True)
-        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.trained.items()},
-                  str(temporary / _TRAINED))
-        for name, value in pickled.items():
-            torch.save(value, temporary / name)
-        write_rng_file(temporary / _RNG, state.rng if state.rng is not None else rng_states())
-        document = {"version": STATE_VERSION, **asdict(state.position), "info": state.info}
-        (temporary / _POSITION).write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
-        replace_folder(temporary, folder)
-    except Exception as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        full = as_disk_full(error, folder.parent)
-        if full is not None and full is not error:
-            raise full from error
-        raise
+    with disk_full_named(folder.parent):
+        try:
+            temporary.mkdir(parents=True)
+            save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.trained.items()},
+                      str(temporary / _TRAINED))
+            for name, value in pickled.items():
+                torch.save(value, temporary / name)
+            write_rng_file(temporary / _RNG, state.rng if state.rng is not None else rng_states())
+            document = {"version": STATE_VERSION, **asdict(state.position), "info": state.info}
+            (temporary / _POSITION).write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
+            replace_folder(temporary, folder)
+        except Exception:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
     return folder
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.files import as_disk_full, clean_stale_temporaries, ensure_free_space
+from engine.files import clean_stale_temporaries, disk_full_named, ensure_free_space
 from engine.train import naming
 from engine.train.loop import NonFiniteLoss, StepRunner, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
@@ -265,12 +265,8 @@ class Trainer:
         metadata = with_progress(self._metadata, steps=step, epoch=epoch, finished_at=time.time())
         self._set_train_mode(False)
         try:
-            path = session.method.save(session.output_dir / stem, metadata)
-        except Exception as error:
-            full = as_disk_full(error, session.output_dir)  # the writer's own error says little
-            if full is not None and full is not error:
-                raise full from error
-            raise
+            with disk_full_named(session.output_dir):
+                path = session.method.save(session.output_dir / stem, metadata)
         finally:
             self._set_train_mode(True)
         self.files.append(str(path))
