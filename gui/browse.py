@@ -36,6 +36,12 @@ def _is_within(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
+def _from_base(path: str | Path, base: str | Path | None) -> Path:
+    """path with ~ expanded, made absolute against base (default the working folder); symlinks and '..' kept."""
+    typed = Path(path).expanduser()
+    return typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
+
+
 def _hidden_part(path: Path, root: Path) -> Path | None:
     """The first hidden folder or file (a name starting with '.') of path below root, or None."""
     below = root
@@ -69,8 +75,7 @@ class FileRoots:
     def refusal(self, path: str | Path, base: str | Path | None = None) -> str | None:
         """Why path may not be used (symlinks resolved; a relative path starts from base, default the working
         folder), or None when it may."""
-        typed = Path(path).expanduser()
-        typed = typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
+        typed = _from_base(path, base)
         resolved = typed.resolve()
         hidden = None
         for root in self.folders:
@@ -99,8 +104,7 @@ class FileRoots:
         refusal = self.refusal(path, base)
         if refusal is not None:
             raise PathNotAllowed(f"{label}: {refusal}" if label else refusal)
-        typed = Path(path).expanduser()
-        return typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
+        return _from_base(path, base)
 
     def check_location(self, value: str, label: str = "", base: str | Path | None = None) -> str:
         """A field that takes a local file or folder or a Hugging Face hub id (a base model, a VAE): a hub id is
@@ -113,9 +117,7 @@ class FileRoots:
         from engine.models.vae import looks_like_hub_id  # no torch: the regex and the model file suffixes
 
         text = value.strip()
-        typed = Path(text).expanduser()
-        local = typed if typed.is_absolute() else Path(base or Path.cwd()) / typed
-        if looks_like_hub_id(text) and not local.exists():
+        if looks_like_hub_id(text) and not _from_base(text, base).exists():
             return text
         self.check(text, label, base)
         return text
