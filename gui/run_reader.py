@@ -301,6 +301,8 @@ class RunReader:
 
     def _log_tail(self, count: int) -> list[str]:
         """train.log's last lines, read again only when the file changed (every viewer asks every second)."""
+        if count <= 0:  # a caller that wants no lines (the gallery's redraw) must not evict the tick's cached tail
+            return []
         path = self.run_dir / TRAIN_LOG
         try:
             stat = path.stat()
