@@ -28,11 +28,15 @@ class NonFiniteEntry(ValueError):
         self.path = path
 
 
+def all_finite(*arrays: np.ndarray | None) -> bool:
+    """Whether every one of `arrays` (None skipped) holds only finite numbers."""
+    return all(array is None or bool(np.isfinite(array).all()) for array in arrays)
+
+
 def check_finite(path: Path, arrays: dict[str, np.ndarray | None], what: str, rebuild: str) -> None:
     """Raise NonFiniteEntry when any of `arrays` (None entries skipped) holds NaN or infinity."""
-    for array in arrays.values():
-        if array is not None and not np.isfinite(array).all():
-            raise NonFiniteEntry(path, what, rebuild)
+    if not all_finite(*arrays.values()):
+        raise NonFiniteEntry(path, what, rebuild)
 
 
 def read_key_and_members(path: Path, parse_key: Callable[[str], Key]) -> tuple[Key | None, list[str]]:

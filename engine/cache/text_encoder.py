@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.cache.entries import Status, check_finite
+from engine.cache.entries import Status, all_finite, check_finite
 from engine.cache.entries import entry_status as shared_entry_status
 from engine.cache.latent_files import cache_folder
 from engine.data.captions import CaptionOptions, process_caption
@@ -293,7 +293,7 @@ def _encode(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max
 
 
 def _store(item: _Todo, entry: CachedText, report: TextCacheReport, progress: Progress | None) -> None:
-    if not np.isfinite(entry.hidden_states).all() or (entry.pooled is not None and not np.isfinite(entry.pooled).all()):
+    if not all_finite(entry.hidden_states, entry.pooled):
         _fail(report, progress, item.job.record.path,
               f"{item.job.record.path}: the text encoder produced NaN/inf outputs for its caption (fp16 overflow? "
               "train in float32 or bf16: training.mixed_precision)")
