@@ -31,8 +31,13 @@ _RUNNING = ("running",)
 
 
 def _handle(manager: RunManager, name: str | None) -> RunHandle | None:
-    run_dir = manager.runs_dir / name if name else None
-    return RunHandle.from_dir(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    """The run a picker value names; None for none, or for a value that is not one entry of the runs folder: the page
+    sends the name, and an HTTP client could send a path ('/', '..') to stop, resume or read a folder elsewhere
+    (Gradio's check of the dropdown's choices is the first layer)."""
+    if not name or name != Path(name).name or name == "..":
+        return None
+    run_dir = manager.runs_dir / name
+    return RunHandle.from_dir(run_dir) if run_dir.is_dir() else None
 
 
 def _log_text(handle: RunHandle, log_tail: list[str]) -> str:

@@ -278,3 +278,16 @@ def test_the_cli_keeps_its_freedom(outside):
     assert config.dataset.train_data_dir == str(outside)
     with pytest.raises(ConfigError):
         validate_config({"training": {"max_train_epochs": -1}})
+
+
+def test_the_train_tab_takes_only_a_run_of_the_runs_folder(home, outside):
+    """The run picker's value names a run; a path sent instead (an HTTP client) never reaches stop, resume or read."""
+    from gui.tabs.train import _handle
+
+    manager = RunManager(home / "runs")
+    (home / "runs" / "2026-run").mkdir()
+    (home / "runs" / "2026-run" / "run.json").write_text("{}", encoding="utf-8")
+    (outside / "run.json").write_text("{}", encoding="utf-8")
+    assert _handle(manager, "2026-run").run_dir == home / "runs" / "2026-run"
+    for sent in (str(outside), "../../outside", "..", ".", "2026-run/..", "", None):
+        assert _handle(manager, sent) is None, sent
