@@ -28,7 +28,6 @@ import pickle
 import random
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,48 +145,6 @@ def plain_data(value: Any, where: str) -> Any:
     raise StateError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a training state "
                      "cannot store safely (only tensors, numbers, strings, lists and dicts); use an optimizer and "
                      "scheduler Atelier lists, or set saving.save_state = false")
-
-
-def iter_tensors(value: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor inside nested dicts, lists and tuples, with where it is ("state[3]['exp_avg']")."""
-    if isinstance(value, torch.Tensor):
-        yield where, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from iter_tensors(item, f"{where}[{key!r}]" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from iter_tensors(item, f"{where}[{index}]")
-
-
-def non_finite_tensors(value: Any, save_dtype: torch.dtype | None = None, limit: int = 3) -> list[str]:
-    """Names of (up to `limit`) floating-point tensors in `value` holding NaN or infinity, or, with `save_dtype`,
-    values beyond its range (a float32 weight of 1e5 becomes infinity in an fp16 file).
-
-    Two reductions per tensor (NaN propagates through max and min) and one transfer per device: no copy of the
-    model is made, so checking costs one pass over it.
-    """
-    named = [(name, tensor.detach()) for name, tensor in iter_tensors(value)
-             if tensor.is_floating_point() and tensor.numel()]
-    by_device: dict[torch.device, list[int]] = {}
-    for index, (_, tensor) in enumerate(named):
-        by_device.setdefault(tensor.device, []).append(index)
-    bad: list[int] = []
-    for indices in by_device.values():
-        flags = torch.stack([_within_range(named[index][1], save_dtype) for index in indices]).cpu()
-        bad.extend(index for index, good in zip(indices, flags.tolist(), strict=True) if not good)
-    return [named[index][0] for index in sorted(bad)[:limit]]
-
-
-def _within_range(tensor: torch.Tensor, save_dtype: torch.dtype | None) -> torch.Tensor:
-    largest = torch.finfo(tensor.dtype).max
-    if save_dtype is not None and save_dtype.is_floating_point:
-        largest = min(largest, torch.finfo(save_dtype).max)
-    return (tensor.amax() <= largest) & (tensor.amin() >= -largest)
-
-
-def tensor_bytes(value: Any) -> int:
-    return sum(tensor.numel() * tensor.element_size() for _, tensor in iter_tensors(value))
 
 
 # --- saving and loading ----------------------------------------------------------------------------------------

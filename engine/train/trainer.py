@@ -3,9 +3,8 @@
 Between updates it asks small predicates what is due (save, sample, stop) and does it on the main process only;
 every other process waits at a barrier so all of them stay in step.
 
-Every save first checks what it is about to write: trained weights (and, for a state, optimizer tensors) that hold
-NaN, infinity or values too large for save_precision stop the run instead of being saved, so every checkpoint a run
-lists is a usable one; and the disk must have room for the whole save (engine.files.ensure_free_space).
+Every save first checks what it is about to write (engine.train.save_checks): values that are not finite stop the
+run instead of being saved, and the disk must have room for the whole save.
 """
 
 from __future__ import annotations
@@ -22,20 +21,12 @@ from engine.files import clean_stale_temporaries, disk_full_named, ensure_free_s
 from engine.train import naming
 from engine.train.loop import NonFiniteLoss, StepRunner, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
+from engine.train.save_checks import NonFiniteWeights, refuse_non_finite, save_bytes
 from engine.train.setup import Session
-from engine.train.state import SavedState, TrainPosition, load_state, non_finite_tensors, save_state, tensor_bytes
+from engine.train.state import SavedState, TrainPosition, load_state, save_state
 
 _NON_FINITE_HINT = ("lower the learning rate (optimizer.learning_rate), or train in float32 or bf16 "
                     "(training.mixed_precision) instead of fp16")
-
-
-class NonFiniteWeights(RuntimeError):
-    """What a save would write holds NaN, infinity, or values beyond what save_precision can store."""
-
-    def __init__(self, step: int, what: str, names: list[str]):
-        super().__init__(f"the {what} became non-finite (NaN, infinity, or too large for saving.save_precision) at "
-                         f"step {step}, in {', '.join(names)}")
-        self.step = step
 
 
 class SaveFailedElsewhere(RuntimeError):
@@ -237,7 +228,7 @@ class Trainer:
         trained = session.method.trained_state()
         optimizer_state = session.optimizer.state_dict() if with_state else None
         # Every process checks (their weights are the same), so all of them stop together without a message.
-        self._refuse_non_finite(step, trained, optimizer_state)
+        refuse_non_finite(step, trained, optimizer_state, session.config.saving.save_precision)
         state_folder, failure = None, None
         if session.is_main:
             try:
@@ -254,10 +245,8 @@ class Trainer:
         from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
 
         session = self.session
-        needed = self._checkpoint_bytes(trained)
-        if optimizer_state is not None:
-            needed += tensor_bytes(trained) + tensor_bytes(optimizer_state)
-        ensure_free_space(session.output_dir, needed)
+        ensure_free_space(session.output_dir, save_bytes(session.method, trained, optimizer_state,
+                                                         session.config.saving.save_precision))
         if self._metadata is None:
             self._metadata = {**build_metadata(session.config, session.facts),
                               **modelspec_metadata(session.config, session.facts,
@@ -277,30 +266,6 @@ class Trainer:
         self.files.append(state_folder)
         session.log.event("checkpoint", kind="state", path=state_folder, step=step, epoch=epoch)
         return state_folder
-
-    def _refuse_non_finite(self, step: int, trained: dict[str, torch.Tensor],
-                           optimizer_state: dict[str, Any] | None) -> None:
-        from engine.networks.network_file import save_dtype
-
-        bad = non_finite_tensors(trained, save_dtype(self.session.config.saving.save_precision))
-        if bad:
-            raise NonFiniteWeights(step, "trained weights", bad)
-        if optimizer_state is not None:
-            bad = non_finite_tensors(optimizer_state)
-            if bad:
-                raise NonFiniteWeights(step, "optimizer state", [f"state {name}" for name in bad])
-
-    def _checkpoint_bytes(self, trained: dict[str, torch.Tensor]) -> int:
-        """The size of the model file in advance: the trained tensors, or every module of a full-model save."""
-        from engine.networks.network_file import save_dtype
-
-        dtype = save_dtype(self.session.config.saving.save_precision)
-        components = getattr(self.session.method, "components", None)  # full models save the whole pipeline
-        tensors = list(trained.values()) if components is None else [
-            tensor for part in components().values() if isinstance(part, torch.nn.Module)
-            for tensor in part.state_dict().values()]
-        return sum(tensor.numel() * (dtype.itemsize if dtype is not None and tensor.is_floating_point()
-                                     else tensor.element_size()) for tensor in tensors)
 
     def _share_failure(self, failure: Exception | None) -> None:
         """Raise the main process's save error there, and SaveFailedElsewhere on the others (which would

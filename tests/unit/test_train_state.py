@@ -21,12 +21,12 @@ from engine.files import atomic_output, clean_stale_temporaries, recover_folder,
 from engine.train.lr_schedulers import SCHEDULER_NAMES, build_lr_scheduler
 from engine.train.naming import name_in_use
 from engine.train.optimizers import OPTIMIZER_RECIPES, OptimizerConfigError, build_optimizer
+from engine.train.save_checks import non_finite_tensors
 from engine.train.state import (
     SavedState,
     StateError,
     TrainPosition,
     load_state,
-    non_finite_tensors,
     plain_data,
     read_rng_file,
     rng_states,
