@@ -237,6 +237,12 @@ def recover_folder(target: Path) -> bool:
     return True
 
 
+def retired_name(entry: str) -> str | None:
+    """The name whose previous version a retired `.NAME.old-PID` folder holds (see replace_folder), else None."""
+    match = _TEMPORARY.fullmatch(entry)
+    return match["name"] if match is not None and match["kind"] == "old" else None
+
+
 def _is_leftover(entry: Path, name: str, kinds: tuple[str, ...]) -> bool:
     match = _TEMPORARY.fullmatch(entry.name)
     return (match is not None and match["name"] == name and match["kind"] in kinds

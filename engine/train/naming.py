@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.config.choices import SaveModelAs
 from engine.config.sections_output import SamplingSection
+from engine.files import retired_name
 
 # save_model_as -> file name extension; diffusers formats are folders, named by the bare stem
 EXTENSIONS: dict[str, str] = {
@@ -127,10 +128,6 @@ def owns_name(name: str, save_as: SaveModelAs, entry: str) -> bool:
     return _output_pattern(name, save_as).fullmatch(entry) is not None
 
 
-# A folder whose save was interrupted between the two renames of engine.files.replace_folder: `.NAME.old-PID`.
-_RETIRED = re.compile(r"\.(?P<name>.+)\.old-\d+")
-
-
 def _resumes_into(output_dir: Path, pattern: re.Pattern[str], resume_from: str | Path | None) -> bool:
     """True when the run continues a state saved in output_dir under this name: those files are the run's own."""
     if not resume_from:
@@ -150,8 +147,8 @@ def name_in_use(output_dir: str | Path, name: str, save_as: SaveModelAs) -> bool
 
 
 def _retired_match(pattern: re.Pattern[str], entry: str) -> bool:
-    retired = _RETIRED.fullmatch(entry)
-    return retired is not None and pattern.fullmatch(retired["name"]) is not None
+    retired = retired_name(entry)  # a save interrupted between the two renames of its replacement
+    return retired is not None and pattern.fullmatch(retired) is not None
 
 
 def unique_output_name(
