@@ -176,6 +176,13 @@ def class_path_problem(path: str) -> str | None:
     return None
 
 
+def module_package(module: str) -> OptionalPackage:
+    """The package that installs `module` (a dotted name is cut to its top level): one of CLASS_PATH_PACKAGES
+    with its install hint, else a package named like the module."""
+    top = module.split(".")[0]
+    return CLASS_PATH_PACKAGES.get(top) or OptionalPackage(top, top.replace("_", "-"))
+
+
 def dotted_caption_extension(text: str) -> str:
     """'.txt', or sd-scripts' 'txt', -> '.txt' (letter case kept).
 

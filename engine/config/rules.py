@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from engine.config.choices import (
-    CLASS_PATH_PACKAGES,
     FULL_MODEL_FORMATS,
     NETWORK_TYPES,
     OPTIMIZERS,
@@ -20,6 +19,7 @@ from engine.config.choices import (
     WANDB,
     XFORMERS,
     OptionalPackage,
+    module_package,
 )
 from engine.config.dataset import DatasetFile, ResolvedDataset, resolve_datasets, resolve_general_only
 from engine.config.dataset_keys import CAPTION_DROPOUT_KEYS
@@ -382,9 +382,8 @@ def _needed_packages(config: RunConfig) -> Iterator[tuple[str, str, OptionalPack
     if info is not None and info.package is not None:
         yield "optimizer.optimizer_type", optimizer, info.package
     elif info is None:
-        module = optimizer.split(".")[0]  # an allowed package: the field's validator refused any other
-        package = CLASS_PATH_PACKAGES.get(module) or OptionalPackage(module, module.replace("_", "-"))
-        yield "optimizer.optimizer_type", optimizer, package
+        # A class path of an allowed package: the field's validator refused any other.
+        yield "optimizer.optimizer_type", optimizer, module_package(optimizer)
     network_package = NETWORK_TYPES[config.network.network_type].package
     if config.method == "lora" and network_package is not None:
         yield "network.network_type", config.network.network_type, network_package

@@ -23,7 +23,6 @@ import torch
 
 from engine.config.choices import (
     BITSANDBYTES,
-    CLASS_PATH_PACKAGES,
     DADAPTATION,
     LION,
     OPTIMIZERS,
@@ -31,6 +30,7 @@ from engine.config.choices import (
     SCHEDULEFREE,
     OptionalPackage,
     class_path_problem,
+    module_package,
 )
 from engine.config.sections_training import OptimizerSection
 
@@ -258,11 +258,10 @@ def _import_class(optimizer_type: str, recipe: _Recipe) -> type[torch.optim.Opti
 
 def _missing_module_hint(missing: str) -> str:
     """Name the package to install, or, when the package is there, the module path that is wrong."""
-    top = missing.split(".")[0]
-    package = CLASS_PATH_PACKAGES.get(top) or OptionalPackage(top, top.replace("_", "-"))
+    package = module_package(missing)
     if package.is_installed():
         return f"there is no module {missing!r}; check the class path"
-    return f"it needs the '{top}' package, which is not installed; {package.install_hint()}"
+    return f"it needs the '{package.module}' package, which is not installed; {package.install_hint()}"
 
 
 def accepted_arguments(function: Callable[..., Any]) -> list[str] | None:
