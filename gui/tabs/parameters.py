@@ -109,6 +109,11 @@ def import_report_markdown(result: ImportResult, path: str) -> str:
     return "\n".join(lines)
 
 
+def _preset_choices(user_dir: Path) -> list[tuple[str, str]]:
+    """The preset dropdown's (title, path) choices: the shipped presets and those in user_dir."""
+    return [(entry.title, str(entry.path)) for entry in list_presets(user_dir=user_dir)]
+
+
 def _open_file_row(ctx: TabContext) -> dict[str, Any]:
     path = path_field(SETTINGS_FILE_LABEL, ctx.roots, kind="file", elem_id="params-file",
                       extensions=(".json", ".toml"),
@@ -122,11 +127,10 @@ def _open_file_row(ctx: TabContext) -> dict[str, Any]:
 
 def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
-    presets_dir = ctx.presets_dir
+    presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
-    # the user's presets from --presets-dir, as on_save lists them after saving one
-    preset_choices = [(entry.title, str(entry.path)) for entry in list_presets(user_dir=presets_dir or USER_DIR)]
+    preset_choices = _preset_choices(presets_dir)
     with gr.Tab("Parameters", id="parameters"):
         with gr.Row():
             preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
@@ -197,13 +201,13 @@ def build(ctx: TabContext) -> None:
         if not choice:
             return {preset_message: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
         try:
-            return fill(_load_preset_values(preset_path(choice, presets_dir or USER_DIR), specs), form, "")
+            return fill(_load_preset_values(preset_path(choice, presets_dir), specs), form, "")
         except (ConfigError, ValueError) as error:
             return {preset_message: f"Could not read the preset: {error}"}
 
     def on_save(title: str, form: dict) -> dict:
         config, _, problems = form_to_config({path_of[c]: v for c, v in form.items() if c in path_of}, specs)
-        target = presets_dir or USER_DIR
+        target = presets_dir
         if config is None:
             return {preset_message: "Fix the problems above before saving a preset."}
         try:
@@ -213,8 +217,7 @@ def build(ctx: TabContext) -> None:
         if path.exists():
             return {preset_message: f"A preset named `{path.name}` already exists; choose another name."}
         save_preset(config, path, title)
-        choices = [(entry.title, str(entry.path)) for entry in list_presets(user_dir=target)]
-        return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=choices)}
+        return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=_preset_choices(target))}
 
     gr.on([event for component in components.values() for event in _edit_events(component)], on_input,
           inputs=set(components.values()), outputs=[status, preview, ctx.config], trigger_mode="always_last")
