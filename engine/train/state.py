@@ -28,6 +28,7 @@ import pickle
 import random
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,25 +199,30 @@ def load_state(folder: Path) -> SavedState:
                          "folder ending in -state that a run with save_state wrote")
     try:
         document = json.loads(position_file.read_text(encoding="utf-8"))
+        version = int(document.get("version", 0))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise _damaged(position_file, error) from None
+    # The version first: a newer state may describe its position differently.
+    if version > STATE_VERSION:
+        raise StateError(f"{folder}: written by a newer Atelier (state version {version}); update Atelier to "
+                         "resume it")
+    try:
         position = TrainPosition(int(document["epoch"]), int(document["batches_done"]), int(document["global_step"]))
     except (ValueError, KeyError, TypeError) as error:
-        raise StateError(f"{position_file}: damaged ({error}); resume from another state") from None
-    if document.get("version", 0) > STATE_VERSION:
-        raise StateError(f"{folder}: written by a newer Atelier (state version {document['version']}); update "
-                         "Atelier to resume it")
+        raise _damaged(position_file, error) from None
     missing = [name for name in (_TRAINED, "optimizer.pt", "scheduler.pt") if not (folder / name).is_file()]
     if missing:
         raise StateError(f"{folder}: incomplete state, {', '.join(missing)} missing; resume from another state")
     scaler_file = folder / "scaler.pt"
     rng_file = folder / _RNG
     return SavedState(
-        trained=_read_tensors(folder / _TRAINED),
+        trained=_read(load_file, folder / _TRAINED),
         optimizer=load_plain(folder / "optimizer.pt"),
         scheduler=load_plain(folder / "scheduler.pt"),
         scaler=load_plain(scaler_file) if scaler_file.is_file() else None,
         position=position,
         info=document.get("info", {}),
-        rng=_read_rng(rng_file) if rng_file.is_file() else None,
+        rng=_read(read_rng_file, rng_file) if rng_file.is_file() else None,
     )
 
 
@@ -239,15 +245,13 @@ def load_plain(path: Path) -> Any:
                          "another state") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read(reader: Callable[[Any], Any], path: Path) -> Any:
+    """`reader(path)`, a file of tensors; any error means a damaged file (safetensors raises its own type)."""
     try:
-        return load_file(str(path))
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-        raise StateError(f"{path}: damaged ({error}); resume from another state") from None
-
-
-def _read_rng(path: Path) -> dict[str, Any]:
-    try:
-        return read_rng_file(path)
+        return reader(str(path))
     except Exception as error:  # noqa: BLE001 - a damaged file of any kind
-        raise StateError(f"{path}: damaged ({error}); resume from another state") from None
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception) -> StateError:
+    return StateError(f"{path}: damaged ({error}); resume from another state")

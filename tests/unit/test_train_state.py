@@ -3,6 +3,7 @@ scheduler round-trips, generator states round-trip exactly, and a crash mid-save
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -112,6 +113,18 @@ def test_a_damaged_file_is_refused_by_name(tmp_path):
     written = (folder / "optimizer.pt").read_bytes()
     (folder / "optimizer.pt").write_bytes(written[:len(written) // 2])  # a copy cut short
     with pytest.raises(StateError, match=r"optimizer\.pt: damaged"):
+        load_state(folder)
+
+
+@pytest.mark.parametrize(("document", "expected"), [
+    ({"version": 99, "step": 5}, "written by a newer Atelier"),  # a newer format, its position named differently
+    ({"version": "one", "epoch": 1, "batches_done": 0, "global_step": 0}, r"train_state\.json: damaged"),
+    ([1, 2], r"train_state\.json: damaged"),
+])
+def test_the_position_file_is_read_version_first(tmp_path, document, expected):
+    folder = save_state(tmp_path / "lora-state", _tiny_state())
+    (folder / "train_state.json").write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(StateError, match=expected):
         load_state(folder)
 
 
