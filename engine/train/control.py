@@ -113,13 +113,8 @@ class ControlChannel:
         A line without its newline yet is left for the next poll (the writer may be mid-line). Asking twice
         between two polls means the same as asking once, so repeats are dropped.
         """
-        commands: list[str] = []
-        for command in [*self._pending, *self._read_commands()]:
-            if command not in commands:
-                commands.append(command)
-        self._pending = []
-        if "stop" in commands:
-            self.request_stop("stop command")
+        self.check_stop()  # reads the new lines into _pending, and a "stop" among them requests the stop
+        commands, self._pending = list(dict.fromkeys(self._pending)), []
         return commands
 
     def check_stop(self) -> bool:
