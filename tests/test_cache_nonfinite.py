@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import REPO, engine_env, events_of, write_config
+from train_helpers import events_of, run_engine, write_config
 
 from engine.cache.entries import NonFiniteEntry
 from engine.cache.latent_files import load_entry as load_latents
@@ -32,18 +30,13 @@ def poison(path: Path, member: str, value: float = np.nan) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def engine(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=engine_env(), capture_output=True,
-                          text=True, timeout=600)
-
-
 def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_rebuilds_it(tiny_models, tmp_path):
     images = tmp_path / "img"
     shutil.copytree(tiny_models["dataset_img"], images)
     config = write_config(tmp_path / "config.toml", tiny_models, "sd1", training={"max_train_steps": 2},
                           dataset={"train_data_dir": str(images)})
     overrides = ["--set", "training.cache_latents=true", "--set", "training.cache_latents_to_disk=true"]
-    built = engine("cache-latents", str(config), *overrides)
+    built = run_engine("cache-latents", str(config), *overrides)
     assert built.returncode == 0, built.stderr
     entries = sorted(images.rglob("*.npz"))
     assert entries
@@ -54,7 +47,7 @@ def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_
         load_latents(damaged)
     assert str(damaged) in str(refused.value) and "cache-latents" in str(refused.value)
 
-    result = engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run"))
+    result = run_engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     events = events_of(tmp_path / "run")
@@ -64,10 +57,10 @@ def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_
     assert events[-1]["type"] == "done" and not events[-1]["ok"]
     assert not list((tmp_path / "out").glob("*.safetensors"))  # nothing was trained on it
 
-    rebuilt = engine("cache-latents", str(config), *overrides)  # what the message says to do
+    rebuilt = run_engine("cache-latents", str(config), *overrides)  # what the message says to do
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert np.isfinite(load_latents(damaged).latents).all()
-    result = engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run2"))
+    result = run_engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run2"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

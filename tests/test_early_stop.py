@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, engine_env, events_of, write_config
+from train_helpers import REPO, engine_env, events_of, run_engine, write_config
 
 from engine.train.control import control_path, send_command
 from gui.runner import RunManager
@@ -69,8 +69,7 @@ def test_an_earlier_runs_control_file_is_not_replayed(tiny_models, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     send_command(run_dir, "stop")  # left by an earlier run, or written before this one was started
-    result = subprocess.run([sys.executable, "-m", "engine", "train", str(config), "--run-dir", str(run_dir)],
-                            cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=600)
+    result = run_engine("train", str(config), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     done = events_of(run_dir)[-1]
     assert done["type"] == "done" and done["ok"] and not done["stopped"] and done["global_step"] == 2
