@@ -26,8 +26,7 @@ from engine.config.io import (
     config_to_dict,
     deep_merge,
     default_config_dict,
-    is_preset_document,
-    read_document,
+    read_config_document,
     save_config,
 )
 from engine.config.schema import RunConfig
@@ -220,9 +219,7 @@ def config_from_file(path: str | None, roots: FileRoots) -> tuple[dict[str, Any]
         ConfigError: the file is missing or not a valid config; its problems name the fields.
     """
     file = Path(checked_path(path, "Config file", roots))
-    data = read_document(file)
-    if is_preset_document(data):
-        data = deep_merge(default_config_dict(), data["config"])
+    data = read_config_document(file)
     base_dir = file.resolve().parent
     return config_to_dict(_confined(data, roots, base_dir, source=str(file))), base_dir
 

@@ -138,14 +138,18 @@ def load_dataset_file(path: str | Path) -> DatasetFile:
         raise ConfigError(problems_from_validation_error(error, DatasetFile), str(path)) from None
 
 
+def read_config_document(path: str | Path) -> dict[str, Any]:
+    """A run config file as a dict, not yet validated: a TOML config as it is, a JSON preset laid on the defaults."""
+    data = read_document(path)
+    return deep_merge(default_config_dict(), data["config"]) if is_preset_document(data) else data
+
+
 def load_config(
     path: str | Path, overrides: Iterable[str] = (), *, check_packages: bool = True,
 ) -> RunConfig:
     """Read, migrate, override and validate a run config TOML (or a JSON preset/config)."""
     path = Path(path)
-    data = read_document(path)
-    if is_preset_document(data):
-        data = deep_merge(default_config_dict(), data["config"])
+    data = read_config_document(path)
     return validate_config(apply_overrides(data, overrides), source=str(path), base_dir=path.parent,
                            check_packages=check_packages)
 
