@@ -13,7 +13,7 @@ from dataclasses import dataclass
 class FamilyInfo:
     """Facts about one model family (spec §5.1, §5.3)."""
 
-    name: str  # "sd1", "sd2" or "sdxl"
+    name: str  # "sd1", "sd2", "sdxl", "flux1" or "chroma"
     # kohya LoRA prefixes of the text encoders, in the order of LoadedTextEncoders.encoders
     text_encoder_lora_prefixes: tuple[str, ...]
     default_resolution: int
@@ -24,13 +24,27 @@ class FamilyInfo:
     modelspec_implementation: str  # for LoRA files
     latent_scaling_factor: float
     uses_size_conditioning: bool = False  # SDXL's added time ids (original size, crop, target size)
+    # Keys into the registries of the modules that differ per family; those modules look these up and never test a
+    # family name. Adding a family means an entry here plus, where it is new, an entry in the registry it names.
+    objective: str = "ddpm"  # engine.train.objectives: "ddpm" (noise/v prediction) or "flow" (flow matching)
+    unet_naming: str = "diffusers"  # engine.networks.lora_names: "diffusers", "sai" (SDXL) or "bfl" (FLUX blocks)
+    text_encoding: str = "sd"  # engine.models.text_encoding and the trainer's conditioning: "sd", "sdxl", "flux"
+    sampler: str = "sd"  # engine.train.sampling: "sd", "sdxl" or "flux"
+    loader: str = "ldm"  # engine.models.loading: "ldm" (SD checkpoints and pipelines) or "flux"
+    latent_channels: int = 4
+    latent_shift: float = 0.0  # latents are (z - shift) * scaling_factor before the denoiser sees them
+    bucket_multiple: int = 8  # image sides must be multiples of this (FLUX packs 2x2 latent patches: 16 px)
+    model_type: str = ""  # sd-scripts' ss_model_type ("flux", "chroma"); "" writes none
+    # modelspec architecture per variant of the base file (FLUX.1 dev vs schnell), overriding `architecture`
+    variant_architectures: tuple[tuple[str, str], ...] = ()
 
     def base_model_version(self, v_prediction: bool) -> str:
         return self.base_version_v if v_prediction else self.base_version
 
-    def modelspec_architecture(self, v_prediction: bool, kind: str = "lora") -> str:
+    def modelspec_architecture(self, v_prediction: bool, kind: str = "lora", variant: str = "") -> str:
         """e.g. "stable-diffusion-v1/lora"; kind "" gives the bare architecture (full checkpoints)."""
         base = self.architecture_v if v_prediction else self.architecture
+        base = dict(self.variant_architectures).get(variant, base)
         return f"{base}/{kind}" if kind else base
 
     def resolution_for(self, v_prediction: bool) -> int:
@@ -47,7 +61,17 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                       "stable-diffusion-v2-768-v", "diffusers", 0.18215),
     "sdxl": FamilyInfo("sdxl", ("lora_te1", "lora_te2"), 1024, "sdxl_base_v1-0", "sdxl_base_v1-0",
                        "stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base", _SGM, 0.13025,
-                       uses_size_conditioning=True),
+                       uses_size_conditioning=True, unet_naming="sai", text_encoding="sdxl", sampler="sdxl"),
+    # FLUX.1 dev and schnell share an entry: the file tells them apart (guidance_in), spec §1.3 and §5.4.
+    "flux1": FamilyInfo("flux1", ("lora_te1", "lora_te3"), 1024, "flux1", "flux1", "flux-1", "flux-1",
+                        "https://github.com/black-forest-labs/flux", 0.3611, objective="flow", unet_naming="bfl",
+                        text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
+                        bucket_multiple=16, model_type="flux",
+                        variant_architectures=(("dev", "flux-1-dev"), ("schnell", "flux-1-schnell"))),
+    "chroma": FamilyInfo("chroma", ("lora_te3",), 1024, "chroma", "chroma", "chroma", "chroma",
+                         "https://huggingface.co/lodestones/Chroma", 0.3611, objective="flow", unet_naming="bfl",
+                         text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
+                         bucket_multiple=16, model_type="chroma"),
 }
 
 
