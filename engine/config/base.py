@@ -10,13 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 # Keys of `json_schema_extra` that carry UI hints. Documented here because the GUI and docs rely on them.
 #   advanced: folded away in the GUI unless the user opens "advanced".
 #   group:    a sub-heading inside the section (e.g. "noise", "caching").
 #   widget:   overrides the default widget: "folder", "file", "path", "textarea", "slider", "prompts".
 #   unit:     shown after the value ("steps", "px").
-UI_HINT_KEYS = ("advanced", "group", "widget", "unit")
+#   families: the model families the setting applies to (absent: all). The GUI hides it for the others, and a rule
+#             refuses a value other than the default there, so a setting that is shown always does what it says.
+#             On a section it applies to every field of the section.
+UI_HINT_KEYS = ("advanced", "group", "widget", "unit", "families")
 
 
 class StrictModel(BaseModel):
@@ -37,6 +41,7 @@ def setting(
     group: str | None = None,
     widget: str | None = None,
     unit: str | None = None,
+    families: tuple[str, ...] | None = None,
     default_factory: Any = None,
     **constraints: Any,
 ) -> Any:
@@ -49,15 +54,25 @@ def setting(
         group: Optional sub-heading within the section.
         widget: Optional widget override (see UI_HINT_KEYS).
         unit: Optional unit shown after the value.
+        families: The model families (`model.model_family` values) it applies to; None for all.
         default_factory: For mutable defaults (lists, dicts) instead of `default`.
         **constraints: pydantic constraints such as ge, le, gt, lt, min_length, pattern.
     """
     if not description:
         raise ValueError("every setting needs a description for users")
-    hints = {"advanced": advanced}
+    hints: dict[str, Any] = {"advanced": advanced}
     for key, value in (("group", group), ("widget", widget), ("unit", unit)):
         if value is not None:
             hints[key] = value
+    if families is not None:
+        hints["families"] = list(families)  # a list: the hints end up in the JSON Schema
     if default_factory is not None:
         return Field(default_factory=default_factory, description=description, json_schema_extra=hints, **constraints)
     return Field(default, description=description, json_schema_extra=hints, **constraints)
+
+
+def field_families(info: FieldInfo) -> tuple[str, ...] | None:
+    """The families a field (or section) was declared for with `setting(families=...)`; None when it applies to all."""
+    hints = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    families = hints.get("families")
+    return tuple(families) if families is not None else None

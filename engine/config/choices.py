@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Method = Literal["lora", "dreambooth", "finetune", "textual_inversion"]
-ModelFamily = Literal["auto", "sd1", "sd2", "sdxl"]
+ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "chroma"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Attention = Literal["sdpa", "xformers", "none"]
 LossType = Literal["l2", "huber", "smooth_l1", "l1"]
@@ -22,6 +22,10 @@ SavePrecision = Literal["float", "fp16", "bf16"]
 LogWith = Literal["tensorboard", "wandb", "all"]
 DynamoBackend = Literal["no", "inductor", "eager", "aot_eager", "cudagraphs"]
 MaxTokenLength = Literal[75, 150, 225]
+# Flow matching (FLUX.1, Chroma; spec §4.2, §4.4, §4.5).
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+ModelPredictionType = Literal["raw", "additive", "sigma_scaled"]
+WeightingScheme = Literal["uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 ResizeInterpolation = Literal["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"]
 
 LrScheduler = Literal[
@@ -57,6 +61,41 @@ Sampler = Literal[
     "k_dpm_2",
     "k_dpm_2_a",
 ]
+
+# Model families grouped by what applies to them. A setting declares the families it applies to
+# (`setting(..., families=FLUX_FAMILIES)`): the GUI hides it for the others and a rule refuses a changed value there.
+SD_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+FLUX_FAMILIES: tuple[str, ...] = ("flux1", "chroma")
+
+
+@dataclass(frozen=True)
+class FamilyLimits:
+    """What the config rules check per declared model family (detection of "auto" is the loader's job)."""
+
+    label: str  # how messages name the family
+    bucket_multiple: int  # image sides (bucket_reso_steps) must be multiples of this, in pixels
+    text_encoders: tuple[str, ...]  # the text encoders' names, in order
+    max_blocks_to_swap: int = 0  # 0: block swapping is not available for the family
+
+
+FAMILY_LIMITS: dict[str, FamilyLimits] = {
+    # SD1/SD2: three 2x downsamplings of a 1/8 latent -> 64 px; SDXL's UNet has one fewer -> 32 px.
+    "sd1": FamilyLimits("SD1.x", 64, ("CLIP-L",)),
+    "sd2": FamilyLimits("SD2.x", 64, ("OpenCLIP-H",)),
+    "sdxl": FamilyLimits("SDXL", 32, ("CLIP-L", "OpenCLIP-G")),
+    # FLUX packs 2x2 patches of a 1/8 latent -> 16 px (spec §2.2); 19 double + 38 single blocks swap at most
+    # 17 double and 36 single, i.e. blocks_to_swap <= 35 (spec §6.2).
+    "flux1": FamilyLimits("FLUX.1", 16, ("CLIP-L", "T5-XXL"), max_blocks_to_swap=35),
+    "chroma": FamilyLimits("Chroma", 16, ("T5-XXL",), max_blocks_to_swap=35),
+}
+# Before a family is declared ("auto") only what every family accepts is enforced.
+AUTO_BUCKET_MULTIPLE = 32
+
+
+def family_label(name: str) -> str:
+    limits = FAMILY_LIMITS.get(name)
+    return limits.label if limits else name
+
 
 # Which parts of a full model each save format can hold: LoRA and embeddings are single files only.
 SMALL_FILE_FORMATS = ("safetensors", "ckpt", "pt")

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from engine.config.base import field_families
 from engine.config.literals import literal_values
 from engine.config.schema import SECTIONS, RunConfig
 
@@ -41,6 +42,8 @@ class FieldSpec:
     widget: str | None = None
     unit: str | None = None
     item_kind: str | None = None  # for lists: the kind of each item (str, int, float)
+    # The model families it applies to, from the field or its section; () = every family. See `applies_to`.
+    families: tuple[str, ...] = ()
 
     @property
     def section(self) -> str:
@@ -49,6 +52,11 @@ class FieldSpec:
     @property
     def name(self) -> str:
         return self.path.rsplit(".", 1)[-1]
+
+    def applies_to(self, family: str) -> bool:
+        """Whether the field means something for `model.model_family` = family. Everything applies to "auto" (the
+        family is not known yet); the GUI hides a field for families it does not apply to."""
+        return family == "auto" or not self.families or family in self.families
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:
@@ -103,14 +111,18 @@ def _default(info: Any) -> Any:
     return None if info.default is PydanticUndefined else info.default
 
 
-def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[FieldSpec]:
-    """Every leaf parameter of `model` with its full dotted path, in declaration order."""
+def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "",
+                families: tuple[str, ...] = ()) -> list[FieldSpec]:
+    """Every leaf parameter of `model` with its full dotted path, in declaration order; a field's families are its
+    own or, without them, its section's (`families`)."""
     specs = []
     for name, info in model.model_fields.items():
         annotation, optional = _strip_optional(info.annotation)
         path = prefix + name
+        own = field_families(info)
+        applies = own if own is not None else families
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            specs.extend(iter_fields(annotation, path + "."))
+            specs.extend(iter_fields(annotation, path + ".", applies))
             continue
         if name in _LEAF_MODEL_LISTS and typing.get_origin(annotation) is list:
             continue  # inline datasets are edited as a whole (Dataset tab / TOML), not as single fields
@@ -120,7 +132,7 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[Fi
             path=path, kind=_kind(annotation, choices), default=_default(info), description=info.description or "",
             optional=optional, choices=choices, bounds=_bounds(info), advanced=bool(hints.get("advanced")),
             group=hints.get("group"), widget=hints.get("widget"), unit=hints.get("unit"),
-            item_kind=_item_kind(annotation),
+            item_kind=_item_kind(annotation), families=applies,
         ))
     return specs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.config.choices import family_label
 from engine.config.describe import FieldSpec, iter_fields
 from engine.config.schema import SECTIONS, RunConfig
 
@@ -41,6 +42,8 @@ def _allowed(spec: FieldSpec) -> str:
 def _row(spec: FieldSpec) -> str:
     name = spec.path.split(".", 1)[1] if spec.section else spec.path
     level = " *(advanced)*" if spec.advanced else ""
+    if spec.families:
+        level += f" *({', '.join(family_label(name) for name in spec.families)} only)*"
     description = spec.description.replace("|", "\\|")
     allowed = _allowed(spec).replace("|", "\\|")
     return f"| `{name}` | {_toml_value(spec.default)} | {allowed} | {description}{level} |"

@@ -7,11 +7,20 @@ warnings are returned by `config_warnings()` for the CLI and GUI to show.
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
+
+from engine.config.base import field_families
 from engine.config.choices import (
+    AUTO_BUCKET_MULTIPLE,
+    FAMILY_LIMITS,
+    FLUX_FAMILIES,
     FULL_MODEL_FORMATS,
     NETWORK_TYPES,
     OPTIMIZERS,
@@ -19,6 +28,7 @@ from engine.config.choices import (
     WANDB,
     XFORMERS,
     OptionalPackage,
+    family_label,
     module_package,
 )
 from engine.config.dataset import DatasetFile, ResolvedDataset, resolve_datasets, resolve_general_only
@@ -104,12 +114,23 @@ def latent_cache_needs_fixed_images(config: RunConfig, context: RuleContext) -> 
 _CHANGING_CAPTION_KEYS = ("shuffle_caption", "enable_wildcard", "token_warmup_step", *CAPTION_DROPOUT_KEYS)
 
 
+def trains_t5xxl(config: RunConfig) -> bool:
+    """A FLUX LoRA's network_args train_t5xxl (kohya writes it as text, TOML as a boolean)."""
+    value = config.network.network_args.get("train_t5xxl", False)
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
 def _trains_text_encoder(config: RunConfig) -> bool:
     """Whether the text encoder's output changes during training (text_encoder_lr empty = learning_rate)."""
     if config.method == "textual_inversion":
         return True  # the embedding lives inside the text encoder's input
     if config.method == "lora" and config.network.train_unet_only:
         return False
+    if config.model.model_family in FLUX_FAMILIES:
+        if config.method != "lora":
+            return False  # FLUX full fine-tuning trains the transformer only (spec §6.1)
+        if config.model.model_family == "chroma" and not trains_t5xxl(config):
+            return False  # Chroma has no CLIP-L, and its T5 trains only with train_t5xxl
     return config.optimizer.text_encoder_lr != 0
 
 
@@ -120,6 +141,9 @@ def text_encoder_cache_needs_fixed_captions(config: RunConfig, context: RuleCont
     if config.method == "textual_inversion":
         yield Problem("training.cache_text_encoder_outputs", "Textual Inversion trains the text encoder's new "
                       "embedding, so its outputs cannot be cached; turn caching off")
+    elif config.method == "lora" and trains_t5xxl(config) and not config.network.train_unet_only:
+        yield Problem("network.network_args", "train_t5xxl trains T5, whose outputs then cannot be cached; remove "
+                      "train_t5xxl or turn training.cache_text_encoder_outputs off")
     elif _trains_text_encoder(config):
         yield Problem("training.cache_text_encoder_outputs", "cached text-encoder outputs cannot change, but the "
                       "text encoder is being trained; set network.train_unet_only = true (or "
@@ -190,22 +214,193 @@ def format_suits_the_method(config: RunConfig, context: RuleContext) -> Iterator
 
 
 @rule
-def sdxl_only_options(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+def buckets_suit_the_family(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
     family = config.model.model_family
-    if family in ("sd1", "sd2") and config.optimizer.text_encoder2_lr is not None:
-        yield Problem("optimizer.text_encoder2_lr", f"only SDXL has a second text encoder, but model_family is "
-                      f"{family}; remove it")
+    limits = FAMILY_LIMITS.get(family)
+    multiple = limits.bucket_multiple if limits else AUTO_BUCKET_MULTIPLE
     for dataset in context.datasets:
         steps = dataset.params["bucket_reso_steps"]
-        if steps % 64 and family in ("sd1", "sd2"):
-            yield Problem(f"{dataset.path}.bucket_reso_steps", f"{family} needs bucket sides in multiples of 64, "
-                          f"not {steps}; use 64 (only SDXL accepts 32)")
-        elif steps % 32:
-            yield Problem(f"{dataset.path}.bucket_reso_steps", f"{steps} is not a multiple of 32, which every "
-                          "supported model needs; use 64")
+        if not steps % multiple:
+            continue
+        if limits is None:
+            yield Problem(f"{dataset.path}.bucket_reso_steps", f"{steps} is not a multiple of {multiple}, which "
+                          "every supported model accepts; use 64, or set model.model_family (FLUX.1 and Chroma "
+                          "accept multiples of 16)")
+        else:
+            yield Problem(f"{dataset.path}.bucket_reso_steps", f"{limits.label} needs bucket sides in multiples of "
+                          f"{multiple}, not {steps}; use {max(multiple, 64)}")
     if family == "sd1" and config.model.v_parameterization:
         yield Problem("model.v_parameterization", "SD1.x models predict noise; v-prediction is for SD2.x 768-v and "
                       "v-pred SDXL checkpoints", "warning")
+
+
+# What to do instead, for settings that a family does not use (the default message says to set it back).
+_INSTEAD: dict[tuple[str, str], str] = {
+    ("model.vae", "flux"): "FLUX's autoencoder file goes in model.ae",
+    ("model.max_token_length", "flux"): "FLUX's caption length is model.t5xxl_max_token_length",
+    ("model.v_parameterization", "flux"): "FLUX predicts a velocity (see flow.model_prediction_type)",
+    ("model.clip_skip", "flux"): "FLUX uses its text encoders' final outputs",
+    ("model.clip_l", "chroma"): "Chroma has no CLIP-L text encoder",
+    ("optimizer.text_encoder2_lr", "flux"): "FLUX trains its text encoders at optimizer.text_encoder_lr",
+    ("training.min_timestep", "flux"): "FLUX picks noise levels with flow.timestep_sampling",
+    ("training.max_timestep", "flux"): "FLUX picks noise levels with flow.timestep_sampling",
+    ("training.min_snr_gamma", "flux"): "flow matching weights the loss with flow.weighting_scheme",
+    ("training.debiased_estimation_loss", "flux"): "flow matching weights the loss with flow.weighting_scheme",
+    ("sampling.sample_sampler", "flux"): "FLUX samples with its own Euler sampler",
+}
+_FLOW_NOISE = "flow matching draws plain Gaussian noise, so this would do nothing"
+
+
+def _applicability(model: BaseModel, prefix: str = "", families: tuple[str, ...] | None = None,
+                   ) -> Iterator[tuple[str, Any, Any, tuple[str, ...] | None]]:
+    """(path, value, default, families) of every leaf field, a section's families applying to its fields."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        own = field_families(info)
+        applies = own if own is not None else families
+        if isinstance(value, BaseModel):
+            yield from _applicability(value, f"{prefix}{name}.", applies)
+        else:
+            yield f"{prefix}{name}", value, info.get_default(call_default_factory=True), applies
+
+
+def _undo(default: Any) -> str:
+    """How to bring a field back to its default, in the words of a config file."""
+    if default is None:
+        return "remove it"
+    if default == "":
+        return "clear it"
+    if isinstance(default, bool):
+        return f"set it to {str(default).lower()}"
+    return f"set it back to {default!r}"
+
+
+@rule
+def settings_suit_the_family(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    """A setting declared for other families does nothing here: refuse a changed value rather than ignore it."""
+    family = config.model.model_family
+    if family == "auto":
+        return  # nothing is known yet: the loader detects the family
+    kind = "flux" if family in FLUX_FAMILIES else "sd"
+    for path, value, default, families in _applicability(config):
+        if families is None or family in families or value == default:
+            continue
+        names = "/".join(family_label(name) for name in families)
+        why = (_INSTEAD.get((path, family)) or _INSTEAD.get((path, kind))
+               or (_FLOW_NOISE if kind == "flux" and path.startswith("training.") else None))
+        hint = f"{why}; " if why else ""
+        yield Problem(path, f"only {names} models use this, not {family_label(family)} (model.model_family = "
+                      f"'{family}'); {hint}{_undo(default)}")
+
+
+# --- FLUX.1 and Chroma -------------------------------------------------------------------------------------------
+
+# A base model given as one of these is a single transformer file; a folder or a hub id is a diffusers layout that
+# carries its own text encoders and autoencoder (spec §1.5). Decided from the name only: rules do not read files.
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def _is_single_file(location: str) -> bool:
+    return PurePath(location.strip()).suffix.lower() in _SINGLE_FILE_SUFFIXES
+
+
+@rule
+def flux_files_are_given(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    model = config.model
+    family = model.model_family
+    if family not in FLUX_FAMILIES or not _is_single_file(model.pretrained_model_name_or_path):
+        return
+    needed = {"t5xxl": "the T5-XXL text encoder (e.g. t5xxl_fp16.safetensors)",
+              "ae": "the autoencoder (ae.safetensors)"}
+    if family == "flux1":
+        needed = {"clip_l": "the CLIP-L text encoder (clip_l.safetensors)", **needed}
+    for key, what in needed.items():
+        if not getattr(model, key).strip():
+            yield Problem(f"model.{key}", f"a {family_label(family)} single-file model holds only the transformer; "
+                          f"give {what}, or use a diffusers folder as the base model")
+
+
+def installed_torch_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed torch, read from its package metadata without importing it."""
+    try:
+        text = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+# torch.float8_e4m3fn, which fp8_base stores weights in, arrived in torch 2.1.
+_FP8_TORCH = (2, 1)
+
+
+@rule
+def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    training, model = config.training, config.model
+    limits = FAMILY_LIMITS.get(model.model_family)
+    if training.blocks_to_swap and training.cpu_offload_checkpointing:
+        yield Problem("training.cpu_offload_checkpointing", "cannot be combined with blocks_to_swap (both move "
+                      "data between CPU and GPU during the backward pass); keep one")
+    if limits and limits.max_blocks_to_swap and training.blocks_to_swap > limits.max_blocks_to_swap:
+        yield Problem("training.blocks_to_swap", f"{limits.label} can swap at most {limits.max_blocks_to_swap} "
+                      f"blocks, not {training.blocks_to_swap}; use {limits.max_blocks_to_swap} or fewer")
+    if training.cpu_offload_checkpointing and not training.gradient_checkpointing:
+        yield Problem("training.cpu_offload_checkpointing", "offloads gradient checkpointing's activations, so it "
+                      "needs training.gradient_checkpointing = true")
+    fp8 = [key for key in ("fp8_base", "fp8_base_unet") if getattr(model, key)]
+    if fp8 and training.mixed_precision == "no":
+        yield Problem(f"model.{fp8[0]}", "fp8 weights are computed in fp16 or bf16; set training.mixed_precision "
+                      "to 'bf16' (or 'fp16'), or turn fp8 off")
+    if fp8 and context.check_packages:
+        version = installed_torch_version()
+        if version is not None and version < _FP8_TORCH:
+            yield Problem(f"model.{fp8[0]}", f"the installed torch {version[0]}.{version[1]} has no float8_e4m3fn "
+                          "type; update torch to 2.1 or newer, or turn fp8 off")
+
+
+@rule
+def flux_training_fits(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    family = config.model.model_family
+    if family not in FLUX_FAMILIES:
+        return
+    label = family_label(family)
+    if config.method == "textual_inversion":
+        yield Problem("method", f"Textual Inversion is not available for {label}; train a LoRA instead")
+    elif config.method != "lora":
+        if config.optimizer.text_encoder_lr:
+            yield Problem("optimizer.text_encoder_lr", f"{label} full fine-tuning trains only the transformer; "
+                          "leave text_encoder_lr empty, or train a LoRA to adapt the text encoders")
+        if config.training.stop_text_encoder_training:
+            yield Problem("training.stop_text_encoder_training", f"{label} full fine-tuning does not train the text "
+                          "encoders; set it back to 0")
+    if family == "chroma" and not config.model.apply_t5_attn_mask:
+        yield Problem("model.apply_t5_attn_mask", "Chroma is trained with T5's padding hidden; set it to true")
+    if family == "chroma" and config.flow.guidance_scale != 0:
+        yield Problem("flow.guidance_scale", "Chroma is trained with guidance 0; other values are not what it "
+                      "learned", "warning")
+    training = config.training
+    if training.loss_type in ("huber", "smooth_l1") and training.huber_schedule == "snr":
+        yield Problem("training.huber_schedule", f"the snr schedule needs a noise schedule {label}'s flow matching "
+                      "does not have; use 'constant' or 'exponential'")
+
+
+@rule
+def flow_settings_take_effect(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    if config.model.model_family not in FLUX_FAMILIES:
+        return
+    flow = config.flow
+    if flow.model_prediction_type == "sigma_scaled":
+        yield Problem("flow.model_prediction_type", "sigma_scaled (sd-scripts' default) compares an image estimate "
+                      "with the velocity target; 'raw' is how FLUX was trained and is recommended", "warning")
+    shapes_sampling = flow.timestep_sampling == "sigma" and flow.weighting_scheme in ("logit_normal", "mode")
+    weights_loss = flow.model_prediction_type == "sigma_scaled" and flow.weighting_scheme in ("sigma_sqrt", "cosmap")
+    if flow.weighting_scheme not in ("uniform", "none") and not (shapes_sampling or weights_loss):
+        yield Problem("flow.weighting_scheme", f"{flow.weighting_scheme} has no effect here: logit_normal and mode "
+                      "shape timestep_sampling 'sigma', sigma_sqrt and cosmap weight the loss of "
+                      "model_prediction_type 'sigma_scaled'", "warning")
+    if flow.discrete_flow_shift != 3.0 and flow.timestep_sampling not in ("sigma", "shift"):
+        yield Problem("flow.discrete_flow_shift", f"has no effect with timestep_sampling "
+                      f"'{flow.timestep_sampling}' (only 'sigma' and 'shift' use it)", "warning")
 
 
 @rule

@@ -6,16 +6,17 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config.base import StrictModel, setting
-from engine.config.choices import Method
+from engine.config.choices import FLUX_FAMILIES, SD_FAMILIES, Method
 from engine.config.dataset import DatasetSection
 from engine.config.migrations import SCHEMA_VERSION
 from engine.config.rules import Problem, RuleContext, check
+from engine.config.sections_flow import FlowSection
 from engine.config.sections_model import EmbeddingSection, ModelSection, NetworkSection
 from engine.config.sections_output import LaunchSection, LoggingSection, SamplingSection, SavingSection
 from engine.config.sections_training import OptimizerSection, TrainingSection
 
-SECTIONS = ("model", "network", "embedding", "dataset", "optimizer", "training", "saving", "sampling", "logging",
-            "launch")
+SECTIONS = ("model", "network", "embedding", "dataset", "optimizer", "training", "flow", "saving", "sampling",
+            "logging", "launch")
 
 
 class RunConfig(StrictModel):
@@ -28,10 +29,13 @@ class RunConfig(StrictModel):
     )
     model: ModelSection = setting(default_factory=ModelSection, description="The base model.")
     network: NetworkSection = setting(default_factory=NetworkSection, description="The LoRA-family network.")
-    embedding: EmbeddingSection = setting(default_factory=EmbeddingSection, description="The Textual Inversion token.")
+    embedding: EmbeddingSection = setting(default_factory=EmbeddingSection, description="The Textual Inversion token.",
+                                          families=SD_FAMILIES)
     dataset: DatasetSection = setting(default_factory=DatasetSection, description="The training images.")
     optimizer: OptimizerSection = setting(default_factory=OptimizerSection, description="Optimizer and schedule.")
     training: TrainingSection = setting(default_factory=TrainingSection, description="The training loop.")
+    flow: FlowSection = setting(default_factory=FlowSection, families=FLUX_FAMILIES,
+                                description="Flow matching (FLUX.1 and Chroma): noise levels, target and guidance.")
     saving: SavingSection = setting(default_factory=SavingSection, description="Saved files and states.")
     sampling: SamplingSection = setting(default_factory=SamplingSection, description="Sample images.")
     logging: LoggingSection = setting(default_factory=LoggingSection, description="Training logs.")

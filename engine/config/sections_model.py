@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config.base import StrictModel, setting
-from engine.config.choices import MaxTokenLength, ModelFamily, NetworkType
+from engine.config.choices import FLUX_FAMILIES, SD_FAMILIES, MaxTokenLength, ModelFamily, NetworkType
 
 
 class ModelSection(StrictModel):
@@ -15,23 +15,67 @@ class ModelSection(StrictModel):
         "", "Base model: a .safetensors/.ckpt file, a diffusers folder, or a Hugging Face id.", widget="path",
     )
     model_family: ModelFamily = setting(
-        "auto", "Model architecture; 'auto' detects SD1.x, SD2.x or SDXL from the checkpoint's keys.",
+        "auto", "Model architecture: SD1.x, SD2.x, SDXL, FLUX.1 (dev or schnell) or Chroma; 'auto' detects it from "
+        "the checkpoint.",
+    )
+    clip_l: str = setting(
+        "", "FLUX.1's CLIP-L text encoder file (clip_l.safetensors); not needed when the base model is a diffusers "
+        "folder.", widget="path", families=("flux1",),
+    )
+    t5xxl: str = setting(
+        "", "The T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors); not needed when the base model is a "
+        "diffusers folder.", widget="path", families=FLUX_FAMILIES,
+    )
+    ae: str = setting(
+        "", "FLUX's autoencoder file (ae.safetensors), its VAE; not needed when the base model is a diffusers folder.",
+        widget="path", families=FLUX_FAMILIES,
     )
     v_parameterization: bool = setting(
         False, "The model predicts v instead of noise (SD2.x 768-v and v-prediction SDXL models).",
+        families=SD_FAMILIES,
     )
     vae: str = setting("", "A separate VAE file or folder to use instead of the model's own.", widget="path",
-                       advanced=True)
+                       advanced=True, families=SD_FAMILIES)
     no_half_vae: bool = setting(
         False, "Keep the VAE in 32-bit floats; SDXL's VAE produces NaNs in fp16.", advanced=True,
+        families=SD_FAMILIES,
     )
     clip_skip: int = setting(
         1, "Use the text encoder's output this many layers from the end (2 for many anime SD1.5 models).",
-        ge=1, le=12,
+        ge=1, le=12, families=SD_FAMILIES,
     )
     max_token_length: MaxTokenLength = setting(
         75, "Longest caption in tokens; 150 or 225 encodes long captions in 75-token chunks.", advanced=True,
+        families=SD_FAMILIES,
     )
+    t5xxl_max_token_length: int | None = setting(
+        None, "Longest caption T5 reads, in tokens; empty uses 512 (256 for FLUX.1 schnell). Shorter trains faster "
+        "but cuts long captions.", ge=1, le=512, advanced=True, families=FLUX_FAMILIES,
+    )
+    apply_t5_attn_mask: bool = setting(
+        False, "Hide the padding after each caption from the model. Chroma needs it on; for FLUX.1 leave it off, "
+        "as most image generators do not use it.", advanced=True, families=FLUX_FAMILIES,
+    )
+    tokenizer_cache_dir: str = setting(
+        "", "Folder with the CLIP and T5 tokenizers, for a machine without internet; empty uses the model cache "
+        "(downloaded once).", widget="folder", advanced=True, families=FLUX_FAMILIES,
+    )
+    fp8_base: bool = setting(
+        False, "Keep the frozen base model in 8-bit floats (fp8): about half the memory, slightly less exact; for "
+        "FLUX on 24 GB cards and smaller. Needs fp16 or bf16 mixed precision.", families=FLUX_FAMILIES,
+    )
+    fp8_base_unet: bool = setting(
+        False, "Like fp8_base, but only the transformer goes to fp8; the text encoders keep full precision.",
+        advanced=True, families=FLUX_FAMILIES,
+    )
+
+
+def t5xxl_token_length(configured: int | None, variant: str) -> int:
+    """The T5 caption length a run uses: the configured one, else 256 for FLUX.1 schnell and 512 otherwise (dev,
+    Chroma), as sd-scripts resolves it (spec §3.3). `variant` is "dev", "schnell" or "chroma", read from the file."""
+    if configured is not None:
+        return configured
+    return 256 if variant == "schnell" else 512
 
 
 class NetworkSection(StrictModel):

@@ -6,7 +6,9 @@ from pydantic import field_validator
 
 from engine.config.base import StrictModel, setting
 from engine.config.choices import (
+    FLUX_FAMILIES,
     OPTIMIZERS,
+    SD_FAMILIES,
     Attention,
     HuberSchedule,
     LossType,
@@ -47,7 +49,7 @@ class OptimizerSection(StrictModel):
     )
     text_encoder2_lr: float | None = setting(
         None, "SDXL only: learning rate for the second text encoder; empty uses text_encoder_lr.",
-        ge=0.0, le=10.0, advanced=True,
+        ge=0.0, le=10.0, advanced=True, families=("sdxl",),
     )
     optimizer_args: dict[str, OptimizerArg] = setting(
         default_factory=dict, description="Extra optimizer arguments, e.g. {weight_decay = 0.01, betas = [0.9, 0.99]}.",
@@ -110,6 +112,15 @@ class TrainingSection(StrictModel):
     gradient_checkpointing: bool = setting(
         False, "Recompute activations in the backward pass: much less memory, about 20% slower.",
     )
+    blocks_to_swap: int = setting(
+        0, "FLUX: keep this many transformer blocks in CPU memory and move them to the GPU only while they run; "
+        "saves about 0.6 GB of VRAM each, slows training. 0 = off, 35 at most (e.g. 18 for 16 GB, 16+ for 12 GB).",
+        ge=0, le=100, families=FLUX_FAMILIES,
+    )
+    cpu_offload_checkpointing: bool = setting(
+        False, "FLUX: keep gradient checkpointing's saved activations in CPU memory (about 1 GB less VRAM, ~15% "
+        "slower); needs gradient_checkpointing, not with blocks_to_swap.", advanced=True, families=FLUX_FAMILIES,
+    )
     attention: Attention = setting(
         "sdpa", "Attention kernel: PyTorch's SDPA, xformers (needs the gpu extra), or none (plain).", advanced=True,
     )
@@ -128,21 +139,23 @@ class TrainingSection(StrictModel):
                                   group="caching")
     noise_offset: float = setting(
         0.0, "Adds a constant offset to the noise so the model learns very dark and bright images (0.05-0.1).",
-        ge=0.0, le=1.0, advanced=True, group="noise",
+        ge=0.0, le=1.0, advanced=True, group="noise", families=SD_FAMILIES,
     )
     noise_offset_random_strength: bool = setting(
         False, "Use a random noise offset between 0 and noise_offset each step.", advanced=True, group="noise",
+        families=SD_FAMILIES,
     )
     adaptive_noise_scale: float = setting(
         0.0, "Grows the noise offset with each latent's mean; needs noise_offset.", ge=-1.0, le=1.0,
-        advanced=True, group="noise",
+        advanced=True, group="noise", families=SD_FAMILIES,
     )
     multires_noise_iterations: int = setting(
         0, "Multi-resolution (pyramid) noise iterations, 6-10 is typical (0 = off).", ge=0, le=64, advanced=True,
-        group="noise",
+        group="noise", families=SD_FAMILIES,
     )
     multires_noise_discount: float = setting(
         0.3, "Strength falloff of each multi-resolution noise level.", ge=0.0, le=1.0, advanced=True, group="noise",
+        families=SD_FAMILIES,
     )
     ip_noise_gamma: float = setting(
         0.0, "Input-perturbation noise strength, about 0.1 (0 = off).", ge=0.0, le=1.0, advanced=True, group="noise",
@@ -153,7 +166,7 @@ class TrainingSection(StrictModel):
     )
     min_snr_gamma: float = setting(
         0.0, "Min-SNR loss weighting; 5 is the usual value (0 = off).", ge=0.0, le=100.0, advanced=True,
-        group="loss",
+        group="loss", families=SD_FAMILIES,
     )
     loss_type: LossType = setting("l2", "Loss function.", advanced=True, group="loss")
     huber_schedule: HuberSchedule = setting(
@@ -166,17 +179,19 @@ class TrainingSection(StrictModel):
     )
     scale_v_pred_loss_like_noise_pred: bool = setting(
         False, "Weight the v-prediction loss like a noise-prediction loss.", advanced=True, group="loss",
+        families=SD_FAMILIES,
     )
     debiased_estimation_loss: bool = setting(
-        False, "Debiased estimation loss weighting.", advanced=True, group="loss",
+        False, "Debiased estimation loss weighting.", advanced=True, group="loss", families=SD_FAMILIES,
     )
     zero_terminal_snr: bool = setting(
         False, "Rescale the noise schedule to reach pure noise at the last step (use with v-prediction).",
-        advanced=True, group="noise",
+        advanced=True, group="noise", families=SD_FAMILIES,
     )
-    min_timestep: int = setting(0, "Lowest noise timestep trained.", ge=0, le=999, advanced=True, group="noise")
+    min_timestep: int = setting(0, "Lowest noise timestep trained.", ge=0, le=999, advanced=True, group="noise",
+                                families=SD_FAMILIES)
     max_timestep: int = setting(1000, "Highest noise timestep trained (exclusive).", ge=1, le=1000, advanced=True,
-                                group="noise")
+                                group="noise", families=SD_FAMILIES)
     prior_loss_weight: float = setting(
         1.0, "Loss weight of regularization images relative to training images.", ge=0.0, le=100.0,
     )
