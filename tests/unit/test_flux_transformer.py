@@ -328,9 +328,7 @@ def test_masked_text_tokens_do_not_reach_the_image(params: FluxParams) -> None:
 def _loss_and_grads(model: Flux, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     img = inputs["img"].clone().requires_grad_(True)
-    mask = torch.ones(BATCH, TEXT, dtype=torch.bool)
-    mask[1, 3:] = False
-    loss = model(**{**inputs, "img": img}, txt_mask=mask).square().mean()
+    loss = model(**{**inputs, "img": img}).square().mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return loss.detach(), grads | {"<img>": img.grad}
@@ -342,8 +340,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(params: FluxPa
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _random_model(params).train().to(device)
     inputs = {key: value.to(device) for key, value in _inputs(params).items()}
-    if params.chroma:
-        inputs |= {"y": None, "guidance": None}
+    if params.chroma:  # Chroma is trained with the text mask (and its text window); FLUX.1 by default without
+        mask = torch.ones(BATCH, TEXT, dtype=torch.bool, device=device)
+        mask[1, 3:] = False
+        inputs |= {"y": None, "guidance": None, "txt_mask": mask}
     loss, grads = _loss_and_grads(model, inputs)
     model.enable_gradient_checkpointing(cpu_offload=cpu_offload)
     checkpointed_loss, checkpointed_grads = _loss_and_grads(model, inputs)
@@ -385,3 +385,21 @@ def test_model_properties_follow_the_weights() -> None:
     model = Flux(TINY_SCHNELL).to(torch.float16)
     assert model.dtype == torch.float16 and model.device == torch.device("cpu")
     assert model.params is TINY_SCHNELL
+
+
+@pytest.mark.parametrize("params", [TINY_DEV, TINY_CHROMA], ids=["dev", "chroma"])
+def test_bfloat16_model_runs_in_bfloat16(params: FluxParams) -> None:
+    """Timesteps stay float32 (the sinusoid needs it) while weights and tokens are bf16; RoPE and norms widen inside."""
+    model = _random_model(params)
+    inputs = _inputs(params)
+    if params.chroma:
+        inputs |= {"y": None, "guidance": None}
+    half = {
+        key: value.bfloat16() if key in ("img", "txt", "y") and value is not None else value
+        for key, value in inputs.items()
+    }
+    with torch.no_grad():
+        wide = model(**inputs)
+        narrow = model.to(torch.bfloat16)(**half)
+    assert narrow.dtype == torch.bfloat16
+    assert (narrow.float() - wide).abs().max() < 0.1

@@ -229,7 +229,11 @@ def _gelu_mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation with a learned ``scale`` (BFL's name), computed in float32 so bf16 squares stay exact."""
+    """RMS normalisation with a learned ``scale`` (BFL's name).
+
+    All in float32: bf16 squares lose precision, and the scale may be stored in fp8, which does not mix with other
+    dtypes in an elementwise product (sd-scripts multiplies by ``scale.float()`` for the same reason).
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -237,7 +241,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         wide = x.float()
-        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (normed * self.scale.float()).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -515,6 +520,8 @@ class Flux(nn.Module):
         """[B, slots, in_dim]: the timestep and guidance embeddings (a quarter each) and the slot number (a half).
 
         The slot number is embedded like a timestep so that one shared MLP can give every slot its own vector.
+        sd-scripts runs the approximator under no_grad (a workaround noted in its code); here it is an ordinary
+        layer, which costs nothing while it is frozen and lets a full fine-tune train it.
         """
         quarter, slots = self.params.approximator_in_dim // 4, self.params.modulation_slots
         scalars = torch.cat((timestep_embedding(timesteps, quarter), timestep_embedding(guidance, quarter)), dim=-1)
