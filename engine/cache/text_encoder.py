@@ -3,7 +3,9 @@
 Files are ``<image stem>_te_outputs_<family>.npz`` beside the image or under a cache folder (the latent cache's
 folder rule). They hold ``hidden_states`` (float32 [max_token_length + 2, D]), ``pooled`` (SDXL, float32 [P]) and
 ``cache_key``, a JSON string with everything the outputs depend on: the text encoders' identity, the exact caption,
-clip_skip (not for SDXL, which ignores it), max_token_length, family, dtype and the format version. sd-scripts
+clip_skip (SD1/SD2 only), max_token_length (T5's padded length for FLUX), whether T5 saw its padding mask (FLUX),
+family, dtype and the format version. FLUX entries also hold ``mask`` (T5's padding mask, bool [L]); FLUX.1's
+``pooled`` is CLIP-L's pooled output. sd-scripts
 names its SDXL cache ``_te_outputs.npz`` with other keys (spec §3.2), so neither tool reads the other's files.
 
 Caching needs captions that are the same every step: the config rules refuse it with shuffling, tag dropout,
@@ -20,7 +22,7 @@ import json
 import random
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,7 @@ from engine.cache.latent_files import cache_folder
 from engine.data.captions import CaptionOptions, process_caption
 from engine.data.records import ImageRecord, ScanResult
 from engine.files import atomic_write_bytes
+from engine.models.families import family_info
 
 if TYPE_CHECKING:
     from engine.events import Progress
@@ -53,10 +56,11 @@ class TextKey:
     version: int
     encoder: str | None  # LoadedTextEncoders.identity
     caption: str
-    clip_skip: int | None  # None for SDXL, which always takes the penultimate layer
-    max_token_length: int
+    clip_skip: int | None  # None for SDXL and FLUX, which do not use it
+    max_token_length: int  # T5's padded length for FLUX
     family: str
     dtype: str | None
+    t5_attn_mask: bool | None = None  # FLUX: apply_t5_attn_mask (T5 encodes differently with it); None otherwise
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -65,18 +69,20 @@ class TextKey:
     def from_json(cls, text: str) -> TextKey:
         data = json.loads(text)
         names = {item.name for item in fields(cls)}
-        if not isinstance(data, dict) or not names <= set(data):
-            raise ValueError(f"the cache key lacks {sorted(names - set(data or {}))}")
-        return cls(**{name: data[name] for name in names})
+        required = {item.name for item in fields(cls) if item.default is MISSING}
+        if not isinstance(data, dict) or not required <= set(data):
+            raise ValueError(f"the cache key lacks {sorted(required - set(data or {}))}")
+        return cls(**{name: data[name] for name in names if name in data})
 
 
 @dataclass
 class CachedText:
-    """One entry: float32 hidden states [max_token_length + 2, D] and, for SDXL, the pooled embedding."""
+    """One entry: float32 hidden states [L, D], the pooled embedding (SDXL, FLUX.1) and T5's mask (FLUX)."""
 
     hidden_states: np.ndarray
     pooled: np.ndarray | None
     key: TextKey | None = None
+    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,19 @@ def cache_path(image: Path, family: str, cache_dir: Path | None = None) -> Path:
 
 
 def expected_key(caption: str, *, encoder_identity: str | None, clip_skip: int, max_token_length: int,
-                 family: str, dtype: str | None) -> TextKey:
+                 family: str, dtype: str | None, t5xxl_max_token_length: int = 512,
+                 apply_t5_attn_mask: bool = False) -> TextKey:
     """The key an entry for ``caption`` must carry under these settings (identity/dtype None: not checked)."""
-    return TextKey(FORMAT_VERSION, encoder_identity, caption, None if family == "sdxl" else clip_skip,
+    kind = family_info(family).text_encoding
+    if kind == "flux":
+        return TextKey(FORMAT_VERSION, encoder_identity, caption, None, t5xxl_max_token_length, family, dtype,
+                       apply_t5_attn_mask)
+    return TextKey(FORMAT_VERSION, encoder_identity, caption, clip_skip if kind == "sd" else None,
                    max_token_length, family, dtype)
+
+
+# The arrays an entry must hold, by the family's text encoding.
+_REQUIRED_ARRAYS = {"sd": ["hidden_states"], "sdxl": ["hidden_states", "pooled"], "flux": ["hidden_states", "mask"]}
 
 
 # Field → the reason when the stored value differs from the wanted one; the most fundamental first.
@@ -128,6 +143,7 @@ _REASONS: dict[str, Callable[[Any, Any], str]] = {
     "clip_skip": lambda s, w: f"clip_skip changed from {s} to {w}",
     "max_token_length": lambda s, w: f"max_token_length changed from {s} to {w}",
     "dtype": lambda s, w: f"the encoding precision changed from {s} to {w}",
+    "t5_attn_mask": lambda s, w: f"apply_t5_attn_mask changed from {s} to {w}",
 }
 
 
@@ -148,6 +164,8 @@ def write_entry(path: Path, entry: CachedText, key: TextKey) -> None:
               "cache_key": np.asarray(key.to_json())}
     if entry.pooled is not None:
         arrays["pooled"] = np.ascontiguousarray(entry.pooled, dtype=np.float32)
+    if entry.mask is not None:
+        arrays["mask"] = np.ascontiguousarray(entry.mask, dtype=bool)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
@@ -164,7 +182,8 @@ def load_entry(path: Path) -> CachedText:
         with np.load(path, allow_pickle=False) as npz:
             files = set(npz.files)
             key = TextKey.from_json(str(npz["cache_key"])) if "cache_key" in files else None
-            entry = CachedText(npz["hidden_states"], npz["pooled"] if "pooled" in files else None, key)
+            entry = CachedText(npz["hidden_states"], npz["pooled"] if "pooled" in files else None, key,
+                               npz["mask"] if "mask" in files else None)
     except (KeyError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path}: not a complete text-encoder cache file ({error})") from error
     check_finite(path, {"hidden_states": entry.hidden_states, "pooled": entry.pooled}, "text-encoder outputs",
@@ -178,7 +197,7 @@ def entry_status(path: Path, key: TextKey) -> tuple[Status, str]:
     Returns:
         ("ok", ""), ("missing", why), ("stale", what changed) or ("unreadable", what is wrong).
     """
-    required = ["hidden_states", "pooled"] if key.family == "sdxl" else ["hidden_states"]
+    required = _REQUIRED_ARRAYS[family_info(key.family).text_encoding]
     return shared_entry_status(path, key, parse_key=TextKey.from_json, mismatch=key_mismatch, required=required)
 
 
@@ -216,7 +235,8 @@ class _Todo:
 
 
 def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: LoadedTextEncoders, *,
-                             clip_skip: int, max_token_length: int, to_disk: bool = True,
+                             clip_skip: int, max_token_length: int, t5xxl_max_token_length: int = 512,
+                             apply_t5_attn_mask: bool = False, to_disk: bool = True,
                              cache_dir: Path | None = None, batch_size: int = 8, skip_existing: bool = True,
                              progress: Progress | None = None) -> TextCacheReport:
     """Encode the captions of ``records`` with ``loaded``, to disk or into memory.
@@ -225,7 +245,8 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
         records: images with their captions: :class:`TextJob` (from :func:`jobs_from_scan`), or ``ImageRecord``
             whose ``caption`` is used as it is.
         loaded: from ``engine.models.text_encoders.load_text_encoders``; its dtype is the encoding dtype.
-        clip_skip, max_token_length: as for ``engine.models.text_encoding.encode_captions``.
+        clip_skip, max_token_length, t5xxl_max_token_length, apply_t5_attn_mask: as for
+            ``engine.models.text_encoding.encode_captions``.
         to_disk: write ``.npz`` entries (reusing valid ones); False encodes everything into ``report.outputs``.
         cache_dir: a cache folder instead of beside the images.
         batch_size: distinct captions per encoder call.
@@ -241,8 +262,9 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
         unique.setdefault((job.record.path, job.caption), job)
     jobs = list(unique.values())
     dtype = str(next(loaded.encoders[0].parameters()).dtype).removeprefix("torch.")
-    key_of = partial(expected_key, encoder_identity=loaded.identity, clip_skip=clip_skip,
-                     max_token_length=max_token_length, family=loaded.family, dtype=dtype)
+    options = {"clip_skip": clip_skip, "max_token_length": max_token_length,
+               "t5xxl_max_token_length": t5xxl_max_token_length, "apply_t5_attn_mask": apply_t5_attn_mask}
+    key_of = partial(expected_key, encoder_identity=loaded.identity, family=loaded.family, dtype=dtype, **options)
     path_of = partial(cache_path, family=loaded.family, cache_dir=cache_dir) if to_disk else None
     report = TextCacheReport(total=len(jobs), outputs=None if to_disk else {})
     by_caption: dict[str, list[_Todo]] = {}
@@ -251,7 +273,7 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
     captions = sorted(by_caption)
     for start in range(0, len(captions), max(1, batch_size)):
         batch = captions[start:start + max(1, batch_size)]
-        for caption, entry in zip(batch, _encode(loaded, batch, clip_skip, max_token_length), strict=True):
+        for caption, entry in zip(batch, _encode(loaded, batch, options), strict=True):
             for item in by_caption[caption]:
                 _store(item, entry, report, progress)
     return report
@@ -280,16 +302,18 @@ def _plan(jobs: list[TextJob], key_of: Callable[[str], TextKey], path_of: Callab
     return todo
 
 
-def _encode(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max_token_length: int) -> list[CachedText]:
+def _encode(loaded: LoadedTextEncoders, captions: list[str], options: dict[str, Any]) -> list[CachedText]:
     import torch
 
     from engine.models.text_encoding import encode_captions
 
     with torch.no_grad():
-        encoded = encode_captions(loaded, captions, clip_skip=clip_skip, max_token_length=max_token_length)
+        encoded = encode_captions(loaded, captions, **options)
     hidden = encoded.hidden_states.float().cpu().numpy()
     pooled = None if encoded.pooled is None else encoded.pooled.float().cpu().numpy()
-    return [CachedText(hidden[i], None if pooled is None else pooled[i]) for i in range(len(captions))]
+    mask = None if encoded.mask is None else encoded.mask.bool().cpu().numpy()
+    return [CachedText(hidden[i], None if pooled is None else pooled[i], None, None if mask is None else mask[i])
+            for i in range(len(captions))]
 
 
 def _store(item: _Todo, entry: CachedText, report: TextCacheReport, progress: Progress | None) -> None:
@@ -298,7 +322,7 @@ def _store(item: _Todo, entry: CachedText, report: TextCacheReport, progress: Pr
               f"{item.job.record.path}: the text encoder produced NaN/inf outputs for its caption (fp16 overflow? "
               "train in float32 or bf16: training.mixed_precision)")
         return
-    entry = CachedText(entry.hidden_states, entry.pooled, item.key)
+    entry = CachedText(entry.hidden_states, entry.pooled, item.key, entry.mask)
     if item.path is None:
         report.outputs[item.job.record.path] = entry  # type: ignore[index]
     else:

@@ -35,6 +35,7 @@ class FamilyInfo:
     latent_shift: float = 0.0  # latents are (z - shift) * scaling_factor before the denoiser sees them
     bucket_multiple: int = 8  # image sides must be multiples of this (FLUX packs 2x2 latent patches: 16 px)
     model_type: str = ""  # sd-scripts' ss_model_type ("flux", "chroma"); "" writes none
+    kohya_network_module: str = "networks.lora"  # ss_network_module of our kohya-format LoRA files
     # modelspec architecture per variant of the base file (FLUX.1 dev vs schnell), overriding `architecture`
     variant_architectures: tuple[tuple[str, str], ...] = ()
 
@@ -66,12 +67,12 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
     "flux1": FamilyInfo("flux1", ("lora_te1", "lora_te3"), 1024, "flux1", "flux1", "flux-1", "flux-1",
                         "https://github.com/black-forest-labs/flux", 0.3611, objective="flow", unet_naming="bfl",
                         text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
-                        bucket_multiple=16, model_type="flux",
+                        bucket_multiple=16, model_type="flux", kohya_network_module="networks.lora_flux",
                         variant_architectures=(("dev", "flux-1-dev"), ("schnell", "flux-1-schnell"))),
     "chroma": FamilyInfo("chroma", ("lora_te3",), 1024, "chroma", "chroma", "chroma", "chroma",
                          "https://huggingface.co/lodestones/Chroma", 0.3611, objective="flow", unet_naming="bfl",
                          text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
-                         bucket_multiple=16, model_type="chroma"),
+                         bucket_multiple=16, model_type="chroma", kohya_network_module="networks.lora_flux"),
 }
 
 

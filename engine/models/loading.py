@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.models.ldm_checkpoint import FAMILIES
+from engine.models.families import FAMILY_INFO, family_info
 from engine.models.single_file import (
     SINGLE_FILE_SUFFIXES,
     ModelLoadError,
@@ -81,7 +81,8 @@ class LoadedModel:
 
 
 def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Path = "", dtype: Any = None,
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", clip_l: str | Path = "", t5xxl: str | Path = "", ae: str | Path = "",
+               tokenizer_cache_dir: str | Path = "", fp8: bool = False) -> LoadedModel:
     """Load the base model at ``location`` (diffusers folder, single file or hub id).
 
     Args:
@@ -90,6 +91,8 @@ def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Pa
         vae_path: ``model.vae``: a separate VAE file or folder ("" = the model's own).
         dtype: torch dtype for every module (default float32). Identities are taken from the float32 weights first.
         device: where to put the modules.
+        clip_l, t5xxl, ae, tokenizer_cache_dir, fp8: FLUX.1 / Chroma only (``model.clip_l`` ...): the separate
+            component files, where the T5 tokenizer is, and whether to keep the transformer in float8.
 
     Returns:
         The loaded model.
@@ -98,10 +101,44 @@ def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Pa
         ModelLoadError: a missing path, a file that is a LoRA or an embedding, a layout that is no SD model, a
             family that contradicts ``family``, or a hub id that is not available; the message says what to do.
     """
-    if family != "auto" and family not in FAMILIES:
-        raise ModelLoadError(f"unknown model family {family!r}; use one of auto, {', '.join(FAMILIES)}")
+    if family != "auto" and family not in FAMILY_INFO:
+        raise ModelLoadError(f"unknown model family {family!r}; use one of auto, {', '.join(FAMILY_INFO)}")
+    if _loader_kind(str(location), family) == "flux":
+        from engine.models.flux.loading import load_flux_model
+
+        return load_flux_model(location, family=family, clip_l=clip_l, t5xxl=t5xxl, ae=ae,
+                               tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype, device=device, fp8=fp8)
     kind, path = _locate(str(location))
     return _LOADERS[kind](path, _Request(str(location), family, str(vae_path or ""), dtype, device))
+
+
+# model_index.json pipeline classes of the families the "flux" loader reads
+_FLUX_PIPELINES = {"FluxPipeline": "flux1", "ChromaPipeline": "chroma"}
+
+
+def _flux_family(location: str) -> str | None:
+    """"flux1" / "chroma" when ``location`` holds a FLUX-layout model (header or model_index.json only)."""
+    path = Path(location).expanduser()
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from engine.models.flux.loading import detect_flux_file
+
+        return detect_flux_file(path)
+    if not path.is_dir() and looks_like_hub_id(location):
+        try:
+            path = _hub_folder(location, download=False)
+        except ModelLoadError:
+            return None
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return _FLUX_PIPELINES.get(index.get("_class_name", "")) if isinstance(index, dict) else None
+
+
+def _loader_kind(location: str, family: str) -> str:
+    if family != "auto":
+        return family_info(family).loader
+    return "flux" if _flux_family(location) else "ldm"
 
 
 def detect_model_family(location: str | Path) -> str:
@@ -110,6 +147,9 @@ def detect_model_family(location: str | Path) -> str:
     Raises:
         ModelLoadError: as :func:`load_model`, for what can be told without loading.
     """
+    flux = _flux_family(str(location))
+    if flux:
+        return flux
     kind, path = _locate(str(location), download=False)
     if kind == "file":
         return file_family(read_header(path))

@@ -14,6 +14,10 @@ Which layer:
 * SDXL: the penultimate hidden states of both encoders, without the final norm, concatenated on the feature axis
   (as SDXL was trained and as sd-scripts and diffusers do); **clip_skip is ignored**. The pooled embedding is
   encoder 2's projected EOS state of the first chunk.
+* FLUX.1 and Chroma (``engine.models.flux.text``): T5-XXL's last hidden states padded to ``t5xxl_max_token_length``
+  with the padding mask, and CLIP-L's pooled output (FLUX.1 only); clip_skip and max_token_length do not apply.
+
+Which of these a family uses is its ``FamilyInfo.text_encoding`` (``_ENCODERS`` below), never its name.
 
 Grad mode is the caller's: caching wraps this in ``torch.no_grad()``; a trainer may backpropagate through it.
 """
@@ -28,7 +32,10 @@ if TYPE_CHECKING:
 
     from engine.models.text_encoders import LoadedTextEncoders
 
-__all__ = ["CHUNK_TOKENS", "MAX_TOKEN_LENGTHS", "EncodedText", "encode_captions", "tokenize_chunks"]
+from engine.models.families import family_info
+
+__all__ = ["CHUNK_TOKENS", "MAX_TOKEN_LENGTHS", "EncodedText", "encode_captions", "encoding_options",
+           "tokenize_chunks"]
 
 CHUNK_TOKENS = 75  # caption tokens per CLIP pass: 77 positions minus BOS and EOS
 MAX_TOKEN_LENGTHS = (75, 150, 225)
@@ -40,22 +47,42 @@ class EncodedText:
 
     Attributes:
         hidden_states: [B, max_token_length + 2, D]; D is the encoder width (SD1/SD2) or both widths (SDXL).
-        pooled: [B, projection dim] of SDXL's second encoder; None for SD1/SD2.
+        pooled: [B, projection dim] of SDXL's second encoder, or CLIP-L's pooled output for FLUX.1; None for SD1/SD2
+            and Chroma.
+        mask: [B, L] bool, True at real tokens: T5's padding mask (FLUX.1, Chroma); None for the CLIP families.
     """
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None
+    mask: torch.Tensor | None = None
 
 
-def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_skip: int,
-                    max_token_length: int) -> EncodedText:
+# sd-scripts' T5 length when the config leaves it unset: 256 for schnell, 512 otherwise (spec §3.3).
+_T5_LENGTH_BY_VARIANT = {"schnell": 256}
+_DEFAULT_T5_LENGTH = 512
+
+
+def encoding_options(model_section: Any, variant: str = "") -> dict[str, Any]:
+    """The keyword arguments of :func:`encode_captions` for a config's ``model`` section and the loaded variant."""
+    length = getattr(model_section, "t5xxl_max_token_length", None) or \
+        _T5_LENGTH_BY_VARIANT.get(variant, _DEFAULT_T5_LENGTH)
+    return {"clip_skip": model_section.clip_skip, "max_token_length": model_section.max_token_length,
+            "t5xxl_max_token_length": int(length),
+            "apply_t5_attn_mask": bool(getattr(model_section, "apply_t5_attn_mask", False))}
+
+
+def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_skip: int = 1,
+                    max_token_length: int = 75, t5xxl_max_token_length: int = _DEFAULT_T5_LENGTH,
+                    apply_t5_attn_mask: bool = False) -> EncodedText:
     """Encode ``captions`` as sd-scripts does for training (see the module docstring).
 
     Args:
         loaded: from ``engine.models.text_encoders.load_text_encoders``.
         captions: the processed captions, one per image.
-        clip_skip: 1 = the last layer, 2 = the one before, ... (SD1/SD2); ignored for SDXL.
-        max_token_length: 75, 150 or 225 caption tokens; longer captions are truncated.
+        clip_skip: 1 = the last layer, 2 = the one before, ... (SD1/SD2); ignored for SDXL and FLUX.
+        max_token_length: 75, 150 or 225 caption tokens; longer captions are truncated (CLIP families).
+        t5xxl_max_token_length: T5's padded length (FLUX families); see :func:`encoding_options` for the default.
+        apply_t5_attn_mask: pass the padding mask to T5's attention (FLUX families).
 
     Returns:
         Hidden states [B, max_token_length + 2, D] and, for SDXL, pooled embeddings.
@@ -63,10 +90,17 @@ def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_ski
     Raises:
         ValueError: an unsupported max_token_length, or a clip_skip outside 1..number of layers.
     """
+    kind = family_info(loaded.family).text_encoding
+    if kind == "flux":
+        from engine.models.flux.text import encode_flux
+
+        return encode_flux(loaded, captions, max_length=t5xxl_max_token_length, apply_mask=apply_t5_attn_mask)
     if max_token_length not in MAX_TOKEN_LENGTHS:
         raise ValueError(f"max_token_length must be one of {MAX_TOKEN_LENGTHS}, not {max_token_length}")
-    if loaded.family == "sdxl":
-        return _encode_sdxl(loaded, captions, max_token_length)
+    return _ENCODERS[kind](loaded, captions, clip_skip, max_token_length)
+
+
+def _encode_sd(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max_token_length: int) -> EncodedText:
     tokenizer, encoder = loaded.tokenizers[0], loaded.encoders[0]
     layers = encoder.config.num_hidden_layers
     if not 1 <= clip_skip <= layers:
@@ -125,7 +159,8 @@ def _final_norm(encoder: Any) -> Any:
     return getattr(encoder, "text_model", encoder).final_layer_norm
 
 
-def _encode_sdxl(loaded: LoadedTextEncoders, captions: list[str], max_token_length: int) -> EncodedText:
+def _encode_sdxl(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int,
+                 max_token_length: int) -> EncodedText:
     import torch
 
     states, pooled = [], None
@@ -153,3 +188,6 @@ def _pooled(encoder: Any, last_hidden_state: torch.Tensor, ids: torch.Tensor, eo
     first_eos = (ids == eos).int().argmax(dim=1)
     states = last_hidden_state[torch.arange(ids.shape[0], device=ids.device), first_eos]
     return encoder.text_projection(states.to(encoder.text_projection.weight.dtype)).to(last_hidden_state.dtype)
+
+
+_ENCODERS = {"sd": _encode_sd, "sdxl": _encode_sdxl}

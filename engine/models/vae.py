@@ -63,6 +63,7 @@ class LoadedVae:
         family: "sd1", "sd2" or "sdxl": which diffusion model the latents are for.
         scaling_factor: what training multiplies the (unscaled, cached) latents by.
         source: the file, folder or hub id the weights came from.
+        shift_factor: subtracted from the latents before scaling (FLUX's AE: 0.1159; 0 for SD).
     """
 
     vae: AutoencoderKL
@@ -70,6 +71,15 @@ class LoadedVae:
     family: str
     scaling_factor: float
     source: str
+    shift_factor: float = 0.0
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the denoiser sees: (z − shift)·scale, from the AE's raw (cached) latents z."""
+        return (latents - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`, before decoding."""
+        return latents / self.scaling_factor + self.shift_factor
 
 
 @dataclass

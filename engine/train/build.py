@@ -67,10 +67,9 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
         config=config, base_dir=base_dir, run_dir=run_dir, output_dir=output_dir,
         output_name=output_name, accelerator=accelerator, log=log, scan=scan, model=model,
         method=method, dataset=dataset, sampler=sampler, schedule=schedule, optimizer=built.optimizer,
-        built_optimizer=built, lr_scheduler=lr_scheduler, noise_scheduler=None, weight_dtype=dtype, facts=None,
+        built_optimizer=built, lr_scheduler=lr_scheduler, weight_dtype=dtype, facts=None,
         text_cached=texts is not None, latents_cached=latents is not None,
     )
-    session.noise_scheduler = make_noise(config)
     session.facts = training_facts(session)
     return session
 
@@ -117,9 +116,13 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
     if not location:
         raise RunInputError("no base model is set", "set model.pretrained_model_name_or_path to a .safetensors "
                             "file, a diffusers folder or a hub id", "model.pretrained_model_name_or_path")
-    vae = model_location(config.model.vae, base_dir)
+    section = config.model
+    vae = model_location(section.vae, base_dir)
+    files = {name: model_location(getattr(section, name), base_dir) for name in ("clip_l", "t5xxl", "ae")}
     try:
-        model = load_model(location, family=config.model.model_family, vae_path=vae)
+        model = load_model(location, family=section.model_family, vae_path=vae, **files,
+                           tokenizer_cache_dir=model_location(section.tokenizer_cache_dir, base_dir),
+                           fp8=section.fp8_base or section.fp8_base_unet)
     except ModelLoadError as error:
         raise RunInputError(str(error), "check model.pretrained_model_name_or_path and model.model_family",
                             "model.pretrained_model_name_or_path") from error
@@ -165,6 +168,7 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
 
 def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: Any, log: RunLog) -> dict:
     from engine.cache.text_encoder import build_text_encoder_cache, jobs_from_scan
+    from engine.models.text_encoding import encoding_options
 
     try:
         jobs = jobs_from_scan(scan)
@@ -174,8 +178,8 @@ def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: An
     for encoder in model.text.encoders:
         torch.nn.Module.to(encoder, device=accelerator.device)
     with torch.no_grad():
-        report = build_text_encoder_cache(jobs, model.text, clip_skip=config.model.clip_skip,
-                                          max_token_length=config.model.max_token_length, to_disk=False)
+        options = encoding_options(config.model, model.scheduler_config.get("variant", ""))
+        report = build_text_encoder_cache(jobs, model.text, **options, to_disk=False)
     for image, message in report.failed:  # e.g. NaN outputs: training on them would make the loss NaN
         raise RunInputError(message, "fix the caption or turn training.cache_text_encoder_outputs off", str(image))
     log.line(f"text encoder outputs: {report.summary()}")
@@ -232,13 +236,6 @@ def build_optimization(config: RunConfig, method: Any, schedule: Any, accelerato
     # trainer itself, and the schedule is stepped once per update whatever the process count.
     built.optimizer = accelerator.prepare_optimizer(built.optimizer)
     return built, scheduler
-
-
-def make_noise(config: RunConfig) -> Any:
-    from engine.train.noise import make_noise_scheduler
-
-    return make_noise_scheduler(v_prediction=config.model.v_parameterization,
-                                zero_terminal_snr=config.training.zero_terminal_snr)
 
 
 def training_facts(session: Session) -> Any:

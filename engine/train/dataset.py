@@ -134,6 +134,8 @@ class TrainingDataset(torch.utils.data.Dataset):
             item["hidden_states"] = torch.from_numpy(np.asarray(text.hidden_states, dtype=np.float32))
             if text.pooled is not None:
                 item["pooled"] = torch.from_numpy(np.asarray(text.pooled, dtype=np.float32))
+            if text.mask is not None:
+                item["text_mask"] = torch.from_numpy(np.asarray(text.mask, dtype=bool))
         else:
             item["caption"] = process_caption(record.caption, example.captions, rng=rng, epoch=key.epoch,
                                               step=key.step, max_train_steps=self.max_train_steps)

@@ -42,99 +42,45 @@ def micro_seed(seed: int, epoch: int, position: int, rank: int) -> int:
 
 
 class StepRunner:
-    """Forward and backward of one micro-batch, and the update after the last one of a group."""
+    """Forward and backward of one micro-batch, and the update after the last one of a group.
+
+    What differs per family (noise, target, the denoiser's call, its conditioning) comes from the family's
+    objective (engine.train.objectives) and conditioning builder (engine.train.conditioning).
+    """
 
     def __init__(self, session: Session):
-        from engine.train.losses import LossSettings, snr_table
-        from engine.train.noise import NoiseSettings
+        from engine.train.objectives import make_objective
 
         self.session = session
-        config = session.config
-        self.noise_settings = NoiseSettings.from_config(config.training)
-        self.loss_settings = LossSettings.from_config(config.training, config.model.v_parameterization)
-        self.snr = snr_table(session.noise_scheduler).to(session.device)
+        self.objective = make_objective(session)
         self.parameters = session.method.trainable_parameters()
 
     def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> float:
         """Loss of one micro-batch (unscaled, for reporting); gradients are accumulated, divided by `accumulation`."""
-        from engine.train.losses import batch_loss
-        from engine.train.noise import training_target
+        from engine.train.conditioning import batch_conditioning
 
         session = self.session
         torch.manual_seed(seed)  # dropout in the network and the text encoders, VAE sampling
         latents = self._latents(batch)
-        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
-        conditioning = self._conditioning(batch)
-        with session.accelerator.autocast():
-            prediction = session.model.unet(noisy.to(session.weight_dtype), timesteps, **conditioning).sample
-        target = training_target(session.noise_scheduler, latents, noise, timesteps,
-                                 session.config.model.v_parameterization)
-        weights = batch["loss_weight"].to(latents.device)
-        loss = batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
+        loss = self.objective.loss(latents, batch_conditioning(session, batch), batch)
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLoss(step, value, batch.get("image"))
         session.accelerator.backward(loss / accumulation)
         return value
 
-    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Noise, timestep and noisy latents drawn per sample from the sample's own seed.
-
-        Per sample rather than per batch, so that a sample gets the same noise whether it is trained by one process
-        in a batch of 2b or by one of two processes in a batch of b (and in any position of the batch).
-        """
-        from engine.train.noise import noisy_latents, sample_noise, sample_timesteps
-
-        scheduler, settings = self.session.noise_scheduler, self.noise_settings
-        noises, steps, noisy = [], [], []
-        for index, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            sample = latents[index:index + 1]
-            noise = sample_noise(sample, settings, generator)
-            timestep = sample_timesteps(1, settings, sample.device, generator)
-            noisy.append(noisy_latents(scheduler, sample, noise, timestep, settings, generator))
-            noises.append(noise)
-            steps.append(timestep)
-        return torch.cat(noises), torch.cat(steps), torch.cat(noisy)
-
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's latents as the denoiser sees them (shifted and scaled), float32 on the device."""
         session = self.session
-        scaling = session.model.vae.scaling_factor
+        loaded = session.model.vae
         if "latents" in batch:
-            return batch["latents"].to(session.device, torch.float32) * scaling
-        vae = session.model.vae.vae
+            return loaded.normalize(batch["latents"].to(session.device, torch.float32))
+        vae = loaded.vae
         parameter = next(vae.parameters())
         with torch.no_grad():
             pixels = batch["pixels"].to(parameter.device, parameter.dtype)
             latents = vae.encode(pixels).latent_dist.sample(generator=None)
-        return latents.to(session.device, torch.float32) * scaling
-
-    def _conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from engine.models.text_encoding import encode_captions
-
-        session = self.session
-        device, dtype = session.device, session.weight_dtype
-        if "hidden_states" in batch:
-            hidden, pooled = batch["hidden_states"], batch.get("pooled")
-        else:
-            config = session.config
-            prepare = getattr(session.method, "prepare_captions", None)
-            captions = prepare(batch["caption"]) if prepare is not None else batch["caption"]
-            # Asked every step: DreamBooth stops training the text encoder part-way through a run.
-            trains_text = any(session.method.trains_text_encoders)
-            with torch.set_grad_enabled(trains_text), session.accelerator.autocast():
-                encoded = encode_captions(session.model.text, captions, clip_skip=config.model.clip_skip,
-                                          max_token_length=config.model.max_token_length)
-            hidden, pooled = encoded.hidden_states, encoded.pooled
-        conditioning: dict[str, Any] = {"encoder_hidden_states": hidden.to(device, dtype)}
-        if session.model.family == "sdxl":
-            time_ids = [list(o) + list(c) + list(t) for o, c, t in
-                        zip(batch["original_size"], batch["crop_top_left"], batch["target_size"], strict=True)]
-            conditioning["added_cond_kwargs"] = {
-                "text_embeds": pooled.to(device, dtype),
-                "time_ids": torch.tensor(time_ids, device=device, dtype=dtype),
-            }
-        return conditioning
+        return loaded.normalize(latents.to(session.device, torch.float32))
 
     def update(self) -> list[float]:
         """Average gradients across processes, clip, step the optimizer and the schedule; returns the lrs used."""

@@ -250,7 +250,8 @@ def _resize_mask(mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, sample_weights: torch.Tensor,
-               settings: LossSettings, table: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+               settings: LossSettings, table: torch.Tensor | None, *,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar loss of one batch, reduced as sd-scripts does.
 
     Args:
@@ -259,17 +260,26 @@ def batch_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
         timesteps: the batch's timesteps, [B].
         sample_weights: per-sample loss weights, [B] (prior_loss_weight for regularization images, else 1).
         settings: the loss options.
-        table: :func:`snr_table` of the trained scheduler.
+        table: :func:`snr_table` of the trained scheduler; None for flow matching, which has no SNR table: its
+            ``timesteps`` are σ·1000 (floats), the SNR-based weights do not apply and the Huber "snr" schedule is
+            refused (sd-scripts raises too, spec FLUX §4.7).
         mask: optional alpha mask, [B, H, W] or [B, 1, H, W] at any size; the loss is multiplied by it before
             the mean over C, H, W (not renormalised by the mask's area, as in sd-scripts).
     """
     c = None
     if settings.loss_type in _NEEDS_C:
-        c = HUBER_SCHEDULES[settings.huber_schedule](settings, timesteps, table)
+        if table is None and settings.huber_schedule == "snr":
+            raise ValueError("huber_schedule 'snr' needs a noise schedule with an SNR; use constant or exponential")
+        steps_table = table if table is not None else torch.zeros(_FLOW_STEPS)
+        c = HUBER_SCHEDULES[settings.huber_schedule](settings, timesteps, steps_table)
     loss = element_loss(pred, target, settings.loss_type, c)
     if mask is not None:
         loss = loss * _resize_mask(mask, loss)
     loss = loss.mean(dim=tuple(range(1, loss.ndim)))
     loss = loss * sample_weights.to(loss)
-    loss = loss * snr_weights(timesteps, settings, table).to(loss.device)
+    if table is not None:
+        loss = loss * snr_weights(timesteps, settings, table).to(loss.device)
     return loss.mean()
+
+
+_FLOW_STEPS = 1000  # flow timesteps are σ·1000: the exponential Huber schedule divides by this

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from engine.config.choices import NETWORK_TYPES
+from engine.models.families import family_info
 from engine.networks.lycoris_network import lycoris_network
 from engine.train.method_full import FullModelMethod
 from engine.train.method_ti import TextualInversionMethod
@@ -85,7 +86,8 @@ class LoraMethod:
         self.trains_text_encoders = [lr > 0 and not section.train_unet_only and not caches_text
                                      for lr in rates.text_encoders]
         backend = NETWORK_TYPES[section.network_type].backend
-        self.network_module = NETWORK_MODULES[backend]
+        self.network_module = NETWORK_MODULES[backend] if backend != "kohya" else \
+            family_info(model.family).kohya_network_module
         self.network = NETWORK_BUILDERS[backend](config, model, self.trains_unet, self.trains_text_encoders)
         if section.network_weights:
             self._load_start_weights(base_dir / section.network_weights)

@@ -1,9 +1,11 @@
 """Sample images during training (spec §7): prompts, sd-scripts' samplers, and generation that leaves no trace.
 
 Generation goes through diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` built around the
-modules being trained (nothing copied or reloaded), with prompts encoded by our ``encode_captions`` so samples see
-the same chunking and clip_skip as training. Sampling must not change the run: the global RNGs, every module's
-train/eval flag and the VAE's device are put back afterwards, so a run with samples trains exactly like one without.
+modules being trained (nothing copied or reloaded), or for FLUX.1 and Chroma through our flow-matching Euler sampler
+(``engine.train.flux_sampling``, FLUX spec §7); which one is the family's ``FamilyInfo.sampler``. Prompts are
+encoded by our ``encode_captions`` so samples see the same chunking and clip_skip as training. Sampling must not
+change the run: the global RNGs, every module's train/eval flag and the VAE's device are put back afterwards, so a
+run with samples trains exactly like one without.
 
 Importing this module is cheap (no torch, no diffusers): the config and GUI side can use :func:`sample_requests`.
 """
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from engine.config.prompts import load_prompt_file, parse_prompt_line
 from engine.config.sections_output import SamplingSection
 from engine.files import atomic_write_bytes
+from engine.models.families import family_info
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +105,20 @@ def make_sample_scheduler(name: str, *, v_prediction: bool) -> Any:
 
 DEFAULT_STEPS = 30
 DEFAULT_SCALE = 7.5
+DEFAULT_GUIDANCE = 3.5  # FLUX's embedded guidance (--g), sd-scripts' default
+
+
+@dataclass(frozen=True)
+class _PromptDefaults:
+    steps: int
+    scale: float  # CFG scale (--l); 1.0 turns CFG off for FLUX
+    size_multiple: int  # sizes are floored to a multiple of this
+
+
+# By FamilyInfo.sampler: sd-scripts' defaults for its SD and FLUX sampling (spec §7, FLUX spec §7).
+_PROMPT_DEFAULTS = {"sd": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 8),
+                    "sdxl": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 8),
+                    "flux": _PromptDefaults(20, 1.0, 16)}
 
 
 @dataclass(frozen=True)
@@ -116,14 +133,17 @@ class SampleRequest:
     steps: int
     scale: float
     sampler: str
+    guidance: float = DEFAULT_GUIDANCE  # FLUX's embedded guidance; SD ignores it
 
 
-def sample_requests(section: SamplingSection, base_dir: Path, *, default_size: int) -> list[SampleRequest]:
+def sample_requests(section: SamplingSection, base_dir: Path, *, default_size: int,
+                    family: str = "sd1") -> list[SampleRequest]:
     """The sample requests of a run: the prompt file when one is set (relative to ``base_dir``), else the prompts.
 
     Values missing from a prompt take sd-scripts' defaults: ``default_size`` (the family's native resolution),
-    30 steps, CFG scale 7.5, the section's sampler and a random seed. Sizes are floored to multiples of 8
-    (at least 64) and steps clamped to 1..1000, as sd-scripts does, for .toml/.json entries too.
+    30 steps, CFG scale 7.5, the section's sampler and a random seed (FLUX: 20 steps, CFG 1.0 = off, guidance
+    3.5). Sizes are floored to multiples of 8 (16 for FLUX; at least 64) and steps clamped to 1..1000, as
+    sd-scripts does, for .toml/.json entries too.
 
     Raises:
         FileNotFoundError: the prompt file does not exist.
@@ -139,13 +159,14 @@ def sample_requests(section: SamplingSection, base_dir: Path, *, default_size: i
     requests = []
     for number, entry in enumerate(entries, start=1):
         try:
-            requests.append(_request(entry, section.sample_sampler, default_size))
+            requests.append(_request(entry, section.sample_sampler, default_size,
+                                     _PROMPT_DEFAULTS[family_info(family).sampler]))
         except (TypeError, ValueError) as error:
             raise ValueError(f"sample prompt {number}: {error}") from None
     return requests
 
 
-def _request(entry: dict[str, Any], sampler: str, default_size: int) -> SampleRequest:
+def _request(entry: dict[str, Any], sampler: str, default_size: int, defaults: _PromptDefaults) -> SampleRequest:
     prompt = str(entry.get("prompt", "")).strip()
     if not prompt:
         raise ValueError("the prompt text is empty")
@@ -156,17 +177,18 @@ def _request(entry: dict[str, Any], sampler: str, default_size: int) -> SampleRe
     return SampleRequest(
         prompt=prompt,
         negative_prompt=str(entry.get("negative_prompt") or ""),
-        width=_size(entry.get("width", default_size)),
-        height=_size(entry.get("height", default_size)),
+        width=_size(entry.get("width", default_size), defaults.size_multiple),
+        height=_size(entry.get("height", default_size), defaults.size_multiple),
         seed=None if seed is None else int(seed),
-        steps=min(1000, max(1, int(entry.get("sample_steps", DEFAULT_STEPS)))),
-        scale=float(entry.get("scale", DEFAULT_SCALE)),
+        steps=min(1000, max(1, int(entry.get("sample_steps", defaults.steps)))),
+        scale=float(entry.get("scale", defaults.scale)),
         sampler=name,
+        guidance=float(entry.get("guidance_scale", DEFAULT_GUIDANCE)),
     )
 
 
-def _size(value: Any) -> int:
-    return max(64, int(value) // 8 * 8)
+def _size(value: Any, multiple: int = 8) -> int:
+    return max(64, int(value) // multiple * multiple)
 
 
 # --- generation ---------------------------------------------------------------------------------------------------
@@ -180,9 +202,12 @@ class SamplerParts:
         unet: the diffusers UNet, already on the sampling device (unwrapped from accelerate/DDP).
         vae: the diffusers AutoencoderKL; moved to the sampling device for the round if it is parked elsewhere.
         text: the tokenizers and text encoders; prompts are encoded wherever the encoders are.
-        family: "sd1", "sd2" or "sdxl".
+        family: a key of ``engine.models.families.FAMILY_INFO``.
         v_prediction: whether the model predicts v rather than the noise.
         scaling_factor: the latent scale training uses (``LoadedVae.scaling_factor``), not the VAE config's.
+        shift_factor: the latent shift training uses (``LoadedVae.shift_factor``; FLUX's AE).
+        text_options: keyword arguments of ``encode_captions`` beyond clip_skip and max_token_length (FLUX's T5
+            length and mask).
     """
 
     unet: Any
@@ -191,6 +216,8 @@ class SamplerParts:
     family: str
     v_prediction: bool
     scaling_factor: float
+    shift_factor: float = 0.0
+    text_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,18 +270,10 @@ def _generate_one(parts: SamplerParts, request: SampleRequest, index: int, setti
     import torch
 
     seed = request.seed if request.seed is not None else secrets.randbits(32)
-    kind = _PIPELINES[parts.family]
-    # A pipeline only references the modules, so one per request is cheap, and schedulers carry per-run state.
-    pipe = kind.build(parts, _pipeline_scheduler(kind, request.sampler, parts.v_prediction))
-    pipe.set_progress_bar_config(disable=True)
     positive, negative = _encode(parts, request, settings)
-    # A CPU generator draws the same noise on any device, so a seed gives the same sample on CPU and GPU.
-    generator = torch.Generator("cpu").manual_seed(seed)
     half = settings.dtype in (torch.float16, torch.bfloat16)
     with torch.autocast(settings.device.type, dtype=settings.dtype, enabled=half):
-        latents = pipe(**kind.inputs(positive, negative, request), width=request.width, height=request.height,
-                       num_inference_steps=request.steps, guidance_scale=request.scale, generator=generator,
-                       output_type="latent").images
+        latents = _GENERATORS[family_info(parts.family).sampler](parts, request, positive, negative, seed, settings)
         pixels = _decode(parts, latents)
     path = settings.out_dir / f"{settings.stem}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
     atomic_write_bytes(path, _png(pixels))
@@ -266,11 +285,16 @@ def _encode(parts: SamplerParts, request: SampleRequest, settings: _Settings) ->
     from engine.models.text_encoding import EncodedText, encode_captions
 
     encoded = encode_captions(parts.text, [request.prompt, request.negative_prompt], clip_skip=settings.clip_skip,
-                              max_token_length=settings.max_token_length)
+                              max_token_length=settings.max_token_length, **(parts.text_options or {}))
     states = encoded.hidden_states.to(settings.device, settings.dtype)
     pooled = None if encoded.pooled is None else encoded.pooled.to(settings.device, settings.dtype)
-    positive, negative = (EncodedText(states[i : i + 1], None if pooled is None else pooled[i : i + 1]) for i in (0, 1))
-    return positive, negative
+    mask = None if encoded.mask is None else encoded.mask.to(settings.device)
+
+    def one(i: int) -> EncodedText:
+        return EncodedText(states[i:i + 1], None if pooled is None else pooled[i:i + 1],
+                           None if mask is None else mask[i:i + 1])
+
+    return one(0), one(1)
 
 
 def _decode(parts: SamplerParts, latents: torch.Tensor) -> torch.Tensor:
@@ -278,7 +302,7 @@ def _decode(parts: SamplerParts, latents: torch.Tensor) -> torch.Tensor:
     import torch
 
     vae = parts.vae
-    image = vae.decode(latents.to(vae.dtype) / parts.scaling_factor).sample[0]
+    image = vae.decode((latents / parts.scaling_factor + parts.shift_factor).to(vae.dtype)).sample[0]
     return (image.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu()
 
 
@@ -346,7 +370,38 @@ def _sdxl_inputs(positive: EncodedText, negative: EncodedText, request: SampleRe
 # keeps samples alike and spares the deprecation warnings diffusers prints when it makes those changes itself.
 _SD = _PipelineKind(_sd_pipeline, _sd_inputs, {"steps_offset": 1, "clip_sample": False})
 _SDXL = _PipelineKind(_sdxl_pipeline, _sdxl_inputs, {})
-_PIPELINES: dict[str, _PipelineKind] = {"sd1": _SD, "sd2": _SD, "sdxl": _SDXL}
+_PIPELINES: dict[str, _PipelineKind] = {"sd": _SD, "sdxl": _SDXL}
+
+
+def _pipeline_latents(parts: SamplerParts, request: SampleRequest, positive: EncodedText, negative: EncodedText,
+                      seed: int, settings: _Settings) -> Any:
+    """SD/SDXL: diffusers' pipeline around the trained modules, stopped at the latents."""
+    import torch
+
+    kind = _PIPELINES[family_info(parts.family).sampler]
+    # A pipeline only references the modules, so one per request is cheap, and schedulers carry per-run state.
+    pipe = kind.build(parts, _pipeline_scheduler(kind, request.sampler, parts.v_prediction))
+    pipe.set_progress_bar_config(disable=True)
+    # A CPU generator draws the same noise on any device, so a seed gives the same sample on CPU and GPU.
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(**kind.inputs(positive, negative, request), width=request.width, height=request.height,
+                num_inference_steps=request.steps, guidance_scale=request.scale, generator=generator,
+                output_type="latent").images
+
+
+def _flow_latents(parts: SamplerParts, request: SampleRequest, positive: EncodedText, negative: EncodedText,
+                  seed: int, settings: _Settings) -> Any:
+    """FLUX.1 / Chroma: flow-matching Euler with the resolution-shifted schedule (FLUX spec §7)."""
+    from engine.train.flux_sampling import sample_latents
+
+    return sample_latents(parts.unet, positive, negative, width=request.width, height=request.height,
+                          steps=request.steps, guidance=request.guidance, cfg_scale=request.scale, seed=seed,
+                          device=settings.device, dtype=settings.dtype)
+
+
+# By FamilyInfo.sampler: (parts, request, positive, negative, seed, settings) -> latents as training sees them.
+_GENERATORS: dict[str, Callable[..., Any]] = {"sd": _pipeline_latents, "sdxl": _pipeline_latents,
+                                              "flux": _flow_latents}
 
 
 # --- leaving no trace ---------------------------------------------------------------------------------------------

@@ -61,7 +61,6 @@ class Session:
     optimizer: Any
     built_optimizer: Any
     lr_scheduler: Any
-    noise_scheduler: Any
     weight_dtype: torch.dtype
     facts: Any  # engine.networks.metadata.TrainingFacts
     text_cached: bool
@@ -121,6 +120,10 @@ def weight_dtype(accelerator: Any) -> torch.dtype:
 def configure_attention(unet: Any, config: RunConfig) -> None:
     """SDPA is diffusers' default; xformers on request (refused without CUDA or the package); "none" = plain."""
     choice = config.training.attention
+    if choice != "sdpa" and not hasattr(unet, "set_attn_processor"):  # our FLUX transformer calls SDPA itself
+        raise RunInputError(f"training.attention = {choice!r} is not available for this model family; it always uses "
+                            "PyTorch's scaled-dot-product attention", "set training.attention = \"sdpa\"",
+                            "training.attention")
     if choice == "xformers":
         from engine.config.choices import XFORMERS
 

@@ -1,0 +1,138 @@
+"""Training objectives: from clean latents and conditioning to the loss of one micro-batch, per family kind.
+
+A family names its objective (``FamilyInfo.objective``); the step runner asks this registry for it and never
+tests a family name. Two objectives exist:
+
+* ``"ddpm"`` (SD1/SD2/SDXL): sd-scripts' DDPM noising, ε or v target, SNR-based weights (spec §6).
+* ``"flow"`` (FLUX.1, Chroma): flow matching, x_σ = (1 − σ)·x0 + σ·ε, velocity target ε − x0, latents packed
+  into 2×2 patches for the transformer (FLUX spec §2.2, §4).
+
+Both draw each sample's noise and timestep from that sample's own seed (``batch["noise_seed"]``), so a sample
+gets the same draws whatever its batch, its position in it, or the number of processes, and a resumed run draws
+what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.models.families import family_info
+
+if TYPE_CHECKING:
+    from engine.train.setup import Session
+
+__all__ = ["OBJECTIVES", "DiffusionObjective", "FlowObjective", "make_objective"]
+
+
+class DiffusionObjective:
+    """DDPM noise prediction (or v-prediction) on a diffusers UNet."""
+
+    def __init__(self, session: Session):
+        from engine.train.losses import LossSettings, snr_table
+        from engine.train.noise import NoiseSettings, make_noise_scheduler
+
+        config = session.config
+        self.session = session
+        self.scheduler = make_noise_scheduler(v_prediction=config.model.v_parameterization,
+                                              zero_terminal_snr=config.training.zero_terminal_snr)
+        self.noise_settings = NoiseSettings.from_config(config.training)
+        self.loss_settings = LossSettings.from_config(config.training, config.model.v_parameterization)
+        self.snr = snr_table(self.scheduler).to(session.device)
+
+    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        from engine.train.losses import batch_loss
+        from engine.train.noise import training_target
+
+        session = self.session
+        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
+        with session.accelerator.autocast():
+            prediction = session.model.unet(noisy.to(session.weight_dtype), timesteps, **conditioning).sample
+        target = training_target(self.scheduler, latents, noise, timesteps, session.config.model.v_parameterization)
+        weights = batch["loss_weight"].to(latents.device)
+        return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
+
+    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from engine.train.noise import noisy_latents, sample_noise, sample_timesteps
+
+        noises, steps, noisy = [], [], []
+        for index, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            sample = latents[index:index + 1]
+            noise = sample_noise(sample, self.noise_settings, generator)
+            timestep = sample_timesteps(1, self.noise_settings, sample.device, generator)
+            noisy.append(noisy_latents(self.scheduler, sample, noise, timestep, self.noise_settings, generator))
+            noises.append(noise)
+            steps.append(timestep)
+        return torch.cat(noises), torch.cat(steps), torch.cat(noisy)
+
+
+class FlowObjective:
+    """Flow matching on a FLUX-layout transformer (engine.models.flux.transformer.Flux)."""
+
+    def __init__(self, session: Session):
+        from engine.train.flow import FlowSettings
+        from engine.train.losses import LossSettings
+
+        config = session.config
+        self.session = session
+        self.settings = FlowSettings.from_config(config)
+        self.loss_settings = LossSettings.from_config(config.training, False)
+        transformer = session.model.unet
+        self.guidance_embed = bool(getattr(transformer.params, "guidance_embed", False) or
+                                   getattr(transformer.params, "chroma", False))
+
+    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        from engine.train import flow
+        from engine.train.losses import batch_loss
+
+        session = self.session
+        noise, sigmas, noisy = self._noised(latents, batch["noise_seed"])
+        batch_size, _, height, width = latents.shape
+        dtype = session.weight_dtype
+        guidance = torch.full((batch_size,), self.settings.guidance_scale, device=latents.device, dtype=dtype) \
+            if self.guidance_embed else None
+        txt = conditioning["txt"]
+        with session.accelerator.autocast():
+            packed = session.model.unet(
+                img=flow.pack_latents(noisy).to(dtype),
+                img_ids=flow.image_ids(batch_size, (height, width), device=latents.device, dtype=dtype),
+                txt=txt, txt_ids=flow.text_ids(batch_size, txt.shape[1], device=latents.device, dtype=dtype),
+                timesteps=sigmas.to(dtype), y=conditioning.get("y"), guidance=guidance,
+                txt_mask=conditioning.get("txt_mask"))
+        prediction = flow.unpack_latents(packed.float(), (height, width))
+        prediction = flow.apply_prediction_type(prediction, noisy, sigmas, self.settings.model_prediction_type)
+        target = flow.velocity_target(latents, noise)
+        weights = batch["loss_weight"].to(latents.device)
+        weighting = flow.loss_weights(self.settings, sigmas)
+        if weighting is not None:
+            weights = weights * weighting.to(weights)
+        return batch_loss(prediction, target.float(), sigmas * 1000.0, weights, self.loss_settings, None)
+
+    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from engine.train import flow
+
+        noises, sigmas, noisy = [], [], []
+        height, width = latents.shape[-2:]
+        for index, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            sample = latents[index:index + 1]
+            noise = flow.flow_noise(sample, generator)
+            sigma = flow.sample_sigmas(1, self.settings, (height, width), generator, sample.device)
+            noisy.append(flow.noisy_input(sample, noise, sigma, ip_noise_gamma=self.settings.ip_noise_gamma,
+                                          ip_noise_gamma_random_strength=self.settings.ip_noise_gamma_random_strength,
+                                          generator=generator))
+            noises.append(noise)
+            sigmas.append(sigma)
+        return torch.cat(noises), torch.cat(sigmas), torch.cat(noisy)
+
+
+ObjectiveFactory = Callable[["Session"], Any]
+OBJECTIVES: dict[str, ObjectiveFactory] = {"ddpm": DiffusionObjective, "flow": FlowObjective}
+
+
+def make_objective(session: Session) -> Any:
+    """The objective of the session's model family."""
+    return OBJECTIVES[family_info(session.model.family).objective](session)
