@@ -110,7 +110,8 @@ def test_kohya_lora_accounts_for_every_key():
     data, result = imported("kohya_lora_sdxl.json")
     assert skipped(result) == {"fp8_base": True, "scale_weight_norms": 1, "weighted_captions": True,
                                "additional_parameters": "--lowram"}
-    assert all(item.reason == "not supported by Atelier" for item in result.skipped)
+    assert all(item.reason == "not supported by Atelier" for item in result.skipped if item.key != "fp8_base")
+    assert "only for FLUX.1 and Chroma" in next(item.reason for item in result.skipped if item.key == "fp8_base")
     # empty, off, GUI-only, and options the Standard type does not use (at the GUI's defaults)
     for key in ("vae", "reg_data_dir", "max_train_steps", "model_list", "save_as_bool",
                 "conv_dim", "LyCORIS_preset", "factor", "train_on_input", "multires_noise_discount", "v2"):
@@ -119,13 +120,14 @@ def test_kohya_lora_accounts_for_every_key():
     assert_every_key_accounted(data, result)
 
 
-def test_kohya_unsupported_network_type_and_family_are_skipped():
+def test_kohya_flux_lora_maps_its_flux_fields():
     data, result = imported("kohya_lora_flux.json")
     config = merged(result)
-    lost = skipped(result)
-    assert lost["LoRA_type"] == "Flux1" and lost["flux1_checkbox"] is True and lost["fp8_base"] is True
-    assert lost["timestep_sampling"] == "shift" and lost["blocks_to_swap"] == 18
-    assert {"discrete_flow_shift", "guidance_scale", "conv_dim"} <= set(result.unset)  # GUI defaults
+    assert config.model.model_family == "flux1" and config.network.network_type == "lora"
+    assert config.model.ae == "/models/flux/ae.safetensors" and config.model.fp8_base is True
+    assert config.training.blocks_to_swap == 18 and config.flow.timestep_sampling == "shift"
+    assert config.flow.model_prediction_type == "raw" and config.flow.guidance_scale == 3.5
+    assert {"conv_dim"} <= set(result.unset) and not result.skipped
     # text_encoder_lr 0 beside a UNet rate: kohya_ss trains the UNet only
     assert config.network.train_unet_only is True and config.optimizer.unet_lr == 3e-4
     assert config.optimizer.text_encoder_lr is None

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.config.choices import NETWORK_TYPES
+from engine.config.importers import flux
 from engine.config.importers.common import NOT_SUPPORTED, parse_kv_args, put_table, same_value
 from engine.config.importers.sd_scripts_keys import LYCORIS_OPTION_DEFAULTS, NETWORK_ARG_PATHS
 from engine.config.importers.source import Source
@@ -180,10 +181,14 @@ def finetune_dataset(source: Source, metadata: tuple[str, str], images: tuple[st
 
 
 def model_family(source: Source) -> None:
-    """sdxl / v2 flags -> model.model_family; without either the family is detected from the checkpoint.
+    """FLUX keys, sdxl / v2 flags -> model.model_family; without any the family is detected from the checkpoint.
 
     (sdxl_checkbox is the kohya_ss Finetuning tab's name for sdxl.)
     """
+    found = flux.family(source)
+    if found is not None:
+        set_path(source.result.overlay, "model.model_family", found)
+        source.note(f"model.model_family = {found!r}: the file has FLUX settings (sd-scripts' FLUX scripts)")
     for key, family in (("sdxl", "sdxl"), ("sdxl_checkbox", "sdxl"), ("v2", "sd2")):
         if source.get(key) is not True:
             source.unset(key)
@@ -217,6 +222,8 @@ def network_options(source: Source, network_type: str, options: Mapping[str, tup
     for name, (key, value) in options.items():
         if name in NETWORK_ARG_PATHS:
             source.put(key, NETWORK_ARG_PATHS[name], value)
+        elif not lycoris and flux.network_arg(source, name, key, value):
+            continue
         elif name not in LYCORIS_OPTION_DEFAULTS:
             source.skip(key, f"network option {name!r} is {NOT_SUPPORTED}", value)
         elif same_value(value, LYCORIS_OPTION_DEFAULTS[name]):

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.importers import ImportResult
+from engine.config.importers import ImportResult, flux
 from engine.config.importers import handlers as shared
 from engine.config.importers import kohya_tabs as tabs
 from engine.config.importers.common import (
@@ -76,6 +76,7 @@ def import_kohya_gui(data: Mapping[str, Any]) -> ImportResult:
     for handle in _HANDLERS:
         handle(source)
     map_keys(source, KOHYA_PATHS)
+    flux.drop_inapplicable(source)
     finish(source, KOHYA_DEFAULTS)
     _pin_dropped_values(source)
     note_relative_paths(source.result, "kohya_ss")
@@ -222,6 +223,7 @@ def _gui_and_legacy(source: Source) -> None:
 _HANDLERS = (
     tabs.method,
     shared.model_family,
+    flux.settings,
     tabs.tab_specific,
     _run_length,
     _warmup,

@@ -21,6 +21,7 @@ _OFT = (*_CONV, *_LYCORIS_COMMON, "use_tucker", "use_scalar", "constrain", "resc
 # Lower-cased LoRA_type -> (Atelier network type, the option keys kohya_ss passes for it).
 LORA_TYPES: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "standard": ("lora", ()),
+    "flux1": ("lora", ()),  # networks.lora_flux; its options are fields of their own (importers/flux.py)
     "kohya locon": ("locon", _CONV),
     "locon": ("locon", _LOCON),  # old configs' name for LyCORIS/LoCon
     "lycoris/locon": ("locon", _LOCON),

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.importers import ImportResult
+from engine.config.importers import ImportResult, flux
 from engine.config.importers import handlers as shared
 from engine.config.importers.common import parse_kv_args
 from engine.config.importers.sd_scripts_keys import ARG_PATHS, ARG_PINS, LYCORIS_ALGOS, NETWORK_MODULES
@@ -56,6 +56,7 @@ def import_sd_scripts_args(data: Mapping[str, Any]) -> ImportResult:
     for handle in _HANDLERS:
         handle(source)
     map_keys(source, ARG_PATHS)
+    flux.drop_inapplicable(source)
     for key in _KOHYA_EXTRAS:
         if source.given(key):
             source.skip(key, "sd-scripts ignores this key (kohya_ss writes it for its own use)")
@@ -159,7 +160,7 @@ def _number(value: Any) -> float:
 
 
 def _text_encoder_lr(source: Source) -> None:
-    """A number, or a list [text encoder 1, text encoder 2] for SDXL."""
+    """A number, or a list [text encoder 1, text encoder 2] for SDXL ([CLIP-L, T5] for FLUX)."""
     if not source.given("text_encoder_lr"):
         source.unset("text_encoder_lr")
         return
@@ -168,7 +169,11 @@ def _text_encoder_lr(source: Source) -> None:
     paths = ("optimizer.text_encoder_lr", "optimizer.text_encoder2_lr")
     for index, item in enumerate(values):
         key = "text_encoder_lr" if not isinstance(value, list) else f"text_encoder_lr[{index}]"
-        if index < len(paths):
+        if index == 1 and flux.is_flux(source):
+            if item != values[0]:
+                source.skip(key, "T5's own rate: Atelier trains CLIP-L and T5 at one rate, "
+                            "optimizer.text_encoder_lr", item)
+        elif index < len(paths):
             source.put(key, paths[index], item)
         else:
             source.skip(key, "only SDXL's two text encoders have learning rates here", item)
@@ -177,6 +182,7 @@ def _text_encoder_lr(source: Source) -> None:
 _HANDLERS = (
     _method,
     shared.model_family,
+    flux.settings,
     _network,
     _text_encoder_lr,
     shared.run_length,

@@ -151,11 +151,13 @@ ARG_PINS = (
     Pin("training.cache_latents", False),
     Pin("network.network_dim", 4, _NETWORK_ONLY),  # networks/lora.py: network_dim None -> 4
     Pin("sampling.sample_sampler", "ddim"),
+    Pin("flow.model_prediction_type", "sigma_scaled"),  # FLUX only: applied where the family uses it
 )
 
 # sd-scripts' network modules -> Atelier network types; LyCORIS picks its algorithm with network_args' `algo`.
 NETWORK_MODULES: Mapping[str, str] = {
     "networks.lora": "lora",
+    "networks.lora_flux": "lora",  # kohya's LoRA on FLUX.1/Chroma: the family decides the layers
     "networks.dylora": "dylora",
     "networks.loha": "loha",
     "networks.lokr": "lokr",

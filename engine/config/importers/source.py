@@ -123,9 +123,11 @@ def apply_pins(source: Source, pins: Iterable[Pin], why: str = "not set in the f
                ) -> None:
     """Set each pinned default the overlay leaves unset, with a note, so the run behaves as it did before."""
     method = source.result.overlay.get("method", "lora")
+    family = get_path(source.result.overlay, "model.model_family", "auto")
     for pin in pins:
-        if method not in pin.methods or source.is_set(pin.path):
-            continue
+        families = field_specs()[pin.path].families
+        if method not in pin.methods or source.is_set(pin.path) or (families and family not in families):
+            continue  # a setting of another family (or of one not declared yet) keeps Atelier's default
         set_path(source.result.overlay, pin.path, convert(pin.path, pin.value))
         default = field_specs()[pin.path].default
         source.note(f"{pin.path} = {pin.value!r}: {why} (Atelier's default is {default!r})")
