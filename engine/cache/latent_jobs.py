@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.cache.latent_files import cache_path, inspect_entry, stale_findings
+from engine.cache.latent_files import FAMILY_SUFFIX, cache_path, inspect_entry, stale_findings
 from engine.cache.latent_key import CacheOptions, expected_key, options_from_params
 from engine.data.records import Finding, ImageRecord, ScanResult
 
@@ -59,7 +59,7 @@ def stale_cache_findings(jobs: Iterable[CacheJob], *, family: str | None = None,
     Args:
         jobs: from :func:`jobs_from_scan` (which refuses random_crop subsets: call this only when latents are
             cached, where the config rules already forbid random_crop).
-        family: "sd1", "sd2" or "sdxl" (which file suffix to look at), or None to look at both.
+        family: a model family (which file suffix to look at), or None to look at every suffix.
         cache_dir: the cache folder, if the cache is not beside the images.
         vae_identity, dtype: checked only when given (the doctor does not load the VAE).
 
@@ -67,7 +67,8 @@ def stale_cache_findings(jobs: Iterable[CacheJob], *, family: str | None = None,
         One "cache-stale" warning per stale or unreadable file; missing entries are not findings.
     """
     jobs = list(jobs)
-    families = [family] if family else ["sd1", "sdxl"]
+    # One family per cache-file suffix: families that share an AE share their files.
+    families = [family] if family else list({suffix: name for name, suffix in FAMILY_SUFFIX.items()}.values())
     findings: list[Finding] = []
     for fam in families:
         paths = [(job, cache_path(job.record.path, job.record.bucket, fam, cache_dir)) for job in jobs]
