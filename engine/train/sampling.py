@@ -396,7 +396,8 @@ def _flow_latents(parts: SamplerParts, request: SampleRequest, positive: Encoded
 
     return sample_latents(parts.unet, positive, negative, width=request.width, height=request.height,
                           steps=request.steps, guidance=request.guidance, cfg_scale=request.scale, seed=seed,
-                          device=settings.device, dtype=settings.dtype)
+                          device=settings.device, dtype=settings.dtype,
+                          apply_t5_attn_mask=bool((parts.text_options or {}).get("apply_t5_attn_mask")))
 
 
 # By FamilyInfo.sampler: (parts, request, positive, negative, seed, settings) -> latents as training sees them.
