@@ -34,6 +34,7 @@ __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "FileHeader",
     "ModelLoadError",
+    "adapter_kind",
     "check_family",
     "config_folder",
     "embedded_configs",
@@ -139,6 +140,11 @@ _NOT_BASE_MODELS = {
     "embedding": (_is_embedding, "this is a Textual Inversion embedding, not a base model: set "
                                  "model.pretrained_model_name_or_path to a whole SD checkpoint or a diffusers folder"),
 }
+
+
+def adapter_kind(keys: set[str]) -> str | None:
+    """The kind of add-on file ``keys`` belong to ("LoRA" or "embedding"), None for a base model or component."""
+    return next((kind for kind, (test, _) in _NOT_BASE_MODELS.items() if test(keys)), None)
 
 
 def file_family(header: FileHeader) -> str:

@@ -1,0 +1,188 @@
+"""FLUX.1 / Chroma transformer key layouts: telling them apart, and BFL ↔ diffusers conversion (spec §1.3, §1.6).
+
+Training uses BFL's naming (the ``Flux`` module's state dict is BFL's). A diffusers ``FluxTransformer2DModel`` or
+``ChromaTransformer2DModel`` state dict converts to it by renaming, concatenating the split Q/K/V (and the single
+blocks' MLP input) and swapping the two halves of the final layer's modulation: BFL stores (shift, scale),
+diffusers (scale, shift). The plan is one table (:func:`conversion_plan`) read in either direction, so the two
+directions cannot disagree. Pure key and shape logic: torch is imported only to move tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BFL_CHROMA_KEY",
+    "BFL_FLUX_KEY",
+    "DIFFUSERS_FLUX_KEY",
+    "Conversion",
+    "bfl_to_diffusers",
+    "conversion_plan",
+    "diffusers_to_bfl",
+    "transformer_layout",
+]
+
+BFL_FLUX_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"  # any BFL-layout FLUX.1 or Chroma transformer
+BFL_CHROMA_KEY = "distilled_guidance_layer.in_proj.weight"  # Chroma's approximator (same name in diffusers)
+DIFFUSERS_FLUX_KEY = "transformer_blocks.0.attn.add_k_proj.weight"  # diffusers FluxTransformer2DModel / Chroma
+_SWAP = "swap"  # halves exchanged (BFL shift, scale ↔ diffusers scale, shift)
+_CONCAT = "concat"  # BFL tensor = diffusers parts concatenated along rows
+_RENAME = "rename"
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """One BFL tensor and the diffusers tensor(s) it corresponds to."""
+
+    bfl: str
+    diffusers: tuple[str, ...]
+    kind: str  # _RENAME, _CONCAT or _SWAP
+
+
+def transformer_layout(keys: Iterable[str]) -> str | None:
+    """The naming of a prefix-free transformer state dict's keys: "bfl", "diffusers", or None (neither)."""
+    keys = set(keys)
+    if DIFFUSERS_FLUX_KEY in keys or DIFFUSERS_FLUX_KEY.replace(".weight", ".bias") in keys:
+        return "diffusers"
+    if BFL_FLUX_KEY in keys or any(key.startswith("double_blocks.") for key in keys):
+        return "bfl"
+    return None
+
+
+def _linear(bfl: str, diffusers: str) -> list[Conversion]:
+    return [Conversion(f"{bfl}.{part}", (f"{diffusers}.{part}",), _RENAME) for part in ("weight", "bias")]
+
+
+def _split(bfl: str, parts: tuple[str, ...]) -> list[Conversion]:
+    return [Conversion(f"{bfl}.{p}", tuple(f"{name}.{p}" for name in parts), _CONCAT) for p in ("weight", "bias")]
+
+
+def _top_level(double: int) -> list[Conversion]:
+    plan = [*_linear("img_in", "x_embedder"), *_linear("txt_in", "context_embedder"),
+            *_linear("final_layer.linear", "proj_out")]
+    for bfl, diffusers in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                           ("guidance_in", "guidance_embedder")):
+        plan += _linear(f"{bfl}.in_layer", f"time_text_embed.{diffusers}.linear_1")
+        plan += _linear(f"{bfl}.out_layer", f"time_text_embed.{diffusers}.linear_2")
+    plan += [Conversion(f"final_layer.adaLN_modulation.1.{p}", (f"norm_out.linear.{p}",), _SWAP)
+             for p in ("weight", "bias")]
+    return plan
+
+
+def _approximator(layers: int) -> list[Conversion]:
+    """Chroma's distilled guidance layer: in_layer/out_layer ↔ linear_1/linear_2, norms' scale ↔ weight."""
+    root = "distilled_guidance_layer"
+    plan = [*_linear(f"{root}.in_proj", f"{root}.in_proj"), *_linear(f"{root}.out_proj", f"{root}.out_proj")]
+    for i in range(layers):
+        plan += _linear(f"{root}.layers.{i}.in_layer", f"{root}.layers.{i}.linear_1")
+        plan += _linear(f"{root}.layers.{i}.out_layer", f"{root}.layers.{i}.linear_2")
+        plan.append(Conversion(f"{root}.norms.{i}.scale", (f"{root}.norms.{i}.weight",), _RENAME))
+    return plan
+
+
+def _double_block(i: int) -> list[Conversion]:
+    b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+    plan = [*_linear(f"{b}.img_mod.lin", f"{d}.norm1.linear"),
+            *_linear(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear"),
+            *_split(f"{b}.img_attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")),
+            *_split(f"{b}.txt_attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")),
+            *_linear(f"{b}.img_attn.proj", f"{d}.attn.to_out.0"),
+            *_linear(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out"),
+            *_linear(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj"), *_linear(f"{b}.img_mlp.2", f"{d}.ff.net.2"),
+            *_linear(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj"),
+            *_linear(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")]
+    for stream, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+        plan.append(Conversion(f"{b}.{stream}_attn.norm.query_norm.scale", (f"{d}.attn.{q}.weight",), _RENAME))
+        plan.append(Conversion(f"{b}.{stream}_attn.norm.key_norm.scale", (f"{d}.attn.{k}.weight",), _RENAME))
+    return plan
+
+
+def _single_block(i: int) -> list[Conversion]:
+    b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+    return [*_split(f"{b}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp")),
+            *_linear(f"{b}.linear2", f"{d}.proj_out"), *_linear(f"{b}.modulation.lin", f"{d}.norm.linear"),
+            Conversion(f"{b}.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",), _RENAME),
+            Conversion(f"{b}.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",), _RENAME)]
+
+
+def _count(keys: Iterable[str], pattern: str) -> int:
+    regex = re.compile(pattern)
+    indices = [int(match[1]) for key in keys if (match := regex.match(key))]
+    return max(indices) + 1 if indices else 0
+
+
+def conversion_plan(keys: Iterable[str], layout: str) -> list[Conversion]:
+    """Every BFL ↔ diffusers correspondence for a transformer with the block counts that ``keys`` (in ``layout``,
+    "bfl" or "diffusers") show. Entries for modules a variant lacks (schnell's guidance_in, Chroma's modulations)
+    are in the plan too; the converters skip those whose source tensors are absent."""
+    keys = list(keys)
+    double_name, single_name = ("double_blocks", "single_blocks") if layout == "bfl" else \
+        ("transformer_blocks", "single_transformer_blocks")
+    double, single = _count(keys, rf"{double_name}\.(\d+)\."), _count(keys, rf"{single_name}\.(\d+)\.")
+    layers = _count(keys, r"distilled_guidance_layer\.(?:layers|norms)\.(\d+)\.")
+    plan = [*_top_level(double), *_approximator(layers)]
+    for i in range(double):
+        plan += _double_block(i)
+    for i in range(single):
+        plan += _single_block(i)
+    return plan
+
+
+def diffusers_to_bfl(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """BFL state dict from a diffusers transformer state dict, and the diffusers keys no rule used (left over)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for rule in conversion_plan(state, "diffusers"):
+        if not all(name in state for name in rule.diffusers):
+            continue
+        parts = [state[name] for name in rule.diffusers]
+        if rule.kind == _CONCAT:
+            out[rule.bfl] = torch.cat(parts, dim=0)
+        elif rule.kind == _SWAP:
+            out[rule.bfl] = _swap_halves(parts[0])
+        else:
+            out[rule.bfl] = parts[0]
+        used.update(rule.diffusers)
+    return out, sorted(set(state) - used)
+
+
+def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Diffusers state dict from a BFL transformer state dict, and the BFL keys no rule used (left over).
+
+    The single blocks' ``linear1`` splits into Q, K, V of ``hidden`` rows each (``img_in``'s output width) and the
+    MLP input (the rest).
+    """
+    import torch
+
+    hidden = int(state["img_in.weight"].shape[0])
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for rule in conversion_plan(state, "bfl"):
+        if rule.bfl not in state:
+            continue
+        tensor = state[rule.bfl]
+        if rule.kind == _CONCAT:
+            count = len(rule.diffusers)
+            sizes = [hidden] * 3 + [tensor.shape[0] - 3 * hidden] if count == 4 else [tensor.shape[0] // count] * count
+            out.update(zip(rule.diffusers, (piece.contiguous() for piece in torch.split(tensor, sizes)), strict=True))
+        elif rule.kind == _SWAP:
+            out[rule.diffusers[0]] = _swap_halves(tensor)
+        else:
+            out[rule.diffusers[0]] = tensor
+        used.add(rule.bfl)
+    return out, sorted(set(state) - used)
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
