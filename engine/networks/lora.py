@@ -22,15 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.families import family_info
+from engine.networks.lora_flux import split_parts
 from engine.networks.lora_names import (
     LoRAOptions,
     LoRATarget,
+    is_t5_encoder,
     resolve_options,
     text_encoder_targets,
+    unet_naming_kind,
     unet_targets,
 )
 
-__all__ = ["LoRALoadResult", "LoRAModule", "LoRANetwork", "LoRAOptions", "create_lora_network"]
+__all__ = ["LoRALoadResult", "LoRAModule", "LoRANetwork", "LoRAOptions", "SplitLoRAModule", "create_lora_network"]
 
 _FILE_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -111,14 +114,22 @@ class LoRAModule(nn.Module):
         org_out = org_forward(x)
         if self.training and self.module_dropout > 0 and torch.rand(1) < self.module_dropout:
             return org_out
-        lx = self.lora_down(x)
+        return org_out + self._update(x)
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        """``multiplier * scale * up(down(x))`` with the dropouts in training mode."""
+        lx, scale = self._dropped(self.lora_down(x))
+        return self.lora_up(lx) * self.multiplier * scale
+
+    def _dropped(self, lx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``down(x)`` after network_dropout and rank_dropout, and the scale to apply (training mode only)."""
         scale = self.scale
         if self.training and self.dropout > 0:
             lx = F.dropout(lx, p=self.dropout)
         if self.training and self.rank_dropout > 0:
             lx = lx * self._rank_keep_mask(lx)
             scale = self.scale * (1.0 / (1.0 - self.rank_dropout))  # as if the rank shrank to the kept part
-        return org_out + self.lora_up(lx) * self.multiplier * scale
+        return lx, scale
 
     def _rank_keep_mask(self, lx: torch.Tensor) -> torch.Tensor:
         """A Bernoulli keep-mask over [batch, rank], shaped to broadcast over tokens or pixels."""
@@ -141,6 +152,10 @@ class LoRAModule(nn.Module):
             self.lora_up.weight.copy_(tensors["lora_up.weight"])
         self.set_alpha(tensors.get("alpha"))
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """This module's entries in a kohya file (keys without the module name), as they are held."""
+        return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight, "alpha": self.alpha}
+
     def check_file_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raise ValueError if ``tensors`` (keys without the module name) cannot be loaded into this module."""
         for part, layer in (("lora_down.weight", self.lora_down), ("lora_up.weight", self.lora_up)):
@@ -161,6 +176,78 @@ def _low_rank_pair(org: nn.Module, rank: int, name: str) -> tuple[nn.Module, nn.
     if isinstance(org, nn.Linear):
         return nn.Linear(org.in_features, rank, bias=False), nn.Linear(rank, org.out_features, bias=False)
     raise TypeError(f"{name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org).__name__}")
+
+
+class SplitLoRAModule(LoRAModule):
+    """FLUX's ``split_qkv``: one down/up pair per part of a fused layer (q, k, v and, in single blocks, the MLP
+    input), each of the rank; the parts' outputs are concatenated (sd-scripts ``lora_flux``, spec §5.3).
+
+    Files hold it merged, as sd-scripts writes it: ``lora_down`` = the parts' downs concatenated [k*r, in],
+    ``lora_up`` = block-diagonal [out, k*r]. Alpha (spec appendix A.2): sd-scripts keeps the training alpha, so
+    every loader that scales by ``alpha / lora_down rows`` applies these layers at 1/k of their trained strength.
+    Atelier stores ``k * alpha`` instead, so that ComfyUI, diffusers, A1111 and sd-scripts without split_qkv
+    reproduce exactly what was trained; loading divides by k again. (sd-scripts resuming such a file with
+    split_qkv would train at k times the strength; the file's metadata records the convention.)
+    """
+
+    def __init__(self, lora_name: str, org_module: nn.Linear, parts: Sequence[int], multiplier: float = 1.0,
+                 lora_dim: int = 4, alpha: float | torch.Tensor | None = 1.0, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0) -> None:
+        if not isinstance(org_module, nn.Linear) or sum(parts) != org_module.out_features:
+            raise ValueError(f"{lora_name}: split_qkv parts {list(parts)} do not add up to the layer's outputs")
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, dropout, rank_dropout, module_dropout)
+        self.parts = tuple(parts)
+        self.lora_down = nn.ModuleList(nn.Linear(org_module.in_features, lora_dim, bias=False) for _ in parts)
+        self.lora_up = nn.ModuleList(nn.Linear(lora_dim, width, bias=False) for width in parts)
+        for down, up in zip(self.lora_down, self.lora_up, strict=True):
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(up.weight)
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for down, up in zip(self.lora_down, self.lora_up, strict=True):
+            lx, scale = self._dropped(down(x))
+            outputs.append(up(lx) * scale)
+        return torch.cat(outputs, dim=-1) * self.multiplier
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        down = torch.cat([layer.weight for layer in self.lora_down], dim=0)
+        up = torch.block_diag(*(layer.weight for layer in self.lora_up))
+        return {"lora_down.weight": down, "lora_up.weight": up, "alpha": self.alpha * len(self.parts)}
+
+    def check_file_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        shapes = {key: tuple(value.shape) for key, value in self.file_tensors().items()}
+        for part in ("lora_down.weight", "lora_up.weight"):
+            key = f"{self.lora_name}.{part}"
+            if part not in tensors:
+                raise ValueError(f"{key} is missing from the network weights")
+            if tuple(tensors[part].shape) != shapes[part]:
+                raise ValueError(f"{key} has shape {tuple(tensors[part].shape)} in the network weights but "
+                                 f"{shapes[part]} here (split_qkv: {len(self.parts)} parts of rank {self.lora_dim}); "
+                                 "set network_dim to the rank the file was trained with")
+        up = tensors["lora_up.weight"]
+        if not torch.equal(up, torch.block_diag(*self._diagonal(up)).to(up.dtype)):
+            raise ValueError(f"{self.lora_name}.lora_up.weight is not block-diagonal, so the file was trained "
+                             "without split_qkv; remove split_qkv from network_args to load it")
+
+    def _diagonal(self, up: torch.Tensor) -> list[torch.Tensor]:
+        """The parts' up matrices: the diagonal blocks of a merged ``lora_up``."""
+        blocks, row = [], 0
+        for index, width in enumerate(self.parts):
+            blocks.append(up[row:row + width, index * self.lora_dim:(index + 1) * self.lora_dim])
+            row += width
+        return blocks
+
+    def load_file_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.check_file_tensors(tensors)
+        downs = tensors["lora_down.weight"].chunk(len(self.parts), dim=0)
+        with torch.no_grad():
+            for layer, down in zip(self.lora_down, downs, strict=True):
+                layer.weight.copy_(down)
+            for layer, up in zip(self.lora_up, self._diagonal(tensors["lora_up.weight"]), strict=True):
+                layer.weight.copy_(up)
+        alpha = tensors.get("alpha")
+        self.set_alpha(None if alpha is None else float(alpha) / len(self.parts))
 
 
 class LoRALoadResult(NamedTuple):
@@ -272,13 +359,39 @@ class LoRANetwork(nn.Module):
                 continue
             if lr is None:
                 raise ValueError(f"no learning rate for the {name}: set its rate or the default learning rate")
-            groups.extend(_part_groups(name, loras, lr, ratio))
+            for suffix, members, rate in self._rate_groups(loras, lr):
+                if rate == 0:  # a network_reg_lrs rate of 0 freezes its modules, as a part's rate of 0 does
+                    for lora in members:
+                        lora.requires_grad_(False)
+                    continue
+                groups.extend(_part_groups(name + suffix, members, rate, ratio))
         return groups
+
+    def _rate_groups(self, loras: Sequence[LoRAModule], lr: float) -> list[tuple[str, list[LoRAModule], float]]:
+        """(group-name suffix, modules, rate): FLUX's network_reg_lrs moves each module whose name the first
+        matching regex is found in into that regex's group (sd-scripts' rule, spec appendix A.3)."""
+        flux = self.options.flux
+        if flux is None or not flux.reg_lrs:
+            return [("", list(loras), lr)]
+        grouped: dict[int | None, list[LoRAModule]] = {}
+        for lora in loras:
+            grouped.setdefault(flux.reg_lr_index(lora.lora_name), []).append(lora)
+        order = sorted(grouped, key=lambda index: -1 if index is None else index)
+        return [("" if index is None else f"_reg{index}", grouped[index],
+                 lr if index is None else flux.reg_lrs[index][1]) for index in order]
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors to save: kohya keys, on the CPU, copied (never aliasing the training weights)."""
         return {key: value.detach().to("cpu", dtype=dtype or value.dtype, copy=True)
-                for key, value in self.state_dict().items()}
+                for key, value in self._file_state().items()}
+
+    def _file_state(self) -> dict[str, torch.Tensor]:
+        """The state dict with split_qkv modules merged into kohya's single pair (SplitLoRAModule)."""
+        split = {lora.lora_name: lora for lora in self.all_loras() if isinstance(lora, SplitLoRAModule)}
+        state = {key: value for key, value in self.state_dict().items() if key.partition(".")[0] not in split}
+        for name, lora in split.items():
+            state.update({f"{name}.{part}": value for part, value in lora.file_tensors().items()})
+        return state
 
     def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> LoRALoadResult:
         """Load kohya-format weights (e.g. ``network_weights`` to start from); nothing changes if it fails.
@@ -385,45 +498,75 @@ def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], fam
                         module_dropout: float = 0.0, train_unet: bool = True,
                         train_text_encoder: bool | Sequence[bool] = True,
                         network_args: Mapping[str, Any] | None = None, multiplier: float = 1.0) -> LoRANetwork:
-    """Build a kohya LoRA (or LoCon, with conv_dim > 0) for a UNet and its text encoders; not yet applied.
+    """Build a kohya LoRA (or LoCon, with conv_dim > 0) for a UNet or FLUX transformer and its text encoders;
+    not yet applied.
 
     Args:
-        unet: diffusers ``UNet2DConditionModel``.
-        text_encoders: the family's CLIP encoders in order (one for SD1/SD2, two for SDXL).
-        family: "sd1", "sd2" or "sdxl" (names and text-encoder prefixes, see ``FAMILY_INFO``).
+        unet: diffusers ``UNet2DConditionModel``, or the FLUX transformer (families with the "bfl" naming).
+        text_encoders: the family's text encoders in order (CLIP for SD1/SD2, two CLIPs for SDXL, CLIP-L and T5
+            for FLUX.1, T5 for Chroma).
+        family: a family of ``FAMILY_INFO`` (names and text-encoder prefixes).
         dim, alpha: rank and alpha of Linear and 1x1 conv layers (alpha 0 means alpha = rank).
         conv_dim, conv_alpha: rank and alpha of 3x3 convs in ResNet/down/up blocks (0 = no LoCon).
         dropout: kohya's network_dropout (on ``down(x)``); rank_dropout, module_dropout: as in kohya.
         train_unet: add modules to the UNet.
-        train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder).
-        network_args: kohya's extra options (:data:`NETWORK_ARGS`); unknown keys are errors.
+        train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder); a T5 encoder
+            also needs network_args train_t5xxl, as in sd-scripts.
+        network_args: kohya's extra options (:data:`NETWORK_ARGS`, and FLUX's for the "bfl" naming); unknown keys
+            are errors.
         multiplier: the initial strength of every module.
 
     Raises:
         ValueError: bad settings (the message names the setting), or the encoders do not fit the family.
     """
+    naming = unet_naming_kind(family)
     options = resolve_options({"dim": dim, "alpha": alpha, "conv_dim": conv_dim, "conv_alpha": conv_alpha,
                                 "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout},
-                               network_args)
+                               network_args, naming)
     prefixes, train_each = text_encoder_flags(family, text_encoders, train_text_encoder)
+    flux = options.flux
+    train_each = [train and (not is_t5_encoder(encoder) or bool(flux and flux.train_t5xxl))
+                  for encoder, train in zip(text_encoders, train_each, strict=True)]
 
-    unet_side = unet_targets(unet, family, include_conv_blocks=options.conv_dim > 0) if train_unet else []
+    unet_side = unet_targets(unet, family, include_conv_blocks=options.conv_dim > 0,
+                             include_embedders=bool(flux and flux.in_dims)) if train_unet else []
+    if flux is not None:
+        flux.check_block_counts(*_block_counts(unet))
     text_side = [text_encoder_targets(encoder, prefix) if train else []
                  for encoder, prefix, train in zip(text_encoders, prefixes, train_each, strict=True)]
-    unet_loras = _build_modules(unet_side, options, multiplier)
+    report: list[str] = []
+    unet_loras = _build_modules(unet_side, options, multiplier, report, unet)
     aliases = {target.alias: target.name for target in unet_side if target.alias and target.name in
                {lora.lora_name for lora in unet_loras}}
-    text_loras = [_build_modules(targets, options, multiplier) for targets in text_side]
+    text_loras = [_build_modules(targets, options, multiplier, report) for targets in text_side]
+    if flux is not None and flux.verbose:  # sd-scripts' verbose=True: every module's rank and alpha, and skips
+        print("\n".join(report))
     return LoRANetwork(unet_loras, text_loras, prefixes, options, aliases)
 
 
-def _build_modules(targets: Sequence[LoRATarget], options: LoRAOptions, multiplier: float) -> list[LoRAModule]:
-    modules = []
+def _block_counts(unet: nn.Module) -> tuple[int, int]:
+    """How many double and single blocks a FLUX transformer has (the block-index arguments are checked against)."""
+    return tuple(len(getattr(unet, name, ())) for name in ("double_blocks", "single_blocks"))  # type: ignore[return-value]
+
+
+def _build_modules(targets: Sequence[LoRATarget], options: LoRAOptions, multiplier: float, report: list[str],
+                   root: nn.Module | None = None) -> list[LoRAModule]:
+    """One module per target with a rank; ``report`` gets a line per module and per skipped layer."""
+    split = bool(options.flux and options.flux.split_qkv)
+    paths = {id(module): path for path, module in root.named_modules()} if split and root is not None else {}
+    modules: list[LoRAModule] = []
     for target in targets:
         rank, alpha = options.rank_and_alpha(target)
-        if rank == 0:  # a 3x3 conv without conv_dim stays untrained, as in kohya
+        if rank == 0:  # a 3x3 conv without conv_dim, or a layer FLUX's network_args leave out, stays untrained
+            report.append(f"{target.name}: skipped (rank 0)")
             continue
-        modules.append(LoRAModule(target.name, target.module, multiplier, rank, alpha, options.dropout,
-                                  options.rank_dropout, options.module_dropout))
+        parts = split_parts(paths.get(id(target.module), ""), target.module.out_features,
+                            target.module.in_features) if split and isinstance(target.module, nn.Linear) else None
+        if parts:
+            modules.append(SplitLoRAModule(target.name, target.module, parts, multiplier, rank, alpha,
+                                           options.dropout, options.rank_dropout, options.module_dropout))
+        else:
+            modules.append(LoRAModule(target.name, target.module, multiplier, rank, alpha, options.dropout,
+                                      options.rank_dropout, options.module_dropout))
+        report.append(f"{target.name}: rank {rank}, alpha {alpha:g}" + (f", split {list(parts)}" if parts else ""))
     return modules
-

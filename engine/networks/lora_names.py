@@ -10,36 +10,52 @@ The module paths are kohya's, which are not always diffusers' or transformers':
 * SDXL: kohya's ``sdxl_original_unet`` uses the original (SAI / LDM) layout, e.g. ``input_blocks.4.1`` for
   ``down_blocks.1.attentions.0``. The mapping is derived from :func:`engine.models.ldm_keys.unet_to_ldm`, the same
   code that writes single-file checkpoints, so there is one table for both.
-* Text encoders: kohya's paths start with ``text_model.`` (transformers 4's ``CLIPTextModel`` wrapper).
+* FLUX.1 / Chroma (naming "bfl", sd-scripts ``networks/lora_flux.py``, spec §5.1): the transformer's own module
+  paths are BFL's, e.g. ``lora_unet_double_blocks_0_img_attn_qkv``; the parents are ``DoubleStreamBlock`` and
+  ``SingleStreamBlock`` (``final_layer`` is never wrapped), and ``in_dims`` adds the conditioning layers
+  (``img_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``txt_in``) that the model has.
+* Text encoders: kohya's CLIP paths start with ``text_model.`` (transformers 4's ``CLIPTextModel`` wrapper).
   transformers >= 5.6 ``CLIPTextModel`` has no wrapper while ``CLIPTextModelWithProjection`` keeps one, so the
-  prefix is added where it is missing.
+  prefix is added where it is missing. T5 (FLUX's ``lora_te3``) keeps its own paths
+  (``encoder.block.0.layer.0.SelfAttention.q``); its parents are ``T5Attention`` and ``T5DenseGatedActDense``.
+
+Which naming a family uses is the family's ``unet_naming`` field (``engine.models.families``), never its name.
 
 Settings come as keyword arguments and as kohya's ``network_args``. Left out of the latter: ``block_dims``,
 ``block_alphas``, ``conv_block_dims``, ``conv_block_alphas`` and the block learning-rate weights (``down_lr_weight``,
 ``mid_lr_weight``, ``up_lr_weight``, ``block_lr_zero_threshold``); they are rejected with a message that says so.
+A naming may accept more network_args (FLUX's, :mod:`engine.networks.lora_flux`); other namings refuse them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
+from engine.models.families import family_info
 from engine.models.ldm_keys import UNET_PREFIX, unet_to_ldm
+from engine.networks.lora_flux import FLUX_NETWORK_ARGS, IN_DIM_LAYERS, FluxLoRAArgs, parse_flux_args
 
 __all__ = [
     "NETWORK_ARGS",
     "TEXT_ENCODER_PATH_PREFIX",
     "UNET_CONV_TARGET_CLASSES",
     "UNET_LORA_PREFIX",
+    "UNET_NAMING",
     "UNET_TARGET_CLASSES",
     "LoRAOptions",
     "LoRATarget",
+    "UnetNaming",
+    "is_t5_encoder",
     "resolve_options",
+    "text_encoder_path",
     "text_encoder_targets",
+    "unet_naming",
+    "unet_naming_kind",
     "unet_targets",
 ]
 
@@ -49,7 +65,10 @@ UNET_CONV_TARGET_CLASSES = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample
 # kohya lists CLIPAttention, CLIPSdpaAttention and CLIPMLP; transformers has had other attention variants
 # (CLIPFlashAttention2), all named CLIP*Attention, so the pattern covers them and any future one.
 _TEXT_ENCODER_TARGET = re.compile(r"CLIP\w*Attention|CLIPMLP")
+# T5 (FLUX's third text encoder): sd-scripts' lora_flux parents. T5DenseActDense is the ungated T5 v1.0 MLP.
+_T5_TARGET = re.compile(r"T5Attention|T5DenseGatedActDense|T5DenseActDense")
 TEXT_ENCODER_PATH_PREFIX = "text_model."
+BFL_TARGET_CLASSES = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
 
 
 @dataclass(frozen=True)
@@ -108,11 +127,15 @@ def _sai_paths(unet: nn.Module) -> dict[str, str]:
             for ldm_key, diffusers_key in ldm.items() if diffusers_key.endswith(".weight")}
 
 
-def _diffusers_unet_naming(unet: nn.Module) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+Rename = Callable[[str], str]
+Alias = Callable[[str], "str | None"]
+
+
+def _diffusers_unet_naming(unet: nn.Module) -> tuple[Rename, Alias]:
     return (lambda path: path), (lambda path: None)
 
 
-def _sai_unet_naming(unet: nn.Module) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+def _sai_unet_naming(unet: nn.Module) -> tuple[Rename, Alias]:
     paths = _sai_paths(unet)
 
     def rename(path: str) -> str:
@@ -123,50 +146,127 @@ def _sai_unet_naming(unet: nn.Module) -> tuple[Callable[[str], str], Callable[[s
     return rename, (lambda path: _kohya_name(UNET_LORA_PREFIX, path))
 
 
-# How each family's kohya UNet names its modules: (rename path, alias for a path).
-UNET_NAMING: dict[str, Callable[[nn.Module], tuple[Callable[[str], str], Callable[[str], str | None]]]] = {
-    "sd1": _diffusers_unet_naming,
-    "sd2": _diffusers_unet_naming,
-    "sdxl": _sai_unet_naming,
+@dataclass(frozen=True)
+class UnetNaming:
+    """How one kind of denoiser is named and targeted by kohya's LoRA.
+
+    Attributes:
+        parents: classes whose Linear/Conv2d children are wrapped.
+        conv_parents: more parents searched for LoCon (conv_dim > 0).
+        names: for a model, (its module path -> kohya path, its module path -> another tool's name or None).
+        embedders: top-level module paths wrapped on request (FLUX's in_dims), in in_dims order.
+        network_args: extra network_args this naming accepts: key -> (field, parser) of ``args_parser``'s result.
+        args_parser: builds the naming's settings from those keys (None: the naming has none).
+        lycoris_classes: the only LyCORIS preset module classes kept for this naming (None: the preset's own).
+        lycoris_text_classes: text-encoder module classes added to LyCORIS presets (FLUX's T5).
+    """
+
+    parents: frozenset[str]
+    conv_parents: frozenset[str]
+    names: Callable[[nn.Module], tuple[Rename, Alias]]
+    embedders: tuple[str, ...] = ()
+    network_args: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = field(default_factory=dict)
+    args_parser: Callable[[Mapping[str, Any]], Any] | None = None
+    lycoris_classes: frozenset[str] | None = None
+    lycoris_text_classes: frozenset[str] = frozenset()
+
+
+# The kohya namings, keyed by FamilyInfo.unet_naming.
+UNET_NAMING: dict[str, UnetNaming] = {
+    "diffusers": UnetNaming(UNET_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, _diffusers_unet_naming),
+    "sai": UnetNaming(UNET_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, _sai_unet_naming),
+    # BFL's module paths are the names ComfyUI and sd-scripts use (spec §5.5), so no renaming and no alias.
+    # LyCORIS presets list many architectures' classes; on FLUX only the blocks LoRA wraps are kept (never the
+    # final layer), and T5's attention and MLP classes are added for train_t5xxl.
+    "bfl": UnetNaming(BFL_TARGET_CLASSES, frozenset(), _diffusers_unet_naming, IN_DIM_LAYERS, FLUX_NETWORK_ARGS,
+                      parse_flux_args, lycoris_classes=BFL_TARGET_CLASSES,
+                      lycoris_text_classes=frozenset({"T5Attention", "T5DenseGatedActDense", "T5DenseActDense"})),
 }
 
 
-def unet_targets(unet: nn.Module, family: str, *, include_conv_blocks: bool) -> list[LoRATarget]:
-    """The UNet layers a kohya LoRA wraps, with their kohya names.
+def unet_naming_kind(family: str) -> str:
+    """The family's ``unet_naming`` ("diffusers", "sai" or "bfl").
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    info = family_info(family)
+    kind = getattr(info, "unet_naming", None)
+    if kind is None:  # a families.py without the field yet: SDXL (size conditioning) is the SAI-named one
+        kind = "sai" if info.uses_size_conditioning else "diffusers"
+    return kind
+
+
+def unet_naming(family: str) -> UnetNaming:
+    kind = unet_naming_kind(family)
+    if kind not in UNET_NAMING:
+        raise ValueError(f"the model family {family!r} names its LoRA modules {kind!r}, which this version does "
+                         f"not know; expected one of {', '.join(UNET_NAMING)}")
+    return UNET_NAMING[kind]
+
+
+def _embedder_layers(unet: nn.Module, paths: Iterable[str]) -> Iterable[tuple[str, nn.Module]]:
+    """(path, Linear) of each named top-level layer the model has (schnell has no guidance_in, Chroma no time_in)."""
+    for path in paths:
+        module = getattr(unet, path, None)
+        if not isinstance(module, nn.Module):
+            continue
+        for child_path, child in module.named_modules():
+            if isinstance(child, nn.Linear):
+                yield f"{path}.{child_path}" if child_path else path, child
+
+
+def unet_targets(unet: nn.Module, family: str, *, include_conv_blocks: bool,
+                 include_embedders: bool = False) -> list[LoRATarget]:
+    """The UNet (or FLUX transformer) layers a kohya LoRA wraps, with their kohya names.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel``.
-        family: "sd1", "sd2" or "sdxl" (decides the naming, see the module docstring).
+        unet: a diffusers ``UNet2DConditionModel``, or the FLUX transformer (engine.models.flux).
+        family: a family of ``FAMILY_INFO``; its ``unet_naming`` decides the naming (see the module docstring).
         include_conv_blocks: also search ResNet, Downsample and Upsample blocks (LoCon; kohya does this when
             conv_dim is given). The caller decides which of those layers get a rank.
+        include_embedders: also the naming's conditioning layers (FLUX's in_dims layers) that the model has.
 
     Raises:
         ValueError: an unknown family, or two layers with the same name.
     """
-    if family not in UNET_NAMING:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(UNET_NAMING)}")
-    parents = UNET_TARGET_CLASSES | (UNET_CONV_TARGET_CLASSES if include_conv_blocks else frozenset())
-    rename, alias = UNET_NAMING[family](unet)
-    layers = _wrapped_layers(unet, lambda module: type(module).__name__ in parents)
+    naming = unet_naming(family)
+    parents = naming.parents | (naming.conv_parents if include_conv_blocks else frozenset())
+    rename, alias = naming.names(unet)
+    layers = list(_wrapped_layers(unet, lambda module: type(module).__name__ in parents))
+    if include_embedders:
+        layers += _embedder_layers(unet, naming.embedders)
     return _collect(UNET_LORA_PREFIX, layers, rename, alias)
 
 
 def _is_text_encoder_parent(module: nn.Module) -> bool:
     # The MRO, so that a subclass of CLIPAttention (an attention-implementation variant) is found too.
-    return any(_TEXT_ENCODER_TARGET.fullmatch(cls.__name__) for cls in type(module).__mro__)
+    return any(_TEXT_ENCODER_TARGET.fullmatch(cls.__name__) or _T5_TARGET.fullmatch(cls.__name__)
+               for cls in type(module).__mro__)
+
+
+def is_t5_encoder(text_encoder: nn.Module) -> bool:
+    """A T5 encoder (FLUX's lora_te3): kohya trains it only with network_args train_t5xxl."""
+    return any(cls.__name__.startswith("T5") for cls in type(text_encoder).__mro__)
+
+
+def text_encoder_path(text_encoder: nn.Module) -> Rename:
+    """Module path -> kohya path: CLIP paths get the ``text_model.`` wrapper when missing; T5 paths stay."""
+    if is_t5_encoder(text_encoder):
+        return lambda path: path
+    return lambda path: path if path.startswith(TEXT_ENCODER_PATH_PREFIX) else TEXT_ENCODER_PATH_PREFIX + path
 
 
 def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarget]:
-    """The layers of one CLIP text encoder a kohya LoRA wraps, named ``<prefix>_text_model_...``.
+    """The layers of one text encoder a kohya LoRA wraps, named ``<prefix>_text_model_...`` (CLIP) or
+    ``<prefix>_encoder_block_...`` (T5).
 
     Args:
-        text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection``.
-        prefix: ``lora_te`` (SD1/SD2), ``lora_te1`` or ``lora_te2`` (SDXL).
+        text_encoder: a transformers ``CLIPTextModel``, ``CLIPTextModelWithProjection`` or ``T5EncoderModel``.
+        prefix: ``lora_te`` (SD1/SD2), ``lora_te1`` or ``lora_te2`` (SDXL), ``lora_te1`` / ``lora_te3`` (FLUX).
     """
-    def rename(path: str) -> str:
-        return path if path.startswith(TEXT_ENCODER_PATH_PREFIX) else TEXT_ENCODER_PATH_PREFIX + path
-
-    return _collect(prefix, _wrapped_layers(text_encoder, _is_text_encoder_parent), rename, lambda path: None)
+    return _collect(prefix, _wrapped_layers(text_encoder, _is_text_encoder_parent), text_encoder_path(text_encoder),
+                    lambda path: None)
 
 
 # --- settings -----------------------------------------------------------------------------------------------------
@@ -185,10 +285,14 @@ class LoRAOptions:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    flux: FluxLoRAArgs | None = None  # the "bfl" naming's network_args (None for the SD namings)
 
     def rank_and_alpha(self, target: LoRATarget) -> tuple[int, float]:
-        """3x3 convs take conv_dim/conv_alpha (0 = not trained); Linear and 1x1 convs take dim/alpha."""
-        return (self.conv_dim, self.conv_alpha) if target.is_spatial_conv else (self.dim, self.alpha)
+        """3x3 convs take conv_dim/conv_alpha (0 = not trained); Linear and 1x1 convs take dim/alpha, or with
+        FLUX's network_args the rank they give (engine.networks.lora_flux)."""
+        if target.is_spatial_conv:
+            return self.conv_dim, self.conv_alpha
+        return (self.flux.rank(target.name, self.dim) if self.flux else self.dim), self.alpha
 
 
 # --- network_args ------------------------------------------------------------------------------------------------
@@ -264,36 +368,49 @@ _LEFT_OUT_ARGS = frozenset({"block_dims", "block_alphas", "conv_block_dims", "co
                             "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"})
 
 
-def _parse_network_args(network_args: Mapping[str, Any]) -> dict[str, Any]:
+def _parse_network_args(network_args: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Parse the generic keys; keys of ``extra`` (the naming's own) are skipped here, others refused."""
     parsed: dict[str, Any] = {}
+    extra = extra or {}
+    accepted = ", ".join([*NETWORK_ARGS, *extra])
     for key, value in network_args.items():
         path = f"network.network_args.{key}"
         if key in _LEFT_OUT_ARGS:
             raise ValueError(f"{path}: per-block ranks and learning-rate weights are not supported by Atelier's "
-                             f"LoRA; accepted keys: {', '.join(NETWORK_ARGS)}")
+                             f"LoRA; accepted keys: {accepted}")
+        if key in extra:
+            continue
         if key not in NETWORK_ARGS:
-            raise ValueError(f"{path} is not an option of the LoRA network; accepted keys: {', '.join(NETWORK_ARGS)}")
+            raise ValueError(f"{path} is not an option of the LoRA network for this model family; accepted keys: "
+                             f"{accepted}")
         parsed[key] = NETWORK_ARGS[key](path, value)
     return parsed
 
 
-def resolve_options(keywords: Mapping[str, Any], network_args: Mapping[str, Any] | None) -> LoRAOptions:
+def resolve_options(keywords: Mapping[str, Any], network_args: Mapping[str, Any] | None,
+                    naming: str = "diffusers") -> LoRAOptions:
     """Check the keyword settings and merge kohya's network_args into them.
 
     Args:
         keywords: ``dim``, ``alpha``, ``conv_dim``, ``conv_alpha``, ``dropout``, ``rank_dropout``,
             ``module_dropout`` (all required).
         network_args: :data:`NETWORK_ARGS` keys with numbers or numeric strings; a setting that is also a keyword
-            (conv_dim, ...) may be given in either place, as kohya allows, but not differently in both.
+            (conv_dim, ...) may be given in either place, as kohya allows, but not differently in both. With the
+            "bfl" naming also FLUX's keys (:data:`engine.networks.lora_flux.FLUX_NETWORK_ARGS`).
+        naming: the family's ``unet_naming`` (see :func:`unet_naming_kind`).
 
     Raises:
         ValueError: an unknown or unsupported key, a bad value or a contradiction; the message names the config
             path (``network.network_args.<key>``, ``network.network_dim``, ...).
     """
-    merged = {key: check(path, keywords[key]) for key, (path, check) in _KEYWORDS.items()}
-    for key, value in _parse_network_args(network_args or {}).items():
+    args = dict(network_args or {})
+    spec = UNET_NAMING[naming]
+    merged: dict[str, Any] = {key: check(path, keywords[key]) for key, (path, check) in _KEYWORDS.items()}
+    for key, value in _parse_network_args(args, spec.network_args).items():
         if key in merged and merged[key] not in (_DEFAULTS[key], value):
             raise ValueError(f"network.network_args.{key} = {value!r} contradicts {_KEYWORDS[key][0]} = "
                              f"{merged[key]!r}; set it in one place")
         merged[key] = value
+    if spec.args_parser is not None:
+        merged["flux"] = spec.args_parser({key: value for key, value in args.items() if key in spec.network_args})
     return LoRAOptions(**merged)

@@ -28,6 +28,11 @@ Worked around in lycoris 4.1.3:
   parsed here and handed to lycoris as Python values.
 * Modules compute their scale from alpha once, when built, so a file with another alpha is refused, not loaded.
 
+FLUX.1 / Chroma (the "bfl" naming): the presets' module classes are narrowed to the blocks kohya's LoRA wraps
+(``DoubleStreamBlock``, ``SingleStreamBlock``), so the modules and their ``lora_unet_double_blocks_0_img_attn_qkv``
+names are the LoRA's; T5 gets modules only with ``network_args`` ``train_t5xxl = true``, as with LoRA. The other
+FLUX LoRA options (per-type dims, block indices, split_qkv, ...) are LoRA-only and refused here.
+
 Refused: DyLoRA (:data:`REFUSED_ALGORITHMS`). lycoris 4.1.3's DyLoRA scales its update by alpha / (blocks used)
 while training but saves plain ``lora_up``/``lora_down``/``alpha`` entries, which every loader (lycoris' own, A1111,
 diffusers) applies with alpha / rank; it also picks a random rank in eval mode, and saves convolution ``lora_up``
@@ -46,7 +51,16 @@ from torch import nn
 
 from engine.config.choices import LYCORIS, NETWORK_TYPES
 from engine.networks.lora import LoRANetwork, LoRAOptions, text_encoder_flags
-from engine.networks.lora_names import TEXT_ENCODER_PATH_PREFIX, UNET_LORA_PREFIX, UNET_NAMING, resolve_options
+from engine.networks.lora_flux import FLUX_NETWORK_ARGS
+from engine.networks.lora_names import (
+    UNET_LORA_PREFIX,
+    UnetNaming,
+    is_t5_encoder,
+    resolve_options,
+    text_encoder_path,
+    unet_naming,
+    unet_naming_kind,
+)
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -184,10 +198,14 @@ class LycorisSettings:
     algo: str
     preset: str = "full"
     keywords: Mapping[str, Any] = field(default_factory=lambda: dict(_DEFAULT_KEYWORDS))
+    train_t5xxl: bool = False
 
 
 def _lycoris_arg(key: str, algo: str) -> LycorisArg:
     path = f"network.network_args.{key}"
+    if key in FLUX_NETWORK_ARGS:
+        raise ValueError(f"{path} is an option of the FLUX LoRA (network_type = 'lora'), not of LyCORIS networks; "
+                         "LyCORIS takes only train_t5xxl of those, on FLUX.1 and Chroma")
     if key in _OLD_NAMES:
         raise ValueError(f"{path} is an old lycoris name; use network.network_args.{_OLD_NAMES[key]}")
     if key in _REFUSED_ARGS:
@@ -214,8 +232,8 @@ def _preset_name(value: Any) -> str:
     return value
 
 
-def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_args: Mapping[str, Any] | None
-                             ) -> tuple[LoRAOptions, LycorisSettings]:
+def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_args: Mapping[str, Any] | None,
+                             naming: str = "diffusers") -> tuple[LoRAOptions, LycorisSettings]:
     """Check the settings of a LyCORIS network and split network_args into shared and LyCORIS options.
 
     Args:
@@ -223,7 +241,8 @@ def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_arg
         keywords: ``dim``, ``alpha``, ``conv_dim``, ``conv_alpha``, ``dropout``, ``rank_dropout``,
             ``module_dropout`` (as for :func:`engine.networks.lora_names.resolve_options`).
         network_args: the shared settings above (may also be given here, as kohya allows), ``algo`` (must match),
-            ``preset`` and :data:`LYCORIS_ARGS`.
+            ``preset`` and :data:`LYCORIS_ARGS`; with the "bfl" naming also ``train_t5xxl``.
+        naming: the family's ``unet_naming``.
 
     Raises:
         ValueError: an unknown, ignored or contradictory option, or a bad value; the message names the config path.
@@ -241,12 +260,15 @@ def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_arg
         raise ValueError(f"network.network_args.algo = {given!r} contradicts network.network_type = {algo!r}; "
                          "set network_type only")
     preset = _preset_name(args.pop("preset")) if "preset" in args else "full"
+    train_t5xxl = False
+    if naming == "bfl" and "train_t5xxl" in args:
+        train_t5xxl = FLUX_NETWORK_ARGS["train_t5xxl"][1]("network.network_args.train_t5xxl", args.pop("train_t5xxl"))
     chosen = dict(_DEFAULT_KEYWORDS)
     for key, value in args.items():
         arg = _lycoris_arg(key, algo)
         chosen[arg.keyword] = arg.parse(f"network.network_args.{key}", value)
     _check_dropouts(algo, options, bypass=chosen["bypass_mode"])
-    return options, LycorisSettings(algo, preset, chosen)
+    return options, LycorisSettings(algo, preset, chosen, train_t5xxl)
 
 
 def _check_dropouts(algo: str, options: LoRAOptions, *, bypass: bool) -> None:
@@ -261,8 +283,9 @@ def _check_dropouts(algo: str, options: LoRAOptions, *, bypass: bool) -> None:
 
 # --- presets -----------------------------------------------------------------------------------------------------
 
-def _preset_config(name: str, conv: bool) -> dict[str, Any]:
-    """Every preset key lycoris reads, from the named preset over lycoris' defaults, fitted to SD UNets."""
+def _preset_config(name: str, conv: bool, naming: UnetNaming | None = None) -> dict[str, Any]:
+    """Every preset key lycoris reads, from the named preset over lycoris' defaults, fitted to the model's naming
+    (SD UNets when ``naming`` is None or an SD naming)."""
     from lycoris.config import PRESET
     from lycoris.utils.preset import read_preset
 
@@ -273,6 +296,11 @@ def _preset_config(name: str, conv: bool) -> dict[str, Any]:
                 "exclude_name": []}
     preset = {**defaults, **chosen}
     preset["unet_target_module"] = [cls for cls in preset["unet_target_module"] if cls not in _NOT_FOR_SD_UNETS]
+    if naming is not None and naming.lycoris_classes is not None:
+        preset["unet_target_module"] = [cls for cls in preset["unet_target_module"] if cls in naming.lycoris_classes]
+    if naming is not None and naming.lycoris_text_classes:
+        preset["text_encoder_target_module"] = [*preset["text_encoder_target_module"],
+                                                *sorted(naming.lycoris_text_classes)]
     if conv and not preset["enable_conv"]:
         raise ValueError(f"network.conv_dim has no effect with the LyCORIS preset {name!r}, which trains no 3x3 "
                          "convolutions; set conv_dim = 0 or use the preset 'full'")
@@ -372,10 +400,6 @@ def _module_name(prefix: str, path: str) -> str:
     return f"{prefix}.{path}".replace(".", "_")
 
 
-def _text_encoder_path(path: str) -> str:
-    return path if path.startswith(TEXT_ENCODER_PATH_PREFIX) else TEXT_ENCODER_PATH_PREFIX + path
-
-
 def _rename(loras: Sequence[nn.Module], root: nn.Module, prefix: str, rename: Callable[[str], str]
             ) -> tuple[list[nn.Module], dict[str, str]]:
     """The modules that wrap a layer of ``root``, renamed to kohya's names, and {lycoris' name: kohya name}."""
@@ -403,14 +427,15 @@ def create_lycoris_network(unet: nn.Module, text_encoders: Sequence[nn.Module], 
 
     Args:
         unet: diffusers ``UNet2DConditionModel``.
-        text_encoders: the family's CLIP encoders in order (one for SD1/SD2, two for SDXL).
-        family: "sd1", "sd2" or "sdxl".
+        text_encoders: the family's text encoders in order (see ``create_lora_network``).
+        family: a family of ``FAMILY_INFO``; its ``unet_naming`` decides the names.
         algo: the lycoris algorithm (:data:`ALGORITHMS`).
         dim, alpha: rank and alpha of Linear and 1x1 conv layers (LoKr: a huge dim means full matrices).
         conv_dim, conv_alpha: rank and alpha of 3x3 convs (0 = not trained).
         dropout, rank_dropout, module_dropout: lycoris' dropouts (dropout acts on each module's output).
         train_unet: add modules to the UNet.
-        train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder).
+        train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder); T5 also needs
+            network_args train_t5xxl.
         network_args: preset and LyCORIS options (see :func:`resolve_lycoris_settings`).
         multiplier: the initial strength of every module.
 
@@ -419,19 +444,23 @@ def create_lycoris_network(unet: nn.Module, text_encoders: Sequence[nn.Module], 
         ImportError: lycoris is not installed (the message says how to install it).
     """
     _lycoris_kohya_class()  # a missing package is reported before any option that needs it
+    naming = unet_naming(family)
     options, settings = resolve_lycoris_settings(
         algo, {"dim": dim, "alpha": alpha, "conv_dim": conv_dim, "conv_alpha": conv_alpha, "dropout": dropout,
-               "rank_dropout": rank_dropout, "module_dropout": module_dropout}, network_args)
+               "rank_dropout": rank_dropout, "module_dropout": module_dropout}, network_args,
+        unet_naming_kind(family))
     prefixes, train_each = text_encoder_flags(family, text_encoders, train_text_encoder)
+    train_each = [train and (settings.train_t5xxl or not is_t5_encoder(encoder))
+                  for encoder, train in zip(text_encoders, train_each, strict=True)]
 
     built = _build_lycoris(unet if train_unet else nn.Module(),
                            [encoder if train else nn.Module() for encoder, train in zip(text_encoders, train_each,
                                                                                         strict=True)],
-                           options, settings, multiplier)
-    unet_loras, aliases = _rename(built.unet_loras, unet, UNET_LORA_PREFIX, UNET_NAMING[family](unet)[0])
+                           options, settings, multiplier, naming)
+    unet_loras, aliases = _rename(built.unet_loras, unet, UNET_LORA_PREFIX, naming.names(unet)[0])
     text_loras = []
     for encoder, prefix in zip(text_encoders, prefixes, strict=True):
-        loras, encoder_aliases = _rename(built.text_encoder_loras, encoder, prefix, _text_encoder_path)
+        loras, encoder_aliases = _rename(built.text_encoder_loras, encoder, prefix, text_encoder_path(encoder))
         text_loras.append(loras)
         aliases.update(encoder_aliases)
     if not unet_loras and not any(text_loras):
@@ -441,10 +470,10 @@ def create_lycoris_network(unet: nn.Module, text_encoders: Sequence[nn.Module], 
 
 
 def _build_lycoris(unet: nn.Module, text_encoders: list[nn.Module], options: LoRAOptions, settings: LycorisSettings,
-                   multiplier: float) -> Any:
+                   multiplier: float, naming: UnetNaming | None = None) -> Any:
     """lycoris' kohya network for the given models (untrained parts are empty modules), built but not applied."""
     kohya_class = _lycoris_kohya_class()
-    kohya_class.apply_preset(_preset_config(settings.preset, conv=options.conv_dim > 0))
+    kohya_class.apply_preset(_preset_config(settings.preset, conv=options.conv_dim > 0, naming=naming))
     try:
         return kohya_class(
             text_encoders, unet, multiplier=multiplier, lora_dim=options.dim, conv_lora_dim=options.conv_dim,

@@ -3,6 +3,10 @@
 A1111, ComfyUI, Civitai and sd-webui-additional-networks read these keys from kohya files, so they follow
 sd-scripts' train_network.py exactly (spec §5.3): the same names, and every value `str()`-ed the way sd-scripts
 does it (None -> "None", True -> "True", tuples as "(512, 512)", nested data as JSON).
+FLUX.1 / Chroma files (spec §5.4) get sd-scripts' flux keys (``ss_model_type``, the flow-matching settings),
+``networks.lora_flux`` as the kohya network module, ``flux-1-dev/lora`` style architectures picked by the base file's
+variant, and no ``modelspec.prediction_type``. What differs per family comes from ``FamilyInfo`` fields
+(``objective``, ``model_type``, ``kohya_network_module``, ``variant_architectures``), never from its name.
 Pure Python: importing this module imports no torch.
 """
 
@@ -39,8 +43,6 @@ _CHUNK = 1024 * 1024
 UNSUPPORTED_OPTION_DEFAULTS: dict[str, Any] = {
     "ss_lowram": False,
     "ss_scale_weight_norms": None,
-    "ss_fp8_base": False,
-    "ss_fp8_base_unet": False,
     "ss_max_validation_steps": None,
     "ss_validate_every_n_epochs": None,
     "ss_validate_every_n_steps": None,
@@ -73,6 +75,9 @@ class TrainingFacts:
     resolution: tuple[int, int] | None = None  # (width, height); None = the family's default for modelspec
     num_validation_images: int = 0
     model_hashes: dict[str, str] = field(default_factory=dict)
+    # The base file's variant (LoadedModel.scheduler_config["variant"]: "dev", "schnell", "chroma"; "" for SD):
+    # FLUX.1 dev and schnell share a family but not a modelspec architecture.
+    variant: str = ""
 
 
 def new_session_id() -> int:
@@ -135,7 +140,7 @@ def build_metadata(config: RunConfig, facts: TrainingFacts) -> dict[str, str]:
     """
     metadata: dict[str, Any] = {
         **_run_keys(config, facts), **_network_keys(config, facts), **_training_keys(config),
-        **_dataset_option_keys(config), **UNSUPPORTED_OPTION_DEFAULTS,
+        **_dataset_option_keys(config), **UNSUPPORTED_OPTION_DEFAULTS, **_fp8_keys(config), **_flow_keys(config, facts),
     }
     metadata.update(dataset_metadata(facts.datasets))
     if config.dataset.train_data_dir:
@@ -143,6 +148,8 @@ def build_metadata(config: RunConfig, facts: TrainingFacts) -> dict[str, str]:
     network_args = network_args_metadata(config)
     if network_args:
         metadata["ss_network_args"] = json.dumps(network_args)
+    if _flag_arg(network_args.get("split_qkv")):
+        metadata[SPLIT_QKV_ALPHA_KEY] = SPLIT_QKV_ALPHA_CONVENTION
     metadata.update(_model_keys(facts))
     return {key: str(value) for key, value in metadata.items()}
 
@@ -178,7 +185,7 @@ def _run_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
 def _network_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
     network, model = config.network, config.model
     return {
-        "ss_network_module": facts.network_module,
+        "ss_network_module": _network_module(facts),
         "ss_network_dim": network.network_dim,
         "ss_network_alpha": network.network_alpha,
         "ss_network_dropout": network.network_dropout,
@@ -187,6 +194,50 @@ def _network_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
         "ss_clip_skip": model.clip_skip,
         "ss_max_token_length": model.max_token_length,
     }
+
+
+def _network_module(facts: TrainingFacts) -> str:
+    """Our kohya-format LoRA is sd-scripts' ``networks.lora`` on SD and ``networks.lora_flux`` on FLUX/Chroma (the
+    family's ``kohya_network_module``); other modules (``lycoris.kohya``) are the same on every family."""
+    if facts.network_module == "networks.lora":
+        return getattr(family_info(facts.family), "kohya_network_module", facts.network_module)
+    return facts.network_module
+
+
+def _fp8_keys(config: RunConfig) -> dict[str, Any]:
+    model = config.model
+    return {"ss_fp8_base": getattr(model, "fp8_base", False),
+            "ss_fp8_base_unet": getattr(model, "fp8_base_unet", False)}
+
+
+def _is_flow(family: str) -> bool:
+    return getattr(family_info(family), "objective", "ddpm") == "flow"
+
+
+# The flow-matching keys sd-scripts' flux_train_network.update_metadata writes: ss_* key -> [flow] setting, with
+# sd-scripts' defaults for a config without the flow section.
+_FLOW_KEYS: dict[str, tuple[str, Any]] = {
+    "ss_weighting_scheme": ("weighting_scheme", "uniform"),
+    "ss_logit_mean": ("logit_mean", 0.0),
+    "ss_logit_std": ("logit_std", 1.0),
+    "ss_mode_scale": ("mode_scale", 1.29),
+    "ss_guidance_scale": ("guidance_scale", 3.5),
+    "ss_timestep_sampling": ("timestep_sampling", "sigma"),
+    "ss_sigmoid_scale": ("sigmoid_scale", 1.0),
+    "ss_model_prediction_type": ("model_prediction_type", "raw"),
+    "ss_discrete_flow_shift": ("discrete_flow_shift", 3.0),
+}
+
+
+def _flow_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
+    """FLUX.1 / Chroma: ss_model_type, ss_apply_t5_attn_mask and the flow settings (spec §5.4); none for SD."""
+    if not _is_flow(facts.family):
+        return {}
+    flow = getattr(config, "flow", None)
+    keys: dict[str, Any] = {"ss_model_type": getattr(family_info(facts.family), "model_type", "") or None,
+                            "ss_apply_t5_attn_mask": getattr(config.model, "apply_t5_attn_mask", False)}
+    keys.update({key: getattr(flow, name, default) for key, (name, default) in _FLOW_KEYS.items()})
+    return keys
 
 
 def _training_keys(config: RunConfig) -> dict[str, Any]:
@@ -257,6 +308,16 @@ def network_args_metadata(config: RunConfig) -> dict[str, Any]:
     return args
 
 
+# split_qkv files store k * alpha for the merged modules (engine.networks.lora.SplitLoRAModule, spec appendix A.2).
+SPLIT_QKV_ALPHA_KEY = "atelier_split_qkv_alpha"
+SPLIT_QKV_ALPHA_CONVENTION = ("alpha_times_parts: merged q/k/v(/mlp) modules store alpha x parts, so alpha / lora_down "
+                              "rows is the trained scale")
+
+
+def _flag_arg(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
 def _arg_text(value: Any) -> str:
     """A network argument as the text after `key=` on sd-scripts' command line (lists are comma-separated)."""
     if isinstance(value, list | tuple):
@@ -278,10 +339,20 @@ MODELSPEC_KINDS = ("lora", "textual-inversion", "")  # the architecture suffix: 
 
 
 def _implementation(kind: str, family: str) -> str:
-    """LoRA files depend on the family (diffusers for SD1/2, SGM for SDXL); embeddings and checkpoints are SGM."""
+    """LoRA files depend on the family (diffusers for SD1/2, SGM for SDXL); SD embeddings and checkpoints are SGM.
+    FLUX.1 and Chroma files name their own implementation whatever the kind (sd-scripts' sai_model_spec)."""
     if kind not in MODELSPEC_KINDS:
         raise ValueError(f"unknown modelspec kind {kind!r}; expected one of {MODELSPEC_KINDS}")
-    return family_info(family).modelspec_implementation if kind == "lora" else STABILITY_AI_IMPLEMENTATION
+    if kind == "lora" or _is_flow(family):
+        return family_info(family).modelspec_implementation
+    return STABILITY_AI_IMPLEMENTATION
+
+
+def _architecture(facts: TrainingFacts, kind: str) -> str:
+    info = family_info(facts.family)
+    if getattr(info, "variant_architectures", ()):
+        return info.modelspec_architecture(facts.v_prediction, kind, variant=facts.variant)
+    return info.modelspec_architecture(facts.v_prediction, kind)
 
 
 def modelspec_metadata(config: RunConfig, facts: TrainingFacts, *, kind: str = "lora",
@@ -298,7 +369,7 @@ def modelspec_metadata(config: RunConfig, facts: TrainingFacts, *, kind: str = "
     timestamp = int(now if now is not None else time.time())  # sd-scripts drops the microseconds
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": info.modelspec_architecture(v_prediction, kind),
+        "modelspec.architecture": _architecture(facts, kind),
         "modelspec.implementation": _implementation(kind, facts.family),
         "modelspec.title": config.saving.metadata.title or config.saving.output_name,
         "modelspec.resolution": f"{width}x{height}",
@@ -307,9 +378,19 @@ def modelspec_metadata(config: RunConfig, facts: TrainingFacts, *, kind: str = "
         "modelspec.encoder_layer": str(config.model.clip_skip),
         "modelspec.implementation_version": IMPLEMENTATION_VERSION,
     }
+    if _is_flow(facts.family):
+        # sd-scripts writes no prediction type for FLUX (it is flow matching, neither epsilon nor v), no clip skip
+        # (FLUX never skips CLIP layers) and no timestep range (the flow sampler ignores min/max_timestep).
+        for key in ("modelspec.prediction_type", "modelspec.encoder_layer"):
+            del spec[key]
+        return _user_keys(config, spec)
     timesteps = (config.training.min_timestep, config.training.max_timestep)
     if timesteps != DEFAULT_TIMESTEPS:
         spec["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"
+    return _user_keys(config, spec)
+
+
+def _user_keys(config: RunConfig, spec: dict[str, str]) -> dict[str, str]:
     user = config.saving.metadata
     for key in ("author", "description", "license", "tags"):
         if getattr(user, key):
