@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from engine.config.importers import flux
 from engine.config.importers.handlers import finetune_dataset
 from engine.config.importers.kohya_network import lora_type
 from engine.config.importers.source import Source
@@ -71,6 +72,9 @@ def _lora(source: Source) -> None:
 
 
 def _dreambooth(source: Source) -> None:
+    if flux.is_flux(source):
+        _flux_full_fine_tuning(source)
+        return
     sdxl = _text_encoder_rates(source, trained=True)
     if not sdxl and not source.is_set("optimizer.text_encoder_lr") and source.given("learning_rate"):
         # train_db.py trains the text encoder at learning_rate when no separate rate is given; ours needs one.
@@ -91,14 +95,27 @@ def _stop_text_encoder_percent(source: Source) -> None:
                 f"{fraction:g}")
 
 
+def _flux_full_fine_tuning(source: Source) -> None:
+    """flux_train.py trains the transformer only: the text-encoder rates of the tab do not reach it (spec §6.1)."""
+    for key in ("learning_rate_te", "learning_rate_te1", "learning_rate_te2", "train_text_encoder",
+                "stop_text_encoder_training"):
+        if source.given(key) and source.get(key) is not False:
+            source.skip(key, "sd-scripts' FLUX fine-tuning trains only the transformer")
+        else:
+            source.unset(key)
+
+
 def _finetune(source: Source) -> None:
     """image_folder holds the images; the metadata the GUI prepares lands in train_dir."""
-    trained = source.get("train_text_encoder") is True
-    if trained:
-        source.used("train_text_encoder", ["optimizer.text_encoder_lr"])
+    if flux.is_flux(source):
+        _flux_full_fine_tuning(source)
     else:
-        source.unset("train_text_encoder")
-    _text_encoder_rates(source, trained)
+        trained = source.get("train_text_encoder") is True
+        if trained:
+            source.used("train_text_encoder", ["optimizer.text_encoder_lr"])
+        else:
+            source.unset("train_text_encoder")
+        _text_encoder_rates(source, trained)
     if source.given("dataset_config"):
         for key in ("image_folder", "train_dir"):
             if source.given(key):
