@@ -63,7 +63,7 @@ def parse_prompt_line(line: str) -> dict[str, Any]:
     for option in options:
         flag, _, value = option.strip().partition(" ")
         if flag.lower() not in _OPTIONS:
-            raise ValueError(f"unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss")
+            raise ValueError(f"unknown option --{flag}; use --n, --w, --h, --d, --l, --s, --ss or --g (FLUX guidance)")
         key, parse = _OPTIONS[flag.lower()]
         try:
             parsed[key] = parse(value.strip())
