@@ -89,9 +89,8 @@ def check_not_adapter(header: FileHeader, what: str) -> None:
     keys = set(header.shapes)
     kind = adapter_kind(keys)
     if kind == "LoRA":
-        raise ModelLoadError(f"{header.path}: this is a LoRA file, not a base model ({what}): put it in "
-                             "network.network_weights and point model.pretrained_model_name_or_path at the FLUX/Chroma "
-                             "model it was trained on")
+        raise ModelLoadError(f"{header.path}: this is a LoRA file, not a base model: put it in "
+                             f"network.network_weights and set {what} to the FLUX.1/Chroma file it was trained on")
     if kind is not None:
         raise ModelLoadError(f"{header.path}: this is a Textual Inversion embedding, not a model file ({what})")
     if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.models.flux.convert import BFL_CHROMA_KEY, diffusers_to_bfl, transformer_layout
 from engine.models.flux.files import TRANSFORMER_PREFIX, check_not_adapter, read_flux_header, read_state
-from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
+from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError, adapter_kind
 from engine.models.vae import looks_like_hub_id
 
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ def detect_flux_file(path: str | Path) -> str | None:
     if path.is_dir():
         return _folder_family(path)
     header = read_flux_header(path, _LOCATION)
+    if adapter_kind(set(header.shapes)) is not None:
+        return None  # a LoRA or an embedding: the loaders say what to do with it
     source = _file_source(header)
     return source.family if source is not None else None
 
