@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
 from engine.config.errors import ConfigError
@@ -97,7 +97,7 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     from engine.cache.latents import build_latent_cache, jobs_from_scan
     from engine.data.scan import scan_config
     from engine.events import Progress
-    from engine.models.vae import VaeLoadError, load_vae
+    from engine.models.single_file import ModelLoadError
 
     scan = scan_config(config, base_dir)
     for finding in scan.findings:
@@ -112,12 +112,10 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     if not jobs:
         return _fail("no images to cache", events)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = config.model
     try:
-        loaded = load_vae(model_location(model.pretrained_model_name_or_path, base_dir),
-                          model_location(model.vae, base_dir), family=model.model_family,
-                          dtype=getattr(torch, vae_dtype_name(config, device)), device=device)
-    except VaeLoadError as error:
+        loaded = latent_encoder(config, base_dir, dtype=getattr(torch, vae_dtype_name(config, device)),
+                                device=device)
+    except ModelLoadError as error:  # VaeLoadError is one
         return _fail(str(error), events)
     workers = args.workers or max(1, config.training.max_data_loader_n_workers)
     progress = Progress(TASK, len(jobs), events if args.events else None)
@@ -138,6 +136,26 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
                 rebuilt_stale=len(report.rebuilt_stale), failed=len(report.failed))
     print(report.summary())
     return EXIT_OK if cached > 0 else EXIT_BAD_INPUT
+
+
+def latent_encoder(config: RunConfig, base_dir: Path, *, dtype: Any, device: str) -> Any:
+    """The VAE (SD) or AE (FLUX: ``model.ae``, or the diffusers folder's own) that the run's latents come from."""
+    from engine.models.families import family_info
+    from engine.models.loading import detect_model_family
+    from engine.models.vae import load_vae
+
+    model = config.model
+    location = model_location(model.pretrained_model_name_or_path, base_dir)
+    family = model.model_family
+    if family == "auto" and location:
+        family = detect_model_family(location)
+    if family != "auto" and family_info(family).loader == "flux":
+        from engine.models.flux.ae import load_flux_ae
+
+        source = model_location(model.ae, base_dir) or location
+        return load_flux_ae(source, family=family, dtype=dtype, device=device,
+                            what="model.ae" if model.ae else "model.pretrained_model_name_or_path")
+    return load_vae(location, model_location(model.vae, base_dir), family=family, dtype=dtype, device=device)
 
 
 def _by_reason(entries: list[tuple[Path, str]]) -> dict[str, list[Path]]:
