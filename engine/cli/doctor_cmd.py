@@ -14,9 +14,10 @@ from engine.config.io import load_config
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "doctor", help="check the dataset: folders, images, captions, buckets, steps per epoch",
+        "doctor", help="check the dataset (folders, images, captions, buckets, steps per epoch) and FLUX's model files",
         description="Scan the config's datasets and report every problem with the file it concerns and what to "
-                    "do, plus images, repeats, buckets and steps. Exit 0 when there is no error, 2 otherwise.",
+                    "do, plus images, repeats, buckets and steps; for FLUX.1/Chroma, that the model, CLIP-L, T5-XXL "
+                    "and AE files exist and fit together (headers only). Exit 0 when there is no error, 2 otherwise.",
     )
     parser.add_argument("config", help="run config .toml (or a .json preset)")
     add_override_option(parser)

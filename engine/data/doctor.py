@@ -25,6 +25,7 @@ from typing import Any
 from engine.config.schema import RunConfig
 from engine.data.balance import RunLength, batches_per_epoch, run_length
 from engine.data.doctor_checks import CHECKS
+from engine.data.doctor_models import model_findings
 from engine.data.records import DatasetPlan, Finding, ScanResult
 from engine.data.scan import scan_config
 
@@ -128,6 +129,7 @@ def run_doctor(config: RunConfig, base_dir: str | Path, *, quick: bool = False) 
             continue
         findings += check(scan, config.model.max_token_length)
     findings += _latent_cache_findings(config, scan)
+    findings += model_findings(config, base_dir)  # FLUX's separate model files exist and fit (headers only)
     training = config.training
     batches = sum(batches_per_epoch([r for s in d.subsets for r in s.records], d.params["batch_size"])
                   for d in scan.datasets)

@@ -1,0 +1,223 @@
+"""The doctor's model-file checks: before any GPU time, the files a model family needs exist and fit together.
+
+FLUX.1 and Chroma come as separate files (`model.pretrained_model_name_or_path` the transformer, `model.clip_l`,
+`model.t5xxl`, `model.ae`); a wrong or missing one otherwise shows up minutes into a run, after the text encoders
+have loaded. Only file headers are read, in plain Python (the 8-byte length and the JSON after it): the doctor runs
+in the GUI process, which never imports torch or safetensors. Each finding names the config field and says what to
+do. Which check runs is chosen by the family's loader (`FamilyInfo.loader`), never by its name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config.base import field_families
+from engine.config.io import resolve_path
+from engine.config.schema import RunConfig
+from engine.data.records import Finding
+from engine.models.families import family_info
+from engine.models.flux.convert import BFL_CHROMA_KEY, transformer_layout
+from engine.models.flux.files import TRANSFORMER_PREFIX, check_not_adapter
+from engine.models.single_file import FileHeader, ModelLoadError
+
+_HEADER_FILES = (".safetensors", ".sft")  # files whose header can be read without torch
+_MODEL_FILES = (*_HEADER_FILES, ".ckpt", ".pt", ".pth", ".bin")
+_MAX_HEADER = 100 * 1024 * 1024  # a real header is a few MB at most; more means it is no safetensors file
+_LOCATION = "model.pretrained_model_name_or_path"
+_FAMILY = "model.model_family"
+# Widths the text encoders must match: the transformer's text input (T5) and pooled-vector input (CLIP-L), in BFL
+# and in diffusers naming (prefix-free), as [out, in] weights.
+_T5_INPUT = ("txt_in.weight", "context_embedder.weight")
+_CLIP_INPUT = ("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight")
+_FAMILY_NAMES = {"flux1": "FLUX.1", "chroma": "Chroma"}
+
+
+def read_safetensors_header(path: Path) -> FileHeader:
+    """Tensor shapes and metadata of a .safetensors/.sft file, from its header only, without safetensors or torch.
+
+    Raises:
+        ModelLoadError: the file cannot be read or is no safetensors file (the message names it).
+    """
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= _MAX_HEADER:
+                raise ValueError(f"a header length of {size} bytes")
+            header = json.loads(handle.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+    return FileHeader(path, shapes, metadata)
+
+
+@dataclass
+class _Checker:
+    """The findings of one config's model files, and the widths read so far (to check that the files fit)."""
+
+    config: RunConfig
+    base_dir: Path
+    family: str
+    findings: list[Finding]
+
+    def error(self, path: Path | str, message: str, hint: str, code: str = "model-file") -> None:
+        self.findings.append(Finding("error", code, str(path), message, hint))
+
+    def header(self, field: str, what: str) -> FileHeader | None:
+        """The header of the file `field` names; None when it is unset, a folder or a hub id (the loader reads
+        those), not a header file, or missing (then a finding says so)."""
+        value = getattr(self.config.model, field.split(".")[-1]).strip()
+        if not value:
+            return None
+        path = resolve_path(value, self.base_dir)
+        looks_local = path.suffix.lower() in _MODEL_FILES or value.startswith((".", "/", "~")) or path.exists()
+        if not looks_local or path.is_dir():
+            return None
+        if not path.is_file():
+            self.error(path, f"{field}: no such file", f"point {field} at {what}", "model-file-missing")
+            return None
+        if path.suffix.lower() not in _HEADER_FILES:
+            return None  # a pickled checkpoint needs torch to look inside; the loader checks it
+        try:
+            header = read_safetensors_header(path)
+            check_not_adapter(header, field)
+        except ModelLoadError as error:
+            self.error(path, f"{field}: {error}", f"point {field} at {what}")
+            return None
+        return header
+
+
+def _width(shapes: dict[str, tuple[int, ...]], names: tuple[str, ...], index: int) -> int | None:
+    for name in names:
+        if name in shapes and len(shapes[name]) > index:
+            return shapes[name][index]
+    return None
+
+
+def _suffixed(header: FileHeader, suffix: str) -> tuple[int, ...] | None:
+    """The shape of the tensor whose key ends with `suffix` (components come with several key prefixes)."""
+    return next((shape for key, shape in header.shapes.items() if key == suffix or key.endswith("." + suffix)), None)
+
+
+def flux_family_of(header: FileHeader) -> str | None:
+    """"flux1" or "chroma" for a file holding a FLUX.1/Chroma transformer, else None."""
+    keys = {key.removeprefix(TRANSFORMER_PREFIX) for key in header.shapes}
+    if transformer_layout(keys) is None:
+        return None
+    return "chroma" if BFL_CHROMA_KEY in keys else "flux1"
+
+
+def _flux_transformer(checker: _Checker) -> dict[str, tuple[int, ...]] | None:
+    what = "the FLUX.1/Chroma transformer file (e.g. flux1-dev.safetensors)"
+    header = checker.header(_LOCATION, what)
+    if header is None:
+        return None
+    found = flux_family_of(header)
+    if found is None:
+        checker.error(header.path, f"{_LOCATION}: not a FLUX.1/Chroma transformer (no double_blocks.* or "
+                      f"transformer_blocks.* keys)", f"point {_LOCATION} at {what}, or set {_FAMILY} to the "
+                      "family of this file")
+        return None
+    if found != checker.family:
+        checker.error(header.path, f"{_LOCATION}: this is a {_FAMILY_NAMES[found]} model, but {_FAMILY} is "
+                      f"'{checker.family}'", f"set {_FAMILY} to {found} (or auto)")
+        return None
+    return {key.removeprefix(TRANSFORMER_PREFIX): shape for key, shape in header.shapes.items()}
+
+
+def _check_clip_l(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None) -> None:
+    what = "CLIP-L's file (clip_l.safetensors)"
+    header = checker.header("model.clip_l", what)
+    if header is None:
+        return
+    embedding = _suffixed(header, "embeddings.token_embedding.weight")
+    if embedding is None or len(embedding) != 2:
+        checker.error(header.path, "model.clip_l: not a CLIP text encoder (no embeddings.token_embedding)",
+                      f"point model.clip_l at {what}")
+        return
+    wanted = _width(transformer or {}, _CLIP_INPUT, 1)
+    if wanted is not None and embedding[1] != wanted:
+        checker.error(header.path, f"model.clip_l: a text encoder {embedding[1]} wide, but the transformer takes a "
+                      f"{wanted}-wide CLIP-L vector", "point model.clip_l at the CLIP-L file of this model "
+                      "(clip_l.safetensors; not CLIP-G or another model's encoder)", "model-files-mismatch")
+
+
+def _check_t5xxl(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None) -> None:
+    what = "T5-XXL's file (t5xxl_fp16.safetensors)"
+    header = checker.header("model.t5xxl", what)
+    if header is None:
+        return
+    shared = _suffixed(header, "shared.weight")
+    if shared is None or len(shared) != 2 or _suffixed(header, "encoder.final_layer_norm.weight") is None:
+        checker.error(header.path, "model.t5xxl: not a T5 encoder (no shared.weight / encoder.final_layer_norm)",
+                      f"point model.t5xxl at {what}")
+        return
+    wanted = _width(transformer or {}, _T5_INPUT, 1)
+    if wanted is not None and shared[1] != wanted:
+        checker.error(header.path, f"model.t5xxl: a T5 {shared[1]} wide, but the transformer takes {wanted}-wide "
+                      "text features (T5-XXL: 4096)", f"point model.t5xxl at {what}, not T5-base/large or "
+                      "another model's encoder", "model-files-mismatch")
+
+
+def _check_ae(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None) -> None:
+    what = "the FLUX autoencoder (ae.safetensors)"
+    header = checker.header("model.ae", what)
+    if header is None:
+        return
+    conv_out = _suffixed(header, "encoder.conv_out.weight")
+    if conv_out is None:
+        checker.error(header.path, "model.ae: no autoencoder weights (no encoder.conv_out)",
+                      f"point model.ae at {what}")
+        return
+    channels, wanted = conv_out[0] // 2, family_info(checker.family).latent_channels  # mean and log-variance
+    if channels != wanted:
+        checker.error(header.path, f"model.ae: an autoencoder with {channels} latent channels (an SD VAE?), but "
+                      f"{_FAMILY_NAMES[checker.family]} needs its {wanted}-channel AE", f"point model.ae at {what}",
+                      "model-files-mismatch")
+
+
+# The component files by model field; each is checked for the families the field applies to (Chroma has no CLIP-L).
+_FLUX_COMPONENTS: dict[str, Callable[[_Checker, dict[str, tuple[int, ...]] | None], None]] = {
+    "clip_l": _check_clip_l, "t5xxl": _check_t5xxl, "ae": _check_ae}
+
+
+def flux_model_findings(config: RunConfig, base_dir: Path, family: str) -> list[Finding]:
+    """The transformer, CLIP-L, T5-XXL and AE files: each exists, is what its field says, and fits the transformer
+    (text widths, latent channels). Unset fields are the config rules' business."""
+    checker = _Checker(config, base_dir, family, [])
+    transformer = _flux_transformer(checker)
+    fields = type(config.model).model_fields
+    for name, check in _FLUX_COMPONENTS.items():
+        families = field_families(fields[name])
+        if families is None or family in families:
+            check(checker, transformer)
+    return checker.findings
+
+
+# Model checks by FamilyInfo.loader; SD checkpoints carry their own text encoders and VAE, so they have none here.
+MODEL_CHECKS: dict[str, Callable[[RunConfig, Path, str], list[Finding]]] = {"flux": flux_model_findings}
+
+
+def _detected_family(config: RunConfig, base_dir: Path) -> str | None:
+    """The family of a FLUX.1/Chroma transformer file with model_family = "auto" (SD files are left to the loader)."""
+    location = config.model.pretrained_model_name_or_path.strip()
+    path = resolve_path(location, base_dir) if location else None
+    if path is None or path.suffix.lower() not in _HEADER_FILES or not path.is_file():
+        return None
+    try:
+        return flux_family_of(read_safetensors_header(path))
+    except ModelLoadError:
+        return None  # reported by the loader, which knows every kind of model file
+
+
+def model_findings(config: RunConfig, base_dir: str | Path) -> list[Finding]:
+    """The model-file findings of `config` (paths relative to base_dir)."""
+    base_dir = Path(base_dir)
+    family = config.model.model_family
+    if family == "auto":
+        family = _detected_family(config, base_dir) or "auto"
+    check = MODEL_CHECKS.get(family_info(family).loader) if family != "auto" else None
+    return check(config, base_dir, family) if check else []
