@@ -69,13 +69,40 @@ def tiny_transformer(variant: str) -> Any:
     return _perturbed(Flux(tiny_params(variant)), SEEDS[variant])
 
 
+def _t5_pieces() -> list[tuple[str, float]]:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"▁{word}", -2.0) for word in _WORDS), ("▁", -3.0)]
+    return pieces + [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
+
+
 def tiny_t5_tokenizer() -> Any:
     """A Unigram T5 tokenizer: pad 0, EOS 1, unk 2, a few words, then single characters."""
     from transformers import T5TokenizerFast
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"▁{word}", -2.0) for word in _WORDS), ("▁", -3.0)]
-    pieces += [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+    return T5TokenizerFast(vocab=_t5_pieces(), extra_ids=0)
+
+
+def write_spiece_tokenizer(folder: str | Path, extra_ids: int = 0) -> Path:
+    """The tiny tokenizer laid out as google/t5-v1_1-xxl ships it: ``spiece.model`` (a SentencePiece protobuf,
+    Unigram, pad/EOS as control pieces), ``tokenizer_config.json`` and ``special_tokens_map.json``, no
+    ``tokenizer.json``."""
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    for index, (text, score) in enumerate(_t5_pieces()):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = text, score
+        piece.type = 3 if index < 2 else 2 if index == 2 else 1  # control, unknown, normal
+    proto.trainer_spec.model_type = 1  # Unigram
+    proto.trainer_spec.pad_id, proto.trainer_spec.eos_id, proto.trainer_spec.unk_id = 0, 1, 2
+    proto.trainer_spec.bos_id = -1
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(proto.SerializeToString())
+    specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**specials, "extra_ids": extra_ids,
+                                                              "model_max_length": 512}), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials), encoding="utf-8")
+    return folder
 
 
 def tiny_clip() -> Any:

@@ -26,6 +26,7 @@ from flux_tiny import (  # noqa: E402 (after the environment is set)
     tiny_flux_files,
     tiny_t5,
     tiny_t5_tokenizer,
+    write_spiece_tokenizer,
     write_tiny_diffusers,
 )
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -329,6 +330,18 @@ def test_t5_tokenizer_found_in_the_cache_dir_layouts(tiny, tmp_path, monkeypatch
     shutil.copytree(tiny["dev"]["t5_tokenizer"], sd_scripts_dir / "google_t5-v1_1-xxl")
     nested = load_t5_tokenizer(None, sd_scripts_dir)
     assert direct("a photo of sks cat").input_ids == nested("a photo of sks cat").input_ids == expected
+
+
+def test_t5_tokenizer_from_spiece_model_alone_as_the_hub_ships_it(tmp_path):
+    """google/t5-v1_1-xxl has no tokenizer.json; spiece.model loads without the sentencepiece package."""
+    captions = ["a photo of sks cat", "xyz dog, 42!"]
+    plain = load_t5_tokenizer(None, write_spiece_tokenizer(tmp_path / "plain"))
+    assert plain(captions).input_ids == tiny_t5_tokenizer()(captions).input_ids
+    with_extra = load_t5_tokenizer(None, write_spiece_tokenizer(tmp_path / "extra", extra_ids=3))
+    pieces = len(plain)
+    # As T5: the extra ids follow the pieces in reverse, <extra_id_0> last.
+    assert with_extra.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_2>"]) == [pieces + 2, pieces]
+    assert with_extra(captions).input_ids == plain(captions).input_ids
 
 
 def test_t5_tokenizer_from_the_model_cache_only_when_its_download_finished(tiny, tmp_path, monkeypatch):

@@ -121,10 +121,37 @@ def _load_t5(folder: Path) -> Any:
     from transformers import T5TokenizerFast
 
     try:
+        if not (folder / "tokenizer.json").is_file() and (folder / "spiece.model").is_file():
+            return _from_spiece(folder)
         return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, ImportError) as error:
         raise ModelLoadError(f"{folder}: cannot load the T5 tokenizer ({type(error).__name__}: {error}); it needs "
-                             "tokenizer.json or spiece.model with tokenizer_config.json") from error
+                             "tokenizer.json, or spiece.model with tokenizer_config.json") from error
+
+
+def _from_spiece(folder: Path) -> Any:
+    """The fast tokenizer built from ``spiece.model`` alone, as transformers' T5 converter builds it.
+
+    ``google/t5-v1_1-xxl`` ships no ``tokenizer.json``, and transformers 5 converts ``spiece.model`` only with the
+    ``sentencepiece`` package installed (else it tries tiktoken and fails). The file is a protobuf message, so it is
+    read with protobuf (a transformers dependency) instead: the pieces with their scores, then the extra ids in
+    reverse (``<extra_id_0>`` is the last id, 32099 for T5), and the normalizer's precompiled character map.
+    """
+    from transformers import T5TokenizerFast
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString((folder / "spiece.model").read_bytes())
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    extra_ids = int(config.get("extra_ids", 100))
+    extra = [f"<extra_id_{i}>" for i in range(extra_ids - 1, -1, -1)]
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces] + [(token, 0.0) for token in extra]
+    return T5TokenizerFast(vocab=vocab, extra_ids=extra_ids, additional_special_tokens=extra,
+                           _spm_precompiled_charsmap=proto.normalizer_spec.precompiled_charsmap or None,
+                           model_max_length=int(config.get("model_max_length", 512)))
 
 
 def _how_to_bring_it() -> str:
