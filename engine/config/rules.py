@@ -535,6 +535,33 @@ def optimizer_settings_fit(config: RunConfig, context: RuleContext) -> Iterator[
                       f"{optimizer.lr_scheduler} will be ignored", "warning")
 
 
+@rule
+def fused_backward_pass_fits(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    """The fused pass updates each weight inside the backward pass (engine.train.fused_backward)."""
+    optimizer, training = config.optimizer, config.training
+    if not optimizer.fused_backward_pass:
+        return
+    if optimizer.optimizer_type != "Adafactor":
+        yield Problem("optimizer.fused_backward_pass", f"works only with optimizer_type 'Adafactor', not "
+                      f"{optimizer.optimizer_type!r}; switch to Adafactor or turn fused_backward_pass off")
+    if training.gradient_accumulation_steps != 1:
+        yield Problem("training.gradient_accumulation_steps", "must be 1 with optimizer.fused_backward_pass, which "
+                      "applies each gradient as soon as it is computed; set it to 1 or turn fused_backward_pass off")
+    if training.mixed_precision == "fp16":
+        yield Problem("training.mixed_precision", "fp16 loss scaling can only skip a whole optimizer step, and "
+                      "optimizer.fused_backward_pass splits the step per weight; use 'bf16' or turn "
+                      "fused_backward_pass off")
+
+
+@rule
+def flux_full_model_format(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    if config.model.model_family in FLUX_FAMILIES and config.method in ("dreambooth", "finetune") \
+            and config.saving.save_model_as == "ckpt":
+        yield Problem("saving.save_model_as", f"{family_label(config.model.model_family)} full fine-tuning saves a "
+                      "BFL file ('safetensors') or a diffusers folder ('diffusers', 'diffusers_safetensors'), not "
+                      "a .ckpt")
+
+
 # --- sampling and launch ---------------------------------------------------------------------------------------
 
 

@@ -56,6 +56,11 @@ class OptimizerSection(StrictModel):
         advanced=True,
     )
     max_grad_norm: float = setting(1.0, "Clip gradients to this norm (0 = no clipping).", ge=0.0, advanced=True)
+    fused_backward_pass: bool = setting(
+        False, "Adafactor only: update each weight as soon as its gradient is ready and free that gradient, so a "
+        "full fine-tune never holds all gradients at once (much less memory); max_grad_norm then clips each tensor "
+        "on its own. Needs gradient_accumulation_steps = 1.", advanced=True,
+    )
     lr_scheduler: LrScheduler = setting("cosine", "How the learning rate changes over the run.")
     lr_warmup_steps: int | float = setting(
         0, "Warm-up: a whole number of steps, or a fraction of the run below 1 (e.g. 0.05).", ge=0,

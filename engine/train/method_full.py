@@ -149,6 +149,24 @@ class FullModelMethod:
         return ", ".join(counts) + until
 
 
+# The full-training method per FamilyInfo.loader, as (module, class): FLUX's module imports this one, so it is
+# imported only when a FLUX model is trained.
+FULL_MODEL_METHODS: dict[str, tuple[str, str]] = {
+    "ldm": ("engine.train.method_full", "FullModelMethod"),
+    "flux": ("engine.train.method_full_flux", "FluxFullModelMethod"),
+}
+
+
+def full_model_method(config: RunConfig, model: LoadedModel, base_dir: Path) -> FullModelMethod:
+    """DreamBooth / fine-tuning for the loaded model: the method of its family's loader (never its name)."""
+    import importlib
+
+    from engine.models.families import family_info
+
+    module, name = FULL_MODEL_METHODS[family_info(model.family).loader]
+    return getattr(importlib.import_module(module), name)(config, model, base_dir)
+
+
 def scheduler_for(config: Mapping[str, Any], v_prediction: bool) -> Any:
     """The model's noise scheduler, with the prediction type the run trained (a single file's config says epsilon)."""
     import diffusers

@@ -17,7 +17,7 @@ import torch
 from engine.config.choices import NETWORK_TYPES
 from engine.models.families import family_info
 from engine.networks.lycoris_network import lycoris_network
-from engine.train.method_full import FullModelMethod
+from engine.train.method_full import full_model_method
 from engine.train.method_ti import TextualInversionMethod
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ NETWORK_MODULES = {"kohya": "networks.lora", "lycoris": "lycoris.kohya"}
 
 MethodFactory = Callable[["RunConfig", "LoadedModel", Path], Method]
 METHODS: dict[str, MethodFactory] = {"lora": LoraMethod, "textual_inversion": TextualInversionMethod,
-                                      "dreambooth": FullModelMethod, "finetune": FullModelMethod}
+                                      "dreambooth": full_model_method, "finetune": full_model_method}
 
 
 def create_method(config: RunConfig, model: LoadedModel, base_dir: Path) -> Method:
