@@ -119,7 +119,9 @@ _FLUX_PIPELINES = {"FluxPipeline": "flux1", "ChromaPipeline": "chroma"}
 def _flux_family(location: str) -> str | None:
     """"flux1" / "chroma" when ``location`` holds a FLUX-layout model (header or model_index.json only)."""
     path = Path(location).expanduser()
-    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+    from engine.models.flux.files import FLUX_FILE_SUFFIXES
+
+    if path.is_file() and path.suffix.lower() in FLUX_FILE_SUFFIXES:
         from engine.models.flux.loading import detect_flux_file
 
         return detect_flux_file(path)

@@ -1,0 +1,309 @@
+"""FLUX.1 (dev, schnell) and Chroma LoRA training end to end through the CLI, on tiny models of the real
+architectures written as BFL single files: it learns, its file loads in diffusers with the engine's own output,
+its keys are the ones ComfyUI maps, and a run stopped by SIGTERM resumes to the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flux_tiny import tiny_flux_files, tiny_params
+from safetensors import safe_open
+from safetensors.torch import load_file
+from train_helpers import REPO, dataset_batch, engine_env, events_of, run_engine, write_config
+
+SIGMAS = (0.2, 0.4, 0.6, 0.8)  # the fixed noise levels of the validation loss
+PROMPT = "sks dog --w 64 --h 64 --s 2 --d 5"
+
+
+def flux_config(path: Path, tiny_models: dict[str, Path], variant: str = "dev", **sections: Any) -> Path:
+    """A small FLUX LoRA run: the tiny files of `variant`, 64 px in buckets of 16, latents cached in memory."""
+    files = tiny_flux_files(variant)
+    family = "chroma" if variant == "chroma" else "flux1"
+    model = {"model_family": family, "v_parameterization": False, "t5xxl": str(files["t5xxl"]),
+             "ae": str(files["ae"]), "tokenizer_cache_dir": str(files["t5_tokenizer"]),
+             "apply_t5_attn_mask": variant == "chroma"}
+    if variant != "chroma":
+        model["clip_l"] = str(files["clip_l"])
+    flow = {"guidance_scale": 0.0 if variant == "chroma" else 1.0}
+    base = {"model": model, "flow": flow, "dataset": {"general": {"bucket_reso_steps": 16}},
+            "training": {"cache_latents": True}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return write_config(path, {family: files["model"], "dataset_img": tiny_models["dataset_img"]}, family, **base)
+
+
+@pytest.fixture(scope="module")
+def dev_run(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux_dev_run")
+    config = flux_config(folder / "config.toml", tiny_models, "dev",
+                         training={"max_train_steps": 40},
+                         optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
+                         saving={"save_every_n_steps": 20, "save_state": True},
+                         sampling={"sample_every_n_steps": 20, "sample_prompts": [PROMPT]})
+    result = run_engine("train", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder
+
+
+# --- the engine's own model with a LoRA file ---------------------------------------------------------------------
+
+
+def load_engine_model(variant: str, lora: Path | None = None) -> Any:
+    from engine.models.loading import load_model
+    from engine.networks.lora import create_lora_network
+
+    files = tiny_flux_files(variant)
+    family = "chroma" if variant == "chroma" else "flux1"
+    model = load_model(files["model"], family=family, clip_l=files.get("clip_l") if variant != "chroma" else "",
+                       t5xxl=files["t5xxl"], ae=files["ae"], tokenizer_cache_dir=files["t5_tokenizer"])
+    if lora is not None:
+        tensors = load_file(str(lora))
+        train_t5 = any(key.startswith("lora_te3_") for key in tensors)
+        network = create_lora_network(model.unet, model.text.encoders, family, dim=4, alpha=4.0,
+                                      network_args={"train_t5xxl": "True"} if train_t5 else None)
+        network.load_kohya_state_dict(tensors)
+        network.apply_to()
+    return model
+
+
+def flow_validation_loss(model: Any, image_dir: Path, *, guidance: float = 1.0, mask: bool = False) -> float:
+    """Mean velocity loss on the dataset at fixed σ with fixed noise (the same work for every model)."""
+    from engine.models.text_encoding import encode_captions
+    from engine.train import flow
+
+    pixels, captions = dataset_batch(image_dir)
+    with torch.no_grad():
+        latents = model.vae.normalize(model.vae.vae.encode(pixels).latent_dist.mean)
+        encoded = encode_captions(model.text, captions, t5xxl_max_token_length=32, apply_t5_attn_mask=mask)
+        generator = torch.Generator().manual_seed(0)
+        batch, _, height, width = latents.shape
+        losses = []
+        for sigma in SIGMAS:
+            noise = torch.randn(latents.shape, generator=generator)
+            sigmas = torch.full((batch,), sigma)
+            noisy = flow.noisy_input(latents, noise, sigmas)
+            prediction = model.unet(
+                img=flow.pack_latents(noisy), img_ids=flow.image_ids(batch, (height, width)),
+                txt=encoded.hidden_states, txt_ids=flow.text_ids(batch, encoded.hidden_states.shape[1]),
+                timesteps=sigmas, y=encoded.pooled, guidance=torch.full((batch,), guidance),
+                txt_mask=encoded.mask if mask else None)
+            velocity = flow.unpack_latents(prediction, (height, width))
+            losses.append(torch.nn.functional.mse_loss(velocity, flow.velocity_target(latents, noise)).item())
+    return sum(losses) / len(losses)
+
+
+def test_flux_dev_lora_learns(dev_run, tiny_models):
+    lora = dev_run / "out" / "lora.safetensors"
+    before = flow_validation_loss(load_engine_model("dev"), tiny_models["dataset_img"])
+    after = flow_validation_loss(load_engine_model("dev", lora), tiny_models["dataset_img"])
+    assert after < before * 0.97, (before, after)
+
+
+def test_flux_run_reports_saves_and_samples(dev_run):
+    out = dev_run / "out"
+    events = events_of(out)
+    start = next(event for event in events if event["type"] == "start")
+    assert start["family"] == "flux1"
+    assert {"progress", "sample", "checkpoint", "done"} <= {event["type"] for event in events}
+    assert events[-1]["type"] == "done" and events[-1]["ok"]
+    assert (out / "lora-step00000020.safetensors").is_file() and (out / "lora-state").is_dir()
+    samples = sorted((out / "samples").glob("*.png"))
+    assert len(samples) == 2
+    from PIL import Image
+
+    assert Image.open(samples[0]).size == (64, 64)
+
+
+def test_flux_lora_keys_and_metadata_follow_kohya_and_comfyui(dev_run):
+    lora = dev_run / "out" / "lora.safetensors"
+    files = tiny_flux_files("dev")
+    with safe_open(str(lora), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    names = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in keys}
+    assert all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in keys)
+    # ComfyUI: every `diffusion_model.<path>.weight` of the model is reachable as `lora_unet_<path, . → _>`.
+    model_weights = {k.removesuffix(".weight").replace(".", "_") for k in load_file(str(files["model"]))
+                     if k.endswith(".weight")}
+    clip_weights = {k.removesuffix(".weight").replace(".", "_") for k in load_file(str(files["clip_l"]))
+                    if k.endswith(".weight")}
+    unet = {name.removeprefix("lora_unet_") for name in names if name.startswith("lora_unet_")}
+    text = {name.removeprefix("lora_te1_") for name in names if name.startswith("lora_te1_")}
+    assert unet and unet <= model_weights, unet - model_weights
+    assert text and text <= clip_weights, text - clip_weights
+    assert unet == {name for name in model_weights if name.startswith(("double_blocks_", "single_blocks_"))
+                    and not name.endswith(("_scale",))}
+    assert "double_blocks_0_img_attn_qkv" in unet and "single_blocks_1_linear1" in unet
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["ss_network_module"] == "networks.lora_flux"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    assert metadata["ss_guidance_scale"] == "1.0" and metadata["ss_model_prediction_type"] == "raw"
+
+
+@contextmanager
+def _tiny_single_block_split(hidden: int):
+    """diffusers' kohya FLUX converter splits single-block `linear1` with FLUX.1's widths written in
+    ([3072] * 3 + [12288], checked with `sum(dims)` and used by `torch.split`); at the tiny width the same split is
+    [hidden] * 3 + [4 * hidden]. Both uses see the tiny widths while the file is converted; nothing else changes."""
+    from diffusers.loaders import lora_conversion_utils
+
+    real = [3072, 3072, 3072, 12288]
+    tiny = [hidden] * 3 + [4 * hidden]
+    original_split = torch.split
+
+    def split(tensor: torch.Tensor, sizes: Any, dim: int = 0) -> Any:
+        return original_split(tensor, tiny if sizes == real else sizes, dim)
+
+    def total(values: Any, start: int = 0) -> Any:
+        values = list(values)
+        return sum(tiny if values == real else values, start)
+
+    torch.split = split
+    lora_conversion_utils.sum = total
+    try:
+        yield
+    finally:
+        torch.split = original_split
+        del lora_conversion_utils.sum
+
+
+def _diffusers_pipeline(variant: str) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from engine.models.flux.convert import bfl_to_diffusers
+
+    params = tiny_params(variant)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=params.depth, num_single_layers=params.depth_single_blocks,
+        attention_head_dim=params.head_dim, num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim, pooled_projection_dim=params.vec_in_dim,
+        guidance_embeds=params.guidance_embed, axes_dims_rope=tuple(params.axes_dim))
+    state, _ = bfl_to_diffusers(load_file(str(tiny_flux_files(variant)["model"])))
+    transformer.load_state_dict(state, strict=True)
+    model = load_engine_model(variant)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=model.vae.vae,
+                        text_encoder=model.text.encoders[0], tokenizer=model.text.tokenizers[0],
+                        text_encoder_2=model.text.encoders[1], tokenizer_2=model.text.tokenizers[1],
+                        transformer=transformer)
+
+
+def test_flux_lora_loads_in_diffusers_with_the_engines_output(dev_run):
+    """diffusers' FluxPipeline.load_lora_weights on our file gives the transformer output the engine gives."""
+    from engine.models.text_encoding import encode_captions
+    from engine.train import flow
+
+    lora = dev_run / "out" / "lora.safetensors"
+    pipe = _diffusers_pipeline("dev")
+    with _tiny_single_block_split(tiny_params("dev").hidden_size):
+        pipe.load_lora_weights(str(lora))
+    ours = load_engine_model("dev", lora)
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    sigmas = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        encoded = encode_captions(ours.text, ["sks dog", "a red square"], t5xxl_max_token_length=32)
+        theirs_pooled = pipe.text_encoder(pipe.tokenizer(["sks dog", "a red square"], padding="max_length",
+                                                         max_length=77, truncation=True,
+                                                         return_tensors="pt").input_ids).pooler_output
+        assert (encoded.pooled - theirs_pooled).abs().max() <= 1e-5  # the CLIP-L LoRA took effect the same way
+        packed, ids = flow.pack_latents(latents), flow.image_ids(2, (8, 8))
+        txt_ids = flow.text_ids(2, encoded.hidden_states.shape[1])
+        guidance = torch.full((2,), 1.0)
+        engine_out = ours.unet(img=packed, img_ids=ids, txt=encoded.hidden_states, txt_ids=txt_ids,
+                               timesteps=sigmas, y=encoded.pooled, guidance=guidance)
+        diffusers_out = pipe.transformer(hidden_states=packed, encoder_hidden_states=encoded.hidden_states,
+                                         pooled_projections=encoded.pooled, timestep=sigmas, img_ids=ids[0],
+                                         txt_ids=txt_ids[0], guidance=guidance).sample
+    assert (engine_out - diffusers_out).abs().max() <= 1e-5
+    base = load_engine_model("dev")
+    with torch.no_grad():
+        base_out = base.unet(img=packed, img_ids=ids, txt=encoded.hidden_states, txt_ids=txt_ids,
+                             timesteps=sigmas, y=encoded.pooled, guidance=guidance)
+    assert (engine_out - base_out).abs().max() > 1e-4  # the LoRA changes the output: the comparison means something
+
+
+@pytest.mark.parametrize("variant", ["schnell", "chroma"])
+def test_schnell_and_chroma_train_with_their_own_names(variant, tiny_models, tmp_path):
+    """schnell (no guidance input) and Chroma (T5 only, masked text, T5 LoRA via train_t5xxl) train and save."""
+    network = {"network_args": {"train_t5xxl": True}} if variant == "chroma" else {}
+    config = flux_config(tmp_path / "config.toml", tiny_models, variant, training={"max_train_steps": 24},
+                         network=network, optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
+                         sampling={"sample_every_n_steps": 24, "sample_prompts": [PROMPT + " --g 0 --l 2"]})
+    result = run_engine("train", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lora = tmp_path / "out" / "lora.safetensors"
+    with safe_open(str(lora), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    files = tiny_flux_files(variant)
+    if variant == "chroma":
+        assert metadata["modelspec.architecture"] == "chroma/lora" and metadata["ss_model_type"] == "chroma"
+        assert not any(key.startswith("lora_te1_") for key in keys)
+        assert not any("_mod_lin" in key or "modulation" in key for key in keys)  # Chroma has no modulation layers
+        t5_names = {key.split(".")[0].removeprefix("lora_te3_") for key in keys if key.startswith("lora_te3_")}
+        t5_weights = {k.removesuffix(".weight").replace(".", "_") for k in load_file(str(files["t5xxl"]))}
+        assert t5_names and t5_names <= t5_weights, t5_names - t5_weights  # ComfyUI's lora_te3_<path> rule
+        assert any("SelfAttention_q" in name for name in t5_names) and any("wi_0" in name for name in t5_names)
+    else:
+        assert metadata["modelspec.architecture"] == "flux-1-schnell/lora"
+        assert not any(key.startswith("lora_unet_guidance_in") for key in keys)
+    mask, guidance = variant == "chroma", 0.0 if variant == "chroma" else 1.0
+    before = flow_validation_loss(load_engine_model(variant), tiny_models["dataset_img"], guidance=guidance,
+                                  mask=mask)
+    after = flow_validation_loss(load_engine_model(variant, lora), tiny_models["dataset_img"], guidance=guidance,
+                                 mask=mask)
+    assert after < before, (before, after)
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
+
+
+def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    import time
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {process.stdout.read()}")
+        if (run_dir / "events.jsonl").exists() and any(
+                event["type"] == "progress" and event["step"] >= step for event in events_of(run_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_flux_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path):
+    # Pixels encoded every step (no latent cache) and text encoded every step, with flips, caption shuffling and
+    # input perturbation: a resume that replayed or skipped a sample or a random draw would give other weights.
+    sections = {"training": {"max_train_steps": 30, "cache_latents": False, "gradient_accumulation_steps": 2,
+                             "ip_noise_gamma": 0.1},
+                "dataset": {"general": {"flip_aug": True, "shuffle_caption": True}},
+                "flow": {"timestep_sampling": "flux_shift"}, "network": {"network_dropout": 0.1},
+                "optimizer": {"lr_scheduler": "cosine", "lr_warmup_steps": 3}}
+    whole = flux_config(tmp_path / "whole" / "config.toml", tiny_models, "dev", **sections)
+    result = run_engine("train", str(whole))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    parted = flux_config(tmp_path / "parted" / "config.toml", tiny_models, "dev", **sections)
+    run_dir = tmp_path / "parted" / "out"
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", str(parted)], cwd=REPO, env=engine_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(run_dir, 3, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    done = events_of(run_dir)[-1]
+    assert done["type"] == "done" and done["stopped"], done
+    stopped_at = done["global_step"]
+    assert 3 <= stopped_at < 30, "the run ended before the signal; nothing was resumed"
+    result = run_engine("train", str(parted), "--set", f"saving.resume={done['state']!r}".replace("'", '"'))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    expected = load_file(str(tmp_path / "whole" / "out" / "lora.safetensors"))
+    actual = load_file(str(run_dir / "lora.safetensors"))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
