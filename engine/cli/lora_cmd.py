@@ -34,9 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _precision_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--save-precision", choices=_PRECISIONS, default="float",
-                        help="dtype of the saved weights (default float: float32)")
+def _precision_option(parser: argparse.ArgumentParser, default: str | None = "float",
+                      default_text: str = "float: float32") -> None:
+    parser.add_argument("--save-precision", choices=_PRECISIONS, default=default,
+                        help=f"dtype of the saved weights (default {default_text})")
 
 
 def _add_inspect(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,11 +60,20 @@ def _add_merge(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("loras", nargs="+", metavar="LORA[:RATIO]", help="LoRA files, each with an optional ratio "
                         "(default 1), e.g. style.safetensors:0.7")
     parser.add_argument("-o", "--output", required=True, help="the new file (.safetensors)")
-    parser.add_argument("--into-model", metavar="BASE", help="a base model (single file or diffusers folder)")
+    parser.add_argument("--into-model", metavar="BASE", help="a base model (single file or diffusers folder; for "
+                        "FLUX.1/Chroma the BFL transformer file)")
     parser.add_argument("--svd", type=int, metavar="RANK", help="without --into-model: re-factor every module to "
                         "this rank instead of concatenating")
     parser.add_argument("--conv-rank", type=int, metavar="RANK", help="with --svd: the rank of 3x3 conv modules")
-    _precision_option(parser)
+    # sd-scripts' flux_merge_lora.py --clip_l/--t5xxl/--clip_l_save_to/--t5xxl_save_to: FLUX keeps its text
+    # encoders in their own files, so the LoRA's text-encoder modules are merged into new copies of those.
+    for option, label in TEXT_ENCODER_OPTIONS.items():
+        parser.add_argument(f"--{option}", metavar="FILE", help=f"with --into-model on FLUX.1/Chroma: the {label} "
+                            f"file to merge the LoRA's {label} modules into")
+        parser.add_argument(f"--{option}-save-to", metavar="NEW_FILE", help=f"the new {label} file (with --{option})")
+    # None: float32 for LoRAs and SD models (computed and loaded in float32); FLUX files keep their own dtype (a
+    # 12B transformer in float32 is 48 GB).
+    _precision_option(parser, None, "float32; with --into-model on FLUX.1/Chroma each file's own dtype")
     parser.set_defaults(handler=_run_merge)
     return parser
 
@@ -94,16 +104,24 @@ def _add_extract(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, help="the base model (single file or diffusers folder)")
     parser.add_argument("--tuned", required=True, help="the fine-tuned model, of the same family")
     parser.add_argument("-o", "--output", required=True, help="the new LoRA file (.safetensors, .ckpt or .pt)")
-    parser.add_argument("--rank", type=int, required=True, help="rank of Linear and 1x1 conv modules")
+    parser.add_argument("--rank", "--dim", type=int, required=True, help="rank of Linear and 1x1 conv modules "
+                        "(sd-scripts calls it --dim)")
     parser.add_argument("--conv-rank", type=int, default=0, help="rank of 3x3 convs (default 0: none)")
     parser.add_argument("--min-diff", type=float, metavar="D",
                         help="leave out a text encoder whose largest weight change is at most D (default: kohya's "
                              "0.01)")
     parser.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
+    parser.add_argument("--clamp-quantile", type=float, metavar="Q", help="clip each module's factors at this "
+                        "quantile of their values, as sd-scripts does with 0.99 (default: no clipping, the best "
+                        "approximation at the rank)")
     _precision_option(parser)
     parser.set_defaults(handler=_run_extract)
     return parser
 
+
+# Text encoders a FLUX-style merge writes to their own files: option stem -> label (engine.networks.tools.
+# model_files.FILE_MODELS names the same stems; not imported here, it loads torch).
+TEXT_ENCODER_OPTIONS = {"clip-l": "CLIP-L", "t5xxl": "T5-XXL"}
 
 # tool name -> function adding its parser (with `handler` set)
 TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -151,16 +169,26 @@ def _run_merge(args: argparse.Namespace) -> int:
     from engine.networks.tools.merge_model import merge_into_model
 
     sources = [parse_lora_source(text) for text in args.loras]
+    text_encoders = {option: (getattr(args, _dest(option)), getattr(args, _dest(f"{option}-save-to")))
+                     for option in TEXT_ENCODER_OPTIONS}
+    given = [f"--{option}" for option, pair in text_encoders.items() if any(pair)]
 
     def work() -> Any:
         if args.into_model is None:
+            if given:
+                raise ToolError(f"{', '.join(given)} go with --into-model (merging into a FLUX.1/Chroma model)")
             return merge_loras(sources, args.output, svd_rank=args.svd, conv_rank=args.conv_rank,
                                save_dtype=_dtype(args))
         if args.svd is not None or args.conv_rank is not None:
             raise ToolError("--svd and --conv-rank apply when merging LoRAs into one LoRA, not with --into-model")
-        return merge_into_model(args.into_model, sources, args.output, save_dtype=_dtype(args))
+        return merge_into_model(args.into_model, sources, args.output, save_dtype=_dtype(args),
+                                text_encoders=text_encoders)
 
     return _report(args, work)
+
+
+def _dest(option: str) -> str:
+    return option.replace("-", "_")
 
 
 def _run_resize(args: argparse.Namespace) -> int:
@@ -178,4 +206,4 @@ def _run_extract(args: argparse.Namespace) -> int:
     min_diff = {} if args.min_diff is None else {"min_diff": args.min_diff}
     return _report(args, lambda: extract_lora(args.base, args.tuned, args.output, rank=args.rank,
                                               conv_rank=args.conv_rank, device=args.device, save_dtype=_dtype(args),
-                                              **min_diff))
+                                              clamp_quantile=args.clamp_quantile, **min_diff))

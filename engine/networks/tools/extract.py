@@ -20,10 +20,11 @@ import torch
 from engine.models.families import family_info
 from engine.models.single_file import FAMILY_LABELS
 from engine.networks.lora_names import LoRAOptions
-from engine.networks.tools.factorize import choose_rank, spectrum_of_matrix
+from engine.networks.tools.factorize import choose_rank, clamp_factors, spectrum_of_matrix
 from engine.networks.tools.lora_file import ToolError, count_parts, module_part, new_output, summary_stats, write_lora
 from engine.networks.tools.metadata_keys import modelspec_keys
-from engine.networks.tools.model_layers import is_v_prediction, layer_targets, load_base_model
+from engine.networks.tools.model_files import FILE_MODELS
+from engine.networks.tools.model_layers import is_v_prediction, layer_targets, load_base_model, model_family
 
 if TYPE_CHECKING:
     from engine.models.loading import LoadedModel
@@ -64,25 +65,36 @@ class ExtractReport:
 
 
 def extract_lora(base: str | Path, tuned: str | Path, output: str | Path, *, rank: int, conv_rank: int = 0,
-                 min_diff: float = DEFAULT_MIN_DIFF, device: str = "cpu",
-                 save_dtype: torch.dtype | None = None) -> ExtractReport:
+                 min_diff: float = DEFAULT_MIN_DIFF, device: str = "cpu", save_dtype: torch.dtype | None = None,
+                 clamp_quantile: float | None = None) -> ExtractReport:
     """Extract a kohya LoRA (LoCon with ``conv_rank``) from two models of one family.
 
     Args:
-        base, tuned: single files or diffusers folders.
+        base, tuned: single files or diffusers folders; for FLUX.1/Chroma BFL transformer files (extracted file by
+            file, the transformer only: :mod:`.extract_files`).
         rank: rank of Linear and 1x1 conv modules (alpha = rank, so scale 1); a smaller layer keeps its full rank.
         conv_rank: rank of 3x3 convs in the ResNet blocks (0: none, as kohya without conv_dim).
         min_diff: a text encoder whose max |difference| is at most this is left out.
         device: where the SVDs run ("cuda" is much faster on SDXL).
         save_dtype: dtype of the saved up/down weights (default float32).
+        clamp_quantile: clip each module's factors at this quantile of their values (sd-scripts' --clamp_quantile,
+            0.99 there); None keeps the best rank-r approximation as it is.
 
     Raises:
         ToolError: bad ranks, an existing output, models that cannot be loaded, of different families or sizes.
     """
     if rank < 1 or conv_rank < 0:
         raise ToolError(f"--rank must be at least 1 and --conv-rank at least 0, got {rank} and {conv_rank}")
+    if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
+        raise ToolError(f"--clamp-quantile must be above 0 and at most 1 (sd-scripts uses 0.99), got {clamp_quantile}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ToolError(f"--device {device}: no CUDA device is available here; leave --device out to use the CPU")
+    family = _files_family(base, tuned)
+    if family is not None:
+        from engine.networks.tools.extract_files import extract_from_files
+
+        return extract_from_files(base, tuned, output, family=family, rank=rank, conv_rank=conv_rank, device=device,
+                                  save_dtype=save_dtype, clamp_quantile=clamp_quantile)
     out = new_output(output, [base, tuned])
     base_model, tuned_model = load_base_model(base, "base model"), load_base_model(tuned, "tuned model")
     if base_model.family != tuned_model.family:
@@ -97,12 +109,27 @@ def extract_lora(base: str | Path, tuned: str | Path, output: str | Path, *, ran
             continue
         spectrum = spectrum_of_matrix((tuned_weight - base_weight).to(device))
         module_rank = choose_rank(spectrum, "rank", target_rank)
-        modules[name] = spectrum.to_lora(module_rank)
+        weights = spectrum.to_lora(module_rank)
+        modules[name] = clamp_factors(weights, clamp_quantile) if clamp_quantile is not None else weights
         retained[name] = spectrum.retained(module_rank)
     family, v_prediction = tuned_model.family, is_v_prediction(tuned_model)
     write_lora(out, modules, _metadata(family, v_prediction, options, Path(base), Path(tuned), out), save_dtype)
     return ExtractReport(str(base), str(tuned), str(out), family, rank, conv_rank,
                          count_parts(modules), skipped, summary_stats(retained))
+
+
+def _files_family(base: str | Path, tuned: str | Path) -> str | None:
+    """The family when the models are extracted file by file (its loader in ``FILE_MODELS``), else None; then
+    both models must be of it."""
+    families = (model_family(base), model_family(tuned))
+    if not any(family is not None and family_info(family).loader in FILE_MODELS for family in families):
+        return None
+    if families[0] != families[1]:
+        base_label, tuned_label = (FAMILY_LABELS.get(family, family) if family else "not a model of a known family"
+                                   for family in families)
+        raise ToolError(f"{tuned}: the tuned model is {tuned_label} but the base model {base} is {base_label}; "
+                        "extract needs two models of one family")
+    return families[0]
 
 
 def _layer_pairs(base: LoadedModel, tuned: LoadedModel, options: LoRAOptions
@@ -137,7 +164,7 @@ def _unchanged_text_encoders(pairs: list[tuple[str, torch.Tensor, torch.Tensor, 
 def _metadata(family: str, v_prediction: bool, options: LoRAOptions, base: Path, tuned: Path,
               out: Path) -> dict[str, str]:
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": family_info(family).kohya_network_module,
         "ss_network_dim": str(options.dim),
         "ss_network_alpha": str(options.dim),
         "ss_base_model_version": family_info(family).base_model_version(v_prediction),

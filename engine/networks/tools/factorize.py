@@ -19,7 +19,7 @@ import torch
 
 from engine.networks.tools.lora_file import LoRAWeights
 
-__all__ = ["RANK_RULES", "Spectrum", "choose_rank", "spectrum_of_factors", "spectrum_of_matrix"]
+__all__ = ["RANK_RULES", "Spectrum", "choose_rank", "clamp_factors", "spectrum_of_factors", "spectrum_of_matrix"]
 
 
 @dataclass
@@ -48,6 +48,18 @@ class Spectrum:
             return LoRAWeights(down.reshape(rank, *rest).contiguous(), up.reshape(out, rank, 1, 1).contiguous(),
                                scale * rank)
         return LoRAWeights(down.contiguous(), up.contiguous(), scale * rank)
+
+
+def clamp_factors(weights: LoRAWeights, quantile: float) -> LoRAWeights:
+    """sd-scripts' ``--clamp_quantile`` of its extract scripts: the values of up and down together beyond their
+    ``quantile`` (by value, e.g. 0.99) are clipped to +-that value, which bounds the outliers an fp16 save would
+    overflow on, at the cost of changing the product a little. (sd-scripts puts the singular values into up; here
+    they are split evenly, so the clipped entries differ.)"""
+    import numpy
+
+    values = torch.cat([weights.up.flatten(), weights.down.flatten()]).double().numpy()
+    high = float(numpy.quantile(values, quantile))
+    return LoRAWeights(weights.down.clamp(-high, high), weights.up.clamp(-high, high), weights.alpha)
 
 
 def spectrum_of_factors(weights: LoRAWeights) -> Spectrum:

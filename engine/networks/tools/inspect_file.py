@@ -4,6 +4,10 @@ The checks a user wants before sharing or loading a file: the format, how many l
 changes, ranks and alphas, the base model, the main training settings from the ss_* and modelspec metadata, the
 size of each module's change (a module with a huge norm overpowers the others), and NaN/inf weights, which make
 every image black and are named by module.
+
+FLUX.1 / Chroma LoRAs (``lora_unet_double_blocks_N_...``, ``lora_unet_single_blocks_N_...``) are recognised by their
+module names (:mod:`.lora_family`), counted per block kind, and modules trained with ``split_qkv`` (saved merged:
+``lora_up`` block-diagonal, spec §5.3) are reported with the alpha convention they were saved with.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 import torch
 
+from engine.networks.metadata import SPLIT_QKV_ALPHA_KEY
+from engine.networks.tools.lora_family import NAMING_LABELS, families_named, lora_family, naming_of
 from engine.networks.tools.lora_file import (
     UNKNOWN_FORMAT,
     count_parts,
@@ -31,7 +37,7 @@ from engine.networks.tools.lora_file import (
     summary_stats,
 )
 
-__all__ = ["InspectReport", "inspect_network_file"]
+__all__ = ["InspectReport", "block_diagonal_parts", "inspect_network_file"]
 
 # The metadata a person looks at first, in this order (present keys only).
 TRAINING_KEYS = (
@@ -41,7 +47,11 @@ TRAINING_KEYS = (
     "ss_text_encoder_lr", "ss_optimizer", "ss_lr_scheduler", "ss_mixed_precision", "ss_seed", "ss_noise_offset",
     "ss_min_snr_gamma", "ss_training_comment", "modelspec.title", "modelspec.architecture", "modelspec.author",
     "modelspec.description", "modelspec.date", "modelspec.trigger_phrase", "modelspec.merged_from",
+    "ss_model_type", "ss_apply_t5_attn_mask", "ss_timestep_sampling", "ss_discrete_flow_shift",
+    "ss_model_prediction_type", "ss_weighting_scheme", "ss_guidance_scale",
 )
+# split_qkv merges q, k, v (double blocks) or q, k, v, mlp (single blocks' linear1) into one module (spec §5.3).
+SPLIT_PART_COUNTS = (3, 4)
 TOP_TAGS = 10
 # Parts of a LyCORIS module's key that belong to it (anything else is listed as unknown).
 _LYCORIS_PARTS = frozenset({"alpha", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
@@ -64,11 +74,13 @@ class InspectReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     base_model: str = ""
-    modules: dict[str, int] = field(default_factory=dict)  # per part: unet, te, te1, te2
+    family: str = ""  # a FAMILY_INFO name ("sd1", "flux1", "chroma", ...), "flux" (FLUX.1 or Chroma) or "" unknown
+    modules: dict[str, int] = field(default_factory=dict)  # per part: unet (FLUX: double, single), te, te1, te2, te3
     ranks: dict[str, int] = field(default_factory=dict)  # rank -> number of modules
     alphas: dict[str, int] = field(default_factory=dict)
     conv_modules: int = 0  # 3x3 convolutions (LoCon)
     conv_ranks: dict[str, int] = field(default_factory=dict)
+    split_qkv: dict[str, int] = field(default_factory=dict)  # parts -> modules stored merged (block-diagonal up)
     norms: dict[str, Any] = field(default_factory=dict)  # of alpha/rank * up @ down: min/median/max ...
     embedding: dict[str, list[int]] = field(default_factory=dict)  # Textual Inversion: key -> shape
     training: dict[str, str] = field(default_factory=dict)
@@ -119,6 +131,27 @@ def _inspect_kohya(report: InspectReport, tensors: dict[str, torch.Tensor]) -> N
     report.conv_ranks = count_values(weights.rank for weights in conv)
     norms = {name: float(torch.linalg.vector_norm(weights.delta())) for name, weights in modules.items()}
     report.norms = summary_stats({name: norm for name, norm in norms.items() if math.isfinite(norm)})
+    split = (block_diagonal_parts(weights.up) for weights in modules.values() if weights.down.dim() == 2)
+    report.split_qkv = count_values(parts for parts in split if parts)
+
+
+def block_diagonal_parts(up: torch.Tensor) -> int | None:
+    """k when ``up`` [out, k*r] is block-diagonal in k parts (a split_qkv module saved merged), else None.
+
+    Each column group of r must write only to its own band of rows, the bands in order and not overlapping; a
+    trained module of a plain LoRA writes to every row from every column, so it never passes.
+    """
+    for parts in SPLIT_PART_COUNTS:
+        columns = up.shape[1]
+        if columns % parts:
+            continue
+        width = columns // parts
+        bands = [(up[:, index * width:(index + 1) * width] != 0).any(dim=1).nonzero().flatten()
+                 for index in range(parts)]
+        if all(len(rows) for rows in bands) and all(int(bands[index][0]) > int(bands[index - 1][-1])
+                                                     for index in range(1, parts)):
+            return parts
+    return None
 
 
 def _inspect_lycoris(report: InspectReport, tensors: dict[str, torch.Tensor]) -> None:
@@ -144,7 +177,14 @@ def _lycoris_rank(parts: dict[str, torch.Tensor]) -> str:
 
 def _read_metadata(report: InspectReport, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
     report.training = {key: metadata[key] for key in TRAINING_KEYS if key in metadata}
+    names = {key.partition(".")[0] for key in tensors}
+    report.family, how = lora_family(names, metadata)
+    if how.startswith("metadata, but"):
+        report.warnings.append(f"the metadata says {report.family}, but the module names are another family's "
+                               f"({how.removeprefix('metadata, but the module names are ')})")
     report.base_model = _base_model(metadata, tensors)
+    if report.split_qkv:
+        report.warnings.append(_split_qkv_note(report.split_qkv, metadata))
     dirs = _json_value(report, metadata, "ss_dataset_dirs")
     report.dataset_dirs = dirs if isinstance(dirs, dict) else {}
     frequency = _json_value(report, metadata, "ss_tag_frequency")
@@ -170,12 +210,29 @@ def _top_tags(frequency: dict[str, Any]) -> list[tuple[str, int]]:
     return sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:TOP_TAGS]
 
 
+def _split_qkv_note(split: dict[str, int], metadata: dict[str, str]) -> str:
+    """What the alpha of split_qkv modules means (spec appendix A.2): Atelier stores parts x alpha, sd-scripts the
+    training alpha, which every loader dividing by lora_down's rows applies at 1/parts of the trained strength."""
+    count = sum(split.values())
+    if metadata.get(SPLIT_QKV_ALPHA_KEY):
+        return (f"{count} module(s) were trained with split_qkv and saved merged with alpha x parts (Atelier's "
+                "convention): ComfyUI, diffusers and sd-scripts apply them at their trained strength")
+    parts = " or ".join(f"1/{parts}" for parts in split)
+    return (f"{count} module(s) were trained with split_qkv and saved merged (block-diagonal lora_up); sd-scripts "
+            f"keeps the training alpha there, so ComfyUI, diffusers and sd-scripts without split_qkv apply them at "
+            f"{parts} of the trained strength (sd-scripts issue #2204)")
+
+
 def _base_model(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     """ss_base_model_version, else modelspec.architecture, else a guess from the module names and widths."""
     for key in ("ss_base_model_version", "modelspec.architecture"):
         if metadata.get(key) not in (None, "", "None"):
             return f"{metadata[key]} (metadata {key})"
     names = {key.partition(".")[0] for key in tensors}
+    naming = naming_of(names)
+    if naming is not None:
+        families = " or ".join(families_named(naming))
+        return f"{NAMING_LABELS[naming]} ({families}; guessed from the module names)"
     sdxl_names = (module_part(name) in ("te1", "te2") or name.startswith("lora_unet_input_blocks") for name in names)
     if "clip_g" in names or any(sdxl_names):
         return "sdxl_base_v1-0 (guessed from the module names)"
@@ -196,12 +253,17 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 def _text_lines(report: InspectReport) -> list[str]:
     lines = [f"file: {report.path}", f"format: {report.format}", f"base model: {report.base_model}"]
+    if report.family:
+        lines.append(f"family: {report.family}")
     if report.modules:
         parts = ", ".join(f"{part} {count}" for part, count in report.modules.items())
         lines += [f"modules: {sum(report.modules.values())} ({parts})", f"ranks: {_counts_text(report.ranks)}",
                   f"alphas: {_counts_text(report.alphas)} (0 means alpha = rank)"]
     if report.conv_modules:
         lines.append(f"3x3 conv modules (LoCon): {report.conv_modules}, ranks {_counts_text(report.conv_ranks)}")
+    if report.split_qkv:
+        parts = ", ".join(f"{count} in {parts} parts" for parts, count in report.split_qkv.items())
+        lines.append(f"split_qkv modules saved merged (block-diagonal lora_up): {parts}")
     if report.norms:
         norms = report.norms
         lines.append(f"change norms |alpha/rank * up @ down|: min {norms['min']:.4g} ({norms['min_module']}), "

@@ -23,6 +23,7 @@ import torch
 
 from engine.models.ldm_checkpoint import detect_family
 from engine.models.single_file import FAMILY_LABELS
+from engine.networks.lora_flux import block_of
 from engine.networks.network_file import NETWORK_FORMATS, read_network_file, save_network_file
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "count_values",
     "describe_file",
     "detect_format",
+    "module_group",
     "module_part",
     "new_output",
     "non_finite_modules",
@@ -217,10 +219,27 @@ def module_part(name: str) -> str:
     return match.group(1) if match else "other"
 
 
+def module_group(name: str) -> str:
+    """What a module is counted under in reports: a FLUX transformer block kind ("double", "single"), else its
+    :func:`module_part`."""
+    block = block_of(name)
+    return block[0] if block else module_part(name)
+
+
+# Report order of the denoiser's groups (text encoders follow in order, "other" last).
+_DENOISER_GROUPS = ("double", "single", "unet")
+
+
 def count_parts(names: Iterable[str]) -> dict[str, int]:
-    """Modules per model part, the UNet first, then the text encoders in order ("other" last)."""
-    counts = Counter(module_part(name) for name in names)
-    return dict(sorted(counts.items(), key=lambda item: (item[0] != "unet", item[0] == "other", item[0])))
+    """Modules per model part: the denoiser first (FLUX's double and single blocks apart), then the text encoders
+    in order ("other" last)."""
+    counts = Counter(module_group(name) for name in names)
+
+    def order(part: str) -> tuple[int, int, str]:
+        denoiser = _DENOISER_GROUPS.index(part) if part in _DENOISER_GROUPS else len(_DENOISER_GROUPS)
+        return denoiser, part == "other", part
+
+    return dict(sorted(counts.items(), key=lambda item: order(item[0])))
 
 
 # --- formats -----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.networks.tools.factorize import choose_rank, spectrum_of_factors
+from engine.networks.tools.lora_family import NAMING_LABELS, naming_of, network_module
 from engine.networks.tools.lora_file import (
     KohyaLoRA,
     LoRASource,
@@ -33,8 +34,8 @@ from engine.networks.tools.metadata_keys import modelspec_date, shape_metadata
 __all__ = ["LoRAMergeReport", "merge_loras"]
 
 # Metadata carried over from the inputs when they all agree (they describe the base model, not the training).
-SHARED_KEYS = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_clip_skip", "modelspec.sai_model_spec",
-               "modelspec.architecture", "modelspec.implementation", "modelspec.resolution",
+SHARED_KEYS = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_clip_skip", "ss_model_type",
+               "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.resolution",
                "modelspec.prediction_type", "modelspec.encoder_layer")
 _UNSET = (None, "", "None")
 
@@ -87,6 +88,7 @@ def merge_loras(sources: Sequence[LoRASource], output: str | Path, *, svd_rank: 
             raise ToolError(f"{option} must be at least 1, got {value}")
     out = new_output(output, [source.path for source in sources])
     loras = [read_kohya_lora(source.path, action="merged") for source in sources]
+    _check_naming(loras)
     shared = _shared_metadata(loras)
     modules = {name: _concatenate(name, items) for name, items in _group(sources, loras).items()}
     method, retained = "concatenate", {}
@@ -98,7 +100,7 @@ def merge_loras(sources: Sequence[LoRASource], output: str | Path, *, svd_rank: 
             retained[name] = spectrum.retained(rank)
             modules[name] = spectrum.to_lora(rank)
     labels = [source.label for source in sources]
-    metadata = {**shared, "ss_network_module": "networks.lora", **shape_metadata(modules),
+    metadata = {**shared, "ss_network_module": network_module(modules, shared), **shape_metadata(modules),
                 "ss_output_name": out.stem, "ss_training_comment": f"merged ({method}) from {', '.join(labels)}",
                 "modelspec.title": out.stem, "modelspec.date": modelspec_date(),
                 "modelspec.merged_from": ", ".join(labels)}
@@ -121,6 +123,16 @@ def _shared_metadata(loras: Sequence[KohyaLoRA]) -> dict[str, str]:
         if values:
             shared[key] = next(iter(values.values()))
     return shared
+
+
+def _check_naming(loras: Sequence[KohyaLoRA]) -> None:
+    """LoRAs whose module names are of different namings (FLUX's blocks and an SD UNet) change different models."""
+    namings = {lora.path: naming_of(lora.modules) for lora in loras}
+    if len(set(namings.values())) > 1:
+        listed = ", ".join(f"{path.name}: {NAMING_LABELS[naming] if naming else 'SD'}" for path, naming in
+                           namings.items())
+        raise ToolError(f"these LoRAs are for different model families by their module names ({listed}); merge "
+                        "only LoRAs of one model family")
 
 
 def _group(sources: Sequence[LoRASource], loras: Sequence[KohyaLoRA]

@@ -3,11 +3,15 @@
 Each module adds ``ratio * alpha/rank * up @ down`` to its layer's weight (spec §5.2; 3x3 convs through the
 flattened product, which equals kohya's conv formula). The merged model computes what the base model computes
 with the LoRAs applied at those ratios, without loading them.
+
+Families whose loader keeps the model in separate files (``FamilyInfo.loader`` in ``model_files.FILE_MODELS``:
+FLUX.1, Chroma) are merged file by file, tensor by tensor, by :mod:`.merge_files`; the others are loaded whole and
+saved as one LDM-layout checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from engine.models.families import family_info
 from engine.networks.tools.lora_file import (
     KohyaLoRA,
     LoRASource,
@@ -26,7 +31,14 @@ from engine.networks.tools.lora_file import (
     some_names,
 )
 from engine.networks.tools.metadata_keys import modelspec_keys
-from engine.networks.tools.model_layers import is_v_prediction, layer_targets, load_base_model, save_checkpoint
+from engine.networks.tools.model_files import FILE_MODELS
+from engine.networks.tools.model_layers import (
+    is_v_prediction,
+    layer_targets,
+    load_base_model,
+    model_family,
+    save_checkpoint,
+)
 
 if TYPE_CHECKING:
     from engine.models.loading import LoadedModel
@@ -42,6 +54,7 @@ class ModelMergeReport:
     base: str
     family: str
     loras: list[dict[str, Any]] = field(default_factory=list)  # {"file", "ratio", "modules": {part: count}}
+    components: dict[str, str] = field(default_factory=dict)  # text encoders written to their own files
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,17 +66,24 @@ class ModelMergeReport:
             lines.append(f"merged {entry['file']} at {entry['ratio']:g}: {sum(entry['modules'].values())} modules "
                          f"({parts})")
         lines.append(f"wrote {self.output}")
+        lines += [f"wrote {path} ({name})" for name, path in self.components.items()]
         return "\n".join(lines)
 
 
 def merge_into_model(base: str | Path, sources: Sequence[LoRASource], output: str | Path, *,
-                     save_dtype: torch.dtype | None = None) -> ModelMergeReport:
-    """Merge kohya LoRAs into the model at ``base`` (single file or diffusers folder) and save ``output``.
+                     save_dtype: torch.dtype | None = None,
+                     text_encoders: Mapping[str, tuple[str | Path | None, str | Path | None]] | None = None
+                     ) -> ModelMergeReport:
+    """Merge kohya LoRAs into the model at ``base`` and save ``output``.
 
     Args:
+        base: a single file or diffusers folder; for FLUX.1/Chroma the BFL transformer file.
         sources: the LoRA files and their ratios, merged in order.
         output: a new .safetensors file.
-        save_dtype: dtype of the saved weights (default float32, as loaded).
+        save_dtype: dtype of the saved weights (default: float32 for SD models, as loaded; the file's own for
+            models merged file by file).
+        text_encoders: for models whose text encoders are separate files (FLUX.1, Chroma), by option stem
+            ("clip-l", "t5xxl"): (the encoder's file, the new file to write).
 
     Raises:
         ToolError: an existing output, an unreadable or damaged LoRA, a LoRA with layers the model lacks or of
@@ -71,6 +91,16 @@ def merge_into_model(base: str | Path, sources: Sequence[LoRASource], output: st
     """
     if not sources:
         raise ToolError("no LoRA files given; name one or more LoRA files to merge into the model")
+    family = model_family(base)
+    if family is not None and family_info(family).loader in FILE_MODELS:
+        from engine.networks.tools.merge_files import merge_into_model_files
+
+        return merge_into_model_files(base, sources, output, family=family, save_dtype=save_dtype,
+                                      text_encoders=text_encoders)
+    given = [f"--{option}" for option, pair in (text_encoders or {}).items() if any(pair)]
+    if given:
+        raise ToolError(f"{', '.join(given)}: only for models whose text encoders are separate files (FLUX.1, "
+                        f"Chroma); {base} holds its own text encoders, which the LoRA's text-encoder modules change")
     out = new_output(output, [base, *(source.path for source in sources)], (".safetensors",))
     loras = [read_kohya_lora(source.path, action="merged") for source in sources]
     model = load_base_model(base, "base model")

@@ -24,20 +24,32 @@ def modelspec_date(now: float | None = None) -> str:
     return datetime.datetime.fromtimestamp(int(time.time() if now is None else now)).isoformat()
 
 
-def modelspec_keys(family: str, v_prediction: bool, *, kind: str, title: str) -> dict[str, str]:
-    """ModelSpec 1.0.1 keys of a new file: kind "lora" for a LoRA, "" for a whole checkpoint."""
+def modelspec_keys(family: str, v_prediction: bool, *, kind: str, title: str, variant: str = "") -> dict[str, str]:
+    """ModelSpec 1.0.1 keys of a new file: kind "lora" for a LoRA, "" for a whole checkpoint.
+
+    Args:
+        variant: the base file's variant where the family has several architectures (FLUX.1 "dev", "schnell").
+
+    Flow-matching families (FLUX.1, Chroma) name their own implementation for every kind and have no prediction
+    type, as sd-scripts writes them (spec §5.4).
+    """
     info = family_info(family)
     size = info.resolution_for(v_prediction)
-    return {
+    flow = info.objective == "flow"
+    keys = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": info.modelspec_architecture(v_prediction, kind),
-        "modelspec.implementation": info.modelspec_implementation if kind == "lora" else STABILITY_AI_IMPLEMENTATION,
+        "modelspec.architecture": info.modelspec_architecture(v_prediction, kind, variant=variant),
+        "modelspec.implementation": (info.modelspec_implementation if kind == "lora" or flow
+                                     else STABILITY_AI_IMPLEMENTATION),
         "modelspec.title": title,
         "modelspec.resolution": f"{size}x{size}",
         "modelspec.date": modelspec_date(),
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.implementation_version": IMPLEMENTATION_VERSION,
     }
+    if flow:
+        del keys["modelspec.prediction_type"]
+    return keys
 
 
 def _one(values: Iterable[Any]) -> str:

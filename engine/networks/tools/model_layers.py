@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.models.families import family_info
 from engine.models.ldm_checkpoint import pipeline_configs, write_pipeline_checkpoint
-from engine.models.loading import ModelLoadError, load_model
+from engine.models.loading import ModelLoadError, detect_model_family, load_model
 from engine.models.text_encoders import TEXT_COMPONENTS
 from engine.networks.lora_names import LoRATarget, text_encoder_targets, unet_targets
 from engine.networks.tools.lora_file import ToolError
@@ -22,7 +22,7 @@ from engine.networks.tools.lora_file import ToolError
 if TYPE_CHECKING:
     from engine.models.loading import LoadedModel
 
-__all__ = ["is_v_prediction", "layer_targets", "load_base_model", "save_checkpoint"]
+__all__ = ["is_v_prediction", "layer_targets", "load_base_model", "model_family", "save_checkpoint"]
 
 
 def load_base_model(location: str | Path, role: str) -> LoadedModel:
@@ -31,6 +31,15 @@ def load_base_model(location: str | Path, role: str) -> LoadedModel:
         return load_model(location, dtype=torch.float32)
     except ModelLoadError as error:
         raise ToolError(f"{role}: {error}") from error
+
+
+def model_family(location: str | Path) -> str | None:
+    """The family of the model at ``location`` from its header or config files only, or None when that cannot be
+    told (a hub id not downloaded yet, a damaged file): :func:`load_base_model` then reports the problem."""
+    try:
+        return detect_model_family(location)
+    except ModelLoadError:
+        return None
 
 
 def layer_targets(model: LoadedModel, *, include_conv_blocks: bool) -> list[LoRATarget]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from engine.networks.metadata import SPLIT_QKV_ALPHA_KEY
 from engine.networks.tools.factorize import RANK_RULES, choose_rank, spectrum_of_factors
 from engine.networks.tools.lora_file import (
     ToolError,
@@ -87,7 +88,11 @@ def resize_lora(path: str | Path, output: str | Path, *, rule: str, value: float
         retained[name] = spectrum.retained(rank)
     note = f"resized with {rule} {value:g}" + (f", conv rank {conv_rank}" if conv_rank else "")
     comment = lora.metadata.get("ss_training_comment")
-    metadata = {**lora.metadata, **shape_metadata(resized, network_args(lora.metadata)),
+    # The SVD factors of a split_qkv module are no longer block-diagonal: the file is a plain LoRA now, which
+    # loads (and trains on) without split_qkv, at the scale every loader applies (alpha / rank is kept).
+    args = {key: value for key, value in network_args(lora.metadata).items() if key != "split_qkv"}
+    kept = {key: value for key, value in lora.metadata.items() if key not in (SPLIT_QKV_ALPHA_KEY, "ss_network_args")}
+    metadata = {**kept, **shape_metadata(resized, args),
                 "ss_training_comment": f"{note}; {comment}" if comment not in (None, "", "None") else note}
     write_lora(out, resized, metadata, save_dtype)
     return ResizeReport(str(path), str(out), rule, value, count_values(w.rank for w in lora.modules.values()),
