@@ -116,6 +116,19 @@ def test_single_file_holds_the_bare_transformer_in_save_precision(variant, train
     assert [entry.name for entry in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left
 
 
+@pytest.mark.parametrize("save_model_as", ["safetensors", "diffusers"])
+def test_the_free_space_check_sizes_what_the_save_writes(trained, variant, save_model_as, tmp_path) -> None:
+    from engine.train.save_checks import save_bytes
+
+    config = _config(variant, saving={"save_model_as": save_model_as, "save_precision": "bf16"})
+    method = full_model_method(config, trained, tmp_path)
+    expected = save_bytes(method, method.trained_state(), None, "bf16")
+    written = method.save(tmp_path / "model", dict(RUN_METADATA))
+    files = [written] if written.is_file() else [path for path in written.rglob("*.safetensors")]
+    weights = sum(path.stat().st_size for path in files)
+    assert expected <= weights < expected * 1.1  # the files add their headers
+
+
 def test_single_file_loads_back_with_the_saved_weights(variant, trained, tmp_path) -> None:
     from engine.models.flux.loading import detect_flux_file
 
@@ -407,3 +420,32 @@ def test_config_rules_for_the_fused_pass(sections, field) -> None:
         _config("schnell", **sections)
     config = _config("schnell", optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"})
     assert config.optimizer.fused_backward_pass
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+
+
+def test_dreambooth_trains_the_transformer_through_the_cli(tiny_models, tmp_path) -> None:
+    """A short FLUX.1 dev DreamBooth run: the saved BFL file differs from the base only by training, names dev."""
+    from safetensors.torch import load_file
+    from train_helpers import run_engine, write_config
+
+    files = tiny_flux_files("dev")
+    config = write_config(
+        tmp_path / "config.toml", {"flux1": files["model"], "dataset_img": tiny_models["dataset_img"]}, "flux1",
+        method="dreambooth",
+        model={"v_parameterization": False, "clip_l": str(files["clip_l"]), "t5xxl": str(files["t5xxl"]),
+               "ae": str(files["ae"]), "tokenizer_cache_dir": str(files["t5_tokenizer"])},
+        flow={"guidance_scale": 1.0}, dataset={"general": {"bucket_reso_steps": 16}},
+        optimizer={"learning_rate": 1e-3}, training={"max_train_steps": 4, "cache_latents": True},
+        saving={"output_name": "model", "save_model_as": "safetensors"})
+    result = run_engine("train", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved_path = tmp_path / "out" / "model.safetensors"
+    saved, base = load_file(str(saved_path)), load_file(str(files["model"]))
+    assert saved.keys() == base.keys()
+    assert any(not torch.equal(saved[key], base[key]) for key in base)
+    with safe_open(str(saved_path), "pt") as stored:
+        metadata = stored.metadata()
+    assert metadata["modelspec.architecture"] == "flux-1-dev"
+    assert metadata["ss_steps"] == "4" and not any(key.startswith("ss_network_") for key in metadata)

@@ -70,6 +70,18 @@ class FluxFullModelMethod(FullModelMethod):
         self.stop_step: int | None = None
         self.global_step = 0
 
+    def components(self) -> dict[str, Any]:
+        """The modules a save writes (the free-space check sizes them): the transformer, and for a diffusers
+        folder also the frozen AE and text encoders."""
+        model = self.model
+        parts: dict[str, Any] = {TRANSFORMER_PART: model.unet}
+        if self.config.saving.save_model_as != "safetensors":
+            layout = FOLDER_LAYOUTS[model.unet.params.chroma]
+            parts["vae"] = model.vae.vae
+            parts.update((encoder_name, encoder) for (_, encoder_name), encoder
+                         in zip(layout.text_components, model.text.encoders, strict=True))
+        return parts
+
     def save(self, path_without_suffix: Path, metadata: dict[str, str]) -> Path:
         from engine.networks.network_file import save_dtype
 
