@@ -191,6 +191,12 @@ def test_inspect_reports_split_qkv_modules(dev, tmp_path, capsys):
     assert any("1/3 or 1/4 of the trained strength" in warning for warning in report["warnings"])
 
 
+def test_inspect_of_a_flux_model_says_it_is_a_base_model(dev, capsys):
+    code, report = run_json(capsys, "inspect", dev["model"])
+    assert code == 2 and report["format"] == "unknown"
+    assert "a whole FLUX.1/Chroma transformer (a base model, not a LoRA)" in report["errors"][0]
+
+
 # --- merge into one LoRA and resize ---------------------------------------------------------------------------------
 
 
@@ -224,6 +230,12 @@ def test_merge_refuses_a_flux_lora_with_an_sd_lora(dev, tmp_path, capsys):
     code, _, err = run_cli(capsys, "merge", flux, sd, "-o", tmp_path / "x.safetensors")
     assert code == 2 and "different model families" in err and "flux.safetensors: flux" in err
     assert not (tmp_path / "x.safetensors").exists()
+    # a LoRA of text-encoder modules only says nothing about the denoiser: it merges with either
+    text_only = tmp_path / "text.safetensors"
+    tensors, _ = read_network_file(flux)
+    save_file({key: value for key, value in tensors.items() if key.startswith("lora_te")}, str(text_only))
+    code, report = run_json(capsys, "merge", flux, text_only, "-o", tmp_path / "y.safetensors")
+    assert code == 0 and report["modules"]["te1"] > 0
 
 
 def test_resize_keeps_each_change_within_the_svd_error(dev, tmp_path, capsys):

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from engine.networks.metadata import SPLIT_QKV_ALPHA_KEY
-from engine.networks.tools.lora_family import NAMING_LABELS, families_named, lora_family, naming_of
+from engine.networks.tools.lora_family import (
+    NAMING_LABELS,
+    families_named,
+    family_from_metadata,
+    lora_family,
+    naming_of,
+)
 from engine.networks.tools.lora_file import (
     UNKNOWN_FORMAT,
     count_parts,
@@ -183,6 +189,8 @@ def _read_metadata(report: InspectReport, metadata: dict[str, str], tensors: dic
         report.warnings.append(f"the metadata says {report.family}, but the module names are another family's "
                                f"({how.removeprefix('metadata, but the module names are ')})")
     report.base_model = _base_model(metadata, tensors)
+    if not report.family:  # a guess from the widths names a base model version ("sd_v1 (guessed ...)")
+        report.family = family_from_metadata({"ss_base_model_version": report.base_model.partition(" ")[0]}) or ""
     if report.split_qkv:
         report.warnings.append(_split_qkv_note(report.split_qkv, metadata))
     dirs = _json_value(report, metadata, "ss_dataset_dirs")

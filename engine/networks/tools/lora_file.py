@@ -285,6 +285,11 @@ def describe_file(tensors: Mapping[str, torch.Tensor]) -> str:
         return f"a whole {FAMILY_LABELS[detect_family(tensors)]} model checkpoint"
     except ValueError:
         pass
+    from engine.models.flux.convert import transformer_layout
+    from engine.models.flux.files import stripped_keys
+
+    if transformer_layout(stripped_keys(tensors)) is not None:
+        return "a whole FLUX.1/Chroma transformer (a base model, not a LoRA)"
     if any(".lora_A." in key or ".lora_B." in key for key in tensors):
         return "a diffusers/PEFT LoRA (lora_A/lora_B keys; these tools read kohya's lora_down/lora_up format)"
     return f"a file of {len(tensors)} tensors of no known kind (e.g. {some_names(list(tensors), 3) or 'none'})"

@@ -24,6 +24,7 @@ from engine.networks.tools.lora_file import (
     ToolError,
     count_parts,
     count_values,
+    module_part,
     new_output,
     read_kohya_lora,
     summary_stats,
@@ -126,8 +127,10 @@ def _shared_metadata(loras: Sequence[KohyaLoRA]) -> dict[str, str]:
 
 
 def _check_naming(loras: Sequence[KohyaLoRA]) -> None:
-    """LoRAs whose module names are of different namings (FLUX's blocks and an SD UNet) change different models."""
-    namings = {lora.path: naming_of(lora.modules) for lora in loras}
+    """LoRAs whose module names are of different namings (FLUX's blocks and an SD UNet) change different models; a
+    LoRA of text-encoder modules only says nothing about the denoiser and is not compared."""
+    namings = {lora.path: naming_of(lora.modules) for lora in loras
+               if any(module_part(name) == "unet" for name in lora.modules)}
     if len(set(namings.values())) > 1:
         listed = ", ".join(f"{path.name}: {NAMING_LABELS[naming] if naming else 'SD'}" for path, naming in
                            namings.items())
