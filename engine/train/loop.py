@@ -54,6 +54,14 @@ class StepRunner:
         self.session = session
         self.objective = make_objective(session)
         self.parameters = session.method.trainable_parameters()
+        # optimizer.fused_backward_pass: each weight is averaged, clipped and stepped by a hook as soon as its
+        # gradient is complete during backward, so update() only moves the schedule on.
+        self.fused = None
+        if session.config.optimizer.fused_backward_pass:
+            from engine.train.fused_backward import FusedBackward
+
+            self.fused = FusedBackward(session.optimizer, max_grad_norm=session.config.optimizer.max_grad_norm,
+                                       world_size=session.accelerator.num_processes)
 
     def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> float:
         """Loss of one micro-batch (unscaled, for reporting); gradients are accumulated, divided by `accumulation`."""
@@ -86,6 +94,8 @@ class StepRunner:
         """Average gradients across processes, clip, step the optimizer and the schedule; returns the lrs used."""
         session = self.session
         accelerator = session.accelerator
+        if self.fused is not None:
+            return self._after_fused_update()
         if accelerator.num_processes > 1:
             # Parts a method froze mid-run (DreamBooth's text encoders) must get no gradient, not a zero one.
             average_gradients([p for p in self.parameters if p.requires_grad], accelerator.num_processes)
@@ -96,6 +106,16 @@ class StepRunner:
         session.optimizer.step()
         session.lr_scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
+        after_update = getattr(session.method, "after_update", None)
+        if after_update is not None:
+            after_update()
+        return lrs
+
+
+    def _after_fused_update(self) -> list[float]:
+        session = self.session
+        lrs = [group["lr"] for group in session.optimizer.param_groups]
+        session.lr_scheduler.step()
         after_update = getattr(session.method, "after_update", None)
         if after_update is not None:
             after_update()
