@@ -24,7 +24,7 @@ from engine.models.flux.transformer import Flux, params_from_state_dict
 from engine.networks.lora import LoRANetwork, create_lora_network
 from engine.networks.lora_names import unet_targets
 from engine.networks.network_file import read_network_file, save_network_file
-from tests.flux_tiny import tiny_flux_files
+from tests.flux_tiny import tiny_flux_files, write_tiny_diffusers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -337,6 +337,14 @@ def test_merge_into_checkpoint_never_overwrites(dev, tmp_path, capsys):
     code, _, err = run_cli(capsys, "merge", lora, "-o", tmp_path / "m.safetensors", "--into-model", dev["model"],
                            "--clip-l", dev["clip_l"], "--clip-l-save-to", dev["clip_l"])
     assert code == 2 and "is one of the inputs" in err
+
+
+def test_merge_into_a_diffusers_folder_asks_for_the_bfl_file(dev, tmp_path, capsys):
+    folder = write_tiny_diffusers(dev, tmp_path / "pipeline", "dev")
+    lora = tmp_path / "style.safetensors"
+    make_lora(dev, lora, dim=2, alpha=1.0, seed=16, text=False)
+    code, _, err = run_cli(capsys, "merge", lora, "-o", tmp_path / "m.safetensors", "--into-model", folder)
+    assert code == 2 and "is a folder" in err and "BFL transformer file" in err
 
 
 def test_chroma_merge_refuses_clip_l_and_merges_t5(chroma, tmp_path, capsys):

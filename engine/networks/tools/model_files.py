@@ -66,6 +66,9 @@ def open_model_file(path: str | Path, role: str) -> ModelFile:
         ToolError: a missing file, another format, or an unreadable header.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ToolError(f"{role} {path} is a folder; these tools work on the model's single file (for FLUX.1/Chroma "
+                        "the BFL transformer file, e.g. flux1-dev.safetensors, with --clip-l/--t5xxl files)")
     if not path.is_file():
         raise ToolError(f"{role} {path}: no such file; check the path")
     if path.suffix.lower() not in MODEL_FILE_SUFFIXES:
