@@ -1,0 +1,503 @@
+"""Memory features for FLUX training: fp8 weight storage and block swapping (spec §1.7, §6.2).
+
+* :func:`store_in_fp8` keeps every ``nn.Linear`` weight of the transformer as ``float8_e4m3fn`` (1 byte a
+  parameter) and computes in bf16/fp16: each such layer's forward up-casts its weight just for the matmul. It must
+  run before a LoRA network wraps the layers, because the LoRA keeps the layer's forward (ours) and calls it.
+* :class:`BlockSwapper` keeps the weights of the last K blocks on the CPU and brings each block's weights to the
+  compute device only while the block runs, in the forward pass and again in the backward pass.
+* :func:`place_transformer` puts a frozen transformer on the device in the compute dtype, leaving fp8 weights as
+  they are and the swapped blocks' weights on the CPU, so the full model never has to fit on the device.
+
+Order in a run: load -> :func:`store_in_fp8` (when asked) -> LoRA ``apply_to`` -> :func:`place_transformer`.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BlockSwapper",
+    "fp8_storage_dtype",
+    "is_stored_in_fp8",
+    "place_transformer",
+    "store_in_fp8",
+    "swap_limits",
+    "swap_split",
+]
+
+# The only float8 kind sd-scripts (and so every FLUX fp8 checkpoint we expect) uses; the others are refused.
+FP8_KIND = "float8_e4m3fn"
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------ fp8 storage
+
+
+def fp8_storage_dtype() -> torch.dtype:
+    """``torch.float8_e4m3fn``; RuntimeError naming the setting when this torch has no such dtype."""
+    dtype = getattr(torch, FP8_KIND, None)
+    if dtype is None:
+        raise RuntimeError(
+            f"model.fp8_base needs torch.{FP8_KIND} (torch 2.1 or newer), and this torch {torch.__version__} "
+            "has none: update torch, or turn model.fp8_base / model.fp8_base_unet off"
+        )
+    return dtype
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return "float8" in str(dtype)
+
+
+def _check_float8_kinds(transformer: nn.Module) -> None:
+    """Refuse tensors stored in another float8 kind (e5m2, the fnuz kinds), naming a few, before changing anything."""
+    wanted = fp8_storage_dtype()
+    tensors = [*transformer.named_parameters(), *transformer.named_buffers()]
+    wrong = [f"{name} ({str(t.dtype).removeprefix('torch.')})" for name, t in tensors
+             if _is_float8(t.dtype) and t.dtype != wanted]
+    if wrong:
+        shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise ValueError(
+            f"the FLUX transformer has float8 weights of a kind fp8 training does not support: {shown}. Only "
+            f"{FP8_KIND} is supported (as in sd-scripts); use an {FP8_KIND} or bf16/fp16 model file"
+        )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmul runs in: autocast's when it is on for x's device, else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """``F.linear`` with a weight up-cast from fp8 for the matmul only.
+
+    The backward pass saves the fp8 weight itself (1 byte a parameter) and up-casts it again, instead of keeping the
+    up-cast copy alive from the forward pass to the backward pass, which would cost 2 bytes a parameter of the whole
+    model until the backward pass (more than the fp8 storage saves). The weight is frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad.to(ctx.dtype) @ weight.to(ctx.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None
+
+
+def _fp8_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    if self.weight.requires_grad:
+        raise RuntimeError("an fp8-stored weight cannot train: model.fp8_base is for LoRA training of a frozen model")
+    return _Fp8Linear.apply(x, self.weight, self.bias, _compute_dtype(x))
+
+
+def _has_fp8_forward(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _fp8_linear_forward
+
+
+def is_stored_in_fp8(transformer: nn.Module) -> bool:
+    """True once :func:`store_in_fp8` has run on this model."""
+    return any(_has_fp8_forward(module) for module in transformer.modules())
+
+
+def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Store every ``nn.Linear`` weight as float8_e4m3fn and compute in ``compute_dtype``; returns the layer count.
+
+    Biases, norm scales and buffers go to ``compute_dtype``. Weights already in e4m3fn (an fp8 model file) are kept
+    as they are; other float8 kinds are refused. The model stays on its device.
+
+    Call it before the LoRA network is applied: the LoRA keeps the layer's forward at ``apply_to`` time.
+
+    Raises:
+        RuntimeError: torch has no float8_e4m3fn, or a layer's forward is already wrapped (a LoRA was applied).
+        ValueError: ``compute_dtype`` is not bf16/fp16, or some tensor is in another float8 kind.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"fp8 storage computes in bfloat16 or float16, not {compute_dtype}: set training.mixed_precision to "
+            "bf16 or fp16 with model.fp8_base"
+        )
+    storage = fp8_storage_dtype()
+    _check_float8_kinds(transformer)
+    wrapped = [name for name, module in transformer.named_modules()
+               if isinstance(module, nn.Linear) and "forward" in module.__dict__ and not _has_fp8_forward(module)]
+    if wrapped:
+        raise RuntimeError(
+            f"store_in_fp8: {wrapped[0]} (and {len(wrapped) - 1} more) already has its forward replaced, most likely "
+            "by a LoRA network: store the weights in fp8 before the network's apply_to"
+        )
+    count = 0
+    with torch.no_grad():
+        for module in transformer.modules():
+            linear = isinstance(module, nn.Linear)
+            for name, param in module.named_parameters(recurse=False):
+                target = storage if linear and name == "weight" else compute_dtype
+                if param.is_floating_point() and param.dtype != target:
+                    param.data = param.data.to(target)
+                if target is storage:
+                    param.requires_grad_(False)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point() and buffer.dtype != compute_dtype:
+                    module._buffers[name] = buffer.to(compute_dtype)
+            if linear:
+                module.forward = types.MethodType(_fp8_linear_forward, module)
+                count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- block swapping
+
+
+def swap_split(blocks_to_swap: int, params: Any) -> tuple[int, int]:
+    """sd-scripts' split of ``blocks_to_swap`` K: (double, single) = (K // 2, 2 * (K - K // 2)) (spec §6.2).
+
+    ``params`` is anything with ``depth`` and ``depth_single_blocks`` (a FluxParams). At most N - 2 blocks of each
+    kind swap (17 of FLUX's 19 double blocks, 36 of its 38 single blocks, so K <= 35).
+
+    Raises:
+        ValueError: K is negative or above :func:`swap_limits` (the message names training.blocks_to_swap).
+    """
+    if blocks_to_swap < 0:
+        raise ValueError(f"training.blocks_to_swap must not be negative, got {blocks_to_swap}")
+    limit = swap_limits(params)
+    if blocks_to_swap > limit:
+        raise ValueError(
+            f"training.blocks_to_swap {blocks_to_swap} is too many for this model ({params.depth} double and "
+            f"{params.depth_single_blocks} single blocks): at most {limit}; lower it"
+        )
+    double = blocks_to_swap // 2
+    return double, 2 * (blocks_to_swap - double)
+
+
+def swap_limits(params: Any) -> int:
+    """The largest ``blocks_to_swap`` a model takes: 35 for FLUX.1 / Chroma (19 double and 38 single blocks)."""
+    double_max, single_max = params.depth - 2, params.depth_single_blocks - 2
+    limit = 0
+    while (limit + 1) // 2 <= double_max and 2 * (limit + 1 - (limit + 1) // 2) <= single_max:
+        limit += 1
+    return limit
+
+
+@dataclass(eq=False)
+class _SwapBlock:
+    """One swapped block: its frozen Linear weights and their host copies (the weights never change)."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    stores: list[Tensor]
+    resident: bool = False
+    holds: int = 0  # backward passes now running through this block (see _Ticket)
+
+
+@dataclass(frozen=True, eq=False)
+class _WeightRef:
+    """A saved tensor that was (a view of) a swapped weight: rebuilt from the weight in the backward pass."""
+
+    param: nn.Parameter
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """One call of a swapped block with gradients on: the backward pass holds the weights from the first gradient
+    reaching the block's outputs until the last one leaves through its inputs (``pending`` input markers)."""
+
+    block: _SwapBlock
+    pending: int = 0
+    active: bool = False
+
+
+class _BeforeBackward(torch.autograd.Function):
+    """Identity on a block's output; its backward brings the block's weights in before the block's own backward."""
+
+    @staticmethod
+    def forward(ctx: Any, swapper: BlockSwapper, ticket: _Ticket, x: Tensor) -> Tensor:
+        ctx.swapper, ctx.ticket = swapper, ticket
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor]:
+        ctx.swapper._backward_starts(ctx.ticket)
+        return None, None, grad
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identity on a block's input; its backward runs once everything in the block that used the input is done.
+
+    When every input that needs a gradient has passed its marker, the block's backward is over but for the parts that
+    feed no input (none that need a frozen weight in FLUX's blocks); a weight needed later anyway is brought back by
+    the saved-tensor hook (:meth:`BlockSwapper._weight_references`), so the markers only time the memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, swapper: BlockSwapper, ticket: _Ticket, x: Tensor) -> Tensor:
+        ctx.swapper, ctx.ticket = swapper, ticket
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor]:
+        ctx.swapper._input_done(ctx.ticket)
+        return None, None, grad
+
+
+class BlockSwapper:
+    """Keep the weights of the last ``blocks_to_swap`` blocks off the compute device except while they run.
+
+    The split between double and single blocks is sd-scripts' (:func:`swap_split`). Only the frozen ``nn.Linear``
+    weights of those blocks move (nearly all of a block's bytes); biases, norm scales, buffers and anything that
+    trains stay where they are. The weights are frozen, so the host copy is kept for good and "moving back" just
+    drops the device copy: only host -> device copies happen (pinned memory, asynchronous, on the current stream).
+
+    Each swapped block's forward is wrapped: its weights come in, the block runs, they go out. With gradients on,
+    the block's outputs and its inputs that need a gradient also get identity markers: the output marker's backward
+    brings the weights in before the block's backward (and before a gradient checkpoint recomputes the block), and
+    the last input marker's backward drops them once the block's backward is done. Without checkpointing,
+    saved-tensor hooks keep a reference to each weight instead of its device copy and bring the weight in whenever
+    the backward pass asks for it (:meth:`_weight_references`), so correctness never rests on the markers' timing.
+    A forward pre-hook on the whole model first puts every swapped block off the device
+    (:meth:`prepare_for_forward`), so each forward starts from the same layout, even after an interrupted step.
+
+    ``swap_ins`` / ``swap_outs`` count block moves, ``bytes_in`` the bytes copied in.
+    """
+
+    def __init__(self, transformer: nn.Module, blocks_to_swap: int, *, device: torch.device | str,
+                 offload_device: torch.device | str = "cpu", pin_memory: bool | None = None) -> None:
+        self.transformer = transformer
+        self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.double_count, self.single_count = swap_split(blocks_to_swap, transformer.params)
+        pin = self.device.type == "cuda" and self.offload_device.type == "cpu" if pin_memory is None else pin_memory
+        self.blocks = [self._take(f"double_blocks.{index}", transformer.double_blocks[index], pin)
+                       for index in range(len(transformer.double_blocks) - self.double_count,
+                                          len(transformer.double_blocks))]
+        self.blocks += [self._take(f"single_blocks.{index}", transformer.single_blocks[index], pin)
+                        for index in range(len(transformer.single_blocks) - self.single_count,
+                                           len(transformer.single_blocks))]
+        self.swap_ins = self.swap_outs = self.bytes_in = 0
+        self._hooks = [transformer.register_forward_pre_hook(lambda module, args: self.prepare_for_forward())]
+        for block in self.blocks:
+            block.module.forward = self._wrap(block)
+
+    @property
+    def blocks_to_swap(self) -> int:
+        return self.double_count + self.single_count // 2
+
+    @property
+    def swapped_names(self) -> list[str]:
+        return [block.name for block in self.blocks]
+
+    def swapped_parameters(self) -> Iterator[nn.Parameter]:
+        for block in self.blocks:
+            yield from block.params
+
+    def _take(self, name: str, module: nn.Module, pin: bool) -> _SwapBlock:
+        """Move a block's frozen Linear weights to their host copies (device memory freed as it goes)."""
+        params = [layer.weight for layer in module.modules()
+                  if isinstance(layer, nn.Linear) and not layer.weight.requires_grad]
+        stores = []
+        with torch.no_grad():
+            for param in params:
+                store = param.data.to(self.offload_device)
+                if pin:
+                    store = _pinned(store)
+                param.data = store
+                stores.append(store)
+        return _SwapBlock(name=name, module=module, params=params, stores=stores)
+
+    # -- moves
+
+    def _swap_in(self, block: _SwapBlock) -> None:
+        if block.resident:
+            return
+        for param, store in zip(block.params, block.stores, strict=True):
+            # On one device (CPU tests) a copy still stands in for the transfer, so a use of the host copy while
+            # the block is out would be a use of a different tensor than the one the block runs with.
+            moved = store.to(self.device, non_blocking=True)
+            param.data = store.clone() if moved is store else moved
+            self.bytes_in += store.numel() * store.element_size()
+        block.resident = True
+        self.swap_ins += 1
+
+    def _swap_out(self, block: _SwapBlock) -> None:
+        for param, store in zip(block.params, block.stores, strict=True):
+            param.data = store
+        if block.resident:
+            self.swap_outs += 1
+        block.resident = False
+
+    def prepare_for_forward(self) -> None:
+        """Every swapped block off the device, nothing held (spec §6.2 step 1); runs before each model forward.
+
+        Sampling and validation may call it explicitly too; it is cheap when the layout is already right.
+        """
+        for block in self.blocks:
+            block.holds = 0
+            self._swap_out(block)
+
+    # -- the wrapped block forward
+
+    def _wrap(self, block: _SwapBlock) -> Any:
+        original = block.module.forward
+
+        def forward(*args: Any) -> Any:
+            self._swap_in(block)
+            if not torch.is_grad_enabled():
+                try:
+                    return original(*args)
+                finally:
+                    self._swap_out(block)
+            ticket = _Ticket(block)
+            marked = []
+            for arg in args:
+                if isinstance(arg, Tensor) and arg.requires_grad:
+                    arg = _AfterBackward.apply(self, ticket, arg)
+                    ticket.pending += 1
+                marked.append(arg)
+            try:
+                if getattr(self.transformer, "gradient_checkpointing", False):
+                    # Inside a checkpoint nothing is saved for backward; the recomputation runs with the weights in.
+                    output = original(*marked)
+                else:
+                    with torch.autograd.graph.saved_tensors_hooks(*self._weight_references(block)):
+                        output = original(*marked)
+            finally:
+                if block.holds == 0:  # not while a checkpoint recomputes the block inside its backward pass
+                    self._swap_out(block)
+            return _map_tensors(output, lambda x: _BeforeBackward.apply(self, ticket, x) if x.requires_grad else x)
+
+        return forward
+
+    def _weight_references(self, block: _SwapBlock) -> tuple[Any, Any]:
+        """Saved-tensor hooks that keep a reference to a swapped weight instead of its device copy.
+
+        Autograd would otherwise keep each weight's device copy (or a view of it, as ``F.linear`` saves the
+        transposed weight) from the forward pass to the backward pass, so nothing would leave the device. A tensor
+        sharing a weight's storage is saved as (parameter, layout) and rebuilt from the weight brought back in.
+        """
+        owners = {param.untyped_storage().data_ptr(): param for param in block.params}
+
+        def pack(tensor: Tensor) -> Any:
+            param = owners.get(tensor.untyped_storage().data_ptr())
+            if param is None or tensor.device != param.device or tensor.dtype != param.dtype:
+                return tensor
+            return _WeightRef(param, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+
+        def unpack(packed: Any) -> Tensor:
+            if not isinstance(packed, _WeightRef):
+                return packed
+            self._swap_in(block)  # normally in already (see _backward_starts); this makes it so in any case
+            return packed.param.data.as_strided(packed.shape, packed.stride, packed.offset)
+
+        return pack, unpack
+
+    def _backward_starts(self, ticket: _Ticket) -> None:
+        if ticket.active:
+            return
+        ticket.active = True
+        if ticket.pending:  # else no marker will say when the block is done: it stays in until the next forward
+            ticket.block.holds += 1
+        self._swap_in(ticket.block)
+
+    def _input_done(self, ticket: _Ticket) -> None:
+        ticket.pending -= 1
+        if ticket.pending or not ticket.active:
+            return
+        ticket.active = False
+        block = ticket.block
+        block.holds = max(0, block.holds - 1)
+        if block.holds == 0:
+            self._swap_out(block)
+
+    def close(self) -> None:
+        """Remove the hooks and put every swapped weight on the compute device (for sampling without swapping)."""
+        for handle in self._hooks:
+            handle.remove()
+        with torch.no_grad():
+            for block in self.blocks:
+                del block.module.forward
+                for param, store in zip(block.params, block.stores, strict=True):
+                    param.data = store.to(self.device)
+        self.blocks = []
+
+
+def _pinned(tensor: Tensor) -> Tensor:
+    """A page-locked copy for asynchronous host -> device copies; the plain tensor where pinning fails (WSL limits)."""
+    try:
+        return tensor.pin_memory()
+    except RuntimeError:
+        return tensor
+
+
+def _map_tensors(output: Any, function: Any) -> Any:
+    """Apply ``function`` to the floating tensors of a block's output (a tensor or a tuple of them)."""
+    if isinstance(output, Tensor):
+        return function(output) if output.is_floating_point() else output
+    if isinstance(output, tuple):
+        return tuple(_map_tensors(item, function) for item in output)
+    return output
+
+
+# ------------------------------------------------------------------------------------------------- placement
+
+
+def place_transformer(transformer: nn.Module, device: torch.device | str, dtype: torch.dtype, *,
+                      blocks_to_swap: int = 0) -> BlockSwapper | None:
+    """Put a frozen FLUX transformer on ``device`` for training; returns the swapper (None without swapping).
+
+    Floating tensors go to ``dtype`` except fp8-stored weights (:func:`store_in_fp8`), which keep their 1 byte a
+    parameter; the weights of the ``blocks_to_swap`` swapped blocks go to the CPU instead of the device. Tensors move
+    one at a time, so the whole model never needs to fit on the device at once. Call after the LoRA is applied.
+    """
+    device = torch.device(device)
+    if blocks_to_swap:
+        swap_split(blocks_to_swap, transformer.params)  # refuse a bad count before moving anything
+    with torch.no_grad():
+        for module in transformer.modules():
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype=_target_dtype(param, dtype))
+                if not blocks_to_swap:
+                    param.data = param.data.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device=device, dtype=_target_dtype(buffer, dtype))
+    if not blocks_to_swap:
+        return None
+    swapper = BlockSwapper(transformer, blocks_to_swap, device=device)
+    swapped = {id(param) for param in swapper.swapped_parameters()}
+    with torch.no_grad():
+        for param in transformer.parameters():
+            if id(param) not in swapped:
+                param.data = param.data.to(device)
+    return swapper
+
+
+def _target_dtype(tensor: Tensor, dtype: torch.dtype) -> torch.dtype:
+    return tensor.dtype if not tensor.is_floating_point() or _is_float8(tensor.dtype) else dtype
+
+
+def swapped_block_names(params: Any, blocks_to_swap: int) -> Sequence[str]:
+    """The block names :class:`BlockSwapper` would swap (for the doctor and logs), without a model."""
+    double, single = swap_split(blocks_to_swap, params)
+    return [f"double_blocks.{index}" for index in range(params.depth - double, params.depth)] + [
+        f"single_blocks.{index}" for index in range(params.depth_single_blocks - single, params.depth_single_blocks)]
