@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from engine.config.describe import FieldSpec
+from engine.config.describe import PATH_WIDGETS, FieldSpec
+from gui.file_browser import FileRoots, path_field
 
 
 def _label(spec: FieldSpec) -> str:
@@ -42,6 +43,10 @@ def _dropdown(spec: FieldSpec, value: Any) -> gr.Component:
 
 
 def _number(spec: FieldSpec, value: Any) -> gr.Component:
+    if spec.optional:
+        # An unset number is a box left empty: a gr.Number shown with no value hands back 0 (which then either
+        # trips its minimum, failing every handler that reads the form, or silently sets e.g. a learning rate of 0).
+        return gr.Textbox(value="" if value is None else str(value), placeholder="(default)", **_common(spec))
     precision = 0 if spec.kind == "int" else None
     return gr.Number(value=value, precision=precision, **_bounds(spec), **_common(spec))
 
@@ -71,3 +76,21 @@ COMPONENT_BUILDERS: dict[str, Callable[[FieldSpec, Any], gr.Component]] = {
 def build_component(spec: FieldSpec, widget_value: Any) -> gr.Component:
     """The component for one field, showing `widget_value` (already converted by gui.state.to_widget)."""
     return COMPONENT_BUILDERS[spec.kind](spec, widget_value)
+
+
+# What the file browser of a path field lists: a "path" (a base model: a file, a diffusers folder or a hub id) is
+# most often a file, and a folder or an id can still be typed.
+_BROWSE_KINDS = {"folder": "folder", "file": "file", "path": "file"}
+
+
+def is_path_field(spec: FieldSpec) -> bool:
+    return spec.widget in PATH_WIDGETS
+
+
+def build_field(spec: FieldSpec, widget_value: Any, roots: FileRoots) -> gr.Component:
+    """The component for one field; a local path gets the file browser (completion and a Browse panel) over `roots`.
+    Returns the component holding the value (for a path field, its textbox)."""
+    if not is_path_field(spec):
+        return build_component(spec, widget_value)
+    return path_field(_label(spec), roots, kind=_BROWSE_KINDS[spec.widget], elem_id=element_id(spec.path),
+                      value=widget_value or "", info=spec.description)

@@ -63,19 +63,46 @@ def _list_from_text(spec: FieldSpec, text: str) -> list[Any] | None:
     return values or (None if spec.optional else [])
 
 
+def _number_to_widget(spec: FieldSpec, value: Any) -> Any:
+    # An optional number is edited as text (see gui.fields), empty when unset.
+    if not spec.optional:
+        return value
+    return "" if value is None else str(value)
+
+
 _TO_WIDGET: dict[str, Callable[[FieldSpec, Any], Any]] = {
     "size": lambda spec, value: _numbers_to_text(value if isinstance(value, list) else [value, value]),
     "table": lambda spec, value: _table_to_text(value),
     "list": _list_to_text,
     "str": lambda spec, value: "" if value is None else value,
+    "int": _number_to_widget,
+    "float": _number_to_widget,
+    "number": _number_to_widget,
 }
+
+def _number_from_text(spec: FieldSpec, text: str) -> int | float:
+    """An optional number typed in a text box (gui.fields shows those as text, so that empty means unset)."""
+    text = text.strip()
+    if spec.kind == "int":
+        return int(text)
+    value = float(text)
+    return _number_from_widget(value) if spec.kind == "number" else value
+
+
+def _int_from_widget(spec: FieldSpec, value: Any) -> Any:
+    if isinstance(value, str):
+        return _number_from_text(spec, value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
 
 _FROM_WIDGET: dict[str, Callable[[FieldSpec, Any], Any]] = {
     "size": lambda spec, text: _size_from_text(text),
     "table": lambda spec, text: _table_from_text(text),
     "list": _list_from_text,
-    "number": lambda spec, value: _number_from_widget(value),
-    "int": lambda spec, value: int(value) if isinstance(value, float) and value.is_integer() else value,
+    "number": lambda spec, value: _number_from_text(spec, value) if isinstance(value, str) else
+    _number_from_widget(value),
+    "int": _int_from_widget,
+    "float": lambda spec, value: _number_from_text(spec, value) if isinstance(value, str) else value,
 }
 
 

@@ -24,7 +24,8 @@ from engine.config.io import (
 from engine.config.schema import SECTIONS, RunConfig, config_warnings
 from gui.browse import FileRoots, PathNotAllowed
 from gui.context import TabContext
-from gui.fields import build_component
+from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_paths, unused_note
+from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
 from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
 from gui.state import config_to_form, form_to_config, to_widget
@@ -55,23 +56,52 @@ def preview_text(config: RunConfig | None, data: Mapping[str, Any]) -> str:
     return config_to_toml(config) if config is not None else tomli_w.dumps(dict(data))
 
 
-def _section_widgets(section: str, specs: dict[str, FieldSpec], values: Mapping[str, Any]) -> dict[str, Any]:
-    components = {}
-    section_specs = [spec for spec in specs.values() if spec.section == section]
-    for spec in (s for s in section_specs if not s.advanced):
-        components[spec.path] = build_component(spec, values[spec.path])
-    advanced = [s for s in section_specs if s.advanced]
-    if advanced:
-        with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{section}"):
-            for spec in advanced:
-                components[spec.path] = build_component(spec, values[spec.path])
-    return components
+class _Form:
+    """The Parameters form as it is built: each field's component by path, and the parts of the page that show only
+    for the model families their fields apply to."""
+
+    def __init__(self, specs: dict[str, FieldSpec], values: Mapping[str, Any], roots: FileRoots):
+        self.specs, self.values, self.roots = specs, values, roots
+        self.components: dict[str, Any] = {}
+        self.family_blocks: list[FamilyBlock] = []
+
+    def add_fields(self, specs: list[FieldSpec]) -> None:
+        for spec in specs:
+            if not spec.families:
+                self.components[spec.path] = build_field(spec, self.values[spec.path], self.roots)
+                continue
+            with gr.Column(elem_id=f"{element_id(spec.path)}-shown") as holder:  # the box and its file browser
+                self.components[spec.path] = build_field(spec, self.values[spec.path], self.roots)
+            self.family_blocks.append(FamilyBlock(holder, (spec.path,)))
+
+    def add_section(self, section: str) -> None:
+        section_specs = [spec for spec in self.specs.values() if spec.section == section]
+        with gr.Tab(section.capitalize(), id=f"section-{section}"):
+            if family_specific(section_specs):  # e.g. flow, which only FLUX.1 and Chroma use
+                # The tab stays (Gradio 6 does not hide a tab's button on an update): its note says why it is empty.
+                note = gr.Markdown(unused_note(section_specs), visible=False, elem_id=f"unused-{section}")
+                self.family_blocks.append(FamilyBlock(note, tuple(s.path for s in section_specs), when_hidden=True))
+            self.add_fields([s for s in section_specs if not s.advanced])
+            advanced = [s for s in section_specs if s.advanced]
+            if advanced:
+                with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{section}") as accordion:
+                    self.add_fields(advanced)
+                if family_specific(advanced):
+                    self.family_blocks.append(FamilyBlock(accordion, tuple(s.path for s in advanced)))
+
+    def visibility(self, values: Mapping[str, Any]) -> dict[Any, Any]:
+        """Show or hide each family-specific part for the form `values` ({path: widget value})."""
+        shown = shown_paths(self.specs, values)
+        return {part.block: gr.update(visible=part.visible(shown)) for part in self.family_blocks}
 
 
-def _edit_events(component: gr.components.Component) -> list[Any]:
+def _edit_events(component: gr.components.Component, spec: FieldSpec) -> list[Any]:
     """The events of a user's edit. Text and number boxes use `input` (typing) and `blur` (leaving the box, e.g.
     after a paste), which programmatic fills do not fire, so a preset does not revalidate once per field; that froze
-    the page for tens of seconds. Dropdowns and checkboxes use `change` (a preset sets few of them)."""
+    the page for tens of seconds. Dropdowns and checkboxes use `change` (a preset sets few of them), and so do path
+    boxes: their file browser fills them without a keystroke."""
+    if is_path_field(spec):
+        return [component.change]
     if isinstance(component, gr.Textbox | gr.Number):
         return [component.input, component.blur]
     return [component.change]
@@ -143,15 +173,15 @@ def build(ctx: TabContext) -> None:
         status = gr.Markdown(status_markdown(RunConfig(), []), elem_id="validation-status")
         with gr.Row():
             with gr.Column(scale=3):
-                components = {path: build_component(specs[path], values[path])
-                              for path in specs if not specs[path].section}
+                layout = _Form(specs, values, ctx.roots)
+                layout.add_fields([spec for spec in specs.values() if not spec.section])
                 with gr.Tabs():
                     for section in SECTIONS:
-                        with gr.Tab(section.capitalize(), id=f"section-{section}"):
-                            components.update(_section_widgets(section, specs, values))
+                        layout.add_section(section)
             with gr.Column(scale=2):
                 preview = gr.Code(config_to_toml(RunConfig()), label="config.toml", elem_id="toml-preview",
                                   interactive=False)
+    components = layout.components
     path_of = {component: path for path, component in components.items()}
 
     def evaluate(values: dict[str, Any]) -> dict:
@@ -169,7 +199,7 @@ def build(ctx: TabContext) -> None:
         current = {path_of[c]: v for c, v in form.items() if c in path_of}
         changed = {path: value for path, value in new_values.items() if current.get(path) != value}
         return ({components[path]: value for path, value in changed.items()} | evaluate(current | changed)
-                | {preset_message: message})
+                | {preset_message: message} | layout.visibility(current | changed))
 
     def on_patch(patch: dict | None, form: dict) -> dict:
         """Fields set by another tab (Dataset, Regularization)."""
@@ -219,9 +249,12 @@ def build(ctx: TabContext) -> None:
         save_preset(config, path, title)
         return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=_preset_choices(target))}
 
-    gr.on([event for component in components.values() for event in _edit_events(component)], on_input,
-          inputs=set(components.values()), outputs=[status, preview, ctx.config], trigger_mode="always_last")
-    field_outputs = [*components.values(), preset_message, status, preview, ctx.config]
+    gr.on([event for path, component in components.items() for event in _edit_events(component, specs[path])],
+          on_input, inputs=set(components.values()), outputs=[status, preview, ctx.config], trigger_mode="always_last")
+    family_outputs = [part.block for part in layout.family_blocks]
+    components[FAMILY_FIELD].change(lambda form: layout.visibility({path_of[c]: v for c, v in form.items()}),
+                                    inputs=set(components.values()), outputs=family_outputs)
+    field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs]
     # Handlers that fill the form also read it, to send only what changes.
     with_form = {*components.values()}
     open_row["load"].click(lambda form: on_load(form[open_row["path"]], form),
