@@ -30,6 +30,7 @@ __all__ = [
     "store_in_fp8",
     "swap_limits",
     "swap_split",
+    "swapped_block_names",
 ]
 
 # The only float8 kind sd-scripts (and so every FLUX fp8 checkpoint we expect) uses; the others are refused.
@@ -353,6 +354,11 @@ class BlockSwapper:
         Sampling and validation may call it explicitly too; it is cheap when the layout is already right.
         """
         for block in self.blocks:
+            if any(param.requires_grad for param in block.params):
+                raise RuntimeError(
+                    f"training.blocks_to_swap: a weight of {block.name} trains, and only frozen weights can be "
+                    "swapped (LoRA training); set training.blocks_to_swap to 0 for full fine-tuning"
+                )
             block.holds = 0
             self._swap_out(block)
 
@@ -361,27 +367,30 @@ class BlockSwapper:
     def _wrap(self, block: _SwapBlock) -> Any:
         original = block.module.forward
 
-        def forward(*args: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             self._swap_in(block)
             if not torch.is_grad_enabled():
                 try:
-                    return original(*args)
+                    return original(*args, **kwargs)
                 finally:
                     self._swap_out(block)
             ticket = _Ticket(block)
-            marked = []
-            for arg in args:
-                if isinstance(arg, Tensor) and arg.requires_grad:
-                    arg = _AfterBackward.apply(self, ticket, arg)
-                    ticket.pending += 1
-                marked.append(arg)
+
+            def mark(value: Any) -> Any:
+                if not (isinstance(value, Tensor) and value.requires_grad):
+                    return value
+                ticket.pending += 1
+                return _AfterBackward.apply(self, ticket, value)
+
+            args = tuple(mark(arg) for arg in args)
+            kwargs = {key: mark(value) for key, value in kwargs.items()}
             try:
                 if getattr(self.transformer, "gradient_checkpointing", False):
                     # Inside a checkpoint nothing is saved for backward; the recomputation runs with the weights in.
-                    output = original(*marked)
+                    output = original(*args, **kwargs)
                 else:
                     with torch.autograd.graph.saved_tensors_hooks(*self._weight_references(block)):
-                        output = original(*marked)
+                        output = original(*args, **kwargs)
             finally:
                 if block.holds == 0:  # not while a checkpoint recomputes the block inside its backward pass
                     self._swap_out(block)
