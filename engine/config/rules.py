@@ -351,6 +351,13 @@ def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iter
     if fp8 and training.mixed_precision == "no":
         yield Problem(f"model.{fp8[0]}", "fp8 weights are computed in fp16 or bf16; set training.mixed_precision "
                       "to 'bf16' (or 'fp16'), or turn fp8 off")
+    # Both keep frozen weights out of the way of training; weights that learn (full fine-tuning) must stay put.
+    if fp8 and config.method != "lora":
+        yield Problem(f"model.{fp8[0]}", f"fp8 storage is for LoRA training of a frozen model; method "
+                      f"{config.method!r} trains the model's own weights: turn fp8 off or use method 'lora'")
+    if training.blocks_to_swap and config.method != "lora":
+        yield Problem("training.blocks_to_swap", f"swapping blocks needs a frozen model (LoRA); method "
+                      f"{config.method!r} trains the blocks themselves: set blocks_to_swap = 0 or use method 'lora'")
     if fp8 and context.check_packages:
         version = installed_torch_version()
         if version is not None and version < _FP8_TORCH:

@@ -20,6 +20,7 @@ from engine.data.sampler import BucketBatchSampler
 from engine.data.scan import scan_config
 from engine.train.dataset import TrainingDataset, batch_sizes, examples_from_scan
 from engine.train.methods import create_method
+from engine.train.placement import place_models, store_frozen_in_fp8
 from engine.train.reporting import RunLog
 from engine.train.setup import (
     RunInputError,
@@ -41,6 +42,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     model = load_base_model(config, base_dir, accelerator)
     checkpoint("while loading the model")
     dtype = weight_dtype(accelerator)
+    store_frozen_in_fp8(config, model, dtype)  # before caching (the encoders run in fp8 too) and before the LoRA
     latents = cache_latents(config, scan, model, accelerator, log) if config.training.cache_latents else None
     texts = cache_texts(config, scan, model, accelerator, log) if config.training.cache_text_encoder_outputs else None
     checkpoint("while caching")
@@ -48,8 +50,11 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
 
     set_seed(config.training.seed)  # the network's initial weights come from the global generators
     method = create_method(config, model, base_dir)
-    place_models(config, model, method, accelerator, dtype, latents_cached=latents is not None,
-                 texts_cached=texts is not None)
+    swapper = place_models(config, model, method, accelerator, dtype, latents_cached=latents is not None,
+                           texts_cached=texts is not None)
+    if swapper is not None:
+        log.line(f"block swap: {swapper.blocks_to_swap} blocks kept on the CPU between uses "
+                 f"({', '.join(swapper.swapped_names)})")
     examples = examples_from_scan(scan)  # the sampler and the dataset index this one list
     sampler = BucketBatchSampler([example.record for example in examples], batch_sizes(scan),
                                  seed=config.training.seed,
@@ -68,7 +73,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
         output_name=output_name, accelerator=accelerator, log=log, scan=scan, model=model,
         method=method, dataset=dataset, sampler=sampler, schedule=schedule, optimizer=built.optimizer,
         built_optimizer=built, lr_scheduler=lr_scheduler, weight_dtype=dtype, facts=None,
-        text_cached=texts is not None, latents_cached=latents is not None,
+        text_cached=texts is not None, latents_cached=latents is not None, block_swapper=swapper,
     )
     session.facts = training_facts(session)
     return session
@@ -184,38 +189,6 @@ def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: An
         raise RunInputError(message, "fix the caption or turn training.cache_text_encoder_outputs off", str(image))
     log.line(f"text encoder outputs: {report.summary()}")
     return dict(report.outputs or {})
-
-
-def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, dtype: torch.dtype, *,
-                 latents_cached: bool, texts_cached: bool) -> None:
-    """Frozen weights in the mixed-precision dtype on the device; cached-away models back to the CPU."""
-    device = accelerator.device
-    unet = model.unet
-    torch.nn.Module.to(unet, device=device, dtype=dtype)
-    unet.requires_grad_(False)
-    gradient_checkpointing = config.training.gradient_checkpointing
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    # diffusers only checkpoints in training mode; the frozen UNet has no dropout, so train() changes nothing else.
-    unet.train(gradient_checkpointing)
-    for encoder, trains in zip(model.text.encoders, method.trains_text_encoders, strict=True):
-        encoder.requires_grad_(False)
-        target = "cpu" if texts_cached else device
-        torch.nn.Module.to(encoder, device=target, dtype=dtype if target != "cpu" else torch.float32)
-        if trains and gradient_checkpointing:
-            encoder.gradient_checkpointing_enable()
-        encoder.train(trains)
-    vae_device = "cpu" if latents_cached else device
-    vae_dtype = torch.float32 if (config.model.no_half_vae or vae_device == "cpu") else dtype
-    torch.nn.Module.to(model.vae.vae, device=vae_device, dtype=vae_dtype)
-    # Trained weights stay in float32 under mixed precision (autocast computes in half), unless full_fp16/bf16.
-    trained_dtype = torch.float16 if config.training.full_fp16 else \
-        torch.bfloat16 if config.training.full_bf16 else torch.float32
-    for module in method.trainable_modules():
-        torch.nn.Module.to(module, device=device, dtype=trained_dtype)
-        module.requires_grad_(True)  # a method may narrow this down when it builds its parameter groups
-    if latents_cached and device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def build_optimization(config: RunConfig, method: Any, schedule: Any, accelerator: Any) -> tuple[Any, Any]:

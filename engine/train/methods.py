@@ -89,6 +89,12 @@ class LoraMethod:
         self.network_module = NETWORK_MODULES[backend] if backend != "kohya" else \
             family_info(model.family).kohya_network_module
         self.network = NETWORK_BUILDERS[backend](config, model, self.trains_unet, self.trains_text_encoders)
+        # An encoder the network put no modules on does not train (FLUX's T5 without train_t5xxl): it stays in eval
+        # mode, with no dropout and no graph kept through it.
+        built = getattr(self.network, "text_encoder_loras", None)
+        if built is not None:
+            self.trains_text_encoders = [trains and bool(loras)
+                                         for trains, loras in zip(self.trains_text_encoders, built, strict=True)]
         if section.network_weights:
             self._load_start_weights(base_dir / section.network_weights)
         self.network.apply_to()

@@ -65,6 +65,7 @@ class Session:
     facts: Any  # engine.networks.metadata.TrainingFacts
     text_cached: bool
     latents_cached: bool
+    block_swapper: Any = None  # engine.models.flux.memory.BlockSwapper while training.blocks_to_swap is on
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -76,6 +77,10 @@ class Session:
         return self.accelerator.is_main_process
 
 
+# What torch's CPU autocast runs well; fp16 on a CPU is not offered by accelerate (and slow where it exists).
+_CPU_PRECISIONS = ("no", "bf16")
+
+
 def make_accelerator(config: RunConfig, base_dir: Path) -> Any:
     """An Accelerator for this machine: CPU runs use `cpu=True` so several CPU processes form a real group."""
     from accelerate import Accelerator
@@ -83,7 +88,9 @@ def make_accelerator(config: RunConfig, base_dir: Path) -> Any:
     from engine.config.io import resolve_path
 
     on_cpu = not torch.cuda.is_available()
-    precision = "no" if on_cpu else config.training.mixed_precision  # see precision_warning
+    precision = config.training.mixed_precision
+    if on_cpu and precision not in _CPU_PRECISIONS:
+        precision = "no"  # see precision_warning
     logging_dir = str(resolve_path(config.logging.logging_dir, base_dir)) if config.logging.logging_dir else ""
     trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
     return Accelerator(cpu=on_cpu, mixed_precision=precision,

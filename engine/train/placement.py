@@ -1,0 +1,114 @@
+"""Where the frozen model's parts live during training, and in which precision.
+
+Frozen weights go to the device in the mixed-precision dtype; models whose outputs are cached go back to the CPU;
+trained weights stay float32 unless full_fp16/bf16. How the denoiser is placed is the family loader's
+(``FamilyInfo.loader``, ``_DENOISER_PLACERS``): a diffusers UNet moves in one ``.to()``; the FLUX transformer moves
+tensor by tensor, keeps fp8-stored weights in fp8 and leaves the weights of swapped blocks on the CPU
+(``engine.models.flux.memory``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.config.schema import RunConfig
+from engine.models.families import family_info
+from engine.train.setup import RunInputError
+
+__all__ = ["place_models", "store_frozen_in_fp8"]
+
+
+def store_frozen_in_fp8(config: RunConfig, model: Any, dtype: torch.dtype) -> None:
+    """model.fp8_base / fp8_base_unet: the transformer's linear weights in float8 (and, with fp8_base alone, the
+    text encoders'), computed in the mixed-precision dtype. Must run before the LoRA wraps the layers."""
+    section = config.model
+    if not (section.fp8_base or section.fp8_base_unet):
+        return
+    from engine.models.flux.memory import store_in_fp8
+
+    field = "model.fp8_base" if section.fp8_base else "model.fp8_base_unet"
+    try:
+        store_in_fp8(model.unet, dtype)
+        if section.fp8_base and not section.fp8_base_unet:
+            for encoder in model.text.encoders:
+                _text_encoder_in_fp8(encoder, dtype)
+    except (RuntimeError, ValueError) as error:
+        raise RunInputError(str(error), "set training.mixed_precision to bf16, or turn fp8 off", field) from error
+
+
+def _text_encoder_in_fp8(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every linear layer but T5's feed-forward output (`wo`): transformers casts the gated activations to `wo`'s
+    weight dtype, so an fp8 `wo` would run the activations themselves in fp8 (sd-scripts keeps it too)."""
+    from engine.models.flux.memory import store_in_fp8
+
+    for name, module in encoder.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "wo":
+            store_in_fp8(module, dtype)
+
+
+def _place_unet(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype) -> None:
+    torch.nn.Module.to(unet, device=device, dtype=dtype)
+    unet.requires_grad_(False)
+    if config.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return None
+
+
+def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    from engine.models.flux.memory import place_transformer
+
+    training = config.training
+    unet.requires_grad_(False)
+    if training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing(cpu_offload=training.cpu_offload_checkpointing)
+    try:
+        return place_transformer(unet, device, dtype, blocks_to_swap=training.blocks_to_swap)
+    except ValueError as error:  # more swapped blocks than this (possibly pruned) model has
+        raise RunInputError(str(error), "lower training.blocks_to_swap", "training.blocks_to_swap") from error
+
+
+# By FamilyInfo.loader: (config, denoiser, device, dtype) -> the block swapper, if any.
+_DENOISER_PLACERS: dict[str, Callable[[RunConfig, Any, torch.device, torch.dtype], Any]] = {
+    "ldm": _place_unet, "flux": _place_transformer}
+
+
+def _move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """`.to(device, dtype)`, except that fp8-stored weights keep their 1 byte a parameter."""
+    if any("float8" in str(parameter.dtype) for parameter in module.parameters()):
+        from engine.models.flux.memory import place_transformer
+
+        place_transformer(module, device, dtype)
+    else:
+        torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, dtype: torch.dtype, *,
+                 latents_cached: bool, texts_cached: bool) -> Any:
+    """Put every part where training needs it; returns the denoiser's block swapper (None without one)."""
+    device = accelerator.device
+    gradient_checkpointing = config.training.gradient_checkpointing
+    swapper = _DENOISER_PLACERS[family_info(model.family).loader](config, model.unet, device, dtype)
+    # diffusers only checkpoints in training mode; the frozen denoiser has no dropout, so train() changes nothing else.
+    model.unet.train(gradient_checkpointing)
+    for encoder, trains in zip(model.text.encoders, method.trains_text_encoders, strict=True):
+        encoder.requires_grad_(False)
+        target = "cpu" if texts_cached else device
+        _move(encoder, target, dtype if target != "cpu" else torch.float32)
+        if trains and gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        encoder.train(trains)
+    vae_device = "cpu" if latents_cached else device
+    vae_dtype = torch.float32 if (config.model.no_half_vae or vae_device == "cpu") else dtype
+    torch.nn.Module.to(model.vae.vae, device=vae_device, dtype=vae_dtype)
+    # Trained weights stay in float32 under mixed precision (autocast computes in half), unless full_fp16/bf16.
+    trained_dtype = torch.float16 if config.training.full_fp16 else \
+        torch.bfloat16 if config.training.full_bf16 else torch.float32
+    for module in method.trainable_modules():
+        torch.nn.Module.to(module, device=device, dtype=trained_dtype)
+        module.requires_grad_(True)  # a method may narrow this down when it builds its parameter groups
+    if latents_cached and device.type == "cuda":
+        torch.cuda.empty_cache()
+    return swapper
