@@ -36,6 +36,8 @@ class FamilyInfo:
     bucket_multiple: int = 8  # image sides must be multiples of this (FLUX packs 2x2 latent patches: 16 px)
     model_type: str = ""  # sd-scripts' ss_model_type ("flux", "chroma"); "" writes none
     kohya_network_module: str = "networks.lora"  # ss_network_module of our kohya-format LoRA files
+    kohya_v2: bool = False  # sd-scripts' ss_v2 flag (the SD2 text encoder and its defaults)
+    diffusers_pipeline: str = "StableDiffusionPipeline"  # the diffusers class a saved pipeline folder is
     # modelspec architecture per variant of the base file (FLUX.1 dev vs schnell), overriding `architecture`
     variant_architectures: tuple[tuple[str, str], ...] = ()
 
@@ -59,20 +61,23 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
     "sd1": FamilyInfo("sd1", ("lora_te",), 512, "sd_v1", "sd_v1_v", "stable-diffusion-v1", "stable-diffusion-v1",
                       "diffusers", 0.18215),
     "sd2": FamilyInfo("sd2", ("lora_te",), 512, "sd_v2", "sd_v2_v", "stable-diffusion-v2-512",
-                      "stable-diffusion-v2-768-v", "diffusers", 0.18215),
+                      "stable-diffusion-v2-768-v", "diffusers", 0.18215, kohya_v2=True),
     "sdxl": FamilyInfo("sdxl", ("lora_te1", "lora_te2"), 1024, "sdxl_base_v1-0", "sdxl_base_v1-0",
                        "stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base", _SGM, 0.13025,
-                       uses_size_conditioning=True, unet_naming="sai", text_encoding="sdxl", sampler="sdxl"),
+                       uses_size_conditioning=True, unet_naming="sai", text_encoding="sdxl", sampler="sdxl",
+                       diffusers_pipeline="StableDiffusionXLPipeline"),
     # FLUX.1 dev and schnell share an entry: the file tells them apart (guidance_in), spec §1.3 and §5.4.
     "flux1": FamilyInfo("flux1", ("lora_te1", "lora_te3"), 1024, "flux1", "flux1", "flux-1", "flux-1",
                         "https://github.com/black-forest-labs/flux", 0.3611, objective="flow", unet_naming="bfl",
                         text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
                         bucket_multiple=16, model_type="flux", kohya_network_module="networks.lora_flux",
+                        diffusers_pipeline="FluxPipeline",
                         variant_architectures=(("dev", "flux-1-dev"), ("schnell", "flux-1-schnell"))),
     "chroma": FamilyInfo("chroma", ("lora_te3",), 1024, "chroma", "chroma", "chroma", "chroma",
                          "https://huggingface.co/lodestones/Chroma", 0.3611, objective="flow", unet_naming="bfl",
                          text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
-                         bucket_multiple=16, model_type="chroma", kohya_network_module="networks.lora_flux"),
+                         bucket_multiple=16, model_type="chroma", kohya_network_module="networks.lora_flux",
+                         diffusers_pipeline="ChromaPipeline"),
 }
 
 

@@ -189,7 +189,7 @@ def _network_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
         "ss_network_dim": network.network_dim,
         "ss_network_alpha": network.network_alpha,
         "ss_network_dropout": network.network_dropout,
-        "ss_v2": facts.family == "sd2",
+        "ss_v2": family_info(facts.family).kohya_v2,
         "ss_base_model_version": family_info(facts.family).base_model_version(facts.v_prediction),
         "ss_clip_skip": model.clip_skip,
         "ss_max_token_length": model.max_token_length,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.files import atomic_output, replace_folder
+from engine.models.families import family_info
 from engine.models.ldm_checkpoint import cpu_cast
 from engine.models.text_encoders import TEXT_COMPONENTS
 from engine.train.setup import RunInputError
@@ -212,8 +213,8 @@ def cpu_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Mod
 
 # Pipeline options that keep optional parts out of a saved folder (no safety checker, no watermarker).
 _PIPELINE_OPTIONS: dict[str, dict[str, Any]] = {
-    "sd": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
-    "sdxl": {"add_watermarker": False},
+    "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    "StableDiffusionXLPipeline": {"add_watermarker": False},
 }
 
 
@@ -224,10 +225,10 @@ def save_diffusers_folder(components: dict[str, Any], family: str, path_without_
     diffusers folders carry no metadata. transformers 5 writes text encoders as safetensors whatever is asked, so
     the "diffusers" format has .bin files for the UNet and VAE only.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    pipeline_class, options = (StableDiffusionXLPipeline, _PIPELINE_OPTIONS["sdxl"]) if family == "sdxl" \
-        else (StableDiffusionPipeline, _PIPELINE_OPTIONS["sd"])
+    name = family_info(family).diffusers_pipeline
+    pipeline_class, options = getattr(diffusers, name), _PIPELINE_OPTIONS.get(name, {})
     copies = {name: cpu_copy(part, dtype) if isinstance(part, torch.nn.Module) else part
               for name, part in components.items()}
     target = path_without_suffix
