@@ -40,7 +40,7 @@ _TEMP_ROOT: Path | None = None
 
 def tiny_params(variant: str) -> Any:
     """The tiny ``FluxParams`` of ``variant`` ("dev", "schnell" or "chroma")."""
-    from engine.models.flux.transformer import FluxParams
+    from engine.models.flux.params import FluxParams
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from engine.models.flux.transformer import Flux, FluxParams
+from engine.models.flux.params import FluxParams
+from engine.models.flux.transformer import Flux
 from engine.networks.lora import LoRANetwork, SplitLoRAModule, create_lora_network
 from engine.networks.lycoris_network import create_lycoris_network
 

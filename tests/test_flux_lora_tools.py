@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.cli import lora_cmd
+from engine.models.flux.params import params_from_state_dict
 from engine.models.flux.text_encoders import load_clip_l, load_t5xxl
-from engine.models.flux.transformer import Flux, params_from_state_dict
+from engine.models.flux.transformer import Flux
 from engine.networks.lora import LoRANetwork, create_lora_network
 from engine.networks.lora_names import unet_targets
 from engine.networks.network_file import read_network_file, save_network_file

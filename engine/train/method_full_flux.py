@@ -39,7 +39,8 @@ from engine.train.setup import RunInputError
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.flux.transformer import Flux, FluxParams
+    from engine.models.flux.params import FluxParams
+    from engine.models.flux.transformer import Flux
     from engine.models.loading import LoadedModel
 
 # The name of the transformer's part: its parameter group (lr/transformer in logs) and its keys in a saved state.

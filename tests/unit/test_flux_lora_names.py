@@ -18,7 +18,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
-from engine.models.flux.transformer import CHROMA, FLUX_DEV, FLUX_SCHNELL, Flux, FluxParams  # noqa: E402
+from engine.models.flux.params import CHROMA, FLUX_DEV, FLUX_SCHNELL, FluxParams  # noqa: E402
+from engine.models.flux.transformer import Flux  # noqa: E402
 from engine.networks.lora import LoRANetwork, create_lora_network  # noqa: E402
 from engine.networks.lora_flux import FluxLoRAArgs, parse_flux_args  # noqa: E402
 from engine.networks.lora_names import resolve_options, unet_naming_kind, unet_targets  # noqa: E402

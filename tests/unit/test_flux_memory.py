@@ -30,7 +30,8 @@ from engine.models.flux.memory import (  # noqa: E402
     swap_split,
     swapped_block_names,
 )
-from engine.models.flux.transformer import CHROMA, FLUX_DEV, FLUX_SCHNELL, Flux, FluxParams  # noqa: E402
+from engine.models.flux.params import CHROMA, FLUX_DEV, FLUX_SCHNELL, FluxParams  # noqa: E402
+from engine.models.flux.transformer import Flux  # noqa: E402
 from engine.networks.lora import LoRAModule, create_lora_network  # noqa: E402
 
 TINY = FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,

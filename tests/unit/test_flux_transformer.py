@@ -21,14 +21,14 @@ from dataclasses import replace  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine.models.flux.transformer import (  # noqa: E402
+from engine.models.flux.params import (  # noqa: E402
     CHROMA,
     FLUX_DEV,
     FLUX_SCHNELL,
-    Flux,
     FluxParams,
     params_from_state_dict,
 )
+from engine.models.flux.transformer import Flux  # noqa: E402
 
 TINY_DEV = FluxParams(
     vec_in_dim=32,

@@ -32,7 +32,8 @@ from engine.models.vae import looks_like_hub_id
 if TYPE_CHECKING:
     import torch
 
-    from engine.models.flux.transformer import Flux, FluxParams
+    from engine.models.flux.params import FluxParams
+    from engine.models.flux.transformer import Flux
     from engine.models.loading import LoadedModel
     from engine.models.text_encoders import LoadedTextEncoders
 
@@ -143,7 +144,8 @@ def load_flux_transformer(source: FluxTransformerSource, *, dtype: Any, device: 
     """
     import torch
 
-    from engine.models.flux.transformer import Flux, params_from_state_dict
+    from engine.models.flux.params import params_from_state_dict
+    from engine.models.flux.transformer import Flux
 
     state: dict[str, torch.Tensor] = {}
     for path, keys in _by_file(source.tensors).items():

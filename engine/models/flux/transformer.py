@@ -15,308 +15,42 @@ How the model runs, in short:
   it into its modulations. Chroma has no such layers: a small MLP (the "approximator", ``distilled_guidance_layer``)
   produces every modulation vector directly, one per numbered slot.
 * Positions enter through 3-axis rotary embeddings on the attention queries and keys (spec §2.3).
+
+The sizes (:class:`~engine.models.flux.params.FluxParams`) live in ``params.py`` and the layers the blocks are made of
+in ``layers.py``; this module holds the two block kinds (LoRA naming looks them up by class name) and the model.
 """
 
 from __future__ import annotations
-
-import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = [
-    "CHROMA",
-    "FLUX_DEV",
-    "FLUX_SCHNELL",
-    "DoubleStreamBlock",
-    "Flux",
-    "FluxParams",
-    "SingleStreamBlock",
-    "params_from_state_dict",
-    "timestep_embedding",
-]
+from engine.models.flux.layers import (
+    Approximator,
+    LastLayer,
+    MLPEmbedder,
+    Modulation,
+    QKNorm,
+    SelfAttention,
+    attention,
+    gelu_mlp,
+    modulate,
+    modulation_rows,
+    rope_table,
+    split_heads,
+    timestep_embedding,
+)
+from engine.models.flux.params import FLUX_DEV, FluxParams
+
+__all__ = ["DoubleStreamBlock", "Flux", "SingleStreamBlock"]
 
 # Width of the sinusoidal timestep/guidance embedding fed to time_in and guidance_in.
 TIME_EMBED_DIM = 256
 
 
-@dataclass(frozen=True)
-class FluxParams:
-    """Sizes of a FLUX.1 or Chroma transformer; defaults are FLUX.1 dev's (spec §1.1)."""
-
-    in_channels: int = 64
-    vec_in_dim: int = 768  # CLIP-L pooled width; unused by Chroma, which has no vector input
-    context_in_dim: int = 4096
-    hidden_size: int = 3072
-    mlp_ratio: float = 4.0
-    num_heads: int = 24
-    depth: int = 19
-    depth_single_blocks: int = 38
-    axes_dim: tuple[int, ...] = (16, 56, 56)
-    theta: int = 10000
-    qkv_bias: bool = True
-    guidance_embed: bool = True
-    chroma: bool = False
-    approximator_in_dim: int = 64
-    approximator_depth: int = 5
-    approximator_hidden: int = 5120
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"FluxParams: hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"FluxParams: axes_dim {self.axes_dim} must add up to the head width {self.head_dim}")
-        if self.chroma and self.guidance_embed:
-            raise ValueError("FluxParams: Chroma feeds guidance to its approximator; set guidance_embed=False")
-        if self.chroma and self.approximator_in_dim % 4:
-            raise ValueError(f"FluxParams: approximator_in_dim {self.approximator_in_dim} must divide by 4")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def modulation_slots(self) -> int:
-        """Chroma's approximator output count: 3 per single block, 6 + 6 per double block, 2 for the last layer."""
-        return 3 * self.depth_single_blocks + 12 * self.depth + 2
-
-
-FLUX_DEV = FluxParams()
-FLUX_SCHNELL = FluxParams(guidance_embed=False)
-CHROMA = FluxParams(guidance_embed=False, chroma=True)
-
-
-# --------------------------------------------------------------------------------------------- state-dict shapes
-
-
-def _block_count(keys: Sequence[str], prefix: str) -> int:
-    """1 + the highest block index under ``prefix`` (0 when there is none); pruned models have fewer blocks."""
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    indices = [int(match.group(1)) for key in keys if (match := pattern.match(key))]
-    return max(indices, default=-1) + 1
-
-
-def params_from_state_dict(shapes: Mapping[str, Sequence[int]]) -> FluxParams:
-    """Work out the transformer sizes from BFL key names (no prefix) and their tensor shapes.
-
-    Block counts come from the keys (pruned models load), widths from the shapes, and the head width from the
-    QK-norm scale, so the RoPE axes split the head as FLUX does (128 -> 16, 56, 56).
-    """
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in shapes:
-            raise ValueError(
-                f"FLUX transformer state dict has no {key!r}: it is not a BFL-layout FLUX.1/Chroma transformer "
-                "(strip a 'model.diffusion_model.' prefix first; diffusers-layout files need converting)"
-            )
-        return tuple(shapes[key])
-
-    keys = list(shapes)
-    hidden, in_channels = shape("img_in.weight")
-    depth = _block_count(keys, "double_blocks")
-    singles = _block_count(keys, "single_blocks")
-    if depth:
-        head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-        mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
-        qkv_bias = "double_blocks.0.img_attn.qkv.bias" in shapes
-    else:
-        head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
-        mlp_hidden = shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
-        qkv_bias = True
-    rope = (head_dim - head_dim // 8) // 2
-    common = dict(
-        in_channels=in_channels,
-        context_in_dim=shape("txt_in.weight")[1],
-        hidden_size=hidden,
-        mlp_ratio=mlp_hidden / hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        axes_dim=(head_dim // 8, rope, rope),
-        qkv_bias=qkv_bias,
-    )
-    if "distilled_guidance_layer.in_proj.weight" in shapes:
-        approximator_hidden, approximator_in = shape("distilled_guidance_layer.in_proj.weight")
-        return FluxParams(
-            **common,
-            guidance_embed=False,
-            chroma=True,
-            approximator_in_dim=approximator_in,
-            approximator_depth=_block_count(keys, "distilled_guidance_layer.layers"),
-            approximator_hidden=approximator_hidden,
-        )
-    return FluxParams(
-        **common,
-        vec_in_dim=shape("vector_in.in_layer.weight")[1],
-        guidance_embed="guidance_in.in_layer.weight" in shapes,
-    )
-
-
-# ------------------------------------------------------------------------------------------------ small functions
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding ``[cos | sin]`` of ``time_factor * t`` (float32, [N, dim]).
-
-    The model takes sigma in 0..1 while its frequencies were laid out for 0..1000, hence the time factor.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = (time_factor * t.float())[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    return F.pad(embedding, (0, dim % 2))
-
-
-def rope_table(ids: Tensor, axes_dim: Sequence[int], theta: int) -> Tensor:
-    """Rotary angles' (cos, sin) for position ids [B, L, n_axes]: [B, 1, L, head_dim/2, 2].
-
-    Each axis gets its own slice of the head's channel pairs. The angles are computed in float64 where the device
-    has it, because positions times the low frequencies lose phase in float32 (as the reference does).
-    """
-    wide = torch.float32 if ids.device.type == "mps" else torch.float64
-    angles = []
-    for axis, dim in enumerate(axes_dim):
-        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=wide, device=ids.device) / dim)
-        angles.append(ids[..., axis].to(wide)[..., None] * omega)
-    angle = torch.cat(angles, dim=-1)
-    return torch.stack((angle.cos(), angle.sin()), dim=-1).float()[:, None]
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate each adjacent channel pair (x0, x1) of x [B, H, L, D] by the table's angle, in float32."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = table.unbind(-1)
-    rotated = torch.stack((cos * even - sin * odd, sin * even + cos * odd), dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, key_mask: Tensor | None) -> Tensor:
-    """Rotary attention over [B, H, L, D] heads; returns [B, L, H*D]. key_mask [B, 1, 1, L] True = attend."""
-    out = F.scaled_dot_product_attention(apply_rope(q, table), apply_rope(k, table), v, attn_mask=key_mask)
-    return out.transpose(1, 2).flatten(2)
-
-
-def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """[B, L, 3*H*D] -> three [B, H, L, D]; BFL packs Q, K, V one after the other, each head-major."""
-    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
-    return q, k, v
-
-
-def _norm(x: Tensor) -> Tensor:
-    """The parameter-free LayerNorm every modulated input goes through (its scale and shift come from adaLN)."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return (1 + scale) * _norm(x) + shift
-
-
-def _gelu_mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
-    # A Sequential so the keys are BFL's ``img_mlp.0`` / ``img_mlp.2``.
-    return nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
-
-
-# ---------------------------------------------------------------------------------------------------------- layers
-
-
-class RMSNorm(nn.Module):
-    """RMS normalisation with a learned ``scale`` (BFL's name).
-
-    All in float32: bf16 squares lose precision, and the scale may be stored in fp8, which does not mix with other
-    dtypes in an elementwise product (sd-scripts multiplies by ``scale.float()`` for the same reason).
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        wide = x.float()
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (normed * self.scale.float()).to(x.dtype)
-
-
-class QKNorm(nn.Module):
-    """Per-head RMS norm of queries and keys, which keeps attention logits bounded."""
-
-    def __init__(self, head_dim: int) -> None:
-        super().__init__()
-        self.query_norm = RMSNorm(head_dim)
-        self.key_norm = RMSNorm(head_dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
-
-
-class SelfAttention(nn.Module):
-    """The per-stream attention weights of a double block (the attention itself is joint, in the block)."""
-
-    def __init__(self, hidden: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=qkv_bias)
-        self.norm = QKNorm(hidden // num_heads)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = _split_heads(self.qkv(x), self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
-
-
-class MLPEmbedder(nn.Module):
-    """Two linear layers with a SiLU between them: how scalars' embeddings and the CLIP vector enter."""
-
-    def __init__(self, in_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
-
-
-class Modulation(nn.Module):
-    """FLUX.1's per-block adaLN head: conditioning vector [B, hidden] -> ``count`` vectors [B, count, hidden]."""
-
-    def __init__(self, hidden: int, count: int) -> None:
-        super().__init__()
-        self.count = count
-        self.lin = nn.Linear(hidden, count * hidden)
-
-    def forward(self, vec: Tensor) -> Tensor:
-        return self.lin(F.silu(vec)).unflatten(-1, (self.count, -1))
-
-
-class Approximator(nn.Module):
-    """Chroma's ``distilled_guidance_layer``: a residual MLP run on every modulation slot independently."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, depth: int) -> None:
-        super().__init__()
-        self.in_proj = nn.Linear(in_dim, hidden)
-        self.layers = nn.ModuleList(MLPEmbedder(hidden, hidden) for _ in range(depth))
-        self.norms = nn.ModuleList(RMSNorm(hidden) for _ in range(depth))
-        self.out_proj = nn.Linear(hidden, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.in_proj(x)
-        for layer, norm in zip(self.layers, self.norms, strict=True):
-            x = x + layer(norm(x))
-        return self.out_proj(x)
-
-
-def _rows(mods: Tensor) -> list[Tensor]:
-    """Modulation vectors [B, n, hidden] -> n tensors [B, 1, hidden] that broadcast over the tokens."""
-    return list(mods[:, :, None].unbind(1))
+# ---------------------------------------------------------------------------------------------------------- blocks
 
 
 class DoubleStreamBlock(nn.Module):
@@ -328,18 +62,18 @@ class DoubleStreamBlock(nn.Module):
         self.num_heads = params.num_heads
         self.img_mod = None if params.chroma else Modulation(hidden, 6)
         self.img_attn = SelfAttention(hidden, params.num_heads, params.qkv_bias)
-        self.img_mlp = _gelu_mlp(hidden, params.mlp_hidden)
+        self.img_mlp = gelu_mlp(hidden, params.mlp_hidden)
         self.txt_mod = None if params.chroma else Modulation(hidden, 6)
         self.txt_attn = SelfAttention(hidden, params.num_heads, params.qkv_bias)
-        self.txt_mlp = _gelu_mlp(hidden, params.mlp_hidden)
+        self.txt_mlp = gelu_mlp(hidden, params.mlp_hidden)
 
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor, table: Tensor, key_mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """``vec`` is FLUX.1's conditioning vector [B, hidden], or Chroma's 12 slot vectors (6 image, 6 text)."""
         img_mods, txt_mods = self._modulations(vec)
-        img_q, img_k, img_v = self.img_attn.heads(_modulate(img, img_mods[0], img_mods[1]))
-        txt_q, txt_k, txt_v = self.txt_attn.heads(_modulate(txt, txt_mods[0], txt_mods[1]))
+        img_q, img_k, img_v = self.img_attn.heads(modulate(img, img_mods[0], img_mods[1]))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_mods[0], txt_mods[1]))
         joint = attention(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),
@@ -354,15 +88,15 @@ class DoubleStreamBlock(nn.Module):
 
     def _modulations(self, vec: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         if self.img_mod is None or self.txt_mod is None:
-            return _rows(vec[:, :6]), _rows(vec[:, 6:])
-        return _rows(self.img_mod(vec)), _rows(self.txt_mod(vec))
+            return modulation_rows(vec[:, :6]), modulation_rows(vec[:, 6:])
+        return modulation_rows(self.img_mod(vec)), modulation_rows(self.txt_mod(vec))
 
 
 def _finish_stream(x: Tensor, attn_out: Tensor, mods: list[Tensor], proj: nn.Module, mlp: nn.Module) -> Tensor:
     """The gated residual attention output, then the gated residual MLP on the re-modulated stream."""
     _, _, gate1, shift2, scale2, gate2 = mods
     x = x + gate1 * proj(attn_out)
-    return x + gate2 * mlp(_modulate(x, shift2, scale2))
+    return x + gate2 * mlp(modulate(x, shift2, scale2))
 
 
 class SingleStreamBlock(nn.Module):
@@ -380,30 +114,15 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, table: Tensor, key_mask: Tensor | None) -> Tensor:
         """``vec`` is FLUX.1's conditioning vector [B, hidden], or Chroma's 3 slot vectors [B, 3, hidden]."""
-        shift, scale, gate = _rows(vec if self.modulation is None else self.modulation(vec))
-        qkv, mlp_in = self.linear1(_modulate(x, shift, scale)).split(self.split, dim=-1)
-        q, k, v = _split_heads(qkv, self.num_heads)
+        shift, scale, gate = modulation_rows(vec if self.modulation is None else self.modulation(vec))
+        qkv, mlp_in = self.linear1(modulate(x, shift, scale)).split(self.split, dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         mixed = torch.cat((attention(q, k, v, table, key_mask), F.gelu(mlp_in, approximate="tanh")), dim=-1)
         return x + gate * self.linear2(mixed)
 
 
-class LastLayer(nn.Module):
-    """adaLN (BFL order: shift, then scale) and the projection back to packed latent channels."""
 
-    def __init__(self, hidden: int, out_channels: int, modulated: bool) -> None:
-        super().__init__()
-        self.linear = nn.Linear(hidden, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden)) if modulated else None
-
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        """``vec`` is FLUX.1's conditioning vector [B, hidden], or Chroma's 2 slot vectors [B, 2, hidden]."""
-        mods = vec if self.adaLN_modulation is None else self.adaLN_modulation(vec).unflatten(-1, (2, -1))
-        shift, scale = _rows(mods)
-        return self.linear(_modulate(x, shift, scale))
-
-
-# ----------------------------------------------------------------------------------------------------------- model
 
 
 def _text_window(txt_mask: Tensor, length: int) -> tuple[int, Tensor]:

@@ -146,7 +146,7 @@ def _flux_layout_problem(model: ModelFile) -> str | None:
 
 
 def _flux_params(model: ModelFile) -> Any:
-    from engine.models.flux.transformer import params_from_state_dict
+    from engine.models.flux.params import params_from_state_dict
 
     try:
         return params_from_state_dict(_flux_keys(model))
