@@ -2,16 +2,14 @@
 
 Every rule is a small function registered with `@rule`; it yields `Problem`s whose path names the field to change
 and whose message says what to do. `RunConfig` runs them all after field validation; errors stop validation,
-warnings are returned by `config_warnings()` for the CLI and GUI to show.
+warnings are returned by `config_warnings()` for the CLI and GUI to show. The FLUX.1 / Chroma / flow-matching
+rules are in `engine.config.rules_flux`, imported at the end of this module.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
@@ -293,123 +291,6 @@ def settings_suit_the_family(config: RunConfig, context: RuleContext) -> Iterato
                       f"'{family}'); {hint}{_undo(default)}")
 
 
-# --- FLUX.1 and Chroma -------------------------------------------------------------------------------------------
-
-# A base model given as one of these is a single transformer file; a folder or a hub id is a diffusers layout that
-# carries its own text encoders and autoencoder (spec §1.5). Decided from the name only: rules do not read files.
-_SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
-
-
-def _is_single_file(location: str) -> bool:
-    return PurePath(location.strip()).suffix.lower() in _SINGLE_FILE_SUFFIXES
-
-
-@rule
-def flux_files_are_given(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    model = config.model
-    family = model.model_family
-    if family not in FLUX_FAMILIES or not _is_single_file(model.pretrained_model_name_or_path):
-        return
-    needed = {"t5xxl": "the T5-XXL text encoder (e.g. t5xxl_fp16.safetensors)",
-              "ae": "the autoencoder (ae.safetensors)"}
-    if family == "flux1":
-        needed = {"clip_l": "the CLIP-L text encoder (clip_l.safetensors)", **needed}
-    for key, what in needed.items():
-        if not getattr(model, key).strip():
-            yield Problem(f"model.{key}", f"a {family_label(family)} single-file model holds only the transformer; "
-                          f"give {what}, or use a diffusers folder as the base model")
-
-
-def installed_torch_version() -> tuple[int, int] | None:
-    """(major, minor) of the installed torch, read from its package metadata without importing it."""
-    try:
-        text = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    match = re.match(r"(\d+)\.(\d+)", text)
-    return (int(match[1]), int(match[2])) if match else None
-
-
-# torch.float8_e4m3fn, which fp8_base stores weights in, arrived in torch 2.1.
-_FP8_TORCH = (2, 1)
-
-
-@rule
-def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    training, model = config.training, config.model
-    limits = FAMILY_LIMITS.get(model.model_family)
-    if training.blocks_to_swap and training.cpu_offload_checkpointing:
-        yield Problem("training.cpu_offload_checkpointing", "cannot be combined with blocks_to_swap (both move "
-                      "data between CPU and GPU during the backward pass); keep one")
-    if limits and limits.max_blocks_to_swap and training.blocks_to_swap > limits.max_blocks_to_swap:
-        yield Problem("training.blocks_to_swap", f"{limits.label} can swap at most {limits.max_blocks_to_swap} "
-                      f"blocks, not {training.blocks_to_swap}; use {limits.max_blocks_to_swap} or fewer")
-    if training.cpu_offload_checkpointing and not training.gradient_checkpointing:
-        yield Problem("training.cpu_offload_checkpointing", "offloads gradient checkpointing's activations, so it "
-                      "needs training.gradient_checkpointing = true")
-    fp8 = [key for key in ("fp8_base", "fp8_base_unet") if getattr(model, key)]
-    if fp8 and training.mixed_precision == "no":
-        yield Problem(f"model.{fp8[0]}", "fp8 weights are computed in fp16 or bf16; set training.mixed_precision "
-                      "to 'bf16' (or 'fp16'), or turn fp8 off")
-    # Both keep frozen weights out of the way of training; weights that learn (full fine-tuning) must stay put.
-    if fp8 and config.method != "lora":
-        yield Problem(f"model.{fp8[0]}", f"fp8 storage is for LoRA training of a frozen model; method "
-                      f"{config.method!r} trains the model's own weights: turn fp8 off or use method 'lora'")
-    if training.blocks_to_swap and config.method != "lora":
-        yield Problem("training.blocks_to_swap", f"swapping blocks needs a frozen model (LoRA); method "
-                      f"{config.method!r} trains the blocks themselves: set blocks_to_swap = 0 or use method 'lora'")
-    if fp8 and context.check_packages:
-        version = installed_torch_version()
-        if version is not None and version < _FP8_TORCH:
-            yield Problem(f"model.{fp8[0]}", f"the installed torch {version[0]}.{version[1]} has no float8_e4m3fn "
-                          "type; update torch to 2.1 or newer, or turn fp8 off")
-
-
-@rule
-def flux_training_fits(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    family = config.model.model_family
-    if family not in FLUX_FAMILIES:
-        return
-    label = family_label(family)
-    if config.method == "textual_inversion":
-        yield Problem("method", f"Textual Inversion is not available for {label}; train a LoRA instead")
-    elif config.method != "lora":
-        if config.optimizer.text_encoder_lr:
-            yield Problem("optimizer.text_encoder_lr", f"{label} full fine-tuning trains only the transformer; "
-                          "leave text_encoder_lr empty, or train a LoRA to adapt the text encoders")
-        if config.training.stop_text_encoder_training:
-            yield Problem("training.stop_text_encoder_training", f"{label} full fine-tuning does not train the text "
-                          "encoders; set it back to 0")
-    if family == "chroma" and not config.model.apply_t5_attn_mask:
-        yield Problem("model.apply_t5_attn_mask", "Chroma is trained with T5's padding hidden; set it to true")
-    if family == "chroma" and config.flow.guidance_scale != 0:
-        yield Problem("flow.guidance_scale", "Chroma is trained with guidance 0; other values are not what it "
-                      "learned", "warning")
-    training = config.training
-    if training.loss_type in ("huber", "smooth_l1") and training.huber_schedule == "snr":
-        yield Problem("training.huber_schedule", f"the snr schedule needs a noise schedule {label}'s flow matching "
-                      "does not have; use 'constant' or 'exponential'")
-
-
-@rule
-def flow_settings_take_effect(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    if config.model.model_family not in FLUX_FAMILIES:
-        return
-    flow = config.flow
-    if flow.model_prediction_type == "sigma_scaled":
-        yield Problem("flow.model_prediction_type", "sigma_scaled (sd-scripts' default) compares an image estimate "
-                      "with the velocity target; 'raw' is how FLUX was trained and is recommended", "warning")
-    shapes_sampling = flow.timestep_sampling == "sigma" and flow.weighting_scheme in ("logit_normal", "mode")
-    weights_loss = flow.model_prediction_type == "sigma_scaled" and flow.weighting_scheme in ("sigma_sqrt", "cosmap")
-    if flow.weighting_scheme not in ("uniform", "none") and not (shapes_sampling or weights_loss):
-        yield Problem("flow.weighting_scheme", f"{flow.weighting_scheme} has no effect here: logit_normal and mode "
-                      "shape timestep_sampling 'sigma', sigma_sqrt and cosmap weight the loss of "
-                      "model_prediction_type 'sigma_scaled'", "warning")
-    if flow.discrete_flow_shift != 3.0 and flow.timestep_sampling not in ("sigma", "shift"):
-        yield Problem("flow.discrete_flow_shift", f"has no effect with timestep_sampling "
-                      f"'{flow.timestep_sampling}' (only 'sigma' and 'shift' use it)", "warning")
-
-
 @rule
 def network_ranks_make_sense(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
     network = config.network
@@ -542,33 +423,6 @@ def optimizer_settings_fit(config: RunConfig, context: RuleContext) -> Iterator[
                       f"{optimizer.lr_scheduler} will be ignored", "warning")
 
 
-@rule
-def fused_backward_pass_fits(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    """The fused pass updates each weight inside the backward pass (engine.train.fused_backward)."""
-    optimizer, training = config.optimizer, config.training
-    if not optimizer.fused_backward_pass:
-        return
-    if optimizer.optimizer_type != "Adafactor":
-        yield Problem("optimizer.fused_backward_pass", f"works only with optimizer_type 'Adafactor', not "
-                      f"{optimizer.optimizer_type!r}; switch to Adafactor or turn fused_backward_pass off")
-    if training.gradient_accumulation_steps != 1:
-        yield Problem("training.gradient_accumulation_steps", "must be 1 with optimizer.fused_backward_pass, which "
-                      "applies each gradient as soon as it is computed; set it to 1 or turn fused_backward_pass off")
-    if training.mixed_precision == "fp16":
-        yield Problem("training.mixed_precision", "fp16 loss scaling can only skip a whole optimizer step, and "
-                      "optimizer.fused_backward_pass splits the step per weight; use 'bf16' or turn "
-                      "fused_backward_pass off")
-
-
-@rule
-def flux_full_model_format(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    if config.model.model_family in FLUX_FAMILIES and config.method in ("dreambooth", "finetune") \
-            and config.saving.save_model_as == "ckpt":
-        yield Problem("saving.save_model_as", f"{family_label(config.model.model_family)} full fine-tuning saves a "
-                      "BFL file ('safetensors') or a diffusers folder ('diffusers', 'diffusers_safetensors'), not "
-                      "a .ckpt")
-
-
 # --- sampling and launch ---------------------------------------------------------------------------------------
 
 
@@ -630,3 +484,8 @@ def optional_packages_installed(config: RunConfig, context: RuleContext) -> Iter
         if not package.is_installed():
             yield Problem(path, f"{what} needs the '{package.module}' package, which is not installed; "
                           f"{package.install_hint()}")
+
+
+# The FLUX.1 / Chroma / flow-matching rules live in their own module; importing it here registers them (it imports
+# this module's `rule`), so whoever imports these rules to run `check()` gets every rule.
+from engine.config import rules_flux  # noqa: E402, F401

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import rules
+from engine.config import rules_flux
 from engine.config.describe import iter_fields
 from engine.config.errors import ConfigError
 from engine.config.importers import ImportResult
@@ -242,15 +242,15 @@ def test_fp8_needs_mixed_precision_and_a_torch_with_float8(monkeypatch):
                        "model.fp8_base_unet")
     fine = flux(model={"fp8_base": True}, training={"mixed_precision": "bf16"})
     assert problems(fine, check_packages=True) == []
-    monkeypatch.setattr(rules, "installed_torch_version", lambda: (2, 0))
+    monkeypatch.setattr(rules_flux, "installed_torch_version", lambda: (2, 0))
     found = dict(problems(fine, check_packages=True))
     assert "float8_e4m3fn" in found["model.fp8_base"] and "2.1" in found["model.fp8_base"]
     assert problems(fine, check_packages=False) == []  # package checks off: not looked at
-    assert rules.installed_torch_version.__name__ == "<lambda>"
+    assert rules_flux.installed_torch_version.__name__ == "<lambda>"
 
 
 def test_installed_torch_version_reads_the_package_metadata():
-    version = rules.installed_torch_version()
+    version = rules_flux.installed_torch_version()
     assert version is not None and version >= (2, 1)  # the test environment's torch
 
 
