@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 import typing
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from engine.cli.lora_cmd import TEXT_ENCODER_OPTIONS
 from engine.config.choices import SavePrecision
 from engine.config.errors import ConfigError
 from engine.config.io import (
@@ -30,6 +32,9 @@ from engine.config.io import (
     save_config,
 )
 from engine.config.schema import RunConfig
+from engine.data.doctor_models import flux_family_of
+from engine.models.families import family_info
+from engine.models.single_file import FileHeader
 from engine.train.run import absolute_config
 from gui.browse import FileRoots, PathNotAllowed
 from gui.doctor_view import report_for
@@ -39,9 +44,19 @@ from gui.train_start import confined_config
 LORA_SUFFIX = ".safetensors"
 # what the file browser lists for each kind of input (the suffixes the engine reads)
 LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
-MODEL_EXTENSIONS = (".safetensors", ".ckpt")
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".sft")  # .sft: BFL's name for the FLUX.1 files
+TEXT_ENCODER_EXTENSIONS = (".safetensors", ".sft")  # merged tensor by tensor from the header: no pickles
 CONFIG_EXTENSIONS = (".toml", ".json")
 PRECISIONS: tuple[str, ...] = typing.get_args(SavePrecision)
+# `lora merge` without --save-precision keeps a FLUX.1/Chroma file's own dtype (a bf16 12B transformer written as
+# float32 would be 48 GB) and writes LoRAs and SD checkpoints in float32; "keep" leaves the option out.
+KEEP_PRECISION = "keep"
+MERGE_PRECISIONS: tuple[str, ...] = (KEEP_PRECISION, *(name for name in PRECISIONS if name != KEEP_PRECISION))
+# The text encoders FLUX.1/Chroma keep in their own files, by the LoRA prefix of their modules -> `lora merge`
+# option stem (engine.cli.lora_cmd.TEXT_ENCODER_OPTIONS; engine.networks.tools.model_files maps them the same way,
+# but it loads torch).
+TEXT_ENCODER_PREFIXES = {"lora_te1": "clip-l", "lora_te3": "t5xxl"}
+_MAX_HEADER = 100 * 1024 * 1024  # a safetensors header is a few MB at most
 # resize rule (as the engine names it) -> (its option, what the value means to a user)
 RESIZE_RULES: dict[str, tuple[str, str]] = {
     "rank": ("--rank", "a fixed rank for every module"),
@@ -158,9 +173,35 @@ def split_source(source: str) -> tuple[str, float | None]:
         return source, None
 
 
+def _precision_args(precision: str | None) -> list[str]:
+    """--save-precision, or nothing for "keep" (the engine's default: see KEEP_PRECISION)."""
+    return [] if not precision or precision == KEEP_PRECISION else ["--save-precision", precision]
+
+
+def text_encoder_args(text_encoders: Mapping[str, tuple[str | None, str | None]] | None,
+                      roots: FileRoots) -> list[str]:
+    """--clip-l/--t5xxl FILE and --*-save-to NEW_FILE for the pairs given, by option stem (TEXT_ENCODER_OPTIONS).
+
+    A blank new file with an input given becomes '<input stem>_merged.safetensors' next to it (as every output
+    field); a new file without its input is passed on as it is, so that the engine says what is missing.
+    """
+    args: list[str] = []
+    for option, (source, target) in (text_encoders or {}).items():
+        label = TEXT_ENCODER_OPTIONS[option]
+        source_path = checked_path(source, f"{label} file", roots, required=False)
+        target_path = checked_path(target, f"New {label} file", roots, required=False)
+        if source_path and not target_path:
+            target_path = default_output(source_path, "merged")
+        args += [f"--{option}", source_path] if source_path else []
+        args += [f"--{option}-save-to", target_path] if target_path else []
+    return args
+
+
 def merge_args(sources_text: str | None, output: str | None, roots: FileRoots, *, into_model: str | None = None,
-               svd_rank: float | None = None, conv_rank: float | None = None, precision: str = "float") -> list[str]:
-    """`lora merge` of the listed LoRAs into one LoRA, or into `into_model` when given; 0 ranks mean not given."""
+               svd_rank: float | None = None, conv_rank: float | None = None, precision: str = KEEP_PRECISION,
+               text_encoders: Mapping[str, tuple[str | None, str | None]] | None = None) -> list[str]:
+    """`lora merge` of the listed LoRAs into one LoRA, or into `into_model` when given; 0 ranks mean not given.
+    `text_encoders`: for a FLUX.1/Chroma model, each encoder's (file, new file) by option stem."""
     sources = merge_sources(sources_text)
     if not sources:
         raise ToolInputError("LoRAs to merge: add one or more LoRA files")
@@ -168,9 +209,10 @@ def merge_args(sources_text: str | None, output: str | None, roots: FileRoots, *
     model = checked_path(into_model, "Merge into model", roots, required=False)
     args = ["lora", "merge", *sources, "-o", _output(output, roots, model or paths[0], "merged")]
     args += ["--into-model", model] if model else []
+    args += text_encoder_args(text_encoders, roots)
     args += _option("--svd", _optional(svd_rank, "SVD rank"))
     args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
-    return [*args, "--save-precision", precision, "--json"]
+    return [*args, *_precision_args(precision), "--json"]
 
 
 def resize_args(path: str | None, output: str | None, roots: FileRoots, *, rule: str, value: float | None,
@@ -187,8 +229,9 @@ def resize_args(path: str | None, output: str | None, roots: FileRoots, *, rule:
 
 def extract_args(base: str | None, tuned: str | None, output: str | None, roots: FileRoots, *, rank: float | None,
                  conv_rank: float | None = None, min_diff: float | None = None, device: str = "cpu",
-                 precision: str = "float") -> list[str]:
-    """`lora extract` of tuned minus base; conv rank 0 means no 3x3 convs, min_diff None the engine's default."""
+                 precision: str = "float", clamp_quantile: float | None = None) -> list[str]:
+    """`lora extract` of tuned minus base; conv rank 0 means no 3x3 convs, min_diff None the engine's default,
+    clamp quantile 0 or None no clipping (the engine checks it is at most 1)."""
     base_path = checked_path(base, "Base model", roots)
     tuned_path = checked_path(tuned, "Fine-tuned model", roots)
     size = _positive(rank, "Rank")
@@ -196,6 +239,8 @@ def extract_args(base: str | None, tuned: str | None, output: str | None, roots:
             "-o", _output(output, roots, tuned_path, f"lora_r{_int_text(size)}"), "--rank", _int_text(size)]
     args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
     args += [] if min_diff is None else ["--min-diff", f"{min_diff:g}"]
+    quantile = _optional(clamp_quantile, "Clamp quantile")
+    args += [] if quantile is None else ["--clamp-quantile", f"{quantile:g}"]
     return [*args, "--device", device or "cpu", "--save-precision", precision, "--json"]
 
 
@@ -288,6 +333,73 @@ def doctor_report(source: str, path: str | None, current: Mapping[str, Any] | No
     return report_for(config_dict, base_dir, quick=quick)
 
 
+# --- model files (headers only: the GUI never imports safetensors or torch) ---------------------------------------
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors/.sft file (tensor dtypes, shapes and the metadata), read in plain Python.
+
+    Raises:
+        OSError, ValueError: the file cannot be read or is no safetensors file.
+    """
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= _MAX_HEADER:
+            raise ValueError(f"a header length of {size} bytes: not a safetensors file")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("a header that is not a JSON object: not a safetensors file")
+    return header
+
+
+def _file_family(path: Path, header: Mapping[str, Any]) -> str | None:
+    """"flux1" or "chroma" for a FLUX.1/Chroma transformer file, else None (the doctor's test of the keys)."""
+    shapes = {key: tuple(entry.get("shape", ())) for key, entry in header.items() if key != "__metadata__"}
+    return flux_family_of(FileHeader(path, shapes, dict(header.get("__metadata__") or {})))
+
+
+def separate_text_encoders(model: str | None, roots: FileRoots) -> tuple[str, list[str]] | None:
+    """(family, labels of the text encoders kept in their own files) when `model` names a FLUX.1/Chroma file;
+    None for anything else (SD checkpoints and folders hold their own; an empty, disallowed or unreadable path)."""
+    text = (model or "").strip()
+    if not text:
+        return None
+    try:
+        path = roots.check(text, "Merge into model")
+    except PathNotAllowed:
+        return None
+    if path.suffix.lower() not in (".safetensors", ".sft") or not path.is_file():
+        return None
+    try:
+        family = _file_family(path, safetensors_header(path))
+    except (OSError, ValueError, AttributeError):
+        return None
+    if family is None:
+        return None
+    return family, [TEXT_ENCODER_OPTIONS[TEXT_ENCODER_PREFIXES[prefix]]
+                    for prefix in family_info(family).text_encoder_lora_prefixes]
+
+
+TEXT_ENCODER_HELP = ("Only for FLUX.1 and Chroma, whose text encoders are files of their own (an SD checkpoint holds "
+                     "its own): a LoRA's CLIP-L (lora_te1) or T5 (lora_te3) modules are merged into new copies of "
+                     "them. Give the file a LoRA's modules go into; the new file may stay blank (next to it, "
+                     "named *_merged).")
+
+
+def text_encoder_note(model: str | None, roots: FileRoots) -> tuple[str, bool]:
+    """What the text-encoder fields are for, given the base model field, and whether to open them (a FLUX file)."""
+    found = separate_text_encoders(model, roots)
+    if found is None:
+        return TEXT_ENCODER_HELP, False
+    family, labels = found
+    missing = [label for label in TEXT_ENCODER_OPTIONS.values() if label not in labels]
+    lines = [f"**`{Path(str(model).strip()).name}` is a `{family}` transformer:** its text encoders "
+             f"({' and '.join(labels)}) are separate files. A LoRA with modules for them is refused unless each "
+             "one's file is given here."]
+    lines += [f"This family has no {label}: leave its fields blank." for label in missing]
+    return "\n\n".join(lines), True
+
+
 # --- running -----------------------------------------------------------------------------------------------------
 
 
@@ -354,16 +466,25 @@ def _weights_line(report: Mapping[str, Any]) -> str:
     return f"✖ **{bad[0]}**" if bad else "✔ No NaN or inf weights."
 
 
+def parts_text(modules: Mapping[str, int]) -> str:
+    """'double 12, single 8, te1 6': modules per model part, as the engine names the parts (FLUX: double/single
+    blocks, te1 CLIP-L, te3 T5; SD: unet, te or te1/te2)."""
+    return ", ".join(f"{part} {count}" for part, count in modules.items())
+
+
 def _module_lines(report: Mapping[str, Any]) -> list[str]:
     modules = report.get("modules") or {}
     if not modules:
         return []
-    parts = ", ".join(f"{part} {count}" for part, count in modules.items())
-    lines = [f"- **Modules:** {sum(modules.values())} ({parts})", f"- **Rank:** {counts_text(report['ranks'])}",
+    lines = [f"- **Modules:** {sum(modules.values())} ({parts_text(modules)})",
+             f"- **Rank:** {counts_text(report['ranks'])}",
              f"- **Alpha:** {counts_text(report['alphas'])} (0 means alpha = rank)"]
     if report.get("conv_modules"):
         lines.append(f"- **3x3 conv modules (LoCon):** {report['conv_modules']}, rank "
                      f"{counts_text(report['conv_ranks'])}")
+    if report.get("split_qkv"):  # parts (3: q/k/v, 4: q/k/v/mlp) -> modules saved merged; the warning says more
+        lines.append("- **split_qkv modules** (saved merged, block-diagonal lora_up): "
+                     + ", ".join(f"{count} in {parts} parts" for parts, count in report["split_qkv"].items()))
     return lines
 
 
@@ -389,8 +510,10 @@ def _other_lines(report: Mapping[str, Any]) -> list[str]:
 
 def inspect_markdown(report: Mapping[str, Any]) -> str:
     """Format, base model, weight check, modules, ranks and alphas, norms and tags of an inspect report."""
-    lines = [f"**{report['format']}** · `{report['path']}`", "", f"**Base model:** {report['base_model']}", "",
-             _weights_line(report), ""]
+    lines = [f"**{report['format']}** · `{report['path']}`", "", f"**Base model:** {report['base_model']}", ""]
+    if report.get("family"):  # a FAMILY_INFO name, or "flux" when the names alone cannot tell FLUX.1 from Chroma
+        lines += [f"**Family:** `{report['family']}`", ""]
+    lines += [_weights_line(report), ""]
     return "\n".join(lines + _module_lines(report) + _norm_lines(report) + _other_lines(report))
 
 
@@ -412,8 +535,10 @@ def _retained_line(report: Mapping[str, Any]) -> list[str]:
 def _merge_lines(report: Mapping[str, Any]) -> list[str]:
     if "family" in report:  # merged into a model
         return [f"- Base model: `{report['base']}` ({report['family']})"] + [
-            f"- Merged `{entry['file']}` at {entry['ratio']:g}: {sum(entry['modules'].values())} modules"
-            for entry in report["loras"]]
+            f"- Merged `{entry['file']}` at {entry['ratio']:g}: {sum(entry['modules'].values())} modules "
+            f"({parts_text(entry['modules'])})" for entry in report["loras"]] + [
+            f"- Wrote the {TEXT_ENCODER_OPTIONS.get(option, option)}: `{path}`"
+            for option, path in (report.get("components") or {}).items()]
     return [f"- Merged ({report['method']}): " + ", ".join(f"`{name}`" for name in report["inputs"]),
             f"- Ranks: {counts_text(report['ranks'])}", *_retained_line(report)]
 
@@ -453,6 +578,52 @@ def inspect_outcome_markdown(outcome: ToolOutcome | None) -> str:
     if outcome is None:
         return ""
     return inspect_markdown(outcome.report) if outcome.report is not None else error_markdown(outcome.error)
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def model_file_line(role: str, path: str) -> str:
+    """'- **Model** `path`: 1.2 GiB, 780 tensors (BF16 780), a `flux1` transformer (flux-1-dev)', from the header."""
+    file = Path(path)
+    try:
+        header = safetensors_header(file)
+        size = file.stat().st_size
+        family = _file_family(file, header)
+    except (OSError, ValueError, AttributeError) as error:
+        return f"- **{role}** `{path}`: its header cannot be read ({error})"
+    metadata = header.pop("__metadata__", None) or {}
+    dtypes = Counter(str(entry.get("dtype", "?")) for entry in header.values() if isinstance(entry, dict))
+    line = (f"- **{role}** `{path}`: {_size_text(size)}, {len(header)} tensors ("
+            + ", ".join(f"{dtype} {count}" for dtype, count in dtypes.most_common()) + ")")
+    if family:
+        line += f", a `{family}` transformer"
+    if metadata.get("modelspec.architecture"):
+        line += f" ({metadata['modelspec.architecture']})"
+    return line
+
+
+def model_files_markdown(report: Mapping[str, Any]) -> str:
+    """The files a merge into a model wrote (the checkpoint, and for FLUX.1/Chroma the new text-encoder files): size,
+    tensors by dtype and what the header says they are; a checkpoint is no LoRA for `lora inspect`."""
+    lines = ["**The new files:**", "", model_file_line("Model", report["output"])]
+    lines += [model_file_line(TEXT_ENCODER_OPTIONS.get(option, option), path)
+              for option, path in (report.get("components") or {}).items()]
+    return "\n".join(lines)
+
+
+def written_markdown(outcome: ToolOutcome, inspected: ToolOutcome | None) -> str:
+    """What the page shows of the file(s) a tool wrote: the inspect summary of a LoRA, the headers of a merged
+    model's files, '' when it wrote nothing."""
+    if inspected is not None:
+        return inspect_outcome_markdown(inspected)
+    if outcome.report is not None and "components" in outcome.report:  # merged into a model
+        return model_files_markdown(outcome.report)
+    return ""
 
 
 def cache_markdown(update: JobUpdate) -> str:

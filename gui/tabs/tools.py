@@ -42,6 +42,13 @@ def _precision(elem_id: str) -> gr.Dropdown:
                        info="dtype of the saved weights (float: float32)")
 
 
+def _merge_precision() -> gr.Dropdown:
+    return gr.Dropdown(list(view.MERGE_PRECISIONS), value=view.KEEP_PRECISION, label="Save precision",
+                       elem_id="tools-merge-precision",
+                       info="keep: a FLUX.1/Chroma file keeps its own dtype (bf16 stays bf16); LoRAs and SD "
+                            "checkpoints are written in float32. float: float32")
+
+
 def _results(prefix: str) -> tuple[gr.Markdown, gr.Markdown]:
     """What the tool did, and the inspect summary of the file it wrote."""
     return gr.Markdown(elem_id=f"{prefix}-result"), gr.Markdown(elem_id=f"{prefix}-written")
@@ -59,7 +66,7 @@ def _wire_writer(tool: str, button: gr.Button, fields: set, make_args: Callable[
             return
         yield {result: f"Running `{view.command_text(args)}`…", written: ""}
         outcome, inspected = view.run_and_inspect(args)
-        yield {result: view.result_markdown(tool, outcome), written: view.inspect_outcome_markdown(inspected)}
+        yield {result: view.result_markdown(tool, outcome), written: view.written_markdown(outcome, inspected)}
 
     button.click(run, inputs=fields, outputs=[result, written])
 
@@ -99,21 +106,51 @@ def _merge_tab(roots: FileRoots) -> None:
                              info="one per line: PATH or PATH:RATIO")
         output = _output_field(roots, "tools-merge-output")
         into_model = _model_field("Merge into model (optional)", roots, "tools-merge-model",
-                                  _MODEL_INFO + "; blank: merge into one LoRA")
+                                  _MODEL_INFO + "; FLUX.1/Chroma: the transformer file; blank: merge into one LoRA")
+        encoders, note, accordion = _text_encoder_fields(roots)
         with gr.Row():
             svd = gr.Number(0, label="SVD rank", precision=0, minimum=0, elem_id="tools-merge-svd",
                             info="LoRA merge only; 0: concatenate the ranks (exact)")
             conv = gr.Number(0, label="Conv rank", precision=0, minimum=0, elem_id="tools-merge-conv",
                              info="with an SVD rank: the rank of 3x3 convs (0: the SVD rank)")
-            precision = _precision("tools-merge-precision")
+            precision = _merge_precision()
         button = gr.Button("Merge", variant="primary", elem_id="tools-merge-run")
         result, written = _results("tools-merge")
 
     add.click(lambda text, path, value: (view.add_merge_source(text, path, value), ""),
               inputs=[sources, pick, ratio], outputs=[sources, pick])
-    _wire_writer("merge", button, {sources, output, into_model, svd, conv, precision},
+
+    def describe(model: str) -> tuple[str, Any]:
+        text, is_flux = view.text_encoder_note(model, roots)
+        return text, gr.update(open=True) if is_flux else gr.update()  # never closes what the user opened
+
+    into_model.change(describe, inputs=into_model, outputs=[note, accordion], show_progress="hidden")
+    fields = {sources, output, into_model, svd, conv, precision, *(box for pair in encoders.values() for box in pair)}
+    _wire_writer("merge", button, fields,
                  lambda v: view.merge_args(v[sources], v[output], roots, into_model=v[into_model], svd_rank=v[svd],
-                                           conv_rank=v[conv], precision=v[precision]), result, written)
+                                           conv_rank=v[conv], precision=v[precision],
+                                           text_encoders={option: (v[source], v[target])
+                                                          for option, (source, target) in encoders.items()}),
+                 result, written)
+
+
+def _text_encoder_fields(roots: FileRoots) -> tuple[dict[str, tuple[gr.Textbox, gr.Textbox]], gr.Markdown,
+                                                     gr.Accordion]:
+    """The text-encoder file and new file of each `lora merge` option (--clip-l/--clip-l-save-to, ...), in an
+    accordion that opens when the base model is a FLUX.1/Chroma file. The fields stay visible for any model, so a
+    value is never sent unseen; the engine refuses them for a model that holds its own text encoders."""
+    fields: dict[str, tuple[gr.Textbox, gr.Textbox]] = {}
+    with gr.Accordion("Text encoder files (FLUX.1 / Chroma)", open=False, elem_id="tools-merge-encoders") as box:
+        note = gr.Markdown(view.TEXT_ENCODER_HELP, elem_id="tools-merge-encoders-note")
+        for option, label in view.TEXT_ENCODER_OPTIONS.items():
+            with gr.Row():
+                source = path_field(f"{label} file", roots, kind="file", elem_id=f"tools-merge-{option}",
+                                    info=f"the {label} text encoder to merge the LoRA's {label} modules into",
+                                    extensions=view.TEXT_ENCODER_EXTENSIONS)
+                target = path_field(f"New {label} file", roots, kind="file", elem_id=f"tools-merge-{option}-save-to",
+                                    info=_OUTPUT_INFO, extensions=(view.LORA_SUFFIX,))
+            fields[option] = (source, target)
+    return fields, note, box
 
 
 def _resize_tab(roots: FileRoots) -> None:
@@ -142,7 +179,8 @@ def _resize_tab(roots: FileRoots) -> None:
 def _extract_tab(roots: FileRoots) -> None:
     with gr.Tab("Extract", id="tools-extract"):
         gr.Markdown("Make a LoRA from the difference between a fine-tuned model and its base (the layers a LoRA "
-                    "trains; with a conv rank also the ResNet convolutions, LoCon).")
+                    "trains; with a conv rank also the ResNet convolutions, LoCon). FLUX.1/Chroma: two transformer "
+                    "files; only the transformer is extracted, as sd-scripts does.")
         with gr.Row():
             base = _model_field("Base model", roots, "tools-extract-base")
             tuned = _model_field("Fine-tuned model", roots, "tools-extract-tuned", "of the same family as the base")
@@ -156,13 +194,18 @@ def _extract_tab(roots: FileRoots) -> None:
                                  info="leave out a text encoder changed by at most this (kohya: 0.01)")
             device = gr.Dropdown(["cpu", "cuda"], value="cpu", allow_custom_value=True, label="Device",
                                  elem_id="tools-extract-device", info="where the SVDs run")
+        with gr.Row():
+            clamp = gr.Number(0, label="Clamp quantile", minimum=0, elem_id="tools-extract-clamp",
+                              info="clip each module's factors at this quantile of their values (sd-scripts: 0.99); "
+                                   "0: no clipping, the best approximation at the rank")
             precision = _precision("tools-extract-precision")
         button = gr.Button("Extract", variant="primary", elem_id="tools-extract-run")
         result, written = _results("tools-extract")
 
-    _wire_writer("extract", button, {base, tuned, output, rank, conv, min_diff, device, precision},
+    _wire_writer("extract", button, {base, tuned, output, rank, conv, min_diff, device, clamp, precision},
                  lambda v: view.extract_args(v[base], v[tuned], v[output], roots, rank=v[rank], conv_rank=v[conv],
-                                             min_diff=v[min_diff], device=v[device], precision=v[precision]),
+                                             min_diff=v[min_diff], device=v[device], precision=v[precision],
+                                             clamp_quantile=v[clamp]),
                  result, written)
 
 
