@@ -1,16 +1,23 @@
 #!/usr/bin/env python
 """Training overhead: the engine's time per step over a minimal hand-written loop doing the same work.
 
-    .venv/bin/python bench/train_overhead.py [--steps 60] [--runs 3] [--batch-size 4] [--family sd1]
+    .venv/bin/python bench/train_overhead.py [--steps 60] [--runs 3] [--batch-size 4] [--family sd1] [--threads N]
 
-Both sides train the same kohya LoRA (dim 8, UNet only) on the tiny offline model, with the same AdamW, cached
-latents and cached text-encoder outputs, batch 4 at 64 px, float32 on this machine's device:
+SD families: both sides train the same kohya LoRA (dim 8, UNet only) on the tiny offline model, with the same AdamW,
+cached latents and cached text-encoder outputs, batch 4 at 64 px, float32 on this machine's device:
 - engine: `python -m engine train` in this process (scan, caches, sampler, per-step seeding, noise and loss
   pipeline, gradient clipping, events and log); its step time is the median gap between `progress` events,
   after the first 5 steps;
 - baseline: a loop over the same latents and embeddings: noise, timesteps, add_noise, UNet forward, MSE,
   backward, clip, AdamW step. Median step time after the first 5.
-Runs alternate baseline / engine in one process; the ratio is the median of the per-run ratios.
+`--family flux1`: the same comparison for flow matching on a FLUX.1 dev transformer (bench/flux_overhead.py says
+which: larger than the tests' tiny one), LoRA rank 4, batch 2 (unless --batch-size), 64 px, T5 length 32; the
+baseline draws σ, forms x_σ, packs, runs the transformer, takes the velocity MSE, backward, clip, AdamW.
+Runs alternate baseline / engine in one process; the ratio is the median of the per-run ratios. Besides the median
+wall-clock step (the headline figure), the median process CPU time per step (the engine's read at each `progress`
+event) and the fastest step are compared: on a shared, loaded machine they are less disturbed by other processes.
+`--threads N` sets torch's CPU threads for both sides (on a shared, loaded CPU, 1 avoids threads waiting on each
+other, which swamps small models' steps).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from timing import StepClock, step_stats  # noqa: E402
 from train_helpers import write_config  # noqa: E402
 
 from engine.config.io import load_config  # noqa: E402
@@ -36,16 +46,37 @@ from engine.config.io import load_config  # noqa: E402
 WARMUP_STEPS = 5
 
 
-def build_models(folder: Path) -> dict[str, Path]:
+def build_models(folder: Path, only: list[str] | None = None) -> dict[str, Path]:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "tools" / "make_tiny_model.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    return builder.build_all(folder)
+    return builder.build_all(folder, only)
 
 
-def engine_step_time(config_path: Path) -> float:
+@contextmanager
+def progress_cpu_marks(marks: list[float]) -> Iterator[None]:
+    """Note the process CPU time at each `progress` event the engine writes (the events carry wall time only).
+    Wraps RunLog.event for the duration and changes nothing it does."""
+    from engine.train.reporting import RunLog
+
+    original = RunLog.event
+
+    def event(self: RunLog, type_: str, **fields: object) -> object:
+        if type_ == "progress":
+            marks.append(time.process_time())
+        return original(self, type_, **fields)
+
+    RunLog.event = event
+    try:
+        yield
+    finally:
+        RunLog.event = original
+
+
+def engine_step_time(config_path: Path) -> dict[str, float]:
+    """Seconds per step of `run_training` (timing.step_stats); wall time from the `progress` events' times."""
     from accelerate.state import AcceleratorState
 
     from engine.train.run import run_training
@@ -53,14 +84,16 @@ def engine_step_time(config_path: Path) -> float:
     AcceleratorState._reset_state(True)
     config = load_config(config_path)
     run_dir = config_path.parent / f"run-{time.time_ns()}"
-    code = run_training(config, config_path.parent, run_dir=run_dir)
+    cpu: list[float] = []
+    with progress_cpu_marks(cpu):
+        code = run_training(config, config_path.parent, run_dir=run_dir)
     assert code == 0, f"engine run failed, see {run_dir}/train.log"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    times = [event["time"] for event in events if event["type"] == "progress"]
-    return statistics.median(b - a for a, b in zip(times[WARMUP_STEPS:], times[WARMUP_STEPS + 1:], strict=False))
+    wall = [event["time"] for event in events if event["type"] == "progress"]
+    return step_stats(wall, cpu, WARMUP_STEPS)
 
 
-def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_size: int) -> float:
+def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_size: int) -> dict[str, float]:
     from diffusers import DDPMScheduler
 
     from engine.models.loading import load_model
@@ -83,9 +116,9 @@ def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_s
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False)
-    times = []
+    clock = StepClock()
+    clock.mark()
     for step in range(steps):
-        start = time.perf_counter()
         index = torch.randint(0, 8, (batch_size,))
         x0, states = latents[index], hidden[index]
         noise = torch.randn_like(x0)
@@ -98,43 +131,89 @@ def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_s
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        clock.mark()
         del step
-    return statistics.median(times[WARMUP_STEPS:])
+    return clock.stats(WARMUP_STEPS)
+
+
+Setup = tuple[Path, Callable[[], dict[str, float]]]  # the engine's config; the baseline (timing.step_stats)
+
+
+def sd_setup(folder: Path, args: argparse.Namespace) -> Setup:
+    batch_size = args.batch_size or 4
+    models = build_models(folder / "models")
+    config = write_config(
+        folder / "config.toml", models, args.family,
+        network={"network_dim": 8, "network_alpha": 8.0, "train_unet_only": True},
+        dataset={"general": {"batch_size": batch_size}},
+        optimizer={"learning_rate": 1e-4, "lr_scheduler": "constant"},
+        training={"max_train_steps": args.steps, "cache_latents": True, "cache_text_encoder_outputs": True,
+                  "mixed_precision": "no"},
+    )
+    return config, lambda: baseline_step_time(models, args.family, args.steps, batch_size)
+
+
+def flux_setup(folder: Path, args: argparse.Namespace) -> Setup:
+    import flux_overhead
+
+    batch_size = args.batch_size or 2
+    dataset = build_models(folder / "models", ["dataset"])["dataset_img"]
+    models = flux_overhead.flux_models(folder / "flux", dataset)
+    config = flux_overhead.flux_config(folder / "config.toml", models, args.steps, batch_size)
+    return config, lambda: flux_overhead.baseline_step_time(models, args.steps, batch_size, WARMUP_STEPS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl"))
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 (SD), 2 (flux1)")
+    parser.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl", "flux1"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        models = build_models(folder / "models")
-        config = write_config(
-            folder / "config.toml", models, args.family,
-            network={"network_dim": 8, "network_alpha": 8.0, "train_unet_only": True},
-            dataset={"general": {"batch_size": args.batch_size}},
-            optimizer={"learning_rate": 1e-4, "lr_scheduler": "constant"},
-            training={"max_train_steps": args.steps, "cache_latents": True, "cache_text_encoder_outputs": True,
-                      "mixed_precision": "no"},
-        )
-        ratios, engine_times, baseline_times = [], [], []
+        config, baseline_run = (flux_setup if args.family == "flux1" else sd_setup)(folder, args)
+        figures = {name: Figures() for name in MEASURES}
         for run in range(args.runs):
-            baseline = baseline_step_time(models, args.family, args.steps, args.batch_size)
+            baseline = baseline_run()
             engine = engine_step_time(config)
-            ratios.append(engine / baseline)
-            engine_times.append(engine)
-            baseline_times.append(baseline)
-            print(f"run {run + 1}: engine {engine * 1000:.1f} ms/step, baseline {baseline * 1000:.1f} ms/step, "
-                  f"ratio {engine / baseline:.3f}", flush=True)
-    print(f"median ratio {statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)}); "
-          f"engine {statistics.median(engine_times) * 1000:.1f} ms/step, "
-          f"baseline {statistics.median(baseline_times) * 1000:.1f} ms/step; "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
+            for name, measure in figures.items():
+                measure.add(engine[name], baseline[name])
+            print(f"run {run + 1}: " + "; ".join(f"{MEASURES[name]} {measure.line(-1)}"
+                                               for name, measure in figures.items()), flush=True)
+    for name, measure in figures.items():
+        print(f"{MEASURES[name]}: median ratio {measure.summary()}")
+    print(f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
 
+MEASURES = {"wall": "median wall", "cpu": "median CPU", "fastest": "fastest step"}
+
+
+class Figures:
+    """Engine and baseline seconds per step of each run, and their ratios."""
+
+    def __init__(self) -> None:
+        self.engine: list[float] = []
+        self.baseline: list[float] = []
+
+    def add(self, engine: float, baseline: float) -> None:
+        self.engine.append(engine)
+        self.baseline.append(baseline)
+
+    def ratios(self) -> list[float]:
+        return [e / b for e, b in zip(self.engine, self.baseline, strict=True)]
+
+    def line(self, run: int) -> str:
+        return (f"engine {self.engine[run] * 1000:.1f} ms, baseline {self.baseline[run] * 1000:.1f} ms, "
+                f"ratio {self.ratios()[run]:.3f}")
+
+    def summary(self) -> str:
+        ratios = self.ratios()
+        return (f"{statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)}); "
+                f"engine {statistics.median(self.engine) * 1000:.1f} ms/step, "
+                f"baseline {statistics.median(self.baseline) * 1000:.1f} ms/step")
 
 if __name__ == "__main__":
     main()
