@@ -4,7 +4,7 @@ Frozen weights go to the device in the mixed-precision dtype; models whose outpu
 trained weights stay float32 unless full_fp16/bf16. How the denoiser is placed is the family loader's
 (``FamilyInfo.loader``, ``_DENOISER_PLACERS``): a diffusers UNet moves in one ``.to()``; the FLUX transformer moves
 tensor by tensor, keeps fp8-stored weights in fp8 and leaves the weights of swapped blocks on the CPU
-(``engine.models.flux.memory``).
+(``engine.models.flux.fp8``, ``engine.models.flux.block_swap``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def store_frozen_in_fp8(config: RunConfig, model: Any, dtype: torch.dtype) -> No
     section = config.model
     if not (section.fp8_base or section.fp8_base_unet):
         return
-    from engine.models.flux.memory import store_in_fp8
+    from engine.models.flux.fp8 import store_in_fp8
 
     field = "model.fp8_base" if section.fp8_base else "model.fp8_base_unet"
     try:
@@ -42,7 +42,7 @@ def store_frozen_in_fp8(config: RunConfig, model: Any, dtype: torch.dtype) -> No
 def _text_encoder_in_fp8(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
     """Every linear layer but T5's feed-forward output (`wo`): transformers casts the gated activations to `wo`'s
     weight dtype, so an fp8 `wo` would run the activations themselves in fp8 (sd-scripts keeps it too)."""
-    from engine.models.flux.memory import store_in_fp8
+    from engine.models.flux.fp8 import store_in_fp8
 
     for name, module in encoder.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "wo":
@@ -58,7 +58,7 @@ def _place_unet(config: RunConfig, unet: Any, device: torch.device, dtype: torch
 
 
 def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    from engine.models.flux.memory import place_transformer
+    from engine.models.flux.block_swap import place_transformer
 
     training = config.training
     unet.requires_grad_(False)
@@ -78,7 +78,7 @@ _DENOISER_PLACERS: dict[str, Callable[[RunConfig, Any, torch.device, torch.dtype
 def _move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
     """`.to(device, dtype)`, except that fp8-stored weights keep their 1 byte a parameter."""
     if any("float8" in str(parameter.dtype) for parameter in module.parameters()):
-        from engine.models.flux.memory import place_transformer
+        from engine.models.flux.block_swap import place_transformer
 
         place_transformer(module, device, dtype)
     else:

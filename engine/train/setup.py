@@ -65,7 +65,7 @@ class Session:
     facts: Any  # engine.networks.metadata.TrainingFacts
     text_cached: bool
     latents_cached: bool
-    block_swapper: Any = None  # engine.models.flux.memory.BlockSwapper while training.blocks_to_swap is on
+    block_swapper: Any = None  # engine.models.flux.block_swap.BlockSwapper while training.blocks_to_swap is on
     started_at: float = field(default_factory=time.time)
 
     @property

@@ -1,4 +1,4 @@
-"""engine.models.flux.memory: fp8 weight storage, block swapping and their composition with LoRA and checkpointing.
+"""engine.models.flux.fp8 and .block_swap: fp8 storage, block swapping, their composition with LoRA and checkpointing.
 
 The models are tiny FLUX transformers with random weights; a "training step" is a forward pass under bf16 autocast,
 a squared-output loss and a backward pass into a real LoRA network (engine.networks.lora). On a machine without
@@ -21,15 +21,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from engine.models.flux.memory import (  # noqa: E402
+from engine.models.flux.block_swap import (  # noqa: E402
     BlockSwapper,
-    is_stored_in_fp8,
     place_transformer,
-    store_in_fp8,
     swap_limits,
     swap_split,
     swapped_block_names,
 )
+from engine.models.flux.fp8 import is_stored_in_fp8, store_in_fp8  # noqa: E402
 from engine.models.flux.params import CHROMA, FLUX_DEV, FLUX_SCHNELL, FluxParams  # noqa: E402
 from engine.models.flux.transformer import Flux  # noqa: E402
 from engine.networks.lora import LoRAModule, create_lora_network  # noqa: E402
