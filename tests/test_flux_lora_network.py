@@ -16,7 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from engine.models.flux.params import FluxParams
 from engine.models.flux.transformer import Flux
-from engine.networks.lora import LoRANetwork, SplitLoRAModule, create_lora_network
+from engine.networks.lora import LoRANetwork, create_lora_network
+from engine.networks.lora_modules import SplitLoRAModule
 from engine.networks.lycoris_network import create_lycoris_network
 
 TINY = FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,

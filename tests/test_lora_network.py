@@ -19,7 +19,8 @@ from torch import nn
 from train_helpers import load_models
 from transformers.models.clip.modeling_clip import CLIPAttention
 
-from engine.networks.lora import LoRAModule, LoRANetwork, create_lora_network
+from engine.networks.lora import LoRANetwork, create_lora_network
+from engine.networks.lora_modules import LoRAModule
 from engine.networks.lora_names import unet_targets
 
 FAMILIES = ("sd1", "sd2", "sdxl")

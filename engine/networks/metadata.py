@@ -308,7 +308,8 @@ def network_args_metadata(config: RunConfig) -> dict[str, Any]:
     return args
 
 
-# split_qkv files store k * alpha for the merged modules (engine.networks.lora.SplitLoRAModule, spec appendix A.2).
+# split_qkv files store k * alpha for the merged modules (engine.networks.lora_modules.SplitLoRAModule,
+# spec appendix A.2).
 SPLIT_QKV_ALPHA_KEY = "atelier_split_qkv_alpha"
 SPLIT_QKV_ALPHA_CONVENTION = ("alpha_times_parts: merged q/k/v(/mlp) modules store alpha x parts, so alpha / lora_down "
                               "rows is the trained scale")

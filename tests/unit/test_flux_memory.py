@@ -31,7 +31,8 @@ from engine.models.flux.block_swap import (  # noqa: E402
 from engine.models.flux.fp8 import is_stored_in_fp8, store_in_fp8  # noqa: E402
 from engine.models.flux.params import CHROMA, FLUX_DEV, FLUX_SCHNELL, FluxParams  # noqa: E402
 from engine.models.flux.transformer import Flux  # noqa: E402
-from engine.networks.lora import LoRAModule, create_lora_network  # noqa: E402
+from engine.networks.lora import create_lora_network  # noqa: E402
+from engine.networks.lora_modules import LoRAModule  # noqa: E402
 
 TINY = FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
                   axes_dim=(4, 14, 14))
