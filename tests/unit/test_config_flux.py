@@ -440,7 +440,9 @@ def test_kohya_flux_dreambooth():
     assert config.method == "dreambooth" and config.model.model_family == "flux1"
     assert config.model.clip_l == "/models/flux/clip_l.safetensors"  # flux1_clip_l of the DreamBooth tab
     assert config.model.t5xxl == "/models/flux/t5xxl_fp16.safetensors"
-    assert config.training.blocks_to_swap == 12  # double 6 + single 12 // 2
+    # Atelier swaps blocks only in LoRA training: the deprecated counts are listed, not converted (6 + 12 // 2)
+    assert config.training.blocks_to_swap == 0
+    assert "LoRA training" in reasons(result)["double_blocks_to_swap"]
     assert config.optimizer.text_encoder_lr is None  # FLUX fine-tuning trains the transformer only
     assert config.training.cache_text_encoder_outputs and config.flow.timestep_sampling == "flux_shift"
     assert {"flux_fused_backward_pass", "mem_eff_save"} <= set(skipped(result))

@@ -115,6 +115,7 @@ def settings(source: Source) -> None:
         return
     chroma = get_path(source.result.overlay, "model.model_family") == "chroma"
     _split_mode(source, kohya)
+    _frozen_model_only(source)
     _old_block_swap(source)
     for key, path in table.items():
         if key not in source.data or key in source.done:
@@ -197,10 +198,30 @@ def _split_mode(source: Source, kohya: bool) -> None:
                     "'single')")
 
 
+_SWAP_ONLY_FOR_LORA = "Atelier swaps blocks only in LoRA training (a frozen model); full training keeps them on the GPU"
+
+
+def _frozen_model_only(source: Source) -> None:
+    """Full training (DreamBooth, fine-tuning) of a FLUX file: fp8 storage and block swapping are for a frozen
+    model in Atelier. sd-scripts' full-training script ignores fp8_base; its block swapping is not carried over."""
+    if source.result.overlay.get("method", "lora") == "lora":
+        return
+    for key in ("fp8_base", "fp8_base_unet"):
+        source.inert(key, False, "sd-scripts' full fine-tuning ignores it (fp8 storage is for LoRA training)")
+    for key in ("blocks_to_swap", "double_blocks_to_swap", "single_blocks_to_swap"):
+        if key in source.data and key not in source.done:
+            if _positive(source.get(key)):
+                source.skip(key, _SWAP_ONLY_FOR_LORA)
+            else:
+                source.unset(key)
+
+
 def _old_block_swap(source: Source) -> None:
     """flux_train.py's deprecated double/single counts become blocks_to_swap = double + single // 2; the LoRA
     script ignores them."""
     keys = ("double_blocks_to_swap", "single_blocks_to_swap")
+    if all(key in source.done or key not in source.data for key in keys):
+        return  # accounted for already (full training: _frozen_model_only)
     double, single = (int(_positive(source.get(key))) for key in keys)
     if source.result.overlay.get("method") == "lora" or not (double or single):
         for key in keys:
