@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.networks.arg_values import arg_number
+
 __all__ = ["FLUX_NETWORK_ARGS", "IN_DIM_LAYERS", "TYPE_DIMS", "FluxLoRAArgs", "block_of", "parse_flux_args"]
 
 # (argument, substrings that must all be in the module name); checked in this order, as sd-scripts does.
@@ -129,15 +131,10 @@ def conditioning_layer(name: str) -> str | None:
 # --- parsing -------------------------------------------------------------------------------------------------------
 
 def _rank(path: str, value: Any) -> int:
-    message = f"{path} must be a whole number of at least 0, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(message)
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(message) from None
+    wanted = "a whole number of at least 0"
+    number = arg_number(path, value, wanted)
     if number < 0 or number != int(number):
-        raise ValueError(message)
+        raise ValueError(f"{path} must be {wanted}, got {value!r}")
     return int(number)
 
 
@@ -217,15 +214,10 @@ def _pairs(path: str, value: Any, parse: Callable[[str, Any], Any]) -> tuple[tup
 
 
 def _learning_rate(path: str, value: Any) -> float:
-    message = f"{path} must be a learning rate of at least 0, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(message)
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(message) from None
-    if not number >= 0:
-        raise ValueError(message)
+    wanted = "a learning rate of at least 0"
+    number = arg_number(path, value, wanted)
+    if not number >= 0:  # also refuses nan
+        raise ValueError(f"{path} must be {wanted}, got {value!r}")
     return number
 
 

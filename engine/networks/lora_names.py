@@ -38,6 +38,7 @@ from torch import nn
 
 from engine.models.families import family_info
 from engine.models.ldm_keys import UNET_PREFIX, unet_to_ldm
+from engine.networks.arg_values import arg_number
 from engine.networks.lora_flux import FLUX_NETWORK_ARGS, IN_DIM_LAYERS, FluxLoRAArgs, parse_flux_args
 
 __all__ = [
@@ -298,13 +299,7 @@ class LoRAOptions:
 # --- network_args ------------------------------------------------------------------------------------------------
 
 def _number(path: str, value: Any) -> float:
-    # kohya passes network_args as "key=value" strings; a TOML table gives numbers. Both are accepted.
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{path} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{path} must be a number, got {value!r}") from None
+    return arg_number(path, value, "a number")
 
 
 def _rank(path: str, value: Any) -> int:

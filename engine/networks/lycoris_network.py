@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from engine.config.choices import LYCORIS, NETWORK_TYPES
+from engine.networks.arg_values import arg_number
 from engine.networks.lora import LoRANetwork, LoRAOptions, text_encoder_flags
 from engine.networks.lora_flux import FLUX_NETWORK_ARGS
 from engine.networks.lora_names import (
@@ -98,12 +99,7 @@ def _flag(path: str, value: Any) -> bool:
 
 
 def _whole(path: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{path} must be a whole number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{path} must be a whole number, got {value!r}") from None
+    number = arg_number(path, value, "a whole number")
     if number != int(number):
         raise ValueError(f"{path} must be a whole number, got {value!r}")
     return int(number)
@@ -117,15 +113,10 @@ def _factor(path: str, value: Any) -> int:
 
 
 def _non_negative(path: str, value: Any) -> float:
-    message = f"{path} must be a number of at least 0, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(message)
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(message) from None
+    wanted = "a number of at least 0"
+    number = arg_number(path, value, wanted)
     if not number >= 0:  # also refuses nan
-        raise ValueError(message)
+        raise ValueError(f"{path} must be {wanted}, got {value!r}")
     return number
 
 

@@ -1,0 +1,18 @@
+"""Reading numbers out of ``network_args``: kohya passes them as "key=value" strings, a TOML table as numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["arg_number"]
+
+
+def arg_number(path: str, value: Any, wanted: str) -> float:
+    """``value`` as a float; ValueError "<path> must be <wanted>, got <value>" for a bool, a non-number or text
+    that is no number. Range checks are the caller's, with the same message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{path} must be {wanted}, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{path} must be {wanted}, got {value!r}") from None
