@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["arg_number"]
+__all__ = ["arg_flag", "arg_number"]
 
 
 def arg_number(path: str, value: Any, wanted: str) -> float:
@@ -16,3 +16,13 @@ def arg_number(path: str, value: Any, wanted: str) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"{path} must be {wanted}, got {value!r}") from None
+
+
+def arg_flag(path: str, value: Any) -> bool:
+    """A true/false network_arg: a bool, or the text "true"/"false" in any case (kohya compares with "True"; lycoris
+    would read "no" or "0" as true, so anything else is refused)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{path} must be true or false, got {value!r}")

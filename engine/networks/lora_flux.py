@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.networks.arg_values import arg_number
+from engine.networks.arg_values import arg_flag, arg_number
 
 __all__ = ["FLUX_NETWORK_ARGS", "IN_DIM_LAYERS", "TYPE_DIMS", "FluxLoRAArgs", "block_of", "parse_flux_args"]
 
@@ -138,13 +138,7 @@ def _rank(path: str, value: Any) -> int:
     return int(number)
 
 
-def _flag(path: str, value: Any) -> bool:
-    # kohya compares with "True"; any spelling of true/false is accepted here, anything else is refused.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{path} must be true or false, got {value!r}")
+_flag = arg_flag
 
 
 def _items(path: str, value: Any) -> list[Any]:

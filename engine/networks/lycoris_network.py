@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from engine.config.choices import LYCORIS, NETWORK_TYPES
-from engine.networks.arg_values import arg_number
+from engine.networks.arg_values import arg_flag, arg_number
 from engine.networks.lora import LoRANetwork, LoRAOptions, text_encoder_flags
 from engine.networks.lora_flux import FLUX_NETWORK_ARGS
 from engine.networks.lora_names import (
@@ -89,13 +89,7 @@ _ALPHA_RTOL = 4e-3  # an alpha saved in bf16 or fp16 is the same setting
 
 # --- network_args ------------------------------------------------------------------------------------------------
 
-def _flag(path: str, value: Any) -> bool:
-    # kohya passes network_args as "key=value" text; TOML gives booleans. lycoris would read "no" or "0" as true.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{path} must be true or false, got {value!r}")
+_flag = arg_flag
 
 
 def _whole(path: str, value: Any) -> int:
