@@ -353,8 +353,12 @@ def test_two_flux_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_mo
     expected = load_file(str(tmp_path / "single" / "out" / "lora.safetensors"))
     actual = load_file(str(tmp_path / "pair" / "out" / "lora.safetensors"))
     assert expected.keys() == actual.keys()
+    # Summation order differs (one batch vs an all-reduce); Adam turns such last-bit differences in near-zero
+    # gradients into visible ones in single elements (measured up to 3e-5 on weights of 8e-3). Another image or
+    # noise would move every element by about the learning rate (2e-3).
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+        assert (actual[key] - expected[key]).abs().mean() <= 1e-6, key
     assert any(key.endswith("lora_up.weight") and actual[key].abs().max() > 0 for key in actual)
 
 
