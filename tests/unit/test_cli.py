@@ -83,7 +83,8 @@ def test_import_writes_a_config_that_validates_and_lists_what_was_left_out(tmp_p
     result = engine("import", str(FIXTURES / "kohya_lora_sdxl.json"), "-o", str(output))
     assert result.returncode == 0, result.stderr
     assert "format: kohya_gui" in result.stderr
-    assert "not imported: fp8_base = True: Atelier keeps the base model in fp8 only for FLUX.1 and Chroma" in result.stderr
+    assert "not imported: fp8_base = True: Atelier keeps the base model in fp8 only for FLUX.1 and Chroma" \
+        in result.stderr
     assert output.read_text().startswith("# Imported from kohya_lora_sdxl.json")
     validated = engine("validate", str(output), "--skip-package-check")
     assert validated.returncode == 0, validated.stderr
