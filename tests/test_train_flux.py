@@ -372,7 +372,7 @@ def test_flux_cli_commands_and_nan_stop(tiny_models, tmp_path):
     from engine.cache.latent_files import cache_path
 
     dataset = tmp_path / "img"
-    shutil.copytree(tiny_models["dataset_img"], dataset)
+    shutil.copytree(tiny_models["dataset_img"], dataset, ignore=shutil.ignore_patterns("*.npz"))
     config = flux_config(tmp_path / "config.toml", tiny_models, "dev", dataset={"train_data_dir": str(dataset)},
                          training={"max_train_steps": 30, "cache_latents_to_disk": True},
                          saving={"save_every_n_steps": 1})
@@ -454,3 +454,47 @@ def test_memory_options_train_as_without_them(memory, tiny_models, tmp_path):
     log = (tmp_path / "memory" / "out" / "train.log").read_text(encoding="utf-8")
     if "blocks_to_swap" in memory["training"]:
         assert "block swap: 2 blocks" in log, log
+
+
+def test_flux_latent_cache_holds_the_aes_own_output_for_pixels_in_minus_one_to_one(tiny_models, tmp_path):
+    """The AE sees 2·p/255 − 1 (never [0, 1]); its 16-channel output is cached as it is (float32, `_flux.npz`) and
+    training shifts and scales it: (z − 0.1159)·0.3611."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.cache.latent_files import cache_path, load_entry
+    from engine.cache.latents import build_latent_cache, jobs_from_scan
+    from engine.config.io import validate_config
+    from engine.data.buckets import BucketAssignment
+    from engine.data.scan import scan_config
+    from engine.data.transforms import prepare, to_model_tensor
+    from engine.models.flux.ae import load_flux_ae
+
+    root = Path(shutil.copytree(tiny_models["dataset_img"], tmp_path / "img", ignore=shutil.ignore_patterns("*.npz")))
+    config = validate_config({"model": {"model_family": "flux1"}, "dataset": {
+        "train_data_dir": str(root), "general": {"resolution": 64, "bucket_reso_steps": 16, "min_bucket_reso": 64,
+                                                 "max_bucket_reso": 128}}}, check_packages=False)
+    jobs = jobs_from_scan(scan_config(config, tmp_path))
+    ae = load_flux_ae(tiny_flux_files("dev")["ae"], family="flux1")
+    assert (ae.scaling_factor, ae.shift_factor) == (0.3611, 0.1159)
+    report = build_latent_cache(jobs, ae, batch_size=1, workers=1)
+    assert (report.encoded, report.failed) == (len(jobs), [])
+    for job in jobs:
+        record = job.record
+        entry = load_entry(cache_path(record.path, record.bucket, "flux1"))
+        assert cache_path(record.path, record.bucket, "flux1").name.endswith("_flux.npz")
+        pixels = prepare(record.path, BucketAssignment(record.bucket, record.resized, 0.0)).pixels
+        tensor = to_model_tensor(pixels)
+        image = np.asarray(Image.open(record.path).convert("RGB"))
+        assert tensor.min() >= -1.0 and tensor.max() <= 1.0 and tensor.min() < 0  # [-1, 1], not [0, 1]
+        if image.shape[:2] == pixels.shape[:2]:  # not resized: the exact 2·p/255 − 1 mapping
+            expected = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+            torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=0)
+        with torch.no_grad():
+            direct = ae.vae.encode(tensor[None]).latent_dist.mode()[0]
+        assert entry.latents.shape == (16, record.bucket[1] // 8, record.bucket[0] // 8)
+        assert np.array_equal(entry.latents, direct.numpy())
+        normalized = ae.normalize(torch.from_numpy(entry.latents))
+        torch.testing.assert_close(normalized, (direct - 0.1159) * 0.3611)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import pytest
 from conftest import fill, open_tab
@@ -138,7 +139,9 @@ def test_flux_preset_refuses_a_missing_ae_then_trains_a_lora(app_page, flux_file
     page.set_default_timeout(90_000)
     open_tab(page, "Parameters")
     missing = work_dir / "ae.safetensors"
-    set_up_flux(page, flux_files, tiny_models["dataset_img"], str(missing))
+    # A private copy: the preset caches latents beside the images, which must not land in the shared tiny dataset.
+    dataset = shutil.copytree(tiny_models["dataset_img"], work_dir / "img", ignore=shutil.ignore_patterns("*.npz"))
+    set_up_flux(page, flux_files, dataset, str(missing))
     open_tab(page, "Train")
     page.locator("#train-start").click()
     message = page.locator("#train-message")
