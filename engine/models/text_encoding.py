@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from engine.config.sections_model import ModelSection
     from engine.models.text_encoders import LoadedTextEncoders
 
 from engine.models.families import family_info
@@ -57,18 +58,17 @@ class EncodedText:
     mask: torch.Tensor | None = None
 
 
-# sd-scripts' T5 length when the config leaves it unset: 256 for schnell, 512 otherwise (spec §3.3).
-_T5_LENGTH_BY_VARIANT = {"schnell": 256}
 _DEFAULT_T5_LENGTH = 512
 
 
-def encoding_options(model_section: Any, variant: str = "") -> dict[str, Any]:
-    """The keyword arguments of :func:`encode_captions` for a config's ``model`` section and the loaded variant."""
-    length = getattr(model_section, "t5xxl_max_token_length", None) or \
-        _T5_LENGTH_BY_VARIANT.get(variant, _DEFAULT_T5_LENGTH)
+def encoding_options(model_section: ModelSection, variant: str = "") -> dict[str, Any]:
+    """The keyword arguments of :func:`encode_captions` for a config's ``model`` section and the loaded variant
+    (the T5 length left unset is sd-scripts' per variant: 256 for schnell, else 512)."""
+    from engine.config.sections_model import t5xxl_token_length
+
     return {"clip_skip": model_section.clip_skip, "max_token_length": model_section.max_token_length,
-            "t5xxl_max_token_length": int(length),
-            "apply_t5_attn_mask": bool(getattr(model_section, "apply_t5_attn_mask", False))}
+            "t5xxl_max_token_length": t5xxl_token_length(model_section.t5xxl_max_token_length, variant),
+            "apply_t5_attn_mask": model_section.apply_t5_attn_mask}
 
 
 def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_skip: int = 1,
