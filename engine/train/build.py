@@ -18,6 +18,7 @@ from engine.config.schema import RunConfig
 from engine.data.records import ScanResult
 from engine.data.sampler import BucketBatchSampler
 from engine.data.scan import scan_config
+from engine.models.families import family_info
 from engine.train.dataset import TrainingDataset, batch_sizes, examples_from_scan
 from engine.train.methods import create_method
 from engine.train.placement import place_models, store_frozen_in_fp8
@@ -126,6 +127,7 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
     files = {name: model_location(getattr(section, name), base_dir) for name in ("clip_l", "t5xxl", "ae")}
     try:
         model = load_model(location, family=section.model_family, vae_path=vae, **files,
+                           dtype=_frozen_load_dtype(config, location, accelerator),
                            tokenizer_cache_dir=model_location(section.tokenizer_cache_dir, base_dir),
                            fp8=section.fp8_base or section.fp8_base_unet)
     except ModelLoadError as error:
@@ -133,6 +135,22 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
                             "model.pretrained_model_name_or_path") from error
     configure_attention(model.unet, config)
     return model
+
+
+def _frozen_load_dtype(config: RunConfig, location: str, accelerator: Any) -> torch.dtype | None:
+    """FLUX LoRA: the base model is read in the mixed-precision dtype it is kept in anyway, which halves the RAM a
+    FLUX.1 transformer needs while loading (24 GB in bf16 instead of 48 GB in float32). Others load in float32."""
+    from engine.models.loading import ModelLoadError, detect_model_family
+
+    if config.method != "lora":
+        return None
+    family = config.model.model_family
+    if family == "auto":
+        try:
+            family = detect_model_family(location)
+        except ModelLoadError:
+            return None  # load_model reports it with its own message
+    return weight_dtype(accelerator) if family_info(family).loader == "flux" else None
 
 
 def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: Any, log: RunLog) -> dict:

@@ -106,7 +106,8 @@ def load_flux_model(location: str | Path, *, family: str = "auto", clip_l: str |
         clip_l, t5xxl, ae: ``model.clip_l``, ``model.t5xxl``, ``model.ae`` (files or folders; "" or None: the
             diffusers folder's own).
         tokenizer_cache_dir: ``model.tokenizer_cache_dir`` (see ``engine.models.flux.tokenizers``).
-        dtype: torch dtype of every module (default float32); fp8 transformer weights stay fp8 with ``fp8``.
+        dtype: torch dtype of the transformer and text encoders (default float32); the AE is always float32; fp8
+            transformer weights stay fp8 with ``fp8``.
         device: where to put the modules.
         fp8: keep a ``float8_e4m3fn`` transformer's weights as fp8 storage (``model.fp8_base``).
 
@@ -129,7 +130,8 @@ def load_flux_model(location: str | Path, *, family: str = "auto", clip_l: str |
     variant = _variant(transformer.params)
     text = _load_text(resolved, folder, transformer.params, clip_l, t5xxl, tokenizer_cache_dir, dtype, device)
     ae_location = ae or _component(folder, "vae", "model.ae", "the AE (ae.safetensors)")
-    vae = load_flux_ae(ae_location, family=resolved, dtype=dtype, device=device)
+    # The AE stays float32 (84 M parameters): latents are encoded from the weights their cache key names.
+    vae = load_flux_ae(ae_location, family=resolved, dtype=torch.float32, device=device)
     scheduler = {**_scheduler_config(folder, variant), "variant": variant}
     model_file = source.where if source.where.is_file() else None
     return LoadedModel(resolved, transformer, vae, text, scheduler, str(location), model_file)
