@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import secrets
 import signal
 import sys
@@ -11,14 +12,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
-from engine.train.sampling import DEFAULT_SCALE, DEFAULT_STEPS, SAMPLERS
+from engine.models.families import FAMILY_INFO
+from engine.train.sampling import SAMPLERS
 
 if TYPE_CHECKING:
+    from engine.class_images import ClassImageSettings
     from engine.events import EventWriter
 
 TASK = "class-images"
 _MIN_SIDE = 64
-_SIDE_STEP = 8  # the VAE halves the size three times
+_MAX_T5_TOKENS = 512  # T5-XXL's longest input (model.t5xxl_max_token_length's bound)
+# The loaders name config keys in their messages; here the user typed flags, so messages name those instead.
+_FLAG_OF_KEY = {"model.pretrained_model_name_or_path": "--model", "model.model_family": "--model-family",
+                "model.vae": "--vae", "model.clip_l": "--clip-l", "model.t5xxl": "--t5xxl", "model.ae": "--ae",
+                "model.tokenizer_cache_dir": "--tokenizer-cache-dir"}
+_CONFIG_KEY = re.compile(r"\bmodel\.\w+")
 
 
 class StopRequested(Exception):
@@ -35,19 +43,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--model", required=True,
                         help="base model: a .safetensors/.ckpt file, a diffusers folder or a hub id")
-    parser.add_argument("--model-family", choices=("auto", "sd1", "sd2", "sdxl"), default="auto")
-    parser.add_argument("--vae", default="", help="a separate VAE file or folder (default: the model's own)")
+    parser.add_argument("--model-family", choices=("auto", *FAMILY_INFO), default="auto")
+    parser.add_argument("--vae", default="", help="SD: a separate VAE file or folder (default: the model's own)")
+    flux = parser.add_argument_group(
+        "FLUX.1 / Chroma", "the components a single transformer file lacks (a diffusers folder has its own)")
+    flux.add_argument("--clip-l", default="", help="CLIP-L text encoder file (clip_l.safetensors); FLUX.1 only")
+    flux.add_argument("--t5xxl", default="", help="T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors)")
+    flux.add_argument("--ae", default="", help="the autoencoder file (ae.safetensors)")
+    flux.add_argument("--tokenizer-cache-dir", default="",
+                      help="folder with the CLIP and T5 tokenizers, for a machine without internet")
+    flux.add_argument("--t5xxl-max-token-length", type=int,
+                      help="longest prompt T5 reads (default: 512; 256 for FLUX.1 schnell)")
+    flux.add_argument("--apply-t5-attn-mask", action="store_true",
+                      help="hide T5's padding from the model (Chroma is trained with it: set it for Chroma)")
     parser.add_argument("--v-parameterization", action="store_true",
                         help="the model predicts v (SD2 768-v single files; folders say so in their scheduler)")
     parser.add_argument("--prompt", required=True, help="e.g. 'a photo of a dog'")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--count", type=int, required=True, help="how many images to add")
     parser.add_argument("--out", type=Path, required=True, help="the class folder, e.g. reg/1_dog (created if missing)")
-    parser.add_argument("--width", type=int, help="default: the model's native size (512, 768 or 1024)")
+    parser.add_argument("--width", type=int, help="default: the model's native size (512, 768 or 1024); floored to "
+                                                  "a multiple of 8 (16 for FLUX.1/Chroma)")
     parser.add_argument("--height", type=int, help="default: the model's native size")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_SCALE, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="euler_a")
+    parser.add_argument("--steps", type=int, help="default: 30 (FLUX.1/Chroma: 20)")
+    parser.add_argument("--guidance", type=float,
+                        help="SD: the classifier-free guidance scale (default 7.5); FLUX.1/Chroma: the embedded "
+                             "guidance (default 3.5)")
+    parser.add_argument("--cfg-scale", type=float,
+                        help="the classifier-free guidance scale, which also runs the negative prompt (default: "
+                             "--guidance for SD; 1.0 = off for FLUX.1/Chroma)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="euler_a",
+                        help="SD only; FLUX.1/Chroma sample with flow-matching Euler")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: a random one, printed)")
     parser.add_argument("--clip-skip", type=int, default=1)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -59,21 +85,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _floored(value: int | None, flag: str, events: EventWriter) -> int | None:
-    """A size floored to a multiple of 8, as sd-scripts does, with a warning when that changes it."""
-    if value is None or value % _SIDE_STEP == 0:
+def _floored(value: int | None, flag: str, multiple: int, events: EventWriter) -> int | None:
+    """A size floored to the family's multiple (8; FLUX 16), as sd-scripts does, with a warning when that changes it."""
+    if value is None or value % multiple == 0:
         return value
-    floored = value // _SIDE_STEP * _SIDE_STEP
-    events.emit("warning", message=f"{flag} {value} is not a multiple of {_SIDE_STEP}; using {floored}", where=flag,
+    floored = max(_MIN_SIDE, value // multiple * multiple)
+    events.emit("warning", message=f"{flag} {value} is not a multiple of {multiple}; using {floored}", where=flag,
                 hint="")
     return floored
+
+
+def _in_flag_terms(message: str) -> str:
+    """A loader's message with the config keys it names (model.ae ...) replaced by this command's flags."""
+    return _CONFIG_KEY.sub(lambda match: _FLAG_OF_KEY.get(match.group(0), match.group(0)), message)
+
+
+def _settings(args: argparse.Namespace, family: str, seed: int, width: int | None,
+              height: int | None) -> ClassImageSettings:
+    """--guidance is the embedded guidance of a family whose sampler has one (FLUX.1), else the CFG scale (SD)."""
+    from engine.class_images import ClassImageSettings
+    from engine.train.sampling import prompt_defaults
+
+    embedded = prompt_defaults(family).guidance is not None
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None or embedded else args.guidance
+    return ClassImageSettings(prompt=args.prompt, count=args.count, seed=seed, negative_prompt=args.negative,
+                              width=width, height=height, steps=args.steps, cfg_scale=cfg_scale,
+                              guidance=args.guidance if embedded else None, sampler=args.sampler,
+                              clip_skip=args.clip_skip)
 
 
 def _input_problem(args: argparse.Namespace) -> tuple[str, str] | None:
     """(message, hint) for input that cannot work, checked before the model loads."""
     checks = (
         (args.count < 1, f"--count {args.count}: nothing to generate", "ask for 1 image or more"),
-        (args.steps < 1, f"--steps {args.steps}: at least 1 step is needed", "30 is usual"),
+        (args.steps is not None and args.steps < 1, f"--steps {args.steps}: at least 1 step is needed",
+         "30 is usual (20 for FLUX.1/Chroma)"),
+        (args.t5xxl_max_token_length is not None and not 1 <= args.t5xxl_max_token_length <= _MAX_T5_TOKENS,
+         f"--t5xxl-max-token-length {args.t5xxl_max_token_length}: must be 1 to {_MAX_T5_TOKENS}",
+         "leave it out for the model's default"),
         (not args.prompt.strip(), "--prompt is empty", "describe the class, e.g. 'a photo of a dog'"),
         (args.out.exists() and not args.out.is_dir(), f"{args.out}: is a file, not a folder",
          "choose a folder for the class images (it is created if missing)"),
@@ -124,31 +173,39 @@ def run(args: argparse.Namespace) -> int:
         problem = _input_problem(args)
         if problem is not None:
             return _fail(events, *problem, EXIT_BAD_INPUT, written=0)
-        width, height = _floored(args.width, "--width", events), _floored(args.height, "--height", events)
         _folder_name_warning(args.out, events)
         seed = args.seed if args.seed is not None else secrets.randbits(32)
         previous = signal.signal(signal.SIGTERM, _stop)
         try:
-            return _generate(args, events, width, height, seed)
+            return _generate(args, events, seed)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _generate(args: argparse.Namespace, events: EventWriter, width: int | None, height: int | None, seed: int) -> int:
-    from engine.class_images import ClassImageSettings, generate_class_images, sampler_parts
+def _generate(args: argparse.Namespace, events: EventWriter, seed: int) -> int:
+    from engine.class_images import generate_class_images, sample_request, sampler_parts
     from engine.events import Progress
     from engine.models.loading import ModelLoadError, load_model
+    from engine.train.sampling import prompt_defaults
 
     written: list[Path] = []
     try:
         device, dtype = _device_and_dtype(args.device, args.dtype)
-        model = load_model(args.model, family=args.model_family, vae_path=args.vae, dtype=dtype, device=device)
-        parts = sampler_parts(model, v_prediction=True if args.v_parameterization else None)
-        settings = ClassImageSettings(prompt=args.prompt, count=args.count, seed=seed, negative_prompt=args.negative,
-                                      width=width, height=height, steps=args.steps, guidance=args.guidance,
-                                      sampler=args.sampler, clip_skip=args.clip_skip)
+        model = load_model(args.model, family=args.model_family, vae_path=args.vae, dtype=dtype, device=device,
+                           clip_l=args.clip_l, t5xxl=args.t5xxl, ae=args.ae,
+                           tokenizer_cache_dir=args.tokenizer_cache_dir)
+        parts = sampler_parts(model, v_prediction=True if args.v_parameterization else None,
+                              t5xxl_max_token_length=args.t5xxl_max_token_length,
+                              apply_t5_attn_mask=args.apply_t5_attn_mask)
+        multiple = prompt_defaults(model.family).size_multiple
+        width, height = (_floored(side, flag, multiple, events) for flag, side in
+                         (("--width", args.width), ("--height", args.height)))
+        settings = _settings(args, model.family, seed, width, height)
+        first = sample_request(settings, model.family, v_prediction=parts.v_prediction, index=0)
         print(f"{args.count} image(s) of {args.prompt!r} from a {model.family} model on {device}, seed {seed}, "
-              f"into {args.out}", file=sys.stderr)
+              f"{first.width}x{first.height}, {first.steps} steps, CFG {first.scale:g}"
+              + (f", guidance {first.guidance:g}" if prompt_defaults(model.family).guidance is not None else "")
+              + f", into {args.out}", file=sys.stderr)
         progress = Progress(TASK, args.count, events)
 
         def on_image(path: Path) -> None:
@@ -158,7 +215,9 @@ def _generate(args: argparse.Namespace, events: EventWriter, width: int | None, 
         generate_class_images(parts, settings, args.out, device=device, dtype=dtype, on_image=on_image)
         progress.close()
     except ModelLoadError as error:
-        return _fail(events, str(error), "check --model and --model-family", EXIT_BAD_INPUT, written=0)
+        return _fail(events, _in_flag_terms(str(error)),
+                     "check --model and --model-family (FLUX.1/Chroma files: also --clip-l, --t5xxl and --ae)",
+                     EXIT_BAD_INPUT, written=0)
     except (StopRequested, KeyboardInterrupt):
         print(f"stopped after {len(written)} image(s)", file=sys.stderr)
         events.emit("done", task=TASK, ok=False, stopped=True, written=len(written), seed=seed)

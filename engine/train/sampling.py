@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from engine.models.text_encoding import EncodedText
 
 __all__ = ["SAMPLERS", "SampleImage", "SampleRequest", "SamplerParts", "generate_samples", "make_sample_scheduler",
-           "sample_requests"]
+           "prompt_defaults", "sample_requests"]
 
 # --- schedulers ---------------------------------------------------------------------------------------------------
 
@@ -113,12 +113,18 @@ class _PromptDefaults:
     steps: int
     scale: float  # CFG scale (--l); 1.0 turns CFG off for FLUX
     size_multiple: int  # sizes are floored to a multiple of this
+    guidance: float | None = None  # the embedded guidance (--g) of models that have one (FLUX); None: none
 
 
 # By FamilyInfo.sampler: sd-scripts' defaults for its SD and FLUX sampling (spec §7, FLUX spec §7).
 _PROMPT_DEFAULTS = {"sd": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 8),
                     "sdxl": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 8),
-                    "flux": _PromptDefaults(20, 1.0, 16)}
+                    "flux": _PromptDefaults(20, 1.0, 16, DEFAULT_GUIDANCE)}
+
+
+def prompt_defaults(family: str) -> _PromptDefaults:
+    """sd-scripts' defaults for a sample of ``family`` (steps, CFG scale, size multiple, embedded guidance)."""
+    return _PROMPT_DEFAULTS[family_info(family).sampler]
 
 
 @dataclass(frozen=True)
