@@ -21,6 +21,7 @@ from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.config.paths import get_path
 from engine.data.images import is_image_file
 from engine.data.records import Finding, ScanResult
+from engine.models.families import FAMILY_INFO
 from gui.browse import FileRoots, PathNotAllowed
 
 MODEL_PATH = "model.pretrained_model_name_or_path"
@@ -31,6 +32,10 @@ PRIOR_LOSS_WEIGHT = "training.prior_loss_weight"
 PARENT_LABEL, FOLDER_LABEL, TRAIN_LABEL, MODEL_LABEL = ("Regularization folder", "Class image folder",
                                                         "Training folder", "Base model")
 VAE_LABEL = "model.vae (Parameters tab)"  # generation uses the Parameters tab's VAE with its model
+# FLUX.1/Chroma: the Parameters tab's component files go with its model too (config path -> class-images flag)
+COMPONENT_FLAGS = {"model.clip_l": "--clip-l", "model.t5xxl": "--t5xxl", "model.ae": "--ae",
+                   "model.tokenizer_cache_dir": "--tokenizer-cache-dir"}
+T5_LENGTH, T5_MASK = "model.t5xxl_max_token_length", "model.apply_t5_attn_mask"
 LOCATION_LABELS = (MODEL_LABEL, VAE_LABEL)  # a local file/folder or a Hugging Face hub id
 _BAD_CLASS_CHARACTERS = re.compile(r"[/\\\x00]")
 # What the balance text says itself, or what only concerns a missing training folder.
@@ -67,10 +72,13 @@ def outside_roots(fields: Mapping[str, str], roots: FileRoots) -> str:
 
 def generate_paths(request: GenerateRequest, config: Mapping[str, Any] | None) -> dict[str, str]:
     """The paths generation reads and writes, by field label, for `outside_roots`: the class folder, the model and,
-    when the model is the Parameters tab's, its VAE (see _model_flags)."""
+    when the model is the Parameters tab's, its VAE and FLUX component files (see _model_flags)."""
     model = request.model.strip()
-    vae = config_value(config, "model.vae") if config and model == config_value(config, MODEL_PATH) else ""
-    return {FOLDER_LABEL: request.out, MODEL_LABEL: model, VAE_LABEL: vae or ""}
+    configured = bool(config) and model == config_value(config, MODEL_PATH)
+    vae = config_value(config, "model.vae") if configured else ""
+    components = _components(config) if configured else {}
+    return {FOLDER_LABEL: request.out, MODEL_LABEL: model, VAE_LABEL: vae or ""} | \
+        {f"{path} (Parameters tab)": value for path, value in components.items()}
 
 
 def reg_patch(parent: str, prior_loss_weight: float) -> dict[str, Any]:
@@ -263,8 +271,23 @@ class GenerateRequest:
     seed: int = -1
 
 
+def _takes_components(config: Mapping[str, Any] | None) -> bool:
+    """Whether the configured family loads separate component files (FLUX.1, Chroma), or may ("auto")."""
+    family = config_value(config, "model.model_family", "auto")
+    return family == "auto" or (family in FAMILY_INFO and FAMILY_INFO[family].loader == "flux")
+
+
+def _components(config: Mapping[str, Any] | None) -> dict[str, str]:
+    """The set component files and tokenizer folder of the Parameters tab (config path -> value), for a family that
+    loads them; an "auto" model that is SD ignores them."""
+    if not _takes_components(config):
+        return {}
+    return {path: str(value) for path in COMPONENT_FLAGS if (value := config_value(config, path))}
+
+
 def _model_flags(model: str, config: Mapping[str, Any] | None) -> list[str]:
-    """The Parameters tab's family, VAE and v-prediction, when the model is the one configured there."""
+    """The Parameters tab's family, VAE, v-prediction and FLUX components and T5 options, when the model is the one
+    configured there."""
     if not config or model != config_value(config, MODEL_PATH):
         return []
     flags = ["--model-family", config_value(config, "model.model_family", "auto")]
@@ -272,6 +295,12 @@ def _model_flags(model: str, config: Mapping[str, Any] | None) -> list[str]:
         flags += ["--vae", config_value(config, "model.vae")]
     if config_value(config, "model.v_parameterization", False):
         flags.append("--v-parameterization")
+    flags += [part for path, value in _components(config).items() for part in (COMPONENT_FLAGS[path], value)]
+    if _takes_components(config):
+        if config_value(config, T5_LENGTH, None) is not None:
+            flags += ["--t5xxl-max-token-length", str(int(config_value(config, T5_LENGTH)))]
+        if config_value(config, T5_MASK, False):
+            flags.append("--apply-t5-attn-mask")
     return flags
 
 

@@ -91,3 +91,28 @@ def test_a_missing_ae_is_named_with_its_flag(dev, tmp_path, capsys):
     assert "model.ae" not in error["message"]  # the user typed flags, not config keys
     assert "--ae" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_regularization_tabs_command_carries_the_configured_flux_files(dev, tmp_path):
+    from engine.config.io import default_config_dict
+    from engine.config.paths import set_path
+    from gui import reg_view as view
+
+    config = default_config_dict()
+    for path, value in ((view.MODEL_PATH, str(dev["model"])), ("model.model_family", "flux1"),
+                        ("model.clip_l", str(dev["clip_l"])), ("model.t5xxl", str(dev["t5xxl"])),
+                        ("model.ae", str(dev["ae"])), ("model.tokenizer_cache_dir", str(dev["t5_tokenizer"])),
+                        (view.T5_LENGTH, 32), (view.T5_MASK, True)):
+        set_path(config, path, value)
+    out = tmp_path / "1_dog"
+    request = view.GenerateRequest(model=str(dev["model"]), out=str(out), prompt=PROMPT, count=1, steps=2, width=64,
+                                   height=64, seed=3)
+    args = view.class_images_args(request, config)
+    assert args[args.index("--ae") + 1] == str(dev["ae"]) and "--apply-t5-attn-mask" in args
+    assert args[args.index("--t5xxl-max-token-length") + 1] == "32"
+    assert main([*args, "--device", "cpu"]) == EXIT_OK
+    assert sorted(entry.name for entry in out.iterdir()) == ["0001.png", "0001.txt"]
+    assert set(view.generate_paths(request, config).values()) >= {str(dev[name]) for name in ("clip_l", "t5xxl", "ae")}
+
+    set_path(config, "model.model_family", "sdxl")  # an SD family loads no component files: none are passed
+    assert not {"--ae", "--clip-l", "--apply-t5-attn-mask"} & set(view.class_images_args(request, config))
