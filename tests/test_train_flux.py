@@ -422,24 +422,32 @@ def _deeper_dev_model(folder: Path) -> Path:
     return path
 
 
+def _bf16_losses(folder: Path, tiny_models: dict[str, Path], model_file: Path, memory: dict[str, Any]) -> list[float]:
+    sections = {"training": {"max_train_steps": 6, "mixed_precision": "bf16", **memory.get("training", {})},
+                "model": {"pretrained_model_name_or_path": str(model_file), **memory.get("model", {})},
+                "optimizer": {"learning_rate": 5e-3, "lr_scheduler": "constant"}}
+    config = flux_config(folder / "config.toml", tiny_models, "dev", **sections)
+    result = run_engine("train", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [event["loss"] for event in events_of(folder / "out") if event["type"] == "progress"]
+
+
+@pytest.fixture(scope="module")
+def plain_bf16_run(tiny_models, tmp_path_factory) -> tuple[Path, list[float]]:
+    """The deeper tiny model and the losses of its plain bf16 LoRA run, the baseline of the memory options."""
+    folder = tmp_path_factory.mktemp("plain_bf16")
+    model_file = _deeper_dev_model(folder)
+    return model_file, _bf16_losses(folder / "run", tiny_models, model_file, {})
+
+
 @pytest.mark.parametrize("memory", [{"training": {"blocks_to_swap": 2}},
                                     {"training": {"gradient_checkpointing": True, "cpu_offload_checkpointing": True}},
                                     {"model": {"fp8_base": True}}], ids=["blocks_to_swap", "cpu_offload", "fp8_base"])
-def test_memory_options_train_as_without_them(memory, tiny_models, tmp_path):
+def test_memory_options_train_as_without_them(memory, plain_bf16_run, tiny_models, tmp_path):
     """Block swapping and offloaded checkpointing change where tensors wait, not what is computed: the same losses
-    and weights as the plain bf16 run. fp8 storage rounds the frozen weights: the same losses to fp8 tolerance."""
-    model_file = _deeper_dev_model(tmp_path)
-    runs = {}
-    for name, extra in (("plain", {}), ("memory", memory)):
-        sections = {"training": {"max_train_steps": 6, "mixed_precision": "bf16", **extra.get("training", {})},
-                    "model": {"pretrained_model_name_or_path": str(model_file), **extra.get("model", {})},
-                    "optimizer": {"learning_rate": 5e-3, "lr_scheduler": "constant"}}
-        config = flux_config(tmp_path / name / "config.toml", tiny_models, "dev", **sections)
-        result = run_engine("train", str(config))
-        assert result.returncode == 0, result.stdout + result.stderr
-        losses = [event["loss"] for event in events_of(tmp_path / name / "out") if event["type"] == "progress"]
-        runs[name] = losses
-    plain_losses, losses = runs["plain"], runs["memory"]
+    as the plain bf16 run. fp8 storage rounds the frozen weights: the same losses to fp8 tolerance."""
+    model_file, plain_losses = plain_bf16_run
+    losses = _bf16_losses(tmp_path, tiny_models, model_file, memory)
     assert len(losses) == len(plain_losses) == 6
     if "fp8_base" in memory.get("model", {}):
         for ours, theirs in zip(losses, plain_losses, strict=True):
@@ -451,7 +459,7 @@ def test_memory_options_train_as_without_them(memory, tiny_models, tmp_path):
     # (Weights after Adam are not compared: Adam turns last-bit gradient differences near 0 into whole steps.)
     assert losses[0] == plain_losses[0]
     assert losses == pytest.approx(plain_losses, rel=2e-3)
-    log = (tmp_path / "memory" / "out" / "train.log").read_text(encoding="utf-8")
+    log = (tmp_path / "out" / "train.log").read_text(encoding="utf-8")
     if "blocks_to_swap" in memory["training"]:
         assert "block swap: 2 blocks" in log, log
 
