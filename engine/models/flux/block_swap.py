@@ -11,8 +11,9 @@ Order in a run: load -> ``store_in_fp8`` (when asked) -> LoRA ``apply_to`` -> :f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -85,37 +86,25 @@ class _Ticket:
     active: bool = False
 
 
-class _BeforeBackward(torch.autograd.Function):
-    """Identity on a block's output; its backward brings the block's weights in before the block's own backward."""
+class _BackwardMarker(torch.autograd.Function):
+    """Identity in the forward pass; its backward calls ``on_backward`` when the gradient reaches it.
 
-    @staticmethod
-    def forward(ctx: Any, swapper: BlockSwapper, ticket: _Ticket, x: Tensor) -> Tensor:
-        ctx.swapper, ctx.ticket = swapper, ticket
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor]:
-        ctx.swapper._backward_starts(ctx.ticket)
-        return None, None, grad
-
-
-class _AfterBackward(torch.autograd.Function):
-    """Identity on a block's input; its backward runs once everything in the block that used the input is done.
-
-    When every input that needs a gradient has passed its marker, the block's backward is over but for the parts that
-    feed no input (none that need a frozen weight in FLUX's blocks); a weight needed later anyway is brought back by
-    the saved-tensor hook (:meth:`BlockSwapper._weight_references`), so the markers only time the memory.
+    On a block's output it brings the block's weights in before the block's own backward (``_backward_starts``). On a
+    block's input it runs once everything in the block that used the input is done (``_input_done``): when every
+    input that needs a gradient has passed its marker, the block's backward is over but for the parts that feed no
+    input (none that need a frozen weight in FLUX's blocks); a weight needed later anyway is brought back by the
+    saved-tensor hook (:meth:`BlockSwapper._weight_references`), so the markers only time the memory.
     """
 
     @staticmethod
-    def forward(ctx: Any, swapper: BlockSwapper, ticket: _Ticket, x: Tensor) -> Tensor:
-        ctx.swapper, ctx.ticket = swapper, ticket
+    def forward(ctx: Any, on_backward: Callable[[], None], x: Tensor) -> Tensor:
+        ctx.on_backward = on_backward
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor]:
-        ctx.swapper._input_done(ctx.ticket)
-        return None, None, grad
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        ctx.on_backward()
+        return None, grad
 
 
 class BlockSwapper:
@@ -235,7 +224,7 @@ class BlockSwapper:
                 if not (isinstance(value, Tensor) and value.requires_grad):
                     return value
                 ticket.pending += 1
-                return _AfterBackward.apply(self, ticket, value)
+                return _BackwardMarker.apply(partial(self._input_done, ticket), value)
 
             args = tuple(mark(arg) for arg in args)
             kwargs = {key: mark(value) for key, value in kwargs.items()}
@@ -249,7 +238,8 @@ class BlockSwapper:
             finally:
                 if block.holds == 0:  # not while a checkpoint recomputes the block inside its backward pass
                     self._swap_out(block)
-            return _map_tensors(output, lambda x: _BeforeBackward.apply(self, ticket, x) if x.requires_grad else x)
+            starts = partial(self._backward_starts, ticket)
+            return _map_tensors(output, lambda x: _BackwardMarker.apply(starts, x) if x.requires_grad else x)
 
         return forward
 
