@@ -4,9 +4,7 @@ its keys are the ones ComfyUI maps, and a run stopped by SIGTERM resumes to the 
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,16 @@ import torch
 from flux_tiny import tiny_flux_files, tiny_params
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import REPO, dataset_batch, engine_env, events_of, run_engine, write_config
+from train_helpers import (
+    REPO,
+    assert_same_tensors,
+    dataset_batch,
+    engine_env,
+    events_of,
+    run_engine,
+    stop_by_sigterm_then_resume,
+    write_config,
+)
 
 SIGMAS = (0.2, 0.4, 0.6, 0.8)  # the fixed noise levels of the validation loss
 PROMPT = "sks dog --w 64 --h 64 --s 2 --d 5"
@@ -261,20 +268,6 @@ def test_schnell_and_chroma_train_with_their_own_names(variant, tiny_models, tmp
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
 
 
-def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    import time
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before step {step}: {process.stdout.read()}")
-        if (run_dir / "events.jsonl").exists() and any(
-                event["type"] == "progress" and event["step"] >= step for event in events_of(run_dir)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
 def test_flux_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path):
     # Pixels encoded every step (no latent cache) and text encoded every step, with flips, caption shuffling and
     # input perturbation: a resume that replayed or skipped a sample or a random draw would give other weights.
@@ -289,24 +282,9 @@ def test_flux_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_
 
     parted = flux_config(tmp_path / "parted" / "config.toml", tiny_models, "dev", **sections)
     run_dir = tmp_path / "parted" / "out"
-    process = subprocess.Popen([sys.executable, "-m", "engine", "train", str(parted)], cwd=REPO, env=engine_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(run_dir, 3, process)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output
-    done = events_of(run_dir)[-1]
-    assert done["type"] == "done" and done["stopped"], done
-    stopped_at = done["global_step"]
-    assert 3 <= stopped_at < 30, "the run ended before the signal; nothing was resumed"
-    result = run_engine("train", str(parted), "--set", f"saving.resume={done['state']!r}".replace("'", '"'))
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    expected = load_file(str(tmp_path / "whole" / "out" / "lora.safetensors"))
-    actual = load_file(str(run_dir / "lora.safetensors"))
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    stop_by_sigterm_then_resume(parted, run_dir, total_steps=30)
+    assert_same_tensors(tmp_path / "whole" / "out" / "lora.safetensors", run_dir / "lora.safetensors",
+                        rtol=1e-5, atol=1e-6)
 
 
 def test_fused_adafactor_full_training_equals_the_unfused_run(tiny_models, tmp_path):

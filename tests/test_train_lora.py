@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from train_helpers import (
-    REPO,
-    engine_env,
+    assert_same_tensors,
     events_of,
     load_pipeline,
     pipeline_text_encoders,
     run_engine,
+    stop_by_sigterm_then_resume,
     unet_conditioning,
     validation_loss,
     write_config,
@@ -171,17 +167,6 @@ def test_locon_trains_conv_modules(tiny_models, tmp_path):
     assert any("resnets" in key for key in conv_downs)
 
 
-def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, limit: float = 300) -> None:
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        events = events_of(run_dir) if (run_dir / "events.jsonl").exists() else []
-        if any(e["type"] == "progress" and e["step"] >= step for e in events):
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
 def test_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path):
     # Pixels are loaded every step (no latent cache), with flips and caption shuffling, so a resume that replayed
     # or skipped any sample, or any random draw, would give different weights.
@@ -194,26 +179,11 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path)
 
     parted = write_config(tmp_path / "parted" / "config.toml", tiny_models, **sections)
     run_dir = tmp_path / "parted" / "out"
-    process = subprocess.Popen([sys.executable, "-m", "engine", "train", str(parted)], cwd=REPO, env=engine_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(run_dir, 3, process)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output
-    done = events_of(run_dir)[-1]
-    assert done["type"] == "done" and done["stopped"], done
-    stopped_at = done["global_step"]
-    assert 3 <= stopped_at < 40, "the run ended before the signal; nothing was resumed"
-    result = run_engine("train", str(parted), "--set", f"saving.resume={done['state']!r}".replace("'", '"'))
-    assert result.returncode == 0, result.stdout + result.stderr
+    stopped_at = stop_by_sigterm_then_resume(parted, run_dir, total_steps=40)
     resumed_progress = [e["step"] for e in events_of(run_dir) if e["type"] == "progress"]
     assert resumed_progress[-(40 - stopped_at):] == list(range(stopped_at + 1, 41))
-
-    expected = load_file(str(tmp_path / "whole" / "out" / "lora.safetensors"))
-    actual = load_file(str(run_dir / "lora.safetensors"))
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_tensors(tmp_path / "whole" / "out" / "lora.safetensors", run_dir / "lora.safetensors",
+                        rtol=1e-5, atol=1e-6)
 
 
 def _poison_latents_of_a_later_image(config_path: Path) -> Path:

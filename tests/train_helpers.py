@@ -149,3 +149,47 @@ def load_models(tiny_models: dict[str, Path], family: str) -> tuple[Any, list[An
         unet = UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet").eval()
         _LOADED_MODELS[family] = unet, load_text_encoders(tiny_models[family]).encoders
     return copy.deepcopy(_LOADED_MODELS[family])
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, limit: float = 300) -> None:
+    """Until the run in `run_dir` has reported `step` (its process must still be running meanwhile)."""
+    import time
+
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        events = events_of(run_dir) if (run_dir / "events.jsonl").exists() else []
+        if any(e["type"] == "progress" and e["step"] >= step for e in events):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def stop_by_sigterm_then_resume(config: Path, run_dir: Path, total_steps: int, stop_after: int = 3) -> int:
+    """Train `config`, SIGTERM the run once it reported `stop_after`, check it stopped gracefully with a state
+    before the end, then resume from that state to the end. Returns the step it stopped at."""
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", str(config)], cwd=REPO, env=engine_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, stop_after, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    done = events_of(run_dir)[-1]
+    assert done["type"] == "done" and done["stopped"], done
+    stopped_at = done["global_step"]
+    assert stop_after <= stopped_at < total_steps, "the run ended before the signal; nothing was resumed"
+    result = run_engine("train", str(config), "--set", f"saving.resume={done['state']!r}".replace("'", '"'))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return stopped_at
+
+
+def assert_same_tensors(expected_file: Path, actual_file: Path, *, rtol: float, atol: float) -> None:
+    """The two safetensors files hold the same keys and, key by key, the same values within the tolerances."""
+    from safetensors.torch import load_file
+
+    expected, actual = load_file(str(expected_file)), load_file(str(actual_file))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=key)
