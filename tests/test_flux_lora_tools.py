@@ -8,17 +8,16 @@ layers as their sources do (or within the SVD's error); an extracted LoRA must r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from lora_cli import run_cli, run_json
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.cli import lora_cmd
 from engine.models.flux.params import params_from_state_dict
 from engine.models.flux.text_encoders import load_clip_l, load_t5xxl
 from engine.models.flux.transformer import Flux
@@ -38,21 +37,6 @@ ALL_TEXT = {"train_t5xxl": "True"}  # with CLIP-L, which trains by default
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """`python -m engine lora ...` through its own parser; (exit code, stdout, stderr)."""
-    parser = argparse.ArgumentParser()
-    lora_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(["lora", *(str(arg) for arg in args)])
-    code = parsed.handler(parsed)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def run_json(capsys, *args) -> tuple[int, dict]:
-    code, out, _ = run_cli(capsys, *args, "--json")
-    return code, json.loads(out)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ outputs exactly as its sources do (or keep the fraction of each change the SVD s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -18,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, UNet2DConditionModel
+from lora_cli import run_cli, run_json
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.cli import lora_cmd
 from engine.models.loading import load_model
 from engine.models.text_encoders import load_text_encoders
 from engine.networks.lora import LoRANetwork, create_lora_network
@@ -34,21 +33,6 @@ LORA_B = (2, 1.0, 1, 0.5, 2)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """`python -m engine lora ...` through its own parser; returns (exit code, stdout, stderr)."""
-    parser = argparse.ArgumentParser()
-    lora_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(["lora", *(str(arg) for arg in args)])
-    code = parsed.handler(parsed)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def run_json(capsys, *args) -> tuple[int, dict]:
-    code, out, _ = run_cli(capsys, *args, "--json")
-    return code, json.loads(out)
 
 
 @pytest.fixture(scope="module")
