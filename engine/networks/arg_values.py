@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["arg_flag", "arg_number"]
+__all__ = ["arg_flag", "arg_non_negative", "arg_number"]
 
 
 def arg_number(path: str, value: Any, wanted: str) -> float:
@@ -26,3 +26,11 @@ def arg_flag(path: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ValueError(f"{path} must be true or false, got {value!r}")
+
+
+def arg_non_negative(path: str, value: Any, wanted: str) -> float:
+    """:func:`arg_number`, refusing values below 0 and nan with the same message."""
+    number = arg_number(path, value, wanted)
+    if not number >= 0:  # also refuses nan
+        raise ValueError(f"{path} must be {wanted}, got {value!r}")
+    return number

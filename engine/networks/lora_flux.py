@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.networks.arg_values import arg_flag, arg_number
+from engine.networks.arg_values import arg_flag, arg_non_negative, arg_number
 
 __all__ = ["FLUX_NETWORK_ARGS", "IN_DIM_LAYERS", "TYPE_DIMS", "FluxLoRAArgs", "block_of", "parse_flux_args"]
 
@@ -208,11 +208,7 @@ def _pairs(path: str, value: Any, parse: Callable[[str, Any], Any]) -> tuple[tup
 
 
 def _learning_rate(path: str, value: Any) -> float:
-    wanted = "a learning rate of at least 0"
-    number = arg_number(path, value, wanted)
-    if not number >= 0:  # also refuses nan
-        raise ValueError(f"{path} must be {wanted}, got {value!r}")
-    return number
+    return arg_non_negative(path, value, "a learning rate of at least 0")
 
 
 # network_args key -> (FluxLoRAArgs field, parser). The type dims are collected into FluxLoRAArgs.type_dims.

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from engine.config.choices import LYCORIS, NETWORK_TYPES
-from engine.networks.arg_values import arg_flag, arg_number
+from engine.networks.arg_values import arg_flag, arg_non_negative, arg_number
 from engine.networks.lora import LoRANetwork, LoRAOptions, text_encoder_flags
 from engine.networks.lora_flux import FLUX_NETWORK_ARGS
 from engine.networks.lora_names import (
@@ -107,11 +107,7 @@ def _factor(path: str, value: Any) -> int:
 
 
 def _non_negative(path: str, value: Any) -> float:
-    wanted = "a number of at least 0"
-    number = arg_number(path, value, wanted)
-    if not number >= 0:  # also refuses nan
-        raise ValueError(f"{path} must be {wanted}, got {value!r}")
-    return number
+    return arg_non_negative(path, value, "a number of at least 0")
 
 
 @dataclass(frozen=True)
