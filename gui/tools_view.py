@@ -32,9 +32,8 @@ from engine.config.io import (
     save_config,
 )
 from engine.config.schema import RunConfig
-from engine.data.doctor_models import flux_family_of
+from engine.data.doctor_models import file_header, flux_family_of, safetensors_header_json
 from engine.models.families import family_info
-from engine.models.single_file import FileHeader
 from engine.train.run import absolute_config
 from gui.browse import FileRoots, PathNotAllowed
 from gui.doctor_view import report_for
@@ -56,7 +55,6 @@ MERGE_PRECISIONS: tuple[str, ...] = (KEEP_PRECISION, *(name for name in PRECISIO
 # option stem (engine.cli.lora_cmd.TEXT_ENCODER_OPTIONS; engine.networks.tools.model_files maps them the same way,
 # but it loads torch).
 TEXT_ENCODER_PREFIXES = {"lora_te1": "clip-l", "lora_te3": "t5xxl"}
-_MAX_HEADER = 100 * 1024 * 1024  # a safetensors header is a few MB at most
 # resize rule (as the engine names it) -> (its option, what the value means to a user)
 RESIZE_RULES: dict[str, tuple[str, str]] = {
     "rank": ("--rank", "a fixed rank for every module"),
@@ -336,26 +334,9 @@ def doctor_report(source: str, path: str | None, current: Mapping[str, Any] | No
 # --- model files (headers only: the GUI never imports safetensors or torch) ---------------------------------------
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors/.sft file (tensor dtypes, shapes and the metadata), read in plain Python.
-
-    Raises:
-        OSError, ValueError: the file cannot be read or is no safetensors file.
-    """
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 2 <= size <= _MAX_HEADER:
-            raise ValueError(f"a header length of {size} bytes: not a safetensors file")
-        header = json.loads(handle.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("a header that is not a JSON object: not a safetensors file")
-    return header
-
-
 def _file_family(path: Path, header: Mapping[str, Any]) -> str | None:
     """"flux1" or "chroma" for a FLUX.1/Chroma transformer file, else None (the doctor's test of the keys)."""
-    shapes = {key: tuple(entry.get("shape", ())) for key, entry in header.items() if key != "__metadata__"}
-    return flux_family_of(FileHeader(path, shapes, dict(header.get("__metadata__") or {})))
+    return flux_family_of(file_header(path, header))
 
 
 def separate_text_encoders(model: str | None, roots: FileRoots) -> tuple[str, list[str]] | None:
@@ -371,8 +352,8 @@ def separate_text_encoders(model: str | None, roots: FileRoots) -> tuple[str, li
     if path.suffix.lower() not in (".safetensors", ".sft") or not path.is_file():
         return None
     try:
-        family = _file_family(path, safetensors_header(path))
-    except (OSError, ValueError, AttributeError):
+        family = _file_family(path, safetensors_header_json(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if family is None:
         return None
@@ -591,10 +572,10 @@ def model_file_line(role: str, path: str) -> str:
     """'- **Model** `path`: 1.2 GiB, 780 tensors (BF16 780), a `flux1` transformer (flux-1-dev)', from the header."""
     file = Path(path)
     try:
-        header = safetensors_header(file)
+        header = safetensors_header_json(file)
         size = file.stat().st_size
         family = _file_family(file, header)
-    except (OSError, ValueError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f"- **{role}** `{path}`: its header cannot be read ({error})"
     metadata = header.pop("__metadata__", None) or {}
     dtypes = Counter(str(entry.get("dtype", "?")) for entry in header.values() if isinstance(entry, dict))

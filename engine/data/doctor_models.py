@@ -10,9 +10,10 @@ do. Which check runs is chosen by the family's loader (`FamilyInfo.loader`), nev
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.config.base import field_families
 from engine.config.io import resolve_path
@@ -35,6 +36,29 @@ _CLIP_INPUT = ("vector_in.in_layer.weight", "time_text_embed.text_embedder.linea
 _FAMILY_NAMES = {"flux1": "FLUX.1", "chroma": "Chroma"}
 
 
+def safetensors_header_json(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors/.sft file (each tensor's dtype, shape and offsets, and ``__metadata__``),
+    read in plain Python: no safetensors, no torch, so the GUI process can call it.
+
+    Raises:
+        OSError, ValueError: the file cannot be read or is no safetensors file.
+    """
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= _MAX_HEADER:
+            raise ValueError(f"a header length of {size} bytes: not a safetensors file")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("a header that is not a JSON object: not a safetensors file")
+    return header
+
+
+def file_header(path: Path, header: Mapping[str, Any]) -> FileHeader:
+    """Tensor shapes and metadata from a :func:`safetensors_header_json` result."""
+    shapes = {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+    return FileHeader(path, shapes, dict(header.get("__metadata__") or {}))
+
+
 def read_safetensors_header(path: Path) -> FileHeader:
     """Tensor shapes and metadata of a .safetensors/.sft file, from its header only, without safetensors or torch.
 
@@ -42,16 +66,9 @@ def read_safetensors_header(path: Path) -> FileHeader:
         ModelLoadError: the file cannot be read or is no safetensors file (the message names it).
     """
     try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 2 <= size <= _MAX_HEADER:
-                raise ValueError(f"a header length of {size} bytes")
-            header = json.loads(handle.read(size))
-        metadata = header.pop("__metadata__", None) or {}
-        shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
+        return file_header(path, safetensors_header_json(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
-    return FileHeader(path, shapes, metadata)
 
 
 @dataclass
