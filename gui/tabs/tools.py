@@ -1,6 +1,7 @@
 """The Tools tab: inspect, merge, resize and extract LoRA files, build the latent cache, and run the dataset doctor
 on any config. The LoRA tools and the cache run as engine processes (they load torch); the doctor runs here.
-Logic lives in gui/tools_view.py; this module lays out components and wires events."""
+Logic lives in gui/tools_view.py, what results look like in gui/tools_render.py; this module lays out components and
+wires events."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from engine.config.errors import ConfigError
+from gui import tools_render as render
 from gui import tools_view as view
 from gui.context import TabContext
 from gui.doctor_view import DoctorPanel
@@ -66,7 +68,7 @@ def _wire_writer(tool: str, button: gr.Button, fields: set, make_args: Callable[
             return
         yield {result: f"Running `{view.command_text(args)}`…", written: ""}
         outcome, inspected = view.run_and_inspect(args)
-        yield {result: view.result_markdown(tool, outcome), written: view.written_markdown(outcome, inspected)}
+        yield {result: render.result_markdown(tool, outcome), written: render.written_markdown(outcome, inspected)}
 
     button.click(run, inputs=fields, outputs=[result, written])
 
@@ -77,7 +79,7 @@ def _inspect_tab(roots: FileRoots) -> None:
                            "a .safetensors, .ckpt or .pt LoRA, LyCORIS or Textual Inversion file")
         button = gr.Button("Inspect", variant="primary", elem_id="tools-inspect-run")
         summary = gr.Markdown(elem_id="tools-inspect-summary")
-        metadata = gr.Dataframe(headers=view.METADATA_COLUMNS, value=None, interactive=False, wrap=True,
+        metadata = gr.Dataframe(headers=render.METADATA_COLUMNS, value=None, interactive=False, wrap=True,
                                 label="Training metadata", elem_id="tools-inspect-metadata")
 
     def run(path: str) -> Iterator[Values]:
@@ -88,8 +90,8 @@ def _inspect_tab(roots: FileRoots) -> None:
             return
         yield {summary: f"Running `{view.command_text(args)}`…", metadata: None}
         outcome = view.run_lora_tool(args)
-        yield {summary: view.inspect_outcome_markdown(outcome),
-               metadata: view.metadata_frame(outcome.report) if outcome.report else None}
+        yield {summary: render.inspect_outcome_markdown(outcome),
+               metadata: render.metadata_frame(outcome.report) if outcome.report else None}
 
     button.click(run, inputs=file, outputs=[summary, metadata])
 
@@ -237,13 +239,13 @@ def _cache_tab(ctx: TabContext) -> None:
         try:
             config = view.cache_config_path(values[source], values[path], values[ctx.config], ctx.roots)
         except (view.ToolInputError, ConfigError) as error:
-            yield {progress: "", result: view.config_error_markdown(error)}
+            yield {progress: "", result: render.config_error_markdown(error)}
             return
         args = view.cache_args(config, skip_existing=values[skip], device=values[device], workers=values[workers])
         yield {progress: "Starting (loading the VAE)…", result: ""}
         for update in EngineJob(args).follow():
             yield {progress: update.progress_text() or "Starting (loading the VAE)…"}
-        yield {progress: update.progress_text(), result: view.cache_markdown(update)}
+        yield {progress: update.progress_text(), result: render.cache_markdown(update)}
 
     button.click(run, inputs={source, path, skip, device, workers, ctx.config}, outputs=[progress, result])
 

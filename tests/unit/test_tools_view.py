@@ -15,6 +15,7 @@ from train_helpers import make_locon_file
 from engine.config.errors import ConfigError
 from engine.config.io import load_config
 from engine.networks.network_file import read_network_file, save_network_file
+from gui import tools_render as render
 from gui import tools_view as view
 from gui.file_browser import FileRoots
 from gui.jobs import EngineJob
@@ -56,7 +57,7 @@ def file_ranks(path: Path) -> tuple[int, Counter, Counter]:
 
 def test_inspect_summary_shows_what_the_file_holds(lora, inspected):
     assert inspected.error == ""
-    text = view.inspect_markdown(inspected.report)
+    text = render.inspect_markdown(inspected.report)
     modules, ranks, alphas = file_ranks(lora)
     assert f"**Modules:** {modules} (" in text
     rank_line = next(line for line in text.splitlines() if line.startswith("- **Rank:**"))
@@ -69,7 +70,7 @@ def test_inspect_summary_shows_what_the_file_holds(lora, inspected):
 
 
 def test_metadata_table_lists_the_training_keys_and_folders(inspected):
-    frame = view.metadata_frame(inspected.report)
+    frame = render.metadata_frame(inspected.report)
     table = dict(zip(frame["key"], frame["value"], strict=True))
     for key in ("ss_base_model_version", "ss_output_name", "ss_network_dim", "ss_learning_rate"):
         assert table[key] == METADATA[key]
@@ -85,10 +86,10 @@ def test_nan_weights_are_flagged_by_module(lora, folder, roots):
     save_network_file(path, tensors, metadata, save_as="safetensors")
     outcome = view.run_lora_tool(view.inspect_args(str(path), roots))
     assert outcome.report is not None and outcome.report["ok"] is False
-    text = view.inspect_markdown(outcome.report)
+    text = render.inspect_markdown(outcome.report)
     module = broken.removesuffix(".lora_up.weight")
     assert "✖" in text and module in text and "No NaN" not in text
-    assert [module in error for error in view.non_finite_errors(outcome.report)] == [True]
+    assert [module in error for error in render.non_finite_errors(outcome.report)] == [True]
 
 
 def test_resize_writes_a_new_file_and_its_summary_shows_the_new_rank(lora, roots):
@@ -98,9 +99,9 @@ def test_resize_writes_a_new_file_and_its_summary_shows_the_new_rank(lora, roots
     assert written == lora.with_name("style_rank2.safetensors") and written.is_file()
     modules, ranks, _ = file_ranks(written)
     assert ranks == Counter({"2": modules})
-    assert f"Wrote `{written}`" in view.result_markdown("resize", outcome)
-    assert f"Ranks after: 2 ({modules} modules)" in view.result_markdown("resize", outcome)
-    assert f"**Rank:** 2 ({modules} modules)" in view.inspect_outcome_markdown(inspected)
+    assert f"Wrote `{written}`" in render.result_markdown("resize", outcome)
+    assert f"Ranks after: 2 ({modules} modules)" in render.result_markdown("resize", outcome)
+    assert f"**Rank:** 2 ({modules} modules)" in render.inspect_outcome_markdown(inspected)
     # The default name of a second resize must not be the file just written: the tools never overwrite.
     assert view.resize_args(str(lora), "", roots, rule="rank", value=2)[4] == str(lora.with_name(
         "style_rank2-2.safetensors"))
@@ -110,7 +111,7 @@ def test_the_engines_refusal_is_what_the_page_shows(lora, roots):
     outcome, inspected = view.run_and_inspect(view.resize_args(str(lora), str(lora), roots, rule="rank", value=2))
     assert inspected is None and outcome.report is None
     assert "is one of the inputs" in outcome.error and str(lora) in outcome.error
-    assert outcome.error in view.result_markdown("resize", outcome)
+    assert outcome.error in render.result_markdown("resize", outcome)
 
 
 def test_report_is_found_after_other_output():
@@ -189,7 +190,7 @@ def test_cache_latents_from_a_config_file(folder, roots, dataset_config):
     update = EngineJob(view.cache_args(config, device="cpu", workers=1), work_dir=folder / "cache-job").run()
     images = image_count(dataset_config)
     assert update.ok, update.output
-    assert view.cache_markdown(update).startswith(f"✔ **Cached {images} of {images} images:** {images} encoded")
+    assert render.cache_markdown(update).startswith(f"✔ **Cached {images} of {images} images:** {images} encoded")
     assert f": {images}/{images}" in update.progress_text()
 
 
@@ -203,12 +204,12 @@ def test_merge_into_a_model_then_extract_it_back(lora, folder, roots, tiny_model
     assert inspected_model is None  # a checkpoint, not a LoRA: the page shows no LoRA summary for it
     written = Path(merged.report["output"])
     assert written.is_file() and written != Path(base)
-    text = view.result_markdown("merge", merged)
+    text = render.result_markdown("merge", merged)
     assert f"Merged `{lora}` at 0.8" in text and "(sd1)" in text
 
     extracted, inspected = view.run_and_inspect(view.extract_args(str(base), str(written), "", roots, rank=4))
     assert extracted.report is not None, extracted.error
     modules, ranks, _ = file_ranks(Path(extracted.report["output"]))
     assert ranks == Counter({"4": modules}) and modules > 0
-    assert "at rank 4" in view.result_markdown("extract", extracted)
-    assert f"**Rank:** 4 ({modules} modules)" in view.inspect_outcome_markdown(inspected)
+    assert "at rank 4" in render.result_markdown("extract", extracted)
+    assert f"**Rank:** 4 ({modules} modules)" in render.inspect_outcome_markdown(inspected)
