@@ -16,6 +16,7 @@ must both be even; the token grid is (h/2, w/2).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -112,11 +113,13 @@ def _rand(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
     return torch.rand(tuple(shape), generator=generator, device=generator.device)
 
 
+@functools.lru_cache(maxsize=8)
 def sigma_table(shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """σ of FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift) in its (descending) order, float32.
 
     t_k = k for k = T…1, σ_k = s·(t_k/T) / (1 + (s − 1)·t_k/T). Computed with the same float32 operations as
-    diffusers/sd-scripts, so the table is bit-identical to ``scheduler.sigmas``.
+    diffusers/sd-scripts, so the table is bit-identical to ``scheduler.sigmas``. Built once per (shift, T): the
+    trainer draws σ per sample, and the table would otherwise be rebuilt for each one. Read it, never write to it.
     """
     steps = torch.arange(num_train_timesteps, 0, -1, dtype=torch.float32)
     sigmas = steps / num_train_timesteps
