@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from flux_tiny import _perturbed, tiny_flux_files
-from timing import StepClock
+from timing import StepClock, minimal_update
 from train_helpers import dataset_batch, write_config
 
 RESOLUTION = 64
@@ -118,11 +118,5 @@ def baseline_step_time(models: dict[str, Path], steps: int, batch_size: int, war
             guidance=torch.full((batch_size,), settings.guidance_scale, device=device))
         prediction = flow.unpack_latents(packed, (height, width))
         loss = torch.nn.functional.mse_loss(prediction, flow.velocity_target(x0, noise))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        clock.mark()
+        minimal_update(loss, parameters, optimizer, device, clock)
     return clock.stats(warmup)

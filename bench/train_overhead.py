@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from timing import StepClock, step_stats  # noqa: E402
+from timing import StepClock, minimal_update, step_stats  # noqa: E402
 from train_helpers import write_config  # noqa: E402
 
 from engine.config.io import load_config  # noqa: E402
@@ -125,13 +125,7 @@ def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_s
         timesteps = torch.randint(0, 1000, (batch_size,), device=device)
         prediction = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, encoder_hidden_states=states).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        clock.mark()
+        minimal_update(loss, parameters, optimizer, device, clock)
         del step
     return clock.stats(WARMUP_STEPS)
 
