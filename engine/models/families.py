@@ -13,7 +13,7 @@ from dataclasses import dataclass
 class FamilyInfo:
     """Facts about one model family (spec §5.1, §5.3)."""
 
-    name: str  # "sd1", "sd2", "sdxl", "flux1" or "chroma"
+    name: str  # "sd1", "sd2", "sdxl", "flux1", "chroma" or "sd3"
     # kohya LoRA prefixes of the text encoders, in the order of LoadedTextEncoders.encoders
     text_encoder_lora_prefixes: tuple[str, ...]
     default_resolution: int
@@ -26,11 +26,11 @@ class FamilyInfo:
     uses_size_conditioning: bool = False  # SDXL's added time ids (original size, crop, target size)
     # Keys into the registries of the modules that differ per family; those modules look these up and never test a
     # family name. Adding a family means an entry here plus, where it is new, an entry in the registry it names.
-    objective: str = "ddpm"  # engine.train.objectives: "ddpm" (noise/v prediction) or "flow" (flow matching)
-    unet_naming: str = "diffusers"  # engine.networks.lora_names: "diffusers", "sai" (SDXL) or "bfl" (FLUX blocks)
-    text_encoding: str = "sd"  # engine.models.text_encoding and the trainer's conditioning: "sd", "sdxl", "flux"
-    sampler: str = "sd"  # engine.train.sampling: "sd", "sdxl" or "flux"
-    loader: str = "ldm"  # engine.models.loading: "ldm" (SD checkpoints and pipelines) or "flux"
+    objective: str = "ddpm"  # engine.train.objectives: "ddpm" (noise/v prediction), "flow" (FLUX) or "sd3" (x0 flow)
+    unet_naming: str = "diffusers"  # engine.networks.lora_names: "diffusers", "sai" (SDXL), "bfl" (FLUX), "mmdit" (SD3)
+    text_encoding: str = "sd"  # engine.models.text_encoding and the trainer's conditioning: "sd", "sdxl", "flux", "sd3"
+    sampler: str = "sd"  # engine.train.sampling: "sd", "sdxl", "flux" or "sd3"
+    loader: str = "ldm"  # engine.models.loading: "ldm" (SD checkpoints and pipelines), "flux" or "sd3"
     latent_channels: int = 4
     latent_shift: float = 0.0  # latents are (z - shift) * scaling_factor before the denoiser sees them
     bucket_multiple: int = 8  # image sides must be multiples of this (FLUX packs 2x2 latent patches: 16 px)
@@ -40,8 +40,12 @@ class FamilyInfo:
     diffusers_pipeline: str = "StableDiffusionPipeline"  # the diffusers class a saved pipeline folder is
     # modelspec architecture per variant of the base file (FLUX.1 dev vs schnell), overriding `architecture`
     variant_architectures: tuple[tuple[str, str], ...] = ()
+    # ss_base_model_version is the base file's variant itself (SD3: "medium", "5-medium", "5-large"; spec §8.6)
+    base_version_is_variant: bool = False
 
-    def base_model_version(self, v_prediction: bool) -> str:
+    def base_model_version(self, v_prediction: bool, variant: str = "") -> str:
+        if self.base_version_is_variant and variant:
+            return variant
         return self.base_version_v if v_prediction else self.base_version
 
     def modelspec_architecture(self, v_prediction: bool, kind: str = "lora", variant: str = "") -> str:
@@ -78,6 +82,17 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                          text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
                          bucket_multiple=16, model_type="chroma", kohya_network_module="networks.lora_flux",
                          diffusers_pipeline="ChromaPipeline"),
+    # SD3 medium, SD3.5 medium and SD3.5 large share an entry: the file tells them apart (qk-norm, attn2; spec §8.1)
+    # and the variant names them in the metadata, as sd-scripts' model_type does (spec §8.6).
+    "sd3": FamilyInfo("sd3", ("lora_te1", "lora_te2", "lora_te3"), 1024, "medium", "medium",
+                      "stable-diffusion-3-medium", "stable-diffusion-3-medium", "https://github.com/Stability-AI/sd3.5",
+                      1.5305, objective="sd3", unet_naming="mmdit", text_encoding="sd3", sampler="sd3", loader="sd3",
+                      latent_channels=16, latent_shift=0.0609, bucket_multiple=16,
+                      kohya_network_module="networks.lora_sd3", diffusers_pipeline="StableDiffusion3Pipeline",
+                      variant_architectures=(("medium", "stable-diffusion-3-medium"),
+                                             ("5-medium", "stable-diffusion-3-5-medium"),
+                                             ("5-large", "stable-diffusion-3-5-large")),
+                      base_version_is_variant=True),
 }
 
 
