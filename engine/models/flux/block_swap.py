@@ -1,10 +1,14 @@
-"""Block swapping and placement of a frozen FLUX transformer on the device (spec §1.7, §6.2).
+"""Block swapping and placement of a frozen FLUX or SD3 transformer on the device (spec §1.7, §6.2, §8.6).
 
 * :class:`BlockSwapper` keeps the weights of the last K blocks on the CPU and brings each block's weights to the
   compute device only while the block runs, in the forward pass and again in the backward pass.
 * :func:`place_transformer` puts a frozen transformer on the device in the compute dtype, leaving fp8 weights
   (:func:`engine.models.flux.fp8.store_in_fp8`) as they are and the swapped blocks' weights on the CPU, so the full
   model never has to fit on the device.
+
+Which block lists a model has, and how sd-scripts splits K among them, is a small registry keyed by the model's
+params class (:data:`SWAP_LAYOUTS`): FLUX.1 / Chroma swap ``double_blocks`` and ``single_blocks``, SD3 / SD3.5
+(MMDiT) ``joint_blocks``. Everything else is the same code for every model.
 
 Order in a run: load -> ``store_in_fp8`` (when asked) -> LoRA ``apply_to`` -> :func:`place_transformer`.
 """
@@ -21,14 +25,51 @@ from torch import Tensor, nn
 
 from engine.models.flux.fp8 import is_float8
 
-__all__ = ["BlockSwapper", "place_transformer", "swap_limits", "swap_split", "swapped_block_names"]
+__all__ = ["SWAP_LAYOUTS", "BlockSwapper", "SwapLayout", "place_transformer", "swap_layout", "swap_limits",
+           "swap_split", "swapped_block_names"]
 
 
-def swap_split(blocks_to_swap: int, params: Any) -> tuple[int, int]:
-    """sd-scripts' split of ``blocks_to_swap`` K: (double, single) = (K // 2, 2 * (K - K // 2)) (spec §6.2).
+@dataclass(frozen=True)
+class SwapLayout:
+    """How one kind of transformer swaps blocks.
 
-    ``params`` is anything with ``depth`` and ``depth_single_blocks`` (a FluxParams). At most N - 2 blocks of each
-    kind swap (17 of FLUX's 19 double blocks, 36 of its 38 single blocks, so K <= 35).
+    ``lists(params)`` gives the model's block lists as ((attribute, number of blocks, label), ...); ``split(K)`` how
+    many blocks of each list sd-scripts swaps for ``blocks_to_swap`` K (always the last ones of each list).
+    """
+
+    lists: Callable[[Any], tuple[tuple[str, int, str], ...]]
+    split: Callable[[int], tuple[int, ...]]
+
+
+def _flux_split(blocks_to_swap: int) -> tuple[int, ...]:
+    double = blocks_to_swap // 2  # sd-scripts' FLUX split: a single block is half a double block's size
+    return double, 2 * (blocks_to_swap - double)
+
+
+# Keyed by the model's params class name (FluxParams for FLUX.1 and Chroma, SD3Params for SD3 / SD3.5).
+SWAP_LAYOUTS: dict[str, SwapLayout] = {
+    "FluxParams": SwapLayout(lambda params: (("double_blocks", params.depth, "double"),
+                                             ("single_blocks", params.depth_single_blocks, "single")), _flux_split),
+    # One offloader over joint_blocks (spec §8.6): 22 of 24 blocks for SD3 / SD3.5 medium, 36 of 38 for SD3.5 large.
+    "SD3Params": SwapLayout(lambda params: (("joint_blocks", params.depth, "joint"),), lambda count: (count,)),
+}
+
+
+def swap_layout(params: Any) -> SwapLayout:
+    """The registry entry for a model's params; ValueError naming training.blocks_to_swap for other models."""
+    layout = SWAP_LAYOUTS.get(type(params).__name__)
+    if layout is None:
+        raise ValueError(f"training.blocks_to_swap: block swapping is not available for this model "
+                         f"({type(params).__name__}); set training.blocks_to_swap to 0")
+    return layout
+
+
+def swap_split(blocks_to_swap: int, params: Any) -> tuple[int, ...]:
+    """How many of the last blocks of each list swap for ``blocks_to_swap`` K, as sd-scripts splits it.
+
+    FLUX (a FluxParams): (double, single) = (K // 2, 2 * (K - K // 2)) (spec §6.2); SD3 (an SD3Params): (K,) of
+    ``joint_blocks`` (spec §8.6). At most N - 2 blocks of each list swap (17 of FLUX's 19 double blocks and 36 of
+    its 38 single blocks, so K <= 35; K <= depth - 2 for SD3).
 
     Raises:
         ValueError: K is negative or above :func:`swap_limits` (the message names training.blocks_to_swap).
@@ -37,19 +78,23 @@ def swap_split(blocks_to_swap: int, params: Any) -> tuple[int, int]:
         raise ValueError(f"training.blocks_to_swap must not be negative, got {blocks_to_swap}")
     limit = swap_limits(params)
     if blocks_to_swap > limit:
+        lists = " and ".join(f"{count} {label}" for _, count, label in swap_layout(params).lists(params))
         raise ValueError(
-            f"training.blocks_to_swap {blocks_to_swap} is too many for this model ({params.depth} double and "
-            f"{params.depth_single_blocks} single blocks): at most {limit}; lower it"
+            f"training.blocks_to_swap {blocks_to_swap} is too many for this model ({lists} blocks): at most "
+            f"{limit}; lower it"
         )
-    double = blocks_to_swap // 2
-    return double, 2 * (blocks_to_swap - double)
+    return swap_layout(params).split(blocks_to_swap)
 
 
 def swap_limits(params: Any) -> int:
-    """The largest ``blocks_to_swap`` a model takes: 35 for FLUX.1 / Chroma (19 double and 38 single blocks)."""
-    double_max, single_max = params.depth - 2, params.depth_single_blocks - 2
+    """The largest ``blocks_to_swap`` a model takes: every list keeps at least two blocks on the device.
+
+    35 for FLUX.1 / Chroma (19 double and 38 single blocks); 22 for 24-block SD3 / SD3.5 medium, 36 for SD3.5 large.
+    """
+    layout = swap_layout(params)
+    most = [count - 2 for _, count, _ in layout.lists(params)]
     limit = 0
-    while (limit + 1) // 2 <= double_max and 2 * (limit + 1 - (limit + 1) // 2) <= single_max:
+    while all(swapped <= top for swapped, top in zip(layout.split(limit + 1), most, strict=True)):
         limit += 1
     return limit
 
@@ -110,7 +155,7 @@ class _BackwardMarker(torch.autograd.Function):
 class BlockSwapper:
     """Keep the weights of the last ``blocks_to_swap`` blocks off the compute device except while they run.
 
-    The split between double and single blocks is sd-scripts' (:func:`swap_split`). Only the frozen ``nn.Linear``
+    Which blocks swap is sd-scripts' split (:func:`swap_split`, per :data:`SWAP_LAYOUTS`). Only the frozen ``nn.Linear``
     weights of those blocks move (nearly all of a block's bytes); biases, norm scales, buffers and anything that
     trains stay where they are. The weights are frozen, so the host copy is kept for good and "moving back" just
     drops the device copy: only host -> device copies happen (pinned memory, asynchronous, on the current stream).
@@ -132,14 +177,15 @@ class BlockSwapper:
         self.transformer = transformer
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
-        self.double_count, self.single_count = swap_split(blocks_to_swap, transformer.params)
+        self.counts = swap_split(blocks_to_swap, transformer.params)
+        self._blocks_to_swap = blocks_to_swap
         pin = self.device.type == "cuda" and self.offload_device.type == "cpu" if pin_memory is None else pin_memory
-        self.blocks = [self._take(f"double_blocks.{index}", transformer.double_blocks[index], pin)
-                       for index in range(len(transformer.double_blocks) - self.double_count,
-                                          len(transformer.double_blocks))]
-        self.blocks += [self._take(f"single_blocks.{index}", transformer.single_blocks[index], pin)
-                        for index in range(len(transformer.single_blocks) - self.single_count,
-                                           len(transformer.single_blocks))]
+        self.blocks = []
+        for (attribute, _, _), count in zip(swap_layout(transformer.params).lists(transformer.params), self.counts,
+                                            strict=True):
+            block_list = getattr(transformer, attribute)
+            self.blocks += [self._take(f"{attribute}.{index}", block_list[index], pin)
+                            for index in range(len(block_list) - count, len(block_list))]
         self.swap_ins = self.swap_outs = self.bytes_in = 0
         self._hooks = [transformer.register_forward_pre_hook(lambda module, args: self.prepare_for_forward())]
         for block in self.blocks:
@@ -147,7 +193,7 @@ class BlockSwapper:
 
     @property
     def blocks_to_swap(self) -> int:
-        return self.double_count + self.single_count // 2
+        return self._blocks_to_swap
 
     @property
     def swapped_names(self) -> list[str]:
@@ -318,7 +364,7 @@ def _map_tensors(output: Any, function: Any) -> Any:
 
 def place_transformer(transformer: nn.Module, device: torch.device | str, dtype: torch.dtype, *,
                       blocks_to_swap: int = 0) -> BlockSwapper | None:
-    """Put a frozen FLUX transformer on ``device`` for training; returns the swapper (None without swapping).
+    """Put a frozen FLUX or SD3 transformer on ``device`` for training; returns the swapper (None without swapping).
 
     Floating tensors go to ``dtype`` except fp8-stored weights (:func:`~engine.models.flux.fp8.store_in_fp8`), which
     keep their 1 byte a parameter; the weights of the ``blocks_to_swap`` swapped blocks go to the CPU instead of the
@@ -353,6 +399,7 @@ def _target_dtype(tensor: Tensor, dtype: torch.dtype) -> torch.dtype:
 
 def swapped_block_names(params: Any, blocks_to_swap: int) -> Sequence[str]:
     """The block names :class:`BlockSwapper` would swap (for the doctor and logs), without a model."""
-    double, single = swap_split(blocks_to_swap, params)
-    return [f"double_blocks.{index}" for index in range(params.depth - double, params.depth)] + [
-        f"single_blocks.{index}" for index in range(params.depth_single_blocks - single, params.depth_single_blocks)]
+    counts = swap_split(blocks_to_swap, params)
+    return [f"{attribute}.{index}" for (attribute, total, _), count in zip(swap_layout(params).lists(params), counts,
+                                                                          strict=True)
+            for index in range(total - count, total)]
