@@ -1,10 +1,11 @@
 """The doctor's model-file checks: before any GPU time, the files a model family needs exist and fit together.
 
 FLUX.1 and Chroma come as separate files (`model.pretrained_model_name_or_path` the transformer, `model.clip_l`,
-`model.t5xxl`, `model.ae`); a wrong or missing one otherwise shows up minutes into a run, after the text encoders
-have loaded. Only file headers are read, in plain Python (the 8-byte length and the JSON after it): the doctor runs
-in the GUI process, which never imports torch or safetensors. Each finding names the config field and says what to
-do. Which check runs is chosen by the family's loader (`FamilyInfo.loader`), never by its name.
+`model.t5xxl`, `model.ae`), SD3 / SD3.5 as a single file with or without its text encoders (engine.data.doctor_sd3);
+a wrong or missing one otherwise shows up minutes into a run, after the text encoders have loaded. Only file headers
+are read, in plain Python (the 8-byte length and the JSON after it): the doctor runs in the GUI process, which never
+imports torch or safetensors. Each finding names the config field and says what to do. Which check runs is chosen
+by the family's loader (`FamilyInfo.loader`), never by its name.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from typing import Any
 from engine.config.base import field_families
 from engine.config.io import resolve_path
 from engine.config.schema import RunConfig
+from engine.data.model_kinds import flux_family_of, model_family_of, model_kind
 from engine.data.records import Finding
 from engine.models.families import family_info
-from engine.models.flux.convert import BFL_CHROMA_KEY, transformer_layout
 from engine.models.flux.files import TRANSFORMER_PREFIX, check_not_adapter
-from engine.models.single_file import FileHeader, ModelLoadError
+from engine.models.single_file import FileHeader, ModelLoadError, adapter_kind
+
+__all__ = ["LOCATION", "MODEL_CHECKS", "ModelChecker", "file_header", "flux_family_of", "model_findings",
+           "read_safetensors_header", "safetensors_header_json", "suffixed"]
 
 _HEADER_FILES = (".safetensors", ".sft")  # files whose header can be read without torch
 _MODEL_FILES = (*_HEADER_FILES, ".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # a real header is a few MB at most; more means it is no safetensors file
-_LOCATION = "model.pretrained_model_name_or_path"
+LOCATION = "model.pretrained_model_name_or_path"
 _FAMILY = "model.model_family"
 # Widths the text encoders must match: the transformer's text input (T5) and pooled-vector input (CLIP-L), in BFL
 # and in diffusers naming (prefix-free), as [out, in] weights.
@@ -72,7 +76,7 @@ def read_safetensors_header(path: Path) -> FileHeader:
 
 
 @dataclass
-class _Checker:
+class ModelChecker:
     """The findings of one config's model files, and the widths read so far (to check that the files fit)."""
 
     config: RunConfig
@@ -83,9 +87,10 @@ class _Checker:
     def error(self, path: Path | str, message: str, hint: str, code: str = "model-file") -> None:
         self.findings.append(Finding("error", code, str(path), message, hint))
 
-    def header(self, field: str, what: str) -> FileHeader | None:
+    def header(self, field: str, what: str, *, component: bool = False) -> FileHeader | None:
         """The header of the file `field` names; None when it is unset, a folder or a hub id (the loader reads
-        those), not a header file, or missing (then a finding says so)."""
+        those), not a header file, or missing, a LoRA, or (for a `component`) a whole model (then a finding says
+        so)."""
         value = getattr(self.config.model, field.split(".")[-1]).strip()
         if not value:
             return None
@@ -100,11 +105,29 @@ class _Checker:
             return None  # a pickled checkpoint needs torch to look inside; the loader checks it
         try:
             header = read_safetensors_header(path)
-            check_not_adapter(header, field)
         except ModelLoadError as error:
             self.error(path, f"{field}: {error}", f"point {field} at {what}")
             return None
+        problem = _not_a_model_file(header, field, what, component)
+        if problem is not None:
+            self.error(path, f"{field}: {problem}", f"point {field} at {what}")
+            return None
         return header
+
+
+def _not_a_model_file(header: FileHeader, field: str, what: str, component: bool) -> str | None:
+    """Why a readable file cannot be `what`: a LoRA or an embedding, a scaled-fp8 file, or (for a component field)
+    a whole model; None when none of these."""
+    kind = adapter_kind(set(header.shapes))
+    if kind is not None:
+        name = "a LoRA file" if kind == "LoRA" else "a Textual Inversion embedding"
+        return f"this is {name}, not {what} (a LoRA goes in network.network_weights)"
+    try:
+        check_not_adapter(header, field)  # what it still refuses: scaled-fp8 files
+    except ModelLoadError as error:
+        return str(error)
+    whole = model_kind(header) if component else None
+    return f"this is {whole}, not {what}" if whole else None
 
 
 def _width(shapes: dict[str, tuple[int, ...]], names: tuple[str, ...], index: int) -> int | None:
@@ -114,43 +137,37 @@ def _width(shapes: dict[str, tuple[int, ...]], names: tuple[str, ...], index: in
     return None
 
 
-def _suffixed(header: FileHeader, suffix: str) -> tuple[int, ...] | None:
+def suffixed(header: FileHeader, suffix: str) -> tuple[int, ...] | None:
     """The shape of the tensor whose key ends with `suffix` (components come with several key prefixes)."""
     return next((shape for key, shape in header.shapes.items() if key == suffix or key.endswith("." + suffix)), None)
 
 
-def flux_family_of(header: FileHeader) -> str | None:
-    """"flux1" or "chroma" for a file holding a FLUX.1/Chroma transformer, else None."""
-    keys = {key.removeprefix(TRANSFORMER_PREFIX) for key in header.shapes}
-    if transformer_layout(keys) is None:
-        return None
-    return "chroma" if BFL_CHROMA_KEY in keys else "flux1"
-
-
-def _flux_transformer(checker: _Checker) -> dict[str, tuple[int, ...]] | None:
+def _flux_transformer(checker: ModelChecker) -> dict[str, tuple[int, ...]] | None:
     what = "the FLUX.1/Chroma transformer file (e.g. flux1-dev.safetensors)"
-    header = checker.header(_LOCATION, what)
+    header = checker.header(LOCATION, what)
     if header is None:
         return None
     found = flux_family_of(header)
     if found is None:
-        checker.error(header.path, f"{_LOCATION}: not a FLUX.1/Chroma transformer (no double_blocks.* or "
-                      f"transformer_blocks.* keys)", f"point {_LOCATION} at {what}, or set {_FAMILY} to the "
-                      "family of this file")
+        other = model_kind(header)
+        said = f"this is {other}, not" if other else "not"
+        checker.error(header.path, f"{LOCATION}: {said} a FLUX.1/Chroma transformer (no double_blocks.* or "
+                      f"transformer_blocks.* keys)", f"point {LOCATION} at {what}, or set {_FAMILY} to the "
+                      "family of this file (or auto)")
         return None
     if found != checker.family:
-        checker.error(header.path, f"{_LOCATION}: this is a {_FAMILY_NAMES[found]} model, but {_FAMILY} is "
+        checker.error(header.path, f"{LOCATION}: this is a {_FAMILY_NAMES[found]} model, but {_FAMILY} is "
                       f"'{checker.family}'", f"set {_FAMILY} to {found} (or auto)")
         return None
     return {key.removeprefix(TRANSFORMER_PREFIX): shape for key, shape in header.shapes.items()}
 
 
-def _check_clip_l(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None) -> None:
+def _check_clip_l(checker: ModelChecker, transformer: dict[str, tuple[int, ...]] | None) -> None:
     what = "CLIP-L's file (clip_l.safetensors)"
-    header = checker.header("model.clip_l", what)
+    header = checker.header("model.clip_l", what, component=True)
     if header is None:
         return
-    embedding = _suffixed(header, "embeddings.token_embedding.weight")
+    embedding = suffixed(header, "embeddings.token_embedding.weight")
     if embedding is None or len(embedding) != 2:
         checker.error(header.path, "model.clip_l: not a CLIP text encoder (no embeddings.token_embedding)",
                       f"point model.clip_l at {what}")
@@ -162,13 +179,13 @@ def _check_clip_l(checker: _Checker, transformer: dict[str, tuple[int, ...]] | N
                       "(clip_l.safetensors; not CLIP-G or another model's encoder)", "model-files-mismatch")
 
 
-def _check_t5xxl(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None) -> None:
+def _check_t5xxl(checker: ModelChecker, transformer: dict[str, tuple[int, ...]] | None) -> None:
     what = "T5-XXL's file (t5xxl_fp16.safetensors)"
-    header = checker.header("model.t5xxl", what)
+    header = checker.header("model.t5xxl", what, component=True)
     if header is None:
         return
-    shared = _suffixed(header, "shared.weight")
-    if shared is None or len(shared) != 2 or _suffixed(header, "encoder.final_layer_norm.weight") is None:
+    shared = suffixed(header, "shared.weight")
+    if shared is None or len(shared) != 2 or suffixed(header, "encoder.final_layer_norm.weight") is None:
         checker.error(header.path, "model.t5xxl: not a T5 encoder (no shared.weight / encoder.final_layer_norm)",
                       f"point model.t5xxl at {what}")
         return
@@ -179,12 +196,12 @@ def _check_t5xxl(checker: _Checker, transformer: dict[str, tuple[int, ...]] | No
                       "another model's encoder", "model-files-mismatch")
 
 
-def _check_ae(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None) -> None:
+def _check_ae(checker: ModelChecker, transformer: dict[str, tuple[int, ...]] | None) -> None:
     what = "the FLUX autoencoder (ae.safetensors)"
-    header = checker.header("model.ae", what)
+    header = checker.header("model.ae", what, component=True)
     if header is None:
         return
-    conv_out = _suffixed(header, "encoder.conv_out.weight")
+    conv_out = suffixed(header, "encoder.conv_out.weight")
     if conv_out is None:
         checker.error(header.path, "model.ae: no autoencoder weights (no encoder.conv_out)",
                       f"point model.ae at {what}")
@@ -197,14 +214,14 @@ def _check_ae(checker: _Checker, transformer: dict[str, tuple[int, ...]] | None)
 
 
 # The component files by model field; each is checked for the families the field applies to (Chroma has no CLIP-L).
-_FLUX_COMPONENTS: dict[str, Callable[[_Checker, dict[str, tuple[int, ...]] | None], None]] = {
+_FLUX_COMPONENTS: dict[str, Callable[[ModelChecker, dict[str, tuple[int, ...]] | None], None]] = {
     "clip_l": _check_clip_l, "t5xxl": _check_t5xxl, "ae": _check_ae}
 
 
 def flux_model_findings(config: RunConfig, base_dir: Path, family: str) -> list[Finding]:
     """The transformer, CLIP-L, T5-XXL and AE files: each exists, is what its field says, and fits the transformer
     (text widths, latent channels). Unset fields are the config rules' business."""
-    checker = _Checker(config, base_dir, family, [])
+    checker = ModelChecker(config, base_dir, family, [])
     transformer = _flux_transformer(checker)
     fields = type(config.model).model_fields
     for name, check in _FLUX_COMPONENTS.items():
@@ -214,18 +231,26 @@ def flux_model_findings(config: RunConfig, base_dir: Path, family: str) -> list[
     return checker.findings
 
 
+def _sd3_model_findings(config: RunConfig, base_dir: Path, family: str) -> list[Finding]:
+    from engine.data.doctor_sd3 import sd3_model_findings  # it builds on this module's checker
+
+    return sd3_model_findings(config, base_dir, family)
+
+
 # Model checks by FamilyInfo.loader; SD checkpoints carry their own text encoders and VAE, so they have none here.
-MODEL_CHECKS: dict[str, Callable[[RunConfig, Path, str], list[Finding]]] = {"flux": flux_model_findings}
+MODEL_CHECKS: dict[str, Callable[[RunConfig, Path, str], list[Finding]]] = {
+    "flux": flux_model_findings, "sd3": _sd3_model_findings}
 
 
 def _detected_family(config: RunConfig, base_dir: Path) -> str | None:
-    """The family of a FLUX.1/Chroma transformer file with model_family = "auto" (SD files are left to the loader)."""
+    """The family of the model file with model_family = "auto", from its header (a folder, hub id or pickle is left
+    to the loader)."""
     location = config.model.pretrained_model_name_or_path.strip()
     path = resolve_path(location, base_dir) if location else None
     if path is None or path.suffix.lower() not in _HEADER_FILES or not path.is_file():
         return None
     try:
-        return flux_family_of(read_safetensors_header(path))
+        return model_family_of(read_safetensors_header(path))
     except ModelLoadError:
         return None  # reported by the loader, which knows every kind of model file
 
