@@ -14,16 +14,16 @@ Which layers, their names and the settings (network_args): :mod:`engine.networks
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from engine.models.families import family_info
-from engine.networks.lora_flux import split_parts
 from engine.networks.lora_modules import LoRAModule, SplitLoRAModule
 from engine.networks.lora_names import (
+    UNET_NAMING,
     LoRAOptions,
     LoRATarget,
     is_t5_encoder,
@@ -158,15 +158,15 @@ class LoRANetwork(nn.Module):
     def _rate_groups(self, loras: Sequence[LoRAModule], lr: float) -> list[tuple[str, list[LoRAModule], float]]:
         """(group-name suffix, modules, rate): FLUX's network_reg_lrs moves each module whose name the first
         matching regex is found in into that regex's group (sd-scripts' rule, spec appendix A.3)."""
-        flux = self.options.flux
-        if flux is None or not flux.reg_lrs:
+        args = self.options.naming_args
+        if args is None or not args.reg_lrs:
             return [("", list(loras), lr)]
         grouped: dict[int | None, list[LoRAModule]] = {}
         for lora in loras:
-            grouped.setdefault(flux.reg_lr_index(lora.lora_name), []).append(lora)
+            grouped.setdefault(args.reg_lr_index(lora.lora_name), []).append(lora)
         order = sorted(grouped, key=lambda index: -1 if index is None else index)
         return [("" if index is None else f"_reg{index}", grouped[index],
-                 lr if index is None else flux.reg_lrs[index][1]) for index in order]
+                 lr if index is None else args.reg_lrs[index][1]) for index in order]
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors to save: kohya keys, on the CPU, copied (never aliasing the training weights)."""
@@ -286,13 +286,14 @@ def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], fam
                         module_dropout: float = 0.0, train_unet: bool = True,
                         train_text_encoder: bool | Sequence[bool] = True,
                         network_args: Mapping[str, Any] | None = None, multiplier: float = 1.0) -> LoRANetwork:
-    """Build a kohya LoRA (or LoCon, with conv_dim > 0) for a UNet or FLUX transformer and its text encoders;
-    not yet applied.
+    """Build a kohya LoRA (or LoCon, with conv_dim > 0) for a UNet, FLUX transformer or SD3 MMDiT and its text
+    encoders; not yet applied.
 
     Args:
-        unet: diffusers ``UNet2DConditionModel``, or the FLUX transformer (families with the "bfl" naming).
+        unet: diffusers ``UNet2DConditionModel``, the FLUX transformer (families with the "bfl" naming) or the SD3
+            MMDiT ("mmdit").
         text_encoders: the family's text encoders in order (CLIP for SD1/SD2, two CLIPs for SDXL, CLIP-L and T5
-            for FLUX.1, T5 for Chroma).
+            for FLUX.1, T5 for Chroma, CLIP-L, CLIP-G and T5 for SD3).
         family: a family of ``FAMILY_INFO`` (names and text-encoder prefixes).
         dim, alpha: rank and alpha of Linear and 1x1 conv layers (alpha 0 means alpha = rank).
         conv_dim, conv_alpha: rank and alpha of 3x3 convs in ResNet/down/up blocks (0 = no LoCon).
@@ -300,8 +301,8 @@ def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], fam
         train_unet: add modules to the UNet.
         train_text_encoder: add modules to the text encoders (a bool for all, or one per encoder); a T5 encoder
             also needs network_args train_t5xxl, as in sd-scripts.
-        network_args: kohya's extra options (:data:`NETWORK_ARGS`, and FLUX's for the "bfl" naming); unknown keys
-            are errors.
+        network_args: kohya's extra options (:data:`NETWORK_ARGS`, and FLUX's for the "bfl" naming, SD3's for
+            "mmdit"); unknown keys are errors.
         multiplier: the initial strength of every module.
 
     Raises:
@@ -312,44 +313,43 @@ def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], fam
                                 "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout},
                                network_args, naming)
     prefixes, train_each = text_encoder_flags(family, text_encoders, train_text_encoder)
-    flux = options.flux
-    train_each = [train and (not is_t5_encoder(encoder) or bool(flux and flux.train_t5xxl))
+    args, naming_spec = options.naming_args, UNET_NAMING[naming]
+    train_each = [train and (not is_t5_encoder(encoder) or bool(args and args.train_t5xxl))
                   for encoder, train in zip(text_encoders, train_each, strict=True)]
 
     unet_side = unet_targets(unet, family, include_conv_blocks=options.conv_dim > 0,
-                             include_embedders=bool(flux and flux.in_dims)) if train_unet else []
-    if flux is not None:
-        flux.check_block_counts(*_block_counts(unet))
+                             include_embedders=bool(args and naming_spec.wants_embedders(args))) if train_unet else []
+    if args is not None:
+        naming_spec.check_model(args, unet)
     text_side = [text_encoder_targets(encoder, prefix) if train else []
                  for encoder, prefix, train in zip(text_encoders, prefixes, train_each, strict=True)]
     report: list[str] = []
-    unet_loras = _build_modules(unet_side, options, multiplier, report, unet)
+    split = naming_spec.split_parts if args is not None and args.split_qkv else None
+    unet_loras = _build_modules(unet_side, options, multiplier, report, unet, split)
     aliases = {target.alias: target.name for target in unet_side if target.alias and target.name in
                {lora.lora_name for lora in unet_loras}}
     text_loras = [_build_modules(targets, options, multiplier, report) for targets in text_side]
-    if flux is not None and flux.verbose:  # sd-scripts' verbose=True: every module's rank and alpha, and skips
+    if args is not None and args.verbose:  # sd-scripts' verbose=True: every module's rank and alpha, and skips
         print("\n".join(report))
     return LoRANetwork(unet_loras, text_loras, prefixes, options, aliases)
 
 
-def _block_counts(unet: nn.Module) -> tuple[int, int]:
-    """How many double and single blocks a FLUX transformer has (the block-index arguments are checked against)."""
-    return tuple(len(getattr(unet, name, ())) for name in ("double_blocks", "single_blocks"))  # type: ignore[return-value]
+SplitParts = Callable[[str, int, int], "Sequence[int] | None"]
 
 
 def _build_modules(targets: Sequence[LoRATarget], options: LoRAOptions, multiplier: float, report: list[str],
-                   root: nn.Module | None = None) -> list[LoRAModule]:
-    """One module per target with a rank; ``report`` gets a line per module and per skipped layer."""
-    split = bool(options.flux and options.flux.split_qkv)
+                   root: nn.Module | None = None, split: SplitParts | None = None) -> list[LoRAModule]:
+    """One module per target with a rank; ``report`` gets a line per module and per skipped layer. ``split``
+    (split_qkv): the naming's output widths of a fused layer, by module path under ``root``."""
     paths = {id(module): path for path, module in root.named_modules()} if split and root is not None else {}
     modules: list[LoRAModule] = []
     for target in targets:
         rank, alpha = options.rank_and_alpha(target)
-        if rank == 0:  # a 3x3 conv without conv_dim, or a layer FLUX's network_args leave out, stays untrained
+        if rank == 0:  # a 3x3 conv without conv_dim, or a layer the naming's network_args leave out, stays untrained
             report.append(f"{target.name}: skipped (rank 0)")
             continue
-        parts = split_parts(paths.get(id(target.module), ""), target.module.out_features,
-                            target.module.in_features) if split and isinstance(target.module, nn.Linear) else None
+        parts = split(paths.get(id(target.module), ""), target.module.out_features,
+                      target.module.in_features) if split and isinstance(target.module, nn.Linear) else None
         if parts:
             modules.append(SplitLoRAModule(target.name, target.module, parts, multiplier, rank, alpha,
                                            options.dropout, options.rank_dropout, options.module_dropout))

@@ -14,9 +14,13 @@ The module paths are kohya's, which are not always diffusers' or transformers':
   paths are BFL's, e.g. ``lora_unet_double_blocks_0_img_attn_qkv``; the parents are ``DoubleStreamBlock`` and
   ``SingleStreamBlock`` (``final_layer`` is never wrapped), and ``in_dims`` adds the conditioning layers
   (``img_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``txt_in``) that the model has.
+* SD3 / SD3.5 (naming "mmdit", sd-scripts ``networks/lora_sd3.py``, spec §8.6): the MMDiT's own module paths are
+  SAI's, e.g. ``lora_unet_joint_blocks_0_x_block_attn_qkv``; the parent is ``DismantledBlock`` (each joint block's
+  ``context_block`` and ``x_block``), and ``emb_dims`` adds the embedders and the final layer, including the
+  ``x_embedder.proj`` Conv2d (:mod:`engine.networks.lora_sd3`).
 * Text encoders: kohya's CLIP paths start with ``text_model.`` (transformers 4's ``CLIPTextModel`` wrapper).
   transformers >= 5.6 ``CLIPTextModel`` has no wrapper while ``CLIPTextModelWithProjection`` keeps one, so the
-  prefix is added where it is missing. T5 (FLUX's ``lora_te3``) keeps its own paths
+  prefix is added where it is missing. T5 (FLUX's and SD3's ``lora_te3``) keeps its own paths
   (``encoder.block.0.layer.0.SelfAttention.q``); its parents are ``T5Attention`` and ``T5DenseGatedActDense``.
 
 Which naming a family uses is the family's ``unet_naming`` field (``engine.models.families``), never its name.
@@ -24,13 +28,14 @@ Which naming a family uses is the family's ``unet_naming`` field (``engine.model
 Settings come as keyword arguments and as kohya's ``network_args``. Left out of the latter: ``block_dims``,
 ``block_alphas``, ``conv_block_dims``, ``conv_block_alphas`` and the block learning-rate weights (``down_lr_weight``,
 ``mid_lr_weight``, ``up_lr_weight``, ``block_lr_zero_threshold``); they are rejected with a message that says so.
-A naming may accept more network_args (FLUX's, :mod:`engine.networks.lora_flux`); other namings refuse them.
+A naming may accept more network_args (FLUX's, :mod:`engine.networks.lora_flux`; SD3's,
+:mod:`engine.networks.lora_sd3`); other namings refuse them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -39,7 +44,16 @@ from torch import nn
 from engine.models.families import family_info
 from engine.models.ldm_keys import UNET_PREFIX, unet_to_ldm
 from engine.networks.arg_values import arg_number
-from engine.networks.lora_flux import FLUX_NETWORK_ARGS, IN_DIM_LAYERS, FluxLoRAArgs, parse_flux_args
+from engine.networks.lora_flux import FLUX_NETWORK_ARGS, IN_DIM_LAYERS, FluxLoRAArgs, parse_flux_args, split_parts
+from engine.networks.lora_sd3 import (
+    EMB_DIM_LAYERS,
+    MMDIT_BLOCK_CLASSES,
+    SD3_NETWORK_ARGS,
+    SD3_REFUSED_ARGS,
+    SD3LoRAArgs,
+    parse_sd3_args,
+    sd3_split_parts,
+)
 
 __all__ = [
     "NETWORK_ARGS",
@@ -81,11 +95,14 @@ class LoRATarget:
         module: the ``nn.Linear`` or ``nn.Conv2d`` to wrap.
         alias: another name the same layer has in files written by other tools (diffusers-style paths for
             SDXL, which kohya converts when it loads them), or None.
+        embedder: one of the naming's conditioning layers (FLUX's in_dims, SD3's emb_dims): its rank comes from
+            those network_args, even for a conv (SD3's 2x2 patch embedding).
     """
 
     name: str
     module: nn.Linear | nn.Conv2d
     alias: str | None = None
+    embedder: bool = False
 
     @property
     def is_spatial_conv(self) -> bool:
@@ -108,14 +125,14 @@ def _wrapped_layers(root: nn.Module, is_parent: Callable[[nn.Module], bool]) -> 
 
 
 def _collect(prefix: str, layers: Iterable[tuple[str, nn.Module]], rename: Callable[[str], str],
-             alias: Callable[[str], str | None]) -> list[LoRATarget]:
+             alias: Callable[[str], str | None], embedders: Iterable[tuple[str, nn.Module]] = ()) -> list[LoRATarget]:
     targets: dict[str, LoRATarget] = {}
-    for path, layer in layers:
+    for (path, layer), embedder in [*((item, False) for item in layers), *((item, True) for item in embedders)]:
         name = _kohya_name(prefix, rename(path))
         if name in targets:
             # kohya asserts the same; two layers under one name would overwrite each other in the file.
             raise ValueError(f"two layers map to the LoRA module name {name!r} (the second is at {path!r})")
-        targets[name] = LoRATarget(name, layer, alias(path))
+        targets[name] = LoRATarget(name, layer, alias(path), embedder)
     return list(targets.values())
 
 
@@ -155,11 +172,18 @@ class UnetNaming:
         parents: classes whose Linear/Conv2d children are wrapped.
         conv_parents: more parents searched for LoCon (conv_dim > 0).
         names: for a model, (its module path -> kohya path, its module path -> another tool's name or None).
-        embedders: top-level module paths wrapped on request (FLUX's in_dims), in in_dims order.
+        embedders: module paths wrapped on request (FLUX's in_dims, SD3's emb_dims), in that argument's order.
         network_args: extra network_args this naming accepts: key -> (field, parser) of ``args_parser``'s result.
         args_parser: builds the naming's settings from those keys (None: the naming has none).
+        refused_args: network_args refused with a reason of their own (an option of another naming's LoRA).
+        wants_embedders: whether the naming's settings train any of ``embedders``.
+        check_model: refuses settings the model cannot take (block indices it does not have).
+        split_parts: split_qkv's output widths for a layer (module path, out, in), or None for one it keeps whole.
+        label: the family name used in messages ("FLUX", "SD3").
         lycoris_classes: the only LyCORIS preset module classes kept for this naming (None: the preset's own).
-        lycoris_text_classes: text-encoder module classes added to LyCORIS presets (FLUX's T5).
+        lycoris_preset_classes: preset class -> this model's class of the same block (sd-scripts' ``SingleDiTBlock``
+            is SAI's ``DismantledBlock``).
+        lycoris_text_classes: text-encoder module classes added to LyCORIS presets (T5).
     """
 
     parents: frozenset[str]
@@ -168,8 +192,25 @@ class UnetNaming:
     embedders: tuple[str, ...] = ()
     network_args: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = field(default_factory=dict)
     args_parser: Callable[[Mapping[str, Any]], Any] | None = None
+    refused_args: Mapping[str, str] = field(default_factory=dict)
+    wants_embedders: Callable[[Any], bool] = lambda args: False
+    check_model: Callable[[Any, nn.Module], None] = lambda args, model: None
+    split_parts: Callable[[str, int, int], Sequence[int] | None] = lambda path, out_features, in_features: None
+    label: str = ""
     lycoris_classes: frozenset[str] | None = None
+    lycoris_preset_classes: Mapping[str, str] = field(default_factory=dict)
     lycoris_text_classes: frozenset[str] = frozenset()
+
+
+_T5_CLASSES = frozenset({"T5Attention", "T5DenseGatedActDense", "T5DenseActDense"})
+
+
+def _check_flux_blocks(args: FluxLoRAArgs, model: nn.Module) -> None:
+    args.check_block_counts(*(len(getattr(model, name, ())) for name in ("double_blocks", "single_blocks")))
+
+
+def _check_sd3_blocks(args: SD3LoRAArgs, model: nn.Module) -> None:
+    args.check_block_count(len(getattr(model, "joint_blocks", ())))
 
 
 # The kohya namings, keyed by FamilyInfo.unet_naming.
@@ -180,13 +221,22 @@ UNET_NAMING: dict[str, UnetNaming] = {
     # LyCORIS presets list many architectures' classes; on FLUX only the blocks LoRA wraps are kept (never the
     # final layer), and T5's attention and MLP classes are added for train_t5xxl.
     "bfl": UnetNaming(BFL_TARGET_CLASSES, frozenset(), _diffusers_unet_naming, IN_DIM_LAYERS, FLUX_NETWORK_ARGS,
-                      parse_flux_args, lycoris_classes=BFL_TARGET_CLASSES,
-                      lycoris_text_classes=frozenset({"T5Attention", "T5DenseGatedActDense", "T5DenseActDense"})),
+                      parse_flux_args, wants_embedders=lambda args: bool(args.in_dims),
+                      check_model=_check_flux_blocks, split_parts=split_parts, label="FLUX",
+                      lycoris_classes=BFL_TARGET_CLASSES, lycoris_text_classes=_T5_CLASSES),
+    # SAI's module paths are the names ComfyUI and sd-scripts use (spec §5.5, §8.9): no renaming, no alias.
+    # LyCORIS presets name the block sd-scripts' way (SingleDiTBlock); only those blocks are kept, as for LoRA.
+    "mmdit": UnetNaming(MMDIT_BLOCK_CLASSES, frozenset(), _diffusers_unet_naming, EMB_DIM_LAYERS, SD3_NETWORK_ARGS,
+                        parse_sd3_args, SD3_REFUSED_ARGS, wants_embedders=lambda args: args.trains_embedders,
+                        check_model=_check_sd3_blocks, split_parts=sd3_split_parts, label="SD3",
+                        lycoris_classes=MMDIT_BLOCK_CLASSES,
+                        lycoris_preset_classes={"SingleDiTBlock": "DismantledBlock"},
+                        lycoris_text_classes=_T5_CLASSES),
 }
 
 
 def unet_naming_kind(family: str) -> str:
-    """The family's ``unet_naming`` ("diffusers", "sai" or "bfl").
+    """The family's ``unet_naming`` ("diffusers", "sai", "bfl" or "mmdit").
 
     Raises:
         ValueError: an unknown family.
@@ -207,13 +257,14 @@ def unet_naming(family: str) -> UnetNaming:
 
 
 def _embedder_layers(unet: nn.Module, paths: Iterable[str]) -> Iterable[tuple[str, nn.Module]]:
-    """(path, Linear) of each named top-level layer the model has (schnell has no guidance_in, Chroma no time_in)."""
+    """(path, Linear or Conv2d) in each named layer the model has (schnell has no guidance_in, Chroma no time_in)."""
     for path in paths:
-        module = getattr(unet, path, None)
-        if not isinstance(module, nn.Module):
+        try:
+            module = unet.get_submodule(path)
+        except AttributeError:
             continue
         for child_path, child in module.named_modules():
-            if isinstance(child, nn.Linear):
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
                 yield f"{path}.{child_path}" if child_path else path, child
 
 
@@ -222,11 +273,13 @@ def unet_targets(unet: nn.Module, family: str, *, include_conv_blocks: bool,
     """The UNet (or FLUX transformer) layers a kohya LoRA wraps, with their kohya names.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel``, or the FLUX transformer (engine.models.flux).
+        unet: a diffusers ``UNet2DConditionModel``, the FLUX transformer (engine.models.flux) or the SD3 MMDiT
+            (engine.models.sd3).
         family: a family of ``FAMILY_INFO``; its ``unet_naming`` decides the naming (see the module docstring).
         include_conv_blocks: also search ResNet, Downsample and Upsample blocks (LoCon; kohya does this when
             conv_dim is given). The caller decides which of those layers get a rank.
-        include_embedders: also the naming's conditioning layers (FLUX's in_dims layers) that the model has.
+        include_embedders: also the naming's conditioning layers (FLUX's in_dims, SD3's emb_dims layers) that the
+            model has.
 
     Raises:
         ValueError: an unknown family, or two layers with the same name.
@@ -234,10 +287,9 @@ def unet_targets(unet: nn.Module, family: str, *, include_conv_blocks: bool,
     naming = unet_naming(family)
     parents = naming.parents | (naming.conv_parents if include_conv_blocks else frozenset())
     rename, alias = naming.names(unet)
-    layers = list(_wrapped_layers(unet, lambda module: type(module).__name__ in parents))
-    if include_embedders:
-        layers += _embedder_layers(unet, naming.embedders)
-    return _collect(UNET_LORA_PREFIX, layers, rename, alias)
+    layers = _wrapped_layers(unet, lambda module: type(module).__name__ in parents)
+    embedders = _embedder_layers(unet, naming.embedders) if include_embedders else ()
+    return _collect(UNET_LORA_PREFIX, layers, rename, alias, embedders)
 
 
 def _is_text_encoder_parent(module: nn.Module) -> bool:
@@ -247,7 +299,7 @@ def _is_text_encoder_parent(module: nn.Module) -> bool:
 
 
 def is_t5_encoder(text_encoder: nn.Module) -> bool:
-    """A T5 encoder (FLUX's lora_te3): kohya trains it only with network_args train_t5xxl."""
+    """A T5 encoder (FLUX's and SD3's lora_te3): kohya trains it only with network_args train_t5xxl."""
     return any(cls.__name__.startswith("T5") for cls in type(text_encoder).__mro__)
 
 
@@ -264,7 +316,8 @@ def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarge
 
     Args:
         text_encoder: a transformers ``CLIPTextModel``, ``CLIPTextModelWithProjection`` or ``T5EncoderModel``.
-        prefix: ``lora_te`` (SD1/SD2), ``lora_te1`` or ``lora_te2`` (SDXL), ``lora_te1`` / ``lora_te3`` (FLUX).
+        prefix: ``lora_te`` (SD1/SD2), ``lora_te1`` or ``lora_te2`` (SDXL), ``lora_te1`` / ``lora_te3`` (FLUX),
+            ``lora_te1`` / ``lora_te2`` / ``lora_te3`` (SD3: CLIP-L, CLIP-G, T5).
     """
     return _collect(prefix, _wrapped_layers(text_encoder, _is_text_encoder_parent), text_encoder_path(text_encoder),
                     lambda path: None)
@@ -286,14 +339,25 @@ class LoRAOptions:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
-    flux: FluxLoRAArgs | None = None  # the "bfl" naming's network_args (None for the SD namings)
+    # the naming's own network_args: FluxLoRAArgs ("bfl"), SD3LoRAArgs ("mmdit"); None for the SD namings
+    naming_args: FluxLoRAArgs | SD3LoRAArgs | None = None
+
+    @property
+    def flux(self) -> FluxLoRAArgs | None:
+        return self.naming_args if isinstance(self.naming_args, FluxLoRAArgs) else None
+
+    @property
+    def sd3(self) -> SD3LoRAArgs | None:
+        return self.naming_args if isinstance(self.naming_args, SD3LoRAArgs) else None
 
     def rank_and_alpha(self, target: LoRATarget) -> tuple[int, float]:
         """3x3 convs take conv_dim/conv_alpha (0 = not trained); Linear and 1x1 convs take dim/alpha, or with
-        FLUX's network_args the rank they give (engine.networks.lora_flux)."""
-        if target.is_spatial_conv:
+        FLUX's or SD3's network_args the rank they give (engine.networks.lora_flux, lora_sd3), as do the naming's
+        conditioning layers (SD3's x_embedder is a 2x2 conv)."""
+        if target.is_spatial_conv and not target.embedder:
             return self.conv_dim, self.conv_alpha
-        return (self.flux.rank(target.name, self.dim) if self.flux else self.dim), self.alpha
+        args = self.naming_args
+        return (args.rank(target.name, self.dim) if args else self.dim), self.alpha
 
 
 # --- network_args ------------------------------------------------------------------------------------------------
@@ -363,13 +427,16 @@ _LEFT_OUT_ARGS = frozenset({"block_dims", "block_alphas", "conv_block_dims", "co
                             "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"})
 
 
-def _parse_network_args(network_args: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _parse_network_args(network_args: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+                        refused: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Parse the generic keys; keys of ``extra`` (the naming's own) are skipped here, others refused."""
     parsed: dict[str, Any] = {}
     extra = extra or {}
     accepted = ", ".join([*NETWORK_ARGS, *extra])
     for key, value in network_args.items():
         path = f"network.network_args.{key}"
+        if key in (refused or {}):
+            raise ValueError(f"{path} is not supported: {refused[key]}")  # type: ignore[index]
         if key in _LEFT_OUT_ARGS:
             raise ValueError(f"{path}: per-block ranks and learning-rate weights are not supported by Atelier's "
                              f"LoRA; accepted keys: {accepted}")
@@ -391,7 +458,8 @@ def resolve_options(keywords: Mapping[str, Any], network_args: Mapping[str, Any]
             ``module_dropout`` (all required).
         network_args: :data:`NETWORK_ARGS` keys with numbers or numeric strings; a setting that is also a keyword
             (conv_dim, ...) may be given in either place, as kohya allows, but not differently in both. With the
-            "bfl" naming also FLUX's keys (:data:`engine.networks.lora_flux.FLUX_NETWORK_ARGS`).
+            "bfl" naming also FLUX's keys (:data:`engine.networks.lora_flux.FLUX_NETWORK_ARGS`), with "mmdit" SD3's
+            (:data:`engine.networks.lora_sd3.SD3_NETWORK_ARGS`).
         naming: the family's ``unet_naming`` (see :func:`unet_naming_kind`).
 
     Raises:
@@ -401,11 +469,12 @@ def resolve_options(keywords: Mapping[str, Any], network_args: Mapping[str, Any]
     args = dict(network_args or {})
     spec = UNET_NAMING[naming]
     merged: dict[str, Any] = {key: check(path, keywords[key]) for key, (path, check) in _KEYWORDS.items()}
-    for key, value in _parse_network_args(args, spec.network_args).items():
+    for key, value in _parse_network_args(args, spec.network_args, spec.refused_args).items():
         if key in merged and merged[key] not in (_DEFAULTS[key], value):
             raise ValueError(f"network.network_args.{key} = {value!r} contradicts {_KEYWORDS[key][0]} = "
                              f"{merged[key]!r}; set it in one place")
         merged[key] = value
     if spec.args_parser is not None:
-        merged["flux"] = spec.args_parser({key: value for key, value in args.items() if key in spec.network_args})
+        merged["naming_args"] = spec.args_parser({key: value for key, value in args.items()
+                                                  if key in spec.network_args})
     return LoRAOptions(**merged)

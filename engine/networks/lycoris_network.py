@@ -33,6 +33,10 @@ FLUX.1 / Chroma (the "bfl" naming): the presets' module classes are narrowed to 
 names are the LoRA's; T5 gets modules only with ``network_args`` ``train_t5xxl = true``, as with LoRA. The other
 FLUX LoRA options (per-type dims, block indices, split_qkv, ...) are LoRA-only and refused here.
 
+SD3 / SD3.5 (the "mmdit" naming) likewise: presets name sd-scripts' block class ``SingleDiTBlock``, which is this
+MMDiT's ``DismantledBlock``; only those blocks are kept (``lora_unet_joint_blocks_0_x_block_attn_qkv``), T5 with
+``train_t5xxl``, and the SD3 LoRA options are refused.
+
 Refused: DyLoRA (:data:`REFUSED_ALGORITHMS`). lycoris 4.1.3's DyLoRA scales its update by alpha / (blocks used)
 while training but saves plain ``lora_up``/``lora_down``/``alpha`` entries, which every loader (lycoris' own, A1111,
 diffusers) applies with alpha / rank; it also picks a random rank in eval mode, and saves convolution ``lora_up``
@@ -52,9 +56,9 @@ from torch import nn
 from engine.config.choices import LYCORIS, NETWORK_TYPES
 from engine.networks.arg_values import arg_flag, arg_non_negative, arg_number
 from engine.networks.lora import LoRANetwork, LoRAOptions, text_encoder_flags
-from engine.networks.lora_flux import FLUX_NETWORK_ARGS
 from engine.networks.lora_names import (
     UNET_LORA_PREFIX,
+    UNET_NAMING,
     UnetNaming,
     is_t5_encoder,
     resolve_options,
@@ -182,11 +186,12 @@ class LycorisSettings:
     train_t5xxl: bool = False
 
 
-def _lycoris_arg(key: str, algo: str) -> LycorisArg:
+def _lycoris_arg(key: str, algo: str, naming: str = "diffusers") -> LycorisArg:
     path = f"network.network_args.{key}"
-    if key in FLUX_NETWORK_ARGS:
-        raise ValueError(f"{path} is an option of the FLUX LoRA (network_type = 'lora'), not of LyCORIS networks; "
-                         "LyCORIS takes only train_t5xxl of those, on FLUX.1 and Chroma")
+    owners = sorted((kind != naming, spec.label) for kind, spec in UNET_NAMING.items() if key in spec.network_args)
+    if owners:  # the model's own naming first: an SD3 key on SD3 is called an SD3 LoRA option
+        raise ValueError(f"{path} is an option of the {owners[0][1]} LoRA (network_type = 'lora'), not of LyCORIS "
+                         "networks; LyCORIS takes only train_t5xxl of those, on FLUX.1, Chroma and SD3")
     if key in _OLD_NAMES:
         raise ValueError(f"{path} is an old lycoris name; use network.network_args.{_OLD_NAMES[key]}")
     if key in _REFUSED_ARGS:
@@ -222,7 +227,7 @@ def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_arg
         keywords: ``dim``, ``alpha``, ``conv_dim``, ``conv_alpha``, ``dropout``, ``rank_dropout``,
             ``module_dropout`` (as for :func:`engine.networks.lora_names.resolve_options`).
         network_args: the shared settings above (may also be given here, as kohya allows), ``algo`` (must match),
-            ``preset`` and :data:`LYCORIS_ARGS`; with the "bfl" naming also ``train_t5xxl``.
+            ``preset`` and :data:`LYCORIS_ARGS`; with the "bfl" and "mmdit" namings also ``train_t5xxl``.
         naming: the family's ``unet_naming``.
 
     Raises:
@@ -242,11 +247,12 @@ def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_arg
                          "set network_type only")
     preset = _preset_name(args.pop("preset")) if "preset" in args else "full"
     train_t5xxl = False
-    if naming == "bfl" and "train_t5xxl" in args:
-        train_t5xxl = FLUX_NETWORK_ARGS["train_t5xxl"][1]("network.network_args.train_t5xxl", args.pop("train_t5xxl"))
+    naming_args = UNET_NAMING[naming].network_args
+    if "train_t5xxl" in naming_args and "train_t5xxl" in args:
+        train_t5xxl = naming_args["train_t5xxl"][1]("network.network_args.train_t5xxl", args.pop("train_t5xxl"))
     chosen = dict(_DEFAULT_KEYWORDS)
     for key, value in args.items():
-        arg = _lycoris_arg(key, algo)
+        arg = _lycoris_arg(key, algo, naming)
         chosen[arg.keyword] = arg.parse(f"network.network_args.{key}", value)
     _check_dropouts(algo, options, bypass=chosen["bypass_mode"])
     return options, LycorisSettings(algo, preset, chosen, train_t5xxl)
@@ -277,6 +283,9 @@ def _preset_config(name: str, conv: bool, naming: UnetNaming | None = None) -> d
                 "exclude_name": []}
     preset = {**defaults, **chosen}
     preset["unet_target_module"] = [cls for cls in preset["unet_target_module"] if cls not in _NOT_FOR_SD_UNETS]
+    if naming is not None and naming.lycoris_preset_classes:
+        renamed = [naming.lycoris_preset_classes.get(cls, cls) for cls in preset["unet_target_module"]]
+        preset["unet_target_module"] = list(dict.fromkeys(renamed))
     if naming is not None and naming.lycoris_classes is not None:
         preset["unet_target_module"] = [cls for cls in preset["unet_target_module"] if cls in naming.lycoris_classes]
     if naming is not None and naming.lycoris_text_classes:

@@ -5,8 +5,13 @@ sd-scripts' train_network.py exactly (spec §5.3): the same names, and every val
 does it (None -> "None", True -> "True", tuples as "(512, 512)", nested data as JSON).
 FLUX.1 / Chroma files (spec §5.4) get sd-scripts' flux keys (``ss_model_type``, the flow-matching settings),
 ``networks.lora_flux`` as the kohya network module, ``flux-1-dev/lora`` style architectures picked by the base file's
-variant, and no ``modelspec.prediction_type``. What differs per family comes from ``FamilyInfo`` fields
-(``objective``, ``model_type``, ``kohya_network_module``, ``variant_architectures``), never from its name.
+variant, and no ``modelspec.prediction_type``. SD3 / SD3.5 files (spec §8.6) get ``networks.lora_sd3``, the variant
+as ``ss_base_model_version`` (``medium``, ``5-medium``, ``5-large``) and in the architecture
+(``stable-diffusion-3-5-large/lora``), sd-scripts' SD3 keys (``ss_apply_lg_attn_mask``, ``ss_apply_t5_attn_mask``,
+the weighting settings) and no ``modelspec.prediction_type`` either (sd-scripts writes ``epsilon`` there, an artefact
+of its SD1 code path, spec appendix A.5). What differs per family comes from ``FamilyInfo`` fields (``objective``,
+``model_type``, ``kohya_network_module``, ``variant_architectures``, ``base_version_is_variant``), never from its
+name.
 Pure Python: importing this module imports no torch.
 """
 
@@ -75,8 +80,9 @@ class TrainingFacts:
     resolution: tuple[int, int] | None = None  # (width, height); None = the family's default for modelspec
     num_validation_images: int = 0
     model_hashes: dict[str, str] = field(default_factory=dict)
-    # The base file's variant (LoadedModel.scheduler_config["variant"]: "dev", "schnell", "chroma"; "" for SD):
-    # FLUX.1 dev and schnell share a family but not a modelspec architecture.
+    # The base file's variant (LoadedModel.scheduler_config["variant"]: "dev", "schnell", "chroma"; SD3 "medium",
+    # "5-medium", "5-large"; "" for SD): FLUX.1 dev and schnell share a family but not a modelspec architecture, and
+    # SD3's variant is its ss_base_model_version.
     variant: str = ""
 
 
@@ -190,7 +196,7 @@ def _network_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
         "ss_network_alpha": network.network_alpha,
         "ss_network_dropout": network.network_dropout,
         "ss_v2": family_info(facts.family).kohya_v2,
-        "ss_base_model_version": family_info(facts.family).base_model_version(facts.v_prediction),
+        "ss_base_model_version": family_info(facts.family).base_model_version(facts.v_prediction, facts.variant),
         "ss_clip_skip": model.clip_skip,
         "ss_max_token_length": model.max_token_length,
     }
@@ -210,17 +216,26 @@ def _fp8_keys(config: RunConfig) -> dict[str, Any]:
             "ss_fp8_base_unet": getattr(model, "fp8_base_unet", False)}
 
 
-def _is_flow(family: str) -> bool:
-    return getattr(family_info(family), "objective", "ddpm") == "flow"
+# FamilyInfo.objective of the flow-matching families: FLUX.1 / Chroma ("flow") and SD3 ("sd3", x0 flow matching).
+FLOW_OBJECTIVES = frozenset({"flow", "sd3"})
 
 
-# The flow-matching keys sd-scripts' flux_train_network.update_metadata writes: ss_* key -> [flow] setting, with
-# sd-scripts' defaults for a config without the flow section.
-_FLOW_KEYS: dict[str, tuple[str, Any]] = {
+def is_flow_family(family: str) -> bool:
+    """Flow matching: no modelspec prediction type (neither epsilon nor v) and the flow ss_* keys."""
+    return getattr(family_info(family), "objective", "ddpm") in FLOW_OBJECTIVES
+
+
+# The weighting keys both flow trainers' update_metadata write: ss_* key -> [flow] setting, with sd-scripts'
+# defaults for a config without the flow section.
+_WEIGHTING_KEYS: dict[str, tuple[str, Any]] = {
     "ss_weighting_scheme": ("weighting_scheme", "uniform"),
     "ss_logit_mean": ("logit_mean", 0.0),
     "ss_logit_std": ("logit_std", 1.0),
     "ss_mode_scale": ("mode_scale", 1.29),
+}
+# The flow-matching keys sd-scripts' flux_train_network.update_metadata writes besides those.
+_FLOW_KEYS: dict[str, tuple[str, Any]] = {
+    **_WEIGHTING_KEYS,
     "ss_guidance_scale": ("guidance_scale", 3.5),
     "ss_timestep_sampling": ("timestep_sampling", "sigma"),
     "ss_sigmoid_scale": ("sigmoid_scale", 1.0),
@@ -229,15 +244,32 @@ _FLOW_KEYS: dict[str, tuple[str, Any]] = {
 }
 
 
-def _flow_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
-    """FLUX.1 / Chroma: ss_model_type, ss_apply_t5_attn_mask and the flow settings (spec §5.4); none for SD."""
-    if not _is_flow(facts.family):
-        return {}
+def _flux_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
+    """FLUX.1 / Chroma: ss_model_type, ss_apply_t5_attn_mask and the flow settings (spec §5.4)."""
     flow = getattr(config, "flow", None)
     keys: dict[str, Any] = {"ss_model_type": getattr(family_info(facts.family), "model_type", "") or None,
                             "ss_apply_t5_attn_mask": getattr(config.model, "apply_t5_attn_mask", False)}
     keys.update({key: getattr(flow, name, default) for key, (name, default) in _FLOW_KEYS.items()})
     return keys
+
+
+def _sd3_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
+    """SD3 / SD3.5: sd3_train_network.update_metadata's keys (spec §8.6; no ss_training_shift, as there)."""
+    flow = getattr(config, "flow", None)
+    keys: dict[str, Any] = {"ss_apply_lg_attn_mask": getattr(config.model, "apply_lg_attn_mask", False),
+                            "ss_apply_t5_attn_mask": getattr(config.model, "apply_t5_attn_mask", False)}
+    keys.update({key: getattr(flow, name, default) for key, (name, default) in _WEIGHTING_KEYS.items()})
+    return keys
+
+
+# FamilyInfo.objective -> the trainer-specific ss_* keys of its files (none for SD's "ddpm").
+_OBJECTIVE_KEYS = {"flow": _flux_keys, "sd3": _sd3_keys}
+
+
+def _flow_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
+    """The flow-matching families' own ss_* keys (spec §5.4, §8.6); none for SD."""
+    keys = _OBJECTIVE_KEYS.get(getattr(family_info(facts.family), "objective", "ddpm"))
+    return keys(config, facts) if keys else {}
 
 
 def _training_keys(config: RunConfig) -> dict[str, Any]:
@@ -344,7 +376,7 @@ def _implementation(kind: str, family: str) -> str:
     FLUX.1 and Chroma files name their own implementation whatever the kind (sd-scripts' sai_model_spec)."""
     if kind not in MODELSPEC_KINDS:
         raise ValueError(f"unknown modelspec kind {kind!r}; expected one of {MODELSPEC_KINDS}")
-    if kind == "lora" or _is_flow(family):
+    if kind == "lora" or is_flow_family(family):
         return family_info(family).modelspec_implementation
     return STABILITY_AI_IMPLEMENTATION
 
@@ -379,12 +411,13 @@ def modelspec_metadata(config: RunConfig, facts: TrainingFacts, *, kind: str = "
         "modelspec.encoder_layer": str(config.model.clip_skip),
         "modelspec.implementation_version": IMPLEMENTATION_VERSION,
     }
-    if _is_flow(facts.family):
-        # sd-scripts writes no prediction type for FLUX (it is flow matching, neither epsilon nor v), no clip skip
-        # (FLUX never skips CLIP layers) and no timestep range (the flow sampler ignores min/max_timestep).
+    if is_flow_family(facts.family):
+        # sd-scripts writes no prediction type for FLUX (it is flow matching, neither epsilon nor v; for SD3 its
+        # "epsilon" is an artefact, spec A.5) and no clip skip (neither skips CLIP layers).
         for key in ("modelspec.prediction_type", "modelspec.encoder_layer"):
             del spec[key]
-        return _user_keys(config, spec)
+        if family_info(facts.family).objective == "flow":  # FLUX's sampler ignores min/max_timestep; SD3's uses them
+            return _user_keys(config, spec)
     timesteps = (config.training.min_timestep, config.training.max_timestep)
     if timesteps != DEFAULT_TIMESTEPS:
         spec["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"

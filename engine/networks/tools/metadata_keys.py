@@ -10,7 +10,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from engine.models.families import family_info
-from engine.networks.metadata import IMPLEMENTATION_VERSION, MODELSPEC_VERSION, STABILITY_AI_IMPLEMENTATION
+from engine.networks.metadata import (
+    IMPLEMENTATION_VERSION,
+    MODELSPEC_VERSION,
+    STABILITY_AI_IMPLEMENTATION,
+    is_flow_family,
+)
 from engine.networks.tools.lora_file import LoRAWeights
 
 __all__ = ["DYNAMIC", "modelspec_date", "modelspec_keys", "network_args", "shape_metadata"]
@@ -28,14 +33,15 @@ def modelspec_keys(family: str, v_prediction: bool, *, kind: str, title: str, va
     """ModelSpec 1.0.1 keys of a new file: kind "lora" for a LoRA, "" for a whole checkpoint.
 
     Args:
-        variant: the base file's variant where the family has several architectures (FLUX.1 "dev", "schnell").
+        variant: the base file's variant where the family has several architectures (FLUX.1 "dev", "schnell";
+            SD3 "medium", "5-medium", "5-large").
 
-    Flow-matching families (FLUX.1, Chroma) name their own implementation for every kind and have no prediction
-    type, as sd-scripts writes them (spec §5.4).
+    Flow-matching families (FLUX.1, Chroma, SD3) name their own implementation for every kind and have no
+    prediction type (spec §5.4; sd-scripts' SD3 "epsilon" is an artefact, appendix A.5).
     """
     info = family_info(family)
     size = info.resolution_for(v_prediction)
-    flow = info.objective == "flow"
+    flow = is_flow_family(family)
     keys = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": info.modelspec_architecture(v_prediction, kind, variant=variant),
