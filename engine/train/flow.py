@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DENSITIES",
+    "DensityParams",
     "LOSS_WEIGHTINGS",
     "NUM_TRAIN_TIMESTEPS",
     "PREDICTION_TYPES",
@@ -44,6 +45,7 @@ __all__ = [
     "noisy_input",
     "pack_latents",
     "sample_sigmas",
+    "shift_sigmas",
     "sigma_table",
     "text_ids",
     "time_shift",
@@ -122,7 +124,16 @@ def sigma_table(shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) ->
     trainer draws σ per sample, and the table would otherwise be rebuilt for each one. Read it, never write to it.
     """
     steps = torch.arange(num_train_timesteps, 0, -1, dtype=torch.float32)
-    sigmas = steps / num_train_timesteps
+    return shift_sigmas(steps / num_train_timesteps, shift)
+
+
+def shift_sigmas(sigmas: Any, shift: float) -> Any:
+    """s·σ / (1 + (s − 1)·σ): the constant shift of the flow-matching schedules (s > 1 favours noisier σ).
+
+    Plain arithmetic, written in the operation order of diffusers and sd-scripts so that it rounds as they do:
+    works on tensors, numpy arrays and floats alike (the FLUX table and ``shift`` mode, SD3's training_shift and
+    its sampling schedule).
+    """
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
@@ -153,21 +164,29 @@ def _token_grid(latent_hw: Sequence[int]) -> tuple[int, int]:
     return height // PATCH, width // PATCH
 
 
-Density = Callable[[int, FlowSettings, torch.Generator], torch.Tensor]
+class DensityParams(Protocol):
+    """What a density reads: FlowSettings (FLUX) and engine.train.sd3_objective.SD3Settings both have these."""
+
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
 
 
-def _logit_normal_density(batch: int, settings: FlowSettings, generator: torch.Generator) -> torch.Tensor:
+Density = Callable[[int, DensityParams, torch.Generator], torch.Tensor]
+
+
+def _logit_normal_density(batch: int, settings: DensityParams, generator: torch.Generator) -> torch.Tensor:
     """u = sigmoid(N(logit_mean, logit_std)) (SD3 paper §3.1, rf/lognorm)."""
     return torch.sigmoid(settings.logit_mean + settings.logit_std * _randn((batch,), generator))
 
 
-def _mode_density(batch: int, settings: FlowSettings, generator: torch.Generator) -> torch.Tensor:
+def _mode_density(batch: int, settings: DensityParams, generator: torch.Generator) -> torch.Tensor:
     """u = 1 − u₀ − mode_scale·(cos²(π·u₀/2) − 1 + u₀), u₀ ~ U(0, 1) (SD3 paper, mode sampling with heavy tails)."""
     u = _rand((batch,), generator)
     return 1 - u - settings.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
 
 
-def _uniform_density(batch: int, settings: FlowSettings, generator: torch.Generator) -> torch.Tensor:
+def _uniform_density(batch: int, settings: DensityParams, generator: torch.Generator) -> torch.Tensor:
     return _rand((batch,), generator)
 
 
@@ -213,9 +232,7 @@ def _sigmoid_mode(batch: int, settings: FlowSettings, latent_hw: tuple[int, int]
 
 def _shift_mode(batch: int, settings: FlowSettings, latent_hw: tuple[int, int],
                 generator: torch.Generator) -> torch.Tensor:
-    shift = settings.discrete_flow_shift
-    u = _logistic(batch, settings, generator)
-    return shift * u / (1 + (shift - 1) * u)
+    return shift_sigmas(_logistic(batch, settings, generator), settings.discrete_flow_shift)
 
 
 def _flux_shift_mode(batch: int, settings: FlowSettings, latent_hw: tuple[int, int],
