@@ -14,6 +14,7 @@ import pandas as pd
 from engine.cli.lora_cmd import TEXT_ENCODER_OPTIONS
 from engine.config.errors import ConfigError
 from engine.data.doctor_models import file_header, flux_family_of, safetensors_header_json
+from engine.data.model_kinds import read_sd3_file
 from gui.jobs import JobUpdate
 from gui.tools_view import ToolInputError, ToolOutcome
 
@@ -174,6 +175,8 @@ def model_file_line(role: str, path: str) -> str:
             + ", ".join(f"{dtype} {count}" for dtype, count in dtypes.most_common()) + ")")
     if family:
         line += f", a `{family}` transformer"
+    elif (sd3 := read_sd3_file(file_header(file, header))) is not None:
+        line += f", an {sd3.label} model (`sd3`)"
     if metadata.get("modelspec.architecture"):
         line += f" ({metadata['modelspec.architecture']})"
     return line

@@ -17,7 +17,7 @@ from pathlib import Path
 from engine.config.base import field_families
 from engine.config.schema import RunConfig
 from engine.data.doctor_models import LOCATION, ModelChecker, suffixed
-from engine.data.model_kinds import SD3File, model_kind, read_sd3_file
+from engine.data.model_kinds import SD3Model, model_kind, read_sd3_file
 from engine.data.records import Finding
 from engine.models.families import FAMILY_INFO
 from engine.models.single_file import FileHeader
@@ -126,12 +126,12 @@ class _Sources:
     said: list[str]  # "CLIP-L from model.clip_l" ... for the summary
 
 
-def _sources(checker: ModelChecker, base: SD3File) -> _Sources:
+def _sources(checker: ModelChecker, base: SD3Model) -> _Sources:
     sources = _Sources({}, [])
     for component in COMPONENTS:
         field = component.field(checker.config)
         value = getattr(checker.config.model, field.split(".")[-1]).strip() if field else ""
-        embedded = any(key.startswith(component.prefix) for key in base.header.shapes)
+        embedded = component.name in base.embedded
         if value:
             header = _component_header(checker, component, field)
             if header is not None:
@@ -149,7 +149,7 @@ def _sources(checker: ModelChecker, base: SD3File) -> _Sources:
     return sources
 
 
-def _check_widths(checker: ModelChecker, base: SD3File, sources: _Sources) -> None:
+def _check_widths(checker: ModelChecker, base: SD3Model, sources: _Sources) -> None:
     """The text encoders fit the MMDiT: T5's width is its context input, CLIP-L + CLIP-G's pooled its y input."""
     t5 = sources.found.get("t5xxl")
     context = base.mmdit.get(_CONTEXT_INPUT)
@@ -170,7 +170,7 @@ def _check_widths(checker: ModelChecker, base: SD3File, sources: _Sources) -> No
                   "clip_g.safetensors) from this model's release", "model-files-mismatch")
 
 
-def _check_blocks_to_swap(checker: ModelChecker, base: SD3File) -> None:
+def _check_blocks_to_swap(checker: ModelChecker, base: SD3Model) -> None:
     """All but two joint blocks may be swapped (sd-scripts asserts blocks_to_swap <= num_blocks - 2)."""
     wanted, limit = checker.config.training.blocks_to_swap, max(base.depth - 2, 0)
     if wanted > limit:
@@ -179,7 +179,7 @@ def _check_blocks_to_swap(checker: ModelChecker, base: SD3File) -> None:
                       f"set training.blocks_to_swap to {limit} or less (0 = off)", "blocks-to-swap")
 
 
-def _base_file(checker: ModelChecker) -> SD3File | None:
+def _base_file(checker: ModelChecker) -> SD3Model | None:
     what = "the SD3 / SD3.5 model file (e.g. sd3.5_large.safetensors)"
     header = checker.header(LOCATION, what)
     if header is None:

@@ -13,11 +13,10 @@ from engine.config.choices import family_label
 from engine.models.flux.convert import BFL_CHROMA_KEY, transformer_layout
 from engine.models.flux.files import TRANSFORMER_PREFIX
 from engine.models.ldm_checkpoint import detect_family
+from engine.models.sd3.files import sd3_file  # header only, no torch
 from engine.models.sd3.params import sd3_variant_of  # plain Python: no qk-norm, qk-norm + attn2, qk-norm alone
 from engine.models.single_file import FileHeader
 
-SD3_PREFIX = "model.diffusion_model."  # SAI single files (spec §8.1); a bare transformer-only file has no prefix
-_SD3_FIRST_BLOCK = "joint_blocks.0."
 _SD3_BLOCK = re.compile(r"joint_blocks\.(\d+)\.")
 _DIFFUSERS_SD3_KEY = "pos_embed.proj.weight"  # diffusers' SD3Transformer2DModel (FLUX's is x_embedder.weight)
 SD3_VARIANT_LABELS = {"medium": "SD3 medium", "5-medium": "SD3.5 medium", "5-large": "SD3.5 large"}
@@ -32,12 +31,13 @@ def flux_family_of(header: FileHeader) -> str | None:
 
 
 @dataclass(frozen=True)
-class SD3File:
-    """What an SD3 / SD3.5 file's header says about its MMDiT."""
+class SD3Model:
+    """What an SD3 / SD3.5 file's header says: its MMDiT and which other parts it holds."""
 
     variant: str  # "medium", "5-medium" or "5-large"
     depth: int  # joint blocks
     mmdit: dict[str, tuple[int, ...]]  # the MMDiT's shapes, prefix-free
+    embedded: frozenset[str]  # the parts inside, as the loader finds them: "clip_l", "clip_g", "t5xxl", "vae"
     header: FileHeader
 
     @property
@@ -45,15 +45,15 @@ class SD3File:
         return SD3_VARIANT_LABELS[self.variant]
 
 
-def read_sd3_file(header: FileHeader) -> SD3File | None:
-    """The SD3 MMDiT of a file (`model.diffusion_model.joint_blocks.0.*` or bare `joint_blocks.0.*` keys), else
-    None."""
-    prefixed = {key[len(SD3_PREFIX):]: shape for key, shape in header.shapes.items() if key.startswith(SD3_PREFIX)}
-    mmdit = prefixed or dict(header.shapes)
-    blocks = [int(match.group(1)) for key in mmdit if (match := _SD3_BLOCK.match(key))]
-    if not any(key.startswith(_SD3_FIRST_BLOCK) for key in mmdit):
+def read_sd3_file(header: FileHeader) -> SD3Model | None:
+    """The SD3 model in a file (`model.diffusion_model.joint_blocks.0.*` or bare `joint_blocks.0.*` keys; the
+    loader's own reading of the header), else None."""
+    parts = sd3_file(header)
+    if parts is None:
         return None
-    return SD3File(sd3_variant_of(mmdit), 1 + max(blocks), mmdit, header)
+    mmdit = {name: header.shapes[key] for name, key in parts.transformer.items()}
+    depth = 1 + max(int(match.group(1)) for name in mmdit if (match := _SD3_BLOCK.match(name)))
+    return SD3Model(sd3_variant_of(mmdit), depth, mmdit, parts.embedded, header)
 
 
 def model_family_of(header: FileHeader) -> str | None:

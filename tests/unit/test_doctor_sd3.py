@@ -63,7 +63,8 @@ def t5_shapes(width: int = CONTEXT) -> dict[str, list[int]]:
 
 
 def vae_shapes(channels: int = 16) -> dict[str, list[int]]:
-    return {"encoder.conv_out.weight": [2 * channels, 64, 3, 3], "decoder.conv_in.weight": [64, channels, 3, 3]}
+    return {"encoder.down.0.block.0.conv1.weight": [64, 64, 3, 3], "encoder.conv_out.weight": [2 * channels, 64, 3, 3],
+            "decoder.conv_in.weight": [64, channels, 3, 3]}
 
 
 def prefixed(prefix: str, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
