@@ -189,7 +189,7 @@ def sd3_conditioning(session: Session, batch: dict[str, Any], encoded: EncodedTe
 
     rates = SD3Settings.from_config(session.config).dropout_rates
     if any(rates):
-        encoded = drop_text_outputs(encoded, text_layout(session.model), rates,
+        encoded = drop_text_outputs(encoded, text_layout(session.model.text), rates,
                                     text_dropout_generators(batch["noise_seed"]))
     if encoded.pooled is None:
         raise ValueError("SD3 conditioning needs the pooled CLIP-L + CLIP-G vector, and the text encoding gave none; "

@@ -308,6 +308,34 @@ def test_objective_backpropagates_to_the_model() -> None:
     assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_objective_on_the_tiny_mmdit(dtype: torch.dtype) -> None:
+    """The real MMDiT (SD3.5 medium layout) takes t as float32 on 0..1000 next to inputs in the weight dtype."""
+    mmdit_module = pytest.importorskip("engine.models.sd3.mmdit")
+    from engine.models.sd3.params import tiny_params
+
+    params = tiny_params("5-medium")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mmdit = mmdit_module.MMDiT(params).to(dtype)
+    session = session_for(mmdit, weighting_scheme="logit_normal")
+    session.weight_dtype = dtype
+    generator = gen(24)
+    cond = {"context": torch.randn(2, 77 + 4, params.context_in_dim, generator=generator).to(dtype),
+            "y": torch.randn(2, params.adm_in_channels, generator=generator).to(dtype)}
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    loss = SD3Objective(session).loss(latents, cond, {"noise_seed": [3, 4], "loss_weight": torch.ones(2)})
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in mmdit.joint_blocks[0].x_block.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    if dtype == torch.float32:
+        settings = SD3Settings.from_config(session.config)
+        with torch.no_grad():
+            torch.testing.assert_close(loss.detach(), expected_loss(mmdit, latents, cond, [3, 4], settings,
+                                                                    torch.ones(2)))
+
+
 # --- text dropout seeds (spec §8.3) -------------------------------------------------------------------------------
 
 
@@ -317,3 +345,89 @@ def test_text_dropout_generators_are_per_sample_and_not_the_noise_stream() -> No
     assert all(torch.equal(a, torch.rand(4, generator=g)) for a, g in zip(draws, second, strict=True))
     assert not torch.equal(draws[0], draws[1])
     assert not torch.equal(draws[0], torch.rand(4, generator=gen(7)))  # independent of the noise's draws
+
+
+# --- the conditioning builder (spec §8.3) -------------------------------------------------------------------------
+
+L_WIDTH, G_WIDTH, L_POOLED, G_POOLED, T5_TOKENS = 16, 24, 12, 20, 4
+
+
+def tiny_text() -> SimpleNamespace:
+    """Two tiny real CLIP encoders with projections ([CLIP-L, CLIP-G, T5] as the loader gives them; T5 unused)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def clip(width: int, projection: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=width, projection_dim=projection,
+                                                          intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, vocab_size=100))
+
+    return SimpleNamespace(encoders=[clip(L_WIDTH, L_POOLED), clip(G_WIDTH, G_POOLED), None])
+
+
+def encoded_batch(batch: int, seed: int = 30):
+    from engine.models.text_encoding import EncodedText
+
+    generator = gen(seed)
+    context = torch.randn(batch, 77 + T5_TOKENS, 64, generator=generator)
+    context[:, :77, L_WIDTH + G_WIDTH:] = 0  # the CLIP tokens' zero padding up to T5's width
+    return EncodedText(context, torch.randn(batch, L_POOLED + G_POOLED, generator=generator))
+
+
+def builder_session(**rates: float) -> SimpleNamespace:
+    session = session_for(Denoiser(), **rates)
+    session.model.text = tiny_text()
+    return session
+
+
+def test_conditioning_without_dropout_is_the_encoding() -> None:
+    from engine.train.sd3_objective import sd3_conditioning
+
+    encoded = encoded_batch(3)
+    session = builder_session()
+    result = sd3_conditioning(session, {"noise_seed": [1, 2, 3]}, encoded)
+    assert set(result) == {"context", "y"}
+    assert torch.equal(result["context"], encoded.hidden_states) and torch.equal(result["y"], encoded.pooled)
+
+
+@pytest.mark.parametrize(("rate", "part"), [("clip_l_dropout_rate", 0), ("clip_g_dropout_rate", 1),
+                                            ("t5_dropout_rate", 2)])
+def test_conditioning_drops_one_encoder_per_sample(rate: str, part: int) -> None:
+    from engine.train.sd3_objective import sd3_conditioning
+
+    encoded = encoded_batch(2)
+    result = sd3_conditioning(builder_session(**{rate: 1.0}), {"noise_seed": [4, 5]}, encoded)
+    context, pooled = encoded.hidden_states.clone(), encoded.pooled.clone()
+    if part == 0:
+        context[:, :77, :L_WIDTH], pooled[:, :L_POOLED] = 0, 0
+    elif part == 1:
+        context[:, :77, L_WIDTH:L_WIDTH + G_WIDTH], pooled[:, L_POOLED:] = 0, 0
+    else:
+        context[:, 77:] = 0
+    assert torch.equal(result["context"], context) and torch.equal(result["y"], pooled)
+
+
+def test_conditioning_dropout_follows_each_samples_seed() -> None:
+    """Half rates: a sample's drops depend on its noise seed only, so a resumed run drops the same parts."""
+    from engine.models.text_encoding import EncodedText
+    from engine.train.sd3_objective import sd3_conditioning
+
+    session = builder_session(clip_l_dropout_rate=0.5, clip_g_dropout_rate=0.5, t5_dropout_rate=0.5)
+    seeds = list(range(40, 56))
+    encoded = encoded_batch(len(seeds))
+    first = sd3_conditioning(session, {"noise_seed": seeds}, encoded)
+    again = sd3_conditioning(session, {"noise_seed": seeds}, encoded)
+    assert torch.equal(first["context"], again["context"]) and torch.equal(first["y"], again["y"])
+    alone = sd3_conditioning(session, {"noise_seed": seeds[3:4]},
+                             EncodedText(encoded.hidden_states[3:4], encoded.pooled[3:4]))
+    assert torch.equal(alone["context"], first["context"][3:4]) and torch.equal(alone["y"], first["y"][3:4])
+    dropped_t5 = (first["context"][:, 77:] == 0).flatten(1).all(1)
+    dropped_l = (first["y"][:, :L_POOLED] == 0).all(1)
+    assert 0 < int(dropped_t5.sum()) < len(seeds) and 0 < int(dropped_l.sum()) < len(seeds)
+
+
+def test_conditioning_needs_the_pooled_vector() -> None:
+    from engine.models.text_encoding import EncodedText
+    from engine.train.sd3_objective import sd3_conditioning
+
+    with pytest.raises(ValueError, match="pooled"):
+        sd3_conditioning(builder_session(), {"noise_seed": [1]}, EncodedText(encoded_batch(1).hidden_states, None))

@@ -230,4 +230,4 @@ def test_tiny_mmdit_samples_as_diffusers_pipeline(variant: str) -> None:
     expected = pipeline_latents(transformer, positive, negative, steps=4, cfg_scale=DEFAULT_CFG_SCALE, seed=3)
     ours = sample_latents(mmdit, positive, negative, width=W, height=H, steps=4, cfg_scale=DEFAULT_CFG_SCALE, seed=3,
                           device="cpu", dtype=torch.float32)
-    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=0)  # measured: at most 5.5e-6 (latents up to 4.7)
