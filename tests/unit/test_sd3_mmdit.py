@@ -216,6 +216,13 @@ def test_random_crop_moves_the_window_only_when_asked():
     with torch.no_grad():  # sampling and validation see the centred window
         assert torch.allclose(model(**inputs), centred, atol=1e-6)
 
+    model.pos_emb_generator = torch.Generator().manual_seed(5)  # a trainer's own generator: resumable draws
+    state = torch.get_rng_state()
+    first = model(**inputs).detach()
+    assert torch.equal(torch.get_rng_state(), state)
+    model.pos_emb_generator = torch.Generator().manual_seed(5)
+    assert torch.equal(model(**inputs).detach(), first)
+
 
 def test_scaled_pos_embed_is_used_in_training_passes():
     params = tiny_params("5-medium")

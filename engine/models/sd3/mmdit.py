@@ -71,7 +71,8 @@ class MMDiT(nn.Module):
     Training options (set by the trainer; spec §8.5):
 
     * ``pos_emb_random_crop_rate``: with this probability per forward pass the position window is drawn at random
-      instead of centred (torch's global RNG, drawn from only when the rate is above 0).
+      instead of centred, from ``pos_emb_generator`` when the trainer sets one (a CPU ``torch.Generator``, so a
+      resumed run can restore it) or else torch's global RNG; nothing is drawn while the rate is 0.
     * :meth:`enable_scaled_pos_embed`: per-resolution scaled position tables instead of the stored one.
 
     Both act only in passes that record gradients (training steps), so sampling and the validation loss see the
@@ -92,6 +93,7 @@ class MMDiT(nn.Module):
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
         self.pos_emb_random_crop_rate = 0.0
+        self.pos_emb_generator: torch.Generator | None = None
         self.scaled_pos_embeds: ScaledPosEmbeds | None = None
 
     @property
@@ -155,12 +157,13 @@ class MMDiT(nn.Module):
         """The position window [1, h*w, hidden] for an h x w patch grid (spec §8.5 in training passes)."""
         training = torch.is_grad_enabled()
         rate = self.pos_emb_random_crop_rate
-        random = training and rate > 0 and torch.rand(1).item() < rate
+        random = training and rate > 0 and torch.rand(1, generator=self.pos_emb_generator).item() < rate
         if training and self.scaled_pos_embeds is not None:
             table, grid = self.scaled_pos_embeds.table(height, width, device, self.pos_embed.dtype)
         else:
             table, grid = self.pos_embed, self.params.pos_embed_max_size
-        return crop_window(table, grid, window_corner(grid, height, width, random), height, width)
+        corner = window_corner(grid, height, width, random, self.pos_emb_generator)
+        return crop_window(table, grid, corner, height, width)
 
     def _run_block(self, block: nn.Module, context: Tensor | None, x: Tensor, c: Tensor
                    ) -> tuple[Tensor | None, Tensor]:

@@ -79,16 +79,17 @@ def scaled_sincos_pos_embed(hidden: int, grid: int, sample_size: int, base_size:
     return _table(hidden, coords, coords)
 
 
-def window_corner(grid: int, height: int, width: int, random: bool) -> tuple[int, int]:
+def window_corner(grid: int, height: int, width: int, random: bool,
+                  generator: torch.Generator | None = None) -> tuple[int, int]:
     """Top-left corner of an ``height`` x ``width`` window in a ``grid`` x ``grid`` table: centred, or uniformly
-    random (torch's global RNG, as sd-scripts)."""
+    random (from ``generator``, else torch's global RNG as sd-scripts)."""
     if height > grid or width > grid:
         raise ValueError(f"a latent of {height}x{width} patches is larger than the {grid}x{grid} position table: "
                          "train at a lower resolution (bucket sizes) for this model")
     if not random:
         return (grid - height) // 2, (grid - width) // 2
-    top = int(torch.randint(0, grid - height + 1, (1,)).item())
-    left = int(torch.randint(0, grid - width + 1, (1,)).item())
+    top = int(torch.randint(0, grid - height + 1, (1,), generator=generator).item())
+    left = int(torch.randint(0, grid - width + 1, (1,), generator=generator).item())
     return top, left
 
 
