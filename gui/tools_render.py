@@ -130,8 +130,17 @@ def _extract_lines(report: Mapping[str, Any]) -> list[str]:
             *(f"- Left out {part}: {reason}" for part, reason in report["skipped"].items()), *_retained_line(report)]
 
 
+def _convert_lines(report: Mapping[str, Any]) -> list[str]:
+    parts = ", ".join(f"{part} {count}" for part, count in report["modules_out"].items())
+    lines = [f"- `{report['input']}` ({report['family']}, read from {report['family_from']}) to {report['to']} names",
+             f"- Modules: {report['modules_in']} in, {sum(report['modules_out'].values())} out ({parts})",
+             f"- Ranks: {counts_text(report['ranks'])}"]
+    return lines + [f"- ⚠ Left out: {note}" for note in report.get("notes", [])]
+
+
 # tool name -> the lines that describe what its report says it did
-RESULT_LINES = {"merge": _merge_lines, "resize": _resize_lines, "extract": _extract_lines}
+RESULT_LINES = {"merge": _merge_lines, "resize": _resize_lines, "extract": _extract_lines,
+                "convert": _convert_lines}
 
 
 def result_markdown(tool: str, outcome: ToolOutcome) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.cli.lora_cmd import TEXT_ENCODER_OPTIONS
+from engine.cli.lora_cmd import CONVERT_FAMILIES, CONVERT_TARGETS, TEXT_ENCODER_OPTIONS
 from engine.config.choices import SavePrecision
 from engine.config.io import (
     config_to_dict,
@@ -58,6 +58,14 @@ RESIZE_RULES: dict[str, tuple[str, str]] = {
     "sv_ratio": ("--sv-ratio", "keep singular values at least the largest / X"),
     "sv_fro": ("--sv-fro", "keep this fraction (0-1) of each module's Frobenius norm"),
 }
+# `lora convert` targets (the engine's, in its order) -> what the choice means to a user
+_CONVERT_MEANINGS = {
+    "diffusers": "diffusers names (from a kohya file: FluxPipeline / StableDiffusion3Pipeline load the new file)",
+    "kohya": "kohya names (from a diffusers/PEFT file: ComfyUI and Atelier load the new file)",
+}
+CONVERT_CHOICES: dict[str, str] = {target: _CONVERT_MEANINGS[target] for target in CONVERT_TARGETS}
+CONVERT_AUTO = "auto"  # no --family: the engine reads it from the file
+CONVERT_FAMILY_CHOICES: tuple[str, ...] = (CONVERT_AUTO, *CONVERT_FAMILIES)
 CONFIG_FILE = "config.toml"
 # Where a config for the doctor or the latent cache comes from: value -> label
 CONFIG_SOURCES = {"file": "A config file", "current": "The Parameters tab's current settings"}
@@ -238,6 +246,18 @@ def extract_args(base: str | None, tuned: str | None, output: str | None, roots:
     return [*args, "--device", device or "cpu", "--save-precision", precision, "--json"]
 
 
+def convert_args(path: str | None, output: str | None, roots: FileRoots, *, to: str, family: str = CONVERT_AUTO
+                 ) -> list[str]:
+    """`lora convert FILE --to diffusers|kohya`; the default output says the naming (style_diffusers). The engine
+    refuses an existing output, so no --overwrite from the page."""
+    source = checked_path(path, "LoRA file", roots)
+    if to not in CONVERT_CHOICES:
+        raise ToolInputError(f"Convert to: choose one of {', '.join(CONVERT_CHOICES)}")
+    args = ["lora", "convert", source, "--to", to, "-o", _output(output, roots, source, to)]
+    args += [] if not family or family == CONVERT_AUTO else ["--family", family]
+    return [*args, "--json"]
+
+
 def cache_args(config_path: str, *, skip_existing: bool = False, device: str | None = None,
                workers: float | None = None) -> list[str]:
     """`cache-latents CONFIG ...`; EngineJob adds --events. device None or 'auto': the engine's choice."""
@@ -413,9 +433,12 @@ def run_lora_tool(args: list[str]) -> ToolOutcome:
 
 
 def run_and_inspect(args: list[str]) -> tuple[ToolOutcome, ToolOutcome | None]:
-    """Run merge/resize/extract, then inspect the LoRA it wrote (None when the tool failed or wrote a model)."""
+    """Run merge/resize/extract/convert, then inspect the LoRA it wrote (None when the tool failed, wrote a model
+    or a diffusers-named LoRA)."""
     outcome = run_lora_tool(args)
     if outcome.report is None or "--into-model" in args:  # a merged checkpoint is not a LoRA to inspect
+        return outcome, None
+    if outcome.report.get("to") == "diffusers":  # inspect reads kohya files; the convert report says the rest
         return outcome, None
     return outcome, run_lora_tool(["lora", "inspect", outcome.report["output"], "--json"])
 

@@ -1,4 +1,4 @@
-"""`python -m engine lora inspect|merge|resize|extract`: tools for kohya LoRA files.
+"""`python -m engine lora inspect|merge|resize|extract|convert`: tools for kohya LoRA files.
 
 Every tool writes a new file and refuses to overwrite one (or an input). Reports are readable text, or JSON with
 --json (for the GUI's Tools tab). Exit 0 on success, 2 when an input must be fixed (the message names the file and
@@ -23,7 +23,7 @@ _PRECISIONS = typing.get_args(SavePrecision)
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        TASK, help="inspect, merge, resize or extract kohya LoRA files",
+        TASK, help="inspect, merge, resize, extract or convert kohya LoRA files",
         description="Tools for kohya-format LoRA/LoCon files (the format Atelier, sd-scripts, A1111 and ComfyUI "
                     "use). Each writes a new file and never overwrites one.",
     )
@@ -119,6 +119,32 @@ def _add_extract(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_convert(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = tools.add_parser(
+        "convert", help="a FLUX.1/Chroma/SD3 LoRA under diffusers' (PEFT) names, or back to kohya's",
+        description="Write the LoRA under the other naming as a new file: --to diffusers turns kohya names "
+                    "(lora_unet_..., lora_te1_...) into the transformer.* / text_encoder.* names that diffusers' "
+                    "FluxPipeline and StableDiffusion3Pipeline load (alpha baked into the weights; T5 modules are "
+                    "left out, diffusers loads no LoRA into T5); --to kohya turns such files, and those of "
+                    "diffusers' training scripts, into kohya names. Exact both ways. LoHa/LoKr files do not "
+                    "convert.")
+    parser.add_argument("file", help="a LoRA .safetensors file")
+    parser.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="the naming of the new file")
+    parser.add_argument("-o", "--output", help="the new file (default: <stem>_diffusers.safetensors or "
+                        "<stem>_kohya.safetensors beside the input)")
+    parser.add_argument("--family", choices=CONVERT_FAMILIES, help="the model, when a diffusers file cannot tell "
+                        "(names both FLUX.1 and SD3 have, no metadata)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists (never "
+                        "the input)")
+    parser.set_defaults(handler=_run_convert)
+    return parser
+
+
+# `lora convert` namings and families (engine.networks.tools.convert_lora.TARGETS / convertible_families; not
+# imported here, they load torch).
+CONVERT_TARGETS = ("diffusers", "kohya")
+CONVERT_FAMILIES = ("flux1", "chroma", "sd3")
+
 # Text encoders a FLUX-style merge writes to their own files: option stem -> label (engine.networks.tools.
 # model_files.FILE_MODELS names the same stems; not imported here, it loads torch).
 TEXT_ENCODER_OPTIONS = {"clip-l": "CLIP-L", "t5xxl": "T5-XXL"}
@@ -129,6 +155,7 @@ TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     "merge": _add_merge,
     "resize": _add_resize,
     "extract": _add_extract,
+    "convert": _add_convert,
 }
 
 
@@ -207,3 +234,10 @@ def _run_extract(args: argparse.Namespace) -> int:
     return _report(args, lambda: extract_lora(args.base, args.tuned, args.output, rank=args.rank,
                                               conv_rank=args.conv_rank, device=args.device, save_dtype=_dtype(args),
                                               clamp_quantile=args.clamp_quantile, **min_diff))
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from engine.networks.tools.convert_lora import convert_lora
+
+    return _report(args, lambda: convert_lora(args.file, args.to, args.output, family=args.family,
+                                              overwrite=args.overwrite))

@@ -1,5 +1,5 @@
-"""The Tools tab: inspect, merge, resize and extract LoRA files, build the latent cache, and run the dataset doctor
-on any config. The LoRA tools and the cache run as engine processes (they load torch); the doctor runs here.
+"""The Tools tab: inspect, merge, resize, extract and convert LoRA files, build the latent cache, and run the dataset
+doctor on any config. The LoRA tools and the cache run as engine processes (they load torch); the doctor runs here.
 Logic lives in gui/tools_view.py, what results look like in gui/tools_render.py; this module lays out components and
 wires events."""
 
@@ -211,6 +211,30 @@ def _extract_tab(roots: FileRoots) -> None:
                  result, written)
 
 
+def _convert_tab(roots: FileRoots) -> None:
+    with gr.Tab("Convert", id="tools-convert"):
+        gr.Markdown("Write a FLUX.1, Chroma or SD3 LoRA under the other naming, as a new file: kohya's names "
+                    "(`lora_unet_...`, what Atelier, sd-scripts and ComfyUI write) to diffusers' (`transformer.*`, "
+                    "what diffusers' pipelines load; diffusers cannot read kohya SD3 LoRAs), or back. Exact both "
+                    "ways. T5 modules are left out of a diffusers file (diffusers loads no LoRA into T5); "
+                    "LoHa/LoKr files do not convert.")
+        file = _lora_field("LoRA file", roots, "tools-convert-file",
+                           "a kohya LoRA, or a diffusers/PEFT LoRA (lora_A/lora_B names), .safetensors")
+        output = _output_field(roots, "tools-convert-output")
+        with gr.Row():
+            to = gr.Radio([(meaning, name) for name, meaning in view.CONVERT_CHOICES.items()], value="diffusers",
+                          label="Convert to", elem_id="tools-convert-to")
+            family = gr.Dropdown(list(view.CONVERT_FAMILY_CHOICES), value=view.CONVERT_AUTO, label="Model",
+                                 elem_id="tools-convert-family",
+                                 info="auto: from the file; choose one for a diffusers file whose names FLUX.1 and "
+                                      "SD3 share")
+        button = gr.Button("Convert", variant="primary", elem_id="tools-convert-run")
+        result, written = _results("tools-convert")
+
+    _wire_writer("convert", button, {file, output, to, family},
+                 lambda v: view.convert_args(v[file], v[output], roots, to=v[to], family=v[family]), result, written)
+
+
 def _config_source(prefix: str, roots: FileRoots) -> tuple[gr.Radio, gr.Textbox]:
     with gr.Row():
         source = gr.Radio(_SOURCE_CHOICES, value="file", label="Config", elem_id=f"{prefix}-source")
@@ -277,5 +301,6 @@ def build(ctx: TabContext) -> None:
         _merge_tab(ctx.roots)
         _resize_tab(ctx.roots)
         _extract_tab(ctx.roots)
+        _convert_tab(ctx.roots)
         _cache_tab(ctx)
         _doctor_tab(ctx)
