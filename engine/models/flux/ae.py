@@ -24,7 +24,8 @@ from engine.models.single_file import ModelLoadError
 from engine.models.vae import LoadedVae, ready_vae
 from engine.models.vae_layout import vae_from_state_dict
 
-__all__ = ["FLUX_AE_CONFIG", "FLUX_AE_SCALING_FACTOR", "FLUX_AE_SHIFT_FACTOR", "FLUX_LATENT_CHANNELS", "load_flux_ae"]
+__all__ = ["FLUX_AE_CONFIG", "FLUX_AE_SCALING_FACTOR", "FLUX_AE_SHIFT_FACTOR", "FLUX_LATENT_CHANNELS", "load_ae_module",
+           "load_flux_ae"]
 
 FLUX_AE_SCALING_FACTOR = 0.3611
 FLUX_AE_SHIFT_FACTOR = 0.1159
@@ -77,7 +78,7 @@ def load_flux_ae(location: str | Path, *, family: str, dtype: Any = None, device
             channels other than 16), naming the file.
     """
     path = Path(location).expanduser()
-    vae = _load_folder(path, what) if path.is_dir() else _load_file(path, what)
+    vae = load_ae_module(path, what=what)
     channels = int(vae.config.latent_channels)
     if channels != FLUX_LATENT_CHANNELS:
         raise ModelLoadError(f"{path}: an AE with {channels} latent channels (an SD VAE?); FLUX and Chroma need their "
@@ -88,17 +89,41 @@ def load_flux_ae(location: str | Path, *, family: str, dtype: Any = None, device
     return loaded
 
 
-def _load_file(path: Path, what: str) -> Any:
+def load_ae_module(location: str | Path, *, what: str = "model.ae", prefixes: tuple[str, ...] = ("",),
+                   base: dict[str, Any] | None = None, label: str = "FLUX AE") -> Any:
+    """The float32 ``AutoencoderKL`` of a file (LDM or diffusers naming) or a diffusers folder; channels unchecked.
+
+    Args:
+        location: the file or folder.
+        what: the config key it came from, for messages.
+        prefixes: where the AE's ``encoder.*`` / ``decoder.*`` keys may sit in a file, tried in order (SD3's
+            all-in-one files: ``first_stage_model.``).
+        base: the published config the sizes read off the shapes go into (default FLUX's).
+        label: what the weights should be, for messages.
+
+    Raises:
+        ModelLoadError: a missing or unreadable location, or no AE weights in it (naming the file).
+    """
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return _load_folder(path, what)
+    return _load_file(path, what, prefixes, FLUX_AE_CONFIG if base is None else base, label)
+
+
+def _load_file(path: Path, what: str, prefixes: tuple[str, ...], base: dict[str, Any], label: str) -> Any:
     header = read_flux_header(path, what)
     check_not_adapter(header, what)
-    layout = next((name for name, marker in _FILE_LAYOUTS.items() if marker in header.shapes), None)
-    if layout is None:
-        raise ModelLoadError(f"{path}: no FLUX AE weights found{_what_it_is(header.shapes)}; {what} must be the AE "
+    found = next(((prefix, name) for prefix in prefixes for name, marker in _FILE_LAYOUTS.items()
+                  if prefix + marker in header.shapes), None)
+    if found is None:
+        raise ModelLoadError(f"{path}: no {label} weights found{_what_it_is(header.shapes)}; {what} must be the AE "
                              "file (ae.safetensors, keys encoder.* / decoder.*) or a diffusers vae/ folder")
-    keys = {key: key for key in header.shapes if key.startswith(_AE_PARTS)}
-    shapes = {key: header.shapes[key] for key in keys}
+    prefix, layout = found
+    keys = {key[len(prefix):]: key for key in header.shapes
+            if key.startswith(prefix) and key[len(prefix):].startswith(_AE_PARTS)}
+    shapes = {name: header.shapes[key] for name, key in keys.items()}
     try:
-        config = infer_vae_config(shapes, layout, FLUX_AE_CONFIG)
+        config = infer_vae_config(shapes, layout, base)
     except ConfigInferenceError as error:
         raise ModelLoadError(f"{path}: {error} ({what})") from error
     import torch

@@ -80,8 +80,13 @@ def stripped_keys(keys: Iterable[str], prefix: str = TRANSFORMER_PREFIX) -> dict
     return {key.removeprefix(prefix): key for key in keys}
 
 
-def check_not_adapter(header: FileHeader, what: str) -> None:
+def check_not_adapter(header: FileHeader, what: str, base: str = "FLUX.1/Chroma") -> None:
     """Refuse LoRA / LyCORIS files and Textual Inversion embeddings given as a base model or component.
+
+    Args:
+        header: the file's header.
+        what: the config key it came from, for messages.
+        base: what the file should have been ("SD3/SD3.5" for the SD3 loaders), for messages.
 
     Raises:
         ModelLoadError: naming the file and the config key to use instead.
@@ -90,7 +95,7 @@ def check_not_adapter(header: FileHeader, what: str) -> None:
     kind = adapter_kind(keys)
     if kind == "LoRA":
         raise ModelLoadError(f"{header.path}: this is a LoRA file, not a base model: put it in "
-                             f"network.network_weights and set {what} to the FLUX.1/Chroma file it was trained on")
+                             f"network.network_weights and set {what} to the {base} file it was trained on")
     if kind is not None:
         raise ModelLoadError(f"{header.path}: this is a Textual Inversion embedding, not a model file ({what})")
     if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):

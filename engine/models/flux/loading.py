@@ -268,7 +268,8 @@ def _not_flux_message(header: FileHeader) -> str:
         return (f"{header.path}: this is an {FAMILY_LABELS[sd_family]} checkpoint, not a FLUX.1/Chroma model; set "
                 f"model.model_family to {sd_family} (or auto), or point {_LOCATION} at a FLUX.1/Chroma file")
     if any(key.removeprefix(TRANSFORMER_PREFIX).startswith("joint_blocks.") for key in keys):
-        return f"{header.path}: this is an SD3/SD3.5 model, which Atelier does not train; use a FLUX.1/Chroma file"
+        return (f"{header.path}: this is an SD3/SD3.5 model, not a FLUX.1/Chroma one; set model.model_family to sd3 "
+                f"(or auto), or point {_LOCATION} at a FLUX.1/Chroma file")
     if any(key.startswith(("encoder.down.", "decoder.up.")) for key in keys):
         return f"{header.path}: this is an AE/VAE file; put it in model.ae and set {_LOCATION} to the transformer"
     if any(key.startswith(("encoder.block.", "text_model.", "embeddings.token_embedding")) for key in keys):

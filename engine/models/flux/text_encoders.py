@@ -6,7 +6,8 @@ files and the tests' tiny ones load the same way.
 * CLIP-L (``clip_l.safetensors``, Hugging Face ``CLIPTextModel`` keys, with or without ``text_model.``): width,
   layers, MLP width, vocabulary and positions from the shapes; heads = width / 64 (at least 1), OpenAI CLIP's
   quick-GELU, and the legacy ``eos_token_id`` 2 of the published config, so the pooled output is taken at the
-  highest token id (the EOS), as in BFL and sd-scripts (spec §3.2). ``text_projection`` is not used.
+  highest token id (the EOS), as in BFL and sd-scripts (spec §3.2). ``text_projection`` is not used by FLUX;
+  SD3 builds ``CLIPTextModelWithProjection`` (CLIP-L and CLIP-G) through :func:`load_clip_text_model`, keeping it.
 * T5 (``t5xxl_fp16.safetensors``, ``T5EncoderModel`` keys): d_model and vocabulary from ``shared``, layers from
   the blocks, heads from ``relative_attention_bias`` [buckets, heads], d_kv = query rows / heads, d_ff from
   ``wi_0``; gated-GELU (T5 v1.1). A file in another layout is refused, naming it (the size is not checked: tiny
@@ -31,12 +32,16 @@ from engine.models.single_file import FileHeader, ModelLoadError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["clip_config_from_shapes", "load_clip_l", "load_t5xxl", "t5_config_from_shapes"]
+__all__ = ["CLIP_PREFIXES", "clip_config_from_shapes", "load_clip_l", "load_clip_text_model", "load_t5xxl",
+           "t5_config_from_shapes"]
 
-_CLIP_PREFIXES = ("text_model.", "transformer.text_model.", "cond_stage_model.transformer.text_model.")
+# Where a CLIP text model's keys sit in the files that hold one (SAI's SD3 all-in-one files: text_encoders.clip_l.*).
+CLIP_PREFIXES = ("text_model.", "transformer.text_model.", "cond_stage_model.transformer.text_model.",
+                 "text_encoders.clip_l.transformer.text_model.")
 _CLIP_MARKER = "embeddings.token_embedding.weight"
-_CLIP_UNUSED = ("text_projection.weight", "logit_scale", "embeddings.position_ids")
-_T5_PREFIXES = ("", "t5xxl.transformer.", "transformer.")
+_CLIP_PROJECTION = "text_projection.weight"
+_CLIP_UNUSED = (_CLIP_PROJECTION, "logit_scale", "embeddings.position_ids")
+_T5_PREFIXES = ("", "t5xxl.transformer.", "transformer.", "text_encoders.t5xxl.transformer.")
 _T5_LAYER = "encoder.block.0.layer."
 _T5_REQUIRED = ("shared.weight", _T5_LAYER + "0.SelfAttention.q.weight",
                 _T5_LAYER + "0.SelfAttention.relative_attention_bias.weight", "encoder.final_layer_norm.weight")
@@ -53,10 +58,16 @@ def _count(keys: Any, pattern: str) -> int:
 # --- CLIP-L ------------------------------------------------------------------------------------------------------
 
 
-def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """``CLIPTextConfig`` keyword arguments for a prefix-free CLIP text model's tensor shapes."""
+def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``CLIPTextConfig`` keyword arguments for a prefix-free CLIP text model's tensor shapes.
+
+    Args:
+        shapes: the tensor shapes (a ``text_projection.weight`` [projection, width] among them sets the projection).
+        base: the published config the sizes are put into (default OpenAI CLIP ViT-L/14's: quick-GELU); what the
+            shapes cannot tell (the activation, the special token ids) comes from it.
+    """
     vocab, hidden = shapes[_CLIP_MARKER]
-    config = dict(shipped_configs("sd1")["text_encoder"])  # OpenAI CLIP ViT-L/14's published text config
+    config = dict(base if base is not None else shipped_configs("sd1")["text_encoder"])
     for key in ("architectures", "transformers_version", "torch_dtype", "_name_or_path"):
         config.pop(key, None)
     config.update(
@@ -66,7 +77,7 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any
         num_hidden_layers=_count(shapes, r"encoder\.layers\.(\d+)\."),
         intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
         num_attention_heads=max(1, hidden // _CLIP_HEAD_WIDTH),
-        projection_dim=hidden,
+        projection_dim=shapes.get(_CLIP_PROJECTION, (hidden,))[0],
     )
     return config
 
@@ -78,26 +89,66 @@ def load_clip_l(location: str | Path, *, what: str = "model.clip_l") -> Any:
     Raises:
         ModelLoadError: a missing file or folder, a LoRA, or a file that is no CLIP text model (naming it).
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
+    return load_clip_text_model(location, what=what)
 
+
+def load_clip_text_model(location: str | Path, *, what: str = "model.clip_l", prefixes: tuple[str, ...] = CLIP_PREFIXES,
+                         projection: bool = False, base: dict[str, Any] | None = None,
+                         label: str = "CLIP-L's file (clip_l.safetensors)") -> Any:
+    """A CLIP text model from a file (config read off the shapes) or a diffusers ``text_encoder*/`` folder.
+
+    Args:
+        location: the file or folder.
+        what: the config key it came from, for messages.
+        prefixes: where the ``text_model`` keys may sit in the file, tried in order after "" (no prefix).
+        projection: build a ``CLIPTextModelWithProjection`` (SD3) whose ``text_projection`` is the file's, or the
+            identity when the file has none (sd-scripts' rule for CLIP-L); else a ``CLIPTextModel`` (FLUX).
+        base: the published config the sizes go into (see :func:`clip_config_from_shapes`).
+        label: what ``what`` must be, for messages.
+
+    Raises:
+        ModelLoadError: a missing file or folder, a LoRA, or a file that is no CLIP text model (naming it).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if projection else CLIPTextModel
     path = Path(location).expanduser()
     if path.is_dir():
-        return _from_pretrained(CLIPTextModel, path, what)
+        return _from_pretrained(model_class, path, what)
     header = read_flux_header(path, what)
     check_not_adapter(header, what)
-    prefix = next((p for p in ("", *_CLIP_PREFIXES) if p + _CLIP_MARKER in header.shapes), None)
+    prefix = next((p for p in ("", *prefixes) if p + _CLIP_MARKER in header.shapes), None)
     if prefix is None:
         raise ModelLoadError(f"{path}: not a CLIP text encoder (no {_CLIP_MARKER}){_what_it_is(header)}; {what} must "
-                             "be CLIP-L's file (clip_l.safetensors) or a diffusers text_encoder/ folder")
+                             f"be {label} or a diffusers text_encoder/ folder")
     names = {key[len(prefix):]: key for key in header.shapes
              if key.startswith(prefix) and not key[len(prefix):].startswith(_CLIP_UNUSED)}
+    shapes = {name: header.shapes[key] for name, key in names.items()}
+    # text_projection sits beside text_model (text_encoders.clip_g.transformer.text_projection.weight)
+    projection_key = prefix.removesuffix("text_model.") + _CLIP_PROJECTION
+    if projection and projection_key in header.shapes:
+        shapes[_CLIP_PROJECTION] = header.shapes[projection_key]
     try:
-        config = CLIPTextConfig(**clip_config_from_shapes({name: header.shapes[key] for name, key in names.items()}))
+        config = CLIPTextConfig(**clip_config_from_shapes(shapes, base))
     except KeyError as error:
         raise ModelLoadError(f"{path}: an incomplete CLIP text model (no {error}); check {what}") from error
-    model = _assigned(CLIPTextModel, config, _read_stored(path, names), path, what)
+    state = _read_stored(path, names)
+    if projection:
+        state = {f"text_model.{name}": tensor for name, tensor in state.items()}
+        state[_CLIP_PROJECTION] = _projection(path, projection_key, header, config.hidden_size, state)
+    model = _assigned(model_class, config, state, path, what)
     _restore_position_ids(model)
     return model
+
+
+def _projection(path: Path, key: str, header: FileHeader, width: int, state: dict[str, Any]) -> Any:
+    """The file's ``text_projection`` weight, or the identity (sd-scripts' rule for CLIP-L files without one)."""
+    import torch
+
+    if key in header.shapes:
+        return _read_stored(path, {_CLIP_PROJECTION: key})[_CLIP_PROJECTION]
+    dtype = next(iter(state.values())).dtype
+    return torch.eye(width, dtype=dtype)
 
 
 def _restore_position_ids(model: Any) -> None:
@@ -157,8 +208,8 @@ def load_t5xxl(location: str | Path, *, what: str = "model.t5xxl") -> Any:
                              f"encoder.final_layer_norm){_what_it_is(header)}; {what} must be T5-XXL's file "
                              "(t5xxl_fp16.safetensors) or a diffusers text_encoder_2/ folder")
     if not all(prefix + key in header.shapes for key in _T5_GATED):
-        raise ModelLoadError(f"{path}: a T5 v1.0 encoder (no gated wi_0/wi_1 feed-forward); FLUX and Chroma use T5 "
-                             f"v1.1 XXL (t5xxl_fp16.safetensors); check {what}")
+        raise ModelLoadError(f"{path}: a T5 v1.0 encoder (no gated wi_0/wi_1 feed-forward); FLUX, Chroma and SD3 "
+                             f"use T5 v1.1 XXL (t5xxl_fp16.safetensors); check {what}")
     names = {key[len(prefix):]: key for key in header.shapes
              if key.startswith(prefix) and not key[len(prefix):].startswith(_T5_UNUSED)}
     config = T5Config(**t5_config_from_shapes({name: header.shapes[key] for name, key in names.items()}))
@@ -205,9 +256,11 @@ def _what_it_is(header: FileHeader) -> str:
     keys = header.shapes
     if any("double_blocks." in key for key in keys):
         return " (it looks like a FLUX transformer)"
+    if any(key.removeprefix("model.diffusion_model.").startswith("joint_blocks.") for key in keys):
+        return " (it looks like an SD3 transformer)"
     if any(key.startswith(("encoder.down.", "decoder.up.")) for key in keys):
         return " (it looks like an AE/VAE)"
-    if any(key.startswith(_CLIP_PREFIXES) or key.startswith("embeddings.token_embedding") for key in keys):
+    if any(key.startswith(CLIP_PREFIXES) or key.startswith("embeddings.token_embedding") for key in keys):
         return " (it looks like a CLIP text encoder)"
     if any(key.startswith("shared.") or key.startswith("encoder.block.") for key in keys):
         return " (it looks like a T5 encoder)"

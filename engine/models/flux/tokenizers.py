@@ -33,11 +33,19 @@ _TOKENIZER_MARKERS = ("tokenizer.json", "spiece.model")  # a folder with one of 
 _CLIP_MARKERS = ("vocab.json", "tokenizer.json")
 
 
-def load_clip_tokenizer(model_folder: Path | None = None) -> Any:
-    """CLIP-L's ``CLIPTokenizer``: ``<model_folder>/tokenizer`` when it has one, else the package's own."""
+def load_clip_tokenizer(model_folder: Path | None = None, subfolder: str = "tokenizer",
+                        shipped: tuple[str, str] = ("sd1", "tokenizer")) -> Any:
+    """A ``CLIPTokenizer``: ``<model_folder>/<subfolder>`` when it has one, else the package's own.
+
+    Args:
+        model_folder: the diffusers folder of the model, if it is one.
+        subfolder: its tokenizer subfolder (SD3's CLIP-G: "tokenizer_2").
+        shipped: (family, subfolder) of the package's tokenizer to use otherwise: CLIP-L's by default; SD3's CLIP-G
+            takes SDXL's second tokenizer (the same vocabulary, padding with "!", id 0).
+    """
     from transformers import CLIPTokenizer
 
-    folder = model_folder / "tokenizer" if model_folder is not None else None
+    folder = model_folder / subfolder if model_folder is not None else None
     if folder is not None and any((folder / name).is_file() for name in _CLIP_MARKERS):
         try:
             return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -45,7 +53,7 @@ def load_clip_tokenizer(model_folder: Path | None = None) -> Any:
             raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({error})") from error
     from engine.models.tokenizers import load_tokenizer
 
-    return load_tokenizer("sd1")
+    return load_tokenizer(*shipped)
 
 
 def t5_cache_folder(cache_dir: Path) -> Path:

@@ -1,0 +1,239 @@
+"""Loading SD3 medium, SD3.5 medium and SD3.5 large for training, offline (spec §8.1, issue 13).
+
+The transformer comes from (``model.pretrained_model_name_or_path``):
+
+* Stability's single file (``sd3_medium.safetensors``, ``sd3.5_large.safetensors``, the "incl_clips" files): the
+  MMDiT under ``model.diffusion_model.`` (stripped per key; a bare ``joint_blocks.*`` transformer-only file loads
+  too), with the VAE and text encoders it embeds, if any;
+* a diffusers folder (StableDiffusion3Pipeline: ``transformer/`` converted to SAI naming by
+  ``engine.models.sd3.convert``), which also supplies the text encoders, tokenizers and VAE it holds;
+* a hub id already in the local Hugging Face cache (its snapshot folder; nothing is downloaded).
+
+``model.clip_l``, ``model.clip_g``, ``model.t5xxl`` and ``model.vae`` (files or folders) win over the model's own
+components (``engine.models.sd3.text_encoders``, ``engine.models.sd3.vae``). The variant is read off the keys
+(``engine.models.sd3.params``), so tiny models load like real ones. ``float8_e4m3fn`` transformer weights stay fp8
+with ``fp8=True`` and are cast up to ``dtype`` otherwise; the VAE is always float32.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.models.flux.files import read_flux_header, read_state
+from engine.models.sd3.files import LOCATION, SD3_PIPELINES, checked_sd3_file
+from engine.models.single_file import ModelLoadError
+from engine.models.vae import looks_like_hub_id
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.models.loading import LoadedModel
+    from engine.models.sd3.mmdit import MMDiT
+
+__all__ = ["SD3_SCHEDULER_CONFIG", "SD3Source", "load_sd3_model", "load_sd3_transformer", "locate_sd3"]
+
+# stabilityai/stable-diffusion-3(.5)-* scheduler/scheduler_config.json: every variant samples with shift 3.0.
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                                        "shift": 3.0}
+
+
+@dataclass(frozen=True)
+class SD3Source:
+    """Where an SD3 model is: the transformer's tensors (prefix-free key → (file, key in the file)) in ``layout``
+    naming ("sai" or "diffusers"), the single file or the diffusers folder, and what the single file embeds."""
+
+    tensors: dict[str, tuple[Path, str]]
+    layout: str
+    where: Path  # the file, or the transformer folder, for messages
+    model_file: Path | None
+    folder: Path | None
+    embedded: frozenset[str]
+
+
+def load_sd3_model(location: str | Path, *, clip_l: str | Path | None = None, clip_g: str | Path | None = None,
+                   t5xxl: str | Path | None = None, vae: str | Path | None = None,
+                   tokenizer_cache_dir: str | Path | None = None, dtype: Any = None, device: str = "cpu",
+                   fp8: bool = False) -> LoadedModel:
+    """Load an SD3 / SD3.5 model for training.
+
+    Args:
+        location: ``model.pretrained_model_name_or_path``: a single file, a diffusers folder or a cached hub id.
+        clip_l, clip_g, t5xxl, vae: ``model.clip_l``, ``model.clip_g``, ``model.t5xxl``, ``model.vae`` (files or
+            folders; "" or None: the model's own).
+        tokenizer_cache_dir: ``model.tokenizer_cache_dir`` (where T5's tokenizer is; see
+            ``engine.models.flux.tokenizers``).
+        dtype: torch dtype of the transformer and text encoders (default float32); the VAE is always float32.
+        device: where to put the modules.
+        fp8: keep a ``float8_e4m3fn`` transformer's weights as fp8 storage (``model.fp8_base``).
+
+    Returns:
+        ``LoadedModel`` of family "sd3": ``unet`` the SAI-layout ``MMDiT`` (eval mode), ``vae`` the 16-channel VAE
+        (scaling 1.5305, shift 0.0609), ``text`` [CLIP-L, CLIP-G, T5] and ``scheduler_config`` with ``variant``
+        ("medium", "5-medium" or "5-large") and ``shift`` 3.0.
+
+    Raises:
+        ModelLoadError: anything that keeps the model from loading; the message names the file or config key.
+    """
+    import torch
+
+    from engine.models.loading import LoadedModel
+    from engine.models.sd3.text_encoders import load_sd3_text_encoders
+    from engine.models.sd3.vae import load_sd3_vae
+
+    dtype = dtype or torch.float32
+    source = locate_sd3(str(location))
+    transformer = load_sd3_transformer(source, dtype=dtype, device=device, fp8=fp8)
+    text = load_sd3_text_encoders(transformer.params, model_file=source.model_file, embedded=source.embedded,
+                                  folder=source.folder, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl,
+                                  tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype, device=device)
+    # The VAE stays float32 (84 M parameters): latents are encoded from the weights their cache key names.
+    loaded_vae = load_sd3_vae(_vae_location(source, vae), dtype=torch.float32, device=device,
+                              what="model.vae" if vae else LOCATION)
+    scheduler = {**_scheduler_config(source.folder), "variant": transformer.params.variant}
+    return LoadedModel("sd3", transformer, loaded_vae, text, scheduler, str(location), source.model_file)
+
+
+def load_sd3_transformer(source: SD3Source, *, dtype: Any, device: str = "cpu", fp8: bool = False) -> MMDiT:
+    """The ``MMDiT`` for ``source``, built on the meta device and filled with the file's tensors.
+
+    Raises:
+        ModelLoadError: the tensors do not form a whole MMDiT of the shape their keys describe.
+    """
+    import torch
+
+    from engine.models.sd3.mmdit import MMDiT
+    from engine.models.sd3.params import params_from_state_dict
+
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in _by_file(source.tensors).items():
+        state.update(read_state(path, keys, dtype=dtype, keep_fp8=fp8))
+    if source.layout == "diffusers":
+        state = _converted(state, source.where)
+    try:
+        params = params_from_state_dict({key: tuple(tensor.shape) for key, tensor in state.items()})
+    except ValueError as error:
+        raise ModelLoadError(f"{source.where}: {error}") from error
+    with torch.device("meta"):
+        model = MMDiT(params)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ModelLoadError(f"{source.where}: the weights do not form a whole SD3 MMDiT ({error})") from error
+    return model.to(device).eval()
+
+
+# --- where the model is --------------------------------------------------------------------------------------------
+
+
+def locate_sd3(location: str) -> SD3Source:
+    """The transformer's tensors and the model's other sources for ``model.pretrained_model_name_or_path``.
+
+    Raises:
+        ModelLoadError: nothing there, a file that is no SD3 model (saying what it is), or a hub id not cached.
+    """
+    if not location:
+        raise ModelLoadError(f"no model given: set {LOCATION} to an SD3/SD3.5 .safetensors file, a diffusers folder "
+                             "or a Hugging Face id in the local cache")
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return _folder_source(path)
+    if path.is_file():
+        parts = checked_sd3_file(path)
+        tensors = {name: (path, key) for name, key in parts.transformer.items()}
+        return SD3Source(tensors, "sai", path, path, None, parts.embedded)
+    if looks_like_hub_id(location):
+        return _folder_source(_hub_folder(location))
+    raise ModelLoadError(f"model not found: {path} (no such file or folder); check {LOCATION}")
+
+
+def _folder_source(folder: Path) -> SD3Source:
+    from engine.models.sd3.convert import transformer_layout
+
+    _check_pipeline(folder)
+    transformer = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    shards = sorted(transformer.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{folder}: no transformer weights (expected transformer/*.safetensors of a diffusers "
+                             f"SD3/SD3.5 folder); point {LOCATION} at the folder or at Stability's .safetensors file")
+    tensors: dict[str, tuple[Path, str]] = {}
+    for shard in shards:
+        header = read_flux_header(shard, LOCATION)
+        tensors.update({key: (shard, key) for key in header.shapes})
+    layout = transformer_layout(tensors)
+    if layout is None:
+        raise ModelLoadError(f"{transformer}: the weights there are no SD3/SD3.5 transformer")
+    return SD3Source(tensors, layout, transformer, None, folder, frozenset())
+
+
+def _check_pipeline(folder: Path) -> None:
+    """A folder whose model_index.json names another pipeline (FLUX, SDXL) is refused, naming it."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name and name not in SD3_PIPELINES:
+        raise ModelLoadError(f"{folder}: a {name} folder, not an SD3/SD3.5 one (StableDiffusion3Pipeline); set "
+                             f"model.model_family to auto or to its family, or point {LOCATION} at an SD3/SD3.5 model")
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the local Hugging Face cache; never a download."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as error:  # huggingface_hub raises several types (LocalEntryNotFoundError, OSError, ...)
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local file or folder and, read as a Hugging Face id, it is not in the local "
+            f"Hugging Face cache ({type(error).__name__}). SD3 models are large and gated: download it on a machine "
+            f"with network (`hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`) and point "
+            f"{LOCATION} at that folder or at Stability's .safetensors file") from error
+
+
+def _by_file(tensors: Mapping[str, tuple[Path, str]]) -> dict[Path, dict[str, str]]:
+    grouped: dict[Path, dict[str, str]] = {}
+    for name, (path, key) in tensors.items():
+        grouped.setdefault(path, {})[name] = key
+    return grouped
+
+
+def _converted(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    from engine.models.sd3.convert import diffusers_to_sai
+
+    converted, leftover = diffusers_to_sai(state)
+    if leftover:
+        shown = ", ".join(leftover[:5]) + (" ..." if len(leftover) > 5 else "")
+        raise ModelLoadError(f"{where}: diffusers transformer keys with no SD3 equivalent: {shown}")
+    return converted
+
+
+# --- the other components ---------------------------------------------------------------------------------------
+
+
+def _vae_location(source: SD3Source, vae: Any) -> Path:
+    if vae:
+        return Path(vae).expanduser()
+    if source.model_file is not None and "vae" in source.embedded:
+        return source.model_file
+    if source.folder is not None and (source.folder / "vae").is_dir():
+        return source.folder / "vae"
+    where = f"{source.model_file.name} has no VAE inside (first_stage_model.*)" if source.model_file is not None \
+        else f"{source.folder} has no vae/ folder"
+    raise ModelLoadError(f"model.vae is not set and {where}; set model.vae to the SD3 VAE (a file with its "
+                         "encoder.*/decoder.* weights, or a diffusers vae/ folder of stable-diffusion-3)")
+
+
+def _scheduler_config(folder: Path | None) -> dict[str, Any]:
+    if folder is not None:
+        try:
+            config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+            if isinstance(config, dict):
+                return config
+        except (OSError, ValueError):
+            pass
+    return dict(SD3_SCHEDULER_CONFIG)
