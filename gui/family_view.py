@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config.choices import family_label
+from engine.config.choices import family_names
 from engine.config.describe import FieldSpec
 from gui.state import from_widget
 
@@ -57,6 +57,6 @@ def family_specific(specs: Iterable[FieldSpec]) -> bool:
 def unused_note(specs: Iterable[FieldSpec]) -> str:
     """What a part whose fields all belong to other families says while they are hidden."""
     families = dict.fromkeys(family for spec in specs for family in spec.families)
-    names = " and ".join(family_label(family) for family in families)
+    names = family_names(families)
     return (f"Only {names} models use these settings. Choose such a family (`model.model_family` in the Model "
             "section, or a preset) to see them.")

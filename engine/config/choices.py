@@ -8,11 +8,12 @@ which extra to install, without importing anything heavy.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 Method = Literal["lora", "dreambooth", "finetune", "textual_inversion"]
-ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "chroma"]
+ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "chroma", "sd3"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Attention = Literal["sdpa", "xformers", "none"]
 LossType = Literal["l2", "huber", "smooth_l1", "l1"]
@@ -22,7 +23,7 @@ SavePrecision = Literal["float", "fp16", "bf16"]
 LogWith = Literal["tensorboard", "wandb", "all"]
 DynamoBackend = Literal["no", "inductor", "eager", "aot_eager", "cudagraphs"]
 MaxTokenLength = Literal[75, 150, 225]
-# Flow matching (FLUX.1, Chroma; spec §4.2, §4.4, §4.5).
+# Flow matching (FLUX.1, Chroma, SD3; spec §4.2, §4.4, §4.5, §8.4).
 TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
 ModelPredictionType = Literal["raw", "additive", "sigma_scaled"]
 WeightingScheme = Literal["uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
@@ -66,6 +67,9 @@ Sampler = Literal[
 # (`setting(..., families=FLUX_FAMILIES)`): the GUI hides it for the others and a rule refuses a changed value there.
 SD_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 FLUX_FAMILIES: tuple[str, ...] = ("flux1", "chroma")
+SD3_FAMILIES: tuple[str, ...] = ("sd3",)  # SD3 medium, SD3.5 medium and large: the variant is read from the file
+# Families trained with flow matching (the [flow] section); which of its settings each uses is per field.
+FLOW_FAMILIES: tuple[str, ...] = FLUX_FAMILIES + SD3_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,10 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
     # 17 double and 36 single, i.e. blocks_to_swap <= 35 (spec §6.2).
     "flux1": FamilyLimits("FLUX.1", 16, ("CLIP-L", "T5-XXL"), max_blocks_to_swap=35),
     "chroma": FamilyLimits("Chroma", 16, ("T5-XXL",), max_blocks_to_swap=35),
+    # SD3's MMDiT patchifies 2x2 patches of a 1/8 latent itself -> 16 px (spec §10). It swaps at most depth - 2
+    # joint blocks (spec §8.6): 36 for SD3.5 large (38 blocks); the medium models' 22 is checked once the file is
+    # loaded, since the variant is known only then.
+    "sd3": FamilyLimits("SD3 / SD3.5", 16, ("CLIP-L", "CLIP-G", "T5-XXL"), max_blocks_to_swap=36),
 }
 # Before a family is declared ("auto") only what every family accepts is enforced.
 AUTO_BUCKET_MULTIPLE = 32
@@ -95,6 +103,13 @@ AUTO_BUCKET_MULTIPLE = 32
 def family_label(name: str) -> str:
     limits = FAMILY_LIMITS.get(name)
     return limits.label if limits else name
+
+
+def family_names(names: Iterable[str]) -> str:
+    """Families as messages list them: 'FLUX.1', 'FLUX.1 and Chroma', 'SD1.x, SD2.x and SDXL' (commas, since a
+    label such as 'SD3 / SD3.5' holds a slash itself)."""
+    labels = [family_label(name) for name in names]
+    return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
 
 
 # Which parts of a full model each save format can hold: LoRA and embeddings are single files only.

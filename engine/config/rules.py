@@ -3,7 +3,7 @@
 Every rule is a small function registered with `@rule`; it yields `Problem`s whose path names the field to change
 and whose message says what to do. `RunConfig` runs them all after field validation; errors stop validation,
 warnings are returned by `config_warnings()` for the CLI and GUI to show. The FLUX.1 / Chroma / flow-matching
-rules are in `engine.config.rules_flux`, imported at the end of this module.
+rules are in `engine.config.rules_flux`, SD3's in `engine.config.rules_sd3`, both imported at the end of this module.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from engine.config.base import field_families
 from engine.config.choices import (
     AUTO_BUCKET_MULTIPLE,
     FAMILY_LIMITS,
+    FLOW_FAMILIES,
     FLUX_FAMILIES,
     FULL_MODEL_FORMATS,
     NETWORK_TYPES,
     OPTIMIZERS,
+    SD3_FAMILIES,
     SMALL_FILE_FORMATS,
     WANDB,
     XFORMERS,
     OptionalPackage,
     family_label,
+    family_names,
     module_package,
 )
 from engine.config.dataset import DatasetFile, ResolvedDataset, resolve_datasets, resolve_general_only
@@ -113,7 +116,7 @@ _CHANGING_CAPTION_KEYS = ("shuffle_caption", "enable_wildcard", "token_warmup_st
 
 
 def trains_t5xxl(config: RunConfig) -> bool:
-    """A FLUX LoRA's network_args train_t5xxl (kohya writes it as text, TOML as a boolean)."""
+    """A FLUX or SD3 LoRA's network_args train_t5xxl (kohya writes it as text, TOML as a boolean)."""
     value = config.network.network_args.get("train_t5xxl", False)
     return value is True or str(value).strip().lower() in ("true", "1")
 
@@ -222,7 +225,7 @@ def buckets_suit_the_family(config: RunConfig, context: RuleContext) -> Iterator
             continue
         if limits is None:
             yield Problem(f"{dataset.path}.bucket_reso_steps", f"{steps} is not a multiple of {multiple}, which "
-                          "every supported model accepts; use 64, or set model.model_family (FLUX.1 and Chroma "
+                          "every supported model accepts; use 64, or set model.model_family (FLUX.1, Chroma and SD3 "
                           "accept multiples of 16)")
         else:
             yield Problem(f"{dataset.path}.bucket_reso_steps", f"{limits.label} needs bucket sides in multiples of "
@@ -245,6 +248,25 @@ _INSTEAD: dict[tuple[str, str], str] = {
     ("training.min_snr_gamma", "flux"): "flow matching weights the loss with flow.weighting_scheme",
     ("training.debiased_estimation_loss", "flux"): "flow matching weights the loss with flow.weighting_scheme",
     ("sampling.sample_sampler", "flux"): "FLUX samples with its own Euler sampler",
+    ("model.ae", "sd3"): "an SD3 model file carries its own VAE; a separate one goes in model.vae",
+    ("model.clip_skip", "sd3"): "SD3 uses its CLIP encoders' penultimate layers, as it was trained",
+    ("model.max_token_length", "sd3"): "CLIP reads 77 tokens in SD3; T5's caption length is "
+                                       "model.t5xxl_max_token_length",
+    ("model.v_parameterization", "sd3"): "SD3 is trained with flow matching towards the clean image",
+    ("model.no_half_vae", "sd3"): "SD3's 16-channel VAE keeps its own precision",
+    ("optimizer.text_encoder2_lr", "sd3"): "SD3 trains its text encoders at optimizer.text_encoder_lr",
+    ("training.cpu_offload_checkpointing", "sd3"): "sd-scripts does not implement it for SD3's MMDiT either; use "
+                                                   "training.blocks_to_swap to save memory",
+    ("training.ip_noise_gamma", "sd3"): "SD3's objective adds no input perturbation (sd-scripts ignores it for SD3)",
+    ("training.ip_noise_gamma_random_strength", "sd3"): "SD3's objective adds no input perturbation",
+    ("training.min_snr_gamma", "sd3"): "flow matching weights the loss with flow.weighting_scheme",
+    ("training.debiased_estimation_loss", "sd3"): "flow matching weights the loss with flow.weighting_scheme",
+    ("flow.timestep_sampling", "sd3"): "SD3 draws noise levels with flow.weighting_scheme and flow.training_shift",
+    ("flow.sigmoid_scale", "sd3"): "SD3 draws noise levels with flow.weighting_scheme and flow.training_shift",
+    ("flow.discrete_flow_shift", "sd3"): "SD3's shift is flow.training_shift",
+    ("flow.model_prediction_type", "sd3"): "SD3's output always becomes an estimate of the clean image",
+    ("flow.guidance_scale", "sd3"): "SD3 has no guidance input (sample images use a CFG scale)",
+    ("sampling.sample_sampler", "sd3"): "SD3 samples with its own Euler sampler",
 }
 _FLOW_NOISE = "flow matching draws plain Gaussian noise, so this would do nothing"
 
@@ -279,13 +301,13 @@ def settings_suit_the_family(config: RunConfig, context: RuleContext) -> Iterato
     family = config.model.model_family
     if family == "auto":
         return  # nothing is known yet: the loader detects the family
-    kind = "flux" if family in FLUX_FAMILIES else "sd"
+    kind = "flux" if family in FLUX_FAMILIES else "sd3" if family in SD3_FAMILIES else "sd"
     for path, value, default, families in _applicability(config):
         if families is None or family in families or value == default:
             continue
-        names = "/".join(family_label(name) for name in families)
+        names = family_names(families)
         why = (_INSTEAD.get((path, family)) or _INSTEAD.get((path, kind))
-               or (_FLOW_NOISE if kind == "flux" and path.startswith("training.") else None))
+               or (_FLOW_NOISE if family in FLOW_FAMILIES and path.startswith("training.") else None))
         hint = f"{why}; " if why else ""
         yield Problem(path, f"only {names} models use this, not {family_label(family)} (model.model_family = "
                       f"'{family}'); {hint}{_undo(default)}")
@@ -486,6 +508,6 @@ def optional_packages_installed(config: RunConfig, context: RuleContext) -> Iter
                           f"{package.install_hint()}")
 
 
-# The FLUX.1 / Chroma / flow-matching rules live in their own module; importing it here registers them (it imports
-# this module's `rule`), so whoever imports these rules to run `check()` gets every rule.
-from engine.config import rules_flux  # noqa: E402, F401
+# The FLUX.1 / Chroma / flow-matching rules and SD3's live in their own modules; importing them here registers them
+# (they import this module's `rule`), so whoever imports these rules to run `check()` gets every rule.
+from engine.config import rules_flux, rules_sd3  # noqa: E402, F401

@@ -6,7 +6,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config.base import StrictModel, setting
-from engine.config.choices import FLUX_FAMILIES, SD_FAMILIES, Method
+from engine.config.choices import FLOW_FAMILIES, SD_FAMILIES, Method
 from engine.config.dataset import DatasetSection
 from engine.config.migrations import SCHEMA_VERSION
 from engine.config.rules import Problem, RuleContext, check
@@ -34,8 +34,9 @@ class RunConfig(StrictModel):
     dataset: DatasetSection = setting(default_factory=DatasetSection, description="The training images.")
     optimizer: OptimizerSection = setting(default_factory=OptimizerSection, description="Optimizer and schedule.")
     training: TrainingSection = setting(default_factory=TrainingSection, description="The training loop.")
-    flow: FlowSection = setting(default_factory=FlowSection, families=FLUX_FAMILIES,
-                                description="Flow matching (FLUX.1 and Chroma): noise levels, target and guidance.")
+    flow: FlowSection = setting(default_factory=FlowSection, families=FLOW_FAMILIES,
+                                description="Flow matching (FLUX.1, Chroma and SD3): noise levels, target, guidance "
+                                "and SD3's shift.")
     saving: SavingSection = setting(default_factory=SavingSection, description="Saved files and states.")
     sampling: SamplingSection = setting(default_factory=SamplingSection, description="Sample images.")
     logging: LoggingSection = setting(default_factory=LoggingSection, description="Training logs.")

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config.base import StrictModel, setting
-from engine.config.choices import FLUX_FAMILIES, SD_FAMILIES, MaxTokenLength, ModelFamily, NetworkType
+from engine.config.choices import (
+    FLOW_FAMILIES,
+    FLUX_FAMILIES,
+    SD3_FAMILIES,
+    SD_FAMILIES,
+    MaxTokenLength,
+    ModelFamily,
+    NetworkType,
+)
 
 
 class ModelSection(StrictModel):
@@ -15,16 +23,21 @@ class ModelSection(StrictModel):
         "", "Base model: a .safetensors/.ckpt file, a diffusers folder, or a Hugging Face id.", widget="path",
     )
     model_family: ModelFamily = setting(
-        "auto", "Model architecture: SD1.x, SD2.x, SDXL, FLUX.1 (dev or schnell) or Chroma; 'auto' detects it from "
-        "the checkpoint.",
+        "auto", "Model architecture: SD1.x, SD2.x, SDXL, FLUX.1 (dev or schnell), Chroma or SD3 (SD3 medium, SD3.5 "
+        "medium or large); 'auto' detects it from the checkpoint.",
     )
     clip_l: str = setting(
-        "", "FLUX.1's CLIP-L text encoder file (clip_l.safetensors); not needed when the base model is a diffusers "
-        "folder.", widget="path", families=("flux1",),
+        "", "The CLIP-L text encoder file (clip_l.safetensors) of FLUX.1 and SD3; not needed when the base model is a "
+        "diffusers folder, or an SD3 file that includes its text encoders.", widget="path",
+        families=("flux1", *SD3_FAMILIES),
+    )
+    clip_g: str = setting(
+        "", "SD3's CLIP-G text encoder file (clip_g.safetensors); not needed when the base model is a diffusers "
+        "folder or a file that includes its text encoders.", widget="path", families=SD3_FAMILIES,
     )
     t5xxl: str = setting(
         "", "The T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors); not needed when the base model is a "
-        "diffusers folder.", widget="path", families=FLUX_FAMILIES,
+        "diffusers folder, or an SD3 file that includes its text encoders.", widget="path", families=FLOW_FAMILIES,
     )
     ae: str = setting(
         "", "FLUX's autoencoder file (ae.safetensors), its VAE; not needed when the base model is a diffusers folder.",
@@ -34,8 +47,10 @@ class ModelSection(StrictModel):
         False, "The model predicts v instead of noise (SD2.x 768-v and v-prediction SDXL models).",
         families=SD_FAMILIES,
     )
-    vae: str = setting("", "A separate VAE file or folder to use instead of the model's own.", widget="path",
-                       advanced=True, families=SD_FAMILIES)
+    vae: str = setting(
+        "", "A separate VAE file or folder to use instead of the model's own; for SD3 its 16-channel VAE, needed only "
+        "when the model file has none.", widget="path", advanced=True, families=(*SD_FAMILIES, *SD3_FAMILIES),
+    )
     no_half_vae: bool = setting(
         False, "Keep the VAE in 32-bit floats; SDXL's VAE produces NaNs in fp16.", advanced=True,
         families=SD_FAMILIES,
@@ -49,33 +64,44 @@ class ModelSection(StrictModel):
         families=SD_FAMILIES,
     )
     t5xxl_max_token_length: int | None = setting(
-        None, "Longest caption T5 reads, in tokens; empty uses 512 (256 for FLUX.1 schnell). Shorter trains faster "
-        "but cuts long captions.", ge=1, le=512, advanced=True, families=FLUX_FAMILIES,
+        None, "Longest caption T5 reads, in tokens; empty uses 512 (256 for FLUX.1 schnell and SD3). Shorter trains "
+        "faster but cuts long captions.", ge=1, le=512, advanced=True, families=FLOW_FAMILIES,
     )
     apply_t5_attn_mask: bool = setting(
-        False, "Hide the padding after each caption from the model. Chroma needs it on; for FLUX.1 leave it off, "
-        "as most image generators do not use it.", advanced=True, families=FLUX_FAMILIES,
+        False, "Hide the padding after each caption from T5's attention. Chroma needs it on; for FLUX.1 and SD3 leave "
+        "it off, as most image generators do not use it.", advanced=True, families=FLOW_FAMILIES,
+    )
+    apply_lg_attn_mask: bool = setting(
+        False, "SD3: hide the padding after each caption from CLIP-L's and CLIP-G's attention (their outputs are not "
+        "zeroed); off, as SD3 was trained.", advanced=True, families=SD3_FAMILIES,
     )
     tokenizer_cache_dir: str = setting(
         "", "Folder with the CLIP and T5 tokenizers, for a machine without internet; empty uses the model cache "
-        "(downloaded once).", widget="folder", advanced=True, families=FLUX_FAMILIES,
+        "(downloaded once).", widget="folder", advanced=True, families=FLOW_FAMILIES,
     )
     fp8_base: bool = setting(
         False, "Keep the frozen base model in 8-bit floats (fp8): about half the memory, slightly less exact; for "
-        "FLUX on 24 GB cards and smaller. Needs fp16 or bf16 mixed precision.", families=FLUX_FAMILIES,
+        "FLUX and SD3.5 large on 24 GB cards and smaller. Needs fp16 or bf16 mixed precision.",
+        families=FLOW_FAMILIES,
     )
     fp8_base_unet: bool = setting(
         False, "Like fp8_base, but only the transformer goes to fp8; the text encoders keep full precision.",
-        advanced=True, families=FLUX_FAMILIES,
+        advanced=True, families=FLOW_FAMILIES,
     )
 
 
+# Variants whose T5 reads 256 tokens when t5xxl_max_token_length is empty, as in sd-scripts: FLUX.1 schnell (spec
+# §3.3) and every SD3 variant (sd-scripts' model_type names; spec §8.3).
+_SHORT_T5_VARIANTS = ("schnell", "medium", "5-medium", "5-large")
+
+
 def t5xxl_token_length(configured: int | None, variant: str) -> int:
-    """The T5 caption length a run uses: the configured one, else 256 for FLUX.1 schnell and 512 otherwise (dev,
-    Chroma), as sd-scripts resolves it (spec §3.3). `variant` is "dev", "schnell" or "chroma", read from the file."""
+    """The T5 caption length a run uses: the configured one, else 256 for FLUX.1 schnell and SD3 and 512 otherwise
+    (dev, Chroma). `variant` is read from the file: "dev", "schnell" or "chroma", or SD3's "medium", "5-medium" or
+    "5-large"."""
     if configured is not None:
         return configured
-    return 256 if variant == "schnell" else 512
+    return 256 if variant in _SHORT_T5_VARIANTS else 512
 
 
 class NetworkSection(StrictModel):

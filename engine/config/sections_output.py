@@ -68,8 +68,8 @@ class SamplingSection(StrictModel):
     sample_every_n_steps: int = setting(0, "Generate samples every N steps (0 = off).", ge=0)
     sample_every_n_epochs: int = setting(0, "Generate samples every N epochs (0 = off).", ge=0)
     sample_at_first: bool = setting(False, "Generate samples before the first step, as a reference.")
-    sample_sampler: Sampler = setting("euler_a", "Sampler used for sample images (FLUX always uses its own Euler "
-                                      "sampler).", families=SD_FAMILIES)
+    sample_sampler: Sampler = setting("euler_a", "Sampler used for sample images (FLUX and SD3 always use their own "
+                                      "Euler sampler).", families=SD_FAMILIES)
     sample_prompts: list[str] = setting(
         default_factory=list, widget="prompts",
         description="Prompts, one per line, with options like '--n negative --w 512 --h 512 --d 42 --l 7 --s 28'.",

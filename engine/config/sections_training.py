@@ -6,8 +6,10 @@ from pydantic import field_validator
 
 from engine.config.base import StrictModel, setting
 from engine.config.choices import (
+    FLOW_FAMILIES,
     FLUX_FAMILIES,
     OPTIMIZERS,
+    SD3_FAMILIES,
     SD_FAMILIES,
     Attention,
     HuberSchedule,
@@ -45,7 +47,8 @@ class OptimizerSection(StrictModel):
         None, "Learning rate for the UNet; empty uses learning_rate, 0 freezes the UNet.", ge=0.0, le=10.0,
     )
     text_encoder_lr: float | None = setting(
-        None, "Learning rate for the text encoder; empty uses learning_rate, 0 freezes it.", ge=0.0, le=10.0,
+        None, "Learning rate for the text encoder (FLUX and SD3: all of them); empty uses learning_rate, 0 freezes it.",
+        ge=0.0, le=10.0,
     )
     text_encoder2_lr: float | None = setting(
         None, "SDXL only: learning rate for the second text encoder; empty uses text_encoder_lr.",
@@ -118,9 +121,10 @@ class TrainingSection(StrictModel):
         False, "Recompute activations in the backward pass: much less memory, about 20% slower.",
     )
     blocks_to_swap: int = setting(
-        0, "FLUX: keep this many transformer blocks in CPU memory and move them to the GPU only while they run; "
-        "saves about 0.6 GB of VRAM each, slows training. 0 = off, 35 at most (e.g. 18 for 16 GB, 16+ for 12 GB).",
-        ge=0, le=100, families=FLUX_FAMILIES,
+        0, "FLUX and SD3: keep this many transformer blocks in CPU memory and move them to the GPU only while they "
+        "run; saves VRAM (about 0.6 GB each for FLUX), slows training. 0 = off; at most 35 for FLUX (e.g. 18 for "
+        "16 GB, 16+ for 12 GB), for SD3 the blocks minus 2 (22 for medium models, 36 for SD3.5 large).",
+        ge=0, le=100, families=FLOW_FAMILIES,
     )
     cpu_offload_checkpointing: bool = setting(
         False, "FLUX: keep gradient checkpointing's saved activations in CPU memory (about 1 GB less VRAM, ~15% "
@@ -142,6 +146,18 @@ class TrainingSection(StrictModel):
     )
     vae_batch_size: int = setting(1, "Images encoded at once while caching latents.", ge=1, le=256, advanced=True,
                                   group="caching")
+    clip_l_dropout_rate: float = setting(
+        0.0, "SD3: chance per image of training without CLIP-L's output (it is zeroed), so the model also works "
+        "without it (0 = off).", ge=0.0, le=1.0, advanced=True, group="text dropout", families=SD3_FAMILIES,
+    )
+    clip_g_dropout_rate: float = setting(
+        0.0, "SD3: chance per image of training without CLIP-G's output (0 = off).", ge=0.0, le=1.0, advanced=True,
+        group="text dropout", families=SD3_FAMILIES,
+    )
+    t5_dropout_rate: float = setting(
+        0.0, "SD3: chance per image of training without T5's output, e.g. for use without T5 later (0 = off).",
+        ge=0.0, le=1.0, advanced=True, group="text dropout", families=SD3_FAMILIES,
+    )
     noise_offset: float = setting(
         0.0, "Adds a constant offset to the noise so the model learns very dark and bright images (0.05-0.1).",
         ge=0.0, le=1.0, advanced=True, group="noise", families=SD_FAMILIES,
@@ -164,10 +180,11 @@ class TrainingSection(StrictModel):
     )
     ip_noise_gamma: float = setting(
         0.0, "Input-perturbation noise strength, about 0.1 (0 = off).", ge=0.0, le=1.0, advanced=True, group="noise",
+        families=(*SD_FAMILIES, *FLUX_FAMILIES),
     )
     ip_noise_gamma_random_strength: bool = setting(
         False, "Use a random input-perturbation strength between 0 and ip_noise_gamma each step.", advanced=True,
-        group="noise",
+        group="noise", families=(*SD_FAMILIES, *FLUX_FAMILIES),
     )
     min_snr_gamma: float = setting(
         0.0, "Min-SNR loss weighting; 5 is the usual value (0 = off).", ge=0.0, le=100.0, advanced=True,
@@ -193,10 +210,10 @@ class TrainingSection(StrictModel):
         False, "Rescale the noise schedule to reach pure noise at the last step (use with v-prediction).",
         advanced=True, group="noise", families=SD_FAMILIES,
     )
-    min_timestep: int = setting(0, "Lowest noise timestep trained.", ge=0, le=999, advanced=True, group="noise",
-                                families=SD_FAMILIES)
-    max_timestep: int = setting(1000, "Highest noise timestep trained (exclusive).", ge=1, le=1000, advanced=True,
-                                group="noise", families=SD_FAMILIES)
+    min_timestep: int = setting(0, "Lowest noise timestep trained (SD3: noise level x 1000).", ge=0, le=999,
+                                advanced=True, group="noise", families=(*SD_FAMILIES, *SD3_FAMILIES))
+    max_timestep: int = setting(1000, "Highest noise timestep trained (exclusive; SD3: noise level x 1000).", ge=1,
+                                le=1000, advanced=True, group="noise", families=(*SD_FAMILIES, *SD3_FAMILIES))
     prior_loss_weight: float = setting(
         1.0, "Loss weight of regularization images relative to training images.", ge=0.0, le=100.0,
     )

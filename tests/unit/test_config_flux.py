@@ -71,12 +71,13 @@ def test_flux_keys_have_sd_scripts_names_and_defaults():
     assert config.flow.model_dump() == {
         "timestep_sampling": "sigma", "sigmoid_scale": 1.0, "discrete_flow_shift": 3.0,
         "model_prediction_type": "raw", "weighting_scheme": "uniform", "logit_mean": 0.0, "logit_std": 1.0,
-        "mode_scale": 1.29, "guidance_scale": 3.5}
+        "mode_scale": 1.29, "guidance_scale": 3.5, "training_shift": 1.0, "pos_emb_random_crop_rate": 0.0,
+        "enable_scaled_pos_embed": False}
     assert "flow" in SECTIONS
     specs = {spec.path: spec for spec in iter_fields()}
     assert {specs[f"model.{key}"].widget for key in ("clip_l", "t5xxl", "ae")} == {"path"}
     assert specs["model.tokenizer_cache_dir"].widget == "folder"
-    assert specs["model.model_family"].choices == ("auto", "sd1", "sd2", "sdxl", "flux1", "chroma")
+    assert specs["model.model_family"].choices == ("auto", "sd1", "sd2", "sdxl", "flux1", "chroma", "sd3")
     assert specs["flow.timestep_sampling"].choices == ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
     assert specs["flow.model_prediction_type"].choices == ("raw", "additive", "sigma_scaled")
     assert set(specs["flow.weighting_scheme"].choices) == {"sigma_sqrt", "logit_normal", "mode", "cosmap", "none",
@@ -112,14 +113,16 @@ def test_t5_token_length_is_bounded():
 
 # --- which family a setting applies to ---------------------------------------------------------------------------
 
-SD_ONLY = ("model.v_parameterization", "model.clip_skip", "model.vae", "model.no_half_vae", "model.max_token_length",
+SD_ONLY = ("model.v_parameterization", "model.clip_skip", "model.no_half_vae", "model.max_token_length",
            "training.noise_offset", "training.multires_noise_iterations", "training.adaptive_noise_scale",
            "training.min_snr_gamma", "training.zero_terminal_snr", "training.debiased_estimation_loss",
-           "training.scale_v_pred_loss_like_noise_pred", "training.min_timestep", "training.max_timestep",
-           "embedding.token_string", "sampling.sample_sampler")
-FLUX_ONLY = ("model.t5xxl", "model.ae", "model.t5xxl_max_token_length", "model.apply_t5_attn_mask",
-             "model.tokenizer_cache_dir", "model.fp8_base", "model.fp8_base_unet", "training.blocks_to_swap",
-             "training.cpu_offload_checkpointing", "flow.guidance_scale", "flow.timestep_sampling")
+           "training.scale_v_pred_loss_like_noise_pred", "embedding.token_string", "sampling.sample_sampler")
+# SD and SD3 (test_config_sd3.py covers what SD3 adds); FLUX ignores them.
+SD_AND_SD3 = ("model.vae", "training.min_timestep", "training.max_timestep")
+FLUX_ONLY = ("model.ae", "training.cpu_offload_checkpointing", "flow.guidance_scale", "flow.timestep_sampling")
+# FLUX and SD3 (every flow family).
+FLOW_ONLY = ("model.t5xxl", "model.t5xxl_max_token_length", "model.apply_t5_attn_mask", "model.tokenizer_cache_dir",
+             "model.fp8_base", "model.fp8_base_unet", "training.blocks_to_swap", "flow.weighting_scheme")
 
 
 def test_fields_say_which_families_they_apply_to():
@@ -127,12 +130,19 @@ def test_fields_say_which_families_they_apply_to():
     for path in SD_ONLY:
         assert specs[path].families == ("sd1", "sd2", "sdxl"), path
         assert not specs[path].applies_to("flux1") and specs[path].applies_to("auto"), path
+    for path in SD_AND_SD3:
+        assert specs[path].families == ("sd1", "sd2", "sdxl", "sd3"), path
+        assert not specs[path].applies_to("flux1"), path
     for path in FLUX_ONLY:
         assert specs[path].families == ("flux1", "chroma"), path
         assert specs[path].applies_to("chroma") and not specs[path].applies_to("sdxl"), path
-    assert specs["model.clip_l"].families == ("flux1",) and not specs["model.clip_l"].applies_to("chroma")
+    for path in FLOW_ONLY:
+        assert specs[path].families == ("flux1", "chroma", "sd3"), path
+        assert specs[path].applies_to("chroma") and not specs[path].applies_to("sdxl"), path
+    assert specs["model.clip_l"].families == ("flux1", "sd3") and not specs["model.clip_l"].applies_to("chroma")
     assert specs["optimizer.text_encoder2_lr"].families == ("sdxl",)
-    shared = ("optimizer.learning_rate", "training.ip_noise_gamma", "training.loss_type",
+    assert specs["training.ip_noise_gamma"].families == ("sd1", "sd2", "sdxl", "flux1", "chroma")
+    shared = ("optimizer.learning_rate", "training.loss_type",
               "training.cache_text_encoder_outputs", "network.network_dim", "dataset.general.resolution")
     assert all(specs[path].families == () and specs[path].applies_to("flux1") for path in shared)
 
@@ -140,7 +150,7 @@ def test_fields_say_which_families_they_apply_to():
 def test_families_reach_the_json_schema_and_the_docs():
     schema = RunConfig.model_json_schema()
     assert schema["$defs"]["ModelSection"]["properties"]["ae"]["families"] == ["flux1", "chroma"]
-    assert schema["properties"]["flow"]["families"] == ["flux1", "chroma"]
+    assert schema["properties"]["flow"]["families"] == ["flux1", "chroma", "sd3"]
     text = parameters_markdown()
     assert "## [flow]" in text and "*(FLUX.1, Chroma only)*" in text and "*(SD1.x, SD2.x, SDXL only)*" in text
 
@@ -162,7 +172,7 @@ def test_families_reach_the_json_schema_and_the_docs():
 ])
 def test_sd_settings_are_refused_for_flux_and_allowed_for_sd(section, values, path):
     sd = "sdxl" if path == "optimizer.text_encoder2_lr" else "sd2"
-    expected = "only SDXL models" if sd == "sdxl" else "only SD1.x/SD2.x/SDXL models use this"
+    expected = "only SDXL models" if sd == "sdxl" else "only SD1.x, SD2.x"
     for family in ("flux1", "chroma"):
         found = messages_at(flux(family, **{section: values}), path)
         assert any(expected in message for message in found), (family, found)
@@ -274,7 +284,7 @@ def test_huber_snr_schedule_is_refused_for_flux_only():
 
 @pytest.mark.parametrize(("family", "steps", "fragment"), [
     ("flux1", 8, "multiples of 16"), ("chroma", 24, "multiples of 16"), ("sd1", 16, "multiples of 64"),
-    ("sdxl", 16, "multiples of 32"), ("auto", 16, "FLUX.1 and Chroma accept multiples of 16"),
+    ("sdxl", 16, "multiples of 32"), ("auto", 16, "FLUX.1, Chroma and SD3 accept multiples of 16"),
 ])
 def test_bucket_steps_follow_the_family(family, steps, fragment):
     data = {"model": {"model_family": family}, "dataset": {"general": {"bucket_reso_steps": steps,
@@ -398,9 +408,9 @@ def test_sd3_args_are_not_taken_for_flux(tmp_path):
                     'clip_g = "/m/clip_g.safetensors"\nt5xxl = "/m/t5.safetensors"\n'
                     'network_module = "networks.lora_sd3"\noutput_dir = "/o"\nlearning_rate = 1e-4\n')
     result = import_file(path)
-    assert result.overlay.get("model", {}).get("model_family") is None
-    assert {"clip_l", "t5xxl", "clip_g", "network_module"} <= set(skipped(result))
-    assert "only FLUX.1 and Chroma" in reasons(result)["t5xxl"]
+    # SD3's own importer takes them (test_importers_sd3.py); FLUX's leaves them alone
+    assert result.overlay["model"]["model_family"] == "sd3" and result.overlay["model"]["t5xxl"] == "/m/t5.safetensors"
+    assert not skipped(result)
 
 
 def test_kohya_chroma_lora():

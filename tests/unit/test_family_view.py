@@ -67,4 +67,21 @@ def test_an_empty_sections_note_shows_while_its_fields_are_hidden():
     flow = [spec for spec in SPECS.values() if spec.section == "flow"]
     note = FamilyBlock("note", tuple(spec.path for spec in flow), when_hidden=True)
     assert note.visible(shown_for("sd1")) and not note.visible(shown_for("chroma"))
-    assert unused_note(flow).startswith("Only FLUX.1 and Chroma models use these settings")
+    assert unused_note(flow).startswith("Only FLUX.1, Chroma and SD3 / SD3.5 models use these settings")
+
+
+def test_sd3_shows_its_three_text_encoders_and_its_flow_fields_only():
+    shown = shown_for("sd3")
+    assert {"model.clip_l", "model.clip_g", "model.t5xxl", "model.vae", "model.apply_lg_attn_mask",
+            "model.apply_t5_attn_mask", "model.t5xxl_max_token_length", "model.tokenizer_cache_dir",
+            "model.fp8_base", "flow.training_shift", "flow.weighting_scheme", "flow.logit_mean",
+            "flow.pos_emb_random_crop_rate", "flow.enable_scaled_pos_embed", "training.clip_l_dropout_rate",
+            "training.clip_g_dropout_rate", "training.t5_dropout_rate", "training.blocks_to_swap"} <= shown
+    # FLUX's own flow settings and AE file, and the SD UNet options, stay hidden
+    assert not {"model.ae", "flow.guidance_scale", "flow.timestep_sampling", "flow.discrete_flow_shift",
+                "flow.model_prediction_type", "flow.sigmoid_scale", "model.clip_skip", "model.v_parameterization",
+                "training.noise_offset", "training.min_snr_gamma"} & shown
+    # and SD3's fields stay out of the other families' forms
+    sd3_only = {"model.clip_g", "model.apply_lg_attn_mask", "flow.training_shift", "training.clip_g_dropout_rate"}
+    assert not sd3_only & (shown_for("flux1") | shown_for("sdxl"))
+    assert sd3_only <= shown_for("auto")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.config.choices import FLUX_FAMILIES, family_label
+from engine.config.choices import FLOW_FAMILIES, FLUX_FAMILIES, family_label
 from engine.config.importers.common import MISSING, field_specs, literal, put_table, same_value
 from engine.config.importers.source import Source
 from engine.config.paths import get_path, set_path
@@ -150,7 +150,7 @@ def _not_for_this_family(source: Source, key: str, kohya: bool) -> None:
     if key not in source.data or key in source.done:
         return
     if key in ("fp8_base", "fp8_base_unet") and source.given(key):
-        source.skip(key, "Atelier keeps the base model in fp8 only for FLUX.1 and Chroma")
+        source.skip(key, "Atelier keeps the base model in fp8 only for FLUX.1 and Chroma (and SD3)")
     elif kohya:
         source.inert(key, KOHYA_FLUX_DEFAULTS.get(key, ""), _KOHYA_NOT_FLUX)
     elif source.given(key):
@@ -323,7 +323,7 @@ def drop_inapplicable(source: Source) -> None:
         set_path(source.result.overlay, path, None)
         # The key whose value it was (not a selector such as noise_offset_type that only chose it).
         owner = next((key for key in keys if key == path.rsplit(".", 1)[-1]), keys[0])
-        why = (f"sd-scripts ignores it for {family_label(name)}" if name in FLUX_FAMILIES
+        why = (f"sd-scripts ignores it for {family_label(name)}" if name in FLOW_FAMILIES
                else f"only {', '.join(map(family_label, spec.families))} use it")
         source.skip(owner, f"{why}, and Atelier refuses it there ({path})", source.data.get(owner, value))
         for key in keys:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.config.choices import NETWORK_TYPES
-from engine.config.importers import flux
+from engine.config.importers import flux, sd3
 from engine.config.importers.common import NOT_SUPPORTED, parse_kv_args, put_table, same_value
 from engine.config.importers.sd_scripts_keys import LYCORIS_OPTION_DEFAULTS, NETWORK_ARG_PATHS
 from engine.config.importers.source import Source
@@ -181,7 +181,8 @@ def finetune_dataset(source: Source, metadata: tuple[str, str], images: tuple[st
 
 
 def model_family(source: Source) -> None:
-    """FLUX keys, sdxl / v2 flags -> model.model_family; without any the family is detected from the checkpoint.
+    """FLUX or SD3 keys, sdxl / v2 flags -> model.model_family; without any the family is detected from the
+    checkpoint.
 
     (sdxl_checkbox is the kohya_ss Finetuning tab's name for sdxl.)
     """
@@ -189,6 +190,12 @@ def model_family(source: Source) -> None:
     if found is not None:
         set_path(source.result.overlay, "model.model_family", found)
         source.note(f"model.model_family = {found!r}: the file has FLUX settings (sd-scripts' FLUX scripts)")
+        if source.get("sd3_checkbox") is True:
+            source.skip("sd3_checkbox", "flux1_checkbox is also on, and kohya_ss runs the FLUX script then")
+    elif sd3.family(source) is not None:
+        set_path(source.result.overlay, "model.model_family", "sd3")
+        source.note("model.model_family = 'sd3': the file has SD3 settings (sd-scripts' SD3 scripts; the variant, "
+                    "SD3 medium, SD3.5 medium or large, is read from the model file)")
     for key, family in (("sdxl", "sdxl"), ("sdxl_checkbox", "sdxl"), ("v2", "sd2")):
         if source.get(key) is not True:
             source.unset(key)
@@ -222,7 +229,7 @@ def network_options(source: Source, network_type: str, options: Mapping[str, tup
     for name, (key, value) in options.items():
         if name in NETWORK_ARG_PATHS:
             source.put(key, NETWORK_ARG_PATHS[name], value)
-        elif not lycoris and flux.network_arg(source, name, key, value):
+        elif not lycoris and (flux.network_arg(source, name, key, value) or sd3.network_arg(source, name, key, value)):
             continue
         elif name not in LYCORIS_OPTION_DEFAULTS:
             source.skip(key, f"network option {name!r} is {NOT_SUPPORTED}", value)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.importers import ImportResult, flux
+from engine.config.importers import ImportResult, flux, sd3
 from engine.config.importers import handlers as shared
 from engine.config.importers import kohya_tabs as tabs
 from engine.config.importers.common import (
@@ -223,6 +223,7 @@ def _gui_and_legacy(source: Source) -> None:
 _HANDLERS = (
     tabs.method,
     shared.model_family,
+    sd3.settings,  # before FLUX's: the keys both families share are SD3's in an SD3 file
     flux.settings,
     tabs.tab_specific,
     _run_length,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.config.importers import flux
+from engine.config.importers import flux, sd3
 from engine.config.importers.handlers import finetune_dataset
 from engine.config.importers.kohya_network import lora_type
 from engine.config.importers.source import Source
@@ -75,6 +75,9 @@ def _dreambooth(source: Source) -> None:
     if flux.is_flux(source):
         _flux_full_fine_tuning(source)
         return
+    if sd3.is_sd3(source):
+        _sd3_full_fine_tuning(source, trained=False)
+        return
     sdxl = _text_encoder_rates(source, trained=True)
     if not sdxl and not source.is_set("optimizer.text_encoder_lr") and source.given("learning_rate"):
         # train_db.py trains the text encoder at learning_rate when no separate rate is given; ours needs one.
@@ -105,10 +108,36 @@ def _flux_full_fine_tuning(source: Source) -> None:
             source.unset(key)
 
 
+def _sd3_full_fine_tuning(source: Source, trained: bool) -> None:
+    """sd3_train.py trains CLIP-L and CLIP-G only with train_text_encoder, at learning_rate when learning_rate_te1/te2
+    are not given (spec §8.7). The GUI passes train_text_encoder for SD3 only from the Finetuning tab, and never its
+    text-encoder rates (learning_rate_te is not an option of sd3_train.py; te1/te2 go to SDXL only)."""
+    if trained:
+        source.used("train_text_encoder", ["optimizer.text_encoder_lr"])
+        if source.given("learning_rate"):
+            source.put("learning_rate", "optimizer.text_encoder_lr")
+        source.note("optimizer.text_encoder_lr = learning_rate: train_text_encoder is on, and sd3_train.py trains "
+                    "CLIP-L and CLIP-G at learning_rate (kohya_ss passes no separate rate for SD3)")
+    else:
+        if "train_text_encoder" in source.data:
+            source.inert("train_text_encoder", False, "kohya_ss's DreamBooth tab passes it only for SDXL")
+        set_path(source.result.overlay, "optimizer.text_encoder_lr", 0.0)
+        source.note("optimizer.text_encoder_lr = 0: sd3_train.py trains only the MMDiT without train_text_encoder")
+    why = "kohya_ss does not pass it for SD3 (sd3_train.py has no learning_rate_te; te1/te2 are passed for SDXL only)"
+    for key in ("learning_rate_te", "learning_rate_te1", "learning_rate_te2"):
+        if source.given(key) and key not in source.done:
+            source.skip(key, why)
+        elif key in source.data:
+            source.unset(key)
+    source.inert("stop_text_encoder_training", 0, "sd3_train.py has no such option")
+
+
 def _finetune(source: Source) -> None:
     """image_folder holds the images; the metadata the GUI prepares lands in train_dir."""
     if flux.is_flux(source):
         _flux_full_fine_tuning(source)
+    elif sd3.is_sd3(source):
+        _sd3_full_fine_tuning(source, trained=source.get("train_text_encoder") is True)
     else:
         trained = source.get("train_text_encoder") is True
         if trained:

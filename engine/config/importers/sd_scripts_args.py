@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.importers import ImportResult, flux
+from engine.config.importers import ImportResult, flux, sd3
 from engine.config.importers import handlers as shared
 from engine.config.importers.common import parse_kv_args
 from engine.config.importers.sd_scripts_keys import ARG_PATHS, ARG_PINS, LYCORIS_ALGOS, NETWORK_MODULES
@@ -160,7 +160,8 @@ def _number(value: Any) -> float:
 
 
 def _text_encoder_lr(source: Source) -> None:
-    """A number, or a list [text encoder 1, text encoder 2] for SDXL ([CLIP-L, T5] for FLUX)."""
+    """A number, or a list [text encoder 1, text encoder 2] for SDXL ([CLIP-L, T5] for FLUX, [CLIP-L, CLIP-G, T5]
+    for SD3, where a missing third value is the second)."""
     if not source.given("text_encoder_lr"):
         source.unset("text_encoder_lr")
         return
@@ -173,6 +174,10 @@ def _text_encoder_lr(source: Source) -> None:
             if item != values[0]:
                 source.skip(key, "T5's own rate: Atelier trains CLIP-L and T5 at one rate, "
                             "optimizer.text_encoder_lr", item)
+        elif index >= 1 and sd3.is_sd3(source):
+            if item != values[0]:
+                source.skip(key, f"{('CLIP-G', 'T5')[min(index, 2) - 1]}'s own rate: Atelier trains SD3's text "
+                            "encoders at one rate, optimizer.text_encoder_lr", item)
         elif index < len(paths):
             source.put(key, paths[index], item)
         else:
@@ -182,6 +187,7 @@ def _text_encoder_lr(source: Source) -> None:
 _HANDLERS = (
     _method,
     shared.model_family,
+    sd3.settings,  # before FLUX's: the keys both families share are SD3's in an SD3 file
     flux.settings,
     _network,
     _text_encoder_lr,

@@ -158,6 +158,7 @@ ARG_PINS = (
 NETWORK_MODULES: Mapping[str, str] = {
     "networks.lora": "lora",
     "networks.lora_flux": "lora",  # kohya's LoRA on FLUX.1/Chroma: the family decides the layers
+    "networks.lora_sd3": "lora",  # kohya's LoRA on SD3 / SD3.5
     "networks.dylora": "dylora",
     "networks.loha": "loha",
     "networks.lokr": "lokr",
