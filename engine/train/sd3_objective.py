@@ -25,12 +25,13 @@ Differences from sd-scripts, on purpose:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from engine.config.schema import RunConfig
     from engine.models.text_encoding import EncodedText
     from engine.train.setup import Session
 
@@ -81,11 +82,10 @@ class SD3Settings:
         return (self.clip_l_dropout_rate, self.clip_g_dropout_rate, self.t5_dropout_rate)
 
     @classmethod
-    def from_config(cls, config: Any) -> SD3Settings:
-        """Reads ``config.flow`` and ``config.training``; a field the config lacks keeps its default here."""
-        defaults = {f.name: f.default for f in fields(cls)}
-        values = {name: getattr(config.flow, name, defaults[name]) for name in _FLOW_FIELDS}
-        values.update({name: getattr(config.training, name, defaults[name]) for name in _TRAINING_FIELDS})
+    def from_config(cls, config: RunConfig | Any) -> SD3Settings:
+        """Reads the fields of the same name from ``config.flow`` and ``config.training``."""
+        values = {name: getattr(config.flow, name) for name in _FLOW_FIELDS}
+        values.update({name: getattr(config.training, name) for name in _TRAINING_FIELDS})
         return cls(**values)
 
 

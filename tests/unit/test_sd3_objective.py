@@ -80,22 +80,16 @@ def test_settings_from_config_reads_flow_and_training() -> None:
     assert settings == SD3Settings("mode", 0.1, 0.9, 1.1, 3.0, 100, 900, 0.1, 0.2, 0.3)
 
 
-def test_settings_from_config_without_the_sd3_fields_keeps_defaults() -> None:
-    flow = SimpleNamespace(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
-    settings = SD3Settings.from_config(SimpleNamespace(flow=flow, training=SimpleNamespace(min_timestep=0,
-                                                                                             max_timestep=1000)))
-    assert settings == SD3Settings(weighting_scheme="logit_normal")
-
-
 def test_settings_from_a_real_run_config() -> None:
     from engine.config.schema import RunConfig
 
     config = RunConfig()
-    settings = SD3Settings.from_config(config)
-    assert settings.weighting_scheme == config.flow.weighting_scheme
-    assert (settings.min_timestep, settings.max_timestep) == (config.training.min_timestep,
-                                                              config.training.max_timestep)
-    assert settings.training_shift == getattr(config.flow, "training_shift", 1.0) == 1.0
+    assert SD3Settings.from_config(config) == SD3Settings()  # the config's defaults are sd-scripts' too
+    flow = config.flow.model_copy(update={"weighting_scheme": "logit_normal", "training_shift": 3.0})
+    training = config.training.model_copy(update={"min_timestep": 100, "t5_dropout_rate": 0.25})
+    settings = SD3Settings.from_config(config.model_copy(update={"flow": flow, "training": training}))
+    assert (settings.weighting_scheme, settings.training_shift) == ("logit_normal", 3.0)
+    assert (settings.min_timestep, settings.dropout_rates) == (100, (0.0, 0.0, 0.25))
 
 
 # --- t and σ (spec §8.4 steps 1-3) --------------------------------------------------------------------------------
@@ -230,7 +224,8 @@ class Denoiser(torch.nn.Module):
 def session_for(model: torch.nn.Module, **config: object) -> SimpleNamespace:
     flow = {"weighting_scheme": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
             "training_shift": 1.0}
-    training = {"min_timestep": 0, "max_timestep": 1000, "loss_type": "l2", "huber_schedule": "constant",
+    training = {"min_timestep": 0, "max_timestep": 1000, "clip_l_dropout_rate": 0.0, "clip_g_dropout_rate": 0.0,
+                "t5_dropout_rate": 0.0, "loss_type": "l2", "huber_schedule": "constant",
                 "huber_c": 0.1, "huber_scale": 1.0, "min_snr_gamma": 0.0, "scale_v_pred_loss_like_noise_pred": False,
                 "debiased_estimation_loss": False}
     for key, value in config.items():
