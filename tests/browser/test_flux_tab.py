@@ -71,7 +71,7 @@ def test_a_family_shows_only_its_own_fields(page, screenshot):
     expect(field(page, "model.clip_skip")).to_be_visible()
     expect(field(page, "model.v_parameterization")).to_be_visible()
     open_section(page, "Flow")
-    expect(page.locator("#unused-flow")).to_contain_text("Only FLUX.1 and Chroma models use these settings")
+    expect(page.locator("#unused-flow")).to_contain_text("Only FLUX.1, Chroma and SD3 / SD3.5 models use these")
     expect(field(page, "flow.timestep_sampling")).to_be_hidden()
     expect(page.locator("#advanced-flow")).to_be_hidden()
 
