@@ -321,3 +321,15 @@ def test_missing_file_and_embedded_prefixes_are_per_key(tiny, tmp_path):
         load_sd3_model(path, tokenizer_cache_dir=tiny["medium"]["t5_tokenizer"])
     loaded = load_sd3_model(path, clip_g=tiny["medium"]["clip_g"], tokenizer_cache_dir=tiny["medium"]["t5_tokenizer"])
     assert json.dumps(loaded.scheduler_config["variant"]) == '"medium"'
+
+
+def test_real_clip_g_config_is_read_off_its_shapes():
+    from engine.models.configs import shipped_configs
+    from engine.models.flux.text_encoders import clip_config_from_shapes
+
+    shapes = {"embeddings.token_embedding.weight": (49408, 1280), "embeddings.position_embedding.weight": (77, 1280),
+              "encoder.layers.0.mlp.fc1.weight": (5120, 1280), "encoder.layers.31.mlp.fc1.weight": (5120, 1280),
+              "text_projection.weight": (1280, 1280)}
+    config = clip_config_from_shapes(shapes, shipped_configs("sdxl")["text_encoder_2"])
+    assert (config["num_attention_heads"], config["num_hidden_layers"], config["intermediate_size"]) == (20, 32, 5120)
+    assert (config["hidden_act"], config["projection_dim"], config["eos_token_id"]) == ("gelu", 1280, 2)
