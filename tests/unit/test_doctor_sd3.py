@@ -242,3 +242,26 @@ def test_the_checks_stay_light(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("variant", ["medium", "5-medium", "5-large"])
+def test_the_tiny_sd3_files(variant, tmp_path):
+    """The writer's real files (tests/sd3_tiny.py): the same verdicts as the hand-written headers."""
+    from sd3_tiny import tiny_sd3_files
+
+    files, incl = tiny_sd3_files(variant), tiny_sd3_files(variant, embedded=True)
+    label = {"medium": "SD3 medium", "5-medium": "SD3.5 medium", "5-large": "SD3.5 large"}[variant]
+    [(severity, _, _, text)] = found(config(incl["model"], "auto"), tmp_path)
+    assert severity == "info" and text.startswith(f"an {label} model (2 joint blocks); CLIP-L inside the file, "
+                                                  "CLIP-G inside the file, T5-XXL inside the file, VAE inside the file")
+    separate = {name: files[name] for name in ("clip_l", "clip_g", "t5xxl")}
+    [(severity, _, _, text)] = found(config(files["model"], **separate), tmp_path)
+    assert "CLIP-L from model.clip_l, CLIP-G from model.clip_g, T5-XXL from model.t5xxl, VAE inside the file" in text
+    del separate["clip_g"]
+    assert [text.split(" ->")[0] for _, _, text in errors(config(files["model"], **separate), tmp_path)] == [
+        "model.clip_g: not set, and the SD3 file holds no CLIP-G (text_encoders.clip_g.transformer.* keys)"]
+    # CLIP-G's file given as T5, T5's as CLIP-L: each named
+    swapped = errors(config(files["model"], clip_l=files["t5xxl"], clip_g=files["clip_g"], t5xxl=files["clip_g"]),
+                     tmp_path)
+    assert [text.split(" (")[0] for _, _, text in swapped] == ["model.clip_l: not a CLIP text encoder",
+                                                               "model.t5xxl: not a T5 encoder"]
