@@ -3,7 +3,7 @@
 Each expected value is written out here from the spec, independently of the code under test, and drawn from a
 generator in the same state as the one handed to it, so a test fails if a formula or the order of draws changes.
 The objective runs on a stand-in session around a small real torch module with the MMDiT's call signature, and
-on the tiny MMDiT once engine.models.sd3 provides it.
+on the tiny MMDiT.
 """
 
 from __future__ import annotations
@@ -306,13 +306,13 @@ def test_objective_backpropagates_to_the_model() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_objective_on_the_tiny_mmdit(dtype: torch.dtype) -> None:
     """The real MMDiT (SD3.5 medium layout) takes t as float32 on 0..1000 next to inputs in the weight dtype."""
-    mmdit_module = pytest.importorskip("engine.models.sd3.mmdit")
+    from engine.models.sd3.mmdit import MMDiT
     from engine.models.sd3.params import tiny_params
 
     params = tiny_params("5-medium")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        mmdit = mmdit_module.MMDiT(params).to(dtype)
+        mmdit = MMDiT(params).to(dtype)
     session = session_for(mmdit, weighting_scheme="logit_normal")
     session.weight_dtype = dtype
     generator = gen(24)

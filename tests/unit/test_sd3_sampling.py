@@ -213,17 +213,17 @@ def test_tiny_mmdit_samples_as_diffusers_pipeline(variant: str) -> None:
     """The tiny MMDiT of each variant, and the same weights converted to diffusers' SD3Transformer2DModel."""
     from diffusers import SD3Transformer2DModel
 
-    mmdit_module = pytest.importorskip("engine.models.sd3.mmdit")
-    convert = pytest.importorskip("engine.models.sd3.convert")
+    from engine.models.sd3.convert import diffusers_config, sai_to_diffusers
+    from engine.models.sd3.mmdit import MMDiT
     from engine.models.sd3.params import tiny_params
 
     params = tiny_params(variant)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        mmdit = mmdit_module.MMDiT(params).eval()
-    converted, unused = convert.sai_to_diffusers(mmdit.state_dict())
+        mmdit = MMDiT(params).eval()
+    converted, unused = sai_to_diffusers(mmdit.state_dict())
     assert not unused
-    transformer = SD3Transformer2DModel(**convert.diffusers_config(params)).eval()
+    transformer = SD3Transformer2DModel(**diffusers_config(params)).eval()
     transformer.load_state_dict(converted)
     positive = prompt(1, params.context_in_dim, params.adm_in_channels)
     negative = prompt(2, params.context_in_dim, params.adm_in_channels)
