@@ -68,7 +68,7 @@ def _add_merge(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
     # sd-scripts' flux_merge_lora.py --clip_l/--t5xxl/--clip_l_save_to/--t5xxl_save_to: FLUX keeps its text
     # encoders in their own files, so the LoRA's text-encoder modules are merged into new copies of those.
     for option, label in TEXT_ENCODER_OPTIONS.items():
-        parser.add_argument(f"--{option}", metavar="FILE", help=f"with --into-model on FLUX.1/Chroma: the {label} "
+        parser.add_argument(f"--{option}", metavar="FILE", help=f"with --into-model on FLUX.1/Chroma/SD3: the {label} "
                             f"file to merge the LoRA's {label} modules into")
         parser.add_argument(f"--{option}-save-to", metavar="NEW_FILE", help=f"the new {label} file (with --{option})")
     # None: float32 for LoRAs and SD models (computed and loaded in float32); FLUX files keep their own dtype (a
@@ -147,7 +147,7 @@ CONVERT_FAMILIES = ("flux1", "chroma", "sd3")
 
 # Text encoders a FLUX-style merge writes to their own files: option stem -> label (engine.networks.tools.
 # model_files.FILE_MODELS names the same stems; not imported here, it loads torch).
-TEXT_ENCODER_OPTIONS = {"clip-l": "CLIP-L", "t5xxl": "T5-XXL"}
+TEXT_ENCODER_OPTIONS = {"clip-l": "CLIP-L", "clip-g": "CLIP-G", "t5xxl": "T5-XXL"}
 
 # tool name -> function adding its parser (with `handler` set)
 TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -203,7 +203,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     def work() -> Any:
         if args.into_model is None:
             if given:
-                raise ToolError(f"{', '.join(given)} go with --into-model (merging into a FLUX.1/Chroma model)")
+                raise ToolError(f"{', '.join(given)} go with --into-model (merging into a FLUX.1/Chroma/SD3 model)")
             return merge_loras(sources, args.output, svd_rank=args.svd, conv_rank=args.conv_rank,
                                save_dtype=_dtype(args))
         if args.svd is not None or args.conv_rank is not None:

@@ -59,7 +59,7 @@ from engine.networks.tools.lora_file import (
     read_weights_file,
     some_names,
 )
-from engine.networks.tools.metadata_keys import network_args, shape_metadata
+from engine.networks.tools.metadata_keys import shape_metadata
 
 __all__ = ["CONVERSION_KEY", "TARGETS", "ConvertReport", "PeftModule", "convert_lora", "convertible_families",
            "default_output"]
@@ -69,6 +69,7 @@ CONVERSION_KEY = "atelier_lora_conversion"  # metadata: what was converted from 
 _PEFT_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "alpha": "alpha"}
 _ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LoraConfig per component (its training scripts write it)
 _LYCORIS = ("LyCORIS LoHa", "LyCORIS LoKr")
+_SHAPE_KEYS = ("ss_network_dim", "ss_network_alpha")
 _STALE_KEYS = (SPLIT_QKV_ALPHA_KEY, _ADAPTER_METADATA, "sshs_model_hash", "sshs_legacy_hash", CONVERSION_KEY)
 # PEFT names that only one family's transformer has (a diffusers file has no metadata that says its family)
 _FLUX_ONLY = re.compile(r"(^|\.)(single_transformer_blocks|x_embedder|guidance_embedder|distilled_guidance_layer)\.")
@@ -371,7 +372,9 @@ def _to_kohya(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping
     report = ConvertReport(str(path), "", "kohya", family, how, len(modules), _part_counts(converted),
                            count_values(weights.rank for weights in converted.values()))
     kept = {key: value for key, value in metadata.items() if key not in _STALE_KEYS}
-    new_metadata = {**kept, **shape_metadata(converted, network_args(metadata))}
+    # only dim and alpha: shape_metadata would also call SD3's 2x2 patch conv (emb_dims) a LoCon conv_dim
+    shape = {key: value for key, value in shape_metadata(converted).items() if key in _SHAPE_KEYS}
+    new_metadata = {**kept, **shape}
     new_metadata.setdefault("ss_network_module", family_info(_module_family(family)).kohya_network_module)
     return report, written, new_metadata
 

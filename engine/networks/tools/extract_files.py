@@ -1,5 +1,6 @@
-"""``lora extract`` for models kept as separate files (FLUX.1 / Chroma BFL transformer files), as sd-scripts'
-``flux_extract_lora.py``: the denoiser only (its double and single blocks), never the text encoders.
+"""``lora extract`` for models kept as separate files (FLUX.1 / Chroma BFL transformer files, SD3 / SD3.5 SAI single
+files), as sd-scripts' ``flux_extract_lora.py``: the denoiser only (FLUX's double and single blocks, SD3's joint
+blocks), never the text encoders.
 
 The layers and their kohya names are those a LoRA trains (``engine.networks.lora_names`` on the denoiser built
 from the base file's shapes on the meta device, so no weights are loaded for that); each layer's weights are read
@@ -102,7 +103,7 @@ def _metadata(family: str, variant: str, rank: int, files: list[ModelFile], out:
         "ss_network_module": info.kohya_network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(rank),
-        "ss_base_model_version": info.base_model_version(False),
+        "ss_base_model_version": info.base_model_version(False, variant),
         "ss_sd_model_name": base.name,
         "ss_output_name": out.stem,
         "ss_training_comment": f"extracted from {tuned.name} minus {base.name}",

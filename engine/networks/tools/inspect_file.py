@@ -5,9 +5,11 @@ changes, ranks and alphas, the base model, the main training settings from the s
 size of each module's change (a module with a huge norm overpowers the others), and NaN/inf weights, which make
 every image black and are named by module.
 
-FLUX.1 / Chroma LoRAs (``lora_unet_double_blocks_N_...``, ``lora_unet_single_blocks_N_...``) are recognised by their
-module names (:mod:`.lora_family`), counted per block kind, and modules trained with ``split_qkv`` (saved merged:
-``lora_up`` block-diagonal, spec §5.3) are reported with the alpha convention they were saved with.
+FLUX.1 / Chroma LoRAs (``lora_unet_double_blocks_N_...``, ``lora_unet_single_blocks_N_...``) and SD3 / SD3.5 LoRAs
+(``lora_unet_joint_blocks_N_...``) are recognised by their module names (:mod:`.lora_family`), counted per block
+kind, with the base model's variant where the family has several (FLUX.1 dev/schnell, SD3 medium / 5-medium /
+5-large), and modules trained with ``split_qkv`` (saved merged: ``lora_up`` block-diagonal, spec §5.3) are reported
+with the alpha convention they were saved with.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.models.families import FAMILY_INFO
 from engine.networks.metadata import SPLIT_QKV_ALPHA_KEY
 from engine.networks.tools.lora_family import (
     NAMING_LABELS,
@@ -28,6 +31,7 @@ from engine.networks.tools.lora_family import (
     family_from_metadata,
     lora_family,
     naming_of,
+    variant_of,
 )
 from engine.networks.tools.lora_file import (
     UNKNOWN_FORMAT,
@@ -54,7 +58,8 @@ TRAINING_KEYS = (
     "ss_min_snr_gamma", "ss_training_comment", "modelspec.title", "modelspec.architecture", "modelspec.author",
     "modelspec.description", "modelspec.date", "modelspec.trigger_phrase", "modelspec.merged_from",
     "ss_model_type", "ss_apply_t5_attn_mask", "ss_timestep_sampling", "ss_discrete_flow_shift",
-    "ss_model_prediction_type", "ss_weighting_scheme", "ss_guidance_scale",
+    "ss_model_prediction_type", "ss_weighting_scheme", "ss_guidance_scale", "ss_apply_lg_attn_mask",
+    "ss_logit_mean", "ss_logit_std", "ss_mode_scale",
 )
 # split_qkv merges q, k, v (double blocks) or q, k, v, mlp (single blocks' linear1) into one module (spec §5.3).
 SPLIT_PART_COUNTS = (3, 4)
@@ -80,8 +85,10 @@ class InspectReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     base_model: str = ""
-    family: str = ""  # a FAMILY_INFO name ("sd1", "flux1", "chroma", ...), "flux" (FLUX.1 or Chroma) or "" unknown
-    modules: dict[str, int] = field(default_factory=dict)  # per part: unet (FLUX: double, single), te, te1, te2, te3
+    family: str = ""  # a FAMILY_INFO name ("sd1", "flux1", "chroma", "sd3", ...), "flux" (FLUX.1 or Chroma) or ""
+    variant: str = ""  # of the base model, where the family has several ("dev"; SD3 "5-large"); "" unknown
+    # per part: unet (FLUX: double, single; SD3: joint and unet for its embedders), te, te1, te2, te3
+    modules: dict[str, int] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)  # rank -> number of modules
     alphas: dict[str, int] = field(default_factory=dict)
     conv_modules: int = 0  # 3x3 convolutions (LoCon)
@@ -191,6 +198,8 @@ def _read_metadata(report: InspectReport, metadata: dict[str, str], tensors: dic
     report.base_model = _base_model(metadata, tensors)
     if not report.family:  # a guess from the widths names a base model version ("sd_v1 (guessed ...)")
         report.family = family_from_metadata({"ss_base_model_version": report.base_model.partition(" ")[0]}) or ""
+    if report.family in FAMILY_INFO:
+        report.variant = variant_of(report.family, names, metadata)
     if report.split_qkv:
         report.warnings.append(_split_qkv_note(report.split_qkv, metadata))
     dirs = _json_value(report, metadata, "ss_dataset_dirs")
@@ -239,8 +248,10 @@ def _base_model(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> s
     names = {key.partition(".")[0] for key in tensors}
     naming = naming_of(names)
     if naming is not None:
-        families = " or ".join(families_named(naming))
-        return f"{NAMING_LABELS[naming]} ({families}; guessed from the module names)"
+        families = families_named(naming)
+        if len(families) == 1:
+            return f"{families[0]} (guessed from the module names)"
+        return f"{NAMING_LABELS[naming]} ({' or '.join(families)}; guessed from the module names)"
     sdxl_names = (module_part(name) in ("te1", "te2") or name.startswith("lora_unet_input_blocks") for name in names)
     if "clip_g" in names or any(sdxl_names):
         return "sdxl_base_v1-0 (guessed from the module names)"
@@ -262,7 +273,7 @@ def _counts_text(counts: dict[str, int]) -> str:
 def _text_lines(report: InspectReport) -> list[str]:
     lines = [f"file: {report.path}", f"format: {report.format}", f"base model: {report.base_model}"]
     if report.family:
-        lines.append(f"family: {report.family}")
+        lines.append(f"family: {report.family}" + (f" ({report.variant})" if report.variant else ""))
     if report.modules:
         parts = ", ".join(f"{part} {count}" for part, count in report.modules.items())
         lines += [f"modules: {sum(report.modules.values())} ({parts})", f"ranks: {_counts_text(report.ranks)}",

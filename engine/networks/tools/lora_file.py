@@ -24,6 +24,7 @@ import torch
 from engine.models.ldm_checkpoint import detect_family
 from engine.models.single_file import FAMILY_LABELS
 from engine.networks.lora_flux import block_of
+from engine.networks.lora_sd3 import joint_block_of
 from engine.networks.network_file import NETWORK_FORMATS, read_network_file, save_network_file
 
 __all__ = [
@@ -220,19 +221,21 @@ def module_part(name: str) -> str:
 
 
 def module_group(name: str) -> str:
-    """What a module is counted under in reports: a FLUX transformer block kind ("double", "single"), else its
-    :func:`module_part`."""
+    """What a module is counted under in reports: a FLUX transformer block kind ("double", "single"), SD3's joint
+    blocks ("joint"), else its :func:`module_part` (SD3's embedders and final layer: "unet")."""
     block = block_of(name)
-    return block[0] if block else module_part(name)
+    if block:
+        return block[0]
+    return "joint" if joint_block_of(name) is not None else module_part(name)
 
 
 # Report order of the denoiser's groups (text encoders follow in order, "other" last).
-_DENOISER_GROUPS = ("double", "single", "unet")
+_DENOISER_GROUPS = ("double", "single", "joint", "unet")
 
 
 def count_parts(names: Iterable[str]) -> dict[str, int]:
-    """Modules per model part: the denoiser first (FLUX's double and single blocks apart), then the text encoders
-    in order ("other" last)."""
+    """Modules per model part: the denoiser first (FLUX's double and single blocks apart, SD3's joint blocks), then
+    the text encoders in order ("other" last)."""
     counts = Counter(module_group(name) for name in names)
 
     def order(part: str) -> tuple[int, int, str]:
@@ -290,6 +293,8 @@ def describe_file(tensors: Mapping[str, torch.Tensor]) -> str:
 
     if transformer_layout(stripped_keys(tensors)) is not None:
         return "a whole FLUX.1/Chroma transformer (a base model, not a LoRA)"
+    if any(key.startswith(("joint_blocks.0.", "model.diffusion_model.joint_blocks.0.")) for key in tensors):
+        return "a whole SD3/SD3.5 model (a base model, not a LoRA)"
     if any(".lora_A." in key or ".lora_B." in key for key in tensors):
         return "a diffusers/PEFT LoRA (lora_A/lora_B keys; these tools read kohya's lora_down/lora_up format)"
     return f"a file of {len(tensors)} tensors of no known kind (e.g. {some_names(list(tensors), 3) or 'none'})"

@@ -1,12 +1,12 @@
 """``lora merge --into-model`` for models kept as separate files (FLUX.1 / Chroma: the BFL transformer file, and
-CLIP-L / T5 files), as sd-scripts' ``flux_merge_lora.py`` (``--clip_l``, ``--t5xxl``, ``--clip_l_save_to``,
-``--t5xxl_save_to``).
+CLIP-L / T5 files; SD3 / SD3.5: the SAI single file, and CLIP-L / CLIP-G / T5 files unless it holds them), as
+sd-scripts' ``flux_merge_lora.py`` (``--clip_l``, ``--t5xxl``, ``--clip_l_save_to``, ``--t5xxl_save_to``).
 
 Each LoRA module is matched to the file key it changes (:class:`~engine.networks.tools.model_files.NameIndex`,
 ComfyUI's rule, spec §5.5) and adds ``ratio * alpha/rank * up @ down`` to it, summed over the LoRAs in float32 and
-cast once to the saved dtype. Transformer modules go into the base file; text-encoder modules into the base file
-when it holds that encoder (an all-in-one file), else into the separate file given for them, written anew; a LoRA
-with text-encoder modules and no file for them is refused with the options to give. Every output is checked before
+cast once to the saved dtype. Transformer modules go into the base file; text-encoder modules into the separate file
+given for them (written anew), else into the base file when it holds that encoder (an all-in-one file); a LoRA with
+text-encoder modules and no file for them is refused with the options to give. Every output is checked before
 any work, and the files are streamed tensor by tensor (a FLUX.1 transformer is 24 GB in bf16).
 """
 
@@ -64,11 +64,12 @@ class _Target:
     output: Path
     changes: Changes = field(default_factory=dict)
     indexes: dict[str, NameIndex] = field(default_factory=dict)
+    scopes: Mapping[str, str] = field(default_factory=dict)  # LoRA prefix -> its encoder's key prefix in this file
 
     def key_for(self, name: str) -> str | None:
         prefix = f"lora_{module_part(name)}"
         if prefix not in self.indexes:
-            self.indexes[prefix] = NameIndex(self.source, prefix)
+            self.indexes[prefix] = NameIndex(self.source, prefix, self.scopes.get(prefix, ""))
         index = self.indexes[prefix]
         if index.is_ambiguous(name):
             raise ToolError(f"{self.source.path}: the LoRA module {name} fits more than one weight of this file; "
@@ -83,13 +84,13 @@ def merge_into_model_files(base: str | Path, sources: Sequence[LoRASource], outp
     """Merge kohya LoRAs into a model's files (``FamilyInfo.loader`` listed in ``FILE_MODELS``).
 
     Args:
-        base: the denoiser's file (BFL layout for FLUX.1/Chroma).
+        base: the denoiser's file (BFL layout for FLUX.1/Chroma, a SAI single file for SD3).
         sources: the LoRA files and their ratios.
         output: the new denoiser file (.safetensors or .sft).
         family: the base model's family.
         save_dtype: dtype of the saved floating tensors (None: each keeps the file's own).
-        text_encoders: by option stem ("clip-l", "t5xxl"): (the encoder's file, the new file), for LoRAs that
-            change it.
+        text_encoders: by option stem ("clip-l", "clip-g", "t5xxl"): (the encoder's file, the new file), for LoRAs
+            that change it.
 
     Raises:
         ToolError: an existing output or one that is an input, a missing half of a text-encoder pair, an option the
@@ -109,7 +110,8 @@ def merge_into_model_files(base: str | Path, sources: Sequence[LoRASource], outp
     problem = kind.layout_problem(base_file)
     if problem:
         raise ToolError(f"base model {base_file.path} {problem}")
-    main = _Target("base model", base_file, out)
+    main = _Target("base model", base_file, out, scopes={prefix: encoder.embedded for prefix, encoder
+                                                         in kind.text_encoder_files.items() if encoder.embedded})
     by_prefix = {prefix: _Target(f"--{encoder.option}", open_model_file(encoders[encoder.option][0],
                                                                         f"--{encoder.option}"), outputs[encoder.option])
                  for prefix, encoder in kind.text_encoder_files.items() if encoder.option in encoders}
@@ -164,11 +166,8 @@ def _plan(lora: KohyaLoRA, ratio: float, main: _Target, by_prefix: dict[str, _Ta
     without_file: dict[str, list[str]] = {}
     for name, weights in lora.modules.items():
         prefix = f"lora_{module_part(name)}"
-        target = main
-        key = main.key_for(name)
-        if key is None and prefix in by_prefix:
-            target = by_prefix[prefix]
-            key = target.key_for(name)
+        target = by_prefix.get(prefix, main)  # the encoder's own file when given, as the loaders prefer it
+        key = target.key_for(name)
         if key is None:
             encoder = kind.text_encoder_files.get(prefix)
             if encoder is not None and prefix in family_info(family).text_encoder_lora_prefixes \

@@ -5,8 +5,8 @@ flattened product, which equals kohya's conv formula). The merged model computes
 with the LoRAs applied at those ratios, without loading them.
 
 Families whose loader keeps the model in separate files (``FamilyInfo.loader`` in ``model_files.FILE_MODELS``:
-FLUX.1, Chroma) are merged file by file, tensor by tensor, by :mod:`.merge_files`; the others are loaded whole and
-saved as one LDM-layout checkpoint.
+FLUX.1, Chroma, SD3) are merged file by file, tensor by tensor, by :mod:`.merge_files`; the others are loaded whole
+and saved as one LDM-layout checkpoint.
 """
 
 from __future__ import annotations
@@ -77,13 +77,14 @@ def merge_into_model(base: str | Path, sources: Sequence[LoRASource], output: st
     """Merge kohya LoRAs into the model at ``base`` and save ``output``.
 
     Args:
-        base: a single file or diffusers folder; for FLUX.1/Chroma the BFL transformer file.
+        base: a single file or diffusers folder; for FLUX.1/Chroma the BFL transformer file, for SD3 the SAI
+            single file.
         sources: the LoRA files and their ratios, merged in order.
         output: a new .safetensors file.
         save_dtype: dtype of the saved weights (default: float32 for SD models, as loaded; the file's own for
             models merged file by file).
-        text_encoders: for models whose text encoders are separate files (FLUX.1, Chroma), by option stem
-            ("clip-l", "t5xxl"): (the encoder's file, the new file to write).
+        text_encoders: for models whose text encoders are separate files (FLUX.1, Chroma, SD3), by option stem
+            ("clip-l", "clip-g", "t5xxl"): (the encoder's file, the new file to write).
 
     Raises:
         ToolError: an existing output, an unreadable or damaged LoRA, a LoRA with layers the model lacks or of
@@ -100,7 +101,8 @@ def merge_into_model(base: str | Path, sources: Sequence[LoRASource], output: st
     given = [f"--{option}" for option, pair in (text_encoders or {}).items() if any(pair)]
     if given:
         raise ToolError(f"{', '.join(given)}: only for models whose text encoders are separate files (FLUX.1, "
-                        f"Chroma); {base} holds its own text encoders, which the LoRA's text-encoder modules change")
+                        f"Chroma, SD3); {base} holds its own text encoders, which the LoRA's text-encoder modules "
+                        "change")
     out = new_output(output, [base, *(source.path for source in sources)], (".safetensors",))
     loras = [read_kohya_lora(source.path, action="merged") for source in sources]
     model = load_base_model(base, "base model")

@@ -1,11 +1,14 @@
 """Model files seen tensor by tensor, for the tools that work on a model's own keys (families whose loader is
-"flux": a FLUX.1 / Chroma transformer in BFL layout, and its separate CLIP-L and T5 files).
+"flux": a FLUX.1 / Chroma transformer in BFL layout, and its separate CLIP-L and T5 files; "sd3": a SAI single file
+of SD3 / SD3.5, with or without its text encoders inside, and separate CLIP-L, CLIP-G and T5 files).
 
 Such a model's LoRA names are its own key paths: ``lora_unet_<path with . -> _>`` names ``<path>.weight`` (spec
 §5.1, §5.5), ``lora_te1_text_model_...`` a CLIP-L weight, ``lora_te3_encoder_block_...`` a T5 weight. So a LoRA
 module is matched against the file's keys, as ComfyUI does, instead of against a loaded model's layers: a file's
 keys may carry a prefix (ComfyUI's ``model.diffusion_model.``, ``text_encoders.clip_l.transformer.``), which is
-found by trying the key without its leading parts, the key with the fewest parts dropped winning.
+found by trying the key without its leading parts, the key with the fewest parts dropped winning. Where one file
+holds two encoders of one kind (SD3's all-in-one files: CLIP-L and CLIP-G), each prefix's modules are looked up only
+under that encoder's own key prefix (``text_encoders.clip_g.transformer.``).
 
 These files are large (FLUX.1 is 12B parameters, 24 GB in bf16), so they are read one tensor at a time and written
 by :func:`write_streamed` without holding the whole model in memory.
@@ -68,7 +71,8 @@ def open_model_file(path: str | Path, role: str) -> ModelFile:
     path = Path(path).expanduser()
     if path.is_dir():
         raise ToolError(f"{role} {path} is a folder; these tools work on the model's single file (for FLUX.1/Chroma "
-                        "the BFL transformer file, e.g. flux1-dev.safetensors, with --clip-l/--t5xxl files)")
+                        "the BFL transformer file, e.g. flux1-dev.safetensors, with --clip-l/--t5xxl files; for "
+                        "SD3/SD3.5 the SAI single file, e.g. sd3.5_large.safetensors)")
     if not path.is_file():
         raise ToolError(f"{role} {path}: no such file; check the path")
     if path.suffix.lower() not in MODEL_FILE_SUFFIXES:
@@ -107,6 +111,7 @@ class TextEncoderFile:
 
     label: str  # "CLIP-L"
     option: str  # the command-line stem: --clip-l FILE, --clip-l-save-to NEW_FILE
+    embedded: str = ""  # its key prefix inside an all-in-one model file, where several encoders share key names
 
 
 @dataclass(frozen=True)
@@ -119,12 +124,15 @@ class FileModelKind:
             names (``engine.networks.lora_names``) are the ones a LoRA trains.
         variant: the file's variant ("dev", "schnell", ...; modelspec architectures differ by it).
         text_encoder_files: the text encoders kept in separate files, by kohya LoRA prefix.
+        detect: whether a path holds this kind's model (headers only), for files the model loader's family
+            detection does not know yet; None when it does.
     """
 
     layout_problem: Callable[[ModelFile], str | None]
     denoiser: Callable[[ModelFile], Any]
     variant: Callable[[ModelFile], str]
     text_encoder_files: Mapping[str, TextEncoderFile]
+    detect: Callable[[Path], bool] | None = None
 
 
 def _flux_keys(model: ModelFile) -> dict[str, tuple[int, ...]]:
@@ -170,11 +178,68 @@ def _flux_variant(model: ModelFile) -> str:
     return "dev" if params.guidance_embed else "schnell"
 
 
+def _sd3_keys(model: ModelFile) -> dict[str, tuple[int, ...]]:
+    """The MMDiT's keys without the SAI prefix (an all-in-one file's text encoders and VAE left out)."""
+    from engine.models.sd3.files import SAI_PREFIX
+
+    prefixed = any(key.startswith(SAI_PREFIX) for key in model.tensors)
+    return {key.removeprefix(SAI_PREFIX): info.shape for key, info in model.tensors.items()
+            if key.startswith(SAI_PREFIX) or not prefixed}
+
+
+def _sd3_layout_problem(model: ModelFile) -> str | None:
+    from engine.models.sd3.convert import transformer_layout
+
+    layout = transformer_layout(_sd3_keys(model))
+    if layout == "sai":
+        return None
+    if layout == "diffusers":
+        return ("holds an SD3 transformer in diffusers naming; the LoRA tools work on the SAI single file (as "
+                "published: sd3.5_large.safetensors, sd3_medium.safetensors), whose keys the LoRA names follow")
+    return "holds no SD3/SD3.5 MMDiT (no joint_blocks.* keys)"
+
+
+def _sd3_params(model: ModelFile) -> Any:
+    from engine.models.sd3.params import params_from_state_dict
+
+    try:
+        return params_from_state_dict(_sd3_keys(model))
+    except ValueError as error:
+        raise ToolError(f"{model.path}: {error}") from error
+
+
+def _sd3_denoiser(model: ModelFile) -> Any:
+    import torch
+
+    from engine.models.sd3.mmdit import MMDiT
+
+    with torch.device("meta"):
+        return MMDiT(_sd3_params(model))
+
+
+def _sd3_variant(model: ModelFile) -> str:
+    return _sd3_params(model).variant
+
+
+def _detect_sd3(path: Path) -> bool:
+    from engine.models.sd3.files import detect_sd3_file
+
+    return detect_sd3_file(path)
+
+
+# Where SD3's all-in-one files keep the text encoders (engine.models.sd3.files.EMBEDDED_PREFIXES, not imported here).
+_SD3_EMBEDDED = "text_encoders.{}.transformer."
+
 # FamilyInfo.loader -> how its files are handled; a loader not listed ("ldm") goes through load_model instead.
 FILE_MODELS: dict[str, FileModelKind] = {
     "flux": FileModelKind(_flux_layout_problem, _flux_denoiser, _flux_variant,
                           {"lora_te1": TextEncoderFile("CLIP-L", "clip-l"),
                            "lora_te3": TextEncoderFile("T5-XXL", "t5xxl")}),
+    "sd3": FileModelKind(_sd3_layout_problem, _sd3_denoiser, _sd3_variant,
+                         {"lora_te1": TextEncoderFile("CLIP-L", "clip-l", _SD3_EMBEDDED.format("clip_l")),
+                          "lora_te2": TextEncoderFile("CLIP-G", "clip-g", _SD3_EMBEDDED.format("clip_g")),
+                          "lora_te3": TextEncoderFile("T5-XXL", "t5xxl", _SD3_EMBEDDED.format("t5xxl"))},
+                         _detect_sd3),
 }
 
 
@@ -186,15 +251,16 @@ class NameIndex:
 
     A key with leading parts (``model.diffusion_model.double_blocks.0...``) is also tried without them; a CLIP key
     without the ``text_model.`` wrapper also under it (kohya's CLIP names always have it). The candidate with the
-    fewest changes wins; two keys that give one name equally well make that name ambiguous (no key).
+    fewest changes wins; two keys that give one name equally well make that name ambiguous (no key). With ``under``,
+    only keys that start with it are indexed, from after it.
     """
 
-    def __init__(self, model: ModelFile, prefix: str) -> None:
+    def __init__(self, model: ModelFile, prefix: str, under: str = "") -> None:
         best: dict[str, tuple[int, str | None]] = {}
         for key, info in model.tensors.items():
-            if not key.endswith(".weight") or len(info.shape) < 2:  # LoRA changes Linear and conv weights only
-                continue
-            for cost, path in _candidate_paths(key.removesuffix(".weight")):
+            if not key.endswith(".weight") or len(info.shape) < 2 or not key.startswith(under):
+                continue  # LoRA changes Linear and conv weights only
+            for cost, path in _candidate_paths(key.removeprefix(under).removesuffix(".weight")):
                 name = f"{prefix}.{path}".replace(".", "_")
                 known = best.get(name)
                 if known is None or cost < known[0]:
