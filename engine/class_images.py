@@ -77,7 +77,7 @@ def next_number(folder: Path) -> int:
 
 
 def sampler_parts(model: LoadedModel, *, v_prediction: bool | None = None, t5xxl_max_token_length: int | None = None,
-                  apply_t5_attn_mask: bool = False) -> SamplerParts:
+                  apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False) -> SamplerParts:
     """The loaded model's modules as the sampler takes them, as training's samples do (engine.train.sample_hooks).
 
     Args:
@@ -86,6 +86,8 @@ def sampler_parts(model: LoadedModel, *, v_prediction: bool | None = None, t5xxl
         t5xxl_max_token_length, apply_t5_attn_mask: T5's caption length (None: 512, or 256 for FLUX.1 schnell) and
             whether its padding is masked, as ``model.t5xxl_max_token_length`` / ``model.apply_t5_attn_mask``;
             families without T5 ignore them.
+        apply_lg_attn_mask: SD3: pass CLIP-L's and CLIP-G's padding masks to their attention
+            (``model.apply_lg_attn_mask``); other families ignore it.
     """
     from engine.config.sections_model import ModelSection
     from engine.models.text_encoding import encoding_options
@@ -93,12 +95,14 @@ def sampler_parts(model: LoadedModel, *, v_prediction: bool | None = None, t5xxl
 
     if v_prediction is None:
         v_prediction = model.scheduler_config.get("prediction_type") == "v_prediction"
-    section = ModelSection(t5xxl_max_token_length=t5xxl_max_token_length, apply_t5_attn_mask=apply_t5_attn_mask)
+    section = ModelSection(t5xxl_max_token_length=t5xxl_max_token_length, apply_t5_attn_mask=apply_t5_attn_mask,
+                           apply_lg_attn_mask=apply_lg_attn_mask)
     options = encoding_options(section, model.scheduler_config.get("variant", ""))
     return SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
                         v_prediction=v_prediction, scaling_factor=model.vae.scaling_factor,
                         shift_factor=model.vae.shift_factor,
-                        text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask")})
+                        text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask",
+                                                                    "apply_lg_attn_mask")})
 
 
 def sample_request(settings: ClassImageSettings, family: str, *, v_prediction: bool, index: int) -> SampleRequest:

@@ -32,10 +32,12 @@ PRIOR_LOSS_WEIGHT = "training.prior_loss_weight"
 PARENT_LABEL, FOLDER_LABEL, TRAIN_LABEL, MODEL_LABEL = ("Regularization folder", "Class image folder",
                                                         "Training folder", "Base model")
 VAE_LABEL = "model.vae (Parameters tab)"  # generation uses the Parameters tab's VAE with its model
-# FLUX.1/Chroma: the Parameters tab's component files go with its model too (config path -> class-images flag)
-COMPONENT_FLAGS = {"model.clip_l": "--clip-l", "model.t5xxl": "--t5xxl", "model.ae": "--ae",
-                   "model.tokenizer_cache_dir": "--tokenizer-cache-dir"}
-T5_LENGTH, T5_MASK = "model.t5xxl_max_token_length", "model.apply_t5_attn_mask"
+# FLUX.1/Chroma and SD3: the Parameters tab's component files go with its model too (config path -> class-images flag)
+COMPONENT_FLAGS = {"model.clip_l": "--clip-l", "model.clip_g": "--clip-g", "model.t5xxl": "--t5xxl",
+                   "model.ae": "--ae", "model.tokenizer_cache_dir": "--tokenizer-cache-dir"}
+# The loaders (FamilyInfo.loader) of families whose text encoders may be files of their own
+COMPONENT_LOADERS = ("flux", "sd3")
+T5_LENGTH, T5_MASK, LG_MASK = "model.t5xxl_max_token_length", "model.apply_t5_attn_mask", "model.apply_lg_attn_mask"
 LOCATION_LABELS = (MODEL_LABEL, VAE_LABEL)  # a local file/folder or a Hugging Face hub id
 _BAD_CLASS_CHARACTERS = re.compile(r"[/\\\x00]")
 # What the balance text says itself, or what only concerns a missing training folder.
@@ -72,7 +74,7 @@ def outside_roots(fields: Mapping[str, str], roots: FileRoots) -> str:
 
 def generate_paths(request: GenerateRequest, config: Mapping[str, Any] | None) -> dict[str, str]:
     """The paths generation reads and writes, by field label, for `outside_roots`: the class folder, the model and,
-    when the model is the Parameters tab's, its VAE and FLUX component files (see _model_flags)."""
+    when the model is the Parameters tab's, its VAE and FLUX / SD3 component files (see _model_flags)."""
     model = request.model.strip()
     configured = bool(config) and model == config_value(config, MODEL_PATH)
     vae = config_value(config, "model.vae") if configured else ""
@@ -272,9 +274,9 @@ class GenerateRequest:
 
 
 def _takes_components(config: Mapping[str, Any] | None) -> bool:
-    """Whether the configured family loads separate component files (FLUX.1, Chroma), or may ("auto")."""
+    """Whether the configured family loads separate component files (FLUX.1, Chroma, SD3), or may ("auto")."""
     family = config_value(config, "model.model_family", "auto")
-    return family == "auto" or (family in FAMILY_INFO and FAMILY_INFO[family].loader == "flux")
+    return family == "auto" or (family in FAMILY_INFO and FAMILY_INFO[family].loader in COMPONENT_LOADERS)
 
 
 def _components(config: Mapping[str, Any] | None) -> dict[str, str]:
@@ -286,8 +288,8 @@ def _components(config: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _model_flags(model: str, config: Mapping[str, Any] | None) -> list[str]:
-    """The Parameters tab's family, VAE, v-prediction and FLUX components and T5 options, when the model is the one
-    configured there."""
+    """The Parameters tab's family, VAE, v-prediction, FLUX / SD3 components and text encoder options, when the model
+    is the one configured there."""
     if not config or model != config_value(config, MODEL_PATH):
         return []
     flags = ["--model-family", config_value(config, "model.model_family", "auto")]
@@ -299,8 +301,8 @@ def _model_flags(model: str, config: Mapping[str, Any] | None) -> list[str]:
     if _takes_components(config):
         if config_value(config, T5_LENGTH, None) is not None:
             flags += ["--t5xxl-max-token-length", str(int(config_value(config, T5_LENGTH)))]
-        if config_value(config, T5_MASK, False):
-            flags.append("--apply-t5-attn-mask")
+        flags += [flag for path, flag in ((T5_MASK, "--apply-t5-attn-mask"), (LG_MASK, "--apply-lg-attn-mask"))
+                  if config_value(config, path, False)]
     return flags
 
 

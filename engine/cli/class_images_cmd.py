@@ -24,8 +24,9 @@ _MIN_SIDE = 64
 _MAX_T5_TOKENS = 512  # T5-XXL's longest input (model.t5xxl_max_token_length's bound)
 # The loaders name config keys in their messages; here the user typed flags, so messages name those instead.
 _FLAG_OF_KEY = {"model.pretrained_model_name_or_path": "--model", "model.model_family": "--model-family",
-                "model.vae": "--vae", "model.clip_l": "--clip-l", "model.t5xxl": "--t5xxl", "model.ae": "--ae",
-                "model.tokenizer_cache_dir": "--tokenizer-cache-dir"}
+                "model.vae": "--vae", "model.clip_l": "--clip-l", "model.clip_g": "--clip-g", "model.t5xxl": "--t5xxl",
+                "model.ae": "--ae", "model.tokenizer_cache_dir": "--tokenizer-cache-dir",
+                "model.apply_lg_attn_mask": "--apply-lg-attn-mask"}
 _CONFIG_KEY = re.compile(r"\bmodel\.\w+")
 
 
@@ -44,10 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", required=True,
                         help="base model: a .safetensors/.ckpt file, a diffusers folder or a hub id")
     parser.add_argument("--model-family", choices=("auto", *FAMILY_INFO), default="auto")
-    parser.add_argument("--vae", default="", help="SD: a separate VAE file or folder (default: the model's own)")
+    parser.add_argument("--vae", default="", help="SD, SD3: a separate VAE file or folder (default: the model's own)")
     flux = parser.add_argument_group(
-        "FLUX.1 / Chroma", "the components a single transformer file lacks (a diffusers folder has its own)")
-    flux.add_argument("--clip-l", default="", help="CLIP-L text encoder file (clip_l.safetensors); FLUX.1 only")
+        "FLUX.1 / Chroma / SD3", "the components a single model file lacks (a diffusers folder has its own)")
+    flux.add_argument("--clip-l", default="", help="CLIP-L text encoder file (clip_l.safetensors); FLUX.1, SD3")
+    flux.add_argument("--clip-g", default="", help="CLIP-G text encoder file (clip_g.safetensors); SD3 only")
     flux.add_argument("--t5xxl", default="", help="T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors)")
     flux.add_argument("--ae", default="", help="the autoencoder file (ae.safetensors)")
     flux.add_argument("--tokenizer-cache-dir", default="",
@@ -56,6 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="longest prompt T5 reads (default: 512; 256 for FLUX.1 schnell)")
     flux.add_argument("--apply-t5-attn-mask", action="store_true",
                       help="hide T5's padding from the model (Chroma is trained with it: set it for Chroma)")
+    flux.add_argument("--apply-lg-attn-mask", action="store_true",
+                      help="SD3: hide the padding from CLIP-L's and CLIP-G's attention")
     parser.add_argument("--v-parameterization", action="store_true",
                         help="the model predicts v (SD2 768-v single files; folders say so in their scheduler)")
     parser.add_argument("--prompt", required=True, help="e.g. 'a photo of a dog'")
@@ -192,11 +196,11 @@ def _generate(args: argparse.Namespace, events: EventWriter, seed: int) -> int:
     try:
         device, dtype = _device_and_dtype(args.device, args.dtype)
         model = load_model(args.model, family=args.model_family, vae_path=args.vae, dtype=dtype, device=device,
-                           clip_l=args.clip_l, t5xxl=args.t5xxl, ae=args.ae,
+                           clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, ae=args.ae,
                            tokenizer_cache_dir=args.tokenizer_cache_dir)
         parts = sampler_parts(model, v_prediction=True if args.v_parameterization else None,
                               t5xxl_max_token_length=args.t5xxl_max_token_length,
-                              apply_t5_attn_mask=args.apply_t5_attn_mask)
+                              apply_t5_attn_mask=args.apply_t5_attn_mask, apply_lg_attn_mask=args.apply_lg_attn_mask)
         multiple = prompt_defaults(model.family).size_multiple
         width, height = (_floored(side, flag, multiple, events) for flag, side in
                          (("--width", args.width), ("--height", args.height)))
@@ -216,7 +220,8 @@ def _generate(args: argparse.Namespace, events: EventWriter, seed: int) -> int:
         progress.close()
     except ModelLoadError as error:
         return _fail(events, _in_flag_terms(str(error)),
-                     "check --model and --model-family (FLUX.1/Chroma files: also --clip-l, --t5xxl and --ae)",
+                     "check --model and --model-family (FLUX.1/Chroma files: also --clip-l, --t5xxl and --ae; SD3 "
+                     "files without their text encoders: --clip-l, --clip-g and --t5xxl)",
                      EXIT_BAD_INPUT, written=0)
     except (StopRequested, KeyboardInterrupt):
         print(f"stopped after {len(written)} image(s)", file=sys.stderr)

@@ -190,6 +190,22 @@ def test_the_configured_models_family_vae_and_prediction_are_passed_along():
     assert view.config_value(None, view.MODEL_PATH) == ""
 
 
+def test_an_sd3_models_text_encoder_files_and_masks_are_passed_along(tmp_path):
+    config = default_config_dict()
+    files = {path: str(tmp_path / f"{path.split('.')[-1]}.safetensors")
+             for path in ("model.clip_l", "model.clip_g", "model.t5xxl")}
+    for path, value in ((view.MODEL_PATH, "/m/sd3.5_medium.safetensors"), ("model.model_family", "sd3"),
+                        (view.LG_MASK, True), (view.T5_LENGTH, 77), *files.items()):
+        set_path(config, path, value)
+    request = view.GenerateRequest(model="/m/sd3.5_medium.safetensors", out="o", prompt="dog")
+    args = build_parser().parse_args(view.class_images_args(request, config))
+    assert (args.model_family, args.clip_l, args.clip_g, args.t5xxl) == ("sd3", *files.values())
+    assert (args.apply_lg_attn_mask, args.apply_t5_attn_mask, args.t5xxl_max_token_length) == (True, False, 77)
+    assert set(view.generate_paths(request, config).values()) >= set(files.values())  # checked against the roots
+    set_path(config, "model.model_family", "sdxl")  # an SD family loads no component files: none are passed
+    assert not {"--clip-g", "--apply-lg-attn-mask"} & set(view.class_images_args(request, config))
+
+
 @pytest.mark.parametrize(("changes", "words"), [
     ({"model": " "}, "base model"), ({"out": ""}, "class image folder"), ({"prompt": " "}, "prompt"),
     ({"count": 0}, "at least 1 image"), ({"steps": 0}, "at least 1 step"),
