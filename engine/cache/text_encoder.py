@@ -60,7 +60,8 @@ class TextKey:
     max_token_length: int  # T5's padded length for FLUX
     family: str
     dtype: str | None
-    t5_attn_mask: bool | None = None  # FLUX: apply_t5_attn_mask (T5 encodes differently with it); None otherwise
+    t5_attn_mask: bool | None = None  # FLUX, SD3: apply_t5_attn_mask (T5 encodes differently with it); else None
+    lg_attn_mask: bool | None = None  # SD3: apply_lg_attn_mask (the CLIPs encode differently with it); else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -120,18 +121,22 @@ def cache_path(image: Path, family: str, cache_dir: Path | None = None) -> Path:
 
 def expected_key(caption: str, *, encoder_identity: str | None, clip_skip: int, max_token_length: int,
                  family: str, dtype: str | None, t5xxl_max_token_length: int = 512,
-                 apply_t5_attn_mask: bool = False) -> TextKey:
+                 apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False) -> TextKey:
     """The key an entry for ``caption`` must carry under these settings (identity/dtype None: not checked)."""
     kind = family_info(family).text_encoding
     if kind == "flux":
         return TextKey(FORMAT_VERSION, encoder_identity, caption, None, t5xxl_max_token_length, family, dtype,
                        apply_t5_attn_mask)
+    if kind == "sd3":
+        return TextKey(FORMAT_VERSION, encoder_identity, caption, None, t5xxl_max_token_length, family, dtype,
+                       apply_t5_attn_mask, apply_lg_attn_mask)
     return TextKey(FORMAT_VERSION, encoder_identity, caption, clip_skip if kind == "sd" else None,
                    max_token_length, family, dtype)
 
 
 # The arrays an entry must hold, by the family's text encoding.
-_REQUIRED_ARRAYS = {"sd": ["hidden_states"], "sdxl": ["hidden_states", "pooled"], "flux": ["hidden_states", "mask"]}
+_REQUIRED_ARRAYS = {"sd": ["hidden_states"], "sdxl": ["hidden_states", "pooled"], "flux": ["hidden_states", "mask"],
+                    "sd3": ["hidden_states", "pooled"]}
 
 
 # Field → the reason when the stored value differs from the wanted one; the most fundamental first.
@@ -144,6 +149,7 @@ _REASONS: dict[str, Callable[[Any, Any], str]] = {
     "max_token_length": lambda s, w: f"max_token_length changed from {s} to {w}",
     "dtype": lambda s, w: f"the encoding precision changed from {s} to {w}",
     "t5_attn_mask": lambda s, w: f"apply_t5_attn_mask changed from {s} to {w}",
+    "lg_attn_mask": lambda s, w: f"apply_lg_attn_mask changed from {s} to {w}",
 }
 
 

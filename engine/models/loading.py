@@ -82,17 +82,17 @@ class LoadedModel:
 
 def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Path = "", dtype: Any = None,
                device: str = "cpu", clip_l: str | Path = "", t5xxl: str | Path = "", ae: str | Path = "",
-               tokenizer_cache_dir: str | Path = "", fp8: bool = False) -> LoadedModel:
+               clip_g: str | Path = "", tokenizer_cache_dir: str | Path = "", fp8: bool = False) -> LoadedModel:
     """Load the base model at ``location`` (diffusers folder, single file or hub id).
 
     Args:
         location: ``model.pretrained_model_name_or_path``.
-        family: ``model.model_family``: "sd1", "sd2", "sdxl", or "auto" to detect it.
+        family: ``model.model_family``: "sd1", "sd2", "sdxl", "flux1", "chroma", "sd3", or "auto" to detect it.
         vae_path: ``model.vae``: a separate VAE file or folder ("" = the model's own).
         dtype: torch dtype for every module (default float32). Identities are taken from the float32 weights first.
         device: where to put the modules.
-        clip_l, t5xxl, ae, tokenizer_cache_dir, fp8: FLUX.1 / Chroma only (``model.clip_l`` ...): the separate
-            component files, where the T5 tokenizer is, and whether to keep the transformer in float8.
+        clip_l, t5xxl, ae, clip_g, tokenizer_cache_dir, fp8: FLUX.1 / Chroma / SD3 only (``model.clip_l`` ...): the
+            separate component files, where the T5 tokenizer is, and whether to keep the transformer in float8.
 
     Returns:
         The loaded model.
@@ -103,28 +103,35 @@ def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Pa
     """
     if family != "auto" and family not in FAMILY_INFO:
         raise ModelLoadError(f"unknown model family {family!r}; use one of auto, {', '.join(FAMILY_INFO)}")
-    if _loader_kind(str(location), family) == "flux":
+    kind = _loader_kind(str(location), family)
+    if kind == "flux":
         from engine.models.flux.loading import load_flux_model
 
         return load_flux_model(location, family=family, clip_l=clip_l, t5xxl=t5xxl, ae=ae,
                                tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype, device=device, fp8=fp8)
+    if kind == "sd3":
+        from engine.models.sd3.loading import load_sd3_model
+
+        return load_sd3_model(location, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae_path,
+                              tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype, device=device, fp8=fp8)
     kind, path = _locate(str(location))
     return _LOADERS[kind](path, _Request(str(location), family, str(vae_path or ""), dtype, device))
 
 
-# model_index.json pipeline classes of the families the "flux" loader reads
-_FLUX_PIPELINES = {"FluxPipeline": "flux1", "ChromaPipeline": "chroma"}
+# model_index.json pipeline classes of the families the "flux" and "sd3" loaders read
+_TRANSFORMER_PIPELINES = {"FluxPipeline": "flux1", "ChromaPipeline": "chroma", "StableDiffusion3Pipeline": "sd3"}
 
 
-def _flux_family(location: str) -> str | None:
-    """"flux1" / "chroma" when ``location`` holds a FLUX-layout model (header or model_index.json only)."""
+def _transformer_family(location: str) -> str | None:
+    """"flux1" / "chroma" / "sd3" when ``location`` holds a FLUX- or SD3-layout model (header or model_index.json)."""
     path = Path(location).expanduser()
     from engine.models.flux.files import FLUX_FILE_SUFFIXES
 
     if path.is_file() and path.suffix.lower() in FLUX_FILE_SUFFIXES:
         from engine.models.flux.loading import detect_flux_file
+        from engine.models.sd3.files import detect_sd3_file
 
-        return detect_flux_file(path)
+        return detect_flux_file(path) or ("sd3" if detect_sd3_file(path) else None)
     if not path.is_dir() and looks_like_hub_id(location):
         try:
             path = _hub_folder(location, download=False)
@@ -134,13 +141,14 @@ def _flux_family(location: str) -> str | None:
         index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return _FLUX_PIPELINES.get(index.get("_class_name", "")) if isinstance(index, dict) else None
+    return _TRANSFORMER_PIPELINES.get(index.get("_class_name", "")) if isinstance(index, dict) else None
 
 
 def _loader_kind(location: str, family: str) -> str:
     if family != "auto":
         return family_info(family).loader
-    return "flux" if _flux_family(location) else "ldm"
+    detected = _transformer_family(location)
+    return family_info(detected).loader if detected else "ldm"
 
 
 def detect_model_family(location: str | Path) -> str:
@@ -149,9 +157,9 @@ def detect_model_family(location: str | Path) -> str:
     Raises:
         ModelLoadError: as :func:`load_model`, for what can be told without loading.
     """
-    flux = _flux_family(str(location))
-    if flux:
-        return flux
+    detected = _transformer_family(str(location))
+    if detected:
+        return detected
     kind, path = _locate(str(location), download=False)
     if kind == "file":
         return file_family(read_header(path))

@@ -16,6 +16,8 @@ Which layer:
   encoder 2's projected EOS state of the first chunk.
 * FLUX.1 and Chroma (``engine.models.flux.text``): T5-XXL's last hidden states padded to ``t5xxl_max_token_length``
   with the padding mask, and CLIP-L's pooled output (FLUX.1 only); clip_skip and max_token_length do not apply.
+* SD3 / SD3.5 (``engine.models.sd3.text``): CLIP-L's and CLIP-G's penultimate states side by side, zero-padded to
+  T5's width, followed on the sequence by T5's states; the pooled vector is both CLIPs' projected outputs.
 
 Which of these a family uses is its ``FamilyInfo.text_encoding`` (``_ENCODERS`` below), never its name.
 
@@ -68,12 +70,13 @@ def encoding_options(model_section: ModelSection, variant: str = "") -> dict[str
 
     return {"clip_skip": model_section.clip_skip, "max_token_length": model_section.max_token_length,
             "t5xxl_max_token_length": t5xxl_token_length(model_section.t5xxl_max_token_length, variant),
-            "apply_t5_attn_mask": model_section.apply_t5_attn_mask}
+            "apply_t5_attn_mask": model_section.apply_t5_attn_mask,
+            "apply_lg_attn_mask": model_section.apply_lg_attn_mask}
 
 
 def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_skip: int = 1,
                     max_token_length: int = 75, t5xxl_max_token_length: int = _DEFAULT_T5_LENGTH,
-                    apply_t5_attn_mask: bool = False) -> EncodedText:
+                    apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False) -> EncodedText:
     """Encode ``captions`` as sd-scripts does for training (see the module docstring).
 
     Args:
@@ -82,7 +85,8 @@ def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_ski
         clip_skip: 1 = the last layer, 2 = the one before, ... (SD1/SD2); ignored for SDXL and FLUX.
         max_token_length: 75, 150 or 225 caption tokens; longer captions are truncated (CLIP families).
         t5xxl_max_token_length: T5's padded length (FLUX families); see :func:`encoding_options` for the default.
-        apply_t5_attn_mask: pass the padding mask to T5's attention (FLUX families).
+        apply_t5_attn_mask: pass the padding mask to T5's attention (FLUX families, SD3).
+        apply_lg_attn_mask: pass the padding mask to both CLIPs' attention (SD3).
 
     Returns:
         Hidden states [B, max_token_length + 2, D] and, for SDXL, pooled embeddings.
@@ -95,6 +99,11 @@ def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_ski
         from engine.models.flux.text import encode_flux
 
         return encode_flux(loaded, captions, max_length=t5xxl_max_token_length, apply_mask=apply_t5_attn_mask)
+    if kind == "sd3":
+        from engine.models.sd3.text import encode_sd3
+
+        return encode_sd3(loaded, captions, t5_max_length=t5xxl_max_token_length, apply_lg_mask=apply_lg_attn_mask,
+                          apply_t5_mask=apply_t5_attn_mask)
     if max_token_length not in MAX_TOKEN_LENGTHS:
         raise ValueError(f"max_token_length must be one of {MAX_TOKEN_LENGTHS}, not {max_token_length}")
     return _ENCODERS[kind](loaded, captions, clip_skip, max_token_length)

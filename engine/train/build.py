@@ -124,7 +124,8 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
                             "file, a diffusers folder or a hub id", "model.pretrained_model_name_or_path")
     section = config.model
     vae = model_location(section.vae, base_dir)
-    files = {name: model_location(getattr(section, name), base_dir) for name in ("clip_l", "t5xxl", "ae")}
+    files = {name: model_location(getattr(section, name), base_dir)
+             for name in ("clip_l", "t5xxl", "ae", "clip_g")}
     try:
         model = load_model(location, family=section.model_family, vae_path=vae, **files,
                            dtype=_frozen_load_dtype(config, location, accelerator),
@@ -138,8 +139,8 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
 
 
 def _frozen_load_dtype(config: RunConfig, location: str, accelerator: Any) -> torch.dtype | None:
-    """FLUX LoRA: the base model is read in the mixed-precision dtype it is kept in anyway, which halves the RAM a
-    FLUX.1 transformer needs while loading (24 GB in bf16 instead of 48 GB in float32). Others load in float32."""
+    """FLUX / SD3 LoRA: the base model is read in the mixed-precision dtype it is kept in anyway, which halves the RAM
+    a FLUX.1 transformer needs while loading (24 GB in bf16 instead of 48 GB in float32). Others load in float32."""
     from engine.models.loading import ModelLoadError, detect_model_family
 
     if config.method != "lora":
@@ -150,7 +151,10 @@ def _frozen_load_dtype(config: RunConfig, location: str, accelerator: Any) -> to
             family = detect_model_family(location)
         except ModelLoadError:
             return None  # load_model reports it with its own message
-    return weight_dtype(accelerator) if family_info(family).loader == "flux" else None
+    return weight_dtype(accelerator) if family_info(family).loader in _LOW_PRECISION_LOADERS else None
+
+
+_LOW_PRECISION_LOADERS = ("flux", "sd3")  # loaders that read weights straight into a given dtype
 
 
 def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: Any, log: RunLog) -> dict:

@@ -4,7 +4,7 @@ arguments of the family's denoiser.
 Which keywords is the family's ``FamilyInfo.text_encoding`` (``BUILDERS`` below): the UNet takes
 ``encoder_hidden_states`` (plus SDXL's pooled embedding and size ids in ``added_cond_kwargs``); the FLUX
 transformer takes ``txt`` (T5), ``y`` (CLIP-L pooled; None for Chroma) and ``txt_mask`` (only with
-``model.apply_t5_attn_mask``, spec FLUX §3.4).
+``model.apply_t5_attn_mask``, spec FLUX §3.4); SD3's MMDiT takes ``context`` and ``y``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,15 @@ def _flux(session: Session, batch: dict[str, Any], encoded: EncodedText) -> dict
     return {"txt": encoded.hidden_states.to(device, dtype), "y": pooled, "txt_mask": mask}
 
 
+def _mmdit(session: Session, batch: dict[str, Any], encoded: EncodedText) -> dict[str, Any]:
+    """SD3: ``context`` and ``y``, after the per-encoder caption dropout (engine.train.sd3_objective)."""
+    from engine.train.sd3_objective import sd3_conditioning
+
+    return sd3_conditioning(session, batch, encoded)
+
+
 ConditioningBuilder = Callable[["Session", dict[str, Any], "EncodedText"], dict[str, Any]]
-BUILDERS: dict[str, ConditioningBuilder] = {"sd": _unet, "sdxl": _unet_with_sizes, "flux": _flux}
+BUILDERS: dict[str, ConditioningBuilder] = {"sd": _unet, "sdxl": _unet_with_sizes, "flux": _flux, "sd3": _mmdit}
 
 
 def batch_conditioning(session: Session, batch: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,8 @@ def learning_rates(config: RunConfig, text_encoder_count: int) -> LearningRates:
     unet = base if section.unet_lr is None else section.unet_lr
     first = base if section.text_encoder_lr is None else section.text_encoder_lr
     second = first if section.text_encoder2_lr is None else section.text_encoder2_lr
-    return LearningRates(unet, (first, second)[:text_encoder_count])
+    # A third encoder (SD3's T5) takes the second's rate, as sd-scripts' `--text_encoder_lr a b` does.
+    return LearningRates(unet, (first, *[second] * max(0, text_encoder_count - 1))[:text_encoder_count])
 
 
 class Method(Protocol):

@@ -129,8 +129,15 @@ class FlowObjective:
         return torch.cat(noises), torch.cat(sigmas), torch.cat(noisy)
 
 
+def _sd3_objective(session: Session) -> Any:
+    from engine.train.sd3_objective import SD3Objective
+
+    return SD3Objective(session)
+
+
 ObjectiveFactory = Callable[["Session"], Any]
-OBJECTIVES: dict[str, ObjectiveFactory] = {"ddpm": DiffusionObjective, "flow": FlowObjective}
+# "sd3" (SD3 / SD3.5): flow matching with an x0 target on the MMDiT (engine.train.sd3_objective, spec §8.4).
+OBJECTIVES: dict[str, ObjectiveFactory] = {"ddpm": DiffusionObjective, "flow": FlowObjective, "sd3": _sd3_objective}
 
 
 def make_objective(session: Session) -> Any:

@@ -2,8 +2,8 @@
 
 Frozen weights go to the device in the mixed-precision dtype; models whose outputs are cached go back to the CPU;
 trained weights stay float32 unless full_fp16/bf16. How the denoiser is placed is the family loader's
-(``FamilyInfo.loader``, ``_DENOISER_PLACERS``): a diffusers UNet moves in one ``.to()``; the FLUX transformer moves
-tensor by tensor, keeps fp8-stored weights in fp8 and leaves the weights of swapped blocks on the CPU
+(``FamilyInfo.loader``, ``_DENOISER_PLACERS``): a diffusers UNet moves in one ``.to()``; the FLUX transformer and
+SD3's MMDiT move tensor by tensor, keep fp8-stored weights in fp8 and leave the weights of swapped blocks on the CPU
 (``engine.models.flux.fp8``, ``engine.models.flux.block_swap``).
 """
 
@@ -72,7 +72,7 @@ def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype
 
 # By FamilyInfo.loader: (config, denoiser, device, dtype) -> the block swapper, if any.
 _DENOISER_PLACERS: dict[str, Callable[[RunConfig, Any, torch.device, torch.dtype], Any]] = {
-    "ldm": _place_unet, "flux": _place_transformer}
+    "ldm": _place_unet, "flux": _place_transformer, "sd3": _place_transformer}
 
 
 def _move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:

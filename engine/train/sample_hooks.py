@@ -53,7 +53,8 @@ def sample_now(session: Session, *, epoch: int, step: int, kind: str) -> list[di
     parts = SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
                          v_prediction=config.model.v_parameterization, scaling_factor=model.vae.scaling_factor,
                          shift_factor=model.vae.shift_factor,
-                         text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask")})
+                         text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask",
+                                                                     "apply_lg_attn_mask")})
     # The VAE is moved by generate_samples itself; the text encoders are moved here.
     with _on_device(list(model.text.encoders), session.device):
         images = generate_samples(parts, requests, session.output_dir / "samples",

@@ -119,7 +119,8 @@ class _PromptDefaults:
 # By FamilyInfo.sampler: sd-scripts' defaults for its SD and FLUX sampling (spec §7, FLUX spec §7).
 _PROMPT_DEFAULTS = {"sd": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 8),
                     "sdxl": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 8),
-                    "flux": _PromptDefaults(20, 1.0, 16, DEFAULT_GUIDANCE)}
+                    "flux": _PromptDefaults(20, 1.0, 16, DEFAULT_GUIDANCE),
+                    "sd3": _PromptDefaults(DEFAULT_STEPS, DEFAULT_SCALE, 16)}
 
 
 def prompt_defaults(family: str) -> _PromptDefaults:
@@ -406,9 +407,17 @@ def _flow_latents(parts: SamplerParts, request: SampleRequest, positive: Encoded
                           apply_t5_attn_mask=bool((parts.text_options or {}).get("apply_t5_attn_mask")))
 
 
+def _sd3_latents(parts: SamplerParts, request: SampleRequest, positive: EncodedText, negative: EncodedText,
+                 seed: int, settings: _Settings) -> Any:
+    """SD3 / SD3.5: flow-matching Euler on diffusers' FlowMatchEulerDiscreteScheduler(shift 3.0) sigmas."""
+    from engine.train.sd3_sampling import request_latents
+
+    return request_latents(parts, request, positive, negative, seed, settings)
+
+
 # By FamilyInfo.sampler: (parts, request, positive, negative, seed, settings) -> latents as training sees them.
 _GENERATORS: dict[str, Callable[..., Any]] = {"sd": _pipeline_latents, "sdxl": _pipeline_latents,
-                                              "flux": _flow_latents}
+                                              "flux": _flow_latents, "sd3": _sd3_latents}
 
 
 # --- leaving no trace ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ Differences from sd-scripts, on purpose:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,8 @@ class SD3Objective:
         self.session = session
         self.settings = SD3Settings.from_config(config)
         self.loss_settings = LossSettings.from_config(config.training, False)
+        self.mmdit = getattr(session.model.unet, "module", session.model.unet)  # DDP wraps a fully trained one
+        configure_positions(self.mmdit, config, training_latent_sizes(session.scan))
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.flow import loss_weighting
@@ -148,6 +151,12 @@ class SD3Objective:
         session = self.session
         noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
         sigmas = sigmas_of(timesteps)
+        if self.mmdit.pos_emb_random_crop_rate > 0:
+            # The crop window's draw comes from the micro-batch's first seed, so a resumed run draws it again.
+            from engine.train.dataset import derived_seed
+
+            seed = derived_seed("pos_emb_crop", batch["noise_seed"][0])
+            self.mmdit.pos_emb_generator = torch.Generator().manual_seed(seed)
         with session.accelerator.autocast():
             # t stays float32: the MMDiT's timestep embedding computes its frequencies in float32 anyway.
             pred = session.model.unet(x=noisy.to(session.weight_dtype), t=timesteps, y=conditioning["y"],
@@ -170,6 +179,22 @@ class SD3Objective:
             noises.append(noise)
             steps.append(timestep)
         return torch.cat(noises), torch.cat(steps), torch.cat(noisy)
+
+
+def training_latent_sizes(scan: Any) -> list[int]:
+    """round(√(w·h)) / 8 of every dataset's resolution: the latent sizes the scaled position tables are built for
+    (sd-scripts collects them the same way, spec §8.5)."""
+    sizes = {round(math.sqrt(width * height)) // 8 for width, height in
+             (dataset.params["resolution"] for dataset in scan.datasets)}
+    return sorted(sizes)
+
+
+def configure_positions(mmdit: Any, config: RunConfig, latent_sizes: list[int]) -> None:
+    """flow.pos_emb_random_crop_rate and flow.enable_scaled_pos_embed on the model; the MMDiT applies them only in
+    passes that record gradients, so samples and validation use the centred table, as inference does."""
+    mmdit.pos_emb_random_crop_rate = config.flow.pos_emb_random_crop_rate
+    if config.flow.enable_scaled_pos_embed:
+        mmdit.enable_scaled_pos_embed(latent_sizes)
 
 
 # --- conditioning (spec §8.3) -------------------------------------------------------------------------------------
