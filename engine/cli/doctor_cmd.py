@@ -14,10 +14,13 @@ from engine.config.io import load_config
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "doctor", help="check the dataset (folders, images, captions, buckets, steps per epoch) and FLUX's model files",
+        "doctor", help="check the dataset (folders, images, captions, buckets, steps per epoch) and FLUX's and SD3's "
+                       "model files",
         description="Scan the config's datasets and report every problem with the file it concerns and what to "
                     "do, plus images, repeats, buckets and steps; for FLUX.1/Chroma, that the model, CLIP-L, T5-XXL "
-                    "and AE files exist and fit together (headers only). Exit 0 when there is no error, 2 otherwise.",
+                    "and AE files exist and fit together; for SD3/SD3.5, the variant and that each text encoder and "
+                    "the VAE is inside the model file or given, and fits (headers only). Exit 0 when there is no "
+                    "error, 2 otherwise.",
     )
     parser.add_argument("config", help="run config .toml (or a .json preset)")
     add_override_option(parser)

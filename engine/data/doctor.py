@@ -129,7 +129,7 @@ def run_doctor(config: RunConfig, base_dir: str | Path, *, quick: bool = False) 
             continue
         findings += check(scan, config.model.max_token_length)
     findings += _latent_cache_findings(config, scan)
-    findings += model_findings(config, base_dir)  # FLUX's separate model files exist and fit (headers only)
+    findings += model_findings(config, base_dir)  # FLUX's and SD3's model files exist and fit (headers only)
     training = config.training
     batches = sum(batches_per_epoch([r for s in d.subsets for r in s.records], d.params["batch_size"])
                   for d in scan.datasets)
