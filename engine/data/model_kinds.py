@@ -80,4 +80,6 @@ def model_kind(header: FileHeader) -> str | None:
     family = model_family_of(header)
     if family is None:
         return None
-    return f"a {family_label(family)} " + ("transformer" if family in ("flux1", "chroma") else "checkpoint")
+    label = family_label(family)
+    article = "an" if label.startswith("SD") else "a"  # "an SDXL checkpoint", "a FLUX.1 transformer"
+    return f"{article} {label} " + ("transformer" if family in ("flux1", "chroma") else "checkpoint")

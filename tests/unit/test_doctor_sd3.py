@@ -174,6 +174,16 @@ def test_files_in_the_wrong_fields_say_what_they_are(parts, tmp_path):
     assert texts[1].startswith("model.vae: a VAE with 4 latent channels") and "16-channel VAE" in texts[1]
 
 
+def test_an_sd_checkpoint_as_the_base_or_a_component_is_named(tiny_models, tmp_path, parts):
+    sdxl = tiny_models["sdxl_ckpt"]
+    [(_, where, text)] = errors(config(sdxl), tmp_path)
+    assert where == str(sdxl) and text.startswith("model.pretrained_model_name_or_path: this is an SDXL checkpoint, "
+                                                  "but model.model_family is 'sd3'")
+    [(_, where, text)] = errors(config(parts["model"], clip_l=parts["clip_l"], clip_g=sdxl, t5xxl=parts["t5xxl"],
+                                       vae=parts["vae"]), tmp_path)
+    assert text.startswith("model.clip_g: this is an SDXL checkpoint, not CLIP-G's file")
+
+
 def test_real_widths_tell_clip_l_from_clip_g(tmp_path, parts):
     big_g = write_header(tmp_path / "clip_g.safetensors", clip_shapes(1280, 1280))
     [(_, where, text)] = errors(config(parts["model"], clip_l=big_g, clip_g=parts["clip_g"], t5xxl=parts["t5xxl"],
