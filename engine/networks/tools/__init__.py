@@ -1,7 +1,7 @@
 """Tools for kohya LoRA files (``python -m engine lora ...``): inspect, merge (into a model or into one LoRA),
 resize and extract. One module per tool; :mod:`.lora_file` (reading, formats, writing new files only),
 :mod:`.factorize` (SVD and ranks), :mod:`.metadata_keys`, :mod:`.model_layers` and :mod:`.lora_family` (a LoRA's
-family from its names and metadata) are shared. Families whose models are separate files (FLUX.1, Chroma:
+family from its names and metadata) are shared. Families whose models are separate files (FLUX.1, Chroma, SD3:
 ``FamilyInfo.loader`` in :data:`.model_files.FILE_MODELS`) are merged into and extracted from tensor by tensor
 (:mod:`.merge_files`, :mod:`.extract_files`), the others through the loaded model.
 """
