@@ -124,15 +124,12 @@ class FileModelKind:
             names (``engine.networks.lora_names``) are the ones a LoRA trains.
         variant: the file's variant ("dev", "schnell", ...; modelspec architectures differ by it).
         text_encoder_files: the text encoders kept in separate files, by kohya LoRA prefix.
-        detect: whether a path holds this kind's model (headers only), for files the model loader's family
-            detection does not know yet; None when it does.
     """
 
     layout_problem: Callable[[ModelFile], str | None]
     denoiser: Callable[[ModelFile], Any]
     variant: Callable[[ModelFile], str]
     text_encoder_files: Mapping[str, TextEncoderFile]
-    detect: Callable[[Path], bool] | None = None
 
 
 def _flux_keys(model: ModelFile) -> dict[str, tuple[int, ...]]:
@@ -221,12 +218,6 @@ def _sd3_variant(model: ModelFile) -> str:
     return _sd3_params(model).variant
 
 
-def _detect_sd3(path: Path) -> bool:
-    from engine.models.sd3.files import detect_sd3_file
-
-    return detect_sd3_file(path)
-
-
 # Where SD3's all-in-one files keep the text encoders (engine.models.sd3.files.EMBEDDED_PREFIXES, not imported here).
 _SD3_EMBEDDED = "text_encoders.{}.transformer."
 
@@ -238,8 +229,7 @@ FILE_MODELS: dict[str, FileModelKind] = {
     "sd3": FileModelKind(_sd3_layout_problem, _sd3_denoiser, _sd3_variant,
                          {"lora_te1": TextEncoderFile("CLIP-L", "clip-l", _SD3_EMBEDDED.format("clip_l")),
                           "lora_te2": TextEncoderFile("CLIP-G", "clip-g", _SD3_EMBEDDED.format("clip_g")),
-                          "lora_te3": TextEncoderFile("T5-XXL", "t5xxl", _SD3_EMBEDDED.format("t5xxl"))},
-                         _detect_sd3),
+                          "lora_te3": TextEncoderFile("T5-XXL", "t5xxl", _SD3_EMBEDDED.format("t5xxl"))}),
 }
 
 

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.models.families import FAMILY_INFO, family_info
+from engine.models.families import family_info
 from engine.models.ldm_checkpoint import pipeline_configs, write_pipeline_checkpoint
 from engine.models.loading import ModelLoadError, detect_model_family, load_model
 from engine.models.text_encoders import TEXT_COMPONENTS
 from engine.networks.lora_names import LoRATarget, text_encoder_targets, unet_targets
 from engine.networks.tools.lora_file import ToolError
-from engine.networks.tools.model_files import FILE_MODELS
 
 if TYPE_CHECKING:
     from engine.models.loading import LoadedModel
@@ -36,27 +35,11 @@ def load_base_model(location: str | Path, role: str) -> LoadedModel:
 
 def model_family(location: str | Path) -> str | None:
     """The family of the model at ``location`` from its header or config files only, or None when that cannot be
-    told (a hub id not downloaded yet, a damaged file): :func:`load_base_model` then reports the problem.
-
-    A file the loader's detection refuses is offered to the file kinds with a detector of their own
-    (``FileModelKind.detect``: SD3 single files)."""
+    told (a hub id not downloaded yet, a damaged file): :func:`load_base_model` then reports the problem."""
     try:
         return detect_model_family(location)
     except ModelLoadError:
-        return _file_kind_family(Path(location).expanduser())
-
-
-def _file_kind_family(path: Path) -> str | None:
-    if not path.is_file():
         return None
-    for family, info in FAMILY_INFO.items():
-        kind = FILE_MODELS.get(info.loader)
-        try:
-            if kind is not None and kind.detect is not None and kind.detect(path):
-                return family
-        except ModelLoadError:
-            return None
-    return None
 
 
 def layer_targets(model: LoadedModel, *, include_conv_blocks: bool) -> list[LoRATarget]:
