@@ -135,7 +135,8 @@ def _convert_lines(report: Mapping[str, Any]) -> list[str]:
     lines = [f"- `{report['input']}` ({report['family']}, read from {report['family_from']}) to {report['to']} names",
              f"- Modules: {report['modules_in']} in, {sum(report['modules_out'].values())} out ({parts})",
              f"- Ranks: {counts_text(report['ranks'])}"]
-    return lines + [f"- ⚠ Left out: {note}" for note in report.get("notes", [])]
+    return (lines + [f"- ⚠ Left out: {note}" for note in report.get("notes", [])]
+            + [f"- {warning}" for warning in report.get("warnings", [])])
 
 
 # tool name -> the lines that describe what its report says it did

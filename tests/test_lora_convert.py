@@ -138,12 +138,13 @@ def flux_network(model: Any, **args: str) -> LoRANetwork:
     return network
 
 
-def engine_flux_output(model: Any, network: LoRANetwork | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def engine_flux_output(transformer: Any, network: LoRANetwork | None, inputs: dict[str, torch.Tensor]
+                       ) -> torch.Tensor:
     if network is not None:
         network.apply_to()
     try:
         with torch.no_grad():
-            return model.unet(**inputs)
+            return transformer(**inputs)
     finally:
         if network is not None:
             network.restore()
@@ -191,10 +192,10 @@ def test_flux_lora_in_diffusers_names_loads_in_flux_pipeline_with_the_engines_ou
     with loader_messages() as messages:
         pipe.load_lora_weights(str(converted))
     assert not lora_warnings(messages), messages
-    ours = engine_flux_output(model, network, inputs)
+    ours = engine_flux_output(model.unet, network, inputs)
     theirs = diffusers_flux_output(pipe.transformer, inputs)
     assert (ours - theirs).abs().max() <= TOLERANCE
-    assert (ours - engine_flux_output(model, None, inputs)).abs().max() > 1e-3  # the LoRA changes the output
+    assert (ours - engine_flux_output(model.unet, None, inputs)).abs().max() > 1e-3  # the LoRA changes the output
 
     tokens = pipe.tokenizer(["sks dog", "a red square"], padding="max_length", max_length=77,
                             return_tensors="pt").input_ids
@@ -225,7 +226,7 @@ def test_flux_split_qkv_lora_converts_exactly_both_ways(flux, tmp_path):
     with loader_messages() as messages:
         transformer.load_lora_adapter(str(diffusers_file), prefix="transformer")
     assert not lora_warnings(messages), messages
-    ours = engine_flux_output(model, network, inputs)
+    ours = engine_flux_output(model.unet, network, inputs)
     assert (ours - diffusers_flux_output(transformer, inputs)).abs().max() <= TOLERANCE
 
     report = convert_lora(diffusers_file, "kohya")
@@ -236,6 +237,46 @@ def test_flux_split_qkv_lora_converts_exactly_both_ways(flux, tmp_path):
     assert_same_effect(before, after)
     assert {after[name].rank for name in after if name.endswith(("_qkv", "_linear1"))} == {3 * RANK, 4 * RANK}
     assert file_metadata(back)["ss_network_module"] == "networks.lora_flux"
+
+
+@pytest.mark.parametrize("alpha", [2.0, ALPHA])
+def test_chroma_bf16_lora_converts_exactly(flux, tmp_path, alpha):
+    """Chroma (BFL names, no modulation layers, a T5-only text side) in bf16: ChromaTransformer2DModel computes what
+    the engine computes with the same bf16 LoRA. Scale 0.5 bakes into bf16 exactly, so the file stays bf16; 0.75
+    would round, so those modules are written in float32 and the report says so."""
+    from flux_tiny import tiny_transformer
+
+    from engine.networks.tools.convert_lora import convert_lora
+    from engine.train.method_full_flux import diffusers_transformer
+
+    chroma = tiny_transformer("chroma")
+    for parameter in chroma.parameters():
+        parameter.requires_grad_(False)
+    network = create_lora_network(chroma, [torch.nn.Module()], "chroma", dim=RANK, alpha=alpha,
+                                  train_text_encoder=False)
+    randomize(network)
+    kohya = save_network_file(tmp_path / "chroma.safetensors", network.kohya_state_dict(torch.bfloat16),
+                              {"ss_base_model_version": "chroma"}, save_as="safetensors")
+    network.load_kohya_state_dict(load_file(str(kohya)))  # the engine applies what the file holds (bf16-rounded)
+    report = convert_lora(kohya, "diffusers")
+    assert report.family == "chroma"
+    exact_in_bf16 = alpha / RANK == 0.5
+    dtypes = {tensor.dtype for tensor in load_file(report.output).values()}
+    assert dtypes == ({torch.bfloat16} if exact_in_bf16 else {torch.float32})
+    assert report.widened == (0 if exact_in_bf16 else len(network.unet_loras))
+    assert exact_in_bf16 or "written in float32, not bfloat16" in report.warnings[0]
+    transformer = diffusers_transformer(copy.deepcopy(chroma), None)
+    with loader_messages() as messages:
+        transformer.load_lora_adapter(report.output, prefix="transformer")
+    assert not lora_warnings(messages), messages
+    inputs = {key: value for key, value in flux["inputs"].items() if key not in ("y", "guidance")}
+    ours = engine_flux_output(chroma, network, inputs)
+    with torch.no_grad():
+        theirs = transformer(hidden_states=inputs["img"], encoder_hidden_states=inputs["txt"],
+                             timestep=inputs["timesteps"], img_ids=inputs["img_ids"][0],
+                             txt_ids=inputs["txt_ids"][0]).sample
+    assert (ours - theirs).abs().max() <= TOLERANCE
+    assert_same_effect(kohya_modules(kohya), kohya_modules(Path(convert_lora(report.output, "kohya").output)))
 
 
 # --- SD3 / SD3.5 ---------------------------------------------------------------------------------------------------

@@ -38,12 +38,14 @@ from engine.networks.tools.convert_names import (
 from engine.networks.tools.convert_weights import (
     ADAPTER_METADATA,
     PeftModule,
+    baked_dtype,
     merge_parts,
     read_peft_modules,
     split_module,
 )
 from engine.networks.tools.lora_family import NAMING_LABELS, families_named, family_from_metadata, lora_family
 from engine.networks.tools.lora_file import (
+    LoRAWeights,
     ToolError,
     count_parts,
     count_values,
@@ -81,6 +83,8 @@ class ConvertReport:
     ranks: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    widened: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +95,7 @@ class ConvertReport:
                  f"{self.modules_in} modules in, {sum(self.modules_out.values())} out ({parts})",
                  f"ranks: {', '.join(f'{rank} ({count} modules)' for rank, count in self.ranks.items())}"]
         lines += [f"left out: {note}" for note in self.notes]
+        lines += [f"note: {warning}" for warning in self.warnings]
         return "\n".join([*lines, f"wrote {self.output}"])
 
 
@@ -227,7 +232,7 @@ def _to_diffusers(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
     pairs = {pair.kohya: pair for pair in NAMING_PAIRS[_naming(family)](list(modules))}
     written: dict[str, torch.Tensor] = {}
     dropped: Counter[str] = Counter()
-    missing = []
+    missing, widened = [], []
     for name, weights in modules.items():
         pair = pairs.get(name) or kohya_text_pair(family, name)
         if isinstance(pair, str):
@@ -235,6 +240,7 @@ def _to_diffusers(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
         elif pair is None:
             missing.append(name)
         else:
+            widened += [name] if baked_dtype(weights) != weights.down.dtype else []
             for module, (down, up) in split_module(pair, weights).items():
                 written[f"{module}.lora_A.weight"], written[f"{module}.lora_B.weight"] = down, up
     if missing:
@@ -242,8 +248,17 @@ def _to_diffusers(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
     report = ConvertReport(str(path), "", "diffusers", family, how, len(modules), _component_counts(written),
                            count_values(weights.rank for weights in modules.values()), dict(dropped),
                            [_dropped_note(prefix, count) for prefix, count in dropped.items()])
+    if widened:
+        report.widened = len(widened)
+        report.warnings.append(f"{len(widened)} module(s) written in float32, not {_dtype_name(modules[widened[0]])}: "
+                               "their alpha/rank is no power of two, so baking it into half-precision weights would "
+                               "round them")
     kept = {key: value for key, value in metadata.items() if key not in _STALE_KEYS}
     return report, written, kept
+
+
+def _dtype_name(weights: LoRAWeights) -> str:
+    return str(weights.down.dtype).removeprefix("torch.")
 
 
 def _dropped_note(prefix: str, count: int) -> str:

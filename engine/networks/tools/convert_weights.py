@@ -5,7 +5,8 @@ A module changes its layer by ``scale · B @ A`` (kohya: ``alpha/rank · lora_up
 
 * kohya's alpha/rank is baked into A and B (PEFT files carry no alpha; diffusers then applies scale 1): B gets
   the power of two nearest the square root (exact in any float format), A the rest, as diffusers' own kohya
-  converter splits it;
+  converter splits it; a half-precision module whose scale is no power of two is written in float32, where the
+  rest is exact too;
 * a fused layer (qkv, FLUX's ``linear1``) gives each part the same A and its rows of B; a split_qkv file's
   block-diagonal B (spec §5.3) gives each part only its own rank block;
 * back to kohya, parts with one and the same A (and scale) merge into one module with B's rows concatenated and
@@ -29,7 +30,7 @@ import torch
 from engine.networks.tools.convert_names import CONCAT, SWAP, SWAP_IF_PRE_ONLY, TEXT_COMPONENTS, TRANSFORMER, LayerPair
 from engine.networks.tools.lora_file import LoRAWeights, ToolError, some_names
 
-__all__ = ["ADAPTER_METADATA", "PeftModule", "merge_parts", "read_peft_modules", "split_module"]
+__all__ = ["ADAPTER_METADATA", "PeftModule", "baked_dtype", "merge_parts", "read_peft_modules", "split_module"]
 
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LoraConfig per component (its training scripts write it)
 _PEFT_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "alpha": "alpha"}
@@ -59,9 +60,21 @@ def _scale_split(scale: float) -> tuple[float, float]:
     return scale / power, power
 
 
-def split_module(pair: LayerPair, weights: LoRAWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The diffusers module(s) of one kohya module: {name: (A, B)}, alpha/rank baked in, in the file's dtype."""
+def _power_of_two(value: float) -> bool:
+    return value > 0 and math.frexp(value)[0] == 0.5
+
+
+def baked_dtype(weights: LoRAWeights) -> torch.dtype:
+    """The dtype a module's diffusers weights are written in: the file's own where alpha/rank bakes into it exactly
+    (float32 weights, or a power-of-two scale), else float32 (0.75 · a bf16 weight is no bf16 number)."""
     dtype = weights.down.dtype
+    exact = dtype in (torch.float32, torch.float64) or _power_of_two(weights.scale)
+    return dtype if exact else torch.float32
+
+
+def split_module(pair: LayerPair, weights: LoRAWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The diffusers module(s) of one kohya module: {name: (A, B)}, alpha/rank baked in, in :func:`baked_dtype`."""
+    dtype = baked_dtype(weights)
     for_a, for_b = _scale_split(weights.scale)
     down, up = weights.down.float() * for_a, weights.up.float() * for_b
     if pair.kind == CONCAT:
@@ -223,6 +236,8 @@ def _block_diagonal_module(pair: LayerPair, parts: Mapping[str, PeftModule], siz
                            dtype: torch.dtype) -> LoRAWeights:
     """A's stacked (rank = the sum), B block-diagonal with each part's scale baked in; alpha = rank (scale 1)."""
     present = [(index, parts[name]) for index, name in enumerate(pair.diffusers) if name in parts]
+    if not all(_power_of_two(module.scale) for _, module in present):  # as baked_dtype: B · scale stays exact
+        dtype = torch.promote_types(dtype, torch.float32)
     rank = sum(module.rank for _, module in present)
     down = torch.cat([module.A.float() for _, module in present])
     up = torch.zeros(sum(sizes), rank, *present[0][1].B.shape[2:])
