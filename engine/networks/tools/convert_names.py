@@ -15,9 +15,9 @@ checkpoint conversion cannot disagree. Three kinds of correspondence:
 
 Text encoders: kohya's ``lora_te1_`` / ``lora_te2_`` CLIP modules are diffusers' ``text_encoder.`` /
 ``text_encoder_2.`` + the transformers path. No diffusers pipeline of these families loads a LoRA into T5
-(``lora_te3_``): FluxLoraLoaderMixin's kohya path drops them (spec §5.6), SD3LoraLoaderMixin has no T5 component and
-Chroma's T5 sits where FLUX.1's CLIP-L is, under names diffusers does not read. Those modules are reported, not
-written. Pure name logic: no torch.
+(``lora_te3_``): FluxLoraLoaderMixin's kohya path drops them (spec §5.6) and loads only ``text_encoder.`` (FLUX.1's
+CLIP-L; Chroma's T5, whose layers its text-encoder loader, which looks for CLIP's layer names, finds no rank for),
+and SD3LoraLoaderMixin has no T5 component. Those modules are reported, not written. Pure name logic: no torch.
 """
 
 from __future__ import annotations
