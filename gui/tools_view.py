@@ -30,6 +30,7 @@ from engine.config.io import (
 )
 from engine.config.schema import RunConfig
 from engine.data.doctor_models import file_header, flux_family_of, safetensors_header_json
+from engine.data.model_kinds import read_sd3_file
 from engine.models.families import family_info
 from engine.train.run import absolute_config
 from gui.browse import FileRoots, PathNotAllowed
@@ -51,7 +52,9 @@ MERGE_PRECISIONS: tuple[str, ...] = (KEEP_PRECISION, *(name for name in PRECISIO
 # The text encoders FLUX.1/Chroma keep in their own files, by the LoRA prefix of their modules -> `lora merge`
 # option stem (engine.cli.lora_cmd.TEXT_ENCODER_OPTIONS; engine.networks.tools.model_files maps them the same way,
 # but it loads torch).
-TEXT_ENCODER_PREFIXES = {"lora_te1": "clip-l", "lora_te3": "t5xxl"}
+TEXT_ENCODER_PREFIXES = {"lora_te1": "clip-l", "lora_te2": "clip-g", "lora_te3": "t5xxl"}
+# SD3 single files may hold their text encoders; these keys name them in engine.data.model_kinds.SD3Model.embedded
+_SD3_EMBEDDED_PARTS = {"lora_te1": "clip_l", "lora_te2": "clip_g", "lora_te3": "t5xxl"}
 # resize rule (as the engine names it) -> (its option, what the value means to a user)
 RESIZE_RULES: dict[str, tuple[str, str]] = {
     "rank": ("--rank", "a fixed rank for every module"),
@@ -350,14 +353,25 @@ def doctor_report(source: str, path: str | None, current: Mapping[str, Any] | No
 # --- model files (headers only: the GUI never imports safetensors or torch) ---------------------------------------
 
 
-def _file_family(path: Path, header: Mapping[str, Any]) -> str | None:
-    """"flux1" or "chroma" for a FLUX.1/Chroma transformer file, else None (the doctor's test of the keys)."""
-    return flux_family_of(file_header(path, header))
+def _separate_prefixes(path: Path, header: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """(family, LoRA prefixes of the text encoders kept in files of their own) for a FLUX.1/Chroma transformer or
+    an SD3 file without (some of) its text encoders; None for anything else (the doctor's test of the keys)."""
+    found = file_header(path, header)
+    family = flux_family_of(found)
+    if family is not None:
+        return family, list(family_info(family).text_encoder_lora_prefixes)
+    sd3 = read_sd3_file(found)
+    if sd3 is None:
+        return None
+    separate = [prefix for prefix in family_info("sd3").text_encoder_lora_prefixes
+                if _SD3_EMBEDDED_PARTS[prefix] not in sd3.embedded]
+    return ("sd3", separate) if separate else None
 
 
 def separate_text_encoders(model: str | None, roots: FileRoots) -> tuple[str, list[str]] | None:
-    """(family, labels of the text encoders kept in their own files) when `model` names a FLUX.1/Chroma file;
-    None for anything else (SD checkpoints and folders hold their own; an empty, disallowed or unreadable path)."""
+    """(family, labels of the text encoders kept in their own files) when `model` names a FLUX.1/Chroma file or an
+    SD3 file without its text encoders; None for anything else (SD checkpoints and folders hold their own; an empty,
+    disallowed or unreadable path)."""
     text = (model or "").strip()
     if not text:
         return None
@@ -368,19 +382,19 @@ def separate_text_encoders(model: str | None, roots: FileRoots) -> tuple[str, li
     if path.suffix.lower() not in (".safetensors", ".sft") or not path.is_file():
         return None
     try:
-        family = _file_family(path, safetensors_header_json(path))
+        found = _separate_prefixes(path, safetensors_header_json(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if family is None:
+    if found is None:
         return None
-    return family, [TEXT_ENCODER_OPTIONS[TEXT_ENCODER_PREFIXES[prefix]]
-                    for prefix in family_info(family).text_encoder_lora_prefixes]
+    family, prefixes = found
+    return family, [TEXT_ENCODER_OPTIONS[TEXT_ENCODER_PREFIXES[prefix]] for prefix in prefixes]
 
 
-TEXT_ENCODER_HELP = ("Only for FLUX.1 and Chroma, whose text encoders are files of their own (an SD checkpoint holds "
-                     "its own): a LoRA's CLIP-L (lora_te1) or T5 (lora_te3) modules are merged into new copies of "
-                     "them. Give the file a LoRA's modules go into; the new file may stay blank (next to it, "
-                     "named *_merged).")
+TEXT_ENCODER_HELP = ("Only for FLUX.1, Chroma and SD3 files without their text encoders, whose encoders are files of "
+                     "their own (an SD checkpoint holds its own): a LoRA's CLIP-L (lora_te1), CLIP-G (lora_te2) or T5 "
+                     "(lora_te3) modules are merged into new copies of them. Give the file a LoRA's modules go "
+                     "into; the new file may stay blank (next to it, named *_merged).")
 
 
 def text_encoder_note(model: str | None, roots: FileRoots) -> tuple[str, bool]:

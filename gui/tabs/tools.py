@@ -142,7 +142,7 @@ def _text_encoder_fields(roots: FileRoots) -> tuple[dict[str, tuple[gr.Textbox, 
     accordion that opens when the base model is a FLUX.1/Chroma file. The fields stay visible for any model, so a
     value is never sent unseen; the engine refuses them for a model that holds its own text encoders."""
     fields: dict[str, tuple[gr.Textbox, gr.Textbox]] = {}
-    with gr.Accordion("Text encoder files (FLUX.1 / Chroma)", open=False, elem_id="tools-merge-encoders") as box:
+    with gr.Accordion("Text encoder files (FLUX.1 / Chroma / SD3)", open=False, elem_id="tools-merge-encoders") as box:
         note = gr.Markdown(view.TEXT_ENCODER_HELP, elem_id="tools-merge-encoders-note")
         for option, label in view.TEXT_ENCODER_OPTIONS.items():
             with gr.Row():

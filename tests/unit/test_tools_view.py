@@ -213,3 +213,17 @@ def test_merge_into_a_model_then_extract_it_back(lora, folder, roots, tiny_model
     assert ranks == Counter({"4": modules}) and modules > 0
     assert "at rank 4" in render.result_markdown("extract", extracted)
     assert f"**Rank:** 4 ({modules} modules)" in render.inspect_outcome_markdown(inspected)
+
+
+def test_merge_text_encoder_fields_name_what_an_sd3_file_lacks(tmp_path):
+    """An SD3 file without its text encoders opens the CLIP-L / CLIP-G / T5 fields of 'Merge into model'; the same
+    weights with the encoders inside need none (the header says what is inside, as the loader reads it)."""
+    from sd3_tiny import tiny_sd3_files
+
+    bare, whole = tiny_sd3_files("5-large")["model"], tiny_sd3_files("5-large", embedded=True)["model"]
+    roots = FileRoots([bare.parent, whole.parent])
+    assert view.separate_text_encoders(str(bare), roots) == ("sd3", ["CLIP-L", "CLIP-G", "T5-XXL"])
+    note, opened = view.text_encoder_note(str(bare), roots)
+    assert opened and "sd3" in note and "CLIP-G" in note
+    assert view.separate_text_encoders(str(whole), roots) is None
+    assert view.text_encoder_note(str(whole), roots) == (view.TEXT_ENCODER_HELP, False)
