@@ -333,3 +333,19 @@ def test_real_clip_g_config_is_read_off_its_shapes():
     config = clip_config_from_shapes(shapes, shipped_configs("sdxl")["text_encoder_2"])
     assert (config["num_attention_heads"], config["num_hidden_layers"], config["intermediate_size"]) == (20, 32, 5120)
     assert (config["hidden_act"], config["projection_dim"], config["eos_token_id"]) == ("gelu", 1280, 2)
+
+
+def test_a_diffusers_layout_sd3_transformer_file_is_not_taken_for_flux(tiny, tmp_path):
+    """diffusers' SD3 and FLUX transformers share their joint-block key names; a lone SD3 transformer in diffusers
+    naming must not be read as FLUX.1 (whose loader would then fail on a missing img_in) but be sent to its folder."""
+    from engine.models.loading import detect_model_family, load_model
+    from engine.models.sd3.convert import sai_to_diffusers
+
+    state = load_file(str(tiny["5-large"]["model"]))
+    transformer = {key.removeprefix("model.diffusion_model."): value for key, value in state.items()
+                   if key.startswith("model.diffusion_model.")}
+    path = tmp_path / "sd3_transformer_diffusers.safetensors"
+    save_file(sai_to_diffusers(transformer)[0], str(path))
+    for attempt in (lambda: detect_model_family(path), lambda: load_model(path)):
+        with pytest.raises(ModelLoadError, match="point at the whole diffusers folder"):
+            attempt()

@@ -31,6 +31,7 @@ __all__ = [
 BFL_FLUX_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"  # any BFL-layout FLUX.1 or Chroma transformer
 BFL_CHROMA_KEY = "distilled_guidance_layer.in_proj.weight"  # Chroma's approximator (same name in diffusers)
 DIFFUSERS_FLUX_KEY = "transformer_blocks.0.attn.add_k_proj.weight"  # diffusers FluxTransformer2DModel / Chroma
+DIFFUSERS_SD3_PATCH_KEY = "pos_embed.proj.weight"  # diffusers SD3Transformer2DModel, which FLUX lacks
 _SWAP = "swap"  # halves exchanged (BFL shift, scale ↔ diffusers scale, shift)
 _CONCAT = "concat"  # BFL tensor = diffusers parts concatenated along rows
 _RENAME = "rename"
@@ -48,7 +49,9 @@ class Conversion:
 def transformer_layout(keys: Iterable[str]) -> str | None:
     """The naming of a prefix-free transformer state dict's keys: "bfl", "diffusers", or None (neither)."""
     keys = set(keys)
-    if DIFFUSERS_FLUX_KEY in keys or DIFFUSERS_FLUX_KEY.replace(".weight", ".bias") in keys:
+    # SD3's diffusers transformer has the same joint-block names; its patch embedding (pos_embed.proj) tells it apart.
+    diffusers_blocks = DIFFUSERS_FLUX_KEY in keys or DIFFUSERS_FLUX_KEY.replace(".weight", ".bias") in keys
+    if diffusers_blocks and DIFFUSERS_SD3_PATCH_KEY not in keys:
         return "diffusers"
     if BFL_FLUX_KEY in keys or any(key.startswith("double_blocks.") for key in keys):
         return "bfl"

@@ -203,7 +203,8 @@ def _transformer_keys(keys: Any) -> dict[str, str]:
 def _file_source(header: FileHeader) -> FluxTransformerSource | None:
     check_not_adapter(header, _LOCATION)
     keys = _transformer_keys(header.shapes)
-    layout = transformer_layout(keys)
+    # judged on every key: what tells an SD3 diffusers transformer from FLUX's is outside FLUX's roots
+    layout = transformer_layout(key.removeprefix(TRANSFORMER_PREFIX) for key in header.shapes)
     if layout is None:
         return None
     tensors = {name: (header.path, key) for name, key in keys.items()}
