@@ -289,7 +289,7 @@ def test_text_encoder_lr_empty_trains_the_clips_at_learning_rate_and_0_freezes_t
     ("training", {"cache_text_encoder_outputs": True, "text_encoder_lr": None}, "training.cache_text_encoder_outputs"),
     ("model", {"fp8_base": True}, "model.fp8_base"),
     ("model", {"fp8_base_unet": True}, "model.fp8_base_unet"),
-    ("training", {"blocks_to_swap": 2}, "training.blocks_to_swap"),
+    ("training", {"blocks_to_swap": 2}, "training.blocks_to_swap"),  # without optimizer.fused_backward_pass
     ("saving", {"save_model_as": "ckpt"}, "saving.save_model_as"),
 ])
 def test_what_full_fine_tuning_cannot_do_is_refused_by_name(trained, section, values, field) -> None:
@@ -300,6 +300,12 @@ def test_what_full_fine_tuning_cannot_do_is_refused_by_name(trained, section, va
     with pytest.raises(RunInputError) as refused:
         SD3FullModelMethod(_unchecked(config, section, values), trained, Path("."))
     assert refused.value.where == field
+
+
+def test_block_swap_with_the_fused_pass_is_accepted(trained) -> None:
+    config = _config("medium", optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"})
+    method = SD3FullModelMethod(_unchecked(config, "training", {"blocks_to_swap": 2}), trained, Path("."))
+    assert method.trains_unet
 
 
 def test_the_swap_limit_of_a_loaded_model_names_the_setting(trained, variant) -> None:

@@ -9,8 +9,10 @@ As sd-scripts' sd3_train.py (spec §8.7):
   --train_t5xxl);
 * text encoders that would learn from cached outputs (which never change) are refused, as the config rules refuse
   them, naming training.cache_text_encoder_outputs;
-* fp8 storage and block swapping keep frozen weights out of the way; the MMDiT's own weights learn here, so both
-  are refused when it trains (the config rules say the same for FLUX; see :func:`refuse_memory_options`).
+* fp8 storage is for frozen weights and is refused when the MMDiT trains; `training.blocks_to_swap` (up to
+  depth - 2: 22 for SD3/SD3.5 medium, 36 for SD3.5 large) needs `optimizer.fused_backward_pass`, which updates each
+  swapped weight in the backward pass while it is on the GPU (:func:`refuse_memory_options`); the trainer places
+  the MMDiT with `place_transformer(..., trainable=True)` (engine.models.flux.block_swap).
 
 `saving.save_model_as` picks the format:
 
@@ -125,10 +127,11 @@ def text_encoder_rates(config: RunConfig) -> tuple[float, float, float]:
 
 
 def refuse_memory_options(config: RunConfig) -> None:
-    """fp8 storage and block swapping hold frozen weights; the MMDiT's weights learn in full fine-tuning.
+    """What the memory options need when the MMDiT's own weights learn.
 
-    fp8 weights take no gradient (engine.models.flux.fp8); the block swapper moves only frozen weights and keeps
-    no updated copy (engine.models.flux.block_swap). sd-scripts' sd3_train.py ignores --fp8_base.
+    fp8 weights take no gradient (engine.models.flux.fp8; sd-scripts' sd3_train.py ignores --fp8_base). Swapped
+    trained blocks are updated on the device inside the backward pass (engine.models.flux.block_swap, trainable),
+    so block swapping needs the fused Adafactor pass, as sd-scripts' full fine-tuning uses it.
     """
     model, training = config.model, config.training
     for key in ("fp8_base", "fp8_base_unet"):
@@ -136,10 +139,11 @@ def refuse_memory_options(config: RunConfig) -> None:
             raise RunInputError(f"model.{key}: fp8 storage is for LoRA training of a frozen model, and SD3 full "
                                 "fine-tuning trains the MMDiT's own weights", f"turn model.{key} off, or use method "
                                 "'lora'", f"model.{key}")
-    if training.blocks_to_swap:
-        raise RunInputError("training.blocks_to_swap: swapping blocks needs a frozen model (LoRA), and SD3 full "
-                            "fine-tuning trains the blocks themselves", "set training.blocks_to_swap to 0, or use "
-                            "method 'lora'", "training.blocks_to_swap")
+    if training.blocks_to_swap and not config.optimizer.fused_backward_pass:
+        raise RunInputError("training.blocks_to_swap in full fine-tuning keeps trained weights on the CPU between "
+                            "uses, so each must be updated in the backward pass while it is on the GPU",
+                            "turn on optimizer.fused_backward_pass (optimizer_type Adafactor), or set "
+                            "training.blocks_to_swap to 0", "training.blocks_to_swap")
 
 
 def model_variant(model: LoadedModel) -> str:

@@ -204,3 +204,112 @@ def test_fp8_stores_every_linear_of_the_mmdit_and_trains_a_lora() -> None:
     assert loss > 0 and all(torch.isfinite(grad).all() for grad in grads)
     assert any(grad.abs().sum() > 0 for grad in grads)
     assert all(module.weight.grad is None for module in linears)
+
+
+# ------------------------------------------------------------------------------- full fine-tuning with swapping
+
+
+# The vector c (timestep + pooled text) enters every joint block, so its gradient is a sum over the blocks, and the
+# swapped blocks' input markers change the order autograd adds it up in: the embedders that make c get gradients
+# that differ in the last bits (float addition), which bf16 autocast and a few Adafactor steps then amplify.
+C_EMBEDDERS = ("t_embedder", "y_embedder")
+
+
+def _full_run(params: SD3Params, blocks: int, *, fused: bool = True, checkpointing: bool = False, steps: int = 3,
+              train_c_embedders: bool = False, autocast: bool = True
+              ) -> tuple[list[float], dict[str, torch.Tensor], BlockSwapper | None, nn.Module]:
+    """The MMDiT's weights train in float32 (bf16 autocast), Adafactor stepping each tensor in the backward pass."""
+    from transformers.optimization import Adafactor
+
+    from engine.train.fused_backward import FusedBackward
+
+    model = _model(params)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    swapper = place_transformer(model, "cpu", torch.float32, blocks_to_swap=blocks, trainable=True)
+    model.requires_grad_(True)  # what the trainer does after placing a model that trains
+    if not train_c_embedders:
+        for name in C_EMBEDDERS:
+            getattr(model, name).requires_grad_(False)
+    optimizer = Adafactor([param for param in model.parameters() if param.requires_grad], lr=1e-2,
+                          relative_step=False, scale_parameter=False, warmup_init=False)
+    if fused:
+        FusedBackward(optimizer, max_grad_norm=1.0)
+    losses = []
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(**_inputs(params, seed=10 + step))
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        if not fused:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, {key: value.clone() for key, value in model.state_dict().items()}, swapper, model
+
+
+@pytest.mark.parametrize(("variant", "checkpointing"), [*((variant, False) for variant in VARIANTS),
+                                                       ("5-medium", True)])
+def test_full_fine_tuning_with_the_most_blocks_swapped_trains_the_same_weights(variant: str,
+                                                                              checkpointing: bool) -> None:
+    params = _params(variant)
+    base_losses, base_state, _, _ = _full_run(params, 0, checkpointing=checkpointing)
+    losses, state, swapper, model = _full_run(params, params.depth - 2, checkpointing=checkpointing)
+    assert losses == base_losses and len(set(losses)) == len(losses)  # the weights moved between the steps
+    assert state.keys() == base_state.keys()
+    for key, tensor in base_state.items():
+        assert torch.equal(state[key], tensor), key
+    assert swapper is not None and swapper.swapped_names == ["joint_blocks.2", "joint_blocks.3"]
+    for block in swapper.blocks:  # between steps the trained weights are their (updated) host copies
+        assert not block.resident and not block.dirty
+        assert block.params and all(param.requires_grad for param in block.params)
+        for param, store in zip(block.params, block.stores, strict=True):
+            assert param.data_ptr() == store.data_ptr() and param.grad is None
+    reference = _model(params)
+    trained_weight, initial = (m.joint_blocks[3].x_block.mlp.fc2.weight for m in (model, reference))
+    assert not torch.equal(trained_weight, initial)
+    # Sampling (no gradients) and close() see the trained weights.
+    with torch.no_grad():
+        sampled = model(**_inputs(params))
+        swapper.close()
+        assert torch.equal(model(**_inputs(params)), sampled)
+
+
+def test_with_the_c_embedders_trained_too_only_their_summation_order_differs() -> None:
+    """One float32 step with every weight training: all equal but the embedders of c, which differ in the last bits."""
+    params = _params("5-medium")
+    _, base_state, _, _ = _full_run(params, 0, steps=1, train_c_embedders=True, autocast=False)
+    _, state, _, _ = _full_run(params, 2, steps=1, train_c_embedders=True, autocast=False)
+    initial = _model(params).state_dict()
+    for key, tensor in base_state.items():
+        if key.startswith(C_EMBEDDERS):
+            assert not torch.equal(tensor, initial[key]), key  # trained
+            assert torch.allclose(state[key], tensor, rtol=0, atol=1e-6), key
+        else:
+            assert torch.equal(state[key], tensor), key
+
+
+def test_full_fine_tuning_with_swapping_needs_the_update_in_the_backward_pass() -> None:
+    with pytest.raises(RuntimeError, match=r"training\.blocks_to_swap: joint_blocks\.3 trains.*"
+                                           r"optimizer\.fused_backward_pass"):
+        _full_run(_params("medium"), 2, fused=False, steps=1)
+
+
+def test_a_lora_swapper_still_refuses_trained_weights() -> None:
+    params = _params("medium")
+    model = _model(params)
+    place_transformer(model, "cpu", torch.bfloat16, blocks_to_swap=2)
+    model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="only frozen weights can be swapped"):
+        model(**_inputs(params))
+
+
+def test_moving_a_placed_model_again_is_refused() -> None:
+    """What the trainer must not do after placing a model whose blocks swap: the host copies would be stale."""
+    params = _params("5-large")
+    model = _model(params)
+    place_transformer(model, "cpu", torch.float32, blocks_to_swap=2, trainable=True)
+    model.requires_grad_(True)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match=r"joint_blocks\.2 were moved after place_transformer"):
+        model(**_inputs(params))

@@ -101,7 +101,11 @@ def swap_limits(params: Any) -> int:
 
 @dataclass(eq=False)
 class _SwapBlock:
-    """One swapped block: its frozen Linear weights and their host copies (the weights never change)."""
+    """One swapped block: its Linear weights and their host copies.
+
+    Frozen weights never change, so their host copy is kept for good. Trained weights (full fine-tuning) change
+    only on the device, in the backward pass; ``dirty`` says the device copy is newer than the host copy.
+    """
 
     name: str
     module: nn.Module
@@ -109,6 +113,7 @@ class _SwapBlock:
     stores: list[Tensor]
     resident: bool = False
     holds: int = 0  # backward passes now running through this block (see _Ticket)
+    dirty: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,10 +160,19 @@ class _BackwardMarker(torch.autograd.Function):
 class BlockSwapper:
     """Keep the weights of the last ``blocks_to_swap`` blocks off the compute device except while they run.
 
-    Which blocks swap is sd-scripts' split (:func:`swap_split`, per :data:`SWAP_LAYOUTS`). Only the frozen ``nn.Linear``
-    weights of those blocks move (nearly all of a block's bytes); biases, norm scales, buffers and anything that
-    trains stay where they are. The weights are frozen, so the host copy is kept for good and "moving back" just
-    drops the device copy: only host -> device copies happen (pinned memory, asynchronous, on the current stream).
+    Which blocks swap is sd-scripts' split (:func:`swap_split`, per :data:`SWAP_LAYOUTS`). Only the ``nn.Linear``
+    weights of those blocks move (nearly all of a block's bytes); biases, norm scales and buffers stay where they
+    are. By default only frozen weights move (LoRA): the host copy is kept for good and "moving back" just drops the
+    device copy, so only host -> device copies happen (pinned memory, asynchronous, on the current stream).
+
+    With ``trainable=True`` (full fine-tuning) the trained Linear weights of the swapped blocks move too, as in
+    sd-scripts, whose full fine-tuning swaps with --fused_backward_pass: each weight must be updated in the backward
+    pass while it is on the device, by a post-accumulate-grad hook (``engine.train.fused_backward``). Autograd runs
+    a weight's gradient accumulation, and so that hook, as soon as the gradient exists (AccumulateGrad nodes come
+    first in its ready queue), before the gradient reaches the block's inputs, whose markers move the block out.
+    A block whose backward pass has begun is marked changed, and moving it out copies its trained weights back to
+    their host copies first. A gradient still on a swapped weight when its block moves out means no such update
+    ran, and is refused (the optimizer would otherwise meet a host weight with a device gradient).
 
     Each swapped block's forward is wrapped: its weights come in, the block runs, they go out. With gradients on,
     the block's outputs and its inputs that need a gradient also get identity markers: the output marker's backward
@@ -173,8 +187,10 @@ class BlockSwapper:
     """
 
     def __init__(self, transformer: nn.Module, blocks_to_swap: int, *, device: torch.device | str,
-                 offload_device: torch.device | str = "cpu", pin_memory: bool | None = None) -> None:
+                 offload_device: torch.device | str = "cpu", pin_memory: bool | None = None,
+                 trainable: bool = False) -> None:
         self.transformer = transformer
+        self.trainable = trainable
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.counts = swap_split(blocks_to_swap, transformer.params)
@@ -204,9 +220,10 @@ class BlockSwapper:
             yield from block.params
 
     def _take(self, name: str, module: nn.Module, pin: bool) -> _SwapBlock:
-        """Move a block's frozen Linear weights to their host copies (device memory freed as it goes)."""
+        """Move a block's Linear weights (the frozen ones unless ``trainable``) to their host copies (device memory
+        freed as it goes)."""
         params = [layer.weight for layer in module.modules()
-                  if isinstance(layer, nn.Linear) and not layer.weight.requires_grad]
+                  if isinstance(layer, nn.Linear) and (self.trainable or not layer.weight.requires_grad)]
         stores = []
         with torch.no_grad():
             for param in params:
@@ -233,10 +250,20 @@ class BlockSwapper:
 
     def _swap_out(self, block: _SwapBlock) -> None:
         for param, store in zip(block.params, block.stores, strict=True):
+            if self.trainable and block.resident and param.grad is not None:
+                raise RuntimeError(
+                    f"training.blocks_to_swap: {block.name} trains and still holds a gradient when it leaves the "
+                    "device; swapped trained blocks must be updated in the backward pass: turn on "
+                    "optimizer.fused_backward_pass (Adafactor), or set training.blocks_to_swap to 0"
+                )
+            if block.dirty and param.requires_grad:
+                with torch.no_grad():
+                    store.copy_(param.data)  # the update happened on the device copy
             param.data = store
         if block.resident:
             self.swap_outs += 1
         block.resident = False
+        block.dirty = False
 
     def prepare_for_forward(self) -> None:
         """Every swapped block off the device, nothing held (spec §6.2 step 1); runs before each model forward.
@@ -244,10 +271,18 @@ class BlockSwapper:
         Sampling and validation may call it explicitly too; it is cheap when the layout is already right.
         """
         for block in self.blocks:
-            if any(param.requires_grad for param in block.params):
+            if not self.trainable and any(param.requires_grad for param in block.params):
                 raise RuntimeError(
                     f"training.blocks_to_swap: a weight of {block.name} trains, and only frozen weights can be "
                     "swapped (LoRA training); set training.blocks_to_swap to 0 for full fine-tuning"
+                )
+            if not block.resident and any(param.data_ptr() != store.data_ptr()
+                                          for param, store in zip(block.params, block.stores, strict=True)):
+                # Someone moved the model (e.g. `.to(device)`) after placing it: the host copies are stale now.
+                raise RuntimeError(
+                    f"training.blocks_to_swap: the weights of {block.name} were moved after place_transformer; a "
+                    "model whose blocks swap must not be moved again (a model that trains is placed in its training "
+                    "dtype with trainable=True)"
                 )
             block.holds = 0
             self._swap_out(block)
@@ -319,6 +354,7 @@ class BlockSwapper:
         if ticket.pending:  # else no marker will say when the block is done: it stays in until the next forward
             ticket.block.holds += 1
         self._swap_in(ticket.block)
+        ticket.block.dirty = self.trainable  # trained weights are updated on the device during this backward pass
 
     def _input_done(self, ticket: _Ticket) -> None:
         ticket.pending -= 1
@@ -337,6 +373,8 @@ class BlockSwapper:
         with torch.no_grad():
             for block in self.blocks:
                 del block.module.forward
+                if block.resident:
+                    continue  # the device copy is current (and newer than the host copy when dirty)
                 for param, store in zip(block.params, block.stores, strict=True):
                     param.data = store.to(self.device)
         self.blocks = []
@@ -363,13 +401,14 @@ def _map_tensors(output: Any, function: Any) -> Any:
 
 
 def place_transformer(transformer: nn.Module, device: torch.device | str, dtype: torch.dtype, *,
-                      blocks_to_swap: int = 0) -> BlockSwapper | None:
-    """Put a frozen FLUX or SD3 transformer on ``device`` for training; returns the swapper (None without swapping).
+                      blocks_to_swap: int = 0, trainable: bool = False) -> BlockSwapper | None:
+    """Put a FLUX or SD3 transformer on ``device`` for training; returns the swapper (None without swapping).
 
     Floating tensors go to ``dtype`` except fp8-stored weights (:func:`~engine.models.flux.fp8.store_in_fp8`), which
     keep their 1 byte a parameter; the weights of the ``blocks_to_swap`` swapped blocks go to the CPU instead of the
     device. Tensors move one at a time, so the whole model never needs to fit on the device at once. Call after the
-    LoRA is applied.
+    LoRA is applied. A transformer that trains (full fine-tuning) is placed in the dtype its weights train in, with
+    ``trainable=True`` when blocks swap (see :class:`BlockSwapper`), and must not be moved again afterwards.
     """
     device = torch.device(device)
     if blocks_to_swap:
@@ -384,7 +423,7 @@ def place_transformer(transformer: nn.Module, device: torch.device | str, dtype:
                 module._buffers[name] = buffer.to(device=device, dtype=_target_dtype(buffer, dtype))
     if not blocks_to_swap:
         return None
-    swapper = BlockSwapper(transformer, blocks_to_swap, device=device)
+    swapper = BlockSwapper(transformer, blocks_to_swap, device=device, trainable=trainable)
     swapped = {id(param) for param in swapper.swapped_parameters()}
     with torch.no_grad():
         for param in transformer.parameters():
