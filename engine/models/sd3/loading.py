@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 
     from engine.models.loading import LoadedModel
     from engine.models.sd3.mmdit import MMDiT
+    from engine.models.vae import LoadedVae
 
-__all__ = ["SD3_SCHEDULER_CONFIG", "SD3Source", "load_sd3_model", "load_sd3_transformer", "locate_sd3"]
+__all__ = ["SD3_SCHEDULER_CONFIG", "SD3Source", "load_sd3_latent_vae", "load_sd3_model", "load_sd3_transformer",
+           "locate_sd3"]
 
 # stabilityai/stable-diffusion-3(.5)-* scheduler/scheduler_config.json: every variant samples with shift 3.0.
 SD3_SCHEDULER_CONFIG: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
@@ -95,6 +97,21 @@ def load_sd3_model(location: str | Path, *, clip_l: str | Path | None = None, cl
                               what="model.vae" if vae else LOCATION)
     scheduler = {**_scheduler_config(source.folder), "variant": transformer.params.variant}
     return LoadedModel("sd3", transformer, loaded_vae, text, scheduler, str(location), source.model_file)
+
+
+def load_sd3_latent_vae(location: str | Path, vae: str | Path | None = None, *, dtype: Any = None,
+                        device: str = "cpu") -> LoadedVae:
+    """The VAE an SD3 run's latents come from, picked as :func:`load_sd3_model` picks it (``model.vae``, else the
+    model file's ``first_stage_model.*`` or the folder's ``vae/``), without loading the transformer or text encoders:
+    ``python -m engine cache-latents`` writes the entries training then reuses (same VAE file, same cache key).
+
+    Raises:
+        ModelLoadError: no model or VAE there, naming the file and the config key.
+    """
+    from engine.models.sd3.vae import load_sd3_vae
+
+    return load_sd3_vae(_vae_location(locate_sd3(str(location)), vae), dtype=dtype, device=device,
+                        what="model.vae" if vae else LOCATION)
 
 
 def load_sd3_transformer(source: SD3Source, *, dtype: Any, device: str = "cpu", fp8: bool = False) -> MMDiT:
