@@ -242,7 +242,7 @@ class _Todo:
 
 def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: LoadedTextEncoders, *,
                              clip_skip: int, max_token_length: int, t5xxl_max_token_length: int = 512,
-                             apply_t5_attn_mask: bool = False, to_disk: bool = True,
+                             apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False, to_disk: bool = True,
                              cache_dir: Path | None = None, batch_size: int = 8, skip_existing: bool = True,
                              progress: Progress | None = None) -> TextCacheReport:
     """Encode the captions of ``records`` with ``loaded``, to disk or into memory.
@@ -251,7 +251,7 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
         records: images with their captions: :class:`TextJob` (from :func:`jobs_from_scan`), or ``ImageRecord``
             whose ``caption`` is used as it is.
         loaded: from ``engine.models.text_encoders.load_text_encoders``; its dtype is the encoding dtype.
-        clip_skip, max_token_length, t5xxl_max_token_length, apply_t5_attn_mask: as for
+        clip_skip, max_token_length, t5xxl_max_token_length, apply_t5_attn_mask, apply_lg_attn_mask: as for
             ``engine.models.text_encoding.encode_captions``.
         to_disk: write ``.npz`` entries (reusing valid ones); False encodes everything into ``report.outputs``.
         cache_dir: a cache folder instead of beside the images.
@@ -269,7 +269,8 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
     jobs = list(unique.values())
     dtype = str(next(loaded.encoders[0].parameters()).dtype).removeprefix("torch.")
     options = {"clip_skip": clip_skip, "max_token_length": max_token_length,
-               "t5xxl_max_token_length": t5xxl_max_token_length, "apply_t5_attn_mask": apply_t5_attn_mask}
+               "t5xxl_max_token_length": t5xxl_max_token_length, "apply_t5_attn_mask": apply_t5_attn_mask,
+               "apply_lg_attn_mask": apply_lg_attn_mask}
     key_of = partial(expected_key, encoder_identity=loaded.identity, family=loaded.family, dtype=dtype, **options)
     path_of = partial(cache_path, family=loaded.family, cache_dir=cache_dir) if to_disk else None
     report = TextCacheReport(total=len(jobs), outputs=None if to_disk else {})
