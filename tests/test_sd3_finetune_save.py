@@ -165,10 +165,14 @@ def test_single_file_loads_in_diffusers_and_in_our_loader(variant, trained, conf
 def test_trained_text_encoders_go_to_sibling_files(variant, trained, tmp_path) -> None:
     from transformers import CLIPTextModelWithProjection
 
-    path = _save(trained, variant, tmp_path, "safetensors", "float", optimizer={"text_encoder_lr": 1e-6})
+    config = _config(variant, saving={"save_model_as": "safetensors", "save_precision": "float"},
+                     optimizer={"text_encoder_lr": 1e-6})
+    method = SD3FullModelMethod(config, trained, tmp_path)
+    path = method.save(tmp_path / "model", dict(RUN_METADATA))
     clip_l, clip_g = tmp_path / "model_clip_l.safetensors", tmp_path / "model_clip_g.safetensors"
     assert sorted(entry.name for entry in tmp_path.iterdir()) == [
         "model.safetensors", "model_clip_g.safetensors", "model_clip_l.safetensors"]  # T5 is not trained
+    assert method.companion_files(path) == [clip_l, clip_g]
     for sibling, encoder in ((clip_l, trained.text.encoders[0]), (clip_g, trained.text.encoders[1])):
         with safe_open(str(sibling), "pt") as saved:
             assert set(saved.keys()) == set(encoder.state_dict())  # bare Hugging Face keys
@@ -316,3 +320,41 @@ def test_the_swap_limit_of_a_loaded_model_names_the_setting(trained, variant) ->
     assert swap_limits(params) == params.depth - 2 == 0  # the tiny models have two joint blocks
     with pytest.raises(ValueError, match=r"training\.blocks_to_swap 1 .*\(2 joint blocks\).*at most 0"):
         swap_split(1, params)
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+
+
+def test_dreambooth_trains_the_mmdit_and_the_clips_through_the_cli(tiny_models, tmp_path) -> None:
+    """A short SD3.5 medium DreamBooth run: the SAI file and the CLIP siblings differ from the base by training."""
+    from safetensors.torch import load_file
+    from train_helpers import run_engine, write_config
+
+    files = tiny_sd3_files("5-medium")
+    config = write_config(
+        tmp_path / "config.toml", {"sd3": files["model"], "dataset_img": tiny_models["dataset_img"]}, "sd3",
+        method="dreambooth",
+        model={"v_parameterization": False, "clip_l": str(files["clip_l"]), "clip_g": str(files["clip_g"]),
+               "t5xxl": str(files["t5xxl"]), "tokenizer_cache_dir": str(files["t5_tokenizer"])},
+        dataset={"general": {"bucket_reso_steps": 16}},
+        optimizer={"learning_rate": 1e-3, "text_encoder_lr": 1e-4},
+        training={"max_train_steps": 3, "cache_latents": True},
+        saving={"output_name": "model", "save_model_as": "safetensors"})
+    result = run_engine("train", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.glob("model*.safetensors")) == [
+        "model.safetensors", "model_clip_g.safetensors", "model_clip_l.safetensors"]
+    saved, base = load_file(str(out / "model.safetensors")), load_file(str(files["model"]))
+    assert saved.keys() == base.keys()
+    assert any(not torch.equal(saved[key], base[key]) for key in base if key.startswith("model.diffusion_model."))
+    assert all(torch.equal(saved[key], base[key]) for key in base if key.startswith("first_stage_model."))
+    for part in ("clip_l", "clip_g"):
+        trained_clip, base_clip = load_file(str(out / f"model_{part}.safetensors")), load_file(str(files[part]))
+        assert trained_clip.keys() == base_clip.keys()
+        assert any(not torch.equal(trained_clip[key], base_clip[key]) for key in base_clip), part
+    with safe_open(str(out / "model.safetensors"), "pt") as stored:
+        metadata = stored.metadata()
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3-5-medium"
+    assert "modelspec.prediction_type" not in metadata
+    assert metadata["ss_steps"] == "3" and not any(key.startswith("ss_network_") for key in metadata)

@@ -109,6 +109,13 @@ class SD3FullModelMethod(FullModelMethod):
         through still saves them: they differ from the base)."""
         return [name for name, _, _ in self.parts if name != TRANSFORMER_PART]
 
+    def companion_files(self, saved: Path) -> list[Path]:
+        """The files a save that returned `saved` wrote beside it (the trained text encoders of a single file), so
+        that retention (save_last_n_*) can remove them with it."""
+        if self.config.saving.save_model_as != "safetensors":
+            return []
+        return [text_encoder_file(saved, name) for name in self.trained_text_encoders()]
+
     def save(self, path_without_suffix: Path, metadata: dict[str, str]) -> Path:
         from engine.networks.network_file import save_dtype
 
