@@ -343,6 +343,12 @@ def driver_main(bench: Bench, args: argparse.Namespace) -> int:
     if not args.tiny and not device.startswith("cuda"):
         raise SystemExit(f"{bench.script.name}: the real-size model needs a CUDA device (gigabytes of weights, "
                          "minutes a step on a CPU); pass --tiny to test the script on the CPU")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"{bench.script.name}: this Python's torch {torch.__version__} sees no CUDA device; run "
+                             "it where one is (bench/gpu_check.sh finds such a Python), or pass --tiny")
     configs = [Config.parse(text) for text in (args.configs or (bench.tiny_configs if args.tiny else
                                                                 bench.default_configs)).split(",") if text.strip()]
     out = Path(args.out)

@@ -13,6 +13,10 @@ cached latents and cached text-encoder outputs, batch 4 at 64 px, float32 on thi
 `--family flux1`: the same comparison for flow matching on a FLUX.1 dev transformer (bench/flux_overhead.py says
 which: larger than the tests' tiny one), LoRA rank 4, batch 2 (unless --batch-size), 64 px, T5 length 32; the
 baseline draws σ, forms x_σ, packs, runs the transformer, takes the velocity MSE, backward, clip, AdamW.
+`--family sd3`: the same for SD3's objective on an SD3.5 medium MMDiT (bench/sd3_overhead.py says which: larger
+than the tests' tiny one), LoRA rank 4, batch 2 (unless --batch-size), 64 px, T5 length 32; the baseline draws ε and
+t with the run's flow settings, forms x_σ, runs the MMDiT, takes x̂0 = x_σ − σ·p and the weighted x0 MSE, backward,
+clip, AdamW.
 Runs alternate baseline / engine in one process; the ratio is the median of the per-run ratios. Besides the median
 wall-clock step (the headline figure), the median process CPU time per step (the engine's read at each `progress`
 event) and the fastest step are compared: on a shared, loaded machine they are less disturbed by other processes.
@@ -157,19 +161,32 @@ def flux_setup(folder: Path, args: argparse.Namespace) -> Setup:
     return config, lambda: flux_overhead.baseline_step_time(models, args.steps, batch_size, WARMUP_STEPS)
 
 
+def sd3_setup(folder: Path, args: argparse.Namespace) -> Setup:
+    import sd3_overhead
+
+    batch_size = args.batch_size or 2
+    dataset = build_models(folder / "models", ["dataset"])["dataset_img"]
+    models = sd3_overhead.sd3_models(folder / "sd3", dataset)
+    config = sd3_overhead.sd3_config(folder / "config.toml", models, args.steps, batch_size)
+    return config, lambda: sd3_overhead.baseline_step_time(models, config, args.steps, batch_size, WARMUP_STEPS)
+
+
+SETUPS: dict[str, Callable[[Path, argparse.Namespace], Setup]] = {"flux1": flux_setup, "sd3": sd3_setup}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 (SD), 2 (flux1)")
-    parser.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl", "flux1"))
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 (SD), 2 (flux1, sd3)")
+    parser.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl", "flux1", "sd3"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        config, baseline_run = (flux_setup if args.family == "flux1" else sd_setup)(folder, args)
+        config, baseline_run = SETUPS.get(args.family, sd_setup)(folder, args)
         figures = {name: Figures() for name in MEASURES}
         for run in range(args.runs):
             baseline = baseline_run()
