@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,23 +140,42 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
 
 
 def latent_encoder(config: RunConfig, base_dir: Path, *, dtype: Any, device: str) -> Any:
-    """The VAE (SD) or AE (FLUX: ``model.ae``, or the diffusers folder's own) that the run's latents come from."""
+    """The VAE (SD, SD3: ``model.vae`` or the model's own) or AE (FLUX: ``model.ae``, or the diffusers folder's own)
+    that the run's latents come from, without loading the rest of the model."""
     from engine.models.families import family_info
     from engine.models.loading import detect_model_family
-    from engine.models.vae import load_vae
 
     model = config.model
     location = model_location(model.pretrained_model_name_or_path, base_dir)
     family = model.model_family
     if family == "auto" and location:
         family = detect_model_family(location)
-    if family != "auto" and family_info(family).loader == "flux":
-        from engine.models.flux.ae import load_flux_ae
+    loader = family_info(family).loader if family != "auto" else "ldm"
+    return _LATENT_ENCODERS[loader](model, location, base_dir, family, dtype, device)
 
-        source = model_location(model.ae, base_dir) or location
-        return load_flux_ae(source, family=family, dtype=dtype, device=device,
-                            what="model.ae" if model.ae else "model.pretrained_model_name_or_path")
+
+def _flux_ae(model: Any, location: str, base_dir: Path, family: str, dtype: Any, device: str) -> Any:
+    from engine.models.flux.ae import load_flux_ae
+
+    source = model_location(model.ae, base_dir) or location
+    return load_flux_ae(source, family=family, dtype=dtype, device=device,
+                        what="model.ae" if model.ae else "model.pretrained_model_name_or_path")
+
+
+def _sd3_vae(model: Any, location: str, base_dir: Path, family: str, dtype: Any, device: str) -> Any:
+    from engine.models.sd3.loading import load_sd3_latent_vae
+
+    return load_sd3_latent_vae(location, model_location(model.vae, base_dir), dtype=dtype, device=device)
+
+
+def _sd_vae(model: Any, location: str, base_dir: Path, family: str, dtype: Any, device: str) -> Any:
+    from engine.models.vae import load_vae
+
     return load_vae(location, model_location(model.vae, base_dir), family=family, dtype=dtype, device=device)
+
+
+# By FamilyInfo.loader: (model section, location, base dir, family, dtype, device) -> LoadedVae.
+_LATENT_ENCODERS: dict[str, Callable[..., Any]] = {"ldm": _sd_vae, "flux": _flux_ae, "sd3": _sd3_vae}
 
 
 def _by_reason(entries: list[tuple[Path, str]]) -> dict[str, list[Path]]:
