@@ -80,6 +80,8 @@ class FamilyLimits:
     bucket_multiple: int  # image sides (bucket_reso_steps) must be multiples of this, in pixels
     text_encoders: tuple[str, ...]  # the text encoders' names, in order
     max_blocks_to_swap: int = 0  # 0: block swapping is not available for the family
+    # whether full fine-tuning may swap blocks too (the trained weights step inside backward: fused_backward_pass)
+    swaps_trained_blocks: bool = False
 
 
 FAMILY_LIMITS: dict[str, FamilyLimits] = {
@@ -94,7 +96,8 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
     # SD3's MMDiT patchifies 2x2 patches of a 1/8 latent itself -> 16 px (spec §10). It swaps at most depth - 2
     # joint blocks (spec §8.6): 36 for SD3.5 large (38 blocks); the medium models' 22 is checked once the file is
     # loaded, since the variant is known only then.
-    "sd3": FamilyLimits("SD3 / SD3.5", 16, ("CLIP-L", "CLIP-G", "T5-XXL"), max_blocks_to_swap=36),
+    "sd3": FamilyLimits("SD3 / SD3.5", 16, ("CLIP-L", "CLIP-G", "T5-XXL"), max_blocks_to_swap=36,
+                        swaps_trained_blocks=True),
 }
 # Before a family is declared ("auto") only what every family accepts is enforced.
 AUTO_BUCKET_MULTIPLE = 32

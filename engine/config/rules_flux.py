@@ -83,8 +83,15 @@ def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iter
         yield Problem(f"model.{fp8[0]}", f"fp8 storage is for LoRA training of a frozen model; method "
                       f"{config.method!r} trains the model's own weights: turn fp8 off or use method 'lora'")
     if training.blocks_to_swap and config.method != "lora":
-        yield Problem("training.blocks_to_swap", f"swapping blocks needs a frozen model (LoRA); method "
-                      f"{config.method!r} trains the blocks themselves: set blocks_to_swap = 0 or use method 'lora'")
+        if limits is not None and limits.swaps_trained_blocks:
+            if not config.optimizer.fused_backward_pass:
+                yield Problem("training.blocks_to_swap", f"swapping blocks while method {config.method!r} trains "
+                              "them needs each block's weights updated inside the backward pass; set "
+                              "optimizer.fused_backward_pass = true (Adafactor) or blocks_to_swap = 0")
+        else:
+            yield Problem("training.blocks_to_swap", f"swapping blocks needs a frozen model (LoRA); method "
+                          f"{config.method!r} trains the blocks themselves: set blocks_to_swap = 0 or use method "
+                          "'lora'")
     if fp8 and context.check_packages:
         version = installed_torch_version()
         if version is not None and version < _FP8_TORCH:

@@ -150,11 +150,12 @@ class FullModelMethod:
         return ", ".join(counts) + until
 
 
-# The full-training method per FamilyInfo.loader, as (module, class): FLUX's module imports this one, so it is
-# imported only when a FLUX model is trained.
+# The full-training method per FamilyInfo.loader, as (module, class): the FLUX and SD3 modules import this one, so
+# each is imported only when its family is trained.
 FULL_MODEL_METHODS: dict[str, tuple[str, str]] = {
     "ldm": ("engine.train.method_full", "FullModelMethod"),
     "flux": ("engine.train.method_full_flux", "FluxFullModelMethod"),
+    "sd3": ("engine.train.method_full_sd3", "SD3FullModelMethod"),
 }
 
 

@@ -49,7 +49,7 @@ def _text_encoder_in_fp8(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
             store_in_fp8(module, dtype)
 
 
-def _place_unet(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype) -> None:
+def _place_unet(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype, trains: bool) -> None:
     torch.nn.Module.to(unet, device=device, dtype=dtype)
     unet.requires_grad_(False)
     if config.training.gradient_checkpointing:
@@ -57,7 +57,7 @@ def _place_unet(config: RunConfig, unet: Any, device: torch.device, dtype: torch
     return None
 
 
-def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype) -> Any:
+def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype, trains: bool) -> Any:
     from engine.models.flux.block_swap import place_transformer
 
     training = config.training
@@ -65,13 +65,13 @@ def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype
     if training.gradient_checkpointing:
         unet.enable_gradient_checkpointing(cpu_offload=training.cpu_offload_checkpointing)
     try:
-        return place_transformer(unet, device, dtype, blocks_to_swap=training.blocks_to_swap)
+        return place_transformer(unet, device, dtype, blocks_to_swap=training.blocks_to_swap, trainable=trains)
     except ValueError as error:  # more swapped blocks than this (possibly pruned) model has
         raise RunInputError(str(error), "lower training.blocks_to_swap", "training.blocks_to_swap") from error
 
 
-# By FamilyInfo.loader: (config, denoiser, device, dtype) -> the block swapper, if any.
-_DENOISER_PLACERS: dict[str, Callable[[RunConfig, Any, torch.device, torch.dtype], Any]] = {
+# By FamilyInfo.loader: (config, denoiser, device, dtype, whether it trains) -> the block swapper, if any.
+_DENOISER_PLACERS: dict[str, Callable[[RunConfig, Any, torch.device, torch.dtype, bool], Any]] = {
     "ldm": _place_unet, "flux": _place_transformer, "sd3": _place_transformer}
 
 
@@ -90,24 +90,31 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     """Put every part where training needs it; returns the denoiser's block swapper (None without one)."""
     device = accelerator.device
     gradient_checkpointing = config.training.gradient_checkpointing
-    swapper = _DENOISER_PLACERS[family_info(model.family).loader](config, model.unet, device, dtype)
+    # Trained weights stay in float32 under mixed precision (autocast computes in half), unless full_fp16/bf16.
+    # A part that trains is placed in that dtype directly: a cast to half first would round the weights for good.
+    trained_dtype = torch.float16 if config.training.full_fp16 else \
+        torch.bfloat16 if config.training.full_bf16 else torch.float32
+    trained = method.trainable_modules()
+    unet_trains = any(module is model.unet for module in trained)
+    swapper = _DENOISER_PLACERS[family_info(model.family).loader](
+        config, model.unet, device, trained_dtype if unet_trains else dtype, unet_trains)
     # diffusers only checkpoints in training mode; the frozen denoiser has no dropout, so train() changes nothing else.
     model.unet.train(gradient_checkpointing)
     for encoder, trains in zip(model.text.encoders, method.trains_text_encoders, strict=True):
         encoder.requires_grad_(False)
         target = "cpu" if texts_cached else device
-        _move(encoder, target, dtype if target != "cpu" else torch.float32)
+        encoder_trains = any(module is encoder for module in trained)
+        _move(encoder, target, torch.float32 if target == "cpu" else trained_dtype if encoder_trains else dtype)
         if trains and gradient_checkpointing:
             encoder.gradient_checkpointing_enable()
         encoder.train(trains)
     vae_device = "cpu" if latents_cached else device
     vae_dtype = torch.float32 if (config.model.no_half_vae or vae_device == "cpu") else dtype
     torch.nn.Module.to(model.vae.vae, device=vae_device, dtype=vae_dtype)
-    # Trained weights stay in float32 under mixed precision (autocast computes in half), unless full_fp16/bf16.
-    trained_dtype = torch.float16 if config.training.full_fp16 else \
-        torch.bfloat16 if config.training.full_bf16 else torch.float32
-    for module in method.trainable_modules():
-        torch.nn.Module.to(module, device=device, dtype=trained_dtype)
+    for module in trained:
+        # A swapping transformer is already placed: its swapped blocks' weights live on the CPU between uses.
+        if not (module is model.unet and swapper is not None):
+            torch.nn.Module.to(module, device=device, dtype=trained_dtype)
         module.requires_grad_(True)  # a method may narrow this down when it builds its parameter groups
     if latents_cached and device.type == "cuda":
         torch.cuda.empty_cache()

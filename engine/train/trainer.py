@@ -259,6 +259,8 @@ class Trainer:
         finally:
             self._set_train_mode(True)
         self.files.append(str(path))
+        # Files a save writes beside the model (SD3's trained text encoders) are this run's too, for retention.
+        self.files.extend(str(companion) for companion in self._companions(path) if companion.exists())
         session.log.event("checkpoint", kind=kind, path=str(path), step=step, epoch=epoch)
         if optimizer_state is None:
             return None
@@ -321,8 +323,8 @@ class Trainer:
         if not session.is_main:
             return
         save_as = session.config.saving.save_model_as
-        for path in (session.output_dir / naming.file_name(stem, save_as),
-                     session.output_dir / naming.state_dir_name(stem)):
+        model_file = session.output_dir / naming.file_name(stem, save_as)
+        for path in (model_file, *self._companions(model_file), session.output_dir / naming.state_dir_name(stem)):
             if str(path) not in self.files:
                 continue
             if path.is_dir():
@@ -330,6 +332,10 @@ class Trainer:
             elif path.exists():
                 path.unlink()
             self.files.remove(str(path))
+
+    def _companions(self, saved: Path) -> list[Path]:
+        companions = getattr(self.session.method, "companion_files", None)
+        return list(companions(saved)) if companions is not None else []
 
     # --- sampling --------------------------------------------------------------------------------------------
 

@@ -164,8 +164,12 @@ def test_sd3_settings_are_refused_for_other_families(section, values, path):
 
 def test_block_swap_limit_and_memory_options():
     assert "at most 36" in messages_at(sd3(training={"blocks_to_swap": 37}), "training.blocks_to_swap")[0]
-    assert "LoRA" in messages_at(sd3(method="dreambooth", training={"blocks_to_swap": 4}),
-                                 "training.blocks_to_swap")[0]
+    # Full fine-tuning may swap the blocks it trains when each weight steps inside backward (fused_backward_pass).
+    assert "fused_backward_pass" in messages_at(sd3(method="dreambooth", training={"blocks_to_swap": 4}),
+                                                "training.blocks_to_swap")[0]
+    fused = {"optimizer_type": "Adafactor", "fused_backward_pass": True}
+    assert messages_at(sd3(method="dreambooth", training={"blocks_to_swap": 4}, optimizer=fused),
+                       "training.blocks_to_swap") == []
     assert "mixed_precision" in messages_at(sd3(model={"fp8_base": True}, training={"mixed_precision": "no"}),
                                             "model.fp8_base")[0]
     assert problems(sd3(model={"fp8_base_unet": True}, training={"mixed_precision": "bf16"})) == []
