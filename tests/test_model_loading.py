@@ -259,8 +259,10 @@ def test_family_mismatch_names_both(tiny_models):
         load_model(tiny_models["sd2_ckpt"], family="sd1")
     with pytest.raises(ModelLoadError, match=r"this model folder is SDXL but model\.model_family is sd2"):
         load_model(tiny_models["sdxl"], family="sd2")
-    with pytest.raises(ModelLoadError, match="unknown model family 'sd3'"):
+    with pytest.raises(ModelLoadError, match=r"a StableDiffusionPipeline folder, not an SD3/SD3\.5 one"):
         load_model(tiny_models["sd1"], family="sd3")
+    with pytest.raises(ModelLoadError, match="unknown model family 'sd4'"):
+        load_model(tiny_models["sd1"], family="sd4")
 
 
 def test_lora_and_embedding_files_are_not_base_models(tmp_path):

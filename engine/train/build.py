@@ -41,6 +41,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     scan = scan_dataset(config, base_dir, log)
     checkpoint("while scanning the dataset")
     model = load_base_model(config, base_dir, accelerator)
+    _TRAINING_OPTIONS.get(family_info(model.family).loader, _no_options)(config, model, scan)
     checkpoint("while loading the model")
     dtype = weight_dtype(accelerator)
     store_frozen_in_fp8(config, model, dtype)  # before caching (the encoders run in fp8 too) and before the LoRA
@@ -78,6 +79,20 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     )
     session.facts = training_facts(session)
     return session
+
+
+def _no_options(config: RunConfig, model: Any, scan: ScanResult) -> None:
+    return None
+
+
+def _sd3_options(config: RunConfig, model: Any, scan: ScanResult) -> None:
+    from engine.train.sd3_objective import configure_positions
+
+    configure_positions(config, model, scan)
+
+
+# Training-only options a family's denoiser takes once loaded, by FamilyInfo.loader (SD3's position tables, §8.5).
+_TRAINING_OPTIONS: dict[str, Callable[[RunConfig, Any, ScanResult], None]] = {"sd3": _sd3_options}
 
 
 def choose_output_name(config: RunConfig, base_dir: Path, output_dir: Path, log: RunLog) -> str:

@@ -142,7 +142,6 @@ class SD3Objective:
         self.settings = SD3Settings.from_config(config)
         self.loss_settings = LossSettings.from_config(config.training, False)
         self.mmdit = getattr(session.model.unet, "module", session.model.unet)  # DDP wraps a fully trained one
-        configure_positions(self.mmdit, config, training_latent_sizes(session.scan))
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.flow import loss_weighting
@@ -151,7 +150,7 @@ class SD3Objective:
         session = self.session
         noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
         sigmas = sigmas_of(timesteps)
-        if self.mmdit.pos_emb_random_crop_rate > 0:
+        if getattr(self.mmdit, "pos_emb_random_crop_rate", 0.0) > 0:  # set by configure_positions
             # The crop window's draw comes from the micro-batch's first seed, so a resumed run draws it again.
             from engine.train.dataset import derived_seed
 
@@ -189,12 +188,13 @@ def training_latent_sizes(scan: Any) -> list[int]:
     return sorted(sizes)
 
 
-def configure_positions(mmdit: Any, config: RunConfig, latent_sizes: list[int]) -> None:
-    """flow.pos_emb_random_crop_rate and flow.enable_scaled_pos_embed on the model; the MMDiT applies them only in
-    passes that record gradients, so samples and validation use the centred table, as inference does."""
-    mmdit.pos_emb_random_crop_rate = config.flow.pos_emb_random_crop_rate
+def configure_positions(config: RunConfig, model: Any, scan: Any) -> None:
+    """flow.pos_emb_random_crop_rate and flow.enable_scaled_pos_embed on the loaded MMDiT (before training starts);
+    the MMDiT applies them only in passes that record gradients, so samples and validation use the centred table,
+    as inference does."""
+    model.unet.pos_emb_random_crop_rate = config.flow.pos_emb_random_crop_rate
     if config.flow.enable_scaled_pos_embed:
-        mmdit.enable_scaled_pos_embed(latent_sizes)
+        model.unet.enable_scaled_pos_embed(training_latent_sizes(scan))
 
 
 # --- conditioning (spec §8.3) -------------------------------------------------------------------------------------
