@@ -255,8 +255,6 @@ _INSTEAD: dict[tuple[str, str], str] = {
     ("model.v_parameterization", "sd3"): "SD3 is trained with flow matching towards the clean image",
     ("model.no_half_vae", "sd3"): "SD3's 16-channel VAE keeps its own precision",
     ("optimizer.text_encoder2_lr", "sd3"): "SD3 trains its text encoders at optimizer.text_encoder_lr",
-    ("training.cpu_offload_checkpointing", "sd3"): "sd-scripts does not implement it for SD3's MMDiT either; use "
-                                                   "training.blocks_to_swap to save memory",
     ("training.ip_noise_gamma", "sd3"): "SD3's objective adds no input perturbation (sd-scripts ignores it for SD3)",
     ("training.ip_noise_gamma_random_strength", "sd3"): "SD3's objective adds no input perturbation",
     ("training.min_snr_gamma", "sd3"): "flow matching weights the loss with flow.weighting_scheme",

@@ -127,8 +127,9 @@ class TrainingSection(StrictModel):
         ge=0, le=100, families=FLOW_FAMILIES,
     )
     cpu_offload_checkpointing: bool = setting(
-        False, "FLUX: keep gradient checkpointing's saved activations in CPU memory (about 1 GB less VRAM, ~15% "
-        "slower); needs gradient_checkpointing, not with blocks_to_swap.", advanced=True, families=FLUX_FAMILIES,
+        False, "FLUX and SD3: keep gradient checkpointing's saved activations in CPU memory (about 1 GB less VRAM "
+        "for FLUX, ~15% slower); needs gradient_checkpointing, not with blocks_to_swap.", advanced=True,
+        families=FLOW_FAMILIES,
     )
     attention: Attention = setting(
         "sdpa", "Attention kernel: PyTorch's SDPA, xformers (needs the gpu extra), or none (plain).", advanced=True,

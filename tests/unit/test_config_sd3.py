@@ -103,11 +103,11 @@ def test_fields_say_which_families_they_apply_to():
     for path in FLUX_ONLY_FLOW:
         assert specs[path].families == ("flux1", "chroma"), path
     for path in ("flow.weighting_scheme", "flow.logit_mean", "flow.logit_std", "flow.mode_scale", "model.t5xxl",
-                 "model.fp8_base", "training.blocks_to_swap"):
+                 "model.fp8_base", "training.blocks_to_swap", "training.cpu_offload_checkpointing"):
         assert specs[path].families == ("flux1", "chroma", "sd3"), path
     for path in ("model.clip_l", "model.vae", "training.min_timestep", "training.max_timestep"):
         assert specs[path].applies_to("sd3"), path
-    for path in ("model.ae", "training.cpu_offload_checkpointing", "training.ip_noise_gamma", "training.noise_offset",
+    for path in ("model.ae", "training.ip_noise_gamma", "training.noise_offset",
                  "model.clip_skip", "sampling.sample_sampler", "optimizer.text_encoder2_lr"):
         assert not specs[path].applies_to("sd3"), path
     assert "*(SD3 / SD3.5 only)*" in parameters_markdown()
@@ -134,8 +134,6 @@ def test_a_full_sd3_config_validates():
     ("model", {"ae": "/m/ae.safetensors"}, "model.ae", "model.vae"),
     ("model", {"clip_skip": 2}, "model.clip_skip", "penultimate"),
     ("model", {"max_token_length": 150}, "model.max_token_length", "t5xxl_max_token_length"),
-    ("training", {"cpu_offload_checkpointing": True, "gradient_checkpointing": True},
-     "training.cpu_offload_checkpointing", "blocks_to_swap"),
     ("training", {"ip_noise_gamma": 0.1}, "training.ip_noise_gamma", "no input perturbation"),
     ("training", {"noise_offset": 0.05}, "training.noise_offset", "plain Gaussian noise"),
     ("training", {"min_snr_gamma": 5.0}, "training.min_snr_gamma", "flow.weighting_scheme"),
