@@ -153,12 +153,16 @@ def _items(path: str, value: Any) -> list[Any]:
     return [item.strip() for item in text.split(",")] if text else []
 
 
-def _in_dims(path: str, value: Any) -> tuple[int, ...]:
+def layer_ranks(path: str, value: Any, layers: Sequence[str], example: str) -> tuple[int, ...]:
+    """One rank per named layer (FLUX's in_dims, SD3's emb_dims), as a list; ``example`` shows the form."""
     items = _items(path, value)
-    if len(items) != len(IN_DIM_LAYERS):
-        raise ValueError(f"{path} needs {len(IN_DIM_LAYERS)} ranks ({', '.join(IN_DIM_LAYERS)}), e.g. "
-                         f"[4,2,2,2,4]; got {value!r}")
+    if len(items) != len(layers):
+        raise ValueError(f"{path} needs {len(layers)} ranks ({', '.join(layers)}), e.g. {example}; got {value!r}")
     return tuple(_rank(f"{path}[{index}]", item) for index, item in enumerate(items))
+
+
+def _in_dims(path: str, value: Any) -> tuple[int, ...]:
+    return layer_ranks(path, value, IN_DIM_LAYERS, "[4,2,2,2,4]")
 
 
 def _indices(path: str, value: Any) -> frozenset[int] | None:
@@ -232,16 +236,27 @@ def parse_flux_args(network_args: Mapping[str, Any]) -> FluxLoRAArgs:
     Raises:
         ValueError: a bad value; the message names ``network.network_args.<key>``.
     """
+    return FluxLoRAArgs(**parsed_args(network_args, FLUX_NETWORK_ARGS))
+
+
+def parsed_args(network_args: Mapping[str, Any], table: Mapping[str, tuple[str, Callable[[str, Any], Any]]]
+                ) -> dict[str, Any]:
+    """The args dataclass's fields from network_args by ``table`` (key -> (field, parser)); the keys whose field is
+    "type_dims" are gathered into one ``type_dims`` dict (None when none is given) by their own key.
+
+    Raises:
+        ValueError: a bad value; the message names ``network.network_args.<key>``.
+    """
     fields: dict[str, Any] = {}
     type_dims: dict[str, int] = {}
     for key, value in network_args.items():
-        field, parse = FLUX_NETWORK_ARGS[key]
+        field, parse = table[key]
         parsed = parse(_PREFIX + key, value)
         if field == "type_dims":
             type_dims[key] = parsed
         else:
             fields[field] = parsed
-    return FluxLoRAArgs(type_dims=type_dims or None, **fields)
+    return {**fields, "type_dims": type_dims or None}
 
 
 def split_parts(path: str, out_features: int, in_features: int) -> Sequence[int] | None:

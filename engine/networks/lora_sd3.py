@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.networks.arg_values import arg_flag
-from engine.networks.lora_flux import _indices, _items, _rank
+from engine.networks.lora_flux import _indices, _rank, layer_ranks, parsed_args
 
 __all__ = ["EMB_DIM_LAYERS", "MMDIT_BLOCK_CLASSES", "SD3_NETWORK_ARGS", "SD3_REFUSED_ARGS", "SD3_TYPE_DIMS",
            "SD3LoRAArgs", "embedding_layer", "joint_block_of", "parse_sd3_args", "sd3_split_parts"]
@@ -142,12 +142,8 @@ def sd3_split_parts(path: str, out_features: int, in_features: int) -> Sequence[
 # --- parsing -------------------------------------------------------------------------------------------------------
 
 def _emb_dims(path: str, value: Any) -> tuple[int, ...]:
-    items = _items(path, value)
-    if len(items) != len(EMB_DIM_LAYERS):
-        raise ValueError(f"{path} needs {len(EMB_DIM_LAYERS)} ranks (context_embedder, t_embedder, x_embedder, "
-                         f"y_embedder, final_layer_adaLN_modulation, final_layer_linear), e.g. [4,4,4,4,4,4]; got "
-                         f"{value!r}")
-    return tuple(_rank(f"{path}[{index}]", item) for index, item in enumerate(items))
+    layers = [layer.replace(".", "_") for layer in EMB_DIM_LAYERS]  # as sd-scripts' docs name them
+    return layer_ranks(path, value, layers, "[4,4,4,4,4,4]")
 
 
 # network_args key -> (SD3LoRAArgs field, parser). The type dims are collected into SD3LoRAArgs.type_dims.
@@ -167,13 +163,4 @@ def parse_sd3_args(network_args: Mapping[str, Any]) -> SD3LoRAArgs:
     Raises:
         ValueError: a bad value; the message names ``network.network_args.<key>``.
     """
-    fields: dict[str, Any] = {}
-    type_dims: dict[str, int] = {}
-    for key, value in network_args.items():
-        field, parse = SD3_NETWORK_ARGS[key]
-        parsed = parse(_PREFIX + key, value)
-        if field == "type_dims":
-            type_dims[key] = parsed
-        else:
-            fields[field] = parsed
-    return SD3LoRAArgs(type_dims=type_dims or None, **fields)
+    return SD3LoRAArgs(**parsed_args(network_args, SD3_NETWORK_ARGS))

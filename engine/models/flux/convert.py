@@ -10,7 +10,7 @@ directions cannot disagree. Pure key and shape logic: torch is imported only to 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,11 @@ __all__ = [
     "bfl_to_diffusers",
     "conversion_plan",
     "diffusers_to_bfl",
+    "linear_rules",
+    "plan_from_bfl",
+    "plan_to_bfl",
+    "split_rules",
+    "swap_halves",
     "transformer_layout",
 ]
 
@@ -35,6 +40,8 @@ DIFFUSERS_SD3_PATCH_KEY = "pos_embed.proj.weight"  # diffusers SD3Transformer2DM
 _SWAP = "swap"  # halves exchanged (BFL shift, scale ↔ diffusers scale, shift)
 _CONCAT = "concat"  # BFL tensor = diffusers parts concatenated along rows
 _RENAME = "rename"
+# The kinds by name for the other tables built of Conversion rows (engine.models.sd3.convert).
+SWAP, CONCAT, RENAME = _SWAP, _CONCAT, _RENAME
 
 
 @dataclass(frozen=True)
@@ -58,48 +65,49 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     return None
 
 
-def _linear(bfl: str, diffusers: str) -> list[Conversion]:
-    return [Conversion(f"{bfl}.{part}", (f"{diffusers}.{part}",), _RENAME) for part in ("weight", "bias")]
+def linear_rules(bfl: str, diffusers: str, kind: str = _RENAME) -> list[Conversion]:
+    """A linear layer's weight and bias under one name each (renamed, or ``kind`` SWAP for modulations)."""
+    return [Conversion(f"{bfl}.{part}", (f"{diffusers}.{part}",), kind) for part in ("weight", "bias")]
 
 
-def _split(bfl: str, parts: tuple[str, ...]) -> list[Conversion]:
+def split_rules(bfl: str, parts: tuple[str, ...]) -> list[Conversion]:
+    """A fused linear layer (weight and bias) whose rows are the diffusers ``parts`` concatenated."""
     return [Conversion(f"{bfl}.{p}", tuple(f"{name}.{p}" for name in parts), _CONCAT) for p in ("weight", "bias")]
 
 
 def _top_level(double: int) -> list[Conversion]:
-    plan = [*_linear("img_in", "x_embedder"), *_linear("txt_in", "context_embedder"),
-            *_linear("final_layer.linear", "proj_out")]
+    plan = [*linear_rules("img_in", "x_embedder"), *linear_rules("txt_in", "context_embedder"),
+            *linear_rules("final_layer.linear", "proj_out")]
     for bfl, diffusers in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
                            ("guidance_in", "guidance_embedder")):
-        plan += _linear(f"{bfl}.in_layer", f"time_text_embed.{diffusers}.linear_1")
-        plan += _linear(f"{bfl}.out_layer", f"time_text_embed.{diffusers}.linear_2")
-    plan += [Conversion(f"final_layer.adaLN_modulation.1.{p}", (f"norm_out.linear.{p}",), _SWAP)
-             for p in ("weight", "bias")]
+        plan += linear_rules(f"{bfl}.in_layer", f"time_text_embed.{diffusers}.linear_1")
+        plan += linear_rules(f"{bfl}.out_layer", f"time_text_embed.{diffusers}.linear_2")
+    plan += linear_rules("final_layer.adaLN_modulation.1", "norm_out.linear", _SWAP)
     return plan
 
 
 def _approximator(layers: int) -> list[Conversion]:
     """Chroma's distilled guidance layer: in_layer/out_layer ↔ linear_1/linear_2, norms' scale ↔ weight."""
     root = "distilled_guidance_layer"
-    plan = [*_linear(f"{root}.in_proj", f"{root}.in_proj"), *_linear(f"{root}.out_proj", f"{root}.out_proj")]
+    plan = [*linear_rules(f"{root}.in_proj", f"{root}.in_proj"), *linear_rules(f"{root}.out_proj", f"{root}.out_proj")]
     for i in range(layers):
-        plan += _linear(f"{root}.layers.{i}.in_layer", f"{root}.layers.{i}.linear_1")
-        plan += _linear(f"{root}.layers.{i}.out_layer", f"{root}.layers.{i}.linear_2")
+        plan += linear_rules(f"{root}.layers.{i}.in_layer", f"{root}.layers.{i}.linear_1")
+        plan += linear_rules(f"{root}.layers.{i}.out_layer", f"{root}.layers.{i}.linear_2")
         plan.append(Conversion(f"{root}.norms.{i}.scale", (f"{root}.norms.{i}.weight",), _RENAME))
     return plan
 
 
 def _double_block(i: int) -> list[Conversion]:
     b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-    plan = [*_linear(f"{b}.img_mod.lin", f"{d}.norm1.linear"),
-            *_linear(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear"),
-            *_split(f"{b}.img_attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")),
-            *_split(f"{b}.txt_attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")),
-            *_linear(f"{b}.img_attn.proj", f"{d}.attn.to_out.0"),
-            *_linear(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out"),
-            *_linear(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj"), *_linear(f"{b}.img_mlp.2", f"{d}.ff.net.2"),
-            *_linear(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj"),
-            *_linear(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")]
+    plan = [*linear_rules(f"{b}.img_mod.lin", f"{d}.norm1.linear"),
+            *linear_rules(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear"),
+            *split_rules(f"{b}.img_attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")),
+            *split_rules(f"{b}.txt_attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")),
+            *linear_rules(f"{b}.img_attn.proj", f"{d}.attn.to_out.0"),
+            *linear_rules(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out"),
+            *linear_rules(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj"), *linear_rules(f"{b}.img_mlp.2", f"{d}.ff.net.2"),
+            *linear_rules(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj"),
+            *linear_rules(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")]
     for stream, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
         plan.append(Conversion(f"{b}.{stream}_attn.norm.query_norm.scale", (f"{d}.attn.{q}.weight",), _RENAME))
         plan.append(Conversion(f"{b}.{stream}_attn.norm.key_norm.scale", (f"{d}.attn.{k}.weight",), _RENAME))
@@ -108,8 +116,8 @@ def _double_block(i: int) -> list[Conversion]:
 
 def _single_block(i: int) -> list[Conversion]:
     b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-    return [*_split(f"{b}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp")),
-            *_linear(f"{b}.linear2", f"{d}.proj_out"), *_linear(f"{b}.modulation.lin", f"{d}.norm.linear"),
+    return [*split_rules(f"{b}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp")),
+            *linear_rules(f"{b}.linear2", f"{d}.proj_out"), *linear_rules(f"{b}.modulation.lin", f"{d}.norm.linear"),
             Conversion(f"{b}.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",), _RENAME),
             Conversion(f"{b}.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",), _RENAME)]
 
@@ -139,18 +147,25 @@ def conversion_plan(keys: Iterable[str], layout: str) -> list[Conversion]:
 
 def diffusers_to_bfl(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """BFL state dict from a diffusers transformer state dict, and the diffusers keys no rule used (left over)."""
+    return plan_to_bfl(state, conversion_plan(state, "diffusers"))
+
+
+def plan_to_bfl(state: Mapping[str, torch.Tensor], plan: Iterable[Conversion]) -> tuple[dict[str, torch.Tensor],
+                                                                                       list[str]]:
+    """The training-naming (``bfl`` field) state dict from a diffusers one by ``plan``, and the diffusers keys no
+    rule used (left over); rules whose diffusers tensors are absent are skipped."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for rule in conversion_plan(state, "diffusers"):
+    for rule in plan:
         if not all(name in state for name in rule.diffusers):
             continue
         parts = [state[name] for name in rule.diffusers]
         if rule.kind == _CONCAT:
             out[rule.bfl] = torch.cat(parts, dim=0)
         elif rule.kind == _SWAP:
-            out[rule.bfl] = _swap_halves(parts[0])
+            out[rule.bfl] = swap_halves(parts[0])
         else:
             out[rule.bfl] = parts[0]
         used.update(rule.diffusers)
@@ -163,28 +178,46 @@ def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
     The single blocks' ``linear1`` splits into Q, K, V of ``hidden`` rows each (``img_in``'s output width) and the
     MLP input (the rest).
     """
+    hidden = int(state["img_in.weight"].shape[0])
+
+    def sizes(rows: int, count: int) -> list[int]:
+        return [hidden] * 3 + [rows - 3 * hidden] if count == 4 else [rows // count] * count
+
+    return plan_from_bfl(state, conversion_plan(state, "bfl"), sizes)
+
+
+def plan_from_bfl(state: Mapping[str, torch.Tensor], plan: Iterable[Conversion],
+                  split_sizes: Callable[[int, int], list[int]] | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                       list[str]]:
+    """The diffusers state dict from a training-naming (``bfl`` field) one by ``plan``, and the keys no rule used.
+
+    Args:
+        state: the training-naming state dict.
+        plan: the conversion rows; those whose tensor is absent are skipped.
+        split_sizes: rows of each part of a concatenated tensor, from (its rows, its part count); default equal parts.
+    """
     import torch
 
-    hidden = int(state["img_in.weight"].shape[0])
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for rule in conversion_plan(state, "bfl"):
+    for rule in plan:
         if rule.bfl not in state:
             continue
         tensor = state[rule.bfl]
         if rule.kind == _CONCAT:
-            count = len(rule.diffusers)
-            sizes = [hidden] * 3 + [tensor.shape[0] - 3 * hidden] if count == 4 else [tensor.shape[0] // count] * count
+            rows, count = int(tensor.shape[0]), len(rule.diffusers)
+            sizes = split_sizes(rows, count) if split_sizes is not None else [rows // count] * count
             out.update(zip(rule.diffusers, (piece.contiguous() for piece in torch.split(tensor, sizes)), strict=True))
         elif rule.kind == _SWAP:
-            out[rule.diffusers[0]] = _swap_halves(tensor)
+            out[rule.diffusers[0]] = swap_halves(tensor)
         else:
             out[rule.diffusers[0]] = tensor
         used.add(rule.bfl)
     return out, sorted(set(state) - used)
 
 
-def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor with its two row halves exchanged ((shift, scale) ↔ (scale, shift))."""
     import torch
 
     first, second = tensor.chunk(2, dim=0)

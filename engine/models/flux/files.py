@@ -13,7 +13,7 @@ text encoders (spec §1.7, §1.8):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FLUX_FILE_SUFFIXES",
     "TRANSFORMER_PREFIX",
+    "assemble_transformer",
+    "base_model_header",
     "check_not_adapter",
+    "hub_snapshot",
     "read_flux_header",
     "read_state",
     "stripped_keys",
@@ -73,6 +76,17 @@ def read_flux_header(path: Path, what: str) -> FileHeader:
         if name is not None and name != _SUPPORTED_FP8:
             raise _fp8_error(path, key, name)
     return FileHeader(path, shapes, metadata)
+
+
+def base_model_header(path: Path, what: str) -> FileHeader | None:
+    """The header of a file that may be a base model, for detection; None for a LoRA or an embedding (the loaders
+    say what to do with those).
+
+    Raises:
+        ModelLoadError: as :func:`read_flux_header`.
+    """
+    header = read_flux_header(path, what)
+    return None if adapter_kind(set(header.shapes)) is not None else header
 
 
 def stripped_keys(keys: Iterable[str], prefix: str = TRANSFORMER_PREFIX) -> dict[str, str]:
@@ -138,6 +152,75 @@ def read_state(path: Path, keys: Mapping[str, str], *, dtype: Any, keep_fp8: boo
         raise
     except Exception as error:  # safetensors and torch.load signal damage with many types
         raise ModelLoadError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
+
+
+def assemble_transformer(tensors: Mapping[str, tuple[Path, str]], where: Path, *, dtype: Any, device: str, fp8: bool,
+                         convert: Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], list[str]]] | None,
+                         params_from_shapes: Callable[[dict[str, tuple[int, ...]]], Any], model_class: Any,
+                         label: str) -> Any:
+    """A transformer module built on the meta device and filled with its files' tensors (FLUX's and SD3's loaders).
+
+    Args:
+        tensors: prefix-free key → (file, key in the file).
+        where: the file or transformer folder, for messages.
+        dtype, device, fp8: load dtype, target device, keep ``float8_e4m3fn`` weights as fp8 storage.
+        convert: diffusers → training-naming converter returning (state, left-over keys); None when the tensors are
+            already in training naming.
+        params_from_shapes: the model's sizes from its state dict's shapes (raises ValueError when they are no model).
+        model_class: the module class, built from those params.
+        label: what the model is ("FLUX transformer", "SD3 MMDiT"), for messages.
+
+    Raises:
+        ModelLoadError: the tensors do not form a whole model of the shape their keys describe.
+    """
+    import torch
+
+    by_file: dict[Path, dict[str, str]] = {}
+    for name, (path, key) in tensors.items():
+        by_file.setdefault(path, {})[name] = key
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        state.update(read_state(path, keys, dtype=dtype, keep_fp8=fp8))
+    if convert is not None:
+        state, leftover = convert(state)
+        if leftover:
+            shown = ", ".join(leftover[:5]) + (" ..." if len(leftover) > 5 else "")
+            raise ModelLoadError(f"{where}: diffusers transformer keys with no {label} equivalent: {shown}")
+    try:
+        params = params_from_shapes({key: tuple(tensor.shape) for key, tensor in state.items()})
+    except ValueError as error:
+        raise ModelLoadError(f"{where}: {error}") from error
+    with torch.device("meta"):
+        model = model_class(params)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ModelLoadError(f"{where}: the weights do not form a whole {label} ({error})") from error
+    return model.to(device).eval()
+
+
+def hub_snapshot(repo_id: str, what: str, label: str, single_file: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the local Hugging Face cache; never a download.
+
+    Args:
+        repo_id: the hub id given as ``what``.
+        what: the config key, for messages.
+        label: the model kind ("FLUX", "SD3"), for messages.
+        single_file: what else ``what`` may point at ("its BFL .safetensors file"), for messages.
+
+    Raises:
+        ModelLoadError: not cached, saying how to download it on a machine with network.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as error:  # huggingface_hub raises several types (LocalEntryNotFoundError, OSError, ...)
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local file or folder and, read as a Hugging Face id, it is not in the local "
+            f"Hugging Face cache ({type(error).__name__}). {label} models are large and gated: download it on a "
+            f"machine with network (`hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`) and point "
+            f"{what} at that folder or at {single_file}") from error
 
 
 def _fp8_error(path: Path, key: str, kind: str) -> ModelLoadError:

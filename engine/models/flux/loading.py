@@ -19,19 +19,23 @@ Family, variant and sizes are read off key names and shapes, so pruned and tiny 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.flux.convert import BFL_CHROMA_KEY, diffusers_to_bfl, transformer_layout
-from engine.models.flux.files import TRANSFORMER_PREFIX, check_not_adapter, read_flux_header, read_state
-from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError, adapter_kind
+from engine.models.flux.files import (
+    TRANSFORMER_PREFIX,
+    assemble_transformer,
+    base_model_header,
+    check_not_adapter,
+    hub_snapshot,
+    read_flux_header,
+)
+from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
 from engine.models.vae import looks_like_hub_id
 
 if TYPE_CHECKING:
-    import torch
-
     from engine.models.flux.params import FluxParams
     from engine.models.flux.transformer import Flux
     from engine.models.loading import LoadedModel
@@ -87,10 +91,8 @@ def detect_flux_file(path: str | Path) -> str | None:
     path = Path(path).expanduser()
     if path.is_dir():
         return _folder_family(path)
-    header = read_flux_header(path, _LOCATION)
-    if adapter_kind(set(header.shapes)) is not None:
-        return None  # a LoRA or an embedding: the loaders say what to do with it
-    source = _file_source(header)
+    header = base_model_header(path, _LOCATION)
+    source = _file_source(header) if header is not None else None
     return source.family if source is not None else None
 
 
@@ -144,27 +146,12 @@ def load_flux_transformer(source: FluxTransformerSource, *, dtype: Any, device: 
     Raises:
         ModelLoadError: the tensors do not form a whole transformer of the shape their keys describe.
     """
-    import torch
-
     from engine.models.flux.params import params_from_state_dict
     from engine.models.flux.transformer import Flux
 
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in _by_file(source.tensors).items():
-        state.update(read_state(path, keys, dtype=dtype, keep_fp8=fp8))
-    if source.layout == "diffusers":
-        state = _converted(state, source.where)
-    try:
-        params = params_from_state_dict({key: tuple(tensor.shape) for key, tensor in state.items()})
-    except ValueError as error:
-        raise ModelLoadError(f"{source.where}: {error}") from error
-    with torch.device("meta"):
-        model = Flux(params)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ModelLoadError(f"{source.where}: the weights do not form a whole FLUX transformer ({error})") from error
-    return model.to(device).eval()
+    convert = diffusers_to_bfl if source.layout == "diffusers" else None
+    return assemble_transformer(source.tensors, source.where, dtype=dtype, device=device, fp8=fp8, convert=convert,
+                                params_from_shapes=params_from_state_dict, model_class=Flux, label="FLUX transformer")
 
 
 # --- where the transformer is ---------------------------------------------------------------------------------------
@@ -185,7 +172,7 @@ def _locate(location: str) -> tuple[Path | None, FluxTransformerSource]:
             raise ModelLoadError(_not_flux_message(header))
         return None, source
     if looks_like_hub_id(location):
-        folder = _hub_folder(location)
+        folder = hub_snapshot(location, _LOCATION, "FLUX", "its BFL .safetensors file")
         return folder, _folder_source(folder)
     raise ModelLoadError(f"model not found: {path} (no such file or folder); check {_LOCATION}")
 
@@ -243,20 +230,6 @@ def _folder_family(folder: Path) -> str | None:
         return None
 
 
-def _hub_folder(repo_id: str) -> Path:
-    """The snapshot folder of ``repo_id`` in the local Hugging Face cache; never a download."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as error:  # huggingface_hub raises several types (LocalEntryNotFoundError, OSError, ...)
-        raise ModelLoadError(
-            f"{repo_id!r} is not a local file or folder and, read as a Hugging Face id, it is not in the local "
-            f"Hugging Face cache ({type(error).__name__}). FLUX models are large and gated: download it on a "
-            f"machine with network (`hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`) and point "
-            f"{_LOCATION} at that folder or at its BFL .safetensors file") from error
-
-
 def _not_flux_message(header: FileHeader) -> str:
     from engine.models.ldm_checkpoint import detect_family
 
@@ -289,21 +262,6 @@ def _checked_family(source: FluxTransformerSource, wanted: str) -> str:
                              f"set model.model_family to {detected} or auto")
     raise ModelLoadError(f"{source.where}: this is a FLUX.1/Chroma model but model.model_family is {wanted}; set "
                          f"model.model_family to {detected} or auto")
-
-
-def _by_file(tensors: Mapping[str, tuple[Path, str]]) -> dict[Path, dict[str, str]]:
-    grouped: dict[Path, dict[str, str]] = {}
-    for name, (path, key) in tensors.items():
-        grouped.setdefault(path, {})[name] = key
-    return grouped
-
-
-def _converted(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
-    converted, leftover = diffusers_to_bfl(state)
-    if leftover:
-        shown = ", ".join(leftover[:5]) + (" ..." if len(leftover) > 5 else "")
-        raise ModelLoadError(f"{where}: diffusers transformer keys with no FLUX equivalent: {shown}")
-    return converted
 
 
 def _variant(params: FluxParams) -> str:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from engine.models.flux.convert import _CONCAT, _RENAME, _SWAP, Conversion
+from engine.models.flux.convert import RENAME, SWAP, Conversion, linear_rules, plan_from_bfl, plan_to_bfl, split_rules
 
 if TYPE_CHECKING:
     import torch
@@ -48,55 +48,43 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     return None
 
 
-def _linear(sai: str, diffusers: str) -> list[Conversion]:
-    return [Conversion(f"{sai}.{part}", (f"{diffusers}.{part}",), _RENAME) for part in ("weight", "bias")]
-
-
-def _split(sai: str, parts: tuple[str, ...]) -> list[Conversion]:
-    return [Conversion(f"{sai}.{p}", tuple(f"{name}.{p}" for name in parts), _CONCAT) for p in ("weight", "bias")]
-
-
-def _swapped(sai: str, diffusers: str) -> list[Conversion]:
-    return [Conversion(f"{sai}.{part}", (f"{diffusers}.{part}",), _SWAP) for part in ("weight", "bias")]
-
-
 def _top_level() -> list[Conversion]:
-    return [Conversion("pos_embed", ("pos_embed.pos_embed",), _RENAME),
-            *_linear("x_embedder.proj", "pos_embed.proj"),
-            *_linear("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-            *_linear("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-            *_linear("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-            *_linear("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-            *_linear("context_embedder", "context_embedder"),
-            *_linear("final_layer.linear", "proj_out"),
-            *_swapped("final_layer.adaLN_modulation.1", "norm_out.linear")]
+    return [Conversion("pos_embed", ("pos_embed.pos_embed",), RENAME),
+            *linear_rules("x_embedder.proj", "pos_embed.proj"),
+            *linear_rules("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+            *linear_rules("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+            *linear_rules("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+            *linear_rules("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+            *linear_rules("context_embedder", "context_embedder"),
+            *linear_rules("final_layer.linear", "proj_out"),
+            *linear_rules("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP)]
 
 
 def _norms(sai: str, diffusers_q: str, diffusers_k: str) -> list[Conversion]:
-    return [Conversion(f"{sai}.ln_q.weight", (f"{diffusers_q}.weight",), _RENAME),
-            Conversion(f"{sai}.ln_k.weight", (f"{diffusers_k}.weight",), _RENAME)]
+    return [Conversion(f"{sai}.ln_q.weight", (f"{diffusers_q}.weight",), RENAME),
+            Conversion(f"{sai}.ln_k.weight", (f"{diffusers_k}.weight",), RENAME)]
 
 
 def _joint_block(i: int, last: bool) -> list[Conversion]:
     """One joint block; the last one's context stream has no proj or MLP and a swapped (shift, scale) adaLN."""
     b, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
     x, ctx = f"{b}.x_block", f"{b}.context_block"
-    plan = [*_linear(f"{x}.adaLN_modulation.1", f"{d}.norm1.linear"),
-            *_split(f"{x}.attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")),
-            *_linear(f"{x}.attn.proj", f"{d}.attn.to_out.0"),
+    plan = [*linear_rules(f"{x}.adaLN_modulation.1", f"{d}.norm1.linear"),
+            *split_rules(f"{x}.attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")),
+            *linear_rules(f"{x}.attn.proj", f"{d}.attn.to_out.0"),
             *_norms(f"{x}.attn", f"{d}.attn.norm_q", f"{d}.attn.norm_k"),
-            *_split(f"{x}.attn2.qkv", (f"{d}.attn2.to_q", f"{d}.attn2.to_k", f"{d}.attn2.to_v")),
-            *_linear(f"{x}.attn2.proj", f"{d}.attn2.to_out.0"),
+            *split_rules(f"{x}.attn2.qkv", (f"{d}.attn2.to_q", f"{d}.attn2.to_k", f"{d}.attn2.to_v")),
+            *linear_rules(f"{x}.attn2.proj", f"{d}.attn2.to_out.0"),
             *_norms(f"{x}.attn2", f"{d}.attn2.norm_q", f"{d}.attn2.norm_k"),
-            *_linear(f"{x}.mlp.fc1", f"{d}.ff.net.0.proj"), *_linear(f"{x}.mlp.fc2", f"{d}.ff.net.2"),
-            *_split(f"{ctx}.attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")),
+            *linear_rules(f"{x}.mlp.fc1", f"{d}.ff.net.0.proj"), *linear_rules(f"{x}.mlp.fc2", f"{d}.ff.net.2"),
+            *split_rules(f"{ctx}.attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")),
             *_norms(f"{ctx}.attn", f"{d}.attn.norm_added_q", f"{d}.attn.norm_added_k")]
     if last:
-        return plan + _swapped(f"{ctx}.adaLN_modulation.1", f"{d}.norm1_context.linear")
-    return [*plan, *_linear(f"{ctx}.adaLN_modulation.1", f"{d}.norm1_context.linear"),
-            *_linear(f"{ctx}.attn.proj", f"{d}.attn.to_add_out"),
-            *_linear(f"{ctx}.mlp.fc1", f"{d}.ff_context.net.0.proj"),
-            *_linear(f"{ctx}.mlp.fc2", f"{d}.ff_context.net.2")]
+        return plan + linear_rules(f"{ctx}.adaLN_modulation.1", f"{d}.norm1_context.linear", SWAP)
+    return [*plan, *linear_rules(f"{ctx}.adaLN_modulation.1", f"{d}.norm1_context.linear"),
+            *linear_rules(f"{ctx}.attn.proj", f"{d}.attn.to_add_out"),
+            *linear_rules(f"{ctx}.mlp.fc1", f"{d}.ff_context.net.0.proj"),
+            *linear_rules(f"{ctx}.mlp.fc2", f"{d}.ff_context.net.2")]
 
 
 def _depth(keys: Iterable[str]) -> int:
@@ -122,44 +110,13 @@ def conversion_plan(sai_keys: Iterable[str], depth: int | None = None) -> list[C
 
 def sai_to_diffusers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Diffusers state dict from a SAI transformer state dict (no prefix), and the SAI keys no rule used."""
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for rule in conversion_plan(state):
-        if rule.bfl not in state:
-            continue
-        tensor = state[rule.bfl]
-        if rule.kind == _CONCAT:
-            pieces = torch.chunk(tensor, len(rule.diffusers), dim=0)
-            out.update(zip(rule.diffusers, (piece.contiguous() for piece in pieces), strict=True))
-        elif rule.kind == _SWAP:
-            out[rule.diffusers[0]] = _swap_halves(tensor)
-        else:
-            out[rule.diffusers[0]] = tensor
-        used.add(rule.bfl)
-    return out, sorted(set(state) - used)
+    return plan_from_bfl(state, conversion_plan(state))
 
 
 def diffusers_to_sai(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """SAI state dict (no prefix) from a diffusers ``SD3Transformer2DModel`` state dict, and the diffusers keys no
     rule used (left over)."""
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for rule in conversion_plan(state):
-        if not all(name in state for name in rule.diffusers):
-            continue
-        parts = [state[name] for name in rule.diffusers]
-        if rule.kind == _CONCAT:
-            out[rule.bfl] = torch.cat(parts, dim=0)
-        elif rule.kind == _SWAP:
-            out[rule.bfl] = _swap_halves(parts[0])
-        else:
-            out[rule.bfl] = parts[0]
-        used.update(rule.diffusers)
-    return out, sorted(set(state) - used)
+    return plan_to_bfl(state, conversion_plan(state))
 
 
 def diffusers_config(params: SD3Params) -> dict[str, Any]:
@@ -182,10 +139,3 @@ def diffusers_config(params: SD3Params) -> dict[str, Any]:
         "dual_attention_layers": tuple(params.attn2_layers),
         "qk_norm": "rms_norm" if params.qk_norm else None,
     }
-
-
-def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.models.flux.files import check_not_adapter, read_flux_header
-from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError, adapter_kind
+from engine.models.flux.files import base_model_header, check_not_adapter, read_flux_header
+from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
 
 __all__ = [
     "EMBEDDED_PREFIXES",
@@ -89,10 +89,8 @@ def detect_sd3_file(path: str | Path) -> bool:
     path = Path(path).expanduser()
     if path.is_dir():
         return _folder_is_sd3(path)
-    header = read_flux_header(path, LOCATION)
-    if adapter_kind(set(header.shapes)) is not None:
-        return False  # a LoRA or an embedding: the loader says what to do with it
-    return sd3_file(header) is not None
+    header = base_model_header(path, LOCATION)
+    return header is not None and sd3_file(header) is not None
 
 
 def _folder_is_sd3(folder: Path) -> bool:

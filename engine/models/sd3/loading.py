@@ -18,19 +18,16 @@ with ``fp8=True`` and are cast up to ``dtype`` otherwise; the VAE is always floa
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.models.flux.files import read_flux_header, read_state
+from engine.models.flux.files import assemble_transformer, hub_snapshot, read_flux_header
 from engine.models.sd3.files import LOCATION, SD3_PIPELINES, checked_sd3_file
 from engine.models.single_file import ModelLoadError
 from engine.models.vae import looks_like_hub_id
 
 if TYPE_CHECKING:
-    import torch
-
     from engine.models.loading import LoadedModel
     from engine.models.sd3.mmdit import MMDiT
     from engine.models.vae import LoadedVae
@@ -120,27 +117,13 @@ def load_sd3_transformer(source: SD3Source, *, dtype: Any, device: str = "cpu", 
     Raises:
         ModelLoadError: the tensors do not form a whole MMDiT of the shape their keys describe.
     """
-    import torch
-
+    from engine.models.sd3.convert import diffusers_to_sai
     from engine.models.sd3.mmdit import MMDiT
     from engine.models.sd3.params import params_from_state_dict
 
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in _by_file(source.tensors).items():
-        state.update(read_state(path, keys, dtype=dtype, keep_fp8=fp8))
-    if source.layout == "diffusers":
-        state = _converted(state, source.where)
-    try:
-        params = params_from_state_dict({key: tuple(tensor.shape) for key, tensor in state.items()})
-    except ValueError as error:
-        raise ModelLoadError(f"{source.where}: {error}") from error
-    with torch.device("meta"):
-        model = MMDiT(params)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ModelLoadError(f"{source.where}: the weights do not form a whole SD3 MMDiT ({error})") from error
-    return model.to(device).eval()
+    convert = diffusers_to_sai if source.layout == "diffusers" else None
+    return assemble_transformer(source.tensors, source.where, dtype=dtype, device=device, fp8=fp8, convert=convert,
+                                params_from_shapes=params_from_state_dict, model_class=MMDiT, label="SD3 MMDiT")
 
 
 # --- where the model is --------------------------------------------------------------------------------------------
@@ -163,7 +146,7 @@ def locate_sd3(location: str) -> SD3Source:
         tensors = {name: (path, key) for name, key in parts.transformer.items()}
         return SD3Source(tensors, "sai", path, path, None, parts.embedded)
     if looks_like_hub_id(location):
-        return _folder_source(_hub_folder(location))
+        return _folder_source(hub_snapshot(location, LOCATION, "SD3", "Stability's .safetensors file"))
     raise ModelLoadError(f"model not found: {path} (no such file or folder); check {LOCATION}")
 
 
@@ -196,37 +179,6 @@ def _check_pipeline(folder: Path) -> None:
     if name and name not in SD3_PIPELINES:
         raise ModelLoadError(f"{folder}: a {name} folder, not an SD3/SD3.5 one (StableDiffusion3Pipeline); set "
                              f"model.model_family to auto or to its family, or point {LOCATION} at an SD3/SD3.5 model")
-
-
-def _hub_folder(repo_id: str) -> Path:
-    """The snapshot folder of ``repo_id`` in the local Hugging Face cache; never a download."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as error:  # huggingface_hub raises several types (LocalEntryNotFoundError, OSError, ...)
-        raise ModelLoadError(
-            f"{repo_id!r} is not a local file or folder and, read as a Hugging Face id, it is not in the local "
-            f"Hugging Face cache ({type(error).__name__}). SD3 models are large and gated: download it on a machine "
-            f"with network (`hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`) and point "
-            f"{LOCATION} at that folder or at Stability's .safetensors file") from error
-
-
-def _by_file(tensors: Mapping[str, tuple[Path, str]]) -> dict[Path, dict[str, str]]:
-    grouped: dict[Path, dict[str, str]] = {}
-    for name, (path, key) in tensors.items():
-        grouped.setdefault(path, {})[name] = key
-    return grouped
-
-
-def _converted(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
-    from engine.models.sd3.convert import diffusers_to_sai
-
-    converted, leftover = diffusers_to_sai(state)
-    if leftover:
-        shown = ", ".join(leftover[:5]) + (" ..." if len(leftover) > 5 else "")
-        raise ModelLoadError(f"{where}: diffusers transformer keys with no SD3 equivalent: {shown}")
-    return converted
 
 
 # --- the other components ---------------------------------------------------------------------------------------
