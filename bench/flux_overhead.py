@@ -13,6 +13,7 @@ every batch of both loops is 16 image tokens + 32 T5 tokens.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +49,35 @@ def write_bench_transformer(path: Path) -> Path:
 def flux_models(folder: Path, dataset_img: Path) -> dict[str, Path]:
     """The bench transformer (written into `folder`) with the tiny dev files' encoders, AE and tokenizer (built
     under `folder` too unless $ATELIER_TINY_MODELS keeps them)."""
+    return bench_files(folder, dataset_img, lambda: tiny_flux_files("dev"), "flux1",
+                       lambda: write_bench_transformer(folder / "flux1-dev-bench.safetensors"))
+
+
+def bench_files(folder: Path, dataset_img: Path, tiny_files: Callable[[], Mapping[str, Path]], family: str,
+                write_model: Callable[[], Path]) -> dict[str, Path]:
+    """A flow family's bench files: the tiny model's (built under `folder` unless $ATELIER_TINY_MODELS keeps them),
+    the bench model written into `folder` as `family`, and the dataset."""
     os.environ.setdefault("ATELIER_TINY_MODELS", str(folder / "tiny"))
-    files = dict(tiny_flux_files("dev"))
+    files = dict(tiny_files())
     folder.mkdir(parents=True, exist_ok=True)
-    files["flux1"] = write_bench_transformer(folder / "flux1-dev-bench.safetensors")
+    files[family] = write_model()
     files["dataset_img"] = dataset_img
     return files
 
 
 def flux_config(path: Path, models: dict[str, Path], steps: int, batch_size: int) -> Path:
     """The engine's run: the same LoRA, optimizer, data and caches as :func:`baseline_step_time`."""
+    return lora_config(path, models, "flux1", steps, batch_size, clip_l=str(models["clip_l"]),
+                       t5xxl=str(models["t5xxl"]), ae=str(models["ae"]))
+
+
+def lora_config(path: Path, models: dict[str, Path], family: str, steps: int, batch_size: int,
+                **model: Any) -> Path:
+    """A flow family's bench run (FLUX's, SD3's): `model` (its component files) plus the T5 tokenizer and length,
+    and the LoRA, optimizer, data and caches both hand-written loops mirror."""
     return write_config(
-        path, models, "flux1",
-        model={"v_parameterization": False, "clip_l": str(models["clip_l"]), "t5xxl": str(models["t5xxl"]),
-               "ae": str(models["ae"]), "tokenizer_cache_dir": str(models["t5_tokenizer"]),
+        path, models, family,
+        model={"v_parameterization": False, **model, "tokenizer_cache_dir": str(models["t5_tokenizer"]),
                "t5xxl_max_token_length": T5_LENGTH},
         network={"network_dim": LORA_RANK, "network_alpha": float(LORA_RANK), "train_unet_only": True},
         dataset={"general": {"batch_size": batch_size, "resolution": RESOLUTION, "enable_bucket": False,
@@ -72,8 +88,9 @@ def flux_config(path: Path, models: dict[str, Path], steps: int, batch_size: int
     )
 
 
-def _cached_inputs(model: Any, image_dir: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized AE latents, T5 hidden states and CLIP-L pooled outputs of the dataset's images and captions."""
+def cached_inputs(model: Any, image_dir: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized AE/VAE latents, the text encoders' hidden states (FLUX: T5; SD3: CLIP-L + CLIP-G, then T5) and
+    pooled outputs of the dataset's images and captions."""
     from engine.models.text_encoding import encode_captions
 
     pixels, captions = dataset_batch(image_dir, RESOLUTION)
@@ -87,20 +104,14 @@ def baseline_step_time(models: dict[str, Path], steps: int, batch_size: int, war
     """Seconds per step (timing.step_stats) of a minimal flow-matching LoRA loop: σ, x_σ, pack, forward, velocity
     MSE, backward, clip, AdamW. One generator for the whole loop (the engine seeds one per sample)."""
     from engine.models.loading import load_model
-    from engine.networks.lora import create_lora_network
     from engine.train import flow
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(models["flux1"], family="flux1", clip_l=models["clip_l"], t5xxl=models["t5xxl"],
                        ae=models["ae"], tokenizer_cache_dir=models["t5_tokenizer"])
-    latents, hidden, pooled = _cached_inputs(model, models["dataset_img"], device)
+    latents, hidden, pooled = cached_inputs(model, models["dataset_img"], device)
     transformer = model.unet.to(device).requires_grad_(False)
-    network = create_lora_network(transformer, model.text.encoders, "flux1", dim=LORA_RANK, alpha=float(LORA_RANK),
-                                  train_text_encoder=False)
-    network.apply_to()
-    network.to(device)
-    parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    parameters, optimizer = lora_training(transformer, model.text.encoders, "flux1", device)
     settings = flow.FlowSettings()
     generator = torch.Generator().manual_seed(0)
     height, width = latents.shape[-2:]
@@ -120,3 +131,15 @@ def baseline_step_time(models: dict[str, Path], steps: int, batch_size: int, war
         loss = torch.nn.functional.mse_loss(prediction, flow.velocity_target(x0, noise))
         minimal_update(loss, parameters, optimizer, device, clock)
     return clock.stats(warmup)
+
+
+def lora_training(unet: Any, encoders: Any, family: str, device: str) -> tuple[list[Any], Any]:
+    """(the trained parameters, their AdamW) of the bench LoRA applied to `unet` (the loops' network and optimizer)."""
+    from engine.networks.lora import create_lora_network
+
+    network = create_lora_network(unet, encoders, family, dim=LORA_RANK, alpha=float(LORA_RANK),
+                                  train_text_encoder=False)
+    network.apply_to()
+    network.to(device)
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    return parameters, torch.optim.AdamW(parameters, lr=1e-4)

@@ -13,20 +13,16 @@ without buckets, so every batch of both loops is 16 image tokens + 77 + 32 text 
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from flux_overhead import bench_files, cached_inputs, lora_config, lora_training
 from flux_tiny import _perturbed
 from sd3_tiny import SAI_PREFIX, tiny_sd3_files, tiny_vae
 from timing import StepClock, minimal_update
-from train_helpers import dataset_batch, write_config
 
-RESOLUTION = 64
-T5_LENGTH = 32
-LORA_RANK = 4
 SEED = 2150
 
 
@@ -54,40 +50,14 @@ def write_bench_model(path: Path) -> Path:
 def sd3_models(folder: Path, dataset_img: Path) -> dict[str, Path]:
     """The bench model (written into `folder`) with the tiny SD3.5 medium files' encoders and tokenizer (built under
     `folder` too unless $ATELIER_TINY_MODELS keeps them)."""
-    os.environ.setdefault("ATELIER_TINY_MODELS", str(folder / "tiny"))
-    files = dict(tiny_sd3_files("5-medium"))
-    folder.mkdir(parents=True, exist_ok=True)
-    files["sd3"] = write_bench_model(folder / "sd3.5-medium-bench.safetensors")
-    files["dataset_img"] = dataset_img
-    return files
+    return bench_files(folder, dataset_img, lambda: tiny_sd3_files("5-medium"), "sd3",
+                       lambda: write_bench_model(folder / "sd3.5-medium-bench.safetensors"))
 
 
 def sd3_config(path: Path, models: dict[str, Path], steps: int, batch_size: int) -> Path:
     """The engine's run: the same LoRA, optimizer, data and caches as :func:`baseline_step_time`."""
-    return write_config(
-        path, models, "sd3",
-        model={"v_parameterization": False, "clip_l": str(models["clip_l"]), "clip_g": str(models["clip_g"]),
-               "t5xxl": str(models["t5xxl"]), "tokenizer_cache_dir": str(models["t5_tokenizer"]),
-               "t5xxl_max_token_length": T5_LENGTH},
-        network={"network_dim": LORA_RANK, "network_alpha": float(LORA_RANK), "train_unet_only": True},
-        dataset={"general": {"batch_size": batch_size, "resolution": RESOLUTION, "enable_bucket": False,
-                             "bucket_reso_steps": 16}},
-        optimizer={"learning_rate": 1e-4, "lr_scheduler": "constant"},
-        training={"max_train_steps": steps, "cache_latents": True, "cache_text_encoder_outputs": True,
-                  "mixed_precision": "no"},
-    )
-
-
-def _cached_inputs(model: Any, image_dir: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized VAE latents, the text context (CLIP-L + CLIP-G, then T5) and the pooled CLIP vectors of the
-    dataset's images and captions."""
-    from engine.models.text_encoding import encode_captions
-
-    pixels, captions = dataset_batch(image_dir, RESOLUTION)
-    with torch.no_grad():
-        latents = model.vae.normalize(model.vae.vae.encode(pixels).latent_dist.mean)
-        encoded = encode_captions(model.text, captions, t5xxl_max_token_length=T5_LENGTH)
-    return latents.to(device), encoded.hidden_states.to(device), encoded.pooled.to(device)
+    return lora_config(path, models, "sd3", steps, batch_size, clip_l=str(models["clip_l"]),
+                       clip_g=str(models["clip_g"]), t5xxl=str(models["t5xxl"]))
 
 
 def baseline_step_time(models: dict[str, Path], config_path: Path, steps: int, batch_size: int,
@@ -97,7 +67,6 @@ def baseline_step_time(models: dict[str, Path], config_path: Path, steps: int, b
     (the engine seeds one per sample)."""
     from engine.config.io import load_config
     from engine.models.loading import load_model
-    from engine.networks.lora import create_lora_network
     from engine.train.flow import loss_weighting
     from engine.train.sd3_objective import SD3Settings, noisy_input, sample_timesteps, sigmas_of, x0_prediction
 
@@ -105,14 +74,9 @@ def baseline_step_time(models: dict[str, Path], config_path: Path, steps: int, b
     settings = SD3Settings.from_config(load_config(config_path))
     model = load_model(models["sd3"], family="sd3", clip_l=models["clip_l"], clip_g=models["clip_g"],
                        t5xxl=models["t5xxl"], tokenizer_cache_dir=models["t5_tokenizer"])
-    latents, context, pooled = _cached_inputs(model, models["dataset_img"], device)
+    latents, context, pooled = cached_inputs(model, models["dataset_img"], device)
     mmdit = model.unet.to(device).requires_grad_(False)
-    network = create_lora_network(mmdit, model.text.encoders, "sd3", dim=LORA_RANK, alpha=float(LORA_RANK),
-                                  train_text_encoder=False)
-    network.apply_to()
-    network.to(device)
-    parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    parameters, optimizer = lora_training(mmdit, model.text.encoders, "sd3", device)
     generator = torch.Generator().manual_seed(0)
     clock = StepClock()
     clock.mark()

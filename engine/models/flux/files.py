@@ -32,6 +32,7 @@ __all__ = [
     "read_flux_header",
     "read_state",
     "stripped_keys",
+    "transformer_shards",
 ]
 
 FLUX_FILE_SUFFIXES = frozenset({".sft", *SINGLE_FILE_SUFFIXES})
@@ -87,6 +88,20 @@ def base_model_header(path: Path, what: str) -> FileHeader | None:
     """
     header = read_flux_header(path, what)
     return None if adapter_kind(set(header.shapes)) is not None else header
+
+
+def transformer_shards(folder: Path, what: str, label: str, single_file: str) -> tuple[Path, list[Path]]:
+    """(the transformer folder, its .safetensors shards) of a diffusers folder (``transformer/``, or the folder itself).
+
+    Raises:
+        ModelLoadError: no shards there, naming ``label`` (the model kind) and ``single_file`` (the other choice).
+    """
+    transformer = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    shards = sorted(transformer.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{folder}: no transformer weights (expected transformer/*.safetensors of a diffusers "
+                             f"{label} folder); point {what} at the folder or at {single_file}")
+    return transformer, shards
 
 
 def stripped_keys(keys: Iterable[str], prefix: str = TRANSFORMER_PREFIX) -> dict[str, str]:

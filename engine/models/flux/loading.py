@@ -31,6 +31,7 @@ from engine.models.flux.files import (
     check_not_adapter,
     hub_snapshot,
     read_flux_header,
+    transformer_shards,
 )
 from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
 from engine.models.vae import looks_like_hub_id
@@ -200,11 +201,7 @@ def _file_source(header: FileHeader) -> FluxTransformerSource | None:
 
 
 def _folder_source(folder: Path) -> FluxTransformerSource:
-    transformer = folder / "transformer" if (folder / "transformer").is_dir() else folder
-    shards = sorted(transformer.glob("*.safetensors"))
-    if not shards:
-        raise ModelLoadError(f"{folder}: no transformer weights (expected transformer/*.safetensors of a diffusers "
-                             f"FLUX.1/Chroma folder); point {_LOCATION} at the folder or at the BFL .safetensors file")
+    transformer, shards = transformer_shards(folder, _LOCATION, "FLUX.1/Chroma", "the BFL .safetensors file")
     tensors: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:

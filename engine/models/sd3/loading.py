@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.models.flux.files import assemble_transformer, hub_snapshot, read_flux_header
+from engine.models.flux.files import assemble_transformer, hub_snapshot, read_flux_header, transformer_shards
 from engine.models.sd3.files import LOCATION, SD3_PIPELINES, checked_sd3_file
 from engine.models.single_file import ModelLoadError
 from engine.models.vae import looks_like_hub_id
@@ -154,11 +154,7 @@ def _folder_source(folder: Path) -> SD3Source:
     from engine.models.sd3.convert import transformer_layout
 
     _check_pipeline(folder)
-    transformer = folder / "transformer" if (folder / "transformer").is_dir() else folder
-    shards = sorted(transformer.glob("*.safetensors"))
-    if not shards:
-        raise ModelLoadError(f"{folder}: no transformer weights (expected transformer/*.safetensors of a diffusers "
-                             f"SD3/SD3.5 folder); point {LOCATION} at the folder or at Stability's .safetensors file")
+    transformer, shards = transformer_shards(folder, LOCATION, "SD3/SD3.5", "Stability's .safetensors file")
     tensors: dict[str, tuple[Path, str]] = {}
     for shard in shards:
         header = read_flux_header(shard, LOCATION)
