@@ -119,10 +119,11 @@ SD_ONLY = ("model.v_parameterization", "model.clip_skip", "model.no_half_vae", "
            "training.scale_v_pred_loss_like_noise_pred", "embedding.token_string", "sampling.sample_sampler")
 # SD and SD3 (test_config_sd3.py covers what SD3 adds); FLUX ignores them.
 SD_AND_SD3 = ("model.vae", "training.min_timestep", "training.max_timestep")
-FLUX_ONLY = ("model.ae", "training.cpu_offload_checkpointing", "flow.guidance_scale", "flow.timestep_sampling")
+FLUX_ONLY = ("model.ae", "flow.guidance_scale", "flow.timestep_sampling")
 # FLUX and SD3 (every flow family).
 FLOW_ONLY = ("model.t5xxl", "model.t5xxl_max_token_length", "model.apply_t5_attn_mask", "model.tokenizer_cache_dir",
-             "model.fp8_base", "model.fp8_base_unet", "training.blocks_to_swap", "flow.weighting_scheme")
+             "model.fp8_base", "model.fp8_base_unet", "training.blocks_to_swap", "training.cpu_offload_checkpointing",
+             "flow.weighting_scheme")
 
 
 def test_fields_say_which_families_they_apply_to():
