@@ -112,6 +112,9 @@ def set_up_flux(page, flux_files, dataset, ae: str) -> None:
     page.locator("#field-model-fp8_base input[type=checkbox]").uncheck()
     open_advanced(page, "model")
     fill(page, "field-model-tokenizer_cache_dir", str(flux_files["t5_tokenizer"]))
+    # The server has the value before the next section opens (once, under load, the run got an empty one).
+    expect(page.locator("#toml-preview")).to_contain_text(
+        f'tokenizer_cache_dir = "{flux_files["t5_tokenizer"]}"', timeout=WAIT)
     open_section(page, "Dataset")
     fill(page, "field-dataset-train_data_dir", str(dataset))
     fill(page, "field-dataset-general-resolution", "64")
