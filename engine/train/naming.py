@@ -117,10 +117,17 @@ def sample_due_after_epoch(epoch: int, section: SamplingSection) -> bool:
 # --- never overwrite a user's files ----------------------------------------------------------------------------
 
 
+# Files a full fine-tune may write beside each model: SD3's trained text encoders, `<name>_clip_l.safetensors` ...
+# (sd-scripts' sd3_train naming). A user's own file of such a name makes the run pick another name, as the model does.
+COMPANION_SUFFIXES = ("_clip_l", "_clip_g", "_t5xxl")
+
+
 def _output_pattern(name: str, save_as: SaveModelAs) -> re.Pattern[str]:
-    """Matches every name a run called `name` writes: last, per-epoch and per-step models and their states."""
+    """Matches every name a run called `name` writes: last, per-epoch and per-step models, the text-encoder files
+    saved beside them, and their states."""
     stems = rf"{re.escape(name)}(?:-\d{{6,}}|-step\d{{8,}})?"
-    return re.compile(rf"{stems}(?:{re.escape(EXTENSIONS[save_as])}|-state)")
+    companions = "|".join(re.escape(suffix) for suffix in COMPANION_SUFFIXES)
+    return re.compile(rf"{stems}(?:(?:{companions})?{re.escape(EXTENSIONS[save_as])}|-state)")
 
 
 def owns_name(name: str, save_as: SaveModelAs, entry: str) -> bool:

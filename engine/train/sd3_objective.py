@@ -13,8 +13,10 @@ Flow matching like FLUX (σ = 1 is pure noise, x_σ = (1 − σ)·x0 + σ·ε), 
 
 Every draw comes from a CPU generator seeded from the sample's own ``batch["noise_seed"]`` (the text dropout from a
 seed derived from it), so a sample draws the same whatever its batch or process count, and a resumed run draws
-what the uninterrupted one would have. The maths are pure functions, unit-tested against the spec's formulas; the
-objective and the conditioning builder put them together for the trainer.
+what the uninterrupted one would have. The one exception is ``flow.pos_emb_random_crop_rate``'s window, drawn once
+per micro-batch (the MMDiT crops one table for the whole batch) from its first sample's seed: a resumed run draws
+it again, but another batch size or process count draws other windows. The maths are pure functions, unit-tested
+against the spec's formulas; the objective and the conditioning builder put them together for the trainer.
 
 Differences from sd-scripts, on purpose:
 * σ and t stay in float32; sd-scripts casts t to the weight dtype before σ = t/1000, which in bfloat16 rounds

@@ -172,3 +172,14 @@ def test_resuming_a_state_of_the_name_keeps_it(tmp_path):
     other = tmp_path / "other-000001-state"
     other.mkdir()
     assert unique_output_name(tmp_path, "last", "safetensors", resume_from=other) == ("last-2", True)
+
+
+@pytest.mark.parametrize("existing", ["model_clip_l.safetensors", "model_clip_g.safetensors",
+                                      "model-step00000010_t5xxl.safetensors"])
+def test_a_users_file_named_like_a_text_encoder_sibling_is_not_overwritten(tmp_path, existing):
+    """SD3 fine-tuning writes `<name>_clip_l.safetensors` ... beside its model: a file of such a name that the run
+    did not write (the user's CLIP-L, an older run's) makes the run choose another name instead of replacing it."""
+    (tmp_path / existing).write_bytes(b"user's")
+    assert name_in_use(tmp_path, "model", "safetensors")
+    assert unique_output_name(tmp_path, "model", "safetensors") == ("model-2", True)
+    assert not name_in_use(tmp_path, "other", "safetensors")

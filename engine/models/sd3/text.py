@@ -75,7 +75,8 @@ def encode_sd3(loaded: LoadedTextEncoders, captions: list[str], *, t5_max_length
     from engine.models.text_encoding import EncodedText
 
     if t5_max_length < 1:
-        raise ValueError(f"t5xxl_max_token_length must be at least 1, not {t5_max_length}")
+        raise ValueError(f"model.t5xxl_max_token_length must be at least 1, not {t5_max_length}; set it between 1 "
+                         "and 512, or leave it empty for SD3's 256")
     states, pooled = [], []
     for tokenizer, encoder in zip(loaded.tokenizers[:2], loaded.encoders[:2], strict=True):
         tokens = tokenizer(captions, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
