@@ -103,19 +103,32 @@ def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Pa
     """
     if family != "auto" and family not in FAMILY_INFO:
         raise ModelLoadError(f"unknown model family {family!r}; use one of auto, {', '.join(FAMILY_INFO)}")
-    kind = _loader_kind(str(location), family)
-    if kind == "flux":
-        from engine.models.flux.loading import load_flux_model
-
-        return load_flux_model(location, family=family, clip_l=clip_l, t5xxl=t5xxl, ae=ae,
-                               tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype, device=device, fp8=fp8)
-    if kind == "sd3":
-        from engine.models.sd3.loading import load_sd3_model
-
-        return load_sd3_model(location, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae_path,
-                              tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype, device=device, fp8=fp8)
+    transformer_loader = _TRANSFORMER_LOADERS.get(_loader_kind(str(location), family))
+    if transformer_loader is not None:
+        files = {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl, "ae": ae, "vae": vae_path}
+        return transformer_loader(location, family, files, tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype,
+                                  device=device, fp8=fp8)
     kind, path = _locate(str(location))
     return _LOADERS[kind](path, _Request(str(location), family, str(vae_path or ""), dtype, device))
+
+
+def _flux_model(location: str | Path, family: str, files: dict[str, Any], **options: Any) -> LoadedModel:
+    from engine.models.flux.loading import load_flux_model
+
+    return load_flux_model(location, family=family, clip_l=files["clip_l"], t5xxl=files["t5xxl"], ae=files["ae"],
+                           **options)
+
+
+def _sd3_model(location: str | Path, family: str, files: dict[str, Any], **options: Any) -> LoadedModel:
+    from engine.models.sd3.loading import load_sd3_model
+
+    return load_sd3_model(location, clip_l=files["clip_l"], clip_g=files["clip_g"], t5xxl=files["t5xxl"],
+                          vae=files["vae"], **options)
+
+
+# The transformer families' loaders, by FamilyInfo.loader: (location, family, component files, options) -> model.
+# "ldm" (SD1/SD2/SDXL) goes through _locate and _LOADERS below.
+_TRANSFORMER_LOADERS: dict[str, Callable[..., LoadedModel]] = {"flux": _flux_model, "sd3": _sd3_model}
 
 
 # model_index.json pipeline classes of the families the "flux" and "sd3" loaders read

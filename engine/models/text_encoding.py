@@ -95,18 +95,30 @@ def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_ski
         ValueError: an unsupported max_token_length, or a clip_skip outside 1..number of layers.
     """
     kind = family_info(loaded.family).text_encoding
-    if kind == "flux":
-        from engine.models.flux.text import encode_flux
-
-        return encode_flux(loaded, captions, max_length=t5xxl_max_token_length, apply_mask=apply_t5_attn_mask)
-    if kind == "sd3":
-        from engine.models.sd3.text import encode_sd3
-
-        return encode_sd3(loaded, captions, t5_max_length=t5xxl_max_token_length, apply_lg_mask=apply_lg_attn_mask,
-                          apply_t5_mask=apply_t5_attn_mask)
+    if kind in _T5_ENCODERS:
+        return _T5_ENCODERS[kind](loaded, captions, t5xxl_max_token_length, apply_t5_attn_mask, apply_lg_attn_mask)
     if max_token_length not in MAX_TOKEN_LENGTHS:
         raise ValueError(f"max_token_length must be one of {MAX_TOKEN_LENGTHS}, not {max_token_length}")
     return _ENCODERS[kind](loaded, captions, clip_skip, max_token_length)
+
+
+def _encode_flux(loaded: LoadedTextEncoders, captions: list[str], t5_length: int, t5_mask: bool,
+                 lg_mask: bool) -> EncodedText:
+    from engine.models.flux.text import encode_flux
+
+    return encode_flux(loaded, captions, max_length=t5_length, apply_mask=t5_mask)
+
+
+def _encode_sd3(loaded: LoadedTextEncoders, captions: list[str], t5_length: int, t5_mask: bool,
+                lg_mask: bool) -> EncodedText:
+    from engine.models.sd3.text import encode_sd3
+
+    return encode_sd3(loaded, captions, t5_max_length=t5_length, apply_lg_mask=lg_mask, apply_t5_mask=t5_mask)
+
+
+# The families with T5 (FLUX.1/Chroma, SD3), by FamilyInfo.text_encoding: (loaded, captions, T5 length, T5 mask,
+# CLIP-L/G mask); clip_skip and max_token_length do not apply to them.
+_T5_ENCODERS = {"flux": _encode_flux, "sd3": _encode_sd3}
 
 
 def _encode_sd(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max_token_length: int) -> EncodedText:
