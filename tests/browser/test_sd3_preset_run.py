@@ -128,8 +128,10 @@ def test_the_sd35_medium_preset_trains_a_lora_from_the_gui(app_page, app_server,
 
     checkpoints = page.locator("#run-checkpoints").inner_text()
     names = set(re.findall(r"[\w.-]+\.safetensors", checkpoints))
-    saved = [path for path in app_server["runs_dir"].rglob("*.safetensors") if path.name in names]
-    assert saved, f"the files the live view lists ({sorted(names)}) are not under {app_server['runs_dir']}"
+    # Other tests' runs share the runs folder (and the name last.safetensors): only this run's folder counts.
+    saved = [path for path in app_server["runs_dir"].rglob("*.safetensors")
+             if path.name in names and any(part.endswith(f"-{RUN_NAME}") for part in path.parts)]
+    assert len(saved) == 1, f"the files the live view lists ({sorted(names)}) under {app_server['runs_dir']}: {saved}"
     with safe_open(str(saved[-1]), framework="pt") as lora:
         keys = list(lora.keys())
         metadata = lora.metadata() or {}
