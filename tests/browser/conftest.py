@@ -55,6 +55,46 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).first.click()
 
 
+def field(page, path: str):
+    """A Parameters field's whole block (label, box, file browser), which hides when the family does not use it."""
+    return page.locator(f"#field-{path.replace('.', '-')}")
+
+
+def open_section(page, name: str) -> None:
+    """A section of the Parameters tab (its tab id: the Dataset section shares its name with the Dataset tab)."""
+    page.locator(f'button[role=tab][data-tab-id="section-{name.lower()}"]').click()
+
+
+def open_advanced(page, section: str) -> None:
+    """Open a Parameters section's Advanced accordion (left open when it already is)."""
+    accordion = page.locator(f"#advanced-{section}")
+    if accordion.get_by_role("button").first.get_attribute("aria-expanded") != "true":
+        accordion.get_by_role("button").first.click()
+
+
+def choose(page, path: str, option: str) -> None:
+    """Pick `option` in a dropdown field."""
+    page.locator(f"#field-{path.replace('.', '-')} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def set_number(page, path: str, value: float) -> None:
+    """Type a number into a number field and leave it."""
+    box = page.locator(f"#field-{path.replace('.', '-')} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+@pytest.fixture(scope="module")
+def sd35_medium_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny SD3.5 medium files (the SD3.5 medium preset's variant), in a folder the app may browse."""
+    from sd3_tiny import tiny_sd3_files, write_tiny_sd3
+
+    if os.environ.get("ATELIER_TINY_MODELS"):  # kept between sessions, beside the tiny SD models the app allows
+        return tiny_sd3_files("5-medium")
+    return write_tiny_sd3(tmp_path_factory.mktemp("sd3_5_medium"), "5-medium")
+
+
 def fill(page, elem_id: str, text: str) -> None:
     """Type into a text field and leave it, as a user does (the field's blur event then runs)."""
     box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first

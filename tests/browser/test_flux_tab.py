@@ -9,7 +9,7 @@ import re
 import shutil
 
 import pytest
-from conftest import fill, open_tab
+from conftest import choose, field, fill, open_advanced, open_section, open_tab, set_number
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
@@ -29,20 +29,7 @@ def flux_files(tmp_path_factory) -> dict:
     return write_tiny_flux(tmp_path_factory.mktemp("flux_dev"), "dev")
 
 
-def field(page, path: str):
-    """A field's whole block (label, box, file browser), which hides when the family does not use the field."""
-    return page.locator(f"#field-{path.replace('.', '-')}")
 
-
-def open_section(page, name: str) -> None:
-    """A section of the Parameters tab (its tab id: the Dataset section shares its name with the Dataset tab)."""
-    page.locator(f'button[role=tab][data-tab-id="section-{name.lower()}"]').click()
-
-
-def open_advanced(page, section: str) -> None:
-    accordion = page.locator(f"#advanced-{section}")
-    if accordion.get_by_role("button").first.get_attribute("aria-expanded") != "true":
-        accordion.get_by_role("button").first.click()
 
 
 def choose_preset(page, title: str, family: str) -> None:
@@ -53,15 +40,6 @@ def choose_preset(page, title: str, family: str) -> None:
     expect(page.locator("#toml-preview")).to_contain_text(f'model_family = "{family}"', timeout=WAIT)
 
 
-def choose(page, path: str, option: str) -> None:
-    page.locator(f"#field-{path.replace('.', '-')} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def set_number(page, path: str, value: int) -> None:
-    box = page.locator(f"#field-{path.replace('.', '-')} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def test_a_family_shows_only_its_own_fields(page, screenshot):
@@ -169,6 +147,8 @@ def test_flux_preset_refuses_a_missing_ae_then_trains_a_lora(app_page, flux_file
     page.locator("#train-start").click()
     expect(message).to_contain_text("Started", timeout=WAIT)
     status = page.locator("#run-status")
+    # This run's status, not the last one an earlier test left in the live view of the shared app
+    expect(status).to_contain_text("flux-gui", timeout=SLOW)
     expect(status).to_contain_text(re.compile("running|finished|failed"), timeout=SLOW)
     expect(status).to_contain_text(re.compile(f"step [1-9]\\d*/{STEPS}|finished|failed"), timeout=SLOW)
     expect(status).to_contain_text(re.compile("finished|failed"), timeout=SLOW)

@@ -4,12 +4,11 @@ runs to the end in the live view; the LoRA it saves holds kohya's SD3 names and 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 
 import pytest
-from conftest import fill, open_tab
+from conftest import choose, fill, open_advanced, open_section, open_tab, set_number
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
@@ -20,36 +19,9 @@ PRESET = "SD3.5 medium LoRA 12 GB"
 RUN_NAME = "sd35-gui"
 
 
-@pytest.fixture(scope="module")
-def sd3_files(tmp_path_factory) -> dict:
-    """The tiny SD3.5 medium files (the preset's variant), in a folder the app may browse (its --allow-path roots)."""
-    from sd3_tiny import tiny_sd3_files, write_tiny_sd3
-
-    if os.environ.get("ATELIER_TINY_MODELS"):  # kept between sessions, beside the tiny SD models the app allows
-        return tiny_sd3_files("5-medium")
-    return write_tiny_sd3(tmp_path_factory.mktemp("sd3_5_medium"), "5-medium")
 
 
-def open_section(page, name: str) -> None:
-    """A section of the Parameters tab (its tab id: the Dataset section shares its name with the Dataset tab)."""
-    page.locator(f'button[role=tab][data-tab-id="section-{name.lower()}"]').click()
 
-
-def open_advanced(page, section: str) -> None:
-    accordion = page.locator(f"#advanced-{section}")
-    if accordion.get_by_role("button").first.get_attribute("aria-expanded") != "true":
-        accordion.get_by_role("button").first.click()
-
-
-def choose(page, path: str, option: str) -> None:
-    page.locator(f"#field-{path.replace('.', '-')} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def set_number(page, path: str, value: int) -> None:
-    box = page.locator(f"#field-{path.replace('.', '-')} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def set_up_sd35(page, files: dict, dataset) -> None:
@@ -98,14 +70,14 @@ def set_up_sd35(page, files: dict, dataset) -> None:
     expect(page.locator("#validation-status")).to_contain_text("Valid.", timeout=WAIT)
 
 
-def test_the_sd35_medium_preset_trains_a_lora_from_the_gui(app_page, app_server, sd3_files, tiny_models, work_dir,
-                                                            screenshot):
+def test_the_sd35_medium_preset_trains_a_lora_from_the_gui(app_page, app_server, sd35_medium_files, tiny_models,
+                                                            work_dir, screenshot):
     page = app_page
     page.set_default_timeout(90_000)
     open_tab(page, "Parameters")
     # A private copy: the preset caches latents beside the images, which must not land in the shared tiny dataset.
     dataset = shutil.copytree(tiny_models["dataset_img"], work_dir / "img", ignore=shutil.ignore_patterns("*.npz"))
-    set_up_sd35(page, sd3_files, dataset)
+    set_up_sd35(page, sd35_medium_files, dataset)
     screenshot(page, "parameters-sd35-medium-preset")
 
     open_tab(page, "Train")
@@ -114,6 +86,8 @@ def test_the_sd35_medium_preset_trains_a_lora_from_the_gui(app_page, app_server,
     message = page.locator("#train-message")
     expect(message).to_contain_text("Started", timeout=WAIT)
     status = page.locator("#run-status")
+    # This run's status, not the last one an earlier test left in the live view of the shared app
+    expect(status).to_contain_text(RUN_NAME, timeout=SLOW)
     expect(status).to_contain_text(re.compile("running|finished|failed"), timeout=SLOW)
     expect(status).to_contain_text(re.compile(f"step [1-9]\\d*/{STEPS}|finished|failed"), timeout=SLOW)
     expect(status).to_contain_text(re.compile("finished|failed"), timeout=SLOW)

@@ -5,54 +5,23 @@ the doctor naming the missing CLIP-G."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
-from conftest import fill, open_tab
+from conftest import choose, field, fill, open_advanced, open_section, open_tab, set_number
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 WAIT = 30_000  # ms: a family change re-renders hundreds of widgets
 
 
-@pytest.fixture(scope="module")
-def sd3_files(tmp_path_factory) -> dict:
-    """The tiny SD3.5 medium files, in a folder the app may browse (its --allow-path roots)."""
-    from sd3_tiny import tiny_sd3_files, write_tiny_sd3
-
-    if os.environ.get("ATELIER_TINY_MODELS"):  # kept between sessions, beside the tiny SD models the app allows
-        return tiny_sd3_files("5-medium")
-    return write_tiny_sd3(tmp_path_factory.mktemp("sd3_5_medium"), "5-medium")
 
 
-def field(page, path: str):
-    """A field's whole block (label, box, file browser), which hides when the family does not use the field."""
-    return page.locator(f"#field-{path.replace('.', '-')}")
 
 
-def open_section(page, name: str) -> None:
-    page.locator(f'button[role=tab][data-tab-id="section-{name.lower()}"]').click()
 
 
-def open_advanced(page, section: str) -> None:
-    accordion = page.locator(f"#advanced-{section}")
-    if accordion.get_by_role("button").first.get_attribute("aria-expanded") != "true":
-        accordion.get_by_role("button").first.click()
-
-
-def choose(page, path: str, option: str) -> None:
-    page.locator(f"#field-{path.replace('.', '-')} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def set_number(page, path: str, value: float) -> None:
-    box = page.locator(f"#field-{path.replace('.', '-')} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def test_the_sd3_family_shows_its_own_fields_and_writes_them(page, sd3_files, screenshot):
+def test_the_sd3_family_shows_its_own_fields_and_writes_them(page, sd35_medium_files, screenshot):
     open_section(page, "Model")
     choose(page, "model.model_family", "sd3")
     preview = page.locator("#toml-preview")
@@ -86,15 +55,15 @@ def test_the_sd3_family_shows_its_own_fields_and_writes_them(page, sd3_files, sc
 
     # what is set is written to the config
     open_section(page, "Model")
-    fill(page, "field-model-clip_l", str(sd3_files["clip_l"]))
-    fill(page, "field-model-clip_g", str(sd3_files["clip_g"]))
-    fill(page, "field-model-t5xxl", str(sd3_files["t5xxl"]))
+    fill(page, "field-model-clip_l", str(sd35_medium_files["clip_l"]))
+    fill(page, "field-model-clip_g", str(sd35_medium_files["clip_g"]))
+    fill(page, "field-model-t5xxl", str(sd35_medium_files["t5xxl"]))
     open_section(page, "Flow")
     set_number(page, "flow.training_shift", 3.0)
     open_section(page, "Training")
     set_number(page, "training.clip_g_dropout_rate", 0.25)
-    expect(preview).to_contain_text(f'clip_g = "{sd3_files["clip_g"]}"', timeout=WAIT)
-    expect(preview).to_contain_text(f't5xxl = "{sd3_files["t5xxl"]}"')
+    expect(preview).to_contain_text(f'clip_g = "{sd35_medium_files["clip_g"]}"', timeout=WAIT)
+    expect(preview).to_contain_text(f't5xxl = "{sd35_medium_files["t5xxl"]}"')
     expect(preview).to_contain_text("training_shift = 3.0")
     expect(preview).to_contain_text("clip_g_dropout_rate = 0.25")
     expect(page.locator("#validation-status")).to_contain_text("Valid.", timeout=WAIT)
@@ -114,7 +83,7 @@ def test_the_sd3_family_shows_its_own_fields_and_writes_them(page, sd3_files, sc
     expect(page.locator("#validation-status")).to_contain_text("flow.training_shift", timeout=WAIT)
 
 
-def test_auto_with_an_sd3_file_without_text_encoders_is_refused_naming_clip_g(app_page, sd3_files, tiny_models,
+def test_auto_with_an_sd3_file_without_text_encoders_is_refused_naming_clip_g(app_page, sd35_medium_files, tiny_models,
                                                                                 work_dir, screenshot):
     page = app_page
     page.set_default_timeout(90_000)
@@ -122,9 +91,9 @@ def test_auto_with_an_sd3_file_without_text_encoders_is_refused_naming_clip_g(ap
     dataset = shutil.copytree(tiny_models["dataset_img"], work_dir / "img", ignore=shutil.ignore_patterns("*.npz"))
     open_section(page, "Model")
     expect(page.locator("#field-model-model_family input")).to_have_value("auto")
-    fill(page, "field-model-pretrained_model_name_or_path", str(sd3_files["model"]))
-    fill(page, "field-model-clip_l", str(sd3_files["clip_l"]))
-    fill(page, "field-model-t5xxl", str(sd3_files["t5xxl"]))
+    fill(page, "field-model-pretrained_model_name_or_path", str(sd35_medium_files["model"]))
+    fill(page, "field-model-clip_l", str(sd35_medium_files["clip_l"]))
+    fill(page, "field-model-t5xxl", str(sd35_medium_files["t5xxl"]))
     open_section(page, "Dataset")
     fill(page, "field-dataset-train_data_dir", str(dataset))
     fill(page, "field-dataset-general-resolution", "64")
@@ -132,7 +101,7 @@ def test_auto_with_an_sd3_file_without_text_encoders_is_refused_naming_clip_g(ap
     set_number(page, "dataset.general.min_bucket_reso", 64)
     set_number(page, "dataset.general.max_bucket_reso", 128)
     expect(page.locator("#toml-preview")).to_contain_text("max_bucket_reso = 128", timeout=WAIT)
-    expect(page.locator("#toml-preview")).to_contain_text(f'clip_l = "{sd3_files["clip_l"]}"', timeout=WAIT)
+    expect(page.locator("#toml-preview")).to_contain_text(f'clip_l = "{sd35_medium_files["clip_l"]}"', timeout=WAIT)
     expect(page.locator("#validation-status")).to_contain_text("Valid.", timeout=WAIT)
 
     open_tab(page, "Train")
@@ -140,6 +109,6 @@ def test_auto_with_an_sd3_file_without_text_encoders_is_refused_naming_clip_g(ap
     message = page.locator("#train-message")
     expect(message).to_contain_text("Not started", timeout=WAIT)
     expect(message).to_contain_text("model.clip_g: not set, and the SD3 file holds no CLIP-G")
-    expect(message).to_contain_text(str(sd3_files["model"]))
+    expect(message).to_contain_text(str(sd35_medium_files["model"]))
     expect(message).to_contain_text("clip_g.safetensors")  # what to do: set model.clip_g to CLIP-G's file
     screenshot(page, "sd3-start-refused-missing-clip-g")
