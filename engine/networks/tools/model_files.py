@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.models.sd3.files import EMBEDDED_PREFIXES
 from engine.networks.lora_names import TEXT_ENCODER_PATH_PREFIX
 from engine.networks.tools.lora_file import ToolError
 
@@ -218,18 +219,15 @@ def _sd3_variant(model: ModelFile) -> str:
     return _sd3_params(model).variant
 
 
-# Where SD3's all-in-one files keep the text encoders (engine.models.sd3.files.EMBEDDED_PREFIXES, not imported here).
-_SD3_EMBEDDED = "text_encoders.{}.transformer."
-
 # FamilyInfo.loader -> how its files are handled; a loader not listed ("ldm") goes through load_model instead.
 FILE_MODELS: dict[str, FileModelKind] = {
     "flux": FileModelKind(_flux_layout_problem, _flux_denoiser, _flux_variant,
                           {"lora_te1": TextEncoderFile("CLIP-L", "clip-l"),
                            "lora_te3": TextEncoderFile("T5-XXL", "t5xxl")}),
     "sd3": FileModelKind(_sd3_layout_problem, _sd3_denoiser, _sd3_variant,
-                         {"lora_te1": TextEncoderFile("CLIP-L", "clip-l", _SD3_EMBEDDED.format("clip_l")),
-                          "lora_te2": TextEncoderFile("CLIP-G", "clip-g", _SD3_EMBEDDED.format("clip_g")),
-                          "lora_te3": TextEncoderFile("T5-XXL", "t5xxl", _SD3_EMBEDDED.format("t5xxl"))}),
+                         {"lora_te1": TextEncoderFile("CLIP-L", "clip-l", EMBEDDED_PREFIXES["clip_l"]),
+                          "lora_te2": TextEncoderFile("CLIP-G", "clip-g", EMBEDDED_PREFIXES["clip_g"]),
+                          "lora_te3": TextEncoderFile("T5-XXL", "t5xxl", EMBEDDED_PREFIXES["t5xxl"])}),
 }
 
 
