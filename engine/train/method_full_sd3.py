@@ -41,6 +41,7 @@ import torch
 
 from engine.files import atomic_output, replace_folder
 from engine.models.ldm_checkpoint import cpu_cast
+from engine.models.sd3.params import SAI_PREFIX
 from engine.train.method_full import FullModelMethod, cpu_copy
 from engine.train.method_full_flux import checkpoint_metadata, flow_scheduler
 from engine.train.setup import RunInputError
@@ -168,14 +169,11 @@ def sd3_checkpoint_metadata(metadata: Mapping[str, str], model: LoadedModel) -> 
 
 # --- the SAI single file and the text-encoder siblings -------------------------------------------------------------
 
-TRANSFORMER_PREFIX = "model.diffusion_model."
-
-
 def sai_state(model: LoadedModel, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """The MMDiT under `model.diffusion_model.` and the VAE under `first_stage_model.` (LDM names), CPU tensors."""
     from engine.models.ldm_keys import vae_to_ldm
 
-    state = {TRANSFORMER_PREFIX + key: cpu_cast(tensor, dtype).contiguous()
+    state = {SAI_PREFIX + key: cpu_cast(tensor, dtype).contiguous()
              for key, tensor in model.unet.state_dict().items()}
     vae = {key: cpu_cast(tensor, dtype).contiguous() for key, tensor in model.vae.vae.state_dict().items()}
     state.update(vae_to_ldm(vae))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.models.flux.files import base_model_header, check_not_adapter, read_flux_header
+from engine.models.sd3.params import SAI_PREFIX
 from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
 
 LOCATION = "model.pretrained_model_name_or_path"
 SD3_BASE = "SD3/SD3.5"  # what a base-model file should be, in messages
-SAI_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 # Where an all-in-one file keeps each text encoder (diffusers' single_file_utils reads the same keys).
 EMBEDDED_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",

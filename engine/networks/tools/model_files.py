@@ -178,7 +178,7 @@ def _flux_variant(model: ModelFile) -> str:
 
 def _sd3_keys(model: ModelFile) -> dict[str, tuple[int, ...]]:
     """The MMDiT's keys without the SAI prefix (an all-in-one file's text encoders and VAE left out)."""
-    from engine.models.sd3.files import SAI_PREFIX
+    from engine.models.sd3.params import SAI_PREFIX
 
     prefixed = any(key.startswith(SAI_PREFIX) for key in model.tensors)
     return {key.removeprefix(SAI_PREFIX): info.shape for key, info in model.tensors.items()
