@@ -118,28 +118,31 @@ def tiny_clip() -> Any:
     return _perturbed(CLIPTextModel(config), SEEDS["clip"])
 
 
-def tiny_t5() -> Any:
+def tiny_t5(d_model: int = TEXT_WIDTH, seed: int = SEEDS["t5"]) -> Any:
+    """A 2-layer T5 v1.1 encoder (gated-GELU, 2 heads of 8, d_ff 37); SD3's tiny T5 is the same, wider."""
     import torch
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=T5_VOCAB, d_model=TEXT_WIDTH, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+    config = T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
                       tie_word_embeddings=False)
-    torch.manual_seed(SEEDS["t5"])
-    return _perturbed(T5EncoderModel(config), SEEDS["t5"])
+    torch.manual_seed(seed)
+    return _perturbed(T5EncoderModel(config), seed)
 
 
-def tiny_ae() -> Any:
-    """A diffusers AutoencoderKL shaped like FLUX's AE (16 latent channels, no quant convs), 4 blocks."""
+def tiny_ae(scaling_factor: float = 0.3611, shift_factor: float = 0.1159, seed: int = SEEDS["ae"]) -> Any:
+    """A diffusers AutoencoderKL shaped like FLUX's AE (16 latent channels, no quant convs), 4 blocks; SD3's VAE
+    has the same shape with its own scale and shift."""
     import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(SEEDS["ae"])
+    torch.manual_seed(seed)
     ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
                        layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=64,
-                       scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    return _perturbed(ae, SEEDS["ae"])
+                       scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+                       use_post_quant_conv=False)
+    return _perturbed(ae, seed)
 
 
 def ae_to_bfl(ae_state: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import flux_tiny
 from flux_tiny import _perturbed, tiny_t5_tokenizer
 
 VARIANTS = ("medium", "5-medium", "5-large")
@@ -37,7 +38,6 @@ STAMP = ".atelier-tiny-sd3-stamp"
 SEEDS = {"medium": 2100, "5-medium": 2200, "5-large": 2300, "clip_l": 2400, "clip_g": 2500, "t5": 2600, "vae": 2700}
 CLIP_WIDTH = 32  # both CLIPs: widths 32 + 32 ≤ context 64, projections 32 + 32 = adm_in_channels 64
 T5_WIDTH = 64  # context_in_dim of the tiny MMDiT
-T5_VOCAB = 96
 SAI_PREFIX = "model.diffusion_model."
 EMBEDDED = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
             "t5xxl": "text_encoders.t5xxl.transformer."}
@@ -78,27 +78,13 @@ def tiny_clip_g() -> Any:
 
 
 def tiny_t5() -> Any:
-    import torch
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(vocab_size=T5_VOCAB, d_model=T5_WIDTH, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                      tie_word_embeddings=False)
-    torch.manual_seed(SEEDS["t5"])
-    return _perturbed(T5EncoderModel(config), SEEDS["t5"])
+    """FLUX's tiny T5 at the tiny MMDiT's context width."""
+    return flux_tiny.tiny_t5(T5_WIDTH, SEEDS["t5"])
 
 
 def tiny_vae() -> Any:
     """A diffusers AutoencoderKL shaped like SD3's VAE (16 latent channels, no quant convs), 4 blocks."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(SEEDS["vae"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
-                        layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=64,
-                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-    return _perturbed(vae, SEEDS["vae"])
+    return flux_tiny.tiny_ae(1.5305, 0.0609, SEEDS["vae"])
 
 
 def t5_file_state(t5: Any) -> dict[str, Any]:
