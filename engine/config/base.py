@@ -20,7 +20,13 @@ from pydantic.fields import FieldInfo
 #   families: the model families the setting applies to (absent: all). The GUI hides it for the others, and a rule
 #             refuses a value other than the default there, so a setting that is shown always does what it says.
 #             On a section it applies to every field of the section.
-UI_HINT_KEYS = ("advanced", "group", "widget", "unit", "families")
+#   use:      who reads the setting, when it is not the engine's training code (absent: the engine reads it).
+#             "metadata": only recorded in the saved files' metadata (a licence, a comment);
+#             "file": read by the config loader itself (the file layout's version);
+#             "planned": not built yet; a rule refuses any value other than the default, so it never claims to work.
+#             tests/unit/test_schema_readers.py holds every setting to this.
+UI_HINT_KEYS = ("advanced", "group", "widget", "unit", "families", "use")
+SETTING_USES = ("metadata", "file", "planned")
 
 
 class StrictModel(BaseModel):
@@ -42,6 +48,7 @@ def setting(
     widget: str | None = None,
     unit: str | None = None,
     families: tuple[str, ...] | None = None,
+    use: str | None = None,
     default_factory: Any = None,
     **constraints: Any,
 ) -> Any:
@@ -55,13 +62,16 @@ def setting(
         widget: Optional widget override (see UI_HINT_KEYS).
         unit: Optional unit shown after the value.
         families: The model families (`model.model_family` values) it applies to; None for all.
+        use: Who reads it when the engine's training code does not (one of SETTING_USES); None: the engine does.
         default_factory: For mutable defaults (lists, dicts) instead of `default`.
         **constraints: pydantic constraints such as ge, le, gt, lt, min_length, pattern.
     """
     if not description:
         raise ValueError("every setting needs a description for users")
+    if use is not None and use not in SETTING_USES:
+        raise ValueError(f"use must be one of {SETTING_USES}, not {use!r}")
     hints: dict[str, Any] = {"advanced": advanced}
-    for key, value in (("group", group), ("widget", widget), ("unit", unit)):
+    for key, value in (("group", group), ("widget", widget), ("unit", unit), ("use", use)):
         if value is not None:
             hints[key] = value
     if families is not None:

@@ -44,6 +44,8 @@ class FieldSpec:
     item_kind: str | None = None  # for lists: the kind of each item (str, int, float)
     # The model families it applies to, from the field or its section; () = every family. See `applies_to`.
     families: tuple[str, ...] = ()
+    # Who reads it when the engine's training code does not: "metadata", "file" or "planned" (see base.UI_HINT_KEYS).
+    use: str | None = None
 
     @property
     def section(self) -> str:
@@ -132,7 +134,7 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "",
             path=path, kind=_kind(annotation, choices), default=_default(info), description=info.description or "",
             optional=optional, choices=choices, bounds=_bounds(info), advanced=bool(hints.get("advanced")),
             group=hints.get("group"), widget=hints.get("widget"), unit=hints.get("unit"),
-            item_kind=_item_kind(annotation), families=applies,
+            item_kind=_item_kind(annotation), families=applies, use=hints.get("use"),
         ))
     return specs
 

@@ -39,11 +39,20 @@ def _allowed(spec: FieldSpec) -> str:
     return " and ".join(parts) or spec.kind
 
 
+# How the reference marks a setting that the engine's training code does not read (base.UI_HINT_KEYS, "use").
+_USE_NOTES = {
+    "metadata": " *(metadata only: written into the saved file)*",
+    "file": " *(read by the config loader)*",
+    "planned": " *(not built yet: any value other than the default is refused)*",
+}
+
+
 def _row(spec: FieldSpec) -> str:
     name = spec.path.split(".", 1)[1] if spec.section else spec.path
     level = " *(advanced)*" if spec.advanced else ""
     if spec.families:
         level += f" *({', '.join(family_label(name) for name in spec.families)} only)*"
+    level += _USE_NOTES.get(spec.use or "", "")
     description = spec.description.replace("|", "\\|")
     allowed = _allowed(spec).replace("|", "\\|")
     return f"| `{name}` | {_toml_value(spec.default)} | {allowed} | {description}{level} |"

@@ -23,7 +23,7 @@ class RunConfig(StrictModel):
     """Everything that describes one training run."""
 
     schema_version: int = setting(SCHEMA_VERSION, "Version of this file's layout; older files are migrated.",
-                                  advanced=True)
+                                  advanced=True, use="file")
     method: Method = setting(
         "lora", "What to train: a LoRA-family network, a full model (DreamBooth or fine-tuning), or an embedding.",
     )

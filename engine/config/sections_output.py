@@ -12,12 +12,13 @@ from engine.config.prompts import parse_prompt_line
 class MetadataSection(StrictModel):
     """Information written into the saved file's metadata (modelspec and ss_* keys)."""
 
-    title: str = setting("", "Title shown by model browsers.")
-    author: str = setting("", "Your name or handle.")
-    description: str = setting("", "What the model does and how to prompt it.", widget="textarea")
-    license: str = setting("", "License of the trained file, e.g. 'CreativeML OpenRAIL-M'.")
-    tags: str = setting("", "Comma-separated tags, e.g. 'character, anime'.")
-    training_comment: str = setting("", "Free text stored as ss_training_comment.", advanced=True)
+    title: str = setting("", "Title shown by model browsers.", use="metadata")
+    author: str = setting("", "Your name or handle.", use="metadata")
+    description: str = setting("", "What the model does and how to prompt it.", widget="textarea", use="metadata")
+    license: str = setting("", "License of the trained file, e.g. 'CreativeML OpenRAIL-M'.", use="metadata")
+    tags: str = setting("", "Comma-separated tags, e.g. 'character, anime'.", use="metadata")
+    training_comment: str = setting("", "Free text stored as ss_training_comment.", advanced=True,
+                                     use="metadata")
 
 
 class SavingSection(StrictModel):
