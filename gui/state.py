@@ -70,7 +70,18 @@ def _number_to_widget(spec: FieldSpec, value: Any) -> Any:
     return "" if value is None else str(value)
 
 
+# `dataset.datasets` ([[datasets]] with their subsets) is edited as a whole by the dataset editor; the form holds it as
+# the list of config dicts, so that nothing of it is lost between a Load and the config the form builds.
+DATASETS_SPEC = FieldSpec(path="dataset.datasets", kind="datasets", default=[],
+                          description="Datasets written inline in sd-scripts' [[datasets]] form, with their subsets.")
+
+
+def _datasets_passthrough(spec: FieldSpec, value: Any) -> list[dict[str, Any]]:
+    return [dict(entry) for entry in value or []]
+
+
 _TO_WIDGET: dict[str, Callable[[FieldSpec, Any], Any]] = {
+    "datasets": _datasets_passthrough,
     "size": lambda spec, value: _numbers_to_text(value if isinstance(value, list) else [value, value]),
     "table": lambda spec, value: _table_to_text(value),
     "list": _list_to_text,
@@ -96,6 +107,7 @@ def _int_from_widget(spec: FieldSpec, value: Any) -> Any:
 
 
 _FROM_WIDGET: dict[str, Callable[[FieldSpec, Any], Any]] = {
+    "datasets": _datasets_passthrough,
     "size": lambda spec, text: _size_from_text(text),
     "table": lambda spec, text: _table_from_text(text),
     "list": _list_from_text,

@@ -21,6 +21,7 @@ from engine.config.io import (
     read_document,
     save_preset,
 )
+from engine.config.paths import get_path
 from engine.config.schema import SECTIONS, RunConfig, config_warnings
 from gui.browse import FileRoots, PathNotAllowed
 from gui.context import TabContext
@@ -28,14 +29,17 @@ from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_pa
 from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
 from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
-from gui.state import config_to_form, form_to_config, to_widget
+from gui.state import DATASETS_SPEC, config_to_form, form_to_config, to_widget
 
 # Shown in the form only where it helps; schema_version is a file detail.
 _HIDDEN = {"schema_version"}
 
 
 def editable_fields() -> dict[str, FieldSpec]:
-    return {spec.path: spec for spec in iter_fields() if spec.path not in _HIDDEN}
+    """Every value the form holds, by path: the generated fields and the inline datasets (edited as a whole), so that
+    the config the form builds keeps everything a Load or Import put in it."""
+    specs = {spec.path: spec for spec in iter_fields() if spec.path not in _HIDDEN}
+    return specs | {DATASETS_SPEC.path: DATASETS_SPEC}
 
 
 def status_markdown(config: RunConfig | None, problems: list) -> str:
@@ -67,6 +71,9 @@ class _Form:
 
     def add_fields(self, specs: list[FieldSpec]) -> None:
         for spec in specs:
+            if spec.kind == "datasets":
+                self.components[spec.path] = datasets_component(self.values[spec.path], self.roots)
+                continue
             if not spec.families:
                 self.components[spec.path] = build_field(spec, self.values[spec.path], self.roots)
                 continue
@@ -93,6 +100,12 @@ class _Form:
         """Show or hide each family-specific part for the form `values` ({path: widget value})."""
         shown = shown_paths(self.specs, values)
         return {part.block: gr.update(visible=part.visible(shown)) for part in self.family_blocks}
+
+
+def datasets_component(initial: list[dict[str, Any]], roots: FileRoots) -> Any:
+    """The form's value of `dataset.datasets`: a hidden state that keeps it (loaded, imported, set by a preset) until
+    the dataset editor edits it."""
+    return gr.State(initial)
 
 
 def _edit_events(component: gr.components.Component, spec: FieldSpec) -> list[Any]:
@@ -125,6 +138,30 @@ def _load_preset_values(path: str | Path, specs: dict[str, FieldSpec]) -> dict[s
     document = read_document(path)
     overlay = document["config"] if is_preset_document(document) else document
     return config_to_form(deep_merge(default_config_dict(), overlay), specs)
+
+
+# Formats that hold only part of a run (an sd-scripts dataset TOML): importing one merges it onto the form instead of
+# starting again from the defaults, so the base model and the rest stay as they are.
+PARTIAL_FORMATS = frozenset({"sd_scripts_dataset"})
+# The dataset sources that exclude one another (DatasetSection's check): inline datasets imported replace the others.
+_OTHER_DATASET_SOURCES = ("dataset.config_file", "dataset.train_data_dir", "dataset.in_json", "dataset.reg_data_dir")
+_ABSENT = object()
+
+
+def imported_values(result: ImportResult, current: Mapping[str, Any],
+                    specs: dict[str, FieldSpec]) -> tuple[dict[str, Any], list[str]]:
+    """The form after an import, and the fields it cleared: a whole run replaces the form (on the defaults), a
+    partial file sets only its own fields on the `current` form ({path: widget value})."""
+    if result.format not in PARTIAL_FORMATS:
+        return config_to_form(deep_merge(default_config_dict(), result.overlay), specs), []
+    touched = {path for path in specs if get_path(result.overlay, path, _ABSENT) is not _ABSENT}
+    cleared = []
+    if "dataset.datasets" in touched:
+        cleared = [path for path in _OTHER_DATASET_SOURCES if current.get(path)]
+    _, data, _ = form_to_config(current, specs)
+    merged = config_to_form(deep_merge(data, result.overlay), specs)
+    values = dict(current) | {path: merged[path] for path in touched}
+    return values | {path: to_widget(specs[path], "") for path in cleared}, cleared
 
 
 def import_report_markdown(result: ImportResult, path: str) -> str:
@@ -224,8 +261,12 @@ def build(ctx: TabContext) -> None:
             result = import_file(settings_file(path, ctx.roots))
         except (ConfigError, PathNotAllowed) as error:
             return {preset_message: f"**Could not import it:** {error}"}
-        new_values = config_to_form(deep_merge(default_config_dict(), result.overlay), specs)
-        return fill(new_values, form, import_report_markdown(result, path))
+        current = {path_of[c]: v for c, v in form.items() if c in path_of}
+        new_values, cleared = imported_values(result, current, specs)
+        message = import_report_markdown(result, path)
+        if cleared:
+            message += f"\n\nThe imported datasets replace {', '.join(f'`{p}`' for p in cleared)} (one source only)."
+        return fill(new_values, form, message)
 
     def on_preset(choice: str | None, form: dict) -> dict:
         if not choice:
