@@ -72,13 +72,22 @@ def parse_prompt_line(line: str) -> dict[str, Any]:
     return parsed
 
 
+def prompt_file_lines(text: str) -> list[str]:
+    """The prompts of a .txt prompt file: its non-empty lines, stripped, except comments.
+
+    A comment is a line whose first non-blank character is '#'. sd-scripts only skips a '#' in the very first column,
+    so an indented comment became a prompt there (and was sampled as one); here it is a comment wherever it starts.
+    """
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def load_prompt_file(path: str | Path) -> list[dict[str, Any]]:
     """Read a .txt, .toml or .json prompt file in sd-scripts' formats into a list of prompt dicts."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [parse_prompt_line(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+        return [parse_prompt_line(line) for line in prompt_file_lines(path.read_text(encoding="utf-8"))]
     if suffix == ".toml":
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         defaults = {k: v for k, v in data.get("prompt", {}).items() if k != "subset"}

@@ -39,3 +39,10 @@ def test_prompt_files_in_three_formats(tmp_path):
     assert load_prompt_file(tmp_path / "p.toml") == [{"width": 640, "sample_steps": 20, "prompt": "a dog"},
                                                      {"width": 512, "sample_steps": 20, "prompt": "a cat"}]
     assert load_prompt_file(tmp_path / "p.json") == [{"prompt": "a dog", "seed": 3}, {"prompt": "a cat", "seed": 4}]
+
+
+def test_indented_comment_lines_in_a_prompt_file_are_comments(tmp_path):
+    """A '#' after spaces or a tab starts a comment too; a '#' inside a prompt is kept."""
+    (tmp_path / "p.txt").write_text("# first\n   # indented --w 64\n\t# tabbed\n  a dog #1 --w 512\n\na cat\n")
+    prompts = load_prompt_file(tmp_path / "p.txt")
+    assert prompts == [{"prompt": "a dog #1", "width": 512}, {"prompt": "a cat"}]
