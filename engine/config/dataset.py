@@ -50,7 +50,8 @@ class Subset(_SubsetInherited):
 
     image_dir: str | None = setting(None, "Folder of training images.", widget="folder")
     is_reg: bool = setting(False, "Whether these are regularization (class) images.")
-    alpha_mask: bool = setting(False, "Use the image's alpha channel as a loss mask.", advanced=True)
+    alpha_mask: bool = setting(False, "Use the image's alpha channel as a loss mask (not built yet).", advanced=True,
+                               use="planned")
     metadata_file: str | None = setting(
         None, "Fine-tuning metadata (.json or .jsonl) with captions and tags.", widget="file",
     )

@@ -7,6 +7,10 @@ the `[[datasets]]` and `[[datasets.subsets]]` levels, where every key is optiona
 
 from __future__ import annotations
 
+import functools
+import operator
+import types
+import typing
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, create_model
@@ -54,11 +58,15 @@ class DatasetLevelKeys(StrictModel):
         advanced=True,
     )
     network_multiplier: float = setting(
-        1.0, "Strength of the trained network for this dataset (sd-scripts multi-dataset option).", advanced=True,
+        1.0, "Strength of the trained network on this dataset's images (0 = the base model alone).", advanced=True,
     )
-    validation_seed: int | None = setting(None, "Seed for choosing the validation images.", advanced=True, ge=0)
+    # Validation loss belongs to the training-quality issue; until then rules_dataset refuses other values.
+    validation_seed: int | None = setting(
+        None, "Seed for choosing the validation images (not built yet).", advanced=True, ge=0, use="planned",
+    )
     validation_split: float = setting(
-        0.0, "Fraction of images held out for validation loss (0 = none).", ge=0.0, lt=1.0, advanced=True,
+        0.0, "Fraction of images held out for validation loss (0 = none; not built yet).", ge=0.0, lt=1.0,
+        advanced=True, use="planned",
     )
 
 
@@ -141,7 +149,12 @@ def inheriting(name: str, *groups: type[StrictModel]) -> type[StrictModel]:
     fields: dict[str, Any] = {}
     for group in groups:
         for key, info in group.model_fields.items():
-            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            # Optional[X] keys become X first, so the result is Annotated[X, ...] | None, not Optional twice over
+            # (which describe() would not see through: the GUI showed validation_seed as a text box).
+            inner = info.annotation
+            if typing.get_origin(inner) in (typing.Union, types.UnionType) and type(None) in typing.get_args(inner):
+                inner = functools.reduce(operator.or_, [arg for arg in typing.get_args(inner) if arg is not type(None)])
+            annotation = Annotated[(inner, *info.metadata)] if info.metadata else inner
             fields[key] = (annotation | None, Field(None, description=info.description,
                                                      json_schema_extra=info.json_schema_extra))
     return create_model(name, __base__=StrictModel, **fields)

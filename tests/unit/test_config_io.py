@@ -26,7 +26,8 @@ RICH_CONFIG = {
                 "network_args": {"preset": "attn-mlp", "use_tucker": True}},
     "dataset": {
         "general": {"resolution": [1024, 768], "shuffle_caption": True, "keep_tokens": 1,
-                    "caption_prefix": "sks", "face_crop_aug_range": [2.0, 4.0], "bucket_reso_steps": 32},
+                    "caption_prefix": "sks", "face_crop_aug_range": [2.0, 4.0], "bucket_reso_steps": 32,
+                    "enable_bucket": False},  # face-crop augmentation runs with buckets off, from pixels
         "datasets": [{"batch_size": 2, "subsets": [
             {"image_dir": "img/a", "num_repeats": 10, "class_tokens": "sks girl"},
             {"image_dir": "reg/girl", "is_reg": True, "custom_attributes": {"diff_output_preservation": True}},
@@ -34,7 +35,8 @@ RICH_CONFIG = {
     },
     "optimizer": {"optimizer_type": "AdamW", "learning_rate": 3e-5, "text_encoder2_lr": 1e-5,
                   "optimizer_args": {"weight_decay": 0.01, "betas": [0.9, 0.99]}, "lr_warmup_steps": 0.05},
-    "training": {"max_train_epochs": 0, "max_train_steps": 2000, "mixed_precision": "bf16", "full_bf16": True},
+    "training": {"max_train_epochs": 0, "max_train_steps": 2000, "mixed_precision": "bf16", "full_bf16": True,
+                 "cache_latents": False},
     "saving": {"save_every_n_steps": 500, "metadata": {"title": "Mine", "tags": "a, b"}},
     "sampling": {"sample_every_n_steps": 250, "sample_prompts": ["sks girl --n blurry --w 1024 --h 1024 --d 7"]},
     "launch": {"num_processes": 2, "multi_gpu": True, "gpu_ids": [0, 1]},
