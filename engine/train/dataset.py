@@ -182,6 +182,13 @@ class EpochBatches:
         self.epoch_first_step = epoch_first_step  # optimizer steps taken before this epoch began
         sampler.set_epoch(epoch)
 
+    def move_to(self, *, epoch: int, start: int, epoch_first_step: int) -> None:
+        """Serve another epoch (a DataLoader with persistent workers keeps its batch sampler between epochs)."""
+        self.epoch = epoch
+        self.start = start
+        self.epoch_first_step = epoch_first_step
+        self.sampler.set_epoch(epoch)
+
     def __iter__(self) -> Iterator[list[SampleKey]]:
         batches = self.sampler.rank_batches_with_slots(self.epoch)
         for position in range(self.start, len(batches)):

@@ -142,14 +142,33 @@ def average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> 
 
 
 def epoch_loader(session: Session, epoch: int, start: int) -> Any:
+    """The DataLoader of one epoch, from batch `start` on.
+
+    With training.persistent_data_loader_workers (and workers > 0) one DataLoader serves every epoch: its batch
+    sampler is moved to the new epoch, and the worker processes started for the first epoch keep running instead
+    of being started again (and importing torch again) at each epoch. The batch sampler runs in this process, so
+    moving it is all the workers need.
+    """
     from torch.utils.data import DataLoader
 
     schedule = session.schedule
-    batches = EpochBatches(session.sampler, epoch=epoch, start=start, accumulation=schedule.accumulation,
-                           epoch_first_step=(epoch - 1) * schedule.steps_per_epoch)
-    workers = session.config.training.max_data_loader_n_workers
-    return DataLoader(session.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                      persistent_workers=False)
+    position = {"epoch": epoch, "start": start, "epoch_first_step": (epoch - 1) * schedule.steps_per_epoch}
+    training = session.config.training
+    workers = training.max_data_loader_n_workers
+    persistent = training.persistent_data_loader_workers and workers > 0
+    kept = getattr(session, _KEPT_LOADER, None) if persistent else None
+    if kept is not None:
+        kept.batch_sampler.move_to(**position)
+        return kept
+    batches = EpochBatches(session.sampler, accumulation=schedule.accumulation, **position)
+    loader = DataLoader(session.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                        persistent_workers=persistent)
+    if persistent:
+        setattr(session, _KEPT_LOADER, loader)  # the session lives as long as the run, and so do the workers
+    return loader
+
+
+_KEPT_LOADER = "_persistent_data_loader"
 
 
 def position_after(epoch: int, batches_done: int, global_step: int, batches_per_epoch: int) -> TrainPosition:
