@@ -14,7 +14,7 @@ import gradio as gr
 from engine.config.errors import ConfigError
 from engine.data import project as projects
 from gui import dataset_view as view
-from gui.context import TabContext
+from gui.context import TabContext, config_patch_value
 from gui.doctor_view import DoctorPanel, report_for
 from gui.file_browser import FileRoots, path_field
 
@@ -158,7 +158,7 @@ def build(ctx: TabContext) -> None:
         except projects.ProjectError as error:
             return {message: f"**Not sent:** {error}"}
         patch = view.parameters_patch(folder, projects.list_concepts(folder))
-        return {ctx.config_patch: patch,
+        return {ctx.config_patch: config_patch_value(patch),
                 message: "Sent to the Parameters tab: " + ", ".join(f"`{key}`" for key in patch) + "."}
 
     refreshed = [overview, concepts_table, gallery, proposal, proposal_text, proposal_table, apply_button]

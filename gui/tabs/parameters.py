@@ -192,6 +192,28 @@ def _open_file_row(ctx: TabContext) -> dict[str, Any]:
     return {"path": path, "load": load, "import": imported}
 
 
+def _preset_confirm_row() -> dict[str, Any]:
+    """Shown when a chosen preset would clear fields another tab set: apply it (clearing them), apply it keeping
+    them, or cancel."""
+    with gr.Row(visible=False, elem_id="preset-confirm") as row:
+        text = gr.Markdown(elem_id="preset-confirm-text")
+        apply = gr.Button("Apply, clear them", elem_id="preset-confirm-apply", variant="stop")
+        keep = gr.Button("Apply, keep them", elem_id="preset-confirm-keep", variant="primary")
+        cancel = gr.Button("Cancel", elem_id="preset-confirm-cancel")
+    # The paths other tabs set ("Use in Parameters"), which a preset asks about before clearing.
+    return {"row": row, "text": text, "apply": apply, "keep": keep, "cancel": cancel, "patched": gr.State([])}
+
+
+def patch_values(patch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields of a `config_patch` value (gui.context.config_patch_value)."""
+    return dict((patch or {}).get("values") or {})
+
+
+def cleared_by(new_values: Mapping[str, Any], current: Mapping[str, Any], patched: list[str]) -> list[str]:
+    """The fields other tabs set that `new_values` would change."""
+    return [path for path in patched if path in new_values and new_values[path] != current.get(path)]
+
+
 def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
     presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
@@ -205,6 +227,7 @@ def build(ctx: TabContext) -> None:
             preset_title = gr.Textbox(label="Save as preset", placeholder="name of your preset",
                                       elem_id="preset-title", info="Saves only what differs from the defaults.")
             save_button = gr.Button("Save preset", elem_id="preset-save")
+        confirm = _preset_confirm_row()
         open_row = _open_file_row(ctx)
         preset_message = gr.Markdown(elem_id="preset-message")
         status = gr.Markdown(status_markdown(RunConfig(), []), elem_id="validation-status")
@@ -239,14 +262,16 @@ def build(ctx: TabContext) -> None:
                 | {preset_message: message} | layout.visibility(current | changed))
 
     def on_patch(patch: dict | None, form: dict) -> dict:
-        """Fields set by another tab (Dataset, Regularization)."""
-        patch = patch or {}
+        """Fields set by another tab (Dataset, Regularization); remembered, so that a preset asks before clearing
+        them."""
+        patch = patch_values(patch)
         known = [path for path in patch if path in components]
         unknown = [path for path in patch if path not in components]
         message = f"Set from another tab: {', '.join(f'`{path}`' for path in known)}." if known else ""
         if unknown:
             message += f" Not a field here: {', '.join(unknown)}."
-        return fill({path: to_widget(specs[path], patch[path]) for path in known}, form, message)
+        return (fill({path: to_widget(specs[path], patch[path]) for path in known}, form, message)
+                | {confirm["patched"]: sorted({*form[confirm["patched"]], *known})})
 
     def on_load(path: str, form: dict) -> dict:
         try:
@@ -268,13 +293,26 @@ def build(ctx: TabContext) -> None:
             message += f"\n\nThe imported datasets replace {', '.join(f'`{p}`' for p in cleared)} (one source only)."
         return fill(new_values, form, message)
 
-    def on_preset(choice: str | None, form: dict) -> dict:
+    def on_preset(choice: str | None, form: dict, answer: str = "") -> dict:
+        """Apply a preset; when it would clear fields another tab set, first ask (`answer` "" asks, "apply" clears
+        them, "keep" keeps them)."""
+        hide = {confirm["row"]: gr.update(visible=False)}
         if not choice:
-            return {preset_message: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
+            return {preset_message: gr.skip()} | hide  # not {}: Gradio reads an empty dict as a missing value
         try:
-            return fill(_load_preset_values(preset_path(choice, presets_dir), specs), form, "")
+            new_values = _load_preset_values(preset_path(choice, presets_dir), specs)
         except (ConfigError, ValueError) as error:
-            return {preset_message: f"Could not read the preset: {error}"}
+            return {preset_message: f"Could not read the preset: {error}"} | hide
+        current = {path_of[c]: v for c, v in form.items() if c in path_of}
+        patched = form[confirm["patched"]]
+        lost = cleared_by(new_values, current, patched)
+        if lost and not answer:
+            names = ", ".join(f"`{path}`" for path in lost)
+            return {confirm["row"]: gr.update(visible=True), preset_message: "",
+                    confirm["text"]: f"This preset would clear what another tab set: {names}."}
+        if answer == "keep":
+            return fill(new_values | {path: current[path] for path in lost}, form, "") | hide
+        return fill(new_values, form, "") | hide | {confirm["patched"]: [p for p in patched if p not in lost]}
 
     def on_save(title: str, form: dict) -> dict:
         config, _, problems = form_to_config({path_of[c]: v for c, v in form.items() if c in path_of}, specs)
@@ -295,14 +333,24 @@ def build(ctx: TabContext) -> None:
     family_outputs = [part.block for part in layout.family_blocks]
     components[FAMILY_FIELD].change(lambda form: layout.visibility({path_of[c]: v for c, v in form.items()}),
                                     inputs=set(components.values()), outputs=family_outputs)
-    field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs]
+    field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
+                     confirm["row"], confirm["text"], confirm["patched"]]
     # Handlers that fill the form also read it, to send only what changes.
-    with_form = {*components.values()}
+    with_form = {*components.values(), confirm["patched"]}
     open_row["load"].click(lambda form: on_load(form[open_row["path"]], form),
                            inputs={open_row["path"], *with_form}, outputs=field_outputs)
     open_row["import"].click(lambda form: on_import(form[open_row["path"]], form),
                              inputs={open_row["path"], *with_form}, outputs=field_outputs)
     preset.change(lambda form: on_preset(form[preset], form), inputs={preset, *with_form}, outputs=field_outputs)
+    def answered(answer: str) -> Any:
+        return lambda form: on_preset(form[preset], form, answer)
+
+    for answer in ("apply", "keep"):
+        confirm[answer].click(answered(answer), inputs={preset, *with_form}, outputs=field_outputs)
+    confirm["cancel"].click(lambda: {confirm["row"]: gr.update(visible=False),
+                                     preset_message: "Preset not applied: the form is as it was."},
+                            outputs=[confirm["row"], preset_message])
+    # on_patch reads the patch's fields (config_patch_value): its sequence number makes every press a change.
     ctx.config_patch.change(lambda form: on_patch(form[ctx.config_patch], form),
                             inputs={ctx.config_patch, *with_form}, outputs=field_outputs)
     save_button.click(lambda form: on_save(form[preset_title], form),

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from gui import reg_view as view
-from gui.context import TabContext
+from gui.context import TabContext, config_patch_value
 from gui.file_browser import path_field
 from gui.jobs import EngineJob, JobUpdate
 
@@ -105,7 +105,7 @@ def build(ctx: TabContext) -> None:
         parent = parent.strip() or (str(Path(folder.strip()).parent) if folder.strip() else "")
         if not parent:
             return {c["message"]: "**Choose the regularization folder first.**"}
-        return {ctx.config_patch: view.reg_patch(parent, weight),
+        return {ctx.config_patch: config_patch_value(view.reg_patch(parent, weight)),
                 c["message"]: f"The Parameters tab now trains with `{parent}` as the regularization folder and a "
                               f"prior loss weight of {weight:g}."}
 

@@ -1,0 +1,107 @@
+"""The Parameters form keeps what it is given, clicked through in Chromium: an imported dataset TOML keeps the rest
+of the form and its datasets, "Use in Parameters" works on every press, and a preset asks before it clears what
+another tab set."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import fill, open_section, open_tab
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.browser
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "import"
+WAIT = 30_000
+REG_DIR = "#field-dataset-reg_data_dir textarea, #field-dataset-reg_data_dir input"
+# The whole preview text, from the preview's Download link: CodeMirror draws only the lines in view, so the page text
+# lacks the end of a long config.
+PREVIEW_JS = "async () => await (await fetch(document.querySelector('#toml-preview a[download]').href)).text()"
+
+
+def preview_has(page, text: str) -> None:
+    """Wait until the TOML preview holds `text` anywhere in it."""
+    for _ in range(WAIT // 250):
+        if text in page.evaluate(PREVIEW_JS):
+            return
+        page.wait_for_timeout(250)
+    assert text in page.evaluate(PREVIEW_JS)
+
+
+def test_importing_a_dataset_toml_keeps_the_model_and_the_datasets(page, work_dir):
+    fill(page, "field-model-pretrained_model_name_or_path", "/models/my-base.safetensors")
+    preview = page.locator("#toml-preview")
+    expect(preview).to_contain_text("my-base.safetensors", timeout=WAIT)
+    source = work_dir / "dataset_captions.toml"
+    shutil.copy(FIXTURES / "dataset_captions.toml", source)
+    fill(page, "params-file", str(source))
+    page.locator("#params-import").click()
+    expect(page.locator("#preset-message")).to_contain_text("Imported", timeout=WAIT)
+    preview_has(page, "[[dataset.datasets.subsets]]")
+    preview_has(page, 'image_dir = "C:\\\\fuga"')
+    expect(preview).to_contain_text("my-base.safetensors")  # the base model was not reset
+    # editing another field keeps the datasets: the form rebuilds the config from every value it holds
+    open_section(page, "Network")
+    fill(page, "field-network-network_dim", "12")
+    expect(preview).to_contain_text("network_dim = 12", timeout=WAIT)
+    preview_has(page, "[[dataset.datasets.subsets]]")
+
+
+def use_regularization_folder(page, folder: Path) -> None:
+    open_tab(page, "Regularization")
+    fill(page, "reg-parent", str(folder))
+    page.locator("#reg-apply").click()
+    expect(page.locator("#reg-message")).to_contain_text("now trains with", timeout=WAIT)
+
+
+def test_use_in_parameters_works_on_every_press(app_page, work_dir):
+    page = app_page
+    reg = work_dir / "reg"
+    reg.mkdir()
+    use_regularization_folder(page, reg)
+    open_tab(page, "Parameters")
+    open_section(page, "Dataset")
+    box = page.locator(REG_DIR).first
+    expect(box).to_have_value(str(reg), timeout=WAIT)
+    fill(page, "field-dataset-reg_data_dir", str(work_dir))  # the user types something else
+    expect(box).to_have_value(str(work_dir))
+    use_regularization_folder(page, reg)  # the same folder again: a second press sets it again
+    open_tab(page, "Parameters")
+    expect(box).to_have_value(str(reg), timeout=WAIT)
+
+
+def choose_preset(page, title: str) -> None:
+    page.locator("#preset-choice input").click()
+    page.get_by_role("option", name=title, exact=True).click()
+
+
+def test_a_preset_asks_before_clearing_what_another_tab_set(app_page, work_dir):
+    page = app_page
+    reg = work_dir / "reg"
+    reg.mkdir()
+    use_regularization_folder(page, reg)
+    open_tab(page, "Parameters")
+    open_section(page, "Dataset")
+    box = page.locator(REG_DIR).first
+    expect(box).to_have_value(str(reg), timeout=WAIT)
+
+    choose_preset(page, "SDXL LoRA")
+    confirm = page.locator("#preset-confirm")
+    expect(confirm).to_be_visible(timeout=WAIT)
+    expect(confirm).to_contain_text("dataset.reg_data_dir")
+    expect(box).to_have_value(str(reg))  # nothing applied yet
+    page.locator("#preset-confirm-cancel").click()
+    expect(confirm).to_be_hidden(timeout=WAIT)
+    expect(page.locator("#preset-message")).to_contain_text("not applied")
+
+    choose_preset(page, "SD1.5 LoRA: 8 GB of VRAM")
+    expect(confirm).to_be_visible(timeout=WAIT)
+    page.locator("#preset-confirm-keep").click()
+    expect(confirm).to_be_hidden(timeout=WAIT)
+    preview_has(page, f'reg_data_dir = "{reg}"')
+
+    choose_preset(page, "SDXL LoRA")
+    expect(confirm).to_be_visible(timeout=WAIT)
+    page.locator("#preset-confirm-apply").click()
+    expect(confirm).to_be_hidden(timeout=WAIT)
+    expect(box).to_have_value("", timeout=WAIT)
+    expect(page.locator("#toml-preview")).to_contain_text('model_family = "sdxl"', timeout=WAIT)
