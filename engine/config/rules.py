@@ -402,7 +402,7 @@ def _needed_packages(config: RunConfig) -> Iterator[tuple[str, str, OptionalPack
     info = OPTIMIZERS.get(optimizer)
     if info is not None and info.package is not None:
         yield "optimizer.optimizer_type", optimizer, info.package
-    elif info is None:
+    elif info is None and "." in optimizer:  # a bare name is torch.optim's
         # A class path of an allowed package: the field's validator refused any other.
         yield "optimizer.optimizer_type", optimizer, module_package(optimizer)
     network_package = NETWORK_TYPES[config.network.network_type].package

@@ -94,9 +94,18 @@ class SamplingSection(StrictModel):
 class LoggingSection(StrictModel):
     """Training logs for TensorBoard or Weights & Biases."""
 
-    logging_dir: str = setting("", "Folder for TensorBoard/W&B logs (empty = no logs).", widget="folder")
+    logging_dir: str = setting(
+        "", "Folder for TensorBoard/W&B logs; each run writes into its own subfolder <log_prefix><date-time> "
+        "(empty = no logs).", widget="folder",
+    )
     log_with: LogWith = setting("tensorboard", "Where logs go.", advanced=True)
-    log_prefix: str = setting("", "Prefix for the log run's name.", advanced=True)
+    log_prefix: str = setting("", "Start of the run's log folder name, before its date and time (e.g. 'mylora-').",
+                              advanced=True)
+    log_tracker_name: str = setting(
+        "", "The tracker's project name (the TensorBoard folder inside the run's log folder, the W&B project); "
+        "empty = sd-scripts' name for the method: network_train, dreambooth, finetuning or textual_inversion.",
+        advanced=True,
+    )
 
 
 class LaunchSection(StrictModel):
@@ -113,8 +122,10 @@ class LaunchSection(StrictModel):
     main_process_port: int = setting(
         0, "Port on the main machine (0 = accelerate's default, 29500).", ge=0, le=65535, advanced=True,
     )
-    num_cpu_threads_per_process: int = setting(2, "CPU threads per training process.", ge=1, le=256,
-                                               advanced=True)
+    num_cpu_threads_per_process: int = setting(
+        2, "CPU threads each training process uses (torch and OpenMP), one process or several.", ge=1, le=256,
+        advanced=True,
+    )
     dynamo_backend: DynamoBackend = setting("no", "torch.compile backend (no = off).", advanced=True)
     accelerate_config_file: str = setting(
         "", "An accelerate config file (e.g. for DeepSpeed or FSDP) passed to accelerate launch.", widget="file",

@@ -23,6 +23,28 @@ from engine.config.choices import (
 
 OptimizerArg = str | int | float | bool | list[str | int | float | bool]
 
+# torch.optim's optimizer classes, which sd-scripts takes by their bare name (`RMSprop`) when the name is not one of
+# its own (OPTIMIZERS wins: 'Adafactor' is transformers' Adafactor there). Listed, not imported, so `validate` stays
+# torch-free; tests/unit/test_optimizers.py checks every name against torch.optim.
+TORCH_OPTIMIZERS: tuple[str, ...] = (
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam", "RAdam",
+    "RMSprop", "Rprop", "SGD", "SparseAdam",
+)
+# torch.optim.lr_scheduler's schedules that are built from the optimizer and lr_scheduler_args alone, by bare name as
+# sd-scripts' --lr_scheduler_type takes them. Left out: LambdaLR / MultiplicativeLR (need a Python function),
+# SequentialLR / ChainedScheduler (need other schedulers), ReduceLROnPlateau (needs a validation metric each step).
+TORCH_LR_SCHEDULERS: tuple[str, ...] = (
+    "ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "ExponentialLR", "LinearLR",
+    "MultiStepLR", "OneCycleLR", "PolynomialLR", "StepLR",
+)
+_BY_LOWER = {name.lower(): name for name in (*TORCH_OPTIMIZERS, *TORCH_LR_SCHEDULERS)}
+
+
+def torch_class_name(name: str, known: tuple[str, ...]) -> str | None:
+    """torch's spelling of a bare class name of `known` given in any letter case, or None."""
+    spelled = _BY_LOWER.get(name.lower())
+    return spelled if spelled in known else None
+
 
 def steps_or_fraction(value: int | float) -> int | float:
     """A length given as whole steps (int) or as a fraction of the run (float below 1)."""
@@ -36,8 +58,9 @@ class OptimizerSection(StrictModel):
     """The optimizer and learning-rate schedule."""
 
     optimizer_type: str = setting(
-        "AdamW", "Optimizer: AdamW, AdamW8bit, Lion, Prodigy, Adafactor, ... or a class path from torch, "
-        "transformers, bitsandbytes or an optimizer package, e.g. 'torch.optim.RAdam'.",
+        "AdamW", "Optimizer: AdamW, AdamW8bit, Lion, Prodigy, Adafactor, ..., a torch.optim class name such as "
+        "RMSprop, or a class path from torch, transformers, bitsandbytes or an optimizer package, e.g. "
+        "'torch.optim.RAdam' or 'bitsandbytes.optim.AdEMAMix8bit'.",
     )
     learning_rate: float = setting(
         1e-4, "Base learning rate (about 1e-4 for LoRA, 1e-6 for DreamBooth, 1.0 for Prodigy/D-Adaptation).",
@@ -73,13 +96,20 @@ class OptimizerSection(StrictModel):
     )
     lr_scheduler_power: float = setting(1.0, "Power of the polynomial schedule.", gt=0.0, advanced=True)
     lr_scheduler_args: dict[str, OptimizerArg] = setting(
-        default_factory=dict, description="Extra scheduler arguments, e.g. {min_lr_ratio = 0.1}.", advanced=True,
+        default_factory=dict, description="Extra scheduler arguments, e.g. {min_lr_ratio = 0.1}; with "
+        "lr_scheduler_type, all of that class's arguments, e.g. {T_max = 1000, eta_min = 1e-6}.", advanced=True,
+    )
+    lr_scheduler_type: str = setting(
+        "", "A scheduler class used instead of lr_scheduler, as sd-scripts' --lr_scheduler_type: a "
+        "torch.optim.lr_scheduler name such as CosineAnnealingLR, or a class path from torch, transformers or "
+        "diffusers; it gets the optimizer and lr_scheduler_args (counts in scheduler steps: optimizer steps x "
+        "processes), and no warm-up (empty = use lr_scheduler).", advanced=True,
     )
 
     @field_validator("optimizer_type")
     @classmethod
     def _known_optimizer(cls, name: str) -> str:
-        canonical = canonical_optimizer_name(name)
+        canonical = canonical_optimizer_name(name) or torch_class_name(name, TORCH_OPTIMIZERS)
         if canonical is not None:
             return canonical
         if is_dotted_class_path(name):
@@ -87,8 +117,25 @@ class OptimizerSection(StrictModel):
             if problem is not None:
                 raise ValueError(problem)
             return name
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, or give a full "
-                         "class path such as 'torch.optim.RAdam'")
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, a torch.optim class "
+                         f"({', '.join(TORCH_OPTIMIZERS)}), or give a full class path such as 'torch.optim.RAdam'")
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler_class(cls, name: str) -> str:
+        if not name:
+            return name
+        canonical = torch_class_name(name, TORCH_LR_SCHEDULERS)
+        if canonical is not None:
+            return canonical
+        if is_dotted_class_path(name):
+            problem = class_path_problem(name)  # without importing, so `validate` refuses it (exit 2)
+            if problem is not None:
+                raise ValueError(problem)
+            return name
+        raise ValueError(f"unknown scheduler class {name!r}; give one of {', '.join(TORCH_LR_SCHEDULERS)}, or a "
+                         "full class path such as 'torch.optim.lr_scheduler.OneCycleLR'; leave it empty to use "
+                         "lr_scheduler")
 
     _warmup_form = field_validator("lr_warmup_steps")(steps_or_fraction)
 

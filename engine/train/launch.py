@@ -9,6 +9,7 @@ module behind the `accelerate` console script, so the run uses the same Python a
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -89,6 +90,18 @@ def launch_command(
     if not needs_accelerate(config.launch):
         return [python, "-m", *engine]
     return [python, "-m", ACCELERATE_LAUNCH, *accelerate_arguments(config, Path(config_path).parent), "-m", *engine]
+
+
+def apply_cpu_threads(launch: LaunchSection) -> int:
+    """Use launch.num_cpu_threads_per_process CPU threads in this process, also when it was started without
+    accelerate (one process), and give the same to the processes it starts (OMP_NUM_THREADS, as accelerate launch
+    sets it). Returns the number now used by torch."""
+    import torch
+
+    threads = launch.num_cpu_threads_per_process
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def describe_command(argv: Sequence[str]) -> str:

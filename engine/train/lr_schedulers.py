@@ -12,6 +12,7 @@ optimizer steps on any number of GPUs (sd-scripts leaves whole-number warm-ups u
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from engine.config.sections_training import OptimizerSection
-from engine.train.optimizers import OptimizerConfigError, check_arguments
+from engine.config.choices import class_path_problem
+from engine.config.sections_training import TORCH_LR_SCHEDULERS, OptimizerSection, torch_class_name
+from engine.train.optimizers import OptimizerConfigError, check_arguments, tuples_where_expected
 
 _ARGS_PATH = "optimizer.lr_scheduler_args"
+_TYPE_PATH = "optimizer.lr_scheduler_type"
 # Resuming goes through state_dict(), never last_epoch, so it is not offered either.
 _ALWAYS_TAKEN = {"optimizer": "the trained optimizer is passed by the trainer",
                  "last_epoch": "resuming restores the scheduler's state instead"}
@@ -216,6 +219,8 @@ def build_lr_scheduler(section: OptimizerSection, optimizer: Optimizer, total_st
         raise ValueError(f"total_steps must be at least 1, not {total_steps}")
     if schedule_free:
         return _transformers("constant")()(optimizer)
+    if section.lr_scheduler_type:  # before the Adafactor rule below, in sd-scripts' order
+        return build_class_scheduler(section, optimizer)
     # sd-scripts hands a relative-step Adafactor to its own schedule whatever lr_scheduler says (and warns).
     name = "adafactor" if uses_adafactor_schedule(optimizer) else section.lr_scheduler
     recipe = _RECIPES[name]
@@ -243,3 +248,50 @@ def _user_arguments(name: str, recipe: _Recipe, context: _Context) -> dict[str, 
         raise OptimizerConfigError(f"{_ARGS_PATH}.{keys[0]}: the {name} scheduler needs {' or '.join(keys)}, e.g. "
                                    f"lr_scheduler_args = {{{example}}}")
     return recipe.adapt(args, context) if recipe.adapt is not None else args
+
+
+def build_class_scheduler(section: OptimizerSection, optimizer: Optimizer) -> LRScheduler:
+    """sd-scripts' --lr_scheduler_type: the named class built as `cls(optimizer, **lr_scheduler_args)`.
+
+    No warm-up (sd-scripts refuses one here too) and no step scaling: the arguments are the class's own, in
+    scheduler steps.
+
+    Raises:
+        OptimizerConfigError: a warm-up, a class path outside the allowed packages or that is not a scheduler, or
+            arguments the class does not take.
+    """
+    if section.lr_warmup_steps:
+        raise OptimizerConfigError(f"optimizer.lr_warmup_steps: lr_scheduler_type {section.lr_scheduler_type} has no "
+                                   "warm-up; set lr_warmup_steps = 0 (or write the warm-up into the class's "
+                                   "arguments if it has one)")
+    scheduler_class = scheduler_class_for(section.lr_scheduler_type)
+    args = tuples_where_expected(scheduler_class, dict(section.lr_scheduler_args))
+    check_arguments(scheduler_class, args, path=_ARGS_PATH, taken=_ALWAYS_TAKEN)
+    try:
+        return scheduler_class(optimizer, **args)
+    except (TypeError, ValueError, KeyError) as error:
+        raise OptimizerConfigError(f"{_ARGS_PATH}: {scheduler_class.__name__} could not be built from {args}: "
+                                   f"{error}") from error
+
+
+def scheduler_class_for(name: str) -> type[LRScheduler]:
+    """The scheduler class of a bare torch.optim.lr_scheduler name or an allowed class path; imports only the
+    allowed packages' modules (checked again here: a section built in code skips the config's validation)."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    bare = torch_class_name(name, TORCH_LR_SCHEDULERS)
+    module_name, _, attr = f"torch.optim.lr_scheduler.{bare}".rpartition(".") if bare else name.rpartition(".")
+    problem = class_path_problem(f"{module_name}.{attr}")
+    if problem is not None:
+        raise OptimizerConfigError(f"{_TYPE_PATH}: {problem}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise OptimizerConfigError(f"{_TYPE_PATH}: {name} cannot be imported: there is no module "
+                                   f"{error.name or module_name!r}; check the class path") from error
+    found = getattr(module, attr, None)
+    if not (isinstance(found, type) and issubclass(found, LRScheduler)) or issubclass(found, ReduceLROnPlateau):
+        raise OptimizerConfigError(f"{_TYPE_PATH}: {name} is not a learning-rate scheduler class that steps on its "
+                                   f"own; use one of {', '.join(TORCH_LR_SCHEDULERS)} or another LRScheduler "
+                                   "class path")
+    return found

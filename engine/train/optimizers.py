@@ -32,7 +32,7 @@ from engine.config.choices import (
     class_path_problem,
     module_package,
 )
-from engine.config.sections_training import OptimizerSection
+from engine.config.sections_training import TORCH_OPTIMIZERS, OptimizerSection, torch_class_name
 
 _ARGS_PATH = "optimizer.optimizer_args"
 # Arguments the builder passes itself; a user who sets them in optimizer_args is told where they belong.
@@ -228,11 +228,16 @@ def build_optimizer(section: OptimizerSection, param_groups: list[dict[str, Any]
 
 
 def _dotted_recipe(class_path: str) -> _Recipe:
-    """A recipe for 'package.module.Class', the form sd-scripts accepts for optimizers outside its list."""
+    """A recipe for 'package.module.Class', the form sd-scripts accepts for optimizers outside its list, or for a
+    bare torch.optim class name ('RMSprop'), which sd-scripts looks up in torch.optim."""
     module, _, attr = class_path.rpartition(".")
     if not module:
+        torch_name = torch_class_name(class_path, TORCH_OPTIMIZERS)
+        if torch_name is not None:
+            return _Recipe("torch.optim", torch_name)
         raise OptimizerConfigError(f"optimizer.optimizer_type: unknown optimizer {class_path!r}; choose one of "
-                                   f"{', '.join(OPTIMIZERS)}, or give a full class path such as 'torch.optim.RAdam'")
+                                   f"{', '.join(OPTIMIZERS)}, a torch.optim class ({', '.join(TORCH_OPTIMIZERS)}), "
+                                   "or give a full class path such as 'torch.optim.RAdam'")
     return _Recipe(module, attr)
 
 

@@ -6,6 +6,7 @@ browser sees the same story. Only the main process reports; the others get a `Ru
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -23,6 +24,45 @@ _LINE_FORMATS = {
     "error": "error: {message}",
     "done": "done: {summary}",
 }
+
+
+# sd-scripts' tracker project names per script (train_network.py, train_db.py, fine_tune.py, train_textual_inversion.py)
+TRACKER_NAMES = {"lora": "network_train", "dreambooth": "dreambooth", "finetune": "finetuning",
+                 "textual_inversion": "textual_inversion"}
+
+
+def tracker_name(method: str, log_tracker_name: str) -> str:
+    """The tracker's project name: logging.log_tracker_name, else the name sd-scripts' script for the method uses."""
+    return log_tracker_name or TRACKER_NAMES.get(method, "atelier")
+
+
+def run_log_folder(logging_dir: Path, log_prefix: str, *, reserve: bool, now: float | None = None) -> Path:
+    """This run's own log folder, `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>` as in sd-scripts, so that runs
+    sharing a logging_dir never write into one folder.
+
+    Args:
+        reserve: create the folder, adding '-2', '-3', ... when another run took that second's name (the main
+            process does this; the others only need the name, and never write logs).
+        now: the time to name it after (default: now).
+    """
+    stem = f"{log_prefix}{time.strftime('%Y%m%d%H%M%S', time.localtime(now))}"
+    folder = logging_dir / stem
+    if not reserve:
+        return folder
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    for number in range(2, 10_000):
+        try:
+            folder.mkdir()  # atomic: two runs starting in the same second get different folders
+            return folder
+        except FileExistsError:
+            folder = logging_dir / f"{stem}-{number}"
+    raise OSError(f"{logging_dir}: too many log folders named {stem}-N; clean up old logs")
+
+
+def is_main_launch_process() -> bool:
+    """Whether this process is the main one (rank 0) of its launch, as torchrun / accelerate tell it before the
+    Accelerator exists (a plain one-process run has no RANK)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class RunLog:

@@ -22,7 +22,7 @@ from engine.config.io import config_to_toml, resolve_path
 from engine.config.paths import get_path, set_path
 from engine.config.schema import RunConfig
 from engine.files import atomic_write_text
-from engine.train.reporting import RunLog
+from engine.train.reporting import RunLog, tracker_name
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -62,8 +62,10 @@ def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = No
     accelerator, log = None, None
     try:
         phase_check(control, None)("while reading the config")
+        from engine.train.launch import apply_cpu_threads
         from engine.train.setup import make_accelerator, precision_warning  # torch and accelerate: seconds
 
+        apply_cpu_threads(config.launch)
         accelerator = make_accelerator(config, base_dir)
         log = RunLog(run_dir, active=accelerator.is_main_process)
         phase_check(control, accelerator)("while starting up")
@@ -174,7 +176,7 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
         log.event("start", task="train", **start_fields(session, resumed))
         training = True  # a failure from here on is not "could not start"
         if config.logging.logging_dir and accelerator.is_main_process:
-            accelerator.init_trackers(config.logging.log_prefix or "atelier")
+            accelerator.init_trackers(tracker_name(config.method, config.logging.log_tracker_name))
         outcome = trainer.run()
     except (RunInputError, StateError) as error:
         return report_failure(log, EXIT_BAD_INPUT, "failed" if training else "could not start",
@@ -228,6 +230,8 @@ def report_failure(log: RunLog, code: int, summary: str, **error: Any) -> int:
 
 
 def start_fields(session: Any, resumed: str) -> dict[str, Any]:
+    import torch
+
     config, schedule, facts = session.config, session.schedule, session.facts
     return {
         "method": config.method, "family": session.model.family, "total_steps": schedule.total_steps,
@@ -242,6 +246,7 @@ def start_fields(session: Any, resumed: str) -> dict[str, Any]:
             "learning_rate": config.optimizer.learning_rate, "lr_scheduler": config.optimizer.lr_scheduler,
             "mixed_precision": str(session.accelerator.mixed_precision),
             "gradient_accumulation_steps": schedule.accumulation, "processes": session.accelerator.num_processes,
-            "device": str(session.device),
+            "device": str(session.device), "cpu_threads": torch.get_num_threads(),
+            "log_dir": str(session.accelerator.logging_dir or "") if config.logging.logging_dir else "",
         },
     }

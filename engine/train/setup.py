@@ -16,7 +16,7 @@ import torch
 
 from engine.config.schema import RunConfig
 from engine.data.records import ScanResult
-from engine.train.reporting import RunLog
+from engine.train.reporting import RunLog, is_main_launch_process, run_log_folder
 
 _PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -91,7 +91,10 @@ def make_accelerator(config: RunConfig, base_dir: Path) -> Any:
     precision = config.training.mixed_precision
     if on_cpu and precision not in _CPU_PRECISIONS:
         precision = "no"  # see precision_warning
-    logging_dir = str(resolve_path(config.logging.logging_dir, base_dir)) if config.logging.logging_dir else ""
+    logging_dir = ""
+    if config.logging.logging_dir:  # each run its own folder below logging_dir (sd-scripts' <prefix><date-time>)
+        logging_dir = str(run_log_folder(resolve_path(config.logging.logging_dir, base_dir), config.logging.log_prefix,
+                                         reserve=is_main_launch_process()))
     trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
     return Accelerator(cpu=on_cpu, mixed_precision=precision,
                        log_with=trackers[config.logging.log_with] if logging_dir else None,

@@ -229,3 +229,59 @@ def test_scheduler_args_reach_the_schedule():
     total, lr_end = 10, 1e-3
     curve = _curve(_section("polynomial", lr_scheduler_args={"lr_end": lr_end}), total, total + 1)
     assert curve[-1] == pytest.approx([base * lr_end / BASE_LRS[0] for base in BASE_LRS])
+
+
+# --- lr_scheduler_type: a scheduler class, as sd-scripts' --lr_scheduler_type ---------------------------------------
+
+@pytest.mark.parametrize("name", ["CosineAnnealingLR", "cosineannealinglr",
+                                  "torch.optim.lr_scheduler.CosineAnnealingLR"])
+def test_a_scheduler_class_follows_its_own_formula(name: str):
+    total = 8
+    section = _section("linear", lr_scheduler_type=name, lr_scheduler_args={"T_max": total, "eta_min": 0.0})
+    curve = _curve(section, total, total + 1)
+    _expect(curve, lambda step: (1 + math.cos(math.pi * step / total)) / 2)
+
+
+def test_a_scheduler_class_resumes_exactly():
+    section = _section("cosine", lr_scheduler_type="StepLR", lr_scheduler_args={"step_size": 2, "gamma": 0.5})
+    optimizer = _optimizer(section)
+    scheduler = build_lr_scheduler(section, optimizer, 10)
+    assert type(scheduler) is torch.optim.lr_scheduler.StepLR
+    for _ in range(3):
+        _step(optimizer, scheduler)
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    resumed_optimizer = _optimizer(section)
+    resumed_optimizer.load_state_dict(saved[0])
+    resumed = build_lr_scheduler(section, resumed_optimizer, 10)
+    resumed.load_state_dict(saved[1])
+    for _ in range(3):
+        _step(optimizer, scheduler)
+        _step(resumed_optimizer, resumed)
+        assert resumed.get_last_lr() == scheduler.get_last_lr()
+    assert scheduler.get_last_lr() == pytest.approx([base * 0.5 ** 3 for base in BASE_LRS])
+
+
+def test_a_scheduler_class_refuses_unknown_args_and_a_warmup():
+    section = _section("cosine", lr_scheduler_type="StepLR", lr_scheduler_args={"step_sise": 2})
+    with pytest.raises(OptimizerConfigError, match=r"^optimizer\.lr_scheduler_args\.step_sise.*step_size"):
+        build_lr_scheduler(section, _optimizer(section), 10)
+    warm = _section("cosine", lr_scheduler_type="StepLR", lr_scheduler_args={"step_size": 2}, lr_warmup_steps=2)
+    with pytest.raises(OptimizerConfigError, match=r"^optimizer\.lr_warmup_steps"):
+        build_lr_scheduler(warm, _optimizer(warm), 10)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("torch.optim.lr_scheduler.ReduceLROnPlateau", "steps on its own"),
+                                                ("torch.nn.Linear", "not a learning-rate scheduler"),
+                                                ("torch.optim.lr_scheduler.NoSuch", "not a learning-rate")])
+def test_a_class_path_that_is_no_usable_scheduler_is_refused(name: str, expected: str):
+    section = _section("cosine", lr_scheduler_type=name)
+    with pytest.raises(OptimizerConfigError, match=rf"^optimizer\.lr_scheduler_type: .*{expected}"):
+        build_lr_scheduler(section, _optimizer(section), 10)
+
+
+def test_every_bare_scheduler_name_is_a_torch_scheduler_class():
+    from engine.config.sections_training import TORCH_LR_SCHEDULERS
+
+    for name in TORCH_LR_SCHEDULERS:
+        found = getattr(torch.optim.lr_scheduler, name, None)
+        assert isinstance(found, type) and issubclass(found, LRScheduler), name

@@ -230,3 +230,36 @@ def test_modes_do_nothing_for_other_optimizers():
     set_eval_mode(built.optimizer)
     set_train_mode(built.optimizer)
     assert all(torch.equal(p.detach(), s) for p, s in zip(params, state, strict=True))
+
+
+@pytest.mark.parametrize("name", ["torch.optim.RMSprop", "RMSprop", "rmsprop"])
+def test_rmsprop_by_class_path_or_bare_torch_name_builds_and_steps(name: str):
+    params = _params()
+    before = [param.detach().clone() for param in params]
+    section = OptimizerSection(optimizer_type=name, learning_rate=1e-2)
+    built = build_optimizer(section, [{"params": list(params)}])
+    assert type(built.optimizer) is torch.optim.RMSprop
+    assert built.name == "torch.optim.rmsprop.RMSprop"
+    _train(built, params)
+    assert all(not torch.equal(param.detach(), old) for param, old in zip(params, before, strict=True))
+
+
+def test_every_bare_torch_name_is_a_torch_optimizer_class():
+    from engine.config.sections_training import TORCH_OPTIMIZERS
+
+    for name in TORCH_OPTIMIZERS:
+        found = getattr(torch.optim, name, None)
+        assert isinstance(found, type) and issubclass(found, torch.optim.Optimizer), name
+
+
+def test_a_registry_name_wins_over_torchs_class_of_that_name():
+    # torch.optim has an Adafactor too; 'Adafactor' stays sd-scripts' (transformers') Adafactor.
+    built = build_optimizer(OptimizerSection(optimizer_type="Adafactor"), [{"params": list(_params())}])
+    assert built.name == "transformers.optimization.Adafactor"
+
+
+def test_an_unknown_bare_name_is_refused_listing_torchs_names():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"unknown optimizer 'RMSpropp'.*RMSprop"):
+        OptimizerSection(optimizer_type="RMSpropp")
