@@ -37,9 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from engine.models.families import family_info
 from engine.models.ldm_keys import UNET_PREFIX, unet_to_ldm
@@ -54,6 +52,9 @@ from engine.networks.lora_sd3 import (
     parse_sd3_args,
     sd3_split_parts,
 )
+
+if TYPE_CHECKING:  # torch is imported where layers are searched, so the config rules can parse network_args
+    from torch import nn
 
 __all__ = [
     "NETWORK_ARGS",
@@ -107,6 +108,8 @@ class LoRATarget:
     @property
     def is_spatial_conv(self) -> bool:
         """A conv with a kernel larger than 1x1: it takes conv_dim/conv_alpha instead of dim/alpha."""
+        from torch import nn
+
         return isinstance(self.module, nn.Conv2d) and tuple(self.module.kernel_size) != (1, 1)
 
 
@@ -116,6 +119,8 @@ def _kohya_name(prefix: str, path: str) -> str:
 
 def _wrapped_layers(root: nn.Module, is_parent: Callable[[nn.Module], bool]) -> Iterable[tuple[str, nn.Module]]:
     """Yield (path, layer) for every Linear/Conv2d inside a parent module, in kohya's order."""
+    from torch import nn
+
     for parent_path, parent in root.named_modules():
         if not is_parent(parent):
             continue
@@ -258,6 +263,8 @@ def unet_naming(family: str) -> UnetNaming:
 
 def _embedder_layers(unet: nn.Module, paths: Iterable[str]) -> Iterable[tuple[str, nn.Module]]:
     """(path, Linear or Conv2d) in each named layer the model has (schnell has no guidance_in, Chroma no time_in)."""
+    from torch import nn
+
     for path in paths:
         try:
             module = unet.get_submodule(path)

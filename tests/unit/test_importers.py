@@ -243,6 +243,12 @@ def test_kohya_bad_prompt_lines_are_skipped_one_by_one(tmp_path):
 
 def test_sd_scripts_args_maps_values_to_their_fields():
     data, result = imported("sd_scripts_args_sdxl_loha.toml")
+    # dropout=0.05 is kept, and validation says lycoris' LoHa would ignore it (engine.config.rules_network)
+    assert result.overlay["network"]["network_dropout"] == 0.05
+    with pytest.raises(ConfigError) as caught:
+        merged(result)
+    assert [problem.path for problem in caught.value.problems] == ["network.network_dropout"]
+    result.overlay["network"]["network_dropout"] = 0.0
     config = merged(result)
     assert result.format == "sd_scripts_args" and config.method == "lora"
     assert config.dataset.general.resolution == [768, 512]
@@ -252,7 +258,7 @@ def test_sd_scripts_args_maps_values_to_their_fields():
     network = config.network
     assert (network.network_type, network.conv_dim, network.conv_alpha) == ("loha", 4, 2.0)
     assert network.network_args == {"preset": "attn-mlp", "use_tucker": True}
-    assert network.network_dropout == 0.05 and network.module_dropout == 0
+    assert network.module_dropout == 0
     assert (config.training.max_train_epochs, config.training.max_train_steps) == (10, 0)
     assert skipped(result)["max_train_steps"] == 2000
     assert notes_about(result, "max_train_steps = 2000 is not imported")
