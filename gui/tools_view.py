@@ -263,9 +263,10 @@ def convert_args(path: str | None, output: str | None, roots: FileRoots, *, to: 
 
 def cache_args(config_path: str, *, skip_existing: bool = False, device: str | None = None,
                workers: float | None = None) -> list[str]:
-    """`cache-latents CONFIG ...`; EngineJob adds --events. device None or 'auto': the engine's choice."""
+    """`cache-latents CONFIG ...`; EngineJob adds --events. device None or 'auto': the engine's choice.
+    skip_existing False re-encodes up-to-date entries too (--force; the engine keeps them by default)."""
     args = ["cache-latents", config_path]
-    args += ["--skip-existing"] if skip_existing else []
+    args += ["--skip-existing"] if skip_existing else ["--force"]
     args += ["--device", device] if device and device != "auto" else []
     return args + _option("--workers", _optional(workers, "Workers"))
 

@@ -14,9 +14,19 @@ from engine.cache.latent_files import FAMILY_SUFFIX, cache_path, inspect_entry, 
 from engine.cache.latent_key import CacheOptions, expected_key, options_from_params
 from engine.data.records import Finding, ImageRecord, ScanResult
 
-__all__ = ["CacheJob", "jobs_from_scan", "stale_cache_findings"]
+__all__ = ["CAPTION_ONLY_FINDINGS", "CacheJob", "jobs_from_scan", "latent_errors", "stale_cache_findings"]
 
 MemoryKey = tuple[Path, tuple[int, int]]  # (image path, bucket)
+
+# Scan findings (codes of engine.data.scan) about captions alone: they change what the text encoder reads, never which
+# image is encoded or how, so they do not stop latent caching (the trainer still refuses them before training).
+CAPTION_ONLY_FINDINGS = frozenset({"caption-unreadable"})
+
+
+def latent_errors(findings: Iterable[Finding]) -> list[Finding]:
+    """The error findings of a scan that latent caching must stop on: all but the caption-only ones."""
+    return [finding for finding in findings
+            if finding.severity == "error" and finding.code not in CAPTION_ONLY_FINDINGS]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """`python -m engine cache-latents CONFIG`: encode every training image with the VAE once, ahead of training.
 
 The command always writes the cache to disk, whatever training.cache_latents_to_disk says: a cache that vanished
-when the command exits would be work thrown away. Training then reuses every entry whose key still matches.
+when the command exits would be work thrown away. Entries whose key still matches are kept (``--force`` re-encodes
+them); training then reuses them. A problem with a caption (a caption file that is not UTF-8) is printed as a warning
+and does not stop the command: latents do not depend on captions.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("config", help="run config .toml (or a .json preset)")
     add_override_option(parser)
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="keep entries whose cache key matches the current settings; without it every entry is "
-                             "re-encoded (stale entries are rebuilt either way)")
+    reuse = parser.add_mutually_exclusive_group()
+    reuse.add_argument("--force", action="store_true",
+                       help="re-encode every entry, also those whose cache key matches the current settings (by "
+                            "default those are kept; stale entries are rebuilt either way)")
+    reuse.add_argument("--skip-existing", action="store_true",
+                       help="keep entries whose cache key matches: the default, accepted for older scripts")
     parser.add_argument("--events", metavar="FILE", help="append start/progress/warning/done events (JSON lines)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="threads decoding and resizing images (default: training.max_data_loader_n_workers, "
@@ -95,16 +100,20 @@ def run(args: argparse.Namespace) -> int:
 def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: EventWriter) -> int:
     import torch
 
+    from engine.cache.latent_jobs import latent_errors
     from engine.cache.latents import build_latent_cache, jobs_from_scan
     from engine.data.scan import scan_config
     from engine.events import Progress
     from engine.models.single_file import ModelLoadError
 
     scan = scan_config(config, base_dir)
+    blocking = latent_errors(scan.findings)
     for finding in scan.findings:
-        if finding.severity != "info":
+        if finding.severity == "error" and finding not in blocking:  # a caption problem: latents do not need it
+            _caption_warning(finding, events)
+        elif finding.severity != "info":
             print(f"{finding.severity}: {finding.where}: {finding.message}", file=sys.stderr)
-    if scan.has_errors:
+    if blocking:
         return _fail("the dataset has errors (listed above)", events, "fix them, or run `python -m engine doctor`")
     try:
         jobs = jobs_from_scan(scan)
@@ -122,7 +131,7 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     progress = Progress(TASK, len(jobs), events if args.events else None)
     try:
         report = build_latent_cache(jobs, loaded, to_disk=True, batch_size=config.training.vae_batch_size,
-                                    workers=workers, skip_existing=args.skip_existing, progress=progress)
+                                    workers=workers, skip_existing=not args.force, progress=progress)
     finally:
         progress.close()
     for image, message in report.failed:
@@ -137,6 +146,12 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
                 rebuilt_stale=len(report.rebuilt_stale), failed=len(report.failed))
     print(report.summary())
     return EXIT_OK if cached > 0 else EXIT_BAD_INPUT
+
+
+def _caption_warning(finding: Any, events: EventWriter) -> None:
+    hint = f"{finding.hint}; the latents are cached anyway, but training stops on it until it is fixed"
+    print(f"warning: {finding.where}: {finding.message} ({hint})", file=sys.stderr)
+    events.emit("warning", message=finding.message, where=finding.where, hint=hint)
 
 
 def latent_encoder(config: RunConfig, base_dir: Path, *, dtype: Any, device: str) -> Any:

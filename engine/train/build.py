@@ -38,7 +38,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     """`checkpoint(phase)` is called after each long phase; it raises to end the run there (a stop was asked)."""
     checkpoint = checkpoint or (lambda phase: None)
     accelerator = accelerator or make_accelerator(config, base_dir)
-    scan = scan_dataset(config, base_dir, log)
+    scan = scan_dataset(config, base_dir, log, defer=_deferred_findings(config))
     checkpoint("while scanning the dataset")
     model = load_base_model(config, base_dir, accelerator)
     _TRAINING_OPTIONS.get(family_info(model.family).loader, _no_options)(config, model, scan)
@@ -46,6 +46,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     dtype = weight_dtype(accelerator)
     store_frozen_in_fp8(config, model, dtype)  # before caching (the encoders run in fp8 too) and before the LoRA
     latents = cache_latents(config, scan, model, accelerator, log) if config.training.cache_latents else None
+    refuse_scan_errors(scan)  # the caption problems deferred past the latent cache
     texts = cache_texts(config, scan, model, accelerator, log) if config.training.cache_text_encoder_outputs else None
     checkpoint("while caching")
     from accelerate.utils import set_seed
@@ -115,18 +116,33 @@ def examples_records(scan: ScanResult) -> list:
     return [example.record for example in examples_from_scan(scan)]
 
 
-def scan_dataset(config: RunConfig, base_dir: Path, log: RunLog) -> ScanResult:
+def _deferred_findings(config: RunConfig) -> frozenset[str]:
+    """Scan errors refused only after the latents are cached: caption problems, when the latents go to disk (they do
+    not depend on captions, so the encoding is kept and a fixed caption costs no re-encoding)."""
+    from engine.cache.latent_jobs import CAPTION_ONLY_FINDINGS
+
+    training = config.training
+    return CAPTION_ONLY_FINDINGS if training.cache_latents and training.cache_latents_to_disk else frozenset()
+
+
+def scan_dataset(config: RunConfig, base_dir: Path, log: RunLog, *, defer: frozenset[str] = frozenset()) -> ScanResult:
+    """The dataset scan, its warnings logged; raises on its errors but those whose code is in ``defer``."""
     scan = scan_config(config, base_dir)
-    errors = [finding for finding in scan.findings if finding.severity == "error"]
     for finding in scan.findings:
         if finding.severity == "warning":
             log.event("warning", message=finding.message, where=finding.where, hint=finding.hint)
+    refuse_scan_errors(scan, skip=defer)
+    return scan
+
+
+def refuse_scan_errors(scan: ScanResult, *, skip: frozenset[str] = frozenset()) -> None:
+    """Raise RunInputError on the scan's first error (whose code is not in ``skip``), counting the others."""
+    errors = [finding for finding in scan.findings if finding.severity == "error" and finding.code not in skip]
     if errors:
         first = errors[0]
         others = f" (and {len(errors) - 1} more problem(s); `python -m engine doctor CONFIG` lists them all)" \
             if len(errors) > 1 else ""
         raise RunInputError(f"{first.where}: {first.message}{others}", first.hint, first.where)
-    return scan
 
 
 def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
