@@ -50,8 +50,21 @@ def _on_checkpoint(status: RunStatus, event: dict[str, Any]) -> None:
         status.resume_state = event.get("path", "")
 
 
+SAMPLE_PROMPT_CHARS = 80  # a gallery caption shows the start of a long prompt
+
+
+def sample_label(step: Any, prompt: str) -> str:
+    """'step 40 · a photo of sks dog': what a sample image shows under it, so samples of a run can be told apart."""
+    prompt = " ".join(str(prompt or "").split())
+    if len(prompt) > SAMPLE_PROMPT_CHARS:
+        prompt = prompt[: SAMPLE_PROMPT_CHARS - 1] + "…"
+    return f"step {step} · {prompt}" if prompt else f"step {step}"
+
+
 def _on_sample(status: RunStatus, event: dict[str, Any]) -> None:
-    status.samples.extend(image["path"] for image in event.get("images", []))
+    images = event.get("images", [])
+    status.samples.extend(image["path"] for image in images)
+    status.sample_labels.extend(sample_label(event.get("step", "?"), image.get("prompt", "")) for image in images)
 
 
 def _on_error(status: RunStatus, event: dict[str, Any]) -> None:
@@ -278,7 +291,8 @@ class RunReader:
             existing = self._exists.existing([entry["path"] for entry in fold.checkpoints if entry["path"]])
             status = replace(fold, checkpoints=[dict(entry) for entry in fold.checkpoints
                                                 if entry["path"] in existing],
-                             samples=list(fold.samples), warnings=list(fold.warnings))
+                             samples=list(fold.samples), sample_labels=list(fold.sample_labels),
+                             warnings=list(fold.warnings))
         status.state = status.state or ("queued" if queued else "created")
         _status_from_record(status, record, self.run_dir)
         status.log_tail = self._log_tail(log_lines)
@@ -348,7 +362,7 @@ class RunReader:
     def _to_history(self) -> None:
         """A new process started on the run dir (a resume): what was read so far only keeps its files."""
         self._fold = RunStatus(state="", checkpoints=self._fold.checkpoints, samples=self._fold.samples,
-                               resume_state=self._last_state)
+                               sample_labels=self._fold.sample_labels, resume_state=self._last_state)
 
     def _read(self, stream: Any, size: int) -> None:
         added = False

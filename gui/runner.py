@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +56,19 @@ class RunManager:
         self._children: dict[Path, subprocess.Popen] = {}
         self._readers: dict[Path, RunReader] = {}
         self._readers_lock = threading.Lock()  # Gradio runs each viewer's tick in its own thread
+        # Held while deciding whether the GPU is free and starting, so the queue worker and a Start pressed in
+        # the page never both see "nothing running" and start two runs at once.
+        self._start_lock = threading.Lock()
 
     # --- creating ------------------------------------------------------------------------------------------
 
-    def create_run(self, config: RunConfig, name: str | None = None, *, base_dir: str | Path | None = None
-                   ) -> RunHandle:
+    def create_run(self, config: RunConfig, name: str | None = None, *, base_dir: str | Path | None = None,
+                   warnings: Sequence[str] = ()) -> RunHandle:
         """A new run directory with config.toml (paths made absolute against base_dir, default the current
         folder). The models go to `<run dir>/output` unless the config names another folder, TensorBoard logs to
         `<run dir>/logs` unless it names a log folder; an output name already used there (by files or by another
-        run) gets a suffix, and the handle's notes say so."""
+        run) gets a suffix, and the handle's notes say so. `warnings` (the dataset doctor's) are kept with the run
+        for the queue to show."""
         run_dir = self._new_run_dir(name or config.saving.output_name)
         if config.saving.output_dir == DEFAULT_OUTPUT_DIR:
             config = _with_saving(config, output_dir=str(run_dir / "output"))
@@ -74,7 +80,8 @@ class RunManager:
         config = _with_saving(config, output_name=output_name)
         atomic_write_text(run_dir / "config.toml", config_to_toml(config))
         runs.write_record(run_dir, {"created_at": time.time(), "status": "created", "notes": notes,
-                                    "output_dir": config.saving.output_dir, "output_name": output_name})
+                                    "output_dir": config.saving.output_dir, "output_name": output_name,
+                                    "doctor_warnings": list(warnings)})
         return RunHandle.from_dir(run_dir)
 
     def _new_run_dir(self, name: str) -> Path:
@@ -124,6 +131,15 @@ class RunManager:
                       control_offset=control_offset,
                       returncode=None, start_error="")
         return handle
+
+    def start_if_idle(self, handle: RunHandle) -> list[RunHandle]:
+        """Start the run only when no other run is running; returns the running runs that kept it from starting
+        ([] when it started)."""
+        with self._start_lock:
+            busy = [other for other in self.running() if other.run_dir != handle.run_dir]
+            if not busy:
+                self.start(handle)
+            return busy
 
     def _wait_for_exit_after_done(self, handle: RunHandle, limit: float = 60) -> None:
         """A run whose `done` is written may still be closing its files for a moment: wait for that, since two
@@ -222,6 +238,21 @@ class RunManager:
     def advance_queue(self) -> RunHandle | None:
         """Start the next queued run when none is running (the GUI calls this on a timer). A run that cannot
         even start is marked failed with the reason, and the next one is tried."""
+        with self._start_lock:
+            return self._advance_queue()
+
+    def dequeue(self, handle: RunHandle) -> bool:
+        """Take a run out of the queue before it starts, and delete its folder (a config and a record, nothing
+        trained). False when it is not queued any more (it may have started meanwhile)."""
+        with self._start_lock:
+            if handle.name not in self._load_queue() or read_record(handle.run_dir).get("pid"):
+                return False
+            self._remove_from_queue(handle)
+            if handle.run_dir.parent == self.runs_dir:
+                shutil.rmtree(handle.run_dir, ignore_errors=True)
+            return True
+
+    def _advance_queue(self) -> RunHandle | None:
         if self.running():
             return None
         for name in self._load_queue():

@@ -35,6 +35,7 @@ class RunHandle:
     output_dir: str = ""
     output_name: str = ""
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # the dataset doctor's warnings when the run was created (the queue shows them)
 
     @property
     def name(self) -> str:
@@ -55,7 +56,7 @@ class RunHandle:
     @classmethod
     def from_record(cls, run_dir: Path, record: dict[str, Any]) -> RunHandle:
         return cls(run_dir, record.get("output_dir", ""), record.get("output_name", ""),
-                   tuple(record.get("notes", ())))
+                   tuple(record.get("notes", ())), tuple(record.get("doctor_warnings", ())))
 
 
 @dataclass
@@ -78,6 +79,7 @@ class RunStatus:
     returncode: int | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    sample_labels: list[str] = field(default_factory=list)  # one per sample: its step and prompt
     warnings: list[str] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
 

@@ -10,6 +10,7 @@ must not train on, resume from, or write to folders it may not show. The CLI has
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from gui.runner import DEFAULT_OUTPUT_DIR, RunManager
 from gui.runs import RunHandle
 
 MAX_LISTED = 12  # errors listed in the refusal; the Dataset/Tools doctor shows the full table
+MAX_WARNINGS_SHOWN = 5  # doctor warnings listed in the Start message (the queue shows them again)
+_NOT_IN_FILE_NAMES = re.compile(r'[/\\:*?"<>|]+')  # what saving.output_name refuses (a plain file name)
+_MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 LOCATION_WIDGET = "path"  # a local file/folder or a Hugging Face hub id (base model, VAE)
 
 
@@ -49,6 +53,44 @@ def refusal_markdown(report: Mapping[str, Any]) -> str:
     if len(errors) > MAX_LISTED:
         lines.append(f"- … and {len(errors) - MAX_LISTED} more (the Dataset tab's doctor lists them all)")
     return "\n".join(lines)
+
+
+def output_name_for(typed: str, configured: str) -> tuple[str, str]:
+    """The output name (saving.output_name) a run gets from the name typed in the Train tab, and why it is not what
+    was typed ('' when it is). Nothing typed keeps the Parameters tab's name."""
+    name = typed.strip()
+    if not name:
+        return configured, ""
+    reasons = []
+    extension = next((ext for ext in _MODEL_EXTENSIONS if name.lower().endswith(ext)), "")
+    if extension:
+        name = name[: -len(extension)].strip()
+        reasons.append(f"the extension {extension} is left out (saving.save_model_as decides it)")
+    if _NOT_IN_FILE_NAMES.search(name):
+        name = _NOT_IN_FILE_NAMES.sub("-", name).strip(" -")
+        reasons.append('a file name cannot hold / \\ : * ? " < > |, so they became "-"')
+    if not name:
+        return configured, f"nothing of {typed.strip()!r} is usable as a file name, so it keeps {configured!r}"
+    return name, f"{typed.strip()!r} became {name!r}: " + "; ".join(reasons) if reasons else ""
+
+
+def start_choice(running: Sequence[str], mode: str) -> str:
+    """What Start does: 'queue' (Add to queue), 'start' (nothing is running, or the user chose to run both at once)
+    or 'ask' (a run is going: the page offers to queue this one, or to start both when the user says so)."""
+    if mode == "queue":
+        return "queue"
+    return "start" if mode == "both" or not running else "ask"
+
+
+def warning_lines(report: Mapping[str, Any]) -> list[str]:
+    """The doctor's warnings as one line each: file, problem, what to do."""
+    lines = []
+    for finding in report["findings"]:
+        if finding["severity"] == "warning":
+            where = f"`{finding['where']}`: " if finding.get("where") else ""
+            hint = f" — {finding['hint']}" if finding.get("hint") else ""
+            lines.append(f"{where}{finding['message']}{hint}")
+    return lines
 
 
 def missing_model_file(location: str, base_dir: Path) -> str:
@@ -172,27 +214,43 @@ def prepare_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, n
     missing = missing_model_file(config.model.pretrained_model_name_or_path, base)
     if missing:
         return StartResult(None, f"**Not started:** {missing}", report)
-    handle = manager.create_run(config, name.strip() or None, base_dir=base)
-    notes = list(handle.notes)
-    warnings = report["counts"].get("warning", 0)
-    extra = f" The doctor has {warnings} warning(s) worth a look." if warnings else ""
-    return StartResult(handle, f"Created `{handle.name}` ({report['totals']['total_steps']} steps).{extra}",
-                       report, notes)
+    output_name, renamed = output_name_for(name, config.saving.output_name)
+    config = config.model_copy(update={"saving": config.saving.model_copy(update={"output_name": output_name})})
+    warnings = warning_lines(report)
+    handle = manager.create_run(config, name.strip() or None, base_dir=base, warnings=warnings)
+    notes = [note for note in (renamed, *handle.notes) if note]
+    message = (f"Created `{handle.name}` ({report['totals']['total_steps']} steps); it saves its model as "
+               f"`{handle.output_name}` in `{handle.output_dir}`.")
+    if warnings:
+        message += f" The doctor has {len(warnings)} warning(s) worth a look:\n" + "\n".join(
+            f"- ⚠ {line}" for line in warnings[:MAX_WARNINGS_SHOWN])
+        if len(warnings) > MAX_WARNINGS_SHOWN:
+            message += f"\n- … and {len(warnings) - MAX_WARNINGS_SHOWN} more (the Dataset tab's doctor lists them)"
+        message += "\n\n"
+    return StartResult(handle, message, report, notes)
 
 
 def start_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, name: str = "", queue: bool = False,
-              base_dir: str | Path | None = None, roots: FileRoots | None = None) -> StartResult:
-    """prepare_run, then start the run now (`queue=False`) or append it to the queue."""
+              alongside: bool = False, base_dir: str | Path | None = None, roots: FileRoots | None = None
+              ) -> StartResult:
+    """prepare_run, then append the run to the queue (`queue`), start it beside whatever runs (`alongside`, only
+    when the user said so), or start it if nothing runs; a run that started meanwhile sends this one to the queue
+    (two runs on one GPU only ever by choice)."""
     result = prepare_run(manager, config_dict, name=name, base_dir=base_dir, roots=roots)
     if result.handle is None:
         return result
-    if queue:
+    busy = []
+    if alongside:
+        manager.start(result.handle)
+    elif not queue:
+        busy = manager.start_if_idle(result.handle)
+    if queue or busy:
         manager.enqueue(result.handle)
         position = len(manager.queue())
-        result.message += f" Queued (position {position}); it starts when the runs before it have finished."
+        why = f"`{busy[0].name}` started meanwhile, so this run waits. " if busy else ""
+        result.message += f" {why}Queued (position {position}); it starts when the runs before it have finished."
     else:
-        manager.start(result.handle)
-        result.message += " Started."
+        result.message += " Started" + (" beside the running run(s), as you chose." if alongside else ".")
     if result.notes:
         result.message += "\n" + "\n".join(f"- {note}" for note in result.notes)
     return result

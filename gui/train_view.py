@@ -4,7 +4,7 @@ box, chart rows, the checkpoint list, the run picker's labels. No gradio here, s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
 LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point
 RESUMABLE_STATES = ("stopped", "failed", "lost")  # a finished run has no steps left to train
 _FAILED_STATES = ("failed", "lost")
+LIVE_STATES = ("running",)
+MAX_WARNINGS = 5  # doctor warnings listed per queued run  # the states whose speed and time left mean something
 
 
 def format_duration(seconds: float | None) -> str:
@@ -35,8 +37,10 @@ def status_markdown(name: str, status: RunStatus) -> str:
     """One line: the run, its state, step/total, epoch, speed and time left."""
     steps = f"step {status.step}/{status.total_steps}" if status.total_steps else f"step {status.step}"
     epochs = f"epoch {status.epoch}/{status.num_epochs}" if status.num_epochs else f"epoch {status.epoch}"
-    speed = f"{status.it_per_s:.2f} it/s" if status.it_per_s else "— it/s"
-    parts = [f"**{status.state}**", steps, epochs, speed, f"ETA {format_duration(status.eta_s)}"]
+    parts = [f"**{status.state}**", steps, epochs]
+    if status.state in LIVE_STATES:  # a stopped or finished run's last speed and time left are no longer true
+        speed = f"{status.it_per_s:.2f} it/s" if status.it_per_s else "— it/s"
+        parts += [speed, f"ETA {format_duration(status.eta_s)}"]
     if status.loss is not None:
         parts.append(f"loss {status.loss:.4f}")
     line = f"`{name}` — " + " · ".join(parts)
@@ -83,7 +87,7 @@ def checkpoints_markdown(status: RunStatus) -> str:
         return "No checkpoints yet."
     lines = [f"- step {entry.get('step')} · {entry.get('kind')} · `{Path(entry['path']).name}`"
              for entry in status.checkpoints]
-    if status.resume_state:
+    if can_resume(status):  # a finished run keeps its state folder but has nothing left to resume
         lines.append(f"\nResume continues from `{status.resume_state}`.")
     return "\n".join(lines)
 
@@ -105,12 +109,35 @@ def progress_html(status: RunStatus) -> str:
 
 
 def queue_markdown(queued: Sequence[RunHandle]) -> str:
-    """The queued runs in the order they will start ('' when none)."""
+    """The queued runs in the order they will start ('' when none), each with the dataset doctor's warnings that its
+    Start message counted (nobody may be watching when it starts, so they are shown while it waits)."""
     if not queued:
         return ""
-    lines = [f"**Queue** ({len(queued)} waiting; each starts when the one before it has ended):"]
-    lines += [f"{position}. `{handle.name}`" for position, handle in enumerate(queued, start=1)]
+    lines = [f"**Queue** ({len(queued)} waiting; each starts when the runs before it have ended):"]
+    for position, handle in enumerate(queued, start=1):
+        count = len(handle.warnings)
+        lines.append(f"{position}. `{handle.name}`" + (f" — the doctor's {count} warning(s):" if count else ""))
+        lines += [f"    - ⚠ {warning}" for warning in handle.warnings[:MAX_WARNINGS]]
+        if count > MAX_WARNINGS:
+            lines.append(f"    - … and {count - MAX_WARNINGS} more (the Dataset tab's doctor lists them all)")
     return "\n".join(lines)
+
+
+def queue_choices(queued: Sequence[RunHandle]) -> list[str]:
+    """The queue's remove picker: the queued runs' names, in queue order."""
+    return [handle.name for handle in queued]
+
+
+def gallery_items(status: RunStatus) -> list[tuple[str, str]]:
+    """The samples with their captions (step and prompt), oldest first, as the Gallery takes them."""
+    labels = status.sample_labels + [""] * (len(status.samples) - len(status.sample_labels))
+    return list(zip(status.samples, labels, strict=False))
+
+
+def stale_texts(owners: Mapping[str, str | None], run: str | None) -> list[str]:
+    """Which texts to clear when the picker shows `run`: those written about another run (a "stopped" message, a
+    TensorBoard link). Texts about no run (a refused Start, the queue) stay."""
+    return [key for key, owner in owners.items() if owner and owner != run]
 
 
 def log_dir(handle: RunHandle) -> str:

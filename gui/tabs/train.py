@@ -23,11 +23,29 @@ from gui.run_reader import ChartData
 from gui.runner import RunError, RunManager
 from gui.runs import PROCESS_LOG, RunHandle, tail_lines
 from gui.tensorboard import TensorBoardError, TensorBoards
-from gui.train_start import start_queue_worker, start_run
+from gui.train_start import start_choice, start_queue_worker, start_run
 
 LOG_LINES = 200
 TICK_SECONDS = 1.0
 _RUNNING = ("running",)
+# Gradio's own autoscroll scrolls a textbox once, not on later updates: keep the log at its end as lines arrive,
+# unless the user scrolled up to read (then it stays put until they scroll back to the end).
+FOLLOW_LOG_JS = """() => {
+  const box = document.querySelector('#run-log textarea');
+  if (!box) return;
+  if (!box.dataset.follow) {
+    box.dataset.follow = '1';
+    const touched = () => { box.dataset.touched = String(Date.now()); };
+    for (const kind of ['wheel', 'touchmove', 'keydown', 'mousedown']) {
+      box.addEventListener(kind, touched, {passive: true});
+    }
+    box.addEventListener('scroll', () => {
+      if (Date.now() - Number(box.dataset.touched || 0) > 1000) return;  // moved by an update, not by the user
+      box.dataset.follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 8 ? '1' : '0';
+    });
+  }
+  if (box.dataset.follow === '1') requestAnimationFrame(() => { box.scrollTop = box.scrollHeight; });
+}"""
 
 
 def _handle(manager: RunManager, name: str | None) -> RunHandle | None:
@@ -87,7 +105,16 @@ def build(ctx: TabContext) -> None:
                                                 "doctor checks them first.")
             start_button = gr.Button("Start training", elem_id="train-start", variant="primary", scale=1)
             enqueue_button = gr.Button("Add to queue", elem_id="train-enqueue", scale=1)
+        # Shown when Start is pressed while a run is going: two runs on one GPU only when the user says so.
+        with gr.Row(visible=False, elem_id="train-busy") as busy_row:
+            busy_queue = gr.Button("Queue it (start after the running run)", elem_id="train-busy-queue",
+                                   variant="primary")
+            busy_both = gr.Button("Start both at once (they share the GPU)", elem_id="train-busy-both")
+            busy_cancel = gr.Button("Cancel", elem_id="train-busy-cancel")
         queue_view = gr.Markdown(elem_id="run-queue")
+        with gr.Row(visible=False, elem_id="queue-controls") as queue_row:
+            queue_pick = gr.Dropdown(choices=[], value=None, label="Queued run", elem_id="queue-pick", scale=3)
+            queue_remove = gr.Button("Remove from queue", elem_id="queue-remove", scale=1)
         with gr.Row():
             picker = gr.Dropdown(choices=view.run_choices(manager.discover()), value=None, label="Run",
                                  elem_id="run-picker", scale=3, info="Runs in the runs folder, newest first.")
@@ -117,6 +144,9 @@ def build(ctx: TabContext) -> None:
         # The samples' fingerprint; its change event draws the gallery. A hidden component, not a gr.State: the page
         # runs a state's change event only after queued events, and the tick is not queued.
         samples_key = gr.Textbox(visible="hidden", elem_id="run-samples-key")
+        # Which run each of these texts is about (None: about no run), so a text about another run goes away
+        # when the picker changes (view.stale_texts).
+        owners = gr.State({"message": None, "tensorboard": None})
         timer = gr.Timer(TICK_SECONDS)
 
     def run_view(name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
@@ -152,60 +182,89 @@ def build(ctx: TabContext) -> None:
         updates: dict[Any, Any] = {}
         if names != seen.get("names"):
             updates[picker] = gr.Dropdown(choices=names)
-        queue_text = view.queue_markdown(manager.queue())
-        updates[queue_view] = queue_text
-        seen = {**seen, "names": names}
+        queued = manager.queue()
+        updates[queue_view] = view.queue_markdown(queued)
+        queue_names = view.queue_choices(queued)
+        if queue_names != seen.get("queue"):
+            updates[queue_pick] = gr.Dropdown(choices=queue_names, value=queue_names[0] if queue_names else None)
+            updates[queue_row] = gr.Row(visible=bool(queue_names))
+        seen = {**seen, "names": names, "queue": queue_names}
         handle = _handle(manager, name)
         if handle is None:
             return updates | {cache: seen, samples_key: ""}
         if seen.get("run") != name:
-            seen = {"run": name, "names": names}  # another run: every part is drawn anew
+            seen = {"run": name, "names": names, "queue": queue_names}  # another run: every part is drawn anew
         run_updates, drawn = run_view(name, handle, seen)
         return updates | run_updates | {cache: {**seen, **drawn}}
 
-    def on_demo() -> Iterator[dict]:
-        yield {message: "Building the tiny demo model and images (about 20 s the first time)…"}
+    def on_demo(owned: dict) -> Iterator[dict]:
+        yield {message: "Building the tiny demo model and images (about 20 s the first time)…",
+               owners: {**owned, "message": None}}
         try:
             handle = start_demo(manager)
         except (DemoError, RunError, ConfigError, OSError) as error:
             yield {message: f"**The demo could not start:** {error}"}
             return
         names = [entry.name for entry in manager.discover()]
-        yield {message: f"Started the demo run `{handle.name}`.",
+        yield {message: f"Started the demo run `{handle.name}`.", owners: {**owned, "message": handle.name},
                picker: gr.Dropdown(choices=names, value=handle.name)}
 
-    def on_start(config: dict | None, name: str, queue: bool) -> dict:
+    def on_start(config: dict | None, name: str, owned: dict, mode: str) -> dict:
+        updates: dict[Any, Any] = {busy_row: gr.Row(visible=False), owners: {**owned, "message": None}}
+        running = [handle.name for handle in manager.running()]
+        if start_choice(running, mode) == "ask":
+            listed = ", ".join(f"`{run}`" for run in running)
+            return updates | {busy_row: gr.Row(visible=True), message: (
+                f"**{listed} {'is' if len(running) == 1 else 'are'} running.** Queue this run to start when it has "
+                "ended, or start both at once: they then share the GPU's memory and each trains slower.")}
         try:
-            result = start_run(manager, config, name=name, queue=queue, roots=ctx.roots)
+            result = start_run(manager, config, name=name, queue=mode == "queue", alongside=mode == "both",
+                               roots=ctx.roots)
         except (RunError, ConfigError, OSError) as error:
-            return {message: f"**Could not start:** {error}"}
-        updates: dict[Any, Any] = {message: result.message}
-        if result.handle is not None and not queue:
+            return updates | {message: f"**Could not start:** {error}"}
+        updates[message] = result.message
+        if result.handle is not None and result.handle.name not in view.queue_choices(manager.queue()):
             names = [entry.name for entry in manager.discover()]
             updates[picker] = gr.Dropdown(choices=names, value=result.handle.name)
+            updates[owners] = {**owned, "message": result.handle.name}
         return updates
 
-    def on_tensorboard(name: str | None) -> str:
+    def on_remove(queued: str | None, owned: dict) -> dict:
+        handle = _handle(manager, queued)
+        updates: dict[Any, Any] = {owners: {**owned, "message": None}}
+        if handle is None:
+            return updates | {message: "Choose a queued run first."}
+        if not manager.dequeue(handle):
+            return updates | {message: f"`{queued}` is not in the queue any more (it may have started)."}
+        return updates | {message: f"Removed `{queued}` from the queue (its run folder is deleted; it never started)."}
+
+    def on_tensorboard(name: str | None, owned: dict) -> tuple[str, dict]:
         handle = _handle(manager, name)
         if handle is None:
-            return "Choose a run first."
+            return "Choose a run first.", {**owned, "tensorboard": None}
         try:
             url = boards.url_for(view.log_dir(handle))
         except (TensorBoardError, ConfigError, ValueError, OSError) as error:
-            return f"**TensorBoard could not start:** {error}"
-        return view.tensorboard_markdown(name, url)
+            return f"**TensorBoard could not start:** {error}", {**owned, "tensorboard": name}
+        return view.tensorboard_markdown(name, url), {**owned, "tensorboard": name}
 
-    def control(action: Callable[[RunHandle], Any], done: str) -> Callable[[str | None], str]:
-        def run(name: str | None) -> str:
+    def control(action: Callable[[RunHandle], Any], done: str) -> Callable[[str | None, dict], tuple[str, dict]]:
+        def run(name: str | None, owned: dict) -> tuple[str, dict]:
             handle = _handle(manager, name)
             if handle is None:
-                return "Choose a run first."
+                return "Choose a run first.", {**owned, "message": None}
             try:
                 action(handle)
             except (RunError, ConfigError, OSError) as error:
-                return f"**Could not {done}:** {error}"
-            return f"Asked `{name}` to {done}."
+                return f"**Could not {done}:** {error}", {**owned, "message": name}
+            return f"Asked `{name}` to {done}.", {**owned, "message": name}
         return run
+
+    def drop_stale(name: str | None, owned: dict) -> dict:
+        """The picker shows another run: clear what was said about the one before."""
+        stale = view.stale_texts(owned, name)
+        texts = {"message": message, "tensorboard": tensorboard_link}
+        return {texts[key]: "" for key in stale} | {owners: {**owned, **dict.fromkeys(stale)}}
 
     def resume(handle: RunHandle) -> None:
         state = manager.status(handle, log_lines=0).resume_state
@@ -213,24 +272,30 @@ def build(ctx: TabContext) -> None:
             raise RunError("this run has no saved state to resume from")
         manager.resume(handle, state)
 
-    def draw_samples(name: str | None) -> list[str]:
+    def draw_samples(name: str | None) -> list[tuple[str, str]]:
         handle = _handle(manager, name)
-        return list(manager.status(handle, log_lines=0).samples) if handle is not None else []
+        return view.gallery_items(manager.status(handle, log_lines=0)) if handle is not None else []
 
-    outputs = [picker, cache, samples_key, queue_view, status_line, progress, error_box, log, checkpoints, loss_plot,
-               lr_plot, *buttons.values()]
+    outputs = [picker, cache, samples_key, queue_view, queue_pick, queue_row, status_line, progress, error_box, log,
+               checkpoints, loss_plot, lr_plot, *buttons.values()]
     timer.tick(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden", queue=False)
     picker.change(tick, inputs=[picker, cache], outputs=outputs, show_progress="hidden")
+    picker.change(drop_stale, inputs=[picker, owners], outputs=[message, tensorboard_link, owners],
+                  show_progress="hidden", queue=False)
+    log.change(None, js=FOLLOW_LOG_JS, queue=False)
     samples_key.change(draw_samples, inputs=picker, outputs=gallery, show_progress="hidden", queue=False)
     gr.on(None, lambda: gr.Dropdown(choices=[h.name for h in manager.discover()], value=_default_run(manager)),
           outputs=picker)
-    demo_button.click(on_demo, outputs=[message, picker])
-    start_button.click(lambda config, name: on_start(config, name, queue=False), inputs=[ctx.config, run_name],
-                       outputs=[message, picker])
-    enqueue_button.click(lambda config, name: on_start(config, name, queue=True), inputs=[ctx.config, run_name],
-                         outputs=[message, picker])
-    tensorboard_button.click(on_tensorboard, inputs=picker, outputs=tensorboard_link)
+    demo_button.click(on_demo, inputs=owners, outputs=[message, picker, owners])
+    start_outputs = [message, picker, busy_row, owners]
+    for button, mode in ((start_button, "start"), (enqueue_button, "queue"), (busy_queue, "queue"),
+                         (busy_both, "both")):
+        button.click(lambda config, name, owned, mode=mode: on_start(config, name, owned, mode),
+                     inputs=[ctx.config, run_name, owners], outputs=start_outputs)
+    busy_cancel.click(lambda: (gr.Row(visible=False), "Not started."), outputs=[busy_row, message])
+    queue_remove.click(on_remove, inputs=[queue_pick, owners], outputs=[message, owners])
+    tensorboard_button.click(on_tensorboard, inputs=[picker, owners], outputs=[tensorboard_link, owners])
     for key, action, done in (("stop", manager.stop, "stop (it saves a resumable state first)"),
                               ("save", manager.save_now, "save now"), ("sample", manager.sample_now, "sample now"),
                               ("resume", resume, "resume")):
-        buttons[key].click(control(action, done), inputs=picker, outputs=message)
+        buttons[key].click(control(action, done), inputs=[picker, owners], outputs=[message, owners])
