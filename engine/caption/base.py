@@ -46,6 +46,10 @@ class CaptionerEntry:
     options_type: type
     build: Callable[[str, Any], Captioner]
     known_models: tuple[str, ...] = ()  # offered by name in the GUI
+    # What a local model folder must hold, in words for messages (e.g. a machine that cannot download).
+    model_files: str = "config.json, the weights (model.safetensors) and the processor/tokenizer files"
+    allow_patterns: tuple[str, ...] | None = None  # what a download fetches (None: the whole repository)
+    metadata_field: str = "caption"  # which key of a fine-tune metadata entry its output fills
 
 
 # name -> entry; filled by engine.caption.registry so that importing this module stays light.

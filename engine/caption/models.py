@@ -35,7 +35,8 @@ class CaptionModelError(Exception):
 
 
 def resolve_model(
-    id_or_dir: str, *, cache_dir: str | Path | None = None, allow_patterns: list[str] | None = None
+    id_or_dir: str, *, cache_dir: str | Path | None = None, allow_patterns: list[str] | None = None,
+    needs: str = "", label: str = "",
 ) -> Path:
     """Return a local folder holding the model named by ``id_or_dir``.
 
@@ -45,14 +46,15 @@ def resolve_model(
       network call once its completion marker exists.
 
     Raises `CaptionModelError` when the folder lacks model files, the id is malformed, or the hub is unreachable
-    (``HF_HUB_OFFLINE=1`` or no connection); the message explains how to use a local folder instead.
+    (``HF_HUB_OFFLINE=1`` or no connection); the message explains how to use a local folder instead, naming what
+    the folder of this captioner (``label``) ``needs``.
     """
     text = str(id_or_dir).strip()
     if not text:
         raise CaptionModelError("No captioning model given: pass a hub id (owner/name) or a local folder.")
     local = Path(text).expanduser()
     if local.is_dir():
-        return check_model_folder(local)
+        return check_model_folder(local, needs, label)
     if local.exists():
         raise CaptionModelError(f"{local} is a file; --model takes a model folder or a hub id (owner/name).")
     if not _HUB_ID.match(text):
@@ -60,19 +62,21 @@ def resolve_model(
     target = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / text.replace("/", "_")
     if _download_complete(target, text, allow_patterns):
         return check_model_folder(target)  # reused as is: no network call
-    _download(text, target, allow_patterns)
+    _download(text, target, allow_patterns, needs, label)
     return check_model_folder(target)
 
 
-def check_model_folder(folder: Path) -> Path:
-    """Return ``folder`` if it holds ``config.json`` or ``model.onnx``; otherwise raise naming what is missing."""
+def check_model_folder(folder: Path, needs: str = "", label: str = "") -> Path:
+    """Return ``folder`` if it holds ``config.json`` or ``model.onnx``; otherwise raise naming what is missing (and
+    what a ``label`` model folder ``needs``, when given)."""
     if any((folder / name).is_file() for name in MODEL_FILES):
         return folder
     present = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:10]
+    wanted = f" A {label + ' ' if label else ''}model folder needs {needs}." if needs else ""
     raise CaptionModelError(
         f"{folder} is not a model folder: it has neither {' nor '.join(MODEL_FILES)} "
         "(transformers models need config.json, ONNX taggers model.onnx). "
-        f"It contains: {', '.join(present) or 'nothing'}."
+        f"It contains: {', '.join(present) or 'nothing'}.{wanted}"
     )
 
 
@@ -89,10 +93,13 @@ def _download_complete(target: Path, repo_id: str, allow_patterns: list[str] | N
     return done is None or (allow_patterns is not None and set(allow_patterns) <= set(done))
 
 
-def _download(repo_id: str, target: Path, allow_patterns: list[str] | None) -> None:
+def _download(repo_id: str, target: Path, allow_patterns: list[str] | None, needs: str = "", label: str = "") -> None:
     """Fetch ``repo_id`` into ``target`` (tqdm progress on stderr) and write the completion marker."""
+    def offline(why: str) -> CaptionModelError:
+        return CaptionModelError(_offline_message(repo_id, allow_patterns, why, needs, label))
+
     if _offline():
-        raise CaptionModelError(_offline_message(repo_id, allow_patterns, "HF_HUB_OFFLINE is set"))
+        raise offline("HF_HUB_OFFLINE is set")
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -110,10 +117,10 @@ def _download(repo_id: str, target: Path, allow_patterns: list[str] | None) -> N
     except errors.RepositoryNotFoundError as exc:
         raise CaptionModelError(f"No model {repo_id!r} on the Hugging Face hub (check the spelling).") from exc
     except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
-        raise CaptionModelError(_offline_message(repo_id, allow_patterns, str(exc) or type(exc).__name__)) from exc
+        raise offline(str(exc) or type(exc).__name__) from exc
     except Exception as exc:
         if _is_transport_error(exc):
-            raise CaptionModelError(_offline_message(repo_id, allow_patterns, str(exc))) from exc
+            raise offline(str(exc)) from exc
         raise CaptionModelError(f"Downloading {repo_id} failed: {exc}") from exc
     marker = {"repo_id": repo_id, "allow_patterns": allow_patterns}
     (target / MARKER_NAME).write_text(json.dumps(marker), encoding="utf-8")
@@ -141,15 +148,23 @@ def _is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-def _offline_message(repo_id: str, allow_patterns: list[str] | None, why: str) -> str:
-    """The advice shown when a hub id cannot be downloaded: how to point at a local folder instead."""
+def _offline_message(repo_id: str, allow_patterns: list[str] | None, why: str, needs: str = "",
+                     label: str = "") -> str:
+    """The advice shown when a hub id cannot be downloaded: which files a local folder needs, and how to give it on
+    the command line and in the GUI."""
     generic = "config.json, the weights (model.safetensors) and the processor/tokenizer files"
-    files = ", ".join(allow_patterns) if allow_patterns else generic
+    files = needs or (", ".join(allow_patterns) if allow_patterns else generic)
+    # Plain file names go on hf's command line as they are; wildcard patterns would not, so then the whole repo.
+    plain = allow_patterns and not any(set(pattern) & set("*?[") for pattern in allow_patterns)
+    include = "".join(f" {name}" for name in allow_patterns or ()) if plain else ""
     return (
         f"This machine cannot reach the Hugging Face hub to download {repo_id} ({why}). "
         "Download it on a machine with internet access "
-        f"(e.g. `hf download {repo_id} --local-dir {repo_id.split('/')[-1]}`), "
-        f"copy the folder here, and pass it with --model /path/to/folder; the folder needs {files}. "
+        f"(e.g. `hf download {repo_id}{include} --local-dir {repo_id.split('/')[-1]}`) and copy the folder here. "
+        f"A {label + ' ' if label else ''}model folder needs {files}. "
+        "Then give the folder instead of the hub id: --model /path/to/folder on the command line, or in the GUI "
+        "type the folder's path into the Model box of the Captioning tab (it must lie inside the folders the app "
+        "may use: your home folder or an --allow-path folder). "
         f"(No local folder named {repo_id!r} exists either.)"
     )
 

@@ -8,24 +8,33 @@ from typing import Any
 
 from engine.caption.base import Captioner, CaptionerEntry
 
+# What BLIP and GIT folders hold (a hub download of the repository gives exactly these).
+_TRANSFORMERS_FILES = ("config.json, the weights (model.safetensors or pytorch_model.bin), the image processor's "
+                       "preprocessor_config.json (or processor_config.json) and the tokenizer files (tokenizer.json or "
+                       "vocab.txt, tokenizer_config.json)")
+
 
 def _blip() -> CaptionerEntry:
-    from engine.caption.blip import BLIP_DEFAULT, BlipCaptioner, BlipOptions
+    from engine.caption.blip import BLIP_ALLOW_PATTERNS, BLIP_DEFAULT, BlipCaptioner, BlipOptions
 
     return CaptionerEntry(BLIP_DEFAULT, BlipOptions, BlipCaptioner,
-                          (BLIP_DEFAULT, "Salesforce/blip-image-captioning-base"))
+                          (BLIP_DEFAULT, "Salesforce/blip-image-captioning-base"), model_files=_TRANSFORMERS_FILES,
+                          allow_patterns=tuple(BLIP_ALLOW_PATTERNS))
 
 
 def _git() -> CaptionerEntry:
-    from engine.caption.git import GIT_DEFAULT, GitCaptioner, GitOptions
+    from engine.caption.git import GIT_ALLOW_PATTERNS, GIT_DEFAULT, GitCaptioner, GitOptions
 
-    return CaptionerEntry(GIT_DEFAULT, GitOptions, GitCaptioner, (GIT_DEFAULT, "microsoft/git-base-coco"))
+    return CaptionerEntry(GIT_DEFAULT, GitOptions, GitCaptioner, (GIT_DEFAULT, "microsoft/git-base-coco"),
+                          model_files=_TRANSFORMERS_FILES, allow_patterns=tuple(GIT_ALLOW_PATTERNS))
 
 
 def _wd14() -> CaptionerEntry:
-    from engine.caption.wd14 import WD14_MODELS, Wd14Options, Wd14Tagger
+    from engine.caption.wd14 import MODEL_FILE, TAGS_FILE, WD14_MODELS, Wd14Options, Wd14Tagger
 
-    return CaptionerEntry(WD14_MODELS[0], Wd14Options, Wd14Tagger, tuple(WD14_MODELS))
+    return CaptionerEntry(WD14_MODELS[0], Wd14Options, Wd14Tagger, tuple(WD14_MODELS),
+                          model_files=f"{MODEL_FILE} and {TAGS_FILE}", allow_patterns=(MODEL_FILE, TAGS_FILE),
+                          metadata_field="tags")
 
 
 CAPTIONER_LOADERS: dict[str, Callable[[], CaptionerEntry]] = {"blip": _blip, "git": _git, "wd14": _wd14}

@@ -5,7 +5,10 @@ Images are opened in worker threads while the captioner runs on the previous bat
   overwrite  every caption file is written anew;
   append     new tags are added to the existing caption, without duplicates (for taggers; a sentence
              captioner's text is added as one more piece).
-A file is only written when its content changes, and always atomically.
+A file is only written when its content changes, and always atomically. Instead of caption files, the captions can
+go into a fine-tune metadata JSON (engine.caption.metadata_out.MetadataStore): the runner writes through a store.
+Every image Create project accepts is captioned (GIF, TIFF, ... too), so captions made before the import travel
+with the pictures; the progress counts every image, skipped and failed ones included, so it ends at n/n.
 """
 
 from __future__ import annotations
@@ -14,18 +17,23 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from PIL import Image, ImageOps
 
 from engine.caption.base import Captioner, CaptionOutput
 from engine.config.choices import dotted_caption_extension
-from engine.data.images import is_image_file
+from engine.data.images import IMAGE_EXTENSIONS
+from engine.data.project import CONVERTED_EXTENSIONS
 from engine.events import Progress
 from engine.files import atomic_write_text
 
 WriteMode = Literal["skip", "overwrite", "append"]
+# What Create project takes (and converts to PNG where training cannot read it): captions made on the original folder
+# are copied along with the pictures.
+CAPTIONED_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | CONVERTED_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,10 @@ class CaptionSummary:
 
 
 def find_images(folder: Path, recursive: bool) -> list[Path]:
+    """The images of `folder` to caption: every format Create project accepts (CAPTIONED_EXTENSIONS), sorted."""
     pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(path for path in pattern if path.is_file() and is_image_file(path) and not path.name.startswith("."))
+    return sorted(path for path in pattern if path.is_file() and path.suffix.lower() in CAPTIONED_EXTENSIONS
+                  and not path.name.startswith("."))
 
 
 def caption_path(image: Path, extension: str) -> Path:
@@ -95,8 +105,20 @@ def compose(output: CaptionOutput, existing: str | None, options: FolderOptions)
     return options.separator.join(merged)
 
 
+@cache
+def _register_optional_formats() -> None:
+    """HEIC photos open when the optional pillow-heif plugin is installed, as in Create project."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
 def _open(path: Path) -> Image.Image:
-    """The image as displayed (EXIF orientation applied), in its own mode: taggers need the alpha channel."""
+    """The image as displayed (EXIF orientation applied), in its own mode: taggers need the alpha channel. An animated
+    GIF gives its first frame, as Create project's conversion does."""
+    _register_optional_formats()
     with Image.open(path) as image:
         image.load()
         return ImageOps.exif_transpose(image)
@@ -135,36 +157,77 @@ def _read_existing(path: Path) -> str | None:
         return None
 
 
+class CaptionStore(Protocol):
+    """Where captions go: caption files beside the images, or one metadata file (engine.caption.metadata_out)."""
+
+    def has(self, image: Path) -> bool:
+        """Whether the image is captioned already (mode "skip" leaves it alone)."""
+        ...
+
+    def existing(self, image: Path) -> str | None:
+        """The image's current caption (to append to, or to tell that nothing changes), None when there is none."""
+        ...
+
+    def write(self, image: Path, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class CaptionFiles:
+    """The default store: `<stem><extension>` beside each image, written atomically."""
+
+    extension: str
+
+    def has(self, image: Path) -> bool:
+        return caption_path(image, self.extension).exists()
+
+    def existing(self, image: Path) -> str | None:
+        return _read_existing(caption_path(image, self.extension))
+
+    def write(self, image: Path, text: str) -> None:
+        atomic_write_text(caption_path(image, self.extension), text + "\n")
+
+
 def run_captioning(folder: str | Path, captioner: Captioner, options: FolderOptions,
-                   progress: Progress | None = None) -> CaptionSummary:
-    """Caption every image of `folder` with `captioner` as `options` say; see the module docstring."""
+                   progress: Progress | None = None, store: CaptionStore | None = None) -> CaptionSummary:
+    """Caption every image of `folder` with `captioner` as `options` say, into `store` (default: caption files);
+    see the module docstring. `progress` counts every image found, so it ends at its total."""
+    store = store or CaptionFiles(options.caption_extension)
     summary = CaptionSummary()
     todo = []
     for image in find_images(Path(folder), options.recursive):
-        if options.mode == "skip" and caption_path(image, options.caption_extension).exists():
+        if options.mode == "skip" and store.has(image):
             summary.skipped.append(image)
         else:
             todo.append(image)
+    counted = _count(progress, summary, 0)
     load = _loader(captioner)
     infer = captioner.caption_preprocessed if load is not _open else captioner.caption  # type: ignore[attr-defined]
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
         for batch in _batches(todo, load, options, pool, summary):
             outputs = infer([item for _, item in batch])
             for (path, _), output in zip(batch, outputs, strict=True):
-                _record(path, output, options, summary)
-            if progress is not None:
-                progress.update(len(batch))
+                _record(path, output, options, summary, store)
+            counted = _count(progress, summary, counted)
+    _count(progress, summary, counted)  # images that failed after the last batch
     return summary
 
 
-def _record(image: Path, output: CaptionOutput, options: FolderOptions, summary: CaptionSummary) -> None:
-    target = caption_path(image, options.caption_extension)
-    existing = _read_existing(target)
+def _count(progress: Progress | None, summary: CaptionSummary, counted: int) -> int:
+    """Advance `progress` to every image decided so far (skipped, failed or captioned); returns that number."""
+    decided = len(summary.skipped) + len(summary.failed) + len(summary.planned)
+    if progress is not None and decided > counted:
+        progress.update(decided - counted)
+    return decided
+
+
+def _record(image: Path, output: CaptionOutput, options: FolderOptions, summary: CaptionSummary,
+            store: CaptionStore) -> None:
+    existing = store.existing(image)
     text = compose(output, existing, options)
     summary.planned[image] = text
     summary.tag_counts.update(output.tags)
     if existing is not None and existing.rstrip("\n") == text:
         summary.unchanged.append(image)
     elif not options.dry_run:
-        atomic_write_text(target, text + "\n")
+        store.write(image, text)
         summary.written.append(image)

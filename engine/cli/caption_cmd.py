@@ -86,6 +86,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--workers", type=int, default=2, help="threads opening images ahead of the model")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--events", metavar="FILE", help="append progress events (JSON lines) for the GUI")
+    metadata = parser.add_argument_group(
+        "fine-tune metadata", "write the captions into a metadata JSON (dataset.in_json) instead of caption files: "
+        "BLIP and GIT fill each entry's \"caption\", WD14 its \"tags\"")
+    metadata.add_argument("--metadata", type=Path, metavar="OUT_JSON",
+                          help="the metadata file to write (a new file: an existing one is never overwritten)")
+    metadata.add_argument("--in-json", "--in_json", dest="in_json", type=Path, metavar="FILE",
+                          help="an existing metadata file to merge into (read, never changed); --mode applies to "
+                               "its entries")
+    metadata.add_argument("--full-path", "--full_path", dest="full_path", action="store_true",
+                          help="key entries by absolute image path (default: the image's stem; with --recursive, "
+                               "its path relative to the folder)")
     _captioner_flags(parser)
     parser.set_defaults(handler=run_caption)
     return parser
@@ -126,6 +137,23 @@ def _captioner_values(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return values
 
 
+def _metadata_store(args: argparse.Namespace, field_name: str):
+    """The MetadataStore --metadata asks for (None without it); checked before any model is loaded.
+
+    Raises:
+        ValueError: --in-json or --full-path without --metadata; an output that exists, an input that cannot be read
+            (MetadataWriteError is a ValueError).
+    """
+    if args.metadata is None:
+        if args.in_json is not None or args.full_path:
+            raise ValueError("--in-json and --full-path describe the metadata file: add --metadata OUT_JSON")
+        return None
+    from engine.caption.metadata_out import MetadataStore
+
+    return MetadataStore(args.folder, args.metadata, field_name, in_json=args.in_json, full_path=args.full_path,
+                         recursive=args.recursive)
+
+
 def run_caption(args: argparse.Namespace) -> int:
     from engine.caption.models import CaptionModelError, resolve_model
     from engine.caption.registry import build_captioner, captioner_entry
@@ -135,11 +163,15 @@ def run_caption(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         print(f"error: {args.folder}: no such folder", file=sys.stderr)
         return EXIT_BAD_INPUT
+    entry = captioner_entry(args.captioner)
     try:
         values = _captioner_values(args, args.captioner)
-        model_dir = resolve_model(args.model or captioner_entry(args.captioner).default_model)
+        store = _metadata_store(args, entry.metadata_field)
+        model_dir = resolve_model(args.model or entry.default_model, needs=entry.model_files,
+                                  label=args.captioner.upper(),
+                                  allow_patterns=list(entry.allow_patterns) if entry.allow_patterns else None)
         captioner = build_captioner(args.captioner, str(model_dir), values, device=args.device)
-    except (ValueError, CaptionModelError) as error:
+    except (ValueError, OSError, CaptionModelError) as error:  # OSError: a model folder that lacks a file
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     options = FolderOptions(caption_extension=args.caption_extension, recursive=args.recursive, mode=args.mode,
@@ -150,8 +182,16 @@ def run_caption(args: argparse.Namespace) -> int:
     with EventWriter(args.events) as events:
         progress = Progress("caption", len(find_images(args.folder, args.recursive)),
                             events if args.events else None)
-        summary = run_captioning(args.folder, captioner, options, progress)
+        summary = run_captioning(args.folder, captioner, options, progress, store)
         progress.close()
+        if store is not None and not options.dry_run:
+            try:
+                print(f"wrote {len(store.metadata)} entries to {store.save()}")
+            except ValueError as error:  # a file appeared at the output name while captioning
+                print(f"error: {error}", file=sys.stderr)
+                if args.events:
+                    events.emit("error", message=str(error), hint="choose a new metadata file name")
+                return EXIT_BAD_INPUT
         _report(summary, options, events if args.events else None)
     nothing_done = summary.failed and not (summary.planned or summary.skipped)
     return EXIT_BAD_INPUT if nothing_done else EXIT_OK

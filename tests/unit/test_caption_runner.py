@@ -145,3 +145,53 @@ def test_preprocessing_runs_in_the_worker_threads(tmp_path):
     assert len(summary.written) == 3
     assert tagger.preprocess_threads and threading.main_thread().name not in tagger.preprocess_threads
     assert set(tagger.seen_modes) == {"RGB"}  # the model side got the preprocessed items
+
+
+# --- every format Create project accepts; progress that ends at n/n; captions into fine-tune metadata -------------
+def test_gif_and_other_create_project_formats_are_captioned(tmp_path):
+    folder = make_folder(tmp_path)
+    frames = [Image.new("P", (64, 64), 1), Image.new("P", (64, 64), 2)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(folder / "scan.tif")
+    summary = run_captioning(folder, ColourTagger(), FolderOptions())
+    assert {p.name for p in summary.written} == {"anim.gif", "b.jpg", "c.PNG", "scan.tif"}
+    assert (folder / "anim.txt").is_file() and (folder / "scan.txt").read_text() == "red, square\n"
+
+
+def test_progress_counts_skipped_and_failed_images_and_ends_at_the_total(tmp_path):
+    from engine.caption.runner import find_images
+    from engine.events import EventWriter, Progress, read_events
+
+    folder = make_folder(tmp_path)
+    (folder / "zzz-broken.jpg").write_text("the last file is broken too")
+    path = tmp_path / "events.jsonl"
+    with EventWriter(path) as events:
+        progress = Progress("caption", len(find_images(folder, False)), events)
+        run_captioning(folder, ColourTagger(), FolderOptions(batch_size=2), progress)
+    last = [event for event in read_events(path) if event["type"] == "progress"][-1]
+    assert last["done"] == last["total"] == 5  # a (skipped), b, c, broken, zzz-broken (failed)
+
+
+def test_captions_go_into_a_new_metadata_file_merged_with_the_input(tmp_path):
+    import json
+
+    import pytest
+
+    from engine.caption.metadata_out import MetadataStore
+    from engine.data.finetune_metadata import MetadataWriteError
+
+    folder = make_folder(tmp_path)
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps({"a": {"caption": "a photo", "tags": "sks girl"}, "gone": {"caption": "kept"}}))
+    store = MetadataStore(folder, tmp_path / "out.json", "tags", in_json=given)
+    summary = run_captioning(folder, ColourTagger(), FolderOptions(mode="skip"), store=store)
+    assert [p.name for p in summary.skipped] == ["a.png"] and not (folder / "b.txt").exists()
+    store.save()
+    assert json.loads((tmp_path / "out.json").read_text()) == {
+        "a": {"caption": "a photo", "tags": "sks girl"}, "gone": {"caption": "kept"},
+        "b": {"tags": "dark, wide"}, "c": {"tags": "red, square"}}
+    appended = MetadataStore(folder, tmp_path / "appended.json", "tags", in_json=tmp_path / "out.json")
+    run_captioning(folder, ColourTagger(), FolderOptions(mode="append", prefix="sks"), store=appended)
+    assert appended.metadata["a"]["tags"] == "sks girl, sks, red, square"
+    with pytest.raises(MetadataWriteError, match="never overwritten"):
+        MetadataStore(folder, given, "caption")
