@@ -149,11 +149,22 @@ def to_model_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 def prepare(path: str | PathLike[str], assignment: BucketAssignment, *, flip: bool = False,
             random_crop: bool = False, rng: random.Random | None = None, interpolation: str | None = None,
-            color_aug: bool = False) -> PreparedImage:
-    """Load an image and run the steps in sd-scripts' order: resize and crop, colour augmentation, flip."""
+            color_aug: bool = False, face_crop_range: tuple[float, float] | None = None) -> PreparedImage:
+    """Load an image and run the steps in sd-scripts' order: resize and crop, colour augmentation, flip.
+
+    With `face_crop_range` (buckets off), an image whose file name carries a face box is cut around the face
+    instead (engine.data.face_crop).
+    """
+    from engine.data.face_crop import face_box, face_crop  # it imports this module's resize_image
+
     rng = rng if rng is not None else random.Random()
-    prepared = resize_and_crop(load_rgb_image(path), assignment, random_crop=random_crop, rng=rng,
-                               interpolation=interpolation)
+    box = face_box(path) if face_crop_range is not None else None
+    if box is not None:
+        prepared = face_crop(load_rgb_image(path), box, assignment.bucket, face_crop_range, random_crop=random_crop,
+                             rng=rng, interpolation=interpolation)
+    else:
+        prepared = resize_and_crop(load_rgb_image(path), assignment, random_crop=random_crop, rng=rng,
+                                   interpolation=interpolation)
     if color_aug:
         augmented = color_augment(Image.fromarray(prepared.pixels), rng)
         prepared = replace(prepared, pixels=np.array(augmented, dtype=np.uint8))

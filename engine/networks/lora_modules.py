@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRAModule", "SplitLoRAModule"]
+__all__ = ["LoRAModule", "SplitLoRAModule", "per_sample_scaled"]
 
 
 class LoRAModule(nn.Module):
     """A low-rank update ``multiplier * alpha/rank * up(down(x))`` added to one ``nn.Linear`` or ``nn.Conv2d``.
+
+    ``multiplier`` is a float, or a tensor of one value per sample of the batch (see :func:`per_sample_scaled`).
 
     The wrapped layer is kept outside the module tree, so the network's state dict holds only ``lora_down``,
     ``lora_up`` and ``alpha``. Dropouts apply only while this module is in training mode and draw from torch's
@@ -98,7 +100,7 @@ class LoRAModule(nn.Module):
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         """``multiplier * scale * up(down(x))`` with the dropouts in training mode."""
         lx, scale = self._dropped(self.lora_down(x))
-        return self.lora_up(lx) * self.multiplier * scale
+        return per_sample_scaled(self.lora_up(lx), self.multiplier) * scale
 
     def _dropped(self, lx: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``down(x)`` after network_dropout and rank_dropout, and the scale to apply (training mode only)."""
@@ -147,6 +149,23 @@ class LoRAModule(nn.Module):
                                  "(or conv_dim for 3x3 convolutions) to the rank the file was trained with")
 
 
+def per_sample_scaled(update: torch.Tensor, multiplier: float | torch.Tensor) -> torch.Tensor:
+    """``update * multiplier``; a multiplier tensor holds one value per sample of the batch (a dataset's
+    network_multiplier, engine.train.network_scaling) and scales that sample's rows.
+
+    A layer may see each sample several times in a row (a text encoder encodes a long caption as several 77-token
+    chunks, sample after sample), so a batch dimension that is a multiple of the sample count is scaled chunk-wise.
+    """
+    if not isinstance(multiplier, torch.Tensor):
+        return update * multiplier
+    count = multiplier.numel()
+    if count == 0 or update.shape[0] % count:
+        raise ValueError(f"{count} per-sample network multipliers for a batch of {update.shape[0]}; set one "
+                         "multiplier (network.set_multiplier(float)) for inputs that are not the training batch")
+    values = multiplier.to(update).repeat_interleave(update.shape[0] // count)
+    return update * values.view(-1, *([1] * (update.ndim - 1)))
+
+
 def _low_rank_pair(org: nn.Module, rank: int, name: str) -> tuple[nn.Module, nn.Module]:
     """``down`` and ``up`` shaped like kohya's: Conv2d down keeps the kernel, stride and padding; up is 1x1."""
     if isinstance(org, nn.Conv2d):
@@ -187,7 +206,7 @@ class SplitLoRAModule(LoRAModule):
         for down, up in zip(self.lora_down, self.lora_up, strict=True):
             lx, scale = self._dropped(down(x))
             outputs.append(up(lx) * scale)
-        return torch.cat(outputs, dim=-1) * self.multiplier
+        return per_sample_scaled(torch.cat(outputs, dim=-1), self.multiplier)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         down = torch.cat([layer.weight for layer in self.lora_down], dim=0)

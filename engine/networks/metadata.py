@@ -146,7 +146,8 @@ def build_metadata(config: RunConfig, facts: TrainingFacts) -> dict[str, str]:
     """
     metadata: dict[str, Any] = {
         **_run_keys(config, facts), **_network_keys(config, facts), **_training_keys(config),
-        **_dataset_option_keys(config), **UNSUPPORTED_OPTION_DEFAULTS, **_fp8_keys(config), **_flow_keys(config, facts),
+        **_dataset_option_keys(config, facts), **UNSUPPORTED_OPTION_DEFAULTS, **_fp8_keys(config),
+        **_flow_keys(config, facts),
     }
     metadata.update(dataset_metadata(facts.datasets))
     if config.dataset.train_data_dir:
@@ -296,10 +297,12 @@ def _training_keys(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def _dataset_option_keys(config: RunConfig) -> dict[str, Any]:
+def _dataset_option_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
     """Keys that sd-scripts takes from command-line arguments; [dataset.general] plays that role here."""
+    from engine.data.face_crop import face_crop_range_used
+
     general = config.dataset.general
-    crop_range = general.face_crop_aug_range
+    crop_range = face_crop_range_used(facts.datasets)  # only when it cropped images (buckets off, face boxes)
     return {
         "ss_caption_dropout_rate": general.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": general.caption_dropout_every_n_epochs,

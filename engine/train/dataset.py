@@ -36,6 +36,9 @@ class Example:
     color_aug: bool
     random_crop: bool
     interpolation: str | None
+    network_multiplier: float = 1.0  # the dataset's strength of the trained network (engine.train.network_scaling)
+    preserve_output: bool = False  # custom_attributes.diff_output_preservation of the subset
+    face_crop_range: tuple[float, float] | None = None  # face_crop_aug_range (buckets off; engine.data.face_crop)
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,18 @@ def examples_from_scan(scan: ScanResult) -> list[Example]:
     """Every image that is trained on (regularization images left unused by balancing are dropped)."""
     examples = []
     for dataset in scan.datasets:
+        multiplier = float(dataset.params.get("network_multiplier", 1.0))
         for subset in dataset.subsets:
             params = subset.params
             options = CaptionOptions.from_params(params)
+            preserve = bool((params.get("custom_attributes") or {}).get("diff_output_preservation"))
+            face_range = params.get("face_crop_aug_range")
+            face_range = None if face_range is None or dataset.params.get("enable_bucket") else tuple(face_range)
             for record in subset.records:
                 if record.num_repeats > 0 and record.bucket is not None:
                     examples.append(Example(record, options, bool(params.get("flip_aug")),
                                             bool(params.get("color_aug")), bool(params.get("random_crop")),
-                                            params.get("resize_interpolation")))
+                                            params.get("resize_interpolation"), multiplier, preserve, face_range))
     return examples
 
 
@@ -114,7 +121,9 @@ class TrainingDataset(torch.utils.data.Dataset):
         record = example.record
         rng = sample_rng(self.seed, key)
         item: dict[str, Any] = {"loss_weight": float(record.loss_weight), "target_size": _hw(record.bucket),
-                                "noise_seed": noise_seed(self.seed, key), "image": str(record.path)}
+                                "noise_seed": noise_seed(self.seed, key), "image": str(record.path),
+                                "network_multiplier": example.network_multiplier,
+                                "diff_output_preservation": example.preserve_output}
         flip = example.flip_aug and rng.random() < 0.5
         if self.latents is not None:
             cached = self.latents[(record.path, tuple(record.bucket))]
@@ -125,7 +134,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         else:
             assignment = BucketAssignment(tuple(record.bucket), tuple(record.resized), 0.0)
             prepared = prepare(record.path, assignment, flip=flip, random_crop=example.random_crop, rng=rng,
-                               interpolation=example.interpolation, color_aug=example.color_aug)
+                               interpolation=example.interpolation, color_aug=example.color_aug,
+                               face_crop_range=example.face_crop_range)
             item["pixels"] = to_model_tensor(prepared.pixels)
             item["original_size"] = _hw(prepared.original_size)
             item["crop_top_left"] = (prepared.crop_ltrb[1], prepared.crop_ltrb[0])
@@ -162,6 +172,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         values = [item[name] for item in items]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     batch["loss_weight"] = torch.tensor(batch["loss_weight"], dtype=torch.float32)
+    if "network_multiplier" in batch:
+        batch["network_multiplier"] = torch.tensor(batch["network_multiplier"], dtype=torch.float32)
     batch["noise_seed"] = [int(seed) for seed in batch["noise_seed"]]
     return batch
 

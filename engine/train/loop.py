@@ -66,15 +66,21 @@ class StepRunner:
     def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> float:
         """Loss of one micro-batch (unscaled, for reporting); gradients are accumulated, divided by `accumulation`."""
         from engine.train.conditioning import batch_conditioning
+        from engine.train.network_scaling import apply_batch_multipliers, reset_multipliers
 
         session = self.session
         torch.manual_seed(seed)  # dropout in the network and the text encoders, VAE sampling
         latents = self._latents(batch)
-        loss = self.objective.loss(latents, batch_conditioning(session, batch), batch)
-        value = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLoss(step, value, batch.get("image"))
-        session.accelerator.backward(loss / accumulation)
+        # Each dataset's network_multiplier, from the text encoders (conditioning) to the backward pass.
+        apply_batch_multipliers(session, batch)
+        try:
+            loss = self.objective.loss(latents, batch_conditioning(session, batch), batch)
+            value = float(loss.detach())
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLoss(step, value, batch.get("image"))
+            session.accelerator.backward(loss / accumulation)
+        finally:
+            reset_multipliers(session)
         return value
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:

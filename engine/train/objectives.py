@@ -44,13 +44,19 @@ class DiffusionObjective:
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.losses import batch_loss
+        from engine.train.network_scaling import preserved_target
         from engine.train.noise import training_target
 
         session = self.session
         noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
-        with session.accelerator.autocast():
-            prediction = session.model.unet(noisy.to(session.weight_dtype), timesteps, **conditioning).sample
+
+        def predict() -> torch.Tensor:
+            with session.accelerator.autocast():
+                return session.model.unet(noisy.to(session.weight_dtype), timesteps, **conditioning).sample
+
+        prediction = predict()
         target = training_target(self.scheduler, latents, noise, timesteps, session.config.model.v_parameterization)
+        target = preserved_target(session, batch, target, predict)
         weights = batch["loss_weight"].to(latents.device)
         return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
 
@@ -87,6 +93,7 @@ class FlowObjective:
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train import flow
         from engine.train.losses import batch_loss
+        from engine.train.network_scaling import preserved_target
 
         session = self.session
         noise, sigmas, noisy = self._noised(latents, batch["noise_seed"])
@@ -95,16 +102,20 @@ class FlowObjective:
         guidance = torch.full((batch_size,), self.settings.guidance_scale, device=latents.device, dtype=dtype) \
             if self.guidance_embed else None
         txt = conditioning["txt"]
-        with session.accelerator.autocast():
-            packed = session.model.unet(
-                img=flow.pack_latents(noisy).to(dtype),
-                img_ids=flow.image_ids(batch_size, (height, width), device=latents.device, dtype=dtype),
-                txt=txt, txt_ids=flow.text_ids(batch_size, txt.shape[1], device=latents.device, dtype=dtype),
-                timesteps=sigmas.to(dtype), y=conditioning.get("y"), guidance=guidance,
-                txt_mask=conditioning.get("txt_mask"))
-        prediction = flow.unpack_latents(packed.float(), (height, width))
-        prediction = flow.apply_prediction_type(prediction, noisy, sigmas, self.settings.model_prediction_type)
-        target = flow.velocity_target(latents, noise)
+
+        def predict() -> torch.Tensor:
+            with session.accelerator.autocast():
+                packed = session.model.unet(
+                    img=flow.pack_latents(noisy).to(dtype),
+                    img_ids=flow.image_ids(batch_size, (height, width), device=latents.device, dtype=dtype),
+                    txt=txt, txt_ids=flow.text_ids(batch_size, txt.shape[1], device=latents.device, dtype=dtype),
+                    timesteps=sigmas.to(dtype), y=conditioning.get("y"), guidance=guidance,
+                    txt_mask=conditioning.get("txt_mask"))
+            unpacked = flow.unpack_latents(packed.float(), (height, width))
+            return flow.apply_prediction_type(unpacked, noisy, sigmas, self.settings.model_prediction_type)
+
+        prediction = predict()
+        target = preserved_target(session, batch, flow.velocity_target(latents, noise), predict)
         weights = batch["loss_weight"].to(latents.device)
         weighting = flow.loss_weights(self.settings, sigmas)
         if weighting is not None:

@@ -148,23 +148,30 @@ class SD3Objective:
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.flow import loss_weighting
         from engine.train.losses import batch_loss
+        from engine.train.network_scaling import preserved_target
 
         session = self.session
         noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
         sigmas = sigmas_of(timesteps)
-        if getattr(self.mmdit, "pos_emb_random_crop_rate", 0.0) > 0:  # set by configure_positions
-            # The crop window's draw comes from the micro-batch's first seed, so a resumed run draws it again.
-            from engine.train.dataset import derived_seed
 
-            seed = derived_seed("pos_emb_crop", batch["noise_seed"][0])
-            self.mmdit.pos_emb_generator = torch.Generator().manual_seed(seed)
-        with session.accelerator.autocast():
-            # t stays float32: the MMDiT's timestep embedding computes its frequencies in float32 anyway.
-            pred = session.model.unet(x=noisy.to(session.weight_dtype), t=timesteps, y=conditioning["y"],
-                                      context=conditioning["context"])
-        prediction = x0_prediction(pred.float(), noisy.float(), sigmas)
+        def predict() -> torch.Tensor:
+            if getattr(self.mmdit, "pos_emb_random_crop_rate", 0.0) > 0:  # set by configure_positions
+                # The crop window's draw comes from the micro-batch's first seed, so a resumed run draws it again
+                # (and diff_output_preservation's second forward the same window).
+                from engine.train.dataset import derived_seed
+
+                seed = derived_seed("pos_emb_crop", batch["noise_seed"][0])
+                self.mmdit.pos_emb_generator = torch.Generator().manual_seed(seed)
+            with session.accelerator.autocast():
+                # t stays float32: the MMDiT's timestep embedding computes its frequencies in float32 anyway.
+                pred = session.model.unet(x=noisy.to(session.weight_dtype), t=timesteps, y=conditioning["y"],
+                                          context=conditioning["context"])
+            return x0_prediction(pred.float(), noisy.float(), sigmas)
+
+        prediction = predict()
+        target = preserved_target(session, batch, latents.float(), predict)
         weights = batch["loss_weight"].to(latents.device) * loss_weighting(self.settings.weighting_scheme, sigmas)
-        return batch_loss(prediction, latents.float(), timesteps, weights, self.loss_settings, None)
+        return batch_loss(prediction, target, timesteps, weights, self.loss_settings, None)
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ε, t and x_σ per sample, from its own seed: ε first, then u (sd-scripts' order)."""
