@@ -1,7 +1,9 @@
 """The Dataset tab: make a kohya-style project folder from a folder of pictures, add concepts, balance their
-repeats, preview the images, run the dataset doctor and hand the folders to the Parameters tab.
+repeats, preview the images, run the dataset doctor and hand the folders to the Parameters tab; and prepare the
+metadata file fine-tuning reads (captions and tags merged, cleaned).
 
-The folder work is engine.data.project and the page's wording is gui.dataset_view; this module lays out and wires.
+The folder work is engine.data.project and the page's wording is gui.dataset_view (gui.metadata_view for the
+metadata panel); this module lays out and wires.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Any
 
 import gradio as gr
 
+from engine.config.choices import CAPTION_EXTENSIONS
 from engine.config.errors import ConfigError
 from engine.data import project as projects
 from gui import dataset_view as view
+from gui import metadata_view
 from gui.context import TabContext, config_patch_value
 from gui.doctor_view import DoctorPanel, report_for
 from gui.file_browser import FileRoots, path_field
@@ -55,6 +59,67 @@ def _concept_args(values: dict, fields: dict[str, Any], source: Any, roots: File
             "repeats": int(repeats) if repeats is not None else 0}
 
 
+_METADATA_INTRO = (
+    "`method = \"finetune\"` reads captions and tags from one metadata JSON (sd-scripts' `in_json`). This merges "
+    "each image's caption file (`.caption`, e.g. BLIP's) and tag file (`.txt`, e.g. WD14's) into a **new** file; an "
+    "existing file is never overwritten. The Captioning tab can also write straight into such a file.")
+
+
+def _metadata_panel(ctx: TabContext) -> None:
+    """The "Prepare fine-tune metadata" accordion, wired (gui.metadata_view holds its logic)."""
+    with gr.Accordion("Prepare fine-tune metadata", open=False, elem_id="dataset-metadata"):
+        gr.Markdown(_METADATA_INTRO)
+        with gr.Row():
+            folder = path_field(metadata_view.FOLDER_LABEL, ctx.roots, elem_id="dataset-metadata-folder",
+                                info="The training images with their caption and tag files beside them.")
+            recursive = gr.Checkbox(False, label="Include subfolders", elem_id="dataset-metadata-recursive", scale=0,
+                                    min_width=180)
+        with gr.Row():
+            captions = gr.Checkbox(True, label="Merge captions", elem_id="dataset-metadata-captions", scale=0,
+                                   min_width=170)
+            caption_extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=metadata_view.CAPTION_DEFAULT,
+                                            allow_custom_value=True, label="Caption extension", scale=0,
+                                            min_width=150, elem_id="dataset-metadata-caption-extension")
+            tags = gr.Checkbox(True, label="Merge tags", elem_id="dataset-metadata-tags", scale=0, min_width=150)
+            tags_extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=metadata_view.TAGS_DEFAULT,
+                                         allow_custom_value=True, label="Tags extension", scale=0, min_width=150,
+                                         elem_id="dataset-metadata-tags-extension")
+            clean = gr.Checkbox(False, label="Clean captions and tags", elem_id="dataset-metadata-clean",
+                                info="underscores to spaces, BLIP's 'woman' → 'girl', ... (sd-scripts' clean)")
+            full_path = gr.Checkbox(False, label="Full paths as keys", elem_id="dataset-metadata-full-path",
+                                    info="for several folders in one file; else image names")
+        with gr.Row():
+            in_json = path_field(metadata_view.IN_LABEL, ctx.roots, kind="file", extensions=(".json",),
+                                 elem_id="dataset-metadata-in", info="Optional: an existing metadata file to build "
+                                 "on (read, never changed).")
+            output = path_field(metadata_view.OUT_LABEL, ctx.roots, kind="file", extensions=(".json",),
+                                elem_id="dataset-metadata-out", placeholder="/home/me/project/meta_clean.json",
+                                info="A new .json file.")
+        with gr.Row():
+            write = gr.Button("Write metadata", variant="primary", elem_id="dataset-metadata-write")
+            use = gr.Button("Use in Parameters", interactive=False, elem_id="dataset-metadata-use")
+        result = gr.Markdown(elem_id="dataset-metadata-result")
+        written = gr.State(None)  # the Parameters fields of the file last written
+
+    form_fields = {"folder": folder, "output": output, "in_json": in_json, "captions": captions,
+                   "caption_extension": caption_extension, "tags": tags, "tags_extension": tags_extension,
+                   "clean": clean, "full_path": full_path, "recursive": recursive}
+
+    def on_write(values: dict) -> dict:
+        form = metadata_view.MetadataForm(**{name: values[widget] for name, widget in form_fields.items()})
+        patch, text = metadata_view.write_metadata(form, ctx.roots)
+        return {result: text, written: patch, use: gr.Button(interactive=patch is not None)}
+
+    def on_use(patch: dict | None) -> dict:
+        if not patch:
+            return {result: gr.skip()}
+        return {ctx.config_patch: config_patch_value(patch),
+                result: "Sent to the Parameters tab: " + ", ".join(f"`{key}`" for key in patch) + "."}
+
+    write.click(on_write, inputs=set(form_fields.values()), outputs=[result, written, use])
+    use.click(on_use, inputs=written, outputs=[ctx.config_patch, result])
+
+
 def build(ctx: TabContext) -> None:
     """Add the Dataset tab to the current gr.Blocks."""
     with gr.Tab("Dataset", id="dataset"):
@@ -93,6 +158,7 @@ def build(ctx: TabContext) -> None:
             doctor_button = gr.Button("Run the doctor", elem_id="dataset-doctor-run")
             use_button = gr.Button("Use in Parameters", elem_id="dataset-use")
         doctor = DoctorPanel("dataset-doctor")
+        _metadata_panel(ctx)
 
     def shown(project_text: str | None) -> dict:
         """The project's concepts, overview and gallery; the proposal is hidden (it may be out of date)."""
