@@ -4,9 +4,10 @@ Files are ``<image stem>_te_outputs_<family>.npz`` beside the image or under a c
 folder rule). They hold ``hidden_states`` (float32 [max_token_length + 2, D]), ``pooled`` (SDXL, float32 [P]) and
 ``cache_key``, a JSON string with everything the outputs depend on: the text encoders' identity, the exact caption,
 clip_skip (SD1/SD2 only), max_token_length (T5's padded length for FLUX), whether T5 saw its padding mask (FLUX),
-family, dtype and the format version. FLUX entries also hold ``mask`` (T5's padding mask, bool [L]); FLUX.1's
-``pooled`` is CLIP-L's pooled output. sd-scripts
-names its SDXL cache ``_te_outputs.npz`` with other keys (spec §3.2), so neither tool reads the other's files.
+whether the caption's prompt weights were applied (SD1/SD2/SDXL: ``model.weighted_captions``; an entry from before
+that field counts as unweighted), family, dtype and the format version. FLUX entries also hold ``mask`` (T5's
+padding mask, bool [L]); FLUX.1's ``pooled`` is CLIP-L's pooled output. sd-scripts names its SDXL cache
+``_te_outputs.npz`` with other keys (spec §3.2), so neither tool reads the other's files.
 
 Caching needs captions that are the same every step: the config rules refuse it with shuffling, tag dropout,
 wildcards or caption dropout (``CaptionOptions.changes_per_step``), and :func:`jobs_from_scan` refuses it too.
@@ -62,6 +63,7 @@ class TextKey:
     dtype: str | None
     t5_attn_mask: bool | None = None  # FLUX, SD3: apply_t5_attn_mask (T5 encodes differently with it); else None
     lg_attn_mask: bool | None = None  # SD3: apply_lg_attn_mask (the CLIPs encode differently with it); else None
+    weighted: bool | None = None  # SD1/SD2/SDXL: weighted_captions (the outputs are scaled by weights); else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -121,7 +123,8 @@ def cache_path(image: Path, family: str, cache_dir: Path | None = None) -> Path:
 
 def expected_key(caption: str, *, encoder_identity: str | None, clip_skip: int, max_token_length: int,
                  family: str, dtype: str | None, t5xxl_max_token_length: int = 512,
-                 apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False) -> TextKey:
+                 apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False,
+                 weighted: bool = False) -> TextKey:
     """The key an entry for ``caption`` must carry under these settings (identity/dtype None: not checked)."""
     kind = family_info(family).text_encoding
     if kind == "flux":
@@ -131,7 +134,7 @@ def expected_key(caption: str, *, encoder_identity: str | None, clip_skip: int, 
         return TextKey(FORMAT_VERSION, encoder_identity, caption, None, t5xxl_max_token_length, family, dtype,
                        apply_t5_attn_mask, apply_lg_attn_mask)
     return TextKey(FORMAT_VERSION, encoder_identity, caption, clip_skip if kind == "sd" else None,
-                   max_token_length, family, dtype)
+                   max_token_length, family, dtype, weighted=weighted)
 
 
 # The arrays an entry must hold, by the family's text encoding.
@@ -150,6 +153,7 @@ _REASONS: dict[str, Callable[[Any, Any], str]] = {
     "dtype": lambda s, w: f"the encoding precision changed from {s} to {w}",
     "t5_attn_mask": lambda s, w: f"apply_t5_attn_mask changed from {s} to {w}",
     "lg_attn_mask": lambda s, w: f"apply_lg_attn_mask changed from {s} to {w}",
+    "weighted": lambda s, w: f"weighted_captions changed from {s} to {w}",
 }
 
 
@@ -157,6 +161,8 @@ def key_mismatch(stored: TextKey, expected: TextKey) -> str:
     """Why ``stored`` cannot stand in for ``expected``, or "" when it can. Expected ``None`` values are skipped."""
     for name, reason in _REASONS.items():
         have, wanted = getattr(stored, name), getattr(expected, name)
+        if name == "weighted":
+            have = bool(have)  # entries written before the field existed were never weighted
         # Outputs kept at a higher precision than asked for are as good (float32 satisfies fp16 and bf16).
         more_precise = name == "dtype" and _PRECISION.get(have, 0) > _PRECISION.get(wanted, 0)
         if wanted is not None and have != wanted and not more_precise:
@@ -242,7 +248,8 @@ class _Todo:
 
 def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: LoadedTextEncoders, *,
                              clip_skip: int, max_token_length: int, t5xxl_max_token_length: int = 512,
-                             apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False, to_disk: bool = True,
+                             apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False,
+                             weighted: bool = False, to_disk: bool = True,
                              cache_dir: Path | None = None, batch_size: int = 8, skip_existing: bool = True,
                              progress: Progress | None = None) -> TextCacheReport:
     """Encode the captions of ``records`` with ``loaded``, to disk or into memory.
@@ -251,8 +258,8 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
         records: images with their captions: :class:`TextJob` (from :func:`jobs_from_scan`), or ``ImageRecord``
             whose ``caption`` is used as it is.
         loaded: from ``engine.models.text_encoders.load_text_encoders``; its dtype is the encoding dtype.
-        clip_skip, max_token_length, t5xxl_max_token_length, apply_t5_attn_mask, apply_lg_attn_mask: as for
-            ``engine.models.text_encoding.encode_captions``.
+        clip_skip, max_token_length, t5xxl_max_token_length, apply_t5_attn_mask, apply_lg_attn_mask, weighted: as
+            for ``engine.models.text_encoding.encode_captions``.
         to_disk: write ``.npz`` entries (reusing valid ones); False encodes everything into ``report.outputs``.
         cache_dir: a cache folder instead of beside the images.
         batch_size: distinct captions per encoder call.
@@ -270,7 +277,7 @@ def build_text_encoder_cache(records: Iterable[ImageRecord | TextJob], loaded: L
     dtype = str(next(loaded.encoders[0].parameters()).dtype).removeprefix("torch.")
     options = {"clip_skip": clip_skip, "max_token_length": max_token_length,
                "t5xxl_max_token_length": t5xxl_max_token_length, "apply_t5_attn_mask": apply_t5_attn_mask,
-               "apply_lg_attn_mask": apply_lg_attn_mask}
+               "apply_lg_attn_mask": apply_lg_attn_mask, "weighted": weighted}
     key_of = partial(expected_key, encoder_identity=loaded.identity, family=loaded.family, dtype=dtype, **options)
     path_of = partial(cache_path, family=loaded.family, cache_dir=cache_dir) if to_disk else None
     report = TextCacheReport(total=len(jobs), outputs=None if to_disk else {})

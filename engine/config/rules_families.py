@@ -36,6 +36,9 @@ _INSTEAD: dict[tuple[str, str], str] = {
     ("model.clip_skip", "sd3"): "SD3 uses its CLIP encoders' penultimate layers, as it was trained",
     ("model.max_token_length", "sd3"): "CLIP reads 77 tokens in SD3; T5's caption length is "
                                        "model.t5xxl_max_token_length",
+    # sd-scripts weights captions only for the CLIP-only families; its FLUX/SD3 trainers never read the weights.
+    ("model.weighted_captions", "flux"): "sd-scripts has no weighted captions for FLUX.1 or Chroma",
+    ("model.weighted_captions", "sd3"): "sd-scripts has no weighted captions for SD3",
     ("model.v_parameterization", "sd3"): "SD3 is trained with flow matching towards the clean image",
     ("model.no_half_vae", "sd3"): "SD3's 16-channel VAE keeps its own precision",
     ("optimizer.text_encoder2_lr", "sd3"): "SD3 trains its text encoders at optimizer.text_encoder_lr",

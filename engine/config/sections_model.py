@@ -63,6 +63,10 @@ class ModelSection(StrictModel):
         75, "Longest caption in tokens; 150 or 225 encodes long captions in 75-token chunks.", advanced=True,
         families=SD_FAMILIES,
     )
+    weighted_captions: bool = setting(
+        False, "Read prompt weights in captions as sd-scripts does: (word:1.5) or (word) strengthens a word, [word] "
+        "weakens it, \\( and \\) are plain brackets.", advanced=True, families=SD_FAMILIES,
+    )
     t5xxl_max_token_length: int | None = setting(
         None, "Longest caption T5 reads, in tokens; empty uses 512 (256 for FLUX.1 schnell and SD3). Shorter trains "
         "faster but cuts long captions.", ge=1, le=512, advanced=True, families=FLOW_FAMILIES,

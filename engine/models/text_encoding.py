@@ -21,6 +21,10 @@ Which layer:
 
 Which of these a family uses is its ``FamilyInfo.text_encoding`` (``_ENCODERS`` below), never its name.
 
+``weighted=True`` (``model.weighted_captions``) reads sd-scripts' prompt weights in the captions of the CLIP families
+(``engine.models.weighted_prompt``): ``(word:1.5)`` scales the outputs at that word's positions; FLUX and SD3 refuse
+it, as sd-scripts does not weight their captions.
+
 Grad mode is the caller's: caching wraps this in ``torch.no_grad()``; a trainer may backpropagate through it.
 """
 
@@ -71,12 +75,13 @@ def encoding_options(model_section: ModelSection, variant: str = "") -> dict[str
     return {"clip_skip": model_section.clip_skip, "max_token_length": model_section.max_token_length,
             "t5xxl_max_token_length": t5xxl_token_length(model_section.t5xxl_max_token_length, variant),
             "apply_t5_attn_mask": model_section.apply_t5_attn_mask,
-            "apply_lg_attn_mask": model_section.apply_lg_attn_mask}
+            "apply_lg_attn_mask": model_section.apply_lg_attn_mask, "weighted": model_section.weighted_captions}
 
 
 def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_skip: int = 1,
                     max_token_length: int = 75, t5xxl_max_token_length: int = _DEFAULT_T5_LENGTH,
-                    apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False) -> EncodedText:
+                    apply_t5_attn_mask: bool = False, apply_lg_attn_mask: bool = False,
+                    weighted: bool = False) -> EncodedText:
     """Encode ``captions`` as sd-scripts does for training (see the module docstring).
 
     Args:
@@ -87,19 +92,24 @@ def encode_captions(loaded: LoadedTextEncoders, captions: list[str], *, clip_ski
         t5xxl_max_token_length: T5's padded length (FLUX families); see :func:`encoding_options` for the default.
         apply_t5_attn_mask: pass the padding mask to T5's attention (FLUX families, SD3).
         apply_lg_attn_mask: pass the padding mask to both CLIPs' attention (SD3).
+        weighted: read prompt weights in the captions (CLIP families only; see the module docstring).
 
     Returns:
         Hidden states [B, max_token_length + 2, D] and, for SDXL, pooled embeddings.
 
     Raises:
-        ValueError: an unsupported max_token_length, or a clip_skip outside 1..number of layers.
+        ValueError: an unsupported max_token_length, a clip_skip outside 1..number of layers, or weighted captions
+            for a family with T5.
     """
     kind = family_info(loaded.family).text_encoding
     if kind in _T5_ENCODERS:
+        if weighted:
+            raise ValueError(f"weighted captions are read for SD1.x, SD2.x and SDXL only, not {loaded.family}; set "
+                             "model.weighted_captions = false")
         return _T5_ENCODERS[kind](loaded, captions, t5xxl_max_token_length, apply_t5_attn_mask, apply_lg_attn_mask)
     if max_token_length not in MAX_TOKEN_LENGTHS:
         raise ValueError(f"max_token_length must be one of {MAX_TOKEN_LENGTHS}, not {max_token_length}")
-    return _ENCODERS[kind](loaded, captions, clip_skip, max_token_length)
+    return _ENCODERS[kind](loaded, captions, clip_skip, max_token_length, weighted)
 
 
 def _encode_flux(loaded: LoadedTextEncoders, captions: list[str], t5_length: int, t5_mask: bool,
@@ -121,23 +131,50 @@ def _encode_sd3(loaded: LoadedTextEncoders, captions: list[str], t5_length: int,
 _T5_ENCODERS = {"flux": _encode_flux, "sd3": _encode_sd3}
 
 
-def _encode_sd(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max_token_length: int) -> EncodedText:
+def _encode_sd(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int, max_token_length: int,
+               weighted: bool = False) -> EncodedText:
     tokenizer, encoder = loaded.tokenizers[0], loaded.encoders[0]
     layers = encoder.config.num_hidden_layers
     if not 1 <= clip_skip <= layers:
         raise ValueError(f"clip_skip must be between 1 and {layers} (the text encoder's layers), not {clip_skip}")
-    chunks = tokenize_chunks(tokenizer, captions, max_token_length)
+    chunks, weights = _tokenized(tokenizer, captions, max_token_length, weighted)
     output = encoder(_flat(chunks, encoder), output_hidden_states=True)
-    states = _final_norm(encoder)(output.hidden_states[-clip_skip])
-    return EncodedText(_join_chunks(states, chunks.shape[1]), None)
+    states = _join_chunks(_final_norm(encoder)(output.hidden_states[-clip_skip]), chunks.shape[1])
+    return EncodedText(_weigh(states, weights), None)
 
 
 def tokenize_chunks(tokenizer: Any, captions: list[str], max_token_length: int) -> torch.Tensor:
     """Token ids [B, n, 77] of ``captions``: n = max_token_length / 75 chunks, each BOS + 75 tokens + EOS/pad."""
-    import torch
-
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_token_length + 2,
                     return_tensors="pt").input_ids
+    return _chunked(tokenizer, ids, max_token_length)
+
+
+def _tokenized(tokenizer: Any, captions: list[str], max_token_length: int,
+               weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked ids [B, n, 77] and, with ``weighted``, the token weights [B, max_token_length + 2] (else None)."""
+    if not weighted:
+        return tokenize_chunks(tokenizer, captions, max_token_length), None
+    from engine.models.weighted_prompt import tokenize_weighted
+
+    ids, weights = tokenize_weighted(tokenizer, captions, max_token_length)
+    return _chunked(tokenizer, ids, max_token_length), weights
+
+
+def _weigh(states: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Joined states scaled by their token weights; unchanged without weights. The joined layout (first BOS, the
+    inner positions, last EOS) lines up position for position with the unchunked ids the weights belong to."""
+    if weights is None:
+        return states
+    from engine.models.weighted_prompt import apply_token_weights
+
+    return apply_token_weights(states, weights)
+
+
+def _chunked(tokenizer: Any, ids: torch.Tensor, max_token_length: int) -> torch.Tensor:
+    """Ids [B, max_token_length + 2] → [B, n, 77]: each 75-token slice wrapped in the sequence's BOS and last token."""
+    import torch
+
     count = max_token_length // CHUNK_TOKENS
     chunks = torch.stack([torch.cat([ids[:, :1], ids[:, 1 + k * CHUNK_TOKENS: 1 + (k + 1) * CHUNK_TOKENS],
                                      ids[:, -1:]], dim=1) for k in range(count)], dim=1)
@@ -181,16 +218,17 @@ def _final_norm(encoder: Any) -> Any:
 
 
 def _encode_sdxl(loaded: LoadedTextEncoders, captions: list[str], clip_skip: int,
-                 max_token_length: int) -> EncodedText:
+                 max_token_length: int, weighted: bool = False) -> EncodedText:
     import torch
 
     states, pooled = [], None
     for tokenizer, encoder in zip(loaded.tokenizers, loaded.encoders, strict=True):
-        chunks = tokenize_chunks(tokenizer, captions, max_token_length)
+        chunks, weights = _tokenized(tokenizer, captions, max_token_length, weighted)
         ids = _flat(chunks, encoder)
         output = encoder(ids, output_hidden_states=True)
-        # SDXL conditions on the penultimate layer of both encoders, without the final norm.
-        states.append(_join_chunks(output.hidden_states[-2], chunks.shape[1]))
+        # SDXL conditions on the penultimate layer of both encoders, without the final norm; weights scale both
+        # encoders' states (each with its own tokenizer's ids), never the pooled embedding (as sd-scripts).
+        states.append(_weigh(_join_chunks(output.hidden_states[-2], chunks.shape[1]), weights))
         if hasattr(encoder, "text_projection"):
             # The first chunk's pooled embedding stands for the caption (sd-scripts: pool2[::n]).
             pooled = _pooled(encoder, output.last_hidden_state, ids, tokenizer.eos_token_id)[:: chunks.shape[1]]

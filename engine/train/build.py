@@ -19,6 +19,7 @@ from engine.data.records import ScanResult
 from engine.data.sampler import BucketBatchSampler
 from engine.data.scan import scan_config
 from engine.models.families import family_info
+from engine.train.conditioning import check_text_options
 from engine.train.dataset import TrainingDataset, batch_sizes, examples_from_scan
 from engine.train.methods import create_method
 from engine.train.placement import place_models, store_frozen_in_fp8
@@ -41,6 +42,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     scan = scan_dataset(config, base_dir, log, defer=_deferred_findings(config))
     checkpoint("while scanning the dataset")
     model = load_base_model(config, base_dir, accelerator)
+    check_text_options(config, model.family)  # a detected family may not read weighted captions
     _TRAINING_OPTIONS.get(family_info(model.family).loader, _no_options)(config, model, scan)
     checkpoint("while loading the model")
     dtype = weight_dtype(accelerator)

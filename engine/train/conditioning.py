@@ -17,10 +17,29 @@ import torch
 from engine.models.families import family_info
 
 if TYPE_CHECKING:
+    from engine.config.schema import RunConfig
     from engine.models.text_encoding import EncodedText
     from engine.train.setup import Session
 
-__all__ = ["BUILDERS", "batch_conditioning", "encoded_batch"]
+__all__ = ["BUILDERS", "batch_conditioning", "check_text_options", "encoded_batch"]
+
+# FamilyInfo.text_encoding kinds that read prompt weights in captions (sd-scripts' --weighted_captions): the CLIP-only
+# families. FLUX and SD3 are refused by the config rules when their family is set, and here when it was detected.
+WEIGHTED_ENCODINGS = ("sd", "sdxl")
+
+
+def check_text_options(config: RunConfig, family: str) -> None:
+    """Refuse, before any caching, a text option the loaded model's family does not have.
+
+    Raises:
+        RunInputError: model.weighted_captions for a FLUX or SD3 model (found by model_family = 'auto').
+    """
+    from engine.train.setup import RunInputError
+
+    if config.model.weighted_captions and family_info(family).text_encoding not in WEIGHTED_ENCODINGS:
+        raise RunInputError(f"the base model is {family}, whose captions are not weighted (sd-scripts weights "
+                            "captions for SD1.x, SD2.x and SDXL only)", "set model.weighted_captions = false",
+                            "model.weighted_captions")
 
 
 def encoded_batch(session: Session, batch: dict[str, Any]) -> EncodedText:

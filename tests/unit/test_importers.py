@@ -108,8 +108,8 @@ def test_kohya_lora_maps_values_to_their_fields():
 
 def test_kohya_lora_accounts_for_every_key():
     data, result = imported("kohya_lora_sdxl.json")
-    assert skipped(result) == {"fp8_base": True, "scale_weight_norms": 1, "weighted_captions": True,
-                               "additional_parameters": "--lowram"}
+    assert skipped(result) == {"fp8_base": True, "scale_weight_norms": 1, "additional_parameters": "--lowram"}
+    assert result.mapped["weighted_captions"] == ["model.weighted_captions"]
     assert all(item.reason == "not supported by Atelier" for item in result.skipped if item.key != "fp8_base")
     assert "only for FLUX.1 and Chroma" in next(item.reason for item in result.skipped if item.key == "fp8_base")
     # empty, off, GUI-only, and options the Standard type does not use (at the GUI's defaults)

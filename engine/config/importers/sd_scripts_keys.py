@@ -22,6 +22,7 @@ ARG_PATHS: Mapping[str, Target] = {
     "no_half_vae": "model.no_half_vae",
     "clip_skip": "model.clip_skip",
     "max_token_length": "model.max_token_length",
+    "weighted_captions": "model.weighted_captions",
     # network
     "network_dim": "network.network_dim",
     "network_alpha": "network.network_alpha",
