@@ -137,7 +137,8 @@ class DreamBoothKeys(StrictModel):
         None, "Caption for images without a caption file, e.g. 'sks dog'.", advanced=True,
     )
     cache_info: bool = setting(
-        False, "Remember image sizes and captions in metadata_cache.json for faster start-up.", advanced=True,
+        False, "Remember image sizes in <image_dir>/metadata_cache.json for faster start-up (captions too, for "
+        "sd-scripts); a changed image is measured again.", advanced=True,
     )
 
 

@@ -22,6 +22,7 @@ from engine.data.buckets import BucketManager
 from engine.data.caption_files import caption_candidates
 from engine.data.captions import CaptionError, read_caption_file
 from engine.data.images import UnreadableImage, is_image_file, read_image_size, verify_image
+from engine.data.info_cache import InfoCache
 from engine.data.legacy import legacy_subset_params
 from engine.data.metadata import MetadataError, metadata_caption, read_metadata, resolve_image
 from engine.data.records import DatasetPlan, Finding, ImageRecord, ScanResult, SubsetPlan
@@ -60,12 +61,17 @@ class _Scanner:
         images = [folder / name for name in names if is_image_file(name)]
         self._report_other_files(folder, names, images, plan.params["caption_extension"])
         missing_caption, empty_caption = [], []
+        info = InfoCache(folder) if plan.params.get("cache_info") else None
         for image in images:
-            size = self._size(image)
+            size = (info.size(image) if info is not None else None) or self._size(image)
             if size is None:
                 continue
             caption, source = self._caption(image, plan.params, missing_caption, empty_caption, name_set)
+            if info is not None:
+                info.remember(image, size, caption)
             plan.records.append(self._record(image, size, caption, source, plan, dataset_index, subset_index))
+        if info is not None:
+            info.save()
         self._report_captions(plan, folder, missing_caption, empty_caption)
 
     def finetune_records(self, plan: SubsetPlan, dataset_index: int, subset_index: int) -> None:
