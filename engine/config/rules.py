@@ -427,5 +427,11 @@ def optional_packages_installed(config: RunConfig, context: RuleContext) -> Iter
 # The FLUX.1 / Chroma / flow-matching rules and SD3's live in their own modules; importing them here registers them
 # (they import this module's `rule`), so whoever imports these rules to run `check()` gets every rule.
 import engine.config.rules_optimizer  # noqa: E402, F401
-from engine.config import rules_dataset, rules_families, rules_flux, rules_network, rules_sd3  # noqa: E402, F401
-from engine.config import rules_text  # noqa: E402, F401
+from engine.config import (  # noqa: E402, F401
+    rules_dataset,
+    rules_families,
+    rules_flux,
+    rules_network,
+    rules_sd3,
+    rules_text,
+)
