@@ -64,3 +64,14 @@ def test_dataset_key_refusals(data, path, fragment):
 ])
 def test_working_combinations_are_accepted(data):
     validate_config(data, check_packages=False)
+
+
+def test_persistent_workers_without_workers_is_a_warning():
+    from engine.config.schema import config_warnings
+
+    config = validate_config(_config(training={"persistent_data_loader_workers": True}), check_packages=False)
+    warnings = {problem.path: problem.message for problem in config_warnings(config)}
+    assert "max_data_loader_n_workers = 0" in warnings["training.persistent_data_loader_workers"]
+    with_workers = _config(training={"persistent_data_loader_workers": True, "max_data_loader_n_workers": 2})
+    assert "training.persistent_data_loader_workers" not in {
+        problem.path for problem in config_warnings(validate_config(with_workers, check_packages=False))}
