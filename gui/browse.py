@@ -290,6 +290,52 @@ def start_folder(text: str, roots: FileRoots) -> tuple[Path, str | None]:
     return (folder, note) if roots.allows(folder) else (first, note)
 
 
+def root_entries(roots: FileRoots, *, kind: str) -> tuple[Entry, ...]:
+    """The allowed folders themselves, as the rows of the top listing (above them the browser cannot go): home,
+    --allow-path folders and the runs folder, in that order; a folder field counts each one's images."""
+    _check_kind(kind)
+    entries = []
+    for root in roots.folders:
+        counted = count_images(root) if kind == "folder" else None
+        entries.append(Entry(str(root), root, True, images=counted[0] if counted else None,
+                             images_partial=bool(counted and counted[1])))
+    return tuple(entries)
+
+
+def browse_target(text: str, roots: FileRoots) -> tuple[Path | None, str | None]:
+    """Where the Browse button opens for what the box holds, and a note when that is not the path itself; None is
+    the list of allowed folders (`root_entries`): for an empty box, or for a path the app may not use (the note
+    says why).
+
+    An existing folder opens itself; a file opens its folder; a missing path opens its nearest existing parent.
+    """
+    if not roots.folders:
+        raise BrowseError("No folders may be browsed: start the app with --allow-path DIR")
+    if not text.strip():
+        return None, None
+    try:
+        path = _absolute(text.strip())
+    except BrowseError as error:
+        return None, str(error)
+    refusal = roots.refusal(path)
+    if refusal is not None:
+        return None, refusal
+    return start_folder(text, roots)
+
+
+def followed_folder(text: str, roots: FileRoots) -> Path | None:
+    """The folder an open listing should show while the user types `text`: the typed folder itself when it exists
+    ('/data/img' or '/data/img/'), else the folder the last name is being typed into ('/data/im' -> /data); None
+    when neither is an allowed, existing folder (the listing then stays where it is)."""
+    if not text.startswith(("/", "~")):
+        return None
+    typed = Path(os.path.normpath(os.path.expanduser(text)))
+    for candidate in (typed, typed.parent):
+        if candidate.is_dir() and roots.allows(candidate):
+            return candidate
+    return None
+
+
 def _split(text: str) -> tuple[Path, str]:
     """The folder to look in and the start of the name being typed: '/a/b/ca' -> (/a/b, 'ca'), '/a/b/' -> (/a/b, '')."""
     expanded = os.path.expanduser(text)

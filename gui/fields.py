@@ -7,7 +7,9 @@ from typing import Any
 
 import gradio as gr
 
+from engine.config.choices import OPTIMIZERS
 from engine.config.describe import PATH_WIDGETS, FieldSpec
+from engine.config.sections_training import TORCH_LR_SCHEDULERS, TORCH_OPTIMIZERS
 from gui.file_browser import FileRoots, path_field
 
 
@@ -40,6 +42,24 @@ def _dropdown(spec: FieldSpec, value: Any) -> gr.Component:
         choices = [("(default)", ""), *[(str(choice), choice) for choice in choices]]
         value = "" if value is None else value
     return gr.Dropdown(choices=choices, value=value, **_common(spec))
+
+
+# Text settings shown as a list of the usual values that also takes a typed one (a class path such as
+# 'torch.optim.RAdam'); the config's validation decides what a typed value may be. Keyed by config path.
+SUGGESTED_VALUES: dict[str, Callable[[], list[tuple[str, str]]]] = {
+    "optimizer.optimizer_type": lambda: [(name, name) for name in
+                                         dict.fromkeys([*OPTIMIZERS, *TORCH_OPTIMIZERS])],
+    "optimizer.lr_scheduler_type": lambda: [("(none: use lr_scheduler)", ""),
+                                            *[(name, name) for name in TORCH_LR_SCHEDULERS]],
+}
+
+
+def _suggested_dropdown(spec: FieldSpec, value: Any) -> gr.Component:
+    """A dropdown of SUGGESTED_VALUES[spec.path] that keeps any other value the user types (or a config holds)."""
+    choices = SUGGESTED_VALUES[spec.path]()
+    if value not in [choice for _, choice in choices]:
+        choices.append((str(value), value))  # a loaded class path shows as itself
+    return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **_common(spec))
 
 
 def _number(spec: FieldSpec, value: Any) -> gr.Component:
@@ -75,6 +95,8 @@ COMPONENT_BUILDERS: dict[str, Callable[[FieldSpec, Any], gr.Component]] = {
 
 def build_component(spec: FieldSpec, widget_value: Any) -> gr.Component:
     """The component for one field, showing `widget_value` (already converted by gui.state.to_widget)."""
+    if spec.path in SUGGESTED_VALUES:
+        return _suggested_dropdown(spec, widget_value)
     return COMPONENT_BUILDERS[spec.kind](spec, widget_value)
 
 

@@ -18,15 +18,19 @@ from typing import Any
 import gradio as gr
 
 from gui.browse import (
+    ALLOWED_FOLDERS,
     KINDS,
     BrowseError,
+    Entry,
     FileRoots,
     Listing,
+    browse_target,
     complete,
     count_images,
     entry_detail,
+    followed_folder,
     list_folder,
-    start_folder,
+    root_entries,
 )
 
 __all__ = ["FileRoots", "path_field"]
@@ -37,6 +41,10 @@ SUGGESTIONS = 12  # completions shown under the box
 ROWS_PER_PAGE = 15
 LISTING_LIMIT = 500
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|])")
+# The path behind a '..' row that leads above an allowed folder: the list of the allowed folders themselves.
+ROOTS_VIEW = ""
+ROOTS_HEADING = (f"**Allowed folders** ({ALLOWED_FOLDERS}): choose one to open it. Start the app with "
+                 "`--allow-path DIR` to add another.")
 
 
 def _md(text: str) -> str:
@@ -67,13 +75,18 @@ class _Spec:
 
 
 def _listing_view(listing: Listing) -> tuple[list[list[str]], list[str]]:
-    """The table rows of a listing ('..' first when the user may go up) and the path behind each row."""
-    rows, paths = [], []
-    if listing.parent is not None:
-        rows.append([_cell(".."), _cell("up one folder")])
-        paths.append(f"{listing.parent}/")
-    for entry in listing.entries:
-        rows.append([_cell(f"{entry.name}/" if entry.is_dir else entry.name), _cell(entry_detail(entry))])
+    """The table rows of a listing ('..' first: up one folder, or from an allowed folder to the list of them all)
+    and the path behind each row."""
+    up = ("up one folder", f"{listing.parent}/") if listing.parent is not None else ("allowed folders", ROOTS_VIEW)
+    rows, paths = [[_cell(".."), _cell(up[0])]], [up[1]]
+    return _add_entries(rows, paths, listing.entries)
+
+
+def _add_entries(rows: list[list[str]], paths: list[str], entries: tuple[Entry, ...],
+                 full_names: bool = False) -> tuple[list[list[str]], list[str]]:
+    for entry in entries:
+        name = str(entry.path) if full_names else entry.name
+        rows.append([_cell(f"{name}/" if entry.is_dir else name), _cell(entry_detail(entry))])
         paths.append(f"{entry.path}/" if entry.is_dir else str(entry.path))
     return rows, paths
 
@@ -85,7 +98,8 @@ def _heading(spec: _Spec, folder: Path, listing: Listing | None, notes: list[str
     if listing is not None:
         title += _image_note(folder) if spec.kind == "folder" else ""
         if not listing.entries:
-            lines.append("No folders here." if spec.kind == "folder" else "Nothing to show here.")
+            lines.append(("No folders here." if spec.kind == "folder" else "Nothing to show here.")
+                         + " Choose '..' to go up or to the other allowed folders, or type a path in the box.")
         if listing.more:
             lines.append(f"... and {listing.more} more not shown: type the start of a name in the box to narrow.")
     return "\n\n".join([title, *lines, *(f"**{_md(note)}**" for note in notes)])
@@ -97,6 +111,20 @@ def _image_note(folder: Path) -> str:
         return ""
     images, partial = counted
     return f" ({images}{'+' if partial else ''} images)"
+
+
+def _show_roots(spec: _Spec, notes: list[str]) -> tuple[str, Any, dict]:
+    """The heading, the table and the panel state of the list of allowed folders (the top of the browser)."""
+    rows, paths = _add_entries([], [], root_entries(spec.roots, kind=spec.kind), full_names=True)
+    heading = "\n\n".join([ROOTS_HEADING, *(f"**{_md(note)}**" for note in notes)])
+    return heading, gr.Dataset(samples=rows), {"folder": None, "paths": paths}
+
+
+def _show(spec: _Spec, target: str | Path | None, show_hidden: bool, notes: list[str]) -> tuple[str, Any, dict]:
+    """A folder's listing, or the list of allowed folders for None / ROOTS_VIEW."""
+    if target is None or target == ROOTS_VIEW:
+        return _show_roots(spec, notes)
+    return _show_folder(spec, target, show_hidden, notes)
 
 
 def _show_folder(spec: _Spec, folder: str | Path, show_hidden: bool, notes: list[str]) -> tuple[str, Any, dict]:
@@ -138,7 +166,8 @@ def _add_completion(box: gr.Textbox, spec: _Spec, elem_id: str) -> gr.Dataset:
     return suggestions
 
 
-def _add_listing(box: gr.Textbox, browse: gr.Button, suggestions: gr.Dataset, spec: _Spec, elem_id: str) -> None:
+def _add_listing(box: gr.Component, browse: gr.Button, suggestions: gr.Dataset | None, spec: _Spec,
+                 elem_id: str) -> None:
     """The panel Browse opens: the folder's entries; a folder row enters it, a file row (kind 'file') or 'Use this
     folder' (kind 'folder') fills the box and closes the panel."""
     with gr.Column(visible=False, variant="panel", elem_id=f"{elem_id}-listing") as panel:
@@ -152,37 +181,56 @@ def _add_listing(box: gr.Textbox, browse: gr.Button, suggestions: gr.Dataset, sp
             show_hidden = gr.Checkbox(False, label="Show hidden", elem_id=f"{elem_id}-hidden",
                                       info="inside --allow-path folders; never those of your home folder")
             close = gr.Button("Close", elem_id=f"{elem_id}-close")
-    shown = gr.State({"folder": None, "paths": []})
+    # "open": whether the panel shows, so typing in the box moves the listing only while the user sees it.
+    shown = gr.State({"folder": None, "paths": [], "open": False})
     view = [heading, table, shown]
+
+    def showing(state: tuple[str, Any, dict], is_open: bool = True) -> dict:
+        heading_text, rows, new_state = state
+        return dict(zip(view, (heading_text, rows, {**new_state, "open": is_open}), strict=True))
 
     def open_panel(text: str, hidden: bool) -> dict:
         try:
-            folder, note = start_folder(text or "", spec.roots)
+            folder, note = browse_target(text or "", spec.roots)
         except BrowseError as error:
             return {panel: gr.Column(visible=True), heading: f"**{_md(str(error))}**"}
-        return dict(zip(view, _show_folder(spec, folder, hidden, [note] if note else []), strict=True)) | {
-            panel: gr.Column(visible=True), suggestions: gr.Dataset(visible=False)}
+        hide = {suggestions: gr.Dataset(visible=False)} if suggestions is not None else {}
+        return showing(_show(spec, folder, hidden, [note] if note else [])) | {panel: gr.Column(visible=True)} | hide
 
     def pick(index: int | None, state: dict, hidden: bool) -> dict:
         paths = state["paths"]
         if index is None or not 0 <= index < len(paths):
             return {box: gr.skip()}
         chosen = paths[index]
-        if chosen.endswith("/"):
-            return dict(zip(view, _show_folder(spec, chosen, hidden, []), strict=True))
-        return {box: chosen, panel: gr.Column(visible=False)}
+        if chosen == ROOTS_VIEW or chosen.endswith("/"):
+            return showing(_show(spec, chosen, hidden, []))
+        return {box: chosen, panel: gr.Column(visible=False), shown: {**state, "open": False}}
 
     def refresh(state: dict, hidden: bool) -> dict:
-        return dict(zip(view, _show_folder(spec, state["folder"], hidden, []), strict=True)) if state["folder"] else {}
+        return showing(_show(spec, state["folder"], hidden, []), state["open"])
+
+    def follow(text: str, state: dict, hidden: bool) -> dict:
+        folder = followed_folder(text or "", spec.roots) if state["open"] else None
+        if folder is None or str(folder) == state["folder"]:
+            return {heading: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
+        return showing(_show_folder(spec, folder, hidden, []))
 
     def use_folder(state: dict) -> dict:
-        return {box: state["folder"], panel: gr.Column(visible=False)} if state["folder"] else {}
+        if not state["folder"]:
+            return {box: gr.skip()}
+        return {box: state["folder"], panel: gr.Column(visible=False), shown: {**state, "open": False}}
 
-    browse.click(open_panel, inputs=[box, show_hidden], outputs=[panel, suggestions, *view])
+    def close_panel(state: dict) -> dict:
+        return {panel: gr.Column(visible=False), shown: {**state, "open": False}}
+
+    browse.click(open_panel, inputs=[box, show_hidden],
+                 outputs=[panel, *([suggestions] if suggestions is not None else []), *view])
     table.click(pick, inputs=[table, shown, show_hidden], outputs=[box, panel, *view])
     show_hidden.input(refresh, inputs=[shown, show_hidden], outputs=view)
-    use.click(use_folder, inputs=shown, outputs=[box, panel])
-    close.click(lambda: gr.Column(visible=False), outputs=panel)
+    box.input(follow, inputs=[box, shown, show_hidden], outputs=view, trigger_mode="always_last",
+              show_progress="hidden")
+    use.click(use_folder, inputs=shown, outputs=[box, panel, shown])
+    close.click(close_panel, inputs=shown, outputs=[panel, shown])
 
 
 def _detail_header(kind: str) -> str:
@@ -205,3 +253,16 @@ def path_field(label: str, roots: FileRoots, *, kind: str = "folder", elem_id: s
         suggestions = _add_completion(box, spec, elem_id)
         _add_listing(box, browse, suggestions, spec, elem_id)
     return box
+
+
+def browse_button(target: gr.Component, roots: FileRoots, *, kind: str = "folder", elem_id: str,
+                  extensions: tuple[str, ...] = ()) -> gr.Button:
+    """A Browse button and its panel for a component that is not a path field's own textbox, such as a dropdown
+    that also takes a typed local folder (the Captioning tab's model). Build it right after `target`, which must
+    accept any string (a Dropdown needs allow_custom_value=True); the chosen path is written into it. Returns the
+    button (elem_id '<elem_id>-browse'; the panel's ids start with elem_id as a path field's do)."""
+    if kind not in KINDS:
+        raise ValueError(f"browse_button {elem_id}: kind must be one of {KINDS}, not {kind!r}")
+    browse = gr.Button("Browse", elem_id=f"{elem_id}-browse", scale=0, min_width=90)
+    _add_listing(target, browse, None, _Spec(roots, kind, tuple(extensions)), elem_id)
+    return browse

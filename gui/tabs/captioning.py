@@ -20,7 +20,7 @@ from engine.config.choices import CAPTION_EXTENSIONS
 from gui import caption_view as view
 from gui.caption_view import CaptionViewError, EditorState, OptionSpec
 from gui.context import TabContext
-from gui.file_browser import path_field
+from gui.file_browser import browse_button, path_field
 from gui.jobs import EngineJob
 
 DEFAULT_CAPTIONER = view.CAPTIONER_NAMES[0]
@@ -91,6 +91,7 @@ def build(ctx: TabContext) -> None:
             model = gr.Dropdown(view.model_choices(DEFAULT_CAPTIONER), value=view.model_choices(DEFAULT_CAPTIONER)[0],
                                 allow_custom_value=True, label="Model", elem_id="captioning-model",
                                 info="A model from the list (downloaded on first use), or type a local model folder.")
+        browse_button(model, ctx.roots, kind="folder", elem_id="captioning-model")  # a local model folder
         with gr.Row():
             mode = gr.Radio([("Skip them", "skip"), ("Overwrite", "overwrite"), ("Add the new tags", "append")],
                             value="skip", label="Images that already have a caption", elem_id="captioning-mode")

@@ -13,11 +13,14 @@ from gui.browse import (
     IMAGE_COUNT_CAP,
     BrowseError,
     FileRoots,
+    browse_target,
     complete,
     count_images,
     entry_detail,
+    followed_folder,
     format_size,
     list_folder,
+    root_entries,
     start_folder,
 )
 
@@ -196,3 +199,35 @@ def test_sizes_read_like_a_person_writes_them(size, text):
 def test_an_unknown_kind_is_a_programming_error(tree):
     with pytest.raises(ValueError, match="kind"):
         list_folder(tree["root"], tree["roots"], kind="files")
+
+
+def test_the_top_listing_is_the_allowed_folders_with_their_image_counts(tree):
+    roots = FileRoots.from_paths([tree["root"], tree["root"] / "alpha"], include_home=False)
+    entries = root_entries(roots, kind="folder")
+    assert [entry.path for entry in entries] == [tree["root"], tree["root"] / "alpha"]
+    assert [entry.images for entry in entries] == [3, 2]  # root: b.PNG, a.jpg and .hidden.png
+    assert all(entry.is_dir and entry.name == str(entry.path) for entry in entries)
+    assert [entry.images for entry in root_entries(roots, kind="file")] == [None, None]
+
+
+def test_browse_opens_on_the_allowed_folders_for_an_empty_box_or_a_refused_path(tree):
+    root, roots = tree["root"], tree["roots"]
+    assert browse_target("", roots) == (None, None)
+    folder, note = browse_target(str(tree["outside"]), roots)
+    assert folder is None and "is outside the folders this app may use" in note
+    folder, note = browse_target("relative/path", roots)
+    assert folder is None and "not a full path" in note
+    assert browse_target(str(root / "alpha"), roots) == (root / "alpha", None)
+    folder, note = browse_target(str(root / "alpha" / "new"), roots)
+    assert folder == root / "alpha" and "does not exist" in note
+
+
+def test_the_listing_follows_the_folder_being_typed(tree):
+    root, roots = tree["root"], tree["roots"]
+    assert followed_folder(f"{root}/alpha", roots) == root / "alpha"
+    assert followed_folder(f"{root}/alpha/", roots) == root / "alpha"
+    assert followed_folder(f"{root}/alp", roots) == root  # a name being typed: the folder it is typed into
+    assert followed_folder(f"{root}/alpha/inner/x", roots) == root / "alpha" / "inner"
+    assert followed_folder(f"{tree['outside']}/s", roots) is None
+    assert followed_folder("/", roots) is None
+    assert followed_folder("relative", roots) is None
