@@ -22,9 +22,11 @@ from engine.config.io import (
     save_preset,
 )
 from engine.config.paths import get_path
+from engine.config.readiness import readiness_problems
 from engine.config.schema import SECTIONS, RunConfig, config_warnings
 from gui.browse import FileRoots, PathNotAllowed
 from gui.context import TabContext
+from gui.dataset_editor import DatasetEditor, build_dataset_editor
 from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_paths, unused_note
 from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
@@ -43,6 +45,13 @@ def editable_fields() -> dict[str, FieldSpec]:
 
 
 def status_markdown(config: RunConfig | None, problems: list) -> str:
+    """"Valid." only when the run can start: schema problems first, then (for a valid config) what is missing on
+    the disk (engine.config.readiness), all listed at once."""
+    if config is not None and problems:
+        lines = [f"**Not ready to train: {len(problems)} problem(s) to fix:**", ""]
+        lines += [f"- `{problem.path}`: {problem.message}" for problem in problems]
+        lines += [f"- warning: `{warning.path}`: {warning.message}" for warning in config_warnings(config)]
+        return "\n".join(lines)
     if config is not None:
         training = config.training
         length = f"{training.max_train_epochs} epochs" if training.max_train_epochs else \
@@ -68,11 +77,13 @@ class _Form:
         self.specs, self.values, self.roots = specs, values, roots
         self.components: dict[str, Any] = {}
         self.family_blocks: list[FamilyBlock] = []
+        self.dataset_editor: DatasetEditor | None = None
 
     def add_fields(self, specs: list[FieldSpec]) -> None:
         for spec in specs:
             if spec.kind == "datasets":
-                self.components[spec.path] = datasets_component(self.values[spec.path], self.roots)
+                self.dataset_editor = build_dataset_editor(self.values[spec.path], self.roots)
+                self.components[spec.path] = self.dataset_editor.value
                 continue
             if not spec.families:
                 self.components[spec.path] = build_field(spec, self.values[spec.path], self.roots)
@@ -100,12 +111,6 @@ class _Form:
         """Show or hide each family-specific part for the form `values` ({path: widget value})."""
         shown = shown_paths(self.specs, values)
         return {part.block: gr.update(visible=part.visible(shown)) for part in self.family_blocks}
-
-
-def datasets_component(initial: list[dict[str, Any]], roots: FileRoots) -> Any:
-    """The form's value of `dataset.datasets`: a hidden state that keeps it (loaded, imported, set by a preset) until
-    the dataset editor edits it."""
-    return gr.State(initial)
 
 
 def _edit_events(component: gr.components.Component, spec: FieldSpec) -> list[Any]:
@@ -230,7 +235,7 @@ def build(ctx: TabContext) -> None:
         confirm = _preset_confirm_row()
         open_row = _open_file_row(ctx)
         preset_message = gr.Markdown(elem_id="preset-message")
-        status = gr.Markdown(status_markdown(RunConfig(), []), elem_id="validation-status")
+        status = gr.Markdown(status_markdown(RunConfig(), readiness_problems(RunConfig())), elem_id="validation-status")
         with gr.Row():
             with gr.Column(scale=3):
                 layout = _Form(specs, values, ctx.roots)
@@ -242,12 +247,14 @@ def build(ctx: TabContext) -> None:
                 preview = gr.Code(config_to_toml(RunConfig()), label="config.toml", elem_id="toml-preview",
                                   interactive=False)
     components = layout.components
+    layout.dataset_editor.connect_general(components, specs)  # its export writes [dataset.general] as [general]
     path_of = {component: path for path, component in components.items()}
 
     def evaluate(values: dict[str, Any]) -> dict:
         """Validation status, TOML preview and the shared config for form values keyed by field path."""
         config, data, problems = form_to_config(values, specs)
-        return {status: status_markdown(config, problems), preview: preview_text(config, data),
+        ready = readiness_problems(config) if config is not None else []
+        return {status: status_markdown(config, problems or ready), preview: preview_text(config, data),
                 ctx.config: data if config is not None else None}
 
     def on_input(form: dict) -> dict:

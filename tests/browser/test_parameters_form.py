@@ -105,3 +105,25 @@ def test_a_preset_asks_before_clearing_what_another_tab_set(app_page, work_dir):
     expect(confirm).to_be_hidden(timeout=WAIT)
     expect(box).to_have_value("", timeout=WAIT)
     expect(page.locator("#toml-preview")).to_contain_text('model_family = "sdxl"', timeout=WAIT)
+
+
+def test_valid_means_ready_every_missing_thing_is_listed_at_once(page, work_dir):
+    from PIL import Image
+
+    status = page.locator("#validation-status")
+    fill(page, "field-model-pretrained_model_name_or_path", str(work_dir / "base.safetensors"))
+    open_section(page, "Dataset")
+    fill(page, "field-dataset-train_data_dir", str(work_dir / "img"))
+    expect(status).to_contain_text("Not ready to train: 2 problem(s)", timeout=WAIT)
+    for named in ("model.pretrained_model_name_or_path", "dataset.train_data_dir", "does not exist"):
+        expect(status).to_contain_text(named)
+
+    (work_dir / "base.safetensors").write_bytes(b"x")
+    concept = work_dir / "img" / "10_dog"
+    concept.mkdir(parents=True)
+    fill(page, "field-dataset-train_data_dir", str(work_dir / "img") + "/")
+    expect(status).to_contain_text("Not ready to train: 1 problem(s)", timeout=WAIT)
+    expect(status).to_contain_text("no images")  # the folder is there, the images are not
+    Image.new("RGB", (8, 8)).save(concept / "a.png")
+    fill(page, "field-dataset-train_data_dir", str(work_dir / "img"))
+    expect(status).to_contain_text("Valid.", timeout=WAIT)

@@ -1,0 +1,143 @@
+"""Whether a valid config is ready to start: what schema validation cannot see because it lives on the disk.
+
+A config can be valid and still unable to train: no base model, a path that does not exist, or no images. The
+Parameters tab shows these beside the schema's problems, all at once, so that "Valid." means ready; the checks are
+cheap (file names only, no image is opened, no torch) because the form runs them on every edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.config.dataset import DatasetEntry, Subset, parse_legacy_folder_name
+from engine.config.describe import PATH_WIDGETS, iter_fields
+from engine.config.errors import ConfigError
+from engine.config.paths import get_path
+from engine.config.rules import Problem
+from engine.config.schema import RunConfig
+
+# Folders a run creates: they need not exist before it starts.
+OUTPUT_FIELDS = frozenset({"saving.output_dir", "logging.logging_dir"})
+BASE_MODEL = "model.pretrained_model_name_or_path"
+_WHAT = {"file": "file", "folder": "folder", "path": "file or folder"}
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _may_be_hub_id(value: str, widget: str) -> bool:
+    """A "path" field (a base model, a text encoder) also takes a Hugging Face id such as 'org/model', which the
+    engine looks up in the local cache; only what is clearly a local path is checked here."""
+    looks_local = value.startswith((".", "/", "~", "\\")) or Path(value).suffix in (".safetensors", ".ckpt", ".pt")
+    return widget == "path" and not looks_local and value.count("/") == 1 and ":" not in value
+
+
+def _subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
+    """(field, value, widget) of the path fields of every subset of `datasets`."""
+    specs = [spec for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
+    for d, dataset in enumerate(datasets):
+        for s, subset in enumerate(dataset.subsets):
+            for spec in specs:
+                value = getattr(subset, spec.path)
+                if value:
+                    yield f"{prefix}datasets[{d}].subsets[{s}].{spec.path}", value, spec.widget
+
+
+def _config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
+    """(field, value, widget) of every non-empty path the run reads."""
+    data = config.model_dump(mode="json")
+    for spec in iter_fields():
+        value = get_path(data, spec.path) if spec.widget in PATH_WIDGETS else None
+        if value and spec.path not in OUTPUT_FIELDS:
+            yield spec.path, value, spec.widget
+    yield from _subset_paths(config.dataset.datasets, "dataset.")
+
+
+def _missing_paths(paths: Iterator[tuple[str, str, str]], base_dir: Path) -> list[Problem]:
+    problems = []
+    for path, value, widget in paths:
+        if not _may_be_hub_id(value, widget) and not _resolve(value, base_dir).exists():
+            problems.append(Problem(path, f"`{value}` does not exist; choose an existing {_WHAT[widget]} or clear "
+                                          "the field"))
+    return problems
+
+
+def _has_images(folder: Path) -> bool:
+    from engine.data.images import is_image_file  # names only; nothing is opened
+
+    return folder.is_dir() and any(is_image_file(entry) for entry in folder.iterdir())
+
+
+def _subset_image_problems(datasets: Sequence[DatasetEntry], prefix: str, base_dir: Path) -> list[Problem]:
+    """Each image folder subset (a metadata subset lists its images in the metadata) must hold images."""
+    problems = []
+    for d, dataset in enumerate(datasets):
+        for s, subset in enumerate(dataset.subsets):
+            folder = _resolve(subset.image_dir, base_dir) if subset.image_dir else None
+            if subset.metadata_file or folder is None or not folder.is_dir() or _has_images(folder):
+                continue
+            problems.append(Problem(f"{prefix}datasets[{d}].subsets[{s}].image_dir",
+                                    f"`{subset.image_dir}` holds no images; add images or choose another folder"))
+    return problems
+
+
+def _legacy_problems(config: RunConfig, base_dir: Path) -> list[Problem]:
+    """train_data_dir: the images are in its `<repeats>_<name>` folders (with in_json, in the folder itself)."""
+    section = config.dataset
+    root = _resolve(section.train_data_dir, base_dir)
+    if not root.is_dir():
+        return []  # named by the path check
+    if section.in_json:
+        found = _has_images(root)
+    else:
+        found = any(_has_images(entry) for entry in root.iterdir()
+                    if entry.is_dir() and parse_legacy_folder_name(entry.name) is not None)
+    if found:
+        return []
+    where = "" if section.in_json else " in its `<repeats>_<name>` folders (e.g. `10_dog`)"
+    return [Problem("dataset.train_data_dir", f"no images{where}: add images, or prepare the folder in the Dataset "
+                                              "tab")]
+
+
+def _dataset_problems(config: RunConfig, base_dir: Path) -> list[Problem]:
+    section = config.dataset
+    if not section.has_images_source():
+        return [Problem("dataset", "no images: set dataset.train_data_dir, add datasets, or name a dataset TOML in "
+                                   "dataset.config_file")]
+    if section.datasets:
+        return _subset_image_problems(section.datasets, "dataset.", base_dir)
+    if section.train_data_dir:
+        return _legacy_problems(config, base_dir)
+    return _dataset_file_problems(_resolve(section.config_file, base_dir), base_dir)
+
+
+def _dataset_file_problems(path: Path, base_dir: Path) -> list[Problem]:
+    """The subsets of a dataset TOML (their relative paths are read from base_dir, as the engine's scan does)."""
+    from engine.config.io import load_dataset_file
+
+    if not path.is_file():
+        return []  # named by the path check
+    try:
+        dataset_file = load_dataset_file(path)
+    except ConfigError as error:
+        return [Problem("dataset.config_file", f"{problem.path}: {problem.message}") for problem in error.problems]
+    prefix = f"{path.name}: "
+    return (_missing_paths(_subset_paths(dataset_file.datasets, prefix), base_dir)
+            + _subset_image_problems(dataset_file.datasets, prefix, base_dir))
+
+
+def readiness_problems(config: RunConfig, base_dir: str | Path | None = None) -> list[Problem]:
+    """What stops a valid config from starting, all at once: a missing base model, a path that does not exist, an
+    empty dataset. Relative paths are read from `base_dir` (default: the working folder, as a GUI run does)."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    problems: list[Any] = []
+    if not config.model.pretrained_model_name_or_path.strip():
+        problems.append(Problem(BASE_MODEL, "no base model: choose a .safetensors/.ckpt file, a diffusers folder or "
+                                            "a Hugging Face id"))
+    problems += _missing_paths(_config_paths(config), base)
+    problems += _dataset_problems(config, base)
+    return problems
