@@ -160,6 +160,9 @@ class CaptionRequest:
     recursive: bool = False
     workers: int = 2
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # field name -> widget value
+    metadata: Path | None = None  # write into this new fine-tune metadata file instead of caption files
+    in_json: Path | None = None  # ... merged with this existing one
+    full_path: bool = False  # ... keyed by absolute image paths
 
     def args(self) -> list[str]:
         """The engine arguments (without --events, which EngineJob adds)."""
@@ -173,6 +176,9 @@ class CaptionRequest:
         args += [f"--prefix={self.prefix}"] if self.prefix.strip() else []
         args += [f"--suffix={self.suffix}"] if self.suffix.strip() else []
         args += ["--recursive"] if self.recursive else []
+        if self.metadata is not None:
+            args += [f"--metadata={self.metadata}"] + ([f"--in-json={self.in_json}"] if self.in_json else []) + \
+                (["--full-path"] if self.full_path else [])
         return args + option_flags(self.captioner, self.options)
 
 
@@ -203,6 +209,26 @@ def resolve_folder(text: str | None, roots: FileRoots) -> Path:
     return folder.resolve()
 
 
+def metadata_paths(output: str | None, merge_into: str | None, roots: FileRoots) -> tuple[Path, Path | None]:
+    """The metadata file to write and the optional one to merge into, checked like every path field; the output
+    must be a new file (the engine checks again before loading the model).
+
+    Raises:
+        CaptionViewError: an empty or existing output, or a path the app may not use.
+    """
+    if not (output or "").strip():
+        raise CaptionViewError("Metadata file: give a name for the new metadata file (e.g. meta_cap.json).")
+    try:
+        target = roots.check(output.strip(), "Metadata file")
+        source = roots.check(merge_into.strip(), "Merge into") if (merge_into or "").strip() else None
+    except PathNotAllowed as error:
+        raise CaptionViewError(str(error)) from None
+    if target.exists():
+        raise CaptionViewError(f"Metadata file: `{target}` exists already and is never overwritten; choose a new "
+                               "name (to build on it, give it under Merge into).")
+    return target, source
+
+
 def model_location(text: str | None, roots: FileRoots) -> str:
     """The captioning model typed or chosen: a hub id (owner/name) as it is, a local model folder only where the app
     may use it (the rule of every path field). '' means the captioner's default.
@@ -218,8 +244,9 @@ def model_location(text: str | None, roots: FileRoots) -> str:
 
 
 # --- the run's progress and summary -------------------------------------------------------------------------------
-def summary_markdown(update: JobUpdate, folder: Path) -> str:
-    """The result of a finished captioning job as the page shows it; '' while it runs."""
+def summary_markdown(update: JobUpdate, folder: Path, metadata: Path | None = None) -> str:
+    """The result of a finished captioning job as the page shows it; '' while it runs. With `metadata`, the
+    captions went into that file rather than into caption files."""
     if not update.finished:
         return ""
     done = update.last("done")
@@ -227,8 +254,10 @@ def summary_markdown(update: JobUpdate, folder: Path) -> str:
         if update.returncode is not None and update.returncode < 0:
             return f"**Stopped.** Caption files written so far in `{folder}` are kept."
         return f"**Captioning failed:** {update.error_text()}"
-    lines = [f"**Captioned `{folder}`:** {done['written']} caption file(s) written, {done['skipped']} skipped "
-             f"(already captioned), {done['failed']} failed."]
+    written = f"{done['written']} caption(s) written into `{metadata}`" if metadata is not None else \
+        f"{done['written']} caption file(s) written"
+    lines = [f"**Captioned `{folder}`:** {written}, {done['skipped']} skipped (already captioned), "
+             f"{done['failed']} failed."]
     lines += [f"- could not read `{event.get('where')}`: {event.get('message')}"
               for event in update.events if event.get("type") == "warning"]
     if done.get("top_tags"):

@@ -163,8 +163,8 @@ def _offline_message(repo_id: str, allow_patterns: list[str] | None, why: str, n
         f"(e.g. `hf download {repo_id}{include} --local-dir {repo_id.split('/')[-1]}`) and copy the folder here. "
         f"A {label + ' ' if label else ''}model folder needs {files}. "
         "Then give the folder instead of the hub id: --model /path/to/folder on the command line, or in the GUI "
-        "type the folder's path into the Model box of the Captioning tab (it must lie inside the folders the app "
-        "may use: your home folder or an --allow-path folder). "
+        "put the folder's path in the Model box of the Captioning tab (type it, or pick it with Browse; it must lie "
+        "inside the folders the app may use: your home folder or an --allow-path folder). "
         f"(No local folder named {repo_id!r} exists either.)"
     )
 

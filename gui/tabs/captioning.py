@@ -100,6 +100,18 @@ def build(ctx: TabContext) -> None:
             suffix = gr.Textbox(label="Suffix", elem_id="captioning-suffix")
             workers = gr.Number(2, precision=0, minimum=1, label="Image loading threads", elem_id="captioning-workers",
                                 min_width=160)
+        output_kind = gr.Radio([("Caption files beside the images", "files"),
+                                ("A fine-tune metadata file", "metadata")],
+                               value="files", label="Write the captions to", elem_id="captioning-output")
+        with gr.Row(visible=False) as metadata_row:
+            metadata_out = path_field("Metadata file", ctx.roots, kind="file", extensions=(".json",),
+                                      elem_id="captioning-metadata",
+                                      info='A new .json file: BLIP and GIT fill "caption", WD14 "tags".')
+            metadata_in = path_field("Merge into", ctx.roots, kind="file", extensions=(".json",),
+                                     elem_id="captioning-metadata-in",
+                                     info="Optional: an existing metadata file to build on (read, never changed).")
+            full_path = gr.Checkbox(False, label="Full paths as keys", elem_id="captioning-full-path", scale=0,
+                                    min_width=180, info="else image names")
         groups, option_widgets = _option_groups()
         with gr.Row():
             run = gr.Button("Caption the folder", variant="primary", elem_id="captioning-run")
@@ -185,7 +197,10 @@ def build(ctx: TabContext) -> None:
 
     def request(values: dict, target: Path, ext: str, deep: bool) -> view.CaptionRequest:
         name = values[captioner]
+        metadata, in_json = (view.metadata_paths(values[metadata_out], values[metadata_in], ctx.roots)
+                             if values[output_kind] == "metadata" else (None, None))
         return view.CaptionRequest(
+            metadata=metadata, in_json=in_json, full_path=bool(values[full_path]),
             folder=target, captioner=name, model=view.model_location(values[model], ctx.roots), mode=values[mode],
             prefix=values[prefix] or "",
             suffix=values[suffix] or "", extension=ext, recursive=deep, workers=values[workers] or 1,
@@ -198,7 +213,8 @@ def build(ctx: TabContext) -> None:
             return
         try:
             target, ext, deep = where(values)
-            args = request(values, target, ext, deep).args()
+            caption_request = request(values, target, ext, deep)
+            args = caption_request.args()
         except CaptionViewError as error:
             yield {progress: "", summary: f"**Cannot start:** {error}"}
             return
@@ -215,7 +231,8 @@ def build(ctx: TabContext) -> None:
                     yield {progress: text}
         finally:
             jobs.pop(key, None)
-        yield {progress: update.progress_text(), summary: view.summary_markdown(update, target)} | \
+        yield {progress: update.progress_text(),
+               summary: view.summary_markdown(update, target, caption_request.metadata)} | \
             reload(target, ext, deep, values[editor].current)
 
     def on_stop(path: str) -> str:
@@ -300,8 +317,10 @@ def build(ctx: TabContext) -> None:
     all_options = {widget for widgets in option_widgets.values() for widget in widgets.values()}
     captioner.change(on_captioner, inputs=captioner, outputs=[model, *groups.values()])
     load.click(on_load, inputs={*where_inputs, editor, caption}, outputs=editor_outputs)
+    output_kind.change(lambda kind: gr.Row(visible=kind == "metadata"), inputs=output_kind, outputs=metadata_row,
+                       show_progress="hidden")
     run.click(on_run, inputs={*where_inputs, editor, caption, captioner, model, mode, prefix, suffix, workers,
-                              *all_options},
+                              output_kind, metadata_out, metadata_in, full_path, *all_options},
               outputs=[progress, summary, *editor_outputs], show_progress="hidden")
     stop.click(on_stop, inputs=folder, outputs=progress)
     gallery.select(on_select, inputs=[editor, caption], outputs=[*editor_outputs], show_progress="hidden")

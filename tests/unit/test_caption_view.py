@@ -182,3 +182,21 @@ def test_batch_edit_form_and_its_preview(tmp_path):
     done = edit_folder(folder, options)
     assert "Changed 2 of 2" in view.edit_markdown(done, dry_run=False)
     assert (folder / "a.txt").read_text(encoding="utf-8") == "1girl, 1girl, sks\n"
+
+
+def test_a_metadata_request_reaches_the_engine_parser_and_new_names_only(tmp_path):
+    roots = FileRoots((tmp_path,))
+    (tmp_path / "given.json").write_text("{}")
+    target, source = view.metadata_paths(str(tmp_path / "out.json"), str(tmp_path / "given.json"), roots)
+    args, _ = engine_options(CaptionRequest(tmp_path, "wd14", metadata=target, in_json=source, full_path=True))
+    assert (args.metadata, args.in_json, args.full_path) == (target, source, True)
+    plain, _ = engine_options(CaptionRequest(tmp_path, "wd14"))
+    assert (plain.metadata, plain.in_json, plain.full_path) == (None, None, False)
+    with pytest.raises(CaptionViewError, match="never overwritten"):
+        view.metadata_paths(str(tmp_path / "given.json"), "", roots)
+    with pytest.raises(CaptionViewError, match="give a name"):
+        view.metadata_paths("", "", roots)
+    with pytest.raises(CaptionViewError, match="--allow-path"):
+        view.metadata_paths("/elsewhere/out.json", "", roots)
+    done = [{"type": "done", "written": 2, "skipped": 0, "failed": 0}]
+    assert f"2 caption(s) written into `{target}`" in view.summary_markdown(JobUpdate(done, 0), tmp_path, target)
