@@ -84,6 +84,9 @@ class TrainingFacts:
     # "5-medium", "5-large"; "" for SD): FLUX.1 dev and schnell share a family but not a modelspec architecture, and
     # SD3's variant is its ss_base_model_version.
     variant: str = ""
+    # The mixed precision the run used (accelerate's "no", "fp16" or "bf16"): a CPU run asked for fp16 trains in
+    # float32 and records "no", as sd-scripts would for that run. "" = the config's setting.
+    mixed_precision: str = ""
 
 
 def new_session_id() -> int:
@@ -145,7 +148,7 @@ def build_metadata(config: RunConfig, facts: TrainingFacts) -> dict[str, str]:
     the ModelSpec keys come from `modelspec_metadata`.
     """
     metadata: dict[str, Any] = {
-        **_run_keys(config, facts), **_network_keys(config, facts), **_training_keys(config),
+        **_run_keys(config, facts), **_network_keys(config, facts), **_training_keys(config, facts),
         **_dataset_option_keys(config, facts), **UNSUPPORTED_OPTION_DEFAULTS, **_fp8_keys(config),
         **_flow_keys(config, facts),
     }
@@ -273,10 +276,10 @@ def _flow_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
     return keys(config, facts) if keys else {}
 
 
-def _training_keys(config: RunConfig) -> dict[str, Any]:
+def _training_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, Any]:
     training = config.training
     return {
-        "ss_mixed_precision": training.mixed_precision,
+        "ss_mixed_precision": facts.mixed_precision or training.mixed_precision,  # what ran, not what was asked
         "ss_full_fp16": training.full_fp16,
         "ss_cache_latents": training.cache_latents,
         "ss_noise_offset": training.noise_offset,
@@ -331,6 +334,8 @@ def network_args_metadata(config: RunConfig) -> dict[str, Any]:
     args: dict[str, Any] = {key: _arg_text(value) for key, value in network.network_args.items()}
     if NETWORK_TYPES[network.network_type].backend == "lycoris":
         args.setdefault("algo", network.network_type)
+    if NETWORK_TYPES[network.network_type].backend == "dylora":
+        args.setdefault("unit", "1")  # sd-scripts' networks.dylora default, written out as kohya_ss passes it
     # LyCORIS reads a missing conv_dim as network_dim, so for it 0 is written out too.
     if network.conv_dim or NETWORK_TYPES[network.network_type].backend == "lycoris":
         args.setdefault("conv_dim", str(network.conv_dim))

@@ -292,4 +292,5 @@ def training_facts(session: Session) -> Any:
         model_path=model_path, vae_path=vae_path,
         network_module=getattr(session.method, "network_module", "networks.lora"),
         resolution=(int(width), int(height)), model_hashes=hashes,
+        mixed_precision=str(session.accelerator.mixed_precision),  # a CPU run trains fp16 requests in float32
     )

@@ -212,13 +212,28 @@ def test_network_args_are_recorded_like_kohya_ss_passes_them(dataset, scanned):
     locon = legacy_config(dataset, network={"network_type": "locon", "conv_dim": 4, "conv_alpha": 2.0})
     args = json.loads(build_metadata(locon, facts_for(locon, datasets))["ss_network_args"])
     assert args == {"conv_dim": "4", "conv_alpha": "2.0", "dropout": 0.0}
-    loha = legacy_config(dataset, network={"network_type": "loha", "network_dropout": 0.1,
-                                           "network_args": {"preset": "attn-mlp", "use_tucker": True}})
+    loha = legacy_config(dataset, network={"network_type": "loha", "network_dropout": 0.1,  # needs bypass_mode
+                                           "network_args": {"preset": "attn-mlp", "use_tucker": True,
+                                                            "bypass_mode": True}})
     metadata = build_metadata(loha, facts_for(loha, datasets, network_module="lycoris.kohya"))
     # conv_dim 0 is written for LyCORIS, which would read a missing conv_dim as network_dim.
-    assert json.loads(metadata["ss_network_args"]) == {"preset": "attn-mlp", "use_tucker": "True", "algo": "loha",
-                                                       "conv_dim": "0", "conv_alpha": "1.0", "dropout": 0.1}
+    assert json.loads(metadata["ss_network_args"]) == {"preset": "attn-mlp", "use_tucker": "True",
+                                                       "bypass_mode": "True", "algo": "loha", "conv_dim": "0",
+                                                       "conv_alpha": "1.0", "dropout": 0.1}
     assert metadata["ss_network_module"] == "lycoris.kohya" and metadata["ss_network_dropout"] == "0.1"
+    # sd-scripts' DyLoRA: its unit is always recorded (kohya_ss passes unit=1 by default)
+    dylora = legacy_config(dataset, network={"network_type": "dylora"})
+    metadata = build_metadata(dylora, facts_for(dylora, datasets, network_module="networks.dylora"))
+    assert json.loads(metadata["ss_network_args"]) == {"unit": "1", "dropout": 0.0}
+    assert metadata["ss_network_module"] == "networks.dylora"
+
+
+def test_ss_mixed_precision_records_what_ran(scanned):
+    config, datasets = scanned
+    asked = config.model_copy(update={"training": config.training.model_copy(update={"mixed_precision": "fp16"})})
+    assert build_metadata(asked, facts_for(asked, datasets))["ss_mixed_precision"] == "fp16"  # nothing measured
+    # a CPU run asked for fp16 trains in float32; accelerate says "no", as sd-scripts' --mixed_precision would
+    assert build_metadata(asked, facts_for(asked, datasets, mixed_precision="no"))["ss_mixed_precision"] == "no"
 
 
 def test_model_names_and_hashes(tiny_models, scanned):
