@@ -88,3 +88,17 @@ def test_num_cpu_threads_per_process_applies_to_a_one_process_run(threads: int):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             check=True, timeout=300)
     assert result.stdout.split() == [str(threads)] * 3
+
+
+def test_sd_scripts_args_bring_their_scheduler_class_and_tracker_name(tmp_path: Path):
+    from engine.config.importers.registry import import_file
+
+    args = tmp_path / "args.toml"
+    args.write_text('pretrained_model_name_or_path = "/models/x.safetensors"\noutput_dir = "/out"\n'
+                    'lr_scheduler_type = "CosineAnnealingLR"\nlr_scheduler_args = ["T_max=100"]\n'
+                    'log_tracker_name = "my_project"\nlogging_dir = "/logs"\n', encoding="utf-8")
+    result = import_file(args)
+    assert result.overlay["optimizer"]["lr_scheduler_type"] == "CosineAnnealingLR"
+    assert result.overlay["optimizer"]["lr_scheduler_args"] == {"T_max": 100}
+    assert result.overlay["logging"]["log_tracker_name"] == "my_project"
+    assert not [item.key for item in result.skipped if item.key in ("lr_scheduler_type", "log_tracker_name")]

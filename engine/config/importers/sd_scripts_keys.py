@@ -132,6 +132,8 @@ ARG_PATHS: Mapping[str, Target] = {
     "logging_dir": "logging.logging_dir",
     "log_with": "logging.log_with",
     "log_prefix": "logging.log_prefix",
+    "log_tracker_name": "logging.log_tracker_name",
+    "lr_scheduler_type": "optimizer.lr_scheduler_type",
 }
 
 _NETWORK_ONLY = ("lora",)
