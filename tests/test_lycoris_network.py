@@ -338,7 +338,7 @@ def test_dropouts_act_in_training_mode_only(tiny_models):
     ("loha", {"network_args": {"use_scalar": True}}, r"use_scalar is not supported: .*resumed"),
     ("loha", {"network_args": {"loraplus_lr_ratio": 4}}, r"loraplus_lr_ratio is not supported"),
     ("loha", {"network_args": {"conv_dim": 2}, "conv_dim": 4}, r"conv_dim = 2 contradicts network\.conv_dim"),
-    ("dylora", {}, r"network\.network_type = 'dylora' is not supported"),
+    ("dylora", {}, r"network\.network_type = 'dylora' is not a LyCORIS algorithm"),  # it is sd-scripts' DyLoRA
     ("lokr", {"dropout": 0.1}, r"network\.network_dropout has no effect with "
                                  r"network_type = 'lokr'.*bypass_mode = true for glora, loha, lokr"),
     ("ia3", {"rank_dropout": 0.1}, r"network\.rank_dropout has no effect with network_type = 'ia3'"),

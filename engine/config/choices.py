@@ -257,7 +257,7 @@ def dotted_caption_extension(text: str) -> str:
 class NetworkTypeInfo:
     """What a network type is built with, for validation and for the GUI's help text."""
 
-    backend: Literal["kohya", "lycoris"]
+    backend: Literal["kohya", "lycoris", "dylora"]
     summary: str
     needs_conv_dim: bool = False
 
@@ -271,7 +271,8 @@ NETWORK_TYPES: dict[str, NetworkTypeInfo] = {
     "locon": NetworkTypeInfo("kohya", "LoRA plus the 3x3 convolutions of ResNet blocks (kohya LoCon).", True),
     "loha": NetworkTypeInfo("lycoris", "LyCORIS LoHa: Hadamard product of two low-rank pairs."),
     "lokr": NetworkTypeInfo("lycoris", "LyCORIS LoKr: Kronecker product; very small files."),
-    "dylora": NetworkTypeInfo("lycoris", "LyCORIS DyLoRA: trains several ranks at once."),
+    "dylora": NetworkTypeInfo("dylora", "DyLoRA (sd-scripts' networks.dylora): trains the ranks block by block, so "
+                                        "its leading ranks work alone; saves a plain LoRA. SD1.x, SD2.x and SDXL."),
     "ia3": NetworkTypeInfo("lycoris", "LyCORIS (IA)^3: learned rescaling vectors, tiny and fast."),
     "glora": NetworkTypeInfo("lycoris", "LyCORIS GLoRA: generalized LoRA."),
     "boft": NetworkTypeInfo("lycoris", "LyCORIS BOFT: butterfly orthogonal fine-tuning."),

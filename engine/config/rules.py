@@ -250,11 +250,6 @@ def network_ranks_make_sense(config: RunConfig, context: RuleContext) -> Iterato
     if network.train_unet_only and network.train_text_encoder_only:
         yield Problem("network.train_text_encoder_only", "train_unet_only and train_text_encoder_only are both "
                       "set, which would train nothing; keep one")
-    if config.method == "lora" and network.network_type == "dylora":
-        # lycoris-lora 4.1.3's DyLoRA saves weights at another scale than it trains and picks ranks at random
-        # even when evaluating, so its files would not reproduce the run.
-        yield Problem("network.network_type", "dylora is not supported: the lycoris package's DyLoRA writes files "
-                      "that do not reproduce what was trained; use lora, locon, loha or lokr")
 
 
 @rule

@@ -2,7 +2,8 @@
 
 Before these rules, a bad key or value in ``network.network_args`` passed validation and the GUI, then crashed the
 run when the network was built. Each backend's settings parser (:func:`engine.networks.lora_names.resolve_options`
-for kohya's LoRA/LoCon, :func:`engine.networks.lycoris_args.resolve_lycoris_settings` for LyCORIS) runs here
+for kohya's LoRA/LoCon, :func:`engine.networks.lycoris_args.resolve_lycoris_settings` for LyCORIS,
+:func:`engine.networks.dylora_args.resolve_dylora_options` for DyLoRA, refusing the families it lacks) runs here
 without torch: the message it raises names ``network.network_args.<key>`` and what is accepted. With
 ``model_family = "auto"`` the family is not known yet, so a setting passes when some family's network accepts it;
 the run checks it again for the family it finds. Registered with the same ``@rule`` as :mod:`engine.config.rules`,
@@ -41,6 +42,12 @@ def _kohya(config: RunConfig, args: Mapping[str, Any], naming: str) -> None:
     resolve_options(_keywords(config), args, naming)
 
 
+def _dylora(config: RunConfig, args: Mapping[str, Any], naming: str) -> None:
+    from engine.networks.dylora_args import resolve_dylora_options
+
+    resolve_dylora_options(_keywords(config), args, naming)
+
+
 def _lycoris(config: RunConfig, args: Mapping[str, Any], naming: str) -> None:
     from engine.networks.lycoris_args import resolve_lycoris_settings
 
@@ -51,6 +58,7 @@ def _lycoris(config: RunConfig, args: Mapping[str, Any], naming: str) -> None:
 SETTINGS_CHECKS: dict[str, Callable[[RunConfig, Mapping[str, Any], str], None]] = {
     "kohya": _kohya,
     "lycoris": _lycoris,
+    "dylora": _dylora,
 }
 
 

@@ -112,7 +112,8 @@ class NetworkSection(StrictModel):
     """The trained network for method = "lora": LoRA, LoCon and the LyCORIS family."""
 
     network_type: NetworkType = setting(
-        "lora", "Kind of network: kohya LoRA/LoCon, or a LyCORIS algorithm (needs the lycoris extra).",
+        "lora", "Kind of network: kohya LoRA/LoCon, DyLoRA (sd-scripts' networks.dylora, SD1.x/2.x/SDXL), or a "
+        "LyCORIS algorithm (needs the lycoris extra).",
     )
     network_dim: int = setting(
         8, "Rank of the network: larger learns more detail and makes bigger files (4-128 is usual).",

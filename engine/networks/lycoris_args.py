@@ -17,17 +17,10 @@ from engine.config.choices import NETWORK_TYPES
 from engine.networks.arg_values import arg_flag, arg_non_negative, arg_number
 from engine.networks.lora_names import UNET_NAMING, LoRAOptions, resolve_options
 
-__all__ = ["ALGORITHMS", "LYCORIS_ARGS", "LYCORIS_PRESETS", "REFUSED_ALGORITHMS", "LycorisArg", "LycorisSettings",
-           "resolve_lycoris_settings"]
+__all__ = ["ALGORITHMS", "LYCORIS_ARGS", "LYCORIS_PRESETS", "LycorisArg", "LycorisSettings", "resolve_lycoris_settings"]
 
 ALGORITHMS = tuple(name for name, info in NETWORK_TYPES.items() if info.backend == "lycoris")
-# LyCORIS network types of the config that are refused, with the reason (module docstring).
-REFUSED_ALGORITHMS = {
-    "dylora": "lycoris-lora's DyLoRA (4.1.3) trains with another scale than the one its saved files carry and picks a "
-              "random rank even when sampling, so the saved file would not reproduce the trained network; use "
-              "network_type = 'lora' or 'locon'",
-}
-_EVERY = frozenset(name for name in ALGORITHMS if name not in REFUSED_ALGORITHMS)
+_EVERY = frozenset(ALGORITHMS)
 _LORA_LIKE = frozenset({"loha", "lokr"})  # the algorithms built on low-rank factors with DoRA and Tucker options
 _SHARED_ARGS = frozenset({"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"})
 # lycoris-lora 4.1.3's built-in presets (lycoris.config.PRESET; a test checks the installed package has them): named
@@ -180,8 +173,6 @@ def resolve_lycoris_settings(algo: str, keywords: Mapping[str, Any], network_arg
     if algo not in ALGORITHMS:
         raise ValueError(f"network.network_type = {algo!r} is not a LyCORIS algorithm; expected one of "
                          f"{', '.join(ALGORITHMS)}")
-    if algo in REFUSED_ALGORITHMS:
-        raise ValueError(f"network.network_type = {algo!r} is not supported: {REFUSED_ALGORITHMS[algo]}")
     args = dict(network_args or {})
     options = resolve_options(keywords, {key: args.pop(key) for key in list(args) if key in _SHARED_ARGS})
     given = args.pop("algo", algo)

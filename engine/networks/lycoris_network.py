@@ -37,10 +37,10 @@ SD3 / SD3.5 (the "mmdit" naming) likewise: presets name sd-scripts' block class 
 MMDiT's ``DismantledBlock``; only those blocks are kept (``lora_unet_joint_blocks_0_x_block_attn_qkv``), T5 with
 ``train_t5xxl``, and the SD3 LoRA options are refused.
 
-Refused: DyLoRA (:data:`REFUSED_ALGORITHMS`). lycoris 4.1.3's DyLoRA scales its update by alpha / (blocks used)
-while training but saves plain ``lora_up``/``lora_down``/``alpha`` entries, which every loader (lycoris' own, A1111,
-diffusers) applies with alpha / rank; it also picks a random rank in eval mode, and saves convolution ``lora_up``
-weights without their 1x1 kernel dimensions. Its files would not reproduce the network that was trained and sampled.
+Not used: lycoris' DyLoRA. lycoris 4.1.3's DyLoRA scales its update by alpha / (blocks used) while training but saves
+plain ``lora_up``/``lora_down``/``alpha`` entries, which every loader (lycoris' own, A1111, diffusers) applies with
+alpha / rank; it also picks a random rank in eval mode, and saves convolution ``lora_up`` weights without their 1x1
+kernel dimensions. ``network_type = "dylora"`` is sd-scripts' DyLoRA instead (:mod:`engine.networks.dylora`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ from engine.networks.lora_names import (
 from engine.networks.lycoris_args import (
     ALGORITHMS,
     LYCORIS_ARGS,
-    REFUSED_ALGORITHMS,
     LycorisSettings,
     resolve_lycoris_settings,
 )
@@ -75,7 +74,7 @@ if TYPE_CHECKING:
     from engine.config.schema import RunConfig
     from engine.models.loading import LoadedModel
 
-__all__ = ["ALGORITHMS", "LYCORIS_ARGS", "REFUSED_ALGORITHMS", "LycorisKohyaNetwork", "LycorisSettings",
+__all__ = ["ALGORITHMS", "LYCORIS_ARGS", "LycorisKohyaNetwork", "LycorisSettings",
            "create_lycoris_network", "lycoris_network", "resolve_lycoris_settings"]
 
 # In presets for other architectures; in SD UNets it is the time (and SDXL's add) embedding (module docstring).

@@ -16,6 +16,7 @@ import torch
 
 from engine.config.choices import NETWORK_TYPES
 from engine.models.families import family_info
+from engine.networks.dylora import dylora_network
 from engine.networks.lycoris_network import lycoris_network
 from engine.train.method_full import full_model_method
 from engine.train.method_ti import TextualInversionMethod
@@ -152,8 +153,9 @@ def kohya_network(config: RunConfig, model: LoadedModel, train_unet: bool, train
 # A network builder returns an nn.Module with apply_to(), prepare_optimizer_params(unet_lr, text_lrs),
 # kohya_state_dict(dtype=None), load_kohya_state_dict(tensors) and module_count(), like LoRANetwork.
 NetworkBuilder = Callable[["RunConfig", "LoadedModel", bool, list[bool]], Any]
-NETWORK_BUILDERS: dict[str, NetworkBuilder] = {"kohya": kohya_network, "lycoris": lycoris_network}
-NETWORK_MODULES = {"kohya": "networks.lora", "lycoris": "lycoris.kohya"}
+NETWORK_BUILDERS: dict[str, NetworkBuilder] = {"kohya": kohya_network, "lycoris": lycoris_network,
+                                               "dylora": dylora_network}
+NETWORK_MODULES = {"kohya": "networks.lora", "lycoris": "lycoris.kohya", "dylora": "networks.dylora"}
 
 
 MethodFactory = Callable[["RunConfig", "LoadedModel", Path], Method]

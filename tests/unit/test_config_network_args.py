@@ -28,6 +28,7 @@ TYPES = {
     "boft": ({}, {"constraint": -1}, "at least 0"),
     "diag-oft": ({}, {"rescaled": "nah"}, "true or false"),
     "full": ({}, {"preset": "no-such-preset"}, "neither a built-in LyCORIS preset"),
+    "dylora": ({}, {"unit": 3}, "does not divide network.network_dim = 8"),
 }
 
 
@@ -64,7 +65,8 @@ def test_validate_refuses_a_bad_value_naming_the_key_and_what_is_allowed(tmp_pat
 def test_good_network_args_pass(tmp_path, capsys, network_type):
     good = {"lora": {"loraplus_lr_ratio": 4}, "locon": {"dropout": 0.1}, "loha": {"use_tucker": True},
             "lokr": {"factor": 4}, "ia3": {"train_norm": True}, "glora": {"rs_lora": "true"},
-            "boft": {"constraint": 0.5}, "diag-oft": {"rescaled": True}, "full": {"preset": "attn-mlp"}}
+            "boft": {"constraint": 0.5}, "diag-oft": {"rescaled": True}, "full": {"preset": "attn-mlp"},
+            "dylora": {"unit": 4}}
     assert engine_main(["validate", str(config_text(tmp_path, network_type, good[network_type]))]) == 0, \
         capsys.readouterr()
 
@@ -88,6 +90,28 @@ def test_a_key_of_another_family_is_refused_but_accepted_when_the_family_is_auto
 def test_a_shared_setting_contradicting_its_field_names_both(tmp_path, capsys):
     code, text = validate_output(config_text(tmp_path, "locon", {"conv_dim": 8}), capsys)  # conv_dim = 4 already
     assert code == 2 and "contradicts network.conv_dim" in text
+
+
+@pytest.mark.parametrize(("family", "valid"), [("sd1", True), ("sdxl", True), ("auto", True), ("flux1", False),
+                                               ("chroma", False), ("sd3", False)])
+def test_dylora_is_refused_for_the_families_sd_scripts_has_none_for(tmp_path, capsys, family, valid):
+    code, text = validate_output(config_text(tmp_path, "dylora", {}, family=family), capsys)
+    assert code == (0 if valid else 2), text
+    if not valid:
+        assert "network.network_type: network.network_type = 'dylora' is sd-scripts' DyLoRA for SD1.x" in text
+
+
+def test_dylora_dropouts_and_conv_settings_sd_scripts_lacks_are_refused(tmp_path, capsys):
+    base = tmp_path / "base.toml"
+    base.write_text(config_text(tmp_path, "dylora", {}).read_text(encoding="utf-8").replace(
+        "[network.network_args]", "network_dropout = 0.1\n[network.network_args]"), encoding="utf-8")
+    code, text = validate_output(base, capsys)
+    assert code == 2 and "network.network_dropout: network.network_dropout has no effect" in text
+    conv = tmp_path / "conv.toml"
+    conv.write_text(base.read_text(encoding="utf-8").replace("network_dropout = 0.1", "conv_dim = 8\nconv_alpha = 2.0"),
+                    encoding="utf-8")
+    code, text = validate_output(conv, capsys)
+    assert code == 2 and "network.conv_alpha: network.conv_alpha = 2 has no effect with DyLoRA" in text
 
 
 def test_a_bad_key_ends_train_at_validation_with_exit_2_not_a_crash(tmp_path):

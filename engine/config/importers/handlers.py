@@ -229,6 +229,9 @@ def network_options(source: Source, network_type: str, options: Mapping[str, tup
     for name, (key, value) in options.items():
         if name in NETWORK_ARG_PATHS:
             source.put(key, NETWORK_ARG_PATHS[name], value)
+        elif name == "unit" and NETWORK_TYPES[network_type].backend == "dylora":  # sd-scripts' DyLoRA block size
+            source.mark(key)
+            put_table(source.result, "network.network_args", {name: value}, key)
         elif not lycoris and (flux.network_arg(source, name, key, value) or sd3.network_arg(source, name, key, value)):
             continue
         elif name not in LYCORIS_OPTION_DEFAULTS:

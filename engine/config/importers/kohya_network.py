@@ -47,13 +47,14 @@ OPTION_DEFAULTS: Mapping[str, object] = {
 NOT_SUPPORTED_TYPES = ("Atelier trains Standard, LoCon, LoHa, LoKr, DyLoRA, iA3, GLoRA, BOFT, Diag-OFT and Native "
                        "Fine-Tuning networks")
 # GUI field -> the network_args name it is passed as.
-_OPTION_NAMES = {"LyCORIS_preset": "preset", "constrain": "constraint", "unit": "block_size"}
+_OPTION_NAMES = {"LyCORIS_preset": "preset", "constrain": "constraint"}
 _NOTES = {
     "lycoris/locon": "LyCORIS/LoCon is trained as Atelier's locon, which saves kohya's LoCon format",
     "locon": "LoCon (LyCORIS) is trained as Atelier's locon, which saves kohya's LoCon format",
     "kohya loha": "Kohya LoHa is trained with LyCORIS' LoHa",
     "kohya lokr": "Kohya LoKr is trained with LyCORIS' LoKr",
-    "kohya dylora": "Kohya DyLoRA is trained with LyCORIS' DyLoRA (unit becomes block_size)",
+    "lycoris/dylora": "LyCORIS/DyLoRA is trained as sd-scripts' DyLoRA (networks.dylora) with its unit; LyCORIS' "
+                      "own options do not apply to it",
 }
 
 

@@ -127,9 +127,7 @@ def _network_type(source: Source, args: dict[str, Any]) -> str | None:
         # kohya's LoCon is networks.lora with conv_dim in network_args.
         return "locon" if _number(args.get("conv_dim")) > 0 else "lora"
     if kind == "dylora":
-        args["block_size"] = args.pop("unit", 1)  # sd-scripts' DyLoRA unit (default 1) is LyCORIS' block_size
-        source.note("networks.dylora is trained as LyCORIS DyLoRA (unit becomes block_size)")
-        return "dylora"
+        return "dylora"  # sd-scripts' own DyLoRA, with its unit (engine.networks.dylora)
     if kind != "lycoris":
         source.note(f"{module} (sd-scripts' own {kind}) is trained with LyCORIS' {kind}")
         return kind
@@ -139,6 +137,9 @@ def _network_type(source: Source, args: dict[str, Any]) -> str | None:
         return None
     if LYCORIS_ALGOS[algo] == "locon":
         source.note("LyCORIS LoCon is trained as Atelier's locon, which saves kohya's LoCon format")
+    if LYCORIS_ALGOS[algo] == "dylora":
+        args["unit"] = args.pop("block_size", 4)  # lycoris' default block_size is 4
+        source.note("LyCORIS DyLoRA is trained as sd-scripts' DyLoRA (networks.dylora): block_size becomes unit")
     return LYCORIS_ALGOS[algo]
 
 
