@@ -103,3 +103,16 @@ def network_args_are_understood(config: RunConfig, context: RuleContext) -> Iter
     # With "auto", the most useful message is from a family whose network knows the key (a bad value there).
     known = [error for error in errors if " not an option" not in str(error)]
     yield _problem((known or errors)[0])
+
+
+@rule
+def dylora_fits_the_update(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    """The fused backward pass averages each weight across processes as its gradient arrives; DyLoRA gives a
+    gradient only to the block of ranks each process drew (engine.networks.dylora), so the processes would wait on
+    different weights."""
+    if config.method != "lora" or NETWORK_TYPES[config.network.network_type].backend != "dylora":
+        return
+    if config.optimizer.fused_backward_pass and config.launch.num_processes > 1:
+        yield Problem("optimizer.fused_backward_pass", "DyLoRA trains a different block of ranks in each process, "
+                      "which the per-weight averaging of the fused backward pass cannot pair up; turn "
+                      "fused_backward_pass off or train in one process")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main as engine_main
-from engine.config.io import deep_merge, default_config_dict
+from engine.config.errors import ConfigError
+from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.config.schema import RunConfig
 from engine.networks.lycoris_args import LYCORIS_PRESETS
 from gui.state import config_to_form, form_to_config
@@ -112,6 +113,18 @@ def test_dylora_dropouts_and_conv_settings_sd_scripts_lacks_are_refused(tmp_path
                     encoding="utf-8")
     code, text = validate_output(conv, capsys)
     assert code == 2 and "network.conv_alpha: network.conv_alpha = 2 has no effect with DyLoRA" in text
+
+
+def test_dylora_with_the_fused_backward_pass_on_several_processes_is_refused():
+    data = deep_merge(default_config_dict(), {
+        "model": {"model_family": "sd1"}, "network": {"network_type": "dylora"},
+        "optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True, "lr_scheduler": "adafactor"},
+        "training": {"mixed_precision": "bf16"}, "launch": {"num_processes": 2, "multi_gpu": True}})
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data, check_packages=False)
+    assert [problem.path for problem in caught.value.problems] == ["optimizer.fused_backward_pass"]
+    data["launch"] = {"num_processes": 1, "multi_gpu": False}
+    validate_config(data, check_packages=False)
 
 
 def test_a_bad_key_ends_train_at_validation_with_exit_2_not_a_crash(tmp_path):
