@@ -39,9 +39,11 @@ def build_app(options: AppOptions) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\nTrain Stable Diffusion LoRA, DreamBooth and Textual Inversion models. Runs are "
                     f"kept in `{options.runs_dir}`.", elem_id="app-header")
-        ctx = TabContext(runs_dir=options.runs_dir, presets_dir=options.presets_dir,
+        # --presets-dir as typed may be relative or start with ~: the list and the saves use the one same folder.
+        presets_dir = options.presets_dir.expanduser().resolve() if options.presets_dir else None
+        ctx = TabContext(runs_dir=options.runs_dir, presets_dir=presets_dir,
                          roots=options.roots(),
-                         config=gr.State(default_config_dict()), config_patch=gr.State(None))
+                         config=gr.State(default_config_dict()), config_patch=gr.State(None), app=app)
         with gr.Tabs():
             for tab in TABS:
                 tab.build(ctx)

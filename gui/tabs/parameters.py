@@ -30,6 +30,7 @@ from gui.dataset_editor import DatasetEditor, build_dataset_editor
 from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_paths, unused_note
 from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
+from gui.form_store import LOCAL_USER, FormStore, user_name
 from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
 from gui.state import DATASETS_SPEC, config_to_form, form_to_config, to_widget
 
@@ -222,6 +223,8 @@ def cleared_by(new_values: Mapping[str, Any], current: Mapping[str, Any], patche
 def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
     presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
+    store = FormStore(ctx.runs_dir)
+    user = gr.State(LOCAL_USER)  # whose form this page edits: set when the page opens (on_page_load)
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
     preset_choices = _preset_choices(presets_dir)
@@ -258,13 +261,16 @@ def build(ctx: TabContext) -> None:
                 ctx.config: data if config is not None else None}
 
     def on_input(form: dict) -> dict:
-        return evaluate({path_of[c]: v for c, v in form.items() if c in path_of})
+        values = {path_of[c]: v for c, v in form.items() if c in path_of}
+        store.save(form[user], values)
+        return evaluate(values)
 
     def fill(new_values: dict[str, Any], form: dict, message: str) -> dict:
         """Set the widgets whose value changes and validate the result once. Widgets revalidate on user input
         only: letting each programmatic change revalidate froze the page for tens of seconds after a preset."""
         current = {path_of[c]: v for c, v in form.items() if c in path_of}
         changed = {path: value for path, value in new_values.items() if current.get(path) != value}
+        store.save(form[user], current | changed)
         return ({components[path]: value for path, value in changed.items()} | evaluate(current | changed)
                 | {preset_message: message} | layout.visibility(current | changed))
 
@@ -336,14 +342,15 @@ def build(ctx: TabContext) -> None:
         return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=_preset_choices(target))}
 
     gr.on([event for path, component in components.items() for event in _edit_events(component, specs[path])],
-          on_input, inputs=set(components.values()), outputs=[status, preview, ctx.config], trigger_mode="always_last")
+          on_input, inputs={*components.values(), user}, outputs=[status, preview, ctx.config],
+          trigger_mode="always_last")
     family_outputs = [part.block for part in layout.family_blocks]
     components[FAMILY_FIELD].change(lambda form: layout.visibility({path_of[c]: v for c, v in form.items()}),
                                     inputs=set(components.values()), outputs=family_outputs)
     field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
                      confirm["row"], confirm["text"], confirm["patched"]]
     # Handlers that fill the form also read it, to send only what changes.
-    with_form = {*components.values(), confirm["patched"]}
+    with_form = {*components.values(), confirm["patched"], user}
     open_row["load"].click(lambda form: on_load(form[open_row["path"]], form),
                            inputs={open_row["path"], *with_form}, outputs=field_outputs)
     open_row["import"].click(lambda form: on_import(form[open_row["path"]], form),
@@ -360,5 +367,15 @@ def build(ctx: TabContext) -> None:
     # on_patch reads the patch's fields (config_patch_value): its sequence number makes every press a change.
     ctx.config_patch.change(lambda form: on_patch(form[ctx.config_patch], form),
                             inputs={ctx.config_patch, *with_form}, outputs=field_outputs)
+    def on_page_load(form: dict, request: gr.Request) -> dict:
+        """The user's last form, kept on the server, comes back on a reload and after a restart."""
+        name = user_name(getattr(request, "username", None))
+        saved = store.load(name, set(components))
+        restored = fill(saved, form | {user: name}, "Restored your last form.") if saved else {}
+        # The preset list as it is now: the page's own list is the one of the app's start.
+        return restored | {user: name, preset: gr.Dropdown(choices=_preset_choices(presets_dir))}
+
+    if ctx.app is not None:
+        ctx.app.load(on_page_load, inputs=with_form, outputs=[*field_outputs, user, preset])
     save_button.click(lambda form: on_save(form[preset_title], form),
                       inputs={preset_title, *components.values()}, outputs=[preset_message, preset])

@@ -121,6 +121,8 @@ def error_toasts(page) -> list[str]:
 @pytest.fixture
 def app_page(browser, app_server):
     """A fresh page on the shared app, on its first tab; fails the test if Gradio showed an error toast."""
+    # The app keeps each user's Parameters form beside the runs (gui.form_store): each test starts from the defaults.
+    (app_server["runs_dir"] / ".atelier" / "form-local.json").unlink(missing_ok=True)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.add_init_script(RECORD_ERROR_TOASTS)
     page = context.new_page()
