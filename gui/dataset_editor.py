@@ -48,6 +48,9 @@ from gui.fields import build_field, is_path_field
 from gui.file_browser import path_field
 
 ROW_HEADERS = ["Row", "Folder or metadata", "Images", "Problems"]
+# Every handler that reads and writes the value runs in one queue, one at a time: two quick edits (a folder typed,
+# then a box ticked) would otherwise both start from the old list, and the second would undo the first.
+_SERIAL = {"concurrency_id": "dataset-editor", "concurrency_limit": 1, "show_progress": "hidden"}
 
 
 def _cell(text: str, strong: bool = False) -> str:
@@ -134,8 +137,7 @@ class DatasetEditor:
             key = existing_key(datasets, selected)
             return {self.shown: copy.deepcopy(datasets), self.selected: key} | self.view(datasets, key)
 
-        self.value.change(refresh, inputs=[self.value, self.shown, self.selected], outputs=outputs,
-                          show_progress="hidden")
+        self.value.change(refresh, inputs=[self.value, self.shown, self.selected], outputs=outputs, **_SERIAL)
 
         def select(index: int | None, datasets: Datasets) -> dict[Any, Any]:
             rows = describe_rows(datasets, self.roots)
@@ -143,7 +145,7 @@ class DatasetEditor:
                 return {self.table: gr.skip()}
             return {self.selected: rows[index].key} | self.view(datasets, rows[index].key)
 
-        self.table.click(select, inputs=[self.table, self.value], outputs=outputs, show_progress="hidden")
+        self.table.click(select, inputs=[self.table, self.value], outputs=outputs, **_SERIAL)
 
         def on_list_edit(change):
             def handler(datasets: Datasets, selected: str | None) -> dict[Any, Any]:
@@ -159,7 +161,7 @@ class DatasetEditor:
             "down": lambda datasets, selected: move_row(datasets, selected, +1),
         }
         for name, change in actions.items():
-            buttons[name].click(on_list_edit(change), inputs=state, outputs=outputs, show_progress="hidden")
+            buttons[name].click(on_list_edit(change), inputs=state, outputs=outputs, **_SERIAL)
         for panel in self.panels:
             for spec, component in panel.fields:
                 self._wire_field(panel, spec, component, outputs)
@@ -174,11 +176,17 @@ class DatasetEditor:
             # typed meanwhile.
             return self._changed(new, selected, fields=False)
 
-        # A user's edit: `input` is not fired by the redraw; a path box is also filled by its file browser, which
-        # fires only `change` (the redraw's own changes leave the value as it is, so they change nothing).
-        event = component.change if is_path_field(spec) else component.input
-        event(edit, inputs=[self.value, self.selected, component], outputs=outputs, show_progress="hidden",
-              trigger_mode="always_last")
+        # A user's edit: `input` (typing) and, for text, `blur` (leaving the box: a paste fires no `input`), which the
+        # redraw does not fire; a path box is also filled by its file browser, which fires only `change` (the
+        # redraw's own changes leave the value as it is, so they change nothing).
+        if is_path_field(spec):
+            events = [component.change]
+        elif isinstance(component, gr.Textbox):
+            events = [component.input, component.blur]
+        else:
+            events = [component.input]
+        gr.on(events, edit, inputs=[self.value, self.selected, component], outputs=outputs,
+              trigger_mode="always_last", **_SERIAL)
 
     def connect_general(self, components: Mapping[str, Any], specs: Mapping[str, FieldSpec]) -> None:
         """Wire the export to the form's [dataset.general] fields ({field path: component}), which the exported
@@ -195,7 +203,7 @@ class DatasetEditor:
             return export_dataset_toml(form[self.value], values, form[self.export_path], self.roots, Path.cwd())
 
         self.export_button.click(export, inputs={self.value, self.export_path, *general.values()},
-                                 outputs=self.export_message)
+                                 outputs=self.export_message, **_SERIAL)
 
 
 def _heading(level: str, row: str | None, problems: list[str]) -> str:
@@ -237,7 +245,8 @@ def build_dataset_editor(initial: list[dict[str, Any]], roots: FileRoots) -> Dat
                     "and captions. Click a row to edit it.")
         editor.table = gr.Dataset(components=["html"] * len(ROW_HEADERS), headers=ROW_HEADERS,
                                   samples=_samples(describe_rows(initial, roots), selected), type="index",
-                                  layout="table", samples_per_page=100, elem_id="dataset-editor-rows")
+                                  layout="table", samples_per_page=100, show_label=False,
+                                  elem_id="dataset-editor-rows")
         with gr.Row():
             buttons = {
                 "add_dataset": gr.Button("Add dataset", size="sm", elem_id="dataset-editor-add-dataset"),
