@@ -128,6 +128,7 @@ class DatasetEditor:
 
     def wire(self, buttons: Mapping[str, Any]) -> None:
         outputs = self._outputs()
+        redraw = [output for output in outputs if output is not self.value]  # cannot write the value: no loops
         state = [self.value, self.selected]
 
         def refresh(datasets: Datasets, shown: Datasets, selected: str | None) -> dict[Any, Any]:
@@ -137,7 +138,7 @@ class DatasetEditor:
             key = existing_key(datasets, selected)
             return {self.shown: copy.deepcopy(datasets), self.selected: key} | self.view(datasets, key)
 
-        self.value.change(refresh, inputs=[self.value, self.shown, self.selected], outputs=outputs, **_SERIAL)
+        self.value.change(refresh, inputs=[self.value, self.shown, self.selected], outputs=redraw, **_SERIAL)
 
         def select(index: int | None, datasets: Datasets) -> dict[Any, Any]:
             rows = describe_rows(datasets, self.roots)
@@ -145,7 +146,7 @@ class DatasetEditor:
                 return {self.table: gr.skip()}
             return {self.selected: rows[index].key} | self.view(datasets, rows[index].key)
 
-        self.table.click(select, inputs=[self.table, self.value], outputs=outputs, **_SERIAL)
+        self.table.click(select, inputs=[self.table, self.value], outputs=redraw, **_SERIAL)
 
         def on_list_edit(change):
             def handler(datasets: Datasets, selected: str | None) -> dict[Any, Any]:
