@@ -220,3 +220,24 @@ def test_export_says_what_to_change(tmp_path: Path, target: str, datasets: list,
     message = export_dataset_toml(datasets, {}, target.format(tmp=tmp_path), FileRoots((tmp_path,)))
     assert says in message
     assert not (tmp_path / "out.toml").exists()
+
+
+def test_the_editor_redraw_never_writes_the_value_and_user_edits_do():
+    """The contract with the Parameters form: `.value` changes from outside redraw the editor without being written
+    back (no loops); the user's edits (buttons, fields) write it; all of them run one at a time."""
+    import gradio as gr
+
+    from gui.dataset_editor import build_dataset_editor
+
+    with gr.Blocks() as blocks:
+        editor = build_dataset_editor([{"subsets": [{"image_dir": "/x"}]}], FileRoots(()))
+    value = editor.value._id
+    by_trigger: dict[str, list] = {}
+    for dependency in blocks.fns.values():
+        for block_id, event in dependency.targets:
+            by_trigger.setdefault(event, []).append((block_id, dependency))
+    redraws = [dep for block_id, dep in by_trigger["change"] if block_id == value]
+    assert redraws and all(value not in [block._id for block in dep.outputs] for dep in redraws)
+    writers = [dep for dep in blocks.fns.values() if value in [block._id for block in dep.outputs]]
+    assert len(writers) == 5 + len(DATASET_FIELDS) + len(SUBSET_FIELDS)  # the five buttons, one per field
+    assert {dep.concurrency_id for dep in [*redraws, *writers]} == {"dataset-editor"}
