@@ -64,8 +64,8 @@ _STYLE_DISTINCT: Mapping[SubsetStyle, tuple[str, ...]] = {
 _PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 
 HEADER = ("# sd-scripts dataset config (--dataset_config), written by Atelier.\n"
-          "# [general] holds the settings that differ from sd-scripts' command-line defaults; give no dataset\n"
-          "# options on the command line (a value here wins over them anyway).\n")
+          "# [general] holds the settings that differ from sd-scripts' command-line defaults. A value written here\n"
+          "# wins over sd-scripts' command line; dataset options given there apply only to keys left out here.\n")
 
 
 def general_keys(styles: Iterable[SubsetStyle]) -> tuple[str, ...]:
