@@ -29,11 +29,12 @@ def _resolve(value: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
-def _may_be_hub_id(value: str, widget: str) -> bool:
+def _may_be_hub_id(value: str, widget: str, base_dir: Path) -> bool:
     """A "path" field (a base model, a text encoder) also takes a Hugging Face id such as 'org/model', which the
-    engine looks up in the local cache; only what is clearly a local path is checked here."""
-    looks_local = value.startswith((".", "/", "~", "\\")) or Path(value).suffix in (".safetensors", ".ckpt", ".pt")
-    return widget == "path" and not looks_local and value.count("/") == 1 and ":" not in value
+    engine looks up in the local cache: read as the engine reads it, an existing path first, then a hub id."""
+    from engine.models.vae import looks_like_hub_id  # no torch: a pattern and the model file suffixes
+
+    return widget == "path" and looks_like_hub_id(value) and not _resolve(value, base_dir).exists()
 
 
 def _subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
@@ -60,7 +61,7 @@ def _config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
 def _missing_paths(paths: Iterator[tuple[str, str, str]], base_dir: Path) -> list[Problem]:
     problems = []
     for path, value, widget in paths:
-        if not _may_be_hub_id(value, widget) and not _resolve(value, base_dir).exists():
+        if not _may_be_hub_id(value, widget, base_dir) and not _resolve(value, base_dir).exists():
             problems.append(Problem(path, f"`{value}` does not exist; choose an existing {_WHAT[widget]} or clear "
                                           "the field"))
     return problems

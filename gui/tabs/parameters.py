@@ -225,6 +225,7 @@ def build(ctx: TabContext) -> None:
     presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
     store = FormStore(ctx.runs_dir)
     user = gr.State(LOCAL_USER)  # whose form this page edits: set when the page opens (on_page_load)
+    latest = gr.State({})  # the newest form ({path: widget value}) the server has seen from this page
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
     preset_choices = _preset_choices(presets_dir)
@@ -263,16 +264,21 @@ def build(ctx: TabContext) -> None:
     def on_input(form: dict) -> dict:
         values = {path_of[c]: v for c, v in form.items() if c in path_of}
         store.save(form[user], values)
-        return evaluate(values)
+        return evaluate(values) | {latest: values}
 
     def fill(new_values: dict[str, Any], form: dict, message: str) -> dict:
         """Set the widgets whose value changes and validate the result once. Widgets revalidate on user input
-        only: letting each programmatic change revalidate froze the page for tens of seconds after a preset."""
-        current = {path_of[c]: v for c, v in form.items() if c in path_of}
-        changed = {path: value for path, value in new_values.items() if current.get(path) != value}
-        store.save(form[user], current | changed)
-        return ({components[path]: value for path, value in changed.items()} | evaluate(current | changed)
-                | {preset_message: message} | layout.visibility(current | changed))
+        only: letting each programmatic change revalidate froze the page for tens of seconds after a preset.
+
+        What changes is judged against the form the page sent with the request (what the user saw when asking);
+        the config is built on the latest form the server has seen, which is newer when the user typed into
+        another field while this request was on its way (the typed value stays in its box, and so in the config)."""
+        sent = {path_of[c]: v for c, v in form.items() if c in path_of}
+        changed = {path: value for path, value in new_values.items() if sent.get(path) != value}
+        values = sent | (form.get(latest) or {}) | changed
+        store.save(form[user], values)
+        return ({components[path]: value for path, value in changed.items()} | evaluate(values)
+                | {preset_message: message, latest: values} | layout.visibility(values))
 
     def on_patch(patch: dict | None, form: dict) -> dict:
         """Fields set by another tab (Dataset, Regularization); remembered, so that a preset asks before clearing
@@ -341,32 +347,42 @@ def build(ctx: TabContext) -> None:
         save_preset(config, path, title)
         return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=_preset_choices(target))}
 
+    # One form event at a time, in the order the page sent them: a handler that started earlier never finishes
+    # later and overwrites the config with the form of before (a typed value then seemed lost).
+    in_order = {"concurrency_id": "parameters-form", "concurrency_limit": 1}
+    evaluation = {"fn": on_input, "inputs": {*components.values(), user},
+                  "outputs": [status, preview, ctx.config, latest], **in_order}
     gr.on([event for path, component in components.items() for event in _edit_events(component, specs[path])],
-          on_input, inputs={*components.values(), user}, outputs=[status, preview, ctx.config],
-          trigger_mode="always_last")
+          trigger_mode="always_last", **evaluation)
     family_outputs = [part.block for part in layout.family_blocks]
     components[FAMILY_FIELD].change(lambda form: layout.visibility({path_of[c]: v for c, v in form.items()}),
                                     inputs=set(components.values()), outputs=family_outputs)
     field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
-                     confirm["row"], confirm["text"], confirm["patched"]]
-    # Handlers that fill the form also read it, to send only what changes.
-    with_form = {*components.values(), confirm["patched"], user}
+                     confirm["row"], confirm["text"], confirm["patched"], latest]
+    # Handlers that fill the form also read it, to send only what changes; then the form is evaluated once more
+    # as the page holds it, after the fill, so the last word is always the page's own.
+    with_form = {*components.values(), confirm["patched"], user, latest}
     open_row["load"].click(lambda form: on_load(form[open_row["path"]], form),
-                           inputs={open_row["path"], *with_form}, outputs=field_outputs)
+                           inputs={open_row["path"], *with_form}, outputs=field_outputs, **in_order
+                           ).then(**evaluation)
     open_row["import"].click(lambda form: on_import(form[open_row["path"]], form),
-                             inputs={open_row["path"], *with_form}, outputs=field_outputs)
-    preset.change(lambda form: on_preset(form[preset], form), inputs={preset, *with_form}, outputs=field_outputs)
+                             inputs={open_row["path"], *with_form}, outputs=field_outputs, **in_order
+                             ).then(**evaluation)
+    preset.change(lambda form: on_preset(form[preset], form), inputs={preset, *with_form}, outputs=field_outputs,
+                  **in_order).then(**evaluation)
     def answered(answer: str) -> Any:
         return lambda form: on_preset(form[preset], form, answer)
 
     for answer in ("apply", "keep"):
-        confirm[answer].click(answered(answer), inputs={preset, *with_form}, outputs=field_outputs)
+        confirm[answer].click(answered(answer), inputs={preset, *with_form}, outputs=field_outputs, **in_order
+                              ).then(**evaluation)
     confirm["cancel"].click(lambda: {confirm["row"]: gr.update(visible=False),
                                      preset_message: "Preset not applied: the form is as it was."},
                             outputs=[confirm["row"], preset_message])
     # on_patch reads the patch's fields (config_patch_value): its sequence number makes every press a change.
     ctx.config_patch.change(lambda form: on_patch(form[ctx.config_patch], form),
-                            inputs={ctx.config_patch, *with_form}, outputs=field_outputs)
+                            inputs={ctx.config_patch, *with_form}, outputs=field_outputs, **in_order
+                            ).then(**evaluation)
     def on_page_load(form: dict, request: gr.Request) -> dict:
         """The user's last form, kept on the server, comes back on a reload and after a restart."""
         name = user_name(getattr(request, "username", None))
@@ -376,6 +392,7 @@ def build(ctx: TabContext) -> None:
         return restored | {user: name, preset: gr.Dropdown(choices=_preset_choices(presets_dir))}
 
     if ctx.app is not None:
-        ctx.app.load(on_page_load, inputs=with_form, outputs=[*field_outputs, user, preset])
+        ctx.app.load(on_page_load, inputs=with_form, outputs=[*field_outputs, user, preset], **in_order
+                     ).then(**evaluation)
     save_button.click(lambda form: on_save(form[preset_title], form),
                       inputs={preset_title, *components.values()}, outputs=[preset_message, preset])

@@ -127,3 +127,56 @@ def test_valid_means_ready_every_missing_thing_is_listed_at_once(page, work_dir)
     Image.new("RGB", (8, 8)).save(concept / "a.png")
     fill(page, "field-dataset-train_data_dir", str(work_dir / "img"))
     expect(status).to_contain_text("Valid.", timeout=WAIT)
+
+
+def preview_text(page) -> str:
+    return page.evaluate(PREVIEW_JS)
+
+
+def test_optional_numbers_stay_unset_when_other_fields_are_edited(page):
+    open_section(page, "Network")
+    fill(page, "field-network-network_dim", "12")
+    expect(page.locator("#toml-preview")).to_contain_text("network_dim = 12", timeout=WAIT)
+    preview_has(page, "[dataset.general]")
+    text = preview_text(page)
+    for name in ("validation_seed", "t5xxl_max_token_length", "unet_lr", "text_encoder_lr", "caption_prefix",
+                 "face_crop_aug_range", "resize_interpolation", "secondary_separator"):
+        assert f"\n{name} =" not in text, name
+    choose_preset(page, "SDXL LoRA")
+    expect(page.locator("#toml-preview")).to_contain_text('model_family = "sdxl"', timeout=WAIT)
+    open_section(page, "Training")
+    fill(page, "field-training-seed", "5")
+    preview_has(page, "\nseed = 5")
+    assert "\nvalidation_seed =" not in preview_text(page)
+
+
+def test_a_value_typed_while_a_load_is_on_its_way_is_kept(page, work_dir):
+    """The page sends a Load, and the server gets it only after the user has typed into another field (the browser
+    holds the request back: deterministically, what a loaded server does). The box keeps what was typed, and so
+    must the config: last session a typed tokenizer folder was lost so (the handler that started earlier finished
+    later, with the form of before the typing)."""
+    source = work_dir / "rank12.toml"
+    source.write_text("[network]\nnetwork_dim = 12\n", encoding="utf-8")
+    fill(page, "params-file", str(source))
+    held = []
+
+    def hold_the_first(route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/queue/join**", hold_the_first)
+    page.locator("#params-load").click()
+    open_section(page, "Saving")
+    fill(page, "field-saving-output_name", "typed-meanwhile")
+    preview_has(page, 'output_name = "typed-meanwhile"')
+    assert len(held) == 1 and str(source) in held[0].request.post_data  # the Load, still in the browser
+    held[0].continue_()
+    # the Load's own answer (the first preview with its value) already holds the value typed meanwhile
+    page.wait_for_function("document.querySelector('#toml-preview').innerText.includes('network_dim = 12')",
+                           timeout=WAIT, polling=50)
+    assert 'output_name = "typed-meanwhile"' in preview_text(page)
+    expect(page.locator("#preset-message")).to_contain_text("Loaded", timeout=WAIT)
+    expect(page.locator("#field-saving-output_name textarea, #field-saving-output_name input").first
+           ).to_have_value("typed-meanwhile")
