@@ -3,6 +3,7 @@ a TOML preview and presets. Handlers receive values keyed by field path, never b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,13 @@ def status_markdown(config: RunConfig | None, problems: list) -> str:
 
 def preview_text(config: RunConfig | None, data: Mapping[str, Any]) -> str:
     return config_to_toml(config) if config is not None else tomli_w.dumps(dict(data))
+
+
+def preview_markdown(text: str) -> str:
+    """The TOML as a code block, drawn whole (a code editor draws only the lines in view, so the page, and a search
+    in it, lacked the end of a long config); the fence is longer than any run of backticks in the text."""
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence}toml\n{text}\n{fence}"
 
 
 class _Form:
@@ -240,16 +248,17 @@ def build(ctx: TabContext) -> None:
         open_row = _open_file_row(ctx)
         preset_message = gr.Markdown(elem_id="preset-message")
         status = gr.Markdown(status_markdown(RunConfig(), readiness_problems(RunConfig())), elem_id="validation-status")
-        with gr.Row():
-            with gr.Column(scale=3):
-                layout = _Form(specs, values, ctx.roots)
-                layout.add_fields([spec for spec in specs.values() if not spec.section])
-                with gr.Tabs():
-                    for section in SECTIONS:
-                        layout.add_section(section)
-            with gr.Column(scale=2):
-                preview = gr.Code(config_to_toml(RunConfig()), label="config.toml", elem_id="toml-preview",
-                                  interactive=False)
+        # The form has the page's width (all section tabs fit in one row at 1400 px, none hidden in Gradio's
+        # overflow menu) and the preview comes below it: beside it, the long preview made a page-tall column.
+        with gr.Column(elem_id="parameters-form"):
+            layout = _Form(specs, values, ctx.roots)
+            layout.add_fields([spec for spec in specs.values() if not spec.section])
+            with gr.Tabs():
+                for section in SECTIONS:
+                    layout.add_section(section)
+        with gr.Accordion("Preview: the config.toml this form makes", open=True, elem_id="toml-preview-section"):
+            preview = gr.Markdown(preview_markdown(config_to_toml(RunConfig())), elem_id="toml-preview",
+                                  buttons=["copy"], max_height=720)
     components = layout.components
     layout.dataset_editor.connect_general(components, specs)  # its export writes [dataset.general] as [general]
     path_of = {component: path for path, component in components.items()}
@@ -258,7 +267,8 @@ def build(ctx: TabContext) -> None:
         """Validation status, TOML preview and the shared config for form values keyed by field path."""
         config, data, problems = form_to_config(values, specs)
         ready = readiness_problems(config) if config is not None else []
-        return {status: status_markdown(config, problems or ready), preview: preview_text(config, data),
+        return {status: status_markdown(config, problems or ready),
+                preview: preview_markdown(preview_text(config, data)),
                 ctx.config: data if config is not None else None}
 
     def on_input(form: dict) -> dict:

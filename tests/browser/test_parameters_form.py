@@ -13,9 +13,8 @@ pytestmark = pytest.mark.browser
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "import"
 WAIT = 30_000
 REG_DIR = "#field-dataset-reg_data_dir textarea, #field-dataset-reg_data_dir input"
-# The whole preview text, from the preview's Download link: CodeMirror draws only the lines in view, so the page text
-# lacks the end of a long config.
-PREVIEW_JS = "async () => await (await fetch(document.querySelector('#toml-preview a[download]').href)).text()"
+# The whole preview text (the page draws the TOML preview whole, as a code block).
+PREVIEW_JS = "document.querySelector('#toml-preview pre code, #toml-preview pre').textContent"
 
 
 def preview_has(page, text: str) -> None:
