@@ -15,8 +15,8 @@ from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 WAIT = 15000
-# The whole preview text, from the preview's Download link: CodeMirror draws only the lines in view.
-PREVIEW_JS = "async () => await (await fetch(document.querySelector('#toml-preview a[download]').href)).text()"
+# The whole preview text (the Parameters tab draws the TOML preview whole, as a code block).
+PREVIEW_JS = "document.querySelector('#toml-preview pre code, #toml-preview pre').textContent"
 
 
 def images(folder: Path, count: int) -> Path:

@@ -11,8 +11,8 @@ from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 WAIT = 15_000
-# The whole preview text (the code view draws only the lines on screen): the file its Download link holds.
-PREVIEW_JS = "async () => await (await fetch(document.querySelector('#toml-preview a[download]').href)).text()"
+# The whole preview text (the Parameters tab draws the TOML preview whole, as a code block).
+PREVIEW_JS = "document.querySelector('#toml-preview pre code, #toml-preview pre').textContent"
 
 
 def _expect_preview(page, line: str) -> None:
