@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.config.errors import ConfigError
 from engine.config.importers.registry import import_file
 from engine.config.io import (
     config_to_dict,
@@ -27,15 +28,20 @@ PRESETS = sorted((REPO / "presets").glob("*.json"))
 def form_config(values: dict) -> dict:
     """The config the form builds, as plain data (packages are not checked: the fixtures name xformers)."""
     _, data, problems = form_to_config(values, SPECS)
-    assert [p for p in problems if p.path != "training.attention"] == [], problems
+    assert [p for p in problems if p.path != "training.attention"] == [], problems  # xformers is not installed
     return config_to_dict(validate_config(data, check_packages=False))
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda path: path.name)
 def test_an_import_into_the_default_form_reads_back_as_the_importers_config(fixture):
     result = import_file(fixture)
-    expected = config_to_dict(validate_config(deep_merge(default_config_dict(), result.overlay), check_packages=False))
+    imported = deep_merge(default_config_dict(), result.overlay)
     values, _ = imported_values(result, config_to_form(default_config_dict(), SPECS), SPECS)
+    try:
+        expected = config_to_dict(validate_config(imported, check_packages=False))
+    except ConfigError:  # a config the rules refuse is still kept whole, for the user to fix in the form
+        assert form_to_config(values, SPECS)[1] == imported
+        return
     assert form_config(values) == expected
 
 
