@@ -232,12 +232,14 @@ def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
     presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
     store = FormStore(ctx.runs_dir)
-    user = gr.State(LOCAL_USER)  # whose form this page edits: set when the page opens (on_page_load)
-    latest = gr.State({})  # the newest form ({path: widget value}) the server has seen from this page
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
     preset_choices = _preset_choices(presets_dir)
     with gr.Tab("Parameters", id="parameters"):
+        # Inside the tab: a component placed in gr.Tabs beside its tabs shifted the tab bar's labels ('Train' showed
+        # as 'Parameters').
+        user = gr.State(LOCAL_USER)  # whose form this page edits: set when the page opens (on_page_load)
+        latest = gr.State({})  # the newest form ({path: widget value}) the server has seen from this page
         with gr.Row():
             preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
                                  info="Fills the form with a preset's settings on top of the defaults.")

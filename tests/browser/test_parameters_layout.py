@@ -30,3 +30,10 @@ def test_the_preview_is_below_the_form_not_a_column_beside_it(page):
     assert preview["y"] >= form["y"] + form["height"] - 1  # below the form, so no empty column stands beside it
     assert form["width"] > 0.9 * page.viewport_size["width"] - 100  # the form has the page's width
     assert tabs["y"] < preview["y"]
+
+
+def test_the_app_tabs_keep_their_names_once_parameters_is_open(page):
+    app_tabs = page.locator("[role=tablist]").first.locator("button[role=tab]")
+    expect(app_tabs).to_have_text(["Dataset", "Captioning", "Regularization", "Parameters", "Train", "Tools"])
+    app_tabs.filter(has_text="Train").click()
+    expect(page.locator("#train-start")).to_be_visible()
