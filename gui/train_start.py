@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config.dataset import Subset
 from engine.config.describe import PATH_WIDGETS, iter_fields
 from engine.config.errors import ConfigError
 from engine.config.io import load_dataset_file, resolve_path, validate_config
 from engine.config.paths import get_path
+from engine.config.readiness import subset_paths
 from engine.config.schema import RunConfig
 from gui.browse import FileRoots, PathNotAllowed
 from gui.runner import DEFAULT_OUTPUT_DIR, RunManager
@@ -107,17 +107,6 @@ def missing_model_file(location: str, base_dir: Path) -> str:
     return ""
 
 
-def _subset_paths(datasets: Sequence[Any], prefix: str) -> Iterator[tuple[str, str, str]]:
-    """(field, value, widget) of the path fields of every subset of `datasets` (inline or from a dataset TOML)."""
-    specs = [spec for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
-    for d, dataset in enumerate(datasets):
-        for s, subset in enumerate(dataset.subsets):
-            for spec in specs:
-                value = getattr(subset, spec.path)
-                if value:
-                    yield f"{prefix}datasets[{d}].subsets[{s}].{spec.path}", value, spec.widget
-
-
 def config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
     """(field, value, widget) of every non-empty path of the config that a run reads or writes. The default output
     folder is left out: the runs manager replaces it with the run's own folder."""
@@ -126,7 +115,7 @@ def config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
         value = get_path(data, spec.path) if spec.widget in PATH_WIDGETS else None
         if value and not (spec.path == "saving.output_dir" and value == DEFAULT_OUTPUT_DIR):
             yield spec.path, value, spec.widget
-    yield from _subset_paths(config.dataset.datasets, "dataset.")
+    yield from subset_paths(config.dataset.datasets, "dataset.")
 
 
 def _dataset_file_paths(config: RunConfig, base: Path) -> Iterator[tuple[str, str, str]]:
@@ -139,7 +128,7 @@ def _dataset_file_paths(config: RunConfig, base: Path) -> Iterator[tuple[str, st
         dataset_file = load_dataset_file(path)
     except (ConfigError, OSError):
         return
-    yield from _subset_paths(dataset_file.datasets, f"dataset.config_file ({path.name}): ")
+    yield from subset_paths(dataset_file.datasets, f"dataset.config_file ({path.name}): ")
 
 
 def path_refusals(config: RunConfig, roots: FileRoots, base: Path) -> list[str]:

@@ -45,7 +45,7 @@ def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_
     poison(damaged, "latents")
     with pytest.raises(NonFiniteEntry) as refused:
         load_latents(damaged)
-    assert str(damaged) in str(refused.value) and "cache-latents" in str(refused.value)
+    assert str(damaged) in str(refused.value) and "cache-latents CONFIG --force" in str(refused.value)
 
     result = run_engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2, result.stdout + result.stderr
@@ -57,7 +57,7 @@ def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_
     assert events[-1]["type"] == "done" and not events[-1]["ok"]
     assert not list((tmp_path / "out").glob("*.safetensors"))  # nothing was trained on it
 
-    rebuilt = run_engine("cache-latents", str(config), *overrides)  # what the message says to do
+    rebuilt = run_engine("cache-latents", str(config), *overrides, "--force")  # what the message says to do
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert np.isfinite(load_latents(damaged).latents).all()
     result = run_engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run2"))

@@ -34,7 +34,7 @@ __all__ = ["CachedLatents", "EntryState", "cache_path", "entry_status", "inspect
 # One AE, one cache: families sharing an AE share the files.
 FAMILY_SUFFIX = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "flux1": "flux", "chroma": "flux", "sd3": "sd3"}
 STALE_HINT = "it will be rebuilt; run cache-latents to rebuild it now"
-REBUILD = "rebuild the cache with `python -m engine cache-latents CONFIG` (it re-encodes every entry)"
+REBUILD = "rebuild the cache with `python -m engine cache-latents CONFIG --force` (it re-encodes every entry)"
 
 
 @dataclass

@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -26,7 +25,7 @@ from PIL import Image, ImageOps
 from engine.caption.base import Captioner, CaptionOutput
 from engine.config.choices import dotted_caption_extension
 from engine.data.images import IMAGE_EXTENSIONS
-from engine.data.project import CONVERTED_EXTENSIONS
+from engine.data.project import CONVERTED_EXTENSIONS, register_optional_formats
 from engine.events import Progress
 from engine.files import atomic_write_text
 
@@ -105,20 +104,10 @@ def compose(output: CaptionOutput, existing: str | None, options: FolderOptions)
     return options.separator.join(merged)
 
 
-@cache
-def _register_optional_formats() -> None:
-    """HEIC photos open when the optional pillow-heif plugin is installed, as in Create project."""
-    try:
-        from pillow_heif import register_heif_opener
-    except ImportError:
-        return
-    register_heif_opener()
-
-
 def _open(path: Path) -> Image.Image:
     """The image as displayed (EXIF orientation applied), in its own mode: taggers need the alpha channel. An animated
     GIF gives its first frame, as Create project's conversion does."""
-    _register_optional_formats()
+    register_optional_formats()
     with Image.open(path) as image:
         image.load()
         return ImageOps.exif_transpose(image)

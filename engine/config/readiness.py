@@ -37,7 +37,7 @@ def _may_be_hub_id(value: str, widget: str, base_dir: Path) -> bool:
     return widget == "path" and looks_like_hub_id(value) and not _resolve(value, base_dir).exists()
 
 
-def _subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
+def subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
     """(field, value, widget) of the path fields of every subset of `datasets`."""
     specs = [spec for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
     for d, dataset in enumerate(datasets):
@@ -55,7 +55,7 @@ def _config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
         value = get_path(data, spec.path) if spec.widget in PATH_WIDGETS else None
         if value and spec.path not in OUTPUT_FIELDS:
             yield spec.path, value, spec.widget
-    yield from _subset_paths(config.dataset.datasets, "dataset.")
+    yield from subset_paths(config.dataset.datasets, "dataset.")
 
 
 def _missing_paths(paths: Iterator[tuple[str, str, str]], base_dir: Path) -> list[Problem]:
@@ -127,7 +127,7 @@ def _dataset_file_problems(path: Path, base_dir: Path) -> list[Problem]:
     except ConfigError as error:
         return [Problem("dataset.config_file", f"{problem.path}: {problem.message}") for problem in error.problems]
     prefix = f"{path.name}: "
-    return (_missing_paths(_subset_paths(dataset_file.datasets, prefix), base_dir)
+    return (_missing_paths(subset_paths(dataset_file.datasets, prefix), base_dir)
             + _subset_image_problems(dataset_file.datasets, prefix, base_dir))
 
 

@@ -122,9 +122,10 @@ class LaunchSection(StrictModel):
     main_process_port: int = setting(
         0, "Port on the main machine (0 = accelerate's default, 29500).", ge=0, le=65535, advanced=True,
     )
-    num_cpu_threads_per_process: int = setting(
-        2, "CPU threads each training process uses (torch and OpenMP), one process or several.", ge=1, le=256,
-        advanced=True,
+    num_cpu_threads_per_process: int | None = setting(
+        None, "CPU threads each training process uses (torch and OpenMP), one process or several; unset: as the "
+        "environment's OMP_NUM_THREADS says, else torch's default for one process and accelerate's for several.",
+        ge=1, le=256, advanced=True,
     )
     dynamo_backend: DynamoBackend = setting("no", "torch.compile backend (no = off).", advanced=True)
     accelerate_config_file: str = setting(

@@ -235,7 +235,7 @@ def _import_one(image: Path, target: Path, convert: bool, taken: set[str], repor
 def _inspect(image: Path) -> tuple[str, Image.Image]:
     """The stored pixel mode and the pixels as training sees them. Decoding the whole image now reports a damaged
     file at import, not hours later; the decoded pixels are what a conversion writes."""
-    _register_optional_formats()
+    register_optional_formats()
     try:
         pixels = load_rgb_image(image)
     except UnreadableImage as error:
@@ -247,7 +247,7 @@ def _inspect(image: Path) -> tuple[str, Image.Image]:
 
 
 @cache
-def _register_optional_formats() -> None:
+def register_optional_formats() -> None:
     """HEIC (iPhone photos) needs the optional pillow-heif plugin; use it when it is installed."""
     try:
         from pillow_heif import register_heif_opener

@@ -222,7 +222,7 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
                 for job in jobs}
     except (OSError, ValueError) as error:  # NaN/inf or a damaged file: each message names the cache file
         raise RunInputError(str(error), "delete that cache file (this run then encodes the image again) or run "
-                            "`python -m engine cache-latents CONFIG`",
+                            "`python -m engine cache-latents CONFIG --force`",
                             str(getattr(error, "path", "") or "training.cache_latents_to_disk")) from error
 
 

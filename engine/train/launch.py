@@ -67,8 +67,9 @@ def accelerate_arguments(config: RunConfig, config_dir: str | Path) -> list[str]
         arguments += ["--main_process_ip", launch.main_process_ip]
     if port := _main_process_port(launch):
         arguments += ["--main_process_port", str(port)]
-    arguments += ["--mixed_precision", config.training.mixed_precision, "--dynamo_backend", launch.dynamo_backend,
-                  "--num_cpu_threads_per_process", str(launch.num_cpu_threads_per_process)]
+    arguments += ["--mixed_precision", config.training.mixed_precision, "--dynamo_backend", launch.dynamo_backend]
+    if launch.num_cpu_threads_per_process is not None:
+        arguments += ["--num_cpu_threads_per_process", str(launch.num_cpu_threads_per_process)]
     if launch.accelerate_config_file:
         arguments += ["--config_file", str(resolve_path(launch.accelerate_config_file, config_dir))]
     return arguments
@@ -95,10 +96,13 @@ def launch_command(
 def apply_cpu_threads(launch: LaunchSection) -> int:
     """Use launch.num_cpu_threads_per_process CPU threads in this process, also when it was started without
     accelerate (one process), and give the same to the processes it starts (OMP_NUM_THREADS, as accelerate launch
-    sets it). Returns the number now used by torch."""
+    sets it). Unset leaves the environment's choice alone (torch reads OMP_NUM_THREADS at start). Returns the number
+    now used by torch."""
     import torch
 
     threads = launch.num_cpu_threads_per_process
+    if threads is None:
+        return torch.get_num_threads()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     return torch.get_num_threads()

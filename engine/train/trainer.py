@@ -177,7 +177,7 @@ class Trainer:
                 if last else "no checkpoint was saved before this")
         images = getattr(error, "images", [])
         again = ("; if it happens again on the same images, check them and rebuild their caches (python -m engine "
-                 "cache-latents CONFIG)") if images else ""
+                 "cache-latents CONFIG --force)") if images else ""
         self.session.log.event("error", message=f"{error}; training stopped and the current weights were not saved",
                                hint=f"{_NON_FINITE_HINT}{again}; {kept}", step=error.step, last_checkpoint=last,
                                images=images)

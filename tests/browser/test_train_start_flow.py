@@ -13,8 +13,9 @@ pytestmark = pytest.mark.browser
 SLOW = 240_000
 
 
-def set_up_parameters(page, tiny_models, folder, train_data_dir: str) -> None:
-    """Load a config file into the Parameters tab: the demo's settings on the tiny model, 40 steps."""
+def set_up_parameters(page, tiny_models, folder, train_data_dir: str, status: str = "Valid.") -> None:
+    """Load a config file into the Parameters tab: the demo's settings on the tiny model, 40 steps; the form's
+    status then reads ``status``."""
     config = folder / f"settings-{abs(hash(train_data_dir))}.toml"
     config.write_text(f"""method = "lora"
 [model]
@@ -42,14 +43,15 @@ learning_rate = 0.001
     page.locator("#params-file textarea, #params-file input").first.fill(str(config))
     page.locator("#params-load").click()
     expect(page.locator("#preset-message")).to_contain_text("Loaded", timeout=90_000)
-    expect(page.locator("#validation-status")).to_contain_text("Valid.", timeout=90_000)
+    expect(page.locator("#validation-status")).to_contain_text(status, timeout=90_000)
 
 
 def test_start_refuses_a_broken_dataset_then_trains_and_queues(app_page, tiny_models, work_dir, screenshot):
     page = app_page
     page.set_default_timeout(90_000)  # a whole-form fill re-renders hundreds of widgets
     missing = work_dir / "no-such-folder"
-    set_up_parameters(page, tiny_models, work_dir, str(missing))
+    set_up_parameters(page, tiny_models, work_dir, str(missing), status="Not ready to train")
+    expect(page.locator("#validation-status")).to_contain_text(str(missing))  # the form says so before Start
     open_tab(page, "Train")
     page.locator("#train-start").click()
     message = page.locator("#train-message")

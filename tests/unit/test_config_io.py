@@ -22,7 +22,8 @@ from engine.config.io import (
 RICH_CONFIG = {
     "method": "lora",
     "model": {"pretrained_model_name_or_path": "/models/base.safetensors", "model_family": "sdxl", "clip_skip": 2},
-    "network": {"network_type": "locon", "network_dim": 16, "network_alpha": 8.0, "conv_dim": 4, "conv_alpha": 1.0,
+    # preset and use_tucker are LyCORIS settings: kohya's LoRA/LoCon refuses them at validation
+    "network": {"network_type": "loha", "network_dim": 16, "network_alpha": 8.0, "conv_dim": 4, "conv_alpha": 1.0,
                 "network_args": {"preset": "attn-mlp", "use_tucker": True}},
     "dataset": {
         "general": {"resolution": [1024, 768], "shuffle_caption": True, "keep_tokens": 1,

@@ -75,19 +75,30 @@ def test_the_tracker_name_is_log_tracker_name_or_sd_scripts_name_for_the_method(
     assert tracker_name("lora", "my_project") == "my_project"
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_num_cpu_threads_per_process_applies_to_a_one_process_run(threads: int):
-    # A fresh interpreter, as the engine's subprocess is: torch's thread count and OMP_NUM_THREADS for its children.
+def _threads_in_a_fresh_process(launch: dict, environment_threads: str | None) -> list[str]:
+    """apply_cpu_threads' result, torch's thread count and OMP_NUM_THREADS in a fresh interpreter, as the engine's
+    subprocess is (torch reads OMP_NUM_THREADS when it starts)."""
     code = ("import os, torch\n"
             "from engine.config.schema import RunConfig\n"
             "from engine.train.launch import apply_cpu_threads\n"
-            f"config = RunConfig.model_validate({{'launch': {{'num_cpu_threads_per_process': {threads}}}}}, "
-            "context={'check_packages': False})\n"
-            "print(apply_cpu_threads(config.launch), torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])\n")
+            f"config = RunConfig.model_validate({{'launch': {launch!r}}}, context={{'check_packages': False}})\n"
+            "print(apply_cpu_threads(config.launch), torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))\n")
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    if environment_threads is not None:
+        env["OMP_NUM_THREADS"] = environment_threads
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             check=True, timeout=300)
-    assert result.stdout.split() == [str(threads)] * 3
+    return result.stdout.split()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_num_cpu_threads_per_process_applies_to_a_one_process_run(threads: int):
+    assert _threads_in_a_fresh_process({"num_cpu_threads_per_process": threads}, "2") == [str(threads)] * 3
+
+
+def test_unset_cpu_threads_keep_the_environments_choice():
+    # Two test workers on two cores each run with OMP_NUM_THREADS=1; a default config must not raise it.
+    assert _threads_in_a_fresh_process({}, "1") == ["1", "1", "1"]
 
 
 def test_sd_scripts_args_bring_their_scheduler_class_and_tracker_name(tmp_path: Path):

@@ -73,8 +73,7 @@ def test_multi_gpu_command():
     assert argv[-6:] == ["-m", "engine", "train", "c.toml", "--run-dir", "r"]
     assert launcher_options(argv) == [
         "--num_processes", "2", "--num_machines", "1", "--machine_rank", "0", "--multi_gpu", "--gpu_ids", "0,1",
-        "--main_process_port", "29512", "--mixed_precision", "fp16", "--dynamo_backend", "no",
-        "--num_cpu_threads_per_process", "2"]
+        "--main_process_port", "29512", "--mixed_precision", "fp16", "--dynamo_backend", "no"]  # threads unset
 
 
 def test_multi_machine_command_names_the_main_machine_and_a_port():

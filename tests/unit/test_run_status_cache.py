@@ -178,6 +178,7 @@ def test_viewers_share_one_reader_and_agree_while_the_run_writes(run_dir: Path):
 def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_rows(run_dir: Path, monkeypatch):
     """The tick as Gradio runs it (pre- and postprocessing, the session's gr.State), without a browser."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import gradio as gr
     from gradio.state_holder import SessionState
@@ -203,12 +204,17 @@ def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_row
     cache = next(block for block in tick.outputs if isinstance(block, gr.State))
     session = SessionState(blocks)
 
+    def complete(coroutine):
+        # In a thread of its own: a browser test earlier in this worker may have left Playwright's loop running here.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coroutine).result()
+
     def run() -> dict:
-        answer = asyncio.run(blocks.process_api(tick, [run_dir.name, None], state=session))
+        answer = complete(blocks.process_api(tick, [run_dir.name, None], state=session))
         shown = {elem_id: answer["data"][index] for elem_id, index in position.items()}
         if shown["run-samples-key"] != drawn.get("key"):  # the page then runs the key's change event: the gallery
             drawn["key"] = shown["run-samples-key"]
-            shown["run-samples"] = asyncio.run(blocks.process_api(draw_samples, [run_dir.name], state=session))
+            shown["run-samples"] = complete(blocks.process_api(draw_samples, [run_dir.name], state=session))
         return shown
 
     drawn: dict = {}
