@@ -131,11 +131,27 @@ def _says_disk_full(error: BaseException) -> bool:
     return any(words in str(error).lower() for words in _DISK_FULL_WORDS)
 
 
-def default_file_mode() -> int:
-    """0o666 minus the process's umask: the mode a plainly created file would have."""
+def _process_umask() -> int:
+    """The umask, read without changing it where Linux shows it (setting it to read it, even for an instant, would
+    give a file another thread creates meanwhile the mode 0o666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _process_umask()  # at import, while one thread runs
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process's umask: the mode a plainly created file would have."""
+    return 0o666 & ~_UMASK
 
 
 @contextmanager
@@ -167,6 +183,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_new_file(path: str | Path, data: bytes) -> None:
+    """Write a new file whole or not at all, never over another: raises FileExistsError when `path` exists, also
+    when it appears while writing (the finished temporary file is hard-linked into place, which never replaces)."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(errno.EEXIST, "file exists", str(path))
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, default_file_mode())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links (FAT, some network shares): exclusive create instead
+            with open(path, "xb") as stream:
+                stream.write(data)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def temporary_path(target: Path, kind: str = "tmp") -> Path:

@@ -252,6 +252,8 @@ def summary_markdown(update: JobUpdate, folder: Path, metadata: Path | None = No
     done = update.last("done")
     if done is None:
         if update.returncode is not None and update.returncode < 0:
+            if metadata is not None:  # the metadata file is written once, at the end
+                return f"**Stopped.** Nothing was written to `{metadata}`; caption again to make it."
             return f"**Stopped.** Caption files written so far in `{folder}` are kept."
         return f"**Captioning failed:** {update.error_text()}"
     written = f"{done['written']} caption(s) written into `{metadata}`" if metadata is not None else \

@@ -24,6 +24,7 @@ from engine.config.dataset_export import dataset_toml
 from engine.config.describe import PATH_WIDGETS, FieldSpec, iter_fields
 from engine.config.errors import problems_from_validation_error
 from engine.data.metadata import MetadataError, read_metadata
+from engine.files import write_new_file
 from gui.browse import FileRoots, PathNotAllowed, count_images
 from gui.state import from_widget, to_widget
 
@@ -353,8 +354,7 @@ def export_dataset_toml(datasets: Datasets, general: Mapping[str, Any], target: 
     except ValueError as error:
         return f"{EXPORT_LABEL}: {error}"
     try:
-        with path.open("x", encoding="utf-8") as handle:  # "x": a file that appeared meanwhile is not replaced
-            handle.write(content)
+        write_new_file(path, content.encode("utf-8"))  # whole or not at all; one that appeared meanwhile is kept
     except FileExistsError:
         return f"{EXPORT_LABEL}: {path} already exists and is kept as it is; choose a new file name"
     except OSError as error:

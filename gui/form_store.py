@@ -39,13 +39,25 @@ class FormStore:
 
     def __init__(self, runs_dir: Path):
         self.folder = Path(runs_dir) / STATE_FOLDER
+        self._written: dict[str, str] = {}  # user -> the text last written, so an unchanged form is not rewritten
 
     def path(self, user: str) -> Path:
         return self.folder / f"form-{_file_part(user)}.json"
 
-    def save(self, user: str, values: Mapping[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path(user), json.dumps(dict(values), indent=1, sort_keys=True) + "\n")
+    def save(self, user: str, values: Mapping[str, Any]) -> str:
+        """Keep the user's form; returns '' or why it could not be kept (a read-only or full disk): the form goes
+        on working without it, so the caller shows the reason instead of failing."""
+        text = json.dumps(dict(values), indent=1, sort_keys=True) + "\n"
+        if self._written.get(user) == text and self.path(user).exists():
+            return ""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path(user), text)
+        except OSError as error:
+            return (f"Your form could not be kept on the server ({error.strerror or error}) in {self.folder}; it "
+                    "stays in this page until it is reloaded.")
+        self._written[user] = text
+        return ""
 
     def load(self, user: str, paths: set[str] | None = None) -> dict[str, Any]:
         """The user's saved form, only the `paths` still in the form; {} when there is none or it cannot be read

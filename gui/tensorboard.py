@@ -76,6 +76,8 @@ class TensorBoards:
         with self._lock:
             board = self._boards.get(folder)
             if board is None or board.process.poll() is not None:
+                if board is not None:
+                    board.errors.close()  # the ended board's stderr file
                 board = self._start(folder)
                 self._boards[folder] = board
         url = f"http://127.0.0.1:{board.port}/"

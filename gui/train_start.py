@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from engine.config.describe import PATH_WIDGETS, iter_fields
 from engine.config.errors import ConfigError
 from engine.config.io import load_dataset_file, resolve_path, validate_config
@@ -62,9 +64,8 @@ def output_name_for(typed: str, configured: str) -> tuple[str, str]:
     if not name:
         return configured, ""
     reasons = []
-    extension = next((ext for ext in _MODEL_EXTENSIONS if name.lower().endswith(ext)), "")
-    if extension:
-        name = name[: -len(extension)].strip()
+    while extension := next((ext for ext in _MODEL_EXTENSIONS if name.lower().endswith(ext)), ""):
+        name = name[: -len(extension)].strip()  # every one of them: "x.safetensors.pt" is still a model name
         reasons.append(f"the extension {extension} is left out (saving.save_model_as decides it)")
     if _NOT_IN_FILE_NAMES.search(name):
         name = _NOT_IN_FILE_NAMES.sub("-", name).strip(" -")
@@ -204,7 +205,13 @@ def prepare_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, n
     if missing:
         return StartResult(None, f"**Not started:** {missing}", report)
     output_name, renamed = output_name_for(name, config.saving.output_name)
-    config = config.model_copy(update={"saving": config.saving.model_copy(update={"output_name": output_name})})
+    try:  # validated like the Parameters tab's field, not copied past its checks
+        saving = type(config.saving).model_validate({**config.saving.model_dump(), "output_name": output_name})
+    except ValidationError as error:
+        reason = "; ".join(str(detail["msg"]) for detail in error.errors())
+        return StartResult(None, f"**Not started:** the run name {name.strip()!r} cannot be the output name "
+                                 f"({reason}); type another name.", report)
+    config = config.model_copy(update={"saving": saving})
     warnings = warning_lines(report)
     handle = manager.create_run(config, name.strip() or None, base_dir=base, warnings=warnings)
     notes = [note for note in (renamed, *handle.notes) if note]

@@ -4,6 +4,7 @@ box, chart rows, the checkpoint list, the run picker's labels. No gradio here, s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from gui.run_reader import progress_row
-from gui.runs import RunHandle, RunStatus
+from gui.runs import RunHandle, RunStatus, tail_events
 
 LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
 LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point
@@ -141,9 +142,16 @@ def stale_texts(owners: Mapping[str, str | None], run: str | None) -> list[str]:
 
 
 def log_dir(handle: RunHandle) -> str:
-    """The run's TensorBoard folder, from its config.toml (absolute paths there)."""
+    """The run's own TensorBoard folder, as its start events name it (each start logs into
+    `<logging_dir>/<log_prefix><date-time>`; a resumed run's starts share their parent folder, which is shown then).
+    Before the run starts: its logging_dir from config.toml (absolute paths there), which other runs may share."""
     from engine.config.io import load_config
 
+    events, _ = tail_events(handle.events_path, 0)
+    folders = list(dict.fromkeys(event["config"]["log_dir"] for event in events if event.get("type") == "start"
+                                 and isinstance(event.get("config"), dict) and event["config"].get("log_dir")))
+    if folders:
+        return folders[0] if len(folders) == 1 else os.path.commonpath(folders)
     folder = load_config(handle.config_path, check_packages=False).logging.logging_dir
     if not folder:
         raise ValueError("this run keeps no TensorBoard logs (its logging.logging_dir is empty)")

@@ -187,10 +187,12 @@ def run_caption(args: argparse.Namespace) -> int:
         if store is not None and not options.dry_run:
             try:
                 print(f"wrote {len(store.metadata)} entries to {store.save()}")
-            except ValueError as error:  # a file appeared at the output name while captioning
-                print(f"error: {error}", file=sys.stderr)
+            except (ValueError, OSError) as error:  # a file appeared at the output name, a full or read-only disk
+                hint = ("choose a new metadata file name" if isinstance(error, ValueError) else
+                        "free some space or choose a folder you can write to, then caption again")
+                print(f"error: {error}; {hint}", file=sys.stderr)
                 if args.events:
-                    events.emit("error", message=str(error), hint="choose a new metadata file name")
+                    events.emit("error", message=str(error), hint=hint)
                 return EXIT_BAD_INPUT
         _report(summary, options, events if args.events else None)
     nothing_done = summary.failed and not (summary.planned or summary.skipped)

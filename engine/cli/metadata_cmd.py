@@ -84,7 +84,7 @@ def run_merge(args: argparse.Namespace) -> int:
             for key in report.merged:
                 print(f"{key}: {metadata[key][args.field_name]}")
         write_new_metadata(args.out_json, metadata)
-    except MetadataWriteError as error:
+    except (MetadataWriteError, OSError) as error:  # OSError: a full or read-only disk while writing
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _print_lines(report.lines())
@@ -109,7 +109,7 @@ def run_clean(args: argparse.Namespace) -> int:
         before = copy.deepcopy(metadata)
         report = clean_metadata(metadata)
         write_new_metadata(args.out_json, metadata)
-    except MetadataWriteError as error:
+    except (MetadataWriteError, OSError) as error:  # OSError: a full or read-only disk while writing
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.debug:

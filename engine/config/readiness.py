@@ -7,7 +7,8 @@ cheap (file names only, no image is opened, no torch) because the form runs them
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,52 @@ BASE_MODEL = "model.pretrained_model_name_or_path"
 _WHAT = {"file": "file", "folder": "folder", "path": "file or folder"}
 
 
-def _resolve(value: str, base_dir: Path) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base_dir / path
+# Why the caller may not read a path (None when it may): the GUI passes FileRoots.refusal, so that the form never
+# looks at a file or folder outside the folders the app may show (whether it exists, what it holds).
+Refusal = Callable[[str, Path], "str | None"]
 
 
-def _may_be_hub_id(value: str, widget: str, base_dir: Path) -> bool:
-    """A "path" field (a base model, a text encoder) also takes a Hugging Face id such as 'org/model', which the
-    engine looks up in the local cache: read as the engine reads it, an existing path first, then a hub id."""
-    from engine.models.vae import looks_like_hub_id  # no torch: a pattern and the model file suffixes
+@dataclass(frozen=True)
+class _Disk:
+    """Reads paths as the run would (relative to base), only those the refusal allows."""
 
-    return widget == "path" and looks_like_hub_id(value) and not _resolve(value, base_dir).exists()
+    base: Path
+    refusal: Refusal | None = None
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base / path
+
+    def refused(self, value: str) -> str | None:
+        return self.refusal(value, self.base) if self.refusal is not None else None
+
+    def may_be_hub_id(self, value: str, widget: str) -> bool:
+        """A "path" field (a base model, a text encoder) also takes a Hugging Face id such as 'org/model', which the
+        engine looks up in the local cache: read as the engine reads it, an existing path first, then a hub id."""
+        from engine.models.vae import looks_like_hub_id  # no torch: a pattern and the model file suffixes
+
+        return widget == "path" and looks_like_hub_id(value) and not _exists(self.resolve(value))
+
+    def folder(self, value: str) -> Path | None:
+        """The folder `value` names when the caller may read it and it is one, else None."""
+        if self.refused(value) is not None:
+            return None
+        path = self.resolve(value)
+        return path if _is_dir(path) else None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # no permission to look: the run cannot read it either
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
@@ -58,45 +94,53 @@ def _config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
     yield from subset_paths(config.dataset.datasets, "dataset.")
 
 
-def _missing_paths(paths: Iterator[tuple[str, str, str]], base_dir: Path) -> list[Problem]:
+def _missing_paths(paths: Iterator[tuple[str, str, str]], disk: _Disk) -> list[Problem]:
     problems = []
     for path, value, widget in paths:
-        if not _may_be_hub_id(value, widget, base_dir) and not _resolve(value, base_dir).exists():
-            problems.append(Problem(path, f"`{value}` does not exist; choose an existing {_WHAT[widget]} or clear "
-                                          "the field"))
+        if disk.may_be_hub_id(value, widget):
+            continue
+        refused = disk.refused(value)
+        if refused is not None:
+            problems.append(Problem(path, refused))
+        elif not _exists(disk.resolve(value)):
+            problems.append(Problem(path, f"`{value}` does not exist or cannot be read; choose an existing "
+                                          f"{_WHAT[widget]} or clear the field"))
     return problems
 
 
 def _has_images(folder: Path) -> bool:
     from engine.data.images import is_image_file  # names only; nothing is opened
 
-    return folder.is_dir() and any(is_image_file(entry) for entry in folder.iterdir())
+    try:
+        return folder.is_dir() and any(is_image_file(entry) for entry in folder.iterdir())
+    except OSError:  # unreadable: reported as holding no images the run could use
+        return False
 
 
-def _subset_image_problems(datasets: Sequence[DatasetEntry], prefix: str, base_dir: Path) -> list[Problem]:
+def _subset_image_problems(datasets: Sequence[DatasetEntry], prefix: str, disk: _Disk) -> list[Problem]:
     """Each image folder subset (a metadata subset lists its images in the metadata) must hold images."""
     problems = []
     for d, dataset in enumerate(datasets):
         for s, subset in enumerate(dataset.subsets):
-            folder = _resolve(subset.image_dir, base_dir) if subset.image_dir else None
-            if subset.metadata_file or folder is None or not folder.is_dir() or _has_images(folder):
-                continue
+            folder = disk.folder(subset.image_dir) if subset.image_dir else None
+            if subset.metadata_file or folder is None or _has_images(folder):
+                continue  # a missing or refused folder is named by the path check
             problems.append(Problem(f"{prefix}datasets[{d}].subsets[{s}].image_dir",
                                     f"`{subset.image_dir}` holds no images; add images or choose another folder"))
     return problems
 
 
-def _legacy_problems(config: RunConfig, base_dir: Path) -> list[Problem]:
+def _legacy_problems(config: RunConfig, disk: _Disk) -> list[Problem]:
     """train_data_dir: the images are in its `<repeats>_<name>` folders (with in_json, in the folder itself)."""
     section = config.dataset
-    root = _resolve(section.train_data_dir, base_dir)
-    if not root.is_dir():
+    root = disk.folder(section.train_data_dir)
+    if root is None:
         return []  # named by the path check
     if section.in_json:
         found = _has_images(root)
     else:
-        found = any(_has_images(entry) for entry in root.iterdir()
-                    if entry.is_dir() and parse_legacy_folder_name(entry.name) is not None)
+        found = any(_has_images(entry) for entry in _entries(root)
+                    if parse_legacy_folder_name(entry.name) is not None and _is_dir(entry))
     if found:
         return []
     where = "" if section.in_json else " in its `<repeats>_<name>` folders (e.g. `10_dog`)"
@@ -104,41 +148,58 @@ def _legacy_problems(config: RunConfig, base_dir: Path) -> list[Problem]:
                                               "tab")]
 
 
-def _dataset_problems(config: RunConfig, base_dir: Path) -> list[Problem]:
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _dataset_problems(config: RunConfig, disk: _Disk) -> list[Problem]:
     section = config.dataset
     if not section.has_images_source():
         return [Problem("dataset", "no images: set dataset.train_data_dir, add datasets, or name a dataset TOML in "
                                    "dataset.config_file")]
     if section.datasets:
-        return _subset_image_problems(section.datasets, "dataset.", base_dir)
+        return _subset_image_problems(section.datasets, "dataset.", disk)
     if section.train_data_dir:
-        return _legacy_problems(config, base_dir)
-    return _dataset_file_problems(_resolve(section.config_file, base_dir), base_dir)
+        return _legacy_problems(config, disk)
+    return _dataset_file_problems(section.config_file, disk)
 
 
-def _dataset_file_problems(path: Path, base_dir: Path) -> list[Problem]:
-    """The subsets of a dataset TOML (their relative paths are read from base_dir, as the engine's scan does)."""
+def _dataset_file_problems(value: str, disk: _Disk) -> list[Problem]:
+    """The subsets of a dataset TOML (their relative paths are read from the base, as the engine's scan does); the
+    file is read only when the caller may read it (the path check names it otherwise)."""
     from engine.config.io import load_dataset_file
 
-    if not path.is_file():
-        return []  # named by the path check
+    path = disk.resolve(value)
+    try:
+        readable = disk.refused(value) is None and path.is_file()
+    except OSError:
+        readable = False
+    if not readable:
+        return []
     try:
         dataset_file = load_dataset_file(path)
     except ConfigError as error:
         return [Problem("dataset.config_file", f"{problem.path}: {problem.message}") for problem in error.problems]
     prefix = f"{path.name}: "
-    return (_missing_paths(subset_paths(dataset_file.datasets, prefix), base_dir)
-            + _subset_image_problems(dataset_file.datasets, prefix, base_dir))
+    return (_missing_paths(subset_paths(dataset_file.datasets, prefix), disk)
+            + _subset_image_problems(dataset_file.datasets, prefix, disk))
 
 
-def readiness_problems(config: RunConfig, base_dir: str | Path | None = None) -> list[Problem]:
+def readiness_problems(config: RunConfig, base_dir: str | Path | None = None,
+                       refusal: Refusal | None = None) -> list[Problem]:
     """What stops a valid config from starting, all at once: a missing base model, a path that does not exist, an
-    empty dataset. Relative paths are read from `base_dir` (default: the working folder, as a GUI run does)."""
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    empty dataset. Relative paths are read from `base_dir` (default: the working folder, as a GUI run does).
+
+    With `refusal` (the GUI's FileRoots.refusal), a path it refuses is a problem with its message and is never
+    looked at: neither whether it exists nor what it holds."""
+    disk = _Disk(Path(base_dir) if base_dir is not None else Path.cwd(), refusal)
     problems: list[Any] = []
     if not config.model.pretrained_model_name_or_path.strip():
         problems.append(Problem(BASE_MODEL, "no base model: choose a .safetensors/.ckpt file, a diffusers folder or "
                                             "a Hugging Face id"))
-    problems += _missing_paths(_config_paths(config), base)
-    problems += _dataset_problems(config, base)
+    problems += _missing_paths(_config_paths(config), disk)
+    problems += _dataset_problems(config, disk)
     return problems

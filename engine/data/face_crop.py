@@ -27,7 +27,8 @@ __all__ = ["FaceBox", "face_box", "face_crop", "face_crop_range_used"]
 
 def face_box(path: str | PathLike[str]) -> FaceBox | None:
     """The face box a file name carries (`name_cx_cy_w_h.png`), or None (fewer than 5 `_` tokens, not numbers,
-    or a centre x of 0, which sd-scripts treats as "no face")."""
+    or a centre x of 0, which sd-scripts treats as "no face"; also a box of no width or height, on which sd-scripts
+    divides by zero: `photo_2023_01_0_0.png` is a date, not a face)."""
     tokens = Path(path).stem.split("_")
     if len(tokens) < 5:
         return None
@@ -35,7 +36,7 @@ def face_box(path: str | PathLike[str]) -> FaceBox | None:
         cx, cy, width, height = (int(token) for token in tokens[-4:])
     except ValueError:
         return None
-    return (cx, cy, width, height) if cx > 0 else None
+    return (cx, cy, width, height) if cx > 0 and width > 0 and height > 0 else None
 
 
 def face_crop(image: Image.Image, box: FaceBox, target: tuple[int, int], crop_range: Sequence[float], *,

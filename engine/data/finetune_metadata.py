@@ -15,16 +15,14 @@ absolute path (`full_path`). Where we part from sd-scripts, on purpose:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.config.choices import dotted_caption_extension
-from engine.files import default_file_mode
+from engine.files import write_new_file
 
 CAPTION, TAGS = "caption", "tags"
 # The text files each field is read from by default, as sd-scripts' two merge scripts.
@@ -178,33 +176,12 @@ def write_new_metadata(path: Path, metadata: dict[str, dict[str, Any]]) -> Path:
     """
     path = check_new_output(path)
     data = (json.dumps(metadata, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    temporary = Path(name)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, default_file_mode())
-        try:
-            os.link(temporary, path)  # atomic, and fails instead of replacing a file that appeared meanwhile
-        except FileExistsError:
-            raise MetadataWriteError(f"{path} appeared while writing and was left alone: choose a new file name") \
-                from None
-        except OSError:  # a file system without hard links (FAT, some network shares): exclusive create instead
-            _write_exclusive(path, data)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def _write_exclusive(path: Path, data: bytes) -> None:
-    try:
-        with open(path, "xb") as stream:
-            stream.write(data)
+        write_new_file(path, data)
     except FileExistsError:
         raise MetadataWriteError(f"{path} appeared while writing and was left alone: choose a new file name") \
             from None
+    return path
 
 
 # --- merging ------------------------------------------------------------------------------------------------------

@@ -265,18 +265,19 @@ def build(ctx: TabContext) -> None:
     layout.dataset_editor.connect_general(components, specs)  # its export writes [dataset.general] as [general]
     path_of = {component: path for path, component in components.items()}
 
-    def evaluate(values: dict[str, Any]) -> dict:
-        """Validation status, TOML preview and the shared config for form values keyed by field path."""
+    def evaluate(values: dict[str, Any], note: str = "") -> dict:
+        """Validation status (with `note` below it), TOML preview and the shared config for form values keyed by
+        field path."""
         config, data, problems = form_to_config(values, specs)
-        ready = readiness_problems(config) if config is not None else []
-        return {status: status_markdown(config, problems or ready),
+        ready = readiness_problems(config, refusal=ctx.roots.refusal) if config is not None else []
+        text = status_markdown(config, problems or ready)
+        return {status: f"{text}\n\n{note}" if note else text,
                 preview: preview_markdown(preview_text(config, data)),
                 ctx.config: data if config is not None else None}
 
     def on_input(form: dict) -> dict:
         values = {path_of[c]: v for c, v in form.items() if c in path_of}
-        store.save(form[user], values)
-        return evaluate(values) | {latest: values}
+        return evaluate(values, store.save(form[user], values)) | {latest: values}
 
     def fill(new_values: dict[str, Any], form: dict, message: str) -> dict:
         """Set the widgets whose value changes and validate the result once. Widgets revalidate on user input
@@ -288,8 +289,8 @@ def build(ctx: TabContext) -> None:
         sent = {path_of[c]: v for c, v in form.items() if c in path_of}
         changed = {path: value for path, value in new_values.items() if sent.get(path) != value}
         values = sent | (form.get(latest) or {}) | changed
-        store.save(form[user], values)
-        return ({components[path]: value for path, value in changed.items()} | evaluate(values)
+        note = store.save(form[user], values)
+        return ({components[path]: value for path, value in changed.items()} | evaluate(values, note)
                 | {preset_message: message, latest: values} | layout.visibility(values))
 
     def on_patch(patch: dict | None, form: dict) -> dict:

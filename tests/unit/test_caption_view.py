@@ -103,6 +103,8 @@ def test_summary_counts_failures_and_tags_as_code(tmp_path):
     assert "Captioning failed" in view.summary_markdown(failed, tmp_path) and "check the path" in \
         view.summary_markdown(failed, tmp_path)
     assert "Stopped" in view.summary_markdown(JobUpdate([], -15), tmp_path)
+    stopped_metadata = view.summary_markdown(JobUpdate([], -15), tmp_path, tmp_path / "meta.json")
+    assert "Nothing was written" in stopped_metadata and "kept" not in stopped_metadata  # written only at the end
 
 
 def picture_folder(tmp_path):

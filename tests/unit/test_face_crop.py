@@ -17,6 +17,8 @@ from engine.data.face_crop import face_box, face_crop
     ("me_120_50_40.png", None),  # four tokens: no box
     ("me_x_50_40_30.png", None),  # not numbers
     ("me_0_50_40_30.png", None),  # centre x 0 means "no face" (sd-scripts)
+    ("photo_2023_01_0_0.png", None),  # a date: a box with no size would divide by zero
+    ("photo_2023_01_40_0.png", None),
 ])
 def test_face_box_from_the_file_name(name, box):
     assert face_box(name) == box

@@ -68,3 +68,28 @@ def test_an_empty_dataset_is_named(tmp_path):
                                                        {"image_dir": str(tmp_path / "missing")}]}]})
     assert paths_of(readiness_problems(inline, tmp_path)) == ["dataset.datasets[0].subsets[1].image_dir",
                                                               "dataset.datasets[0].subsets[0].image_dir"]
+
+
+def test_a_refused_path_is_named_and_never_looked_at(tmp_path):
+    """The GUI passes FileRoots.refusal: the form must not tell whether a file outside the allowed folders exists
+    or what it holds (a broken dataset TOML out there would otherwise show its own errors)."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    model, _ = ready_folders(allowed)
+    outside.mkdir()
+    secret = outside / "datasets.toml"
+    secret.write_text("[[datasets]]\nnot_a_key = 1\n", encoding="utf-8")
+    asked = []
+
+    def refusal(path: str, base: Path) -> str | None:
+        asked.append(path)
+        return None if Path(path).is_relative_to(allowed) else f"{path} is outside the folders this app may use"
+
+    for dataset in ({"config_file": str(secret)}, {"train_data_dir": str(outside)},
+                    {"datasets": [{"subsets": [{"image_dir": str(outside)}]}]}):
+        ready = config(tmp_path, model={"pretrained_model_name_or_path": str(model)}, dataset=dataset)
+        problems = readiness_problems(ready, tmp_path, refusal=refusal)
+        named = secret if "config_file" in dataset else outside
+        assert [problem.message for problem in problems] == [f"{named} is outside the folders this app may use"]
+        assert readiness_problems(ready, tmp_path) != problems  # without the refusal the path is read
+    assert str(model) in asked

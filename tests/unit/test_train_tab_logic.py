@@ -100,6 +100,8 @@ def test_the_typed_name_is_the_output_name_or_says_why_not():
     assert name == "dogs-v2" and "'dogs/v2' became 'dogs-v2'" in why and "cannot hold" in why
     name, why = output_name_for("alpha.safetensors", "last")
     assert name == "alpha" and ".safetensors is left out" in why
+    name, why = output_name_for("alpha.safetensors.pt", "last")  # every model extension goes, not only the last
+    assert name == "alpha" and ".pt is left out" in why and ".safetensors is left out" in why
     name, why = output_name_for("///", "last")
     assert name == "last" and "keeps 'last'" in why
 

@@ -66,3 +66,28 @@ def test_checkpoints_list_and_resume_rule(tmp_path: Path):
 def test_run_choices_keep_the_given_order(tmp_path: Path):
     handles = [RunHandle(tmp_path / "b"), RunHandle(tmp_path / "a")]
     assert view.run_choices(handles) == [("b", "b"), ("a", "a")]
+
+
+def test_tensorboard_opens_on_the_runs_own_log_folder(tmp_path):
+    """Runs sharing logging_dir each log into <logging_dir>/<prefix><date-time>: TensorBoard for one run shows its
+    folder (the start event names it), the shared folder only before it starts."""
+    import json
+
+    from engine.config.io import save_config, validate_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shared = tmp_path / "logs"
+    save_config(validate_config({"logging": {"logging_dir": str(shared)}}, check_packages=False),
+                run_dir / "config.toml")
+    handle = RunHandle(run_dir)
+    assert view.log_dir(handle) == str(shared)
+
+    def start(folder: Path) -> str:
+        return json.dumps({"type": "start", "config": {"log_dir": str(folder)}}) + "\n"
+
+    (run_dir / "events.jsonl").write_text(start(shared / "last20261204101010"), encoding="utf-8")
+    assert view.log_dir(handle) == str(shared / "last20261204101010")
+    with (run_dir / "events.jsonl").open("a", encoding="utf-8") as events:  # resumed: a second folder
+        events.write(start(shared / "last20261204111111"))
+    assert view.log_dir(handle) == str(shared)
