@@ -240,6 +240,7 @@ def build(ctx: TabContext) -> None:
         # as 'Parameters').
         user = gr.State(LOCAL_USER)  # whose form this page edits: set when the page opens (on_page_load)
         latest = gr.State({})  # the newest form ({path: widget value}) the server has seen from this page
+        saved = gr.State(None)  # the user's form kept on the server, when the page opens with one to restore
         with gr.Row():
             preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
                                  info="Fills the form with a preset's settings on top of the defaults.")
@@ -396,16 +397,24 @@ def build(ctx: TabContext) -> None:
     ctx.config_patch.change(lambda form: on_patch(form[ctx.config_patch], form),
                             inputs={ctx.config_patch, *with_form}, outputs=field_outputs, **in_order
                             ).then(**evaluation)
-    def on_page_load(form: dict, request: gr.Request) -> dict:
-        """The user's last form, kept on the server, comes back on a reload and after a restart."""
+    def on_page_load(request: gr.Request) -> dict:
+        """Who the page belongs to, the preset list as it is now (the page's own list is the one of the app's
+        start) and the user's last form kept on the server, which the `saved` change then fills in."""
         name = user_name(getattr(request, "username", None))
-        saved = store.load(name, set(components))
-        restored = fill(saved, form | {user: name}, "Restored your last form.") if saved else {}
-        # The preset list as it is now: the page's own list is the one of the app's start.
-        return restored | {user: name, preset: gr.Dropdown(choices=_preset_choices(presets_dir))}
+        kept = store.load(name, set(components))
+        return {user: name, preset: gr.Dropdown(choices=_preset_choices(presets_dir)),
+                saved: {"user": name, "values": kept} if kept else None}
+
+    def on_saved(form: dict) -> dict:
+        kept = form[saved]
+        if not kept:
+            return {preset_message: gr.skip()}
+        return fill(kept["values"], form | {user: kept["user"]}, "Restored your last form.")
 
     if ctx.app is not None:
-        ctx.app.load(on_page_load, inputs=with_form, outputs=[*field_outputs, user, preset], **in_order
-                     ).then(**evaluation)
+        # Two steps, so a page with nothing to restore never runs an event over the whole form: one whose inputs and
+        # outputs are the form's hundreds of widgets kept a new page busy for seconds.
+        ctx.app.load(on_page_load, outputs=[user, preset, saved], **in_order, show_progress="hidden")
+        saved.change(on_saved, inputs={saved, *with_form}, outputs=field_outputs, **in_order).then(**evaluation)
     save_button.click(lambda form: on_save(form[preset_title], form),
                       inputs={preset_title, *components.values()}, outputs=[preset_message, preset])
