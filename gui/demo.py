@@ -68,7 +68,17 @@ def demo_config(epochs: int | None = None) -> RunConfig:
 
 
 def start_demo(manager: RunManager) -> RunHandle:
-    """Prepare the assets, create a run from the demo preset and start it."""
+    """Prepare the assets, create a run from the demo preset and start it.
+
+    Raises:
+        DemoError: a run is going (the demo would share its GPU; Start asks, the demo button does not start beside
+            it), or the assets could not be built.
+    """
+    running = [handle.name for handle in manager.running()]
+    if running:
+        listed = ", ".join(f"`{name}`" for name in running)
+        raise DemoError(f"{listed} {'is' if len(running) == 1 else 'are'} running, and the demo would share the GPU "
+                        "with it; try the demo when it has ended, or stop it first.")
     base = prepare_demo_assets(manager.runs_dir)
     handle = manager.create_run(demo_config(), "demo", base_dir=base)
     return manager.start(handle)
