@@ -83,6 +83,8 @@ def log_lines(page) -> int:
 def test_runs_queue_name_and_show_only_their_own_texts(app_page, app_server, tiny_models, work_dir, screenshot):
     page = app_page
     page.set_default_timeout(90_000)
+    # The server answers clicks slowly while alpha trains on the same two cores: 30 s instead of 5 for every check.
+    expect.set_options(timeout=30_000)
     manager = RunManager(app_server["runs_dir"])
     model, data = tiny_models["sd1_ckpt"], tiny_models["dataset_img"]
     message, status = page.locator("#train-message"), page.locator("#run-status")
@@ -163,5 +165,6 @@ def test_runs_queue_name_and_show_only_their_own_texts(app_page, app_server, tin
         expect(checkpoints).not_to_contain_text("Resume continues")  # ... but has nothing left to resume
         screenshot(page, "train-queue-flow-finished")
     finally:
+        expect.set_options(timeout=5_000)  # Playwright's default, for the tests after this one
         for handle in manager.running():
             manager.kill(handle)
