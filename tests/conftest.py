@@ -37,21 +37,3 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with open(out_dir / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return builder.build_all(out_dir)
-
-
-# --- order: the longest files first ----------------------------------------------------------------------------
-# tools/test.sh runs two workers with --dist loadfile, which hands out whole files in collection order as workers
-# free up. Collected alphabetically, the browser files (the longest, one to two minutes each) came last, and one
-# worker finished minutes before the other. Longest first (browser, then the engine runs in tests/, then the unit
-# tests) lets the short files fill the end. The order within a file is kept.
-_FIRST_TO_LAST = ("browser", "", "unit")
-
-
-def _group(item: pytest.Item) -> int:
-    folder = Path(str(item.fspath)).parent.name
-    name = folder if folder in _FIRST_TO_LAST else ""
-    return _FIRST_TO_LAST.index(name)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=_group)  # stable: files and tests keep their order within a group
