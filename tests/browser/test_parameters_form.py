@@ -2,6 +2,7 @@
 of the form and its datasets, "Use in Parameters" works on every press, and a preset asks before it clears what
 another tab set."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -160,7 +161,10 @@ def test_a_value_typed_while_a_load_is_on_its_way_is_kept(page, work_dir):
     held = []
 
     def hold_the_first(route) -> None:
-        if held:
+        # Only the Load (it sends the file's path with the whole form): under load, the path field's own completion
+        # requests from the fill above (one to three values) can still be on their way and must pass.
+        values = json.loads(route.request.post_data or "{}").get("data") or []
+        if held or str(source) not in values or len(values) < 10:
             route.continue_()
         else:
             held.append(route)

@@ -19,7 +19,9 @@ from playwright.sync_api import expect
 from gui.runner import RunManager
 
 pytestmark = pytest.mark.browser
-DEMO_EPOCHS = "12"  # 360 steps: long enough to stop, resume and reload while it still runs
+DEMO_EPOCHS = "120"  # 3600 steps: long enough to stop, resume and reload while it still runs, even on an idle
+# machine (12 epochs, 360 steps, once ended in 17 s before Stop was pressed)
+TOTAL = 3600
 SLOW = 180_000  # ms: the first demo builds its model (~20 s) and loads torch in the engine
 
 
@@ -81,8 +83,8 @@ def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screens
     page.locator("#try-demo").click()
     expect(page.locator("#train-message")).to_contain_text("Started the demo run", timeout=SLOW)
     expect(status).to_contain_text("running", timeout=SLOW)
-    expect(status).to_contain_text(re.compile(r"step [1-9]\d*/360"), timeout=SLOW)
-    expect(page.locator("#run-log textarea")).to_have_value(re.compile(r"step \d+/360"), timeout=SLOW)
+    expect(status).to_contain_text(re.compile(rf"step [1-9]\d*/{TOTAL}"), timeout=SLOW)
+    expect(page.locator("#run-log textarea")).to_have_value(re.compile(rf"step \d+/{TOTAL}"), timeout=SLOW)
     expect(page.locator("#loss-chart .mark-line path")).to_have_count(2, timeout=SLOW)  # raw and smoothed
     expect(page.locator("#lr-chart .mark-line path")).to_have_count(1, timeout=SLOW)
     _expect_coloured_lines(page.locator("#loss-chart"))
@@ -95,7 +97,7 @@ def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screens
     expect(status).to_contain_text("stopped", timeout=SLOW)
     expect(page.locator("#run-resume")).to_be_enabled(timeout=SLOW)
     stopped_at = int(re.search(r"step (\d+)/", status.inner_text()).group(1))
-    assert 0 < stopped_at < 360
+    assert 0 < stopped_at < TOTAL
     screenshot(page, "train-demo-stopped")
 
     page.locator("#run-resume").click()
@@ -106,7 +108,7 @@ def test_demo_trains_stops_resumes_and_reattaches(browser, train_server, screens
 
     context, page = open_train_tab(browser, train_server["url"])  # a reload: nothing kept in the browser
     expect(page.locator("#run-picker input")).to_have_value(run_name, timeout=30_000)
-    expect(page.locator("#run-status")).to_contain_text(re.compile(r"step \d+/360"), timeout=30_000)
+    expect(page.locator("#run-status")).to_contain_text(re.compile(rf"step \d+/{TOTAL}"), timeout=30_000)
     expect(page.locator("#run-log textarea")).to_have_value(re.compile("step"), timeout=30_000)
     deadline = time.monotonic() + 120
     while int(re.search(r"step (\d+)/", page.locator("#run-status").inner_text()).group(1)) <= stopped_at:
