@@ -73,6 +73,13 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
     """(field, value, widget) of the path fields of every subset of `datasets`."""
     specs = [spec for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
@@ -111,10 +118,8 @@ def _missing_paths(paths: Iterator[tuple[str, str, str]], disk: _Disk) -> list[P
 def _has_images(folder: Path) -> bool:
     from engine.data.images import is_image_file  # names only; nothing is opened
 
-    try:
-        return folder.is_dir() and any(is_image_file(entry) for entry in folder.iterdir())
-    except OSError:  # unreadable: reported as holding no images the run could use
-        return False
+    # The callers pass folders they found (no second is_dir); one that cannot be listed holds no usable image.
+    return any(is_image_file(entry) for entry in _entries(folder))
 
 
 def _subset_image_problems(datasets: Sequence[DatasetEntry], prefix: str, disk: _Disk) -> list[Problem]:
@@ -173,11 +178,7 @@ def _dataset_file_problems(value: str, disk: _Disk) -> list[Problem]:
     from engine.config.io import load_dataset_file
 
     path = disk.resolve(value)
-    try:
-        readable = disk.refused(value) is None and path.is_file()
-    except OSError:
-        readable = False
-    if not readable:
+    if disk.refused(value) is not None or not _is_file(path):
         return []
     try:
         dataset_file = load_dataset_file(path)
