@@ -72,6 +72,7 @@ class LoRANetwork(nn.Module):
         self.text_encoder_prefixes = tuple(text_encoder_prefixes)
         self.options = options
         self._aliases = dict(aliases or {})  # other tools' names for a module -> its kohya name
+        self._multiplier: float | None = None  # what set_multiplier last gave every module (None: not one number)
         for lora in self.all_loras():
             if lora.lora_name in self._modules:
                 raise ValueError(f"duplicate LoRA module name {lora.lora_name!r}")
@@ -97,9 +98,17 @@ class LoRANetwork(nn.Module):
         for lora in reversed(self.all_loras()):
             lora.restore()
 
-    def set_multiplier(self, multiplier: float) -> None:
+    def set_multiplier(self, multiplier: float | torch.Tensor) -> None:
+        """Scale every module's output by `multiplier` (a tensor: one value per sample of the batch).
+
+        Setting the number the modules were last given does nothing: training sets it twice per micro-batch, and
+        walking hundreds of modules each time costs more than a small model's whole optimizer step.
+        """
+        if isinstance(multiplier, float) and multiplier == self._multiplier:
+            return
         for lora in self.all_loras():
             lora.multiplier = multiplier
+        self._multiplier = multiplier if isinstance(multiplier, float) else None
 
     def module_count(self) -> dict[str, int]:
         """Number of LoRA modules per part, e.g. ``{"unet": 192, "text_encoder": 72}`` (for the run's log)."""

@@ -67,7 +67,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     schedule = compute_schedule(config, len(sampler))
     dataset = TrainingDataset(examples, seed=config.training.seed,
                               max_train_steps=schedule.total_steps, latents=latents, texts=texts)
-    built, lr_scheduler = build_optimization(config, method, schedule, accelerator)
+    built, lr_scheduler = build_optimization(config, method, schedule)
     for warning in built.warnings:
         log.event("warning", message=warning, where="optimizer", hint="")
     output_dir = resolve_path(config.saving.output_dir, base_dir)
@@ -246,7 +246,7 @@ def cache_texts(config: RunConfig, scan: ScanResult, model: Any, accelerator: An
     return dict(report.outputs or {})
 
 
-def build_optimization(config: RunConfig, method: Any, schedule: Any, accelerator: Any) -> tuple[Any, Any]:
+def build_optimization(config: RunConfig, method: Any, schedule: Any) -> tuple[Any, Any]:
     from engine.train.lr_schedulers import build_lr_scheduler
     from engine.train.optimizers import OptimizerConfigError, build_optimizer
 
@@ -260,9 +260,9 @@ def build_optimization(config: RunConfig, method: Any, schedule: Any, accelerato
                                        num_processes=1, schedule_free=built.schedule_free)
     except (OptimizerConfigError, ValueError) as error:
         raise RunInputError(str(error), "check the optimizer section", "optimizer") from error
-    # Only the optimizer goes through accelerate (loss scaling); gradients are averaged across processes by the
-    # trainer itself, and the schedule is stepped once per update whatever the process count.
-    built.optimizer = accelerator.prepare_optimizer(built.optimizer)
+    # Nothing goes through accelerate's wrappers: the step runner scales the loss for fp16 itself
+    # (engine.train.update), gradients are averaged across processes by the trainer, and the schedule is stepped
+    # once per update whatever the process count.
     return built, scheduler
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.models.families import family_info
+from engine.train.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -58,7 +59,7 @@ def encoded_batch(session: Session, batch: dict[str, Any]) -> EncodedText:
 
 
 def _unet(session: Session, batch: dict[str, Any], encoded: EncodedText) -> dict[str, Any]:
-    return {"encoder_hidden_states": encoded.hidden_states.to(session.device, session.weight_dtype)}
+    return {"encoder_hidden_states": to_device(encoded.hidden_states, session.device, session.weight_dtype)}
 
 
 def _unet_with_sizes(session: Session, batch: dict[str, Any], encoded: EncodedText) -> dict[str, Any]:
@@ -67,18 +68,19 @@ def _unet_with_sizes(session: Session, batch: dict[str, Any], encoded: EncodedTe
     time_ids = [list(o) + list(c) + list(t) for o, c, t in
                 zip(batch["original_size"], batch["crop_top_left"], batch["target_size"], strict=True)]
     conditioning = _unet(session, batch, encoded)
-    conditioning["added_cond_kwargs"] = {"text_embeds": encoded.pooled.to(device, dtype),
-                                         "time_ids": torch.tensor(time_ids, device=device, dtype=dtype)}
+    conditioning["added_cond_kwargs"] = {"text_embeds": to_device(encoded.pooled, device, dtype),
+                                         "time_ids": to_device(torch.tensor(time_ids, dtype=torch.float32), device,
+                                                               dtype)}
     return conditioning
 
 
 def _flux(session: Session, batch: dict[str, Any], encoded: EncodedText) -> dict[str, Any]:
     device, dtype = session.device, session.weight_dtype
-    pooled = encoded.pooled.to(device, dtype) if encoded.pooled is not None else None
+    pooled = to_device(encoded.pooled, device, dtype) if encoded.pooled is not None else None
     mask = None
     if encoded.mask is not None and session.config.model.apply_t5_attn_mask:
-        mask = encoded.mask.to(device=device, dtype=torch.bool)
-    return {"txt": encoded.hidden_states.to(device, dtype), "y": pooled, "txt_mask": mask}
+        mask = to_device(encoded.mask, device, torch.bool)
+    return {"txt": to_device(encoded.hidden_states, device, dtype), "y": pooled, "txt_mask": mask}
 
 
 def _mmdit(session: Session, batch: dict[str, Any], encoded: EncodedText) -> dict[str, Any]:

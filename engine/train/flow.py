@@ -36,6 +36,7 @@ __all__ = [
     "TIMESTEP_SAMPLERS",
     "FlowSettings",
     "apply_prediction_type",
+    "draw_perturbation",
     "flow_noise",
     "flux_shift_mu",
     "image_ids",
@@ -273,23 +274,31 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
-def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, *, ip_noise_gamma: float = 0.0,
-                ip_noise_gamma_random_strength: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """x_σ = (1 − σ)·x0 + σ·(ε + γ·ξ), ξ ~ N(0, I): γ = ip_noise_gamma, or U(0, 1)·ip_noise_gamma per call with
-    random strength (spec §4.3). Computed in float32, returned in the latents' dtype.
+def draw_perturbation(shape: Sequence[int], ip_noise_gamma: float, random_strength: bool,
+                      generator: torch.Generator) -> torch.Tensor:
+    """γ·ξ for input perturbation, on the generator's device: γ = ip_noise_gamma, or U(0, 1)·ip_noise_gamma with
+    random strength, and ξ ~ N(0, I). Draw order: the strength, then ξ (as in ``engine.train.noise``)."""
+    strength: float | torch.Tensor = ip_noise_gamma
+    if random_strength:
+        strength = ip_noise_gamma * _rand((), generator)
+    return strength * _randn(shape, generator)
 
-    The target stays the plain ε (see :func:`velocity_target`). The random strength stays a tensor on the device
-    (no ``.item()``), so it costs no host sync. Draw order: the strength, then ξ (as in ``engine.train.noise``).
+
+def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, *, ip_noise_gamma: float = 0.0,
+                ip_noise_gamma_random_strength: bool = False, generator: torch.Generator | None = None,
+                perturbation: torch.Tensor | None = None) -> torch.Tensor:
+    """x_σ = (1 − σ)·x0 + σ·(ε + γ·ξ) (spec §4.3), computed in float32 and returned in the latents' dtype.
+
+    γ·ξ is ``perturbation`` when given (drawn beforehand with :func:`draw_perturbation`), else drawn here from
+    ``generator`` when ip_noise_gamma is set. The target stays the plain ε (see :func:`velocity_target`).
     """
     noise32 = noise.float()
-    if ip_noise_gamma:
+    if perturbation is None and ip_noise_gamma:
         if generator is None:
             raise ValueError("noisy_input needs a generator when ip_noise_gamma is set (it draws the perturbation)")
-        strength: float | torch.Tensor = ip_noise_gamma
-        if ip_noise_gamma_random_strength:
-            strength = ip_noise_gamma * _rand((), generator).to(latents.device)
-        noise32 = noise32 + strength * _randn(latents.shape, generator).to(latents.device)
+        perturbation = draw_perturbation(latents.shape, ip_noise_gamma, ip_noise_gamma_random_strength, generator)
+    if perturbation is not None:
+        noise32 = noise32 + perturbation.to(latents.device)
     sigma = _per_sample(sigmas, latents)
     return ((1 - sigma) * latents.float() + sigma * noise32).to(latents.dtype)
 

@@ -8,7 +8,7 @@ run would have.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
@@ -30,12 +30,6 @@ class NonFiniteLoss(RuntimeError):
         self.images = list(images or [])
 
 
-@dataclass
-class StepResult:
-    loss: float
-    lrs: list[float]
-
-
 def micro_seed(seed: int, epoch: int, position: int, rank: int) -> int:
     """The seed of a micro-batch's global draws (dropout, VAE sampling) on one process."""
     return derived_seed(seed, epoch, position, rank)
@@ -50,10 +44,13 @@ class StepRunner:
 
     def __init__(self, session: Session):
         from engine.train.objectives import make_objective
+        from engine.train.update import OptimizerUpdate
 
         self.session = session
         self.objective = make_objective(session)
         self.parameters = session.method.trainable_parameters()
+        self.optimizer_update = OptimizerUpdate(session.optimizer, getattr(session.accelerator, "scaler", None),
+                                                self.parameters, session.config.optimizer.max_grad_norm)
         # optimizer.fused_backward_pass: each weight is averaged, clipped and stepped by a hook as soon as its
         # gradient is complete during backward, so update() only moves the schedule on.
         self.fused = None
@@ -63,36 +60,44 @@ class StepRunner:
             self.fused = FusedBackward(session.optimizer, max_grad_norm=session.config.optimizer.max_grad_norm,
                                        world_size=session.accelerator.num_processes)
 
-    def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> float:
-        """Loss of one micro-batch (unscaled, for reporting); gradients are accumulated, divided by `accumulation`."""
+    def micro_batch(self, batch: dict[str, Any], seed: int, accumulation: int, step: int) -> torch.Tensor:
+        """Loss of one micro-batch (detached, on the device, unscaled, for reporting); gradients are accumulated,
+        divided by `accumulation`.
+
+        Nothing here waits for the device: the losses of an update are read and checked once, after their backward
+        passes (`checked_loss`). With the fused backward pass, whose hooks step the weights during backward, the
+        loss is checked before it instead.
+        """
         from engine.train.conditioning import batch_conditioning
         from engine.train.network_scaling import apply_batch_multipliers, reset_multipliers
+        from engine.train.update import seed_step_generators
 
         session = self.session
-        torch.manual_seed(seed)  # dropout in the network and the text encoders, VAE sampling
+        seed_step_generators(seed, session.device)  # dropout in the network and the text encoders, VAE sampling
         latents = self._latents(batch)
         # Each dataset's network_multiplier, from the text encoders (conditioning) to the backward pass.
         apply_batch_multipliers(session, batch)
         try:
             loss = self.objective.loss(latents, batch_conditioning(session, batch), batch)
-            value = float(loss.detach())
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLoss(step, value, batch.get("image"))
-            session.accelerator.backward(loss / accumulation)
+            if self.fused is not None:
+                checked_loss([loss.detach()], [batch.get("image")], step)
+            self.optimizer_update.backward(loss / accumulation if accumulation > 1 else loss)
         finally:
             reset_multipliers(session)
-        return value
+        return loss.detach()
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's latents as the denoiser sees them (shifted and scaled), float32 on the device."""
+        from engine.train.transfer import to_device
+
         session = self.session
         loaded = session.model.vae
         if "latents" in batch:
-            return loaded.normalize(batch["latents"].to(session.device, torch.float32))
+            return loaded.normalize(to_device(batch["latents"], session.device, torch.float32))
         vae = loaded.vae
         parameter = next(vae.parameters())
         with torch.no_grad():
-            pixels = batch["pixels"].to(parameter.device, parameter.dtype)
+            pixels = to_device(batch["pixels"], parameter.device, parameter.dtype)
             latents = vae.encode(pixels).latent_dist.sample(generator=None)
         return loaded.normalize(latents.to(session.device, torch.float32))
 
@@ -105,18 +110,13 @@ class StepRunner:
         if accelerator.num_processes > 1:
             # Parts a method froze mid-run (DreamBooth's text encoders) must get no gradient, not a zero one.
             average_gradients([p for p in self.parameters if p.requires_grad], accelerator.num_processes)
-        max_norm = session.config.optimizer.max_grad_norm
-        if max_norm > 0:
-            accelerator.clip_grad_norm_(self.parameters, max_norm)
         lrs = [group["lr"] for group in session.optimizer.param_groups]
-        session.optimizer.step()
+        self.optimizer_update.step()
         session.lr_scheduler.step()
-        session.optimizer.zero_grad(set_to_none=True)
         after_update = getattr(session.method, "after_update", None)
         if after_update is not None:
             after_update()
         return lrs
-
 
     def _after_fused_update(self) -> list[float]:
         session = self.session
@@ -126,6 +126,20 @@ class StepRunner:
         if after_update is not None:
             after_update()
         return lrs
+
+
+def checked_loss(losses: list[torch.Tensor], images: list[list[str] | None], step: int) -> float:
+    """The mean of an update's micro-batch losses, read from the device in one transfer.
+
+    Raises:
+        NonFiniteLoss: a micro-batch's loss is NaN or infinite (the first such, with its images); the caller
+            must then not step the optimizer.
+    """
+    values = torch.stack(losses).tolist()
+    for value, named in zip(values, images, strict=True):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(step, value, named)
+    return sum(values) / len(values)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
@@ -167,8 +181,9 @@ def epoch_loader(session: Session, epoch: int, start: int) -> Any:
         kept.batch_sampler.move_to(**position)
         return kept
     batches = EpochBatches(session.sampler, accumulation=schedule.accumulation, **position)
+    # Pinned batches reach the GPU without the host waiting for the copy (engine.train.transfer).
     loader = DataLoader(session.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                        persistent_workers=persistent)
+                        persistent_workers=persistent, pin_memory=session.device.type == "cuda")
     if persistent:
         setattr(session, _KEPT_LOADER, loader)  # the session lives as long as the run, and so do the workers
     return loader

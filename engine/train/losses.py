@@ -214,7 +214,8 @@ def _debiased_weight(snr: torch.Tensor, settings: LossSettings, table: torch.Ten
     capped = snr.clamp(max=SNR_CAP)
     if settings.v_prediction:
         return 1.0 / (capped + 1.0)
-    floor = table[table > 0].min().to(capped.device)
+    # The smallest positive SNR, without boolean indexing (whose result size the host would have to wait for).
+    floor = torch.where(table > 0, table, torch.inf).min().to(capped.device)
     return capped.clamp(min=floor).rsqrt()
 
 

@@ -32,16 +32,18 @@ def _network(session: Session) -> Any:
 
 def apply_batch_multipliers(session: Session, batch: dict[str, Any]) -> None:
     """Set each sample's dataset multiplier on the network (a float when the batch has one value)."""
+    from engine.train.transfer import to_device
+
     network = _network(session)
-    values = batch.get("network_multiplier")
+    values = batch.get("network_multiplier")  # host floats, one per sample (engine.train.dataset.collate)
     if network is None:
         return
     if values is None:
         network.set_multiplier(1.0)
-    elif bool((values == values[0]).all()):
+    elif all(value == values[0] for value in values):
         network.set_multiplier(float(values[0]))
     else:
-        network.set_multiplier(values.to(session.device, torch.float32))
+        network.set_multiplier(to_device(torch.tensor(values, dtype=torch.float32), session.device))
 
 
 def reset_multipliers(session: Session) -> None:

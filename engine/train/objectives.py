@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.models.families import family_info
+from engine.train.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.train.setup import Session
 
-__all__ = ["OBJECTIVES", "DiffusionObjective", "FlowObjective", "make_objective"]
+__all__ = ["OBJECTIVES", "DiffusionObjective", "FlowObjective", "make_objective", "per_sample_draws"]
 
 
 class DiffusionObjective:
@@ -57,22 +58,17 @@ class DiffusionObjective:
         prediction = predict()
         target = training_target(self.scheduler, latents, noise, timesteps, session.config.model.v_parameterization)
         target = preserved_target(session, batch, target, predict)
-        weights = batch["loss_weight"].to(latents.device)
+        weights = to_device(batch["loss_weight"], latents.device)
         return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from engine.train.noise import noisy_latents, sample_noise, sample_timesteps
+        from engine.train.noise import NoiseDraws
 
-        noises, steps, noisy = [], [], []
-        for index, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            sample = latents[index:index + 1]
-            noise = sample_noise(sample, self.noise_settings, generator)
-            timestep = sample_timesteps(1, self.noise_settings, sample.device, generator)
-            noisy.append(noisy_latents(self.scheduler, sample, noise, timestep, self.noise_settings, generator))
-            noises.append(noise)
-            steps.append(timestep)
-        return torch.cat(noises), torch.cat(steps), torch.cat(noisy)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        draws = NoiseDraws.per_sample((1, *latents.shape[1:]), self.noise_settings, generators).to(latents.device)
+        noise = draws.noise(latents, self.noise_settings)
+        noisy = self.scheduler.add_noise(latents, draws.perturbed(noise), draws.timesteps)
+        return noise, draws.timesteps, noisy
 
 
 class FlowObjective:
@@ -116,7 +112,7 @@ class FlowObjective:
 
         prediction = predict()
         target = preserved_target(session, batch, flow.velocity_target(latents, noise), predict)
-        weights = batch["loss_weight"].to(latents.device)
+        weights = to_device(batch["loss_weight"], latents.device)
         weighting = flow.loss_weights(self.settings, sigmas)
         if weighting is not None:
             weights = weights * weighting.to(weights)
@@ -125,19 +121,36 @@ class FlowObjective:
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from engine.train import flow
 
-        noises, sigmas, noisy = [], [], []
-        height, width = latents.shape[-2:]
-        for index, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            sample = latents[index:index + 1]
-            noise = flow.flow_noise(sample, generator)
-            sigma = flow.sample_sigmas(1, self.settings, (height, width), generator, sample.device)
-            noisy.append(flow.noisy_input(sample, noise, sigma, ip_noise_gamma=self.settings.ip_noise_gamma,
-                                          ip_noise_gamma_random_strength=self.settings.ip_noise_gamma_random_strength,
-                                          generator=generator))
-            noises.append(noise)
-            sigmas.append(sigma)
-        return torch.cat(noises), torch.cat(sigmas), torch.cat(noisy)
+        settings = self.settings
+        sample_shape = (1, *latents.shape[1:])
+        hw = tuple(latents.shape[-2:])
+
+        def draw(generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+            drawn = (flow.flow_noise(torch.empty(sample_shape), generator),
+                     flow.sample_sigmas(1, settings, hw, generator, "cpu"))
+            if not settings.ip_noise_gamma:
+                return drawn
+            return (*drawn, flow.draw_perturbation(sample_shape, settings.ip_noise_gamma,
+                                                   settings.ip_noise_gamma_random_strength, generator))
+
+        noise, sigmas, *perturbation = per_sample_draws(seeds, draw, latents.device)
+        noise = noise.to(latents.dtype)
+        noisy = flow.noisy_input(latents, noise, sigmas, perturbation=perturbation[0] if perturbation else None)
+        return noise, sigmas, noisy
+
+
+def per_sample_draws(seeds: list[int], draw: Callable[[torch.Generator], tuple[torch.Tensor, ...]],
+                     device: torch.device) -> list[torch.Tensor]:
+    """``draw`` run for each sample with a CPU generator seeded from its own seed, each kind of draw stacked over
+    the batch and moved to ``device`` in one copy (no host wait on a GPU, engine.train.transfer).
+
+    Drawing on the CPU gives the same numbers on any accelerator, and the per-sample seeds make a sample's draws
+    independent of its batch and of the process count.
+    """
+    from engine.train.transfer import to_device
+
+    rows = [draw(torch.Generator().manual_seed(seed)) for seed in seeds]
+    return [to_device(torch.cat(column), device) for column in zip(*rows, strict=True)]
 
 
 def _sd3_objective(session: Session) -> Any:

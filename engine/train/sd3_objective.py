@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.train.transfer import to_device
+
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
     from engine.models.text_encoding import EncodedText
@@ -170,23 +172,23 @@ class SD3Objective:
 
         prediction = predict()
         target = preserved_target(session, batch, latents.float(), predict)
-        weights = batch["loss_weight"].to(latents.device) * loss_weighting(self.settings.weighting_scheme, sigmas)
+        weighting = loss_weighting(self.settings.weighting_scheme, sigmas)
+        weights = to_device(batch["loss_weight"], latents.device) * weighting
         return batch_loss(prediction, target, timesteps, weights, self.loss_settings, None)
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ε, t and x_σ per sample, from its own seed: ε first, then u (sd-scripts' order)."""
         from engine.train.flow import flow_noise
+        from engine.train.objectives import per_sample_draws
 
-        noises, steps, noisy = [], [], []
-        for index, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            sample = latents[index:index + 1]
-            noise = flow_noise(sample, generator)
-            timestep = sample_timesteps(1, self.settings, generator, sample.device)
-            noisy.append(noisy_input(sample, noise, sigmas_of(timestep)))
-            noises.append(noise)
-            steps.append(timestep)
-        return torch.cat(noises), torch.cat(steps), torch.cat(noisy)
+        sample_shape = (1, *latents.shape[1:])
+
+        def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return flow_noise(torch.empty(sample_shape), generator), sample_timesteps(1, self.settings, generator)
+
+        noise, timesteps = per_sample_draws(seeds, draw, latents.device)
+        noise = noise.to(latents.dtype)
+        return noise, timesteps, noisy_input(latents, noise, sigmas_of(timesteps))
 
 
 def training_latent_sizes(scan: Any) -> list[int]:
@@ -229,4 +231,4 @@ def sd3_conditioning(session: Session, batch: dict[str, Any], encoded: EncodedTe
         raise ValueError("SD3 conditioning needs the pooled CLIP-L + CLIP-G vector, and the text encoding gave none; "
                          "re-cache the text-encoder outputs (delete the _sd3_te cache files)")
     device, dtype = session.device, session.weight_dtype
-    return {"context": encoded.hidden_states.to(device, dtype), "y": encoded.pooled.to(device, dtype)}
+    return {"context": to_device(encoded.hidden_states, device, dtype), "y": to_device(encoded.pooled, device, dtype)}

@@ -19,7 +19,7 @@ import torch
 
 from engine.files import clean_stale_temporaries, disk_full_named, ensure_free_space
 from engine.train import naming
-from engine.train.loop import NonFiniteLoss, StepRunner, epoch_loader, micro_seed, position_after
+from engine.train.loop import NonFiniteLoss, StepRunner, checked_loss, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
 from engine.train.save_checks import NonFiniteWeights, refuse_non_finite, save_bytes
 from engine.train.setup import Session
@@ -105,23 +105,26 @@ class Trainer:
         schedule = session.schedule
         accumulation = schedule.accumulation
         step = self.position.global_step
-        pending, loss_sum = 0, 0.0
+        losses: list[torch.Tensor] = []  # this update's micro-batch losses, still on the device
+        images: list[list[str] | None] = []
         micro = start
         for batch in epoch_loader(session, epoch, start):
             seed = micro_seed(session.config.training.seed, epoch, micro, session.accelerator.process_index)
             try:
-                loss_sum += self.runner.micro_batch(batch, seed, accumulation, step + 1)
+                losses.append(self.runner.micro_batch(batch, seed, accumulation, step + 1))
+                images.append(batch.get("image"))
+                micro += 1
+                if len(losses) < accumulation and micro < schedule.batches_per_epoch:
+                    continue
+                # The update's one read from the device, after its backward passes and before the optimizer step.
+                loss = checked_loss(losses, images, step + 1)
             except NonFiniteLoss as error:
                 return self._non_finite(error)
-            pending += 1
-            micro += 1
-            if pending < accumulation and micro < schedule.batches_per_epoch:
-                continue
             lrs = self.runner.update()
             step += 1
             self.position = position_after(epoch, micro, step, schedule.batches_per_epoch)
-            self._report(step, epoch, loss_sum / pending, lrs)
-            pending, loss_sum = 0, 0.0
+            self._report(step, epoch, loss, lrs)
+            losses, images = [], []
             outcome = self._between_steps(epoch, step)
             if outcome is not None:
                 return outcome
@@ -370,7 +373,6 @@ class Trainer:
     def _set_train_mode(self, training: bool) -> None:
         from engine.train.optimizers import set_eval_mode, set_train_mode
 
-        optimizer = getattr(self.session.optimizer, "optimizer", self.session.optimizer)
-        (set_train_mode if training else set_eval_mode)(optimizer)
+        (set_train_mode if training else set_eval_mode)(self.session.optimizer)
         for module in self.session.method.trainable_modules():
             module.train(training)
