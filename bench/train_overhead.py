@@ -112,6 +112,9 @@ def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_s
         latents = model.vae.vae.encode(pixels).latent_dist.mean.to(device) * model.vae.scaling_factor
         encoded = encode_captions(model.text, ["sks dog, red square"] * 8, clip_skip=1, max_token_length=75)
     hidden = encoded.hidden_states.to(device)
+    # SDXL: the pooled text embedding and the size ids (original 64x64, no crop, target 64x64) of every image.
+    pooled = encoded.pooled.to(device) if encoded.pooled is not None else None
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * batch_size, dtype=torch.float32, device=device)
     unet = model.unet.to(device).requires_grad_(False)
     network = create_lora_network(unet, model.text.encoders, family, dim=8, alpha=8.0, train_text_encoder=False)
     network.apply_to()
@@ -127,7 +130,9 @@ def baseline_step_time(models: dict[str, Path], family: str, steps: int, batch_s
         x0, states = latents[index], hidden[index]
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, 1000, (batch_size,), device=device)
-        prediction = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, encoder_hidden_states=states).sample
+        extra = {} if pooled is None else {"added_cond_kwargs": {"text_embeds": pooled[index], "time_ids": time_ids}}
+        prediction = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, encoder_hidden_states=states,
+                          **extra).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         minimal_update(loss, parameters, optimizer, device, clock)
         del step
@@ -222,9 +227,11 @@ class Figures:
 
     def summary(self) -> str:
         ratios = self.ratios()
+        overhead = statistics.median(e - b for e, b in zip(self.engine, self.baseline, strict=True))
         return (f"{statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)}); "
                 f"engine {statistics.median(self.engine) * 1000:.1f} ms/step, "
-                f"baseline {statistics.median(self.baseline) * 1000:.1f} ms/step")
+                f"baseline {statistics.median(self.baseline) * 1000:.1f} ms/step, "
+                f"overhead {overhead * 1000:+.2f} ms/step (median of the runs' differences)")
 
 if __name__ == "__main__":
     main()

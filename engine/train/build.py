@@ -22,7 +22,7 @@ from engine.models.families import family_info
 from engine.train.conditioning import check_text_options
 from engine.train.dataset import TrainingDataset, batch_sizes, examples_from_scan
 from engine.train.methods import create_method
-from engine.train.placement import place_models, store_frozen_in_fp8
+from engine.train.placement import compile_denoiser, place_models, store_frozen_in_fp8
 from engine.train.reporting import RunLog
 from engine.train.setup import (
     RunInputError,
@@ -60,6 +60,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     if swapper is not None:
         log.line(f"block swap: {swapper.blocks_to_swap} blocks kept on the CPU between uses "
                  f"({', '.join(swapper.swapped_names)})")
+    compile_denoiser(config, model, log)
     examples = examples_from_scan(scan)  # the sampler and the dataset index this one list
     sampler = BucketBatchSampler([example.record for example in examples], batch_sizes(scan),
                                  seed=config.training.seed,

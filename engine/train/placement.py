@@ -119,3 +119,19 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     if latents_cached and device.type == "cuda":
         torch.cuda.empty_cache()
     return swapper
+
+
+def compile_denoiser(config: RunConfig, model: Any, log: Any) -> None:
+    """launch.dynamo_backend: compile the denoiser's forward with torch.compile, after the network is applied (its
+    layers are part of the traced forward). `Module.compile` compiles in place, so the state-dict keys, attributes
+    and saved files stay as they are. Nothing else compiles it: the engine never hands the model to accelerate's
+    `prepare`, where the launcher's --dynamo_backend would apply.
+
+    A float multiplier that changes between batches (datasets' network_multiplier) or the switch to eval mode for
+    samples makes torch.compile trace again; that is a one-time cost per value.
+    """
+    backend = config.launch.dynamo_backend
+    if backend == "no":
+        return
+    model.unet.compile(backend=backend)
+    log.line(f"the denoiser is compiled with torch.compile (backend {backend}); the first steps trace it")

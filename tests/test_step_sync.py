@@ -1,0 +1,127 @@
+"""The training step queues its work without waiting for the device: no value is read back to the host before the
+backward pass (issue 18). On a GPU such a read (`.item()`, `float()`, `bool()` of a tensor, or a plain copy to the
+device from ordinary CPU memory) makes the CPU wait for the forward pass before it can queue the backward.
+
+Every aten call of a real training run on the tiny models is recorded by a dispatch mode, with the start of each
+micro-batch and of each backward pass: between a micro-batch's start and its backward there must be no host read
+and no blocking host-to-device copy. The update's single read of the losses (after backward, for the NaN check and
+the reported loss) must be there, which also shows that the recorder sees reads at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_train_flux import flux_config
+from test_train_sd3 import sd3_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from train_helpers import write_config
+
+aten = torch.ops.aten
+HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
+# Options whose code runs inside the step: noise offset and input perturbation with random strengths, min-SNR and
+# debiased weights, a Huber loss with the SNR schedule, and a dataset's network multiplier.
+SD_OPTIONS = {"noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01,
+              "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True, "min_snr_gamma": 5.0,
+              "debiased_estimation_loss": True, "loss_type": "huber", "huber_schedule": "snr"}
+
+
+class StepRecorder(TorchDispatchMode):
+    """Notes host reads and blocking host-to-device copies, in order with the marks the test adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    def mark(self, name: str) -> None:
+        self.events.append((name, ""))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in HOST_READS:
+            self.events.append(("read", str(func)))
+        elif func is aten._to_copy.default and _blocking_upload(args[0], kwargs):
+            self.events.append(("upload", str(func)))
+        return func(*args, **kwargs)
+
+
+def _blocking_upload(source: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    target = kwargs.get("device")
+    return (source.device.type == "cpu" and target is not None and torch.device(target).type != "cpu"
+            and not kwargs.get("non_blocking", False))
+
+
+def _record_run(config_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    from engine.config.io import load_config
+    from engine.train.build import build_session
+    from engine.train.control import ControlChannel
+    from engine.train.reporting import RunLog
+    from engine.train.trainer import Trainer
+
+    config = load_config(config_path, check_packages=False)
+    out = config_path.parent / "out"
+    log = RunLog(out)
+    recorder = StepRecorder()
+    original_backward = torch.Tensor.backward
+
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        recorder.mark("backward")
+        return original_backward(self, *args, **kwargs)
+
+    try:
+        trainer = Trainer(build_session(config, config_path.parent, out, log), ControlChannel(out))
+        micro_batch, update = trainer.runner.micro_batch, trainer.runner.update
+
+        def marked_micro_batch(*args: Any) -> Any:
+            recorder.mark("micro-batch")
+            return micro_batch(*args)
+
+        def marked_update() -> Any:
+            recorder.mark("update")
+            return update()
+
+        trainer.runner.micro_batch, trainer.runner.update = marked_micro_batch, marked_update
+        monkeypatch.setattr(torch.Tensor, "backward", backward)
+        with recorder:
+            assert trainer.run().status == "finished"
+    finally:
+        log.close()
+    return recorder.events
+
+
+def _check(events: list[tuple[str, str]], micro_batches: int, updates: int) -> None:
+    starts = [index for index, (name, _) in enumerate(events) if name == "micro-batch"]
+    assert len(starts) == micro_batches and sum(name == "update" for name, _ in events) == updates
+    for start in starts:
+        backward = next(index for index in range(start, len(events)) if events[index][0] == "backward")
+        waits = [event for event in events[start:backward] if event[0] in ("read", "upload")]
+        assert not waits, f"the step waits for the device before backward: {waits}"
+    for index, (name, _) in enumerate(events):
+        if name == "update":  # the losses were read once since the last backward
+            last_backward = max(i for i in range(index) if events[i][0] == "backward")
+            assert any(event[0] == "read" for event in events[last_backward:index])
+
+
+def test_sd_step_reads_nothing_back_before_backward(tiny_models, tmp_path, monkeypatch):
+    folder = str(tiny_models["dataset_img"] / "10_sks dog")
+    dataset = {"train_data_dir": "", "datasets": [
+        {"batch_size": 4, "enable_bucket": False, "network_multiplier": 0.5,
+         "subsets": [{"image_dir": folder, "num_repeats": 1}]},
+    ]}
+    config = write_config(tmp_path / "config.toml", tiny_models, "sdxl", dataset=dataset,
+                          training={"max_train_steps": 2, "gradient_accumulation_steps": 2, **SD_OPTIONS})
+    _check(_record_run(config, monkeypatch), micro_batches=4, updates=2)
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_flow_steps_read_nothing_back_before_backward(family, tiny_models, tmp_path, monkeypatch):
+    training: dict[str, Any] = {"max_train_steps": 2}
+    if family == "flux1":
+        training.update(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
+        config = flux_config(tmp_path / "config.toml", tiny_models, training=training)
+    else:
+        config = sd3_config(tmp_path / "config.toml", tiny_models, training=training)
+    _check(_record_run(config, monkeypatch), micro_batches=2, updates=2)
