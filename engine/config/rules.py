@@ -337,6 +337,13 @@ def noise_options_combine(config: RunConfig, context: RuleContext) -> Iterator[P
     if training.persistent_data_loader_workers and not training.max_data_loader_n_workers:
         yield Problem("training.persistent_data_loader_workers", "has no effect with max_data_loader_n_workers = "
                       "0", "warning")
+    if training.cache_on_device and not (training.cache_latents or training.cache_text_encoder_outputs):
+        yield Problem("training.cache_on_device", "has nothing to keep on the GPU: turn on cache_latents or "
+                      "cache_text_encoder_outputs, or turn this off", "warning")
+    if training.cache_on_device and training.max_data_loader_n_workers:
+        yield Problem("training.cache_on_device", "data-loader worker processes cannot hand out tensors that live "
+                      "on the GPU; set max_data_loader_n_workers = 0 (with everything cached, the workers have "
+                      "little to do) or turn this off")
 
 
 # --- optimizer -------------------------------------------------------------------------------------------------

@@ -192,6 +192,11 @@ class TrainingSection(StrictModel):
         False, "Encode captions once before training; needs fixed captions and a frozen text encoder.",
         advanced=True, group="caching",
     )
+    cache_on_device: bool = setting(
+        False, "Keep the cached latents and text-encoder outputs in GPU memory for the whole run instead of copying "
+        "each batch from system memory (uses GPU memory; needs max_data_loader_n_workers = 0).", advanced=True,
+        group="caching",
+    )
     vae_batch_size: int = setting(1, "Images encoded at once while caching latents.", ge=1, le=256, advanced=True,
                                   group="caching")
     clip_l_dropout_rate: float = setting(

@@ -20,7 +20,7 @@ from engine.data.sampler import BucketBatchSampler
 from engine.data.scan import scan_config
 from engine.models.families import family_info
 from engine.train.conditioning import check_text_options
-from engine.train.dataset import TrainingDataset, batch_sizes, examples_from_scan
+from engine.train.dataset import TrainingDataset, batch_sizes, caches_on_device, examples_from_scan
 from engine.train.methods import create_method
 from engine.train.placement import compile_denoiser, place_models, store_frozen_in_fp8
 from engine.train.reporting import RunLog
@@ -66,6 +66,8 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
                                  seed=config.training.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     schedule = compute_schedule(config, len(sampler))
+    if config.training.cache_on_device:
+        latents, texts = caches_on_device(latents, texts, accelerator.device)
     dataset = TrainingDataset(examples, seed=config.training.seed,
                               max_train_steps=schedule.total_steps, latents=latents, texts=texts)
     built, lr_scheduler = build_optimization(config, method, schedule)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         if self.latents is not None:
             cached = self.latents[(record.path, tuple(record.bucket))]
             chosen = cached.latents_flipped if flip and cached.latents_flipped is not None else cached.latents
-            item["latents"] = torch.from_numpy(np.ascontiguousarray(chosen, dtype=np.float32))
+            item["latents"] = _as_tensor(chosen, np.float32)
             item["original_size"] = _hw(cached.original_size)
             item["crop_top_left"] = _crop(cached, flip, record.resized[0])
         else:
@@ -141,15 +141,40 @@ class TrainingDataset(torch.utils.data.Dataset):
             item["crop_top_left"] = (prepared.crop_ltrb[1], prepared.crop_ltrb[0])
         if self.texts is not None:
             text = self.texts[record.path]
-            item["hidden_states"] = torch.from_numpy(np.asarray(text.hidden_states, dtype=np.float32))
+            item["hidden_states"] = _as_tensor(text.hidden_states, np.float32)
             if text.pooled is not None:
-                item["pooled"] = torch.from_numpy(np.asarray(text.pooled, dtype=np.float32))
+                item["pooled"] = _as_tensor(text.pooled, np.float32)
             if text.mask is not None:
-                item["text_mask"] = torch.from_numpy(np.asarray(text.mask, dtype=bool))
+                item["text_mask"] = _as_tensor(text.mask, bool)
         else:
             item["caption"] = process_caption(record.caption, example.captions, rng=rng, epoch=key.epoch,
                                               step=key.step, max_train_steps=self.max_train_steps)
         return item
+
+
+def _as_tensor(value: np.ndarray | torch.Tensor, dtype: Any) -> torch.Tensor:
+    """A cache entry's array as a tensor (already one, on the device, with training.cache_on_device)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=dtype))
+
+
+def caches_on_device(latents: dict[Any, CachedLatents] | None, texts: dict[Path, CachedText] | None,
+                     device: torch.device) -> tuple[dict[Any, CachedLatents] | None, dict[Path, CachedText] | None]:
+    """The caches with every array converted once to a tensor on `device` (training.cache_on_device): batches are
+    then stacked where the model runs, instead of being copied from system memory at every step."""
+    def move(value: np.ndarray | None, dtype: Any) -> torch.Tensor | None:
+        return None if value is None else _as_tensor(value, dtype).to(device)
+
+    if latents is not None:
+        latents = {key: replace(entry, latents=move(entry.latents, np.float32),
+                                latents_flipped=move(entry.latents_flipped, np.float32))
+                   for key, entry in latents.items()}
+    if texts is not None:
+        texts = {key: replace(entry, hidden_states=move(entry.hidden_states, np.float32),
+                              pooled=move(entry.pooled, np.float32), mask=move(entry.mask, bool))
+                 for key, entry in texts.items()}
+    return latents, texts
 
 
 def _hw(size_wh: Sequence[int] | None) -> tuple[int, int]:

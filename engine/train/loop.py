@@ -181,9 +181,11 @@ def epoch_loader(session: Session, epoch: int, start: int) -> Any:
         kept.batch_sampler.move_to(**position)
         return kept
     batches = EpochBatches(session.sampler, accumulation=schedule.accumulation, **position)
-    # Pinned batches reach the GPU without the host waiting for the copy (engine.train.transfer).
+    # Pinned batches reach the GPU without the host waiting for the copy (engine.train.transfer); caches kept on
+    # the device give batches that are there already (and cannot be pinned).
+    pin = session.device.type == "cuda" and not training.cache_on_device
     loader = DataLoader(session.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                        persistent_workers=persistent, pin_memory=session.device.type == "cuda")
+                        persistent_workers=persistent, pin_memory=pin)
     if persistent:
         setattr(session, _KEPT_LOADER, loader)  # the session lives as long as the run, and so do the workers
     return loader

@@ -52,6 +52,8 @@ def errors_for(data: dict, check_packages: bool = False) -> dict[str, str]:
     ({"training": {"max_train_epochs": 3, "max_train_steps": 100}}, "training.max_train_steps", "keep one"),
     ({"dataset": {"general": {"resolution": 512, "min_bucket_reso": 640}}}, "dataset.general.min_bucket_reso",
      "lower it"),
+    ({"training": {"cache_on_device": True, "max_data_loader_n_workers": 2}}, "training.cache_on_device",
+     "max_data_loader_n_workers = 0"),
 ])
 def test_rule_rejects_combination(data, path, fragment):
     problems = errors_for(data)
@@ -86,6 +88,12 @@ def test_warnings_do_not_fail_validation():
                              check_packages=False)
     warnings = {problem.path for problem in config_warnings(config)}
     assert "optimizer.learning_rate" in warnings
+
+
+def test_keeping_caches_on_the_gpu_without_caches_is_a_warning():
+    config = validate_config({"training": {"cache_latents": False, "cache_on_device": True}}, check_packages=False)
+    warnings = {problem.path: problem.message for problem in config_warnings(config)}
+    assert "nothing to keep" in warnings["training.cache_on_device"]
 
 
 def test_check_runs_over_a_dataset_file_in_the_context():
