@@ -196,7 +196,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for name in items[0]:
         values = [item[name] for item in items]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    batch["loss_weight"] = torch.tensor(batch["loss_weight"], dtype=torch.float32)
+    batch["loss_weight"] = [float(weight) for weight in batch["loss_weight"]]  # host numbers (losses.batch_weights)
     if "network_multiplier" in batch:  # host numbers: the step compares them without reading the device
         batch["network_multiplier"] = [float(value) for value in batch["network_multiplier"]]
     batch["noise_seed"] = [int(seed) for seed in batch["noise_seed"]]

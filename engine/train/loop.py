@@ -135,7 +135,8 @@ def checked_loss(losses: list[torch.Tensor], images: list[list[str] | None], ste
         NonFiniteLoss: a micro-batch's loss is NaN or infinite (the first such, with its images); the caller
             must then not step the optimizer.
     """
-    values = [float(value) for value in torch.stack(losses).cpu()]  # one device-to-host copy
+    # One device-to-host copy for the whole update.
+    values = [float(losses[0])] if len(losses) == 1 else [float(value) for value in torch.stack(losses).cpu()]
     for value, named in zip(values, images, strict=True):
         if not math.isfinite(value):
             raise NonFiniteLoss(step, value, named)

@@ -30,6 +30,7 @@ __all__ = [
     "HUBER_SCHEDULES",
     "LossSettings",
     "batch_loss",
+    "batch_weights",
     "element_loss",
     "huber_c",
     "snr_table",
@@ -250,7 +251,7 @@ def _resize_mask(mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return F.interpolate(mask.to(loss), size=tuple(loss.shape[2:]), mode="area")
 
 
-def batch_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, sample_weights: torch.Tensor,
+def batch_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, sample_weights: torch.Tensor | None,
                settings: LossSettings, table: torch.Tensor | None, *,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar loss of one batch, reduced as sd-scripts does.
@@ -259,7 +260,8 @@ def batch_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
         pred: the model's output, [B, C, H, W].
         target: from ``engine.train.noise.training_target``.
         timesteps: the batch's timesteps, [B].
-        sample_weights: per-sample loss weights, [B] (prior_loss_weight for regularization images, else 1).
+        sample_weights: per-sample loss weights, [B] (prior_loss_weight for regularization images, else 1);
+            None when every weight is 1 (see :func:`batch_weights`), which skips the multiplication.
         settings: the loss options.
         table: :func:`snr_table` of the trained scheduler; None for flow matching, which has no SNR table: its
             ``timesteps`` are σ·1000 (floats), the SNR-based weights do not apply and the Huber "snr" schedule is
@@ -277,10 +279,25 @@ def batch_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
     if mask is not None:
         loss = loss * _resize_mask(mask, loss)
     loss = loss.mean(dim=tuple(range(1, loss.ndim)))
-    loss = loss * sample_weights.to(loss)
-    if table is not None:
+    if sample_weights is not None:
+        loss = loss * sample_weights.to(loss)
+    if table is not None and any(getattr(settings, option) for option, _ in _SNR_WEIGHTS):
         loss = loss * snr_weights(timesteps, settings, table).to(loss.device)
     return loss.mean()
+
+
+def batch_weights(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """A batch's per-sample loss weights on ``device``, or None when all are 1 (most batches: only regularization
+    images differ). The data loader gives them as host numbers, so deciding costs no read from the device; a
+    tensor given instead is used as it is."""
+    from engine.train.transfer import to_device
+
+    weights = batch["loss_weight"]
+    if isinstance(weights, torch.Tensor):
+        return to_device(weights, device)
+    if all(weight == 1.0 for weight in weights):
+        return None
+    return to_device(torch.tensor(weights, dtype=torch.float32), device)
 
 
 _FLOW_STEPS = 1000  # flow timesteps are σ·1000: the exponential Huber schedule divides by this

@@ -163,7 +163,9 @@ class NoiseDraws:
 
 
 def _cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if values[0] is None else torch.cat(values)
+    if values[0] is None:
+        return None
+    return values[0] if len(values) == 1 else torch.cat(values)
 
 
 def _draw_noise(shape: tuple[int, ...], settings: NoiseSettings, generator: torch.Generator) -> NoiseDraws:

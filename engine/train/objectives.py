@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.models.families import family_info
-from engine.train.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.train.setup import Session
@@ -44,7 +43,7 @@ class DiffusionObjective:
         self.snr = snr_table(self.scheduler).to(session.device)
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        from engine.train.losses import batch_loss
+        from engine.train.losses import batch_loss, batch_weights
         from engine.train.network_scaling import preserved_target
         from engine.train.noise import training_target
 
@@ -58,7 +57,7 @@ class DiffusionObjective:
         prediction = predict()
         target = training_target(self.scheduler, latents, noise, timesteps, session.config.model.v_parameterization)
         target = preserved_target(session, batch, target, predict)
-        weights = to_device(batch["loss_weight"], latents.device)
+        weights = batch_weights(batch, latents.device)
         return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +87,7 @@ class FlowObjective:
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train import flow
-        from engine.train.losses import batch_loss
+        from engine.train.losses import batch_loss, batch_weights
         from engine.train.network_scaling import preserved_target
 
         session = self.session
@@ -112,10 +111,11 @@ class FlowObjective:
 
         prediction = predict()
         target = preserved_target(session, batch, flow.velocity_target(latents, noise), predict)
-        weights = to_device(batch["loss_weight"], latents.device)
+        weights = batch_weights(batch, latents.device)
         weighting = flow.loss_weights(self.settings, sigmas)
         if weighting is not None:
-            weights = weights * weighting.to(weights)
+            weighting = weighting.to(latents.device, torch.float32)
+            weights = weighting if weights is None else weights * weighting
         return batch_loss(prediction, target.float(), sigmas * 1000.0, weights, self.loss_settings, None)
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -149,7 +149,7 @@ class SD3Objective:
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.flow import loss_weighting
-        from engine.train.losses import batch_loss
+        from engine.train.losses import batch_loss, batch_weights
         from engine.train.network_scaling import preserved_target
 
         session = self.session
@@ -172,8 +172,9 @@ class SD3Objective:
 
         prediction = predict()
         target = preserved_target(session, batch, latents.float(), predict)
+        weights = batch_weights(batch, latents.device)
         weighting = loss_weighting(self.settings.weighting_scheme, sigmas)
-        weights = to_device(batch["loss_weight"], latents.device) * weighting
+        weights = weighting if weights is None else weights * weighting
         return batch_loss(prediction, target, timesteps, weights, self.loss_settings, None)
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,13 @@ class Session:
     block_swapper: Any = None  # engine.models.flux.block_swap.BlockSwapper while training.blocks_to_swap is on
     started_at: float = field(default_factory=time.time)
 
-    @property
+    # Read once: accelerate answers both by building its process state again (and parsing environment flags) on
+    # every access, some 25 µs each, and the step asks for the device many times.
+    @cached_property
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    @property
+    @cached_property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 

@@ -15,6 +15,8 @@ __all__ = ["to_device"]
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`tensor` on `device` (in `dtype` if given); CPU to CUDA copies go from pinned memory without a host wait."""
+    if tensor.device == device and (dtype is None or tensor.dtype == dtype):
+        return tensor
     if tensor.device != device and tensor.device.type == "cpu" and device.type == "cuda":
         if not tensor.is_pinned():
             tensor = tensor.pin_memory()
