@@ -39,3 +39,26 @@ def test_a_compiled_denoiser_trains_as_the_plain_one(tiny_models, tmp_path):
     for key, tensor in expected.items():
         torch.testing.assert_close(actual[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
     torch._dynamo.reset()
+
+
+def test_a_backend_this_machine_cannot_run_is_refused_before_loading(monkeypatch):
+    import shutil
+
+    import pytest
+
+    from engine.config.schema import RunConfig
+    from engine.train.placement import check_compile_backend
+    from engine.train.setup import RunInputError
+
+    def config(backend: str) -> RunConfig:
+        return RunConfig.model_validate({"launch": {"dynamo_backend": backend}}, context={"check_packages": False})
+
+    cpu = torch.device("cpu")
+    with pytest.raises(RunInputError, match="needs a CUDA GPU") as refused:
+        check_compile_backend(config("cudagraphs"), cpu)
+    assert refused.value.where == "launch.dynamo_backend"
+    check_compile_backend(config("cudagraphs"), torch.device("cuda", 0))  # fine where there is a GPU
+    check_compile_backend(config("aot_eager"), cpu)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without a C++ compiler
+    with pytest.raises(RunInputError, match="no C\\+\\+ compiler"):
+        check_compile_backend(config("inductor"), cpu)

@@ -127,7 +127,11 @@ class LaunchSection(StrictModel):
         "environment's OMP_NUM_THREADS says, else torch's default for one process and accelerate's for several.",
         ge=1, le=256, advanced=True,
     )
-    dynamo_backend: DynamoBackend = setting("no", "torch.compile backend (no = off).", advanced=True)
+    dynamo_backend: DynamoBackend = setting(
+        "no", "Compile the denoiser with torch.compile using this backend (no = off); the first steps are slow "
+        "while it traces. inductor is the fast one (needs a C++ compiler on a CPU), cudagraphs needs a GPU.",
+        advanced=True,
+    )
     accelerate_config_file: str = setting(
         "", "An accelerate config file (e.g. for DeepSpeed or FSDP) passed to accelerate launch.", widget="file",
         advanced=True,

@@ -22,7 +22,7 @@ from engine.models.families import family_info
 from engine.train.conditioning import check_text_options
 from engine.train.dataset import TrainingDataset, batch_sizes, caches_on_device, examples_from_scan
 from engine.train.methods import create_method
-from engine.train.placement import compile_denoiser, place_models, store_frozen_in_fp8
+from engine.train.placement import check_compile_backend, compile_denoiser, place_models, store_frozen_in_fp8
 from engine.train.reporting import RunLog
 from engine.train.setup import (
     RunInputError,
@@ -39,6 +39,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     """`checkpoint(phase)` is called after each long phase; it raises to end the run there (a stop was asked)."""
     checkpoint = checkpoint or (lambda phase: None)
     accelerator = accelerator or make_accelerator(config, base_dir)
+    check_compile_backend(config, accelerator.device)
     scan = scan_dataset(config, base_dir, log, defer=_deferred_findings(config))
     checkpoint("while scanning the dataset")
     model = load_base_model(config, base_dir, accelerator)

@@ -121,6 +121,30 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     return swapper
 
 
+# C++ compilers torch's inductor backend can build its CPU kernels with.
+_CPP_COMPILERS = ("g++", "c++", "clang++")
+
+
+def check_compile_backend(config: RunConfig, device: torch.device) -> None:
+    """Refuse, before anything is loaded, a launch.dynamo_backend this machine cannot run.
+
+    Raises:
+        RunInputError: "cudagraphs" without a CUDA device; "inductor" on a CPU without a C++ compiler.
+    """
+    import shutil
+
+    from engine.train.setup import RunInputError
+
+    backend = config.launch.dynamo_backend
+    if backend == "cudagraphs" and device.type != "cuda":
+        raise RunInputError("launch.dynamo_backend = \"cudagraphs\" needs a CUDA GPU",
+                            "use \"inductor\" or \"no\"", "launch.dynamo_backend")
+    if backend == "inductor" and device.type == "cpu" and not any(shutil.which(name) for name in _CPP_COMPILERS):
+        raise RunInputError("launch.dynamo_backend = \"inductor\" compiles C++ on a CPU, and no C++ compiler "
+                            f"({', '.join(_CPP_COMPILERS)}) was found", "install one (e.g. Debian's g++), or use "
+                            "\"aot_eager\" or \"no\"", "launch.dynamo_backend")
+
+
 def compile_denoiser(config: RunConfig, model: Any, log: Any) -> None:
     """launch.dynamo_backend: compile the denoiser's forward with torch.compile, after the network is applied (its
     layers are part of the traced forward). `Module.compile` compiles in place, so the state-dict keys, attributes
