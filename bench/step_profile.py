@@ -105,8 +105,8 @@ def profile(config_path: Path, rows: int) -> str:
     trainer, log = trainer_for(config_path)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     steps: list[float] = []
-    with torch.profiler.profile(activities=activities,
-                                schedule=schedule(wait=WARMUP_STEPS, warmup=2, active=PROFILED_STEPS, repeat=1)) as profiler:
+    plan = schedule(wait=WARMUP_STEPS, warmup=2, active=PROFILED_STEPS, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=plan) as profiler:
         timed(trainer, "_report", [], after=lambda: (steps.append(time.perf_counter()), profiler.step()))
         try:
             trainer.run()
