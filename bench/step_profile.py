@@ -41,8 +41,8 @@ def trainer_for(config_path: Path) -> tuple[Any, Any]:
     from accelerate.state import AcceleratorState
 
     from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
     from engine.train.build import build_session
-    from engine.train.control import ControlChannel
     from engine.train.reporting import RunLog
     from engine.train.trainer import Trainer
 

@@ -6,8 +6,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["train"]:
         # Before anything heavy (the CLI pulls in pydantic, training torch): from here on SIGTERM, Ctrl+C and
         # `stop` lines in the run's control file ask for a graceful stop, which the run honours at its next phase
-        # boundary instead of dying without a word (engine.train.control explains what counts as this run's).
-        from engine.train.control import watch_from_process_start
+        # boundary instead of dying without a word (engine.rundir.control explains what counts as this run's).
+        from engine.rundir.control import watch_from_process_start
 
         watch_from_process_start(sys.argv[1:])
     from engine.cli import main

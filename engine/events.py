@@ -13,7 +13,8 @@ Every event has `type` and `time` (seconds since the epoch, float); the other fi
 Training's fields are listed in docs/events.md.
 
 Lines are flushed as they are written so a reader never waits for a buffer. Readers must ignore unknown fields
-and unknown types: new ones are added over time.
+and unknown types: new ones are added over time. The one reader, whole or incrementally while a command is still
+writing, is engine.rundir.event_reader.
 """
 
 from __future__ import annotations
@@ -58,17 +59,6 @@ class EventWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete event in a file; a last line still being written is skipped, not an error."""
-    events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
 
 
 class Progress:

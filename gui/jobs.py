@@ -7,7 +7,6 @@ output) in the page; the job's stdout and stderr are kept in a log file next to 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gui.runs import tail_events
-
-_ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `engine` package
+from engine.rundir.event_reader import EventTail
+from engine.rundir.launch import engine_command, engine_environment
+from engine.rundir.layout import EVENTS_FILE
 
 
 @dataclass
@@ -69,31 +68,27 @@ class JobUpdate:
 class EngineJob:
     """One `python -m engine <args> --events FILE` process."""
 
-    def __init__(self, args: Sequence[str], *, work_dir: str | Path | None = None, events_flag: bool = True,
-                 python: str = sys.executable):
+    def __init__(self, args: Sequence[str], *, work_dir: str | Path | None = None, python: str = sys.executable):
         self._temporary = work_dir is None  # removed once the job has ended and its output was read
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="atelier-job-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.events_path = self.work_dir / "events.jsonl"
+        self.events_path = self.work_dir / EVENTS_FILE
         self.log_path = self.work_dir / "output.log"
-        self.argv = [python, "-m", "engine", *args] + (["--events", str(self.events_path)] if events_flag else [])
+        self.argv = engine_command([*args, "--events", str(self.events_path)], python=python)
         self._process: subprocess.Popen | None = None
         self._events: list[dict[str, Any]] = []
-        self._events_offset = 0
+        self._tail = EventTail(self.events_path)
 
     def start(self) -> EngineJob:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ENGINE_ROOT),
-                                                                         os.environ.get("PYTHONPATH")]))}
         with open(self.log_path, "w", encoding="utf-8") as log:
             # Its own session: a closed browser tab or a reloaded GUI does not kill it half-way through a folder.
-            self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True)
+            self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                             env=engine_environment(), start_new_session=True)
         return self
 
     def snapshot(self) -> JobUpdate:
         # Only the lines added since the last look are read and parsed (a caption job writes one per image).
-        new_events, self._events_offset = tail_events(self.events_path, self._events_offset)
-        self._events += new_events
+        self._events += self._tail.read()
         output = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
         code = self._process.poll() if self._process is not None else None
         return JobUpdate(list(self._events), code, output)

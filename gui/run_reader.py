@@ -16,13 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from engine.rundir.event_reader import parse_event_lines
+from engine.rundir.layout import events_path, train_log_path
 from gui.runs import (
-    EVENTS_FILE,
     PROCESS_LOG,
-    TRAIN_LOG,
     RunHandle,
     RunStatus,
-    parse_event_lines,
     read_record,
     record_alive,
     tail_lines,
@@ -317,7 +316,7 @@ class RunReader:
         """train.log's last lines, read again only when the file changed (every viewer asks every second)."""
         if count <= 0:  # a caller that wants no lines (the gallery's redraw) must not evict the tick's cached tail
             return []
-        path = self.run_dir / TRAIN_LOG
+        path = train_log_path(self.run_dir)
         try:
             stat = path.stat()
         except OSError:
@@ -331,7 +330,7 @@ class RunReader:
     # --- folding -----------------------------------------------------------------------------------------------
 
     def _refresh(self, record: dict[str, Any]) -> None:
-        path = self.run_dir / EVENTS_FILE
+        path = events_path(self.run_dir)
         try:
             stream = path.open("rb")
         except OSError:

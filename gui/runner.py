@@ -22,21 +22,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.config.absolute import absolute_config
 from engine.config.io import config_to_toml, load_config, save_config
 from engine.config.schema import RunConfig
 from engine.config.sections_output import SavingSection
 from engine.files import atomic_write_text
-from engine.train.control import OFFSET_ENV, control_path, send_command
-from engine.train.launch import describe_command, launch_command
-from engine.train.naming import name_in_use
-from engine.train.run import absolute_config
+from engine.rundir import event_reader, layout
+from engine.rundir.control import OFFSET_ENV, control_path, send_command
+from engine.rundir.launch import describe_command, engine_environment, launch_command
+from engine.rundir.naming import name_in_use
 from gui import runs
 from gui.run_reader import ChartData, RunReader
 from gui.runs import RunHandle, RunStatus, read_record, record_alive, update_record
 
 QUEUE_FILE = "queue.json"
 DEFAULT_OUTPUT_DIR = SavingSection.model_fields["output_dir"].default
-_ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `engine` package
 
 
 class RunError(RuntimeError):
@@ -78,7 +78,7 @@ class RunManager:
         config = absolute_config(config, Path(base_dir or Path.cwd()))
         output_name, notes = self._unique_output_name(config)
         config = _with_saving(config, output_name=output_name)
-        atomic_write_text(run_dir / "config.toml", config_to_toml(config))
+        atomic_write_text(layout.config_path(run_dir), config_to_toml(config))
         runs.write_record(run_dir, {"created_at": time.time(), "status": "created", "notes": notes,
                                     "output_dir": config.saving.output_dir, "output_name": output_name,
                                     "doctor_warnings": list(warnings)})
@@ -94,7 +94,7 @@ class RunManager:
         return candidate
 
     def _unique_output_name(self, config: RunConfig) -> tuple[str, list[str]]:
-        """engine.train.naming's rule (never overwrite files of that name), extended to names that other runs
+        """engine.rundir.naming's rule (never overwrite files of that name), extended to names that other runs
         into the same folder have claimed but not written yet (queued runs)."""
         output_dir, name = Path(config.saving.output_dir), config.saving.output_name
         claimed = {handle.output_name for handle in self.discover()
@@ -121,7 +121,8 @@ class RunManager:
         control_offset = control.stat().st_size if control.exists() else 0
         with (handle.run_dir / runs.PROCESS_LOG).open("ab") as log:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=handle.run_dir, env={**self._engine_env(), OFFSET_ENV: str(control_offset)},
+                                       cwd=handle.run_dir,
+                                       env=engine_environment(self.env, **{OFFSET_ENV: str(control_offset)}),
                                        start_new_session=True)
         self._children[handle.run_dir] = process
         self._remove_from_queue(handle)
@@ -150,11 +151,6 @@ class RunManager:
                 raise RunError(f"{handle.name} is still running; stop it first")
             time.sleep(0.1)
             self._reap(handle)
-
-    def _engine_env(self) -> dict[str, str]:
-        env = dict(self.env if self.env is not None else os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ENGINE_ROOT), env.get("PYTHONPATH", "")]))
-        return env
 
     def resume(self, handle: RunHandle, state_dir: str | Path) -> RunHandle:
         """Continue a stopped (or failed) run from a saved state folder: a new process on the same run dir."""
@@ -217,7 +213,7 @@ class RunManager:
 
     def tail_events(self, handle: RunHandle, since: int) -> tuple[list[dict[str, Any]], int]:
         """New events since byte offset `since` (0 for all) and the next offset; cheap enough to poll."""
-        return runs.tail_events(handle.events_path, since)
+        return event_reader.tail_events(handle.events_path, since)
 
     # --- the queue -----------------------------------------------------------------------------------------
 

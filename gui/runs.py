@@ -14,15 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.files import atomic_write_text
+from engine.rundir import layout
 
-try:  # Gradio's JSON parser: a long run's first read (100k events) takes a third of the time json needs
-    from orjson import loads as _fast_loads
-except ImportError:  # the GUI always has it (Gradio depends on it); json will do without
-    _fast_loads = json.loads
-
+# The GUI's own files in a run directory, beside the engine's (engine.rundir.layout)
 RECORD_FILE = "run.json"
-EVENTS_FILE = "events.jsonl"
-TRAIN_LOG = "train.log"
 PROCESS_LOG = "process.log"
 _TAIL_BYTES = 64 * 1024
 
@@ -43,11 +38,11 @@ class RunHandle:
 
     @property
     def config_path(self) -> Path:
-        return self.run_dir / "config.toml"
+        return layout.config_path(self.run_dir)
 
     @property
     def events_path(self) -> Path:
-        return self.run_dir / EVENTS_FILE
+        return layout.events_path(self.run_dir)
 
     @classmethod
     def from_dir(cls, run_dir: Path) -> RunHandle:
@@ -157,44 +152,7 @@ def record_alive(record: dict[str, Any]) -> bool:
     return bool(pid) and record.get("returncode") is None and process_alive(pid, record.get("proc_start"))
 
 
-# --- events --------------------------------------------------------------------------------------------------
-
-
-def tail_events(path: Path, since: int) -> tuple[list[dict[str, Any]], int]:
-    """Events in complete lines after byte offset `since`, and the offset to ask from next time.
-
-    A line still being written waits for the next call. A file shorter than `since` was replaced: read it anew.
-    """
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return [], 0
-    since = 0 if size < since else since
-    with path.open("rb") as stream:
-        stream.seek(since)
-        data = stream.read(size - since)
-    complete = data[: data.rfind(b"\n") + 1]
-    return parse_event_lines(complete), since + len(complete)
-
-
-def parse_event_lines(data: bytes) -> list[dict[str, Any]]:
-    """The JSON objects in `data`, one a line; a line that is none (cut short by a crash) is skipped."""
-    events = []
-    for line in data.split(b"\n"):
-        event = _parse_line(line) if line.strip() else None
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-def _parse_line(line: bytes) -> Any:
-    try:
-        return _fast_loads(line)
-    except ValueError:  # NaN or Infinity (json writes them, orjson refuses them), bad UTF-8, a line cut short
-        try:
-            return json.loads(line.decode("utf-8", errors="replace"))
-        except json.JSONDecodeError:
-            return None
+# --- logs ----------------------------------------------------------------------------------------------------
 
 
 def tail_lines(path: Path, count: int) -> list[str]:

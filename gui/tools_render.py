@@ -1,5 +1,5 @@
-"""What the Tools tab shows: the LoRA tools' JSON reports, the files they wrote, caching and config errors, as
-Markdown and tables. Building and running the commands is gui.tools_view's."""
+"""What the Tools tab shows: the LoRA tools' reports (their `done` events), the files they wrote, caching and config
+errors, as Markdown and tables. Building the commands is gui.tools_commands', running them gui.tools_view's."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from engine.config.errors import ConfigError
 from engine.data.doctor_models import file_header, flux_family_of, safetensors_header_json
 from engine.data.model_kinds import read_sd3_file
 from gui.jobs import JobUpdate
-from gui.tools_view import ToolInputError, ToolOutcome
+from gui.tools_commands import ToolInputError
+from gui.tools_view import ToolOutcome
 
 METADATA_COLUMNS = ["key", "value"]
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pandas as pd
 
+from engine.rundir.event_reader import read_events
 from gui.run_reader import progress_row
-from gui.runs import RunHandle, RunStatus, tail_events
+from gui.runs import RunHandle, RunStatus
 
 LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
 LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point
@@ -147,7 +148,7 @@ def log_dir(handle: RunHandle) -> str:
     Before the run starts: its logging_dir from config.toml (absolute paths there), which other runs may share."""
     from engine.config.io import load_config
 
-    events, _ = tail_events(handle.events_path, 0)
+    events = read_events(handle.events_path)
     folders = list(dict.fromkeys(event["config"]["log_dir"] for event in events if event.get("type") == "start"
                                  and isinstance(event.get("config"), dict) and event["config"].get("log_dir")))
     if folders:

@@ -83,7 +83,7 @@ def test_training_caches_latents_to_disk_before_refusing_a_bad_caption(tiny_mode
 
 
 def test_the_tools_page_passes_force_when_up_to_date_entries_are_not_kept():
-    from gui.tools_view import cache_args
+    from gui.tools_commands import cache_args
 
     assert cache_args("run.toml", skip_existing=True) == ["cache-latents", "run.toml", "--skip-existing"]
     assert cache_args("run.toml", skip_existing=False) == ["cache-latents", "run.toml", "--force"]

@@ -19,8 +19,8 @@ def _run(tmp_path: Path, tiny_models: dict[str, Path], name: str, on_device: boo
     from accelerate.state import AcceleratorState
 
     from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
     from engine.train.build import build_session
-    from engine.train.control import ControlChannel
     from engine.train.reporting import RunLog
     from engine.train.trainer import Trainer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine.events import read_events
+from engine.rundir.event_reader import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from PIL import Image
 from engine.class_images import ClassImageSettings, generate_class_images, image_seed, next_number, sampler_parts
 from engine.cli import main
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK
-from engine.events import read_events
+from engine.rundir.event_reader import read_events
 
 PROMPT = "a photo of a dog"
 # diffusers' own numpy deprecations in the schedulers; recording thousands of them only slows the tests down

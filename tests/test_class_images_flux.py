@@ -13,7 +13,7 @@ from PIL import Image
 from engine.class_images import ClassImageSettings, sample_request
 from engine.cli import main
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK
-from engine.events import read_events
+from engine.rundir.event_reader import read_events
 
 PROMPT = "a photo of a dog"
 

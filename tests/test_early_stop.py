@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from train_helpers import REPO, engine_env, events_of, run_engine, write_config
 
-from engine.train.control import control_path, send_command
+from engine.rundir.control import control_path, send_command
 from gui.runner import RunManager
 
 LONG_RUN = {"training": {"max_train_steps": 100000, "max_train_epochs": 0}}
@@ -108,8 +108,8 @@ def test_a_stop_during_each_phase_ends_the_build_at_its_boundary(tiny_models, tm
     """A `stop` written while the session is being built (here: during `target`) ends it at that phase's
     boundary, through the run's own check, before anything trainable exists."""
     from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel, StoppedBeforeTraining
     from engine.train.build import build_session
-    from engine.train.control import ControlChannel, StoppedBeforeTraining
     from engine.train.reporting import RunLog
     from engine.train.run import phase_check
     from engine.train.setup import make_accelerator

@@ -498,18 +498,19 @@ def test_lokr_and_sd_loras_are_refused(tmp_path, capsys):
 
 
 def test_tools_tab_convert_command_and_result(small_sd3_lora, tmp_path):
+    from gui import tools_commands as commands
     from gui import tools_render as render
     from gui import tools_view as view
     from gui.file_browser import FileRoots
 
     roots = FileRoots.from_paths([tmp_path], include_home=False)
-    args = view.convert_args(str(small_sd3_lora), "", roots, to="diffusers")
+    args = commands.convert_args(str(small_sd3_lora), "", roots, to="diffusers")
     assert args == ["lora", "convert", str(small_sd3_lora), "--to", "diffusers", "-o",
                     str(tmp_path / "small_diffusers.safetensors"), "--json"]
-    assert view.convert_args(str(small_sd3_lora), "", roots, to="kohya", family="sd3")[-3:] == ["--family", "sd3",
-                                                                                               "--json"]
-    with pytest.raises(view.ToolInputError, match="LoRA file: enter a path"):
-        view.convert_args("", "", roots, to="diffusers")
+    assert commands.convert_args(str(small_sd3_lora), "", roots, to="kohya", family="sd3")[-3:] == ["--family",
+                                                                                                   "sd3", "--json"]
+    with pytest.raises(commands.ToolInputError, match="LoRA file: enter a path"):
+        commands.convert_args("", "", roots, to="diffusers")
     outcome, inspected = view.run_and_inspect(args)
     assert outcome.report is not None, outcome.error
     assert inspected is None  # inspect reads kohya files only

@@ -25,6 +25,7 @@ from engine.models.loading import load_model
 from engine.models.text_encoders import load_text_encoders
 from engine.networks.lora import LoRANetwork, create_lora_network
 from engine.networks.network_file import read_network_file, save_network_file
+from engine.rundir.event_reader import read_events
 
 TAGS = {"10_sks dog": {"sks": 5, "dog": 5, "grass": 2}, "1_dog": {"dog": 3, "sky": 1}}
 # (dim, alpha, conv_dim, conv_alpha, seed) of the two LoRAs the tests make.
@@ -363,6 +364,25 @@ def test_tools_refuse_to_overwrite_and_name_the_file(loras, tiny_models, tmp_pat
     before = loras["a"].read_bytes()
     code, _, err = run_cli(capsys, "resize", loras["a"], "-o", loras["a"], "--rank", 2)
     assert code == 2 and "is one of the inputs" in err and loras["a"].read_bytes() == before
+
+
+def test_each_tool_reports_in_its_done_event(loras, tmp_path, capsys):
+    """With --events the report is the `done` event's fields (what the GUI reads), the same as the JSON printed."""
+    events = tmp_path / "events.jsonl"
+    out = tmp_path / "small.safetensors"
+    code, printed = run_json(capsys, "resize", loras["a"], "-o", out, "--rank", 2, "--events", events)
+    assert code == 0 and out.is_file()
+    start, done = read_events(events)
+    assert start["type"] == "start" and (start["task"], start["tool"]) == ("lora", "resize")
+    assert done["type"] == "done" and (done["task"], done["tool"], done["ok"]) == ("lora", "resize", True)
+    assert {key: value for key, value in done.items() if key not in ("type", "time", "task", "tool")} == printed
+    assert done["output"] == str(out) and done["ranks_after"]
+
+    # A refusal: an `error` event with the engine's message, and a `done` without a report that repeats it.
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "missing.safetensors", "--events", events)
+    error, done = read_events(events)[-2:]
+    assert code == 2 and error["type"] == "error" and error["message"] in err
+    assert done == {**done, "task": "lora", "tool": "inspect", "ok": False, "error": error["message"]}
 
 
 def test_merge_refuses_loras_of_different_base_models(sd1, loras, tmp_path, capsys):

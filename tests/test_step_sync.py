@@ -56,8 +56,8 @@ def _blocking_upload(source: torch.Tensor, kwargs: dict[str, Any]) -> bool:
 
 def _record_run(config_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
     from engine.train.build import build_session
-    from engine.train.control import ControlChannel
     from engine.train.reporting import RunLog
     from engine.train.trainer import Trainer
 

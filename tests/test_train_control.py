@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from train_helpers import REPO, engine_env, events_of, write_config
 
 from engine.config.io import load_config
-from engine.train.control import send_command
-from engine.train.launch import launch_command
+from engine.rundir.control import send_command
+from engine.rundir.launch import launch_command
 
 
 def _wait_for(run_dir: Path, predicate, process: subprocess.Popen, limit: float = 300) -> dict:

@@ -41,7 +41,7 @@ def _session(tmp_path: Path, tiny_models: dict[str, Path], **sections: Any) -> t
 
 
 def _train(session: Any, run_dir: Path) -> Any:
-    from engine.train.control import ControlChannel
+    from engine.rundir.control import ControlChannel
     from engine.train.trainer import Trainer
 
     trainer = Trainer(session, ControlChannel(run_dir))
@@ -134,7 +134,7 @@ def test_a_dataset_at_multiplier_zero_does_not_train_the_network(tiny_models, tm
                        {"network_multiplier": 0.0, "subset": {"image_dir": reg_folder, "class_tokens": "dog"}})
     session, log = _session(tmp_path, tiny_models, dataset=datasets,
                             training={"max_train_steps": 0, "max_train_epochs": 1})
-    from engine.train.control import ControlChannel
+    from engine.rundir.control import ControlChannel
     from engine.train.trainer import Trainer
 
     network = session.method.network
@@ -185,7 +185,7 @@ def test_diff_output_preservation_trains_towards_the_base_prediction(tiny_models
     real_loss = losses.batch_loss
     monkeypatch.setattr(losses, "batch_loss", lambda pred, target, *rest, **kw: (
         targets.append(target.detach().clone()), real_loss(pred, target, *rest, **kw))[1])
-    from engine.train.control import ControlChannel
+    from engine.rundir.control import ControlChannel
     from engine.train.trainer import Trainer
 
     try:

@@ -315,7 +315,7 @@ def test_two_flux_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_mo
     """Data parallelism (two CPU processes through `accelerate launch`) trains FLUX exactly as one process with the
     doubled batch: same images per step, same noise and σ per image, gradients averaged."""
     from engine.config.io import load_config
-    from engine.train.launch import launch_command
+    from engine.rundir.launch import launch_command
 
     single = flux_config(tmp_path / "single" / "config.toml", tiny_models, "dev", training={"max_train_steps": 4},
                          dataset={"general": {"flip_aug": True, "batch_size": 2}})

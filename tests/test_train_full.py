@@ -190,7 +190,7 @@ def test_stopped_text_encoder_stays_as_it_is_under_data_parallelism(tiny_models,
     """With two processes the stopped text encoder gets no gradient at all: an averaged zero one would still move it
     through the optimizer's momentum."""
     from engine.config.io import load_config
-    from engine.train.launch import launch_command
+    from engine.rundir.launch import launch_command
 
     config = dreambooth_config(tmp_path, tiny_models, "sd1", launch={"num_processes": 2, "multi_gpu": True,
                                                                      "main_process_port": 29531},

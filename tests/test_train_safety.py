@@ -106,8 +106,8 @@ def test_weights_too_large_for_the_file_stop_the_run_before_they_are_saved(tiny_
 def test_nan_weights_from_an_update_are_never_saved(tiny_models, tmp_path):
     """An update that leaves NaN in a trained LoRA module (as an infinite gradient does) right before a save."""
     from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
     from engine.train.build import build_session
-    from engine.train.control import ControlChannel
     from engine.train.reporting import RunLog
     from engine.train.trainer import Trainer
 

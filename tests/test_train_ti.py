@@ -32,8 +32,8 @@ def ti_config(folder: Path, tiny_models: dict, family: str, **sections) -> Path:
 
 def train_in_process(config_path: Path, run_dir: Path):
     """Build and run a session here, so the test can look at the trained models afterwards."""
+    from engine.rundir.control import ControlChannel
     from engine.train.build import build_session
-    from engine.train.control import ControlChannel
     from engine.train.reporting import RunLog
     from engine.train.trainer import Trainer
 

@@ -1,8 +1,9 @@
 """`python -m engine lora inspect|merge|resize|extract|convert`: tools for kohya LoRA files.
 
 Every tool writes a new file and refuses to overwrite one (or an input). Reports are readable text, or JSON with
---json (for the GUI's Tools tab). Exit 0 on success, 2 when an input must be fixed (the message names the file and
-says what to do) or when inspect finds a file it does not understand or NaN/inf weights.
+--json; with --events FILE the report is also the `done` event's fields (docs/events.md), which is where the GUI's
+Tools tab reads it. Exit 0 on success, 2 when an input must be fixed (the message names the file and says what to
+do) or when inspect finds a file it does not understand or NaN/inf weights.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     for add in TOOLS.values():
         tool = add(tools)
         tool.add_argument("--json", action="store_true", help="print the report as JSON")
+        tool.add_argument("--events", metavar="FILE", help="append start/error/done events (JSON lines); `done` "
+                          "holds the report")
     return parser
 
 
@@ -163,18 +166,25 @@ TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
 
 
 def _report(args: argparse.Namespace, work: Callable[[], Any]) -> int:
-    """Run a tool; print its report (text or JSON), or its ToolError as `error: ...` with exit 2."""
+    """Run a tool; print its report (text or JSON), or its ToolError as `error: ...` with exit 2. With --events the
+    same report (or refusal) is the `done` event, after an `error` event for a refusal."""
+    from engine.events import EventWriter
     from engine.networks.tools.lora_file import ToolError
 
-    try:
-        report = work()
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"ok": False, "error": str(error)}))
-        return EXIT_BAD_INPUT
-    payload = {"ok": True, **report.to_dict()}
-    print(json.dumps(payload, indent=2) if args.json else report.to_text())
+    with EventWriter(args.events) as events:
+        events.emit("start", task=TASK, tool=args.lora_command)
+        try:
+            report = work()
+        except ToolError as error:
+            print(f"error: {error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"ok": False, "error": str(error)}))
+            events.emit("error", message=str(error), hint="")
+            events.emit("done", task=TASK, tool=args.lora_command, ok=False, error=str(error))
+            return EXIT_BAD_INPUT
+        payload = {"ok": True, **report.to_dict()}
+        print(json.dumps(payload, indent=2) if args.json else report.to_text())
+        events.emit("done", task=TASK, tool=args.lora_command, **payload)
     return EXIT_OK if payload["ok"] else EXIT_BAD_INPUT
 
 

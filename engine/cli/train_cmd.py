@@ -1,7 +1,7 @@
 """`python -m engine train CONFIG`: train as the config says, reporting through the run directory's events.
 
 Also the entry point for several processes: `accelerate launch [--multi_gpu --num_processes N] -m engine train
-CONFIG` (engine.train.launch builds that command from the config's launch section).
+CONFIG` (engine.rundir.launch builds that command from the config's launch section).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ _TRAINING_OPTIONS: dict[str, Callable[[RunConfig, Any, ScanResult], None]] = {"s
 
 def choose_output_name(config: RunConfig, base_dir: Path, output_dir: Path, log: RunLog) -> str:
     """The configured name, or a suffixed one when files of that name from another run are already there."""
-    from engine.train.naming import unique_output_name
+    from engine.rundir.naming import unique_output_name
 
     resume = str(resolve_path(config.saving.resume, base_dir)) if config.saving.resume else None
     name, changed = unique_output_name(output_dir, config.saving.output_name, config.saving.save_model_as,

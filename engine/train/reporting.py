@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from engine.events import EventWriter
+from engine.rundir.layout import events_path, train_log_path
 
 _LINE_FORMATS = {
     "start": "start: {total_steps} steps, {num_epochs} epochs, {num_train_images} images ({family}, {method})",
@@ -70,8 +71,8 @@ class RunLog:
 
     def __init__(self, run_dir: Path | None, *, stream: IO[str] | None = None, active: bool = True):
         self.active = active and run_dir is not None
-        self._events = EventWriter(run_dir / "events.jsonl") if self.active else EventWriter()
-        self._log = open(run_dir / "train.log", "a", encoding="utf-8") if self.active else None  # noqa: SIM115
+        self._events = EventWriter(events_path(run_dir)) if self.active else EventWriter()
+        self._log = open(train_log_path(run_dir), "a", encoding="utf-8") if self.active else None  # noqa: SIM115
         self._stream = stream if stream is not None else sys.stdout
 
     def line(self, text: str) -> None:

@@ -16,36 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.config.dataset import Subset
-from engine.config.describe import PATH_WIDGETS, iter_fields
+from engine.config.absolute import absolute_config
 from engine.config.io import config_to_toml, resolve_path
-from engine.config.paths import get_path, set_path
 from engine.config.schema import RunConfig
 from engine.files import atomic_write_text
+from engine.rundir.layout import TRACEBACK_FILE, config_path
 from engine.train.reporting import RunLog, tracker_name
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def absolute_config(config: RunConfig, base_dir: Path) -> RunConfig:
-    """The config with every local path made absolute (hub ids and empty values stay as they are)."""
-    data = config.model_dump(mode="json")
-    for spec in iter_fields():
-        if spec.widget in PATH_WIDGETS:
-            value = get_path(data, spec.path)
-            if value and resolve_path(value, base_dir).exists() or (value and spec.widget == "folder"):
-                set_path(data, spec.path, str(resolve_path(value, base_dir)))
-    subset_paths = [spec.path for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
-    for dataset in data["dataset"].get("datasets", []):
-        for subset in dataset.get("subsets", []):
-            for key in subset_paths:
-                if subset.get(key):
-                    subset[key] = str(resolve_path(subset[key], base_dir))
-    return RunConfig.model_validate(data, context={"check_packages": False})
-
-
 def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = None) -> int:
-    from engine.train.control import StoppedBeforeTraining, take_started_channel
+    from engine.rundir.control import StoppedBeforeTraining, take_started_channel
 
     started = time.time()
     run_dir = (run_dir or resolve_path(config.saving.output_dir, base_dir)).resolve()
@@ -62,8 +44,11 @@ def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = No
     accelerator, log = None, None
     try:
         phase_check(control, None)("while reading the config")
-        from engine.train.launch import apply_cpu_threads
-        from engine.train.setup import make_accelerator, precision_warning  # torch and accelerate: seconds
+        from engine.train.setup import (  # torch and accelerate: seconds
+            apply_cpu_threads,
+            make_accelerator,
+            precision_warning,
+        )
 
         apply_cpu_threads(config.launch)
         accelerator = make_accelerator(config, base_dir)
@@ -103,7 +88,7 @@ def phase_check(control: Any, accelerator: Any) -> Callable[[str], None]:
     leave the others waiting for it forever. Before the accelerator exists they cannot agree, so there only a
     single process checks.
     """
-    from engine.train.control import StoppedBeforeTraining
+    from engine.rundir.control import StoppedBeforeTraining
 
     def check(phase: str) -> None:
         asked = control.check_stop()
@@ -148,7 +133,7 @@ def _os_reason(error: OSError) -> str:
 
 def write_run_config(config: RunConfig, base_dir: Path, run_dir: Path) -> None:
     text = config_to_toml(absolute_config(config, base_dir))
-    target = run_dir / "config.toml"
+    target = config_path(run_dir)
     if target.exists() and target.read_text(encoding="utf-8") == text:
         return
     if target.exists():
@@ -204,7 +189,7 @@ def report_unexpected(error: Exception, log: RunLog, run_dir: Path) -> int:
     if full is not None:
         return report_failure(log, EXIT_BAD_INPUT, "stopped: the disk is full", message=str(full), hint=full.hint,
                               where=str(full.folder))
-    trace_file = run_dir / "error-traceback.txt"
+    trace_file = run_dir / TRACEBACK_FILE
     try:
         trace_file.write_text(traceback.format_exc(), encoding="utf-8")
     except OSError:

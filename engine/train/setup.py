@@ -7,6 +7,7 @@ before any GPU time is spent on training; the run turns it into an `error` event
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.config.schema import RunConfig
+from engine.config.sections_output import LaunchSection
 from engine.data.records import ScanResult
 from engine.train.reporting import RunLog, is_main_launch_process, run_log_folder
 
@@ -82,6 +84,19 @@ class Session:
 
 # What torch's CPU autocast runs well; fp16 on a CPU is not offered by accelerate (and slow where it exists).
 _CPU_PRECISIONS = ("no", "bf16")
+
+
+def apply_cpu_threads(launch: LaunchSection) -> int:
+    """Use launch.num_cpu_threads_per_process CPU threads in this process, also when it was started without
+    accelerate (one process), and give the same to the processes it starts (OMP_NUM_THREADS, as accelerate launch
+    sets it). Unset leaves the environment's choice alone (torch reads OMP_NUM_THREADS at start). Returns the number
+    now used by torch."""
+    threads = launch.num_cpu_threads_per_process
+    if threads is None:
+        return torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def make_accelerator(config: RunConfig, base_dir: Path) -> Any:

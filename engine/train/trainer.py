@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.files import clean_stale_temporaries, disk_full_named, ensure_free_space
-from engine.train import naming
+from engine.rundir import naming
 from engine.train.loop import NonFiniteLoss, StepRunner, checked_loss, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
 from engine.train.save_checks import NonFiniteWeights, refuse_non_finite, save_bytes
@@ -46,7 +46,7 @@ class Outcome:
 class Trainer:
     def __init__(self, session: Session, control: Any):
         self.session = session
-        self.control = control  # engine.train.control.ControlChannel
+        self.control = control  # engine.rundir.control.ControlChannel
         self.runner = StepRunner(session)
         self.position = TrainPosition()
         self.meter = ProgressMeter(session.schedule.total_steps)

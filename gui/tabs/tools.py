@@ -1,7 +1,7 @@
 """The Tools tab: inspect, merge, resize, extract and convert LoRA files, build the latent cache, and run the dataset
 doctor on any config. The LoRA tools and the cache run as engine processes (they load torch); the doctor runs here.
-Logic lives in gui/tools_view.py, what results look like in gui/tools_render.py; this module lays out components and
-wires events."""
+Command lines are built in gui/tools_commands.py, run and read in gui/tools_view.py, and what results look like is
+gui/tools_render.py's; this module lays out components and wires events."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from engine.config.errors import ConfigError
+from gui import tools_commands as commands
 from gui import tools_render as render
 from gui import tools_view as view
 from gui.context import TabContext
@@ -36,16 +37,16 @@ def _model_field(label: str, roots: FileRoots, elem_id: str, info: str = _MODEL_
 
 def _output_field(roots: FileRoots, elem_id: str) -> gr.Textbox:
     return path_field("Output file", roots, kind="file", elem_id=elem_id, info=_OUTPUT_INFO,
-                      extensions=(view.LORA_SUFFIX,))
+                      extensions=(commands.LORA_SUFFIX,))
 
 
 def _precision(elem_id: str) -> gr.Dropdown:
-    return gr.Dropdown(list(view.PRECISIONS), value="float", label="Save precision", elem_id=elem_id,
+    return gr.Dropdown(list(commands.PRECISIONS), value="float", label="Save precision", elem_id=elem_id,
                        info="dtype of the saved weights (float: float32)")
 
 
 def _merge_precision() -> gr.Dropdown:
-    return gr.Dropdown(list(view.MERGE_PRECISIONS), value=view.KEEP_PRECISION, label="Save precision",
+    return gr.Dropdown(list(commands.MERGE_PRECISIONS), value=commands.KEEP_PRECISION, label="Save precision",
                        elem_id="tools-merge-precision",
                        info="keep: a FLUX.1/Chroma file keeps its own dtype (bf16 stays bf16); LoRAs and SD "
                             "checkpoints are written in float32. float: float32")
@@ -63,10 +64,10 @@ def _wire_writer(tool: str, button: gr.Button, fields: set, make_args: Callable[
     def run(values: Values) -> Iterator[Values]:
         try:
             args = make_args(values)
-        except view.ToolInputError as error:
+        except commands.ToolInputError as error:
             yield {result: f"✖ {error}", written: ""}
             return
-        yield {result: f"Running `{view.command_text(args)}`…", written: ""}
+        yield {result: f"Running `{commands.command_text(args)}`…", written: ""}
         outcome, inspected = view.run_and_inspect(args)
         yield {result: render.result_markdown(tool, outcome), written: render.written_markdown(outcome, inspected)}
 
@@ -84,11 +85,11 @@ def _inspect_tab(roots: FileRoots) -> None:
 
     def run(path: str) -> Iterator[Values]:
         try:
-            args = view.inspect_args(path, roots)
-        except view.ToolInputError as error:
+            args = commands.inspect_args(path, roots)
+        except commands.ToolInputError as error:
             yield {summary: f"✖ {error}", metadata: None}
             return
-        yield {summary: f"Running `{view.command_text(args)}`…", metadata: None}
+        yield {summary: f"Running `{commands.command_text(args)}`…", metadata: None}
         outcome = view.run_lora_tool(args)
         yield {summary: render.inspect_outcome_markdown(outcome),
                metadata: render.metadata_frame(outcome.report) if outcome.report else None}
@@ -119,7 +120,7 @@ def _merge_tab(roots: FileRoots) -> None:
         button = gr.Button("Merge", variant="primary", elem_id="tools-merge-run")
         result, written = _results("tools-merge")
 
-    add.click(lambda text, path, value: (view.add_merge_source(text, path, value), ""),
+    add.click(lambda text, path, value: (commands.add_merge_source(text, path, value), ""),
               inputs=[sources, pick, ratio], outputs=[sources, pick])
 
     def describe(model: str) -> tuple[str, Any]:
@@ -129,7 +130,7 @@ def _merge_tab(roots: FileRoots) -> None:
     into_model.change(describe, inputs=into_model, outputs=[note, accordion], show_progress="hidden")
     fields = {sources, output, into_model, svd, conv, precision, *(box for pair in encoders.values() for box in pair)}
     _wire_writer("merge", button, fields,
-                 lambda v: view.merge_args(v[sources], v[output], roots, into_model=v[into_model], svd_rank=v[svd],
+                 lambda v: commands.merge_args(v[sources], v[output], roots, into_model=v[into_model], svd_rank=v[svd],
                                            conv_rank=v[conv], precision=v[precision],
                                            text_encoders={option: (v[source], v[target])
                                                           for option, (source, target) in encoders.items()}),
@@ -150,7 +151,7 @@ def _text_encoder_fields(roots: FileRoots) -> tuple[dict[str, tuple[gr.Textbox, 
                                     info=f"the {label} text encoder to merge the LoRA's {label} modules into",
                                     extensions=view.TEXT_ENCODER_EXTENSIONS)
                 target = path_field(f"New {label} file", roots, kind="file", elem_id=f"tools-merge-{option}-save-to",
-                                    info=_OUTPUT_INFO, extensions=(view.LORA_SUFFIX,))
+                                    info=_OUTPUT_INFO, extensions=(commands.LORA_SUFFIX,))
             fields[option] = (source, target)
     return fields, note, box
 
@@ -162,7 +163,7 @@ def _resize_tab(roots: FileRoots) -> None:
         file = _lora_field("LoRA file", roots, "tools-resize-file")
         output = _output_field(roots, "tools-resize-output")
         with gr.Row():
-            rule = gr.Radio([(f"{name}: {meaning}", name) for name, (_, meaning) in view.RESIZE_RULES.items()],
+            rule = gr.Radio([(f"{name}: {meaning}", name) for name, (_, meaning) in commands.RESIZE_RULES.items()],
                             value="rank", label="New size by", elem_id="tools-resize-rule")
             value = gr.Number(8, label="Value", minimum=0, elem_id="tools-resize-value",
                               info="the rank, X or the fraction, as the rule says")
@@ -174,7 +175,7 @@ def _resize_tab(roots: FileRoots) -> None:
         result, written = _results("tools-resize")
 
     _wire_writer("resize", button, {file, output, rule, value, conv, precision},
-                 lambda v: view.resize_args(v[file], v[output], roots, rule=v[rule], value=v[value],
+                 lambda v: commands.resize_args(v[file], v[output], roots, rule=v[rule], value=v[value],
                                             conv_rank=v[conv], precision=v[precision]), result, written)
 
 
@@ -205,7 +206,7 @@ def _extract_tab(roots: FileRoots) -> None:
         result, written = _results("tools-extract")
 
     _wire_writer("extract", button, {base, tuned, output, rank, conv, min_diff, device, clamp, precision},
-                 lambda v: view.extract_args(v[base], v[tuned], v[output], roots, rank=v[rank], conv_rank=v[conv],
+                 lambda v: commands.extract_args(v[base], v[tuned], v[output], roots, rank=v[rank], conv_rank=v[conv],
                                              min_diff=v[min_diff], device=v[device], precision=v[precision],
                                              clamp_quantile=v[clamp]),
                  result, written)
@@ -222,9 +223,9 @@ def _convert_tab(roots: FileRoots) -> None:
                            "a kohya LoRA, or a diffusers/PEFT LoRA (lora_A/lora_B names), .safetensors")
         output = _output_field(roots, "tools-convert-output")
         with gr.Row():
-            to = gr.Radio([(meaning, name) for name, meaning in view.CONVERT_CHOICES.items()], value="diffusers",
+            to = gr.Radio([(meaning, name) for name, meaning in commands.CONVERT_CHOICES.items()], value="diffusers",
                           label="Convert to", elem_id="tools-convert-to")
-            family = gr.Dropdown(list(view.CONVERT_FAMILY_CHOICES), value=view.CONVERT_AUTO, label="Model",
+            family = gr.Dropdown(list(commands.CONVERT_FAMILY_CHOICES), value=commands.CONVERT_AUTO, label="Model",
                                  elem_id="tools-convert-family",
                                  info="auto: from the file; choose one for a diffusers file whose names FLUX.1 and "
                                       "SD3 share")
@@ -232,7 +233,8 @@ def _convert_tab(roots: FileRoots) -> None:
         result, written = _results("tools-convert")
 
     _wire_writer("convert", button, {file, output, to, family},
-                 lambda v: view.convert_args(v[file], v[output], roots, to=v[to], family=v[family]), result, written)
+                 lambda v: commands.convert_args(v[file], v[output], roots, to=v[to], family=v[family]), result,
+                 written)
 
 
 def _config_source(prefix: str, roots: FileRoots) -> tuple[gr.Radio, gr.Textbox]:
@@ -262,10 +264,10 @@ def _cache_tab(ctx: TabContext) -> None:
     def run(values: Values) -> Iterator[Values]:
         try:
             config = view.cache_config_path(values[source], values[path], values[ctx.config], ctx.roots)
-        except (view.ToolInputError, ConfigError) as error:
+        except (commands.ToolInputError, ConfigError) as error:
             yield {progress: "", result: render.config_error_markdown(error)}
             return
-        args = view.cache_args(config, skip_existing=values[skip], device=values[device], workers=values[workers])
+        args = commands.cache_args(config, skip_existing=values[skip], device=values[device], workers=values[workers])
         yield {progress: "Starting (loading the VAE)…", result: ""}
         for update in EngineJob(args).follow():
             yield {progress: update.progress_text() or "Starting (loading the VAE)…"}
@@ -287,7 +289,7 @@ def _doctor_tab(ctx: TabContext) -> None:
         try:
             report = view.doctor_report(values[source], values[path], values[ctx.config], ctx.roots,
                                         quick=values[quick])
-        except (view.ToolInputError, ConfigError) as error:
+        except (commands.ToolInputError, ConfigError) as error:
             return panel.show_error(error)
         return panel.show(report)
 

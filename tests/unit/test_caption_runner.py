@@ -160,7 +160,8 @@ def test_gif_and_other_create_project_formats_are_captioned(tmp_path):
 
 def test_progress_counts_skipped_and_failed_images_and_ends_at_the_total(tmp_path):
     from engine.caption.runner import find_images
-    from engine.events import EventWriter, Progress, read_events
+    from engine.events import EventWriter, Progress
+    from engine.rundir.event_reader import read_events
 
     folder = make_folder(tmp_path)
     (folder / "zzz-broken.jpg").write_text("the last file is broken too")

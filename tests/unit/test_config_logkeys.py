@@ -80,7 +80,7 @@ def _threads_in_a_fresh_process(launch: dict, environment_threads: str | None) -
     subprocess is (torch reads OMP_NUM_THREADS when it starts)."""
     code = ("import os, torch\n"
             "from engine.config.schema import RunConfig\n"
-            "from engine.train.launch import apply_cpu_threads\n"
+            "from engine.train.setup import apply_cpu_threads\n"
             f"config = RunConfig.model_validate({{'launch': {launch!r}}}, context={{'check_packages': False}})\n"
             "print(apply_cpu_threads(config.launch), torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))\n")
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}

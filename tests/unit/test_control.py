@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.train.control import COMMANDS, ControlChannel, control_path, send_command
+from engine.rundir.control import COMMANDS, ControlChannel, control_path, send_command
 
 
 def append_raw(run_dir, text):
@@ -98,7 +98,7 @@ def test_unknown_commands_are_ignored_and_reported_once(tmp_path):
 
 def test_appends_from_another_process_while_polling(tmp_path):
     channel = ControlChannel(tmp_path)
-    code = ("import sys; from engine.train.control import send_command\n"
+    code = ("import sys; from engine.rundir.control import send_command\n"
             "for command in sys.argv[2:]: send_command(sys.argv[1], command)\n")
     seen = []
     writers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), *COMMANDS]) for _ in range(3)]

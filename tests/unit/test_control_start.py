@@ -16,8 +16,8 @@ import pytest
 
 from engine.config.io import load_config, resolve_path
 from engine.config.sections_output import SavingSection
-from engine.train import control
-from engine.train.control import (
+from engine.rundir import control
+from engine.rundir.control import (
     DEFAULT_OUTPUT_DIR,
     OFFSET_ENV,
     ControlChannel,
@@ -108,7 +108,7 @@ def test_a_file_written_after_the_process_started_has_its_last_line_counted(tmp_
 
 def test_process_start_time_is_the_kernels(tmp_path):
     before = time.time()
-    child = subprocess.run([sys.executable, "-c", "import os, time\nfrom engine.train.control import "
+    child = subprocess.run([sys.executable, "-c", "import os, time\nfrom engine.rundir.control import "
                             "process_start_time\nprint(process_start_time(os.getpid()), time.time())"],
                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     started, now = map(float, child.stdout.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.config.schema import RunConfig
-from engine.train.launch import ACCELERATE_LAUNCH, describe_command, launch_command, needs_accelerate
+from engine.rundir.launch import ACCELERATE_LAUNCH, describe_command, launch_command, needs_accelerate
 
 PYTHON = "/opt/py/bin/python3"
 
@@ -123,7 +123,7 @@ def test_describe_command_quotes_for_a_shell():
 
 
 def test_modules_import_without_torch():
-    code = ("import sys, engine.train.launch, engine.train.control, engine.train.naming; "
+    code = ("import sys, engine.rundir.launch, engine.rundir.control, engine.rundir.naming; "
             "print(sorted(m for m in ('torch', 'accelerate', 'diffusers', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from PIL import Image
 from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, default_config_dict
 from engine.data.project import ProjectError
-from gui import caption_view, dataset_view, reg_view, tools_view
+from gui import caption_view, dataset_view, reg_view, tools_commands, tools_view
 from gui.browse import BrowseError, FileRoots, PathNotAllowed, complete, list_folder, start_folder
 from gui.caption_view import CaptionViewError
 from gui.presets import preset_path
@@ -189,18 +189,19 @@ def test_regularization_folders_and_model_refuse(home, outside, roots):
 
 def test_tools_fields_and_the_paths_inside_configs_refuse(home, outside, roots):
     for path, message in refused_paths(home, outside):
-        with pytest.raises(tools_view.ToolInputError, match=f"LoRA file: .*{message}"):
-            tools_view.inspect_args(str(path / "style.safetensors"), roots)
+        with pytest.raises(tools_commands.ToolInputError, match=f"LoRA file: .*{message}"):
+            tools_commands.inspect_args(str(path / "style.safetensors"), roots)
     config = home / "run.toml"
     config.write_text(f'[dataset]\ntrain_data_dir = "{outside}"\n', encoding="utf-8")
-    with pytest.raises(tools_view.ToolInputError, match=re.escape(f"`dataset.train_data_dir`: {outside} {OUTSIDE}")):
+    with pytest.raises(tools_commands.ToolInputError,
+                       match=re.escape(f"`dataset.train_data_dir`: {outside} {OUTSIDE}")):
         tools_view.doctor_report("file", str(config), None, roots)
-    with pytest.raises(tools_view.ToolInputError, match="dataset.train_data_dir"):
+    with pytest.raises(tools_commands.ToolInputError, match="dataset.train_data_dir"):
         tools_view.cache_config_path("file", str(config), None, roots)
     current = {"dataset": {"train_data_dir": str(home / ".config" / "pics")}}
-    with pytest.raises(tools_view.ToolInputError, match=re.escape(HIDDEN)):
+    with pytest.raises(tools_commands.ToolInputError, match=re.escape(HIDDEN)):
         tools_view.doctor_report("current", "", current, roots)
-    with pytest.raises(tools_view.ToolInputError, match=re.escape(HIDDEN)):
+    with pytest.raises(tools_commands.ToolInputError, match=re.escape(HIDDEN)):
         tools_view.write_temp_config(current, home, roots)
 
 

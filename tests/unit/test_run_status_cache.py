@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.rundir.layout import EVENTS_FILE
 from gui import run_reader, runs
 from gui.run_reader import CHART_BUCKETS, ProgressSeries, RunReader, read_status
 from gui.runner import RunManager
-from gui.runs import EVENTS_FILE, RunHandle, write_record
+from gui.runs import RunHandle, write_record
 
 
 def line(type_: str, **fields) -> str:

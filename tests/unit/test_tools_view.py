@@ -15,10 +15,11 @@ from train_helpers import make_locon_file
 from engine.config.errors import ConfigError
 from engine.config.io import load_config
 from engine.networks.network_file import read_network_file, save_network_file
+from gui import tools_commands as commands
 from gui import tools_render as render
 from gui import tools_view as view
 from gui.file_browser import FileRoots
-from gui.jobs import EngineJob
+from gui.jobs import EngineJob, JobUpdate
 
 METADATA = {"ss_base_model_version": "sd_v1", "ss_output_name": "tiny-style", "ss_network_dim": "4",
             "ss_learning_rate": "0.0001", "ss_tag_frequency": json.dumps({"10_sks dog": {"sks": 5, "dog": 4}}),
@@ -43,7 +44,7 @@ def lora(folder, tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def inspected(lora, roots) -> view.ToolOutcome:
-    return view.run_lora_tool(view.inspect_args(str(lora), roots))
+    return view.run_lora_tool(commands.inspect_args(str(lora), roots))
 
 
 def file_ranks(path: Path) -> tuple[int, Counter, Counter]:
@@ -84,7 +85,7 @@ def test_nan_weights_are_flagged_by_module(lora, folder, roots):
     tensors[broken][0, 0] = float("nan")
     path = folder / "broken.safetensors"
     save_network_file(path, tensors, metadata, save_as="safetensors")
-    outcome = view.run_lora_tool(view.inspect_args(str(path), roots))
+    outcome = view.run_lora_tool(commands.inspect_args(str(path), roots))
     assert outcome.report is not None and outcome.report["ok"] is False
     text = render.inspect_markdown(outcome.report)
     module = broken.removesuffix(".lora_up.weight")
@@ -93,7 +94,7 @@ def test_nan_weights_are_flagged_by_module(lora, folder, roots):
 
 
 def test_resize_writes_a_new_file_and_its_summary_shows_the_new_rank(lora, roots):
-    args = view.resize_args(str(lora), "", roots, rule="rank", value=2)
+    args = commands.resize_args(str(lora), "", roots, rule="rank", value=2)
     outcome, inspected = view.run_and_inspect(args)
     written = Path(outcome.report["output"])
     assert written == lora.with_name("style_rank2.safetensors") and written.is_file()
@@ -103,44 +104,48 @@ def test_resize_writes_a_new_file_and_its_summary_shows_the_new_rank(lora, roots
     assert f"Ranks after: 2 ({modules} modules)" in render.result_markdown("resize", outcome)
     assert f"**Rank:** 2 ({modules} modules)" in render.inspect_outcome_markdown(inspected)
     # The default name of a second resize must not be the file just written: the tools never overwrite.
-    assert view.resize_args(str(lora), "", roots, rule="rank", value=2)[4] == str(lora.with_name(
+    assert commands.resize_args(str(lora), "", roots, rule="rank", value=2)[4] == str(lora.with_name(
         "style_rank2-2.safetensors"))
 
 
 def test_the_engines_refusal_is_what_the_page_shows(lora, roots):
-    outcome, inspected = view.run_and_inspect(view.resize_args(str(lora), str(lora), roots, rule="rank", value=2))
+    outcome, inspected = view.run_and_inspect(commands.resize_args(str(lora), str(lora), roots, rule="rank", value=2))
     assert inspected is None and outcome.report is None
     assert "is one of the inputs" in outcome.error and str(lora) in outcome.error
     assert outcome.error in render.result_markdown("resize", outcome)
 
 
-def test_report_is_found_after_other_output():
+def test_the_report_is_read_from_the_done_event_not_from_the_output():
     report = {"ok": True, "output": "/x/y.safetensors", "ranks": {"4": 3}}
-    noisy = "Loading weights: 100%|{bar}| 36/36\nwarning: {not json\n" + json.dumps(report, indent=2) + "\n"
-    assert view.parse_report(noisy) == report
-    assert view.parse_report("Traceback (most recent call last):\n  boom") is None
+    done = {"type": "done", "time": 1.0, "task": "lora", "tool": "resize", **report}
+    noisy = "Loading weights: 100%|{bar}| 36/36\n" + json.dumps({"ok": True, "output": "/not/this"}) + "\n"
+    assert view.outcome_of(JobUpdate([{"type": "start"}, done], 0, noisy)) == view.ToolOutcome(report)
+    refused = {"type": "done", "task": "lora", "tool": "resize", "ok": False, "error": "x.safetensors already exists"}
+    assert view.outcome_of(JobUpdate([refused], 2, "")) == view.ToolOutcome(None, "x.safetensors already exists")
+    crashed = view.outcome_of(JobUpdate([], 1, "Traceback (most recent call last):\n  boom"))
+    assert crashed.report is None and "boom" in crashed.error
 
 
 def test_fields_are_checked_before_the_engine_is_asked(lora, roots, tmp_path):
-    with pytest.raises(view.ToolInputError, match="LoRA file: enter a path"):
-        view.inspect_args("  ", roots)
-    with pytest.raises(view.ToolInputError, match="outside the folders"):
-        view.inspect_args("/etc/passwd", roots)
-    with pytest.raises(view.ToolInputError, match="New size: must be more than 0"):
-        view.resize_args(str(lora), "", roots, rule="sv_fro", value=0)
-    with pytest.raises(view.ToolInputError, match="LoRAs to merge"):
-        view.merge_args("\n \n", "", roots)
-    with pytest.raises(view.ToolInputError, match="Rank: enter a number"):
-        view.extract_args(str(lora), str(lora), "", roots, rank=None)
+    with pytest.raises(commands.ToolInputError, match="LoRA file: enter a path"):
+        commands.inspect_args("  ", roots)
+    with pytest.raises(commands.ToolInputError, match="outside the folders"):
+        commands.inspect_args("/etc/passwd", roots)
+    with pytest.raises(commands.ToolInputError, match="New size: must be more than 0"):
+        commands.resize_args(str(lora), "", roots, rule="sv_fro", value=0)
+    with pytest.raises(commands.ToolInputError, match="LoRAs to merge"):
+        commands.merge_args("\n \n", "", roots)
+    with pytest.raises(commands.ToolInputError, match="Rank: enter a number"):
+        commands.extract_args(str(lora), str(lora), "", roots, rank=None)
 
 
 def test_merge_list_keeps_ratios_as_the_engine_reads_them(lora, roots):
-    text = view.add_merge_source("", str(lora), 0.7)
-    text = view.add_merge_source(text, str(lora.with_name("other.safetensors")), None)
-    assert view.merge_sources(text) == [f"{lora}:0.7", str(lora.with_name("other.safetensors"))]
-    assert view.split_source(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", None)
-    args = view.merge_args(text, "", roots, svd_rank=8)
-    assert args[2:4] == view.merge_sources(text)
+    text = commands.add_merge_source("", str(lora), 0.7)
+    text = commands.add_merge_source(text, str(lora.with_name("other.safetensors")), None)
+    assert commands.merge_sources(text) == [f"{lora}:0.7", str(lora.with_name("other.safetensors"))]
+    assert commands.split_source(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", None)
+    args = commands.merge_args(text, "", roots, svd_rank=8)
+    assert args[2:4] == commands.merge_sources(text)
     assert args[args.index("-o") + 1] == str(lora.with_name("style_merged.safetensors"))
     assert args[args.index("--svd") + 1] == "8" and "--into-model" not in args
 
@@ -153,7 +158,7 @@ def test_current_settings_become_a_config_the_engine_reads(tiny_models, tmp_path
     config = load_config(path)
     assert config.dataset.train_data_dir == str(tmp_path / "img")  # relative paths made absolute
     assert config.model.pretrained_model_name_or_path == str(tiny_models["sd1_ckpt"])
-    with pytest.raises(view.ToolInputError, match="Parameters"):
+    with pytest.raises(commands.ToolInputError, match="Parameters"):
         view.write_temp_config(None, tmp_path, roots)
     with pytest.raises(ConfigError):
         view.write_temp_config({"training": {"max_train_epochs": -3}}, tmp_path, roots)
@@ -181,13 +186,13 @@ def test_doctor_runs_on_a_config_file(folder, roots, dataset_config):
     assert report["totals"]["train_images"] == image_count(dataset_config) > 0
     with pytest.raises(ConfigError, match="file not found"):
         view.doctor_report("file", str(folder / "missing.toml"), None, roots)
-    with pytest.raises(view.ToolInputError, match="Parameters"):
+    with pytest.raises(commands.ToolInputError, match="Parameters"):
         view.doctor_report("current", "", None, roots)
 
 
 def test_cache_latents_from_a_config_file(folder, roots, dataset_config):
     config = view.cache_config_path("file", str(dataset_config), None, roots)
-    update = EngineJob(view.cache_args(config, device="cpu", workers=1), work_dir=folder / "cache-job").run()
+    update = EngineJob(commands.cache_args(config, device="cpu", workers=1), work_dir=folder / "cache-job").run()
     images = image_count(dataset_config)
     assert update.ok, update.output
     assert render.cache_markdown(update).startswith(f"✔ **Cached {images} of {images} images:** {images} encoded")
@@ -198,7 +203,7 @@ def test_merge_into_a_model_then_extract_it_back(lora, folder, roots, tiny_model
     """The Merge and Extract pages' commands, run for real: merge the LoRA into the tiny checkpoint, then extract a
     rank-4 LoRA from the difference; each page shows what the engine wrote."""
     base = shutil.copy(tiny_models["sd1_ckpt"], folder / "base.safetensors")
-    merge = view.merge_args(f"{lora}:0.8", "", roots, into_model=str(base))
+    merge = commands.merge_args(f"{lora}:0.8", "", roots, into_model=str(base))
     merged, inspected_model = view.run_and_inspect(merge)
     assert merged.report is not None, merged.error
     assert inspected_model is None  # a checkpoint, not a LoRA: the page shows no LoRA summary for it
@@ -207,7 +212,7 @@ def test_merge_into_a_model_then_extract_it_back(lora, folder, roots, tiny_model
     text = render.result_markdown("merge", merged)
     assert f"Merged `{lora}` at 0.8" in text and "(sd1)" in text
 
-    extracted, inspected = view.run_and_inspect(view.extract_args(str(base), str(written), "", roots, rank=4))
+    extracted, inspected = view.run_and_inspect(commands.extract_args(str(base), str(written), "", roots, rank=4))
     assert extracted.report is not None, extracted.error
     modules, ranks, _ = file_ranks(Path(extracted.report["output"]))
     assert ranks == Counter({"4": modules}) and modules > 0

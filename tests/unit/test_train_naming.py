@@ -3,8 +3,8 @@
 import pytest
 
 from engine.config.sections_output import SamplingSection
-from engine.train import naming
-from engine.train.naming import (
+from engine.rundir import naming
+from engine.rundir.naming import (
     epoch_files_to_remove,
     epoch_save_due,
     epoch_stem,

@@ -19,8 +19,8 @@ import torch
 
 from engine.config.sections_training import OptimizerSection
 from engine.files import atomic_output, clean_stale_temporaries, recover_folder, replace_folder
+from engine.rundir.naming import name_in_use
 from engine.train.lr_schedulers import SCHEDULER_NAMES, build_lr_scheduler
-from engine.train.naming import name_in_use
 from engine.train.optimizers import OPTIMIZER_RECIPES, OptimizerConfigError, build_optimizer
 from engine.train.save_checks import non_finite_tensors
 from engine.train.state import (

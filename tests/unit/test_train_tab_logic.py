@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from engine.config.io import deep_merge, default_config_dict, load_config
+from engine.rundir.layout import EVENTS_FILE
 from gui import train_view as view
 from gui.run_reader import RunReader, sample_label
 from gui.runner import RunManager
-from gui.runs import EVENTS_FILE, RunStatus, process_start_ticks, update_record, write_record
+from gui.runs import RunStatus, process_start_ticks, update_record, write_record
 from gui.train_start import output_name_for, start_choice, start_run
 
 

@@ -16,7 +16,8 @@ gap between the launch and that first moment:
 - without it, a control file modified after the process started (by the kernel's start time) has its last line
   counted too: that line was written after the start, so it cannot be an earlier run's.
 
-This module imports only the standard library: it runs before torch is imported.
+This module imports only the standard library and the run directory's file names (engine.rundir.layout): it runs
+before torch, and before pydantic, is imported.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-CONTROL_FILE = "control"
+from engine.rundir.layout import CONTROL_FILE
+
 COMMANDS = ("stop", "save", "sample")
 OFFSET_ENV = "ATELIER_CONTROL_OFFSET"  # the control file's size when the launcher started the run
 DEFAULT_OUTPUT_DIR = "output"  # SavingSection.output_dir's default (a test keeps the two equal)

@@ -1,4 +1,5 @@
-"""The command that starts a training run: the engine directly, or through `accelerate launch`.
+"""The commands that start engine processes, and their environment: a training run (the engine directly, or
+through `accelerate launch`) and the engine's other commands (`python -m engine ARGS`).
 
 The GUI builds the command here and runs it as an argument list (never a shell string, so paths with spaces or
 quotes need no escaping). One process on one machine runs the engine directly: accelerate would only add a few
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from engine.config.io import resolve_path
@@ -20,6 +21,7 @@ from engine.config.schema import RunConfig
 from engine.config.sections_output import LaunchSection
 
 ACCELERATE_LAUNCH = "accelerate.commands.launch"
+ENGINE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `engine` package
 # accelerate's simple launcher asserts a port on several machines; 29500 is what torchrun would pick anyway
 DEFAULT_MAIN_PROCESS_PORT = 29500
 
@@ -93,21 +95,20 @@ def launch_command(
     return [python, "-m", ACCELERATE_LAUNCH, *accelerate_arguments(config, Path(config_path).parent), "-m", *engine]
 
 
-def apply_cpu_threads(launch: LaunchSection) -> int:
-    """Use launch.num_cpu_threads_per_process CPU threads in this process, also when it was started without
-    accelerate (one process), and give the same to the processes it starts (OMP_NUM_THREADS, as accelerate launch
-    sets it). Unset leaves the environment's choice alone (torch reads OMP_NUM_THREADS at start). Returns the number
-    now used by torch."""
-    import torch
-
-    threads = launch.num_cpu_threads_per_process
-    if threads is None:
-        return torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def describe_command(argv: Sequence[str]) -> str:
     """The command as a user could paste it into a POSIX shell, for logs."""
     return shlex.join(argv)
+
+
+def engine_command(args: Sequence[str], *, python: str = sys.executable) -> list[str]:
+    """`python -m engine ARGS` with the given Python (one of the engine's commands other than a training run)."""
+    return [python, "-m", "engine", *args]
+
+
+def engine_environment(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of an engine process: `base` (default this process's) with `extra` set, output unbuffered
+    (so its log shows what it printed until now) and the folder holding `engine` first on PYTHONPATH (so
+    `python -m engine` runs this copy whatever the working folder)."""
+    env = dict(os.environ if base is None else base, PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH", "")]))
+    return env

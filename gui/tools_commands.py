@@ -1,0 +1,234 @@
+"""The Tools tab's command lines: `python -m engine lora inspect|merge|resize|extract|convert ...` and
+`cache-latents`, built from the page's fields as argument lists (never a shell string).
+
+The engine checks the inputs and refuses to overwrite a file; this module only checks what the engine cannot know:
+which fields the user left empty and whether a path is inside the folders this app may use (gui.browse.FileRoots.check,
+the rule of every GUI path field). Running the commands and reading their reports is gui.tools_view's; what the page
+shows of the reports, gui.tools_render's.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from engine.cli.lora_cmd import CONVERT_FAMILIES, CONVERT_TARGETS, TEXT_ENCODER_OPTIONS
+from engine.config.choices import SavePrecision
+from gui.browse import FileRoots, PathNotAllowed
+
+LORA_SUFFIX = ".safetensors"
+PRECISIONS: tuple[str, ...] = typing.get_args(SavePrecision)
+# `lora merge` without --save-precision keeps a FLUX.1/Chroma file's own dtype (a bf16 12B transformer written as
+# float32 would be 48 GB) and writes LoRAs and SD checkpoints in float32; "keep" leaves the option out.
+KEEP_PRECISION = "keep"
+MERGE_PRECISIONS: tuple[str, ...] = (KEEP_PRECISION, *(name for name in PRECISIONS if name != KEEP_PRECISION))
+# resize rule (as the engine names it) -> (its option, what the value means to a user)
+RESIZE_RULES: dict[str, tuple[str, str]] = {
+    "rank": ("--rank", "a fixed rank for every module"),
+    "sv_ratio": ("--sv-ratio", "keep singular values at least the largest / X"),
+    "sv_fro": ("--sv-fro", "keep this fraction (0-1) of each module's Frobenius norm"),
+}
+# `lora convert` targets (the engine's, in its order) -> what the choice means to a user
+_CONVERT_MEANINGS = {
+    "diffusers": "diffusers names (from a kohya file: FluxPipeline / StableDiffusion3Pipeline load the new file)",
+    "kohya": "kohya names (from a diffusers/PEFT file: ComfyUI and Atelier load the new file)",
+}
+CONVERT_CHOICES: dict[str, str] = {target: _CONVERT_MEANINGS[target] for target in CONVERT_TARGETS}
+CONVERT_AUTO = "auto"  # no --family: the engine reads it from the file
+CONVERT_FAMILY_CHOICES: tuple[str, ...] = (CONVERT_AUTO, *CONVERT_FAMILIES)
+
+
+class ToolInputError(ValueError):
+    """A field the user must fill or change before the engine is asked; the message names the field."""
+
+
+
+# --- checking fields ---------------------------------------------------------------------------------------------
+
+
+def checked_path(value: str | None, label: str, roots: FileRoots, *, required: bool = True) -> str:
+    """The path typed into a field, stripped; '' for an empty optional field.
+
+    Raises:
+        ToolInputError: an empty required field, or a path the app may not use (the message of every path field).
+    """
+    text = (value or "").strip()
+    if not text:
+        if required:
+            raise ToolInputError(f"{label}: enter a path")
+        return ""
+    try:
+        return str(roots.check(text, label))
+    except PathNotAllowed as error:
+        raise ToolInputError(str(error)) from None
+
+
+def _positive(value: float | None, label: str) -> float:
+    if value is None:
+        raise ToolInputError(f"{label}: enter a number")
+    if value <= 0:
+        raise ToolInputError(f"{label}: must be more than 0")
+    return value
+
+
+def _optional(value: float | None, label: str) -> float | None:
+    """A number field where 0 (or blank) means 'not given': a Gradio Number sends 0 for an empty box."""
+    if not value:
+        return None
+    return _positive(value, label)
+
+
+def _int_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _option(flag: str, value: float | None) -> list[str]:
+    return [] if value is None else [flag, _int_text(value)]
+
+
+def default_output(source: str, tag: str) -> str:
+    """'<folder>/<stem>_<tag>.safetensors' next to `source`, with -2, -3... when that file exists (the tools never
+    overwrite, so a default must be free)."""
+    path = Path(source)
+    stem = path.stem if path.suffix else path.name  # a diffusers folder has no suffix
+    candidate = path.with_name(f"{stem}_{tag}{LORA_SUFFIX}")
+    number = 2
+    while candidate.exists():
+        candidate = path.with_name(f"{stem}_{tag}-{number}{LORA_SUFFIX}")
+        number += 1
+    return str(candidate)
+
+
+def _output(value: str | None, roots: FileRoots, source: str, tag: str) -> str:
+    return checked_path(value, "Output file", roots, required=False) or default_output(source, tag)
+
+
+# --- command lines -----------------------------------------------------------------------------------------------
+
+
+def inspect_args(path: str | None, roots: FileRoots) -> list[str]:
+    """`lora inspect FILE --json`. Raises ToolInputError for an empty or disallowed path (as do the others)."""
+    return ["lora", "inspect", checked_path(path, "LoRA file", roots), "--json"]
+
+
+def merge_sources(text: str | None) -> list[str]:
+    """The lines of the merge list: 'PATH' or 'PATH:RATIO' each, as the engine reads them."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def add_merge_source(text: str | None, path: str | None, ratio: float | None) -> str:
+    """The merge list with one more line, 'PATH:RATIO' (no ratio: the engine's default of 1)."""
+    line = (path or "").strip()
+    if not line:
+        return text or ""
+    if ratio is not None:
+        line += f":{ratio:g}"
+    return "\n".join([*merge_sources(text), line])
+
+
+def split_source(source: str) -> tuple[str, float | None]:
+    """'PATH:RATIO' -> (PATH, RATIO); a colon not followed by a number belongs to the path, as the engine reads it."""
+    path, colon, ratio = source.rpartition(":")
+    try:
+        return (path, float(ratio)) if colon else (source, None)
+    except ValueError:
+        return source, None
+
+
+def _precision_args(precision: str | None) -> list[str]:
+    """--save-precision, or nothing for "keep" (the engine's default: see KEEP_PRECISION)."""
+    return [] if not precision or precision == KEEP_PRECISION else ["--save-precision", precision]
+
+
+def text_encoder_args(text_encoders: Mapping[str, tuple[str | None, str | None]] | None,
+                      roots: FileRoots) -> list[str]:
+    """--clip-l/--t5xxl FILE and --*-save-to NEW_FILE for the pairs given, by option stem (TEXT_ENCODER_OPTIONS).
+
+    A blank new file with an input given becomes '<input stem>_merged.safetensors' next to it (as every output
+    field); a new file without its input is passed on as it is, so that the engine says what is missing.
+    """
+    args: list[str] = []
+    for option, (source, target) in (text_encoders or {}).items():
+        label = TEXT_ENCODER_OPTIONS[option]
+        source_path = checked_path(source, f"{label} file", roots, required=False)
+        target_path = checked_path(target, f"New {label} file", roots, required=False)
+        if source_path and not target_path:
+            target_path = default_output(source_path, "merged")
+        args += [f"--{option}", source_path] if source_path else []
+        args += [f"--{option}-save-to", target_path] if target_path else []
+    return args
+
+
+def merge_args(sources_text: str | None, output: str | None, roots: FileRoots, *, into_model: str | None = None,
+               svd_rank: float | None = None, conv_rank: float | None = None, precision: str = KEEP_PRECISION,
+               text_encoders: Mapping[str, tuple[str | None, str | None]] | None = None) -> list[str]:
+    """`lora merge` of the listed LoRAs into one LoRA, or into `into_model` when given; 0 ranks mean not given.
+    `text_encoders`: for a FLUX.1/Chroma model, each encoder's (file, new file) by option stem."""
+    sources = merge_sources(sources_text)
+    if not sources:
+        raise ToolInputError("LoRAs to merge: add one or more LoRA files")
+    paths = [checked_path(split_source(source)[0], "LoRAs to merge", roots) for source in sources]
+    model = checked_path(into_model, "Merge into model", roots, required=False)
+    args = ["lora", "merge", *sources, "-o", _output(output, roots, model or paths[0], "merged")]
+    args += ["--into-model", model] if model else []
+    args += text_encoder_args(text_encoders, roots)
+    args += _option("--svd", _optional(svd_rank, "SVD rank"))
+    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
+    return [*args, *_precision_args(precision), "--json"]
+
+
+def resize_args(path: str | None, output: str | None, roots: FileRoots, *, rule: str, value: float | None,
+                conv_rank: float | None = None, precision: str = "float") -> list[str]:
+    """`lora resize` by one of RESIZE_RULES; the default output name says the rule and value (style_rank8)."""
+    source = checked_path(path, "LoRA file", roots)
+    flag = RESIZE_RULES[rule][0]
+    amount = _positive(value, "New size")
+    args = ["lora", "resize", source, "-o", _output(output, roots, source, f"{rule}{_int_text(amount)}"),
+            flag, _int_text(amount)]
+    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
+    return [*args, "--save-precision", precision, "--json"]
+
+
+def extract_args(base: str | None, tuned: str | None, output: str | None, roots: FileRoots, *, rank: float | None,
+                 conv_rank: float | None = None, min_diff: float | None = None, device: str = "cpu",
+                 precision: str = "float", clamp_quantile: float | None = None) -> list[str]:
+    """`lora extract` of tuned minus base; conv rank 0 means no 3x3 convs, min_diff None the engine's default,
+    clamp quantile 0 or None no clipping (the engine checks it is at most 1)."""
+    base_path = checked_path(base, "Base model", roots)
+    tuned_path = checked_path(tuned, "Fine-tuned model", roots)
+    size = _positive(rank, "Rank")
+    args = ["lora", "extract", "--base", base_path, "--tuned", tuned_path,
+            "-o", _output(output, roots, tuned_path, f"lora_r{_int_text(size)}"), "--rank", _int_text(size)]
+    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
+    args += [] if min_diff is None else ["--min-diff", f"{min_diff:g}"]
+    quantile = _optional(clamp_quantile, "Clamp quantile")
+    args += [] if quantile is None else ["--clamp-quantile", f"{quantile:g}"]
+    return [*args, "--device", device or "cpu", "--save-precision", precision, "--json"]
+
+
+def convert_args(path: str | None, output: str | None, roots: FileRoots, *, to: str, family: str = CONVERT_AUTO
+                 ) -> list[str]:
+    """`lora convert FILE --to diffusers|kohya`; the default output says the naming (style_diffusers). The engine
+    refuses an existing output, so no --overwrite from the page."""
+    source = checked_path(path, "LoRA file", roots)
+    if to not in CONVERT_CHOICES:
+        raise ToolInputError(f"Convert to: choose one of {', '.join(CONVERT_CHOICES)}")
+    args = ["lora", "convert", source, "--to", to, "-o", _output(output, roots, source, to)]
+    args += [] if not family or family == CONVERT_AUTO else ["--family", family]
+    return [*args, "--json"]
+
+
+def cache_args(config_path: str, *, skip_existing: bool = False, device: str | None = None,
+               workers: float | None = None) -> list[str]:
+    """`cache-latents CONFIG ...`; EngineJob adds --events. device None or 'auto': the engine's choice.
+    skip_existing False re-encodes up-to-date entries too (--force; the engine keeps them by default)."""
+    args = ["cache-latents", config_path]
+    args += ["--skip-existing"] if skip_existing else ["--force"]
+    args += ["--device", device] if device and device != "auto" else []
+    return args + _option("--workers", _optional(workers, "Workers"))
+
+
+def command_text(args: Iterable[str]) -> str:
+    """The command line a user could run in a terminal, for the status line."""
+    return "python -m engine " + " ".join(f'"{arg}"' if " " in arg else arg for arg in args)
