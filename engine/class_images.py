@@ -28,7 +28,7 @@ from engine.files import atomic_write_text
 from engine.models.families import FAMILY_INFO
 
 if TYPE_CHECKING:
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
     from engine.train.sampling import SampleRequest, SamplerParts
 
 __all__ = ["ClassImageSettings", "generate_class_images", "image_seed", "native_size", "next_number",

@@ -114,7 +114,7 @@ class FileRoots:
         Raises:
             PathNotAllowed: as `check`.
         """
-        from engine.models.vae import looks_like_hub_id  # no torch: the regex and the model file suffixes
+        from engine.models.locations import looks_like_hub_id  # no torch: the regex and the model file suffixes
 
         text = value.strip()
         if looks_like_hub_id(text) and not _from_base(text, base).exists():

@@ -17,7 +17,7 @@ from engine.config.describe import FieldSpec
 from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.config.paths import get_path, set_path
-from engine.config.rules import Problem
+from engine.config.rule_registry import Problem
 from engine.config.schema import RunConfig
 
 

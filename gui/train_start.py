@@ -95,17 +95,17 @@ def warning_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def missing_model_file(location: str, base_dir: Path) -> str:
-    """Why a base model that is clearly a local path cannot be used ('' when fine or when it is a hub id, which
-    the engine checks against the local cache)."""
+    """Why the base model cannot be used: '' when it exists or is a hub id (the engine checks that against the local
+    cache). Read with the engine's rule (engine.models.locations), so whatever the engine would load as a local path
+    is refused here, before a run exists."""
+    from engine.models.locations import looks_like_hub_id  # no torch; not needed to build the page
+
     if not location:
         return "no base model chosen: set `model.pretrained_model_name_or_path` in the Parameters tab."
-    path = Path(location).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    looks_local = Path(location).suffix in (".safetensors", ".ckpt") or location.startswith((".", "/", "~")) \
-        or path.exists()
-    if looks_local and not path.exists():
-        return f"the base model `{path}` does not exist; check `model.pretrained_model_name_or_path`."
-    return ""
+    path = resolve_path(location, base_dir)
+    if path.exists() or looks_like_hub_id(location):
+        return ""
+    return f"the base model `{path}` does not exist; check `model.pretrained_model_name_or_path`."
 
 
 def config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:

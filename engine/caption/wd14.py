@@ -25,7 +25,7 @@ from engine.caption.wd14_tags import (
     tag_frequency_summary,
 )
 from engine.data.images import to_rgb
-from engine.data.transforms import resize_image
+from engine.data.resize import resize_image
 
 if TYPE_CHECKING:
     import onnxruntime

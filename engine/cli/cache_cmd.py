@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
 from engine.config.errors import ConfigError
-from engine.config.io import load_config, resolve_path
+from engine.config.io import load_config
+from engine.models.locations import model_location
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -52,26 +53,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def model_location(value: str, base_dir: Path) -> str:
-    """A config path made absolute, except a hub id (``owner/name``) that is not a local path."""
-    from engine.models.vae import looks_like_hub_id
-
-    if not value:
-        return ""
-    resolved = resolve_path(value, base_dir)
-    return value if not resolved.exists() and looks_like_hub_id(value) else str(resolved)
-
-
-def vae_dtype_name(config: RunConfig, device: str) -> str:
-    """float32 on a CPU (half-precision convolutions are slow there) or with no_half_vae, else the mixed precision.
-
-    A float32 cache satisfies a later half-precision run, so caching on a CPU never forces a rebuild on a GPU.
-    """
-    if device == "cpu" or config.model.no_half_vae:
-        return "float32"
-    return _GPU_DTYPES[config.training.mixed_precision]
-
-
 def _fail(message: str, events: EventWriter, hint: str = "") -> int:
     print(f"error: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
     events.emit("error", message=message, hint=hint)
@@ -105,6 +86,7 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     from engine.data.scan import scan_config
     from engine.events import Progress
     from engine.models.single_file import ModelLoadError
+    from engine.models.vae import vae_dtype
 
     scan = scan_config(config, base_dir)
     blocking = latent_errors(scan.findings)
@@ -122,8 +104,9 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     if not jobs:
         return _fail("no images to cache", events)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weight_dtype = getattr(torch, _GPU_DTYPES[config.training.mixed_precision])
     try:
-        loaded = latent_encoder(config, base_dir, dtype=getattr(torch, vae_dtype_name(config, device)),
+        loaded = latent_encoder(config, base_dir, dtype=vae_dtype(config.model.no_half_vae, device, weight_dtype),
                                 device=device)
     except ModelLoadError as error:  # VaeLoadError is one
         return _fail(str(error), events)

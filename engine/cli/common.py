@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterable
 
-from engine.config.rules import Problem
+from engine.config.rule_registry import Problem
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from engine.config.rules import Problem
+from engine.config.rule_registry import Problem
 
 
 class ConfigError(Exception):

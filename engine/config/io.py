@@ -20,7 +20,8 @@ from engine.config.dataset import DatasetFile
 from engine.config.errors import ConfigError, problems_from_validation_error
 from engine.config.migrations import SchemaVersionError, migrate
 from engine.config.paths import set_path
-from engine.config.rules import Problem, RuleContext, check
+from engine.config.rule_registry import Problem, RuleContext
+from engine.config.rules import check
 from engine.config.schema import RunConfig
 from engine.files import atomic_write_text
 

@@ -16,7 +16,7 @@ from engine.config.dataset import DatasetEntry, Subset, parse_legacy_folder_name
 from engine.config.describe import PATH_WIDGETS, iter_fields
 from engine.config.errors import ConfigError
 from engine.config.paths import get_path
-from engine.config.rules import Problem
+from engine.config.rule_registry import Problem
 from engine.config.schema import RunConfig
 
 # Folders a run creates: they need not exist before it starts.
@@ -47,7 +47,7 @@ class _Disk:
     def may_be_hub_id(self, value: str, widget: str) -> bool:
         """A "path" field (a base model, a text encoder) also takes a Hugging Face id such as 'org/model', which the
         engine looks up in the local cache: read as the engine reads it, an existing path first, then a hub id."""
-        from engine.models.vae import looks_like_hub_id  # no torch: a pattern and the model file suffixes
+        from engine.models.locations import looks_like_hub_id  # no torch: a pattern and the model file suffixes
 
         return widget == "path" and looks_like_hub_id(value) and not _exists(self.resolve(value))
 

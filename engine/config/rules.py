@@ -9,9 +9,8 @@ other families use in `engine.config.rules_families`, all imported at the end of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from engine.config.choices import (
     AUTO_BUCKET_MULTIPLE,
@@ -26,43 +25,12 @@ from engine.config.choices import (
     OptionalPackage,
     module_package,
 )
-from engine.config.dataset import DatasetFile, ResolvedDataset, resolve_datasets, resolve_general_only
+from engine.config.dataset import ResolvedDataset, resolve_datasets, resolve_general_only
 from engine.config.dataset_keys import CAPTION_DROPOUT_KEYS
+from engine.config.rule_registry import RULES, Problem, RuleContext, rule
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding about a config: the field path it concerns and what to do about it."""
-
-    path: str
-    message: str
-    severity: Literal["error", "warning"] = "error"
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-@dataclass
-class RuleContext:
-    """What rules may look at besides the config itself."""
-
-    check_packages: bool = True
-    # The parsed dataset TOML named by dataset.config_file, once the caller has read it.
-    dataset_file: DatasetFile | None = None
-    dataset_file_name: str = ""
-    datasets: list[ResolvedDataset] = field(default_factory=list)
-
-
-Rule = Callable[["RunConfig", RuleContext], Iterable[Problem]]
-RULES: list[Rule] = []
-
-
-def rule(function: Rule) -> Rule:
-    RULES.append(function)
-    return function
 
 
 def effective_datasets(config: RunConfig, context: RuleContext) -> list[ResolvedDataset]:
@@ -427,7 +395,7 @@ def optional_packages_installed(config: RunConfig, context: RuleContext) -> Iter
 
 
 # The FLUX.1 / Chroma / flow-matching rules and SD3's live in their own modules; importing them here registers them
-# (they import this module's `rule`), so whoever imports these rules to run `check()` gets every rule.
+# (after this module's own, in this order), so whoever imports these rules to run `check()` gets every rule.
 import engine.config.rules_optimizer  # noqa: E402, F401
 from engine.config import (  # noqa: E402, F401
     rules_dataset,

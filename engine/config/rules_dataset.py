@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from engine.config.rules import Problem, RuleContext, rule
+from engine.config.rule_registry import Problem, RuleContext, rule
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig

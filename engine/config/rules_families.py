@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from engine.config.base import field_families
 from engine.config.choices import FLOW_FAMILIES, FLUX_FAMILIES, SD3_FAMILIES, family_label, family_names
-from engine.config.rules import Problem, RuleContext, rule
+from engine.config.rule_registry import Problem, RuleContext, rule
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig

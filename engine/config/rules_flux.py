@@ -14,7 +14,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from engine.config.choices import FAMILY_LIMITS, FLUX_FAMILIES, family_label
-from engine.config.rules import Problem, RuleContext, rule
+from engine.config.rule_registry import Problem, RuleContext, rule
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig

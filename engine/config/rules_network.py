@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from engine.config.choices import NETWORK_TYPES, SD3_FAMILIES
-from engine.config.rules import Problem, RuleContext, rule
+from engine.config.rule_registry import Problem, RuleContext, rule
 from engine.config.rules_sd3 import unsupported_network_arg
 from engine.models.families import FAMILY_INFO
 

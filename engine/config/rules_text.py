@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from engine.config.choices import FLUX_FAMILIES
-from engine.config.rules import Problem, RuleContext, rule
+from engine.config.rule_registry import Problem, RuleContext, rule
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig

@@ -9,7 +9,8 @@ from engine.config.base import StrictModel, setting
 from engine.config.choices import FLOW_FAMILIES, SD_FAMILIES, Method
 from engine.config.dataset import DatasetSection
 from engine.config.migrations import SCHEMA_VERSION
-from engine.config.rules import Problem, RuleContext, check
+from engine.config.rule_registry import Problem, RuleContext
+from engine.config.rules import check
 from engine.config.sections_flow import FlowSection
 from engine.config.sections_model import EmbeddingSection, ModelSection, NetworkSection
 from engine.config.sections_output import LaunchSection, LoggingSection, SamplingSection, SavingSection

@@ -25,7 +25,7 @@ from typing import Any
 from engine.config.schema import RunConfig
 from engine.data.balance import RunLength, batches_per_epoch, run_length
 from engine.data.doctor_checks import CHECKS
-from engine.data.doctor_models import model_findings
+from engine.data.model_findings import model_findings
 from engine.data.records import DatasetPlan, Finding, ScanResult
 from engine.data.scan import scan_config
 

@@ -5,7 +5,7 @@ FLUX.1 and Chroma come as separate files (`model.pretrained_model_name_or_path` 
 a wrong or missing one otherwise shows up minutes into a run, after the text encoders have loaded. Only file headers
 are read, in plain Python (the 8-byte length and the JSON after it): the doctor runs in the GUI process, which never
 imports torch or safetensors. Each finding names the config field and says what to do. Which check runs is chosen
-by the family's loader (`FamilyInfo.loader`), never by its name.
+by the family's loader (`FamilyInfo.loader`), never by its name, in engine.data.model_findings.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from typing import Any
 from engine.config.base import field_families
 from engine.config.io import resolve_path
 from engine.config.schema import RunConfig
-from engine.data.model_kinds import flux_family_of, model_family_of, model_kind
+from engine.data.model_kinds import flux_family_of, model_kind
 from engine.data.records import Finding
 from engine.models.families import family_info
 from engine.models.flux.files import TRANSFORMER_PREFIX, check_not_adapter
 from engine.models.single_file import FileHeader, ModelLoadError, adapter_kind
 
-__all__ = ["LOCATION", "MODEL_CHECKS", "ModelChecker", "file_header", "flux_family_of", "model_findings",
+__all__ = ["HEADER_FILES", "LOCATION", "ModelChecker", "file_header", "flux_family_of", "flux_model_findings",
            "read_safetensors_header", "safetensors_header_json", "suffixed"]
 
-_HEADER_FILES = (".safetensors", ".sft")  # files whose header can be read without torch
-_MODEL_FILES = (*_HEADER_FILES, ".ckpt", ".pt", ".pth", ".bin")
+HEADER_FILES = (".safetensors", ".sft")  # files whose header can be read without torch
+_MODEL_FILES = (*HEADER_FILES, ".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # a real header is a few MB at most; more means it is no safetensors file
 LOCATION = "model.pretrained_model_name_or_path"
 _FAMILY = "model.model_family"
@@ -101,7 +101,7 @@ class ModelChecker:
         if not path.is_file():
             self.error(path, f"{field}: no such file", f"point {field} at {what}", "model-file-missing")
             return None
-        if path.suffix.lower() not in _HEADER_FILES:
+        if path.suffix.lower() not in HEADER_FILES:
             return None  # a pickled checkpoint needs torch to look inside; the loader checks it
         try:
             header = read_safetensors_header(path)
@@ -229,37 +229,3 @@ def flux_model_findings(config: RunConfig, base_dir: Path, family: str) -> list[
         if families is None or family in families:
             check(checker, transformer)
     return checker.findings
-
-
-def _sd3_model_findings(config: RunConfig, base_dir: Path, family: str) -> list[Finding]:
-    from engine.data.doctor_sd3 import sd3_model_findings  # it builds on this module's checker
-
-    return sd3_model_findings(config, base_dir, family)
-
-
-# Model checks by FamilyInfo.loader; SD checkpoints carry their own text encoders and VAE, so they have none here.
-MODEL_CHECKS: dict[str, Callable[[RunConfig, Path, str], list[Finding]]] = {
-    "flux": flux_model_findings, "sd3": _sd3_model_findings}
-
-
-def _detected_family(config: RunConfig, base_dir: Path) -> str | None:
-    """The family of the model file with model_family = "auto", from its header (a folder, hub id or pickle is left
-    to the loader)."""
-    location = config.model.pretrained_model_name_or_path.strip()
-    path = resolve_path(location, base_dir) if location else None
-    if path is None or path.suffix.lower() not in _HEADER_FILES or not path.is_file():
-        return None
-    try:
-        return model_family_of(read_safetensors_header(path))
-    except ModelLoadError:
-        return None  # reported by the loader, which knows every kind of model file
-
-
-def model_findings(config: RunConfig, base_dir: str | Path) -> list[Finding]:
-    """The model-file findings of `config` (paths relative to base_dir)."""
-    base_dir = Path(base_dir)
-    family = config.model.model_family
-    if family == "auto":
-        family = _detected_family(config, base_dir) or "auto"
-    check = MODEL_CHECKS.get(family_info(family).loader) if family != "auto" else None
-    return check(config, base_dir, family) if check else []

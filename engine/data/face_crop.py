@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from engine.data.records import DatasetPlan
-from engine.data.transforms import PreparedImage, resize_image
+from engine.data.resize import PreparedImage, resize_image
 
 FaceBox = tuple[int, int, int, int]  # centre x, centre y, width, height, in the image's pixels
 

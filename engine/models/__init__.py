@@ -23,7 +23,8 @@ from engine.models.ldm_text import (
     clip_to_ldm,
     open_clip_to_ldm,
 )
-from engine.models.loading import LoadedModel, ModelLoadError, detect_model_family, load_model
+from engine.models.loaded_model import LoadedModel
+from engine.models.loading import ModelLoadError, detect_model_family, load_model
 
 __all__ = [
     "EMBEDDED_CONFIGS_KEY",

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.families import FAMILY_INFO, family_info
+from engine.models.loaded_model import LoadedModel
+from engine.models.locations import looks_like_hub_id
 from engine.models.single_file import (
     SINGLE_FILE_SUFFIXES,
     ModelLoadError,
@@ -34,14 +36,12 @@ from engine.models.single_file import (
     read_header,
     resolve_single_file,
 )
-from engine.models.text_encoders import TEXT_COMPONENTS, LoadedTextEncoders, load_text_encoders, ready_text_encoders
+from engine.models.text_encoders import TEXT_COMPONENTS, load_text_encoders, ready_text_encoders
 from engine.models.vae import (
     SCALING_FACTORS,
-    LoadedVae,
     hub_download_hint,
     is_offline,
     load_vae,
-    looks_like_hub_id,
     pipeline_family,
     ready_vae,
 )
@@ -49,35 +49,11 @@ from engine.models.vae import (
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-__all__ = ["LoadedModel", "ModelLoadError", "detect_model_family", "load_model"]
+__all__ = ["ModelLoadError", "detect_model_family", "load_model"]
 
 _SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 # The pipeline components training needs from a hub repository; the rest (safety checker, ...) is not downloaded.
 _UNUSED_HUB_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-
-
-@dataclass
-class LoadedModel:
-    """A base model ready for training or sampling.
-
-    Attributes:
-        family: "sd1", "sd2" or "sdxl".
-        unet: the ``UNet2DConditionModel`` on ``device`` in ``dtype``, in eval mode; the trainer decides what trains.
-        vae: the VAE (the model's own or the separate one), frozen.
-        text: tokenizers and text encoders, frozen.
-        scheduler_config: the model's noise-scheduler config (diffusers JSON). A single file states no
-            ``prediction_type``; its shipped config says epsilon, and ``model.v_parameterization`` overrides it.
-        source: what was asked for (file, folder or hub id).
-        model_file: the single file the weights came from (for hashing), None for folders and hub ids.
-    """
-
-    family: str
-    unet: UNet2DConditionModel
-    vae: LoadedVae
-    text: LoadedTextEncoders
-    scheduler_config: dict[str, Any]
-    source: str
-    model_file: Path | None
 
 
 def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Path = "", dtype: Any = None,

@@ -30,7 +30,6 @@ Grad mode is the caller's: caching wraps this in ``torch.no_grad()``; a trainer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,29 +38,13 @@ if TYPE_CHECKING:
     from engine.config.sections_model import ModelSection
     from engine.models.text_encoders import LoadedTextEncoders
 
+from engine.models.encoded_text import EncodedText
 from engine.models.families import family_info
 
-__all__ = ["CHUNK_TOKENS", "MAX_TOKEN_LENGTHS", "EncodedText", "encode_captions", "encoding_options",
-           "tokenize_chunks"]
+__all__ = ["CHUNK_TOKENS", "MAX_TOKEN_LENGTHS", "encode_captions", "encoding_options", "tokenize_chunks"]
 
 CHUNK_TOKENS = 75  # caption tokens per CLIP pass: 77 positions minus BOS and EOS
 MAX_TOKEN_LENGTHS = (75, 150, 225)
-
-
-@dataclass
-class EncodedText:
-    """Text-encoder outputs for a batch of captions, on the encoders' device and dtype.
-
-    Attributes:
-        hidden_states: [B, max_token_length + 2, D]; D is the encoder width (SD1/SD2) or both widths (SDXL).
-        pooled: [B, projection dim] of SDXL's second encoder, or CLIP-L's pooled output for FLUX.1; None for SD1/SD2
-            and Chroma.
-        mask: [B, L] bool, True at real tokens: T5's padding mask (FLUX.1, Chroma); None for the CLIP families.
-    """
-
-    hidden_states: torch.Tensor
-    pooled: torch.Tensor | None
-    mask: torch.Tensor | None = None
 
 
 _DEFAULT_T5_LENGTH = 512

@@ -19,13 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.ldm_checkpoint import FAMILIES
-from engine.models.single_file import SINGLE_FILE_SUFFIXES
+from engine.models.locations import looks_like_hub_id
 from engine.models.vae_layout import VaeLoadError, load_single_file_vae, single_file_family
 
 if TYPE_CHECKING:
@@ -39,9 +38,9 @@ __all__ = [
     "hub_download_hint",
     "is_offline",
     "load_vae",
-    "looks_like_hub_id",
     "pipeline_family",
     "ready_vae",
+    "vae_dtype",
     "weights_identity",
 ]
 
@@ -49,7 +48,6 @@ __all__ = [
 SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 _FAMILY_BY_SCALING = {0.13025: "sdxl", 0.18215: "sd1"}  # a diffusers VAE folder states its scale; sd1 covers sd2
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -162,6 +160,17 @@ def ready_vae(vae: AutoencoderKL, family: str, scaling_factor: float, source: st
     return LoadedVae(vae=vae, identity=identity, family=family, scaling_factor=scaling_factor, source=source)
 
 
+def vae_dtype(no_half_vae: bool, device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE (or FLUX's AE) encodes in, whether for the cache command or for training: float32 on a CPU
+    (half-precision convolutions are slow there) or with ``model.no_half_vae``, else the run's weight dtype.
+
+    A float32 cache satisfies a later half-precision run, so caching on a CPU never forces a rebuild on a GPU.
+    """
+    import torch
+
+    return torch.float32 if device_type == "cpu" or no_half_vae else weight_dtype
+
+
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
@@ -226,11 +235,6 @@ def hub_download_hint(repo_id: str, offline: bool, error: Exception) -> str:
             f"machine with network (`hf download {repo_id} --local-dir {folder}`, or with older huggingface_hub "
             f"`huggingface-cli download {repo_id} --local-dir {folder}`) and point the config at that folder, or at "
             "a local .safetensors file")
-
-
-def looks_like_hub_id(location: str) -> bool:
-    """``owner/name`` with no model-file extension: what a hub id looks like (it may still be a missing folder)."""
-    return bool(_HUB_ID.match(location)) and Path(location).suffix.lower() not in SINGLE_FILE_SUFFIXES
 
 
 # --- family ----------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from engine.networks.lora_names import LoRATarget, text_encoder_targets, unet_na
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 __all__ = ["DyLoRAModule", "DyLoRANetwork", "create_dylora_network", "dylora_network"]
 
@@ -164,7 +164,7 @@ def _modules(targets: Sequence[LoRATarget], settings: DyLoRAOptions, multiplier:
 
 
 def dylora_network(config: RunConfig, model: LoadedModel, train_unet: bool, train_text: list[bool]) -> DyLoRANetwork:
-    """The trainer's builder for network_type = "dylora" (engine.train.methods)."""
+    """The trainer's builder for network_type = "dylora" (engine.train.method_lora)."""
     section = config.network
     return create_dylora_network(
         model.unet, model.text.encoders, model.family, dim=section.network_dim, alpha=section.network_alpha,

@@ -72,7 +72,7 @@ from engine.networks.lycoris_args import (
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 __all__ = ["ALGORITHMS", "LYCORIS_ARGS", "LycorisKohyaNetwork", "LycorisSettings",
            "create_lycoris_network", "lycoris_network", "resolve_lycoris_settings"]
@@ -294,7 +294,7 @@ def _build_lycoris(unet: nn.Module, text_encoders: list[nn.Module], options: LoR
 
 def lycoris_network(config: RunConfig, model: LoadedModel, train_unet: bool, train_text: list[bool]
                     ) -> LycorisKohyaNetwork:
-    """The trainer's builder for network types with the "lycoris" backend (engine.train.methods)."""
+    """The trainer's builder for network types with the "lycoris" backend (engine.train.method_lora)."""
     section = config.network
     return create_lycoris_network(
         model.unet, model.text.encoders, model.family, algo=section.network_type, dim=section.network_dim,

@@ -19,6 +19,7 @@ from engine.data.records import ScanResult
 from engine.data.sampler import BucketBatchSampler
 from engine.data.scan import scan_config
 from engine.models.families import family_info
+from engine.models.locations import model_location
 from engine.train.conditioning import check_text_options
 from engine.train.dataset import TrainingDataset, batch_sizes, caches_on_device, examples_from_scan
 from engine.train.methods import create_method
@@ -152,7 +153,6 @@ def refuse_scan_errors(scan: ScanResult, *, skip: frozenset[str] = frozenset()) 
 
 
 def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
-    from engine.cli.cache_cmd import model_location
     from engine.models.loading import ModelLoadError, load_model
 
     location = model_location(config.model.pretrained_model_name_or_path, base_dir)
@@ -199,6 +199,7 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
     from engine.cache.latent_files import cache_path, load_entry
     from engine.cache.latent_jobs import jobs_from_scan
     from engine.cache.latents import build_latent_cache
+    from engine.models.vae import vae_dtype
 
     try:
         jobs = jobs_from_scan(scan)
@@ -206,9 +207,8 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
         raise RunInputError(str(error), "turn off random_crop or training.cache_latents",
                             "training.cache_latents") from error
     vae = model.vae
-    vae_dtype = torch.float32 if (config.model.no_half_vae or accelerator.device.type == "cpu") \
-        else weight_dtype(accelerator)
-    torch.nn.Module.to(vae.vae, device=accelerator.device, dtype=vae_dtype)
+    dtype = vae_dtype(config.model.no_half_vae, accelerator.device.type, weight_dtype(accelerator))
+    torch.nn.Module.to(vae.vae, device=accelerator.device, dtype=dtype)
     to_disk = config.training.cache_latents_to_disk
     # Each process encodes its own share of a disk cache would race on files; the main process writes, others wait.
     with accelerator.main_process_first():
@@ -272,7 +272,6 @@ def build_optimization(config: RunConfig, method: Any, schedule: Any) -> tuple[A
 
 def training_facts(session: Session) -> Any:
     """What the saved files' metadata needs beyond the config; the model hash is computed here, once per run."""
-    from engine.cli.cache_cmd import model_location
     from engine.networks.dataset_metadata import image_counts
     from engine.networks.metadata import TrainingFacts, model_hash_metadata, new_session_id
     from engine.train.lr_schedulers import warmup_steps

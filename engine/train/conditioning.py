@@ -19,7 +19,7 @@ from engine.train.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
     from engine.train.setup import Session
 
 __all__ = ["BUILDERS", "batch_conditioning", "check_text_options", "encoded_batch"]
@@ -45,7 +45,8 @@ def check_text_options(config: RunConfig, family: str) -> None:
 
 def encoded_batch(session: Session, batch: dict[str, Any]) -> EncodedText:
     """The batch's text-encoder outputs: from the cache when the batch carries them, else encoded now."""
-    from engine.models.text_encoding import EncodedText, encode_captions, encoding_options
+    from engine.models.encoded_text import EncodedText
+    from engine.models.text_encoding import encode_captions, encoding_options
 
     if "hidden_states" in batch:
         return EncodedText(batch["hidden_states"], batch.get("pooled"), batch.get("text_mask"))

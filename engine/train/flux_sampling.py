@@ -28,7 +28,7 @@ from engine.train.flow import image_ids, inference_schedule, text_ids, unpack_la
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "FlowConditioning", "denoise", "sample_latents",
            "sample_size"]

@@ -27,11 +27,12 @@ from engine.files import atomic_output, replace_folder
 from engine.models.families import family_info
 from engine.models.ldm_checkpoint import cpu_cast
 from engine.models.text_encoders import TEXT_COMPONENTS
+from engine.train.learning_rates import learning_rates
 from engine.train.setup import RunInputError
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 # ss_* keys that describe a LoRA network; a full checkpoint has none (sd-scripts writes none into one).
 NETWORK_KEY_PREFIX = "ss_network_"
@@ -54,8 +55,6 @@ class FullModelMethod:
     metadata_kind = ""  # modelspec describes a whole checkpoint, not a LoRA
 
     def __init__(self, config: RunConfig, model: LoadedModel, base_dir: Path):
-        from engine.train.methods import learning_rates  # methods.py imports this module to register it
-
         self.config = config
         self.name = config.method
         self.model = model
@@ -162,8 +161,6 @@ FULL_MODEL_METHODS: dict[str, tuple[str, str]] = {
 def full_model_method(config: RunConfig, model: LoadedModel, base_dir: Path) -> FullModelMethod:
     """DreamBooth / fine-tuning for the loaded model: the method of its family's loader (never its name)."""
     import importlib
-
-    from engine.models.families import family_info
 
     module, name = FULL_MODEL_METHODS[family_info(model.family).loader]
     return getattr(importlib.import_module(module), name)(config, model, base_dir)

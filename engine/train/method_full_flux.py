@@ -34,6 +34,7 @@ import torch
 from engine.files import atomic_output, replace_folder
 from engine.models.families import family_info
 from engine.models.ldm_checkpoint import cpu_cast
+from engine.train.learning_rates import learning_rates
 from engine.train.method_full import NETWORK_KEY_PREFIX, FullModelMethod, cpu_copy
 from engine.train.setup import RunInputError
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from engine.config.schema import RunConfig
     from engine.models.flux.params import FluxParams
     from engine.models.flux.transformer import Flux
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 # The name of the transformer's part: its parameter group (lr/transformer in logs) and its keys in a saved state.
 TRANSFORMER_PART = "transformer"
@@ -51,8 +52,6 @@ class FluxFullModelMethod(FullModelMethod):
     """Full-weight training of a FLUX.1 / Chroma transformer; saving as a BFL file or a diffusers folder."""
 
     def __init__(self, config: RunConfig, model: LoadedModel, base_dir: Path):
-        from engine.train.methods import learning_rates  # methods.py imports method_full, which registers us
-
         refuse_text_encoder_training(config)
         self.config = config
         self.name = config.method

@@ -42,13 +42,14 @@ import torch
 from engine.files import atomic_output, replace_folder
 from engine.models.ldm_checkpoint import cpu_cast
 from engine.models.sd3.params import SAI_PREFIX
+from engine.train.learning_rates import learning_rates
 from engine.train.method_full import FullModelMethod, cpu_copy
 from engine.train.method_full_flux import checkpoint_metadata, flow_scheduler
 from engine.train.setup import RunInputError
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 TRANSFORMER_PART = "transformer"
 # Per text encoder, in LoadedTextEncoders order (CLIP-L, CLIP-G, T5-XXL): the diffusers pipeline's (tokenizer,
@@ -64,8 +65,6 @@ class SD3FullModelMethod(FullModelMethod):
     """Full-weight training of an SD3 / SD3.5 MMDiT (and CLIP-L / CLIP-G when asked); SAI file or diffusers folder."""
 
     def __init__(self, config: RunConfig, model: LoadedModel, base_dir: Path):
-        from engine.train.methods import learning_rates  # methods.py imports method_full, which registers us
-
         self.config = config
         self.name = config.method
         self.model = model
@@ -128,8 +127,6 @@ class SD3FullModelMethod(FullModelMethod):
 
 def text_encoder_rates(config: RunConfig) -> tuple[float, float, float]:
     """(CLIP-L, CLIP-G, T5) learning rates: text_encoder_lr (empty: learning_rate) for both CLIPs; T5 0 (frozen)."""
-    from engine.train.methods import learning_rates
-
     clip_l, clip_g = learning_rates(config, 2).text_encoders
     return clip_l, clip_g, 0.0
 

@@ -23,7 +23,7 @@ from engine.train.setup import RunInputError
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 PLACEHOLDER = "{}"
 DEFAULT_INIT_WORD = "*"

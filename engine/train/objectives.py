@@ -24,7 +24,7 @@ from engine.models.families import family_info
 if TYPE_CHECKING:
     from engine.train.setup import Session
 
-__all__ = ["OBJECTIVES", "DiffusionObjective", "FlowObjective", "make_objective", "per_sample_draws"]
+__all__ = ["OBJECTIVES", "DiffusionObjective", "FlowObjective", "make_objective"]
 
 
 class DiffusionObjective:
@@ -133,24 +133,10 @@ class FlowObjective:
             return (*drawn, flow.draw_perturbation(sample_shape, settings.ip_noise_gamma,
                                                    settings.ip_noise_gamma_random_strength, generator))
 
-        noise, sigmas, *perturbation = per_sample_draws(seeds, draw, latents.device)
+        noise, sigmas, *perturbation = flow.per_sample_draws(seeds, draw, latents.device)
         noise = noise.to(latents.dtype)
         noisy = flow.noisy_input(latents, noise, sigmas, perturbation=perturbation[0] if perturbation else None)
         return noise, sigmas, noisy
-
-
-def per_sample_draws(seeds: list[int], draw: Callable[[torch.Generator], tuple[torch.Tensor, ...]],
-                     device: torch.device) -> list[torch.Tensor]:
-    """``draw`` run for each sample with a CPU generator seeded from its own seed, each kind of draw stacked over
-    the batch and moved to ``device`` in one copy (no host wait on a GPU, engine.train.transfer).
-
-    Drawing on the CPU gives the same numbers on any accelerator, and the per-sample seeds make a sample's draws
-    independent of its batch and of the process count.
-    """
-    from engine.train.transfer import to_device
-
-    rows = [draw(torch.Generator().manual_seed(seed)) for seed in seeds]
-    return [to_device(torch.cat(column), device) for column in zip(*rows, strict=True)]
 
 
 def _sd3_objective(session: Session) -> Any:

@@ -16,6 +16,7 @@ import torch
 
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
+from engine.models.vae import vae_dtype
 from engine.train.setup import RunInputError
 
 __all__ = ["place_models", "store_frozen_in_fp8"]
@@ -109,8 +110,8 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
             encoder.gradient_checkpointing_enable()
         encoder.train(trains)
     vae_device = "cpu" if latents_cached else device
-    vae_dtype = torch.float32 if (config.model.no_half_vae or vae_device == "cpu") else dtype
-    torch.nn.Module.to(model.vae.vae, device=vae_device, dtype=vae_dtype)
+    torch.nn.Module.to(model.vae.vae, device=vae_device,
+                       dtype=vae_dtype(config.model.no_half_vae, torch.device(vae_device).type, dtype))
     for module in trained:
         # A swapping transformer is already placed: its swapped blocks' weights live on the CPU between uses.
         if not (module is model.unet and swapper is not None):

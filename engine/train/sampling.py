@@ -32,8 +32,8 @@ from engine.models.families import family_info
 if TYPE_CHECKING:
     import torch
 
+    from engine.models.encoded_text import EncodedText
     from engine.models.text_encoders import LoadedTextEncoders
-    from engine.models.text_encoding import EncodedText
 
 __all__ = ["SAMPLERS", "SampleImage", "SampleRequest", "SamplerParts", "generate_samples", "make_sample_scheduler",
            "prompt_defaults", "sample_requests"]
@@ -289,7 +289,8 @@ def _generate_one(parts: SamplerParts, request: SampleRequest, index: int, setti
 
 def _encode(parts: SamplerParts, request: SampleRequest, settings: _Settings) -> tuple[EncodedText, EncodedText]:
     """Prompt and negative prompt encoded as in training, in one batch, moved to the sampling device and dtype."""
-    from engine.models.text_encoding import EncodedText, encode_captions
+    from engine.models.encoded_text import EncodedText
+    from engine.models.text_encoding import encode_captions
 
     encoded = encode_captions(parts.text, [request.prompt, request.negative_prompt], clip_skip=settings.clip_skip,
                               max_token_length=settings.max_token_length, **(parts.text_options or {}))

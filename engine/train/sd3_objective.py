@@ -37,7 +37,7 @@ from engine.train.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
     from engine.train.setup import Session
 
 __all__ = ["SD3Objective", "SD3Settings", "noisy_input", "sample_timesteps", "sd3_conditioning", "sigmas_of",
@@ -179,8 +179,7 @@ class SD3Objective:
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ε, t and x_σ per sample, from its own seed: ε first, then u (sd-scripts' order)."""
-        from engine.train.flow import flow_noise
-        from engine.train.objectives import per_sample_draws
+        from engine.train.flow import flow_noise, per_sample_draws
 
         sample_shape = (1, *latents.shape[1:])
 

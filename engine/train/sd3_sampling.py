@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_SHIFT", "DEFAULT_STEPS", "LATENT_CHANNELS", "SIZE_MULTIPLE", "denoise",
            "inference_sigmas", "request_latents", "sample_latents"]

@@ -15,7 +15,8 @@ from flux_tiny import tiny_flux_files
 
 from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.data.doctor import run_doctor
-from engine.data.doctor_models import model_findings, read_safetensors_header
+from engine.data.doctor_models import read_safetensors_header
+from engine.data.model_findings import model_findings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,7 +121,7 @@ def test_the_header_reader_matches_safetensors_and_stays_light(dev):
     header = read_safetensors_header(dev["model"])
     with safe_open(str(dev["model"]), "pt") as handle:
         assert header.shapes == {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    code = ("import sys; from pathlib import Path; from engine.data.doctor_models import model_findings; "
+    code = ("import sys; from pathlib import Path; from engine.data.model_findings import model_findings; "
             "from engine.config.io import deep_merge, default_config_dict, validate_config; "
             f"files = {json.dumps({k: str(v) for k, v in dev.items()})}; "
             "data = deep_merge(default_config_dict(), {'model': {'model_family': 'flux1', "

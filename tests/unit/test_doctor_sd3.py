@@ -15,7 +15,8 @@ import pytest
 
 from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.data.doctor import run_doctor
-from engine.data.doctor_models import model_findings, read_safetensors_header
+from engine.data.doctor_models import read_safetensors_header
+from engine.data.model_findings import model_findings
 from engine.data.model_kinds import model_family_of, read_sd3_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,7 +243,7 @@ def test_the_doctor_reports_them_with_the_dataset(tiny_models, tmp_path):
 def test_the_checks_stay_light(tmp_path):
     """The GUI process runs them: no torch, safetensors, transformers or diffusers get imported."""
     path = sd3_file(tmp_path / "sd3.5_medium.safetensors", "5-medium")
-    code = ("import sys; from pathlib import Path; from engine.data.doctor_models import model_findings; "
+    code = ("import sys; from pathlib import Path; from engine.data.model_findings import model_findings; "
             "from engine.config.io import deep_merge, default_config_dict, validate_config; "
             f"data = deep_merge(default_config_dict(), {{'model': {{'model_family': 'auto', "
             f"'pretrained_model_name_or_path': {str(path)!r}}}}}); "

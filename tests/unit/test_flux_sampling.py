@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.models.encoded_text import EncodedText
 from engine.models.flux.params import FluxParams
 from engine.models.flux.transformer import Flux
-from engine.models.text_encoding import EncodedText
 from engine.train.flow import image_ids, inference_schedule, unpack_latents
 from engine.train.flux_sampling import FlowConditioning, denoise, sample_latents, sample_size
 

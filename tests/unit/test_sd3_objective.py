@@ -360,7 +360,7 @@ def tiny_text() -> SimpleNamespace:
 
 
 def encoded_batch(batch: int, seed: int = 30):
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
 
     generator = gen(seed)
     context = torch.randn(batch, 77 + T5_TOKENS, 64, generator=generator)
@@ -403,7 +403,7 @@ def test_conditioning_drops_one_encoder_per_sample(rate: str, part: int) -> None
 
 def test_conditioning_dropout_follows_each_samples_seed() -> None:
     """Half rates: a sample's drops depend on its noise seed only, so a resumed run drops the same parts."""
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
     from engine.train.sd3_objective import sd3_conditioning
 
     session = builder_session(clip_l_dropout_rate=0.5, clip_g_dropout_rate=0.5, t5_dropout_rate=0.5)
@@ -421,7 +421,7 @@ def test_conditioning_dropout_follows_each_samples_seed() -> None:
 
 
 def test_conditioning_needs_the_pooled_vector() -> None:
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
     from engine.train.sd3_objective import sd3_conditioning
 
     with pytest.raises(ValueError, match="pooled"):

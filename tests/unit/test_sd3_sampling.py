@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.models.text_encoding import EncodedText
+from engine.models.encoded_text import EncodedText
 from engine.train.sd3_sampling import (
     DEFAULT_CFG_SCALE,
     DEFAULT_SHIFT,

@@ -164,7 +164,7 @@ def test_dropout_keeps_gradients_of_the_kept_parts(text):
     encoded = _encoded(text)
     context = encoded.hidden_states.clone().requires_grad_(True)
     pooled = encoded.pooled.clone().requires_grad_(True)
-    from engine.models.text_encoding import EncodedText
+    from engine.models.encoded_text import EncodedText
 
     dropped = drop_text_outputs(EncodedText(context, pooled), text_layout(text), (1.0, 0.0, 0.0), _generators(1, 2))
     (dropped.hidden_states.sum() + dropped.pooled.sum()).backward()

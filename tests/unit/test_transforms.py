@@ -7,15 +7,8 @@ import pytest
 from PIL import Image
 
 from engine.data.buckets import BucketAssignment, BucketManager, fixed_bucket
-from engine.data.transforms import (
-    PreparedImage,
-    color_augment,
-    flip_horizontal,
-    prepare,
-    resize_and_crop,
-    resize_image,
-    to_model_tensor,
-)
+from engine.data.resize import PreparedImage, resize_image
+from engine.data.transforms import color_augment, flip_horizontal, prepare, resize_and_crop, to_model_tensor
 
 
 def coordinate_image(width: int, height: int) -> Image.Image:

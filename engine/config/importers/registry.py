@@ -12,7 +12,7 @@ from engine.config.importers.kohya_gui import import_kohya_gui, is_kohya_gui
 from engine.config.importers.sd_scripts_args import import_sd_scripts_args, is_sd_scripts_args
 from engine.config.importers.sd_scripts_dataset import import_sd_scripts_dataset, is_sd_scripts_dataset
 from engine.config.io import read_document
-from engine.config.rules import Problem
+from engine.config.rule_registry import Problem
 
 # Tried in this order: a dataset config is checked before the looser test for training arguments.
 IMPORTERS: dict[str, tuple[Detector, Importer]] = {

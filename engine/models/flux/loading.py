@@ -33,13 +33,13 @@ from engine.models.flux.files import (
     read_flux_header,
     transformer_shards,
 )
+from engine.models.loaded_model import LoadedModel
+from engine.models.locations import looks_like_hub_id
 from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
-from engine.models.vae import looks_like_hub_id
 
 if TYPE_CHECKING:
     from engine.models.flux.params import FluxParams
     from engine.models.flux.transformer import Flux
-    from engine.models.loading import LoadedModel
     from engine.models.text_encoders import LoadedTextEncoders
 
 __all__ = ["FLUX_FAMILIES", "FluxTransformerSource", "detect_flux_file", "load_flux_model", "load_flux_transformer"]
@@ -124,7 +124,6 @@ def load_flux_model(location: str | Path, *, family: str = "auto", clip_l: str |
     import torch
 
     from engine.models.flux.ae import load_flux_ae
-    from engine.models.loading import LoadedModel
 
     dtype = dtype or torch.float32
     folder, source = _locate(str(location))

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from engine.models.encoded_text import EncodedText
+
 if TYPE_CHECKING:
     from engine.models.text_encoders import LoadedTextEncoders
-    from engine.models.text_encoding import EncodedText
 
 __all__ = ["CLIP_LENGTH", "encode_flux"]
 
@@ -38,8 +39,6 @@ def encode_flux(loaded: LoadedTextEncoders, captions: list[str], *, max_length: 
         ``hidden_states`` T5 [B, max_length, d_model], ``pooled`` CLIP-L [B, 768] (None for Chroma), ``mask``
         [B, max_length] bool, True at real tokens (the EOS included), on T5's device.
     """
-    from engine.models.text_encoding import EncodedText
-
     if max_length < 1:
         raise ValueError(f"t5xxl_max_token_length must be at least 1, not {max_length}")
     pooled = None

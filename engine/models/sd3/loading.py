@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.models.flux.files import assemble_transformer, hub_snapshot, read_flux_header, transformer_shards
+from engine.models.loaded_model import LoadedModel
+from engine.models.locations import looks_like_hub_id
 from engine.models.sd3.files import LOCATION, SD3_PIPELINES, checked_sd3_file
 from engine.models.single_file import ModelLoadError
-from engine.models.vae import looks_like_hub_id
 
 if TYPE_CHECKING:
-    from engine.models.loading import LoadedModel
     from engine.models.sd3.mmdit import MMDiT
     from engine.models.vae import LoadedVae
 
@@ -79,7 +79,6 @@ def load_sd3_model(location: str | Path, *, clip_l: str | Path | None = None, cl
     """
     import torch
 
-    from engine.models.loading import LoadedModel
     from engine.models.sd3.text_encoders import load_sd3_text_encoders
     from engine.models.sd3.vae import load_sd3_vae
 

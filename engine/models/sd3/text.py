@@ -21,11 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.models.encoded_text import EncodedText
+
 if TYPE_CHECKING:
     import torch
 
     from engine.models.text_encoders import LoadedTextEncoders
-    from engine.models.text_encoding import EncodedText
 
 __all__ = ["CLIP_TOKENS", "DEFAULT_T5_LENGTH", "SD3TextLayout", "drop_text_outputs", "encode_sd3", "text_layout"]
 
@@ -72,8 +73,6 @@ def encode_sd3(loaded: LoadedTextEncoders, captions: list[str], *, t5_max_length
     """
     import torch
 
-    from engine.models.text_encoding import EncodedText
-
     if t5_max_length < 1:
         raise ValueError(f"model.t5xxl_max_token_length must be at least 1, not {t5_max_length}; set it between 1 "
                          "and 512, or leave it empty for SD3's 256")
@@ -112,8 +111,6 @@ def drop_text_outputs(encoded: EncodedText, layout: SD3TextLayout, rates: tuple[
         gradients flow through the kept parts).
     """
     import torch
-
-    from engine.models.text_encoding import EncodedText
 
     if not any(rate > 0 for rate in rates):
         return encoded

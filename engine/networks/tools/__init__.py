@@ -6,11 +6,13 @@ family from its names and metadata) are shared. Families whose models are separa
 (:mod:`.merge_files`, :mod:`.extract_files`), the others through the loaded model.
 """
 
-from engine.networks.tools.extract import ExtractReport, extract_lora
+from engine.networks.tools.extract import extract_lora
+from engine.networks.tools.extract_report import ExtractReport
 from engine.networks.tools.inspect_file import InspectReport, inspect_network_file
 from engine.networks.tools.lora_file import LoRASource, ToolError, parse_lora_source
 from engine.networks.tools.merge import LoRAMergeReport, merge_loras
-from engine.networks.tools.merge_model import ModelMergeReport, merge_into_model
+from engine.networks.tools.merge_model import merge_into_model
+from engine.networks.tools.merge_model_report import ModelMergeReport
 from engine.networks.tools.resize import ResizeReport, resize_lora
 
 __all__ = [

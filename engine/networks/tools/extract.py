@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.models.families import family_info
 from engine.models.single_file import FAMILY_LABELS
 from engine.networks.lora_names import LoRAOptions
+from engine.networks.tools.extract_report import ExtractReport
 from engine.networks.tools.factorize import choose_rank, clamp_factors, spectrum_of_matrix
 from engine.networks.tools.lora_file import ToolError, count_parts, module_part, new_output, summary_stats, write_lora
 from engine.networks.tools.metadata_keys import modelspec_keys
@@ -27,41 +27,12 @@ from engine.networks.tools.model_files import FILE_MODELS
 from engine.networks.tools.model_layers import is_v_prediction, layer_targets, load_base_model, model_family
 
 if TYPE_CHECKING:
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 __all__ = ["DEFAULT_MIN_DIFF", "ExtractReport", "extract_lora"]
 
 DEFAULT_MIN_DIFF = 0.01  # kohya's --min_diff
 
-
-@dataclass
-class ExtractReport:
-    """What :func:`extract_lora` wrote: modules per part, parts left out and why, and the kept fraction."""
-
-    base: str
-    tuned: str
-    output: str
-    family: str
-    rank: int
-    conv_rank: int
-    modules: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # part -> reason
-    retained: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_text(self) -> str:
-        parts = ", ".join(f"{part} {count}" for part, count in self.modules.items())
-        lines = [f"extracted {self.tuned} minus {self.base} ({self.family}) at rank {self.rank}"
-                 + (f", conv rank {self.conv_rank}" if self.conv_rank else ""),
-                 f"modules: {sum(self.modules.values())} ({parts})"]
-        lines += [f"left out {part}: {reason}" for part, reason in self.skipped.items()]
-        if self.retained:
-            lines.append(f"kept of each difference (Frobenius): min {self.retained['min']:.4f} "
-                         f"({self.retained['min_module']}), mean {self.retained['mean']:.4f}")
-        lines.append(f"wrote {self.output}")
-        return "\n".join(lines)
 
 
 def extract_lora(base: str | Path, tuned: str | Path, output: str | Path, *, rank: int, conv_rank: int = 0,

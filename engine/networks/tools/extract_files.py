@@ -10,19 +10,16 @@ from both files as they are needed, so two 24 GB files never sit in memory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from engine.models.families import family_info
 from engine.networks.lora_names import LoRAOptions, unet_targets
+from engine.networks.tools.extract_report import ExtractReport
 from engine.networks.tools.factorize import choose_rank, clamp_factors, spectrum_of_matrix
 from engine.networks.tools.lora_file import LoRAWeights, ToolError, count_parts, new_output, summary_stats, write_lora
 from engine.networks.tools.metadata_keys import modelspec_keys
 from engine.networks.tools.model_files import FILE_MODELS, FileModelKind, ModelFile, NameIndex, open_model_file
-
-if TYPE_CHECKING:
-    from engine.networks.tools.extract import ExtractReport
 
 __all__ = ["extract_from_files"]
 
@@ -41,8 +38,6 @@ def extract_from_files(base: str | Path, tuned: str | Path, output: str | Path, 
     Raises:
         ToolError: files that are no such models, of other layouts or sizes, or an existing output.
     """
-    from engine.networks.tools.extract import ExtractReport
-
     kind = FILE_MODELS[family_info(family).loader]
     out = new_output(output, [base, tuned])
     files = [_checked(kind, path, role) for path, role in ((base, "base model"), (tuned, "tuned model"))]

@@ -30,6 +30,7 @@ from engine.networks.tools.lora_file import (
     read_kohya_lora,
     some_names,
 )
+from engine.networks.tools.merge_model_report import ModelMergeReport
 from engine.networks.tools.metadata_keys import modelspec_keys
 from engine.networks.tools.model_files import (
     FILE_MODELS,
@@ -46,8 +47,6 @@ from engine.networks.tools.model_files import (
 
 if TYPE_CHECKING:
     import torch
-
-    from engine.networks.tools.merge_model import ModelMergeReport
 
 __all__ = ["merge_into_model_files"]
 
@@ -97,8 +96,6 @@ def merge_into_model_files(base: str | Path, sources: Sequence[LoRASource], outp
             family has no encoder for, LoRA modules with no weight in the files (another family), shapes that do
             not fit, or text-encoder modules without a file to merge them into.
     """
-    from engine.networks.tools.merge_model import ModelMergeReport
-
     kind = FILE_MODELS[family_info(family).loader]
     encoders = _encoder_files(kind, family, text_encoders or {})
     inputs = [Path(base), *(source.path for source in sources), *(Path(pair[0]) for pair in encoders.values())]

@@ -12,9 +12,8 @@ and saved as one LDM-layout checkpoint.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from engine.networks.tools.lora_file import (
     read_kohya_lora,
     some_names,
 )
+from engine.networks.tools.merge_model_report import ModelMergeReport
 from engine.networks.tools.metadata_keys import modelspec_keys
 from engine.networks.tools.model_files import FILE_MODELS
 from engine.networks.tools.model_layers import (
@@ -41,33 +41,10 @@ from engine.networks.tools.model_layers import (
 )
 
 if TYPE_CHECKING:
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 __all__ = ["ModelMergeReport", "merge_into_model"]
 
-
-@dataclass
-class ModelMergeReport:
-    """What :func:`merge_into_model` wrote: the checkpoint, its family, and the modules merged from each LoRA."""
-
-    output: str
-    base: str
-    family: str
-    loras: list[dict[str, Any]] = field(default_factory=list)  # {"file", "ratio", "modules": {part: count}}
-    components: dict[str, str] = field(default_factory=dict)  # text encoders written to their own files
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_text(self) -> str:
-        lines = [f"base model: {self.base} ({self.family})"]
-        for entry in self.loras:
-            parts = ", ".join(f"{part} {count}" for part, count in entry["modules"].items())
-            lines.append(f"merged {entry['file']} at {entry['ratio']:g}: {sum(entry['modules'].values())} modules "
-                         f"({parts})")
-        lines.append(f"wrote {self.output}")
-        lines += [f"wrote {path} ({name})" for name, path in self.components.items()]
-        return "\n".join(lines)
 
 
 def merge_into_model(base: str | Path, sources: Sequence[LoRASource], output: str | Path, *,

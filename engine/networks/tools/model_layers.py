@@ -20,7 +20,7 @@ from engine.networks.lora_names import LoRATarget, text_encoder_targets, unet_ta
 from engine.networks.tools.lora_file import ToolError
 
 if TYPE_CHECKING:
-    from engine.models.loading import LoadedModel
+    from engine.models.loaded_model import LoadedModel
 
 __all__ = ["is_v_prediction", "layer_targets", "load_base_model", "model_family", "save_checkpoint"]
 
