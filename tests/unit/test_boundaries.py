@@ -1,4 +1,5 @@
-"""Package layout and import boundaries: engine never imports gradio/gui; gui never imports torch & co."""
+"""Package layout and import boundaries: engine never imports gradio/gui; gui never imports torch & co., and from
+the engine only an allow-list (the config, the run-directory contract, events, files and named light helpers)."""
 
 import ast
 import json
@@ -41,6 +42,76 @@ def test_gui_never_imports_heavy_ml_libraries():
     found = offenders("gui", GUI_FORBIDDEN)
     app = imported_modules(REPO / "app.py") & GUI_FORBIDDEN if (REPO / "app.py").exists() else set()
     assert found == {} and app == set()
+
+
+# What the GUI may import from the engine; anything else (training, models, networks, commands) runs in engine
+# processes. Whole packages: the config, and the run directory's contract (engine/rundir).
+GUI_ENGINE_PACKAGES = ("engine.config", "engine.rundir")
+# Single modules: the event vocabulary and file writing, which every side shares ...
+GUI_ENGINE_SHARED = {"engine.events", "engine.files"}
+# ... and named light helpers (no torch), exactly those the GUI uses.
+GUI_ENGINE_HELPERS = {
+    # images, datasets and their metadata, read without decoding a model
+    "engine.data.images", "engine.data.project", "engine.data.scan", "engine.data.legacy", "engine.data.records",
+    "engine.data.metadata", "engine.data.finetune_metadata",
+    # the dataset doctor, and what a model file's header says
+    "engine.data.doctor", "engine.data.doctor_models", "engine.data.model_kinds",
+    # caption files and the captioner list
+    "engine.caption.edit", "engine.caption.registry", "engine.caption.runner",
+    # families' facts and where a model is (a file, a folder or a hub id)
+    "engine.models.families", "engine.models.locations",
+    # the LoRA tools' options, as their command line declares them
+    "engine.cli.lora_cmd",
+}
+
+
+def engine_imports(path: Path) -> set[str]:
+    """The engine modules a file imports (`from engine.data import project` is engine.data.project), anywhere in it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "engine")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                node.module.split(".")[0] == "engine":
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            names.update({name for name in submodules if _is_module(name)} or {node.module})
+    return names
+
+
+def _is_module(name: str) -> bool:
+    path = REPO.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def gui_allows(module: str) -> bool:
+    return (module in GUI_ENGINE_SHARED | GUI_ENGINE_HELPERS
+            or any(module == package or module.startswith(package + ".") for package in GUI_ENGINE_PACKAGES))
+
+
+def gui_engine_imports() -> dict[str, set[str]]:
+    """Engine module -> the GUI files importing it."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / "gui").rglob("*.py")):
+        for module in engine_imports(path):
+            found.setdefault(module, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_gui_imports_only_the_allowed_engine_modules():
+    imported = gui_engine_imports()
+    assert {module: files for module, files in imported.items() if not gui_allows(module)} == {}
+    # The helpers are named one by one: one the GUI stopped using leaves the list.
+    assert GUI_ENGINE_HELPERS - set(imported) == set()
+
+
+def test_the_allow_list_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from engine.config.io import load_config\nfrom engine.rundir import layout\n"
+                   "def f():\n    from engine.train.run import run_training\n    import engine.models.loading\n")
+    assert engine_imports(bad) == {"engine.config.io", "engine.rundir.layout", "engine.train.run",
+                                   "engine.models.loading"}
+    assert [gui_allows(name) for name in sorted(engine_imports(bad))] == [True, False, True, False]
 
 
 def test_the_boundary_checker_catches_a_violation(tmp_path):
