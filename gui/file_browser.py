@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
@@ -113,33 +113,46 @@ def _image_note(folder: Path) -> str:
     return f" ({images}{'+' if partial else ''} images)"
 
 
-def _show_roots(spec: _Spec, notes: list[str]) -> tuple[str, Any, dict]:
-    """The heading, the table and the panel state of the list of allowed folders (the top of the browser)."""
+def _view(heading: str, rows: list[list[str]], folder: str | None, paths: list[str]) -> dict:
+    """What the panel shows, kept in its gr.State: the panel is rendered from this alone."""
+    return {"heading": heading, "rows": rows, "folder": folder, "paths": paths}
+
+
+def _show_roots(spec: _Spec, notes: list[str]) -> dict:
+    """The list of allowed folders (the top of the browser)."""
     rows, paths = _add_entries([], [], root_entries(spec.roots, kind=spec.kind), full_names=True)
     heading = "\n\n".join([ROOTS_HEADING, *(f"**{_md(note)}**" for note in notes)])
-    return heading, gr.Dataset(samples=rows), {"folder": None, "paths": paths}
+    return _view(heading, rows, None, paths)
 
 
-def _show(spec: _Spec, target: str | Path | None, show_hidden: bool, notes: list[str]) -> tuple[str, Any, dict]:
+def _show(spec: _Spec, target: str | Path | None, show_hidden: bool, notes: list[str]) -> dict:
     """A folder's listing, or the list of allowed folders for None / ROOTS_VIEW."""
     if target is None or target == ROOTS_VIEW:
         return _show_roots(spec, notes)
     return _show_folder(spec, target, show_hidden, notes)
 
 
-def _show_folder(spec: _Spec, folder: str | Path, show_hidden: bool, notes: list[str]) -> tuple[str, Any, dict]:
-    """The heading, the table and the panel state for folder; a folder that cannot be listed shows why."""
+def _show_folder(spec: _Spec, folder: str | Path, show_hidden: bool, notes: list[str]) -> dict:
+    """A folder's listing; a folder that cannot be listed shows why."""
     try:
         listing = spec.listing(folder, show_hidden)
     except BrowseError as error:
-        heading = _heading(spec, Path(folder), None, [*notes, str(error)])
-        return heading, gr.Dataset(samples=[]), {"folder": None, "paths": []}
+        return _view(_heading(spec, Path(folder), None, [*notes, str(error)]), [], None, [])
     rows, paths = _listing_view(listing)
-    return (_heading(spec, listing.folder, listing, notes), gr.Dataset(samples=rows),
-            {"folder": str(listing.folder), "paths": paths})
+    return _view(_heading(spec, listing.folder, listing, notes), rows, str(listing.folder), paths)
 
 
-def _add_completion(box: gr.Textbox, spec: _Spec, elem_id: str) -> gr.Dataset:
+@dataclass(frozen=True)
+class _Completion:
+    """A path field's suggestions and the function that fills them from what is typed (wired by _add_listing,
+    which answers the same keystrokes: one handler per field instead of two)."""
+
+    suggestions: gr.Dataset
+    offered: gr.State
+    offer: Callable[[str], dict]
+
+
+def _add_completion(box: gr.Textbox, spec: _Spec, elem_id: str) -> _Completion:
     """Suggestions under the box while the user types; clicking one fills the box (a folder then offers its own
     entries, like a shell's tab completion)."""
     suggestions = gr.Dataset(components=["html"], samples=[], type="index", layout="table", visible=False,
@@ -159,78 +172,89 @@ def _add_completion(box: gr.Textbox, spec: _Spec, elem_id: str) -> gr.Dataset:
     def offer_none() -> dict:
         return {suggestions: gr.Dataset(samples=[], visible=False), offered: []}
 
-    box.input(offer, inputs=box, outputs=[suggestions, offered], trigger_mode="always_last", show_progress="hidden")
     box.submit(offer_none, outputs=[suggestions, offered], show_progress="hidden")
     suggestions.click(choose, inputs=[suggestions, offered], outputs=[box, suggestions, offered],
                       show_progress="hidden")
-    return suggestions
+    return _Completion(suggestions, offered, offer)
 
 
-def _add_listing(box: gr.Component, browse: gr.Button, suggestions: gr.Dataset | None, spec: _Spec,
+CLOSED = {"open": False, "hidden": False, **_view("", [], None, [])}
+
+
+def _add_listing(box: gr.Component, browse: gr.Button, completion: _Completion | None, spec: _Spec,
                  elem_id: str) -> None:
     """The panel Browse opens: the folder's entries; a folder row enters it, a file row (kind 'file') or 'Use this
-    folder' (kind 'folder') fills the box and closes the panel."""
-    with gr.Column(visible=False, variant="panel", elem_id=f"{elem_id}-listing") as panel:
-        heading = gr.Markdown(elem_id=f"{elem_id}-folder", padding=True)
+    folder' (kind 'folder') fills the box and closes the panel.
+
+    The panel is rendered only while it is open (gr.render, from the state alone): a page has dozens of path fields,
+    and their closed panels were most of the page's components and event handlers, which every page load and
+    every app start paid for."""
+    shown = gr.State(CLOSED)
+
+    @gr.render(inputs=shown, triggers=[shown.change], show_progress="hidden")
+    def panel(state: dict) -> None:
+        if state["open"]:
+            _render_panel(box, shown, state, spec, elem_id)
+
+    def open_panel(text: str, state: dict) -> dict:
+        try:
+            folder, note = browse_target(text or "", spec.roots)
+        except BrowseError as error:
+            view = _view(f"**{_md(str(error))}**", [], None, [])
+        else:
+            view = _show(spec, folder, state["hidden"], [note] if note else [])
+        hide = {completion.suggestions: gr.Dataset(visible=False)} if completion is not None else {}
+        return {shown: {**state, **view, "open": True}} | hide
+
+    def on_type(text: str, state: dict) -> dict:
+        """Completions for the text, and the open listing moved to the folder being typed."""
+        updates = completion.offer(text) if completion is not None else {}
+        folder = followed_folder(text or "", spec.roots) if state["open"] else None
+        if folder is not None and str(folder) != state["folder"]:
+            updates[shown] = {**state, **_show_folder(spec, folder, state["hidden"], [])}
+        return updates or {shown: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
+
+    extra = [completion.suggestions, completion.offered] if completion is not None else []
+    browse.click(open_panel, inputs=[box, shown], outputs=[shown, *extra[:1]])
+    box.input(on_type, inputs=[box, shown], outputs=[shown, *extra], trigger_mode="always_last",
+              show_progress="hidden")
+
+
+def _render_panel(box: gr.Component, shown: gr.State, state: dict, spec: _Spec, elem_id: str) -> None:
+    """The open panel's components and their handlers, inside the field's gr.render."""
+    with gr.Column(variant="panel", elem_id=f"{elem_id}-listing"):
+        gr.Markdown(state["heading"], elem_id=f"{elem_id}-folder", padding=True)
         table = gr.Dataset(components=["html", "html"], headers=["Name", _detail_header(spec.kind)],
-                           samples=[], type="index", layout="table", samples_per_page=ROWS_PER_PAGE,
+                           samples=state["rows"], type="index", layout="table", samples_per_page=ROWS_PER_PAGE,
                            show_label=False, elem_id=f"{elem_id}-entries")
         with gr.Row():
             use = gr.Button("Use this folder", variant="primary", visible=spec.kind == "folder",
                             elem_id=f"{elem_id}-use")
-            show_hidden = gr.Checkbox(False, label="Show hidden", elem_id=f"{elem_id}-hidden",
+            show_hidden = gr.Checkbox(state["hidden"], label="Show hidden", elem_id=f"{elem_id}-hidden",
                                       info="inside --allow-path folders; never those of your home folder")
             close = gr.Button("Close", elem_id=f"{elem_id}-close")
-    # "open": whether the panel shows, so typing in the box moves the listing only while the user sees it.
-    shown = gr.State({"folder": None, "paths": [], "open": False})
-    view = [heading, table, shown]
 
-    def showing(state: tuple[str, Any, dict], is_open: bool = True) -> dict:
-        heading_text, rows, new_state = state
-        return dict(zip(view, (heading_text, rows, {**new_state, "open": is_open}), strict=True))
-
-    def open_panel(text: str, hidden: bool) -> dict:
-        try:
-            folder, note = browse_target(text or "", spec.roots)
-        except BrowseError as error:
-            return {panel: gr.Column(visible=True), heading: f"**{_md(str(error))}**"}
-        hide = {suggestions: gr.Dataset(visible=False)} if suggestions is not None else {}
-        return showing(_show(spec, folder, hidden, [note] if note else [])) | {panel: gr.Column(visible=True)} | hide
-
-    def pick(index: int | None, state: dict, hidden: bool) -> dict:
-        paths = state["paths"]
+    def pick(index: int | None, current: dict) -> dict:
+        paths = current["paths"]
         if index is None or not 0 <= index < len(paths):
             return {box: gr.skip()}
         chosen = paths[index]
         if chosen == ROOTS_VIEW or chosen.endswith("/"):
-            return showing(_show(spec, chosen, hidden, []))
-        return {box: chosen, panel: gr.Column(visible=False), shown: {**state, "open": False}}
+            return {shown: {**current, **_show(spec, chosen, current["hidden"], [])}}
+        return {box: chosen, shown: {**current, "open": False}}
 
-    def refresh(state: dict, hidden: bool) -> dict:
-        return showing(_show(spec, state["folder"], hidden, []), state["open"])
+    def refresh(current: dict, hidden: bool) -> dict:
+        return {**current, **_show(spec, current["folder"], hidden, []), "hidden": hidden}
 
-    def follow(text: str, state: dict, hidden: bool) -> dict:
-        folder = followed_folder(text or "", spec.roots) if state["open"] else None
-        if folder is None or str(folder) == state["folder"]:
-            return {heading: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
-        return showing(_show_folder(spec, folder, hidden, []))
-
-    def use_folder(state: dict) -> dict:
-        if not state["folder"]:
+    def use_folder(current: dict) -> dict:
+        if not current["folder"]:
             return {box: gr.skip()}
-        return {box: state["folder"], panel: gr.Column(visible=False), shown: {**state, "open": False}}
+        return {box: current["folder"], shown: {**current, "open": False}}
 
-    def close_panel(state: dict) -> dict:
-        return {panel: gr.Column(visible=False), shown: {**state, "open": False}}
-
-    browse.click(open_panel, inputs=[box, show_hidden],
-                 outputs=[panel, *([suggestions] if suggestions is not None else []), *view])
-    table.click(pick, inputs=[table, shown, show_hidden], outputs=[box, panel, *view])
-    show_hidden.input(refresh, inputs=[shown, show_hidden], outputs=view)
-    box.input(follow, inputs=[box, shown, show_hidden], outputs=view, trigger_mode="always_last",
-              show_progress="hidden")
-    use.click(use_folder, inputs=shown, outputs=[box, panel, shown])
-    close.click(close_panel, inputs=shown, outputs=[panel, shown])
+    table.click(pick, inputs=[table, shown], outputs=[box, shown])
+    show_hidden.input(refresh, inputs=[shown, show_hidden], outputs=shown)
+    use.click(use_folder, inputs=shown, outputs=[box, shown])
+    close.click(lambda current: {**current, "open": False}, inputs=shown, outputs=shown)
 
 
 def _detail_header(kind: str) -> str:
@@ -250,8 +274,7 @@ def path_field(label: str, roots: FileRoots, *, kind: str = "folder", elem_id: s
         with gr.Row(equal_height=True):
             box = gr.Textbox(label=label, value=value, info=info, placeholder=placeholder, elem_id=elem_id, scale=8)
             browse = gr.Button("Browse", elem_id=f"{elem_id}-browse", scale=1, min_width=90)
-        suggestions = _add_completion(box, spec, elem_id)
-        _add_listing(box, browse, suggestions, spec, elem_id)
+        _add_listing(box, browse, _add_completion(box, spec, elem_id), spec, elem_id)
     return box
 
 
