@@ -1,0 +1,127 @@
+"""How long the app takes to answer its first request, over a one-textbox Gradio app started the same way.
+
+    .venv/bin/python bench/app_start.py [--runs 5] [--browser]
+
+Each run starts both as fresh processes, alternating which goes first, and times from the process start until `GET /`
+answers 200 (what a user waits for after `tools/start.sh`). The ratio per run is app / minimal; the median of the
+per-run ratios is the figure (issue 17 aims for <= 1.10). With --browser, it also times Chromium from opening the
+page until the app's header shows (the page's own weight: components and event handlers), against the minimal page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from app_helpers import free_port, wait_for_http  # noqa: E402
+
+MINIMAL = """
+import sys
+import gradio as gr
+with gr.Blocks(analytics_enabled=False) as demo:
+    gr.Markdown("# minimal", elem_id="app-header")
+    gr.Textbox(label="text")
+demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), footer_links=[])
+"""
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def start(kind: str, port: int, work: Path) -> subprocess.Popen:
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    if kind == "app":
+        command = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(work / "runs")]
+    else:
+        command = [sys.executable, "-c", MINIMAL, str(port)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def time_start(kind: str, work: Path, browser) -> tuple[float, float | None]:
+    """Seconds until the first 200, and (with a browser) seconds until the page's header shows."""
+    port = free_port()
+    began = time.perf_counter()
+    process = start(kind, port, work)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(url, process, timeout=180)
+        answered = time.perf_counter() - began
+        return answered, (page_load(browser, url) if browser is not None else None)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def page_load(browser, url: str) -> float:
+    urllib.request.urlopen(url, timeout=30).read()  # the server's first page is built; time the browser alone
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = context.new_page()
+        began = time.perf_counter()
+        page.goto(url)
+        page.wait_for_selector("#app-header", timeout=120_000)
+        return time.perf_counter() - began
+    finally:
+        context.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--browser", action="store_true", help="also time the page in Chromium")
+    args = parser.parse_args()
+    results: dict[str, list[tuple[float, float | None]]] = {"app": [], "minimal": []}
+    with tempfile.TemporaryDirectory() as folder, _browser(args.browser) as browser:
+        for run in range(args.runs):
+            for kind in (("app", "minimal") if run % 2 == 0 else ("minimal", "app")):
+                results[kind].append(time_start(kind, Path(folder), browser))
+            app, minimal = results["app"][-1], results["minimal"][-1]
+            line = (f"run {run + 1}: first answer app {app[0]:.2f} s, minimal {minimal[0]:.2f} s, "
+                    f"ratio {app[0] / minimal[0]:.3f}")
+            if app[1] is not None:
+                line += f"; page app {app[1]:.2f} s, minimal {minimal[1]:.2f} s"
+            print(line, flush=True)
+    report(results)
+
+
+def report(results: dict[str, list[tuple[float, float | None]]]) -> None:
+    pairs = list(zip(results["app"], results["minimal"], strict=True))
+    ratios = [app[0] / minimal[0] for app, minimal in pairs]
+    app, minimal = statistics.median(a[0] for a, _ in pairs), statistics.median(m[0] for _, m in pairs)
+    print(f"first answer: median ratio {statistics.median(ratios):.3f} (runs {', '.join(f'{r:.3f}' for r in ratios)}); "
+          f"app {app:.2f} s, minimal {minimal:.2f} s")
+    if pairs[0][0][1] is not None:
+        print(f"page in Chromium: app {statistics.median(a[1] for a, _ in pairs):.2f} s, "
+              f"minimal {statistics.median(m[1] for _, m in pairs):.2f} s (medians)")
+
+
+class _browser:
+    """Chromium through Playwright when asked for, else None."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted, self.playwright, self.browser = wanted, None, None
+
+    def __enter__(self):
+        if not self.wanted:
+            return None
+        from playwright.sync_api import sync_playwright
+
+        self.playwright = sync_playwright().start()
+        self.browser = self.playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        return self.browser
+
+    def __exit__(self, *exc: object) -> None:
+        if self.browser is not None:
+            self.browser.close()
+            self.playwright.stop()
+
+
+if __name__ == "__main__":
+    main()
