@@ -63,6 +63,7 @@ def test_what_affects_latents_still_stops_the_command(demo_run, capsys):
     assert code == 2 and "the regularization folder does not exist" in err
 
 
+@pytest.mark.slow
 def test_training_caches_latents_to_disk_before_refusing_a_bad_caption(tiny_models, tmp_path):
     """The run stops on the caption before training, but after its latents are on disk: fixing the caption costs no
     re-encoding."""

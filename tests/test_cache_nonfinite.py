@@ -30,6 +30,7 @@ def poison(path: Path, member: str, value: float = np.nan) -> None:
     path.write_bytes(buffer.getvalue())
 
 
+@pytest.mark.slow
 def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_rebuilds_it(tiny_models, tmp_path):
     images = tmp_path / "img"
     shutil.copytree(tiny_models["dataset_img"], images)

@@ -8,9 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import write_config
+
+pytestmark = pytest.mark.slow
 
 CACHES = {"cache_latents": True, "cache_text_encoder_outputs": True, "max_train_steps": 4}
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from engine.rundir.event_reader import read_events
@@ -54,6 +55,7 @@ def test_wd14_append_mode_merges_into_existing_captions(tiny_models, tmp_path):
     assert tags[:2] == ["mine", "keep"] and len(tags) > 2 and len(tags) == len(set(tags))
 
 
+@pytest.mark.slow
 def test_blip_dry_run_prints_and_writes_nothing(tiny_models, tmp_path):
     folder = image_folder(tmp_path)
     result = engine("caption", str(folder), "--captioner", "blip", "--model", str(tiny_models["blip"]),
@@ -87,6 +89,7 @@ def test_captions_edit_writes_only_changed_files(tmp_path):
     json.dumps(result.stdout)  # plain text output
 
 
+@pytest.mark.slow
 def test_git_captions_a_folder_recursively_with_another_extension(tiny_models, tmp_path):
     folder = image_folder(tmp_path)
     (folder / "nested").mkdir()

@@ -57,6 +57,7 @@ def test_a_wd14_folder_without_its_csv_is_a_plain_error(folder, tmp_path, tiny_m
     assert "selected_tags.csv" in result.stderr and str(partial) in result.stderr
 
 
+@pytest.mark.slow
 def test_wd14_and_blip_write_one_metadata_file_the_trainer_reads(folder, tmp_path, tiny_models):
     tags = tmp_path / "tags.json"
     events = tmp_path / "events.jsonl"

@@ -117,6 +117,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_ranks(tiny_models, unit
 
 # --- files -------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("conv_dim", [0, 4], ids=["linear", "conv"])
 def test_diffusers_load_lora_weights_gives_the_sampled_outputs(tiny_models, tmp_path, family, conv_dim):
@@ -194,6 +195,7 @@ def dylora_run(tiny_models, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_a_dylora_run_learns_and_its_file_loads_in_diffusers(dylora_run, tiny_models):
     path = dylora_run / "out" / "lora.safetensors"
     with safe_open(str(path), "pt") as handle:
@@ -208,6 +210,7 @@ def test_a_dylora_run_learns_and_its_file_loads_in_diffusers(dylora_run, tiny_mo
     assert after < before, (before, after)
 
 
+@pytest.mark.slow
 def test_ss_mixed_precision_records_the_precision_that_ran(dylora_run):
     start = next(event for event in events_of(dylora_run / "out") if event["type"] == "start")
     ran = start["config"]["mixed_precision"]

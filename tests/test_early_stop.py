@@ -43,6 +43,7 @@ def assert_stopped_cleanly(process: subprocess.Popen, run_dir: Path) -> dict:
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.2, 1.0, 2.0])
 @pytest.mark.parametrize("how", ["control", "sigterm"])
 def test_a_stop_in_the_first_seconds_is_honoured(tiny_models, tmp_path, how, delay):
@@ -64,6 +65,7 @@ def test_a_stop_in_the_first_seconds_is_honoured(tiny_models, tmp_path, how, del
     assert done.get("reason", expected) == expected
 
 
+@pytest.mark.slow
 def test_an_earlier_runs_control_file_is_not_replayed(tiny_models, tmp_path):
     config = write_config(tmp_path / "config.toml", tiny_models, "sd1", training={"max_train_steps": 2})
     run_dir = tmp_path / "run"
@@ -75,6 +77,7 @@ def test_an_earlier_runs_control_file_is_not_replayed(tiny_models, tmp_path):
     assert done["type"] == "done" and done["ok"] and not done["stopped"] and done["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_gui_runs_take_stops_from_their_launch_not_before(tiny_models, tmp_path):
     """The GUI notes the control file's end when it starts the process: a stop pressed at once counts even before
     the engine is running; a stop line older than the launch does not."""

@@ -425,6 +425,7 @@ def test_config_rules_for_the_fused_pass(sections, field) -> None:
 # --- end to end --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dreambooth_trains_the_transformer_through_the_cli(tiny_models, tmp_path) -> None:
     """A short FLUX.1 dev DreamBooth run: the saved BFL file differs from the base only by training, names dev."""
     from safetensors.torch import load_file

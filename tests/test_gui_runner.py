@@ -38,6 +38,7 @@ def wait_for(manager: RunManager, handle: RunHandle, predicate, limit: float = 2
     raise AssertionError(f"waited in vain; states seen: {sorted(set(seen))}, last: {status}")
 
 
+@pytest.mark.slow
 def test_stop_resume_and_reattach_after_a_gui_restart(make_config, tmp_path):
     runs_dir = tmp_path / "runs"
     manager = RunManager(runs_dir)
@@ -72,6 +73,7 @@ def test_stop_resume_and_reattach_after_a_gui_restart(make_config, tmp_path):
     assert RunManager(runs_dir).status(found).state == "finished"
 
 
+@pytest.mark.slow
 def test_a_failing_run_in_the_queue_is_marked_and_the_next_one_runs(make_config, tmp_path):
     runs_dir = tmp_path / "runs"
     manager = RunManager(runs_dir)
@@ -99,6 +101,7 @@ def test_a_failing_run_in_the_queue_is_marked_and_the_next_one_runs(make_config,
     assert states == {bad.run_dir: "failed", good.run_dir: "finished"}
 
 
+@pytest.mark.slow
 def test_a_killed_process_shows_as_lost(make_config, tmp_path):
     manager = RunManager(tmp_path / "runs")
     handle = manager.create_run(make_config(100000), "doomed")

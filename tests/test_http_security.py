@@ -86,6 +86,7 @@ def _file(app: dict[str, Any], path: Path | str, route: str = "file=", **headers
     return app["client"].get(f"/gradio_api/{route}{path}", headers=headers)
 
 
+@pytest.mark.slow
 def test_an_image_in_the_home_folder_is_served(app):
     response = _file(app, app["home"] / "pics" / "a.png")
     assert response.status_code == 200
@@ -204,6 +205,7 @@ def login_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         _stop(from_file[0])
 
 
+@pytest.mark.slow
 def test_login_from_the_environment(login_apps):
     _requires_login(login_apps["env"], "painter", "from-env-pw")
 

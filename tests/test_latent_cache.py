@@ -203,6 +203,7 @@ def test_an_unreadable_image_is_reported_and_the_rest_cached(dataset, sd1_vae, t
 
 # --- the command ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cache_latents_command_on_the_demo_preset(tiny_models, tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "demo").mkdir(parents=True)

@@ -227,6 +227,7 @@ def test_merge_into_a_single_file_model_equals_the_lora_applied(sd1, loras, tiny
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_merge_into_a_diffusers_folder_keeps_family_and_prediction(tiny_models, tmp_path, capsys, family):
     unet = UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet").eval()
@@ -313,6 +314,7 @@ def test_resize_to_a_lower_rank_reports_the_kept_fraction(loras, tmp_path, capsy
 # --- extract -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_extract_reproduces_a_merged_lora_and_loads_in_diffusers(sd1, loras, tiny_models, tmp_path, capsys):
     tuned = tmp_path / "tuned.safetensors"
     assert run_cli(capsys, "merge", "--into-model", tiny_models["sd1_ckpt"], "-o", tuned, f"{loras['a']}:0.7")[0] == 0

@@ -124,6 +124,7 @@ def lokr_sdxl_run(tiny_models, tmp_path_factory):
     return folder / "out"
 
 
+@pytest.mark.slow
 def test_loha_file_has_kohya_keys_metadata_and_trained_weights(loha_run):
     keys, metadata = file_keys(loha_run / "lora.safetensors")
     tensors = load_file(str(loha_run / "lora.safetensors"))
@@ -143,6 +144,7 @@ def test_loha_file_has_kohya_keys_metadata_and_trained_weights(loha_run):
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
 
 
+@pytest.mark.slow
 def test_loha_file_reproduces_in_lycoris_own_loader(loha_run, tiny_models):
     """Our network loaded from the file and lycoris' loader give the same UNet and text-encoder outputs."""
     tensors = load_file(str(loha_run / "lora.safetensors"))
@@ -166,6 +168,7 @@ def test_loha_file_reproduces_in_lycoris_own_loader(loha_run, tiny_models):
     torch.testing.assert_close(text_ours, text_theirs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_file_equals_the_resumable_state(loha_run, lokr_sdxl_run):
     for out in (loha_run, lokr_sdxl_run):
         saved = load_file(str(out / "lora.safetensors"))
@@ -174,6 +177,7 @@ def test_saved_file_equals_the_resumable_state(loha_run, lokr_sdxl_run):
         assert all(torch.equal(saved[key], state[key]) for key in saved)
 
 
+@pytest.mark.slow
 def test_lokr_on_sdxl_uses_sai_names_and_both_text_encoders(lokr_sdxl_run, tiny_models):
     keys, metadata = file_keys(lokr_sdxl_run / "lora.safetensors")
     tensors = load_file(str(lokr_sdxl_run / "lora.safetensors"))

@@ -145,6 +145,7 @@ def unet_output(model, text) -> torch.Tensor:
         return model.unet(sample, torch.tensor([10, 500, 999]), text.hidden_states, **extra).sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_single_file_and_folder_compute_the_same(family, loaded, tiny_models):
     from_file, from_folder = loaded[family]

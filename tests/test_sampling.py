@@ -146,6 +146,7 @@ def test_bad_prompt_files_are_explained(tmp_path):
 # --- generation ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_images_have_the_requested_sizes_and_sd_scripts_names(parts, tmp_path, family):
     requests = [request(width=64, height=96, sampler="ddim"), request(width=96, height=64, seed=None, steps=3)]

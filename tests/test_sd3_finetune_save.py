@@ -325,6 +325,7 @@ def test_the_swap_limit_of_a_loaded_model_names_the_setting(trained, variant) ->
 # --- end to end --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dreambooth_trains_the_mmdit_and_the_clips_through_the_cli(tiny_models, tmp_path) -> None:
     """A short SD3.5 medium DreamBooth run: the SAI file and the CLIP siblings differ from the base by training."""
     from safetensors.torch import load_file

@@ -62,6 +62,7 @@ def _load_builder():
 
 
 # --- single-file round trips ------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_single_file_round_trip_is_bit_identical(family, tiny_models, tmp_path_factory):
     cls = _pipeline_class(family)

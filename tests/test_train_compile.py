@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch._dynamo
 from safetensors.torch import load_file
 from train_helpers import write_config
@@ -27,6 +28,7 @@ def _train(tmp_path: Path, tiny_models: dict[str, Path], name: str, backend: str
     return folder / "out" / "lora.safetensors", (run_dir / "train.log").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_a_compiled_denoiser_trains_as_the_plain_one(tiny_models, tmp_path):
     torch._dynamo.reset()
     plain, plain_log = _train(tmp_path, tiny_models, "plain", "no")

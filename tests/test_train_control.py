@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import REPO, engine_env, events_of, write_config
@@ -15,6 +16,8 @@ from train_helpers import REPO, engine_env, events_of, write_config
 from engine.config.io import load_config
 from engine.rundir.control import send_command
 from engine.rundir.launch import launch_command
+
+pytestmark = pytest.mark.slow
 
 
 def _wait_for(run_dir: Path, predicate, process: subprocess.Popen, limit: float = 300) -> dict:

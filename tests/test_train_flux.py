@@ -106,6 +106,7 @@ def flow_validation_loss(model: Any, image_dir: Path, *, guidance: float = 1.0, 
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_flux_dev_lora_learns(dev_run, tiny_models):
     lora = dev_run / "out" / "lora.safetensors"
     before = flow_validation_loss(load_engine_model("dev"), tiny_models["dataset_img"])
@@ -113,6 +114,7 @@ def test_flux_dev_lora_learns(dev_run, tiny_models):
     assert after < before * 0.97, (before, after)
 
 
+@pytest.mark.slow
 def test_flux_run_reports_saves_and_samples(dev_run):
     out = dev_run / "out"
     events = events_of(out)
@@ -128,6 +130,7 @@ def test_flux_run_reports_saves_and_samples(dev_run):
     assert Image.open(samples[0]).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_flux_lora_keys_and_metadata_follow_kohya_and_comfyui(dev_run):
     lora = dev_run / "out" / "lora.safetensors"
     files = tiny_flux_files("dev")
@@ -200,6 +203,7 @@ def _diffusers_pipeline(variant: str) -> Any:
                         transformer=transformer)
 
 
+@pytest.mark.slow
 def test_flux_lora_loads_in_diffusers_with_the_engines_output(dev_run):
     """diffusers' FluxPipeline.load_lora_weights on our file gives the transformer output the engine gives."""
     from engine.models.text_encoding import encode_captions
@@ -235,6 +239,7 @@ def test_flux_lora_loads_in_diffusers_with_the_engines_output(dev_run):
     assert (engine_out - base_out).abs().max() > 1e-4  # the LoRA changes the output: the comparison means something
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["schnell", "chroma"])
 def test_schnell_and_chroma_train_with_their_own_names(variant, tiny_models, tmp_path):
     """schnell (no guidance input) and Chroma (T5 only, masked text, T5 LoRA via train_t5xxl) train and save."""
@@ -268,6 +273,7 @@ def test_schnell_and_chroma_train_with_their_own_names(variant, tiny_models, tmp
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
 
 
+@pytest.mark.slow
 def test_flux_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path):
     # Pixels encoded every step (no latent cache) and text encoded every step, with flips, caption shuffling and
     # input perturbation: a resume that replayed or skipped a sample or a random draw would give other weights.
@@ -287,6 +293,7 @@ def test_flux_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_
                         rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fused_adafactor_full_training_equals_the_unfused_run(tiny_models, tmp_path):
     """optimizer.fused_backward_pass steps each weight inside backward; without clipping that is the same update, so
     the fine-tuned transformer must equal the one the ordinary optimizer step produces."""
@@ -311,6 +318,7 @@ def test_fused_adafactor_full_training_equals_the_unfused_run(tiny_models, tmp_p
         torch.testing.assert_close(saved[True][key], saved[False][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_two_flux_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_models, tmp_path):
     """Data parallelism (two CPU processes through `accelerate launch`) trains FLUX exactly as one process with the
     doubled batch: same images per step, same noise and σ per image, gradients averaged."""
@@ -340,6 +348,7 @@ def test_two_flux_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_mo
     assert any(key.endswith("lora_up.weight") and actual[key].abs().max() > 0 for key in actual)
 
 
+@pytest.mark.slow
 def test_flux_cli_commands_and_nan_stop(tiny_models, tmp_path):
     """validate, doctor and cache-latents accept a FLUX config; the run reuses the cache; a cache entry that
     overflows the model stops the run with the batch's images named and only finite checkpoints kept."""
@@ -418,6 +427,7 @@ def plain_bf16_run(tiny_models, tmp_path_factory) -> tuple[Path, list[float]]:
     return model_file, _bf16_losses(folder / "run", tiny_models, model_file, {})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", [{"training": {"blocks_to_swap": 2}},
                                     {"training": {"gradient_checkpointing": True, "cpu_offload_checkpointing": True}},
                                     {"model": {"fp8_base": True}}], ids=["blocks_to_swap", "cpu_offload", "fp8_base"])

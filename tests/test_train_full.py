@@ -88,6 +88,7 @@ def test_text_encoder_stop_step_is_a_step_count_or_a_rounded_up_fraction():
     assert text_encoder_stop_step(0.5, 6) == 3
 
 
+@pytest.mark.slow
 def test_sd1_dreambooth_learns_and_loads_in_diffusers_and_load_model(sd1_run, tiny_models):
     from engine.models.loading import load_model
 
@@ -102,6 +103,7 @@ def test_sd1_dreambooth_learns_and_loads_in_diffusers_and_load_model(sd1_run, ti
         assert same_tensors(module.state_dict(), getattr(pipe, name).state_dict()), name
 
 
+@pytest.mark.slow
 def test_checkpoint_unet_and_text_encoder_are_exactly_the_trained_ones(sd1_run, tiny_models):
     from diffusers import UNet2DConditionModel
 
@@ -119,6 +121,7 @@ def test_checkpoint_unet_and_text_encoder_are_exactly_the_trained_ones(sd1_run, 
     assert same_tensors(text, pipe.text_encoder.state_dict())
 
 
+@pytest.mark.slow
 def test_text_encoder_stops_after_the_given_step_while_the_unet_goes_on(sd1_run, tiny_models):
     out = sd1_run / "out"
     files = {step: out / f"model-step{step:08d}.safetensors" for step in (5, 10, 15, 20, 25)}
@@ -132,6 +135,7 @@ def test_text_encoder_stops_after_the_given_step_while_the_unet_goes_on(sd1_run,
     assert not same_tensors(tensors_with_prefix(files[10], UNET), tensors_with_prefix(files[30], UNET))
 
 
+@pytest.mark.slow
 def test_checkpoint_metadata_describes_a_full_dreambooth_model(sd1_run):
     with safe_open(str(sd1_run / "out" / "model.safetensors"), "pt") as handle:
         metadata = handle.metadata()
@@ -145,6 +149,7 @@ def test_checkpoint_metadata_describes_a_full_dreambooth_model(sd1_run):
     assert start["method"] == "dreambooth" and start["num_reg_images"] > 0
 
 
+@pytest.mark.slow
 def test_resume_after_the_text_encoder_stop_keeps_it_stopped(sd1_run, tiny_models, tmp_path):
     """Resumed from step 15 (five steps past the stop), the run ends with the uninterrupted run's weights."""
     config = dreambooth_config(tmp_path, tiny_models, "sd1",
@@ -163,6 +168,7 @@ def test_resume_after_the_text_encoder_stop_keeps_it_stopped(sd1_run, tiny_model
                         tensors_with_prefix(sd1_run / "out" / "model-step00000010.safetensors", SD1_TEXT))
 
 
+@pytest.mark.slow
 def test_sdxl_dreambooth_learns_and_saves_in_half_precision(tiny_models, tmp_path):
     from engine.models.loading import load_model
 
@@ -186,6 +192,7 @@ def test_sdxl_dreambooth_learns_and_saves_in_half_precision(tiny_models, tmp_pat
     assert same_tensors(ours.unet.state_dict(), pipe.unet.state_dict())
 
 
+@pytest.mark.slow
 def test_stopped_text_encoder_stays_as_it_is_under_data_parallelism(tiny_models, tmp_path):
     """With two processes the stopped text encoder gets no gradient at all: an averaged zero one would still move it
     through the optimizer's momentum."""
@@ -216,6 +223,7 @@ def write_finetune_metadata(image_dir: Path, target: Path) -> None:
     target.write_text(json.dumps(metadata, indent=2), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_finetune_from_metadata_saves_a_diffusers_folder(tiny_models, tmp_path):
     """A fraction of the run as the text-encoder stop, and a diffusers_safetensors folder as the output."""
     from diffusers import DiffusionPipeline

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from train_helpers import events_of, run_engine, write_config
+
+pytestmark = pytest.mark.slow
 
 
 def _train(folder: Path, tiny_models: dict[str, Path], logs: Path, threads: int) -> dict:

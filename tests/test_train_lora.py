@@ -56,6 +56,7 @@ def _loaded_with_lora(folder: Path, lora: Path):
     return pipe
 
 
+@pytest.mark.slow
 def test_sd1_lora_learns_and_loads_in_diffusers(sd1_run, tiny_models):
     lora = sd1_run / "out" / "lora.safetensors"
     before = validation_loss(load_pipeline(tiny_models["sd1"]), "sd1", tiny_models["dataset_img"])
@@ -63,6 +64,7 @@ def test_sd1_lora_learns_and_loads_in_diffusers(sd1_run, tiny_models):
     assert after < before * 0.97, (before, after)
 
 
+@pytest.mark.slow
 def test_saved_file_has_kohya_keys_and_metadata(sd1_run):
     lora = sd1_run / "out" / "lora.safetensors"
     with safe_open(str(lora), "pt") as handle:
@@ -80,6 +82,7 @@ def test_saved_file_has_kohya_keys_and_metadata(sd1_run):
     assert float(tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"]) == 2.0
 
 
+@pytest.mark.slow
 def test_engine_forward_equals_diffusers_forward(sd1_run, tiny_models):
     """The engine's own network, rebuilt from the file, gives the UNet output diffusers gives with the file loaded."""
     from diffusers import UNet2DConditionModel
@@ -108,6 +111,7 @@ def test_engine_forward_equals_diffusers_forward(sd1_run, tiny_models):
     assert (engine_out - diffusers_out).abs().max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_run_writes_events_samples_checkpoints_and_state(sd1_run):
     out = sd1_run / "out"
     events = events_of(out)
@@ -128,6 +132,7 @@ def test_run_writes_events_samples_checkpoints_and_state(sd1_run):
     assert any(event.get("where") == "training.mixed_precision" for event in warnings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_lora_learns_on_sd2_v_and_sdxl(family, tiny_models, tmp_path):
     # The validation loss is deterministic (fixed noise and timesteps), so a steady 1% drop is learning, not luck.
@@ -152,6 +157,7 @@ def test_lora_learns_on_sd2_v_and_sdxl(family, tiny_models, tmp_path):
         assert metadata["ss_base_model_version"] == "sd_v2_v"
 
 
+@pytest.mark.slow
 def test_locon_trains_conv_modules(tiny_models, tmp_path):
     # Also runs the memory and caption-length options end to end: checkpointing, clip skip, 150-token captions.
     config = write_config(tmp_path / "config.toml", tiny_models, "sd1",
@@ -167,6 +173,7 @@ def test_locon_trains_conv_modules(tiny_models, tmp_path):
     assert any("resnets" in key for key in conv_downs)
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path):
     # Pixels are loaded every step (no latent cache), with flips and caption shuffling, so a resume that replayed
     # or skipped any sample, or any random draw, would give different weights.
@@ -215,6 +222,7 @@ def _poison_latents_of_a_later_image(config_path: Path) -> Path:
     return victim.path
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_an_error_and_keeps_earlier_checkpoints(tiny_models, tmp_path):
     dataset = tmp_path / "img"
     shutil.copytree(tiny_models["dataset_img"], dataset)
@@ -239,6 +247,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_earlier_checkpoints(tiny_models,
     assert events[-1]["type"] == "done" and not events[-1]["ok"]
 
 
+@pytest.mark.slow
 def test_bad_dataset_is_refused_before_training(tiny_models, tmp_path):
     config = write_config(tmp_path / "config.toml", tiny_models, "sd1",
                           dataset={"train_data_dir": str(tmp_path / "missing")})

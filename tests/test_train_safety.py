@@ -60,6 +60,7 @@ class _RunsACommand:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_crafted_optimizer_file_is_refused_and_never_runs(saved_states, tiny_models, tmp_path):
     state = shutil.copytree(saved_states / "lora-step00000001-state", tmp_path / "crafted-state")
     marker = tmp_path / "PWNED"
@@ -81,6 +82,7 @@ def _all_finite(path: Path) -> bool:
     return all(torch.isfinite(tensor).all() for tensor in load_file(str(path)).values())
 
 
+@pytest.mark.slow
 def test_weights_too_large_for_the_file_stop_the_run_before_they_are_saved(tiny_models, tmp_path):
     """From step 4 the learning rate is 1e6: the weights leave fp16's range in that update (the loss only turns
     NaN at the step after). Saved as fp16 they would be infinities; the step-4 save refuses and names step 3."""
@@ -171,6 +173,7 @@ def _assert_full_disk_report(result: subprocess.CompletedProcess | None, run_dir
     assert _hidden(disk) == [], "a failed save left temporaries"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_dir_on_the_disk", [False, True], ids=["run_dir_elsewhere", "run_dir_on_the_disk"])
 def test_a_save_onto_a_full_disk_is_refused_before_writing(tiny_models, tmp_path, small_disk, run_dir_on_the_disk):
     config = write_config(tmp_path / "config.toml", tiny_models, **QUICK)
@@ -187,6 +190,7 @@ def _train_in_process(config: Path, run_dir: Path) -> int:
     return run_training(load_config(config, check_packages=False), config.parent, run_dir=run_dir)
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_during_a_save_leaves_no_temporaries(tiny_models, tmp_path, small_disk, monkeypatch):
     """The free-space check is told the disk is large, so the save really runs out of space half-way: the first
     checkpoint fits on the 200 KiB disk, its state (about 450 KiB) does not."""
@@ -238,6 +242,7 @@ def test_the_failure_still_reaches_the_console_when_the_event_log_cannot_be_writ
 # --- leftovers of killed runs -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_cleans_stale_temporaries_and_resumes_a_state_left_under_its_hidden_name(saved_states, tiny_models,
                                                                                         tmp_path):
     out = tmp_path / "out"

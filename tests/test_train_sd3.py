@@ -159,10 +159,12 @@ def assert_kohya_names_and_metadata(lora: Path, variant: str) -> dict[str, Any]:
 # --- the main run: SD3.5 medium ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sd3_lora_learns(main_run, tiny_models):
     assert_learns(MAIN, main_run / "lora.safetensors", tiny_models["dataset_img"])
 
 
+@pytest.mark.slow
 def test_sd3_run_reports_saves_and_samples(main_run):
     events = events_of(main_run)
     start = next(event for event in events if event["type"] == "start")
@@ -179,11 +181,13 @@ def test_sd3_run_reports_saves_and_samples(main_run):
     assert Image.open(samples[0]).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_sd3_lora_keys_and_metadata_follow_kohya_and_comfyui(main_run):
     metadata = assert_kohya_names_and_metadata(main_run / "lora.safetensors", MAIN)
     assert metadata["ss_weighting_scheme"] == "uniform" and metadata["ss_apply_lg_attn_mask"] == "False"
 
 
+@pytest.mark.slow
 def test_trained_lora_converted_to_diffusers_names_loads_in_the_sd3_pipeline(main_run, tmp_path, capsys):
     """`lora convert --to diffusers` on the trained file; StableDiffusion3Pipeline.load_lora_weights on it gives the
     text encodings (CLIP-L and CLIP-G LoRAs; T5 had none) and the transformer output the engine gives."""
@@ -225,6 +229,7 @@ def test_trained_lora_converted_to_diffusers_names_loads_in_the_sd3_pipeline(mai
 # --- the other variants -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["medium", "5-large"])
 def test_sd3_medium_and_sd35_large_train_with_their_own_names(variant, tiny_models, tmp_path):
     """SD3 medium (no qk-norm) with scaled position tables and SD3.5 large (qk-norm, no attn2) train, save with
@@ -242,6 +247,7 @@ def test_sd3_medium_and_sd35_large_train_with_their_own_names(variant, tiny_mode
 # --- resume ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sd3_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path):
     # Every random draw of SD3 training: per-encoder text dropout, logit-normal u shifted by 3, the random position
     # window, network dropout; pixels encoded every step (no latent cache) with flips and shuffled captions. A resume
@@ -264,6 +270,7 @@ def test_sd3_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_p
 # --- caches and the NaN stop -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sd3_cache_latents_cli_and_nan_stop(tiny_models, tmp_path):
     """cache-latents writes `_<W>x<H>_sd3.npz` entries the run
     reuses; a cache entry that overflows the model stops the run with the batch's images named and only finite
@@ -302,6 +309,7 @@ def test_sd3_cache_latents_cli_and_nan_stop(tiny_models, tmp_path):
     assert not (out / "lora.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_sd3_cached_text_encoder_outputs_train_as_encoding_every_step(tiny_models, tmp_path):
     """training.cache_text_encoder_outputs (frozen encoders, no text dropout) trains the LoRA that encoding every
     step trains; the cache's disk entries for SD3 are `<stem>_te_outputs_sd3.npz` holding what encode_captions
@@ -387,6 +395,7 @@ def plain_bf16_run(tiny_models, tmp_path_factory) -> tuple[Path, list[float]]:
     return model_file, _bf16_losses(folder / "run", tiny_models, model_file, {})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", [{"training": {"blocks_to_swap": 2}}, {"model": {"fp8_base": True}},
                                     {"training": {"gradient_checkpointing": True, "cpu_offload_checkpointing": True}}],
                          ids=["blocks_to_swap", "fp8_base", "cpu_offload_checkpointing"])
@@ -409,6 +418,7 @@ def test_sd3_memory_options_train_as_without_them(memory, plain_bf16_run, tiny_m
         assert "block swap: 2 blocks" in log, log
 
 
+@pytest.mark.slow
 def test_sd3_finetuning_with_swapped_blocks_equals_the_run_without(tiny_models, tmp_path):
     """Full fine-tuning with blocks_to_swap (optimizer.fused_backward_pass steps each weight inside backward, then
     the swapped blocks' host copies are refreshed): the saved MMDiT equals the one trained without swapping. The
@@ -435,6 +445,7 @@ def test_sd3_finetuning_with_swapped_blocks_equals_the_run_without(tiny_models, 
         torch.testing.assert_close(saved[2][key], saved[0][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_sd3_finetuning_retention_removes_the_text_encoder_files_with_their_checkpoint(tiny_models, tmp_path):
     """saving.save_last_n_steps removes an older checkpoint together with the CLIP-L / CLIP-G files saved beside
     it, and keeps the newer ones' (the siblings are the run's own files too; before, they stayed behind)."""

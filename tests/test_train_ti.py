@@ -65,6 +65,7 @@ def _base_encoders(tiny_models: dict, family: str):
     return load_text_encoders(tiny_models[family])
 
 
+@pytest.mark.slow
 def test_only_the_new_rows_change(trained, tiny_models):
     from diffusers import UNet2DConditionModel
 
@@ -163,6 +164,7 @@ def test_a1111_pt_form_round_trips_and_loads_in_diffusers(trained, tiny_models, 
         assert set(content) == {"clip_l", "clip_g"}
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_models, tmp_path):
     """4 steps straight equal 2 steps, a saved state, and 2 resumed steps: trained_state holds everything."""
     straight = train_in_process(ti_config(tmp_path / "a", tiny_models, "sd1"), tmp_path / "a")

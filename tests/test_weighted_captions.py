@@ -74,6 +74,7 @@ def token_positions(tokenizer, ids, word):
     return list(range(starts[0], starts[0] + len(tokens)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_weights_go_to_the_words_tokens_and_brackets_are_not_tokens(loaded, family):
     for tokenizer in loaded[family].tokenizers:
@@ -201,6 +202,7 @@ def train(tiny_models, folder, images, **sections):
     return load_file(str(folder / "out" / "lora.safetensors"))
 
 
+@pytest.mark.slow
 def test_training_with_weighted_captions(tiny_models, weighted_images, tmp_path):
     """Runs with weighted captions on train (encoding every step, and from cached outputs), and learn something else
     than the same captions read as plain text."""

@@ -12,7 +12,7 @@ from conftest import open_tab
 from PIL import Image
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 180_000  # ms: the engine process starts and loads the model before the first caption
 
 

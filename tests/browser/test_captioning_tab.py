@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 
 from engine.caption.edit import EditOptions, edit_caption
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 180_000  # ms: the engine process loads torch and the model before the first caption
 COLOURS = {"a_red.png": (220, 40, 40), "b_green.jpg": (30, 200, 60), "c_blue.png": (20, 40, 230)}
 

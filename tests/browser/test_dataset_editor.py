@@ -13,7 +13,7 @@ from conftest import fill, open_section
 from PIL import Image
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 15000
 # The whole preview text (the Parameters tab draws the TOML preview whole, as a code block).
 PREVIEW_JS = "document.querySelector('#toml-preview pre code, #toml-preview pre').textContent"

@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 
 from gui.file_browser import FileRoots, browse_button, path_field
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 15_000  # ms
 
 

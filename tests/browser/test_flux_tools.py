@@ -15,7 +15,7 @@ import pytest
 from conftest import fill, open_tab
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 300_000  # ms: each LoRA tool is an engine process that loads torch (on two shared CPU cores)
 FLUX_METADATA = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
                  "modelspec.architecture": "flux-1-dev/lora"}

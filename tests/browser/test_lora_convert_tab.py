@@ -11,7 +11,7 @@ import pytest
 from conftest import fill, open_tab
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 300_000  # ms: each LoRA tool is an engine process that loads torch (on two shared CPU cores)
 T5_MODULES = 14  # the tiny T5: 2 blocks x (q, k, v, o, wi_0, wi_1, wo)
 

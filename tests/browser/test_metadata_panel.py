@@ -11,7 +11,7 @@ from conftest import field, fill, open_advanced, open_section, open_tab
 from PIL import Image
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 30_000  # ms
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import choose, open_advanced, open_section
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 15_000
 # The whole preview text (the Parameters tab draws the TOML preview whole, as a code block).
 PREVIEW_JS = "document.querySelector('#toml-preview pre code, #toml-preview pre').textContent"

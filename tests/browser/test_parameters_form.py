@@ -10,7 +10,7 @@ import pytest
 from conftest import fill, open_section, open_tab
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "import"
 WAIT = 30_000
 REG_DIR = "#field-dataset-reg_data_dir textarea, #field-dataset-reg_data_dir input"

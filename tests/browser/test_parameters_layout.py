@@ -7,7 +7,7 @@ from playwright.sync_api import expect
 
 from engine.config.schema import SECTIONS
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def section_tab(page, section: str):

@@ -13,7 +13,7 @@ from app_helpers import free_port, wait_for_http
 from conftest import REPO, fill, open_section
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 30_000
 
 

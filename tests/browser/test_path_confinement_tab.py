@@ -12,7 +12,7 @@ from conftest import fill, open_tab
 from PIL import Image
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 30_000  # ms
 
 

@@ -10,7 +10,7 @@ from conftest import fill, open_tab
 from PIL import Image
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 30_000  # ms: a preset fill re-renders hundreds of widgets
 SLOW = 300_000  # ms: the engine process imports torch and loads the model on a shared CPU
 

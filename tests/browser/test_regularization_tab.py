@@ -10,7 +10,7 @@ from conftest import open_tab
 from PIL import Image
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 300_000  # ms: the engine process imports torch and loads the model on a shared CPU
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import choose, fill, open_advanced, open_section, open_tab, set_number
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 30_000  # ms: a preset fill re-renders hundreds of widgets
 SLOW = 400_000  # ms: the engine loads torch, the tiny SD3.5 files and caches latents and text encodings on a CPU
 STEPS = 4

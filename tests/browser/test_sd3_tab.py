@@ -11,7 +11,7 @@ import pytest
 from conftest import choose, field, fill, open_advanced, open_section, open_tab, set_number
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 WAIT = 30_000  # ms: a family change re-renders hundreds of widgets
 
 

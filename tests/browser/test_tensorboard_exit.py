@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from app_helpers import free_port, wait_for_http
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 

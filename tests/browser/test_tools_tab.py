@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 from safetensors import safe_open
 from train_helpers import make_locon_file
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 120_000  # ms: each LoRA tool is an engine process that loads torch
 
 

@@ -15,7 +15,7 @@ from playwright.sync_api import expect
 from engine.config.io import load_config
 from gui.runner import RunManager
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 240_000
 VISIBLE_LOG_LINES = 12  # the Log box's height in lines (gui/tabs/train.py)
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import open_tab
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SLOW = 240_000
 
 

@@ -18,7 +18,7 @@ from playwright.sync_api import expect
 
 from gui.runner import RunManager
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 DEMO_EPOCHS = "120"  # 3600 steps: long enough to stop, resume and reload while it still runs, even on an idle
 # machine (12 epochs, 360 steps, once ended in 17 s before Stop was pressed)
 TOTAL = 3600

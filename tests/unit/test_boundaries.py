@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 GUI_FORBIDDEN = {"torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "onnxruntime"}
 ENGINE_FORBIDDEN = {"gradio", "gui"}
@@ -157,6 +159,7 @@ GUI_LAZY_IMPORTS = ("engine.data.doctor", "engine.config.importers.registry", "e
                     "engine.caption.edit", "engine.caption.registry", "engine.cache.latent_jobs", "engine.data.scan")
 
 
+@pytest.mark.slow
 def test_the_built_app_and_its_handlers_load_no_heavy_ml_library(tmp_path):
     """The static check above sees one file at a time; this builds the whole app in a fresh interpreter and also
     imports what handlers load later, then looks at what actually got imported."""

@@ -55,6 +55,7 @@ def readers_of(name: str, kind: str = "readers") -> list[str]:
     return [path for path, text in sources(kind).items() if mention.search(text)]
 
 
+@pytest.mark.slow
 def test_every_setting_is_read_or_says_who_reads_it():
     unread = [spec.path for spec in all_settings() if spec.use is None and not readers_of(spec.name)]
     assert not unread, (f"settings that nothing outside engine/config reads (implement them, or mark them with "

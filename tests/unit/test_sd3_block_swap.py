@@ -138,6 +138,7 @@ def test_place_refuses_too_many_before_moving_anything() -> None:
 # ------------------------------------------------------------------------------------------------- swapping
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("fp8", "checkpointing"), [(False, False), (True, False), (False, True)],
                          ids=["bf16", "fp8", "checkpointing"])
@@ -248,6 +249,7 @@ def _full_run(params: SD3Params, blocks: int, *, fused: bool = True, checkpointi
     return losses, {key: value.clone() for key, value in model.state_dict().items()}, swapper, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "checkpointing"), [*((variant, False) for variant in VARIANTS),
                                                        ("5-medium", True)])
 def test_full_fine_tuning_with_the_most_blocks_swapped_trains_the_same_weights(variant: str,

@@ -51,6 +51,7 @@ def _gone(pid: int, wait: float = 60) -> bool:
     return not _alive(pid)
 
 
+@pytest.mark.slow
 def test_two_requests_at_once_share_one_board(tmp_path):
     boards = TensorBoards()
     try:

@@ -93,6 +93,7 @@ def test_nan_weights_are_flagged_by_module(lora, folder, roots):
     assert [module in error for error in render.non_finite_errors(outcome.report)] == [True]
 
 
+@pytest.mark.slow
 def test_resize_writes_a_new_file_and_its_summary_shows_the_new_rank(lora, roots):
     args = commands.resize_args(str(lora), "", roots, rule="rank", value=2)
     outcome, inspected = view.run_and_inspect(args)
@@ -190,6 +191,7 @@ def test_doctor_runs_on_a_config_file(folder, roots, dataset_config):
         view.doctor_report("current", "", None, roots)
 
 
+@pytest.mark.slow
 def test_cache_latents_from_a_config_file(folder, roots, dataset_config):
     config = view.cache_config_path("file", str(dataset_config), None, roots)
     update = EngineJob(commands.cache_args(config, device="cpu", workers=1), work_dir=folder / "cache-job").run()
@@ -199,6 +201,7 @@ def test_cache_latents_from_a_config_file(folder, roots, dataset_config):
     assert f": {images}/{images}" in update.progress_text()
 
 
+@pytest.mark.slow
 def test_merge_into_a_model_then_extract_it_back(lora, folder, roots, tiny_models):
     """The Merge and Extract pages' commands, run for real: merge the LoRA into the tiny checkpoint, then extract a
     rank-4 LoRA from the difference; each page shows what the engine wrote."""
