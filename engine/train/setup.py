@@ -56,7 +56,7 @@ class Session:
     accelerator: Any
     log: RunLog
     scan: ScanResult
-    model: Any  # engine.models.loading.LoadedModel
+    model: Any  # engine.models.loaded_model.LoadedModel
     method: Any  # engine.train.methods.Method
     dataset: Any  # engine.train.dataset.TrainingDataset
     sampler: Any  # engine.data.sampler.BucketBatchSampler
