@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import PurePath
 from typing import TYPE_CHECKING
 
-from engine.config.choices import FAMILY_LIMITS, FLUX_FAMILIES, family_label
+from engine.config.choices import FAMILY_LIMITS, FLUX_FAMILIES, FamilyLimits, family_label
 from engine.config.rule_registry import Problem, RuleContext, rule
 
 if TYPE_CHECKING:
@@ -63,8 +63,17 @@ _FP8_TORCH = (2, 1)
 
 @rule
 def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    training, model = config.training, config.model
-    limits = FAMILY_LIMITS.get(model.model_family)
+    limits = FAMILY_LIMITS.get(config.model.model_family)
+    fp8 = [key for key in ("fp8_base", "fp8_base_unet") if getattr(config.model, key)]
+    yield from _swap_and_offload(config, limits)
+    yield from _fp8_precision_and_method(config, fp8)
+    yield from _swap_trained_blocks(config, limits)
+    yield from _fp8_torch_version(context, fp8)
+
+
+def _swap_and_offload(config: RunConfig, limits: FamilyLimits | None) -> Iterator[Problem]:
+    """Block swapping and CPU-offloaded checkpointing: each on its own, within the family's limits."""
+    training = config.training
     if training.blocks_to_swap and training.cpu_offload_checkpointing:
         yield Problem("training.cpu_offload_checkpointing", "cannot be combined with blocks_to_swap (both move "
                       "data between CPU and GPU during the backward pass); keep one")
@@ -74,24 +83,34 @@ def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iter
     if training.cpu_offload_checkpointing and not training.gradient_checkpointing:
         yield Problem("training.cpu_offload_checkpointing", "offloads gradient checkpointing's activations, so it "
                       "needs training.gradient_checkpointing = true")
-    fp8 = [key for key in ("fp8_base", "fp8_base_unet") if getattr(model, key)]
-    if fp8 and training.mixed_precision == "no":
+
+
+def _fp8_precision_and_method(config: RunConfig, fp8: list[str]) -> Iterator[Problem]:
+    if fp8 and config.training.mixed_precision == "no":
         yield Problem(f"model.{fp8[0]}", "fp8 weights are computed in fp16 or bf16; set training.mixed_precision "
                       "to 'bf16' (or 'fp16'), or turn fp8 off")
     # Both keep frozen weights out of the way of training; weights that learn (full fine-tuning) must stay put.
     if fp8 and config.method != "lora":
         yield Problem(f"model.{fp8[0]}", f"fp8 storage is for LoRA training of a frozen model; method "
                       f"{config.method!r} trains the model's own weights: turn fp8 off or use method 'lora'")
-    if training.blocks_to_swap and config.method != "lora":
-        if limits is not None and limits.swaps_trained_blocks:
-            if not config.optimizer.fused_backward_pass:
-                yield Problem("training.blocks_to_swap", f"swapping blocks while method {config.method!r} trains "
-                              "them needs each block's weights updated inside the backward pass; set "
-                              "optimizer.fused_backward_pass = true (Adafactor) or blocks_to_swap = 0")
-        else:
-            yield Problem("training.blocks_to_swap", f"swapping blocks needs a frozen model (LoRA); method "
-                          f"{config.method!r} trains the blocks themselves: set blocks_to_swap = 0 or use method "
-                          "'lora'")
+
+
+def _swap_trained_blocks(config: RunConfig, limits: FamilyLimits | None) -> Iterator[Problem]:
+    """Swapping blocks that full training updates works only where the family swaps trained blocks."""
+    if not config.training.blocks_to_swap or config.method == "lora":
+        return
+    if limits is not None and limits.swaps_trained_blocks:
+        if not config.optimizer.fused_backward_pass:
+            yield Problem("training.blocks_to_swap", f"swapping blocks while method {config.method!r} trains "
+                          "them needs each block's weights updated inside the backward pass; set "
+                          "optimizer.fused_backward_pass = true (Adafactor) or blocks_to_swap = 0")
+    else:
+        yield Problem("training.blocks_to_swap", f"swapping blocks needs a frozen model (LoRA); method "
+                      f"{config.method!r} trains the blocks themselves: set blocks_to_swap = 0 or use method "
+                      "'lora'")
+
+
+def _fp8_torch_version(context: RuleContext, fp8: list[str]) -> Iterator[Problem]:
     if fp8 and context.check_packages:
         version = installed_torch_version()
         if version is not None and version < _FP8_TORCH:

@@ -51,35 +51,54 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     >>> parse_prompt_attention("[small] \\\\(cat\\\\)")
     [('small', 0.9090909090909091), (' (cat)', 1.0)]
     """
-    pieces: list[list[Any]] = []
-    open_round: list[int] = []
-    open_square: list[int] = []
+    parser = _AttentionParser()
+    for match in _TOKENS.finditer(text):
+        parser.feed(match.group(0), _number(match.group("weight")))
+    return parser.finish()
 
-    def scale_from(start: int, factor: float) -> None:
-        for piece in pieces[start:]:
+
+class _AttentionParser:
+    """The state of :func:`parse_prompt_attention`: the pieces so far, each ``[text, weight]``, and the index of the
+    first piece inside each bracket still open."""
+
+    def __init__(self) -> None:
+        self.pieces: list[list[Any]] = []
+        self.open_round: list[int] = []
+        self.open_square: list[int] = []
+
+    def scale_from(self, start: int, factor: float) -> None:
+        for piece in self.pieces[start:]:
             piece[1] *= factor
 
-    for match in _TOKENS.finditer(text):
-        token, weight = match.group(0), _number(match.group("weight"))
+    def feed(self, token: str, weight: float | None) -> None:
+        """One token of ``_TOKENS``; ``weight`` is the number of a ':<weight>)' token, if it is one."""
         if token.startswith("\\"):
-            pieces.append([token[1:], 1.0])
+            self.pieces.append([token[1:], 1.0])
         elif token == "(":
-            open_round.append(len(pieces))
+            self.open_round.append(len(self.pieces))
         elif token == "[":
-            open_square.append(len(pieces))
-        elif weight is not None and open_round:
-            scale_from(open_round.pop(), weight)
-        elif token == ")" and open_round:
-            scale_from(open_round.pop(), BRACKET_UP)
-        elif token == "]" and open_square:
-            scale_from(open_square.pop(), BRACKET_DOWN)
-        else:  # text, or a bracket/weight with nothing to close
-            pieces.append([token, 1.0])
-    for start in open_round:  # unclosed brackets reach to the end
-        scale_from(start, BRACKET_UP)
-    for start in open_square:
-        scale_from(start, BRACKET_DOWN)
-    return _joined(pieces) or [("", 1.0)]
+            self.open_square.append(len(self.pieces))
+        elif not self.close(token, weight):  # text, or a bracket/weight with nothing to close
+            self.pieces.append([token, 1.0])
+
+    def close(self, token: str, weight: float | None) -> bool:
+        """Close the innermost open bracket ``token`` closes, scaling what it holds; False if it closes none."""
+        if weight is not None and self.open_round:
+            self.scale_from(self.open_round.pop(), weight)
+        elif token == ")" and self.open_round:
+            self.scale_from(self.open_round.pop(), BRACKET_UP)
+        elif token == "]" and self.open_square:
+            self.scale_from(self.open_square.pop(), BRACKET_DOWN)
+        else:
+            return False
+        return True
+
+    def finish(self) -> list[tuple[str, float]]:
+        for start in self.open_round:  # unclosed brackets reach to the end
+            self.scale_from(start, BRACKET_UP)
+        for start in self.open_square:
+            self.scale_from(start, BRACKET_DOWN)
+        return _joined(self.pieces) or [("", 1.0)]
 
 
 def _number(text: str | None) -> float | None:

@@ -120,30 +120,40 @@ def settings(source: Source) -> None:
     for key, path in table.items():
         if key not in source.data or key in source.done:
             continue
-        if chroma and path == "model.clip_l":
-            source.inert(key, "", "Chroma has no CLIP-L text encoder; sd-scripts does not load it for Chroma")
-        elif kohya and key in KOHYA_SD3_ONLY:
-            source.inert(key, KOHYA_FLUX_DEFAULTS[key], "kohya_ss passes it only for SD3; sd-scripts used its "
-                         "default for FLUX, as Atelier does")
-        elif kohya and key == "guidance_scale" and _is_zero(source.get(key)):
-            # The GUI drops a 0 before writing sd-scripts' TOML (it re-adds it only for Chroma); the JSON says 0.
-            source.put(key, path, 0.0)
-            if not chroma:
-                source.note("flow.guidance_scale = 0: the file says 0 (kohya_ss itself dropped the 0, so "
-                            "sd-scripts trained with its default 3.5)")
-        elif source.blank(source.get(key)):
-            source.unset(key)
-        else:
-            source.put(key, path)
+        _flux_key(source, key, path, chroma=chroma, kohya=kohya)
     if chroma:
         _chroma_mask(source, kohya)
+    _remaining_fields(source, kohya)
+    _note_memory(source)
+
+
+def _flux_key(source: Source, key: str, path: str, *, chroma: bool, kohya: bool) -> None:
+    """One key of the FLUX argument table, in a FLUX (or Chroma) file."""
+    if chroma and path == "model.clip_l":
+        source.inert(key, "", "Chroma has no CLIP-L text encoder; sd-scripts does not load it for Chroma")
+    elif kohya and key in KOHYA_SD3_ONLY:
+        source.inert(key, KOHYA_FLUX_DEFAULTS[key], "kohya_ss passes it only for SD3; sd-scripts used its "
+                     "default for FLUX, as Atelier does")
+    elif kohya and key == "guidance_scale" and _is_zero(source.get(key)):
+        # The GUI drops a 0 before writing sd-scripts' TOML (it re-adds it only for Chroma); the JSON says 0.
+        source.put(key, path, 0.0)
+        if not chroma:
+            source.note("flow.guidance_scale = 0: the file says 0 (kohya_ss itself dropped the 0, so "
+                        "sd-scripts trained with its default 3.5)")
+    elif source.blank(source.get(key)):
+        source.unset(key)
+    else:
+        source.put(key, path)
+
+
+def _remaining_fields(source: Source, kohya: bool) -> None:
+    """The kohya_ss GUI's network fields and GUI-only fields, or sd-scripts' cache-to-disk flag."""
     if kohya:
         _kohya_network_fields(source)
         for key in _KOHYA_FLUX_ONLY:
             _kohya_flux_extra(source, key)
     elif source.given("cache_text_encoder_outputs_to_disk"):
         source.put("cache_text_encoder_outputs_to_disk", "training.cache_text_encoder_outputs", True)
-    _note_memory(source)
 
 
 def _not_for_this_family(source: Source, key: str, kohya: bool) -> None:

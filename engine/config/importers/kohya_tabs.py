@@ -134,6 +134,13 @@ def _sd3_full_fine_tuning(source: Source, trained: bool) -> None:
 
 def _finetune(source: Source) -> None:
     """image_folder holds the images; the metadata the GUI prepares lands in train_dir."""
+    _finetune_text_encoders(source)
+    _finetune_folders(source)
+    _finetune_preparation(source)
+
+
+def _finetune_text_encoders(source: Source) -> None:
+    """The family's full fine-tuning rates (FLUX, SD3), or SD1/SD2/SDXL's text encoder rates."""
     if flux.is_flux(source):
         _flux_full_fine_tuning(source)
     elif sd3.is_sd3(source):
@@ -145,6 +152,10 @@ def _finetune(source: Source) -> None:
         else:
             source.unset("train_text_encoder")
         _text_encoder_rates(source, trained)
+
+
+def _finetune_folders(source: Source) -> None:
+    """dataset_config wins over the folders; otherwise the metadata in train_dir, or the images of image_folder."""
     if source.given("dataset_config"):
         for key in ("image_folder", "train_dir"):
             if source.given(key):
@@ -156,6 +167,10 @@ def _finetune(source: Source) -> None:
     for key in ("image_folder", "train_dir"):
         if key not in source.done:
             source.unset(key)
+
+
+def _finetune_preparation(source: Source) -> None:
+    """The fields of the metadata preparation kohya_ss runs before training; Atelier reads its result."""
     for key, default in _PREPARATION.items():
         if key not in source.done:
             source.inert(key, default, "only used by the metadata preparation kohya_ss runs before training")

@@ -192,19 +192,40 @@ def _sd_scripts_settings(source: Source) -> None:
 def _full_fine_tuning_rates(source: Source) -> None:
     """sd3_train.py trains the MMDiT, and CLIP-L and CLIP-G only with --train_text_encoder, at learning_rate_te1 /
     learning_rate_te2 (empty: learning_rate); T5 only with --train_t5xxl (spec §8.7)."""
+    trained = _train_text_encoder(source)
+    rates = {key: source.get(key) for key in ("learning_rate_te1", "learning_rate_te2") if source.given(key)}
+    if not trained:
+        _text_encoders_frozen(source, rates)
+    else:
+        _text_encoder_rate(source, rates)
+    for key in ("learning_rate_te1", "learning_rate_te2"):
+        if key in source.data and key not in source.done:
+            source.unset(key)
+    _t5_and_freezing(source)
+
+
+def _train_text_encoder(source: Source) -> bool:
+    """train_text_encoder: whether sd3_train.py trains CLIP-L and CLIP-G."""
     trained = source.get("train_text_encoder") is True
     if trained:
         source.used("train_text_encoder", ["optimizer.text_encoder_lr"])
     elif "train_text_encoder" in source.data:
         source.unset("train_text_encoder")
-    rates = {key: source.get(key) for key in ("learning_rate_te1", "learning_rate_te2") if source.given(key)}
-    if not trained:
-        set_path(source.result.overlay, "optimizer.text_encoder_lr", 0.0)
-        source.note("optimizer.text_encoder_lr = 0: sd3_train.py trains the text encoders only with "
-                    "train_text_encoder, which the file does not set")
-        for key in rates:
-            source.skip(key, "train_text_encoder is off, so sd3_train.py does not train the text encoders")
-    elif "learning_rate_te1" in rates:
+    return trained
+
+
+def _text_encoders_frozen(source: Source, rates: dict[str, Any]) -> None:
+    """Without train_text_encoder, sd3_train.py trains neither CLIP, whatever their rates say."""
+    set_path(source.result.overlay, "optimizer.text_encoder_lr", 0.0)
+    source.note("optimizer.text_encoder_lr = 0: sd3_train.py trains the text encoders only with "
+                "train_text_encoder, which the file does not set")
+    for key in rates:
+        source.skip(key, "train_text_encoder is off, so sd3_train.py does not train the text encoders")
+
+
+def _text_encoder_rate(source: Source, rates: dict[str, Any]) -> None:
+    """Atelier trains both CLIPs at one rate: learning_rate_te1's; learning_rate_te2 only if it is the same."""
+    if "learning_rate_te1" in rates:
         source.put("learning_rate_te1", "optimizer.text_encoder_lr")
         if "learning_rate_te2" in rates and rates["learning_rate_te2"] != rates["learning_rate_te1"]:
             source.skip("learning_rate_te2", "CLIP-G's own rate: Atelier trains SD3's text encoders at one rate, "
@@ -214,9 +235,10 @@ def _full_fine_tuning_rates(source: Source) -> None:
     elif "learning_rate_te2" in rates:
         source.skip("learning_rate_te2", "CLIP-G's own rate: Atelier trains SD3's text encoders at one rate, "
                     "optimizer.text_encoder_lr (learning_rate_te1 is empty, so CLIP-L trains at learning_rate)")
-    for key in ("learning_rate_te1", "learning_rate_te2"):
-        if key in source.data and key not in source.done:
-            source.unset(key)
+
+
+def _t5_and_freezing(source: Source) -> None:
+    """sd3_train.py's T5 training and parameter freezing are not carried over."""
     for key in ("train_t5xxl", "learning_rate_te3", "use_t5xxl_cache_only", "num_last_block_to_freeze"):
         if key in source.data and key not in source.done:
             if source.given(key) and source.get(key) is not False:
