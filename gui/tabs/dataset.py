@@ -9,6 +9,7 @@ metadata panel); this module lays out and wires.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -120,66 +121,138 @@ def _metadata_panel(ctx: TabContext) -> None:
     use.click(on_use, inputs=written, outputs=[ctx.config_patch, result])
 
 
+@dataclass
+class ProjectSection:
+    """The pictures and project folders, Create project, and the Add a concept accordion."""
+
+    source: gr.Textbox
+    project: gr.Textbox
+    create_fields: dict[str, Any]
+    create_button: gr.Button
+    message: gr.Markdown
+    add_source: gr.Textbox
+    add_fields: dict[str, Any]
+    add_button: gr.Button
+
+
+@dataclass
+class ConceptsSection:
+    """The project's concepts, the balance proposal and the preview gallery."""
+
+    overview: gr.Markdown
+    concepts_table: gr.Dataframe
+    target: gr.Number
+    balance_button: gr.Button
+    reload_button: gr.Button
+    proposal_text: gr.Markdown
+    proposal_table: gr.Dataframe
+    apply_button: gr.Button
+    proposal: gr.State
+    gallery: gr.Gallery
+
+
+@dataclass
+class DoctorSection:
+    """The dataset doctor and the button that hands the folders to the Parameters tab."""
+
+    doctor_button: gr.Button
+    use_button: gr.Button
+    doctor: DoctorPanel
+
+
+def _project_section(ctx: TabContext) -> ProjectSection:
+    with gr.Row():
+        source = path_field("Images folder", ctx.roots, elem_id="dataset-source",
+                            info="A flat folder of your pictures; subfolders are not searched.")
+        project = path_field("Project folder", ctx.roots, elem_id="dataset-project",
+                             info="New or existing; nothing in it is overwritten.")
+    create_fields = _concept_inputs("dataset", with_reg=False)
+    create_button = gr.Button("Create project", variant="primary", elem_id="dataset-create")
+    message = gr.Markdown(elem_id="dataset-message")
+    with gr.Accordion("Add a concept", open=False, elem_id="dataset-add"):
+        add_source = path_field("Images folder of the new concept", ctx.roots, elem_id="dataset-add-source")
+        add_fields = _concept_inputs("dataset-add", with_reg=True)
+        add_button = gr.Button("Add concept", elem_id="dataset-add-button")
+    return ProjectSection(source, project, create_fields, create_button, message, add_source, add_fields, add_button)
+
+
+def _concepts_section() -> ConceptsSection:
+    gr.Markdown("### Concepts")
+    overview = gr.Markdown(elem_id="dataset-overview")
+    concepts_table = gr.Dataframe(headers=view.CONCEPT_COLUMNS, value=None, interactive=False,
+                                  elem_id="dataset-concepts")
+    with gr.Row(equal_height=True):
+        target = gr.Number(label="Target samples per epoch", value=100, precision=0, minimum=1,
+                           elem_id="dataset-target",
+                           info="Balance sets each concept's repeats to about this ÷ its image count.")
+        balance_button = gr.Button("Balance", elem_id="dataset-balance", scale=0)
+        reload_button = gr.Button("Reload", elem_id="dataset-reload", scale=0)
+    proposal_text = gr.Markdown(elem_id="dataset-proposal-text")
+    proposal_table = gr.Dataframe(headers=view.PROPOSAL_COLUMNS, value=None, interactive=False, visible=False,
+                                  elem_id="dataset-proposal")
+    apply_button = gr.Button("Rename the folders to these repeats", visible=False, elem_id="dataset-apply")
+    proposal = gr.State(None)
+    gallery = gr.Gallery(label=f"Preview (first {view.GALLERY_LIMIT} images)", columns=8, height="auto",
+                         object_fit="contain", elem_id="dataset-gallery")
+    return ConceptsSection(overview, concepts_table, target, balance_button, reload_button, proposal_text,
+                           proposal_table, apply_button, proposal, gallery)
+
+
+def _doctor_section() -> DoctorSection:
+    gr.Markdown("### Dataset doctor")
+    with gr.Row():
+        doctor_button = gr.Button("Run the doctor", elem_id="dataset-doctor-run")
+        use_button = gr.Button("Use in Parameters", elem_id="dataset-use")
+    doctor = DoctorPanel("dataset-doctor")
+    return DoctorSection(doctor_button, use_button, doctor)
+
+
 def build(ctx: TabContext) -> None:
     """Add the Dataset tab to the current gr.Blocks."""
     with gr.Tab("Dataset", id="dataset"):
         gr.Markdown(_INTRO)
-        with gr.Row():
-            source = path_field("Images folder", ctx.roots, elem_id="dataset-source",
-                                info="A flat folder of your pictures; subfolders are not searched.")
-            project = path_field("Project folder", ctx.roots, elem_id="dataset-project",
-                                 info="New or existing; nothing in it is overwritten.")
-        create_fields = _concept_inputs("dataset", with_reg=False)
-        create_button = gr.Button("Create project", variant="primary", elem_id="dataset-create")
-        message = gr.Markdown(elem_id="dataset-message")
-        with gr.Accordion("Add a concept", open=False, elem_id="dataset-add"):
-            add_source = path_field("Images folder of the new concept", ctx.roots, elem_id="dataset-add-source")
-            add_fields = _concept_inputs("dataset-add", with_reg=True)
-            add_button = gr.Button("Add concept", elem_id="dataset-add-button")
-        gr.Markdown("### Concepts")
-        overview = gr.Markdown(elem_id="dataset-overview")
-        concepts_table = gr.Dataframe(headers=view.CONCEPT_COLUMNS, value=None, interactive=False,
-                                      elem_id="dataset-concepts")
-        with gr.Row(equal_height=True):
-            target = gr.Number(label="Target samples per epoch", value=100, precision=0, minimum=1,
-                               elem_id="dataset-target",
-                               info="Balance sets each concept's repeats to about this ÷ its image count.")
-            balance_button = gr.Button("Balance", elem_id="dataset-balance", scale=0)
-            reload_button = gr.Button("Reload", elem_id="dataset-reload", scale=0)
-        proposal_text = gr.Markdown(elem_id="dataset-proposal-text")
-        proposal_table = gr.Dataframe(headers=view.PROPOSAL_COLUMNS, value=None, interactive=False, visible=False,
-                                      elem_id="dataset-proposal")
-        apply_button = gr.Button("Rename the folders to these repeats", visible=False, elem_id="dataset-apply")
-        proposal = gr.State(None)
-        gallery = gr.Gallery(label=f"Preview (first {view.GALLERY_LIMIT} images)", columns=8, height="auto",
-                             object_fit="contain", elem_id="dataset-gallery")
-        gr.Markdown("### Dataset doctor")
-        with gr.Row():
-            doctor_button = gr.Button("Run the doctor", elem_id="dataset-doctor-run")
-            use_button = gr.Button("Use in Parameters", elem_id="dataset-use")
-        doctor = DoctorPanel("dataset-doctor")
+        project = _project_section(ctx)
+        concepts = _concepts_section()
+        doctor = _doctor_section()
         _metadata_panel(ctx)
+    DatasetTab(ctx, project, concepts, doctor).wire()
 
-    def shown(project_text: str | None) -> dict:
+
+class DatasetTab:
+    """The tab's event handlers, over its sections."""
+
+    def __init__(self, ctx: TabContext, project: ProjectSection, concepts: ConceptsSection, doctor: DoctorSection):
+        self.ctx, self.project, self.concepts, self.doctor = ctx, project, concepts, doctor
+
+    @property
+    def refreshed(self) -> list[Any]:
+        c = self.concepts
+        return [c.overview, c.concepts_table, c.gallery, c.proposal, c.proposal_text, c.proposal_table,
+                c.apply_button]
+
+    def shown(self, project_text: str | None) -> dict:
         """The project's concepts, overview and gallery; the proposal is hidden (it may be out of date)."""
-        hidden = {proposal: None, proposal_text: "", proposal_table: gr.Dataframe(visible=False),
-                  apply_button: gr.Button(visible=False)}
+        c = self.concepts
+        hidden = {c.proposal: None, c.proposal_text: "", c.proposal_table: gr.Dataframe(visible=False),
+                  c.apply_button: gr.Button(visible=False)}
         if not (project_text or "").strip():
-            return hidden | {overview: "", concepts_table: None, gallery: []}
+            return hidden | {c.overview: "", c.concepts_table: None, c.gallery: []}
         try:
-            folder = view.project_path(project_text, ctx.roots)
+            folder = view.project_path(project_text, self.ctx.roots)
         except projects.ProjectError as error:
-            return hidden | {overview: f"**{error}**", concepts_table: None, gallery: []}
+            return hidden | {c.overview: f"**{error}**", c.concepts_table: None, c.gallery: []}
         concepts = projects.list_concepts(folder)
-        return hidden | {overview: view.overview_markdown(folder, concepts),
-                         concepts_table: view.concepts_frame(concepts), gallery: view.gallery_items(folder)}
+        return hidden | {c.overview: view.overview_markdown(folder, concepts),
+                         c.concepts_table: view.concepts_frame(concepts), c.gallery: view.gallery_items(folder)}
 
-    def import_with(action: Callable[..., projects.ProjectReport], fields: dict[str, Any],
+    def import_with(self, action: Callable[..., projects.ProjectReport], fields: dict[str, Any],
                     source_box: Any) -> Callable[[dict], dict]:
+        project, message, roots, shown = self.project.project, self.project.message, self.ctx.roots, self.shown
+
         def handler(values: dict) -> dict:
             try:
-                folder = view.project_path(values[project], ctx.roots)
-                args = _concept_args(values, fields, source_box, ctx.roots)
+                folder = view.project_path(values[project], roots)
+                args = _concept_args(values, fields, source_box, roots)
                 if "is_reg" in fields:
                     args["is_reg"] = bool(values[fields["is_reg"]])
                 report = action(folder, **args)
@@ -188,56 +261,61 @@ def build(ctx: TabContext) -> None:
             return {message: report.summary()} | shown(values[project])
         return handler
 
-    def on_balance(project_text: str | None, target_value: float | None) -> dict:
+    def on_balance(self, project_text: str | None, target_value: float | None) -> dict:
+        c = self.concepts
         try:
-            folder = view.project_path(project_text, ctx.roots)
+            folder = view.project_path(project_text, self.ctx.roots)
             concepts = projects.list_concepts(folder)
             wanted = int(target_value or 0)
             plan = projects.balance_repeats(concepts, wanted)
         except projects.ProjectError as error:
-            return {proposal_text: f"**Cannot balance:** {error}"}
-        changes = any(plan[c.folder] != c.repeats for c in concepts if c.folder in plan)
-        return {proposal: {str(path): repeats for path, repeats in plan.items()},
-                proposal_text: view.proposal_markdown(concepts, plan, wanted),
-                proposal_table: gr.Dataframe(view.proposal_frame(concepts, plan) if plan else None,
-                                             visible=bool(plan)),
-                apply_button: gr.Button(visible=changes)}
+            return {c.proposal_text: f"**Cannot balance:** {error}"}
+        changes = any(plan[concept.folder] != concept.repeats for concept in concepts if concept.folder in plan)
+        return {c.proposal: {str(path): repeats for path, repeats in plan.items()},
+                c.proposal_text: view.proposal_markdown(concepts, plan, wanted),
+                c.proposal_table: gr.Dataframe(view.proposal_frame(concepts, plan) if plan else None,
+                                               visible=bool(plan)),
+                c.apply_button: gr.Button(visible=changes)}
 
-    def on_apply(project_text: str | None, plan: dict | None) -> dict:
+    def on_apply(self, project_text: str | None, plan: dict | None) -> dict:
         try:
-            renames = projects.apply_repeats(view.project_path(project_text, ctx.roots), plan or {})
+            renames = projects.apply_repeats(view.project_path(project_text, self.ctx.roots), plan or {})
         except (projects.ProjectError, OSError) as error:
-            return {message: f"**Nothing was renamed:** {error}"}
-        return {message: view.renames_markdown(renames)} | shown(project_text)
+            return {self.project.message: f"**Nothing was renamed:** {error}"}
+        return {self.project.message: view.renames_markdown(renames)} | self.shown(project_text)
 
-    def on_doctor(project_text: str | None, config: dict | None) -> dict:
+    def on_doctor(self, project_text: str | None, config: dict | None) -> dict:
+        doctor = self.doctor.doctor
         try:
-            folder = view.project_path(project_text, ctx.roots)
+            folder = view.project_path(project_text, self.ctx.roots)
             overrides = view.doctor_overrides(folder, projects.list_concepts(folder))
             return doctor.show(report_for(config, folder, overrides=overrides), base=folder)
         except (ConfigError, projects.ProjectError, OSError) as error:
             return doctor.show_error(error)
 
-    def on_use(project_text: str | None) -> dict:
+    def on_use(self, project_text: str | None) -> dict:
         try:
-            folder = view.project_path(project_text, ctx.roots)
+            folder = view.project_path(project_text, self.ctx.roots)
         except projects.ProjectError as error:
-            return {message: f"**Not sent:** {error}"}
+            return {self.project.message: f"**Not sent:** {error}"}
         patch = view.parameters_patch(folder, projects.list_concepts(folder))
-        return {ctx.config_patch: config_patch_value(patch),
-                message: "Sent to the Parameters tab: " + ", ".join(f"`{key}`" for key in patch) + "."}
+        return {self.ctx.config_patch: config_patch_value(patch),
+                self.project.message: "Sent to the Parameters tab: " + ", ".join(f"`{key}`" for key in patch) + "."}
 
-    refreshed = [overview, concepts_table, gallery, proposal, proposal_text, proposal_table, apply_button]
-    create_inputs = {source, project, *create_fields.values()}
-    create_button.click(import_with(projects.create_project, create_fields, source), inputs=create_inputs,
-                        outputs=[message, *refreshed])
-    add_button.click(import_with(projects.add_concept, add_fields, add_source),
-                     inputs={add_source, project, *add_fields.values()}, outputs=[message, *refreshed])
-    # .change, not blur: a folder picked in the file browser sets the box without focusing it.
-    gr.on([project.change, reload_button.click], shown, inputs=project, outputs=refreshed, trigger_mode="always_last",
-          show_progress="hidden")
-    balance_button.click(on_balance, inputs=[project, target],
-                         outputs=[proposal, proposal_text, proposal_table, apply_button])
-    apply_button.click(on_apply, inputs=[project, proposal], outputs=[message, *refreshed])
-    doctor_button.click(on_doctor, inputs=[project, ctx.config], outputs=doctor.outputs)
-    use_button.click(on_use, inputs=project, outputs=[ctx.config_patch, message])
+    def wire(self) -> None:
+        """The tab's events, in the order the page registers them."""
+        p, c, d, ctx = self.project, self.concepts, self.doctor, self.ctx
+        refreshed = self.refreshed
+        create_inputs = {p.source, p.project, *p.create_fields.values()}
+        p.create_button.click(self.import_with(projects.create_project, p.create_fields, p.source),
+                              inputs=create_inputs, outputs=[p.message, *refreshed])
+        p.add_button.click(self.import_with(projects.add_concept, p.add_fields, p.add_source),
+                           inputs={p.add_source, p.project, *p.add_fields.values()}, outputs=[p.message, *refreshed])
+        # .change, not blur: a folder picked in the file browser sets the box without focusing it.
+        gr.on([p.project.change, c.reload_button.click], self.shown, inputs=p.project, outputs=refreshed,
+              trigger_mode="always_last", show_progress="hidden")
+        c.balance_button.click(self.on_balance, inputs=[p.project, c.target],
+                               outputs=[c.proposal, c.proposal_text, c.proposal_table, c.apply_button])
+        c.apply_button.click(self.on_apply, inputs=[p.project, c.proposal], outputs=[p.message, *refreshed])
+        d.doctor_button.click(self.on_doctor, inputs=[p.project, ctx.config], outputs=d.doctor.outputs)
+        d.use_button.click(self.on_use, inputs=p.project, outputs=[ctx.config_patch, p.message])
