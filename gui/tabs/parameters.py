@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,16 @@ def _preset_choices(user_dir: Path) -> list[tuple[str, str]]:
     return [(entry.title, str(entry.path)) for entry in list_presets(user_dir=user_dir)]
 
 
-def _open_file_row(ctx: TabContext) -> dict[str, Any]:
+@dataclass
+class OpenFileRow:
+    """A settings file's path, and Load and Import."""
+
+    path: gr.Textbox
+    load: gr.Button
+    import_button: gr.Button
+
+
+def _open_file_row(ctx: TabContext) -> OpenFileRow:
     path = path_field(SETTINGS_FILE_LABEL, ctx.roots, kind="file", elem_id="params-file",
                       extensions=(".json", ".toml"),
                       info="An Atelier preset (.json) or run config (.toml), or a kohya_ss GUI .json / "
@@ -203,19 +213,29 @@ def _open_file_row(ctx: TabContext) -> dict[str, Any]:
     with gr.Row():
         load = gr.Button("Load", elem_id="params-load")
         imported = gr.Button("Import from kohya_ss / sd-scripts", elem_id="params-import")
-    return {"path": path, "load": load, "import": imported}
+    return OpenFileRow(path, load, imported)
 
 
-def _preset_confirm_row() -> dict[str, Any]:
+@dataclass
+class ConfirmRow:
     """Shown when a chosen preset would clear fields another tab set: apply it (clearing them), apply it keeping
     them, or cancel."""
+
+    row: gr.Row
+    text: gr.Markdown
+    apply: gr.Button
+    keep: gr.Button
+    cancel: gr.Button
+    patched: gr.State  # the paths other tabs set ("Use in Parameters"), which a preset asks about before clearing
+
+
+def _preset_confirm_row() -> ConfirmRow:
     with gr.Row(visible=False, elem_id="preset-confirm") as row:
         text = gr.Markdown(elem_id="preset-confirm-text")
         apply = gr.Button("Apply, clear them", elem_id="preset-confirm-apply", variant="stop")
         keep = gr.Button("Apply, keep them", elem_id="preset-confirm-keep", variant="primary")
         cancel = gr.Button("Cancel", elem_id="preset-confirm-cancel")
-    # The paths other tabs set ("Use in Parameters"), which a preset asks about before clearing.
-    return {"row": row, "text": text, "apply": apply, "keep": keep, "cancel": cancel, "patched": gr.State([])}
+    return ConfirmRow(row, text, apply, keep, cancel, gr.State([]))
 
 
 def patch_values(patch: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -228,128 +248,187 @@ def cleared_by(new_values: Mapping[str, Any], current: Mapping[str, Any], patche
     return [path for path in patched if path in new_values and new_values[path] != current.get(path)]
 
 
+@dataclass
+class PageState:
+    """Whose form this page edits, the newest form the server has seen from it, and a form to restore."""
+
+    user: gr.State  # set when the page opens (on_page_load)
+    latest: gr.State  # the newest form ({path: widget value}) the server has seen from this page
+    saved: gr.State  # the user's form kept on the server, when the page opens with one to restore
+
+
+@dataclass
+class PresetRow:
+    """The preset to apply, and the name and button to save the form as a preset."""
+
+    preset: gr.Dropdown
+    preset_title: gr.Textbox
+    save_button: gr.Button
+
+
+@dataclass
+class FormSection:
+    """The preset message, the validation status, the form's fields and the TOML preview."""
+
+    preset_message: gr.Markdown
+    status: gr.Markdown
+    layout: _Form
+    preview: gr.Markdown
+
+
+def _page_state() -> PageState:
+    return PageState(gr.State(LOCAL_USER), gr.State({}), gr.State(None))
+
+
+def _preset_row(preset_choices: list[tuple[str, str]]) -> PresetRow:
+    with gr.Row():
+        preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
+                             info="Fills the form with a preset's settings on top of the defaults.")
+        preset_title = gr.Textbox(label="Save as preset", placeholder="name of your preset",
+                                  elem_id="preset-title", info="Saves only what differs from the defaults.")
+        save_button = gr.Button("Save preset", elem_id="preset-save")
+    return PresetRow(preset, preset_title, save_button)
+
+
+def _form_section(specs: dict[str, FieldSpec], values: Mapping[str, Any], roots: FileRoots) -> FormSection:
+    preset_message = gr.Markdown(elem_id="preset-message")
+    status = gr.Markdown(status_markdown(RunConfig(), readiness_problems(RunConfig())), elem_id="validation-status")
+    # The form has the page's width (all section tabs fit in one row at 1400 px, none hidden in Gradio's
+    # overflow menu) and the preview comes below it: beside it, the long preview made a page-tall column.
+    with gr.Column(elem_id="parameters-form"):
+        layout = _Form(specs, values, roots)
+        layout.add_fields([spec for spec in specs.values() if not spec.section])
+        with gr.Tabs():
+            for section in SECTIONS:
+                layout.add_section(section)
+    with gr.Accordion("Preview: the config.toml this form makes", open=True, elem_id="toml-preview-section"):
+        preview = gr.Markdown(preview_markdown(config_to_toml(RunConfig())), elem_id="toml-preview",
+                              buttons=["copy"], max_height=720)
+    return FormSection(preset_message, status, layout, preview)
+
+
 def build(ctx: TabContext) -> None:
     """Add the Parameters tab to the current gr.Blocks."""
     presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
-    store = FormStore(ctx.runs_dir)
     specs = editable_fields()
     values = config_to_form(default_config_dict(), specs)
     preset_choices = _preset_choices(presets_dir)
     with gr.Tab("Parameters", id="parameters"):
         # Inside the tab: a component placed in gr.Tabs beside its tabs shifted the tab bar's labels ('Train' showed
         # as 'Parameters').
-        user = gr.State(LOCAL_USER)  # whose form this page edits: set when the page opens (on_page_load)
-        latest = gr.State({})  # the newest form ({path: widget value}) the server has seen from this page
-        saved = gr.State(None)  # the user's form kept on the server, when the page opens with one to restore
-        with gr.Row():
-            preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
-                                 info="Fills the form with a preset's settings on top of the defaults.")
-            preset_title = gr.Textbox(label="Save as preset", placeholder="name of your preset",
-                                      elem_id="preset-title", info="Saves only what differs from the defaults.")
-            save_button = gr.Button("Save preset", elem_id="preset-save")
+        page = _page_state()
+        presets = _preset_row(preset_choices)
         confirm = _preset_confirm_row()
         open_row = _open_file_row(ctx)
-        preset_message = gr.Markdown(elem_id="preset-message")
-        status = gr.Markdown(status_markdown(RunConfig(), readiness_problems(RunConfig())), elem_id="validation-status")
-        # The form has the page's width (all section tabs fit in one row at 1400 px, none hidden in Gradio's
-        # overflow menu) and the preview comes below it: beside it, the long preview made a page-tall column.
-        with gr.Column(elem_id="parameters-form"):
-            layout = _Form(specs, values, ctx.roots)
-            layout.add_fields([spec for spec in specs.values() if not spec.section])
-            with gr.Tabs():
-                for section in SECTIONS:
-                    layout.add_section(section)
-        with gr.Accordion("Preview: the config.toml this form makes", open=True, elem_id="toml-preview-section"):
-            preview = gr.Markdown(preview_markdown(config_to_toml(RunConfig())), elem_id="toml-preview",
-                                  buttons=["copy"], max_height=720)
-    components = layout.components
-    layout.dataset_editor.connect_general(components, specs)  # its export writes [dataset.general] as [general]
-    path_of = {component: path for path, component in components.items()}
+        form = _form_section(specs, values, ctx.roots)
+    ParametersTab(ctx, presets_dir, specs, page, presets, confirm, open_row, form).wire()
 
-    def evaluate(values: dict[str, Any], note: str = "") -> dict:
+
+class ParametersTab:
+    """The tab's event handlers, over its sections. Handlers receive the form keyed by component and read it by
+    field path (`path_of`)."""
+
+    def __init__(self, ctx: TabContext, presets_dir: Path, specs: dict[str, FieldSpec], page: PageState,
+                 presets: PresetRow, confirm: ConfirmRow, open_row: OpenFileRow, form: FormSection):
+        self.ctx, self.presets_dir, self.specs = ctx, presets_dir, specs
+        self.store = FormStore(ctx.runs_dir)
+        self.page, self.presets, self.confirm, self.open_row, self.form = page, presets, confirm, open_row, form
+        self.layout = form.layout
+        self.components = form.layout.components
+        self.path_of = {component: path for path, component in self.components.items()}
+
+    def form_values(self, form: dict) -> dict[str, Any]:
+        """The form's field values by path (the form may hold other inputs too)."""
+        return {self.path_of[c]: v for c, v in form.items() if c in self.path_of}
+
+    def evaluate(self, values: dict[str, Any], note: str = "") -> dict:
         """Validation status (with `note` below it), TOML preview and the shared config for form values keyed by
         field path."""
-        config, data, problems = form_to_config(values, specs)
-        ready = readiness_problems(config, refusal=ctx.roots.refusal) if config is not None else []
+        config, data, problems = form_to_config(values, self.specs)
+        ready = readiness_problems(config, refusal=self.ctx.roots.refusal) if config is not None else []
         text = status_markdown(config, problems or ready)
-        return {status: f"{text}\n\n{note}" if note else text,
-                preview: preview_markdown(preview_text(config, data)),
-                ctx.config: data if config is not None else None}
+        return {self.form.status: f"{text}\n\n{note}" if note else text,
+                self.form.preview: preview_markdown(preview_text(config, data)),
+                self.ctx.config: data if config is not None else None}
 
-    def on_input(form: dict) -> dict:
-        values = {path_of[c]: v for c, v in form.items() if c in path_of}
-        return evaluate(values, store.save(form[user], values)) | {latest: values}
+    def on_input(self, form: dict) -> dict:
+        values = self.form_values(form)
+        return self.evaluate(values, self.store.save(form[self.page.user], values)) | {self.page.latest: values}
 
-    def fill(new_values: dict[str, Any], form: dict, message: str) -> dict:
+    def fill(self, new_values: dict[str, Any], form: dict, message: str) -> dict:
         """Set the widgets whose value changes and validate the result once. Widgets revalidate on user input
         only: letting each programmatic change revalidate froze the page for tens of seconds after a preset.
 
         What changes is judged against the form the page sent with the request (what the user saw when asking);
         the config is built on the latest form the server has seen, which is newer when the user typed into
         another field while this request was on its way (the typed value stays in its box, and so in the config)."""
-        sent = {path_of[c]: v for c, v in form.items() if c in path_of}
+        latest = self.page.latest
+        sent = self.form_values(form)
         changed = {path: value for path, value in new_values.items() if sent.get(path) != value}
         values = sent | (form.get(latest) or {}) | changed
-        note = store.save(form[user], values)
-        return ({components[path]: value for path, value in changed.items()} | evaluate(values, note)
-                | {preset_message: message, latest: values} | layout.visibility(values))
+        note = self.store.save(form[self.page.user], values)
+        return ({self.components[path]: value for path, value in changed.items()} | self.evaluate(values, note)
+                | {self.form.preset_message: message, latest: values} | self.layout.visibility(values))
 
-    def on_patch(patch: dict | None, form: dict) -> dict:
+    def on_patch(self, patch: dict | None, form: dict) -> dict:
         """Fields set by another tab (Dataset, Regularization); remembered, so that a preset asks before clearing
         them."""
         patch = patch_values(patch)
-        known = [path for path in patch if path in components]
-        unknown = [path for path in patch if path not in components]
+        known = [path for path in patch if path in self.components]
+        unknown = [path for path in patch if path not in self.components]
         message = f"Set from another tab: {', '.join(f'`{path}`' for path in known)}." if known else ""
         if unknown:
             message += f" Not a field here: {', '.join(unknown)}."
-        return (fill({path: to_widget(specs[path], patch[path]) for path in known}, form, message)
-                | {confirm["patched"]: sorted({*form[confirm["patched"]], *known})})
+        patched = self.confirm.patched
+        return (self.fill({path: to_widget(self.specs[path], patch[path]) for path in known}, form, message)
+                | {patched: sorted({*form[patched], *known})})
 
-    def on_load(path: str, form: dict) -> dict:
+    def on_load(self, path: str, form: dict) -> dict:
         try:
-            return fill(_load_preset_values(settings_file(path, ctx.roots), specs), form, f"Loaded `{path}`.")
+            return self.fill(_load_preset_values(settings_file(path, self.ctx.roots), self.specs), form,
+                             f"Loaded `{path}`.")
         except (ConfigError, PathNotAllowed) as error:
-            return {preset_message: f"**Could not load it:** {error}"}
+            return {self.form.preset_message: f"**Could not load it:** {error}"}
 
-    def on_import(path: str, form: dict) -> dict:
+    def on_import(self, path: str, form: dict) -> dict:
         from engine.config.importers.registry import import_file
 
         try:
-            result = import_file(settings_file(path, ctx.roots))
+            result = import_file(settings_file(path, self.ctx.roots))
         except (ConfigError, PathNotAllowed) as error:
-            return {preset_message: f"**Could not import it:** {error}"}
-        current = {path_of[c]: v for c, v in form.items() if c in path_of}
-        new_values, cleared = imported_values(result, current, specs)
+            return {self.form.preset_message: f"**Could not import it:** {error}"}
+        new_values, cleared = imported_values(result, self.form_values(form), self.specs)
         message = import_report_markdown(result, path)
         if cleared:
             message += f"\n\nThe imported datasets replace {', '.join(f'`{p}`' for p in cleared)} (one source only)."
-        return fill(new_values, form, message)
+        return self.fill(new_values, form, message)
 
-    def on_preset(choice: str | None, form: dict, answer: str = "") -> dict:
+    def on_preset(self, choice: str | None, form: dict, answer: str = "") -> dict:
         """Apply a preset; when it would clear fields another tab set, first ask (`answer` "" asks, "apply" clears
         them, "keep" keeps them)."""
-        hide = {confirm["row"]: gr.update(visible=False)}
+        confirm, preset_message = self.confirm, self.form.preset_message
+        hide = {confirm.row: gr.update(visible=False)}
         if not choice:
             return {preset_message: gr.skip()} | hide  # not {}: Gradio reads an empty dict as a missing value
         try:
-            new_values = _load_preset_values(preset_path(choice, presets_dir), specs)
+            new_values = _load_preset_values(preset_path(choice, self.presets_dir), self.specs)
         except (ConfigError, ValueError) as error:
             return {preset_message: f"Could not read the preset: {error}"} | hide
-        current = {path_of[c]: v for c, v in form.items() if c in path_of}
-        patched = form[confirm["patched"]]
+        current = self.form_values(form)
+        patched = form[confirm.patched]
         lost = cleared_by(new_values, current, patched)
         if lost and not answer:
             names = ", ".join(f"`{path}`" for path in lost)
-            return {confirm["row"]: gr.update(visible=True), preset_message: "",
-                    confirm["text"]: f"This preset would clear what another tab set: {names}."}
+            return {confirm.row: gr.update(visible=True), preset_message: "",
+                    confirm.text: f"This preset would clear what another tab set: {names}."}
         if answer == "keep":
-            return fill(new_values | {path: current[path] for path in lost}, form, "") | hide
-        return fill(new_values, form, "") | hide | {confirm["patched"]: [p for p in patched if p not in lost]}
+            return self.fill(new_values | {path: current[path] for path in lost}, form, "") | hide
+        return self.fill(new_values, form, "") | hide | {confirm.patched: [p for p in patched if p not in lost]}
 
-    def on_save(title: str, form: dict) -> dict:
-        config, _, problems = form_to_config({path_of[c]: v for c, v in form.items() if c in path_of}, specs)
-        target = presets_dir
+    def on_save(self, title: str, form: dict) -> dict:
+        preset_message = self.form.preset_message
+        config, _, problems = form_to_config(self.form_values(form), self.specs)
+        target = self.presets_dir
         if config is None:
             return {preset_message: "Fix the problems above before saving a preset."}
         try:
@@ -359,62 +438,71 @@ def build(ctx: TabContext) -> None:
         if path.exists():
             return {preset_message: f"A preset named `{path.name}` already exists; choose another name."}
         save_preset(config, path, title)
-        return {preset_message: f"Saved `{path}`.", preset: gr.Dropdown(choices=_preset_choices(target))}
+        return {preset_message: f"Saved `{path}`.", self.presets.preset: gr.Dropdown(choices=_preset_choices(target))}
 
-    # One form event at a time, in the order the page sent them: a handler that started earlier never finishes
-    # later and overwrites the config with the form of before (a typed value then seemed lost).
-    in_order = {"concurrency_id": "parameters-form", "concurrency_limit": 1}
-    evaluation = {"fn": on_input, "inputs": {*components.values(), user},
-                  "outputs": [status, preview, ctx.config, latest], **in_order}
-    gr.on([event for path, component in components.items() for event in _edit_events(component, specs[path])],
-          trigger_mode="always_last", **evaluation)
-    family_outputs = [part.block for part in layout.family_blocks]
-    components[FAMILY_FIELD].change(lambda form: layout.visibility({path_of[c]: v for c, v in form.items()}),
-                                    inputs=set(components.values()), outputs=family_outputs)
-    field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
-                     confirm["row"], confirm["text"], confirm["patched"], latest]
-    # Handlers that fill the form also read it, to send only what changes; then the form is evaluated once more
-    # as the page holds it, after the fill, so the last word is always the page's own.
-    with_form = {*components.values(), confirm["patched"], user, latest}
-    open_row["load"].click(lambda form: on_load(form[open_row["path"]], form),
-                           inputs={open_row["path"], *with_form}, outputs=field_outputs, **in_order
-                           ).then(**evaluation)
-    open_row["import"].click(lambda form: on_import(form[open_row["path"]], form),
-                             inputs={open_row["path"], *with_form}, outputs=field_outputs, **in_order
-                             ).then(**evaluation)
-    preset.change(lambda form: on_preset(form[preset], form), inputs={preset, *with_form}, outputs=field_outputs,
-                  **in_order).then(**evaluation)
-    def answered(answer: str) -> Any:
-        return lambda form: on_preset(form[preset], form, answer)
-
-    for answer in ("apply", "keep"):
-        confirm[answer].click(answered(answer), inputs={preset, *with_form}, outputs=field_outputs, **in_order
-                              ).then(**evaluation)
-    confirm["cancel"].click(lambda: {confirm["row"]: gr.update(visible=False),
-                                     preset_message: "Preset not applied: the form is as it was."},
-                            outputs=[confirm["row"], preset_message])
-    # on_patch reads the patch's fields (config_patch_value): its sequence number makes every press a change.
-    ctx.config_patch.change(lambda form: on_patch(form[ctx.config_patch], form),
-                            inputs={ctx.config_patch, *with_form}, outputs=field_outputs, **in_order
-                            ).then(**evaluation)
-    def on_page_load(request: gr.Request) -> dict:
+    def on_page_load(self, request: gr.Request) -> dict:
         """Who the page belongs to, the preset list as it is now (the page's own list is the one of the app's
         start) and the user's last form kept on the server, which the `saved` change then fills in."""
         name = user_name(getattr(request, "username", None))
-        kept = store.load(name, set(components))
-        return {user: name, preset: gr.Dropdown(choices=_preset_choices(presets_dir)),
-                saved: {"user": name, "values": kept} if kept else None}
+        kept = self.store.load(name, set(self.components))
+        return {self.page.user: name, self.presets.preset: gr.Dropdown(choices=_preset_choices(self.presets_dir)),
+                self.page.saved: {"user": name, "values": kept} if kept else None}
 
-    def on_saved(form: dict) -> dict:
-        kept = form[saved]
+    def on_saved(self, form: dict) -> dict:
+        kept = form[self.page.saved]
         if not kept:
-            return {preset_message: gr.skip()}
-        return fill(kept["values"], form | {user: kept["user"]}, "Restored your last form.")
+            return {self.form.preset_message: gr.skip()}
+        return self.fill(kept["values"], form | {self.page.user: kept["user"]}, "Restored your last form.")
 
-    if ctx.app is not None:
-        # Two steps, so a page with nothing to restore never runs an event over the whole form: one whose inputs and
-        # outputs are the form's hundreds of widgets kept a new page busy for seconds.
-        ctx.app.load(on_page_load, outputs=[user, preset, saved], **in_order, show_progress="hidden")
-        saved.change(on_saved, inputs={saved, *with_form}, outputs=field_outputs, **in_order).then(**evaluation)
-    save_button.click(lambda form: on_save(form[preset_title], form),
-                      inputs={preset_title, *components.values()}, outputs=[preset_message, preset])
+    def answered(self, answer: str) -> Any:
+        return lambda form: self.on_preset(form[self.presets.preset], form, answer)
+
+    def wire(self) -> None:
+        """The tab's events, in the order the page registers them."""
+        ctx, components, page, confirm, open_row = self.ctx, self.components, self.page, self.confirm, self.open_row
+        preset, preset_message, status, preview = (self.presets.preset, self.form.preset_message, self.form.status,
+                                                   self.form.preview)
+        self.layout.dataset_editor.connect_general(components, self.specs)  # its export writes [dataset.general]
+        # One form event at a time, in the order the page sent them: a handler that started earlier never finishes
+        # later and overwrites the config with the form of before (a typed value then seemed lost).
+        in_order = {"concurrency_id": "parameters-form", "concurrency_limit": 1}
+        evaluation = {"fn": self.on_input, "inputs": {*components.values(), page.user},
+                      "outputs": [status, preview, ctx.config, page.latest], **in_order}
+        gr.on([event for path, component in components.items() for event in _edit_events(component, self.specs[path])],
+              trigger_mode="always_last", **evaluation)
+        family_outputs = [part.block for part in self.layout.family_blocks]
+        components[FAMILY_FIELD].change(lambda form: self.layout.visibility(self.form_values(form)),
+                                        inputs=set(components.values()), outputs=family_outputs)
+        field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
+                         confirm.row, confirm.text, confirm.patched, page.latest]
+        # Handlers that fill the form also read it, to send only what changes; then the form is evaluated once more
+        # as the page holds it, after the fill, so the last word is always the page's own.
+        with_form = {*components.values(), confirm.patched, page.user, page.latest}
+        open_row.load.click(lambda form: self.on_load(form[open_row.path], form),
+                            inputs={open_row.path, *with_form}, outputs=field_outputs, **in_order
+                            ).then(**evaluation)
+        open_row.import_button.click(lambda form: self.on_import(form[open_row.path], form),
+                                     inputs={open_row.path, *with_form}, outputs=field_outputs, **in_order
+                                     ).then(**evaluation)
+        preset.change(lambda form: self.on_preset(form[preset], form), inputs={preset, *with_form},
+                      outputs=field_outputs, **in_order).then(**evaluation)
+        for answer in ("apply", "keep"):
+            getattr(confirm, answer).click(self.answered(answer), inputs={preset, *with_form}, outputs=field_outputs,
+                                           **in_order).then(**evaluation)
+        confirm.cancel.click(lambda: {confirm.row: gr.update(visible=False),
+                                      preset_message: "Preset not applied: the form is as it was."},
+                             outputs=[confirm.row, preset_message])
+        # on_patch reads the patch's fields (config_patch_value): its sequence number makes every press a change.
+        ctx.config_patch.change(lambda form: self.on_patch(form[ctx.config_patch], form),
+                                inputs={ctx.config_patch, *with_form}, outputs=field_outputs, **in_order
+                                ).then(**evaluation)
+        if ctx.app is not None:
+            # Two steps, so a page with nothing to restore never runs an event over the whole form: one whose inputs
+            # and outputs are the form's hundreds of widgets kept a new page busy for seconds.
+            ctx.app.load(self.on_page_load, outputs=[page.user, preset, page.saved], **in_order,
+                         show_progress="hidden")
+            page.saved.change(self.on_saved, inputs={page.saved, *with_form}, outputs=field_outputs, **in_order
+                              ).then(**evaluation)
+        self.presets.save_button.click(lambda form: self.on_save(form[self.presets.preset_title], form),
+                                       inputs={self.presets.preset_title, *components.values()},
+                                       outputs=[preset_message, preset])
