@@ -2,7 +2,8 @@
 
 Each job runs `python -m engine ...` in its own process with `--events FILE`; the GUI never imports torch. A
 handler iterates `EngineJob.follow()` and shows each `JobUpdate` (the progress line, the events so far, the
-output) in the page; the job's stdout and stderr are kept in a log file next to the events.
+output) in the page; the job's stdout and stderr are kept in a log file next to the events. `FolderJobs` keeps
+the jobs a tab runs by folder: one job at a time per folder, and the tab's Stop button finds it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,3 +116,38 @@ class EngineJob:
         """Run to the end and return the final update."""
         updates = list(self.follow())
         return updates[-1]
+
+
+class FolderJobs:
+    """The running jobs of one kind by folder (or any key): at most one job per folder, and the Stop button finds
+    it. A handler claims the folder for the length of its job; a second claim while it runs gets None."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, EngineJob] = {}
+        self._lock = threading.Lock()  # two clicks at once must not start two jobs on one folder
+
+    @contextmanager
+    def claim(self, key: str, args: Sequence[str]) -> Iterator[EngineJob | None]:
+        """A new (not yet started) job for `key`, kept while the `with` block runs; None when one runs already."""
+        with self._lock:
+            if key in self._jobs:
+                job = None
+            else:
+                job = self._jobs[key] = EngineJob(args)
+        if job is None:
+            yield None
+            return
+        try:
+            yield job
+        finally:
+            with self._lock:
+                self._jobs.pop(key, None)
+
+    def stop(self, key: str) -> bool:
+        """Cancel the job running for `key`; False when there is none."""
+        with self._lock:
+            job = self._jobs.get(key)
+        if job is None:
+            return False
+        job.cancel()
+        return True

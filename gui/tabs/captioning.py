@@ -22,7 +22,7 @@ from gui import caption_view as view
 from gui.caption_view import CaptionViewError, EditorState, OptionSpec
 from gui.context import TabContext
 from gui.file_browser import browse_button, path_field
-from gui.jobs import EngineJob
+from gui.jobs import FolderJobs
 
 DEFAULT_CAPTIONER = view.CAPTIONER_NAMES[0]
 
@@ -268,7 +268,7 @@ class CaptioningTab:
                  batch: BatchSection, tags_table: gr.Dataframe):
         self.ctx, self.place, self.form, self.editor, self.batch, self.tags_table = \
             ctx, place, form, editor, batch, tags_table
-        self.jobs: dict[str, EngineJob] = {}
+        self.jobs = FolderJobs()
 
     @property
     def editor_outputs(self) -> list[gr.Component]:
@@ -334,28 +334,22 @@ class CaptioningTab:
         except CaptionViewError as error:
             yield {progress: "", summary: f"**Cannot start:** {error}"}
             return
-        key = str(target)
-        if key in self.jobs:
-            yield {summary: f"**`{target}` is being captioned already.** Wait for it, or press Stop."}
-            return
-        job = self.jobs[key] = EngineJob(args)
-        try:
+        with self.jobs.claim(str(target), args) as job:
+            if job is None:
+                yield {summary: f"**`{target}` is being captioned already.** Wait for it, or press Stop."}
+                return
             yield {progress: "Loading the model…", summary: ""}
             for update in job.follow():
                 text = update.progress_text()
                 if text:
                     yield {progress: text}
-        finally:
-            self.jobs.pop(key, None)
         yield {progress: update.progress_text(),
                summary: view.summary_markdown(update, target, caption_request.metadata)} | \
             self.reload(target, ext, deep, values[self.editor.state].current)
 
     def on_stop(self, path: str) -> str:
-        job = self.jobs.get(str(Path(path.strip()).expanduser().resolve())) if path and path.strip() else None
-        if job is None:
+        if not (path and path.strip() and self.jobs.stop(str(Path(path.strip()).expanduser().resolve()))):
             return "Nothing is being captioned in this folder."
-        job.cancel()
         return "Stopping… caption files written so far are kept."
 
     def go(self, state: EditorState, text: str, index: int) -> dict:

@@ -13,7 +13,7 @@ import gradio as gr
 from gui import reg_view as view
 from gui.context import TabContext, config_patch_value
 from gui.file_browser import path_field
-from gui.jobs import EngineJob, JobUpdate
+from gui.jobs import FolderJobs, JobUpdate
 
 GALLERY_LIMIT = 24  # the newest images shown; every update sends the gallery again
 
@@ -144,7 +144,7 @@ class RegularizationTab:
     def __init__(self, ctx: TabContext, folders: ClassFolderSection, balance: BalanceSection,
                  generation: GenerateSection):
         self.ctx, self.folders, self.balance, self.generation = ctx, folders, balance, generation
-        self.running: dict[str, EngineJob] = {}  # class folder -> its generation job (the Stop button's target)
+        self.running = FolderJobs()  # class folder -> its generation job (the Stop button's target)
 
     def create(self, parent: str, repeats: float, class_prompt: str) -> dict:
         f = self.folders
@@ -209,26 +209,21 @@ class RegularizationTab:
         if outside:
             yield {progress: outside}
             return
-        if folder in self.running:
-            yield {progress: f"**Images are already being generated into `{folder}`.**"}
-            return
-        before, shown = view.image_names(folder), None
-        self.running[folder] = job = EngineJob(args)
-        try:
+        with self.running.claim(folder, args) as job:
+            if job is None:
+                yield {progress: f"**Images are already being generated into `{folder}`.**"}
+                return
+            before, shown = view.image_names(folder), None
             for update in job.follow():
                 images = view.new_images(folder, before, GALLERY_LIMIT)
                 text = _finished_text(update, folder) if update.finished else \
                     update.progress_text() or "Loading the model…"
                 yield {progress: text} | ({gallery: images} if images != shown else {})
                 shown = images
-        finally:
-            self.running.pop(folder, None)
 
     def stop(self, folder: str) -> str:
-        job = self.running.get(folder.strip())
-        if job is None:
+        if not self.running.stop(folder.strip()):
             return "Nothing is being generated into this folder."
-        job.cancel()
         return "Stopping…"
 
     def wire(self) -> None:
