@@ -96,7 +96,7 @@ def test_a_missing_ae_is_named_with_its_flag(dev, tmp_path, capsys):
 def test_the_regularization_tabs_command_carries_the_configured_flux_files(dev, tmp_path):
     from engine.config.io import default_config_dict
     from engine.config.paths import set_path
-    from gui import reg_view as view
+    from gui.views import regularization as view
 
     config = default_config_dict()
     for path, value in ((view.MODEL_PATH, str(dev["model"])), ("model.model_family", "flux1"),

@@ -16,7 +16,7 @@ from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK
 from engine.config.io import default_config_dict
 from engine.config.paths import set_path
 from engine.rundir.event_reader import read_events
-from gui import reg_view as view
+from gui.views import regularization as view
 
 PROMPT = "a photo of a dog"
 

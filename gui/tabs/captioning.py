@@ -2,7 +2,7 @@
 them, and see which tags the folder uses.
 
 Captioning runs `python -m engine caption` as a subprocess (EngineJob) and streams its progress into the page; the
-editor, the batch edits and the tag table work on the caption files in-process (gui.caption_view,
+editor, the batch edits and the tag table work on the caption files in-process (gui.views.captioning,
 engine.caption.edit). Unsaved edits in the editor are never dropped: moving to another image, reloading the folder,
 captioning or a batch edit is refused with a message until the caption is saved or reverted.
 """
@@ -18,11 +18,11 @@ import gradio as gr
 
 from engine.caption.edit import edit_folder
 from engine.config.choices import CAPTION_EXTENSIONS
-from gui import caption_view as view
-from gui.caption_view import CaptionViewError, EditorState, OptionSpec
 from gui.context import TabContext
 from gui.file_browser import browse_button, path_field
 from gui.jobs import FolderJobs
+from gui.views import captioning as view
+from gui.views.captioning import CaptionViewError, EditorState, OptionSpec
 
 DEFAULT_CAPTIONER = view.CAPTIONER_NAMES[0]
 
@@ -40,7 +40,7 @@ def _option_text(spec: OptionSpec, elem_id: str) -> gr.Component:
     return gr.Textbox(value=spec.widget_default, label=spec.label, info=spec.info, elem_id=elem_id, min_width=160)
 
 
-# One widget builder per option kind (see caption_view.OptionSpec.kind).
+# One widget builder per option kind (see gui.views.captioning.OptionSpec.kind).
 OPTION_WIDGETS: dict[str, Callable[[OptionSpec, str], gr.Component]] = {
     "bool": _option_checkbox, "int": _option_number, "float": _option_number,
     "str": _option_text, "list": _option_text, "pairs": _option_text,

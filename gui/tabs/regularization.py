@@ -10,10 +10,10 @@ from typing import Any
 
 import gradio as gr
 
-from gui import reg_view as view
 from gui.context import TabContext, config_patch_value
 from gui.file_browser import path_field
 from gui.jobs import FolderJobs, JobUpdate
+from gui.views import regularization as view
 
 GALLERY_LIMIT = 24  # the newest images shown; every update sends the gallery again
 

@@ -24,8 +24,8 @@ from engine.config.io import validate_config
 from engine.config.sections_training import OptimizerSection
 from engine.data.caption_files import caption_candidates
 from engine.train.optimizers import OptimizerConfigError, build_optimizer
-from gui import caption_view as view
-from gui.caption_view import CaptionViewError
+from gui.views import captioning as view
+from gui.views.captioning import CaptionViewError
 
 BAD_EXTENSIONS = [".pt", "pt", ".pth", ".py", ".pkl", ".safetensors", "", ".", "../x", ".txt/../evil"]
 MARKER_PACKAGE = "atelier_marker_pkg"

@@ -14,10 +14,10 @@ from engine.caption.edit import edit_folder
 from engine.caption.registry import captioner_entry
 from engine.cli import build_parser
 from engine.cli.caption_cmd import _captioner_values
-from gui import caption_view as view
-from gui.caption_view import CaptionRequest, CaptionViewError, EditorState
 from gui.file_browser import FileRoots
 from gui.jobs import JobUpdate
+from gui.views import captioning as view
+from gui.views.captioning import CaptionRequest, CaptionViewError, EditorState
 
 
 def engine_options(request: CaptionRequest):

@@ -9,8 +9,8 @@ from PIL import Image
 from engine.cli import build_parser
 from engine.config.io import default_config_dict, validate_config
 from engine.config.paths import get_path, set_path
-from gui import reg_view as view
 from gui.browse import FileRoots
+from gui.views import regularization as view
 
 
 def images(folder: Path, count: int, start: int = 0) -> Path:
