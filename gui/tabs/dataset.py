@@ -2,7 +2,7 @@
 repeats, preview the images, run the dataset doctor and hand the folders to the Parameters tab; and prepare the
 metadata file fine-tuning reads (captions and tags merged, cleaned).
 
-The folder work is engine.data.project and the page's wording is gui.dataset_view (gui.metadata_view for the
+The folder work is engine.data.project and the page's wording is gui.views.dataset (gui.metadata_view for the
 metadata panel); this module lays out and wires.
 """
 
@@ -17,11 +17,11 @@ import gradio as gr
 from engine.config.choices import CAPTION_EXTENSIONS
 from engine.config.errors import ConfigError
 from engine.data import project as projects
-from gui import dataset_view as view
 from gui import metadata_view
 from gui.context import TabContext, config_patch_value
 from gui.doctor_view import DoctorPanel, report_for
 from gui.file_browser import FileRoots, path_field
+from gui.views import dataset as view
 
 _INTRO = ("Pick a folder of pictures (with `.txt` captions if you have them) and a project folder. **Create "
           "project** copies the pictures (never moves them) into `img/<repeats>_<identifier> <class>` and makes "

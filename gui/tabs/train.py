@@ -17,7 +17,6 @@ from typing import Any
 import gradio as gr
 
 from engine.config.errors import ConfigError
-from gui import train_view as view
 from gui.context import TabContext
 from gui.demo import DemoError, start_demo
 from gui.run_reader import ChartData
@@ -25,6 +24,7 @@ from gui.runner import RunError, RunManager
 from gui.runs import PROCESS_LOG, RunHandle, tail_lines
 from gui.tensorboard import TensorBoardError, TensorBoards
 from gui.train_start import start_choice, start_queue_worker, start_run
+from gui.views import train as view
 
 LOG_LINES = 200
 TICK_SECONDS = 1.0

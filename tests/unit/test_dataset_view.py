@@ -8,9 +8,9 @@ from PIL import Image
 
 from engine.data.images import read_image_size
 from engine.data.project import ProjectError, balance_repeats, list_concepts
-from gui import dataset_view as view
 from gui.browse import FileRoots
 from gui.doctor_view import report_for
+from gui.views import dataset as view
 
 
 def picture(path: Path, size=(96, 64), color=(200, 30, 30), **save) -> Path:

@@ -9,7 +9,7 @@ from PIL import Image
 from engine.config.io import deep_merge, default_config_dict
 from gui.runner import RunManager
 from gui.train_start import missing_model_file, prepare_run, refusal_markdown, start_run
-from gui.train_view import queue_markdown
+from gui.views.train import queue_markdown
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,11 @@ from PIL import Image
 
 from engine.config.io import deep_merge, default_config_dict, load_config
 from engine.rundir.layout import EVENTS_FILE
-from gui import train_view as view
 from gui.run_reader import RunReader, sample_label
 from gui.runner import RunManager
 from gui.runs import RunStatus, process_start_ticks, update_record, write_record
 from gui.train_start import output_name_for, start_choice, start_run
+from gui.views import train as view
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from gui import train_view as view
 from gui.runs import RunHandle, RunStatus
+from gui.views import train as view
 
 
 def progress(step: int, loss: float, avg: float, lr: float) -> dict:
