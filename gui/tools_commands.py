@@ -3,7 +3,7 @@
 
 The engine checks the inputs and refuses to overwrite a file; this module only checks what the engine cannot know:
 which fields the user left empty and whether a path is inside the folders this app may use (gui.browse.FileRoots.check,
-the rule of every GUI path field). Running the commands and reading their reports is gui.tools_view's; what the page
+the rule of every GUI path field). Running the commands and reading their reports is gui.views.tools'; what the page
 shows of the reports, gui.tools_render's.
 """
 

@@ -1,5 +1,5 @@
 """What the Tools tab shows: the LoRA tools' reports (their `done` events), the files they wrote, caching and config
-errors, as Markdown and tables. Building the commands is gui.tools_commands', running them gui.tools_view's."""
+errors, as Markdown and tables. Building the commands is gui.tools_commands', running them gui.views.tools'."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from engine.data.doctor_models import file_header, flux_family_of, safetensors_h
 from engine.data.model_kinds import read_sd3_file
 from gui.jobs import JobUpdate
 from gui.tools_commands import ToolInputError
-from gui.tools_view import ToolOutcome
+from gui.views.tools import ToolOutcome
 
 METADATA_COLUMNS = ["key", "value"]
 

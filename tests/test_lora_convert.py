@@ -500,8 +500,8 @@ def test_lokr_and_sd_loras_are_refused(tmp_path, capsys):
 def test_tools_tab_convert_command_and_result(small_sd3_lora, tmp_path):
     from gui import tools_commands as commands
     from gui import tools_render as render
-    from gui import tools_view as view
     from gui.file_browser import FileRoots
+    from gui.views import tools as view
 
     roots = FileRoots.from_paths([tmp_path], include_home=False)
     args = commands.convert_args(str(small_sd3_lora), "", roots, to="diffusers")

@@ -1,6 +1,6 @@
 """The Tools tab: inspect, merge, resize, extract and convert LoRA files, build the latent cache, and run the dataset
 doctor on any config. The LoRA tools and the cache run as engine processes (they load torch); the doctor runs here.
-Command lines are built in gui/tools_commands.py, run and read in gui/tools_view.py, and what results look like is
+Command lines are built in gui/tools_commands.py, run and read in gui/views/tools.py, and what results look like is
 gui/tools_render.py's; this module lays out components and wires events."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import gradio as gr
 from engine.config.errors import ConfigError
 from gui import tools_commands as commands
 from gui import tools_render as render
-from gui import tools_view as view
 from gui.context import TabContext
 from gui.doctor_view import DoctorPanel
 from gui.file_browser import FileRoots, path_field
 from gui.jobs import EngineJob
+from gui.views import tools as view
 
 _MODEL_INFO = "a single-file checkpoint (.safetensors/.ckpt) or a diffusers folder"
 _OUTPUT_INFO = "a new file; blank: next to the input with a name that says what was done (never overwrites)"

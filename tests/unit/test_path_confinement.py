@@ -14,7 +14,7 @@ from PIL import Image
 from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, default_config_dict
 from engine.data.project import ProjectError
-from gui import tools_commands, tools_view
+from gui import tools_commands
 from gui.browse import BrowseError, FileRoots, PathNotAllowed, complete, list_folder, start_folder
 from gui.presets import preset_path
 from gui.runner import RunManager
@@ -22,6 +22,7 @@ from gui.train_start import config_paths, path_refusals, prepare_run
 from gui.views import captioning as caption_view
 from gui.views import dataset as dataset_view
 from gui.views import regularization as reg_view
+from gui.views import tools as tools_view
 from gui.views.captioning import CaptionViewError
 
 OUTSIDE = "is outside the folders this app may use (your home folder, the runs folder and --allow-path folders)"

@@ -17,9 +17,9 @@ from engine.config.io import load_config
 from engine.networks.network_file import read_network_file, save_network_file
 from gui import tools_commands as commands
 from gui import tools_render as render
-from gui import tools_view as view
 from gui.file_browser import FileRoots
 from gui.jobs import EngineJob, JobUpdate
+from gui.views import tools as view
 
 METADATA = {"ss_base_model_version": "sd_v1", "ss_output_name": "tiny-style", "ss_network_dim": "4",
             "ss_learning_rate": "0.0001", "ss_tag_frequency": json.dumps({"10_sks dog": {"sks": 5, "dog": 4}}),
