@@ -1,4 +1,4 @@
-"""The Tools tab's logic (gui/tools_view.py) on real engine output: a tiny LoRA built with engine.networks, inspected,
+"""The Tools tab's logic (gui/views/tools.py) on real engine output: a tiny LoRA built with engine.networks, inspected,
 resized and cached by `python -m engine ...` processes, and the page text checked against the file's own tensors."""
 
 from __future__ import annotations
