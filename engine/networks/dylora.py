@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.networks.dylora_args import DyLoRAOptions, resolve_dylora_options
-from engine.networks.lora import LoRANetwork, text_encoder_flags
+from engine.networks.lora import LoRANetwork, network_options, text_encoder_flags
 from engine.networks.lora_modules import LoRAModule, per_sample_scaled
 from engine.networks.lora_names import LoRATarget, text_encoder_targets, unet_naming_kind, unet_targets
 
@@ -165,10 +165,5 @@ def _modules(targets: Sequence[LoRATarget], settings: DyLoRAOptions, multiplier:
 
 def dylora_network(config: RunConfig, model: LoadedModel, train_unet: bool, train_text: list[bool]) -> DyLoRANetwork:
     """The trainer's builder for network_type = "dylora" (engine.train.method_lora)."""
-    section = config.network
-    return create_dylora_network(
-        model.unet, model.text.encoders, model.family, dim=section.network_dim, alpha=section.network_alpha,
-        conv_dim=section.conv_dim, conv_alpha=section.conv_alpha, dropout=section.network_dropout,
-        rank_dropout=section.rank_dropout, module_dropout=section.module_dropout, train_unet=train_unet,
-        train_text_encoder=train_text, network_args=section.network_args,
-    )
+    return create_dylora_network(model.unet, model.text.encoders, model.family, train_unet=train_unet,
+                                 train_text_encoder=train_text, **network_options(config.network))

@@ -290,6 +290,15 @@ def text_encoder_flags(family: str, text_encoders: Sequence[nn.Module], train_te
     return prefixes, train_each
 
 
+def network_options(section: Any) -> dict[str, Any]:
+    """The keyword arguments a run's [network] section gives the kohya-format builders (create_lora_network and
+    DyLoRA's): one list, so a new option reaches both."""
+    return {"dim": section.network_dim, "alpha": section.network_alpha, "conv_dim": section.conv_dim,
+            "conv_alpha": section.conv_alpha, "dropout": section.network_dropout,
+            "rank_dropout": section.rank_dropout, "module_dropout": section.module_dropout,
+            "network_args": section.network_args}
+
+
 def create_lora_network(unet: nn.Module, text_encoders: Sequence[nn.Module], family: str, *, dim: int, alpha: float,
                         conv_dim: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, rank_dropout: float = 0.0,
                         module_dropout: float = 0.0, train_unet: bool = True,

@@ -89,15 +89,10 @@ class LoraMethod:
 
 def kohya_network(config: RunConfig, model: LoadedModel, train_unet: bool, train_text: list[bool]) -> Any:
     """LoRA and LoCon in kohya's own format (engine.networks.lora)."""
-    from engine.networks.lora import create_lora_network
+    from engine.networks.lora import create_lora_network, network_options
 
-    section = config.network
-    return create_lora_network(
-        model.unet, model.text.encoders, model.family, dim=section.network_dim, alpha=section.network_alpha,
-        conv_dim=section.conv_dim, conv_alpha=section.conv_alpha, dropout=section.network_dropout,
-        rank_dropout=section.rank_dropout, module_dropout=section.module_dropout, train_unet=train_unet,
-        train_text_encoder=train_text, network_args=section.network_args,
-    )
+    return create_lora_network(model.unet, model.text.encoders, model.family, train_unet=train_unet,
+                               train_text_encoder=train_text, **network_options(config.network))
 
 
 # A network builder returns an nn.Module with apply_to(), prepare_optimizer_params(unet_lr, text_lrs),
