@@ -10,6 +10,8 @@ written), `.NAME.old-PID` (a folder's previous version during a swap) and `.NAME
 process that is killed mid-save leaves them behind; :func:`clean_stale_temporaries` removes those of dead processes
 (and restores an `.old` folder whose target is missing: the crash came between the two renames of a swap).
 A save that fails for lack of space raises :class:`DiskFullError`, which names the folder and the space needed.
+:func:`resolve_path` is the one rule for a path written in a config file (here because every layer reads it and
+this module imports nothing of the engine's).
 """
 
 from __future__ import annotations
@@ -315,3 +317,9 @@ def clean_stale_temporaries(folder: str | Path, owns: Callable[[str], bool]) -> 
         except OSError:
             continue  # not ours to remove after all (another account's, a read-only disk): leave it
     return touched
+
+
+def resolve_path(value: str, base_dir: str | Path) -> Path:
+    """A path from a config, made absolute against the folder of the file it was written in."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(base_dir) / path

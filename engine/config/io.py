@@ -23,7 +23,7 @@ from engine.config.paths import set_path
 from engine.config.rule_registry import Problem, RuleContext
 from engine.config.rules import check
 from engine.config.schema import RunConfig
-from engine.files import atomic_write_text
+from engine.files import atomic_write_text, resolve_path
 
 
 def read_document(path: str | Path) -> dict[str, Any]:
@@ -153,12 +153,6 @@ def load_config(
     data = read_config_document(path)
     return validate_config(apply_overrides(data, overrides), source=str(path), base_dir=path.parent,
                            check_packages=check_packages)
-
-
-def resolve_path(value: str, base_dir: str | Path) -> Path:
-    """A path from a config, made absolute against the folder of the file it was written in."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(base_dir) / path
 
 
 # --- writing ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from engine.files import resolve_path
 from engine.models.single_file import SINGLE_FILE_SUFFIXES
 
 __all__ = ["looks_like_hub_id", "model_location"]
@@ -26,8 +27,5 @@ def model_location(value: str, base_dir: str | Path) -> str:
     """A config path made absolute, except a hub id (``owner/name``) that is not a local path."""
     if not value:
         return ""
-    # engine.config.io.resolve_path's rule, not imported: engine.config imports engine.models (the family facts), so
-    # importing it here would close a cycle through the package's __init__.
-    path = Path(value).expanduser()
-    resolved = path if path.is_absolute() else Path(base_dir) / path
+    resolved = resolve_path(value, base_dir)
     return value if not resolved.exists() and looks_like_hub_id(value) else str(resolved)
