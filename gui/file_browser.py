@@ -178,7 +178,7 @@ def _add_completion(box: gr.Textbox, spec: _Spec, elem_id: str) -> _Completion:
     return _Completion(suggestions, offered, offer)
 
 
-CLOSED = {"open": False, "hidden": False, **_view("", [], None, [])}
+_CLOSED = {"open": False, "hidden": False, **_view("", [], None, [])}
 
 
 def _add_listing(box: gr.Component, browse: gr.Button, completion: _Completion | None, spec: _Spec,
@@ -189,7 +189,7 @@ def _add_listing(box: gr.Component, browse: gr.Button, completion: _Completion |
     The panel is rendered only while it is open (gr.render, from the state alone): a page has dozens of path fields,
     and their closed panels were most of the page's components and event handlers, which every page load and
     every app start paid for."""
-    shown = gr.State(CLOSED)
+    shown = gr.State(_CLOSED)
 
     @gr.render(inputs=shown, triggers=[shown.change], show_progress="hidden")
     def panel(state: dict) -> None:
@@ -214,9 +214,10 @@ def _add_listing(box: gr.Component, browse: gr.Button, completion: _Completion |
             updates[shown] = {**state, **_show_folder(spec, folder, state["hidden"], [])}
         return updates or {shown: gr.skip()}  # not {}: Gradio reads an empty dict as a missing value
 
-    extra = [completion.suggestions, completion.offered] if completion is not None else []
-    browse.click(open_panel, inputs=[box, shown], outputs=[shown, *extra[:1]])
-    box.input(on_type, inputs=[box, shown], outputs=[shown, *extra], trigger_mode="always_last",
+    suggestions = [completion.suggestions] if completion is not None else []
+    offered = [completion.offered] if completion is not None else []
+    browse.click(open_panel, inputs=[box, shown], outputs=[shown, *suggestions])
+    box.input(on_type, inputs=[box, shown], outputs=[shown, *suggestions, *offered], trigger_mode="always_last",
               show_progress="hidden")
 
 
