@@ -14,7 +14,7 @@ from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.config.schema import RunConfig
 from engine.networks.lycoris_args import LYCORIS_PRESETS
 from gui.state import config_to_form, form_to_config
-from gui.tabs.parameters import editable_fields, status_markdown
+from gui.views.parameters import editable_fields, status_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 

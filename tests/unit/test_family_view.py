@@ -3,7 +3,7 @@
 from engine.config.io import default_config_dict
 from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, is_default, shown_paths, unused_note
 from gui.state import config_to_form
-from gui.tabs.parameters import editable_fields
+from gui.views.parameters import editable_fields
 
 SPECS = editable_fields()
 

@@ -17,7 +17,7 @@ from engine.config.io import (
     validate_config,
 )
 from gui.state import config_to_form, form_to_config
-from gui.tabs.parameters import _load_preset_values, editable_fields, imported_values
+from gui.views.parameters import editable_fields, imported_values, load_preset_values
 
 SPECS = editable_fields()
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def test_an_import_into_the_default_form_reads_back_as_the_importers_config(fixt
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.name)
 def test_a_preset_in_the_form_reads_back_as_the_preset(preset):
-    assert form_config(_load_preset_values(preset, SPECS)) == config_to_dict(load_preset(preset, check_packages=False))
+    assert form_config(load_preset_values(preset, SPECS)) == config_to_dict(load_preset(preset, check_packages=False))
 
 
 def test_loading_a_config_with_inline_datasets_keeps_them(tmp_path):
@@ -55,7 +55,7 @@ def test_loading_a_config_with_inline_datasets_keeps_them(tmp_path):
     config = validate_config(deep_merge(default_config_dict(), source.overlay), check_packages=False)
     saved = tmp_path / "config.toml"
     saved.write_text(config_to_toml(config), encoding="utf-8")
-    back = form_config(_load_preset_values(saved, SPECS))
+    back = form_config(load_preset_values(saved, SPECS))
     assert back == config_to_dict(config) and len(back["dataset"]["datasets"][0]["subsets"]) == 2
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from engine.config.io import default_config_dict
 from gui.state import config_to_form, form_to_config, from_widget, to_widget
-from gui.tabs.parameters import editable_fields
+from gui.views.parameters import editable_fields
 
 SPECS = editable_fields()
 

@@ -147,7 +147,7 @@ def test_dataset_tab_create_add_preview_doctor_refuse(home, outside, roots):
 
 
 def test_parameters_load_and_presets_refuse(home, outside, roots, tmp_path):
-    from gui.tabs.parameters import settings_file
+    from gui.views.parameters import settings_file
 
     for path, message in refused_paths(home, outside):
         with pytest.raises(PathNotAllowed, match=f"Open a settings file: .*{message}"):
