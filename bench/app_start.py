@@ -18,7 +18,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -102,25 +105,20 @@ def report(results: dict[str, list[tuple[float, float | None]]]) -> None:
               f"minimal {statistics.median(m[1] for _, m in pairs):.2f} s (medians)")
 
 
-class _browser:
+@contextmanager
+def _browser(wanted: bool) -> Iterator[Any]:
     """Chromium through Playwright when asked for, else None."""
+    if not wanted:
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
 
-    def __init__(self, wanted: bool) -> None:
-        self.wanted, self.playwright, self.browser = wanted, None, None
-
-    def __enter__(self):
-        if not self.wanted:
-            return None
-        from playwright.sync_api import sync_playwright
-
-        self.playwright = sync_playwright().start()
-        self.browser = self.playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        return self.browser
-
-    def __exit__(self, *exc: object) -> None:
-        if self.browser is not None:
-            self.browser.close()
-            self.playwright.stop()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 if __name__ == "__main__":
