@@ -81,8 +81,13 @@ def setting(
     return Field(default, description=description, json_schema_extra=hints, **constraints)
 
 
+def hints_of(info: FieldInfo) -> dict[str, Any]:
+    """The UI hints `setting()` stored on a field (advanced, group, widget, unit, families, use); {} for none."""
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+
+
 def field_families(info: FieldInfo) -> tuple[str, ...] | None:
     """The families a field (or section) was declared for with `setting(families=...)`; None when it applies to all."""
-    hints = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    hints = hints_of(info)
     families = hints.get("families")
     return tuple(families) if families is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import model_validator
 
@@ -40,9 +40,21 @@ class DatasetGeneral(DreamBoothKeys, CaptionDropoutKeys, SubsetLevelKeys, Datase
     """
 
 
-_SubsetInherited = inheriting("_SubsetInherited", *SUBSET_INHERITABLE_GROUPS)
-_DatasetInherited = inheriting("_DatasetInherited", *DATASET_INHERITABLE_GROUPS)
-GeneralInFile = inheriting("GeneralInFile", *DATASET_INHERITABLE_GROUPS)
+if TYPE_CHECKING:
+    # A type checker cannot see the fields of a model built by create_model() at import time. It is shown models
+    # whose inherited keys read as Any instead: the names and bases stay checked, the values are pydantic's job.
+    class _Inheriting(StrictModel):
+        def __getattr__(self, name: str) -> Any: ...
+
+    class _SubsetInherited(_Inheriting): ...
+
+    class _DatasetInherited(_Inheriting): ...
+
+    class GeneralInFile(_Inheriting): ...
+else:
+    _SubsetInherited = inheriting("_SubsetInherited", *SUBSET_INHERITABLE_GROUPS)
+    _DatasetInherited = inheriting("_DatasetInherited", *DATASET_INHERITABLE_GROUPS)
+    GeneralInFile = inheriting("GeneralInFile", *DATASET_INHERITABLE_GROUPS)
 
 
 class Subset(_SubsetInherited):

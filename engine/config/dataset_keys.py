@@ -152,7 +152,7 @@ def inheriting(name: str, *groups: type[StrictModel]) -> type[StrictModel]:
         for key, info in group.model_fields.items():
             # Optional[X] keys become X first, so the result is Annotated[X, ...] | None, not Optional twice over
             # (which describe() would not see through: the GUI showed validation_seed as a text box).
-            inner = info.annotation
+            inner: Any = info.annotation
             if typing.get_origin(inner) in (typing.Union, types.UnionType) and type(None) in typing.get_args(inner):
                 inner = functools.reduce(operator.or_, [arg for arg in typing.get_args(inner) if arg is not type(None)])
             annotation = Annotated[(inner, *info.metadata)] if info.metadata else inner

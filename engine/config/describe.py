@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from engine.config.base import field_families
+from engine.config.base import field_families, hints_of
 from engine.config.literals import literal_values
 from engine.config.schema import SECTIONS, RunConfig
 
@@ -129,7 +129,7 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "",
         if name in _LEAF_MODEL_LISTS and typing.get_origin(annotation) is list:
             continue  # inline datasets are edited as a whole (Dataset tab / TOML), not as single fields
         choices = literal_values(annotation)
-        hints = info.json_schema_extra or {}
+        hints = hints_of(info)
         specs.append(FieldSpec(
             path=path, kind=_kind(annotation, choices), default=_default(info), description=info.description or "",
             optional=optional, choices=choices, bounds=_bounds(info), advanced=bool(hints.get("advanced")),

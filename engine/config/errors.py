@@ -8,6 +8,7 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from engine.config.rule_registry import Problem
 
@@ -93,7 +94,7 @@ def _unknown_key_hint(key: str, owner: type[BaseModel] | None, root: type[BaseMo
     return f"; did you mean '{elsewhere[close[0]]}'?" if close else ""
 
 
-def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _message(error: ErrorDetails, model: type[BaseModel]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         owner = _model_at(model, error["loc"][:-1])
@@ -110,7 +111,7 @@ def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 def problems_from_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[Problem]:
     """One Problem per pydantic error; cross-field errors are expanded into their own paths."""
-    problems = []
+    problems: list[Problem] = []
     for item in error.errors(include_url=False):
         if item["type"] == "cross_field":
             problems.extend(Problem(prefix + path, message) for path, message in item["ctx"]["problems"])

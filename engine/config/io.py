@@ -266,7 +266,7 @@ def parse_override_value(text: str) -> Any:
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (with `[n]` for list items) to a config dict."""
-    result = json.loads(json.dumps(data))  # a deep copy that cannot share lists with the caller
+    result: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy that cannot share lists with the caller
     problems = []
     for override in overrides:
         path, equals, text = override.partition("=")

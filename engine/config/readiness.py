@@ -82,13 +82,13 @@ def _is_file(path: Path) -> bool:
 
 def subset_paths(datasets: Sequence[DatasetEntry], prefix: str) -> Iterator[tuple[str, str, str]]:
     """(field, value, widget) of the path fields of every subset of `datasets`."""
-    specs = [spec for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
+    specs = [(spec.path, spec.widget) for spec in iter_fields(Subset) if spec.widget in PATH_WIDGETS]
     for d, dataset in enumerate(datasets):
         for s, subset in enumerate(dataset.subsets):
-            for spec in specs:
-                value = getattr(subset, spec.path)
-                if value:
-                    yield f"{prefix}datasets[{d}].subsets[{s}].{spec.path}", value, spec.widget
+            for path, widget in specs:
+                value = getattr(subset, path)
+                if value and widget:
+                    yield f"{prefix}datasets[{d}].subsets[{s}].{path}", value, widget
 
 
 def _config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
@@ -96,7 +96,7 @@ def _config_paths(config: RunConfig) -> Iterator[tuple[str, str, str]]:
     data = config.model_dump(mode="json")
     for spec in iter_fields():
         value = get_path(data, spec.path) if spec.widget in PATH_WIDGETS else None
-        if value and spec.path not in OUTPUT_FIELDS:
+        if value and spec.widget and spec.path not in OUTPUT_FIELDS:
             yield spec.path, value, spec.widget
     yield from subset_paths(config.dataset.datasets, "dataset.")
 

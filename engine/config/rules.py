@@ -25,7 +25,7 @@ from engine.config.choices import (
     OptionalPackage,
     module_package,
 )
-from engine.config.dataset import ResolvedDataset, resolve_datasets, resolve_general_only
+from engine.config.dataset import ResolvedDataset, ResolvedSubset, resolve_datasets, resolve_general_only
 from engine.config.dataset_keys import CAPTION_DROPOUT_KEYS
 from engine.config.rule_registry import RULES, Problem, RuleContext, rule
 
@@ -53,7 +53,7 @@ def check(config: RunConfig, context: RuleContext | None = None) -> list[Problem
     return [problem for each in RULES for problem in each(config, context)]
 
 
-def _subsets(context: RuleContext):
+def _subsets(context: RuleContext) -> Iterator[ResolvedSubset]:
     for dataset in context.datasets:
         yield from dataset.subsets
 

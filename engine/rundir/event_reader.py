@@ -10,11 +10,14 @@ do not know (docs/events.md).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 try:  # Gradio's JSON parser: a long run's first read (100k events) takes a third of the time json needs
-    from orjson import loads as _fast_loads
+    import orjson
+
+    _fast_loads: Callable[[bytes], Any] = orjson.loads
 except ImportError:  # an engine installed without the GUI may lack it; json reads the same events
     _fast_loads = json.loads
 

@@ -63,7 +63,7 @@ def same_value(value: Any, other: Any) -> bool:
             return float(value) == other
         except ValueError:
             return False
-    return value == other
+    return bool(value == other)
 
 
 # --- converting a foreign value to a config field ---------------------------------------------------------------
@@ -78,7 +78,8 @@ def _owner(path: str) -> tuple[type[BaseModel], str]:
     *parents, name = path.split(".")
     model: type[BaseModel] = RunConfig
     for part in parents:
-        model = model.model_fields[part].annotation  # sections are plain (non-optional) models
+        # sections are plain (non-optional) models
+        model = typing.cast(type[BaseModel], model.model_fields[part].annotation)
     return model, name
 
 
@@ -119,7 +120,7 @@ def convert(path: str, value: Any) -> Any:
     if model.__pydantic_decorators__.model_validators:
         # Assigning to a bare instance would also run whole-model checks that need the other fields; these models
         # have no field validators, so the annotation (with its bounds) says everything.
-        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         return TypeAdapter(annotation).validate_python(value, strict=False)
     instance = model.model_construct()
     model.__pydantic_validator__.validate_assignment(instance, name, value, strict=False)
@@ -240,7 +241,7 @@ def parse_warmup(value: Any) -> int | float:
     if isinstance(value, str):
         text = value.strip()
         return float(text[:-1]) / 100 if text.endswith("%") else _number(text)
-    return value
+    return typing.cast(int | float, value)  # not text: the number as the file held it
 
 
 def _number(text: str) -> int | float:

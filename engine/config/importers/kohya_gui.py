@@ -53,7 +53,7 @@ KOHYA_DEFAULTS: Mapping[str, Any] = {
     "timestep_sampling": "sigma", "model_prediction_type": "sigma_scaled", "t5xxl_max_token_length": 512,
 }
 _SECRETS = ("wandb_api_key", "huggingface_token")
-_NOISE_KEYS = {
+_NOISE_KEYS: dict[str, dict[str, Any]] = {
     "Original": {"noise_offset": 0, "adaptive_noise_scale": 0, "noise_offset_random_strength": False},
     "Multires": {"multires_noise_iterations": 0, "multires_noise_discount": 0.3},
 }
@@ -178,7 +178,7 @@ def _noise(source: Source) -> None:
         source.skip("noise_offset_type", "expected Original or Multires")
         return
     if "noise_offset_type" in source.data:
-        paths = [ARG_PATHS[key] for key in _NOISE_KEYS[kind] if isinstance(ARG_PATHS.get(key), str)]
+        paths = [path for key in _NOISE_KEYS[kind] if isinstance(path := ARG_PATHS.get(key), str)]
         source.used("noise_offset_type", paths)
     for other, keys in _NOISE_KEYS.items():
         if other != kind:

@@ -37,7 +37,7 @@ def method(source: Source) -> None:
 
 
 def is_method(source: Source, name: str) -> bool:
-    return source.result.overlay["method"] == name
+    return bool(source.result.overlay["method"] == name)
 
 
 def rate(source: Source, key: str) -> float:
