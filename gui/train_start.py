@@ -26,6 +26,7 @@ from engine.config.paths import get_path
 from engine.config.readiness import subset_paths
 from engine.config.schema import RunConfig
 from gui.browse import FileRoots, PathNotAllowed
+from gui.doctor_process import LARGE_DATASET_IMAGES, DoctorFailed, doctor_report
 from gui.runner import DEFAULT_OUTPUT_DIR, RunManager
 from gui.runs import RunHandle
 
@@ -179,22 +180,21 @@ def confined_config(config_dict: Mapping[str, Any], roots: FileRoots, base: Path
 
 def prepare_run(manager: RunManager, config_dict: Mapping[str, Any] | None, *, name: str = "",
                 base_dir: str | Path | None = None, quick: bool = False,
-                roots: FileRoots | None = None) -> StartResult:
+                roots: FileRoots | None = None, large_dataset: int = LARGE_DATASET_IMAGES) -> StartResult:
     """Validate, confine and doctor the config, then create its run directory (not started yet).
 
     Paths in the config are relative to base_dir (default: the GUI's working folder), as in the Parameters tab.
     They must lie inside roots (default: the home folder and the manager's runs folder; the GUI passes its own).
+    The doctor runs in an engine process when the datasets hold more than `large_dataset` images.
     """
     if config_dict is None:
         return StartResult(None, "**Not started:** the Parameters tab has problems; they are listed at its top.")
-    from engine.data.doctor import run_doctor  # image libraries load when a run is first started
-
     base = Path(base_dir or Path.cwd())
     roots = roots or FileRoots.from_paths(runs_dir=manager.runs_dir)
     try:
         config = confined_config(config_dict, roots, base)
-        report = run_doctor(config, base, quick=quick).to_dict()  # the config validated above, not again
-    except PathsRefused as error:
+        report = doctor_report(config, base, quick=quick, large=large_dataset)  # the config validated above
+    except (PathsRefused, DoctorFailed) as error:
         return StartResult(None, f"**Not started:** {error}")
     except ConfigError as error:
         listed = "\n".join(f"- `{problem.path}`: {problem.message}" for problem in error.problems)

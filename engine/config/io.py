@@ -147,12 +147,14 @@ def read_config_document(path: str | Path) -> dict[str, Any]:
 
 def load_config(
     path: str | Path, overrides: Iterable[str] = (), *, check_packages: bool = True,
+    base_dir: str | Path | None = None,
 ) -> RunConfig:
-    """Read, migrate, override and validate a run config TOML (or a JSON preset/config)."""
+    """Read, migrate, override and validate a run config TOML (or a JSON preset/config); its relative paths start
+    from base_dir (default: the file's folder)."""
     path = Path(path)
     data = read_config_document(path)
-    return validate_config(apply_overrides(data, overrides), source=str(path), base_dir=path.parent,
-                           check_packages=check_packages)
+    return validate_config(apply_overrides(data, overrides), source=str(path),
+                           base_dir=path.parent if base_dir is None else base_dir, check_packages=check_packages)
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
