@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
+from engine.cli.options import add_arguments, option
 from engine.config.errors import ConfigError
 from engine.config.io import load_config
 from engine.models.locations import model_location
@@ -28,6 +30,24 @@ TASK = "cache-latents"
 _GPU_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+@dataclass(frozen=True, kw_only=True)
+class CacheLatentsOptions:
+    """The options of `cache-latents`, declared once: its parser's flags and the command line of the GUI's Tools tab
+    (gui.tools_commands.cache_args). `--set` is engine.cli.common's, shared with the other config commands."""
+
+    config: str = option(positional=True, help="run config .toml (or a .json preset)")
+    # group "reuse": at most one of the two
+    force: bool = option(False, group="reuse",
+                         help="re-encode every entry, also those whose cache key matches the current settings (by "
+                              "default those are kept; stale entries are rebuilt either way)")
+    skip_existing: bool = option(False, group="reuse",
+                                 help="keep entries whose cache key matches: the default, accepted for older scripts")
+    events: str | None = option(None, metavar="FILE", help="append start/progress/warning/done events (JSON lines)")
+    workers: int | None = option(None, metavar="N", help="threads decoding and resizing images (default: "
+                                                         "training.max_data_loader_n_workers, at least 1)")
+    device: str | None = option(None, choices=("cpu", "cuda"), help="where the VAE runs (default: cuda if available)")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         TASK, help="encode the dataset's images with the VAE and store the latents (.npz) for training",
@@ -36,19 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "file), so training never reuses a stale one. Exit 0 with a summary (failed images are listed), "
                     "2 when the config or dataset must be fixed or nothing could be cached.",
     )
-    parser.add_argument("config", help="run config .toml (or a .json preset)")
     add_override_option(parser)
-    reuse = parser.add_mutually_exclusive_group()
-    reuse.add_argument("--force", action="store_true",
-                       help="re-encode every entry, also those whose cache key matches the current settings (by "
-                            "default those are kept; stale entries are rebuilt either way)")
-    reuse.add_argument("--skip-existing", action="store_true",
-                       help="keep entries whose cache key matches: the default, accepted for older scripts")
-    parser.add_argument("--events", metavar="FILE", help="append start/progress/warning/done events (JSON lines)")
-    parser.add_argument("--workers", type=int, metavar="N",
-                        help="threads decoding and resizing images (default: training.max_data_loader_n_workers, "
-                             "at least 1)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="where the VAE runs (default: cuda if available)")
+    add_arguments(parser, CacheLatentsOptions, groups={"reuse": parser.add_mutually_exclusive_group()})
     parser.set_defaults(handler=run)
     return parser
 

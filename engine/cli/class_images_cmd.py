@@ -8,12 +8,15 @@ import secrets
 import signal
 import sys
 import traceback
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from engine.cli.options import add_arguments, cli_options, option
+from engine.config.choices import Sampler
 from engine.models.families import FAMILY_INFO
-from engine.train.sampling import SAMPLERS
 
 if TYPE_CHECKING:
     from engine.class_images import ClassImageSettings
@@ -22,16 +25,62 @@ if TYPE_CHECKING:
 TASK = "class-images"
 _MIN_SIDE = 64
 _MAX_T5_TOKENS = 512  # T5-XXL's longest input (model.t5xxl_max_token_length's bound)
-# The loaders name config keys in their messages; here the user typed flags, so messages name those instead.
-_FLAG_OF_KEY = {"model.pretrained_model_name_or_path": "--model", "model.model_family": "--model-family",
-                "model.vae": "--vae", "model.clip_l": "--clip-l", "model.clip_g": "--clip-g", "model.t5xxl": "--t5xxl",
-                "model.ae": "--ae", "model.tokenizer_cache_dir": "--tokenizer-cache-dir",
-                "model.apply_lg_attn_mask": "--apply-lg-attn-mask"}
 _CONFIG_KEY = re.compile(r"\bmodel\.\w+")
 
 
 class StopRequested(Exception):
     """SIGTERM (the GUI's Stop): end after cleaning up, keeping the images already written."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassImagesOptions:
+    """The options of `class-images`, declared once: its parser's flags and the command line the GUI's
+    Regularization tab builds (gui.views.regularization.class_images_args) both come from these fields."""
+
+    model: str = option(help="base model: a .safetensors/.ckpt file, a diffusers folder or a hub id")
+    model_family: str = option("auto", choices=("auto", *FAMILY_INFO))
+    vae: str = option("", help="SD, SD3: a separate VAE file or folder (default: the model's own)")
+    clip_l: str = option("", group="flux", help="CLIP-L text encoder file (clip_l.safetensors); FLUX.1, SD3")
+    clip_g: str = option("", group="flux", help="CLIP-G text encoder file (clip_g.safetensors); SD3 only")
+    t5xxl: str = option("", group="flux", help="T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors)")
+    ae: str = option("", group="flux", help="the autoencoder file (ae.safetensors)")
+    tokenizer_cache_dir: str = option("", group="flux",
+                                      help="folder with the CLIP and T5 tokenizers, for a machine without internet")
+    t5xxl_max_token_length: int | None = option(None, group="flux",
+                                                help="longest prompt T5 reads (default: 512; 256 for FLUX.1 schnell)")
+    apply_t5_attn_mask: bool = option(False, group="flux", help="hide T5's padding from the model (Chroma is trained "
+                                                                "with it: set it for Chroma)")
+    apply_lg_attn_mask: bool = option(False, group="flux",
+                                      help="SD3: hide the padding from CLIP-L's and CLIP-G's attention")
+    v_parameterization: bool = option(False, help="the model predicts v (SD2 768-v single files; folders say so in "
+                                                  "their scheduler)")
+    prompt: str = option(help="e.g. 'a photo of a dog'")
+    negative: str = option("", help="negative prompt")
+    count: int = option(help="how many images to add")
+    out: Path = option(help="the class folder, e.g. reg/1_dog (created if missing)")
+    width: int | None = option(None, help="default: the model's native size (512, 768 or 1024); floored to a "
+                                          "multiple of 8 (16 for FLUX.1/Chroma)")
+    height: int | None = option(None, help="default: the model's native size")
+    steps: int | None = option(None, help="default: 30 (FLUX.1/Chroma: 20)")
+    guidance: float | None = option(None, help="SD: the classifier-free guidance scale (default 7.5); FLUX.1/Chroma: "
+                                               "the embedded guidance (default 3.5)")
+    cfg_scale: float | None = option(None, help="the classifier-free guidance scale, which also runs the negative "
+                                                "prompt (default: --guidance for SD; 1.0 = off for FLUX.1/Chroma)")
+    sampler: str = option("euler_a", choices=typing.get_args(Sampler),
+                          help="SD only; FLUX.1/Chroma sample with flow-matching Euler")
+    seed: int | None = option(None, help="seed of the first image (default: a random one, printed)")
+    clip_skip: int = option(1)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="auto: float32 on a CPU; bfloat16 on a GPU that has it (no fp16 overflow in the SDXL "
+                             "VAE), else float16")
+    events: str | None = option(None, metavar="FILE", help="append start/progress/warning/error/done events")
+
+
+# The loaders name config keys in their messages; here the user typed flags, so messages name those instead: the
+# model section's keys that are options of this command too (model.vae -> --vae), and the model itself.
+_FLAG_OF_KEY = {f"model.{declared.name}": declared.flag for declared in cli_options(ClassImagesOptions)} | \
+    {"model.pretrained_model_name_or_path": "--model"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,49 +91,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "Image i uses seed SEED+i. Exit 0 when every image was written, 2 for bad input (model, "
                     "folder, count, size), 1 when generation failed or was stopped.",
     )
-    parser.add_argument("--model", required=True,
-                        help="base model: a .safetensors/.ckpt file, a diffusers folder or a hub id")
-    parser.add_argument("--model-family", choices=("auto", *FAMILY_INFO), default="auto")
-    parser.add_argument("--vae", default="", help="SD, SD3: a separate VAE file or folder (default: the model's own)")
     flux = parser.add_argument_group(
         "FLUX.1 / Chroma / SD3", "the components a single model file lacks (a diffusers folder has its own)")
-    flux.add_argument("--clip-l", default="", help="CLIP-L text encoder file (clip_l.safetensors); FLUX.1, SD3")
-    flux.add_argument("--clip-g", default="", help="CLIP-G text encoder file (clip_g.safetensors); SD3 only")
-    flux.add_argument("--t5xxl", default="", help="T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors)")
-    flux.add_argument("--ae", default="", help="the autoencoder file (ae.safetensors)")
-    flux.add_argument("--tokenizer-cache-dir", default="",
-                      help="folder with the CLIP and T5 tokenizers, for a machine without internet")
-    flux.add_argument("--t5xxl-max-token-length", type=int,
-                      help="longest prompt T5 reads (default: 512; 256 for FLUX.1 schnell)")
-    flux.add_argument("--apply-t5-attn-mask", action="store_true",
-                      help="hide T5's padding from the model (Chroma is trained with it: set it for Chroma)")
-    flux.add_argument("--apply-lg-attn-mask", action="store_true",
-                      help="SD3: hide the padding from CLIP-L's and CLIP-G's attention")
-    parser.add_argument("--v-parameterization", action="store_true",
-                        help="the model predicts v (SD2 768-v single files; folders say so in their scheduler)")
-    parser.add_argument("--prompt", required=True, help="e.g. 'a photo of a dog'")
-    parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--count", type=int, required=True, help="how many images to add")
-    parser.add_argument("--out", type=Path, required=True, help="the class folder, e.g. reg/1_dog (created if missing)")
-    parser.add_argument("--width", type=int, help="default: the model's native size (512, 768 or 1024); floored to "
-                                                  "a multiple of 8 (16 for FLUX.1/Chroma)")
-    parser.add_argument("--height", type=int, help="default: the model's native size")
-    parser.add_argument("--steps", type=int, help="default: 30 (FLUX.1/Chroma: 20)")
-    parser.add_argument("--guidance", type=float,
-                        help="SD: the classifier-free guidance scale (default 7.5); FLUX.1/Chroma: the embedded "
-                             "guidance (default 3.5)")
-    parser.add_argument("--cfg-scale", type=float,
-                        help="the classifier-free guidance scale, which also runs the negative prompt (default: "
-                             "--guidance for SD; 1.0 = off for FLUX.1/Chroma)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="euler_a",
-                        help="SD only; FLUX.1/Chroma sample with flow-matching Euler")
-    parser.add_argument("--seed", type=int, help="seed of the first image (default: a random one, printed)")
-    parser.add_argument("--clip-skip", type=int, default=1)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="auto: float32 on a CPU; bfloat16 on a GPU that has it (no fp16 overflow in the SDXL "
-                             "VAE), else float16")
-    parser.add_argument("--events", metavar="FILE", help="append start/progress/warning/error/done events")
+    add_arguments(parser, ClassImagesOptions, groups={"flux": flux})
     parser.set_defaults(handler=run)
     return parser
 

@@ -13,13 +13,126 @@ import json
 import sys
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK
+from engine.cli.options import add_arguments, option
 from engine.config.choices import SavePrecision
 
 TASK = "lora"
 _PRECISIONS = typing.get_args(SavePrecision)
+
+
+# `lora convert` namings and families (engine.networks.tools.convert_lora.TARGETS / convertible_families; not
+# imported here, they load torch).
+CONVERT_TARGETS = ("diffusers", "kohya")
+CONVERT_FAMILIES = ("flux1", "chroma", "sd3")
+
+# Text encoders a FLUX-style merge writes to their own files: option stem -> label (engine.networks.tools.
+# model_files.FILE_MODELS names the same stems; not imported here, it loads torch).
+TEXT_ENCODER_OPTIONS = {"clip-l": "CLIP-L", "clip-g": "CLIP-G", "t5xxl": "T5-XXL"}
+
+# --- options: each tool's declared once, for its parser and for the command lines of the GUI's Tools tab ---------
+
+
+def _precision(default: str | None = "float", default_text: str = "float: float32") -> Any:
+    return option(default, choices=_PRECISIONS, help=f"dtype of the saved weights (default {default_text})")
+
+
+def _output(help_text: str, required: bool = True) -> Any:
+    return option(**({} if required else {"default": None}), flags=("-o", "--output"), help=help_text)
+
+
+def _encoder_file(option_stem: str) -> Any:
+    label = TEXT_ENCODER_OPTIONS[option_stem]
+    return option(None, metavar="FILE", help=f"with --into-model on FLUX.1/Chroma/SD3: the {label} file to merge the "
+                                             f"LoRA's {label} modules into")
+
+
+def _encoder_new_file(option_stem: str) -> Any:
+    label = TEXT_ENCODER_OPTIONS[option_stem]
+    return option(None, metavar="NEW_FILE", help=f"the new {label} file (with --{option_stem})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportOptions:
+    """What every tool takes: how its report comes out."""
+
+    json: bool = option(False, help="print the report as JSON")
+    events: str | None = option(None, metavar="FILE", help="append start/error/done events (JSON lines); `done` "
+                                                           "holds the report")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectOptions:
+    file: str = option(positional=True, help="a .safetensors, .ckpt or .pt file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeOptions:
+    loras: list[str] = option(positional=True, nargs="+", metavar="LORA[:RATIO]",
+                              help="LoRA files, each with an optional ratio (default 1), e.g. style.safetensors:0.7")
+    output: str = _output("the new file (.safetensors)")
+    into_model: str | None = option(None, metavar="BASE", help="a base model (single file or diffusers folder; for "
+                                                               "FLUX.1/Chroma the BFL transformer file)")
+    svd: int | None = option(None, metavar="RANK", help="without --into-model: re-factor every module to this rank "
+                                                        "instead of concatenating")
+    conv_rank: int | None = option(None, metavar="RANK", help="with --svd: the rank of 3x3 conv modules")
+    # sd-scripts' flux_merge_lora.py --clip_l/--t5xxl/--clip_l_save_to/--t5xxl_save_to: FLUX keeps its text
+    # encoders in their own files, so the LoRA's text-encoder modules are merged into new copies of those.
+    clip_l: str | None = _encoder_file("clip-l")
+    clip_l_save_to: str | None = _encoder_new_file("clip-l")
+    clip_g: str | None = _encoder_file("clip-g")
+    clip_g_save_to: str | None = _encoder_new_file("clip-g")
+    t5xxl: str | None = _encoder_file("t5xxl")
+    t5xxl_save_to: str | None = _encoder_new_file("t5xxl")
+    # None: float32 for LoRAs and SD models (computed and loaded in float32); FLUX files keep their own dtype (a
+    # 12B transformer in float32 is 48 GB).
+    save_precision: str | None = _precision(None, "float32; with --into-model on FLUX.1/Chroma each file's own dtype")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResizeOptions:
+    file: str = option(positional=True, help="a kohya LoRA/LoCon file")
+    output: str = _output("the new file (.safetensors, .ckpt or .pt)")
+    # group "rule": exactly one of the three (a required mutually exclusive group)
+    rank: int | None = option(None, group="rule", help="the new rank of every module")
+    sv_ratio: float | None = option(None, group="rule", metavar="X",
+                                    help="keep singular values at least the largest / X")
+    sv_fro: float | None = option(None, group="rule", metavar="Y",
+                                  help="keep the smallest rank that holds this fraction (0-1) of each module's "
+                                       "Frobenius norm")
+    conv_rank: int | None = option(None, metavar="RANK", help="with --rank: the rank of 3x3 conv modules")
+    save_precision: str = _precision()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions:
+    base: str = option(help="the base model (single file or diffusers folder)")
+    tuned: str = option(help="the fine-tuned model, of the same family")
+    output: str = _output("the new LoRA file (.safetensors, .ckpt or .pt)")
+    rank: int = option(flags=("--rank", "--dim"), help="rank of Linear and 1x1 conv modules (sd-scripts calls it "
+                                                       "--dim)")
+    conv_rank: int = option(0, help="rank of 3x3 convs (default 0: none)")
+    min_diff: float | None = option(None, metavar="D", help="leave out a text encoder whose largest weight change "
+                                                            "is at most D (default: kohya's 0.01)")
+    device: str = option("cpu", help="where the SVDs run, e.g. cuda (default cpu)")
+    clamp_quantile: float | None = option(None, metavar="Q", help="clip each module's factors at this quantile of "
+                                          "their values, as sd-scripts does with 0.99 (default: no clipping, the "
+                                          "best approximation at the rank)")
+    save_precision: str = _precision()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    file: str = option(positional=True, help="a LoRA .safetensors file")
+    to: str = option(choices=CONVERT_TARGETS, help="the naming of the new file")
+    output: str | None = _output("the new file (default: <stem>_diffusers.safetensors or <stem>_kohya.safetensors "
+                                 "beside the input)", required=False)
+    family: str | None = option(None, choices=CONVERT_FAMILIES, help="the model, when a diffusers file cannot tell "
+                                "(names both FLUX.1 and SD3 have, no metadata)")
+    overwrite: bool = option(False, help="replace the output file if it exists (never the input)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,17 +143,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     tools = parser.add_subparsers(dest="lora_command", metavar="TOOL", required=True)
     for add in TOOLS.values():
-        tool = add(tools)
-        tool.add_argument("--json", action="store_true", help="print the report as JSON")
-        tool.add_argument("--events", metavar="FILE", help="append start/error/done events (JSON lines); `done` "
-                          "holds the report")
+        add_arguments(add(tools), ReportOptions)
     return parser
-
-
-def _precision_option(parser: argparse.ArgumentParser, default: str | None = "float",
-                      default_text: str = "float: float32") -> None:
-    parser.add_argument("--save-precision", choices=_PRECISIONS, default=default,
-                        help=f"dtype of the saved weights (default {default_text})")
 
 
 def _add_inspect(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,7 +153,7 @@ def _add_inspect(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Report a file's format (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, Textual Inversion), its modules "
                     "per model part, ranks, alphas, base model, training metadata and change norms. Exit 2 for a "
                     "file it does not understand or one with NaN/inf weights (named by module).")
-    parser.add_argument("file", help="a .safetensors, .ckpt or .pt file")
+    add_arguments(parser, InspectOptions)
     parser.set_defaults(handler=_run_inspect)
     return parser
 
@@ -60,23 +164,7 @@ def _add_merge(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="With --into-model: add each LoRA (times its ratio) to the base model's weights and save a new "
                     "single-file checkpoint. Without: combine the LoRAs into one LoRA by concatenating their ranks "
                     "(exact), or with --svd re-factor to one rank.")
-    parser.add_argument("loras", nargs="+", metavar="LORA[:RATIO]", help="LoRA files, each with an optional ratio "
-                        "(default 1), e.g. style.safetensors:0.7")
-    parser.add_argument("-o", "--output", required=True, help="the new file (.safetensors)")
-    parser.add_argument("--into-model", metavar="BASE", help="a base model (single file or diffusers folder; for "
-                        "FLUX.1/Chroma the BFL transformer file)")
-    parser.add_argument("--svd", type=int, metavar="RANK", help="without --into-model: re-factor every module to "
-                        "this rank instead of concatenating")
-    parser.add_argument("--conv-rank", type=int, metavar="RANK", help="with --svd: the rank of 3x3 conv modules")
-    # sd-scripts' flux_merge_lora.py --clip_l/--t5xxl/--clip_l_save_to/--t5xxl_save_to: FLUX keeps its text
-    # encoders in their own files, so the LoRA's text-encoder modules are merged into new copies of those.
-    for option, label in TEXT_ENCODER_OPTIONS.items():
-        parser.add_argument(f"--{option}", metavar="FILE", help=f"with --into-model on FLUX.1/Chroma/SD3: the {label} "
-                            f"file to merge the LoRA's {label} modules into")
-        parser.add_argument(f"--{option}-save-to", metavar="NEW_FILE", help=f"the new {label} file (with --{option})")
-    # None: float32 for LoRAs and SD models (computed and loaded in float32); FLUX files keep their own dtype (a
-    # 12B transformer in float32 is 48 GB).
-    _precision_option(parser, None, "float32; with --into-model on FLUX.1/Chroma each file's own dtype")
+    add_arguments(parser, MergeOptions)
     parser.set_defaults(handler=_run_merge)
     return parser
 
@@ -86,15 +174,7 @@ def _add_resize(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "resize", help="change the rank of a LoRA by SVD",
         description="Re-factor each module at a new rank: fixed (--rank), or per module from its singular values "
                     "(--sv-ratio, --sv-fro). The report gives the fraction of each change that is kept.")
-    parser.add_argument("file", help="a kohya LoRA/LoCon file")
-    parser.add_argument("-o", "--output", required=True, help="the new file (.safetensors, .ckpt or .pt)")
-    rule = parser.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--rank", type=int, help="the new rank of every module")
-    rule.add_argument("--sv-ratio", type=float, metavar="X", help="keep singular values at least the largest / X")
-    rule.add_argument("--sv-fro", type=float, metavar="Y", help="keep the smallest rank that holds this fraction "
-                      "(0-1) of each module's Frobenius norm")
-    parser.add_argument("--conv-rank", type=int, metavar="RANK", help="with --rank: the rank of 3x3 conv modules")
-    _precision_option(parser)
+    add_arguments(parser, ResizeOptions, groups={"rule": parser.add_mutually_exclusive_group(required=True)})
     parser.set_defaults(handler=_run_resize)
     return parser
 
@@ -104,20 +184,7 @@ def _add_extract(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "extract", help="a LoRA from the difference between a fine-tuned model and its base",
         description="SVD of the weight difference of every layer a LoRA trains (the same layers as training), cut "
                     "to --rank; with --conv-rank also the ResNet convolutions (LoCon).")
-    parser.add_argument("--base", required=True, help="the base model (single file or diffusers folder)")
-    parser.add_argument("--tuned", required=True, help="the fine-tuned model, of the same family")
-    parser.add_argument("-o", "--output", required=True, help="the new LoRA file (.safetensors, .ckpt or .pt)")
-    parser.add_argument("--rank", "--dim", type=int, required=True, help="rank of Linear and 1x1 conv modules "
-                        "(sd-scripts calls it --dim)")
-    parser.add_argument("--conv-rank", type=int, default=0, help="rank of 3x3 convs (default 0: none)")
-    parser.add_argument("--min-diff", type=float, metavar="D",
-                        help="leave out a text encoder whose largest weight change is at most D (default: kohya's "
-                             "0.01)")
-    parser.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
-    parser.add_argument("--clamp-quantile", type=float, metavar="Q", help="clip each module's factors at this "
-                        "quantile of their values, as sd-scripts does with 0.99 (default: no clipping, the best "
-                        "approximation at the rank)")
-    _precision_option(parser)
+    add_arguments(parser, ExtractOptions)
     parser.set_defaults(handler=_run_extract)
     return parser
 
@@ -131,26 +198,10 @@ def _add_convert(tools: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "left out, diffusers loads no LoRA into T5); --to kohya turns such files, and those of "
                     "diffusers' training scripts, into kohya names. Exact both ways. LoHa/LoKr files do not "
                     "convert.")
-    parser.add_argument("file", help="a LoRA .safetensors file")
-    parser.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="the naming of the new file")
-    parser.add_argument("-o", "--output", help="the new file (default: <stem>_diffusers.safetensors or "
-                        "<stem>_kohya.safetensors beside the input)")
-    parser.add_argument("--family", choices=CONVERT_FAMILIES, help="the model, when a diffusers file cannot tell "
-                        "(names both FLUX.1 and SD3 have, no metadata)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists (never "
-                        "the input)")
+    add_arguments(parser, ConvertOptions)
     parser.set_defaults(handler=_run_convert)
     return parser
 
-
-# `lora convert` namings and families (engine.networks.tools.convert_lora.TARGETS / convertible_families; not
-# imported here, they load torch).
-CONVERT_TARGETS = ("diffusers", "kohya")
-CONVERT_FAMILIES = ("flux1", "chroma", "sd3")
-
-# Text encoders a FLUX-style merge writes to their own files: option stem -> label (engine.networks.tools.
-# model_files.FILE_MODELS names the same stems; not imported here, it loads torch).
-TEXT_ENCODER_OPTIONS = {"clip-l": "CLIP-L", "clip-g": "CLIP-G", "t5xxl": "T5-XXL"}
 
 # tool name -> function adding its parser (with `handler` set)
 TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
@@ -160,6 +211,9 @@ TOOLS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     "extract": _add_extract,
     "convert": _add_convert,
 }
+# tool name -> its options (the GUI builds each tool's command line from these)
+TOOL_OPTIONS: dict[str, type] = {"inspect": InspectOptions, "merge": MergeOptions, "resize": ResizeOptions,
+                                 "extract": ExtractOptions, "convert": ConvertOptions}
 
 
 # --- handlers ----------------------------------------------------------------------------------------------------
