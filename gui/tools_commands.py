@@ -1,5 +1,7 @@
 """The Tools tab's command lines: `python -m engine lora inspect|merge|resize|extract|convert ...` and
-`cache-latents`, built from the page's fields as argument lists (never a shell string).
+`cache-latents`, built from the page's fields as argument lists (never a shell string). The flags are not typed
+here: each command line is written by engine.cli.options.to_argv from the engine's declaration of the tool's options
+(engine.cli.lora_cmd's *Options, engine.cli.cache_cmd.CacheLatentsOptions), the one its parser is built from.
 
 The engine checks the inputs and refuses to overwrite a file; this module only checks what the engine cannot know:
 which fields the user left empty and whether a path is inside the folders this app may use (gui.browse.FileRoots.check,
@@ -9,34 +11,51 @@ shows of the reports, gui.tools_render's.
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
-from engine.cli.lora_cmd import CONVERT_FAMILIES, CONVERT_TARGETS, TEXT_ENCODER_OPTIONS
-from engine.config.choices import SavePrecision
+from engine.cli.cache_cmd import TASK as CACHE_TASK
+from engine.cli.cache_cmd import CacheLatentsOptions
+from engine.cli.lora_cmd import TASK as LORA_TASK
+from engine.cli.lora_cmd import (
+    TEXT_ENCODER_OPTIONS,
+    ConvertOptions,
+    ExtractOptions,
+    InspectOptions,
+    MergeOptions,
+    ReportOptions,
+    ResizeOptions,
+)
+from engine.cli.options import cli_option, to_argv, value_text
 from gui.browse import FileRoots, PathNotAllowed
 
 LORA_SUFFIX = ".safetensors"
-PRECISIONS: tuple[str, ...] = typing.get_args(SavePrecision)
+PRECISIONS: tuple[str, ...] = cli_option(ResizeOptions, "save_precision").choices or ()
 # `lora merge` without --save-precision keeps a FLUX.1/Chroma file's own dtype (a bf16 12B transformer written as
 # float32 would be 48 GB) and writes LoRAs and SD checkpoints in float32; "keep" leaves the option out.
 KEEP_PRECISION = "keep"
 MERGE_PRECISIONS: tuple[str, ...] = (KEEP_PRECISION, *(name for name in PRECISIONS if name != KEEP_PRECISION))
-# resize rule (as the engine names it) -> (its option, what the value means to a user)
-RESIZE_RULES: dict[str, tuple[str, str]] = {
-    "rank": ("--rank", "a fixed rank for every module"),
-    "sv_ratio": ("--sv-ratio", "keep singular values at least the largest / X"),
-    "sv_fro": ("--sv-fro", "keep this fraction (0-1) of each module's Frobenius norm"),
+# resize rule (the engine's option: ResizeOptions' field) -> (its flag, what the value means to a user)
+_RULE_MEANINGS = {
+    "rank": "a fixed rank for every module",
+    "sv_ratio": "keep singular values at least the largest / X",
+    "sv_fro": "keep this fraction (0-1) of each module's Frobenius norm",
 }
+RESIZE_RULES: dict[str, tuple[str, str]] = {rule: (cli_option(ResizeOptions, rule).flag, meaning)
+                                            for rule, meaning in _RULE_MEANINGS.items()}
 # `lora convert` targets (the engine's, in its order) -> what the choice means to a user
 _CONVERT_MEANINGS = {
     "diffusers": "diffusers names (from a kohya file: FluxPipeline / StableDiffusion3Pipeline load the new file)",
     "kohya": "kohya names (from a diffusers/PEFT file: ComfyUI and Atelier load the new file)",
 }
-CONVERT_CHOICES: dict[str, str] = {target: _CONVERT_MEANINGS[target] for target in CONVERT_TARGETS}
+CONVERT_CHOICES: dict[str, str] = {target: _CONVERT_MEANINGS[target]
+                                   for target in cli_option(ConvertOptions, "to").choices or ()}
 CONVERT_AUTO = "auto"  # no --family: the engine reads it from the file
-CONVERT_FAMILY_CHOICES: tuple[str, ...] = (CONVERT_AUTO, *CONVERT_FAMILIES)
+CONVERT_FAMILY_CHOICES: tuple[str, ...] = (CONVERT_AUTO, *(cli_option(ConvertOptions, "family").choices or ()))
+INTO_MODEL_FLAG = cli_option(MergeOptions, "into_model").flag  # a merge that writes a checkpoint, not a LoRA
+DEVICE_AUTO = "auto"  # no --device: the engine's choice
+CACHE_DEVICES: tuple[str, ...] = (DEVICE_AUTO, *(cli_option(CacheLatentsOptions, "device").choices or ()))
 
 
 class ToolInputError(ValueError):
@@ -79,14 +98,6 @@ def _optional(value: float | None, label: str) -> float | None:
     return _positive(value, label)
 
 
-def _int_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _option(flag: str, value: float | None) -> list[str]:
-    return [] if value is None else [flag, _int_text(value)]
-
-
 def default_output(source: str, tag: str) -> str:
     """'<folder>/<stem>_<tag>.safetensors' next to `source`, with -2, -3... when that file exists (the tools never
     overwrite, so a default must be free)."""
@@ -107,9 +118,19 @@ def _output(value: str | None, roots: FileRoots, source: str, tag: str) -> str:
 # --- command lines -----------------------------------------------------------------------------------------------
 
 
+def _lora_args(tool: str, options_type: type, values: Mapping[str, Any]) -> list[str]:
+    """`lora TOOL ... --json`, written from the engine's declaration of the tool's options (None leaves one out)."""
+    return [LORA_TASK, tool, *to_argv(options_type, values), *to_argv(ReportOptions, {"json": True})]
+
+
+def inspect_command(path: str) -> list[str]:
+    """`lora inspect FILE --json` of a path already checked, e.g. the file a tool just wrote."""
+    return _lora_args("inspect", InspectOptions, {"file": path})
+
+
 def inspect_args(path: str | None, roots: FileRoots) -> list[str]:
     """`lora inspect FILE --json`. Raises ToolInputError for an empty or disallowed path (as do the others)."""
-    return ["lora", "inspect", checked_path(path, "LoRA file", roots), "--json"]
+    return inspect_command(checked_path(path, "LoRA file", roots))
 
 
 def merge_sources(text: str | None) -> list[str]:
@@ -136,9 +157,25 @@ def split_source(source: str) -> tuple[str, float | None]:
         return source, None
 
 
-def _precision_args(precision: str | None) -> list[str]:
-    """--save-precision, or nothing for "keep" (the engine's default: see KEEP_PRECISION)."""
-    return [] if not precision or precision == KEEP_PRECISION else ["--save-precision", precision]
+def _precision(precision: str | None) -> str | None:
+    """The --save-precision value, or None (left out) for "keep", the engine's default (see KEEP_PRECISION)."""
+    return None if not precision or precision == KEEP_PRECISION else precision
+
+
+def _text_encoder_values(text_encoders: Mapping[str, tuple[str | None, str | None]] | None,
+                         roots: FileRoots) -> dict[str, str | None]:
+    """MergeOptions' text encoder files and new files (clip_l, clip_l_save_to ...) for the pairs given by option stem
+    (TEXT_ENCODER_OPTIONS); None for a blank field."""
+    values: dict[str, str | None] = {}
+    for option, (source, target) in (text_encoders or {}).items():
+        label = TEXT_ENCODER_OPTIONS[option]
+        source_path = checked_path(source, f"{label} file", roots, required=False)
+        target_path = checked_path(target, f"New {label} file", roots, required=False)
+        if source_path and not target_path:
+            target_path = default_output(source_path, "merged")
+        name = option.replace("-", "_")  # the option's field: --clip-l is MergeOptions.clip_l
+        values |= {name: source_path or None, f"{name}_save_to": target_path or None}
+    return values
 
 
 def text_encoder_args(text_encoders: Mapping[str, tuple[str | None, str | None]] | None,
@@ -148,16 +185,7 @@ def text_encoder_args(text_encoders: Mapping[str, tuple[str | None, str | None]]
     A blank new file with an input given becomes '<input stem>_merged.safetensors' next to it (as every output
     field); a new file without its input is passed on as it is, so that the engine says what is missing.
     """
-    args: list[str] = []
-    for option, (source, target) in (text_encoders or {}).items():
-        label = TEXT_ENCODER_OPTIONS[option]
-        source_path = checked_path(source, f"{label} file", roots, required=False)
-        target_path = checked_path(target, f"New {label} file", roots, required=False)
-        if source_path and not target_path:
-            target_path = default_output(source_path, "merged")
-        args += [f"--{option}", source_path] if source_path else []
-        args += [f"--{option}-save-to", target_path] if target_path else []
-    return args
+    return to_argv(MergeOptions, _text_encoder_values(text_encoders, roots))
 
 
 def merge_args(sources_text: str | None, output: str | None, roots: FileRoots, *, into_model: str | None = None,
@@ -170,24 +198,23 @@ def merge_args(sources_text: str | None, output: str | None, roots: FileRoots, *
         raise ToolInputError("LoRAs to merge: add one or more LoRA files")
     paths = [checked_path(split_source(source)[0], "LoRAs to merge", roots) for source in sources]
     model = checked_path(into_model, "Merge into model", roots, required=False)
-    args = ["lora", "merge", *sources, "-o", _output(output, roots, model or paths[0], "merged")]
-    args += ["--into-model", model] if model else []
-    args += text_encoder_args(text_encoders, roots)
-    args += _option("--svd", _optional(svd_rank, "SVD rank"))
-    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
-    return [*args, *_precision_args(precision), "--json"]
+    values = {"loras": sources, "output": _output(output, roots, model or paths[0], "merged"),
+              "into_model": model or None, **_text_encoder_values(text_encoders, roots),
+              "svd": _optional(svd_rank, "SVD rank"), "conv_rank": _optional(conv_rank, "Conv rank"),
+              "save_precision": _precision(precision)}
+    return _lora_args("merge", MergeOptions, values)
 
 
 def resize_args(path: str | None, output: str | None, roots: FileRoots, *, rule: str, value: float | None,
                 conv_rank: float | None = None, precision: str = "float") -> list[str]:
     """`lora resize` by one of RESIZE_RULES; the default output name says the rule and value (style_rank8)."""
     source = checked_path(path, "LoRA file", roots)
-    flag = RESIZE_RULES[rule][0]
+    if rule not in RESIZE_RULES:
+        raise ToolInputError(f"New size by: choose one of {', '.join(RESIZE_RULES)}")
     amount = _positive(value, "New size")
-    args = ["lora", "resize", source, "-o", _output(output, roots, source, f"{rule}{_int_text(amount)}"),
-            flag, _int_text(amount)]
-    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
-    return [*args, "--save-precision", precision, "--json"]
+    values = {"file": source, "output": _output(output, roots, source, f"{rule}{value_text(amount)}"),
+              rule: amount, "conv_rank": _optional(conv_rank, "Conv rank"), "save_precision": precision}
+    return _lora_args("resize", ResizeOptions, values)
 
 
 def extract_args(base: str | None, tuned: str | None, output: str | None, roots: FileRoots, *, rank: float | None,
@@ -198,13 +225,12 @@ def extract_args(base: str | None, tuned: str | None, output: str | None, roots:
     base_path = checked_path(base, "Base model", roots)
     tuned_path = checked_path(tuned, "Fine-tuned model", roots)
     size = _positive(rank, "Rank")
-    args = ["lora", "extract", "--base", base_path, "--tuned", tuned_path,
-            "-o", _output(output, roots, tuned_path, f"lora_r{_int_text(size)}"), "--rank", _int_text(size)]
-    args += _option("--conv-rank", _optional(conv_rank, "Conv rank"))
-    args += [] if min_diff is None else ["--min-diff", f"{min_diff:g}"]
-    quantile = _optional(clamp_quantile, "Clamp quantile")
-    args += [] if quantile is None else ["--clamp-quantile", f"{quantile:g}"]
-    return [*args, "--device", device or "cpu", "--save-precision", precision, "--json"]
+    values = {"base": base_path, "tuned": tuned_path,
+              "output": _output(output, roots, tuned_path, f"lora_r{value_text(size)}"), "rank": size,
+              "conv_rank": _optional(conv_rank, "Conv rank"), "min_diff": min_diff,
+              "clamp_quantile": _optional(clamp_quantile, "Clamp quantile"), "device": device or "cpu",
+              "save_precision": precision}
+    return _lora_args("extract", ExtractOptions, values)
 
 
 def convert_args(path: str | None, output: str | None, roots: FileRoots, *, to: str, family: str = CONVERT_AUTO
@@ -214,19 +240,19 @@ def convert_args(path: str | None, output: str | None, roots: FileRoots, *, to: 
     source = checked_path(path, "LoRA file", roots)
     if to not in CONVERT_CHOICES:
         raise ToolInputError(f"Convert to: choose one of {', '.join(CONVERT_CHOICES)}")
-    args = ["lora", "convert", source, "--to", to, "-o", _output(output, roots, source, to)]
-    args += [] if not family or family == CONVERT_AUTO else ["--family", family]
-    return [*args, "--json"]
+    values = {"file": source, "to": to, "output": _output(output, roots, source, to),
+              "family": None if not family or family == CONVERT_AUTO else family}
+    return _lora_args("convert", ConvertOptions, values)
 
 
 def cache_args(config_path: str, *, skip_existing: bool = False, device: str | None = None,
                workers: float | None = None) -> list[str]:
     """`cache-latents CONFIG ...`; EngineJob adds --events. device None or 'auto': the engine's choice.
     skip_existing False re-encodes up-to-date entries too (--force; the engine keeps them by default)."""
-    args = ["cache-latents", config_path]
-    args += ["--skip-existing"] if skip_existing else ["--force"]
-    args += ["--device", device] if device and device != "auto" else []
-    return args + _option("--workers", _optional(workers, "Workers"))
+    values = {"config": config_path, "skip_existing": skip_existing, "force": not skip_existing,
+              "device": device if device and device != DEVICE_AUTO else None,
+              "workers": _optional(workers, "Workers")}
+    return [CACHE_TASK, *to_argv(CacheLatentsOptions, values)]
 
 
 def command_text(args: Iterable[str]) -> str:

@@ -254,7 +254,8 @@ def _cache_tab(ctx: TabContext) -> None:
         with gr.Row():
             skip = gr.Checkbox(True, label="Keep entries that are up to date", elem_id="tools-cache-skip",
                                info="off: re-encode everything (stale entries are rebuilt either way)")
-            device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", elem_id="tools-cache-device")
+            device = gr.Dropdown(list(commands.CACHE_DEVICES), value=commands.DEVICE_AUTO, label="Device",
+                                 elem_id="tools-cache-device")
             workers = gr.Number(0, label="Workers", precision=0, minimum=0, elem_id="tools-cache-workers",
                                 info="threads reading images (0: the config's data loader workers)")
         button = gr.Button("Build the cache", variant="primary", elem_id="tools-cache-run")

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from engine.caption.edit import EditOptions, EditSummary
 from engine.caption.registry import CAPTIONER_LOADERS, captioner_entry
 from engine.caption.runner import caption_path, find_images, split_tags
+from engine.cli.options import CliOption, option_tokens
 from engine.config.choices import dotted_caption_extension
 from engine.files import atomic_write_text
 from gui.browse import PathNotAllowed
@@ -117,11 +118,16 @@ def _number_text(spec: OptionSpec, value: Any) -> str:
 
 
 def _flag_args(spec: OptionSpec, value: Any) -> list[str]:
+    """The option's words, written by the engine's one writer of command lines (engine.cli.options); the engine's
+    caption command declares a bool as --flag/--no-flag and reads every other option as text."""
+    option = CliOption(spec.name, (spec.flag,), bool if spec.kind == "bool" else str, spec.default, negatable=True)
     if spec.kind == "bool":
-        return [spec.flag if value else "--no-" + spec.flag[2:]]
-    if spec.kind in ("int", "float"):
-        return [f"{spec.flag}={_number_text(spec, value)}"]
-    return [f"{spec.flag}={value or ''}"]  # '=' keeps a value starting with '-' from reading as a flag
+        text: Any = bool(value)
+    elif spec.kind in ("int", "float"):
+        text = _number_text(spec, value)
+    else:
+        text = value or ""
+    return option_tokens(option, text, joined=True)  # '=' keeps a value starting with '-' from reading as a flag
 
 
 def _same(spec: OptionSpec, value: Any) -> bool:

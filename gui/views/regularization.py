@@ -15,6 +15,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from engine.cli.class_images_cmd import TASK as CLASS_IMAGES_TASK
+from engine.cli.class_images_cmd import ClassImagesOptions
+from engine.cli.options import to_argv
 from engine.config.dataset import parse_legacy_folder_name
 from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, default_config_dict, validate_config
@@ -32,9 +35,9 @@ PRIOR_LOSS_WEIGHT = "training.prior_loss_weight"
 PARENT_LABEL, FOLDER_LABEL, TRAIN_LABEL, MODEL_LABEL = ("Regularization folder", "Class image folder",
                                                         "Training folder", "Base model")
 VAE_LABEL = "model.vae (Parameters tab)"  # generation uses the Parameters tab's VAE with its model
-# FLUX.1/Chroma and SD3: the Parameters tab's component files go with its model too (config path -> class-images flag)
-COMPONENT_FLAGS = {"model.clip_l": "--clip-l", "model.clip_g": "--clip-g", "model.t5xxl": "--t5xxl",
-                   "model.ae": "--ae", "model.tokenizer_cache_dir": "--tokenizer-cache-dir"}
+# FLUX.1/Chroma and SD3: the Parameters tab's component files go with its model too; each config path names the
+# class-images option of the same name (model.clip_l -> ClassImagesOptions.clip_l, --clip-l)
+COMPONENT_PATHS = ("model.clip_l", "model.clip_g", "model.t5xxl", "model.ae", "model.tokenizer_cache_dir")
 # The loaders (FamilyInfo.loader) of families whose text encoders may be files of their own
 COMPONENT_LOADERS = ("flux", "sd3")
 T5_LENGTH, T5_MASK, LG_MASK = "model.t5xxl_max_token_length", "model.apply_t5_attn_mask", "model.apply_lg_attn_mask"
@@ -284,30 +287,33 @@ def _components(config: Mapping[str, Any] | None) -> dict[str, str]:
     loads them; an "auto" model that is SD ignores them."""
     if not _takes_components(config):
         return {}
-    return {path: str(value) for path in COMPONENT_FLAGS if (value := config_value(config, path))}
+    return {path: str(value) for path in COMPONENT_PATHS if (value := config_value(config, path))}
 
 
-def _model_flags(model: str, config: Mapping[str, Any] | None) -> list[str]:
-    """The Parameters tab's family, VAE, v-prediction, FLUX / SD3 components and text encoder options, when the model
-    is the one configured there."""
+def _option_name(path: str) -> str:
+    """The class-images option a model config path goes to: model.vae -> vae (ClassImagesOptions' field)."""
+    return path.removeprefix("model.")
+
+
+def _model_values(model: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The Parameters tab's family, VAE, v-prediction, FLUX / SD3 components and text encoder options (class-images
+    option -> value), when the model is the one configured there."""
     if not config or model != config_value(config, MODEL_PATH):
-        return []
-    flags = ["--model-family", config_value(config, "model.model_family", "auto")]
-    if config_value(config, "model.vae"):
-        flags += ["--vae", config_value(config, "model.vae")]
-    if config_value(config, "model.v_parameterization", False):
-        flags.append("--v-parameterization")
-    flags += [part for path, value in _components(config).items() for part in (COMPONENT_FLAGS[path], value)]
+        return {}
+    values = {"model_family": config_value(config, "model.model_family", "auto"),
+              "vae": config_value(config, "model.vae") or None,
+              "v_parameterization": bool(config_value(config, "model.v_parameterization", False))}
+    values |= {_option_name(path): value for path, value in _components(config).items()}
     if _takes_components(config):
-        if config_value(config, T5_LENGTH, None) is not None:
-            flags += ["--t5xxl-max-token-length", str(int(config_value(config, T5_LENGTH)))]
-        flags += [flag for path, flag in ((T5_MASK, "--apply-t5-attn-mask"), (LG_MASK, "--apply-lg-attn-mask"))
-                  if config_value(config, path, False)]
-    return flags
+        length = config_value(config, T5_LENGTH, None)
+        values |= {"t5xxl_max_token_length": None if length is None else int(length)}
+        values |= {_option_name(path): bool(config_value(config, path, False)) for path in (T5_MASK, LG_MASK)}
+    return values
 
 
 def class_images_args(request: GenerateRequest, config: Mapping[str, Any] | None = None) -> list[str]:
-    """`python -m engine` arguments for the request (without --events, which EngineJob adds).
+    """`python -m engine` arguments for the request (without --events, which EngineJob adds), written from the
+    engine's declaration of the command's options (ClassImagesOptions).
 
     Raises:
         ValueError: a missing model, folder or prompt, or a count or step count below 1; the message says which.
@@ -321,12 +327,11 @@ def class_images_args(request: GenerateRequest, config: Mapping[str, Any] | None
     for failed, message in problems:
         if failed:
             raise ValueError(message)
-    args = ["class-images", "--model", model, "--prompt", prompt, "--count", str(int(request.count)),
-            "--out", out, "--steps", str(int(request.steps)), *_model_flags(model, config)]
-    if request.negative.strip():
-        args += ["--negative", request.negative.strip()]
-    args += [part for flag, side in (("--width", request.width), ("--height", request.height)) if side
-             for part in (flag, str(int(side)))]
-    if request.seed >= 0:
-        args += ["--seed", str(int(request.seed))]
-    return args
+    # None leaves an option out: 0 sizes are the model's native size, a negative seed a random one
+    values = {"model": model, "prompt": prompt, "count": int(request.count), "out": out,
+              "steps": int(request.steps), **_model_values(model, config),
+              "negative": request.negative.strip() or None,
+              "width": int(request.width) if request.width else None,
+              "height": int(request.height) if request.height else None,
+              "seed": int(request.seed) if request.seed >= 0 else None}
+    return [CLASS_IMAGES_TASK, *to_argv(ClassImagesOptions, values)]

@@ -32,7 +32,7 @@ from engine.rundir.layout import CONFIG_FILE
 from gui.browse import FileRoots, PathNotAllowed
 from gui.doctor_view import report_for
 from gui.jobs import EngineJob, JobUpdate
-from gui.tools_commands import ToolInputError, checked_path
+from gui.tools_commands import INTO_MODEL_FLAG, ToolInputError, checked_path, inspect_command
 from gui.train_start import confined_config
 
 # what the file browser lists for each kind of input (the suffixes the engine reads)
@@ -224,8 +224,8 @@ def run_and_inspect(args: list[str]) -> tuple[ToolOutcome, ToolOutcome | None]:
     """Run merge/resize/extract/convert, then inspect the LoRA it wrote (None when the tool failed, wrote a model
     or a diffusers-named LoRA)."""
     outcome = run_lora_tool(args)
-    if outcome.report is None or "--into-model" in args:  # a merged checkpoint is not a LoRA to inspect
+    if outcome.report is None or INTO_MODEL_FLAG in args:  # a merged checkpoint is not a LoRA to inspect
         return outcome, None
     if outcome.report.get("to") == "diffusers":  # inspect reads kohya files; the convert report says the rest
         return outcome, None
-    return outcome, run_lora_tool(["lora", "inspect", outcome.report["output"], "--json"])
+    return outcome, run_lora_tool(inspect_command(outcome.report["output"]))

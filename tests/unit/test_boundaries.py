@@ -62,8 +62,9 @@ GUI_ENGINE_HELPERS = {
     "engine.caption.edit", "engine.caption.registry", "engine.caption.runner",
     # families' facts and where a model is (a file, a folder or a hub id)
     "engine.models.families", "engine.models.locations",
-    # the LoRA tools' options, as their command line declares them
-    "engine.cli.lora_cmd",
+    # the engine tools' options, as their command lines declare them (the LoRA tools, class images, the latent
+    # cache), and the one writer of those command lines from the declarations
+    "engine.cli.lora_cmd", "engine.cli.class_images_cmd", "engine.cli.cache_cmd", "engine.cli.options",
 }
 
 
