@@ -1,46 +1,56 @@
 #!/usr/bin/env bash
-# The one prepared GPU check for issues 12 (FLUX.1 training) and 13 (SD3 / SD3.5), for a session lent a CUDA device
-# machine.
+# The one prepared GPU check (issues 12 FLUX.1, 13 SD3, 16 memory and mixed precision, 18 step throughput), for a
+# session lent a CUDA device machine.
 #
-#   device tool:  run(command="bash bench/gpu_check.sh", timeout_s=600)     (no carry needed)
+#   device tool:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #   anywhere:     OUT=/some/dir bash bench/gpu_check.sh
 #
 # What it does, in order, within GPU_CHECK_BUDGET_S seconds (default 510, under the tool's 600 s per command):
 #   1. the machine: nvidia-smi, python, torch and CUDA versions (at the top of gpu_check.log);
-#   2. the repo's CUDA tests: test files that branch on torch.cuda.is_available(), narrowed by -k "$GPU_TESTS_K"
-#      (default "cuda or checkpointing": the host <-> device block-swap test and the checkpointing tests that run
-#      on CUDA when it is there), with a 150 s limit (cuda_tests.log); GPU_TESTS_K="" skips them;
-#   3. bench/flux_gpu.py: real-size FLUX.1 dev (random weights), LoRA rank 16, batch 1, bf16, gradient
+#   2. the packages the device image lacks, from .whl/ when it is there (the engine needs diffusers, pydantic,
+#      tomli_w and imagesize; bitsandbytes for the 8-bit optimizers): tools/device_wheels.sh fills .whl here;
+#   3. the repo's CUDA tests: tests/test_precision_paths.py (every mixed-precision path of training on CUDA: fp16
+#      with its scaler, bf16, full_bf16 / full_fp16, fp8 base; LoRA, LoHa, TI, DreamBooth; SD1, SDXL, FLUX.1, SD3)
+#      and the test files that branch on torch.cuda.is_available(), narrowed by -k "$GPU_TESTS_K" (default "cuda or
+#      checkpointing"), with tests/test_step_sync.py and tests/test_cache_on_device.py (issue 18 on CUDA), within
+#      GPU_TESTS_LIMIT_S seconds (default 200; cuda_tests.log); GPU_TESTS_K="" skips them;
+#   4. bench/sd_gpu.py: real-size SD1.5 (512 px, batch 4 and 1, fp16 / bf16) and SDXL (1024 px, batch 1, bf16,
+#      checkpointing) LoRA through the engine, with AdamW and AdamW8bit: it/s, peak VRAM and the step time over the
+#      same step on pre-made tensors, until GPU_CHECK_FLOW_RESERVE_S (default 170) seconds are left
+#      (SD_BENCH_CONFIGS=NAME,... replaces its list);
+#   5. bench/flux_gpu.py: real-size FLUX.1 dev (random weights), LoRA rank 16, batch 1, bf16, gradient
 #      checkpointing, over {1024, 512} px x {bf16, fp8 base} x {blocks_to_swap 0, 18}, most important first, each
-#      configuration in its own process with its own limit, stopping GPU_CHECK_SD3_RESERVE_S (default 120) seconds
-#      before the budget runs out so that SD3.5 medium keeps that time (the 1024 px configurations run first, the
-#      512 px ones as time allows) (flux_gpu.jsonl, flux_gpu.md, flux_gpu.log); BENCH_CONFIGS=RES:BASE:SWAP,... replaces its list;
-#   4. bench/sd3_gpu.py: real-size SD3.5 medium (random weights), LoRA rank 16, batch 1, bf16, gradient
+#      configuration in its own process with its own limit, stopping GPU_CHECK_SD3_RESERVE_S (default 60) seconds
+#      before the budget runs out so that SD3.5 medium keeps that time (BENCH_CONFIGS=RES:BASE:SWAP,... replaces
+#      its list);
+#   6. bench/sd3_gpu.py: real-size SD3.5 medium (random weights), LoRA rank 16, batch 1, bf16, gradient
 #      checkpointing, over 1024 bf16, 1024 fp8 base, 512 bf16 (all without swapping; SD3_BENCH_CONFIGS replaces
-#      the list), in the time left (sd3_gpu.jsonl, sd3_gpu.md, sd3_gpu.log).
-# Both markdown tables are printed last. Everything lands in $OUT: the device tool brings back at most 8 files, and
-# this writes exactly 8 (gpu_check.log, cuda_tests.log and the two benches' three each); the summary says so if
-# there are more.
+#      the list), in the time left.
+# The benches' markdown tables are printed last. $OUT gets gpu_check.log, cuda_tests.log and bench.tar.gz (each
+# bench's .jsonl, .md and .log; the device tool brings back at most 8 files), the archive also when a limit cuts
+# the run short.
 #
-# Python: the device image's python3 already holds a CUDA torch (2.11+cu130 when last seen) and pytest; the repo's
-# .venv is a CPU build for another Python and never travels. Nothing can be installed there (no network; CUDA
-# torch wheels are far over the tool's 64 MiB carry limit), so this script only finds a Python whose torch sees a
-# GPU and stops with a message if none does. The engine code it runs needs torch and numpy alone.
+# Python: the device image's python3 already holds a CUDA torch (2.11+cu130 when last seen), transformers, peft,
+# accelerate and pytest; the repo's .venv is a CPU build for another Python and never travels. Nothing can be
+# downloaded there, so the few missing packages travel as wheels in .whl (carry it); this script finds a Python
+# whose torch sees a GPU and stops with a message if none does.
 #
-# GPU_CHECK_TINY=1 runs the same steps on a machine without a GPU (a Python whose torch imports; the bench with
+# GPU_CHECK_TINY=1 runs the same steps on a machine without a GPU (a Python whose torch imports; the benches with
 # --tiny on the CPU): a test of this script, not a measurement.
 #
-# Time estimate on one H200 (not yet run): checks ~10 s, tests ~30-60 s, each FLUX 1024 px configuration ~40-60 s
-# (start-up and random weights ~15-25 s, pinning ~10 GiB for swapping, 8 steps), each FLUX 512 px one ~25-35 s,
-# each SD3.5 medium one ~15-30 s (2.2 B parameters, under a second a step): about 7-7.5 minutes in all.
-# Per-configuration limits and the budget cut the rest if it runs slower (FLUX's 512 px configurations first).
+# Time estimate on one H200 (not yet run): checks ~10 s, wheels ~10 s, tests ~120-200 s (tiny models built first),
+# SD1.5 / SDXL ~25-60 s a configuration (the random checkpoints written once per family), each FLUX 1024 px
+# configuration ~40-60 s, each SD3.5 medium one ~15-30 s. The deadlines cut the rest (FLUX's 512 px ones first).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/test-output/gpu_check}"
 mkdir -p "$OUT"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-510}"
-SD3_RESERVE_S="${GPU_CHECK_SD3_RESERVE_S:-120}"
+SD3_RESERVE_S="${GPU_CHECK_SD3_RESERVE_S:-60}"
+FLOW_RESERVE_S="${GPU_CHECK_FLOW_RESERVE_S:-170}"
+TESTS_LIMIT_S="${GPU_TESTS_LIMIT_S:-200}"
+BENCH_OUT="${GPU_CHECK_BENCH_OUT:-/tmp/gpu_check_bench}"
 SD3_CONFIGS="${SD3_BENCH_CONFIGS:-1024:bf16:0,1024:fp8:0,512:bf16:0}"
 GPU_TESTS_K="${GPU_TESTS_K-cuda or checkpointing}"
 TINY="${GPU_CHECK_TINY:-0}"
@@ -82,6 +92,23 @@ if [ -z "$PY" ]; then
     exit 2
 fi
 
+section "packages"
+if [ -d .whl ] && [ "$TINY" != 1 ]; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    if [ -d .whl/bnb_site ]; then export PYTHONPATH="$PWD/.whl/bnb_site${PYTHONPATH:+:$PYTHONPATH}"; fi
+fi
+"$PY" -c '
+import importlib
+for name in ("diffusers", "transformers", "accelerate", "peft", "pydantic", "bitsandbytes", "xformers"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as error:
+        print(name, "not importable:", type(error).__name__, str(error)[:200])
+' || true
+
 section "CUDA tests"
 tests_rc=skipped
 if [ -n "$GPU_TESTS_K" ]; then
@@ -89,14 +116,22 @@ if [ -n "$GPU_TESTS_K" ]; then
     if [ "${#test_files[@]}" -gt 0 ]; then
         echo "files: ${test_files[*]}; -k '$GPU_TESTS_K'"
         tests_rc=0
-        timeout --kill-after=10 150 "$PY" -m pytest -p no:cacheprovider -q -rs -k "$GPU_TESTS_K" "${test_files[@]}" \
+        parallel=()
+        if "$PY" -c "import xdist" 2>/dev/null && [ "$TINY" != 1 ]; then parallel=(-n 4 --dist load); fi
+        timeout --kill-after=10 "$TESTS_LIMIT_S" "$PY" -m pytest -p no:cacheprovider -q -rs "${parallel[@]}" \
+            tests/test_precision_paths.py tests/test_step_sync.py tests/test_cache_on_device.py \
+            -k "$GPU_TESTS_K or precision or nothing_back or on_device" "${test_files[@]}" \
             >"$OUT/cuda_tests.log" 2>&1 || tests_rc=$?
         tail -n 25 "$OUT/cuda_tests.log"
     else
         echo "no test file mentions cuda.is_available"
     fi
 fi
-echo "CUDA tests exit status: $tests_rc (124 = over the 150 s limit)"
+echo "CUDA tests exit status: $tests_rc (124 = over the ${TESTS_LIMIT_S} s limit)"
+
+section "SD1.5 / SDXL LoRA bench"
+sd_rc=0
+bench sd_gpu.py $(( BUDGET_S - SECONDS - FLOW_RESERVE_S )) "${SD_BENCH_CONFIGS:-}" || sd_rc=$?
 
 section "FLUX.1 dev LoRA bench"
 flux_rc=0
@@ -109,14 +144,12 @@ sd3_configs="$SD3_CONFIGS"
 bench sd3_gpu.py $(( BUDGET_S - SECONDS - 20 )) "$sd3_configs" || sd3_rc=$?
 
 section "summary"
-echo "CUDA tests: $tests_rc; FLUX bench: $flux_rc; SD3 bench: $sd3_rc (0 = every configuration ran or ran out of" \
-     "memory); ${SECONDS}s"
-for table in flux_gpu sd3_gpu; do
-    if [ -f "$OUT/$table.md" ]; then echo; echo "$table:"; cat "$OUT/$table.md"; fi
+echo "CUDA tests: $tests_rc; SD bench: $sd_rc; FLUX bench: $flux_rc; SD3 bench: $sd3_rc (0 = every configuration" \
+     "ran or ran out of memory); ${SECONDS}s"
+for table in sd_gpu flux_gpu sd3_gpu; do
+    if [ -f "$BENCH_OUT/$table.md" ]; then echo; echo "$table:"; cat "$BENCH_OUT/$table.md"; fi
 done
-files=$(find "$OUT" -type f | wc -l)
-if [ "$files" -gt 8 ]; then echo "gpu_check: $files files in \$OUT; the device tool brings back only 8" >&2; fi
-[ "$flux_rc" = 0 ] && [ "$sd3_rc" = 0 ]
+[ "$sd_rc" = 0 ] && [ "$flux_rc" = 0 ] && [ "$sd3_rc" = 0 ]
 }
 
 # bench SCRIPT DEADLINE_S CONFIGS: one bench driver with its deadline; CONFIGS "" keeps the script's own list.
@@ -128,11 +161,16 @@ bench() {
         echo "not enough of the ${BUDGET_S} s budget left for bench/$script (${deadline} s)"
         return 3
     fi
-    local args=(--out "$OUT" --deadline-s "$deadline")
+    local args=(--out "$BENCH_OUT" --deadline-s "$deadline")
     [ "$TINY" = 1 ] && args+=(--tiny)
     [ -n "$configs" ] && args+=(--configs "$configs")
     timeout --kill-after=10 $(( deadline + 30 )) "$PY" "bench/$script" "${args[@]}"
 }
+
+# Every bench file in one archive, also when a limit ends the run early (the device tool brings back 8 files).
+pack() { if [ -d "$BENCH_OUT" ]; then tar czf "$OUT/bench.tar.gz" -C "$BENCH_OUT" . 2>/dev/null || true; fi; }
+trap pack EXIT
+mkdir -p "$BENCH_OUT"
 
 # One log of everything; the exit status is main's.
 main 2>&1 | tee -a "$OUT/gpu_check.log"

@@ -44,8 +44,16 @@ class StepRecorder(TorchDispatchMode):
         if func in HOST_READS:
             self.events.append(("read", str(func)))
         elif func is aten._to_copy.default and _blocking_upload(args[0], kwargs):
-            self.events.append(("upload", str(func)))
+            self.events.append(("upload", _engine_caller()))
         return func(*args, **kwargs)
+
+
+def _engine_caller() -> str:
+    """Where in the engine a copy was asked for (the innermost engine frame), to name it in a failure."""
+    import traceback
+
+    frames = [frame for frame in traceback.extract_stack() if "/engine/" in frame.filename]
+    return f"{frames[-1].filename.split('/engine/')[-1]}:{frames[-1].lineno}" if frames else "outside the engine"
 
 
 def _blocking_upload(source: torch.Tensor, kwargs: dict[str, Any]) -> bool:

@@ -38,7 +38,7 @@ def sd1_run(tiny_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd1_run")
     config = write_config(
         folder / "config.toml", tiny_models, "sd1",
-        training={"max_train_steps": 40, "mixed_precision": "fp16"},  # fp16 on a CPU: a warning, then float32
+        training={"max_train_steps": 40, "mixed_precision": "fp16"},  # fp16 autocast and loss scaling, on a CPU too
         network={"network_dim": 4, "network_alpha": 2.0},
         optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
         saving={"save_every_n_steps": 20, "save_state": True},

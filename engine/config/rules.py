@@ -283,6 +283,16 @@ def precision_is_consistent(config: RunConfig, context: RuleContext) -> Iterator
     for key, needed in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if getattr(training, key) and training.mixed_precision != needed:
             yield Problem(f"training.{key}", f"needs training.mixed_precision = '{needed}'")
+    if training.full_fp16 and training.mixed_precision == "fp16" \
+            and config.optimizer.optimizer_type in _FP16_MOMENT_OPTIMIZERS:
+        yield Problem("training.full_fp16", f"{config.optimizer.optimizer_type} keeps its moments in the weights' "
+                      "float16, where its eps (1e-8) is 0: a weight whose gradient is still 0 (a LoRA's down "
+                      "matrices at the first step) becomes NaN; use AdamW8bit (sd-scripts' pairing for full_fp16), "
+                      "full_bf16, or mixed precision alone")
+
+
+# torch's Adam optimizers make their state in each weight's dtype (seen: a LoRA run NaN at step 2 with full_fp16).
+_FP16_MOMENT_OPTIMIZERS = ("AdamW",)
 
 
 @rule

@@ -183,7 +183,9 @@ def _fix_open_clip_chunks(chunks: torch.Tensor, eos: int, pad: int) -> None:
 
 def _flat(chunks: torch.Tensor, encoder: Any) -> torch.Tensor:
     """[B, n, 77] → [B·n, 77] on the encoder's device: every chunk of every caption in one forward pass."""
-    return chunks.reshape(-1, chunks.shape[-1]).to(encoder.device)
+    from engine.transfer import to_device
+
+    return to_device(chunks.reshape(-1, chunks.shape[-1]), encoder.device)
 
 
 def _join_chunks(states: torch.Tensor, count: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
     check_text_options(config, model.family)  # a detected family may not read weighted captions
     _TRAINING_OPTIONS.get(family_info(model.family).loader, _no_options)(config, model, scan)
     checkpoint("while loading the model")
-    dtype = weight_dtype(accelerator)
+    dtype = weight_dtype(config)
     store_frozen_in_fp8(config, model, dtype)  # before caching (the encoders run in fp8 too) and before the LoRA
     latents = cache_latents(config, scan, model, accelerator, log) if config.training.cache_latents else None
     refuse_scan_errors(scan)  # the caption problems deferred past the latent cache
@@ -165,7 +165,7 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
              for name in ("clip_l", "t5xxl", "ae", "clip_g")}
     try:
         model = load_model(location, family=section.model_family, vae_path=vae, **files,
-                           dtype=_frozen_load_dtype(config, location, accelerator),
+                           dtype=_frozen_load_dtype(config, location),
                            tokenizer_cache_dir=model_location(section.tokenizer_cache_dir, base_dir),
                            fp8=section.fp8_base or section.fp8_base_unet)
     except ModelLoadError as error:
@@ -175,7 +175,7 @@ def load_base_model(config: RunConfig, base_dir: Path, accelerator: Any) -> Any:
     return model
 
 
-def _frozen_load_dtype(config: RunConfig, location: str, accelerator: Any) -> torch.dtype | None:
+def _frozen_load_dtype(config: RunConfig, location: str) -> torch.dtype | None:
     """FLUX / SD3 LoRA: the base model is read in the mixed-precision dtype it is kept in anyway, which halves the RAM
     a FLUX.1 transformer needs while loading (24 GB in bf16 instead of 48 GB in float32). Others load in float32."""
     from engine.models.loading import ModelLoadError, detect_model_family
@@ -188,7 +188,7 @@ def _frozen_load_dtype(config: RunConfig, location: str, accelerator: Any) -> to
             family = detect_model_family(location)
         except ModelLoadError:
             return None  # load_model reports it with its own message
-    return weight_dtype(accelerator) if family_info(family).loader in _LOW_PRECISION_LOADERS else None
+    return weight_dtype(config) if family_info(family).loader in _LOW_PRECISION_LOADERS else None
 
 
 _LOW_PRECISION_LOADERS = ("flux", "sd3")  # loaders that read weights straight into a given dtype
@@ -207,7 +207,7 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
         raise RunInputError(str(error), "turn off random_crop or training.cache_latents",
                             "training.cache_latents") from error
     vae = model.vae
-    dtype = vae_dtype(config.model.no_half_vae, accelerator.device.type, weight_dtype(accelerator))
+    dtype = vae_dtype(config.model.no_half_vae, accelerator.device.type, weight_dtype(config))
     torch.nn.Module.to(vae.vae, device=accelerator.device, dtype=dtype)
     to_disk = config.training.cache_latents_to_disk
     # Each process encodes its own share of a disk cache would race on files; the main process writes, others wait.
@@ -295,5 +295,5 @@ def training_facts(session: Session) -> Any:
         model_path=model_path, vae_path=vae_path,
         network_module=getattr(session.method, "network_module", "networks.lora"),
         resolution=(int(width), int(height)), model_hashes=hashes,
-        mixed_precision=str(session.accelerator.mixed_precision),  # a CPU run trains fp16 requests in float32
+        mixed_precision=session.precision.mode,
     )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.models.families import family_info
-from engine.train.transfer import to_device
+from engine.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -55,7 +55,7 @@ def encoded_batch(session: Session, batch: dict[str, Any]) -> EncodedText:
     options = encoding_options(session.config.model, session.model.scheduler_config.get("variant", ""))
     # Asked every step: DreamBooth stops training the text encoder part-way through a run.
     trains_text = any(session.method.trains_text_encoders)
-    with torch.set_grad_enabled(trains_text), session.accelerator.autocast():
+    with torch.set_grad_enabled(trains_text), session.precision.autocast():
         return encode_captions(session.model.text, captions, **options)
 
 

@@ -267,12 +267,12 @@ def sample_sigmas(batch: int, settings: FlowSettings, latent_hw: Sequence[int], 
 def per_sample_draws(seeds: list[int], draw: Callable[[torch.Generator], tuple[torch.Tensor, ...]],
                      device: torch.device) -> list[torch.Tensor]:
     """``draw`` run for each sample with a CPU generator seeded from its own seed, each kind of draw stacked over
-    the batch and moved to ``device`` in one copy (no host wait on a GPU, engine.train.transfer).
+    the batch and moved to ``device`` in one copy (no host wait on a GPU, engine.transfer).
 
     Drawing on the CPU gives the same numbers on any accelerator, and the per-sample seeds make a sample's draws
     independent of its batch and of the process count.
     """
-    from engine.train.transfer import to_device
+    from engine.transfer import to_device
 
     rows = [draw(torch.Generator().manual_seed(seed)) for seed in seeds]
     return [to_device(torch.cat(column), device) for column in zip(*rows, strict=True)]

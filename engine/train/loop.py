@@ -49,7 +49,7 @@ class StepRunner:
         self.session = session
         self.objective = make_objective(session)
         self.parameters = session.method.trainable_parameters()
-        self.optimizer_update = OptimizerUpdate(session.optimizer, getattr(session.accelerator, "scaler", None),
+        self.optimizer_update = OptimizerUpdate(session.optimizer, session.precision.scaler,
                                                 self.parameters, session.config.optimizer.max_grad_norm)
         # optimizer.fused_backward_pass: each weight is averaged, clipped and stepped by a hook as soon as its
         # gradient is complete during backward, so update() only moves the schedule on.
@@ -88,7 +88,7 @@ class StepRunner:
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's latents as the denoiser sees them (shifted and scaled), float32 on the device."""
-        from engine.train.transfer import to_device
+        from engine.transfer import to_device
 
         session = self.session
         loaded = session.model.vae
@@ -182,7 +182,7 @@ def epoch_loader(session: Session, epoch: int, start: int) -> Any:
         kept.batch_sampler.move_to(**position)
         return kept
     batches = EpochBatches(session.sampler, accumulation=schedule.accumulation, **position)
-    # Pinned batches reach the GPU without the host waiting for the copy (engine.train.transfer); caches kept on
+    # Pinned batches reach the GPU without the host waiting for the copy (engine.transfer); caches kept on
     # the device give batches that are there already (and cannot be pinned).
     pin = session.device.type == "cuda" and not training.cache_on_device
     loader = DataLoader(session.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,

@@ -290,7 +290,7 @@ def batch_weights(batch: dict, device: torch.device) -> torch.Tensor | None:
     """A batch's per-sample loss weights on ``device``, or None when all are 1 (most batches: only regularization
     images differ). The data loader gives them as host numbers, so deciding costs no read from the device; a
     tensor given instead is used as it is."""
-    from engine.train.transfer import to_device
+    from engine.transfer import to_device
 
     weights = batch["loss_weight"]
     if isinstance(weights, torch.Tensor):

@@ -95,6 +95,8 @@ class TextualInversionMethod:
         # What every row must stay; the new rows' entries are never used (the trained values are kept instead).
         self._originals = [self._weight(index).detach().to(torch.float32, copy=True)
                            for index in range(len(self.encoders))]
+        for encoder in self.encoders:
+            encoder.get_input_embeddings().register_forward_hook(_rows_in_cpu_autocast_dtype)
 
     def _weight(self, index: int) -> torch.nn.Parameter:
         return self.encoders[index].get_input_embeddings().weight
@@ -159,6 +161,15 @@ class TextualInversionMethod:
         vectors = ", ".join(token_strings(self.token, self.num_vectors))
         return (f"embedding {self.token!r}: {self.num_vectors} vector(s) ({vectors}) in {len(self.encoders)} "
                 f"text encoder(s), initialised from {self.init_word!r}")
+
+
+def _rows_in_cpu_autocast_dtype(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """The trained embedding is float32 while the rest of its encoder is kept in the half dtype. On a GPU, autocast
+    runs the layer norms that follow in float32, whatever their inputs; the CPU's autocast leaves layer norms alone,
+    and one with a float32 input and float16 weights fails. There the embeddings enter the encoder in its dtype."""
+    if output.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return output.to(torch.get_autocast_dtype("cpu"))
+    return output
 
 
 def add_tokens(tokenizer: Any, encoder: Any, strings: list[str], init_word: str) -> list[int]:

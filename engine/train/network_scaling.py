@@ -32,7 +32,7 @@ def _network(session: Session) -> Any:
 
 def apply_batch_multipliers(session: Session, batch: dict[str, Any]) -> None:
     """Set each sample's dataset multiplier on the network (a float when the batch has one value)."""
-    from engine.train.transfer import to_device
+    from engine.transfer import to_device
 
     network = _network(session)
     values = batch.get("network_multiplier")  # host floats, one per sample (engine.train.dataset.collate)

@@ -132,8 +132,8 @@ class NoiseDraws:
         return cls(**{field.name: _cat([getattr(drawn, field.name) for drawn in draws]) for field in fields(cls)})
 
     def to(self, device: torch.device) -> NoiseDraws:
-        """Every draw on ``device`` (from pinned memory without a host wait, engine.train.transfer)."""
-        from engine.train.transfer import to_device
+        """Every draw on ``device`` (from pinned memory without a host wait, engine.transfer)."""
+        from engine.transfer import to_device
 
         return NoiseDraws(**{field.name: None if getattr(self, field.name) is None
                              else to_device(getattr(self, field.name), device) for field in fields(self)})

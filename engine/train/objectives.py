@@ -51,7 +51,7 @@ class DiffusionObjective:
         noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
 
         def predict() -> torch.Tensor:
-            with session.accelerator.autocast():
+            with session.precision.autocast():
                 return session.model.unet(noisy.to(session.weight_dtype), timesteps, **conditioning).sample
 
         prediction = predict()
@@ -99,7 +99,7 @@ class FlowObjective:
         txt = conditioning["txt"]
 
         def predict() -> torch.Tensor:
-            with session.accelerator.autocast():
+            with session.precision.autocast():
                 packed = session.model.unet(
                     img=flow.pack_latents(noisy).to(dtype),
                     img_ids=flow.image_ids(batch_size, (height, width), device=latents.device, dtype=dtype),

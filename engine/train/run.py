@@ -229,7 +229,7 @@ def start_fields(session: Any, resumed: str) -> dict[str, Any]:
             "network_type": config.network.network_type, "network_dim": config.network.network_dim,
             "network_alpha": config.network.network_alpha, "optimizer": config.optimizer.optimizer_type,
             "learning_rate": config.optimizer.learning_rate, "lr_scheduler": config.optimizer.lr_scheduler,
-            "mixed_precision": str(session.accelerator.mixed_precision),
+            "mixed_precision": session.precision.mode,
             "gradient_accumulation_steps": schedule.accumulation, "processes": session.accelerator.num_processes,
             "device": str(session.device), "cpu_threads": torch.get_num_threads(),
             "log_dir": str(session.accelerator.logging_dir or "") if config.logging.logging_dir else "",

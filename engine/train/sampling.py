@@ -277,9 +277,10 @@ def _generate_one(parts: SamplerParts, request: SampleRequest, index: int, setti
     import torch
 
     seed = request.seed if request.seed is not None else secrets.randbits(32)
-    positive, negative = _encode(parts, request, settings)
     half = settings.dtype in (torch.float16, torch.bfloat16)
+    # The prompts too: text encoders kept in half precision carry a trained float32 LoRA, as in training.
     with torch.autocast(settings.device.type, dtype=settings.dtype, enabled=half):
+        positive, negative = _encode(parts, request, settings)
         latents = _GENERATORS[family_info(parts.family).sampler](parts, request, positive, negative, seed, settings)
         pixels = _decode(parts, latents)
     path = settings.out_dir / f"{settings.stem}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.train.transfer import to_device
+from engine.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -164,7 +164,7 @@ class SD3Objective:
 
                 seed = derived_seed("pos_emb_crop", batch["noise_seed"][0])
                 self.mmdit.pos_emb_generator = torch.Generator().manual_seed(seed)
-            with session.accelerator.autocast():
+            with session.precision.autocast():
                 # t stays float32: the MMDiT's timestep embedding computes its frequencies in float32 anyway.
                 pred = session.model.unet(x=noisy.to(session.weight_dtype), t=timesteps, y=conditioning["y"],
                                           context=conditioning["context"])

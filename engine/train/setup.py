@@ -19,9 +19,8 @@ import torch
 from engine.config.schema import RunConfig
 from engine.config.sections_output import LaunchSection
 from engine.data.records import ScanResult
+from engine.train.precision import PRECISION_DTYPES, Precision, make_precision
 from engine.train.reporting import RunLog, is_main_launch_process, run_log_folder
-
-_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class RunInputError(ValueError):
@@ -81,9 +80,11 @@ class Session:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-
-# What torch's CPU autocast runs well; fp16 on a CPU is not offered by accelerate (and slow where it exists).
-_CPU_PRECISIONS = ("no", "bf16")
+    @cached_property
+    def precision(self) -> Precision:
+        """The forward passes' autocast and the fp16 loss scaler (engine.train.precision), made once per run."""
+        training = self.config.training
+        return make_precision(training.mixed_precision, self.device, full_fp16=training.full_fp16)
 
 
 def apply_cpu_threads(launch: LaunchSection) -> int:
@@ -106,24 +107,24 @@ def make_accelerator(config: RunConfig, base_dir: Path) -> Any:
     from engine.config.io import resolve_path
 
     on_cpu = not torch.cuda.is_available()
-    precision = config.training.mixed_precision
-    if on_cpu and precision not in _CPU_PRECISIONS:
-        precision = "no"  # see precision_warning
     logging_dir = ""
     if config.logging.logging_dir:  # each run its own folder below logging_dir (sd-scripts' <prefix><date-time>)
         logging_dir = str(run_log_folder(resolve_path(config.logging.logging_dir, base_dir), config.logging.log_prefix,
                                          reserve=is_main_launch_process()))
     trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
-    return Accelerator(cpu=on_cpu, mixed_precision=precision,
+    # Mixed precision is engine.train.precision's (accelerate offers it on a GPU only): accelerate's own stays off, so
+    # its autocast and scaler cannot act twice, whatever `accelerate launch --mixed_precision` put in the environment.
+    return Accelerator(cpu=on_cpu, mixed_precision="no",
                        log_with=trackers[config.logging.log_with] if logging_dir else None,
                        project_dir=logging_dir or None)
 
 
 def precision_warning(config: RunConfig, accelerator: Any, log: RunLog) -> None:
-    wanted = config.training.mixed_precision
-    if wanted != str(accelerator.mixed_precision):
-        log.event("warning", message=f"training.mixed_precision = {wanted} needs a GPU; training in float32",
-                  hint="set training.mixed_precision = \"no\" for CPU runs", where="training.mixed_precision")
+    """fp16 on a CPU trains as asked (engine.train.precision), but CPUs compute float16 slower than float32."""
+    if config.training.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        log.event("warning", message="training.mixed_precision = fp16 on a CPU: it trains in float16 as asked, but "
+                  "more slowly than in float32", hint="set training.mixed_precision = \"no\" (or \"bf16\") for CPU "
+                  "runs", where="training.mixed_precision")
 
 
 def compute_schedule(config: RunConfig, batches_per_epoch: int) -> Schedule:
@@ -140,9 +141,9 @@ def compute_schedule(config: RunConfig, batches_per_epoch: int) -> Schedule:
     return Schedule(batches_per_epoch, steps_per_epoch, epochs, total, accumulation)
 
 
-def weight_dtype(accelerator: Any) -> torch.dtype:
+def weight_dtype(config: RunConfig) -> torch.dtype:
     """The dtype frozen weights are kept in: the mixed-precision type (as sd-scripts does for LoRA)."""
-    return _PRECISION_DTYPES.get(str(accelerator.mixed_precision), torch.float32)
+    return PRECISION_DTYPES[config.training.mixed_precision]
 
 
 def configure_attention(unet: Any, config: RunConfig) -> None:

@@ -63,7 +63,7 @@ class Trainer:
         session.method.load_trained_state(state.trained)
         session.optimizer.load_state_dict(state.optimizer)
         session.lr_scheduler.load_state_dict(state.scheduler)
-        scaler = getattr(session.accelerator, "scaler", None)
+        scaler = session.precision.scaler
         if scaler is not None and state.scaler is not None:
             scaler.load_state_dict(state.scaler)
         self.position = state.position
@@ -79,6 +79,8 @@ class Trainer:
         before_training = getattr(session.method, "before_training", None)  # e.g. DreamBooth's text-encoder stop
         if before_training is not None:
             before_training(self.position.global_step, schedule.total_steps)
+        if session.device.type == "cuda":  # progress reports training's peak; loading and caching peak on their own
+            torch.cuda.reset_peak_memory_stats(session.device)
         try:
             return self._train()
         except NonFiniteWeights as error:
@@ -289,7 +291,7 @@ class Trainer:
         # Read again now that train mode is back: a schedule-free optimizer's eval/train round trip may round the
         # weights, and a resume must start from exactly the values training goes on with.
         session = self.session
-        scaler = getattr(session.accelerator, "scaler", None)
+        scaler = session.precision.scaler
         state = SavedState(
             trained=session.method.trained_state(), optimizer=session.optimizer.state_dict(),
             scheduler=session.lr_scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,

@@ -8,7 +8,6 @@ on the tiny MMDiT.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from types import SimpleNamespace
 
@@ -230,10 +229,12 @@ def session_for(model: torch.nn.Module, **config: object) -> SimpleNamespace:
                 "debiased_estimation_loss": False}
     for key, value in config.items():
         (flow if key in flow else training)[key] = value
-    accelerator = SimpleNamespace(autocast=contextlib.nullcontext, device=torch.device("cpu"))
+    from engine.train.precision import make_precision
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
     return SimpleNamespace(config=SimpleNamespace(flow=SimpleNamespace(**flow), training=SimpleNamespace(**training)),
                            accelerator=accelerator, model=SimpleNamespace(unet=model), weight_dtype=torch.float32,
-                           device=torch.device("cpu"))
+                           device=torch.device("cpu"), precision=make_precision("no", torch.device("cpu")))
 
 
 def conditioning(batch: int, seed: int = 20) -> dict[str, torch.Tensor]:

@@ -39,6 +39,8 @@ def encode_flux(loaded: LoadedTextEncoders, captions: list[str], *, max_length: 
         ``hidden_states`` T5 [B, max_length, d_model], ``pooled`` CLIP-L [B, 768] (None for Chroma), ``mask``
         [B, max_length] bool, True at real tokens (the EOS included), on T5's device.
     """
+    from engine.transfer import to_device  # token ids without a host wait on a GPU
+
     if max_length < 1:
         raise ValueError(f"t5xxl_max_token_length must be at least 1, not {max_length}")
     pooled = None
@@ -46,9 +48,9 @@ def encode_flux(loaded: LoadedTextEncoders, captions: list[str], *, max_length: 
         tokenizer, clip = loaded.tokenizers[0], loaded.encoders[0]
         ids = tokenizer(captions, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
                         return_tensors="pt").input_ids
-        pooled = clip(ids.to(clip.device)).pooler_output
+        pooled = clip(to_device(ids, clip.device)).pooler_output
     tokenizer, t5 = loaded.tokenizers[-1], loaded.encoders[-1]
     tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    ids, mask = tokens.input_ids.to(t5.device), tokens.attention_mask.to(t5.device)
+    ids, mask = to_device(tokens.input_ids, t5.device), to_device(tokens.attention_mask, t5.device)
     hidden = t5(ids, attention_mask=mask if apply_mask else None).last_hidden_state
     return EncodedText(hidden_states=hidden, pooled=pooled, mask=mask.bool())

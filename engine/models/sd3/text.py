@@ -73,6 +73,8 @@ def encode_sd3(loaded: LoadedTextEncoders, captions: list[str], *, t5_max_length
     """
     import torch
 
+    from engine.transfer import to_device  # token ids without a host wait on a GPU
+
     if t5_max_length < 1:
         raise ValueError(f"model.t5xxl_max_token_length must be at least 1, not {t5_max_length}; set it between 1 "
                          "and 512, or leave it empty for SD3's 256")
@@ -80,14 +82,14 @@ def encode_sd3(loaded: LoadedTextEncoders, captions: list[str], *, t5_max_length
     for tokenizer, encoder in zip(loaded.tokenizers[:2], loaded.encoders[:2], strict=True):
         tokens = tokenizer(captions, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                            return_tensors="pt")
-        mask = tokens.attention_mask.to(encoder.device) if apply_lg_mask else None
-        output = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask, output_hidden_states=True)
+        mask = to_device(tokens.attention_mask, encoder.device) if apply_lg_mask else None
+        output = encoder(to_device(tokens.input_ids, encoder.device), attention_mask=mask, output_hidden_states=True)
         states.append(output.hidden_states[-2])
         pooled.append(output.text_embeds)
     tokenizer, t5 = loaded.tokenizers[2], loaded.encoders[2]
     tokens = tokenizer(captions, padding="max_length", max_length=t5_max_length, truncation=True, return_tensors="pt")
-    mask = tokens.attention_mask.to(t5.device) if apply_t5_mask else None
-    t5_out = t5(tokens.input_ids.to(t5.device), attention_mask=mask).last_hidden_state
+    mask = to_device(tokens.attention_mask, t5.device) if apply_t5_mask else None
+    t5_out = t5(to_device(tokens.input_ids, t5.device), attention_mask=mask).last_hidden_state
     lg = torch.cat(states, dim=-1).to(t5_out)
     lg = torch.nn.functional.pad(lg, (0, t5_out.shape[-1] - lg.shape[-1]))
     return EncodedText(hidden_states=torch.cat([lg, t5_out], dim=-2), pooled=torch.cat(pooled, dim=-1).to(t5_out),
