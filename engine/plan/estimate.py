@@ -1,0 +1,230 @@
+"""A run's memory plan: the peak GPU memory and system RAM it will take, broken down, and whether it fits.
+
+The parts: frozen weights by where they live and their dtype (fp8 storage, blocks swapped to the CPU, text encoders
+and VAE resident or not by what is cached), the trained weights, their optimizer's state (arithmetic per optimizer),
+and the step itself (activations, temporaries and gradients), traced with fake tensors by engine.plan.trace.
+The estimate is of `torch.cuda.max_memory_allocated` during training; the card also holds the CUDA context and
+the allocator's slack, which `fits` leaves room for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config.schema import RunConfig
+from engine.models.families import family_info
+from engine.plan.architecture import Architecture, build_architecture
+from engine.plan.trace import StepShape, trace_step
+
+__all__ = ["GIB", "MemoryPlan", "PlanItem", "make_plan", "optimizer_state_bytes"]
+
+GIB = 1024**3
+# What the card holds beyond PyTorch's peak allocation: the CUDA context and kernels (~0.5 GiB) and the caching
+# allocator's rounding and fragmentation (reserved runs ~5-10 % above allocated in the device runs).
+CONTEXT_BYTES = int(0.6 * GIB)
+ALLOCATOR_SLACK = 0.10
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    name: str
+    bytes: int
+    where: str  # "gpu" or "host"
+    detail: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    family: str
+    items: list[PlanItem]
+    shape: StepShape
+    source: str
+    notes: list[str] = field(default_factory=list)
+    gpu_capacity: int | None = None  # bytes of the card planned for (detected or given)
+
+    def total(self, where: str) -> int:
+        return sum(item.bytes for item in self.items if item.where == where)
+
+    @property
+    def gpu_peak(self) -> int:
+        return self.total("gpu")
+
+    @property
+    def gpu_needed(self) -> int:
+        """The card memory the run needs: the peak plus the context and the allocator's slack."""
+        return int(self.gpu_peak * (1 + ALLOCATOR_SLACK)) + CONTEXT_BYTES
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_capacity is None else self.gpu_needed <= self.gpu_capacity
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "gpu_peak_bytes": self.gpu_peak, "gpu_needed_bytes": self.gpu_needed,
+                "host_bytes": self.total("host"), "gpu_capacity_bytes": self.gpu_capacity, "fits": self.fits,
+                "batch_size": self.shape.batch_size, "resolution": [self.shape.width, self.shape.height],
+                "items": [vars(item) for item in self.items], "architecture_from": self.source, "notes": self.notes}
+
+
+def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = None) -> MemoryPlan:
+    """The plan of `config` (paths relative to `base_dir`); `gpu_capacity` defaults to the detected GPU's memory."""
+    from engine.files import resolve_path
+
+    location = config.model.pretrained_model_name_or_path
+    local = resolve_path(location, base_dir)
+    architecture = build_architecture(config, local if local.exists() else location)
+    shape = step_shape(config, base_dir, architecture.family)
+    frozen = _DTYPES[config.training.mixed_precision]
+    trained_dtype = torch.bfloat16 if config.training.full_bf16 else \
+        torch.float16 if config.training.full_fp16 else torch.float32
+    weights = _denoiser_weights(config, architecture, frozen)
+    traced = trace_step(config, architecture.family, architecture.denoiser, shape, frozen_dtype=frozen,
+                        trained_dtype=trained_dtype)
+    items = [*weights, *_other_parts(config, architecture, frozen)]
+    if config.method == "lora":
+        items.append(PlanItem("trained weights (LoRA)", traced.trained_bytes, "gpu",
+                              f"{traced.trained_parameters:,} parameters, {_dtype_name(trained_dtype)}"))
+    items.append(PlanItem("optimizer state", optimizer_state_bytes(config, traced.trained_parameters, trained_dtype),
+                          "gpu", config.optimizer.optimizer_type))
+    items.append(PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
+                          _step_detail(config, shape)))
+    if gpu_capacity is None:
+        gpu_capacity = detected_gpu_memory()
+    return MemoryPlan(architecture.family, items, shape, architecture.source, architecture.notes, gpu_capacity)
+
+
+def detected_gpu_memory() -> int | None:
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
+def step_shape(config: RunConfig, base_dir: Path, family: str) -> StepShape:
+    """The largest batch: the datasets' largest batch size at their largest resolution (buckets keep the area)."""
+    sizes = [(dataset.params.get("batch_size") or 1, _resolution(dataset.params.get("resolution")))
+             for dataset in _datasets(config, base_dir)] or [(1, (512, 512))]
+    batch = max(size for size, _ in sizes)
+    width, height = max((resolution for _, resolution in sizes), key=lambda wh: wh[0] * wh[1])
+    info = family_info(family)
+    if info.loader == "ldm":
+        chunks = config.model.max_token_length // 75
+        tokens = 77 if chunks == 1 else 77 * chunks  # sd-scripts concatenates each chunk's 77 states
+    else:
+        from engine.config.sections_model import t5xxl_token_length
+
+        tokens = t5xxl_token_length(config.model.t5xxl_max_token_length, "dev" if family != "sd3" else "medium")
+    return StepShape(batch, height, width, tokens)
+
+
+def _resolution(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return 512, 512
+
+
+def _datasets(config: RunConfig, base_dir: Path) -> list[Any]:
+    from engine.config.dataset import resolve_datasets, resolve_general_only
+
+    section = config.dataset
+    if section.config_file:
+        from engine.config.io import load_dataset_file
+        from engine.files import resolve_path
+
+        dataset_file = load_dataset_file(resolve_path(section.config_file, base_dir))
+        return resolve_datasets(section.general, dataset_file.datasets, dataset_file.general)
+    if section.datasets:
+        return resolve_datasets(section.general, section.datasets)
+    return [resolve_general_only(section)]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
+    """The denoiser's weights: trained ones are counted with the trained weights; frozen ones in the weight dtype,
+    fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them), some blocks on the host when swapping."""
+    denoiser = architecture.denoiser
+    if config.method in ("dreambooth", "finetune"):
+        dtype = torch.bfloat16 if config.training.full_bf16 else \
+            torch.float16 if config.training.full_fp16 else torch.float32
+        count = sum(p.numel() for p in denoiser.parameters())
+        return [PlanItem("trained weights (the whole denoiser)", count * dtype.itemsize, "gpu",
+                         f"{count:,} parameters, {_dtype_name(dtype)}")]
+    fp8 = config.model.fp8_base or config.model.fp8_base_unet
+    swapped = set(_swapped_blocks(config, architecture))
+    gpu, host = 0, 0
+    for name, module in denoiser.named_modules():
+        for parameter in module.parameters(recurse=False):
+            size = parameter.numel() * (1 if fp8 and isinstance(module, torch.nn.Linear) and parameter.ndim == 2
+                                        else frozen.itemsize)
+            if any(name == block or name.startswith(block + ".") for block in swapped):
+                host += size
+            else:
+                gpu += size
+    detail = f"{_dtype_name(frozen)}{', Linear weights in fp8' if fp8 else ''}"
+    items = [PlanItem("denoiser weights (frozen)", gpu, "gpu", detail)]
+    if swapped:
+        items.append(PlanItem("denoiser blocks swapped to the CPU", host, "host",
+                              f"{len(swapped)} blocks (training.blocks_to_swap), pinned"))
+    return items
+
+
+def _swapped_blocks(config: RunConfig, architecture: Architecture) -> list[str]:
+    blocks = config.training.blocks_to_swap
+    params = getattr(architecture.denoiser, "params", None)
+    if not blocks or params is None:
+        return []
+    from engine.models.flux.block_swap import swapped_block_names
+
+    return list(swapped_block_names(params, blocks))
+
+
+def _other_parts(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
+    """Text encoders and VAE: on the GPU in the weight dtype unless their outputs are cached (then float32 on the
+    host, as placement keeps them); the VAE encodes in float32 on the host's side only when latents are cached."""
+    training = config.training
+    items = []
+    encoders = sum(architecture.text_encoders.values())
+    if encoders:
+        cached = training.cache_text_encoder_outputs
+        items.append(PlanItem("text encoders", encoders * (4 if cached else frozen.itemsize),
+                              "host" if cached else "gpu",
+                              ", ".join(f"{name} {count:,}" for name, count in architecture.text_encoders.items())
+                              + (" (outputs cached)" if cached else "")))
+    if architecture.vae:
+        cached = training.cache_latents
+        vae_dtype = 4 if cached or config.model.no_half_vae else frozen.itemsize
+        items.append(PlanItem("VAE", architecture.vae * vae_dtype, "host" if cached else "gpu",
+                              f"{architecture.vae:,} parameters" + (" (latents cached)" if cached else "")))
+    return items
+
+
+def _step_detail(config: RunConfig, shape: StepShape) -> str:
+    checkpointing = "gradient checkpointing" if config.training.gradient_checkpointing else "no checkpointing"
+    return (f"batch {shape.batch_size} at {shape.width}x{shape.height}, {config.training.mixed_precision} "
+            f"autocast, {checkpointing} (traced with fake tensors)")
+
+
+# Bytes of state per trained parameter, from each optimizer's algorithm: torch's keep their moments in the
+# parameter's dtype (`element`), the 8-bit ones one byte per moment. Adafactor is computed from the shapes.
+_STATE_PER_PARAMETER: dict[str, tuple[int, int]] = {  # (moments in the parameter's dtype, bytes of 8-bit moments)
+    "AdamW": (2, 0), "PagedAdamW": (2, 0), "PagedAdamW32bit": (2, 0), "AdamW8bit": (0, 2), "PagedAdamW8bit": (0, 2),
+    "Lion": (1, 0), "Lion8bit": (0, 1), "PagedLion8bit": (0, 1), "SGDNesterov": (1, 0), "SGDNesterov8bit": (0, 1),
+    "DAdaptation": (3, 0), "DAdaptAdamPreprint": (3, 0), "DAdaptAdaGrad": (2, 0), "DAdaptAdam": (3, 0),
+    "DAdaptAdan": (4, 0), "DAdaptAdanIP": (4, 0), "DAdaptLion": (2, 0), "DAdaptSGD": (2, 0), "Prodigy": (4, 0),
+    "AdamWScheduleFree": (2, 0), "RAdamScheduleFree": (2, 0), "SGDScheduleFree": (1, 0), "Adafactor": (0, 0),
+}
+
+
+def optimizer_state_bytes(config: RunConfig, parameters: int, dtype: torch.dtype) -> int:
+    """The optimizer's state for `parameters` trained weights of `dtype` (Adafactor: its factored second moment is
+    about a row and a column per matrix, under 1 % of the weights; counted as 1 %)."""
+    moments, eight_bit = _STATE_PER_PARAMETER.get(config.optimizer.optimizer_type, (2, 0))
+    if config.optimizer.optimizer_type == "Adafactor":
+        return parameters * 4 // 100
+    return parameters * (moments * dtype.itemsize + eight_bit)

@@ -1,0 +1,215 @@
+"""One training step of the real denoiser traced with fake tensors: the memory its forward and backward allocate,
+at the run's batch size, resolution, precision and checkpointing, with no memory allocated and no GPU needed.
+
+The denoiser (on the meta device, from engine.plan.architecture) becomes fake tensors; the run's network (the
+engine's own LoRA builder), dtypes and gradient checkpointing are applied as placement does; a fake batch of the
+run's largest bucket goes through the family's forward under autocast, then the loss and backward. A dispatch mode
+counts every tensor storage made during the step until it is freed: the peak is what the step needs on top of the
+weights resident before it (gradients of the trained weights included; optimizer states are arithmetic).
+
+Traced on the CPU's kernels: CUDA's autocast keeps a few more ops in float32 (norms, softmax), and its attention
+kernels save what the CPU's flash kernel saves (outputs and log-sum-exp), so the activations compare; the plan's
+agreement with measured CUDA peaks is recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from engine.config.schema import RunConfig
+from engine.models.families import family_info
+
+__all__ = ["StepShape", "TracedStep", "trace_step"]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    batch_size: int
+    height: int  # pixels, the largest bucket's
+    width: int
+    text_tokens: int  # CLIP tokens (75 per chunk + 2) or T5 tokens for the flow families
+
+
+@dataclass(frozen=True)
+class TracedStep:
+    peak_bytes: int  # what the step allocates at its worst moment, on top of the weights
+    trained_parameters: int
+    trained_bytes: int  # the trained weights themselves (float32 unless full_bf16 / full_fp16)
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Live bytes of the storages made while active, and their peak (each storage counted once, until freed)."""
+
+    def __init__(self, resident: nn.Module) -> None:
+        super().__init__()
+        # Storages that exist before the step (weights, buffers): views of them (a transposed weight) are not new.
+        self.resident = {tensor.untyped_storage()._cdata
+                         for tensor in (*resident.parameters(), *resident.buffers())}
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _note(self, value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            return
+        storage = value.untyped_storage()
+        key = storage._cdata
+        if key in self.live or key in self.resident:
+            return
+        size = storage.nbytes()
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        tree_map(self._note, out)
+        return out
+
+
+def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepShape, *,
+               frozen_dtype: torch.dtype, trained_dtype: torch.dtype) -> TracedStep:
+    """Trace one step (see the module docstring). `denoiser` is on the meta device and is changed in place."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    trains_denoiser = config.method in ("dreambooth", "finetune")
+    denoiser.to(trained_dtype if trains_denoiser else frozen_dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        denoiser.to_empty(device="cpu")
+        denoiser.requires_grad_(trains_denoiser)
+        trained = _trained_parameters(config, family, denoiser, trains_denoiser, trained_dtype)
+        if config.training.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train(True)
+        tracker = _PeakBytes(denoiser)  # the LoRA modules are the denoiser's submodules once applied
+        # CUDA's float32 rule for norms and softmax, also while checkpointing recomputes under autocast in backward.
+        with tracker, _cuda_float32_ops():
+            inputs = _INPUTS[family_info(family).loader](denoiser, shape, frozen_dtype)
+            if config.method == "textual_inversion":  # the gradient flows through the denoiser to the text
+                inputs.text.requires_grad_(True)
+            with _autocast(config):
+                prediction = inputs.forward()
+            loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
+            loss.backward()
+    return TracedStep(peak_bytes=tracker.peak, trained_parameters=sum(p.numel() for p in trained),
+                      trained_bytes=sum(p.numel() * p.element_size() for p in trained))
+
+
+def _autocast(config: RunConfig) -> contextlib.AbstractContextManager:
+    from engine.train.precision import make_precision
+
+    return make_precision(config.training.mixed_precision, torch.device("cpu")).autocast()
+
+
+@contextlib.contextmanager
+def _cuda_float32_ops() -> Iterator[None]:
+    """CUDA's autocast runs norms and softmax in float32 (torch's autocast op reference) where the CPU's leaves them in
+    half: while tracing, under autocast, their half inputs are cast up first, and the float32 copies are what backward
+    keeps, as on a GPU. Functional-level, so checkpointing's recompute during backward goes through it too."""
+    originals = {name: getattr(F, name) for name in _CUDA_FLOAT32}
+
+    def upcasting(function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    return function(*tree_map(_up, args), **kwargs)
+            return function(*args, **kwargs)
+        return call
+
+    try:
+        for name, function in originals.items():
+            setattr(F, name, upcasting(function))
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(F, name, function)
+
+
+def _up(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
+
+
+_CUDA_FLOAT32 = ("group_norm", "layer_norm", "softmax", "log_softmax")
+
+
+def _trained_parameters(config: RunConfig, family: str, denoiser: nn.Module, trains_denoiser: bool,
+                        trained_dtype: torch.dtype) -> list[nn.Parameter]:
+    if trains_denoiser:
+        return list(denoiser.parameters())
+    if config.method != "lora" or config.network.train_text_encoder_only:
+        return []  # textual inversion: a few embedding rows, counted with the text encoders
+    from engine.networks.lora import create_lora_network, network_options
+
+    network = create_lora_network(denoiser, [nn.Module() for _ in family_info(family).text_encoder_lora_prefixes],
+                                  family, train_text_encoder=False, **network_options(config.network))
+    network.apply_to()
+    parameters = network.trainable_parameters()
+    for parameter in parameters:
+        parameter.data = parameter.data.to(trained_dtype)
+    return parameters
+
+
+@dataclass
+class _Inputs:
+    forward: Callable[[], torch.Tensor]
+    text: torch.Tensor
+
+
+def _sd_inputs(unet: nn.Module, shape: StepShape, dtype: torch.dtype) -> _Inputs:
+    batch, latent = shape.batch_size, (shape.height // 8, shape.width // 8)
+    x = torch.randn(batch, unet.config.in_channels, *latent).to(dtype)
+    timesteps = torch.randint(0, 1000, (batch,))
+    text = torch.randn(batch, shape.text_tokens, unet.config.cross_attention_dim, dtype=dtype)
+    extra: dict[str, Any] = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, dtype=dtype),
+                                       "time_ids": torch.zeros(batch, 6, dtype=dtype)}}
+    return _Inputs(lambda: unet(x, timesteps, encoder_hidden_states=text, **extra).sample, text)
+
+
+def _flux_inputs(model: nn.Module, shape: StepShape, dtype: torch.dtype) -> _Inputs:
+    from engine.train import flow
+
+    params, batch = model.params, shape.batch_size
+    hw = (shape.height // 8, shape.width // 8)
+    img = flow.pack_latents(torch.randn(batch, params.in_channels // 4, *hw)).to(dtype)
+    text = torch.randn(batch, shape.text_tokens, params.context_in_dim, dtype=dtype)
+    y = torch.randn(batch, params.vec_in_dim, dtype=dtype)
+    guidance = torch.full((batch,), 3.5, dtype=dtype) if params.guidance_embed else None
+
+    def forward() -> torch.Tensor:
+        return model(img=img, img_ids=flow.image_ids(batch, hw, device="cpu", dtype=dtype), txt=text,
+                     txt_ids=flow.text_ids(batch, shape.text_tokens, device="cpu", dtype=dtype),
+                     timesteps=torch.full((batch,), 0.5, dtype=dtype), y=y, guidance=guidance)
+
+    return _Inputs(forward, text)
+
+
+def _sd3_inputs(model: nn.Module, shape: StepShape, dtype: torch.dtype) -> _Inputs:
+    params, batch = model.params, shape.batch_size
+    x = torch.randn(batch, params.in_channels, shape.height // 8, shape.width // 8, dtype=dtype)
+    text = torch.randn(batch, 77 + shape.text_tokens, params.context_in_dim, dtype=dtype)
+    y = torch.randn(batch, params.adm_in_channels, dtype=dtype)
+    t = torch.full((batch,), 500.0, dtype=dtype)
+    return _Inputs(lambda: model(x=x, t=t, y=y, context=text), text)
+
+
+_INPUTS: dict[str, Callable[[nn.Module, StepShape, torch.dtype], _Inputs]] = {
+    "ldm": _sd_inputs, "flux": _flux_inputs, "sd3": _sd3_inputs}

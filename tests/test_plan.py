@@ -1,0 +1,169 @@
+"""`python -m engine plan` (issue 16): the plan of a tiny run is within 15 % of the peak memory the real run reaches
+on this CPU; the traced LoRA is the one the engine trains; the real-size traces run on the CPU (fake tensors); the
+CLI says whether a run fits a card and what to change.
+
+On a CPU the "device" is the CPU: the measured peak is the denoiser's weights plus every storage the training steps
+make and still hold at their worst moment (activations, gradients, optimizer state), counted by a dispatch mode
+written here independently of the planner's own tracer.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from train_helpers import run_engine, write_config
+
+pytestmark = pytest.mark.slow
+
+
+class _LiveBytes(TorchDispatchMode):
+    def __init__(self, resident: set[int]) -> None:
+        super().__init__()
+        self.resident, self.sizes, self.now, self.peak = resident, {}, 0, 0
+
+    def _add(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = storage._cdata
+            if key not in self.sizes and key not in self.resident:
+                self.sizes[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        self.now -= self.sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        tree_map(self._add, out)
+        return out
+
+
+def _measured_peak(config_path: Path) -> int:
+    """The denoiser's resident weights plus the training steps' peak of live storages, in a real run on the CPU."""
+    from accelerate.state import AcceleratorState
+
+    from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
+    from engine.train.build import build_session
+    from engine.train.reporting import RunLog
+    from engine.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)
+    out = config_path.parent / "out"
+    log = RunLog(out)
+    try:
+        session = build_session(load_config(config_path, check_packages=False), config_path.parent, out, log)
+        unet = session.model.unet
+        resident = {t.untyped_storage()._cdata for t in (*unet.parameters(), *unet.buffers())}
+        frozen = sum(p.numel() * p.element_size() for p in unet.parameters() if not p.requires_grad)
+        trainer = Trainer(session, ControlChannel(out))
+        tracker = _LiveBytes(resident)
+        with tracker:
+            assert trainer.run().status == "finished"
+    finally:
+        log.close()
+    return frozen + tracker.peak
+
+
+@pytest.mark.parametrize("family, options", [
+    ("sd1", {}),
+    ("sdxl", {"gradient_checkpointing": True}),
+])
+def test_the_plan_of_a_tiny_run_is_within_15_percent_of_its_measured_peak(family, options, tiny_models, tmp_path):
+    from engine.config.io import load_config
+    from engine.plan import make_plan
+
+    config_path = write_config(tmp_path / "config.toml", tiny_models, family, network={"train_unet_only": True},
+                               training={"max_train_steps": 3, "cache_text_encoder_outputs": True, **options})
+    plan = make_plan(load_config(config_path, check_packages=False), tmp_path)
+    measured = _measured_peak(config_path)
+    print(f"{family}: planned {plan.gpu_peak} bytes, measured {measured} bytes")
+    assert abs(plan.gpu_peak - measured) <= 0.15 * measured, (plan.gpu_peak, measured, plan.as_dict())
+
+
+def test_the_traced_lora_is_the_one_the_engine_trains(tiny_models, tmp_path):
+    from engine.config.io import load_config
+    from engine.models.loading import load_model
+    from engine.networks.lora import create_lora_network
+    from engine.plan import make_plan
+
+    config_path = write_config(tmp_path / "config.toml", tiny_models, "sdxl", network={"train_unet_only": True,
+                               "network_dim": 8, "conv_dim": 4})
+    plan = make_plan(load_config(config_path, check_packages=False), tmp_path)
+    model = load_model(tiny_models["sdxl"], family="sdxl")
+    network = create_lora_network(model.unet, model.text.encoders, "sdxl", dim=8, alpha=4.0, conv_dim=4,
+                                  train_text_encoder=False)
+    expected = sum(p.numel() for p in network.parameters()) * 4
+    assert next(item.bytes for item in plan.items if item.name == "trained weights (LoRA)") == expected
+
+
+def _real_size(family: str, **training: Any) -> Any:
+    from engine.config.io import deep_merge, default_config_dict
+    from engine.config.schema import RunConfig
+
+    data = deep_merge(default_config_dict(), {
+        "model": {"pretrained_model_name_or_path": "not/local", "model_family": family},
+        "network": {"network_dim": 16, "network_alpha": 16.0, "train_unet_only": True},
+        "dataset": {"train_data_dir": "/nowhere", "general": {"resolution": 1024, "batch_size": 1}},
+        "training": {"mixed_precision": "bf16", "cache_latents": True, "cache_text_encoder_outputs": True,
+                     **training}})
+    return RunConfig.model_validate(data, context={"check_packages": False})
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux1"])
+def test_real_size_steps_trace_on_the_cpu_and_checkpointing_shrinks_them(family, tmp_path):
+    """Fake tensors: the 12 B-parameter FLUX.1 transformer traces at 1024 px with no memory allocated."""
+    from engine.plan import make_plan
+
+    def step(plan: Any) -> int:
+        return next(item.bytes for item in plan.items if item.name.startswith("the step"))
+
+    plain = make_plan(_real_size(family), tmp_path, gpu_capacity=None)
+    checkpointed = make_plan(_real_size(family, gradient_checkpointing=True), tmp_path, gpu_capacity=None)
+    weights = next(item.bytes for item in plain.items if item.name == "denoiser weights (frozen)")
+    parameters = {"sd1": 859_520_964, "sdxl": 2_567_463_684, "flux1": 11_901_408_320}[family]  # the published sizes
+    assert weights == parameters * 2  # bf16
+    assert 0 < step(checkpointed) < step(plain) / 2
+
+
+def _cli(config: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    result = run_engine("plan", str(config), "--json", *args)
+    assert result.returncode in (0, 3), result.stdout + result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_cli_says_a_run_fits_a_large_card_and_not_a_tiny_one(tiny_models, tmp_path):
+    config = write_config(tmp_path / "config.toml", tiny_models, "sd1")
+    code, plan = _cli(config, "--gpu-memory", "80GiB")
+    assert code == 0 and plan["fits"] is True and plan["gpu_capacity_bytes"] == 80 * 1024**3
+    assert {"denoiser weights (frozen)", "optimizer state"} <= {item["name"] for item in plan["items"]}
+    code, plan = _cli(config, "--gpu-memory", "0.5GiB")
+    assert code == 3 and plan["fits"] is False
+
+
+def test_cli_fit_proposes_changes_in_order_of_cost(tiny_models, tmp_path):
+    config = write_config(tmp_path / "config.toml", tiny_models, "sd1",
+                          training={"cache_latents": False, "gradient_checkpointing": False})
+    _, result = _cli(config, "--gpu-memory", "0.6GiB", "--fit")  # under the context alone: every change is listed
+    keys = [change["key"] for change in result["changes"]]
+    assert keys[:2] == ["training.cache_latents", "training.gradient_checkpointing"], keys
+    needed = [change["gpu_needed_bytes"] for change in result["changes"]]
+    assert needed == sorted(needed, reverse=True), needed  # each change keeps or lowers the need
+    assert result["plan"]["gpu_needed_bytes"] == needed[-1]
+
+
+def test_cli_fit_without_a_gpu_or_a_size_says_what_to_give(tiny_models, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is detected here")
+    config = write_config(tmp_path / "config.toml", tiny_models, "sd1")
+    result = run_engine("plan", str(config), "--fit")
+    assert result.returncode == 2 and "--gpu-memory" in result.stderr
