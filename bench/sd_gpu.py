@@ -13,6 +13,8 @@ Each configuration runs in its own process (`--child NAME`), so its peak memory 
   1e-4, gradient clipping 1.0, the configuration's mixed precision, attention and checkpointing; its step time is
   the median gap between `progress` events after the first 5 steps, its peak the last `progress` event's
   `gpu_peak_mib` (PyTorch's peak allocation since training began);
+- the plan: `python -m engine plan`'s estimate of the run's peak (engine.plan.make_plan, before the run) and its
+  error against the engine's measured peak;
 - the limit: the same model loaded the same way, the same LoRA and optimizer, one fixed batch of pre-made latents
   and text embeddings on the GPU, noise and timesteps drawn on the GPU, the UNet under autocast, MSE, backward
   (fp16: through a GradScaler), clipping, step, `torch.cuda.synchronize()` after every step; median after 5 steps.
@@ -171,6 +173,17 @@ def engine_figures(config_path: Path) -> dict[str, Any]:
             "engine_rss_peak_gib": last.get("rss_peak_mib", 0) / 1024}
 
 
+def plan_figures(config_path: Path) -> dict[str, Any]:
+    """`python -m engine plan`'s estimate of the same run (before it, on the CPU: fake tensors)."""
+    from engine.config.io import load_config
+    from engine.plan import make_plan
+
+    started = time.perf_counter()
+    plan = make_plan(load_config(config_path), config_path.parent)
+    return {"plan_peak_gib": plan.gpu_peak / 2**30, "plan_needed_gib": plan.gpu_needed / 2**30,
+            "plan_fits": plan.fits, "plan_s": time.perf_counter() - started}
+
+
 # ------------------------------------------------------------------------------------------------- the limit
 
 
@@ -281,7 +294,11 @@ def child(name: str, out: Path, steps: int, tiny: bool) -> dict[str, Any]:
     folder = work / name
     dataset = write_images(folder / "data", max(8, 2 * config.batch_size), config.resolution)
     record: dict[str, Any] = {"name": name, **asdict(config), "steps": steps, "device": device}
-    record.update(engine_figures(run_config(config, model, dataset, folder, steps)))
+    config_path = run_config(config, model, dataset, folder, steps)
+    record.update(plan_figures(config_path))
+    record.update(engine_figures(config_path))
+    if record.get("engine_peak_gib"):
+        record["plan_error"] = record["plan_peak_gib"] / record["engine_peak_gib"] - 1
     if device == "cuda":
         torch.cuda.empty_cache()
     record.update(limit_figures(config, model, device, steps))
@@ -337,14 +354,15 @@ def run_child(name: str, args: argparse.Namespace, limit: float, log: Any) -> di
 
 def markdown(records: list[dict[str, Any]]) -> str:
     lines = ["| configuration | engine it/s | engine step ms | limit step ms | engine / limit | engine peak GiB "
-             "| limit peak GiB |", "|---|---|---|---|---|---|---|"]
+             "| plan GiB | plan error | limit peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for record in records:
         if "engine_step_s" not in record:
-            lines.append(f"| {record['name']} | {record.get('skipped') or record.get('error')} | | | | | |")
+            lines.append(f"| {record['name']} | {record.get('skipped') or record.get('error')} | | | | | | | |")
             continue
         lines.append(f"| {record['name']} | {record['engine_it_s']:.2f} | {record['engine_step_s'] * 1000:.1f} "
                      f"| {record['limit_step_s'] * 1000:.1f} | {record['engine_over_limit']:.3f} "
-                     f"| {record['engine_peak_gib']:.2f} | {record['limit_peak_gib']:.2f} |")
+                     f"| {record['engine_peak_gib']:.2f} | {record['plan_peak_gib']:.2f} "
+                     f"| {record.get('plan_error', float('nan')):+.1%} | {record['limit_peak_gib']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -167,3 +167,26 @@ def test_cli_fit_without_a_gpu_or_a_size_says_what_to_give(tiny_models, tmp_path
     config = write_config(tmp_path / "config.toml", tiny_models, "sd1")
     result = run_engine("plan", str(config), "--fit")
     assert result.returncode == 2 and "--gpu-memory" in result.stderr
+
+
+def test_a_gpu_run_that_does_not_fit_warns_at_start_with_the_changes(tiny_models, tmp_path):
+    from train_helpers import events_of
+
+    from engine.config.io import load_config
+    from engine.plan import GIB
+    from engine.train.memory_check import memory_plan_check
+    from engine.train.reporting import RunLog
+
+    config = load_config(write_config(tmp_path / "config.toml", tiny_models, "sd1",
+                                      training={"gradient_checkpointing": False}), check_packages=False)
+    log = RunLog(tmp_path / "run")
+    try:
+        assert memory_plan_check(config, tmp_path, log, device_type="cpu") is None  # no card to fit
+        roomy = memory_plan_check(config, tmp_path, log, device_type="cuda", capacity=80 * GIB)
+        tight = memory_plan_check(config, tmp_path, log, device_type="cuda", capacity=int(0.6 * GIB))
+    finally:
+        log.close()
+    assert roomy["fits"] is True and tight["fits"] is False and tight["gpu_needed_bytes"] > 0.6 * GIB
+    warnings = [event for event in events_of(tmp_path / "run") if event["type"] == "warning"]
+    assert len(warnings) == 1 and "run out of GPU memory" in warnings[0]["message"]
+    assert "training.gradient_checkpointing = True" in warnings[0]["hint"]

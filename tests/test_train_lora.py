@@ -23,7 +23,8 @@ from train_helpers import (
 )
 
 DOCUMENTED_FIELDS = {
-    "start": {"task", "method", "family", "total_steps", "num_epochs", "num_train_images", "config", "run_dir"},
+    "start": {"task", "method", "family", "total_steps", "num_epochs", "num_train_images", "config", "run_dir",
+              "memory_plan"},
     "progress": {"task", "step", "total_steps", "epoch", "loss", "loss_avg", "lr", "it_per_s", "eta_s"},
     "sample": {"step", "epoch", "count", "images"},
     "checkpoint": {"kind", "path", "step", "epoch"},

@@ -159,9 +159,11 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
     swapped = set(_swapped_blocks(config, architecture))
     gpu, host = 0, 0
     for name, module in denoiser.named_modules():
-        for parameter in module.parameters(recurse=False):
-            size = parameter.numel() * (1 if fp8 and isinstance(module, torch.nn.Linear) and parameter.ndim == 2
-                                        else frozen.itemsize)
+        # Buffers too: SD3's position table alone is 0.4 GiB at SD3.5 medium's 384 x 384.
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            fp8_weight = fp8 and isinstance(module, torch.nn.Linear) and tensor.ndim == 2
+            size = tensor.numel() * (1 if fp8_weight else frozen.itemsize if tensor.is_floating_point()
+                                     else tensor.element_size())
             if any(name == block or name.startswith(block + ".") for block in swapped):
                 host += size
             else:

@@ -41,6 +41,9 @@ class DiffusionObjective:
         self.noise_settings = NoiseSettings.from_config(config.training)
         self.loss_settings = LossSettings.from_config(config.training, config.model.v_parameterization)
         self.snr = snr_table(self.scheduler).to(session.device)
+        # diffusers' add_noise / get_velocity move this table to the latents' device on first use: a blocking copy
+        # inside the first step (seen on CUDA by tests/test_step_sync.py); it goes there once, here.
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(session.device)
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.losses import batch_loss, batch_weights

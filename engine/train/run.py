@@ -57,7 +57,11 @@ def run_training(config: RunConfig, base_dir: Path, *, run_dir: Path | None = No
         precision_warning(config, accelerator, log)
         if accelerator.is_main_process:
             write_run_config(config, base_dir, run_dir)
-        return _run(config, base_dir, run_dir, log, accelerator, control)
+        from engine.train.memory_check import memory_plan_check
+
+        plan = memory_plan_check(config, base_dir, log, device_type=accelerator.device.type) \
+            if accelerator.is_main_process else None
+        return _run(config, base_dir, run_dir, log, accelerator, control, plan)
     except StoppedBeforeTraining as stop:
         log = log or RunLog(run_dir, active=_processes_from_env() == 1)
         log.event("done", **stopped_early_fields(stop, config, base_dir, started))
@@ -142,7 +146,8 @@ def write_run_config(config: RunConfig, base_dir: Path, run_dir: Path) -> None:
     atomic_write_text(target, text)
 
 
-def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelerator: Any, control: Any) -> int:
+def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelerator: Any, control: Any,
+         plan: dict[str, Any] | None) -> int:
     from engine.train.build import build_session
     from engine.train.setup import RunInputError
     from engine.train.state import StateError
@@ -158,7 +163,7 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
             resumed = str(resolve_path(config.saving.resume, base_dir))
             trainer.resume(Path(resumed))
         check("before the first training step")  # StoppedBeforeTraining passes every `except Exception`
-        log.event("start", task="train", **start_fields(session, resumed))
+        log.event("start", task="train", **start_fields(session, resumed), memory_plan=plan)
         training = True  # a failure from here on is not "could not start"
         if config.logging.logging_dir and accelerator.is_main_process:
             accelerator.init_trackers(tracker_name(config.method, config.logging.log_tracker_name))
