@@ -31,3 +31,30 @@ def test_trained_weights_are_placed_without_rounding(method, tiny_models, tmp_pa
         assert all(after[name].dtype == torch.float32 and torch.equal(after[name], before[name]) for name in before)
     else:  # a LoRA's base stays frozen in the mixed-precision dtype
         assert {tensor.dtype for tensor in after.values() if tensor.is_floating_point()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("latents_cached, texts_cached", [(True, True), (True, False), (False, True)])
+def test_text_encoders_and_vae_leave_the_gpu_when_their_outputs_are_cached(latents_cached, texts_cached, tiny_models,
+                                                                          tmp_path: Path):
+    """The meta device stands for the GPU: what placement moves there is on the GPU. The memory plan counts each part
+    where placement puts it (issue 16)."""
+    from engine.plan import make_plan
+
+    config_path = write_config(tmp_path / "config.toml", tiny_models, "sdxl", network={"train_unet_only": True},
+                               training={"mixed_precision": "bf16", "cache_latents": latents_cached,
+                                         "cache_text_encoder_outputs": texts_cached})
+    config = load_config(config_path)
+    model = load_model(tiny_models["sdxl"], family="sdxl")
+    trained = create_method(config, model, tmp_path)
+    gpu = torch.device("meta")
+    place_models(config, model, trained, SimpleNamespace(device=gpu), torch.bfloat16, latents_cached=latents_cached,
+                 texts_cached=texts_cached)
+
+    def where(module: torch.nn.Module) -> str:
+        return "gpu" if {p.device.type for p in module.parameters()} == {"meta"} else "host"
+
+    assert where(model.unet) == "gpu"
+    assert {where(encoder) for encoder in model.text.encoders} == {"host" if texts_cached else "gpu"}
+    assert where(model.vae.vae) == ("host" if latents_cached else "gpu")
+    planned = {item.name: item.where for item in make_plan(config, tmp_path, gpu_capacity=None).items}
+    assert planned["text encoders"] == where(model.text.encoders[0]) and planned["VAE"] == where(model.vae.vae)
