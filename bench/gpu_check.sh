@@ -26,9 +26,10 @@
 #   6. bench/sd3_gpu.py: real-size SD3.5 medium (random weights), LoRA rank 16, batch 1, bf16, gradient
 #      checkpointing, over 1024 bf16, 1024 fp8 base, 512 bf16 (all without swapping; SD3_BENCH_CONFIGS replaces
 #      the list), in the time left.
-# The benches' markdown tables are printed last. $OUT gets gpu_check.log, cuda_tests.log and bench.tar.gz (each
-# bench's .jsonl, .md and .log; the device tool brings back at most 8 files), the archive also when a limit cuts
-# the run short.
+# The benches' markdown tables are printed last, and written as a bench/RESULTS.md section (results_section.md in
+# the archive; GPU_CHECK_APPEND=1 appends it to bench/RESULTS.md, for a machine whose checkout stays). $OUT gets
+# gpu_check.log, cuda_tests.log and bench.tar.gz (each bench's .jsonl, .md and .log; the device tool brings back at
+# most 8 files), the archive also when a limit cuts the run short.
 #
 # Python: the device image's python3 already holds a CUDA torch (2.11+cu130 when last seen), transformers, peft,
 # accelerate and pytest; the repo's .venv is a CPU build for another Python and never travels. Nothing can be
@@ -149,7 +150,24 @@ echo "CUDA tests: $tests_rc; SD bench: $sd_rc; FLUX bench: $flux_rc; SD3 bench: 
 for table in sd_gpu flux_gpu sd3_gpu; do
     if [ -f "$BENCH_OUT/$table.md" ]; then echo; echo "$table:"; cat "$BENCH_OUT/$table.md"; fi
 done
+results_section > "$BENCH_OUT/results_section.md"
+if [ "${GPU_CHECK_APPEND:-0}" = 1 ]; then  # a machine whose checkout stays (your own GPU box), not the device tool's
+    cat "$BENCH_OUT/results_section.md" >> bench/RESULTS.md
+    echo "appended the figures to bench/RESULTS.md"
+fi
 [ "$sd_rc" = 0 ] && [ "$flux_rc" = 0 ] && [ "$sd3_rc" = 0 ]
+}
+
+# The run's figures as a bench/RESULTS.md section: date, machine, command, CUDA tests' line, the benches' tables.
+results_section() {
+    local gpu
+    gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')")
+    printf '\n## bench/gpu_check.sh, %s, %s (torch %s)\n\n' "$(date -u +%Y-%m-%d)" "$gpu" \
+        "$("$PY" -c 'import torch; print(torch.__version__)')"
+    printf 'CUDA tests: %s\n' "$(grep -E '(passed|failed)' "$OUT/cuda_tests.log" 2>/dev/null | tail -n 1)"
+    for table in sd_gpu flux_gpu sd3_gpu; do
+        if [ -f "$BENCH_OUT/$table.md" ]; then printf '\n%s:\n\n' "$table"; cat "$BENCH_OUT/$table.md"; fi
+    done
 }
 
 # bench SCRIPT DEADLINE_S CONFIGS: one bench driver with its deadline; CONFIGS "" keeps the script's own list.
