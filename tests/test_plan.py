@@ -190,3 +190,20 @@ def test_a_gpu_run_that_does_not_fit_warns_at_start_with_the_changes(tiny_models
     warnings = [event for event in events_of(tmp_path / "run") if event["type"] == "warning"]
     assert len(warnings) == 1 and "run out of GPU memory" in warnings[0]["message"]
     assert "training.gradient_checkpointing = True" in warnings[0]["hint"]
+
+
+def test_the_traced_step_holds_one_gradient_per_trained_weight(tiny_models, tmp_path):
+    """Gradients: every trained LoRA weight gets one, in its own dtype (float32, or bf16 with full_bf16)."""
+    from engine.config.io import load_config
+    from engine.plan.architecture import build_architecture
+    from engine.plan.trace import StepShape, trace_step
+
+    for full_bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        config = load_config(write_config(tmp_path / "config.toml", tiny_models, "sd1",
+                                          training={"mixed_precision": "bf16", "full_bf16": full_bf16}),
+                             check_packages=False)
+        architecture = build_architecture(config, tiny_models["sd1"])
+        traced = trace_step(config, "sd1", architecture.denoiser, StepShape(2, 64, 64, 77),
+                            frozen_dtype=torch.bfloat16, trained_dtype=dtype)
+        assert traced.gradient_bytes == traced.trained_bytes == traced.trained_parameters * dtype.itemsize > 0
+        assert traced.peak_bytes > traced.gradient_bytes

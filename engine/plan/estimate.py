@@ -91,7 +91,7 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     items.append(PlanItem("optimizer state", optimizer_state_bytes(config, traced.trained_parameters, trained_dtype),
                           "gpu", config.optimizer.optimizer_type))
     items.append(PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
-                          _step_detail(config, shape)))
+                          f"{_step_detail(config, shape)}; gradients {traced.gradient_bytes / GIB:.2f} GiB of it"))
     if gpu_capacity is None:
         gpu_capacity = detected_gpu_memory()
     return MemoryPlan(architecture.family, items, shape, architecture.source, architecture.notes, gpu_capacity)

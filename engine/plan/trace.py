@@ -45,6 +45,7 @@ class TracedStep:
     peak_bytes: int  # what the step allocates at its worst moment, on top of the weights
     trained_parameters: int
     trained_bytes: int  # the trained weights themselves (float32 unless full_bf16 / full_fp16)
+    gradient_bytes: int  # the trained weights' gradients after backward (part of peak_bytes)
 
 
 class _PeakBytes(TorchDispatchMode):
@@ -106,7 +107,8 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
             loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
             loss.backward()
     return TracedStep(peak_bytes=tracker.peak, trained_parameters=sum(p.numel() for p in trained),
-                      trained_bytes=sum(p.numel() * p.element_size() for p in trained))
+                      trained_bytes=sum(p.numel() * p.element_size() for p in trained),
+                      gradient_bytes=sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None))
 
 
 def _autocast(config: RunConfig) -> contextlib.AbstractContextManager:
