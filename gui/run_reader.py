@@ -30,9 +30,19 @@ from gui.runs import (
 # --- status --------------------------------------------------------------------------------------------------
 
 
+MEMORY_KEYS = ("gpu_peak_mib", "gpu_reserved_mib", "rss_peak_mib")  # a progress event's memory figures
+
+
 def _on_start(status: RunStatus, event: dict[str, Any]) -> None:
     status.total_steps = event.get("total_steps", status.total_steps)
     status.num_epochs = event.get("num_epochs", status.num_epochs)
+    plan = event.get("memory_plan")
+    status.memory_plan = dict(plan) if isinstance(plan, dict) else None
+
+
+def _memory_figures(event: dict[str, Any]) -> dict[str, float]:
+    return {key: event[key] for key in MEMORY_KEYS
+            if isinstance(event.get(key), int | float) and not isinstance(event.get(key), bool)}
 
 
 def _on_progress(status: RunStatus, event: dict[str, Any]) -> None:
@@ -41,6 +51,7 @@ def _on_progress(status: RunStatus, event: dict[str, Any]) -> None:
     status.num_epochs = event.get("num_epochs", status.num_epochs)
     status.loss, status.loss_avg = event.get("loss"), event.get("loss_avg")
     status.it_per_s, status.eta_s = event.get("it_per_s"), event.get("eta_s")
+    status.memory = _memory_figures(event) or status.memory  # an event without figures keeps the last ones
 
 
 def _on_checkpoint(status: RunStatus, event: dict[str, Any]) -> None:

@@ -77,6 +77,8 @@ class RunStatus:
     sample_labels: list[str] = field(default_factory=list)  # one per sample: its step and prompt
     warnings: list[str] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
+    memory_plan: dict[str, Any] | None = None  # the start event's plan (a GPU run's; None on a CPU or older runs)
+    memory: dict[str, float] = field(default_factory=dict)  # the newest progress event's memory figures (MiB)
 
 
 # created: made but neither queued nor started; lost: the process is gone without its `done` event

@@ -124,6 +124,7 @@ class RunSection:
     message: gr.Markdown
     error_box: gr.Markdown
     status_line: gr.Markdown
+    memory: gr.Markdown  # measured peak memory beside the run's memory plan
     progress: gr.HTML
     buttons: dict[str, gr.Button]  # stop, save, sample, resume
     tensorboard_button: gr.Button
@@ -178,6 +179,7 @@ def _run_section(manager: RunManager) -> RunSection:
     error_box = gr.Markdown(visible=False, elem_id="run-error")
     status_line = gr.Markdown("No run selected. New here? **Try the demo**: a tiny model that trains on a "
                               "CPU in about a minute.", elem_id="run-status")
+    memory = gr.Markdown(elem_id="run-memory")
     progress = gr.HTML(elem_id="run-progress")
     with gr.Row():
         buttons = {"stop": gr.Button("Stop", elem_id="run-stop", interactive=False),
@@ -195,8 +197,8 @@ def _run_section(manager: RunManager) -> RunSection:
                               height=260)
     gallery = gr.Gallery(label="Samples", columns=4, height=280, elem_id="run-samples")
     checkpoints = gr.Markdown(elem_id="run-checkpoints")
-    return RunSection(picker, demo_button, message, error_box, status_line, progress, buttons, tensorboard_button,
-                      tensorboard_link, log, loss_plot, lr_plot, gallery, checkpoints)
+    return RunSection(picker, demo_button, message, error_box, status_line, memory, progress, buttons,
+                      tensorboard_button, tensorboard_link, log, loss_plot, lr_plot, gallery, checkpoints)
 
 
 def _viewer_state() -> ViewerState:
@@ -250,7 +252,8 @@ class TrainTab:
         error_text = view.error_markdown(status)
         drawn = {"error": hash(error_text), "flags": flags, "chart": chart.version}
         updates: dict[Any, Any] = {
-            r.status_line: view.status_markdown(name, status), r.progress: view.progress_html(status),
+            r.status_line: view.status_markdown(name, status), r.memory: view.memory_markdown(status),
+            r.progress: view.progress_html(status),
             r.log: _log_text(handle, status.log_tail), r.checkpoints: view.checkpoints_markdown(status),
             r.error_box: error_text if drawn["error"] == seen.get("error") else gr.Markdown(error_text,
                                                                                              visible=bool(error_text)),
@@ -372,8 +375,8 @@ class TrainTab:
     def wire(self) -> None:
         """The tab's events, in the order the page registers them."""
         s, q, r, v, manager = self.start, self.queue, self.run, self.viewer, self.manager
-        outputs = [r.picker, v.cache, v.samples_key, q.view, q.pick, q.row, r.status_line, r.progress, r.error_box,
-                   r.log, r.checkpoints, r.loss_plot, r.lr_plot, *r.buttons.values()]
+        outputs = [r.picker, v.cache, v.samples_key, q.view, q.pick, q.row, r.status_line, r.memory, r.progress,
+                   r.error_box, r.log, r.checkpoints, r.loss_plot, r.lr_plot, *r.buttons.values()]
         v.timer.tick(self.tick, inputs=[r.picker, v.cache], outputs=outputs, show_progress="hidden", queue=False)
         r.picker.change(self.tick, inputs=[r.picker, v.cache], outputs=outputs, show_progress="hidden")
         r.picker.change(self.drop_stale, inputs=[r.picker, v.owners], outputs=[r.message, r.tensorboard_link, v.owners],

@@ -21,6 +21,8 @@ RESUMABLE_STATES = ("stopped", "failed", "lost")  # a finished run has no steps 
 _FAILED_STATES = ("failed", "lost")
 LIVE_STATES = ("running",)
 MAX_WARNINGS = 5  # doctor warnings listed per queued run  # the states whose speed and time left mean something
+OVER_PLAN = 0.10  # a measured GPU peak this much above the plan's is marked
+_MIB_PER_GIB = 1024
 
 
 def format_duration(seconds: float | None) -> str:
@@ -47,6 +49,47 @@ def status_markdown(name: str, status: RunStatus) -> str:
         parts.append(f"loss {status.loss:.4f}")
     line = f"`{name}` — " + " · ".join(parts)
     return f"{line}\n\n{status.summary}" if status.summary else line
+
+
+def _gib(mib: float | None) -> str:
+    return "—" if mib is None else f"{mib / _MIB_PER_GIB:.1f} GiB"
+
+
+def _plan_mib(plan: Mapping[str, Any], key: str) -> float | None:
+    value = plan.get(key)
+    return value / 2**20 if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
+
+
+def _plan_warning(peak: float | None, planned: float, fits: Any) -> str:
+    """Why the memory line is marked: the plan said the run does not fit the card, or the measured peak is more
+    than OVER_PLAN above the plan's (the planner was within a few percent on every measured run)."""
+    reasons = ["the plan said it does not fit the card"] if fits is False else []
+    if peak is not None and peak > planned * (1 + OVER_PLAN):
+        reasons.append(f"the peak is {peak / planned - 1:.0%} above the plan")
+    return "; ".join(reasons)
+
+
+def memory_line(plan: Mapping[str, Any] | None, progress: Mapping[str, Any]) -> str:
+    """The run's memory, from its start event's `memory_plan` and a progress event's figures: 'GPU memory: peak
+    6.5 GiB (plan 6.4 GiB, card 139.8 GiB)', marked when the peak is over the plan or the plan does not fit;
+    without a plan (a CPU run, an older run) the measured peak alone ('GPU peak 6.5 GiB', 'RAM peak 1.2 GiB');
+    empty when neither is known yet."""
+    peak = progress.get("gpu_peak_mib")
+    planned = _plan_mib(plan, "gpu_peak_bytes") if isinstance(plan, Mapping) else None
+    if planned is None or not isinstance(plan, Mapping):
+        if peak is not None:
+            return f"GPU peak {_gib(peak)}"
+        return f"RAM peak {_gib(progress['rss_peak_mib'])}" if progress.get("rss_peak_mib") is not None else ""
+    card = _plan_mib(plan, "gpu_capacity_bytes")
+    context = f"plan {_gib(planned)}" + (f", card {_gib(card)}" if card is not None else "")
+    line = f"GPU memory: peak {_gib(peak)} ({context})"
+    warning = _plan_warning(peak, planned, plan.get("fits"))
+    return f"{line} — ⚠ **{warning}**" if warning else line
+
+
+def memory_markdown(status: RunStatus) -> str:
+    """memory_line for the run as its reader folded it (the start event's plan, the newest progress figures)."""
+    return memory_line(status.memory_plan, status.memory)
 
 
 def error_markdown(status: RunStatus) -> str:

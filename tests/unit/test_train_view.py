@@ -91,3 +91,60 @@ def test_tensorboard_opens_on_the_runs_own_log_folder(tmp_path):
     with (run_dir / "events.jsonl").open("a", encoding="utf-8") as events:  # resumed: a second folder
         events.write(start(shared / "last20261204111111"))
     assert view.log_dir(handle) == str(shared)
+
+
+GIB = 2**30
+H200 = {"gpu_peak_bytes": round(6.4 * GIB), "gpu_needed_bytes": round(7.1 * GIB),
+        "gpu_capacity_bytes": round(139.8 * GIB), "fits": True}
+
+
+def test_memory_line_puts_the_measured_peak_beside_the_plan_and_the_card():
+    line = view.memory_line(H200, {"type": "progress", "gpu_peak_mib": 6.5 * 1024, "gpu_reserved_mib": 7000.0})
+    assert line == "GPU memory: peak 6.5 GiB (plan 6.4 GiB, card 139.8 GiB)"
+    assert "⚠" not in line
+    # Before the first step: the plan, and a dash for the peak not measured yet.
+    assert view.memory_line(H200, {}) == "GPU memory: peak — (plan 6.4 GiB, card 139.8 GiB)"
+    unknown_card = {**H200, "gpu_capacity_bytes": 0, "fits": None}
+    assert view.memory_line(unknown_card, {"gpu_peak_mib": 6.5 * 1024}) == "GPU memory: peak 6.5 GiB (plan 6.4 GiB)"
+
+
+def test_memory_line_without_a_plan_shows_the_measured_peak_alone():
+    assert view.memory_line(None, {"gpu_peak_mib": 6.5 * 1024, "gpu_reserved_mib": 7000.0}) == "GPU peak 6.5 GiB"
+    assert view.memory_line(None, {"type": "progress", "rss_peak_mib": 1228.8}) == "RAM peak 1.2 GiB"  # a CPU run
+    assert view.memory_line(None, {"type": "progress", "step": 3}) == ""  # an older run's events have no figures
+    assert view.memory_line({"gpu_peak_bytes": None}, {"rss_peak_mib": 512.0}) == "RAM peak 0.5 GiB"
+
+
+def test_memory_line_marks_a_peak_over_the_plan_and_a_plan_that_does_not_fit():
+    within = view.memory_line(H200, {"gpu_peak_mib": 6.4 * 1.09 * 1024})  # 9 % over: the planner's spread
+    assert "⚠" not in within
+    over = view.memory_line(H200, {"gpu_peak_mib": 7.2 * 1024})
+    assert over.startswith("GPU memory: peak 7.2 GiB (plan 6.4 GiB, card 139.8 GiB) — ⚠ ")
+    assert "12% above the plan" in over
+    small_card = {**H200, "gpu_capacity_bytes": 6 * GIB, "fits": False}
+    no_fit = view.memory_line(small_card, {"gpu_peak_mib": 6.5 * 1024})
+    assert "⚠" in no_fit and "does not fit" in no_fit and "above the plan" not in no_fit
+    assert "does not fit" in view.memory_line(small_card, {})  # said before the first step too
+
+
+def test_the_reader_folds_the_plan_and_the_newest_memory_figures(tmp_path):
+    import json
+
+    from gui.run_reader import RunReader
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    events = [{"type": "start", "total_steps": 3, "memory_plan": H200},
+              {"type": "progress", "step": 1, "gpu_peak_mib": 6.0 * 1024, "gpu_reserved_mib": 7000.0},
+              {"type": "progress", "step": 2, "gpu_peak_mib": 7.2 * 1024, "gpu_reserved_mib": 8000.0},
+              {"type": "progress", "step": 3}]  # no figures: the last ones stay
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events), encoding="utf-8")
+    status = RunReader(run_dir).status()
+    assert status.memory_plan == H200 and status.memory["gpu_peak_mib"] == 7.2 * 1024
+    assert "12% above the plan" in view.memory_markdown(status)
+    cpu_dir = tmp_path / "cpu"
+    cpu_dir.mkdir()
+    cpu = [{"type": "start", "memory_plan": None}, {"type": "progress", "step": 1, "rss_peak_mib": 1228.8}]
+    (cpu_dir / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in cpu), encoding="utf-8")
+    assert view.memory_markdown(RunReader(cpu_dir).status()) == "RAM peak 1.2 GiB"
+    assert view.memory_markdown(RunStatus(state="created")) == ""
