@@ -1,10 +1,13 @@
-"""What several subcommands share: the --set option and printing config problems."""
+"""What several subcommands share: the --set and --base-dir options, reading the config with them, and printing
+config problems."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from engine.config.rule_registry import Problem
 
@@ -25,3 +28,24 @@ def print_problems(problems: Iterable[Problem], *, prefix: str = "error", stream
     stream = stream or sys.stderr
     for problem in problems:
         print(f"{prefix}: {problem.path}: {problem.message}", file=stream)
+
+
+def add_base_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-dir", metavar="DIR",
+                        help="the folder the config's relative paths start from (default: the config file's folder; "
+                             "the GUI passes its own when it writes the config to a temporary file)")
+
+
+def load_run_config(args: argparse.Namespace) -> tuple[Any, Path] | None:
+    """The config of `args.config` with its --set overrides, and the folder its relative paths start from (--base-dir
+    taken as given, not resolved, so reports name files as the caller would); None once its problems are printed."""
+    from engine.config.errors import ConfigError
+    from engine.config.io import load_config
+
+    given = Path(args.base_dir) if args.base_dir else None
+    try:
+        config = load_config(args.config, args.overrides, check_packages=False, base_dir=given)
+    except ConfigError as error:
+        print_problems(error.problems)
+        return None
+    return config, given or Path(args.config).resolve().parent

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
-from engine.config.errors import ConfigError
-from engine.config.io import load_config
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_base_dir_option, add_override_option, load_run_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,9 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("config", help="run config .toml (or a .json preset)")
     add_override_option(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON (the form the GUI reads)")
-    parser.add_argument("--base-dir", metavar="DIR",
-                        help="the folder the config's relative paths start from (default: the config file's folder; "
-                             "the GUI passes its own when it writes the config to a temporary file)")
+    add_base_dir_option(parser)
     parser.add_argument("--quick", action="store_true",
                         help="skip the checks that read every file in full (corrupt images, duplicates)")
     parser.set_defaults(handler=run)
@@ -37,14 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from engine.data.doctor import format_report, run_doctor  # image libraries load only for this command
 
-    # An explicit base is taken as given (not resolved), so the report names files as the caller would.
-    given = Path(args.base_dir) if args.base_dir else None
-    try:
-        config = load_config(args.config, args.overrides, check_packages=False, base_dir=given)
-    except ConfigError as error:
-        print_problems(error.problems)
+    loaded = load_run_config(args)
+    if loaded is None:
         return EXIT_BAD_INPUT
-    report = run_doctor(config, given or Path(args.config).resolve().parent, quick=args.quick)
+    config, base_dir = loaded
+    report = run_doctor(config, base_dir, quick=args.quick)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()

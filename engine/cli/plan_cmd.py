@@ -6,12 +6,9 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
-from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_override_option, print_problems
-from engine.config.errors import ConfigError
-from engine.config.io import load_config
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_OK, add_base_dir_option, add_override_option, load_run_config
 
 EXIT_DOES_NOT_FIT = 3
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
@@ -32,8 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="plan for a card of this size, e.g. 12GiB or 24GB (default: the detected GPU's)")
     parser.add_argument("--fit", action="store_true", help="propose the changes that make the run fit")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (the form the GUI reads)")
-    parser.add_argument("--base-dir", metavar="DIR",
-                        help="the folder the config's relative paths start from (default: the config file's folder)")
+    add_base_dir_option(parser)
     parser.set_defaults(handler=run)
     return parser
 
@@ -53,13 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from engine.plan import GIB, make_plan
     from engine.plan.fit import fit_to_gpu
 
-    given = Path(args.base_dir) if args.base_dir else None
-    try:
-        config = load_config(args.config, args.overrides, check_packages=False, base_dir=given)
-    except ConfigError as error:
-        print_problems(error.problems)
+    loaded = load_run_config(args)
+    if loaded is None:
         return EXIT_BAD_INPUT
-    base_dir = given or Path(args.config).resolve().parent
+    config, base_dir = loaded
     if args.fit and args.gpu_memory is None:
         from engine.plan.estimate import detected_gpu_memory
 
