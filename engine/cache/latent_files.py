@@ -27,12 +27,13 @@ from engine.cache.entries import entry_status as shared_entry_status
 from engine.cache.latent_key import LatentKey, key_mismatch
 from engine.data.records import Finding
 from engine.files import atomic_write_bytes
+from engine.models.families import FAMILY_INFO
 
 __all__ = ["CachedLatents", "EntryState", "cache_path", "entry_status", "inspect_entry", "load_entry",
            "read_key", "write_entry"]
 
 # One AE, one cache: families sharing an AE share the files.
-FAMILY_SUFFIX = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "flux1": "flux", "chroma": "flux", "sd3": "sd3"}
+FAMILY_SUFFIX = {name: info.latent_cache_suffix for name, info in FAMILY_INFO.items()}
 STALE_HINT = "it will be rebuilt; run cache-latents to rebuild it now"
 REBUILD = "rebuild the cache with `python -m engine cache-latents CONFIG --force` (it re-encodes every entry)"
 

@@ -23,11 +23,13 @@ from engine.config.choices import (
     WANDB,
     XFORMERS,
     OptionalPackage,
+    family_label,
     module_package,
 )
 from engine.config.dataset import ResolvedDataset, ResolvedSubset, resolve_datasets, resolve_general_only
 from engine.config.dataset_keys import CAPTION_DROPOUT_KEYS
 from engine.config.rule_registry import RULES, Problem, RuleContext, rule
+from engine.models.families import FAMILY_INFO
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -92,8 +94,8 @@ def _trains_text_encoder(config: RunConfig) -> bool:
     if config.model.model_family in FLUX_FAMILIES:
         if config.method != "lora":
             return False  # FLUX full fine-tuning trains the transformer only (spec §6.1)
-        if config.model.model_family == "chroma" and not trains_t5xxl(config):
-            return False  # Chroma has no CLIP-L, and its T5 trains only with train_t5xxl
+        if "clip_l" not in FAMILY_INFO[config.model.model_family].text_encoder_files and not trains_t5xxl(config):
+            return False  # no CLIP-L (Chroma), and T5 trains only with train_t5xxl
     return config.optimizer.text_encoder_lr != 0
 
 
@@ -192,9 +194,10 @@ def buckets_suit_the_family(config: RunConfig, context: RuleContext) -> Iterator
         else:
             yield Problem(f"{dataset.path}.bucket_reso_steps", f"{limits.label} needs bucket sides in multiples of "
                           f"{multiple}, not {steps}; use {max(multiple, 64)}")
-    if family == "sd1" and config.model.v_parameterization:
-        yield Problem("model.v_parameterization", "SD1.x models predict noise; v-prediction is for SD2.x 768-v and "
-                      "v-pred SDXL checkpoints", "warning")
+    info = FAMILY_INFO.get(family)
+    if info is not None and info.noise_prediction_only and config.model.v_parameterization:
+        yield Problem("model.v_parameterization", f"{family_label(family)} models predict noise; v-prediction is for "
+                      "SD2.x 768-v and v-pred SDXL checkpoints", "warning")
 
 
 @rule

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from engine.config.choices import FAMILY_LIMITS, FLUX_FAMILIES, FamilyLimits, family_label
 from engine.config.rule_registry import Problem, RuleContext, rule
+from engine.models.families import FAMILY_INFO
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 # A base model given as one of these is a single transformer file; a folder or a hub id is a diffusers layout that
 # carries its own text encoders and autoencoder (spec §1.5). Decided from the name only: rules do not read files.
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+# What a single-file model's separate text-encoder files hold (FamilyInfo.text_encoder_files names the fields).
+_SEPARATE_FILES = {"clip_l": "the CLIP-L text encoder (clip_l.safetensors)",
+                   "clip_g": "the CLIP-G text encoder (clip_g.safetensors)",
+                   "t5xxl": "the T5-XXL text encoder (e.g. t5xxl_fp16.safetensors)"}
 
 
 def _is_single_file(location: str) -> bool:
@@ -37,10 +42,8 @@ def flux_files_are_given(config: RunConfig, context: RuleContext) -> Iterator[Pr
     family = model.model_family
     if family not in FLUX_FAMILIES or not _is_single_file(model.pretrained_model_name_or_path):
         return
-    needed = {"t5xxl": "the T5-XXL text encoder (e.g. t5xxl_fp16.safetensors)",
-              "ae": "the autoencoder (ae.safetensors)"}
-    if family == "flux1":
-        needed = {"clip_l": "the CLIP-L text encoder (clip_l.safetensors)", **needed}
+    needed = {key: _SEPARATE_FILES[key] for key in FAMILY_INFO[family].text_encoder_files}
+    needed["ae"] = "the autoencoder (ae.safetensors)"
     for key, what in needed.items():
         if not getattr(model, key).strip():
             yield Problem(f"model.{key}", f"a {family_label(family)} single-file model holds only the transformer; "
@@ -133,15 +136,22 @@ def flux_training_fits(config: RunConfig, context: RuleContext) -> Iterator[Prob
         if config.training.stop_text_encoder_training:
             yield Problem("training.stop_text_encoder_training", f"{label} full fine-tuning does not train the text "
                           "encoders; set it back to 0")
-    if family == "chroma" and not config.model.apply_t5_attn_mask:
-        yield Problem("model.apply_t5_attn_mask", "Chroma is trained with T5's padding hidden; set it to true")
-    if family == "chroma" and config.flow.guidance_scale != 0:
-        yield Problem("flow.guidance_scale", "Chroma is trained with guidance 0; other values are not what it "
-                      "learned", "warning")
+    yield from _as_trained(config, family)
     training = config.training
     if training.loss_type in ("huber", "smooth_l1") and training.huber_schedule == "snr":
         yield Problem("training.huber_schedule", f"the snr schedule needs a noise schedule {label}'s flow matching "
                       "does not have; use 'constant' or 'exponential'")
+
+
+def _as_trained(config: RunConfig, family: str) -> Iterator[Problem]:
+    """Settings the family's model was trained with and needs (Chroma: T5's mask, guidance 0)."""
+    info, label = FAMILY_INFO[family], family_label(family)
+    if info.t5_attn_mask_required and not config.model.apply_t5_attn_mask:
+        yield Problem("model.apply_t5_attn_mask", f"{label} is trained with T5's padding hidden; set it to true")
+    guidance = info.trained_guidance_scale
+    if guidance is not None and config.flow.guidance_scale != guidance:
+        yield Problem("flow.guidance_scale", f"{label} is trained with guidance {guidance:g}; other values are not "
+                      "what it learned", "warning")
 
 
 @rule

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from engine.config.base import field_families
 from engine.config.choices import FLUX_FAMILIES
 from engine.config.rule_registry import Problem, RuleContext, rule
 
@@ -47,4 +48,7 @@ def _trains_a_text_encoder(config: RunConfig) -> bool:
     optimizer = config.optimizer
     first = optimizer.learning_rate if optimizer.text_encoder_lr is None else optimizer.text_encoder_lr
     second = first if optimizer.text_encoder2_lr is None else optimizer.text_encoder2_lr
-    return first > 0 or (config.model.model_family == "sdxl" and second > 0)
+    # the families with a second text encoder of its own rate are those text_encoder2_lr is declared for (SDXL)
+    families = field_families(type(optimizer).model_fields["text_encoder2_lr"])
+    has_second = families is None or config.model.model_family in families
+    return first > 0 or (has_second and second > 0)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.base import field_families
+from engine.config.choices import family_label
 from engine.config.io import resolve_path
 from engine.config.schema import RunConfig
 from engine.data.model_kinds import flux_family_of, model_kind
@@ -37,7 +38,6 @@ _FAMILY = "model.model_family"
 # and in diffusers naming (prefix-free), as [out, in] weights.
 _T5_INPUT = ("txt_in.weight", "context_embedder.weight")
 _CLIP_INPUT = ("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight")
-_FAMILY_NAMES = {"flux1": "FLUX.1", "chroma": "Chroma"}
 
 
 def safetensors_header_json(path: Path) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def _flux_transformer(checker: ModelChecker) -> dict[str, tuple[int, ...]] | Non
                       "family of this file (or auto)")
         return None
     if found != checker.family:
-        checker.error(header.path, f"{LOCATION}: this is a {_FAMILY_NAMES[found]} model, but {_FAMILY} is "
+        checker.error(header.path, f"{LOCATION}: this is a {family_label(found)} model, but {_FAMILY} is "
                       f"'{checker.family}'", f"set {_FAMILY} to {found} (or auto)")
         return None
     return {key.removeprefix(TRANSFORMER_PREFIX): shape for key, shape in header.shapes.items()}
@@ -209,7 +209,7 @@ def _check_ae(checker: ModelChecker, transformer: dict[str, tuple[int, ...]] | N
     channels, wanted = conv_out[0] // 2, family_info(checker.family).latent_channels  # mean and log-variance
     if channels != wanted:
         checker.error(header.path, f"model.ae: an autoencoder with {channels} latent channels (an SD VAE?), but "
-                      f"{_FAMILY_NAMES[checker.family]} needs its {wanted}-channel AE", f"point model.ae at {what}",
+                      f"{family_label(checker.family)} needs its {wanted}-channel AE", f"point model.ae at {what}",
                       "model-files-mismatch")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.base import field_families
+from engine.config.choices import SD3_FAMILIES
 from engine.config.schema import RunConfig
 from engine.data.doctor_models import LOCATION, ModelChecker, suffixed
 from engine.data.model_kinds import SD3Model, model_kind, read_sd3_file
@@ -78,7 +79,7 @@ class Component:
         fields = type(config.model).model_fields
         for name in self.fields:
             families = field_families(fields[name]) if name in fields else ()
-            if families is None or "sd3" in families:
+            if families is None or not set(families).isdisjoint(SD3_FAMILIES):
                 return f"model.{name}"
         return None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine.config.choices import family_label
+from engine.config.choices import FLUX_FAMILIES, family_label
 from engine.models.flux.convert import BFL_CHROMA_KEY, transformer_layout
 from engine.models.flux.files import TRANSFORMER_PREFIX
 from engine.models.ldm_checkpoint import detect_family
@@ -82,4 +82,4 @@ def model_kind(header: FileHeader) -> str | None:
         return None
     label = family_label(family)
     article = "an" if label.startswith("SD") else "a"  # "an SDXL checkpoint", "a FLUX.1 transformer"
-    return f"{article} {label} " + ("transformer" if family in ("flux1", "chroma") else "checkpoint")
+    return f"{article} {label} " + ("transformer" if family in FLUX_FAMILIES else "checkpoint")

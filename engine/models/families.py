@@ -42,6 +42,15 @@ class FamilyInfo:
     variant_architectures: tuple[tuple[str, str], ...] = ()
     # ss_base_model_version is the base file's variant itself (SD3: "medium", "5-medium", "5-large"; spec §8.6)
     base_version_is_variant: bool = False
+    # The model.* fields that name the text encoders' own files, for a base file holding only the denoiser
+    # (FLUX.1: CLIP-L and T5-XXL; Chroma has no CLIP-L). Empty: the base file or folder holds them.
+    text_encoder_files: tuple[str, ...] = ()
+    t5_attn_mask_required: bool = False  # trained with T5's padding masked (Chroma): sd-scripts refuses it unmasked
+    trained_guidance_scale: float | None = None  # the guidance input the model learned, when only one (Chroma: 0)
+    noise_prediction_only: bool = False  # no v-prediction checkpoints exist (SD1.x); SD2.x 768-v and SDXL v-pred do
+    # The UNet's heads per block whatever its width (SD1: 8, diffusers' attention_head_dim); 0: heads of 64 channels
+    unet_attention_heads: int = 0
+    latent_cache_suffix: str = "sd"  # the latent cache files' suffix: families sharing an AE share the files
 
     def base_model_version(self, v_prediction: bool, variant: str = "") -> str:
         if self.base_version_is_variant and variant:
@@ -63,25 +72,27 @@ _SGM = "https://github.com/Stability-AI/generative-models"
 
 FAMILY_INFO: dict[str, FamilyInfo] = {
     "sd1": FamilyInfo("sd1", ("lora_te",), 512, "sd_v1", "sd_v1_v", "stable-diffusion-v1", "stable-diffusion-v1",
-                      "diffusers", 0.18215),
+                      "diffusers", 0.18215, noise_prediction_only=True, unet_attention_heads=8),
     "sd2": FamilyInfo("sd2", ("lora_te",), 512, "sd_v2", "sd_v2_v", "stable-diffusion-v2-512",
                       "stable-diffusion-v2-768-v", "diffusers", 0.18215, kohya_v2=True),
     "sdxl": FamilyInfo("sdxl", ("lora_te1", "lora_te2"), 1024, "sdxl_base_v1-0", "sdxl_base_v1-0",
                        "stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base", _SGM, 0.13025,
                        uses_size_conditioning=True, unet_naming="sai", text_encoding="sdxl", sampler="sdxl",
-                       diffusers_pipeline="StableDiffusionXLPipeline"),
+                       diffusers_pipeline="StableDiffusionXLPipeline", latent_cache_suffix="sdxl"),
     # FLUX.1 dev and schnell share an entry: the file tells them apart (guidance_in), spec §1.3 and §5.4.
     "flux1": FamilyInfo("flux1", ("lora_te1", "lora_te3"), 1024, "flux1", "flux1", "flux-1", "flux-1",
                         "https://github.com/black-forest-labs/flux", 0.3611, objective="flow", unet_naming="bfl",
                         text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
                         bucket_multiple=16, model_type="flux", kohya_network_module="networks.lora_flux",
                         diffusers_pipeline="FluxPipeline",
-                        variant_architectures=(("dev", "flux-1-dev"), ("schnell", "flux-1-schnell"))),
+                        variant_architectures=(("dev", "flux-1-dev"), ("schnell", "flux-1-schnell")),
+                        text_encoder_files=("clip_l", "t5xxl"), latent_cache_suffix="flux"),
     "chroma": FamilyInfo("chroma", ("lora_te3",), 1024, "chroma", "chroma", "chroma", "chroma",
                          "https://huggingface.co/lodestones/Chroma", 0.3611, objective="flow", unet_naming="bfl",
                          text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
                          bucket_multiple=16, model_type="chroma", kohya_network_module="networks.lora_flux",
-                         diffusers_pipeline="ChromaPipeline"),
+                         diffusers_pipeline="ChromaPipeline", text_encoder_files=("t5xxl",),
+                         t5_attn_mask_required=True, trained_guidance_scale=0.0, latent_cache_suffix="flux"),
     # SD3 medium, SD3.5 medium and SD3.5 large share an entry: the file tells them apart (qk-norm, attn2; spec §8.1)
     # and the variant names them in the metadata, as sd-scripts' model_type does (spec §8.6).
     "sd3": FamilyInfo("sd3", ("lora_te1", "lora_te2", "lora_te3"), 1024, "medium", "medium",
@@ -92,7 +103,8 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                       variant_architectures=(("medium", "stable-diffusion-3-medium"),
                                              ("5-medium", "stable-diffusion-3-5-medium"),
                                              ("5-large", "stable-diffusion-3-5-large")),
-                      base_version_is_variant=True),
+                      base_version_is_variant=True, text_encoder_files=("clip_l", "clip_g", "t5xxl"),
+                      latent_cache_suffix="sd3"),
 }
 
 

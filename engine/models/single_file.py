@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.config.choices import family_label
 from engine.models.configs import component_file, shipped_configs
 from engine.models.configs.inference import ConfigInferenceError, infer_configs
-from engine.models.ldm_checkpoint import EMBEDDED_CONFIGS_KEY, detect_family
+from engine.models.families import FAMILY_INFO, family_info
+from engine.models.ldm_checkpoint import EMBEDDED_CONFIGS_KEY, FAMILIES, detect_family
 from engine.models.tokenizers import cached_folder, content_key, write_tokenizer_files
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ __all__ = [
     "adapter_kind",
     "check_family",
     "config_folder",
+    "diffusers_pipeline_of",
     "embedded_configs",
     "file_configs",
     "file_family",
@@ -47,7 +50,7 @@ __all__ = [
 ]
 
 SINGLE_FILE_SUFFIXES = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin"})
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+FAMILY_LABELS = {name: family_label(name) for name in FAMILIES}
 _DTYPE_KEYS = ("torch_dtype", "dtype")
 # Pipeline components a training run never needs from a single file.
 _NEVER_LOADED = ("safety_checker", "feature_extractor", "image_encoder")
@@ -164,6 +167,13 @@ def file_family(header: FileHeader) -> str:
                              "diffusers folder instead") from error
 
 
+def diffusers_pipeline_of(family: str | None) -> str | None:
+    """The diffusers pipeline class a family's folder holds (SD1 and SD2 share one, SDXL has its own), which is all
+    a folder's layout tells for sure; a name the registry does not know stays as it is."""
+    info = FAMILY_INFO.get(family) if family else None
+    return info.diffusers_pipeline if info else family
+
+
 def check_family(where: Path | str, detected: str | None, wanted: str, *, exact: bool, what: str = "checkpoint",
                  error: type[ModelLoadError] = ModelLoadError) -> str:
     """The family to use: ``detected`` when ``wanted`` is "auto", else ``wanted`` if it fits what was detected.
@@ -184,7 +194,7 @@ def check_family(where: Path | str, detected: str | None, wanted: str, *, exact:
         if detected is None:
             raise error(f"{where}: cannot tell the model family; set model.model_family to sd1, sd2 or sdxl")
         return detected
-    contradicts = detected != wanted if exact else (detected == "sdxl") != (wanted == "sdxl")
+    contradicts = detected != wanted if exact else diffusers_pipeline_of(detected) != diffusers_pipeline_of(wanted)
     if detected is not None and contradicts:
         raise error(f"{where}: this {what} is {FAMILY_LABELS[detected]} but model.model_family is {wanted}; set "
                     f"model.model_family to {detected} or auto")
@@ -274,9 +284,9 @@ def load_single_file_pipeline(path: Path, family: str, config: Path, skip: tuple
     Raises:
         error: diffusers cannot load the file with these configs.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline = getattr(diffusers, family_info(family).diffusers_pipeline)  # SD1/SD2 or SDXL's pipeline
     signature = inspect.signature(pipeline.__init__).parameters
     options: dict[str, Any] = {name: None for name in (*_NEVER_LOADED, *skip) if name in signature}
     options.update({flag: False for flag in ("requires_safety_checker", "add_watermarker") if flag in signature})

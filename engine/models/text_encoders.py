@@ -29,6 +29,7 @@ from engine.models.single_file import (
     SINGLE_FILE_SUFFIXES,
     ModelLoadError,
     check_family,
+    diffusers_pipeline_of,
     load_single_file_pipeline,
     resolve_single_file,
 )
@@ -191,7 +192,7 @@ def _load_single_file(path: Path, family: str, config_dir: str | Path | None) ->
 
 def _checked_config_dir(config: Path, path: Path, family: str) -> Path:
     config_family = _folder_family(config)
-    if config_family is not None and (config_family == "sdxl") != (family == "sdxl"):
+    if config_family is not None and diffusers_pipeline_of(config_family) != diffusers_pipeline_of(family):
         raise TextEncoderLoadError(f"config_dir {config} is an {config_family} model folder, but {path} is an "
                                    f"{family} checkpoint; pass a folder of the same family")
     return config

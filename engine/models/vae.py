@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.models.families import FAMILY_INFO
 from engine.models.ldm_checkpoint import FAMILIES
 from engine.models.locations import looks_like_hub_id
 from engine.models.vae_layout import VaeLoadError, load_single_file_vae, single_file_family
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 # The latent scale each family's diffusion model was trained with (sd-scripts' constants). SD1 and SD2 share one VAE.
-SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+SCALING_FACTORS = {name: FAMILY_INFO[name].latent_scaling_factor for name in FAMILIES}
 _FAMILY_BY_SCALING = {0.13025: "sdxl", 0.18215: "sd1"}  # a diffusers VAE folder states its scale; sd1 covers sd2
 
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
@@ -242,6 +243,7 @@ def hub_download_hint(repo_id: str, offline: bool, error: Exception) -> str:
 # Pipeline class (model_index.json) → family; StableDiffusionPipeline is SD1 or SD2, told apart by its text encoder.
 _PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
                       "StableDiffusionPipeline": "sd1", "StableDiffusionImg2ImgPipeline": "sd1"}
+_SD1_OR_SD2_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
 
 def pipeline_family(folder: Path) -> str | None:
@@ -249,7 +251,7 @@ def pipeline_family(folder: Path) -> str | None:
     try:
         pipeline = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
         family = _PIPELINE_FAMILIES.get(pipeline)
-        if family == "sd1":
+        if pipeline in _SD1_OR_SD2_PIPELINES:
             # SD2's OpenCLIP encoder uses gelu, SD1's OpenAI CLIP quick_gelu (true of the tiny test models too).
             text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
             family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"

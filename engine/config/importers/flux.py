@@ -17,6 +17,7 @@ from engine.config.choices import FLOW_FAMILIES, FLUX_FAMILIES, family_label
 from engine.config.importers.common import MISSING, field_specs, literal, put_table, same_value
 from engine.config.importers.source import Source
 from engine.config.paths import get_path, set_path
+from engine.models.families import FAMILY_INFO
 
 # sd-scripts argument -> config path (the same names in the GUI's JSON, LoRA tab).
 FLUX_ARG_PATHS: Mapping[str, str] = {
@@ -70,6 +71,10 @@ FLUX_NETWORK_ARGS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim
 FLUX_NETWORK_MODULES = ("networks.lora_flux",)
 # sd-scripts' --split_mode (deprecated) becomes this many swapped blocks when blocks_to_swap is not given (§6.4).
 SPLIT_MODE_BLOCKS = 18
+# sd-scripts' model_type (FamilyInfo.model_type) -> the FLUX family it trains; a file without one is FLUX.1's
+_FAMILY_BY_MODEL_TYPE = {FAMILY_INFO[name].model_type: name for name in FLUX_FAMILIES if FAMILY_INFO[name].model_type}
+_FLUX_MODEL_TYPE = FAMILY_INFO["flux1"].model_type
+_TEXT_ENCODERS = {"clip_l": "CLIP-L", "t5xxl": "T5-XXL"}  # the FLUX text-encoder fields, as messages name them
 _NOT_FLUX = "only FLUX.1 and Chroma use it, and this file is not for FLUX (sd-scripts' FLUX scripts read it)"
 _KOHYA_NOT_FLUX = "kohya_ss passes it only for FLUX.1 (flux1_checkbox is off)"
 
@@ -89,13 +94,13 @@ def family(source: Source) -> str | None:
         flux_keys = module in FLUX_NETWORK_MODULES or source.given("ae") or source.given("model_type")
         if sd3 or not flux_keys:
             return None
-    model_type = str(source.get("model_type") or "flux").strip().lower()
-    if model_type not in ("flux", "chroma"):
-        source.skip("model_type", "expected flux or chroma")
-        model_type = "flux"
+    model_type = str(source.get("model_type") or _FLUX_MODEL_TYPE).strip().lower()
+    if model_type not in _FAMILY_BY_MODEL_TYPE:
+        source.skip("model_type", f"expected {' or '.join(_FAMILY_BY_MODEL_TYPE)}")
+        model_type = _FLUX_MODEL_TYPE
     elif "model_type" in source.data:
         source.used("model_type", ["model.model_family"])
-    return "chroma" if model_type == "chroma" else "flux1"
+    return _FAMILY_BY_MODEL_TYPE[model_type]
 
 
 def is_flux(source: Source) -> bool:
@@ -113,31 +118,33 @@ def settings(source: Source) -> None:
         for key in (*table, "model_type", "split_mode", *((*FLUX_NETWORK_ARGS, *_KOHYA_FLUX_ONLY) if kohya else ())):
             _not_for_this_family(source, key, kohya)
         return
-    chroma = get_path(source.result.overlay, "model.model_family") == "chroma"
+    family = str(get_path(source.result.overlay, "model.model_family"))
     _split_mode(source, kohya)
     _frozen_model_only(source)
     _old_block_swap(source)
     for key, path in table.items():
         if key not in source.data or key in source.done:
             continue
-        _flux_key(source, key, path, chroma=chroma, kohya=kohya)
-    if chroma:
-        _chroma_mask(source, kohya)
+        _flux_key(source, key, path, family=family, kohya=kohya)
+    if FAMILY_INFO[family].t5_attn_mask_required:
+        _t5_mask(source, kohya, family_label(family))
     _remaining_fields(source, kohya)
     _note_memory(source)
 
 
-def _flux_key(source: Source, key: str, path: str, *, chroma: bool, kohya: bool) -> None:
+def _flux_key(source: Source, key: str, path: str, *, family: str, kohya: bool) -> None:
     """One key of the FLUX argument table, in a FLUX (or Chroma) file."""
-    if chroma and path == "model.clip_l":
-        source.inert(key, "", "Chroma has no CLIP-L text encoder; sd-scripts does not load it for Chroma")
+    info, label, field = FAMILY_INFO[family], family_label(family), path.removeprefix("model.")
+    if field in _TEXT_ENCODERS and field not in info.text_encoder_files:
+        source.inert(key, "", f"{label} has no {_TEXT_ENCODERS[field]} text encoder; sd-scripts does not load it "
+                     f"for {label}")
     elif kohya and key in KOHYA_SD3_ONLY:
         source.inert(key, KOHYA_FLUX_DEFAULTS[key], "kohya_ss passes it only for SD3; sd-scripts used its "
                      "default for FLUX, as Atelier does")
     elif kohya and key == "guidance_scale" and _is_zero(source.get(key)):
         # The GUI drops a 0 before writing sd-scripts' TOML (it re-adds it only for Chroma); the JSON says 0.
         source.put(key, path, 0.0)
-        if not chroma:
+        if info.trained_guidance_scale is None:  # a model trained at one guidance (Chroma: 0) is given it anyway
             source.note("flow.guidance_scale = 0: the file says 0 (kohya_ss itself dropped the 0, so "
                         "sd-scripts trained with its default 3.5)")
     elif source.blank(source.get(key)):
@@ -176,14 +183,14 @@ def _is_zero(value: Any) -> bool:
         return False
 
 
-def _chroma_mask(source: Source, kohya: bool) -> None:
-    """sd-scripts refuses Chroma without the T5 mask, and the GUI switches it on for Chroma by itself."""
+def _t5_mask(source: Source, kohya: bool, label: str) -> None:
+    """sd-scripts refuses a family trained with T5's mask (Chroma) without it; the GUI switches it on by itself."""
     if source.get("apply_t5_attn_mask") is True:
         return
     set_path(source.result.overlay, "model.apply_t5_attn_mask", True)
     if "apply_t5_attn_mask" in source.data and "apply_t5_attn_mask" not in source.done:
         source.unset("apply_t5_attn_mask")
-    who = "kohya_ss switches it on for Chroma" if kohya else "sd-scripts requires it for Chroma"
+    who = f"kohya_ss switches it on for {label}" if kohya else f"sd-scripts requires it for {label}"
     source.note(f"model.apply_t5_attn_mask = true: {who}")
 
 

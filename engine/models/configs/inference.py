@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.models.configs import shipped_configs
+from engine.models.families import family_info
 from engine.models.ldm_checkpoint import TEXT_ENCODER_LAYOUTS
 from engine.models.ldm_keys import UNET_PREFIX, VAE_PREFIX
 from engine.models.ldm_text import SD2_TEXT_PREFIX
@@ -116,7 +117,7 @@ def infer_unet_config(shapes: Shapes, base: Mapping[str, Any], family: str,
         config["cross_attention_dim"] = cross[1]
         _put(config, "use_linear_projection", len(projection) == 2, False)
     _put(config, "transformer_layers_per_block", depth if any(d != 1 for d in depth) else 1, 1)
-    if family != "sd1":  # SD1: 8 heads in every block, whatever the width (the shipped value)
+    if not family_info(family).unet_attention_heads:  # SD1: 8 heads in every block, whatever the width (shipped)
         config["attention_head_dim"] = [max(1, width // _HEAD_WIDTH) for width in widths]
     label = shapes.get(f"{p}label_emb.0.0.weight")
     if label is not None:  # SDXL: sinusoidal embeddings of 6 size/crop values + the pooled text embedding

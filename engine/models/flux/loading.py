@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.config.choices import FLUX_FAMILIES, family_label
+from engine.models.families import family_info
 from engine.models.flux.convert import BFL_CHROMA_KEY, diffusers_to_bfl, transformer_layout
 from engine.models.flux.files import (
     TRANSFORMER_PREFIX,
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FLUX_FAMILIES", "FluxTransformerSource", "detect_flux_file", "load_flux_model", "load_flux_transformer"]
 
-FLUX_FAMILIES = ("flux1", "chroma")
 _LOCATION = "model.pretrained_model_name_or_path"
 # Top-level module names of a transformer in either naming: keys outside them belong to other components.
 _TRANSFORMER_ROOTS = frozenset({
@@ -253,9 +254,8 @@ def _checked_family(source: FluxTransformerSource, wanted: str) -> str:
     if wanted in ("auto", "", None) or wanted == detected:
         return detected
     if wanted in FLUX_FAMILIES:
-        names = {"flux1": "a FLUX.1", "chroma": "a Chroma"}
-        raise ModelLoadError(f"{source.where}: this is {names[detected]} model but model.model_family is {wanted}; "
-                             f"set model.model_family to {detected} or auto")
+        raise ModelLoadError(f"{source.where}: this is a {family_label(detected)} model but model.model_family is "
+                             f"{wanted}; set model.model_family to {detected} or auto")
     raise ModelLoadError(f"{source.where}: this is a FLUX.1/Chroma model but model.model_family is {wanted}; set "
                          f"model.model_family to {detected} or auto")
 
@@ -321,7 +321,7 @@ def _load_text(family: str, folder: Path | None, params: FluxParams, clip_l: Any
     t5 = load_t5xxl(t5xxl or _component(folder, t5_folder, "model.t5xxl", "T5-XXL's file (t5xxl_fp16.safetensors)"))
     _check_width(t5.config.d_model, params.context_in_dim, t5xxl or folder, "model.t5xxl", "T5 width")
     tokenizers, encoders = [load_t5_tokenizer(folder, tokenizer_cache_dir, t5_tokenizer)], [t5]
-    if family == "flux1":
+    if "clip_l" in family_info(family).text_encoder_files:  # Chroma has no CLIP-L
         clip_folder, _ = subfolders.get("clip", ("text_encoder", "tokenizer"))
         clip = load_clip_l(clip_l or _component(folder, clip_folder, "model.clip_l",
                                                 "CLIP-L's file (clip_l.safetensors); FLUX.1 needs it"))

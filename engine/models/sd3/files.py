@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config.choices import family_label
 from engine.models.flux.files import base_model_header, check_not_adapter, read_flux_header
 from engine.models.sd3.params import SAI_PREFIX
 from engine.models.single_file import FAMILY_LABELS, FileHeader, ModelLoadError
@@ -127,7 +128,7 @@ def not_sd3_message(header: FileHeader) -> str:
     keys = set(header.shapes)
     flux = detect_flux_file(header.path)
     if flux is not None:
-        label = {"flux1": "FLUX.1", "chroma": "Chroma"}[flux]
+        label = family_label(flux)
         return (f"{header.path}: this is a {label} model, not an {SD3_BASE} one; set model.model_family to {flux} "
                 f"(or auto), or point {LOCATION} at an SD3/SD3.5 file")
     try:
