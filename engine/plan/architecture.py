@@ -142,11 +142,13 @@ def _flux(config: RunConfig, family: str, location: Path) -> Architecture:
     if shapes is not None:
         params, source = params_from_state_dict(_stripped(shapes, "model.diffusion_model.")), "the model file"
     else:
-        params, source = (CHROMA if family == "chroma" else FLUX_DEV), f"the standard {family} architecture"
+        # Chroma is the FLUX-layout family without CLIP-L's vector input (its approximator modulates instead).
+        standard = FLUX_DEV if "clip_l" in family_info(family).text_encoder_files else CHROMA
+        params, source = standard, f"the standard {family} architecture"
     with torch.device("meta"):
         denoiser = Flux(params)
     model = config.model
-    paths = {"t5xxl": model.t5xxl} if family == "chroma" else {"clip_l": model.clip_l, "t5xxl": model.t5xxl}
+    paths = {name: getattr(model, name) for name in family_info(family).text_encoder_files}
     encoders, notes = _file_parameters(paths)
     vae, vae_notes = _file_parameters({"ae": model.ae})
     return Architecture(family, denoiser, encoders, vae["ae"], source, notes + vae_notes)

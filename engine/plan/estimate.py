@@ -114,7 +114,9 @@ def step_shape(config: RunConfig, base_dir: Path, family: str) -> StepShape:
     else:
         from engine.config.sections_model import t5xxl_token_length
 
-        tokens = t5xxl_token_length(config.model.t5xxl_max_token_length, "dev" if family != "sd3" else "medium")
+        # Without a file to read the variant from: SD3's variants all read 256 T5 tokens, FLUX.1 dev and Chroma 512.
+        variant = "medium" if info.base_version_is_variant else "dev"
+        tokens = t5xxl_token_length(config.model.t5xxl_max_token_length, variant)
     return StepShape(batch, height, width, tokens)
 
 

@@ -47,10 +47,6 @@ ALLOWED: dict[tuple[str, str], str] = {
                                                              "(the A1111/sd-scripts format)",
     ("engine/networks/tools/convert_names.py", "TEXT_COMPONENTS"): "data: diffusers' text-encoder names of each "
                                                                    "family's LoRA files",
-    # engine/plan is being changed by other work; its three name tests (Chroma's architecture and text encoders, SD3's
-    # T5 length) move to FamilyInfo fields with it.
-    ("engine/plan/architecture.py", "_flux"): "engine/plan: follow-up (issue 17)",
-    ("engine/plan/estimate.py", "step_shape"): "engine/plan: follow-up (issue 17)",
 }
 
 
