@@ -26,18 +26,9 @@ from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_pa
 from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
 from gui.form_store import LOCAL_USER, FormStore, user_name
-from gui.memory_plan import PlanFailed, plan_report
 from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
 from gui.state import config_to_form, form_to_config, to_widget
-from gui.views.memory import (
-    applied_markdown,
-    change_values,
-    fit_markdown,
-    plan_bar_html,
-    plan_markdown,
-    previous_values,
-    undone_markdown,
-)
+from gui.tabs.parameters_memory import MemoryPanel, MemorySection, memory_section
 from gui.views.parameters import (
     SETTINGS_FILE_LABEL,
     cleared_by,
@@ -175,39 +166,6 @@ class PresetRow:
 
 
 @dataclass
-class MemorySection:
-    """Will the form's run fit the GPU: the card's size, Estimate and Fit (each runs `python -m engine plan`), the
-    plan as a bar and a breakdown, and Apply / Undo of the changes Fit proposes."""
-
-    gpu_memory: gr.Textbox
-    estimate: gr.Button
-    fit: gr.Button
-    bar: gr.HTML
-    report: gr.Markdown
-    apply: gr.Button
-    undo: gr.Button
-    message: gr.Markdown
-    changes: gr.State  # the changes of the last Fit ([{key, value, reason, gpu_needed_bytes}]), which Apply sets
-    previous: gr.State  # {path: widget value} before the last Apply, which Undo puts back
-
-
-def _memory_section() -> MemorySection:
-    with gr.Accordion("Memory: will it fit my GPU?", open=True, elem_id="memory-section"):
-        with gr.Row():
-            gpu_memory = gr.Textbox(label="GPU memory", placeholder="detected", elem_id="memory-gpu",
-                                    info="The card's size, e.g. 12GiB or 24GB; empty plans for the GPU detected here.")
-            estimate = gr.Button("Estimate memory", elem_id="memory-estimate")
-            fit = gr.Button("Fit to my GPU", elem_id="memory-fit")
-        bar = gr.HTML(elem_id="memory-bar-box")
-        report = gr.Markdown(elem_id="memory-report")
-        with gr.Row():
-            apply = gr.Button("Apply changes", elem_id="memory-apply", variant="primary", visible=False)
-            undo = gr.Button("Undo", elem_id="memory-undo", visible=False)
-        message = gr.Markdown(elem_id="memory-message")
-    return MemorySection(gpu_memory, estimate, fit, bar, report, apply, undo, message, gr.State(None), gr.State(None))
-
-
-@dataclass
 class FormSection:
     """The preset message, the validation status, the form's fields, the memory plan and the TOML preview."""
 
@@ -243,7 +201,7 @@ def _form_section(specs: dict[str, FieldSpec], values: Mapping[str, Any], roots:
         with gr.Tabs():
             for section in SECTIONS:
                 layout.add_section(section)
-    memory = _memory_section()
+    memory = memory_section()
     with gr.Accordion("Preview: the config.toml this form makes", open=True, elem_id="toml-preview-section"):
         preview = gr.Markdown(preview_markdown(config_to_toml(RunConfig())), elem_id="toml-preview",
                               buttons=["copy"], max_height=720)
@@ -397,66 +355,6 @@ class ParametersTab:
             return {self.form.preset_message: gr.skip()}
         return self.fill(kept["values"], form | {self.page.user: kept["user"]}, "Restored your last form.")
 
-    def run_plan(self, form: dict, *, fit: bool) -> dict:
-        """The form's config planned by the engine (fit: with the changes that make it fit)."""
-        config, data, _ = form_to_config(self.form_values(form), self.specs)
-        return plan_report(data if config is not None else None, self.ctx.roots, Path.cwd(),
-                           form[self.form.memory.gpu_memory], fit=fit)
-
-    def on_estimate(self, form: dict) -> dict:
-        memory = self.form.memory
-        cleared = {memory.changes: None, memory.apply: gr.update(visible=False), memory.message: ""}
-        try:
-            plan = self.run_plan(form, fit=False)
-        except PlanFailed as error:
-            return cleared | {memory.bar: "", memory.report: f"**No memory plan:** {error}"}
-        return cleared | {memory.bar: plan_bar_html(plan), memory.report: plan_markdown(plan)}
-
-    def on_fit(self, form: dict) -> dict:
-        memory = self.form.memory
-        try:
-            report = self.run_plan(form, fit=True)
-        except PlanFailed as error:
-            return {memory.bar: "", memory.report: f"**No memory plan:** {error}", memory.changes: None,
-                    memory.apply: gr.update(visible=False), memory.message: ""}
-        text = f"{fit_markdown(report)}\n\n---\n\nAfter the changes:\n\n{plan_markdown(report['plan'])}"
-        return {memory.bar: plan_bar_html(report["plan"]), memory.report: text, memory.message: "",
-                memory.changes: report["changes"], memory.apply: gr.update(visible=bool(report["changes"]))}
-
-    def on_apply(self, form: dict) -> dict:
-        """Set the fields the last Fit changes, through fill (as a preset does), keeping their values for Undo."""
-        memory = self.form.memory
-        current = self.form_values(form)
-        new_values, unknown = change_values(form[memory.changes] or [], self.specs, to_widget)
-        if not new_values:
-            return {memory.message: "No changes to apply: press Fit to my GPU first."}
-        return self.fill(new_values, form, gr.skip()) | {
-            memory.message: applied_markdown(new_values, current, unknown),
-            memory.previous: previous_values(new_values, current), memory.undo: gr.update(visible=True)}
-
-    def on_undo(self, form: dict) -> dict:
-        memory = self.form.memory
-        previous = form[memory.previous]
-        if not previous:
-            return {memory.message: "Nothing to undo."}
-        return self.fill(previous, form, gr.skip()) | {memory.message: undone_markdown(previous),
-                                                       memory.previous: None, memory.undo: gr.update(visible=False)}
-
-    def wire_memory(self, field_outputs: list[Any], with_form: set[Any], evaluation: dict) -> None:
-        """Estimate and Fit run an engine process for seconds, outside the form's queue (typing goes on meanwhile);
-        Apply and Undo fill the form in it, as a preset does, then evaluate it."""
-        memory, components = self.form.memory, self.components
-        plan_inputs = {memory.gpu_memory, *components.values()}
-        plan_outputs = [memory.bar, memory.report, memory.changes, memory.apply, memory.message]
-        memory.estimate.click(self.on_estimate, inputs=plan_inputs, outputs=plan_outputs)
-        memory.fit.click(self.on_fit, inputs=plan_inputs, outputs=plan_outputs)
-        outputs = [*field_outputs, memory.message, memory.previous, memory.undo]
-        in_order = {"concurrency_id": "parameters-form", "concurrency_limit": 1}
-        memory.apply.click(self.on_apply, inputs={memory.changes, *with_form}, outputs=outputs, **in_order
-                           ).then(**evaluation)
-        memory.undo.click(self.on_undo, inputs={memory.previous, *with_form}, outputs=outputs, **in_order
-                          ).then(**evaluation)
-
     def answered(self, answer: str) -> Any:
         return lambda form: self.on_preset(form[self.presets.preset], form, answer)
 
@@ -506,7 +404,7 @@ class ParametersTab:
                          show_progress="hidden")
             page.saved.change(self.on_saved, inputs={page.saved, *with_form}, outputs=field_outputs, **in_order
                               ).then(**evaluation)
-        self.wire_memory(field_outputs, with_form, evaluation)
+        MemoryPanel(self).wire(field_outputs, with_form, evaluation)
         self.presets.save_button.click(lambda form: self.on_save(form[self.presets.preset_title], form),
                                        inputs={self.presets.preset_title, *components.values()},
                                        outputs=[preset_message, preset])
