@@ -207,3 +207,23 @@ def test_the_traced_step_holds_one_gradient_per_trained_weight(tiny_models, tmp_
                             frozen_dtype=torch.bfloat16, trained_dtype=dtype)
         assert traced.gradient_bytes == traced.trained_bytes == traced.trained_parameters * dtype.itemsize > 0
         assert traced.peak_bytes > traced.gradient_bytes
+
+
+def test_plans_of_one_run_share_its_traced_step_until_the_step_changes(tiny_models, tmp_path):
+    """Fit to my GPU plans many variations of one run: caches and the optimizer leave the step as it was traced."""
+    from engine.config.io import load_config
+    from engine.plan import make_plan
+
+    def plan(name: str, **sections: Any) -> Any:
+        config = load_config(write_config(tmp_path / f"{name}.toml", tiny_models, "sd1", **sections),
+                             check_packages=False)
+        return make_plan(config, tmp_path, gpu_capacity=None, traces=traces)
+
+    traces: dict = {}
+    first = plan("a")
+    other_optimizer = plan("b", optimizer={"optimizer_type": "AdamW8bit"}, training={"cache_latents": False})
+    assert len(traces) == 1
+    assert first.items[-1] == other_optimizer.items[-1]  # the same traced step
+    assert first.total("gpu") != other_optimizer.total("gpu")  # the optimizer's state and the VAE still differ
+    plan("c", training={"gradient_checkpointing": True})
+    assert len(traces) == 2

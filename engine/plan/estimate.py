@@ -18,7 +18,7 @@ import torch
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
 from engine.plan.architecture import Architecture, build_architecture
-from engine.plan.trace import StepShape, trace_step
+from engine.plan.trace import StepShape, TracedStep, trace_step
 
 __all__ = ["GIB", "MemoryPlan", "PlanItem", "make_plan", "optimizer_state_bytes"]
 
@@ -70,8 +70,12 @@ class MemoryPlan:
                 "items": [vars(item) for item in self.items], "architecture_from": self.source, "notes": self.notes}
 
 
-def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = None) -> MemoryPlan:
-    """The plan of `config` (paths relative to `base_dir`); `gpu_capacity` defaults to the detected GPU's memory."""
+def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = None,
+              traces: dict[tuple, TracedStep] | None = None) -> MemoryPlan:
+    """The plan of `config` (paths relative to `base_dir`); `gpu_capacity` defaults to the detected GPU's memory.
+
+    `traces` keeps traced steps by what they depend on (:func:`trace_key`) across plans of variations of one run,
+    as Fit to my GPU makes: a change of caches, optimizer or fp8 storage does not trace the step again."""
     from engine.files import resolve_path
 
     location = config.model.pretrained_model_name_or_path
@@ -82,8 +86,13 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     trained_dtype = torch.bfloat16 if config.training.full_bf16 else \
         torch.float16 if config.training.full_fp16 else torch.float32
     weights = _denoiser_weights(config, architecture, frozen)
-    traced = trace_step(config, architecture.family, architecture.denoiser, shape, frozen_dtype=frozen,
-                        trained_dtype=trained_dtype)
+    key = trace_key(config, shape)
+    traced = (traces or {}).get(key)
+    if traced is None:
+        traced = trace_step(config, architecture.family, architecture.denoiser, shape, frozen_dtype=frozen,
+                            trained_dtype=trained_dtype)
+        if traces is not None:
+            traces[key] = traced
     items = [*weights, *_other_parts(config, architecture, frozen)]
     if config.method == "lora":
         items.append(PlanItem("trained weights (LoRA)", traced.trained_bytes, "gpu",
@@ -95,6 +104,15 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     if gpu_capacity is None:
         gpu_capacity = detected_gpu_memory()
     return MemoryPlan(architecture.family, items, shape, architecture.source, architecture.notes, gpu_capacity)
+
+
+def trace_key(config: RunConfig, shape: StepShape) -> tuple:
+    """What the traced step depends on: the model, the method and network, precision, checkpointing and the batch's
+    shape (not the caches, the optimizer or fp8 storage, which the plan counts apart from the step)."""
+    training = config.training
+    return (config.model.pretrained_model_name_or_path, config.model.model_family, config.method,
+            config.network.model_dump_json(), training.mixed_precision, training.full_bf16, training.full_fp16,
+            training.gradient_checkpointing, shape)
 
 
 def detected_gpu_memory() -> int | None:

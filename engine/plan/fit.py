@@ -47,7 +47,8 @@ class FitResult:
 
 def fit_to_gpu(config: RunConfig, base_dir: Path, gpu_capacity: int) -> FitResult:
     """The cheapest list of changes that makes `config` fit `gpu_capacity` bytes (all of them when none suffices)."""
-    plan = make_plan(config, base_dir, gpu_capacity=gpu_capacity)
+    traces: dict = {}  # the step traced once per shape and precision the proposals lead to
+    plan = make_plan(config, base_dir, gpu_capacity=gpu_capacity, traces=traces)
     changes: list[Change] = []
     for proposal in _proposals():
         if plan.fits:
@@ -58,7 +59,7 @@ def fit_to_gpu(config: RunConfig, base_dir: Path, gpu_capacity: int) -> FitResul
         key, value, reason = patch
         try:
             changed = _with(config, key, value)
-            changed_plan = make_plan(changed, base_dir, gpu_capacity=gpu_capacity)
+            changed_plan = make_plan(changed, base_dir, gpu_capacity=gpu_capacity, traces=traces)
         except ValueError:  # not possible for this model (more blocks to swap than it has, a refused combination)
             continue
         config, plan = changed, changed_plan
