@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 @dataclass
 class MemorySection:
     """Will the form's run fit the GPU: the card's size, Estimate and Fit (each runs `python -m engine plan`), the
-    plan as a bar and a breakdown, and Apply / Undo of the changes Fit proposes."""
+    plan as a bar and a breakdown, Apply / Undo of the changes Fit proposes, and re-planning as settings change."""
 
     gpu_memory: gr.Textbox
+    live: gr.Checkbox
     estimate: gr.Button
     fit: gr.Button
     bar: gr.HTML
@@ -48,6 +49,8 @@ def memory_section() -> MemorySection:
         with gr.Row():
             gpu_memory = gr.Textbox(label="GPU memory", placeholder="detected", elem_id="memory-gpu",
                                     info="The card's size, e.g. 12GiB or 24GB; empty plans for the GPU detected here.")
+            live = gr.Checkbox(label="Update as settings change", value=False, elem_id="memory-live",
+                               info="Plans again a moment after each change (a plan takes seconds of CPU).")
             estimate = gr.Button("Estimate memory", elem_id="memory-estimate")
             fit = gr.Button("Fit to my GPU", elem_id="memory-fit")
         bar = gr.HTML(elem_id="memory-bar-box")
@@ -56,7 +59,8 @@ def memory_section() -> MemorySection:
             apply = gr.Button("Apply changes", elem_id="memory-apply", variant="primary", visible=False)
             undo = gr.Button("Undo", elem_id="memory-undo", visible=False)
         message = gr.Markdown(elem_id="memory-message")
-    return MemorySection(gpu_memory, estimate, fit, bar, report, apply, undo, message, gr.State(None), gr.State(None))
+    return MemorySection(gpu_memory, live, estimate, fit, bar, report, apply, undo, message, gr.State(None),
+                         gr.State(None))
 
 
 class MemoryPanel:
@@ -73,10 +77,14 @@ class MemoryPanel:
                            form[self.section.gpu_memory], fit=fit)
 
     def on_estimate(self, form: dict) -> dict:
+        return self.shown_plan(lambda: self.run_plan(form, fit=False))
+
+    def shown_plan(self, plan_of: Any) -> dict:
+        """The bar and breakdown of `plan_of()`'s plan (or why there is none); a new plan clears the last Fit."""
         memory = self.section
         cleared = {memory.changes: None, memory.apply: gr.update(visible=False), memory.message: ""}
         try:
-            plan = self.run_plan(form, fit=False)
+            plan = plan_of()
         except PlanFailed as error:
             return cleared | {memory.bar: "", memory.report: f"**No memory plan:** {error}"}
         return cleared | {memory.bar: plan_bar_html(plan), memory.report: plan_markdown(plan)}
@@ -111,6 +119,15 @@ class MemoryPanel:
         return self.tab.fill(previous, form, gr.skip()) | {memory.message: undone_markdown(previous),
                                                        memory.previous: None, memory.undo: gr.update(visible=False)}
 
+    def on_live(self, form: dict) -> dict:
+        """With "Update as settings change" on, a new validated config (the tab's shared one, which every edit
+        updates) is planned again, as Estimate would; off, nothing."""
+        memory, config = self.section, self.tab.ctx.config
+        if not form[memory.live]:
+            return {memory.message: gr.skip()}  # a dict naming no output would be read as one value
+        return self.shown_plan(lambda: plan_report(form[config], self.tab.ctx.roots, Path.cwd(),
+                                                   form[memory.gpu_memory]))
+
     def wire(self, field_outputs: list[Any], with_form: set[Any], evaluation: dict) -> None:
         """Estimate and Fit run an engine process for seconds, outside the form's queue (typing goes on meanwhile);
         Apply and Undo fill the form in it, as a preset does, then evaluate it."""
@@ -119,6 +136,12 @@ class MemoryPanel:
         plan_outputs = [memory.bar, memory.report, memory.changes, memory.apply, memory.message]
         memory.estimate.click(self.on_estimate, inputs=plan_inputs, outputs=plan_outputs)
         memory.fit.click(self.on_fit, inputs=plan_inputs, outputs=plan_outputs)
+        # Live plans follow the tab's shared config (a small state every edit updates), not the hundreds of fields:
+        # one plan at a time, the newest config winning (a change during a plan queues one more, not one a change).
+        config = self.tab.ctx.config
+        gr.on([config.change, memory.live.change, memory.gpu_memory.change], self.on_live,
+              inputs={memory.live, config, memory.gpu_memory}, outputs=plan_outputs, trigger_mode="always_last",
+              concurrency_id="memory-live", concurrency_limit=1, show_progress="hidden")
         outputs = [*field_outputs, memory.message, memory.previous, memory.undo]
         in_order = {"concurrency_id": "parameters-form", "concurrency_limit": 1}
         memory.apply.click(self.on_apply, inputs={memory.changes, *with_form}, outputs=outputs, **in_order

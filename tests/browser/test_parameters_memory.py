@@ -1,5 +1,6 @@
 """The Parameters tab's Memory section, clicked through in Chromium on a tiny SD model: a card far too small does
-not fit, Fit to my GPU lists the changes, Apply changes sets them in the form and Undo puts the form back."""
+not fit, Fit to my GPU lists the changes, Apply changes sets them in the form and Undo puts the form back; with
+"Update as settings change" on, changing a setting plans again."""
 
 from __future__ import annotations
 
@@ -80,3 +81,9 @@ def test_estimate_fit_apply_and_undo_on_a_tiny_card(app_page, tiny_models, work_
     expect(page.locator(CHECKPOINTING)).not_to_be_checked()
     expect(page.locator("#toml-preview")).to_contain_text("gradient_checkpointing = false", timeout=WAIT)
     expect(page.locator("#memory-undo")).to_be_hidden()
+
+    page.locator("#memory-live input[type=checkbox]").check()
+    expect(report).to_contain_text("batch 2 at 64x64", timeout=WAIT)  # turning it on plans the form as it is
+    open_section(page, "Dataset")
+    fill(page, "field-dataset-general-batch_size", "1")
+    expect(report).to_contain_text("batch 1 at 64x64", timeout=WAIT)  # the change alone plans again
