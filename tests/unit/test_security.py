@@ -5,6 +5,7 @@ tests/test_http_security.py."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 from pathlib import Path
 
@@ -226,7 +227,10 @@ def _call(guard: HttpGuard, scope: dict) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    asyncio.run(guard(scope, receive, send))
+    # In a thread of its own: in a process whose browser tests keep Playwright's event loop running in the main
+    # thread (the suite without workers), asyncio.run there would refuse to start a second loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, guard(scope, receive, send)).result()
     return sent
 
 
