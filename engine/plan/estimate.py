@@ -19,6 +19,8 @@ from engine.config.schema import RunConfig
 from engine.models.families import family_info
 from engine.plan.architecture import Architecture, build_architecture
 from engine.plan.trace import StepShape, TracedStep, trace_step
+from engine.train.precision import PRECISION_DTYPES
+from engine.train.precision import trained_dtype as weights_trained_dtype
 
 __all__ = ["GIB", "MemoryPlan", "PlanItem", "make_plan", "optimizer_state_bytes"]
 
@@ -27,7 +29,6 @@ GIB = 1024**3
 # allocator's rounding and fragmentation (reserved runs ~5-10 % above allocated in the device runs).
 CONTEXT_BYTES = int(0.6 * GIB)
 ALLOCATOR_SLACK = 0.10
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,8 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     local = resolve_path(location, base_dir)
     architecture = build_architecture(config, local if local.exists() else location)
     shape = step_shape(config, base_dir, architecture.family)
-    frozen = _DTYPES[config.training.mixed_precision]
-    trained_dtype = torch.bfloat16 if config.training.full_bf16 else \
-        torch.float16 if config.training.full_fp16 else torch.float32
+    frozen = PRECISION_DTYPES[config.training.mixed_precision]
+    trained_dtype = weights_trained_dtype(config.training)
     weights = _denoiser_weights(config, architecture, frozen)
     key = trace_key(config, shape)
     traced = (traces or {}).get(key)
@@ -170,8 +170,7 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
     fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them), some blocks on the host when swapping."""
     denoiser = architecture.denoiser
     if config.method in ("dreambooth", "finetune"):
-        dtype = torch.bfloat16 if config.training.full_bf16 else \
-            torch.float16 if config.training.full_fp16 else torch.float32
+        dtype = weights_trained_dtype(config.training)
         count = sum(p.numel() for p in denoiser.parameters())
         return [PlanItem("trained weights (the whole denoiser)", count * dtype.itemsize, "gpu",
                          f"{count:,} parameters, {_dtype_name(dtype)}")]

@@ -45,9 +45,10 @@ class FitResult:
                 "plan": self.plan.as_dict()}
 
 
-def fit_to_gpu(config: RunConfig, base_dir: Path, gpu_capacity: int) -> FitResult:
-    """The cheapest list of changes that makes `config` fit `gpu_capacity` bytes (all of them when none suffices)."""
-    traces: dict = {}  # the step traced once per shape and precision the proposals lead to
+def fit_to_gpu(config: RunConfig, base_dir: Path, gpu_capacity: int, *, traces: dict | None = None) -> FitResult:
+    """The cheapest list of changes that makes `config` fit `gpu_capacity` bytes (all of them when none suffices).
+    `traces`: steps already traced for this run (make_plan's), which the plans of the proposals reuse."""
+    traces = {} if traces is None else traces  # the step traced once per shape and precision the proposals lead to
     plan = make_plan(config, base_dir, gpu_capacity=gpu_capacity, traces=traces)
     changes: list[Change] = []
     for proposal in _proposals():

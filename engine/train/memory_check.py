@@ -22,8 +22,9 @@ def memory_plan_check(config: RunConfig, base_dir: Path, log: RunLog, *, device_
         return None
     from engine.plan import GIB, make_plan
 
+    traces: dict = {}  # the step traced here is the fit's starting point: traced once
     try:
-        plan = make_plan(config, base_dir, gpu_capacity=capacity)
+        plan = make_plan(config, base_dir, gpu_capacity=capacity, traces=traces)
     except Exception as error:  # noqa: BLE001 - the plan is advice; the run goes on without it
         log.line(f"memory plan unavailable: {type(error).__name__}: {error}")
         log.line(traceback.format_exc(limit=3))
@@ -37,15 +38,15 @@ def memory_plan_check(config: RunConfig, base_dir: Path, log: RunLog, *, device_
         log.event("warning", where="training",
                   message=f"the memory plan needs about {plan.gpu_needed / GIB:.1f} GiB and the GPU has "
                           f"{capacity_text}: this run will most likely run out of GPU memory",
-                  hint=_fit_hint(config, base_dir, plan.gpu_capacity))
+                  hint=_fit_hint(config, base_dir, plan.gpu_capacity, traces))
     return summary
 
 
-def _fit_hint(config: RunConfig, base_dir: Path, capacity: int) -> str:
+def _fit_hint(config: RunConfig, base_dir: Path, capacity: int, traces: dict) -> str:
     from engine.plan.fit import fit_to_gpu
 
     try:
-        result = fit_to_gpu(config, base_dir, capacity)
+        result = fit_to_gpu(config, base_dir, capacity, traces=traces)
     except Exception:  # noqa: BLE001 - the hint falls back to the command
         result = None
     command = "python -m engine plan CONFIG --fit (or Parameters > Fit to my GPU)"

@@ -17,6 +17,7 @@ import torch
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
 from engine.models.vae import vae_dtype
+from engine.train.precision import trained_dtype as weights_trained_dtype
 from engine.train.setup import RunInputError
 
 __all__ = ["place_models", "store_frozen_in_fp8"]
@@ -93,8 +94,7 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     gradient_checkpointing = config.training.gradient_checkpointing
     # Trained weights stay in float32 under mixed precision (autocast computes in half), unless full_fp16/bf16.
     # A part that trains is placed in that dtype directly: a cast to half first would round the weights for good.
-    trained_dtype = torch.float16 if config.training.full_fp16 else \
-        torch.bfloat16 if config.training.full_bf16 else torch.float32
+    trained_dtype = weights_trained_dtype(config.training)
     trained = method.trainable_modules()
     unet_trains = any(module is model.unet for module in trained)
     swapper = _DENOISER_PLACERS[family_info(model.family).loader](

@@ -15,9 +15,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRECISION_DTYPES", "Precision", "make_precision"]
+__all__ = ["PRECISION_DTYPES", "Precision", "make_precision", "trained_dtype"]
 
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def trained_dtype(training: Any) -> torch.dtype:
+    """The dtype trained weights are kept in: float32 under mixed precision (autocast computes in half), unless
+    `training.full_fp16` / `full_bf16` asks for half weights too."""
+    return torch.float16 if training.full_fp16 else torch.bfloat16 if training.full_bf16 else torch.float32
 
 
 class HalfGradientScaler(torch.amp.GradScaler):
