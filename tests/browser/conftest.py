@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-output" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+# How long an `expect` waits for the page to show what it should. Playwright's 5 s is too short when the other
+# test worker trains on the same two cores (a folder note once took longer in CI); a check still passes the moment
+# the page shows the text, so this only lengthens a failing wait.
+EXPECT_TIMEOUT_MS = 20_000
+
+
+@pytest.fixture(autouse=True, scope="session")
+def patient_expect() -> None:
+    from playwright.sync_api import expect
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 
 
 @pytest.fixture(scope="session")

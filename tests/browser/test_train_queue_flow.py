@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import open_tab
+from conftest import EXPECT_TIMEOUT_MS, open_tab
 from playwright.sync_api import expect
 
 from engine.config.io import load_config
@@ -165,6 +165,6 @@ def test_runs_queue_name_and_show_only_their_own_texts(app_page, app_server, tin
         expect(checkpoints).not_to_contain_text("Resume continues")  # ... but has nothing left to resume
         screenshot(page, "train-queue-flow-finished")
     finally:
-        expect.set_options(timeout=5_000)  # Playwright's default, for the tests after this one
+        expect.set_options(timeout=EXPECT_TIMEOUT_MS)  # the suite's wait, for the tests after this one
         for handle in manager.running():
             manager.kill(handle)
