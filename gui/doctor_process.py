@@ -9,17 +9,14 @@ shows and whether it refuses do not depend on where the doctor ran. Kept free of
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from engine.config.errors import ConfigError
-from engine.config.io import config_to_toml, load_dataset_file, resolve_path
+from engine.config.io import load_dataset_file, resolve_path
 from engine.config.schema import RunConfig
-from engine.rundir.launch import engine_command, engine_environment
+from gui.engine_json import JsonCommand, run_json_command
 
 # Up to this many images the doctor runs in the GUI process: a second or two of decoding, which the page can wait
 # for, and no engine process to start (about 0.4 s) for a dataset that would not hold the GUI up anyway.
@@ -27,11 +24,17 @@ LARGE_DATASET_IMAGES = 200
 # A doctor process that has not answered after this long is stopped: decoding runs at hundreds of images a second,
 # so ten minutes is a dataset far larger than anyone trains on, or a process that hangs (a stalled network drive).
 DOCTOR_TIMEOUT_S = 600.0
-_OUTPUT_TAIL = 1500  # characters of a failed doctor's output shown in the message
 
 
 class DoctorFailed(Exception):
     """The doctor process did not give a report: it timed out, could not start, or stopped with an error."""
+
+
+# The doctor exits 0 (no errors) or 2 (errors found, or settings it refused), with its report either way.
+DOCTOR_COMMAND = JsonCommand(
+    title="the dataset doctor", exit_codes=(0, 2), report_key=lambda report: "findings" in report,
+    failure=DoctorFailed, timeout_advice="check that the dataset folders are readable, or run `python -m engine "
+                                         "doctor` on the settings to see how far it gets")
 
 
 def doctor_report(config: RunConfig, base: Path, *, quick: bool = False, large: int = LARGE_DATASET_IMAGES,
@@ -103,30 +106,7 @@ def run_doctor_process(config: RunConfig, base: Path, *, quick: bool = False,
     Raises:
         DoctorFailed: it timed out, could not start, or printed no report.
     """
-    with tempfile.TemporaryDirectory(prefix="atelier-doctor-") as folder:
-        config_path = Path(folder) / "config.toml"
-        config_path.write_text(config_to_toml(config), encoding="utf-8")
-        args = ["doctor", str(config_path), "--json", "--base-dir", str(base), *(["--quick"] if quick else [])]
-        try:
-            done = subprocess.run(engine_command(args), env=engine_environment(), capture_output=True, text=True,
-                                  timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise DoctorFailed(f"the dataset doctor did not finish within {timeout:g} s and was stopped; check that "
-                               "the dataset folders are readable, or run `python -m engine doctor` on the "
-                               "settings to see how far it gets") from None
-        except OSError as error:
-            raise DoctorFailed(f"the dataset doctor could not start: {error}") from None
-    return _report_from(done)
+    def arguments(config_path: Path) -> list[str]:
+        return ["doctor", str(config_path), "--json", "--base-dir", str(base), *(["--quick"] if quick else [])]
 
-
-def _report_from(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    """The report a doctor process printed; it exits 0 (no errors) or 2 (errors found, or settings it refused)."""
-    try:
-        report = json.loads(done.stdout) if done.returncode in (0, 2) else None
-    except json.JSONDecodeError:
-        report = None
-    if isinstance(report, dict) and "findings" in report:
-        return report
-    output = (done.stderr.strip() or done.stdout.strip())[-_OUTPUT_TAIL:]
-    raise DoctorFailed(f"the dataset doctor stopped (exit code {done.returncode}) without a report:\n```\n{output}\n"
-                       "```")
+    return run_json_command(DOCTOR_COMMAND, config, arguments, timeout=timeout)

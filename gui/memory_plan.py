@@ -8,28 +8,35 @@ it is tested directly.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import tempfile
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from engine.config.errors import ConfigError
-from engine.config.io import config_to_toml
-from engine.rundir.launch import engine_command, engine_environment
+from gui import engine_json
 from gui.browse import FileRoots, PathNotAllowed
+from gui.engine_json import JsonCommand, run_json_command
 from gui.train_start import confined_config
 
 # The plan takes a few seconds to a quarter of a minute (it loads the model's configs and traces one step), and
 # --fit makes a plan per change it tries; a plan process silent after this long is stopped.
 PLAN_TIMEOUT_S = 300.0
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 3  # engine/cli/plan_cmd.py: 0 fits (or no GPU known), 3 does not, 2 bad input
-_OUTPUT_TAIL = 1500  # characters of a failed plan's output shown in the message
 
 
 class PlanFailed(Exception):
     """No plan: the form has problems, names paths the app may not use, or the plan process gave no report."""
+
+
+def _plan_command(key: str) -> JsonCommand:
+    return JsonCommand(title="the memory plan", exit_codes=(EXIT_FITS, EXIT_DOES_NOT_FIT),
+                       report_key=lambda report: key in report, failure=PlanFailed,
+                       timeout_advice="run `python -m engine plan` on the settings to see how far it gets.")
+
+
+PLAN_COMMAND, FIT_COMMAND = _plan_command("items"), _plan_command("changes")
 
 
 def plan_arguments(config_path: str | Path, base: str | Path, gpu_memory: str = "", *, fit: bool = False) -> list[str]:
@@ -56,19 +63,8 @@ def plan_report(config_dict: Mapping[str, Any] | None, roots: FileRoots, base: P
     except ConfigError as error:
         listed = "\n".join(f"- `{problem.path}`: {problem.message}" for problem in error.problems)
         raise PlanFailed(f"the settings need changes:\n{listed}") from None
-    with tempfile.TemporaryDirectory(prefix="atelier-plan-") as folder:
-        config_path = Path(folder) / "config.toml"
-        config_path.write_text(config_to_toml(config), encoding="utf-8")
-        command = engine_command(plan_arguments(config_path, base, gpu_memory, fit=fit))
-        try:
-            done = subprocess.run(command, env=engine_environment(), capture_output=True, text=True,
-                                  timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise PlanFailed(f"the memory plan did not finish within {timeout:g} s and was stopped; run "
-                             "`python -m engine plan` on the settings to see how far it gets.") from None
-        except OSError as error:
-            raise PlanFailed(f"the memory plan could not start: {error}") from None
-    return report_from(done, fit=fit)
+    arguments = partial(plan_arguments, base=base, gpu_memory=gpu_memory, fit=fit)
+    return run_json_command(FIT_COMMAND if fit else PLAN_COMMAND, config, arguments, timeout=timeout)
 
 
 def report_from(done: subprocess.CompletedProcess[str], *, fit: bool = False) -> dict[str, Any]:
@@ -77,11 +73,4 @@ def report_from(done: subprocess.CompletedProcess[str], *, fit: bool = False) ->
     Raises:
         PlanFailed: it stopped without one; the message holds the end of what it wrote (e.g. a size it refused).
     """
-    try:
-        report = json.loads(done.stdout) if done.returncode in (EXIT_FITS, EXIT_DOES_NOT_FIT) else None
-    except json.JSONDecodeError:
-        report = None
-    if isinstance(report, dict) and ("changes" if fit else "items") in report:
-        return report
-    output = (done.stderr.strip() or done.stdout.strip())[-_OUTPUT_TAIL:]
-    raise PlanFailed(f"the memory plan stopped (exit code {done.returncode}) without a report:\n```\n{output}\n```")
+    return engine_json.report_from(FIT_COMMAND if fit else PLAN_COMMAND, done)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from engine.config.io import deep_merge, default_config_dict, validate_config
-from gui import doctor_process
+from gui import doctor_process, engine_json
 from gui.doctor_process import count_images, doctor_report
 from gui.runner import RunManager
 from gui.train_start import prepare_run
@@ -59,7 +59,7 @@ def engine_calls(monkeypatch):
         calls.append(list(argv))
         return real_run(argv, **kwargs)
 
-    monkeypatch.setattr(doctor_process.subprocess, "run", recording)
+    monkeypatch.setattr(engine_json.subprocess, "run", recording)
     return calls
 
 
@@ -107,7 +107,7 @@ def test_a_doctor_that_does_not_finish_is_stopped_with_a_clear_message(project, 
 
 def test_a_doctor_that_fails_is_refused_with_its_output(project, tmp_path, monkeypatch):
     broken = [sys.executable, "-c", "import sys; sys.exit('Traceback: the doctor broke')"]
-    monkeypatch.setattr(doctor_process, "engine_command", lambda args: broken)
+    monkeypatch.setattr(engine_json, "engine_command", lambda args: broken)
     result = prepare_run(RunManager(tmp_path / "runs"), config_for(project), base_dir=project, large_dataset=0)
     assert result.handle is None
     assert result.message.startswith("**Not started:** the dataset doctor stopped (exit code 1) without a report")

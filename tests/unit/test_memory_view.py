@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from engine.config.io import deep_merge, default_config_dict
-from gui import memory_plan
+from gui import engine_json
 from gui.browse import FileRoots
 from gui.memory_plan import PlanFailed, plan_arguments, plan_report, report_from
 from gui.state import to_widget
@@ -127,7 +127,7 @@ def test_a_report_is_read_from_exit_0_and_3_and_a_failure_names_its_output():
 
 
 def test_a_form_with_problems_or_paths_outside_the_roots_runs_no_plan(tmp_path, monkeypatch):
-    monkeypatch.setattr(memory_plan.subprocess, "run", lambda *a, **k: pytest.fail("no process for this"))
+    monkeypatch.setattr(engine_json.subprocess, "run", lambda *a, **k: pytest.fail("no process for this"))
     roots = FileRoots.from_paths([tmp_path / "allowed"], include_home=False)
     with pytest.raises(PlanFailed, match="problems"):
         plan_report(None, roots, tmp_path)
@@ -137,7 +137,7 @@ def test_a_form_with_problems_or_paths_outside_the_roots_runs_no_plan(tmp_path, 
 
 
 def test_a_plan_that_does_not_finish_is_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(memory_plan, "engine_command",
+    monkeypatch.setattr(engine_json, "engine_command",
                         lambda args: [sys.executable, "-c", "import time; time.sleep(5)"])
     roots = FileRoots.from_paths([tmp_path], include_home=False)
     with pytest.raises(PlanFailed, match="did not finish within 0.2 s"):
