@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 TASK = "cache-latents"
 # training.mixed_precision → the dtype the VAE encodes in on a GPU (sd-scripts: the weight dtype).
-_GPU_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 @dataclass(frozen=True, kw_only=True)
 class CacheLatentsOptions:
     """The options of `cache-latents`, declared once: its parser's flags and the command line of the GUI's Tools tab
@@ -96,6 +93,7 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     from engine.events import Progress
     from engine.models.single_file import ModelLoadError
     from engine.models.vae import vae_dtype
+    from engine.train.precision import PRECISION_DTYPES
 
     scan = scan_config(config, base_dir)
     blocking = latent_errors(scan.findings)
@@ -113,7 +111,7 @@ def _cache(config: RunConfig, base_dir: Path, args: argparse.Namespace, events: 
     if not jobs:
         return _fail("no images to cache", events)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    weight_dtype = getattr(torch, _GPU_DTYPES[config.training.mixed_precision])
+    weight_dtype = PRECISION_DTYPES[config.training.mixed_precision]
     try:
         loaded = latent_encoder(config, base_dir, dtype=vae_dtype(config.model.no_half_vae, device, weight_dtype),
                                 device=device)

@@ -82,7 +82,7 @@ def build_session(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog,
         config=config, base_dir=base_dir, run_dir=run_dir, output_dir=output_dir,
         output_name=output_name, accelerator=accelerator, log=log, scan=scan, model=model,
         method=method, dataset=dataset, sampler=sampler, schedule=schedule, optimizer=built.optimizer,
-        built_optimizer=built, lr_scheduler=lr_scheduler, weight_dtype=dtype, facts=None,
+        built_optimizer=built, lr_scheduler=lr_scheduler, facts=None,
         text_cached=texts is not None, latents_cached=latents is not None, block_swapper=swapper,
     )
     session.facts = training_facts(session)

@@ -63,7 +63,6 @@ class Session:
     optimizer: Any
     built_optimizer: Any
     lr_scheduler: Any
-    weight_dtype: torch.dtype
     facts: Any  # engine.networks.metadata.TrainingFacts
     text_cached: bool
     latents_cached: bool
@@ -85,6 +84,11 @@ class Session:
         """The forward passes' autocast and the fp16 loss scaler (engine.train.precision), made once per run."""
         training = self.config.training
         return make_precision(training.mixed_precision, self.device, full_fp16=training.full_fp16)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype frozen weights are kept in and the denoiser's inputs are cast to: the precision's."""
+        return self.precision.dtype
 
 
 def apply_cpu_threads(launch: LaunchSection) -> int:
