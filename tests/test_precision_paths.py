@@ -21,7 +21,7 @@ import torch
 from test_train_flux import flux_config
 from test_train_sd3 import sd3_config
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_helpers import events_of, write_config
+from train_helpers import events_of, train_in_process, write_config
 
 aten = torch.ops.aten
 COMPUTE_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -97,36 +97,16 @@ def _config(case: Case, tiny_models: dict[str, Path], folder: Path) -> Path:
 
 def _train(config_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ComputeDtypes]:
     """Train in this process; returns the trainer (its session and step runner) and the forward passes' dtypes."""
-    from engine.config.io import load_config
-    from engine.rundir.control import ControlChannel
-    from engine.train.build import build_session
-    from engine.train.reporting import RunLog
-    from engine.train.trainer import Trainer
-
-    config = load_config(config_path, check_packages=False)
-    out = config_path.parent / "out"
-    log = RunLog(out)
     recorder = ComputeDtypes()
-    original_backward = torch.Tensor.backward
 
-    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward_starts() -> None:
+        recorder.recording = True
+
+    def backward_starts() -> None:
         recorder.recording = False  # the backward pass's products follow the forward's dtypes; not counted
-        return original_backward(self, *args, **kwargs)
 
-    try:
-        trainer = Trainer(build_session(config, config_path.parent, out, log), ControlChannel(out))
-        micro_batch = trainer.runner.micro_batch
-
-        def recorded_micro_batch(*args: Any) -> Any:
-            recorder.recording = True
-            return micro_batch(*args)
-
-        trainer.runner.micro_batch = recorded_micro_batch
-        monkeypatch.setattr(torch.Tensor, "backward", backward)
-        with recorder:
-            assert trainer.run().status == "finished"
-    finally:
-        log.close()
+    trainer = train_in_process(config_path, monkeypatch, recorder, on_micro_batch=forward_starts,
+                               on_backward=backward_starts)
     return trainer, recorder
 
 

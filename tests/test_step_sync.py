@@ -18,7 +18,7 @@ import torch
 from test_train_flux import flux_config
 from test_train_sd3 import sd3_config
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_helpers import write_config
+from train_helpers import train_in_process, write_config
 
 aten = torch.ops.aten
 HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
@@ -63,40 +63,9 @@ def _blocking_upload(source: torch.Tensor, kwargs: dict[str, Any]) -> bool:
 
 
 def _record_run(config_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    from engine.config.io import load_config
-    from engine.rundir.control import ControlChannel
-    from engine.train.build import build_session
-    from engine.train.reporting import RunLog
-    from engine.train.trainer import Trainer
-
-    config = load_config(config_path, check_packages=False)
-    out = config_path.parent / "out"
-    log = RunLog(out)
     recorder = StepRecorder()
-    original_backward = torch.Tensor.backward
-
-    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        recorder.mark("backward")
-        return original_backward(self, *args, **kwargs)
-
-    try:
-        trainer = Trainer(build_session(config, config_path.parent, out, log), ControlChannel(out))
-        micro_batch, update = trainer.runner.micro_batch, trainer.runner.update
-
-        def marked_micro_batch(*args: Any) -> Any:
-            recorder.mark("micro-batch")
-            return micro_batch(*args)
-
-        def marked_update() -> Any:
-            recorder.mark("update")
-            return update()
-
-        trainer.runner.micro_batch, trainer.runner.update = marked_micro_batch, marked_update
-        monkeypatch.setattr(torch.Tensor, "backward", backward)
-        with recorder:
-            assert trainer.run().status == "finished"
-    finally:
-        log.close()
+    train_in_process(config_path, monkeypatch, recorder, on_micro_batch=lambda: recorder.mark("micro-batch"),
+                     on_update=lambda: recorder.mark("update"), on_backward=lambda: recorder.mark("backward"))
     return recorder.events
 
 

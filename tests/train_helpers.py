@@ -193,3 +193,45 @@ def assert_same_tensors(expected_file: Path, actual_file: Path, *, rtol: float, 
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=key)
+
+
+def train_in_process(config_path: Path, monkeypatch: Any, recorder: Any, *,
+                     on_micro_batch: Any = None, on_update: Any = None, on_backward: Any = None) -> Any:
+    """Train the config in this process, inside `recorder` (a context manager, e.g. a dispatch mode), calling the
+    given hooks before each micro-batch, each update and each backward pass; returns the finished trainer.
+
+    Tests that watch what one training step does (which dtypes it computes in, where it waits for the device) share
+    this: the run is the engine's own (build_session, Trainer), only observed.
+    """
+    from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
+    from engine.train.build import build_session
+    from engine.train.reporting import RunLog
+    from engine.train.trainer import Trainer
+
+    config = load_config(config_path, check_packages=False)
+    out = config_path.parent / "out"
+    log = RunLog(out)
+    try:
+        trainer = Trainer(build_session(config, config_path.parent, out, log), ControlChannel(out))
+        runner = trainer.runner
+        runner.micro_batch = _before(on_micro_batch, runner.micro_batch)
+        runner.update = _before(on_update, runner.update)
+        monkeypatch.setattr(torch.Tensor, "backward", _before(on_backward, torch.Tensor.backward))
+        with recorder:
+            assert trainer.run().status == "finished"
+    finally:
+        log.close()
+    return trainer
+
+
+def _before(hook: Any, call: Any) -> Any:
+    """`call`, with `hook()` run before it (or `call` itself when there is no hook)."""
+    if hook is None:
+        return call
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        hook()
+        return call(*args, **kwargs)
+
+    return hooked
