@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -87,7 +86,9 @@ def build_checkpoint(family: str, path: Path, device: str) -> Path:
 
 
 def _random_component(folder: Path, device: str) -> Any:
+    """One pipeline component of the shipped config in `folder`, random float16 weights (gpu_driver.random_model)."""
     import torch
+    from gpu_driver import random_model
 
     config = json.loads((folder / "config.json").read_text())
     if folder.name == "unet":
@@ -98,22 +99,18 @@ def _random_component(folder: Path, device: str) -> Any:
         import transformers
 
         Model = getattr(transformers, config["architectures"][0])
-    with torch.device("meta"):
-        module = Model.from_config(config) if hasattr(Model, "from_config") else \
+
+    def build() -> Any:
+        return Model.from_config(config) if hasattr(Model, "from_config") else \
             Model(Model.config_class.from_dict(config))
-    module.to_empty(device=device)
-    torch.manual_seed(0)
+
+    module = random_model(build, device, torch.float16, seed=0,
+                          is_scale=lambda name: "norm" in name and name.endswith("weight"))
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if parameter.ndim >= 2:
-                bound = 1.0 / math.sqrt(parameter[0].numel())
-                parameter.uniform_(-bound, bound)
-            else:
-                parameter.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        for name, buffer in module.named_buffers():  # CLIP's position ids
+        for name, buffer in module.named_buffers():  # CLIP's position ids; random_model leaves buffers empty
             if "position_ids" in name:
                 buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
-    return module.to(torch.float16)
+    return module
 
 
 # ------------------------------------------------------------------------------------------------- the engine
