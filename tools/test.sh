@@ -17,4 +17,5 @@ if [ "$workers" != "0" ]; then
     # against each other (measured: a set of in-process training tests took 206 s this way and 40 s with one).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 fi
-exec "$root/.venv/bin/python" -m pytest -p no:cacheprovider "${parallel[@]}" "$@"
+# The slowest tests are listed at the end, so a run (CI's too) shows where the suite's time goes.
+exec "$root/.venv/bin/python" -m pytest -p no:cacheprovider --durations=25 "${parallel[@]}" "$@"
