@@ -56,5 +56,9 @@ def test_text_encoders_and_vae_leave_the_gpu_when_their_outputs_are_cached(laten
     assert where(model.unet) == "gpu"
     assert {where(encoder) for encoder in model.text.encoders} == {"host" if texts_cached else "gpu"}
     assert where(model.vae.vae) == ("host" if latents_cached else "gpu")
-    planned = {item.name: item.where for item in make_plan(config, tmp_path, gpu_capacity=None).items}
-    assert planned["text encoders"] == where(model.text.encoders[0]) and planned["VAE"] == where(model.vae.vae)
+    # Frozen encoders keep the weight dtype on the host too (they only run on the GPU, for samples).
+    assert {p.dtype for encoder in model.text.encoders for p in encoder.parameters()} == {torch.bfloat16}
+    plan = {item.name: item for item in make_plan(config, tmp_path, gpu_capacity=None).items}
+    assert plan["text encoders"].where == where(model.text.encoders[0]) and plan["VAE"].where == where(model.vae.vae)
+    assert plan["text encoders"].bytes == sum(p.numel() * p.element_size()
+                                              for encoder in model.text.encoders for p in encoder.parameters())

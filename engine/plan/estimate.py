@@ -206,14 +206,14 @@ def _swapped_blocks(config: RunConfig, architecture: Architecture) -> list[str]:
 
 
 def _other_parts(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
-    """Text encoders and VAE: on the GPU in the weight dtype unless their outputs are cached (then float32 on the
-    host, as placement keeps them); the VAE encodes in float32 on the host's side only when latents are cached."""
+    """Text encoders and VAE: on the GPU in the weight dtype unless their outputs are cached (then on the host, the
+    encoders in the weight dtype and the VAE in float32, as placement keeps them on a GPU run)."""
     training = config.training
     items = []
     encoders = sum(architecture.text_encoders.values())
     if encoders:
         cached = training.cache_text_encoder_outputs
-        items.append(PlanItem("text encoders", encoders * (4 if cached else frozen.itemsize),
+        items.append(PlanItem("text encoders", encoders * frozen.itemsize,
                               "host" if cached else "gpu",
                               ", ".join(f"{name} {count:,}" for name, count in architecture.text_encoders.items())
                               + (" (outputs cached)" if cached else "")))
