@@ -227,3 +227,74 @@ def test_plans_of_one_run_share_its_traced_step_until_the_step_changes(tiny_mode
     assert first.total("gpu") != other_optimizer.total("gpu")  # the optimizer's state and the VAE still differ
     plan("c", training={"gradient_checkpointing": True})
     assert len(traces) == 2
+
+
+def _measured_sampling_peak(config_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The peak of live storages while the run draws its samples on this CPU, beyond every model's own weights."""
+    from accelerate.state import AcceleratorState
+
+    from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
+    from engine.train import sample_hooks
+    from engine.train.build import build_session
+    from engine.train.reporting import RunLog
+    from engine.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)
+    out = config_path.parent / "out"
+    log = RunLog(out)
+    peaks = []
+    draw = sample_hooks.sample_now
+    try:
+        session = build_session(load_config(config_path, check_packages=False), config_path.parent, out, log)
+        model = session.model
+        modules = [model.unet, model.vae.vae, *model.text.encoders]
+        resident = {t.untyped_storage()._cdata for module in modules for t in (*module.parameters(), *module.buffers())}
+
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            tracker = _LiveBytes(resident)
+            with tracker:
+                drawn = draw(*args, **kwargs)
+            peaks.append(tracker.peak)
+            return drawn
+
+        monkeypatch.setattr(sample_hooks, "sample_now", observed)
+        assert Trainer(session, ControlChannel(out)).run().status == "finished"
+    finally:
+        log.close()
+    assert peaks, "the run drew no samples"
+    return max(peaks)
+
+
+def test_samples_are_planned_from_traces_of_the_denoiser_and_the_vae_decoder(tiny_models, tmp_path, monkeypatch):
+    """A run that draws samples gets a plan item for them; the traced working memory of sampling (the denoiser
+    without gradients at the sample size with CFG, or the VAE decoding) is within 15 % of what sampling holds at its
+    peak on this CPU. A run without samples gets no such item."""
+    from engine.config.io import load_config
+    from engine.models.vae import vae_dtype
+    from engine.plan import make_plan
+    from engine.plan.architecture import build_architecture
+    from engine.plan.sampling import sample_shape, trace_vae_decode
+    from engine.plan.trace import trace_step
+
+    sampling = {"sample_at_first": True, "sample_prompts": ["a photo --w 128 --h 96 --s 2 --l 7 --d 1"]}
+    config_path = write_config(tmp_path / "config.toml", tiny_models, "sd1", network={"train_unet_only": True},
+                               training={"max_train_steps": 1, "cache_text_encoder_outputs": True,
+                                         "cache_latents": True}, sampling=sampling)
+    config = load_config(config_path, check_packages=False)
+    plan = make_plan(config, tmp_path)
+    assert "samples, beyond the step" in {item.name for item in plan.items}
+    without = load_config(write_config(tmp_path / "plain.toml", tiny_models, "sd1", network={"train_unet_only": True},
+                                       training={"max_train_steps": 1}), check_packages=False)
+    assert "samples, beyond the step" not in {item.name for item in make_plan(without, tmp_path).items}
+
+    architecture = build_architecture(config, tiny_models["sd1"])
+    shape = sample_shape(config, tmp_path, "sd1", 77)
+    assert (shape.batch_size, shape.width, shape.height) == (2, 128, 96)  # CFG: the prompt and the negative one
+    traced = trace_step(config, "sd1", architecture.denoiser, shape, frozen_dtype=torch.float32,
+                        trained_dtype=torch.float32, sample_shape=shape)
+    decode = trace_vae_decode(architecture.vae_config, shape, vae_dtype(False, "cpu", torch.float32))
+    planned = max(traced.sampling_bytes, decode)
+    measured = _measured_sampling_peak(config_path, monkeypatch)
+    print(f"samples: denoiser {traced.sampling_bytes}, decoder {decode}, measured {measured} bytes")
+    assert abs(planned - measured) <= 0.15 * measured, (traced.sampling_bytes, decode, measured)

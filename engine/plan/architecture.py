@@ -31,6 +31,7 @@ class Architecture:
     vae: int  # parameters of the VAE / AE
     source: str  # "the model's configs", "the family's standard configs", ...
     notes: list[str] = field(default_factory=list)
+    vae_config: dict[str, Any] | None = None  # the VAE's diffusers config, for tracing its decoder (samples)
 
 
 def resolve_family(config: RunConfig, location: Path | str) -> str:
@@ -94,7 +95,7 @@ def _sd(config: RunConfig, family: str, location: Path) -> Architecture:
     encoders = {name: parameter_count(_on_meta(name, configs[name]))
                 for name in ("text_encoder", "text_encoder_2") if name in configs}
     vae = parameter_count(_on_meta("vae", configs["vae"])) if "vae" in configs else 0
-    return Architecture(family, denoiser, encoders, vae, source)
+    return Architecture(family, denoiser, encoders, vae, source, vae_config=configs.get("vae"))
 
 
 # --- FLUX.1 / Chroma and SD3 -------------------------------------------------------------------------------------
@@ -151,7 +152,9 @@ def _flux(config: RunConfig, family: str, location: Path) -> Architecture:
     paths = {name: getattr(model, name) for name in family_info(family).text_encoder_files}
     encoders, notes = _file_parameters(paths)
     vae, vae_notes = _file_parameters({"ae": model.ae})
-    return Architecture(family, denoiser, encoders, vae["ae"], source, notes + vae_notes)
+    from engine.models.flux.ae import FLUX_AE_CONFIG
+
+    return Architecture(family, denoiser, encoders, vae["ae"], source, notes + vae_notes, vae_config=FLUX_AE_CONFIG)
 
 
 def _sd3(config: RunConfig, family: str, location: Path) -> Architecture:
@@ -177,7 +180,9 @@ def _sd3(config: RunConfig, family: str, location: Path) -> Architecture:
             elif embedded and not encoders.get(name):
                 encoders[name] = embedded
         notes = [note for note in notes if not encoders.get(note.split(":")[0])]
-    return Architecture(family, denoiser, encoders, vae["vae"], source, notes + vae_notes)
+    from engine.models.sd3.vae import SD3_VAE_CONFIG
+
+    return Architecture(family, denoiser, encoders, vae["vae"], source, notes + vae_notes, vae_config=SD3_VAE_CONFIG)
 
 
 _BUILDERS: dict[str, Callable[[RunConfig, str, Path], Architecture]] = {"ldm": _sd, "flux": _flux, "sd3": _sd3}

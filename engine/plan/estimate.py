@@ -2,14 +2,17 @@
 
 The parts: frozen weights by where they live and their dtype (fp8 storage, blocks swapped to the CPU, text encoders
 and VAE resident or not by what is cached), the trained weights, their optimizer's state (arithmetic per optimizer),
-and the step itself (activations, temporaries and gradients), traced with fake tensors by engine.plan.trace.
+and the step itself (activations, temporaries and gradients), traced with fake tensors by engine.plan.trace; when the
+run draws samples, what they need beyond the step's memory (engine.plan.sampling).
 The estimate is of `torch.cuda.max_memory_allocated` during training; the card also holds the CUDA context and
 the allocator's slack, which `fits` leaves room for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ import torch
 
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
+from engine.models.vae import vae_dtype
 from engine.plan.architecture import Architecture, build_architecture
+from engine.plan.sampling import sample_shape, sampling_plan, trace_vae
 from engine.plan.trace import StepShape, TracedStep, trace_step
 from engine.train.precision import PRECISION_DTYPES
 from engine.train.precision import trained_dtype as weights_trained_dtype
@@ -72,7 +77,7 @@ class MemoryPlan:
 
 
 def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = None,
-              traces: dict[tuple, TracedStep] | None = None) -> MemoryPlan:
+              traces: dict[tuple, Any] | None = None) -> MemoryPlan:
     """The plan of `config` (paths relative to `base_dir`); `gpu_capacity` defaults to the detected GPU's memory.
 
     `traces` keeps traced steps by what they depend on (:func:`trace_key`) across plans of variations of one run,
@@ -86,14 +91,16 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     frozen = PRECISION_DTYPES[config.training.mixed_precision]
     trained_dtype = weights_trained_dtype(config.training)
     weights = _denoiser_weights(config, architecture, frozen)
-    key = trace_key(config, shape)
+    samples = sample_shape(config, base_dir, architecture.family, shape.text_tokens)
+    key = trace_key(config, shape, samples)
     traced = (traces or {}).get(key)
     if traced is None:
         traced = trace_step(config, architecture.family, architecture.denoiser, shape, frozen_dtype=frozen,
-                            trained_dtype=trained_dtype)
+                            trained_dtype=trained_dtype, sample_shape=samples)
         if traces is not None:
             traces[key] = traced
-    items = [*weights, *_other_parts(config, architecture, frozen)]
+    others = _other_parts(config, architecture, frozen)
+    items = [*weights, *others]
     if config.method == "lora":
         items.append(PlanItem("trained weights (LoRA)", traced.trained_bytes, "gpu",
                               f"{traced.trained_parameters:,} parameters, {_dtype_name(trained_dtype)}"))
@@ -101,18 +108,51 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
                           "gpu", config.optimizer.optimizer_type))
     items.append(PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
                           f"{_step_detail(config, shape)}; gradients {traced.gradient_bytes / GIB:.2f} GiB of it"))
+    vae_trace = partial(_vae_bytes, architecture, traces if traces is not None else {})
+    if not config.training.cache_latents and architecture.vae_config is not None:
+        encode = vae_trace(shape, vae_dtype(config.model.no_half_vae, "cuda", frozen), encode=True)
+        items.append(PlanItem("VAE encoding, beyond the step", max(0, encode - traced.peak_bytes), "gpu",
+                              f"the batch's images encoded before each step: {encode / GIB:.2f} GiB (no latent "
+                              "cache)"))
+    if samples is not None:
+        items.append(_sampling_item(config, architecture, others, traced, samples, vae_trace))
     if gpu_capacity is None:
         gpu_capacity = detected_gpu_memory()
     return MemoryPlan(architecture.family, items, shape, architecture.source, architecture.notes, gpu_capacity)
 
 
-def trace_key(config: RunConfig, shape: StepShape) -> tuple:
-    """What the traced step depends on: the model, the method and network, precision, checkpointing and the batch's
-    shape (not the caches, the optimizer or fp8 storage, which the plan counts apart from the step)."""
+def _sampling_item(config: RunConfig, architecture: Architecture, others: list[PlanItem], traced: TracedStep,
+                   samples: StepShape, vae_trace: Callable[..., int]) -> PlanItem:
+    """What the samples need beyond the step's memory (engine.plan.sampling): the parts waiting on the host visit
+    the GPU as they are (a VAE parked for cached latents: float32, and it decodes so)."""
+    visiting = sum(item.bytes for item in others if item.where == "host")
+    decode = 0
+    if architecture.vae_config is not None:
+        frozen = PRECISION_DTYPES[config.training.mixed_precision]
+        dtype = torch.float32 if config.training.cache_latents else vae_dtype(config.model.no_half_vae, "cuda", frozen)
+        decode = vae_trace(StepShape(1, samples.height, samples.width, samples.text_tokens), dtype, encode=False)
+    extra, detail = sampling_plan(visiting=visiting, denoiser_bytes=traced.sampling_bytes, vae_bytes=decode,
+                                  step_bytes=traced.peak_bytes, shape=samples)
+    return PlanItem("samples, beyond the step", extra, "gpu", detail)
+
+
+def _vae_bytes(architecture: Architecture, traces: dict[tuple, Any], shape: StepShape, dtype: torch.dtype, *,
+               encode: bool) -> int:
+    """The VAE's traced working memory (engine.plan.sampling.trace_vae), kept with the run's traced steps."""
+    key = ("vae", encode, repr(architecture.vae_config), shape, dtype)
+    if key not in traces:
+        traces[key] = trace_vae(architecture.vae_config or {}, shape, dtype, encode=encode)
+    return traces[key]
+
+
+def trace_key(config: RunConfig, shape: StepShape, samples: StepShape | None = None) -> tuple:
+    """What the traced step depends on: the model, the method and network, precision, checkpointing, the batch's
+    shape and the samples' (not the caches, the optimizer or fp8 storage, which the plan counts apart from the
+    step)."""
     training = config.training
     return (config.model.pretrained_model_name_or_path, config.model.model_family, config.method,
             config.network.model_dump_json(), training.mixed_precision, training.full_bf16, training.full_fp16,
-            training.gradient_checkpointing, shape)
+            training.gradient_checkpointing, shape, samples)
 
 
 def detected_gpu_memory() -> int | None:

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
 
-__all__ = ["StepShape", "TracedStep", "trace_step"]
+__all__ = ["PeakBytes", "StepShape", "TracedStep", "trace_step"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,10 @@ class TracedStep:
     trained_parameters: int
     trained_bytes: int  # the trained weights themselves (float32 unless full_bf16 / full_fp16)
     gradient_bytes: int  # the trained weights' gradients after backward (part of peak_bytes)
+    sampling_bytes: int = 0  # the denoiser's inference for samples (no gradients), when a sample shape was given
 
 
-class _PeakBytes(TorchDispatchMode):
+class PeakBytes(TorchDispatchMode):
     """Live bytes of the storages made while active, and their peak (each storage counted once, until freed)."""
 
     def __init__(self, resident: nn.Module) -> None:
@@ -83,8 +84,10 @@ class _PeakBytes(TorchDispatchMode):
 
 
 def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepShape, *,
-               frozen_dtype: torch.dtype, trained_dtype: torch.dtype) -> TracedStep:
-    """Trace one step (see the module docstring). `denoiser` is on the meta device and is changed in place."""
+               frozen_dtype: torch.dtype, trained_dtype: torch.dtype,
+               sample_shape: StepShape | None = None) -> TracedStep:
+    """Trace one step (see the module docstring), and with `sample_shape` the denoiser's inference for samples
+    after it (engine.plan.sampling). `denoiser` is on the meta device and is changed in place."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     trains_denoiser = config.method in ("dreambooth", "finetune")
@@ -96,7 +99,7 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
         if config.training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         denoiser.train(True)
-        tracker = _PeakBytes(denoiser)  # the LoRA modules are the denoiser's submodules once applied
+        tracker = PeakBytes(denoiser)  # the LoRA modules are the denoiser's submodules once applied
         # CUDA's float32 rule for norms and softmax, also while checkpointing recomputes under autocast in backward.
         with tracker, _cuda_float32_ops():
             inputs = _INPUTS[family_info(family).loader](denoiser, shape, frozen_dtype)
@@ -106,9 +109,28 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
                 prediction = inputs.forward()
             loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
             loss.backward()
+        gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
+        del inputs, prediction, loss
+        sampling = _trace_inference(config, family, denoiser, trained, sample_shape, frozen_dtype)
     return TracedStep(peak_bytes=tracker.peak, trained_parameters=sum(p.numel() for p in trained),
                       trained_bytes=sum(p.numel() * p.element_size() for p in trained),
-                      gradient_bytes=sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None))
+                      gradient_bytes=gradient_bytes, sampling_bytes=sampling)
+
+
+def _trace_inference(config: RunConfig, family: str, denoiser: nn.Module, trained: list[nn.Parameter],
+                     shape: StepShape | None, frozen_dtype: torch.dtype) -> int:
+    """The peak of one denoiser call for samples: eval mode, no gradients (the optimizer has set them to None)."""
+    if shape is None:
+        return 0
+    for parameter in trained:
+        parameter.grad = None
+    denoiser.train(False)
+    tracker = PeakBytes(denoiser)
+    with tracker, _cuda_float32_ops(), torch.no_grad():
+        inputs = _INPUTS[family_info(family).loader](denoiser, shape, frozen_dtype)
+        with _autocast(config):
+            inputs.forward()
+    return tracker.peak
 
 
 def _autocast(config: RunConfig) -> contextlib.AbstractContextManager:
