@@ -53,6 +53,18 @@ def ti_config(folder: Path, tiny_models: dict, *, ema: dict) -> Path:
                         optimizer={"learning_rate": 5e-2}, saving={"save_every_n_steps": 1, "output_name": "emb"})
 
 
+def dreambooth_config(folder: Path, tiny_models: dict, *, ema: dict) -> Path:
+    """SD1 DreamBooth (UNet and text encoder), whole float32 checkpoints after every step."""
+    return write_config(folder / "config.toml", tiny_models, "sd1", method="dreambooth",
+                        dataset={"general": {"caption_extension": ".tags"}}, ema={"enabled": True, **ema},
+                        training={"max_train_steps": STEPS}, optimizer={"learning_rate": 1e-3},
+                        saving={"save_every_n_steps": 1, "output_name": "model"})
+
+
+CONFIGS = {"lora": lora_config, "ti": ti_config, "dreambooth": dreambooth_config}
+OUTPUT_NAMES = {"lora": "lora", "ti": "emb", "dreambooth": "model"}
+
+
 def hand_ema(trained_files: list[Path], *, decay: float, warmup: bool) -> dict[str, torch.Tensor]:
     """The EMA, in float64, of the weights in `trained_files` (one per EMA update, oldest first): the first update
     copies the weights, update k moves (1 - d_k) towards them, d_k = min(decay, k / (9 + k)) with warm-up."""
@@ -76,6 +88,8 @@ CASES = {
     "lora-warmup": ("lora", {"decay": 0.3, "warmup": True}),
     "lora-every-2": ("lora", {"decay": 0.5, "warmup": False, "update_every_n_steps": 2}),
     "ti": ("ti", {"decay": 0.5, "warmup": False}),
+    # The whole model: every key of the checkpoint, the VAE's and other untrained ones included (their EMA is them).
+    "dreambooth": ("dreambooth", {"decay": 0.5, "warmup": False, "device": "cpu"}),
 }
 
 
@@ -88,8 +102,7 @@ def case_runs(tiny_models, tmp_path_factory):
         if case not in runs:
             method, ema = CASES[case]
             folder = tmp_path_factory.mktemp(case)
-            config = (lora_config(folder, tiny_models, ema=ema) if method == "lora"
-                      else ti_config(folder, tiny_models, ema=ema))
+            config = CONFIGS[method](folder, tiny_models, ema=ema)
             trainer = train_in_process(config, folder)
             runs[case] = case, ema, trainer.session.output_dir, trainer
         return runs[case]
@@ -110,7 +123,7 @@ def lora_run(case_runs):
 @pytest.mark.slow
 def test_ema_files_equal_an_ema_computed_by_hand_from_the_saved_weights(beside_run):
     case, ema, out, trainer = beside_run
-    name = "emb" if case == "ti" else "lora"
+    name = OUTPUT_NAMES[CASES[case][0]]
     every = ema.get("update_every_n_steps", 1)
     for step in range(1, STEPS + 1):
         updated_at = list(range(every, step + 1, every))
@@ -249,3 +262,27 @@ def test_ema_names_follow_the_methods_modules():
             return [p for module in self.trainable_modules() for p in module.parameters() if p.requires_grad]
 
     assert list(named_trainable_parameters(Method())) == ["0.weight", "0.bias", "1.weight"]
+
+
+@pytest.mark.slow
+def test_samples_use_the_ema_weights_when_asked_and_training_goes_on_unchanged(lora_run, tiny_models, tmp_path):
+    """Samples drawn with the EMA differ from those drawn with the trained weights of the same run, and putting the
+    EMA in for sampling changes nothing in what the run trains and saves."""
+    import numpy as np
+    from PIL import Image
+
+    _, ema, out, _ = lora_run
+    sampling = {"sample_every_n_steps": 3, "sample_prompts": ["sks dog, red square --w 64 --h 64 --s 2 --d 5"]}
+    images = {}
+    for with_ema in (False, True):
+        folder = tmp_path / str(with_ema)
+        config = lora_config(folder, tiny_models, ema={**ema, "sample_with_ema": with_ema}, sampling=sampling)
+        run_out = train_in_process(config, folder).session.output_dir
+        samples = [event for event in events_of(folder) if event["type"] == "sample"]
+        assert [event["step"] for event in samples] == [3, 6]
+        images[with_ema] = [np.asarray(Image.open(event["images"][0]["path"])) for event in samples]
+        for name in ("lora.safetensors", "lora-ema.safetensors"):  # the same as the run that drew no samples
+            expected, actual = load_file(str(out / name)), load_file(str(run_out / name))
+            assert all(torch.equal(actual[key], expected[key]) for key in expected), name
+    assert all(not np.array_equal(plain, averaged) for plain, averaged in zip(images[False], images[True],
+                                                                              strict=True))
