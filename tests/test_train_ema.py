@@ -286,3 +286,20 @@ def test_samples_use_the_ema_weights_when_asked_and_training_goes_on_unchanged(l
             assert all(torch.equal(actual[key], expected[key]) for key in expected), name
     assert all(not np.array_equal(plain, averaged) for plain, averaged in zip(images[False], images[True],
                                                                               strict=True))
+
+
+@pytest.mark.slow
+def test_the_memory_plan_counts_the_ema_copy_where_it_is_kept(tiny_models, tmp_path):
+    from engine.plan import make_plan
+
+    traces: dict = {}
+    plans = {}
+    for device in ("gpu", "cpu"):
+        config = load_config(lora_config(tmp_path / device, tiny_models, ema={"device": device}),
+                             check_packages=False)
+        plans[device] = make_plan(config, tmp_path, gpu_capacity=None, traces=traces)
+    for device, where in (("gpu", "gpu"), ("cpu", "host")):
+        items = {item.name: item for item in plans[device].items}
+        ema = items["EMA of the trained weights"]
+        assert ema.where == where and ema.bytes == items["trained weights (LoRA)"].bytes > 0  # float32 both
+    assert plans["cpu"].total("gpu") < plans["gpu"].total("gpu")
