@@ -61,8 +61,13 @@ def dreambooth_config(folder: Path, tiny_models: dict, *, ema: dict) -> Path:
                         saving={"save_every_n_steps": 1, "output_name": "model"})
 
 
-CONFIGS = {"lora": lora_config, "ti": ti_config, "dreambooth": dreambooth_config}
-OUTPUT_NAMES = {"lora": "lora", "ti": "emb", "dreambooth": "model"}
+def loha_config(folder: Path, tiny_models: dict, *, ema: dict) -> Path:
+    return lora_config(folder, tiny_models, ema=ema, network={"network_type": "loha", "network_dim": 4,
+                                                              "network_alpha": 2.0})
+
+
+CONFIGS = {"lora": lora_config, "loha": loha_config, "ti": ti_config, "dreambooth": dreambooth_config}
+OUTPUT_NAMES = {"lora": "lora", "loha": "lora", "ti": "emb", "dreambooth": "model"}
 
 
 def hand_ema(trained_files: list[Path], *, decay: float, warmup: bool) -> dict[str, torch.Tensor]:
@@ -87,6 +92,8 @@ CASES = {
     # decay 0.3: the warm-up (2/11, 3/12) is below it for two updates, then the decay takes over.
     "lora-warmup": ("lora", {"decay": 0.3, "warmup": True}),
     "lora-every-2": ("lora", {"decay": 0.5, "warmup": False, "update_every_n_steps": 2}),
+    # LyCORIS (LoHa): the network's own parameters, saved in kohya's keys by lycoris' own code.
+    "loha": ("loha", {"decay": 0.5, "warmup": False}),
     "ti": ("ti", {"decay": 0.5, "warmup": False}),
     # The whole model: every key of the checkpoint, the VAE's and other untrained ones included (their EMA is them).
     "dreambooth": ("dreambooth", {"decay": 0.5, "warmup": False, "device": "cpu"}),
