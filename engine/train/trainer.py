@@ -258,9 +258,11 @@ class Trainer:
         from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
 
         session = self.session
-        precision, models = session.config.saving.save_precision, 1 + self._saves_ema_beside()
-        ensure_free_space(session.output_dir, save_bytes(session.method, trained, optimizer_state, precision)
-                          + (models - 1) * save_bytes(session.method, trained, None, precision))
+        precision = session.config.saving.save_precision
+        needed = save_bytes(session.method, trained, optimizer_state, precision)
+        if self.ema is not None and session.config.ema.save == "beside":  # the EMA's file is as large as the model's
+            needed += save_bytes(session.method, trained, None, precision)
+        ensure_free_space(session.output_dir, needed)
         if self._metadata is None:
             self._metadata = {**build_metadata(session.config, session.facts),
                               **modelspec_metadata(session.config, session.facts,
@@ -352,9 +354,6 @@ class Trainer:
                 path.unlink()
             self.files.remove(str(path))
 
-    def _saves_ema_beside(self) -> bool:
-        return self.ema is not None and self.session.config.ema.save == "beside"
-
     def _companions(self, saved: Path) -> list[Path]:
         companions = getattr(self.session.method, "companion_files", None)
         return list(companions(saved)) if companions is not None else []
@@ -367,8 +366,8 @@ class Trainer:
             from engine.train.sample_hooks import sample_now
 
             self._set_train_mode(False)
-            use_ema = self.ema is not None and session.config.ema.sample_with_ema
-            with self.ema.applied() if use_ema else nullcontext():
+            ema = self.ema if session.config.ema.sample_with_ema else None
+            with ema.applied() if ema is not None else nullcontext():
                 images = sample_now(session, epoch=epoch, step=step, kind=stem_kind)
             self._set_train_mode(True)
             if images:
