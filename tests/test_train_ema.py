@@ -198,9 +198,12 @@ def test_instead_saves_the_ema_weights_and_the_state_keeps_the_trained_ones(lora
 
 
 @pytest.mark.slow
-def test_resume_continues_the_ema_exactly_and_retention_removes_ema_files(tiny_models, tmp_path):
+@pytest.mark.parametrize("ema", [{"decay": 0.5, "warmup": True},
+                                 # updates at steps 3 and 6: the state at step 4 lies between two of them
+                                 {"decay": 0.5, "warmup": False, "update_every_n_steps": 3, "device": "cpu"}],
+                         ids=["warmup", "every-3"])
+def test_resume_continues_the_ema_exactly_and_retention_removes_ema_files(ema, tiny_models, tmp_path):
     """6 steps straight equal 4 steps, a state, and 2 resumed steps: the trained weights and the EMA alike."""
-    ema = {"decay": 0.5, "warmup": True}
     straight = train_in_process(lora_config(tmp_path / "a", tiny_models, ema=ema, saving={"save_every_n_steps": 0}),
                                 tmp_path / "a")
     parted = lora_config(tmp_path / "b", tiny_models, ema=ema,
@@ -214,7 +217,7 @@ def test_resume_continues_the_ema_exactly_and_retention_removes_ema_files(tiny_m
     assert (state / "ema.safetensors").is_file()
     resumed = train_in_process(lora_config(tmp_path / "c", tiny_models, ema=ema, saving={
         "save_every_n_steps": 0, "resume": str(state)}), tmp_path / "c")
-    assert resumed.ema.updates == straight.ema.updates == STEPS
+    assert resumed.ema.updates == straight.ema.updates == STEPS // ema.get("update_every_n_steps", 1)
     for name in ("lora.safetensors", "lora-ema.safetensors"):
         expected = load_file(str(straight.session.output_dir / name))
         actual = load_file(str(resumed.session.output_dir / name))
