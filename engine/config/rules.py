@@ -412,6 +412,7 @@ def optional_packages_installed(config: RunConfig, context: RuleContext) -> Iter
 import engine.config.rules_optimizer  # noqa: E402, F401
 from engine.config import (  # noqa: E402, F401
     rules_dataset,
+    rules_ema,
     rules_families,
     rules_flux,
     rules_network,

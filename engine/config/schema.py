@@ -11,13 +11,14 @@ from engine.config.dataset import DatasetSection
 from engine.config.migrations import SCHEMA_VERSION
 from engine.config.rule_registry import Problem, RuleContext
 from engine.config.rules import check
+from engine.config.sections_ema import EmaSection
 from engine.config.sections_flow import FlowSection
 from engine.config.sections_model import EmbeddingSection, ModelSection, NetworkSection
 from engine.config.sections_output import LaunchSection, LoggingSection, SamplingSection, SavingSection
 from engine.config.sections_training import OptimizerSection, TrainingSection
 
-SECTIONS = ("model", "network", "embedding", "dataset", "optimizer", "training", "flow", "saving", "sampling",
-            "logging", "launch")
+SECTIONS = ("model", "network", "embedding", "dataset", "optimizer", "training", "flow", "saving", "ema",
+            "sampling", "logging", "launch")
 
 
 class RunConfig(StrictModel):
@@ -39,6 +40,7 @@ class RunConfig(StrictModel):
                                 description="Flow matching (FLUX.1, Chroma and SD3): noise levels, target, guidance "
                                 "and SD3's shift.")
     saving: SavingSection = setting(default_factory=SavingSection, description="Saved files and states.")
+    ema: EmaSection = setting(default_factory=EmaSection, description="EMA of the trained weights.")
     sampling: SamplingSection = setting(default_factory=SamplingSection, description="Sample images.")
     logging: LoggingSection = setting(default_factory=LoggingSection, description="Training logs.")
     launch: LaunchSection = setting(default_factory=LaunchSection, description="Processes and GPUs.")

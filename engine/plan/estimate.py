@@ -106,6 +106,10 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
                               f"{traced.trained_parameters:,} parameters, {_dtype_name(trained_dtype)}"))
     items.append(PlanItem("optimizer state", optimizer_state_bytes(config, traced.trained_parameters, trained_dtype),
                           "gpu", config.optimizer.optimizer_type))
+    if config.ema.enabled:  # engine.train.ema: a float32 copy of the trained weights, where ema.device says
+        where = "host" if config.ema.device == "cpu" else "gpu"
+        items.append(PlanItem("EMA of the trained weights", traced.trained_parameters * 4, where,
+                              f"{traced.trained_parameters:,} parameters, float32"))
     items.append(PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
                           f"{_step_detail(config, shape)}; gradients {traced.gradient_bytes / GIB:.2f} GiB of it"))
     vae_trace = partial(_vae_bytes, architecture, traces if traces is not None else {})

@@ -5,6 +5,7 @@ Names follow sd-scripts so that people who know kohya find their files where the
     <name>-000001.safetensors        after epoch 1            <name>-000001-state/
     <name>-step00000500.safetensors  after optimizer step 500 <name>-step00000500-state/
     <name>.safetensors               at the end               <name>-state/
+    <stem>-ema.safetensors           the EMA of the trained weights beside each of them (ema.save = "beside")
 
 Diffusers formats are folders named by the stem. Everything here is plain arithmetic on names and numbers, so the
 GUI can use it to list a run's checkpoints without importing torch.
@@ -40,6 +41,14 @@ def step_stem(name: str, step: int) -> str:
 def last_stem(name: str) -> str:
     """The final model keeps the plain output name, as in sd-scripts."""
     return name
+
+
+EMA_SUFFIX = "-ema"
+
+
+def ema_stem(stem: str) -> str:
+    """The stem of the EMA weights saved beside the checkpoint `stem` (ema.save = "beside")."""
+    return stem + EMA_SUFFIX
 
 
 def state_dir_name(stem: str) -> str:
@@ -123,11 +132,12 @@ COMPANION_SUFFIXES = ("_clip_l", "_clip_g", "_t5xxl")
 
 
 def _output_pattern(name: str, save_as: SaveModelAs) -> re.Pattern[str]:
-    """Matches every name a run called `name` writes: last, per-epoch and per-step models, the text-encoder files
-    saved beside them, and their states."""
+    """Matches every name a run called `name` writes: last, per-epoch and per-step models, their EMA files, the
+    text-encoder files saved beside them, and their states."""
     stems = rf"{re.escape(name)}(?:-\d{{6,}}|-step\d{{8,}})?"
     companions = "|".join(re.escape(suffix) for suffix in COMPANION_SUFFIXES)
-    return re.compile(rf"{stems}(?:(?:{companions})?{re.escape(EXTENSIONS[save_as])}|-state)")
+    models = rf"(?:{re.escape(EMA_SUFFIX)})?(?:{companions})?{re.escape(EXTENSIONS[save_as])}"
+    return re.compile(rf"{stems}(?:{models}|-state)")
 
 
 def owns_name(name: str, save_as: SaveModelAs, entry: str) -> bool:

@@ -5,6 +5,8 @@
         optimizer.pt          optimizer state
         scheduler.pt          learning-rate scheduler state
         scaler.pt             fp16 loss-scaler state (only with fp16 mixed precision)
+        ema.safetensors       the EMA of the trained weights (float32) and its update count (only with ema.enabled;
+                              a state without it still loads, and its EMA starts again from the resumed weights)
         rng.safetensors       Python, NumPy and torch (CPU and CUDA) generator states (tensors, the rest as JSON
                               metadata; states before this format had an rng.pt, which is never read)
         train_state.json      position: epoch, batches done in it, optimizer steps; and what the run was
@@ -44,6 +46,7 @@ STATE_VERSION = 1
 _TRAINED = "trained.safetensors"
 _POSITION = "train_state.json"
 _RNG = "rng.safetensors"
+_EMA = "ema.safetensors"
 # What torch.load(weights_only=True) accepts without extra allow-listing: containers and scalars are pickle
 # opcodes, the torch types are on its default list.
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
@@ -63,6 +66,14 @@ class TrainPosition:
 
 
 @dataclass
+class EmaSnapshot:
+    """The EMA of the trained weights (engine.train.ema): float32 tensors by name, and how many updates made it."""
+
+    tensors: dict[str, torch.Tensor]
+    updates: int
+
+
+@dataclass
 class SavedState:
     trained: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -71,6 +82,7 @@ class SavedState:
     position: TrainPosition
     info: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] | None = None  # saved: None takes the generators' current states; loaded: None if absent
+    ema: EmaSnapshot | None = None  # None: the run keeps no EMA (or, loaded, an older state without one)
 
 
 # --- generator states ----------------------------------------------------------------------------------------------
@@ -173,6 +185,9 @@ def save_state(folder: Path, state: SavedState) -> Path:
             for name, value in pickled.items():
                 torch.save(value, temporary / name)
             write_rng_file(temporary / _RNG, state.rng if state.rng is not None else rng_states())
+            if state.ema is not None:
+                save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.ema.tensors.items()},
+                          str(temporary / _EMA), metadata={"updates": str(state.ema.updates)})
             document = {"version": STATE_VERSION, **asdict(state.position), "info": state.info}
             (temporary / _POSITION).write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
             replace_folder(temporary, folder)
@@ -215,6 +230,7 @@ def load_state(folder: Path) -> SavedState:
         raise StateError(f"{folder}: incomplete state, {', '.join(missing)} missing; resume from another state")
     scaler_file = folder / "scaler.pt"
     rng_file = folder / _RNG
+    ema_file = folder / _EMA
     return SavedState(
         trained=_read(load_file, folder / _TRAINED),
         optimizer=load_plain(folder / "optimizer.pt"),
@@ -223,7 +239,15 @@ def load_state(folder: Path) -> SavedState:
         position=position,
         info=document.get("info", {}),
         rng=_read(read_rng_file, rng_file) if rng_file.is_file() else None,
+        ema=_read(read_ema_file, ema_file) if ema_file.is_file() else None,
     )
+
+
+def read_ema_file(path: str) -> EmaSnapshot:
+    """The EMA tensors and update count :func:`save_state` wrote."""
+    with safe_open(path, framework="pt") as handle:
+        updates = int((handle.metadata() or {})["updates"])
+    return EmaSnapshot(load_file(path), updates)
 
 
 def load_plain(path: Path) -> Any:

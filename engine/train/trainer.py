@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from engine.files import clean_stale_temporaries, disk_full_named, ensure_free_space
 from engine.rundir import naming
+from engine.train.ema import make_ema, resume_ema, save_models
 from engine.train.loop import NonFiniteLoss, StepRunner, checked_loss, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
 from engine.train.save_checks import NonFiniteWeights, refuse_non_finite, save_bytes
@@ -52,6 +54,7 @@ class Trainer:
         self.meter = ProgressMeter(session.schedule.total_steps)
         self.files: list[str] = []
         self._metadata: dict[str, str] | None = None  # built at the first save; only progress changes after
+        self.ema = make_ema(session)  # the EMA of the trained weights (engine.train.ema); None unless ema.enabled
         if session.is_main:
             self._clean_leftovers()
 
@@ -66,6 +69,7 @@ class Trainer:
         scaler = session.precision.scaler
         if scaler is not None and state.scaler is not None:
             scaler.load_state_dict(state.scaler)
+        resume_ema(self.ema, state.ema, session.log)
         self.position = state.position
         self.files = [str(path) for path in state.info.get("files", [])]
         self.meter.start_step = state.position.global_step
@@ -124,6 +128,8 @@ class Trainer:
                 return self._non_finite(error)
             lrs = self.runner.update()
             step += 1
+            if self.ema is not None:
+                self.ema.after_step(step)
             self.position = position_after(epoch, micro, step, schedule.batches_per_epoch)
             self._report(step, epoch, loss, lrs)
             losses, images = [], []
@@ -234,6 +240,8 @@ class Trainer:
         optimizer_state = session.optimizer.state_dict() if with_state else None
         # Every process checks (their weights are the same), so all of them stop together without a message.
         refuse_non_finite(step, trained, optimizer_state, session.config.saving.save_precision)
+        if self.ema is not None:
+            refuse_non_finite(step, self.ema.shadow, None, session.config.saving.save_precision)
         state_folder, failure = None, None
         if session.is_main:
             try:
@@ -250,8 +258,11 @@ class Trainer:
         from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
 
         session = self.session
-        ensure_free_space(session.output_dir, save_bytes(session.method, trained, optimizer_state,
-                                                         session.config.saving.save_precision))
+        precision = session.config.saving.save_precision
+        needed = save_bytes(session.method, trained, optimizer_state, precision)
+        if self.ema is not None and session.config.ema.save == "beside":  # the EMA's file is as large as the model's
+            needed += save_bytes(session.method, trained, None, precision)
+        ensure_free_space(session.output_dir, needed)
         if self._metadata is None:
             self._metadata = {**build_metadata(session.config, session.facts),
                               **modelspec_metadata(session.config, session.facts,
@@ -260,13 +271,16 @@ class Trainer:
         self._set_train_mode(False)
         try:
             with disk_full_named(session.output_dir):
-                path = session.method.save(session.output_dir / stem, metadata)
+                saved = save_models(session.method, self.ema, session.config.ema.save, session.output_dir, stem,
+                                    metadata)
         finally:
             self._set_train_mode(True)
-        self.files.append(str(path))
-        # Files a save writes beside the model (SD3's trained text encoders) are this run's too, for retention.
-        self.files.extend(str(companion) for companion in self._companions(path) if companion.exists())
-        session.log.event("checkpoint", kind=kind, path=str(path), step=step, epoch=epoch)
+        for path, fields in saved:  # the trained weights' file, and the EMA's beside it (ema.save = "beside")
+            self.files.append(str(path))
+            # Files a save writes beside the model (SD3's trained text encoders) are this run's too, for retention.
+            self.files.extend(str(companion) for companion in self._companions(path) if companion.exists())
+            session.log.event("checkpoint", **{"kind": kind, "path": str(path), "step": step, "epoch": epoch,
+                                               **fields})
         if optimizer_state is None:
             return None
         state_folder = str(self._save_state(stem, epoch, step))
@@ -295,7 +309,7 @@ class Trainer:
         state = SavedState(
             trained=session.method.trained_state(), optimizer=session.optimizer.state_dict(),
             scheduler=session.lr_scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
-            position=self.position,
+            position=self.position, ema=self.ema.snapshot() if self.ema is not None else None,
             info={"method": session.config.method, "output_name": session.output_name, "epoch_saved": epoch,
                   "step_saved": step, "session_id": getattr(session.facts, "session_id", None),
                   "files": [*self.files, str(session.output_dir / naming.state_dir_name(stem))]},
@@ -329,7 +343,9 @@ class Trainer:
             return
         save_as = session.config.saving.save_model_as
         model_file = session.output_dir / naming.file_name(stem, save_as)
-        for path in (model_file, *self._companions(model_file), session.output_dir / naming.state_dir_name(stem)):
+        ema_file = session.output_dir / naming.file_name(naming.ema_stem(stem), save_as)
+        for path in (model_file, *self._companions(model_file), ema_file, *self._companions(ema_file),
+                     session.output_dir / naming.state_dir_name(stem)):
             if str(path) not in self.files:
                 continue
             if path.is_dir():
@@ -350,7 +366,9 @@ class Trainer:
             from engine.train.sample_hooks import sample_now
 
             self._set_train_mode(False)
-            images = sample_now(session, epoch=epoch, step=step, kind=stem_kind)
+            ema = self.ema if session.config.ema.sample_with_ema else None
+            with ema.applied() if ema is not None else nullcontext():
+                images = sample_now(session, epoch=epoch, step=step, kind=stem_kind)
             self._set_train_mode(True)
             if images:
                 session.log.event("sample", step=step, epoch=epoch, count=len(images),
