@@ -79,6 +79,38 @@ def load_rgb_image(path: StrPath) -> Image.Image:
     return rgb.transpose(transpose) if transpose is not None else rgb
 
 
+def load_mask(path: StrPath, *, alpha: bool) -> Image.Image:
+    """A loss mask as an upright 8-bit "L" image of the file's displayed size (255 = trained, 0 = ignored).
+
+    Args:
+        alpha: True for the alpha channel of `path` (255 everywhere when it has none, as sd-scripts); False for
+            the red channel of a mask image (what sd-scripts reads from conditioning_data_dir).
+    """
+    orientation = _read_header(path).orientation
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if not alpha:
+                mask = to_rgb(image).getchannel("R")
+            elif _has_transparency(image):
+                mask = image.convert("RGBA").getchannel("A")
+            else:
+                mask = Image.new("L", image.size, 255)
+    except Exception as err:
+        raise UnreadableImage(path, _describe(err)) from err
+    transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    return mask.transpose(transpose) if transpose is not None else mask
+
+
+def has_alpha_channel(path: StrPath) -> bool:
+    """Whether the image carries transparency (an alpha channel or a colour key), from its header alone."""
+    try:
+        with Image.open(path) as image:  # lazy: PNG's tRNS and the mode are known before the pixels are read
+            return _has_transparency(image)
+    except Exception as err:
+        raise UnreadableImage(path, _describe(err)) from err
+
+
 def verify_image(path: StrPath) -> None:
     """Decode the whole image (for the doctor) and check that the header size matches the pixels."""
     expected = read_image_size(path)
@@ -199,9 +231,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_depth_to_rgb(image)
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        mode in ("P", "L", "RGB") and "transparency" in image.info)  # palette/colour-key transparency (tRNS)
-    if has_alpha:
+    if _has_transparency(image):
         return _on_white(image.convert("RGBA"))
     if mode == "RGB":
         return image.copy()  # detach from the file so the caller owns an independent image
@@ -209,6 +239,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, RGBX...
     except ValueError as err:
         raise _UnsupportedMode(mode) from err
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    mode = image.mode
+    return mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        mode in ("P", "L", "RGB") and "transparency" in image.info)  # palette/colour-key transparency (tRNS)
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:
