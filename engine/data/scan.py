@@ -260,7 +260,8 @@ def scan_config(config: RunConfig, base_dir: str | Path, *, verify_images: bool 
             plan = SubsetPlan(subset.path, subset.params)
             style = "finetune" if subset.params.get("metadata_file") else "dreambooth"
             readers[style](plan, dataset_index, subset_index)
-            attach_masks(plan, scanner.path(subset.params.get("conditioning_data_dir")), scanner.add)
+            masks = subset.params.get("conditioning_data_dir") if config.training.masked_loss else None
+            attach_masks(plan, scanner.path(masks), scanner.add)
             dataset.subsets.append(plan)
         if verify_images:
             _drop_undecodable(dataset, scanner)
