@@ -111,6 +111,10 @@ class DatasetEntry(_DatasetInherited):
         if not self.subsets:
             raise ValueError("a dataset needs at least one [[datasets.subsets]] entry")
         styles = {subset.style for subset in self.subsets}
+        if len(styles) > 1 and "controlnet" in styles:
+            raise ValueError("subsets with conditioning_data_dir (mask folders) and subsets without cannot be mixed "
+                             "in one dataset (sd-scripts' schema refuses it); put them in separate [[datasets]] "
+                             "entries")
         if len(styles) > 1:
             raise ValueError("DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file) cannot be "
                              "mixed in one dataset; put them in separate [[datasets]] entries")

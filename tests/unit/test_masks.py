@@ -260,3 +260,11 @@ def test_exported_dataset_toml_keeps_the_mask_keys_in_sd_scripts_schema_and_impo
     subsets = [subset for dataset in imported.overlay["dataset"]["datasets"] for subset in dataset["subsets"]]
     assert subsets[0]["alpha_mask"] is True
     assert subsets[2]["conditioning_data_dir"] == str(tmp_path / "masks")
+
+
+def test_a_dataset_mixing_mask_folder_subsets_with_others_says_to_split_it():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="conditioning_data_dir .mask folders. and subsets without"):
+        DatasetSection.model_validate({"datasets": [{"subsets": [
+            {"image_dir": "/data/a", "conditioning_data_dir": "/data/masks"}, {"image_dir": "/data/b"}]}]})
