@@ -3,6 +3,9 @@
 Follows sd-scripts' `trim_and_resize_if_required` (spec §2.3) with one deliberate fix: `crop_ltrb` records the
 crop actually applied, in resized-image pixels, instead of the fit-inside geometry sd-scripts reports
 (issue #1443). SDXL's crop_coords_top_left conditioning should receive (top, left) of this box.
+
+A loss mask (masked loss) is resized with the image's filter, cut with the image's box and flipped with it, so
+each mask pixel stays on its image pixel; sd-scripts instead stretches a mask folder's image to the bucket.
 """
 
 from __future__ import annotations
