@@ -268,3 +268,14 @@ def test_a_dataset_mixing_mask_folder_subsets_with_others_says_to_split_it():
     with pytest.raises(ValidationError, match="conditioning_data_dir .mask folders. and subsets without"):
         DatasetSection.model_validate({"datasets": [{"subsets": [
             {"image_dir": "/data/a", "conditioning_data_dir": "/data/masks"}, {"image_dir": "/data/b"}]}]})
+
+
+def test_sd_scripts_args_import_masked_loss(tmp_path):
+    from engine.config.importers.registry import import_file
+
+    args = tmp_path / "args.toml"
+    args.write_text('pretrained_model_name_or_path = "/m/sd15.safetensors"\noutput_dir = "/out"\n'
+                    'dataset_config = "/data/dataset.toml"\nmasked_loss = true\n', encoding="utf-8")
+    result = import_file(args)
+    assert result.overlay["training"]["masked_loss"] is True
+    assert "masked_loss" in result.mapped and "masked_loss" not in {item.key for item in result.skipped}
