@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from os import PathLike
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 
 from engine.data.buckets import BucketAssignment
 from engine.data.face_crop import face_box, face_crop
-from engine.data.images import UnreadableImage, load_mask, load_rgb_image
+from engine.data.images import UnreadableImage, load_mask, load_rgb_and_alpha, load_rgb_image
 from engine.data.records import MaskSource
 from engine.data.resize import PreparedImage, resize_image
 
@@ -126,6 +127,14 @@ def load_mask_for(image: Image.Image, source: MaskSource) -> Image.Image:
     return mask
 
 
+def _load(path: str | PathLike[str], mask: MaskSource | None) -> tuple[Image.Image, Image.Image | None]:
+    """The image and its loss mask; an alpha mask comes from the same decode as the pixels."""
+    if mask is not None and mask.kind == "alpha" and Path(mask.path) == Path(path):
+        return load_rgb_and_alpha(path)
+    image = load_rgb_image(path)
+    return image, None if mask is None else load_mask_for(image, mask)
+
+
 def prepare(path: str | PathLike[str], assignment: BucketAssignment, *, flip: bool = False,
             random_crop: bool = False, rng: random.Random | None = None, interpolation: str | None = None,
             color_aug: bool = False, face_crop_range: tuple[float, float] | None = None,
@@ -136,8 +145,7 @@ def prepare(path: str | PathLike[str], assignment: BucketAssignment, *, flip: bo
     instead (engine.data.face_crop). With `mask`, its loss mask goes through the same resize, crop and flip.
     """
     rng = rng if rng is not None else random.Random()
-    image = load_rgb_image(path)
-    mask_image = None if mask is None else load_mask_for(image, mask)
+    image, mask_image = _load(path, mask)
     box = face_box(path) if face_crop_range is not None else None
     if box is not None:
         prepared = face_crop(image, box, assignment.bucket, face_crop_range, random_crop=random_crop, rng=rng,

@@ -279,3 +279,18 @@ def test_sd_scripts_args_import_masked_loss(tmp_path):
     result = import_file(args)
     assert result.overlay["training"]["masked_loss"] is True
     assert "masked_loss" in result.mapped and "masked_loss" not in {item.key for item in result.skipped}
+
+
+def test_an_alpha_mask_is_turned_upright_with_its_image(tmp_path):
+    from engine.data.images import load_mask, load_rgb_and_alpha, load_rgb_image, read_image_size
+
+    alpha = pattern(96, 64, 7)
+    path = tmp_path / "rotated.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated by 90 degrees
+    Image.fromarray(np.dstack([pattern(96, 64, 8)] * 3 + [alpha]), mode="RGBA").save(path, exif=exif)
+    rgb, mask = load_rgb_and_alpha(path)
+    assert rgb.size == mask.size == read_image_size(path) == (64, 96)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(load_mask(path, alpha=True)))
+    np.testing.assert_array_equal(np.asarray(rgb), np.asarray(load_rgb_image(path)))
+    np.testing.assert_array_equal(np.asarray(mask), np.rot90(alpha, k=-1))  # ROTATE_270 = 90 degrees clockwise
