@@ -2,8 +2,9 @@
 
 One ``.npz`` per image and bucket, ``<image stem>_<bucket w>x<bucket h>_<sd|sdxl>.npz``, beside the image or under
 a cache folder. The arrays are sd-scripts' (``latents`` unscaled, ``latents_flipped``, ``original_size``,
-``crop_ltrb``; spec §3.3) plus ``cache_key``, a JSON string (see ``latent_key``). sd-scripts can read our files;
-files without a ``cache_key`` (sd-scripts', or anything else) are never trusted.
+``crop_ltrb``, and ``alpha_mask`` with masked loss: float32 [bucket h, bucket w] in 0..1; spec §3.3) plus
+``cache_key``, a JSON string (see ``latent_key``). sd-scripts can read our files; files without a ``cache_key``
+(sd-scripts', or anything else) are never trusted.
 
 The bucket is part of the name so that one image can be cached for two datasets of different resolutions. A file
 of the same image for a bucket no current dataset uses is *superseded*: it is reported as stale ("the bucket
@@ -47,6 +48,9 @@ class CachedLatents:
     original_size: tuple[int, int]  # (w, h)
     crop_ltrb: tuple[int, int, int, int]  # in resized-image pixels
     key: LatentKey | None = None
+    # The loss mask, float32 (bucket_h, bucket_w) in 0..1 as sd-scripts stores it (1 = trained); None without one.
+    # Unflipped: a flipped step mirrors it, as sd-scripts does.
+    alpha_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ def write_entry(path: Path, entry: CachedLatents, key: LatentKey) -> None:
     }
     if entry.latents_flipped is not None:
         arrays["latents_flipped"] = np.ascontiguousarray(entry.latents_flipped, dtype=np.float32)
+    if entry.alpha_mask is not None:
+        arrays["alpha_mask"] = np.ascontiguousarray(entry.alpha_mask, dtype=np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
@@ -112,8 +118,9 @@ def load_entry(path: Path) -> CachedLatents:
             files = set(npz.files)
             key = LatentKey.from_json(str(npz["cache_key"])) if "cache_key" in files else None
             flipped = npz["latents_flipped"] if "latents_flipped" in files else None
+            mask = npz["alpha_mask"] if "alpha_mask" in files else None
             entry = CachedLatents(npz["latents"], flipped, tuple(int(v) for v in npz["original_size"]),
-                                  tuple(int(v) for v in npz["crop_ltrb"]), key)  # type: ignore[arg-type]
+                                  tuple(int(v) for v in npz["crop_ltrb"]), key, mask)  # type: ignore[arg-type]
     except (KeyError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path}: not a complete latent cache file ({error})") from error
     check_finite(path, {"latents": entry.latents, "latents_flipped": entry.latents_flipped}, "latents", REBUILD)
@@ -127,6 +134,8 @@ def entry_status(path: Path, key: LatentKey) -> tuple[Status, str]:
         ("ok", ""), ("missing", why), ("stale", what changed) or ("unreadable", what is wrong).
     """
     required = ["latents", "latents_flipped"] if key.flip else ["latents"]
+    if key.mask.kind != "none":
+        required.append("alpha_mask")
     return shared_entry_status(path, key, parse_key=LatentKey.from_json, mismatch=key_mismatch, required=required)
 
 

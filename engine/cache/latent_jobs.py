@@ -41,10 +41,10 @@ def jobs_from_scan(scan: ScanResult) -> list[CacheJob]:
     """Every image of a scan that is trained on, once per (image, bucket), with its subset's cache options.
 
     Regularization images that balancing left unused (0 repeats) are skipped. An image in two subsets with the
-    same bucket is cached once, with flipped latents if either subset flips.
+    same bucket is cached once, with flipped latents if either subset flips (and the loss mask of either).
 
     Raises:
-        ValueError: a subset uses random_crop, which cannot be cached.
+        ValueError: a subset uses random_crop, which cannot be cached, or an image has two different masks.
     """
     merged: dict[MemoryKey, CacheJob] = {}
     for dataset in scan.datasets:
@@ -55,11 +55,19 @@ def jobs_from_scan(scan: ScanResult) -> list[CacheJob]:
                     continue
                 key = (record.path, tuple(record.bucket))
                 first = merged.get(key)
-                if first is None:
-                    merged[key] = CacheJob(record, options)
-                elif options.flip_aug and not first.options.flip_aug:
-                    merged[key] = CacheJob(first.record, dataclasses.replace(first.options, flip_aug=True))
+                merged[key] = CacheJob(record, options) if first is None else _merged(first, record, options)
     return list(merged.values())
+
+
+def _merged(first: CacheJob, record: ImageRecord, options: CacheOptions) -> CacheJob:
+    """One job for an image two subsets train in the same bucket: flipped latents if either flips, the mask of
+    the one that has a mask (one entry holds one mask)."""
+    if first.record.mask is not None and record.mask is not None and first.record.mask != record.mask:
+        raise ValueError(f"{record.path} is in two subsets with different loss masks ({first.record.mask.path} and "
+                         f"{record.mask.path}), and its cached latents can hold one; use one mask for it")
+    chosen = first.record if first.record.mask is not None or record.mask is None else record
+    flip = first.options.flip_aug or options.flip_aug
+    return CacheJob(chosen, dataclasses.replace(first.options, flip_aug=flip))
 
 
 def stale_cache_findings(jobs: Iterable[CacheJob], *, family: str | None = None, cache_dir: Path | None = None,

@@ -3,7 +3,9 @@
 sd-scripts reuses a cached latent as long as the file name matches and the keys it needs are present (spec §3.4),
 so a new VAE, a new resolution or bucket setting, a new resize filter or an edited image all silently train on
 stale latents (kohya_ss#1629). Each entry here records everything its latents depend on; reuse requires the
-stored key to match what the current settings would produce, and the reason for a mismatch is reported.
+stored key to match what the current settings would produce, and the reason for a mismatch is reported. That
+includes the loss mask (masked loss): its source, and for a mask file the file's stamp, so an edited mask is
+re-cached.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from engine.data.records import ImageRecord
 
-__all__ = ["FORMAT_VERSION", "CacheOptions", "ImageStamp", "LatentKey", "expected_key", "key_mismatch",
+__all__ = ["FORMAT_VERSION", "CacheOptions", "ImageStamp", "LatentKey", "MaskStamp", "expected_key", "key_mismatch",
            "options_from_params"]
 
 FORMAT_VERSION = 1
@@ -67,6 +69,37 @@ class ImageStamp:
         return cls(tuple(record.size), stat.st_size, stat.st_mtime_ns)  # type: ignore[arg-type]
 
 
+_MASK_NAMES = {"none": "no mask", "alpha": "the alpha channel", "file": "a mask file"}
+
+
+@dataclass(frozen=True)
+class MaskStamp:
+    """Which loss mask an entry stores (masked loss): none, the image's alpha channel (the image's own stamp covers
+    it), or a mask file with the stamp of its content."""
+
+    kind: str = "none"  # "none", "alpha" or "file"
+    file: str | None = None
+    stamp: ImageStamp | None = None
+
+    @classmethod
+    def of(cls, record: ImageRecord) -> MaskStamp:
+        source = record.mask
+        if source is None or source.kind == "alpha":
+            return cls("none" if source is None else "alpha")
+        stat = os.stat(source.path)
+        return cls("file", str(source.path), ImageStamp(tuple(record.size), stat.st_size,  # type: ignore[arg-type]
+                                                        stat.st_mtime_ns))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MaskStamp:
+        """From a stored key; keys written before masks existed have none, and hold no mask."""
+        if not data:
+            return cls()
+        stamp = data.get("stamp")
+        return cls(data["kind"], data.get("file"), None if stamp is None else
+                   ImageStamp(tuple(stamp["size"]), stamp["file_bytes"], stamp["mtime_ns"]))  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class LatentKey:
     """Everything a cached latent depends on. ``None`` in an *expected* key means "not checked"."""
@@ -82,6 +115,7 @@ class LatentKey:
     resize_interpolation: str | None
     random_crop: bool
     image: ImageStamp
+    mask: MaskStamp = MaskStamp()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -89,12 +123,13 @@ class LatentKey:
     @classmethod
     def from_json(cls, text: str) -> LatentKey:
         data = json.loads(text)
-        names = {field.name for field in fields(cls)}
+        names = {field.name for field in fields(cls)} - {"mask"}
         if not isinstance(data, dict) or not names <= set(data):
             raise ValueError(f"the cache key lacks {sorted(names - set(data or {}))}")
         image = data["image"]
         return cls(**{
             **{name: data[name] for name in names},
+            "mask": MaskStamp.from_dict(data.get("mask")),
             "bucket": tuple(data["bucket"]), "resized": tuple(data["resized"]),
             "crop_ltrb": None if data["crop_ltrb"] is None else tuple(data["crop_ltrb"]),
             "image": ImageStamp(tuple(image["size"]), image["file_bytes"], image["mtime_ns"]),
@@ -119,7 +154,7 @@ def expected_key(record: ImageRecord, options: CacheOptions, *, vae_identity: st
         raise ValueError(f"{record.path}: no bucket assigned; scan the dataset first")
     return LatentKey(FORMAT_VERSION, vae_identity, tuple(record.bucket), tuple(record.resized),  # type: ignore[arg-type]
                      crop_ltrb, options.flip_aug, dtype, options.bucket_no_upscale, options.resize_interpolation,
-                     options.random_crop, ImageStamp.of(record))
+                     options.random_crop, ImageStamp.of(record), MaskStamp.of(record))
 
 
 def _size(value: tuple[int, ...] | None) -> str:
@@ -138,12 +173,24 @@ def _same(stored: Any, wanted: Any) -> bool:
     return stored == wanted
 
 
+def _mask_ok(stored: MaskStamp, wanted: MaskStamp) -> bool:
+    return wanted.kind == "none" or stored == wanted  # a stored mask nobody asks for does no harm
+
+
+def _mask_change(stored: MaskStamp, wanted: MaskStamp) -> str:
+    if stored.kind == wanted.kind:
+        return "the mask file changed since it was cached" if stored.file == wanted.file else \
+            f"the mask file changed from {stored.file} to {wanted.file}"
+    return f"the loss mask changed from {_MASK_NAMES[stored.kind]} to {_MASK_NAMES[wanted.kind]}"
+
+
 # Field → (does the stored value satisfy the wanted one, the reason when it does not). Checked in this order, so
 # the most fundamental change is reported first.
 _CHECKS: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any, Any], str]]] = {
     "version": (_same, lambda s, w: f"the cache format changed (version {s} → {w})"),
     "image": (_same, lambda s, w: "the image file changed" + (
         f" (now {_size(w.size)}, was {_size(s.size)})" if s.size != w.size else " since it was cached")),
+    "mask": (_mask_ok, _mask_change),
     "vae": (_same, lambda s, w: "the VAE changed"),
     "bucket": (_same, lambda s, w: f"the bucket changed from {_size(s)} to {_size(w)}"),
     "resized": (_same, lambda s, w: f"the resize target changed from {_size(s)} to {_size(w)}"),

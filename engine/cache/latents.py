@@ -158,7 +158,7 @@ def _prepare(item: _Todo) -> tuple[Any, Any]:
     record, options = item.job.record, item.job.options
     assignment = BucketAssignment(record.bucket, record.resized, 0.0)  # type: ignore[arg-type]
     prepared = prepare(record.path, assignment, flip=False, random_crop=False,
-                       interpolation=options.resize_interpolation)
+                       interpolation=options.resize_interpolation, mask=record.mask)
     return prepared, to_model_tensor(prepared.pixels)
 
 
@@ -219,9 +219,11 @@ def _encode(batch: list[tuple[_Todo, Any, Any]], vae: Any, parameter: Any, repor
                   "model.no_half_vae = true)")
             continue
         report.encoded += 1
+        mask = None if prepared.mask is None else prepared.mask.astype("float32") / 255.0
         entry = CachedLatents(sample.numpy(), None if mirror is None else mirror.numpy(),
                               tuple(prepared.original_size), tuple(int(v) for v in prepared.crop_ltrb),
-                              dataclasses.replace(item.key, crop_ltrb=tuple(int(v) for v in prepared.crop_ltrb)))
+                              dataclasses.replace(item.key, crop_ltrb=tuple(int(v) for v in prepared.crop_ltrb)),
+                              mask)
         if item.state is None:  # memory mode: nothing to write
             _advance(progress)
         yield item, entry

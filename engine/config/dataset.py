@@ -62,13 +62,15 @@ class Subset(_SubsetInherited):
 
     image_dir: str | None = setting(None, "Folder of training images.", widget="folder")
     is_reg: bool = setting(False, "Whether these are regularization (class) images.")
-    alpha_mask: bool = setting(False, "Use the image's alpha channel as a loss mask (not built yet).", advanced=True,
-                               use="planned")
+    alpha_mask: bool = setting(
+        False, "Use each image's alpha channel as its loss mask: transparent areas are not learned.", advanced=True,
+    )
     metadata_file: str | None = setting(
         None, "Fine-tuning metadata (.json or .jsonl) with captions and tags.", widget="file",
     )
     conditioning_data_dir: str | None = setting(
-        None, "Folder of conditioning/mask images (sd-scripts' ControlNet style).", widget="folder", advanced=True,
+        None, "Folder of loss masks named like the images (white = learned, black = ignored); needs "
+        "training.masked_loss.", widget="folder", advanced=True,
     )
 
     @property
@@ -109,6 +111,10 @@ class DatasetEntry(_DatasetInherited):
         if not self.subsets:
             raise ValueError("a dataset needs at least one [[datasets.subsets]] entry")
         styles = {subset.style for subset in self.subsets}
+        if len(styles) > 1 and "controlnet" in styles:
+            raise ValueError("subsets with conditioning_data_dir (mask folders) and subsets without cannot be mixed "
+                             "in one dataset (sd-scripts' schema refuses it); put them in separate [[datasets]] "
+                             "entries")
         if len(styles) > 1:
             raise ValueError("DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file) cannot be "
                              "mixed in one dataset; put them in separate [[datasets]] entries")

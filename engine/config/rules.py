@@ -245,9 +245,10 @@ def subsets_suit_the_method(config: RunConfig, context: RuleContext) -> Iterator
     for dataset in context.datasets:
         for subset in dataset.subsets:
             style = "finetune" if subset.params.get("metadata_file") else "dreambooth"
-            if subset.params.get("conditioning_data_dir"):
-                yield Problem(subset.path, "subsets with conditioning_data_dir (sd-scripts' ControlNet/masked-loss "
-                              "style) are not trained by Atelier; remove conditioning_data_dir")
+            if subset.params.get("conditioning_data_dir") and not config.training.masked_loss:
+                yield Problem(f"{subset.path}.conditioning_data_dir", "Atelier reads conditioning_data_dir only as "
+                              "loss masks (it trains no ControlNet); set training.masked_loss = true to use them, or "
+                              "remove conditioning_data_dir")
             elif wanted and style != wanted:
                 yield Problem(subset.path, f"method {config.method} trains {wanted}-style subsets, but this one is "
                               f"{style}-style; use method 'lora' for mixed data or change the subset")

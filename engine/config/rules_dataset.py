@@ -5,8 +5,10 @@
   network whose multiplier can be set to 0 (LoRA and LyCORIS).
 * `face_crop_aug_range` crops around a face box each step, only with buckets off (as sd-scripts) and never from
   cached latents.
-* `alpha_mask` (masked loss) and `validation_split` / `validation_seed` (validation loss) are not built yet: a
-  value other than the default is refused, so no run claims to do what it does not.
+* `training.masked_loss` needs a subset that gives masks (`conditioning_data_dir`, or `alpha_mask`), else it
+  would do nothing.
+* `validation_split` / `validation_seed` (validation loss) are not built yet: a value other than the default is
+  refused, so no run claims to do what it does not.
 
 Registered with the same `@rule` as the rules in :mod:`engine.config.rules`, which imports this module.
 """
@@ -54,10 +56,17 @@ def features_not_built_yet(config: RunConfig, context: RuleContext) -> Iterator[
         for path in _dataset_level_paths(config, context, key, default):
             yield Problem(path, f"{feature} is not built yet in Atelier, so this setting would do nothing; set it "
                           f"back to {'unset' if default is None else default}")
-    for subset in _subsets(context):
-        if subset.params.get("alpha_mask"):
-            yield Problem(f"{subset.path}.alpha_mask", "masked loss (the alpha channel as a loss mask) is not built "
-                          "yet in Atelier, so this setting would do nothing; set it back to false")
+
+
+@rule
+def masked_loss_needs_masks(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
+    if not config.training.masked_loss or (config.dataset.config_file and context.dataset_file is None):
+        return  # off, or the dataset file is not read yet (checked again when it is)
+    if not any(subset.params.get("conditioning_data_dir") or subset.params.get("alpha_mask")
+               for subset in _subsets(context)):
+        yield Problem("training.masked_loss", "no subset gives masks, so this would do nothing: set "
+                      "conditioning_data_dir to a folder of masks named like the images (or alpha_mask = true for "
+                      "images with transparency) in an inline or file dataset, or turn masked_loss off")
 
 
 @rule

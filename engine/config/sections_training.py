@@ -244,6 +244,11 @@ class TrainingSection(StrictModel):
         group="loss", families=SD_FAMILIES,
     )
     loss_type: LossType = setting("l2", "Loss function.", advanced=True, group="loss")
+    masked_loss: bool = setting(
+        False, "Learn only where each image's mask is white: the masks are the images of the same name in the "
+        "subsets' conditioning_data_dir (alpha_mask subsets use the alpha channel either way).", advanced=True,
+        group="loss",
+    )
     huber_schedule: HuberSchedule = setting(
         "snr", "How the Huber loss's threshold varies with the timestep.", advanced=True, group="loss",
     )

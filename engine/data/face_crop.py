@@ -40,8 +40,10 @@ def face_box(path: str | PathLike[str]) -> FaceBox | None:
 
 
 def face_crop(image: Image.Image, box: FaceBox, target: tuple[int, int], crop_range: Sequence[float], *,
-              random_crop: bool, rng: random.Random, interpolation: str | None = None) -> PreparedImage:
+              random_crop: bool, rng: random.Random, interpolation: str | None = None,
+              mask: Image.Image | None = None) -> PreparedImage:
     """`image` scaled and cut to `target` (width, height) around the face, drawing from `rng` as sd-scripts draws.
+    A loss `mask` ("L", the image's size) is scaled and cut with it.
 
     One deliberate difference: sd-scripts stops with an assertion when the image is smaller than the target
     (it never enlarges here); this enlarges it just enough to cover the target instead.
@@ -49,7 +51,8 @@ def face_crop(image: Image.Image, box: FaceBox, target: tuple[int, int], crop_ra
     target_w, target_h = target
     width, height = image.size
     if (width, height) == (target_w, target_h):
-        return _prepared(np.array(image.convert("RGB"), dtype=np.uint8), target)
+        return _prepared(np.array(image.convert("RGB"), dtype=np.uint8), target,
+                         None if mask is None else np.array(mask, dtype=np.uint8))
     cx, cy, face_w, face_h = box
     face_size = max(face_w, face_h)
     short_side = min(target_w, target_h)
@@ -63,8 +66,11 @@ def face_crop(image: Image.Image, box: FaceBox, target: tuple[int, int], crop_ra
     face_x, face_y = int(cx * scale + 0.5), int(cy * scale + 0.5)
     top = _start(target_h, new_h, face_y, face_size, short_side, crop_range, random_crop, rng)
     left = _start(target_w, new_w, face_x, face_size, short_side, crop_range, random_crop, rng)
-    pixels = np.array(resized.crop((left, top, left + target_w, top + target_h)), dtype=np.uint8)
-    return _prepared(pixels, target)
+    cut = (left, top, left + target_w, top + target_h)
+    pixels = np.array(resized.crop(cut), dtype=np.uint8)
+    cut_mask = None if mask is None else np.array(resize_image(mask, (new_w, new_h), interpolation).crop(cut),
+                                                  dtype=np.uint8)
+    return _prepared(pixels, target, cut_mask)
 
 
 def _start(size: int, length: int, face: int, face_size: int, short_side: int, crop_range: Sequence[float],
@@ -80,11 +86,11 @@ def _start(size: int, length: int, face: int, face_size: int, short_side: int, c
     return max(0, min(start, length - size))
 
 
-def _prepared(pixels: np.ndarray, target: tuple[int, int]) -> PreparedImage:
+def _prepared(pixels: np.ndarray, target: tuple[int, int], mask: np.ndarray | None) -> PreparedImage:
     # As sd-scripts without buckets: the "original size" is the cut itself and the crop starts at (0, 0).
     width, height = target
     return PreparedImage(pixels=pixels, original_size=(width, height), crop_ltrb=(0, 0, width, height),
-                         bucket=(width, height), flipped=False, resized=(width, height))
+                         bucket=(width, height), flipped=False, resized=(width, height), mask=mask)
 
 
 def face_crop_range_used(datasets: Sequence[DatasetPlan]) -> tuple[float, float] | None:

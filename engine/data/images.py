@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -68,15 +69,55 @@ def read_image_size(path: StrPath) -> tuple[int, int]:
 
 def load_rgb_image(path: StrPath) -> Image.Image:
     """Decode fully to an upright 8-bit RGB image; transparency is composited on white."""
+    return _decoded(path, to_rgb)[0]
+
+
+def load_mask(path: StrPath, *, alpha: bool) -> Image.Image:
+    """A loss mask as an upright 8-bit "L" image of the file's displayed size (255 = trained, 0 = ignored).
+
+    Args:
+        alpha: True for the alpha channel of `path` (255 everywhere when it has none, as sd-scripts); False for
+            the red channel of a mask image (what sd-scripts reads from conditioning_data_dir).
+    """
+    return _decoded(path, _alpha_channel if alpha else _red_channel)[0]
+
+
+def load_rgb_and_alpha(path: StrPath) -> tuple[Image.Image, Image.Image]:
+    """`load_rgb_image` and `load_mask(alpha=True)` of one file from a single decode."""
+    rgb, alpha = _decoded(path, to_rgb, _alpha_channel)
+    return rgb, alpha
+
+
+def _decoded(path: StrPath, *conversions: Callable[[Image.Image], Image.Image]) -> list[Image.Image]:
+    """Decode once and apply each conversion; the results are turned upright by the EXIF orientation."""
     orientation = _read_header(path).orientation
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = to_rgb(image)
+            converted = [conversion(image) for conversion in conversions]
     except Exception as err:  # PIL signals damage with many types (OSError, SyntaxError, zlib.error, ...)
         raise UnreadableImage(path, _describe(err)) from err
     transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
-    return rgb.transpose(transpose) if transpose is not None else rgb
+    return [each.transpose(transpose) for each in converted] if transpose is not None else converted
+
+
+def _alpha_channel(image: Image.Image) -> Image.Image:
+    if _has_transparency(image):
+        return image.convert("RGBA").getchannel("A")
+    return Image.new("L", image.size, 255)
+
+
+def _red_channel(image: Image.Image) -> Image.Image:
+    return to_rgb(image).getchannel("R")
+
+
+def has_alpha_channel(path: StrPath) -> bool:
+    """Whether the image carries transparency (an alpha channel or a colour key), from its header alone."""
+    try:
+        with Image.open(path) as image:  # lazy: PNG's tRNS and the mode are known before the pixels are read
+            return _has_transparency(image)
+    except Exception as err:
+        raise UnreadableImage(path, _describe(err)) from err
 
 
 def verify_image(path: StrPath) -> None:
@@ -199,9 +240,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_depth_to_rgb(image)
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        mode in ("P", "L", "RGB") and "transparency" in image.info)  # palette/colour-key transparency (tRNS)
-    if has_alpha:
+    if _has_transparency(image):
         return _on_white(image.convert("RGBA"))
     if mode == "RGB":
         return image.copy()  # detach from the file so the caller owns an independent image
@@ -209,6 +248,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, RGBX...
     except ValueError as err:
         raise _UnsupportedMode(mode) from err
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    mode = image.mode
+    return mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        mode in ("P", "L", "RGB") and "transparency" in image.info)  # palette/colour-key transparency (tRNS)
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:

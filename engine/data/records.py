@@ -28,6 +28,15 @@ class Finding:
                 "hint": self.hint}
 
 
+@dataclass(frozen=True)
+class MaskSource:
+    """Where an image's loss mask comes from (masked loss): the image's own alpha channel (`alpha_mask`), or the
+    red channel of a mask image of the same size (a subset's `conditioning_data_dir`, as sd-scripts reads it)."""
+
+    kind: Literal["alpha", "file"]
+    path: Path  # the image itself for "alpha", the mask image for "file"
+
+
 @dataclass
 class ImageRecord:
     """One training or regularization image with everything decided at scan time."""
@@ -43,6 +52,7 @@ class ImageRecord:
     loss_weight: float = 1.0  # prior_loss_weight for regularization images
     bucket: tuple[int, int] | None = None  # (width, height), set when buckets are assigned
     resized: tuple[int, int] | None = None  # size the image is resized to before cropping to the bucket
+    mask: MaskSource | None = None  # its loss mask, when its subset gives one (engine.data.masks)
 
 
 @dataclass

@@ -39,6 +39,8 @@ class PreparedImage:
     bucket: Size  # (width, height)
     flipped: bool
     resized: Size  # (width, height) the image was resized to before cropping; needed to mirror crop_ltrb
+    # The loss mask, uint8 (bucket_h, bucket_w), 255 = trained: resized, cropped and flipped with the pixels.
+    mask: np.ndarray | None = None
 
 
 def resize_image(image: Image.Image, size: Size, interpolation: str | None = None) -> Image.Image:

@@ -24,6 +24,7 @@ from engine.data.captions import CaptionError, read_caption_file
 from engine.data.images import UnreadableImage, is_image_file, read_image_size, verify_image
 from engine.data.info_cache import InfoCache
 from engine.data.legacy import legacy_subset_params
+from engine.data.masks import attach_masks
 from engine.data.metadata import MetadataError, metadata_caption, read_metadata, resolve_image
 from engine.data.records import DatasetPlan, Finding, ImageRecord, ScanResult, SubsetPlan
 
@@ -259,6 +260,8 @@ def scan_config(config: RunConfig, base_dir: str | Path, *, verify_images: bool 
             plan = SubsetPlan(subset.path, subset.params)
             style = "finetune" if subset.params.get("metadata_file") else "dreambooth"
             readers[style](plan, dataset_index, subset_index)
+            masks = subset.params.get("conditioning_data_dir") if config.training.masked_loss else None
+            attach_masks(plan, scanner.path(masks), scanner.add)
             dataset.subsets.append(plan)
         if verify_images:
             _drop_undecodable(dataset, scanner)

@@ -204,8 +204,8 @@ def cache_latents(config: RunConfig, scan: ScanResult, model: Any, accelerator: 
     try:
         jobs = jobs_from_scan(scan)
     except ValueError as error:
-        raise RunInputError(str(error), "turn off random_crop or training.cache_latents",
-                            "training.cache_latents") from error
+        raise RunInputError(str(error), "turn off random_crop or training.cache_latents (or give the image one "
+                            "mask)", "training.cache_latents") from error
     vae = model.vae
     dtype = vae_dtype(config.model.no_half_vae, accelerator.device.type, weight_dtype(config))
     torch.nn.Module.to(vae.vae, device=accelerator.device, dtype=dtype)

@@ -23,7 +23,7 @@ from engine.data.buckets import BucketAssignment
 from engine.data.captions import CaptionOptions, process_caption
 from engine.data.records import ImageRecord, ScanResult
 from engine.data.sampler import BucketBatchSampler
-from engine.data.transforms import prepare, to_model_tensor
+from engine.data.transforms import prepare, to_mask_tensor, to_model_tensor
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,16 @@ class TrainingDataset(torch.utils.data.Dataset):
             item["latents"] = _as_tensor(chosen, np.float32)
             item["original_size"] = _hw(cached.original_size)
             item["crop_top_left"] = _crop(cached, flip, record.resized[0])
+            if record.mask is not None:
+                item["loss_mask"] = _cached_mask(cached, flip, record.path)
         else:
             assignment = BucketAssignment(tuple(record.bucket), tuple(record.resized), 0.0)
             prepared = prepare(record.path, assignment, flip=flip, random_crop=example.random_crop, rng=rng,
                                interpolation=example.interpolation, color_aug=example.color_aug,
-                               face_crop_range=example.face_crop_range)
+                               face_crop_range=example.face_crop_range, mask=record.mask)
             item["pixels"] = to_model_tensor(prepared.pixels)
+            if prepared.mask is not None:
+                item["loss_mask"] = to_mask_tensor(prepared.mask)
             item["original_size"] = _hw(prepared.original_size)
             item["crop_top_left"] = (prepared.crop_ltrb[1], prepared.crop_ltrb[0])
         if self.texts is not None:
@@ -159,6 +163,14 @@ def _as_tensor(value: np.ndarray | torch.Tensor, dtype: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value, dtype=dtype))
 
 
+def _cached_mask(cached: CachedLatents, flipped: bool, image: Path) -> torch.Tensor:
+    """The loss mask stored with the latents, mirrored for a flipped step (the cache holds it unflipped)."""
+    if cached.alpha_mask is None:
+        raise ValueError(f"{image}: its cached latents hold no loss mask; rebuild the latent cache")
+    mask = _as_tensor(cached.alpha_mask, np.float32)
+    return torch.flip(mask, dims=[1]) if flipped else mask
+
+
 def caches_on_device(latents: dict[Any, CachedLatents] | None, texts: dict[Path, CachedText] | None,
                      device: torch.device) -> tuple[dict[Any, CachedLatents] | None, dict[Path, CachedText] | None]:
     """The caches with every array converted once to a tensor on `device` (training.cache_on_device): batches are
@@ -168,7 +180,8 @@ def caches_on_device(latents: dict[Any, CachedLatents] | None, texts: dict[Path,
 
     if latents is not None:
         latents = {key: replace(entry, latents=move(entry.latents, np.float32),
-                                latents_flipped=move(entry.latents_flipped, np.float32))
+                                latents_flipped=move(entry.latents_flipped, np.float32),
+                                alpha_mask=move(entry.alpha_mask, np.float32))
                    for key, entry in latents.items()}
     if texts is not None:
         texts = {key: replace(entry, hidden_states=move(entry.hidden_states, np.float32),
@@ -192,6 +205,7 @@ def _crop(cached: CachedLatents, flipped: bool, resized_width: int) -> tuple[int
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a batch; all items share a bucket, so every tensor has the same shape."""
+    _fill_loss_masks(items)
     batch: dict[str, Any] = {}
     for name in items[0]:
         values = [item[name] for item in items]
@@ -201,6 +215,17 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch["network_multiplier"] = [float(value) for value in batch["network_multiplier"]]
     batch["noise_seed"] = [int(seed) for seed in batch["noise_seed"]]
     return batch
+
+
+def _fill_loss_masks(items: list[dict[str, Any]]) -> None:
+    """A batch mixing images with and without a loss mask (subsets of one dataset): the others get a mask of ones,
+    the full loss they would have had alone."""
+    masks = [item["loss_mask"] for item in items if "loss_mask" in item]
+    if not masks or len(masks) == len(items):
+        return
+    for item in items:
+        if "loss_mask" not in item:
+            item["loss_mask"] = torch.ones_like(masks[0])
 
 
 class EpochBatches:

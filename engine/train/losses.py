@@ -30,6 +30,7 @@ __all__ = [
     "HUBER_SCHEDULES",
     "LossSettings",
     "batch_loss",
+    "batch_mask",
     "batch_weights",
     "element_loss",
     "huber_c",
@@ -298,6 +299,15 @@ def batch_weights(batch: dict, device: torch.device) -> torch.Tensor | None:
     if all(weight == 1.0 for weight in weights):
         return None
     return to_device(torch.tensor(weights, dtype=torch.float32), device)
+
+
+def batch_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """A batch's loss masks ([B, H, W] in pixels, 0..1) on ``device``, or None when its images have none (masked
+    loss: ``alpha_mask`` subsets, ``conditioning_data_dir`` masks; engine.data.masks)."""
+    from engine.transfer import to_device
+
+    masks = batch.get("loss_mask")
+    return None if masks is None else to_device(masks, device, torch.float32)
 
 
 _FLOW_STEPS = 1000  # flow timesteps are σ·1000: the exponential Huber schedule divides by this

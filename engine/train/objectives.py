@@ -46,7 +46,7 @@ class DiffusionObjective:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(session.device)
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        from engine.train.losses import batch_loss, batch_weights
+        from engine.train.losses import batch_loss, batch_mask, batch_weights
         from engine.train.network_scaling import preserved_target
         from engine.train.noise import training_target
 
@@ -61,7 +61,8 @@ class DiffusionObjective:
         target = training_target(self.scheduler, latents, noise, timesteps, session.config.model.v_parameterization)
         target = preserved_target(session, batch, target, predict)
         weights = batch_weights(batch, latents.device)
-        return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr)
+        return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr,
+                          mask=batch_mask(batch, latents.device))
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from engine.train.noise import NoiseDraws
@@ -90,7 +91,7 @@ class FlowObjective:
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train import flow
-        from engine.train.losses import batch_loss, batch_weights
+        from engine.train.losses import batch_loss, batch_mask, batch_weights
         from engine.train.network_scaling import preserved_target
 
         session = self.session
@@ -119,7 +120,8 @@ class FlowObjective:
         if weighting is not None:
             weighting = weighting.to(latents.device, torch.float32)
             weights = weighting if weights is None else weights * weighting
-        return batch_loss(prediction, target.float(), sigmas * 1000.0, weights, self.loss_settings, None)
+        return batch_loss(prediction, target.float(), sigmas * 1000.0, weights, self.loss_settings, None,
+                          mask=batch_mask(batch, latents.device))
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from engine.train import flow

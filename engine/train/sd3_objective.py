@@ -149,7 +149,7 @@ class SD3Objective:
 
     def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         from engine.train.flow import loss_weighting
-        from engine.train.losses import batch_loss, batch_weights
+        from engine.train.losses import batch_loss, batch_mask, batch_weights
         from engine.train.network_scaling import preserved_target
 
         session = self.session
@@ -175,7 +175,8 @@ class SD3Objective:
         weights = batch_weights(batch, latents.device)
         weighting = loss_weighting(self.settings.weighting_scheme, sigmas)
         weights = weighting if weights is None else weights * weighting
-        return batch_loss(prediction, target, timesteps, weights, self.loss_settings, None)
+        return batch_loss(prediction, target, timesteps, weights, self.loss_settings, None,
+                          mask=batch_mask(batch, latents.device))
 
     def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ε, t and x_σ per sample, from its own seed: ε first, then u (sd-scripts' order)."""

@@ -29,7 +29,10 @@ def errors_for(data: dict) -> dict[str, str]:
     (_config(dataset={"general": {"validation_split": 0.1}}), "dataset.general.validation_split", "not built yet"),
     (_config(dataset={"general": {"validation_seed": 5}}), "dataset.general.validation_seed", "set it back to unset"),
     (_config(dataset=_inline({}, validation_split=0.2)), "dataset.datasets[0].validation_split", "not built yet"),
-    (_config(dataset=_inline({"alpha_mask": True})), "dataset.datasets[0].subsets[0].alpha_mask", "masked loss"),
+    (_config(training={"masked_loss": True}), "training.masked_loss", "no subset gives masks"),
+    (_config(training={"masked_loss": True}, dataset=_inline({})), "training.masked_loss", "conditioning_data_dir"),
+    (_config(dataset=_inline({"conditioning_data_dir": "masks"})),
+     "dataset.datasets[0].subsets[0].conditioning_data_dir", "training.masked_loss = true"),
     (_config(method="dreambooth", dataset={"general": {"network_multiplier": 0.5}}),
      "dataset.general.network_multiplier", "trains no network"),
     (_config(method="textual_inversion", embedding={"token_string": "sks", "init_word": "dog"},
@@ -55,6 +58,9 @@ def test_dataset_key_refusals(data, path, fragment):
 
 
 @pytest.mark.parametrize("data", [
+    _config(dataset=_inline({"alpha_mask": True})),  # alpha masks apply on their own, as in sd-scripts
+    _config(training={"masked_loss": True}, dataset=_inline({"alpha_mask": True})),
+    _config(training={"masked_loss": True}, dataset=_inline({"conditioning_data_dir": "masks"})),
     _config(dataset={"general": {"network_multiplier": 0.5}}),
     _config(dataset=_inline({"custom_attributes": {"diff_output_preservation": True}})),
     _config(network={"network_type": "loha"},

@@ -90,6 +90,7 @@ ARG_PATHS: Mapping[str, Target] = {
     "ip_noise_gamma": "training.ip_noise_gamma",
     "min_snr_gamma": "training.min_snr_gamma",
     "loss_type": "training.loss_type",
+    "masked_loss": "training.masked_loss",
     "huber_schedule": "training.huber_schedule",
     "huber_c": "training.huber_c",
     "huber_scale": "training.huber_scale",
