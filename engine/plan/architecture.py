@@ -32,6 +32,9 @@ class Architecture:
     source: str  # "the model's configs", "the family's standard configs", ...
     notes: list[str] = field(default_factory=list)
     vae_config: dict[str, Any] | None = None  # the VAE's diffusers config, for tracing its decoder (samples)
+    # The text encoders on the meta device, in the engine's order, where the plan can trace them training (SD1, SD2,
+    # SDXL); empty where only their parameter counts are known.
+    text_modules: list[nn.Module] = field(default_factory=list)
 
 
 def resolve_family(config: RunConfig, location: Path | str) -> str:
@@ -92,10 +95,11 @@ def _on_meta(name: str, config: dict[str, Any]) -> nn.Module:
 def _sd(config: RunConfig, family: str, location: Path) -> Architecture:
     configs, source = _sd_configs(family, location)
     denoiser = _on_meta("unet", configs["unet"])
-    encoders = {name: parameter_count(_on_meta(name, configs[name]))
-                for name in ("text_encoder", "text_encoder_2") if name in configs}
+    modules = {name: _on_meta(name, configs[name]) for name in ("text_encoder", "text_encoder_2") if name in configs}
+    encoders = {name: parameter_count(module) for name, module in modules.items()}
     vae = parameter_count(_on_meta("vae", configs["vae"])) if "vae" in configs else 0
-    return Architecture(family, denoiser, encoders, vae, source, vae_config=configs.get("vae"))
+    return Architecture(family, denoiser, encoders, vae, source, vae_config=configs.get("vae"),
+                        text_modules=list(modules.values()))
 
 
 # --- FLUX.1 / Chroma and SD3 -------------------------------------------------------------------------------------

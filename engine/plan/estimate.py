@@ -96,7 +96,8 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     traced = (traces or {}).get(key)
     if traced is None:
         traced = trace_step(config, architecture.family, architecture.denoiser, shape, frozen_dtype=frozen,
-                            trained_dtype=trained_dtype, sample_shape=samples)
+                            trained_dtype=trained_dtype, sample_shape=samples,
+                            text_encoders=architecture.text_modules)
         if traces is not None:
             traces[key] = traced
     others = _other_parts(config, architecture, frozen)
@@ -153,10 +154,12 @@ def trace_key(config: RunConfig, shape: StepShape, samples: StepShape | None = N
     """What the traced step depends on: the model, the method and network, precision, checkpointing, the batch's
     shape and the samples' (not the caches, the optimizer or fp8 storage, which the plan counts apart from the
     step)."""
-    training = config.training
+    training, rates = config.training, config.optimizer
+    trains_text = (training.cache_text_encoder_outputs, rates.learning_rate > 0, rates.text_encoder_lr,
+                   rates.text_encoder2_lr)  # which text encoders the LoRA trains (trace.trained_text_encoders)
     return (config.model.pretrained_model_name_or_path, config.model.model_family, config.method,
             config.network.model_dump_json(), training.mixed_precision, training.full_bf16, training.full_fp16,
-            training.gradient_checkpointing, shape, samples)
+            training.gradient_checkpointing, trains_text, shape, samples)
 
 
 def detected_gpu_memory() -> int | None:

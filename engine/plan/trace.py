@@ -85,32 +85,43 @@ class PeakBytes(TorchDispatchMode):
 
 def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepShape, *,
                frozen_dtype: torch.dtype, trained_dtype: torch.dtype,
-               sample_shape: StepShape | None = None) -> TracedStep:
+               sample_shape: StepShape | None = None, text_encoders: list[nn.Module] | None = None) -> TracedStep:
     """Trace one step (see the module docstring), and with `sample_shape` the denoiser's inference for samples
-    after it (engine.plan.sampling). `denoiser` is on the meta device and is changed in place."""
+    after it (engine.plan.sampling). `denoiser` (and `text_encoders`, SD1/SD2/SDXL's on the meta device, traced
+    when the run's LoRA trains them) is changed in place."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     trains_denoiser = config.method in ("dreambooth", "finetune")
     denoiser.to(trained_dtype if trains_denoiser else frozen_dtype)
+    encoders = trained_text_encoders(config, text_encoders or [])
+    for encoder in encoders:
+        encoder.to(frozen_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
         denoiser.requires_grad_(trains_denoiser)
-        trained = _trained_parameters(config, family, denoiser, trains_denoiser, trained_dtype)
+        for encoder in encoders:
+            encoder.to_empty(device="cpu").requires_grad_(False).train(True)
+            if config.training.gradient_checkpointing:
+                encoder.gradient_checkpointing_enable()
+        trained = _trained_parameters(config, family, denoiser, trains_denoiser, trained_dtype, text_encoders or [])
         if config.training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         denoiser.train(True)
-        tracker = PeakBytes(denoiser)  # the LoRA modules are the denoiser's submodules once applied
+        # The LoRA modules are the denoiser's and encoders' submodules once applied.
+        tracker = PeakBytes(nn.ModuleList([denoiser, *encoders]))
         # CUDA's float32 rule for norms and softmax, also while checkpointing recomputes under autocast in backward.
         with tracker, _cuda_float32_ops():
             inputs = _INPUTS[family_info(family).loader](denoiser, shape, frozen_dtype)
             if config.method == "textual_inversion":  # the gradient flows through the denoiser to the text
                 inputs.text.requires_grad_(True)
             with _autocast(config):
+                # Trained encoders run first; what their forward keeps for backward stays while the denoiser runs.
+                encoded = _encode(encoders, shape)
                 prediction = inputs.forward()
             loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
-            loss.backward()
+            (loss + encoded).backward()
         gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
-        del inputs, prediction, loss
+        del inputs, prediction, loss, encoded
         sampling = _trace_inference(config, family, denoiser, trained, sample_shape, frozen_dtype)
     return TracedStep(peak_bytes=tracker.peak, trained_parameters=sum(p.numel() for p in trained),
                       trained_bytes=sum(p.numel() * p.element_size() for p in trained),
@@ -172,16 +183,43 @@ def _up(value: Any) -> Any:
 _CUDA_FLOAT32 = ("group_norm", "layer_norm", "softmax", "log_softmax")
 
 
+def trained_text_encoders(config: RunConfig, text_encoders: list[nn.Module]) -> list[nn.Module]:
+    """The encoders the run's LoRA trains, as the engine decides (engine.train.method_lora): a learning rate above 0,
+    not unet-only, outputs not cached."""
+    if config.method != "lora" or config.network.train_unet_only or config.training.cache_text_encoder_outputs:
+        return []
+    from engine.train.learning_rates import learning_rates
+
+    rates = learning_rates(config, len(text_encoders)).text_encoders
+    return [encoder for encoder, rate in zip(text_encoders, rates, strict=True) if rate > 0]
+
+
+def _encode(encoders: list[nn.Module], shape: StepShape) -> torch.Tensor:
+    """The trained encoders' forward on the batch's token ids (one row of 77 per chunk), as a term of the loss (0
+    without encoders) so that backward goes through them."""
+    total = torch.zeros(())
+    chunks = max(1, shape.text_tokens // 77)
+    for encoder in encoders:
+        ids = torch.zeros(shape.batch_size * chunks, 77, dtype=torch.long)
+        out = encoder(input_ids=ids, output_hidden_states=True)
+        total = total + out.hidden_states[-2].float().mean() * 0.0
+    return total
+
+
 def _trained_parameters(config: RunConfig, family: str, denoiser: nn.Module, trains_denoiser: bool,
-                        trained_dtype: torch.dtype) -> list[nn.Parameter]:
+                        trained_dtype: torch.dtype, text_encoders: list[nn.Module]) -> list[nn.Parameter]:
     if trains_denoiser:
         return list(denoiser.parameters())
     if config.method != "lora" or config.network.train_text_encoder_only:
         return []  # textual inversion: a few embedding rows, counted with the text encoders
     from engine.networks.lora import create_lora_network, network_options
 
-    network = create_lora_network(denoiser, [nn.Module() for _ in family_info(family).text_encoder_lora_prefixes],
-                                  family, train_text_encoder=False, **network_options(config.network))
+    trained = trained_text_encoders(config, text_encoders)
+    # Stand-ins where the encoders are not traced: the network then puts no modules on them.
+    encoders = [*text_encoders] if trained else [nn.Module() for _ in family_info(family).text_encoder_lora_prefixes]
+    network = create_lora_network(denoiser, encoders, family,
+                                  train_text_encoder=[any(e is t for t in trained) for e in encoders],
+                                  **network_options(config.network))
     network.apply_to()
     parameters = network.trainable_parameters()
     for parameter in parameters:
