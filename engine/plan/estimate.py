@@ -196,13 +196,14 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
 
 
 def _swapped_blocks(config: RunConfig, architecture: Architecture) -> list[str]:
+    """The module paths of the denoiser's swapped blocks (any family's: engine.models.swap_layouts); ValueError when
+    the model has fewer blocks than that."""
     blocks = config.training.blocks_to_swap
-    params = getattr(architecture.denoiser, "params", None)
-    if not blocks or params is None:
+    if not blocks:
         return []
-    from engine.models.flux.block_swap import swapped_block_names
+    from engine.models.swap_layouts import swapped_block_names
 
-    return list(swapped_block_names(params, blocks))
+    return list(swapped_block_names(architecture.denoiser, blocks))
 
 
 def _other_parts(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
