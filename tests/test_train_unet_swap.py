@@ -56,3 +56,30 @@ def test_memory_options_train_the_same_lora(case, tiny_models, tmp_path):
     assert trained  # the LoRA did learn (its up weights start at zero)
     if "blocks_to_swap" in option:
         assert f"block swap: {option['blocks_to_swap']} blocks kept on the CPU" in log, log
+
+
+@pytest.mark.slow
+def test_sd1_dreambooth_with_swapped_blocks_equals_the_run_without(tiny_models, tmp_path):
+    """Full fine-tuning swaps trained blocks as SD3's does (optimizer.fused_backward_pass steps each weight inside the
+    backward pass while it is on the device, then the host copies are refreshed): the saved UNet equals the one
+    trained without swapping, to float32 rounding."""
+    saved = {}
+    for swap in (0, 8):
+        folder = tmp_path / f"swap{swap}"
+        folder.mkdir()
+        config = write_config(
+            folder / "config.toml", tiny_models, "sd1", method="dreambooth",
+            training={"max_train_steps": 3, "blocks_to_swap": swap},
+            optimizer={"optimizer_type": "Adafactor", "learning_rate": 1e-3, "lr_scheduler": "constant",
+                       "text_encoder_lr": 0.0, "max_grad_norm": 0.0, "fused_backward_pass": True,
+                       "optimizer_args": {"relative_step": False, "scale_parameter": False, "warmup_init": False}},
+            saving={"output_name": "model", "save_model_as": "safetensors"})
+        result = run_engine("train", str(config))
+        assert result.returncode == 0, result.stdout + result.stderr
+        if swap:
+            assert "block swap: 8 blocks" in (folder / "out" / "train.log").read_text(encoding="utf-8")
+        saved[swap] = load_file(str(folder / "out" / "model.safetensors"))
+    unet_keys = [key for key in saved[0] if key.startswith("model.diffusion_model.")]
+    assert unet_keys and saved[0].keys() == saved[8].keys()
+    for key in unet_keys:
+        torch.testing.assert_close(saved[8][key], saved[0][key], rtol=1e-5, atol=1e-6, msg=key)

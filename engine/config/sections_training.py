@@ -170,8 +170,8 @@ class TrainingSection(StrictModel):
         0, "Every family: keep this many blocks in CPU memory and move them to the GPU only while they run; saves "
         "VRAM, slows training. 0 = off. FLUX: transformer blocks (about 0.6 GB each), at most 35 (e.g. 18 for 16 GB, "
         "16+ for 12 GB); SD3: the blocks minus 2 (22 for medium models, 36 for SD3.5 large); SD1/SD2/SDXL: UNet "
-        "resnets and transformer blocks, the last ones first, at most 36 for SD1/SD2 and 85 for SDXL (LoRA and "
-        "Textual Inversion; full fine-tuning only for SD3).",
+        "resnets and transformer blocks, the last ones first, at most 36 for SD1/SD2 and 85 for SDXL. Full "
+        "fine-tuning (not FLUX) needs optimizer.fused_backward_pass.",
         ge=0, le=100,
     )
     cpu_offload_checkpointing: bool = setting(

@@ -170,10 +170,7 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
     fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them), some blocks on the host when swapping."""
     denoiser = architecture.denoiser
     if config.method in ("dreambooth", "finetune"):
-        dtype = weights_trained_dtype(config.training)
-        count = sum(p.numel() for p in denoiser.parameters())
-        return [PlanItem("trained weights (the whole denoiser)", count * dtype.itemsize, "gpu",
-                         f"{count:,} parameters, {_dtype_name(dtype)}")]
+        return _trained_denoiser_weights(config, architecture)
     fp8 = config.model.fp8_base or config.model.fp8_base_unet
     swapped = set(_swapped_blocks(config, architecture))
     gpu, host = 0, 0
@@ -192,6 +189,22 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
     if swapped:
         items.append(PlanItem("denoiser blocks swapped to the CPU", host, "host",
                               f"{len(swapped)} blocks (training.blocks_to_swap), pinned"))
+    return items
+
+
+def _trained_denoiser_weights(config: RunConfig, architecture: Architecture) -> list[PlanItem]:
+    """Full fine-tuning: the whole denoiser in its training dtype; the swapped blocks' parameters on the host (the
+    fused backward pass steps them while they visit the device)."""
+    dtype = weights_trained_dtype(config.training)
+    denoiser = architecture.denoiser
+    count = sum(p.numel() for p in denoiser.parameters())
+    swapped = _swapped_blocks(config, architecture)
+    on_host = sum(p.numel() for name in swapped for p in denoiser.get_submodule(name).parameters())
+    items = [PlanItem("trained weights (the whole denoiser)", (count - on_host) * dtype.itemsize, "gpu",
+                      f"{count - on_host:,} parameters, {_dtype_name(dtype)}")]
+    if on_host:
+        items.append(PlanItem("trained blocks swapped to the CPU", on_host * dtype.itemsize, "host",
+                              f"{len(swapped)} blocks (training.blocks_to_swap), {on_host:,} parameters"))
     return items
 
 

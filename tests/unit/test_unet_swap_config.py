@@ -1,5 +1,6 @@
 """blocks_to_swap and cpu_offload_checkpointing for SD1 / SD2 / SDXL in the config rules and the memory plan
-(issue 16): accepted within the family's limit, refused above it and where the blocks train; the plan counts the
+(issue 16): accepted within the family's limit, refused above it, and for full fine-tuning only with the fused
+backward pass; the plan counts the
 swapped UNet blocks on the host, and Fit to my GPU proposes swapping for SDXL."""
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def test_more_blocks_than_the_family_has_are_refused_with_the_limit(family):
 
 
 @pytest.mark.parametrize("method", ["dreambooth", "finetune"])
-def test_swapping_blocks_that_train_is_refused_for_the_unet(method):
+def test_swapping_blocks_that_train_needs_the_fused_backward_pass(method):
+    """Trained weights must be stepped while their block is on the device, as for SD3 (sd-scripts' way)."""
+    training = {"blocks_to_swap": 4, "mixed_precision": "bf16"}
+    found = problems("sdxl", method=method, training=training)
+    [message] = [message for path, message in found if path == "training.blocks_to_swap"]
+    assert "optimizer.fused_backward_pass = true" in message and "blocks_to_swap = 0" in message
     fused = {"optimizer_type": "Adafactor", "fused_backward_pass": True}
-    for optimizer in ({}, fused):
-        found = problems("sdxl", method=method, optimizer=optimizer,
-                         training={"blocks_to_swap": 4, "mixed_precision": "bf16"})
-        [message] = [message for path, message in found if path == "training.blocks_to_swap"]
-        assert "needs a frozen model (LoRA)" in message and "blocks_to_swap = 0" in message
+    assert [path for path, _ in problems("sdxl", method=method, optimizer=fused, training=training)
+            if path == "training.blocks_to_swap"] == []
 
 
 @pytest.mark.parametrize("family", SD)
@@ -122,3 +125,31 @@ def test_fit_proposes_swapping_sdxl_blocks(tiny_models, tmp_path):
     before = [change.gpu_needed_bytes for change in result.changes]
     index = result.changes.index(swaps[0])
     assert index == 0 or before[index] < before[index - 1]  # swapping lowered the need
+
+
+def test_full_fine_tuning_plans_the_swapped_trained_blocks_on_the_host():
+    """The SDXL UNet trained in float32 with 20 blocks swapped: their parameters leave the GPU's count."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from engine.config.io import default_config_dict
+    from engine.config.schema import RunConfig
+    from engine.models.configs import shipped_configs
+    from engine.models.swap_layouts import swapped_block_names
+    from engine.plan.architecture import Architecture
+    from engine.plan.estimate import _denoiser_weights
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(shipped_configs("sdxl")["unet"])
+    data = deep_merge(default_config_dict(), {
+        "model": {"model_family": "sdxl"}, "method": "dreambooth",
+        "optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True},
+        "training": {"mixed_precision": "bf16", "blocks_to_swap": 20}})
+    config = RunConfig.model_validate(data, context={"check_packages": False})
+    items = {item.name: item for item in _denoiser_weights(config, Architecture("sdxl", unet, {}, 0, "test"),
+                                                           torch.bfloat16)}
+    swapped = sum(p.numel() for name in swapped_block_names(unet, 20) for p in unet.get_submodule(name).parameters())
+    total = sum(p.numel() for p in unet.parameters())
+    assert items["trained blocks swapped to the CPU"].bytes == swapped * 4 > 0  # float32 trained weights
+    assert items["trained blocks swapped to the CPU"].where == "host"
+    assert items["trained weights (the whole denoiser)"].bytes == (total - swapped) * 4
