@@ -271,3 +271,26 @@ def test_cuda_swapping_matches_and_keeps_weights_on_the_host(family, tiny_models
         assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-5) for a, b in zip(grads_a, grads_b, strict=True))
     # Between the forward and the backward pass the swapped weights are not held on the device.
     assert swapped_bytes > 0 and allocated[0] - allocated[1] >= swapped_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to see the activations leave the device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_cpu_offload_checkpointing_keeps_the_checkpoints_inputs_off_the_device(family, tiny_models):
+    """Between the forward and the backward pass a checkpointed unit's input (hidden states made for it alone: the
+    concatenated skip connection of an up-path resnet, a transformer block's flattened tokens) waits on the CPU."""
+    allocated, results = [], []
+    for cpu_offload in (False, True):
+        unet = _unet(tiny_models, family)
+        network = _network(unet, family).to("cuda")
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=unet_checkpointing(cpu_offload))
+        unet.train(True)
+        place_denoiser(unet, "cuda", torch.float32)
+        results.append(_step(unet, network, "cuda"))
+        allocated.append(_allocated_after_forward(unet))
+        del unet, network
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert allocated[1] < allocated[0]
+    (plain_loss, plain_grads), (offloaded_loss, offloaded_grads) = results
+    assert offloaded_loss == pytest.approx(plain_loss, rel=1e-3)
+    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-5) for a, b in zip(plain_grads, offloaded_grads, strict=True))
