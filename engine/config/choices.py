@@ -85,10 +85,16 @@ class FamilyLimits:
 
 
 FAMILY_LIMITS: dict[str, FamilyLimits] = {
-    # SD1/SD2: three 2x downsamplings of a 1/8 latent -> 64 px; SDXL's UNet has one fewer -> 32 px.
-    "sd1": FamilyLimits("SD1.x", 64, ("CLIP-L",)),
-    "sd2": FamilyLimits("SD2.x", 64, ("OpenCLIP-H",)),
-    "sdxl": FamilyLimits("SDXL", 32, ("CLIP-L", "OpenCLIP-G")),
+    # SD1/SD2: three 2x downsamplings of a 1/8 latent -> 64 px; SDXL's UNet has one fewer -> 32 px. Their UNets swap
+    # resnets and transformer blocks (engine.models.swap_layouts), all but two: SD1/SD2 have 22 resnets and 16
+    # transformer blocks, SDXL 17 and 70; a UNet of another shape is checked once it is loaded. Full fine-tuning
+    # swaps trained blocks as SD3's does (with the fused backward pass).
+    "sd1": FamilyLimits("SD1.x", 64, ("CLIP-L",), max_blocks_to_swap=36,
+                        swaps_trained_blocks=True),
+    "sd2": FamilyLimits("SD2.x", 64, ("OpenCLIP-H",), max_blocks_to_swap=36,
+                        swaps_trained_blocks=True),
+    "sdxl": FamilyLimits("SDXL", 32, ("CLIP-L", "OpenCLIP-G"), max_blocks_to_swap=85,
+                         swaps_trained_blocks=True),
     # FLUX packs 2x2 patches of a 1/8 latent -> 16 px (spec §2.2); 19 double + 38 single blocks swap at most
     # 17 double and 36 single, i.e. blocks_to_swap <= 35 (spec §6.2).
     "flux1": FamilyLimits("FLUX.1", 16, ("CLIP-L", "T5-XXL"), max_blocks_to_swap=35),

@@ -80,7 +80,7 @@ def _swap_and_offload(config: RunConfig, limits: FamilyLimits | None) -> Iterato
     if training.blocks_to_swap and training.cpu_offload_checkpointing:
         yield Problem("training.cpu_offload_checkpointing", "cannot be combined with blocks_to_swap (both move "
                       "data between CPU and GPU during the backward pass); keep one")
-    if limits and limits.max_blocks_to_swap and training.blocks_to_swap > limits.max_blocks_to_swap:
+    if limits and training.blocks_to_swap > limits.max_blocks_to_swap:
         yield Problem("training.blocks_to_swap", f"{limits.label} can swap at most {limits.max_blocks_to_swap} "
                       f"blocks, not {training.blocks_to_swap}; use {limits.max_blocks_to_swap} or fewer")
     if training.cpu_offload_checkpointing and not training.gradient_checkpointing:
@@ -99,8 +99,9 @@ def _fp8_precision_and_method(config: RunConfig, fp8: list[str]) -> Iterator[Pro
 
 
 def _swap_trained_blocks(config: RunConfig, limits: FamilyLimits | None) -> Iterator[Problem]:
-    """Swapping blocks that full training updates works only where the family swaps trained blocks."""
-    if not config.training.blocks_to_swap or config.method == "lora":
+    """Swapping blocks that full training updates works only where the family swaps trained blocks; LoRA and Textual
+    Inversion leave the denoiser frozen."""
+    if not config.training.blocks_to_swap or config.method in ("lora", "textual_inversion"):
         return
     if limits is not None and limits.swaps_trained_blocks:
         if not config.optimizer.fused_backward_pass:

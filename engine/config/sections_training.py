@@ -6,7 +6,6 @@ from pydantic import field_validator
 
 from engine.config.base import StrictModel, setting
 from engine.config.choices import (
-    FLOW_FAMILIES,
     FLUX_FAMILIES,
     OPTIMIZERS,
     SD3_FAMILIES,
@@ -168,15 +167,17 @@ class TrainingSection(StrictModel):
         False, "Recompute activations in the backward pass: much less memory, about 20% slower.",
     )
     blocks_to_swap: int = setting(
-        0, "FLUX and SD3: keep this many transformer blocks in CPU memory and move them to the GPU only while they "
-        "run; saves VRAM (about 0.6 GB each for FLUX), slows training. 0 = off; at most 35 for FLUX (e.g. 18 for "
-        "16 GB, 16+ for 12 GB), for SD3 the blocks minus 2 (22 for medium models, 36 for SD3.5 large).",
-        ge=0, le=100, families=FLOW_FAMILIES,
+        0, "Every family: keep this many blocks in CPU memory and move them to the GPU only while they run; saves "
+        "VRAM, slows training. 0 = off. FLUX: transformer blocks (about 0.6 GB each), at most 35 (e.g. 18 for 16 GB, "
+        "16+ for 12 GB); SD3: the blocks minus 2 (22 for medium models, 36 for SD3.5 large); SD1/SD2/SDXL: UNet "
+        "resnets and transformer blocks, the last ones first, at most 36 for SD1/SD2 and 85 for SDXL. Full "
+        "fine-tuning (not FLUX) needs optimizer.fused_backward_pass.",
+        ge=0, le=100,
     )
     cpu_offload_checkpointing: bool = setting(
-        False, "FLUX and SD3: keep gradient checkpointing's saved activations in CPU memory (about 1 GB less VRAM "
-        "for FLUX, ~15% slower); needs gradient_checkpointing, not with blocks_to_swap.", advanced=True,
-        families=FLOW_FAMILIES,
+        False, "Every family (FLUX, SD3, SD1/SD2/SDXL): keep gradient checkpointing's saved activations in CPU memory "
+        "(about 1 GB less VRAM for FLUX, ~15% slower); needs gradient_checkpointing, not with blocks_to_swap.",
+        advanced=True,
     )
     attention: Attention = setting(
         "sdpa", "Attention kernel: PyTorch's SDPA, xformers (needs the gpu extra), or none (plain).", advanced=True,

@@ -217,10 +217,7 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
     fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them), some blocks on the host when swapping."""
     denoiser = architecture.denoiser
     if config.method in ("dreambooth", "finetune"):
-        dtype = weights_trained_dtype(config.training)
-        count = sum(p.numel() for p in denoiser.parameters())
-        return [PlanItem("trained weights (the whole denoiser)", count * dtype.itemsize, "gpu",
-                         f"{count:,} parameters, {_dtype_name(dtype)}")]
+        return _trained_denoiser_weights(config, architecture)
     fp8 = config.model.fp8_base or config.model.fp8_base_unet
     swapped = set(_swapped_blocks(config, architecture))
     gpu, host = 0, 0
@@ -242,14 +239,31 @@ def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: tor
     return items
 
 
-def _swapped_blocks(config: RunConfig, architecture: Architecture) -> list[str]:
-    blocks = config.training.blocks_to_swap
-    params = getattr(architecture.denoiser, "params", None)
-    if not blocks or params is None:
-        return []
-    from engine.models.flux.block_swap import swapped_block_names
+def _trained_denoiser_weights(config: RunConfig, architecture: Architecture) -> list[PlanItem]:
+    """Full fine-tuning: the whole denoiser in its training dtype; the swapped blocks' parameters on the host (the
+    fused backward pass steps them while they visit the device)."""
+    dtype = weights_trained_dtype(config.training)
+    denoiser = architecture.denoiser
+    count = sum(p.numel() for p in denoiser.parameters())
+    swapped = _swapped_blocks(config, architecture)
+    on_host = sum(p.numel() for name in swapped for p in denoiser.get_submodule(name).parameters())
+    items = [PlanItem("trained weights (the whole denoiser)", (count - on_host) * dtype.itemsize, "gpu",
+                      f"{count - on_host:,} parameters, {_dtype_name(dtype)}")]
+    if on_host:
+        items.append(PlanItem("trained blocks swapped to the CPU", on_host * dtype.itemsize, "host",
+                              f"{len(swapped)} blocks (training.blocks_to_swap), {on_host:,} parameters"))
+    return items
 
-    return list(swapped_block_names(params, blocks))
+
+def _swapped_blocks(config: RunConfig, architecture: Architecture) -> list[str]:
+    """The module paths of the denoiser's swapped blocks (any family's: engine.models.swap_layouts); ValueError when
+    the model has fewer blocks than that."""
+    blocks = config.training.blocks_to_swap
+    if not blocks:
+        return []
+    from engine.models.swap_layouts import swapped_block_names
+
+    return list(swapped_block_names(architecture.denoiser, blocks))
 
 
 def _other_parts(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:

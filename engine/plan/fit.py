@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config.choices import FAMILY_LIMITS
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
 from engine.plan.estimate import MemoryPlan, make_plan
@@ -128,11 +129,14 @@ def _fp8(config: RunConfig, family: str) -> Patch:
 
 
 def _swap(config: RunConfig, family: str) -> Patch:
-    if family_info(family).loader == "ldm" or config.method != "lora":
+    """More swapped blocks (a frozen denoiser only), in sixths of the family's limit and at least 6 at a time: FLUX
+    and SD3 go 6, 12, ... (their 35 or 36 blocks), SDXL's 85 resnets and transformer blocks 14, 28, ..."""
+    limits = FAMILY_LIMITS.get(family)
+    if limits is None or not limits.max_blocks_to_swap or config.method not in ("lora", "textual_inversion"):
         return None
-    blocks = config.training.blocks_to_swap + 6
-    return ("training.blocks_to_swap", blocks, f"{blocks} transformer blocks wait on the CPU and are copied in when "
-            "used: their weights leave the GPU, each step waits for the copies (slower the more are swapped)")
+    blocks = config.training.blocks_to_swap + max(6, limits.max_blocks_to_swap // 6)
+    return ("training.blocks_to_swap", blocks, f"{blocks} blocks of the denoiser wait on the CPU and are copied in "
+            "when used: their weights leave the GPU, each step waits for the copies (slower the more are swapped)")
 
 
 def _smaller_batch(config: RunConfig, family: str) -> Patch:

@@ -12,7 +12,7 @@ As sd-scripts' sd3_train.py (spec §8.7):
 * fp8 storage is for frozen weights and is refused when the MMDiT trains; `training.blocks_to_swap` (up to
   depth - 2: 22 for SD3/SD3.5 medium, 36 for SD3.5 large) needs `optimizer.fused_backward_pass`, which updates each
   swapped weight in the backward pass while it is on the GPU (:func:`refuse_memory_options`); the trainer places
-  the MMDiT with `place_transformer(..., trainable=True)` (engine.models.flux.block_swap).
+  the MMDiT with `place_transformer(..., trainable=True)` (engine.models.block_swap).
 
 `saving.save_model_as` picks the format:
 
@@ -135,7 +135,7 @@ def refuse_memory_options(config: RunConfig) -> None:
     """What the memory options need when the MMDiT's own weights learn.
 
     fp8 weights take no gradient (engine.models.flux.fp8; sd-scripts' sd3_train.py ignores --fp8_base). Swapped
-    trained blocks are updated on the device inside the backward pass (engine.models.flux.block_swap, trainable),
+    trained blocks are updated on the device inside the backward pass (engine.models.block_swap, trainable),
     so block swapping needs the fused Adafactor pass, as sd-scripts' full fine-tuning uses it.
     """
     model, training = config.model, config.training

@@ -1,10 +1,10 @@
 """Where the frozen model's parts live during training, and in which precision.
 
 Frozen weights go to the device in the mixed-precision dtype; models whose outputs are cached go back to the CPU;
-trained weights stay float32 unless full_fp16/bf16. How the denoiser is placed is the family loader's
-(``FamilyInfo.loader``, ``_DENOISER_PLACERS``): a diffusers UNet moves in one ``.to()``; the FLUX transformer and
-SD3's MMDiT move tensor by tensor, keep fp8-stored weights in fp8 and leave the weights of swapped blocks on the CPU
-(``engine.models.flux.fp8``, ``engine.models.flux.block_swap``).
+trained weights stay float32 unless full_fp16/bf16. How the denoiser's checkpointing is switched on is the family
+loader's (``FamilyInfo.loader``, ``_CHECKPOINTING``); every denoiser is then placed the same way: tensor by tensor,
+fp8-stored weights kept in fp8, the weights of swapped blocks left on the CPU (``engine.models.flux.fp8``,
+``engine.models.block_swap``).
 """
 
 from __future__ import annotations
@@ -51,38 +51,43 @@ def _text_encoder_in_fp8(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
             store_in_fp8(module, dtype)
 
 
-def _place_unet(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype, trains: bool) -> None:
-    torch.nn.Module.to(unet, device=device, dtype=dtype)
-    unet.requires_grad_(False)
-    if config.training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return None
+def _unet_checkpointing(unet: Any, cpu_offload: bool) -> None:
+    from engine.models.checkpointing import unet_checkpointing
+
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=unet_checkpointing(cpu_offload))
 
 
-def _place_transformer(config: RunConfig, unet: Any, device: torch.device, dtype: torch.dtype, trains: bool) -> Any:
-    from engine.models.flux.block_swap import place_transformer
+def _transformer_checkpointing(transformer: Any, cpu_offload: bool) -> None:
+    transformer.enable_gradient_checkpointing(cpu_offload=cpu_offload)
 
-    training = config.training
-    unet.requires_grad_(False)
+
+# By FamilyInfo.loader: (denoiser, cpu_offload_checkpointing) switches gradient checkpointing on. Every family's
+# blocks are checkpointed by engine.models.checkpointing, which the block swapper relies on to know that a checkpoint
+# saves nothing inside a swapped block.
+_CHECKPOINTING: dict[str, Callable[[Any, bool], None]] = {
+    "ldm": _unet_checkpointing, "flux": _transformer_checkpointing, "sd3": _transformer_checkpointing}
+
+
+def _place_denoiser(config: RunConfig, model: Any, device: torch.device, dtype: torch.dtype, trains: bool) -> Any:
+    """The denoiser on the device (its swapped blocks' weights on the CPU); returns the block swapper, if any."""
+    from engine.models.block_swap import place_denoiser
+
+    training, denoiser = config.training, model.unet
+    denoiser.requires_grad_(False)
     if training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing(cpu_offload=training.cpu_offload_checkpointing)
+        _CHECKPOINTING[family_info(model.family).loader](denoiser, training.cpu_offload_checkpointing)
     try:
-        return place_transformer(unet, device, dtype, blocks_to_swap=training.blocks_to_swap, trainable=trains)
+        return place_denoiser(denoiser, device, dtype, blocks_to_swap=training.blocks_to_swap, trainable=trains)
     except ValueError as error:  # more swapped blocks than this (possibly pruned) model has
         raise RunInputError(str(error), "lower training.blocks_to_swap", "training.blocks_to_swap") from error
-
-
-# By FamilyInfo.loader: (config, denoiser, device, dtype, whether it trains) -> the block swapper, if any.
-_DENOISER_PLACERS: dict[str, Callable[[RunConfig, Any, torch.device, torch.dtype, bool], Any]] = {
-    "ldm": _place_unet, "flux": _place_transformer, "sd3": _place_transformer}
 
 
 def _move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
     """`.to(device, dtype)`, except that fp8-stored weights keep their 1 byte a parameter."""
     if any("float8" in str(parameter.dtype) for parameter in module.parameters()):
-        from engine.models.flux.block_swap import place_transformer
+        from engine.models.block_swap import place_denoiser
 
-        place_transformer(module, device, dtype)
+        place_denoiser(module, device, dtype)
     else:
         torch.nn.Module.to(module, device=device, dtype=dtype)
 
@@ -97,8 +102,7 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     trained_dtype = weights_trained_dtype(config.training)
     trained = method.trainable_modules()
     unet_trains = any(module is model.unet for module in trained)
-    swapper = _DENOISER_PLACERS[family_info(model.family).loader](
-        config, model.unet, device, trained_dtype if unet_trains else dtype, unet_trains)
+    swapper = _place_denoiser(config, model, device, trained_dtype if unet_trains else dtype, unet_trains)
     # diffusers only checkpoints in training mode; the frozen denoiser has no dropout, so train() changes nothing else.
     model.unet.train(gradient_checkpointing)
     # Encoders whose outputs are cached wait on the host for the samples, which run them on the device in `dtype`:
@@ -117,7 +121,7 @@ def place_models(config: RunConfig, model: Any, method: Any, accelerator: Any, d
     torch.nn.Module.to(model.vae.vae, device=vae_device,
                        dtype=vae_dtype(config.model.no_half_vae, torch.device(vae_device).type, dtype))
     for module in trained:
-        # A swapping transformer is already placed: its swapped blocks' weights live on the CPU between uses.
+        # A swapping denoiser is already placed: its swapped blocks' weights live on the CPU between uses.
         if not (module is model.unet and swapper is not None):
             torch.nn.Module.to(module, device=device, dtype=trained_dtype)
         module.requires_grad_(True)  # a method may narrow this down when it builds its parameter groups

@@ -66,7 +66,7 @@ class Session:
     facts: Any  # engine.networks.metadata.TrainingFacts
     text_cached: bool
     latents_cached: bool
-    block_swapper: Any = None  # engine.models.flux.block_swap.BlockSwapper while training.blocks_to_swap is on
+    block_swapper: Any = None  # engine.models.block_swap.BlockSwapper while training.blocks_to_swap is on
     started_at: float = field(default_factory=time.time)
 
     # Read once: accelerate answers both by building its process state again (and parsing environment flags) on

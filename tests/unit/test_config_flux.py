@@ -122,8 +122,7 @@ SD_AND_SD3 = ("model.vae", "training.min_timestep", "training.max_timestep")
 FLUX_ONLY = ("model.ae", "flow.guidance_scale", "flow.timestep_sampling")
 # FLUX and SD3 (every flow family).
 FLOW_ONLY = ("model.t5xxl", "model.t5xxl_max_token_length", "model.apply_t5_attn_mask", "model.tokenizer_cache_dir",
-             "model.fp8_base", "model.fp8_base_unet", "training.blocks_to_swap", "training.cpu_offload_checkpointing",
-             "flow.weighting_scheme")
+             "model.fp8_base", "model.fp8_base_unet", "flow.weighting_scheme")
 
 
 def test_fields_say_which_families_they_apply_to():
@@ -195,9 +194,6 @@ def test_refusals_say_what_to_use_instead():
     ("model", {"t5xxl": "/m/t5.safetensors"}, "model.t5xxl"),
     ("model", {"clip_l": "/m/clip_l.safetensors"}, "model.clip_l"),
     ("model", {"fp8_base": True}, "model.fp8_base"),
-    ("training", {"blocks_to_swap": 4}, "training.blocks_to_swap"),
-    ("training", {"cpu_offload_checkpointing": True, "gradient_checkpointing": True},
-     "training.cpu_offload_checkpointing"),
     ("flow", {"guidance_scale": 1.0}, "flow.guidance_scale"),
     ("flow", {"timestep_sampling": "sigmoid"}, "flow.timestep_sampling"),
 ])

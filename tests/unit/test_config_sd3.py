@@ -103,8 +103,10 @@ def test_fields_say_which_families_they_apply_to():
     for path in FLUX_ONLY_FLOW:
         assert specs[path].families == ("flux1", "chroma"), path
     for path in ("flow.weighting_scheme", "flow.logit_mean", "flow.logit_std", "flow.mode_scale", "model.t5xxl",
-                 "model.fp8_base", "training.blocks_to_swap", "training.cpu_offload_checkpointing"):
+                 "model.fp8_base"):
         assert specs[path].families == ("flux1", "chroma", "sd3"), path
+    for path in ("training.blocks_to_swap", "training.cpu_offload_checkpointing"):  # every family (issue 16)
+        assert specs[path].applies_to("sd3"), path
     for path in ("model.clip_l", "model.vae", "training.min_timestep", "training.max_timestep"):
         assert specs[path].applies_to("sd3"), path
     for path in ("model.ae", "training.ip_noise_gamma", "training.noise_offset",

@@ -36,7 +36,8 @@ def test_sd_hides_the_flux_fields_and_auto_shows_everything():
     shown = shown_for("sdxl")
     assert {"model.clip_skip", "optimizer.text_encoder2_lr", "training.noise_offset"} <= shown
     assert not {path for path in SPECS if path.startswith("flow.")} & shown
-    assert not {"model.clip_l", "model.t5xxl", "model.ae", "training.blocks_to_swap"} & shown
+    assert not {"model.clip_l", "model.t5xxl", "model.ae"} & shown
+    assert {"training.blocks_to_swap", "training.cpu_offload_checkpointing"} <= shown  # every family swaps (issue 16)
     assert "optimizer.text_encoder2_lr" not in shown_for("sd1")
     assert shown_for("auto") == set(SPECS)
 

@@ -5,7 +5,7 @@ and computes in bf16/fp16: each such layer's forward up-casts its weight just fo
 LoRA network wraps the layers, because the LoRA keeps the layer's forward (ours) and calls it.
 
 Order in a run: load -> :func:`store_in_fp8` (when asked) -> LoRA ``apply_to`` ->
-:func:`engine.models.flux.block_swap.place_transformer`.
+:func:`engine.models.block_swap.place_denoiser`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from engine.models.checkpointing import checkpoint_block
 from engine.models.flux.layers import (
     Approximator,
     LastLayer,
@@ -275,15 +275,7 @@ class Flux(nn.Module):
         """
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(*streams, *shared)
-        if not self.cpu_offload_checkpointing:
-            return checkpoint(block, *streams, *shared, use_reentrant=False)
-        device, count = streams[0].device, len(streams)
-
-        def on_device(*args: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
-            moved = tuple(stream.to(device, non_blocking=True) for stream in args[:count])
-            return block(*moved, *args[count:])
-
-        return checkpoint(on_device, *(stream.to("cpu") for stream in streams), *shared, use_reentrant=False)
+        return checkpoint_block(block, *streams, *shared, streams=len(streams) if self.cpu_offload_checkpointing else 0)
 
 
 def _key_mask(txt_mask: Tensor, image_tokens: int) -> Tensor:

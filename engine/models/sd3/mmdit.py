@@ -23,8 +23,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from engine.models.checkpointing import checkpoint_block
 from engine.models.sd3.mmdit_layers import (
     TIME_EMBED_DIM,
     DismantledBlock,
@@ -174,11 +174,4 @@ class MMDiT(nn.Module):
         """
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(context, x, c)
-        if not self.cpu_offload_checkpointing:
-            return checkpoint(block, context, x, c, use_reentrant=False)
-        device = x.device
-
-        def on_device(context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
-            return block(context.to(device, non_blocking=True), x.to(device, non_blocking=True), c)
-
-        return checkpoint(on_device, context.to("cpu"), x.to("cpu"), c, use_reentrant=False)
+        return checkpoint_block(block, context, x, c, streams=2 if self.cpu_offload_checkpointing else 0)
