@@ -36,12 +36,12 @@ from engine.models.swap_layouts import (
     swapped_block_names,
 )
 
-__all__ = ["SWAP_LAYOUTS", "BlockSwapper", "SwapLayout", "place_denoiser", "place_transformer", "swap_layout",
-           "swap_limits", "swap_split", "swapped_block_names"]
+__all__ = ["MOVED_LAYERS", "SWAP_LAYOUTS", "BlockSwapper", "SwapLayout", "place_denoiser", "place_transformer",
+           "swap_layout", "swap_limits", "swap_split", "swapped_block_names"]
 
 # The layers whose weights move: nearly all of a block's bytes (Linear in the transformers' blocks, also Conv2d in
 # the UNet's resnets). Biases, norm scales and buffers are small and stay on the device.
-_MOVED_LAYERS = (nn.Linear, nn.Conv2d)
+MOVED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(eq=False)
@@ -166,7 +166,7 @@ class BlockSwapper:
         """Move a block's Linear and Conv2d weights (the frozen ones unless ``trainable``) to their host copies (device
         memory freed as it goes)."""
         params = [layer.weight for layer in module.modules()
-                  if isinstance(layer, _MOVED_LAYERS) and (self.trainable or not layer.weight.requires_grad)]
+                  if isinstance(layer, MOVED_LAYERS) and (self.trainable or not layer.weight.requires_grad)]
         stores = []
         with torch.no_grad():
             for param in params:

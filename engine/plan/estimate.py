@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.config.schema import RunConfig
+from engine.models.block_swap import MOVED_LAYERS
 from engine.models.families import family_info
 from engine.models.vae import vae_dtype
 from engine.plan.architecture import Architecture, build_architecture
@@ -214,29 +215,37 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
     """The denoiser's weights: trained ones are counted with the trained weights; frozen ones in the weight dtype,
-    fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them), some blocks on the host when swapping."""
+    fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them). When swapping, the Linear and Conv2d
+    weights of the swapped blocks wait on the host (what the swapper moves; their biases and norms stay) and one
+    block's at a time visits the GPU while it runs."""
     denoiser = architecture.denoiser
     if config.method in ("dreambooth", "finetune"):
         return _trained_denoiser_weights(config, architecture)
     fp8 = config.model.fp8_base or config.model.fp8_base_unet
-    swapped = set(_swapped_blocks(config, architecture))
-    gpu, host = 0, 0
-    for name, module in denoiser.named_modules():
+    swapped = _swapped_blocks(config, architecture)
+    gpu = 0
+    for module in denoiser.modules():
         # Buffers too: SD3's position table alone is 0.4 GiB at SD3.5 medium's 384 x 384.
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            fp8_weight = fp8 and isinstance(module, torch.nn.Linear) and tensor.ndim == 2
-            size = tensor.numel() * (1 if fp8_weight else frozen.itemsize if tensor.is_floating_point()
-                                     else tensor.element_size())
-            if any(name == block or name.startswith(block + ".") for block in swapped):
-                host += size
-            else:
-                gpu += size
+        gpu += sum(_frozen_bytes(module, tensor, fp8, frozen)
+                   for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+    moved = [sum(_frozen_bytes(layer, layer.weight, fp8, frozen) for layer in denoiser.get_submodule(block).modules()
+                 if isinstance(layer, MOVED_LAYERS)) for block in swapped]
+    host, in_flight = sum(moved), max(moved, default=0)
     detail = f"{_dtype_name(frozen)}{', Linear weights in fp8' if fp8 else ''}"
-    items = [PlanItem("denoiser weights (frozen)", gpu, "gpu", detail)]
+    if swapped:
+        detail += f"; one swapped block's at a time while it runs ({in_flight / GIB:.2f} GiB)"
+    items = [PlanItem("denoiser weights (frozen)", gpu - host + in_flight, "gpu", detail)]
     if swapped:
         items.append(PlanItem("denoiser blocks swapped to the CPU", host, "host",
-                              f"{len(swapped)} blocks (training.blocks_to_swap), pinned"))
+                              f"{len(swapped)} blocks (training.blocks_to_swap): their Linear and Conv2d weights, "
+                              "pinned"))
     return items
+
+
+def _frozen_bytes(module: torch.nn.Module, tensor: torch.Tensor, fp8: bool, frozen: torch.dtype) -> int:
+    fp8_weight = fp8 and isinstance(module, torch.nn.Linear) and tensor.ndim == 2
+    return tensor.numel() * (1 if fp8_weight else frozen.itemsize if tensor.is_floating_point()
+                             else tensor.element_size())
 
 
 def _trained_denoiser_weights(config: RunConfig, architecture: Architecture) -> list[PlanItem]:

@@ -65,9 +65,10 @@ def test_frozen_weights_by_dtype_fp8_and_swapped_blocks(monkeypatch):
     assert _weights(monkeypatch, []) == {"denoiser weights (frozen)": 772 * 2}
     # fp8: Linear weights 1 byte (4 x 128 + 64), the rest 2 bytes (4 x 48 + 4).
     assert _weights(monkeypatch, [], fp8_base=True) == {"denoiser weights (frozen)": 576 + 196 * 2}
-    # Two blocks swapped: their 2 x 176 parameters go to the host.
+    # Two blocks swapped: their Linear weights (2 x 128) wait on the host, biases and norms stay; one block's weight
+    # (128) is on the GPU while it runs.
     both = _weights(monkeypatch, ["double_blocks.1", "single_blocks.0"])
-    assert both == {"denoiser weights (frozen)": (772 - 352) * 2, "denoiser blocks swapped to the CPU": 352 * 2}
+    assert both == {"denoiser weights (frozen)": (772 - 256 + 128) * 2, "denoiser blocks swapped to the CPU": 256 * 2}
 
 
 def test_full_fine_tuning_counts_the_whole_denoiser_in_its_training_dtype(monkeypatch):
