@@ -5,8 +5,8 @@
   network whose multiplier can be set to 0 (LoRA and LyCORIS).
 * `face_crop_aug_range` crops around a face box each step, only with buckets off (as sd-scripts) and never from
   cached latents.
-* `alpha_mask` (masked loss) and `validation_split` / `validation_seed` (validation loss) are not built yet: a
-  value other than the default is refused, so no run claims to do what it does not.
+* `alpha_mask` (masked loss) is not built yet: a value other than the default is refused, so no run claims to do
+  what it does not.
 
 Registered with the same `@rule` as the rules in :mod:`engine.config.rules`, which imports this module.
 """
@@ -26,10 +26,7 @@ KNOWN_CUSTOM_ATTRIBUTES = ("diff_output_preservation",)
 # Methods whose trained part is a network with a multiplier (LoRA and every LyCORIS type).
 NETWORK_METHODS = ("lora",)
 # Dataset-level keys of features that belong to a later issue, with the value that means "off".
-_NOT_BUILT_DATASET_KEYS: dict[str, tuple[Any, str]] = {
-    "validation_split": (0.0, "validation loss"),
-    "validation_seed": (None, "validation loss"),
-}
+_NOT_BUILT_DATASET_KEYS: dict[str, tuple[Any, str]] = {}
 
 
 def _subsets(context: RuleContext) -> Iterator[Any]:
