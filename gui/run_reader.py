@@ -39,6 +39,7 @@ def _on_start(status: RunStatus, event: dict[str, Any]) -> None:
     status.num_epochs = event.get("num_epochs", status.num_epochs)
     plan = event.get("memory_plan")
     status.memory_plan = dict(plan) if isinstance(plan, dict) else None
+    status.validation_images = int(event.get("num_validation_images") or 0)
 
 
 def _memory_figures(event: dict[str, Any]) -> dict[str, float]:
@@ -338,9 +339,17 @@ class RunReader:
             due = self._series.stride == 1 or now - self._rows_at >= CHART_REFRESH_S
             if self._rows is None or (self._unpublished and due):
                 # Versions come from one counter for the process: a restarted fold never repeats a drawn one.
-                self._rows = ChartData(next(_VERSIONS), [*self._series.rows(), *self._validation])
+                self._rows = ChartData(next(_VERSIONS), [*self._series.rows(), *self._validation_rows()])
                 self._rows_at, self._unpublished = now, False
             return self._rows
+
+    def _validation_rows(self) -> list[dict[str, Any]]:
+        """The validation points; before the first pass of a run that holds images out, one empty (NaN) point, so
+        the loss chart is first drawn knowing the validation series: its plot keeps the colour domain of its first
+        data, and would not draw a series that appears later."""
+        if self._validation or not self._fold.validation_images:
+            return list(self._validation)
+        return [{"step": 0, "val_loss": math.nan}]
 
     def _log_tail(self, count: int) -> list[str]:
         """train.log's last lines, read again only when the file changed (every viewer asks every second)."""

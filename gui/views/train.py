@@ -118,7 +118,7 @@ def progress_rows(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def loss_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Long format (step, value, series) so one LinePlot draws the raw and the smoothed loss in two colours."""
     records = [{"step": row["step"], "value": row[key], "series": series}
-               for row in rows for key, series in LOSS_SERIES.items() if row.get(key) is not None]
+               for row in rows for key, series in LOSS_SERIES.items() if key in row and row[key] is not None]
     # Explicit dtypes: an empty frame would otherwise be `object`, and the plot would take step as categories.
     return pd.DataFrame(records, columns=["step", "value", "series"]).astype(
         {"step": "int64", "value": "float64", "series": object})

@@ -27,17 +27,25 @@ def test_validation_events_are_the_third_loss_series_and_mark_the_best(tmp_path:
     write_record(run_dir, {"created_at": 1.0})
     best = run_dir / "lora-step00000005.safetensors"
     best.write_bytes(b"x")
-    events = [line("start", total_steps=20, num_epochs=1), *(progress(step) for step in range(1, 6)),
-              line("validation", step=5, epoch=1, loss=0.25, by_timestep={"200": 0.25}, images=2, batches=1,
-                   checkpoint=str(best), best=str(best)),
-              line("checkpoint", kind="step", path=str(best), step=5, epoch=1),
-              *(progress(step) for step in range(6, 11)),
-              line("validation", step=10, epoch=1, loss=float("nan"), by_timestep={}, images=2, batches=1,
-                   best=str(best)),
-              line("validation", step=10, epoch=1, loss=0.5, by_timestep={"200": 0.5}, images=2, batches=1,
-                   best=str(best))]
+    events = [line("start", total_steps=20, num_epochs=1, num_validation_images=2),
+              *(progress(step) for step in range(1, 6))]
     (run_dir / EVENTS_FILE).write_text("".join(events), encoding="utf-8")
     reader = RunReader(run_dir)
+    # Before the first pass the chart already knows the series (one empty point): the plot keeps the colour domain
+    # of its first draw.
+    early = view.loss_frame(reader.chart().rows)
+    placeholder = early[early["series"] == "validation"]
+    assert len(placeholder) == 1 and placeholder["value"].isna().all()
+    events += [
+        line("validation", step=5, epoch=1, loss=0.25, by_timestep={"200": 0.25}, images=2, batches=1,
+             checkpoint=str(best), best=str(best)),
+        line("checkpoint", kind="step", path=str(best), step=5, epoch=1),
+        *(progress(step) for step in range(6, 11)),
+        line("validation", step=10, epoch=1, loss=float("nan"), by_timestep={}, images=2, batches=1,
+             best=str(best)),
+        line("validation", step=10, epoch=1, loss=0.5, by_timestep={"200": 0.5}, images=2, batches=1,
+             best=str(best))]
+    (run_dir / EVENTS_FILE).write_text("".join(events), encoding="utf-8")
     rows = reader.chart().rows
     frame = view.loss_frame(rows)
     validation = frame[frame["series"] == "validation"]
