@@ -169,3 +169,28 @@ def test_the_network_is_in_eval_mode_during_the_pass(tiny_models, tmp_path):
     assert modes[0] == {False}
     assert first == second  # network dropout 0.5 would differ between passes in train mode
     assert all(module.training for module in method.trainable_modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_flow_matching_validation_is_fixed_work_and_falls_with_training(family, tiny_models, tmp_path):
+    """FLUX.1 and SD3 evaluate at the fixed σ = t/1000 too (sd-scripts' FLUX path draws random σ instead)."""
+    from test_train_flux import flux_config
+    from test_train_sd3 import sd3_config
+
+    make = flux_config if family == "flux1" else sd3_config
+    config = make(tmp_path / "config.toml", tiny_models,
+                  dataset={"general": {"bucket_reso_steps": 16, "validation_split": 0.34, "validation_seed": 1}},
+                  training={"max_train_steps": 10}, optimizer={"learning_rate": 1e-2, "lr_scheduler": "constant"},
+                  validation={"validate_every_n_epochs": 0})
+    trainer, log = build_trainer(config, tmp_path / "out")
+    try:
+        untrained = [trainer.evaluate_trained_weights() for _ in range(2)]
+        assert trainer.run().status == "finished"
+        trained = [trainer.evaluate_trained_weights() for _ in range(2)]
+    finally:
+        log.close()
+    assert untrained[0] == untrained[1] and trained[0] == trained[1]
+    assert untrained[0].images == 2 and sorted(untrained[0].by_timestep) == [200, 400, 600, 800]
+    assert len(set(untrained[0].by_timestep.values())) == 4  # each σ its own loss
+    assert trained[0].loss < untrained[0].loss, (trained[0].loss, untrained[0].loss)
