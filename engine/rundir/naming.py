@@ -90,7 +90,8 @@ def retire_sparing_best(due: list[str], spared: list[str], best: str | None) -> 
     Only the best stem is ever spared, so at most one checkpoint outlives the retention window; when a newer file
     becomes the best, the one spared before is removed at the next call.
     """
-    remove, keep = [], []
+    remove: list[str] = []
+    keep: list[str] = []
     for stem in dict.fromkeys([*spared, *due]):
         (keep if stem == best else remove).append(stem)
     return remove, keep
