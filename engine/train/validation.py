@@ -102,13 +102,14 @@ class Validator:
         self.runner = runner
         self.seed = int(session.config.training.seed)
         examples = validation_examples(session.scan)
-        dataset = session.dataset  # the training dataset's caches serve the held-out images too
-        self.dataset = TrainingDataset(examples, seed=self.seed, max_train_steps=0, latents=dataset.latents,
-                                       texts=dataset.texts)
+        training = session.dataset  # its caches hold the held-out images too (engine.cache jobs_from_scan)
+        self.dataset = TrainingDataset(examples, seed=self.seed, max_train_steps=0,
+                                       latents=getattr(training, "latents", None) if examples else None,
+                                       texts=getattr(training, "texts", None) if examples else None)
         batches = fixed_batches(examples, batch_sizes(session.scan))
         self.batches = batches[:max_batches] if max_batches > 0 else batches
-        training = session.config.training
-        self.timesteps = validation_timesteps(training.min_timestep, training.max_timestep)
+        settings = session.config.training
+        self.timesteps = validation_timesteps(settings.min_timestep, settings.max_timestep)
 
     @property
     def empty(self) -> bool:
