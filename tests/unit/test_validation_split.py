@@ -14,6 +14,7 @@ from engine.config.io import deep_merge, default_config_dict, validate_config
 from engine.data.doctor import format_report, run_doctor
 from engine.data.scan import scan_config
 from engine.data.validation_split import split_order
+from gui.doctor_view import steps_markdown
 
 
 def sd_scripts_split(items: list, split: float, seed: int) -> tuple[list, list]:
@@ -99,6 +100,7 @@ def test_validation_only_subsets_train_nothing_and_the_doctor_counts_them(tmp_pa
     assert data["totals"]["train_images"] == 4 and data["totals"]["validation_images"] == 3
     assert all("held" not in image["path"] for image in data["images"])
     assert "3 held-out image(s)" in format_report(report)
+    assert "3 images held out for the validation loss" in steps_markdown(data)  # the Dataset tab's summary
 
 
 def test_a_split_that_leaves_a_subset_no_training_image_is_refused_by_the_doctor(tmp_path):
