@@ -194,3 +194,36 @@ def test_flow_matching_validation_is_fixed_work_and_falls_with_training(family, 
     assert untrained[0].images == 2 and sorted(untrained[0].by_timestep) == [200, 400, 600, 800]
     assert len(set(untrained[0].by_timestep.values())) == 4  # each σ its own loss
     assert trained[0].loss < untrained[0].loss, (trained[0].loss, untrained[0].loss)
+
+
+@pytest.mark.slow
+def test_two_processes_validate_every_held_out_image_once(tiny_models, tmp_path):
+    """Under `accelerate launch` (two CPU processes, gloo) each process takes every other validation batch and the
+    sums are added: the same images and loss as one process with the doubled batch."""
+    import subprocess
+
+    from train_helpers import REPO, engine_env
+
+    from engine.rundir.launch import launch_command
+
+    sections = {**HELD_OUT, "training": {"max_train_steps": 4}, "validation": {"validate_every_n_steps": 2}}
+    general = HELD_OUT["dataset"]["general"]
+    single = write_config(tmp_path / "single" / "config.toml", tiny_models, "sd1",
+                          **{**sections, "dataset": {"general": {**general, "batch_size": 2}}})
+    result = run_engine("train", str(single))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pair = write_config(tmp_path / "pair" / "config.toml", tiny_models, "sd1",
+                        **{**sections, "dataset": {"general": {**general, "batch_size": 1}}},
+                        launch={"num_processes": 2, "multi_gpu": True, "main_process_port": 29527})
+    result = subprocess.run(launch_command(load_config(pair), pair), cwd=REPO, env=engine_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    passes = {name: [event for event in events_of(tmp_path / name / "out") if event["type"] == "validation"]
+              for name in ("single", "pair")}
+    # The main process alone reports: steps 2 and 4, and step 4's loss again for the final file.
+    assert [event["step"] for event in passes["pair"]] == [2, 4, 4]
+    for one, two in zip(passes["single"], passes["pair"], strict=True):
+        assert one["step"] == two["step"] and one["images"] == two["images"] == 2
+        assert two["batches"] == 2 and one["batches"] == 1
+        # Batches of one image and of two run the same maths in another order: equal to rounding.
+        assert math.isclose(one["loss"], two["loss"], rel_tol=1e-3), (one["loss"], two["loss"])

@@ -70,6 +70,8 @@ class ValidationTracker:
         """
         if self._last is not None and self._last[0] == step:
             result = self._last[1]
+            if checkpoint is None:  # reported already; only a checkpoint's record needs it again
+                return result
         else:
             result = evaluate()
             self._last = (step, result)
