@@ -61,3 +61,17 @@ def test_validation_events_are_the_third_loss_series_and_mark_the_best(tmp_path:
         stream.write(line("validation", step=15, epoch=1, loss=0.2, by_timestep={}, images=2, batches=1, best=None))
     chart = reader.chart()
     assert chart.version != version and {"step": 15, "val_loss": 0.2} in chart.rows
+
+
+def test_the_dataset_list_names_a_validation_only_subset(tmp_path: Path):
+    from PIL import Image
+
+    from gui.browse import FileRoots
+    from gui.dataset_list import describe_rows
+
+    folder = tmp_path / "held"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "0.png")
+    rows = {row.key: row for row in describe_rows(
+        [{"subsets": [{"image_dir": str(folder), "validation_only": True}]}], FileRoots((tmp_path,)))}
+    assert rows["d0s0"].source == f"{folder} · validation only"
