@@ -121,3 +121,15 @@ def test_held_out_images_are_cached_with_the_trained_ones(tmp_path):
     config = _config(tmp_path, {"validation_split": 0.5}, train_data_dir=str(root / "img"))
     scan = scan_config(config, tmp_path)
     assert len({job.record.path for job in jobs_from_scan(scan)}) == 6
+
+
+def test_the_sd_scripts_export_leaves_validation_only_subsets_out(tmp_path):
+    from engine.config.dataset_export import export_document
+
+    config = _config(tmp_path, {"validation_split": 0.2},
+                     datasets=[{"subsets": [{"image_dir": "train"}, {"image_dir": "held", "validation_only": True}]},
+                               {"subsets": [{"image_dir": "only-held", "validation_only": True}]}])
+    document = export_document(config.dataset, tmp_path)
+    assert [[subset["image_dir"] for subset in entry["subsets"]] for entry in document["datasets"]] == [
+        [str(tmp_path / "train")]]  # sd-scripts would train on them: left out (its split is still written)
+    assert document["general"]["validation_split"] == 0.2
