@@ -125,12 +125,22 @@ def test_validation_changes_nothing_training_does_and_resumes_exactly(tiny_model
               "dataset": {"general": {"validation_split": 0.34, "flip_aug": True}}}
     plain = write_config(tmp_path / "plain" / "config.toml", tiny_models, **common,
                          validation={"validate_every_n_epochs": 0})
-    validated_sections = {**common, "validation": {"validate_every_n_steps": 2}, "saving": {"save_every_n_steps": 4}}
+    validated_sections = {**common, "validation": {"validate_every_n_steps": 2}, "saving": {"save_every_n_steps": 4},
+                          "logging": {"logging_dir": "logs"}}
     validated = write_config(tmp_path / "validated" / "config.toml", tiny_models, **validated_sections)
     for config in (plain, validated):
         result = run_engine("train", str(config))
         assert result.returncode == 0, result.stdout + result.stderr
     assert not [event for event in events_of(tmp_path / "plain" / "out") if event["type"] == "validation"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = list((tmp_path / "validated" / "logs").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(logs[0].parent), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    logged = {event.step: event.value for event in accumulator.Scalars("loss/validation")}
+    passes = {e["step"]: e["loss"] for e in events_of(tmp_path / "validated" / "out") if e["type"] == "validation"}
+    assert logged.keys() == passes.keys() and all(math.isclose(logged[s], passes[s], rel_tol=1e-6) for s in logged)
+    assert {"loss/validation_t200", "loss/validation_t800"} <= set(accumulator.Tags()["scalars"])
     assert_same_tensors(tmp_path / "plain" / "out" / "lora.safetensors",
                         tmp_path / "validated" / "out" / "lora.safetensors", rtol=0, atol=0)
     parted = write_config(tmp_path / "parted" / "config.toml", tiny_models, **validated_sections)
