@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-EVENT_TYPES = ("start", "progress", "warning", "error", "done", "sample", "checkpoint")
+EVENT_TYPES = ("start", "progress", "warning", "error", "done", "sample", "checkpoint", "validation")
 
 
 class EventWriter:

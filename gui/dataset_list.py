@@ -300,6 +300,8 @@ def describe_rows(datasets: Datasets, roots: FileRoots) -> list[Row]:
             source = str(subset.get("metadata_file") or subset.get("image_dir") or "(no folder yet)")
             if subset.get("is_reg"):
                 source += " · regularization"
+            if subset.get("validation_only"):
+                source += " · validation only"
             rows.append(Row(key, row_name(key), source, shown, problems[key]))
             total += count or 0
             known = known and count is not None

@@ -74,6 +74,8 @@ def steps_markdown(report: Mapping[str, Any]) -> str:
     if totals["reg_images"]:
         lines.append(f"- {totals['reg_images']} regularization images → {totals['reg_samples_per_epoch']} samples "
                      f"per epoch")
+    if totals.get("validation_images"):  # reports of older engines lack the key
+        lines.append(f"- {totals['validation_images']} images held out for the validation loss (never trained on)")
     lines.append(f"- {totals['batches_per_epoch']} batches per epoch (batches never mix buckets) → "
                  f"{totals['steps_per_epoch']} optimizer steps per epoch")
     lines.append(f"- {totals['epochs']} epochs → **{totals['total_steps']} steps** in total")

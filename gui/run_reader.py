@@ -8,6 +8,7 @@ No torch here: the GUI imports this module.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ def _on_start(status: RunStatus, event: dict[str, Any]) -> None:
     status.num_epochs = event.get("num_epochs", status.num_epochs)
     plan = event.get("memory_plan")
     status.memory_plan = dict(plan) if isinstance(plan, dict) else None
+    status.validation_images = int(event.get("num_validation_images") or 0)
 
 
 def _memory_figures(event: dict[str, Any]) -> dict[str, float]:
@@ -77,6 +79,22 @@ def _on_sample(status: RunStatus, event: dict[str, Any]) -> None:
     status.sample_labels.extend(sample_label(event.get("step", "?"), image.get("prompt", "")) for image in images)
 
 
+def _on_validation(status: RunStatus, event: dict[str, Any]) -> None:
+    status.validation_loss = _finite(event.get("loss"))
+    status.best_checkpoint = event.get("best") or status.best_checkpoint
+
+
+def _finite(value: Any) -> float | None:
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return float(number) if number is not None and math.isfinite(number) else None
+
+
+def validation_row(event: dict[str, Any]) -> dict[str, Any] | None:
+    """A chart row (step, val_loss) for a validation event with a finite loss."""
+    loss = _finite(event.get("loss")) if event.get("type") == "validation" else None
+    return None if loss is None or event.get("step") is None else {"step": event["step"], "val_loss": loss}
+
+
 def _on_error(status: RunStatus, event: dict[str, Any]) -> None:
     status.error, status.hint = event.get("message", ""), event.get("hint", "")
 
@@ -94,7 +112,7 @@ def _on_done(status: RunStatus, event: dict[str, Any]) -> None:
 
 _FOLD: dict[str, Callable[[RunStatus, dict[str, Any]], None]] = {
     "start": _on_start, "progress": _on_progress, "checkpoint": _on_checkpoint, "sample": _on_sample,
-    "error": _on_error, "warning": _on_warning, "done": _on_done,
+    "error": _on_error, "warning": _on_warning, "done": _on_done, "validation": _on_validation,
 }
 # Events of earlier processes on the same run dir (before a resume) only add files; their state is history.
 _HISTORY = ("checkpoint", "sample")
@@ -285,6 +303,8 @@ class RunReader:
         self._fold = RunStatus(state="")  # "" until a `done` event
         self._last_state = ""  # the newest state checkpoint: the resume state once these events are history
         self._series = ProgressSeries()
+        # Validation points, few (one per pass) and kept whole: the loss chart's third series.
+        self._validation: list[dict[str, Any]] = []
         self._rows: ChartData | None = None  # what chart() gives, until newer rows are published
         self._rows_at = 0.0  # when _rows was made (time.monotonic)
         self._unpublished = False  # rows came after _rows was made
@@ -319,9 +339,17 @@ class RunReader:
             due = self._series.stride == 1 or now - self._rows_at >= CHART_REFRESH_S
             if self._rows is None or (self._unpublished and due):
                 # Versions come from one counter for the process: a restarted fold never repeats a drawn one.
-                self._rows = ChartData(next(_VERSIONS), self._series.rows())
+                self._rows = ChartData(next(_VERSIONS), [*self._series.rows(), *self._validation_rows()])
                 self._rows_at, self._unpublished = now, False
             return self._rows
+
+    def _validation_rows(self) -> list[dict[str, Any]]:
+        """The validation points; before the first pass of a run that holds images out, one empty (NaN) point, so
+        the loss chart is first drawn knowing the validation series: its plot keeps the colour domain of its first
+        data, and would not draw a series that appears later."""
+        if self._validation or not self._fold.validation_images:
+            return list(self._validation)
+        return [{"step": 0, "val_loss": math.nan}]
 
     def _log_tail(self, count: int) -> list[str]:
         """train.log's last lines, read again only when the file changed (every viewer asks every second)."""
@@ -401,6 +429,10 @@ class RunReader:
         row = progress_row(event)
         if row is not None:
             self._series.add(row)
+        validation = validation_row(event)
+        if validation is not None:
+            self._validation.append(validation)
+            row = validation
         if kind == "checkpoint" and event.get("kind") == "state":
             self._last_state = event.get("path", "")
         if not history or kind in _HISTORY:

@@ -79,6 +79,9 @@ class RunStatus:
     log_tail: list[str] = field(default_factory=list)
     memory_plan: dict[str, Any] | None = None  # the start event's plan (a GPU run's; None on a CPU or older runs)
     memory: dict[str, float] = field(default_factory=dict)  # the newest progress event's memory figures (MiB)
+    validation_images: int = 0  # held out for the validation loss (the start event's num_validation_images)
+    validation_loss: float | None = None  # the newest `validation` event's loss
+    best_checkpoint: str | None = None  # the checkpoint with the lowest validation loss, as the engine last said
 
 
 # created: made but neither queued nor started; lost: the process is gone without its `done` event

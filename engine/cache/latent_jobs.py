@@ -50,7 +50,7 @@ def jobs_from_scan(scan: ScanResult) -> list[CacheJob]:
     for dataset in scan.datasets:
         for subset in dataset.subsets:
             options = options_from_params(dataset.params, subset.params)
-            for record in subset.records:
+            for record in subset.every_record:  # held-out images too: validation reuses the cache
                 if record.num_repeats <= 0 or record.bucket is None:
                     continue
                 key = (record.path, tuple(record.bucket))

@@ -231,7 +231,7 @@ def jobs_from_scan(scan: ScanResult) -> list[TextJob]:
                                  "cannot be cached; turn training.cache_text_encoder_outputs off")
             # With fixed captions process_caption draws no random numbers; the generator only fills the argument.
             jobs.extend(TextJob(record, process_caption(record.caption, options, rng=random.Random(0)))
-                        for record in subset.records if record.num_repeats > 0)
+                        for record in subset.every_record if record.num_repeats > 0)  # validation's too
     return jobs
 
 

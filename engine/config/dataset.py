@@ -65,6 +65,10 @@ class Subset(_SubsetInherited):
     alpha_mask: bool = setting(
         False, "Use each image's alpha channel as its loss mask: transparent areas are not learned.", advanced=True,
     )
+    validation_only: bool = setting(
+        False, "Use every image of this subset for the validation loss only, never for training (an Atelier key: "
+        "sd-scripts has none, so its dataset TOML export leaves such subsets out).", advanced=True,
+    )
     metadata_file: str | None = setting(
         None, "Fine-tuning metadata (.json or .jsonl) with captions and tags.", widget="file",
     )
@@ -93,6 +97,9 @@ class Subset(_SubsetInherited):
                 raise ValueError(f"{', '.join(misplaced)} cannot be used in a fine-tuning subset (one with "
                                  "metadata_file): captions come from the metadata and there are no regularization "
                                  "images. Remove them or drop metadata_file.")
+        if self.is_reg and self.validation_only:
+            raise ValueError("is_reg and validation_only cannot both be set: regularization images are never used "
+                             "for the validation loss (as in sd-scripts); unset one of them")
         if style == "controlnet":
             misplaced = [key for key in _NOT_IN_CONTROLNET if getattr(self, key) not in (None, False)]
             if misplaced or not self.image_dir:
@@ -232,6 +239,7 @@ def resolve_datasets(
             params = {key: value for key, (value, _) in found.items()}
             for key in ("image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioning_data_dir"):
                 params[key] = getattr(subset, key)
+            params["validation_only"] = subset.validation_only
             sources = {key: source for key, (_, source) in found.items()}
             dataset.subsets.append(ResolvedSubset(params, subset_path, sources))
         resolved.append(dataset)

@@ -151,9 +151,11 @@ def export_document(section: DatasetSection, base_dir: str | Path | None = None)
     for index, entry in enumerate(section.datasets):
         style = dataset_style(entry)
         table = _table(entry.model_dump(exclude={"subsets"}), dataset_keys(style), base)
+        # sd-scripts has no validation-only subsets: written there they would train, so they are left out.
         table["subsets"] = [_subset_table(subset, style, f"dataset.datasets[{index}].subsets[{sub}]", base)
-                            for sub, subset in enumerate(entry.subsets)]
-        datasets.append(table)
+                            for sub, subset in enumerate(entry.subsets) if not subset.validation_only]
+        if table["subsets"]:
+            datasets.append(table)
     return {"general": _general_table(section, styles), "datasets": datasets}
 
 

@@ -60,13 +60,13 @@ class DatasetLevelKeys(StrictModel):
     network_multiplier: float = setting(
         1.0, "Strength of the trained network on this dataset's images (0 = the base model alone).", advanced=True,
     )
-    # Validation loss belongs to the training-quality issue; until then rules_dataset refuses other values.
     validation_seed: int | None = setting(
-        None, "Seed for choosing the validation images (not built yet).", advanced=True, ge=0, use="planned",
+        None, "Seed of the shuffle that picks each subset's validation images (unset = training.seed).",
+        advanced=True, ge=0,
     )
     validation_split: float = setting(
-        0.0, "Fraction of images held out for validation loss (0 = none; not built yet).", ge=0.0, lt=1.0,
-        advanced=True, use="planned",
+        0.0, "Fraction of each training subset's images held out of training for the validation loss (0 = none); "
+        "sd-scripts' split.", ge=0.0, lt=1.0, advanced=True,
     )
 
 

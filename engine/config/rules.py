@@ -419,4 +419,5 @@ from engine.config import (  # noqa: E402, F401
     rules_network,
     rules_sd3,
     rules_text,
+    rules_validation,
 )

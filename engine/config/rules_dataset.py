@@ -7,8 +7,6 @@
   cached latents.
 * `training.masked_loss` needs a subset that gives masks (`conditioning_data_dir`, or `alpha_mask`), else it
   would do nothing.
-* `validation_split` / `validation_seed` (validation loss) are not built yet: a value other than the default is
-  refused, so no run claims to do what it does not.
 
 Registered with the same `@rule` as the rules in :mod:`engine.config.rules`, which imports this module.
 """
@@ -27,11 +25,6 @@ if TYPE_CHECKING:
 KNOWN_CUSTOM_ATTRIBUTES = ("diff_output_preservation",)
 # Methods whose trained part is a network with a multiplier (LoRA and every LyCORIS type).
 NETWORK_METHODS = ("lora",)
-# Dataset-level keys of features that belong to a later issue, with the value that means "off".
-_NOT_BUILT_DATASET_KEYS: dict[str, tuple[Any, str]] = {
-    "validation_split": (0.0, "validation loss"),
-    "validation_seed": (None, "validation loss"),
-}
 
 
 def _subsets(context: RuleContext) -> Iterator[Any]:
@@ -48,14 +41,6 @@ def _dataset_level_paths(config: RunConfig, context: RuleContext, key: str, defa
         value = dataset.params.get(key)
         if value != default and value != general:
             yield f"{dataset.path}.{key}"
-
-
-@rule
-def features_not_built_yet(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    for key, (default, feature) in _NOT_BUILT_DATASET_KEYS.items():
-        for path in _dataset_level_paths(config, context, key, default):
-            yield Problem(path, f"{feature} is not built yet in Atelier, so this setting would do nothing; set it "
-                          f"back to {'unset' if default is None else default}")
 
 
 @rule

@@ -16,9 +16,10 @@ from engine.config.sections_flow import FlowSection
 from engine.config.sections_model import EmbeddingSection, ModelSection, NetworkSection
 from engine.config.sections_output import LaunchSection, LoggingSection, SamplingSection, SavingSection
 from engine.config.sections_training import OptimizerSection, TrainingSection
+from engine.config.sections_validation import ValidationSection
 
-SECTIONS = ("model", "network", "embedding", "dataset", "optimizer", "training", "flow", "saving", "ema",
-            "sampling", "logging", "launch")
+SECTIONS = ("model", "network", "embedding", "dataset", "optimizer", "training", "flow", "validation", "saving",
+            "ema", "sampling", "logging", "launch")
 
 
 class RunConfig(StrictModel):
@@ -39,6 +40,7 @@ class RunConfig(StrictModel):
     flow: FlowSection = setting(default_factory=FlowSection, families=FLOW_FAMILIES,
                                 description="Flow matching (FLUX.1, Chroma and SD3): noise levels, target, guidance "
                                 "and SD3's shift.")
+    validation: ValidationSection = setting(default_factory=ValidationSection, description="Validation loss.")
     saving: SavingSection = setting(default_factory=SavingSection, description="Saved files and states.")
     ema: EmaSection = setting(default_factory=EmaSection, description="EMA of the trained weights.")
     sampling: SamplingSection = setting(default_factory=SamplingSection, description="Sample images.")

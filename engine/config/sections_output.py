@@ -41,6 +41,10 @@ class SavingSection(StrictModel):
     save_last_n_steps: int = setting(
         0, "Keep only the per-step files of the last N steps (0 = keep all).", ge=0, advanced=True,
     )
+    keep_best: bool = setting(
+        False, "Keep the saved file with the lowest validation loss even when save_last_n_epochs or "
+        "save_last_n_steps would remove it; the validation loss is computed at every save.", advanced=True,
+    )
     save_state: bool = setting(
         False, "Save a resumable training state next to each saved file.", advanced=True,
     )

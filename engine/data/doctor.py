@@ -7,12 +7,15 @@ per subset, the bucket of every image, the per-epoch arithmetic and every findin
     {"version": 1, "ok": bool, "counts": {"error": n, "warning": n, "info": n},
      "findings": [{"severity", "code", "where", "message", "hint"}],
      "datasets": [{"path", "resolution": [w, h], "batch_size", "subsets": [{"path", "image_dir", "is_reg",
-                   "images", "num_repeats", "samples_per_epoch", "unused_images"}],
+                   "images", "num_repeats", "samples_per_epoch", "unused_images", "validation_images"}],
                    "buckets": [{"bucket": [w, h], "images", "samples"}], "batches_per_epoch"}],
-     "totals": {"train_images", "reg_images", "train_samples_per_epoch", "reg_samples_per_epoch",
+     "totals": {"train_images", "reg_images", "validation_images", "train_samples_per_epoch", "reg_samples_per_epoch",
                 "batches_per_epoch", "steps_per_epoch", "epochs", "total_steps", "batch_size",
                 "gradient_accumulation_steps", "num_processes"},
      "images": [{"path", "size": [w, h], "bucket": [w, h], "dataset", "subset", "is_reg", "num_repeats"}]}
+
+"images" lists the trained images; `validation_images` counts those held out for the validation loss
+(engine.data.validation_split), which never train.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class DoctorReport:
         return {
             "train_images": len(train),
             "reg_images": len(reg),
+            "validation_images": sum(len(s.validation) for d in self.scan.datasets for s in d.subsets),
             "train_samples_per_epoch": sum(r.num_repeats for r in train),
             "reg_samples_per_epoch": sum(r.num_repeats for r in reg),
             "batches_per_epoch": self.length.batches_per_epoch,
@@ -92,6 +96,7 @@ def _dataset_dict(dataset: DatasetPlan) -> dict[str, Any]:
             "num_repeats": subset.params["num_repeats"],
             "samples_per_epoch": sum(r.num_repeats for r in subset.records),
             "unused_images": sum(1 for r in subset.records if r.num_repeats == 0),
+            "validation_images": len(subset.validation),
         } for subset in dataset.subsets],
         "buckets": [{"bucket": list(bucket), "images": images[bucket], "samples": samples[bucket]}
                     for bucket in sorted(images)],
@@ -153,8 +158,9 @@ def format_report(report: DoctorReport) -> str:
         for subset in dataset["subsets"]:
             kind = "reg  " if subset["is_reg"] else "train"
             unused = f" ({subset['unused_images']} unused)" if subset["unused_images"] else ""
+            held = f" + {subset['validation_images']} held out for validation" if subset["validation_images"] else ""
             lines.append(f"  {kind} {subset['images']:>6} images x {subset['num_repeats']:>3} repeats = "
-                         f"{subset['samples_per_epoch']:>7} samples/epoch{unused}  {subset['image_dir']}")
+                         f"{subset['samples_per_epoch']:>7} samples/epoch{unused}{held}  {subset['image_dir']}")
         buckets = ", ".join(f"{b['bucket'][0]}x{b['bucket'][1]}: {b['images']}" for b in dataset["buckets"])
         lines.append(f"  buckets (images): {buckets or 'none'}")
     totals = data["totals"]
@@ -162,6 +168,8 @@ def format_report(report: DoctorReport) -> str:
                  f"regularization samples -> {totals['batches_per_epoch']} batches -> {totals['steps_per_epoch']} "
                  f"steps ({totals['num_processes']} process(es), gradient accumulation "
                  f"{totals['gradient_accumulation_steps']}); {totals['epochs']} epochs = {totals['total_steps']} steps")
+    if totals["validation_images"]:
+        lines.append(f"validation: {totals['validation_images']} held-out image(s), never trained on")
     for finding in data["findings"]:
         hint = f"\n      -> {finding['hint']}" if finding["hint"] else ""
         lines.append(f"{finding['severity']}: {finding['where']}: {finding['message']}{hint}")

@@ -61,11 +61,18 @@ class SubsetPlan:
 
     path: str  # config path, e.g. "dataset.datasets[0].subsets[1]" or the legacy folder
     params: dict[str, Any]
-    records: list[ImageRecord] = field(default_factory=list)
+    records: list[ImageRecord] = field(default_factory=list)  # the images trained on
+    # Images held out for the validation loss (engine.data.validation_split); never trained on, one repeat each.
+    validation: list[ImageRecord] = field(default_factory=list)
 
     @property
     def is_reg(self) -> bool:
         return bool(self.params.get("is_reg"))
+
+    @property
+    def every_record(self) -> list[ImageRecord]:
+        """The trained and the held-out images: what the caches hold."""
+        return [*self.records, *self.validation]
 
 
 @dataclass

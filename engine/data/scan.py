@@ -27,6 +27,7 @@ from engine.data.legacy import legacy_subset_params
 from engine.data.masks import attach_masks
 from engine.data.metadata import MetadataError, metadata_caption, read_metadata, resolve_image
 from engine.data.records import DatasetPlan, Finding, ImageRecord, ScanResult, SubsetPlan
+from engine.data.validation_split import split_dataset
 
 # Files that live next to images by design and are not worth a finding.
 _COMPANION_SUFFIXES = {".txt", ".caption", ".npz", ".json", ".jsonl", ".toml"}
@@ -234,7 +235,7 @@ def _drop_undecodable(dataset: DatasetPlan, scanner: _Scanner, workers: int = 4)
             return error
         return None
 
-    records = [record for subset in dataset.subsets for record in subset.records]
+    records = [record for subset in dataset.subsets for record in subset.every_record]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         failures = {record.path: error for record, error in zip(records, pool.map(failure, records), strict=True)
                     if error is not None}
@@ -242,6 +243,7 @@ def _drop_undecodable(dataset: DatasetPlan, scanner: _Scanner, workers: int = 4)
         scanner.add("warning", "image-unreadable", str(path), str(error), "it will be skipped; re-save or delete it")
     for subset in dataset.subsets:
         subset.records = [record for record in subset.records if record.path not in failures]
+        subset.validation = [record for record in subset.validation if record.path not in failures]
 
 
 def scan_config(config: RunConfig, base_dir: str | Path, *, verify_images: bool = False) -> ScanResult:
@@ -263,6 +265,8 @@ def scan_config(config: RunConfig, base_dir: str | Path, *, verify_images: bool 
             masks = subset.params.get("conditioning_data_dir") if config.training.masked_loss else None
             attach_masks(plan, scanner.path(masks), scanner.add)
             dataset.subsets.append(plan)
+        # Before anything counts images (buckets, balancing): held-out images never train.
+        scanner.findings.extend(split_dataset(dataset, config.training.seed))
         if verify_images:
             _drop_undecodable(dataset, scanner)
         _assign_buckets(dataset, scanner)
@@ -293,19 +297,25 @@ def _assign_buckets(dataset: DatasetPlan, scanner: _Scanner) -> None:
     except ValueError as error:  # settings the config rules let through but the bucket maths cannot use
         scanner.add("error", "bucket-settings", dataset.path, str(error), "adjust the bucket settings of this dataset")
         for subset in dataset.subsets:
-            subset.records = []
+            subset.records, subset.validation = [], []
         return
     for note in manager.notes:
         scanner.add("info", "bucket-rounded", dataset.path, note)
     for subset in dataset.subsets:
-        kept = []
-        for record in subset.records:
-            try:
-                assignment = manager.assign(record.size)
-            except ValueError as error:  # a side shorter than one bucket step cannot be trained on
-                scanner.add("warning", "image-too-small", str(record.path), str(error),
-                            "it will be skipped; use a larger image")
-                continue
-            record.bucket, record.resized = assignment.bucket, assignment.resized
-            kept.append(record)
-        subset.records = kept
+        subset.records = _bucketed(manager, subset.records, scanner)
+        subset.validation = _bucketed(manager, subset.validation, scanner)
+
+
+def _bucketed(manager: BucketManager, records: list[ImageRecord], scanner: _Scanner) -> list[ImageRecord]:
+    """The records with their buckets assigned; those too small for any bucket are skipped with a warning."""
+    kept = []
+    for record in records:
+        try:
+            assignment = manager.assign(record.size)
+        except ValueError as error:  # a side shorter than one bucket step cannot be trained on
+            scanner.add("warning", "image-too-small", str(record.path), str(error),
+                        "it will be skipped; use a larger image")
+            continue
+        record.bucket, record.resized = assignment.bucket, assignment.resized
+        kept.append(record)
+    return kept

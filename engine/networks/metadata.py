@@ -48,9 +48,6 @@ _CHUNK = 1024 * 1024
 UNSUPPORTED_OPTION_DEFAULTS: dict[str, Any] = {
     "ss_lowram": False,
     "ss_scale_weight_norms": None,
-    "ss_max_validation_steps": None,
-    "ss_validate_every_n_epochs": None,
-    "ss_validate_every_n_steps": None,
 }
 
 
@@ -314,7 +311,16 @@ def _dataset_option_keys(config: RunConfig, facts: TrainingFacts) -> dict[str, A
         "ss_validation_seed": general.validation_seed,
         "ss_validation_split": general.validation_split,
         "ss_resize_interpolation": general.resize_interpolation,
+        **_validation_keys(config),
     }
+
+
+def _validation_keys(config: RunConfig) -> dict[str, Any]:
+    """sd-scripts writes None for "not given"; our 0 means off (steps) or all batches (max_validation_steps)."""
+    validation = config.validation
+    return {"ss_max_validation_steps": validation.max_validation_steps or None,
+            "ss_validate_every_n_epochs": validation.validate_every_n_epochs,
+            "ss_validate_every_n_steps": validation.validate_every_n_steps or None}
 
 
 def _model_keys(facts: TrainingFacts) -> dict[str, str]:

@@ -92,6 +92,25 @@ def step_files_to_remove(name: str, step: int, *, every_n: int, keep_last_n_step
     return [step_stem(name, old)] if old >= 1 else []
 
 
+def retire_sparing_best(due: list[str], spared: list[str], best: str | None) -> tuple[list[str], list[str]]:
+    """saving.keep_best: of the stems retention retires now (`due`) and those it retired earlier but kept because
+    they held the lowest validation loss (`spared`), which to remove now and which to keep spared.
+
+    Only the best stem is ever spared, so at most one checkpoint outlives the retention window; when a newer file
+    becomes the best, the one spared before is removed at the next call.
+    """
+    remove: list[str] = []
+    keep: list[str] = []
+    for stem in dict.fromkeys([*spared, *due]):
+        (keep if stem == best else remove).append(stem)
+    return remove, keep
+
+
+def validation_record_name(name: str) -> str:
+    """The JSON beside a run's checkpoints that lists their validation losses and the best one (docs/events.md)."""
+    return f"{name}-validation.json"
+
+
 # --- when ------------------------------------------------------------------------------------------------------
 
 

@@ -288,6 +288,7 @@ def training_facts(session: Session) -> Any:
         session_id=new_session_id(), started_at=time.time(), family=session.model.family,
         variant=session.model.scheduler_config.get("variant", ""),
         v_prediction=config.model.v_parameterization, num_train_images=num_train, num_reg_images=num_reg,
+        num_validation_images=sum(len(subset.validation) for dataset in scan.datasets for subset in dataset.subsets),
         num_batches_per_epoch=session.schedule.batches_per_epoch, num_epochs=session.schedule.num_epochs,
         max_train_steps=session.schedule.total_steps,
         warmup_steps=warmup_steps(config.optimizer, session.schedule.total_steps),

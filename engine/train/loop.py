@@ -74,7 +74,7 @@ class StepRunner:
 
         session = self.session
         seed_step_generators(seed, session.device)  # dropout in the network and the text encoders, VAE sampling
-        latents = self._latents(batch)
+        latents = self.latents(batch)
         # Each dataset's network_multiplier, from the text encoders (conditioning) to the backward pass.
         apply_batch_multipliers(session, batch)
         try:
@@ -86,7 +86,7 @@ class StepRunner:
             reset_multipliers(session)
         return loss.detach()
 
-    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's latents as the denoiser sees them (shifted and scaled), float32 on the device."""
         from engine.transfer import to_device
 

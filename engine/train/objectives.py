@@ -9,7 +9,8 @@ tests a family name. Two objectives exist:
 
 Both draw each sample's noise and timestep from that sample's own seed (``batch["noise_seed"]``), so a sample
 gets the same draws whatever its batch, its position in it, or the number of processes, and a resumed run draws
-what the uninterrupted one would have.
+what the uninterrupted one would have. ``loss(..., timesteps=t)`` replaces the drawn timesteps with given ones
+(t in 0…1000; flow matching's σ = t/1000): the validation loss evaluates every image at fixed timesteps.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ class DiffusionObjective:
         # inside the first step (seen on CUDA by tests/test_step_sync.py); it goes there once, here.
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(session.device)
 
-    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any],
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
         from engine.train.losses import batch_loss, batch_mask, batch_weights
         from engine.train.network_scaling import preserved_target
         from engine.train.noise import training_target
 
         session = self.session
-        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
+        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"], timesteps)
 
         def predict() -> torch.Tensor:
             with session.precision.autocast():
@@ -64,11 +66,14 @@ class DiffusionObjective:
         return batch_loss(prediction.float(), target.float(), timesteps, weights, self.loss_settings, self.snr,
                           mask=batch_mask(batch, latents.device))
 
-    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _noised(self, latents: torch.Tensor, seeds: list[int],
+                timesteps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from engine.train.noise import NoiseDraws
 
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         draws = NoiseDraws.per_sample((1, *latents.shape[1:]), self.noise_settings, generators).to(latents.device)
+        if timesteps is not None:  # drawn all the same, so the draws after the timestep stay what they were
+            draws.timesteps = timesteps.to(draws.timesteps)
         noise = draws.noise(latents, self.noise_settings)
         noisy = self.scheduler.add_noise(latents, draws.perturbed(noise), draws.timesteps)
         return noise, draws.timesteps, noisy
@@ -89,13 +94,14 @@ class FlowObjective:
         self.guidance_embed = bool(getattr(transformer.params, "guidance_embed", False) or
                                    getattr(transformer.params, "chroma", False))
 
-    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any],
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
         from engine.train import flow
         from engine.train.losses import batch_loss, batch_mask, batch_weights
         from engine.train.network_scaling import preserved_target
 
         session = self.session
-        noise, sigmas, noisy = self._noised(latents, batch["noise_seed"])
+        noise, sigmas, noisy = self._noised(latents, batch["noise_seed"], timesteps)
         batch_size, _, height, width = latents.shape
         dtype = session.weight_dtype
         guidance = torch.full((batch_size,), self.settings.guidance_scale, device=latents.device, dtype=dtype) \
@@ -123,7 +129,8 @@ class FlowObjective:
         return batch_loss(prediction, target.float(), sigmas * 1000.0, weights, self.loss_settings, None,
                           mask=batch_mask(batch, latents.device))
 
-    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _noised(self, latents: torch.Tensor, seeds: list[int],
+                timesteps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from engine.train import flow
 
         settings = self.settings
@@ -139,6 +146,8 @@ class FlowObjective:
                                                    settings.ip_noise_gamma_random_strength, generator))
 
         noise, sigmas, *perturbation = flow.per_sample_draws(seeds, draw, latents.device)
+        if timesteps is not None:  # σ = t/1000, as sd-scripts' validation sets it for SD3 (spec §4.10)
+            sigmas = timesteps.to(sigmas.device, torch.float32) / 1000.0
         noise = noise.to(latents.dtype)
         noisy = flow.noisy_input(latents, noise, sigmas, perturbation=perturbation[0] if perturbation else None)
         return noise, sigmas, noisy

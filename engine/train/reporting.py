@@ -21,6 +21,7 @@ _LINE_FORMATS = {
     "start": "start: {total_steps} steps, {num_epochs} epochs, {num_train_images} images ({family}, {method})",
     "sample": "samples at step {step}: {count} image(s) in {folder}",
     "checkpoint": "saved {kind} at step {step}: {path}",
+    "validation": "validation loss at step {step}: {loss:.6f} ({images} held-out images)",
     "warning": "warning: {message}",
     "error": "error: {message}",
     "done": "done: {summary}",

@@ -227,7 +227,8 @@ def start_fields(session: Any, resumed: str) -> dict[str, Any]:
         "method": config.method, "family": session.model.family, "total_steps": schedule.total_steps,
         "num_epochs": schedule.num_epochs, "steps_per_epoch": schedule.steps_per_epoch,
         "batches_per_epoch": schedule.batches_per_epoch, "num_train_images": facts.num_train_images,
-        "num_reg_images": facts.num_reg_images, "resumed_from": resumed, "resume_step": 0,
+        "num_reg_images": facts.num_reg_images, "num_validation_images": facts.num_validation_images,
+        "resumed_from": resumed, "resume_step": 0,
         "run_dir": str(session.run_dir), "output_dir": str(session.output_dir),
         "output_name": session.output_name, "trainable": session.method.describe(),
         "config": {

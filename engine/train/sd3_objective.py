@@ -147,13 +147,15 @@ class SD3Objective:
         self.loss_settings = LossSettings.from_config(config.training, False)
         self.mmdit = getattr(session.model.unet, "module", session.model.unet)  # DDP wraps a fully trained one
 
-    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, conditioning: dict[str, Any], batch: dict[str, Any],
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's loss; given `timesteps` (t in 0…1000, one per sample) replace the drawn ones (validation)."""
         from engine.train.flow import loss_weighting
         from engine.train.losses import batch_loss, batch_mask, batch_weights
         from engine.train.network_scaling import preserved_target
 
         session = self.session
-        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"])
+        noise, timesteps, noisy = self._noised(latents, batch["noise_seed"], timesteps)
         sigmas = sigmas_of(timesteps)
 
         def predict() -> torch.Tensor:
@@ -178,8 +180,9 @@ class SD3Objective:
         return batch_loss(prediction, target, timesteps, weights, self.loss_settings, None,
                           mask=batch_mask(batch, latents.device))
 
-    def _noised(self, latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ε, t and x_σ per sample, from its own seed: ε first, then u (sd-scripts' order)."""
+    def _noised(self, latents: torch.Tensor, seeds: list[int],
+                fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ε, t and x_σ per sample, from its own seed: ε first, then u (sd-scripts' order); `fixed` replaces t."""
         from engine.train.flow import flow_noise, per_sample_draws
 
         sample_shape = (1, *latents.shape[1:])
@@ -188,6 +191,8 @@ class SD3Objective:
             return flow_noise(torch.empty(sample_shape), generator), sample_timesteps(1, self.settings, generator)
 
         noise, timesteps = per_sample_draws(seeds, draw, latents.device)
+        if fixed is not None:
+            timesteps = fixed.to(timesteps.device, timesteps.dtype)
         noise = noise.to(latents.dtype)
         return noise, timesteps, noisy_input(latents, noise, sigmas_of(timesteps))
 

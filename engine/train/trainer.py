@@ -26,6 +26,8 @@ from engine.train.reporting import ProgressMeter, memory_figures, progress_line
 from engine.train.save_checks import NonFiniteWeights, refuse_non_finite, save_bytes
 from engine.train.setup import Session
 from engine.train.state import SavedState, TrainPosition, load_state, save_state
+from engine.train.validation import ValidationResult
+from engine.train.validation_hooks import ValidationTracker
 
 _NON_FINITE_HINT = ("lower the learning rate (optimizer.learning_rate), or train in float32 or bf16 "
                     "(training.mixed_precision) instead of fp16")
@@ -50,6 +52,7 @@ class Trainer:
         self.session = session
         self.control = control  # engine.rundir.control.ControlChannel
         self.runner = StepRunner(session)
+        self.validation = ValidationTracker(session, self.runner)
         self.position = TrainPosition()
         self.meter = ProgressMeter(session.schedule.total_steps)
         self.files: list[str] = []
@@ -72,6 +75,7 @@ class Trainer:
         resume_ema(self.ema, state.ema, session.log)
         self.position = state.position
         self.files = [str(path) for path in state.info.get("files", [])]
+        self.validation.load_state_dict(state.info.get("validation"))
         self.meter.start_step = state.position.global_step
 
     def run(self) -> Outcome:
@@ -146,9 +150,11 @@ class Trainer:
         if "stop" in commands:
             return self._stop(epoch, step)
         saving, sampling = session.config.saving, session.config.sampling
-        if "save" in commands or naming.step_save_due(step, saving.save_every_n_steps):
-            self._save(naming.step_stem(session.output_name, step), kind="step", epoch=epoch, step=step,
-                       with_state=saving.save_state)
+        saving_now = "save" in commands or naming.step_save_due(step, saving.save_every_n_steps)
+        stem = naming.step_stem(session.output_name, step) if saving_now else None
+        self._validate(due=self.validation.due_after_step(step), epoch=epoch, step=step, stem=stem)
+        if stem is not None:
+            self._save(stem, kind="step", epoch=epoch, step=step, with_state=saving.save_state)
             self._retire_steps(step)
         if "sample" in commands or naming.sample_due_after_step(step, sampling):
             self._sample(epoch=epoch, step=step, stem_kind="step")
@@ -157,11 +163,15 @@ class Trainer:
     def _after_epoch(self, epoch: int) -> None:
         session = self.session
         saving = session.config.saving
-        if naming.epoch_save_due(epoch, session.schedule.num_epochs, saving.save_every_n_epochs):
-            self._save(naming.epoch_stem(session.output_name, epoch), kind="epoch", epoch=epoch,
-                       step=self.position.global_step, with_state=saving.save_state)
-            for name in naming.epoch_files_to_remove(session.output_name, epoch, every_n=saving.save_every_n_epochs,
-                                                     keep_last_n=saving.save_last_n_epochs):
+        saving_now = naming.epoch_save_due(epoch, session.schedule.num_epochs, saving.save_every_n_epochs)
+        stem = naming.epoch_stem(session.output_name, epoch) if saving_now else None
+        self._validate(due=self.validation.due_after_epoch(epoch), epoch=epoch, step=self.position.global_step,
+                       stem=stem)
+        if stem is not None:
+            self._save(stem, kind="epoch", epoch=epoch, step=self.position.global_step, with_state=saving.save_state)
+            retired = naming.epoch_files_to_remove(session.output_name, epoch, every_n=saving.save_every_n_epochs,
+                                                   keep_last_n=saving.save_last_n_epochs)
+            for name in self.validation.retire(retired):
                 self._remove_output(name)
         if naming.sample_due_after_epoch(epoch, session.config.sampling):
             self._sample(epoch=epoch, step=self.position.global_step, stem_kind="epoch")
@@ -171,8 +181,9 @@ class Trainer:
         saving = session.config.saving
         epoch = min(self.position.epoch, session.schedule.num_epochs)
         with_state = saving.save_state or saving.save_state_on_train_end
-        state = self._save(naming.last_stem(session.output_name), kind="last", epoch=epoch, step=step,
-                           with_state=with_state)
+        stem = naming.last_stem(session.output_name)
+        self._validate(due=self.validation.due_at_end(), epoch=epoch, step=step, stem=stem)
+        state = self._save(stem, kind="last", epoch=epoch, step=step, with_state=with_state)
         if naming.sample_due_after_epoch(session.schedule.num_epochs, session.config.sampling):
             self._sample(epoch=session.schedule.num_epochs, step=step, stem_kind="epoch")
         return Outcome("finished", step, list(self.files), state)
@@ -312,6 +323,7 @@ class Trainer:
             position=self.position, ema=self.ema.snapshot() if self.ema is not None else None,
             info={"method": session.config.method, "output_name": session.output_name, "epoch_saved": epoch,
                   "step_saved": step, "session_id": getattr(session.facts, "session_id", None),
+                  "validation": self.validation.state_dict(),
                   "files": [*self.files, str(session.output_dir / naming.state_dir_name(stem))]},
         )
         return save_state(session.output_dir / naming.state_dir_name(stem), state)
@@ -329,8 +341,9 @@ class Trainer:
 
     def _retire_steps(self, step: int) -> None:
         saving = self.session.config.saving
-        for name in naming.step_files_to_remove(self.session.output_name, step, every_n=saving.save_every_n_steps,
-                                                keep_last_n_steps=saving.save_last_n_steps):
+        retired = naming.step_files_to_remove(self.session.output_name, step, every_n=saving.save_every_n_steps,
+                                              keep_last_n_steps=saving.save_last_n_steps)
+        for name in self.validation.retire(retired):
             self._remove_output(name)
 
     def _remove_output(self, stem: str) -> None:
@@ -357,6 +370,27 @@ class Trainer:
     def _companions(self, saved: Path) -> list[Path]:
         companions = getattr(self.session.method, "companion_files", None)
         return list(companions(saved)) if companions is not None else []
+
+    # --- validation -------------------------------------------------------------------------------------------
+
+    def _validate(self, *, due: bool, epoch: int, step: int, stem: str | None) -> None:
+        """The validation pass when it is due, or at a save with saving.keep_best; before the save, so the state
+        written with it knows the checkpoint's loss. `stem` names the file saved at this step, if any."""
+        tracker = self.validation
+        if not (due or (stem is not None and tracker.due_at_save())):
+            return
+        save_as = self.session.config.saving.save_model_as
+        checkpoint = (stem, str(self.session.output_dir / naming.file_name(stem, save_as))) if stem else None
+        tracker.run(self.evaluate_trained_weights, step=step, epoch=epoch, checkpoint=checkpoint)
+
+    def evaluate_trained_weights(self) -> ValidationResult:
+        """The validation loss of the weights being trained, in eval mode (dropout off). The one place validation
+        reads the trained weights: evaluating other weights (an EMA) means swapping them in here."""
+        self._set_train_mode(False)
+        try:
+            return self.validation.validator.evaluate()
+        finally:
+            self._set_train_mode(True)
 
     # --- sampling --------------------------------------------------------------------------------------------
 

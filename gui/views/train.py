@@ -15,8 +15,9 @@ from engine.rundir.event_reader import read_events
 from gui.run_reader import progress_row
 from gui.runs import RunHandle, RunStatus
 
-LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed"}
-LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316"}  # fixed, so the legend exists before the first point
+LOSS_SERIES = {"loss": "raw", "loss_avg": "smoothed", "val_loss": "validation"}
+# Fixed, so the legend exists before the first point.
+LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316", "validation": "#2563eb"}
 RESUMABLE_STATES = ("stopped", "failed", "lost")  # a finished run has no steps left to train
 _FAILED_STATES = ("failed", "lost")
 LIVE_STATES = ("running",)
@@ -47,6 +48,8 @@ def status_markdown(name: str, status: RunStatus) -> str:
         parts += [speed, f"ETA {format_duration(status.eta_s)}"]
     if status.loss is not None:
         parts.append(f"loss {status.loss:.4f}")
+    if status.validation_loss is not None:
+        parts.append(f"validation {status.validation_loss:.4f}")
     line = f"`{name}` — " + " · ".join(parts)
     return f"{line}\n\n{status.summary}" if status.summary else line
 
@@ -115,7 +118,7 @@ def progress_rows(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def loss_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Long format (step, value, series) so one LinePlot draws the raw and the smoothed loss in two colours."""
     records = [{"step": row["step"], "value": row[key], "series": series}
-               for row in rows for key, series in LOSS_SERIES.items() if row.get(key) is not None]
+               for row in rows for key, series in LOSS_SERIES.items() if key in row and row[key] is not None]
     # Explicit dtypes: an empty frame would otherwise be `object`, and the plot would take step as categories.
     return pd.DataFrame(records, columns=["step", "value", "series"]).astype(
         {"step": "int64", "value": "float64", "series": object})
@@ -131,6 +134,7 @@ def checkpoints_markdown(status: RunStatus) -> str:
     if not status.checkpoints:
         return "No checkpoints yet."
     lines = [f"- step {entry.get('step')} · {entry.get('kind')} · `{Path(entry['path']).name}`"
+             + (" · lowest validation loss" if entry["path"] == status.best_checkpoint else "")
              for entry in status.checkpoints]
     if can_resume(status):  # a finished run keeps its state folder but has nothing left to resume
         lines.append(f"\nResume continues from `{status.resume_state}`.")

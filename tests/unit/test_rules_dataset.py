@@ -26,13 +26,13 @@ def errors_for(data: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("data", "path", "fragment"), [
-    (_config(dataset={"general": {"validation_split": 0.1}}), "dataset.general.validation_split", "not built yet"),
-    (_config(dataset={"general": {"validation_seed": 5}}), "dataset.general.validation_seed", "set it back to unset"),
-    (_config(dataset=_inline({}, validation_split=0.2)), "dataset.datasets[0].validation_split", "not built yet"),
     (_config(training={"masked_loss": True}), "training.masked_loss", "no subset gives masks"),
     (_config(training={"masked_loss": True}, dataset=_inline({})), "training.masked_loss", "conditioning_data_dir"),
     (_config(dataset=_inline({"conditioning_data_dir": "masks"})),
      "dataset.datasets[0].subsets[0].conditioning_data_dir", "training.masked_loss = true"),
+    (_config(saving={"keep_best": True, "save_every_n_epochs": 1}), "saving.keep_best", "validation_split"),
+    (_config(dataset=_inline({"is_reg": True, "validation_only": True})), "dataset.datasets[0].subsets[0]",
+     "cannot both be set"),
     (_config(method="dreambooth", dataset={"general": {"network_multiplier": 0.5}}),
      "dataset.general.network_multiplier", "trains no network"),
     (_config(method="textual_inversion", embedding={"token_string": "sks", "init_word": "dog"},
@@ -67,6 +67,11 @@ def test_dataset_key_refusals(data, path, fragment):
             dataset=_inline({"custom_attributes": {"diff_output_preservation": True}})),
     _config(training={"cache_latents": False},
             dataset={"general": {"face_crop_aug_range": [2.0, 4.0], "enable_bucket": False}}),
+    _config(dataset={"general": {"validation_split": 0.1, "validation_seed": 5}}),
+    _config(saving={"keep_best": True, "save_every_n_steps": 5}, dataset=_inline({}, validation_split=0.2)),
+    _config(saving={"keep_best": True, "save_every_n_epochs": 1},
+            dataset={"train_data_dir": "", "datasets": [{"subsets": [{"image_dir": "img"},
+                                                                    {"image_dir": "val", "validation_only": True}]}]}),
 ])
 def test_working_combinations_are_accepted(data):
     validate_config(data, check_packages=False)

@@ -116,6 +116,10 @@ ARG_PATHS: Mapping[str, Target] = {
     "save_state": "saving.save_state",
     "save_state_on_train_end": "saving.save_state_on_train_end",
     "save_last_n_steps": "saving.save_last_n_steps",
+    # validation loss (sd-scripts leaves them None when not given; so does the import)
+    "validate_every_n_steps": "validation.validate_every_n_steps",
+    "validate_every_n_epochs": "validation.validate_every_n_epochs",
+    "max_validation_steps": "validation.max_validation_steps",
     "resume": "saving.resume",
     "training_comment": "saving.metadata.training_comment",
     "metadata_title": "saving.metadata.title",
