@@ -237,3 +237,29 @@ def test_two_processes_validate_every_held_out_image_once(tiny_models, tmp_path)
         assert two["batches"] == 2 and one["batches"] == 1
         # Batches of one image and of two run the same maths in another order: equal to rounding.
         assert math.isclose(one["loss"], two["loss"], rel_tol=1e-3), (one["loss"], two["loss"])
+
+
+@pytest.mark.slow
+def test_validation_with_the_ema_weights(tiny_models, tmp_path):
+    """ema.validate_with_ema: the first EMA update copies the weights, so step 1's loss is the trained weights'; later
+    the averaged weights give other losses; training itself is the same either way."""
+    runs = {}
+    for with_ema in (False, True):
+        folder = tmp_path / f"ema-{with_ema}"
+        folder.mkdir()
+        config = write_config(folder / "config.toml", tiny_models, "sd1", **HELD_OUT,
+                              training={"max_train_steps": 3}, optimizer={"learning_rate": 1e-2},
+                              validation={"validate_every_n_steps": 1},
+                              ema={"enabled": True, "decay": 0.5, "validate_with_ema": with_ema})
+        trainer, log = build_trainer(config, folder / "out")
+        try:
+            assert trainer.run().status == "finished"
+        finally:
+            log.close()
+        runs[with_ema] = [event["loss"] for event in events_of(folder / "out") if event["type"] == "validation"]
+    plain, averaged = runs[False], runs[True]
+    assert len(plain) == len(averaged) >= 3
+    assert averaged[0] == plain[0]
+    assert all(a != p for a, p in zip(averaged[1:3], plain[1:3], strict=True)), (plain, averaged)
+    assert_same_tensors(tmp_path / "ema-False" / "out" / "lora.safetensors",
+                        tmp_path / "ema-True" / "out" / "lora.safetensors", rtol=0, atol=0)

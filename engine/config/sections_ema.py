@@ -38,3 +38,7 @@ class EmaSection(StrictModel):
         "the saved files hold the EMA weights (states keep both, so a resume stays exact).",
     )
     sample_with_ema: bool = setting(False, "Draw sample images with the EMA weights instead of the current ones.")
+    validate_with_ema: bool = setting(
+        False, "Compute the validation loss (and so saving.keep_best's choice) with the EMA weights instead of the "
+        "current ones; fits ema.save = instead, whose checkpoints hold the EMA weights.",
+    )

@@ -384,11 +384,13 @@ class Trainer:
         tracker.run(self.evaluate_trained_weights, step=step, epoch=epoch, checkpoint=checkpoint)
 
     def evaluate_trained_weights(self) -> ValidationResult:
-        """The validation loss of the weights being trained, in eval mode (dropout off). The one place validation
-        reads the trained weights: evaluating other weights (an EMA) means swapping them in here."""
+        """The validation loss of the weights being trained (the EMA's with ema.validate_with_ema), in eval mode
+        (dropout off). The one place validation reads the trained weights."""
+        ema = self.ema if self.session.config.ema.validate_with_ema else None
         self._set_train_mode(False)
         try:
-            return self.validation.validator.evaluate()
+            with ema.applied() if ema is not None else nullcontext():
+                return self.validation.validator.evaluate()
         finally:
             self._set_train_mode(True)
 
