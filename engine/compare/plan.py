@@ -104,7 +104,8 @@ def validation_losses(events: Iterable[Mapping[str, Any]]) -> dict[Path, float]:
 
 def mark_best(checkpoints: Sequence[Checkpoint], losses: Mapping[Path, float]) -> list[Checkpoint]:
     """The checkpoints with their validation losses, and the one with the lowest marked best (none without losses)."""
-    measured = [replace(checkpoint, validation_loss=losses.get(checkpoint.path.resolve())) for checkpoint in checkpoints]
+    measured = [replace(checkpoint, validation_loss=losses.get(checkpoint.path.resolve()))
+                for checkpoint in checkpoints]
     known = [checkpoint for checkpoint in measured if checkpoint.validation_loss is not None]
     if not known:
         return measured
