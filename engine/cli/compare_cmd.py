@@ -173,7 +173,7 @@ def _compare(args: argparse.Namespace, events: EventWriter) -> int:
 def _render(args: argparse.Namespace, events: EventWriter, source: RunSource, config: Any,
             checkpoints: list[Checkpoint], strengths: list[float], seeds: list[int], out: Path,
             prompt_file: Path | None, written: list[Cell]) -> int:
-    from engine.compare.grid import CELLS_FOLDER, plan_cells
+    from engine.compare.grid import CELLS_FOLDER, checkpoint_record, plan_cells
     from engine.compare.render import grid_prompts, load_renderer, prompt_seeds
     from engine.train.setup import RunInputError
 
@@ -187,12 +187,14 @@ def _render(args: argparse.Namespace, events: EventWriter, source: RunSource, co
     if not prompts:
         raise InputProblem("there are no prompts to render", "give --prompts FILE, or set the run's "
                                                              "sampling.sample_prompts")
-    cells = plan_cells([prompt for prompt, _ in prompts], prompt_seeds([seed for _, seed in prompts], seeds),
-                       checkpoints, strengths, out / CELLS_FOLDER)
+    seeds_of = prompt_seeds([seed for _, seed in prompts], seeds)
+    cells = plan_cells([prompt for prompt, _ in prompts], seeds_of, checkpoints, strengths, out / CELLS_FOLDER)
     print(f"{len(cells)} cell(s): {len(checkpoints)} checkpoint(s) x {len(prompts)} prompt(s) x "
           f"{len(strengths)} strength(s) on {renderer.device}, into {out}", file=sys.stderr)
-    events.emit("start", task=TASK, total=len(cells), out=str(out), checkpoints=[str(c.path) for c in checkpoints],
-                strengths=strengths, prompts=len(prompts))
+    events.emit("start", task=TASK, total=len(cells), out=str(out), strengths=strengths,
+                checkpoints=[checkpoint_record(checkpoint) for checkpoint in checkpoints],
+                prompts=[{"index": prompt.index, "prompt": prompt.prompt, "seeds": prompt_seeds}
+                         for (prompt, _), prompt_seeds in zip(prompts, seeds_of, strict=True)])
     _render_with_progress(renderer, cells, events, written)
     return _finish(events, source, out, checkpoints, strengths, cells)
 

@@ -16,8 +16,8 @@ from typing import Any
 from engine.compare.plan import Checkpoint
 from engine.files import atomic_write_bytes, atomic_write_text
 
-__all__ = ["Cell", "GridPrompt", "cell_name", "compose_grid", "grid_name", "grid_rows", "plan_cells", "strength_text",
-           "write_grid", "write_index"]
+__all__ = ["Cell", "GridPrompt", "cell_name", "checkpoint_record", "compose_grid", "grid_name", "grid_rows",
+           "plan_cells", "strength_text", "write_grid", "write_index"]
 
 INDEX_FILE = "index.json"
 CELLS_FOLDER = "cells"
@@ -169,14 +169,18 @@ def write_grid(path: Path, prompt: GridPrompt, checkpoints: Sequence[Checkpoint]
     return path
 
 
+def checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    """A column as the index and the `start` event list it."""
+    return {"path": str(checkpoint.path), "label": checkpoint.label, "epoch": checkpoint.epoch,
+            "step": checkpoint.step, "validation_loss": checkpoint.validation_loss, "best": checkpoint.best}
+
+
 def write_index(path: Path, *, source: str, checkpoints: Sequence[Checkpoint], strengths: Sequence[float],
                 prompts: Sequence[GridPrompt], grids: Sequence[Path], cells: Sequence[Cell]) -> Path:
     """The JSON index: what was compared and every cell's file, checkpoint, strength, seed, prompt and settings."""
     index = {
         "source": source,
-        "checkpoints": [{"path": str(checkpoint.path), "label": checkpoint.label, "epoch": checkpoint.epoch,
-                         "step": checkpoint.step, "validation_loss": checkpoint.validation_loss,
-                         "best": checkpoint.best} for checkpoint in checkpoints],
+        "checkpoints": [checkpoint_record(checkpoint) for checkpoint in checkpoints],
         "strengths": list(strengths),
         "prompts": [{"index": prompt.index, **prompt.settings(), "grid": str(grid)}
                     for prompt, grid in zip(prompts, grids, strict=True)],
