@@ -20,10 +20,10 @@ from engine.rundir.layout import config_path, events_path
 __all__ = ["Checkpoint", "RunSource", "list_checkpoints", "mark_best", "parse_seeds", "parse_strengths",
            "resolve_source", "validation_losses"]
 
-# The checkpoints a grid shows by default: every saved epoch and the final model (the last epoch's weights).
+# The checkpoints a grid shows by default: every saved epoch and the final model (the last epoch's weights) ...
 DEFAULT_KINDS = ("epoch", "last")
-# Without epoch saves (a run saving every N steps), its step saves instead.
-FALLBACK_KINDS = ("step",)
+# ... and, for a run without epoch saves (saving every N steps), its step saves and the final model.
+FALLBACK_KINDS = ("step", "last")
 _NETWORK_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 _EPOCH_STEM = re.compile(r"-(\d{6,})$")
 _STEP_STEM = re.compile(r"-step(\d{8,})$")
@@ -151,10 +151,11 @@ def _saved_in_folder(output_dir: Path, output_name: str) -> list[Checkpoint]:
 
 def list_checkpoints(source: RunSource, output_dir: Path | None = None, output_name: str = "") -> list[Checkpoint]:
     """The checkpoints a grid shows by default, with validation losses and the best one marked where the run
-    measured them: every saved epoch and the final model (a run saving by steps only: its step saves). A bare
-    config (no events) lists the files named after `output_name` in `output_dir`."""
+    measured them: every saved epoch and the final model (a run saving by steps only: its step saves and the final
+    model). A bare config (no events) lists the files named after `output_name` in `output_dir`."""
     events = read_events(source.events) if source.events is not None and source.events.is_file() else []
-    checkpoints = _saved_by_events(events, DEFAULT_KINDS) or _saved_by_events(events, FALLBACK_KINDS)
+    by_epoch = any(event.get("type") == "checkpoint" and event.get("kind") == "epoch" for event in events)
+    checkpoints = _saved_by_events(events, DEFAULT_KINDS if by_epoch else FALLBACK_KINDS)
     if not checkpoints and output_dir is not None:
         checkpoints = _saved_in_folder(output_dir, output_name)
     return mark_best(checkpoints, validation_losses(events))
@@ -167,7 +168,7 @@ def given_checkpoints(paths: Iterable[str | Path], source: RunSource) -> list[Ch
         FileNotFoundError: a path that is not a file (the message names it).
     """
     events = read_events(source.events) if source.events is not None and source.events.is_file() else []
-    known = {checkpoint.path: checkpoint for checkpoint in _saved_by_events(events, (*DEFAULT_KINDS, *FALLBACK_KINDS))}
+    known = {checkpoint.path: checkpoint for checkpoint in _saved_by_events(events, ("epoch", "step", "last"))}
     chosen = []
     for given in paths:
         path = Path(given).expanduser().resolve()

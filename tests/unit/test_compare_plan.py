@@ -98,3 +98,16 @@ def test_cells_fill_rows_of_strength_and_seed_and_strength_zero_shares_one_file(
     assert [cell.file.name for cell in cells[:2]] == ["p01_base_seed5.png"] * 2
     assert cells[-1].file.name == "p01_lora_s1_seed6.png" and (cells[-1].row, cells[-1].column) == (3, 1)
     assert cell_name(1, checkpoints[0], 0.5, 9) == "p02_lora-000001_s0.5_seed9.png"
+
+
+def test_a_run_saving_by_steps_offers_its_step_saves_and_final_model(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    events = []
+    saves = (("lora-step00000010", "step", 10), ("lora-step00000020", "step", 20), ("lora", "last", 25))
+    for name, kind, step in saves:
+        (out / f"{name}.safetensors").write_bytes(b"x")
+        events.append({"type": "checkpoint", "kind": kind, "step": step, "epoch": 1,
+                       "path": str(out / f"{name}.safetensors")})
+    listed = list_checkpoints(_run(tmp_path, events))
+    assert [(c.label, c.step) for c in listed] == [("lora-step00000010", 10), ("lora-step00000020", 20), ("lora", 25)]
