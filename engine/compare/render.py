@@ -151,6 +151,22 @@ def _render_order(cells: Sequence[Cell]) -> list[list[Cell]]:
                                              group[0].prompt.index, group[0].seed))
 
 
+def _batches(groups: list[list[Cell]]) -> list[list[list[Cell]]]:
+    """Consecutive pictures drawn with the same weights and strength (the base model's all together): one sampler
+    call each, so the models are set up and restored once per batch, not once per picture."""
+    batches: list[list[list[Cell]]] = []
+    for group in groups:
+        first = group[0]
+        key = (None if first.strength == 0 else first.checkpoint.path, first.strength)
+        previous = batches[-1][0][0] if batches else None
+        if previous is not None and (None if previous.strength == 0 else previous.checkpoint.path,
+                                     previous.strength) == key:
+            batches[-1].append(group)
+        else:
+            batches.append([group])
+    return batches
+
+
 def render_cells(renderer: Renderer, cells: Sequence[Cell], *,
                  on_rendered: Callable[[list[Cell]], None] | None = None) -> None:
     """Draw every cell's file (the base model's once for all its columns), each written whole under its final name.
@@ -169,15 +185,18 @@ def render_cells(renderer: Renderer, cells: Sequence[Cell], *,
     folder.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".compare-", dir=folder))
     try:
-        for group in groups:
-            first = group[0]
+        for batch in _batches(groups):
+            first = batch[0][0]
             renderer.show(None if first.strength == 0 else first.checkpoint, first.strength)
-            sample = generate_samples(renderer.parts, [_request(first.prompt, first.seed)], scratch, stem="cell",
-                                      clip_skip=renderer.clip_skip, max_token_length=renderer.max_token_length,
-                                      device=renderer.device, dtype=renderer.dtype)[0]
-            os.replace(sample.path, first.file)  # same folder tree: the cell appears whole or not at all
-            if on_rendered is not None:
-                on_rendered(group)
+
+            def placed(sample: Any, batch: list[list[Cell]] = batch) -> None:
+                group = batch[sample.index]
+                os.replace(sample.path, group[0].file)  # same folder tree: the cell appears whole or not at all
+                if on_rendered is not None:
+                    on_rendered(group)
+
+            generate_samples(renderer.parts, [_request(group[0].prompt, group[0].seed) for group in batch], scratch,
+                             stem="cell", clip_skip=renderer.clip_skip, max_token_length=renderer.max_token_length,
+                             device=renderer.device, dtype=renderer.dtype, on_image=placed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
