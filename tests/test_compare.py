@@ -188,3 +188,33 @@ def test_bad_input_exits_2_before_loading_anything(case, trained_run, tmp_path, 
     assert expected in message
     if case == "out not empty":
         assert (out / "mine.png").read_bytes() == b"a user's file"
+
+
+def test_sigterm_stops_keeping_the_cells_already_written(trained_run, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from train_helpers import REPO, engine_env
+
+    out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "engine", "compare", str(trained_run), "--strengths",
+                                "0,0.25,0.5,0.75,1", "--seeds", "1,2,3,4", "--out", str(out), "--events",
+                                str(events_file)], cwd=REPO, env=engine_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(event["type"] == "progress" for event in read_events(events_file)):
+            assert process.poll() is None and time.monotonic() < deadline, "no cell was made"
+            time.sleep(0.2)
+        process.terminate()
+        assert process.wait(timeout=120) == 1
+    finally:
+        process.kill()
+    events = read_events(events_file)
+    done = events[-1]
+    assert done["type"] == "done" and done["stopped"] is True and done["ok"] is False
+    written = {cell["file"] for event in events if event["type"] == "progress" for cell in event["cells"]}
+    assert 0 < done["cells"] < 2 * 5 * 4 and all(Path(file).is_file() for file in written)
+    assert not (out / "index.json").exists()
+    assert [path.name for path in (out / "cells").iterdir() if path.name.startswith(".")] == []  # no scratch left
