@@ -160,6 +160,18 @@ def test_validation_losses_from_the_run_mark_the_best_column(trained_run, tmp_pa
     assert [column_head(c) for c in listed] == [["lora-000001", "val loss 0.25", "best"], ["lora", "val loss 0.5"]]
 
 
+def test_a_checkpoint_of_another_network_exits_2_naming_it(tiny_models, trained_run, tmp_path):
+    from train_helpers import make_locon_file
+
+    locon = make_locon_file(tiny_models["sd1"], tmp_path / "locon.safetensors", {})  # conv layers: not this run's
+    events = tmp_path / "events.jsonl"
+    code = main(["compare", str(trained_run), "--checkpoints", str(locon), "--strengths", "1", "--out",
+                 str(tmp_path / "out"), "--events", str(events)])
+    assert code == EXIT_BAD_INPUT
+    error = next(event for event in read_events(events) if event["type"] == "error")
+    assert str(locon) in error["message"] and "same network settings" in error["hint"]
+
+
 @pytest.mark.parametrize("case", ["not lora", "out not empty", "bad strength", "missing checkpoint"])
 def test_bad_input_exits_2_before_loading_anything(case, trained_run, tmp_path, capsys):
     source, extra = str(trained_run), []

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from engine.cli.options import add_arguments, option
+from engine.compare.plan import CheckpointError
 
 if TYPE_CHECKING:
     from engine.compare.grid import Cell
@@ -164,6 +165,9 @@ def _compare(args: argparse.Namespace, events: EventWriter) -> int:
         return EXIT_FAILED
     except InputProblem:
         raise
+    except CheckpointError as error:
+        return _fail(events, str(error), "compare checkpoints this run saved (the same network settings)",
+                     EXIT_BAD_INPUT, cells=len(written), out=str(out))
     except Exception as error:  # anything torch or diffusers raise: reported as an event, not a silent exit
         traceback.print_exc()
         return _fail(events, f"rendering failed: {type(error).__name__}: {error}",

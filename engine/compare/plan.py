@@ -17,8 +17,8 @@ from typing import Any
 from engine.rundir.event_reader import read_events
 from engine.rundir.layout import config_path, events_path
 
-__all__ = ["Checkpoint", "RunSource", "list_checkpoints", "mark_best", "parse_seeds", "parse_strengths",
-           "resolve_source", "validation_losses"]
+__all__ = ["Checkpoint", "CheckpointError", "RunSource", "given_checkpoints", "list_checkpoints", "mark_best",
+           "parse_seeds", "parse_strengths", "resolve_source", "validation_losses"]
 
 # The checkpoints a grid shows by default: every saved epoch and the final model (the last epoch's weights) ...
 DEFAULT_KINDS = ("epoch", "last")
@@ -61,6 +61,10 @@ def resolve_source(path: str | Path) -> RunSource:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a run folder or a config file")
     return RunSource(path.resolve(), None)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the run's network (another network type, rank or set of layers)."""
 
 
 @dataclass(frozen=True)

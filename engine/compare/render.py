@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from engine.compare.grid import Cell, GridPrompt
-from engine.compare.plan import Checkpoint
+from engine.compare.plan import Checkpoint, CheckpointError
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -54,7 +54,10 @@ class Renderer:
             from engine.networks.network_file import read_network_file
 
             tensors, _ = read_network_file(checkpoint.path)
-            self.method.load_trained_state(tensors)
+            try:
+                self.method.load_trained_state(tensors)
+            except ValueError as error:  # the load checks every module first: nothing changed
+                raise CheckpointError(f"{checkpoint.path}: {error}") from None
             self.loaded = checkpoint.path
         if not self.applied:
             network.apply_to()
