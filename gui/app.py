@@ -16,11 +16,11 @@ from engine.config.io import default_config_dict
 from gui.context import TabContext
 from gui.file_browser import FileRoots
 from gui.http_guard import GuardPolicy, HttpGuard, hidden_entries, host_names
-from gui.tabs import captioning, dataset, parameters, regularization, tools, train
+from gui.tabs import captioning, compare, dataset, parameters, regularization, tools, train
 
 TITLE = "Atelier"
 # In the order a newcomer works: prepare images, caption them, add regularization, set parameters, train.
-TABS = (dataset, captioning, regularization, parameters, train, tools)
+TABS = (dataset, captioning, regularization, parameters, train, compare, tools)
 
 
 @dataclass(frozen=True)

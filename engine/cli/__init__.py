@@ -15,6 +15,7 @@ from engine.cli import (
     cache_cmd,
     caption_cmd,
     class_images_cmd,
+    compare_cmd,
     doctor_cmd,
     import_cmd,
     lora_cmd,
@@ -39,6 +40,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentPars
     "train": train_cmd.add_parser,
     "lora": lora_cmd.add_parser,
     "class-images": class_images_cmd.add_parser,
+    "compare": compare_cmd.add_parser,
 }
 
 

@@ -248,7 +248,8 @@ class _Settings:
 
 
 def generate_samples(parts: SamplerParts, requests: list[SampleRequest], out_dir: Path, *, stem: str,
-                     clip_skip: int, max_token_length: int, device: Any, dtype: Any) -> list[SampleImage]:
+                     clip_skip: int, max_token_length: int, device: Any, dtype: Any,
+                     on_image: Callable[[SampleImage], None] | None = None) -> list[SampleImage]:
     """Generate and save one PNG per request as ``<out_dir>/<stem>_<index:02d>_<YYYYmmddHHMMSS>_<seed>.png``.
 
     Args:
@@ -261,6 +262,8 @@ def generate_samples(parts: SamplerParts, requests: list[SampleRequest], out_dir
         dtype: latents and prompt embeddings are made in it; float16/bfloat16 also turn on ``torch.autocast``, so
             modules kept in other precisions (float32 LoRA weights, a ``no_half_vae`` VAE) mix as under training's
             mixed precision.
+        on_image: called with each image as soon as it is saved (a caller reporting progress per image draws many
+            in one call, and so sets up and restores the models once).
 
     Returns:
         The saved images, in request order, each with the seed it used (drawn at random where none was given).
@@ -269,8 +272,13 @@ def generate_samples(parts: SamplerParts, requests: list[SampleRequest], out_dir
 
     settings = _Settings(Path(out_dir), stem, clip_skip, max_token_length, torch.device(device), dtype)
     modules = [parts.unet, parts.vae, *parts.text.encoders]
+    images = []
     with _rng_preserved(), _modes_preserved(modules), _moved(parts.vae, settings.device), torch.no_grad():
-        return [_generate_one(parts, request, index, settings) for index, request in enumerate(requests)]
+        for index, request in enumerate(requests):
+            images.append(_generate_one(parts, request, index, settings))
+            if on_image is not None:
+                on_image(images[-1])
+    return images
 
 
 def _generate_one(parts: SamplerParts, request: SampleRequest, index: int, settings: _Settings) -> SampleImage:

@@ -65,6 +65,8 @@ GUI_ENGINE_HELPERS = {
     # the engine tools' options, as their command lines declare them (the LoRA tools, class images, the latent
     # cache), and the one writer of those command lines from the declarations
     "engine.cli.lora_cmd", "engine.cli.class_images_cmd", "engine.cli.cache_cmd", "engine.cli.options",
+    # the comparison grid: its command's options, and a run's checkpoints and validation losses
+    "engine.cli.compare_cmd", "engine.compare.plan",
 }
 
 
