@@ -230,3 +230,22 @@ def test_sigterm_stops_keeping_the_cells_already_written(trained_run, tmp_path):
     assert 0 < done["cells"] < 2 * 5 * 4 and all(Path(file).is_file() for file in written)
     assert not (out / "index.json").exists()
     assert [path.name for path in (out / "cells").iterdir() if path.name.startswith(".")] == []  # no scratch left
+
+
+def test_a_validated_run_labels_its_columns_with_its_own_validation_losses(tiny_models, tmp_path):
+    """The real `validation` events of a run holding images out (one per epoch save) reach the grid's column heads,
+    and the lowest is marked best."""
+    from engine.compare.plan import list_checkpoints, resolve_source
+
+    config = write_config(tmp_path / "config.toml", tiny_models, "sd1",
+                          dataset={"general": {"validation_split": 0.34, "validation_seed": 1}},
+                          training={"max_train_steps": 0, "max_train_epochs": 2},
+                          optimizer={"learning_rate": 1e-2}, saving={"save_every_n_epochs": 1})
+    result = run_engine("train", str(config), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    measured = {event["checkpoint"]: event["loss"] for event in events_of(tmp_path / "run")
+                if event["type"] == "validation" and event.get("checkpoint")}
+    listed = list_checkpoints(resolve_source(tmp_path / "run"))
+    assert len(listed) == 2 and all(str(c.path) in measured for c in listed)
+    assert [c.validation_loss for c in listed] == [measured[str(c.path)] for c in listed]
+    assert [c.best for c in listed] == [c.validation_loss == min(measured.values()) for c in listed]
