@@ -15,11 +15,13 @@ import gradio as gr
 
 def tab_built_on_first_open(label: str, tab_id: str, content: Callable[[], None]) -> gr.Tab:
     """Add a tab to the current gr.Tabs whose `content()` (components and their events) is built the first time the
-    page selects it; selecting it again keeps what the page shows (the state changes only once)."""
+    page selects it; selecting it again keeps what the page shows (the box changes only once)."""
     with gr.Tab(label, id=tab_id) as tab:
         # Inside the tab: a component beside the tabs in gr.Tabs shifts the tab bar's labels ('Train' showed as
-        # 'Parameters'; see gui/tabs/parameters.py).
-        opened = gr.State(False)
+        # 'Parameters'; see gui/tabs/parameters.py). A hidden box the page sets itself (js), not a gr.State, which
+        # lives on the server: the first open then costs one round trip, not two, and does not wait behind the
+        # server's other work (a new page's Parameters events) before the render is even asked for.
+        opened = gr.Checkbox(False, visible="hidden", elem_id=f"opened-{tab_id}")
 
         @gr.render(inputs=opened, triggers=[opened.change], show_progress="hidden")
         def _content(is_open: bool) -> None:
@@ -27,7 +29,7 @@ def tab_built_on_first_open(label: str, tab_id: str, content: Callable[[], None]
                 content()
                 _settle_interactivity()
 
-    tab.select(lambda: True, outputs=opened, show_progress="hidden")
+    tab.select(None, js="() => true", outputs=opened)
     return tab
 
 
