@@ -19,6 +19,7 @@ import gradio as gr
 from engine.caption.edit import edit_folder
 from engine.config.choices import CAPTION_EXTENSIONS
 from gui.context import TabContext
+from gui.deferred import tab_built_on_first_open
 from gui.file_browser import browse_button, path_field
 from gui.jobs import FolderJobs
 from gui.views import captioning as view
@@ -246,18 +247,23 @@ def _batch_section() -> BatchSection:
 
 
 def build(ctx: TabContext) -> None:
-    """Add the Captioning tab to the current gr.Blocks."""
-    with gr.Tab("Captioning", id="captioning"):
-        gr.Markdown("Caption every image of a folder, then check and edit the captions. Caption files sit next to "
-                    "their images (`photo.jpg` → `photo.txt`).", elem_id="captioning-intro")
-        place = _folder_fields(ctx)
-        form = _caption_section(ctx)
-        editor = _editor_section()
-        batch = _batch_section()
-        gr.Markdown("### Tag frequency")
-        tags_table = gr.Dataframe(headers=view.TAG_COLUMNS, value=None, interactive=False, max_height=360,
-                                  label="Caption files per tag", elem_id="captioning-tags")
-    CaptioningTab(ctx, place, form, editor, batch, tags_table).wire()
+    """Add the Captioning tab to the current gr.Blocks; its content is built when a page first opens it."""
+    jobs = FolderJobs()  # one for all pages: a reloaded page's Stop finds the job an earlier page started
+    tab_built_on_first_open("Captioning", "captioning", lambda: _content(ctx, jobs))
+
+
+def _content(ctx: TabContext, jobs: FolderJobs) -> None:
+    """The tab's sections and their events, for one page."""
+    gr.Markdown("Caption every image of a folder, then check and edit the captions. Caption files sit next to "
+                "their images (`photo.jpg` → `photo.txt`).", elem_id="captioning-intro")
+    place = _folder_fields(ctx)
+    form = _caption_section(ctx)
+    editor = _editor_section()
+    batch = _batch_section()
+    gr.Markdown("### Tag frequency")
+    tags_table = gr.Dataframe(headers=view.TAG_COLUMNS, value=None, interactive=False, max_height=360,
+                              label="Caption files per tag", elem_id="captioning-tags")
+    CaptioningTab(ctx, place, form, editor, batch, tags_table, jobs).wire()
 
 
 class CaptioningTab:
@@ -265,10 +271,10 @@ class CaptioningTab:
     folder, and Stop finds it."""
 
     def __init__(self, ctx: TabContext, place: FolderFields, form: CaptionSection, editor: EditorSection,
-                 batch: BatchSection, tags_table: gr.Dataframe):
+                 batch: BatchSection, tags_table: gr.Dataframe, jobs: FolderJobs):
         self.ctx, self.place, self.form, self.editor, self.batch, self.tags_table = \
             ctx, place, form, editor, batch, tags_table
-        self.jobs = FolderJobs()
+        self.jobs = jobs
 
     @property
     def editor_outputs(self) -> list[gr.Component]:

@@ -14,6 +14,7 @@ from engine.config.errors import ConfigError
 from gui import tools_commands as commands
 from gui import tools_render as render
 from gui.context import TabContext
+from gui.deferred import tab_built_on_first_open
 from gui.doctor_view import DoctorPanel
 from gui.file_browser import FileRoots, path_field
 from gui.jobs import EngineJob
@@ -298,8 +299,12 @@ def _doctor_tab(ctx: TabContext) -> None:
 
 
 def build(ctx: TabContext) -> None:
-    """Add the Tools tab to the current gr.Blocks."""
-    with gr.Tab("Tools", id="tools"), gr.Tabs(elem_id="tools-tabs"):
+    """Add the Tools tab to the current gr.Blocks; its tools are built when a page first opens it."""
+    tab_built_on_first_open("Tools", "tools", lambda: _tools(ctx))
+
+
+def _tools(ctx: TabContext) -> None:
+    with gr.Tabs(elem_id="tools-tabs"):
         _inspect_tab(ctx.roots)
         _merge_tab(ctx.roots)
         _resize_tab(ctx.roots)
