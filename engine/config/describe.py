@@ -139,6 +139,12 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "",
     return specs
 
 
+def section_title(section: str) -> str:
+    """How a section is named to users: its field's `title` when it has one (an acronym, e.g. "EMA"), else the
+    capitalized key."""
+    return RunConfig.model_fields[section].title or section.capitalize()
+
+
 def section_fields(section: str) -> list[FieldSpec]:
     return [spec for spec in iter_fields() if spec.section == section]
 

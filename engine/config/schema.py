@@ -42,7 +42,7 @@ class RunConfig(StrictModel):
                                 "and SD3's shift.")
     validation: ValidationSection = setting(default_factory=ValidationSection, description="Validation loss.")
     saving: SavingSection = setting(default_factory=SavingSection, description="Saved files and states.")
-    ema: EmaSection = setting(default_factory=EmaSection, description="EMA of the trained weights.")
+    ema: EmaSection = setting(default_factory=EmaSection, description="EMA of the trained weights.", title="EMA")
     sampling: SamplingSection = setting(default_factory=SamplingSection, description="Sample images.")
     logging: LoggingSection = setting(default_factory=LoggingSection, description="Training logs.")
     launch: LaunchSection = setting(default_factory=LaunchSection, description="Processes and GPUs.")

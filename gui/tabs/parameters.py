@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from engine.config.describe import FieldSpec
+from engine.config.describe import FieldSpec, section_title
 from engine.config.errors import ConfigError
 from engine.config.io import (
     config_to_toml,
@@ -69,7 +69,7 @@ class _Form:
 
     def add_section(self, section: str) -> None:
         section_specs = [spec for spec in self.specs.values() if spec.section == section]
-        with gr.Tab(section.capitalize(), id=f"section-{section}"):
+        with gr.Tab(section_title(section), id=f"section-{section}"):
             if family_specific(section_specs):  # e.g. flow, which only FLUX.1 and Chroma use
                 # The tab stays (Gradio 6 does not hide a tab's button on an update): its note says why it is empty.
                 note = gr.Markdown(unused_note(section_specs), visible=False, elem_id=f"unused-{section}")

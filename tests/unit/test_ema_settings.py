@@ -76,3 +76,10 @@ def test_a_state_keeps_the_ema_and_its_update_count(tmp_path):
     assert loaded.ema.tensors.keys() == tensors.keys()
     assert all(torch.equal(loaded.ema.tensors[key], value) for key, value in tensors.items())
     assert load_state(save_state(tmp_path / "y-state", _state(None))).ema is None
+
+
+def test_the_section_is_named_ema_to_users():
+    from engine.config.describe import section_title
+
+    assert section_title("ema") == "EMA"  # the field's title, not "Ema"
+    assert section_title("training") == "Training"
