@@ -10,32 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import events_of, load_pipeline, write_config
+from train_helpers import events_of, load_pipeline, run_trainer, write_config
 
 from engine.config.io import load_config
 
 STEPS = 6
-
-
-def train_in_process(config_path: Path, run_dir: Path):
-    """Build and run a session here, so the test can look at its EMA afterwards."""
-    from engine.rundir.control import ControlChannel
-    from engine.train.build import build_session
-    from engine.train.reporting import RunLog
-    from engine.train.trainer import Trainer
-
-    config = load_config(config_path, check_packages=False)
-    log = RunLog(run_dir)
-    try:
-        session = build_session(config, config_path.parent, run_dir, log)
-        trainer = Trainer(session, ControlChannel(run_dir))
-        if config.saving.resume:
-            trainer.resume(Path(config.saving.resume))
-        outcome = trainer.run()
-    finally:
-        log.close()
-    assert outcome.status == "finished", outcome
-    return trainer
 
 
 def lora_config(folder: Path, tiny_models: dict, *, ema: dict, **sections) -> Path:
@@ -110,7 +89,7 @@ def case_runs(tiny_models, tmp_path_factory):
             method, ema = CASES[case]
             folder = tmp_path_factory.mktemp(case)
             config = CONFIGS[method](folder, tiny_models, ema=ema)
-            trainer = train_in_process(config, folder)
+            trainer = run_trainer(config, folder)
             runs[case] = case, ema, trainer.session.output_dir, trainer
         return runs[case]
 
@@ -180,7 +159,7 @@ def test_instead_saves_the_ema_weights_and_the_state_keeps_the_trained_ones(lora
     _, ema, out, _ = lora_run
     config = lora_config(tmp_path, tiny_models, ema={**ema, "save": "instead"},
                          saving={"save_every_n_steps": 0, "save_state_on_train_end": True})
-    instead = train_in_process(config, tmp_path).session.output_dir
+    instead = run_trainer(config, tmp_path).session.output_dir
     assert sorted(path.name for path in instead.iterdir() if path.name.startswith("lora")) == \
         ["lora-state", "lora.safetensors"]
     saved = load_file(str(instead / "lora.safetensors"))
@@ -204,18 +183,18 @@ def test_instead_saves_the_ema_weights_and_the_state_keeps_the_trained_ones(lora
                          ids=["warmup", "every-3"])
 def test_resume_continues_the_ema_exactly_and_retention_removes_ema_files(ema, tiny_models, tmp_path):
     """6 steps straight equal 4 steps, a state, and 2 resumed steps: the trained weights and the EMA alike."""
-    straight = train_in_process(lora_config(tmp_path / "a", tiny_models, ema=ema, saving={"save_every_n_steps": 0}),
+    straight = run_trainer(lora_config(tmp_path / "a", tiny_models, ema=ema, saving={"save_every_n_steps": 0}),
                                 tmp_path / "a")
     parted = lora_config(tmp_path / "b", tiny_models, ema=ema,
                          saving={"save_every_n_steps": 2, "save_state": True, "save_last_n_steps": 2})
-    first = train_in_process(parted, tmp_path / "b").session.output_dir
+    first = run_trainer(parted, tmp_path / "b").session.output_dir
     # Retention: the step-2 save went with its EMA file and state once step 6 was saved.
     assert sorted(path.name for path in first.iterdir() if "step" in path.name) == [
         "lora-step00000004-ema.safetensors", "lora-step00000004-state", "lora-step00000004.safetensors",
         "lora-step00000006-ema.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors"]
     state = first / "lora-step00000004-state"
     assert (state / "ema.safetensors").is_file()
-    resumed = train_in_process(lora_config(tmp_path / "c", tiny_models, ema=ema, saving={
+    resumed = run_trainer(lora_config(tmp_path / "c", tiny_models, ema=ema, saving={
         "save_every_n_steps": 0, "resume": str(state)}), tmp_path / "c")
     assert resumed.ema.updates == straight.ema.updates == STEPS // ema.get("update_every_n_steps", 1)
     for name in ("lora.safetensors", "lora-ema.safetensors"):
@@ -227,11 +206,11 @@ def test_resume_continues_the_ema_exactly_and_retention_removes_ema_files(ema, t
 
 @pytest.mark.slow
 def test_a_state_without_ema_resumes_and_starts_the_ema_again(tiny_models, tmp_path):
-    first = train_in_process(lora_config(tmp_path / "a", tiny_models, ema={"decay": 0.5}, saving={
+    first = run_trainer(lora_config(tmp_path / "a", tiny_models, ema={"decay": 0.5}, saving={
         "save_every_n_steps": 4, "save_state": True}), tmp_path / "a").session.output_dir
     state = first / "lora-step00000004-state"
     (state / "ema.safetensors").unlink()  # as a state saved before EMA existed, or by a run without it
-    resumed = train_in_process(lora_config(tmp_path / "b", tiny_models, ema={"decay": 0.5}, saving={
+    resumed = run_trainer(lora_config(tmp_path / "b", tiny_models, ema={"decay": 0.5}, saving={
         "save_every_n_steps": 0, "resume": str(state)}), tmp_path / "b")
     warning = next(event for event in events_of(tmp_path / "b") if event["type"] == "warning")
     assert "no EMA" in warning["message"] and warning["where"] == "saving.resume"
@@ -287,7 +266,7 @@ def test_samples_use_the_ema_weights_when_asked_and_training_goes_on_unchanged(l
     for with_ema in (False, True):
         folder = tmp_path / str(with_ema)
         config = lora_config(folder, tiny_models, ema={**ema, "sample_with_ema": with_ema}, sampling=sampling)
-        run_out = train_in_process(config, folder).session.output_dir
+        run_out = run_trainer(config, folder).session.output_dir
         samples = [event for event in events_of(folder) if event["type"] == "sample"]
         assert [event["step"] for event in samples] == [3, 6]
         images[with_ema] = [np.asarray(Image.open(event["images"][0]["path"])) for event in samples]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import events_of, load_pipeline, pipeline_text_encoders, write_config
+from train_helpers import events_of, load_pipeline, pipeline_text_encoders, run_trainer, write_config
 
 from engine.config.io import load_config
 from engine.models.text_encoding import encode_captions
@@ -31,24 +31,8 @@ def ti_config(folder: Path, tiny_models: dict, family: str, **sections) -> Path:
 
 
 def train_in_process(config_path: Path, run_dir: Path):
-    """Build and run a session here, so the test can look at the trained models afterwards."""
-    from engine.rundir.control import ControlChannel
-    from engine.train.build import build_session
-    from engine.train.reporting import RunLog
-    from engine.train.trainer import Trainer
-
-    config = load_config(config_path, check_packages=False)
-    log = RunLog(run_dir)
-    try:
-        session = build_session(config, config_path.parent, run_dir, log)
-        trainer = Trainer(session, ControlChannel(run_dir))
-        if config.saving.resume:
-            trainer.resume(Path(config.saving.resume))
-        outcome = trainer.run()
-    finally:
-        log.close()
-    assert outcome.status == "finished", outcome
-    return session
+    """Build and run a session here; its session, to look at the trained models afterwards."""
+    return run_trainer(config_path, run_dir).session
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])

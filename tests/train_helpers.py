@@ -235,3 +235,25 @@ def _before(hook: Any, call: Any) -> Any:
         return call(*args, **kwargs)
 
     return hooked
+
+
+def run_trainer(config_path: Path, run_dir: Path) -> Any:
+    """Build and run a session in this process (resuming from `saving.resume` when set), so a test can look at the
+    trainer, its session and models afterwards; the run must finish."""
+    from engine.config.io import load_config
+    from engine.rundir.control import ControlChannel
+    from engine.train.build import build_session
+    from engine.train.reporting import RunLog
+    from engine.train.trainer import Trainer
+
+    config = load_config(config_path, check_packages=False)
+    log = RunLog(run_dir)
+    try:
+        trainer = Trainer(build_session(config, config_path.parent, run_dir, log), ControlChannel(run_dir))
+        if config.saving.resume:
+            trainer.resume(Path(config.saving.resume))
+        outcome = trainer.run()
+    finally:
+        log.close()
+    assert outcome.status == "finished", outcome
+    return trainer

@@ -10,10 +10,11 @@ import sys
 import traceback
 import typing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, StopRequested, fail_task, stop_on_sigterm
 from engine.cli.options import add_arguments, cli_options, option
 from engine.config.choices import Sampler
 from engine.models.families import FAMILY_INFO
@@ -26,10 +27,6 @@ TASK = "class-images"
 _MIN_SIDE = 64
 _MAX_T5_TOKENS = 512  # T5-XXL's longest input (model.t5xxl_max_token_length's bound)
 _CONFIG_KEY = re.compile(r"\bmodel\.\w+")
-
-
-class StopRequested(Exception):
-    """SIGTERM (the GUI's Stop): end after cleaning up, keeping the images already written."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,15 +165,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
     return device, getattr(torch, dtype)
 
 
-def _fail(events: EventWriter, message: str, hint: str, code: int, **done: Any) -> int:
-    print(f"error: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
-    events.emit("error", message=message, hint=hint)
-    events.emit("done", task=TASK, ok=False, **done)
-    return code
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise StopRequested
+_fail = partial(fail_task, task=TASK)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             return _fail(events, *problem, EXIT_BAD_INPUT, written=0)
         _folder_name_warning(args.out, events)
         seed = args.seed if args.seed is not None else secrets.randbits(32)
-        previous = signal.signal(signal.SIGTERM, _stop)
+        previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
         try:
             return _generate(args, events, seed)
         finally:

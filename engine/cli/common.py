@@ -49,3 +49,21 @@ def load_run_config(args: argparse.Namespace) -> tuple[Any, Path] | None:
         print_problems(error.problems)
         return None
     return config, given or Path(args.config).resolve().parent
+
+
+class StopRequested(Exception):
+    """SIGTERM (the GUI's Stop) reached a tool command: it ends, keeping what it already wrote."""
+
+
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """The SIGTERM handler of tool commands that stop cleanly (install it with signal.signal)."""
+    raise StopRequested
+
+
+def fail_task(events: Any, message: str, hint: str, code: int, *, task: str, **done: Any) -> int:
+    """A tool command's failure: the message on stderr, an `error` event and a `done` event with ok false and
+    `done`'s fields; returns `code` (the exit code)."""
+    print(f"error: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    events.emit("error", message=message, hint=hint)
+    events.emit("done", task=task, ok=False, **done)
+    return code

@@ -8,10 +8,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from engine.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, StopRequested, fail_task, stop_on_sigterm
 from engine.cli.options import add_arguments, option
 from engine.compare.plan import CheckpointError
 
@@ -22,10 +23,6 @@ if TYPE_CHECKING:
 
 TASK = "compare"
 COMPARE_FOLDER = "compare"  # in the run directory: one timestamped folder per comparison
-
-
-class StopRequested(Exception):
-    """SIGTERM (the GUI's Stop): end, keeping the cells already written."""
 
 
 class InputProblem(Exception):
@@ -69,22 +66,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _fail(events: EventWriter, message: str, hint: str, code: int, **done: Any) -> int:
-    print(f"error: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
-    events.emit("error", message=message, hint=hint)
-    events.emit("done", task=TASK, ok=False, **done)
-    return code
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise StopRequested
+_fail = partial(fail_task, task=TASK)
 
 
 def run(args: argparse.Namespace) -> int:
     from engine.events import EventWriter
 
     with EventWriter(args.events) as events:
-        previous = signal.signal(signal.SIGTERM, _stop)
+        previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
         try:
             return _compare(args, events)
         except InputProblem as problem:

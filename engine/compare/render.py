@@ -85,11 +85,10 @@ def load_renderer(config: RunConfig, base_dir: Path, *, device: str = "auto", dt
     Raises:
         engine.train.setup.RunInputError: the model cannot be loaded (the message says what to fix).
     """
-    from engine.models.text_encoding import encoding_options
     from engine.train.build import load_base_model
     from engine.train.method_lora import LoraMethod
     from engine.train.placement import place_models, store_frozen_in_fp8
-    from engine.train.sampling import SamplerParts
+    from engine.train.sampling import sampler_parts
     from engine.train.setup import weight_dtype
 
     target = _device(device)
@@ -101,13 +100,8 @@ def load_renderer(config: RunConfig, base_dir: Path, *, device: str = "auto", dt
                  texts_cached=False)
     method.network.requires_grad_(False)
     method.network.eval()  # no dropout while drawing
-    options = encoding_options(config.model, model.scheduler_config.get("variant", ""))
-    parts = SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
-                         v_prediction=config.model.v_parameterization, scaling_factor=model.vae.scaling_factor,
-                         shift_factor=model.vae.shift_factor,
-                         text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask",
-                                                                     "apply_lg_attn_mask")})
-    return Renderer(parts, method, config.model.clip_skip, config.model.max_token_length, target, dtype)
+    return Renderer(sampler_parts(config, model), method, config.model.clip_skip, config.model.max_token_length,
+                    target, dtype)
 
 
 def grid_prompts(config: RunConfig, base_dir: Path, family: str, prompt_file: Path | None = None,

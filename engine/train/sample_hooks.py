@@ -36,8 +36,7 @@ def _on_device(modules: list[torch.nn.Module], device: torch.device) -> Iterator
 def sample_now(session: Session, *, epoch: int, step: int, kind: str) -> list[dict[str, Any]]:
     """Draw every sample prompt; returns one dict per image (path, index, prompt, seed) for the `sample` event."""
     from engine.models.families import family_info
-    from engine.models.text_encoding import encoding_options
-    from engine.train.sampling import SamplerParts, generate_samples, sample_requests
+    from engine.train.sampling import generate_samples, sample_requests, sampler_parts
 
     config = session.config
     requests = sample_requests(config.sampling, session.base_dir, family=session.model.family,
@@ -49,12 +48,7 @@ def sample_now(session: Session, *, epoch: int, step: int, kind: str) -> list[di
         requests = [replace(request, prompt=prepare(request.prompt),
                             negative_prompt=prepare(request.negative_prompt)) for request in requests]
     model = session.model
-    options = encoding_options(config.model, model.scheduler_config.get("variant", ""))
-    parts = SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
-                         v_prediction=config.model.v_parameterization, scaling_factor=model.vae.scaling_factor,
-                         shift_factor=model.vae.shift_factor,
-                         text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask",
-                                                                     "apply_lg_attn_mask")})
+    parts = sampler_parts(config, model)
     # The VAE is moved by generate_samples itself; the text encoders are moved here.
     with _on_device(list(model.text.encoders), session.device):
         images = generate_samples(parts, requests, session.output_dir / "samples",

@@ -227,6 +227,18 @@ class SamplerParts:
     text_options: dict[str, Any] | None = None
 
 
+def sampler_parts(config: Any, model: Any) -> SamplerParts:
+    """The sampler's view of a loaded model (engine.models.loaded_model.LoadedModel) under a run's config."""
+    from engine.models.text_encoding import encoding_options
+
+    options = encoding_options(config.model, model.scheduler_config.get("variant", ""))
+    return SamplerParts(unet=model.unet, vae=model.vae.vae, text=model.text, family=model.family,
+                        v_prediction=config.model.v_parameterization, scaling_factor=model.vae.scaling_factor,
+                        shift_factor=model.vae.shift_factor,
+                        text_options={key: options[key] for key in ("t5xxl_max_token_length", "apply_t5_attn_mask",
+                                                                    "apply_lg_attn_mask")})
+
+
 @dataclass(frozen=True)
 class SampleImage:
     """A saved sample: its file, its prompt's index in the requests, the prompt and the seed it was made with."""

@@ -34,6 +34,7 @@ def test_the_preview_is_below_the_form_not_a_column_beside_it(page):
 
 def test_the_app_tabs_keep_their_names_once_parameters_is_open(page):
     app_tabs = page.locator("[role=tablist]").first.locator("button[role=tab]")
-    expect(app_tabs).to_have_text(["Dataset", "Captioning", "Regularization", "Parameters", "Train", "Tools"])
+    expect(app_tabs).to_have_text(["Dataset", "Captioning", "Regularization", "Parameters", "Train", "Compare",
+                                   "Tools"])
     app_tabs.filter(has_text="Train").click()
     expect(page.locator("#train-start")).to_be_visible()

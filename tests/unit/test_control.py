@@ -130,12 +130,19 @@ def deliver(number):
 
 @pytest.fixture
 def channel_with_handlers(tmp_path):
-    before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    # The handlers of a fresh engine process, whatever an earlier test in this worker left (an in-process app or
+    # browser may take SIGINT); put back afterwards.
+    outer = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = {number: signal.getsignal(number) for number in outer}
     channel = ControlChannel(tmp_path)
     assert channel.install_signal_handlers()
     yield channel
     channel.restore_signal_handlers()
     assert {number: signal.getsignal(number) for number in before} == before
+    for number, handler in outer.items():
+        signal.signal(number, handler)
 
 
 def test_sigterm_requests_a_graceful_stop(channel_with_handlers):

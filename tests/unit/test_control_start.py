@@ -119,6 +119,9 @@ def test_process_start_time_is_the_kernels(tmp_path):
 @pytest.fixture
 def restore_signals():
     before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    # A fresh engine process's handlers, whatever an earlier test in this worker left.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     control._started = None
     for number, handler in before.items():
