@@ -35,7 +35,10 @@ def test_validation_loss_joins_the_loss_chart_while_the_tab_watches(app_page, ap
                       encoding="utf-8")
     page = app_page
     open_tab(page, "Train")
-    expect(page.locator("#run-picker input")).to_have_value("validated-run")  # the newest run opens first
+    # Pick it: a run another test in this worker left running would open first.
+    page.locator("#run-picker input").click()
+    page.get_by_role("option", name="validated-run", exact=True).click()
+    expect(page.locator("#run-picker input")).to_have_value("validated-run")
     chart = page.locator("#loss-chart")
     expect(chart.locator(".mark-line path")).to_have_count(3)  # raw, smoothed and validation (no point yet)
     validation_line = chart.locator(f'.mark-line path[stroke="{view.LOSS_COLORS["validation"]}"]')
