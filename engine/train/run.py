@@ -186,7 +186,7 @@ def _run(config: RunConfig, base_dir: Path, run_dir: Path, log: RunLog, accelera
 def report_unexpected(error: Exception, log: RunLog, run_dir: Path) -> int:
     """The error and done events of a failure nobody planned for, or of a full disk (input to fix: exit 2)."""
     from engine.files import as_disk_full
-    from engine.train.trainer import SaveFailedElsewhere
+    from engine.train.checkpoints import SaveFailedElsewhere
 
     if isinstance(error, SaveFailedElsewhere):
         return EXIT_FAILED  # another process's failure, which that process reports

@@ -3,14 +3,12 @@
 Between updates it asks small predicates what is due (save, sample, stop) and does it on the main process only;
 every other process waits at a barrier so all of them stay in step.
 
-Every save first checks what it is about to write (engine.train.save_checks): values that are not finite stop the
-run instead of being saved, and the disk must have room for the whole save.
+Saving and retiring checkpoints is engine.train.checkpoints'; the validation pass's bookkeeping is
+engine.train.validation_hooks'.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +16,19 @@ from typing import Any
 
 import torch
 
-from engine.files import clean_stale_temporaries, disk_full_named, ensure_free_space
 from engine.rundir import naming
-from engine.train.ema import make_ema, resume_ema, save_models
+from engine.train.checkpoints import Checkpoints
+from engine.train.ema import make_ema, resume_ema
 from engine.train.loop import NonFiniteLoss, StepRunner, checked_loss, epoch_loader, micro_seed, position_after
 from engine.train.reporting import ProgressMeter, memory_figures, progress_line
-from engine.train.save_checks import NonFiniteWeights, refuse_non_finite, save_bytes
+from engine.train.save_checks import NonFiniteWeights
 from engine.train.setup import Session
-from engine.train.state import SavedState, TrainPosition, load_state, save_state
+from engine.train.state import TrainPosition, load_state
 from engine.train.validation import ValidationResult
 from engine.train.validation_hooks import ValidationTracker
 
 _NON_FINITE_HINT = ("lower the learning rate (optimizer.learning_rate), or train in float32 or bf16 "
                     "(training.mixed_precision) instead of fp16")
-
-
-class SaveFailedElsewhere(RuntimeError):
-    """Raised on the other processes when the main process could not save, so that every process stops."""
 
 
 @dataclass
@@ -55,11 +49,10 @@ class Trainer:
         self.validation = ValidationTracker(session, self.runner)
         self.position = TrainPosition()
         self.meter = ProgressMeter(session.schedule.total_steps)
-        self.files: list[str] = []
-        self._metadata: dict[str, str] | None = None  # built at the first save; only progress changes after
         self.ema = make_ema(session)  # the EMA of the trained weights (engine.train.ema); None unless ema.enabled
+        self.checkpoints = Checkpoints(session, self.ema, self.validation, self._set_train_mode)
         if session.is_main:
-            self._clean_leftovers()
+            self.checkpoints.clean_leftovers()
 
     # --- public ----------------------------------------------------------------------------------------------
 
@@ -74,7 +67,7 @@ class Trainer:
             scaler.load_state_dict(state.scaler)
         resume_ema(self.ema, state.ema, session.log)
         self.position = state.position
-        self.files = [str(path) for path in state.info.get("files", [])]
+        self.checkpoints.files = [str(path) for path in state.info.get("files", [])]
         self.validation.load_state_dict(state.info.get("validation"))
         self.meter.start_step = state.position.global_step
 
@@ -169,10 +162,7 @@ class Trainer:
                        stem=stem)
         if stem is not None:
             self._save(stem, kind="epoch", epoch=epoch, step=self.position.global_step, with_state=saving.save_state)
-            retired = naming.epoch_files_to_remove(session.output_name, epoch, every_n=saving.save_every_n_epochs,
-                                                   keep_last_n=saving.save_last_n_epochs)
-            for name in self.validation.retire(retired):
-                self._remove_output(name)
+            self.checkpoints.retire_epochs(epoch)
         if naming.sample_due_after_epoch(epoch, session.config.sampling):
             self._sample(epoch=epoch, step=self.position.global_step, stem_kind="epoch")
 
@@ -186,15 +176,15 @@ class Trainer:
         state = self._save(stem, kind="last", epoch=epoch, step=step, with_state=with_state)
         if naming.sample_due_after_epoch(session.schedule.num_epochs, session.config.sampling):
             self._sample(epoch=session.schedule.num_epochs, step=step, stem_kind="epoch")
-        return Outcome("finished", step, list(self.files), state)
+        return Outcome("finished", step, list(self.checkpoints.files), state)
 
     def _stop(self, epoch: int, step: int) -> Outcome:
         state = self._save(naming.step_stem(self.session.output_name, step), kind="stop", epoch=epoch, step=step,
                            with_state=True)
-        return Outcome("stopped", step, list(self.files), state)
+        return Outcome("stopped", step, list(self.checkpoints.files), state)
 
     def _non_finite(self, error: NonFiniteLoss | NonFiniteWeights) -> Outcome:
-        last = self._last_checkpoint()
+        last = self.checkpoints.last_model()
         kept = (f"the last checkpoint, {last}, was checked before it was saved and holds only finite values"
                 if last else "no checkpoint was saved before this")
         images = getattr(error, "images", [])
@@ -203,12 +193,7 @@ class Trainer:
         self.session.log.event("error", message=f"{error}; training stopped and the current weights were not saved",
                                hint=f"{_NON_FINITE_HINT}{again}; {kept}", step=error.step, last_checkpoint=last,
                                images=images)
-        return Outcome("failed", error.step - 1, list(self.files))
-
-    def _last_checkpoint(self) -> str | None:
-        """The newest model file (or diffusers folder) this run saved and still has; states are not models."""
-        models = [path for path in self.files if not path.endswith("-state")]
-        return models[-1] if models else None
+        return Outcome("failed", error.step - 1, list(self.checkpoints.files))
 
     # --- control ---------------------------------------------------------------------------------------------
 
@@ -243,133 +228,14 @@ class Trainer:
             values.update({f"lr/{name}": lr for name, lr in zip(names, lrs, strict=True)})
             session.accelerator.log(values, step=step)
 
-    # --- saving ----------------------------------------------------------------------------------------------
+    # --- saving ---------------------------------------------------------------------------------------------
 
     def _save(self, stem: str, *, kind: str, epoch: int, step: int, with_state: bool) -> str | None:
-        session = self.session
-        trained = session.method.trained_state()
-        optimizer_state = session.optimizer.state_dict() if with_state else None
-        # Every process checks (their weights are the same), so all of them stop together without a message.
-        refuse_non_finite(step, trained, optimizer_state, session.config.saving.save_precision)
-        if self.ema is not None:
-            refuse_non_finite(step, self.ema.shadow, None, session.config.saving.save_precision)
-        state_folder, failure = None, None
-        if session.is_main:
-            try:
-                state_folder = self._write(stem, kind=kind, epoch=epoch, step=step, trained=trained,
-                                           optimizer_state=optimizer_state)
-            except Exception as error:  # noqa: BLE001 - shared with the other processes below, then raised
-                failure = error
-        self._share_failure(failure)
-        session.accelerator.wait_for_everyone()
-        return state_folder
-
-    def _write(self, stem: str, *, kind: str, epoch: int, step: int, trained: dict[str, torch.Tensor],
-               optimizer_state: dict[str, Any] | None) -> str | None:
-        from engine.networks.metadata import build_metadata, modelspec_metadata, with_progress
-
-        session = self.session
-        precision = session.config.saving.save_precision
-        needed = save_bytes(session.method, trained, optimizer_state, precision)
-        if self.ema is not None and session.config.ema.save == "beside":  # the EMA's file is as large as the model's
-            needed += save_bytes(session.method, trained, None, precision)
-        ensure_free_space(session.output_dir, needed)
-        if self._metadata is None:
-            self._metadata = {**build_metadata(session.config, session.facts),
-                              **modelspec_metadata(session.config, session.facts,
-                                                   kind=getattr(session.method, "metadata_kind", "lora"))}
-        metadata = with_progress(self._metadata, steps=step, epoch=epoch, finished_at=time.time())
-        self._set_train_mode(False)
-        try:
-            with disk_full_named(session.output_dir):
-                saved = save_models(session.method, self.ema, session.config.ema.save, session.output_dir, stem,
-                                    metadata)
-        finally:
-            self._set_train_mode(True)
-        for path, fields in saved:  # the trained weights' file, and the EMA's beside it (ema.save = "beside")
-            self.files.append(str(path))
-            # Files a save writes beside the model (SD3's trained text encoders) are this run's too, for retention.
-            self.files.extend(str(companion) for companion in self._companions(path) if companion.exists())
-            session.log.event("checkpoint", **{"kind": kind, "path": str(path), "step": step, "epoch": epoch,
-                                               **fields})
-        if optimizer_state is None:
-            return None
-        state_folder = str(self._save_state(stem, epoch, step))
-        self.files.append(state_folder)
-        session.log.event("checkpoint", kind="state", path=state_folder, step=step, epoch=epoch)
-        return state_folder
-
-    def _share_failure(self, failure: Exception | None) -> None:
-        """Raise the main process's save error there, and SaveFailedElsewhere on the others (which would
-        otherwise wait at the next barrier forever)."""
-        accelerator = self.session.accelerator
-        failed = failure is not None
-        if accelerator.num_processes > 1:
-            flag = torch.tensor([float(failed)], device=accelerator.device)
-            failed = bool(accelerator.reduce(flag, reduction="sum").item())
-        if failure is not None:
-            raise failure
-        if failed:
-            raise SaveFailedElsewhere("the main process could not save; its events say why")
-
-    def _save_state(self, stem: str, epoch: int, step: int) -> Path:
-        # Read again now that train mode is back: a schedule-free optimizer's eval/train round trip may round the
-        # weights, and a resume must start from exactly the values training goes on with.
-        session = self.session
-        scaler = session.precision.scaler
-        state = SavedState(
-            trained=session.method.trained_state(), optimizer=session.optimizer.state_dict(),
-            scheduler=session.lr_scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
-            position=self.position, ema=self.ema.snapshot() if self.ema is not None else None,
-            info={"method": session.config.method, "output_name": session.output_name, "epoch_saved": epoch,
-                  "step_saved": step, "session_id": getattr(session.facts, "session_id", None),
-                  "validation": self.validation.state_dict(),
-                  "files": [*self.files, str(session.output_dir / naming.state_dir_name(stem))]},
-        )
-        return save_state(session.output_dir / naming.state_dir_name(stem), state)
-
-    def _clean_leftovers(self) -> None:
-        """Remove what killed runs left half-written under this run's names (and restore a state folder a crash
-        left only under its retired name), before this run writes anything."""
-        session = self.session
-        save_as = session.config.saving.save_model_as
-        names = {session.output_name, session.config.saving.output_name}
-        cleaned = clean_stale_temporaries(session.output_dir,
-                                          lambda name: any(naming.owns_name(own, save_as, name) for own in names))
-        if cleaned:
-            session.log.line(f"cleaned {len(cleaned)} leftover(s) of interrupted saves in {session.output_dir}")
+        return self.checkpoints.save(stem, kind=kind, epoch=epoch, step=step, position=self.position,
+                                     with_state=with_state)
 
     def _retire_steps(self, step: int) -> None:
-        saving = self.session.config.saving
-        retired = naming.step_files_to_remove(self.session.output_name, step, every_n=saving.save_every_n_steps,
-                                              keep_last_n_steps=saving.save_last_n_steps)
-        for name in self.validation.retire(retired):
-            self._remove_output(name)
-
-    def _remove_output(self, stem: str) -> None:
-        """Remove one of this run's own older checkpoints and its state, as the retention settings ask.
-
-        Only paths this run wrote (including before a resume: the list travels in the state) are ever removed.
-        """
-        session = self.session
-        if not session.is_main:
-            return
-        save_as = session.config.saving.save_model_as
-        model_file = session.output_dir / naming.file_name(stem, save_as)
-        ema_file = session.output_dir / naming.file_name(naming.ema_stem(stem), save_as)
-        for path in (model_file, *self._companions(model_file), ema_file, *self._companions(ema_file),
-                     session.output_dir / naming.state_dir_name(stem)):
-            if str(path) not in self.files:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists():
-                path.unlink()
-            self.files.remove(str(path))
-
-    def _companions(self, saved: Path) -> list[Path]:
-        companions = getattr(self.session.method, "companion_files", None)
-        return list(companions(saved)) if companions is not None else []
+        self.checkpoints.retire_steps(step)
 
     # --- validation -------------------------------------------------------------------------------------------
 
@@ -379,8 +245,7 @@ class Trainer:
         tracker = self.validation
         if not (due or (stem is not None and tracker.due_at_save())):
             return
-        save_as = self.session.config.saving.save_model_as
-        checkpoint = (stem, str(self.session.output_dir / naming.file_name(stem, save_as))) if stem else None
+        checkpoint = (stem, str(self.checkpoints.file_path(stem))) if stem else None
         tracker.run(self.evaluate_trained_weights, step=step, epoch=epoch, checkpoint=checkpoint)
 
     def evaluate_trained_weights(self) -> ValidationResult:
