@@ -368,9 +368,12 @@ class TrainTab:
             raise RunError("this run has no saved state to resume from")
         self.manager.resume(handle, state)
 
-    def draw_samples(self, name: str | None) -> list[tuple[str, str]]:
+    def draw_samples(self, name: str | None) -> gr.Gallery:
         handle = _handle(self.manager, name)
-        return view.gallery_items(self.manager.status(handle, log_lines=0)) if handle is not None else []
+        if handle is None:
+            return gr.Gallery(value=[], label="Samples")
+        status = self.manager.status(handle, log_lines=0)
+        return gr.Gallery(value=view.gallery_items(status), label=view.gallery_label(status))
 
     def wire(self) -> None:
         """The tab's events, in the order the page registers them."""

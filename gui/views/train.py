@@ -21,6 +21,7 @@ LOSS_COLORS = {"raw": "#a1a1aa", "smoothed": "#f97316", "validation": "#2563eb"}
 RESUMABLE_STATES = ("stopped", "failed", "lost")  # a finished run has no steps left to train
 _FAILED_STATES = ("failed", "lost")
 LIVE_STATES = ("running",)
+GALLERY_LIMIT = 48  # samples the gallery shows: the newest (every new sample redraws the whole gallery)
 MAX_WARNINGS = 5  # doctor warnings listed per queued run  # the states whose speed and time left mean something
 OVER_PLAN = 0.10  # a measured GPU peak this much above the plan's is marked
 _MIB_PER_GIB = 1024
@@ -177,10 +178,20 @@ def queue_choices(queued: Sequence[RunHandle]) -> list[str]:
     return [handle.name for handle in queued]
 
 
-def gallery_items(status: RunStatus) -> list[tuple[str, str]]:
-    """The samples with their captions (step and prompt), oldest first, as the Gallery takes them."""
+def gallery_items(status: RunStatus, limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
+    """The newest `limit` samples with their captions (step and prompt), oldest first, as the Gallery takes them.
+    Gradio sends and the page redraws the whole gallery at each change, so a long run sampling often would send
+    hundreds of images for every new one; the files all stay in the run's sample folder."""
     labels = status.sample_labels + [""] * (len(status.samples) - len(status.sample_labels))
-    return list(zip(status.samples, labels, strict=False))
+    return list(zip(status.samples, labels, strict=False))[-limit:]
+
+
+def gallery_label(status: RunStatus, limit: int = GALLERY_LIMIT) -> str:
+    """'Samples', or which of them the gallery shows and where the rest are."""
+    count = len(status.samples)
+    if count <= limit:
+        return "Samples"
+    return f"Samples: the newest {limit} of {count} (all in {Path(status.samples[-1]).parent})"
 
 
 def stale_texts(owners: Mapping[str, str | None], run: str | None) -> list[str]:

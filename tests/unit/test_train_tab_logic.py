@@ -173,6 +173,25 @@ def test_samples_carry_their_step_and_prompt(tmp_path):
     assert sample_label(0, "") == "step 0"
 
 
+def test_the_gallery_shows_the_newest_samples_of_a_long_run(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    write_record(run_dir, {"created_at": 1.0})
+    sample_dir = run_dir / "sample"
+    events = [{"type": "sample", "step": step, "images": [{"path": str(sample_dir / f"s{step}.png"), "prompt": "p"}]}
+              for step in range(1, view.GALLERY_LIMIT + 13)]
+    (run_dir / EVENTS_FILE).write_text("".join(json.dumps(event) + "\n" for event in events), encoding="utf-8")
+    status = RunReader(run_dir).status()
+    items = view.gallery_items(status)
+    assert len(items) == view.GALLERY_LIMIT
+    assert items[0] == (str(sample_dir / "s13.png"), "step 13 · p")
+    assert items[-1][0] == str(sample_dir / f"s{view.GALLERY_LIMIT + 12}.png")
+    label = view.gallery_label(status)
+    assert f"newest {view.GALLERY_LIMIT} of {view.GALLERY_LIMIT + 12}" in label and str(sample_dir) in label
+    few = RunStatus(state="running", samples=[str(sample_dir / "a.png")], sample_labels=["step 1 · p"])
+    assert view.gallery_label(few) == "Samples" and len(view.gallery_items(few)) == 1
+
+
 def test_a_queued_run_shows_the_doctors_warnings(project, tmp_path):
     manager = RunManager(tmp_path / "runs")
     config = deep_merge(config_for(project), {"dataset": {"general": {"resolution": [512, 512]}}})
