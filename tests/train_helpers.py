@@ -257,3 +257,20 @@ def run_trainer(config_path: Path, run_dir: Path) -> Any:
         log.close()
     assert outcome.status == "finished", outcome
     return trainer
+
+
+def random_up_lora(model: torch.nn.Module, family: str, text_encoders: int, seed: int = 5,
+                   **options: Any) -> torch.nn.Module:
+    """A rank-4 LoRA over `model` (options: conv_dim, network_args, ...), applied, with random up weights so its
+    outputs and gradients are not trivial (a fresh LoRA's zero up weights would hide a wrong swap or offload)."""
+    from engine.networks.lora import create_lora_network
+
+    torch.manual_seed(seed)
+    network = create_lora_network(model, [torch.nn.Identity()] * text_encoders, family, dim=4, alpha=4,
+                                  train_text_encoder=False, **options)
+    network.apply_to()
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_up" in name:
+                param.normal_(0, 0.1)
+    return network

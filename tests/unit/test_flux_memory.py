@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from train_helpers import random_up_lora  # noqa: E402
 
 from engine.models.flux.block_swap import (  # noqa: E402
     BlockSwapper,
@@ -31,7 +32,6 @@ from engine.models.flux.block_swap import (  # noqa: E402
 from engine.models.flux.fp8 import is_stored_in_fp8, store_in_fp8  # noqa: E402
 from engine.models.flux.params import CHROMA, FLUX_DEV, FLUX_SCHNELL, FluxParams  # noqa: E402
 from engine.models.flux.transformer import Flux  # noqa: E402
-from engine.networks.lora import create_lora_network  # noqa: E402
 from engine.networks.lora_modules import LoRAModule  # noqa: E402
 
 TINY = FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
@@ -74,17 +74,9 @@ def _inputs(params: FluxParams, device: str = "cpu", seed: int = 1) -> dict[str,
 
 def _network(model: Flux, seed: int = 5, network_args: dict | None = None) -> nn.Module:
     """A rank-4 LoRA on every block layer, applied, with random up weights so its gradients are not trivial."""
-    family = "chroma" if model.params.chroma else "flux1"
-    encoders = [nn.Identity()] * (1 if model.params.chroma else 2)
-    torch.manual_seed(seed)
-    network = create_lora_network(model, encoders, family, dim=4, alpha=4, train_text_encoder=False,
-                                  network_args=network_args)
-    network.apply_to()
-    with torch.no_grad():
-        for name, param in network.named_parameters():
-            if "lora_up" in name:
-                param.normal_(0, 0.1)
-    return network
+    chroma = model.params.chroma
+    return random_up_lora(model, "chroma" if chroma else "flux1", 1 if chroma else 2, seed,
+                          network_args=network_args)
 
 
 def _step(model: Flux, network: nn.Module, device: str = "cpu") -> tuple[float, list[torch.Tensor]]:

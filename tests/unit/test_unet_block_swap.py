@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from train_helpers import random_up_lora
 
 from engine.config.choices import FAMILY_LIMITS
 from engine.models.block_swap import BlockSwapper, place_denoiser
 from engine.models.checkpointing import unet_checkpointing
 from engine.models.swap_layouts import swap_limits, swap_split, swapped_block_names, unet_swap_units
-from engine.networks.lora import create_lora_network
 
 FAMILIES = ("sd1", "sdxl")
 BATCH, LATENT, TOKENS = 2, 8, 7
@@ -55,16 +55,7 @@ def _inputs(unet: nn.Module, device: str = "cpu", seed: int = 1) -> tuple[tuple,
 
 def _network(unet: nn.Module, family: str, seed: int = 5) -> nn.Module:
     """A rank-4 LoRA (and LoCon on the resnets' convolutions), applied, with random up weights."""
-    encoders = [nn.Identity()] * (2 if family == "sdxl" else 1)
-    torch.manual_seed(seed)
-    network = create_lora_network(unet, encoders, family, dim=4, alpha=4, train_text_encoder=False,
-                                  conv_dim=4, conv_alpha=4)
-    network.apply_to()
-    with torch.no_grad():
-        for name, param in network.named_parameters():
-            if "lora_up" in name:
-                param.normal_(0, 0.1)
-    return network
+    return random_up_lora(unet, family, 2 if family == "sdxl" else 1, seed, conv_dim=4, conv_alpha=4)
 
 
 def _step(unet: nn.Module, network: nn.Module, device: str = "cpu") -> tuple[float, list[torch.Tensor]]:
