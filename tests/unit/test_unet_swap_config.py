@@ -161,3 +161,16 @@ def test_full_fine_tuning_plans_the_swapped_trained_blocks_on_the_host():
     assert items["trained blocks swapped to the CPU"].bytes == swapped * 4 > 0  # float32 trained weights
     assert items["trained blocks swapped to the CPU"].where == "host"
     assert items["trained weights (the whole denoiser)"].bytes == (total - swapped) * 4
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux1", "sd3"])
+def test_compiling_a_denoiser_whose_blocks_swap_is_refused_naming_both_fields(family):
+    """The swapper's hooks make dynamo trace again for every block (engine.config.rules_flux._swap_and_compile);
+    CPU-offloaded checkpointing compiles (the eager backend trains the tiny SD1 as without it)."""
+    memory = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+    found = problems(family, launch={"dynamo_backend": "inductor"}, training={**memory, "blocks_to_swap": 4})
+    assert [path for path, _ in found] == ["launch.dynamo_backend"], found
+    assert "blocks_to_swap" in found[0][1] and "dynamo_backend = 'no'" in found[0][1]
+    assert problems(family, launch={"dynamo_backend": "inductor"}, training={**memory,
+                                                                          "cpu_offload_checkpointing": True}) == []
+    assert problems(family, launch={"dynamo_backend": "no"}, training={**memory, "blocks_to_swap": 4}) == []
