@@ -114,6 +114,10 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
                               f"{traced.trained_parameters:,} parameters, float32"))
     items.append(PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
                           f"{_step_detail(config, shape)}; gradients {traced.gradient_bytes / GIB:.2f} GiB of it"))
+    if traced.offloaded_bytes:
+        items.append(PlanItem("checkpointed activations offloaded to the CPU", traced.offloaded_bytes, "host",
+                              "training.cpu_offload_checkpointing: the checkpointed blocks' inputs wait in system RAM "
+                              "until the backward pass recomputes each block on the GPU"))
     vae_trace = partial(_vae_bytes, architecture, traces if traces is not None else {})
     if not config.training.cache_latents and architecture.vae_config is not None:
         encode = vae_trace(shape, vae_dtype(config.model.no_half_vae, "cuda", frozen), encode=True)
@@ -160,7 +164,7 @@ def trace_key(config: RunConfig, shape: StepShape, samples: StepShape | None = N
                    rates.text_encoder2_lr)  # which text encoders the LoRA trains (trace.trained_text_encoders)
     return (config.model.pretrained_model_name_or_path, config.model.model_family, config.method,
             config.network.model_dump_json(), training.mixed_precision, training.full_bf16, training.full_fp16,
-            training.gradient_checkpointing, trains_text, shape, samples)
+            training.gradient_checkpointing, training.cpu_offload_checkpointing, trains_text, shape, samples)
 
 
 def detected_gpu_memory() -> int | None:
@@ -296,7 +300,10 @@ def _other_parts(config: RunConfig, architecture: Architecture, frozen: torch.dt
 
 
 def _step_detail(config: RunConfig, shape: StepShape) -> str:
-    checkpointing = "gradient checkpointing" if config.training.gradient_checkpointing else "no checkpointing"
+    training = config.training
+    checkpointing = "gradient checkpointing" if training.gradient_checkpointing else "no checkpointing"
+    if training.gradient_checkpointing and training.cpu_offload_checkpointing:
+        checkpointing += " (its saved inputs offloaded to the CPU)"
     return (f"batch {shape.batch_size} at {shape.width}x{shape.height}, {config.training.mixed_precision} "
             f"autocast, {checkpointing} (traced with fake tensors)")
 

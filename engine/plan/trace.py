@@ -27,9 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from engine.config.schema import RunConfig
+from engine.models.checkpointing import offload_host
 from engine.models.families import family_info
 
-__all__ = ["PeakBytes", "StepShape", "TracedStep", "trace_step"]
+__all__ = ["HOST_STAND_IN", "PeakBytes", "StepShape", "TracedStep", "trace_step"]
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,26 @@ class TracedStep:
     trained_bytes: int  # the trained weights themselves (float32 unless full_bf16 / full_fp16)
     gradient_bytes: int  # the trained weights' gradients after backward (part of peak_bytes)
     sampling_bytes: int = 0  # the denoiser's inference for samples (no gradients), when a sample shape was given
+    offloaded_bytes: int = 0  # cpu_offload_checkpointing: the peak of the checkpoints' inputs waiting in host RAM
+
+
+# The device that stands for the host in a trace: cpu_offload_checkpointing's copies go there (offload_host), so that
+# they are new storages, counted apart from the device's.
+HOST_STAND_IN = "meta"
 
 
 class PeakBytes(TorchDispatchMode):
-    """Live bytes of the storages made while active, and their peak (each storage counted once, until freed)."""
+    """Live bytes of the storages made while active, and their peak (each storage counted once, until freed); those
+    on the host's stand-in (HOST_STAND_IN) are counted apart, in `host_peak`."""
 
     def __init__(self, resident: nn.Module) -> None:
         super().__init__()
         # Storages that exist before the step (weights, buffers): views of them (a transposed weight) are not new.
         self.resident = {tensor.untyped_storage()._cdata
                          for tensor in (*resident.parameters(), *resident.buffers())}
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
+        self.live: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, on the host)
+        self.current = self.peak = 0
+        self.host_current = self.host_peak = 0
 
     def _note(self, value: Any) -> None:
         if not isinstance(value, torch.Tensor):
@@ -68,14 +76,22 @@ class PeakBytes(TorchDispatchMode):
         key = storage._cdata
         if key in self.live or key in self.resident:
             return
-        size = storage.nbytes()
-        self.live[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
+        size, on_host = storage.nbytes(), value.device.type == HOST_STAND_IN
+        self.live[key] = (size, on_host)
+        if on_host:
+            self.host_current += size
+            self.host_peak = max(self.host_peak, self.host_current)
+        else:
+            self.current += size
+            self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
+        size, on_host = self.live.pop(key, (0, False))
+        if on_host:
+            self.host_current -= size
+        else:
+            self.current -= size
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -105,12 +121,14 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
                 encoder.gradient_checkpointing_enable()
         trained = _trained_parameters(config, family, denoiser, trains_denoiser, trained_dtype, text_encoders or [])
         if config.training.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            from engine.train.placement import enable_checkpointing
+
+            enable_checkpointing(denoiser, family, config.training.cpu_offload_checkpointing)
         denoiser.train(True)
         # The LoRA modules are the denoiser's and encoders' submodules once applied.
         tracker = PeakBytes(nn.ModuleList([denoiser, *encoders]))
         # CUDA's float32 rule for norms and softmax, also while checkpointing recomputes under autocast in backward.
-        with tracker, _cuda_float32_ops():
+        with tracker, _cuda_float32_ops(), offload_host(HOST_STAND_IN):
             inputs = _INPUTS[family_info(family).loader](denoiser, shape, frozen_dtype)
             if config.method == "textual_inversion":  # the gradient flows through the denoiser to the text
                 inputs.text.requires_grad_(True)
@@ -125,7 +143,7 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
         sampling = _trace_inference(config, family, denoiser, trained, sample_shape, frozen_dtype)
     return TracedStep(peak_bytes=tracker.peak, trained_parameters=sum(p.numel() for p in trained),
                       trained_bytes=sum(p.numel() * p.element_size() for p in trained),
-                      gradient_bytes=gradient_bytes, sampling_bytes=sampling)
+                      gradient_bytes=gradient_bytes, sampling_bytes=sampling, offloaded_bytes=tracker.host_peak)
 
 
 def _trace_inference(config: RunConfig, family: str, denoiser: nn.Module, trained: list[nn.Parameter],
