@@ -23,6 +23,7 @@ from engine.models.block_swap import MOVED_LAYERS
 from engine.models.families import family_info
 from engine.models.vae import vae_dtype
 from engine.plan.architecture import Architecture, build_architecture
+from engine.plan.caches import device_caches
 from engine.plan.sampling import sample_shape, sampling_plan, trace_vae
 from engine.plan.trace import StepShape, TracedStep, trace_step
 from engine.train.precision import PRECISION_DTYPES
@@ -124,6 +125,9 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
         items.append(PlanItem("VAE encoding, beyond the step", max(0, encode - traced.peak_bytes), "gpu",
                               f"the batch's images encoded before each step: {encode / GIB:.2f} GiB (no latent "
                               "cache)"))
+    caches = device_caches(config, base_dir, architecture, shape.text_tokens)
+    if caches.total:
+        items.append(PlanItem("caches kept on the GPU", caches.total, "gpu", caches.detail()))
     if samples is not None:
         items.append(_sampling_item(config, architecture, others, traced, samples, vae_trace))
     if gpu_capacity is None:
