@@ -14,7 +14,7 @@ from engine.config.io import deep_merge, default_config_dict
 from engine.config.schema import RunConfig
 from engine.plan import optimizer_state_bytes
 from engine.plan.architecture import Architecture
-from engine.plan.estimate import _denoiser_weights
+from engine.plan.weights import denoiser_weights as _denoiser_weights
 
 
 def _config(**sections: dict) -> RunConfig:
@@ -52,9 +52,9 @@ class _Tiny(nn.Module):
 
 
 def _weights(monkeypatch: pytest.MonkeyPatch, swapped: list[str], **model: object) -> dict[str, int]:
-    import engine.plan.estimate as estimate
+    import engine.plan.weights as weights
 
-    monkeypatch.setattr(estimate, "_swapped_blocks", lambda config, architecture: swapped)
+    monkeypatch.setattr(weights, "swapped_blocks", lambda config, architecture: swapped)
     config = _config(model=model, training={"mixed_precision": "bf16"})
     architecture = Architecture("flux1", _Tiny(), {}, 0, "test")
     return {item.name: item.bytes for item in _denoiser_weights(config, architecture, torch.bfloat16)}

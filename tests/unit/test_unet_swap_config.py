@@ -145,7 +145,7 @@ def test_full_fine_tuning_plans_the_swapped_trained_blocks_on_the_host():
     from engine.models.configs import shipped_configs
     from engine.models.swap_layouts import swapped_block_names
     from engine.plan.architecture import Architecture
-    from engine.plan.estimate import _denoiser_weights
+    from engine.plan.weights import denoiser_weights
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(shipped_configs("sdxl")["unet"])
@@ -154,7 +154,7 @@ def test_full_fine_tuning_plans_the_swapped_trained_blocks_on_the_host():
         "optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True},
         "training": {"mixed_precision": "bf16", "blocks_to_swap": 20}})
     config = RunConfig.model_validate(data, context={"check_packages": False})
-    items = {item.name: item for item in _denoiser_weights(config, Architecture("sdxl", unet, {}, 0, "test"),
+    items = {item.name: item for item in denoiser_weights(config, Architecture("sdxl", unet, {}, 0, "test"),
                                                            torch.bfloat16)}
     swapped = sum(p.numel() for name in swapped_block_names(unet, 20) for p in unet.get_submodule(name).parameters())
     total = sum(p.numel() for p in unet.parameters())
