@@ -122,3 +122,32 @@ def test_offloaded_checkpoints_are_planned_in_system_ram_as_the_engine_places_th
     # kernel, which keeps more for backward than the CPU's and CUDA's flash kernels that the plan traces.
     saved = plain["meta"] - offloaded["meta"]
     assert saved > 0 and abs((plain_step - step) - saved) <= 0.15 * saved
+
+
+def test_fit_proposes_offloaded_checkpoints_only_where_they_make_the_run_fit(tiny_models, tmp_path):
+    """Fit to my GPU: with every cheaper change made, a card between the plan with offloading and the plan without
+    gets cpu_offload_checkpointing; a card smaller than both goes on to swapping blocks (they exclude each other)."""
+    from engine.config.io import load_config
+    from engine.plan import make_plan
+    from engine.plan.fit import fit_to_gpu
+
+    cheaper = {"cache_latents": True, "cache_text_encoder_outputs": True, "gradient_checkpointing": True}
+
+    def config(name: str, **training: Any) -> Any:
+        return load_config(write_config(tmp_path / f"{name}.toml", tiny_models, "sd1",
+                                        network={"train_unet_only": True}, optimizer={"optimizer_type": "AdamW8bit"},
+                                        training={**cheaper, **training}), check_packages=False)
+
+    plain = config("plain")
+    needed = make_plan(plain, tmp_path, gpu_capacity=None).gpu_needed
+    offloaded = make_plan(config("offloaded", cpu_offload_checkpointing=True), tmp_path, gpu_capacity=None).gpu_needed
+    assert offloaded < needed
+
+    between = fit_to_gpu(plain, tmp_path, (offloaded + needed) // 2)
+    assert between.fits and [(c.key, c.value) for c in between.changes] == \
+        [("training.cpu_offload_checkpointing", True)]
+    assert between.changes[0].gpu_needed_bytes == offloaded
+
+    smaller = fit_to_gpu(plain, tmp_path, offloaded - 1)
+    keys = [change.key for change in smaller.changes]
+    assert "training.cpu_offload_checkpointing" not in keys and keys[0] == "training.blocks_to_swap", keys
