@@ -68,9 +68,14 @@ _KINDS = {
 }
 
 
+# By FamilyInfo.loader: whether the CLIPs are built with their projection (SD3 conditions on both CLIPs' projected
+# pooled outputs; FLUX.1 on CLIP-L's plain pooled output).
+_CLIP_PROJECTION = {"flux": False, "sd3": True}
+
+
 def flow_text_modules(config: RunConfig, family: str, location: Path) -> list[nn.Module]:
     """The family's text encoders on the meta device in the engine's order, or [] when any cannot be read here."""
-    projection = family_info(family).loader == "sd3"  # SD3 conditions on both CLIPs' projected pooled outputs
+    projection = _CLIP_PROJECTION[family_info(family).loader]
     modules = []
     for key in family_info(family).text_encoder_files:
         module = _on_meta(key, Path(getattr(config.model, key) or location), location, projection)
