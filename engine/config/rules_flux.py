@@ -69,6 +69,7 @@ def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iter
     limits = FAMILY_LIMITS.get(config.model.model_family)
     fp8 = [key for key in ("fp8_base", "fp8_base_unet") if getattr(config.model, key)]
     yield from _swap_and_offload(config, limits)
+    yield from _swap_and_compile(config)
     yield from _fp8_precision_and_method(config, fp8)
     yield from _swap_trained_blocks(config, limits)
     yield from _fp8_torch_version(context, fp8)
@@ -86,6 +87,18 @@ def _swap_and_offload(config: RunConfig, limits: FamilyLimits | None) -> Iterato
     if training.cpu_offload_checkpointing and not training.gradient_checkpointing:
         yield Problem("training.cpu_offload_checkpointing", "offloads gradient checkpointing's activations, so it "
                       "needs training.gradient_checkpointing = true")
+
+
+def _swap_and_compile(config: RunConfig) -> Iterator[Problem]:
+    """torch.compile and block swapping: the swapper's hooks move each block's weights in and out around its
+    forward, and dynamo traces them again for every block until its recompile limit (measured with the eager backend
+    on the tiny SD1 UNet, 6 blocks: the limit of 8 is hit and the rest runs uncompiled), so the compile buys nothing
+    and costs its tracing. CPU-offloaded checkpointing compiles and trains as without the compile (same run)."""
+    backend = config.launch.dynamo_backend
+    if backend != "no" and config.training.blocks_to_swap:
+        yield Problem("launch.dynamo_backend", f"torch.compile (backend {backend!r}) cannot compile a denoiser "
+                      "whose blocks training.blocks_to_swap moves in and out at every step; set dynamo_backend = "
+                      "'no' to keep swapping, or blocks_to_swap = 0 to compile")
 
 
 def _fp8_precision_and_method(config: RunConfig, fp8: list[str]) -> Iterator[Problem]:

@@ -133,7 +133,8 @@ class LaunchSection(StrictModel):
     )
     dynamo_backend: DynamoBackend = setting(
         "no", "Compile the denoiser with torch.compile using this backend (no = off); the first steps are slow "
-        "while it traces. inductor is the fast one (needs a C++ compiler on a CPU), cudagraphs needs a GPU.",
+        "while it traces. inductor is the fast one (needs a C++ compiler on a CPU), cudagraphs needs a GPU. Not with "
+        "training.blocks_to_swap.",
         advanced=True,
     )
     accelerate_config_file: str = setting(

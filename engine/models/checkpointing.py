@@ -12,6 +12,9 @@ resnet and each transformer block through it). Both modes behave the same for ev
 
 :func:`inside_checkpoint` says whether a block runs inside such a checkpoint, in its forward pass or in the
 recomputation: the block swapper (engine.models.block_swap) then leaves saving to the checkpoint.
+
+:func:`offload_host` names another device for the offloaded streams: the memory plan traces a step on the CPU with
+fake tensors and has the meta device stand for the host, so that the copies are new storages it can count.
 """
 
 from __future__ import annotations
@@ -25,9 +28,20 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpoint_block", "inside_checkpoint", "unet_checkpointing"]
+__all__ = ["checkpoint_block", "inside_checkpoint", "offload_host", "unet_checkpointing"]
 
 _INSIDE = contextvars.ContextVar("inside_checkpoint", default=False)
+_HOST: contextvars.ContextVar[str] = contextvars.ContextVar("offload_host", default="cpu")
+
+
+@contextmanager
+def offload_host(device: torch.device | str) -> Iterator[None]:
+    """Offloaded streams wait on `device` instead of the CPU while this is active (see the module docstring)."""
+    token = _HOST.set(str(device))
+    try:
+        yield
+    finally:
+        _HOST.reset(token)
 
 
 def inside_checkpoint() -> bool:
@@ -61,7 +75,7 @@ def checkpoint_block(block: Callable[..., Any], *args: Any, streams: int = 0) ->
         moved = tuple(_to(stream, device, non_blocking=True) for stream in inputs[:streams])
         return run(*moved, *inputs[streams:])
 
-    return checkpoint(on_device, *(_to(stream, torch.device("cpu")) for stream in args[:streams]),
+    return checkpoint(on_device, *(_to(stream, torch.device(_HOST.get())) for stream in args[:streams]),
                       *args[streams:], use_reentrant=False)
 
 

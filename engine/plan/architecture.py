@@ -33,7 +33,8 @@ class Architecture:
     notes: list[str] = field(default_factory=list)
     vae_config: dict[str, Any] | None = None  # the VAE's diffusers config, for tracing its decoder (samples)
     # The text encoders on the meta device, in the engine's order, where the plan can trace them training (SD1, SD2,
-    # SDXL); empty where only their parameter counts are known.
+    # SDXL always; FLUX.1 / Chroma and SD3 from their files' headers when the run may train them: text_modules.py);
+    # empty where only their parameter counts are known.
     text_modules: list[nn.Module] = field(default_factory=list)
 
 
@@ -158,7 +159,8 @@ def _flux(config: RunConfig, family: str, location: Path) -> Architecture:
     vae, vae_notes = _file_parameters({"ae": model.ae})
     from engine.models.flux.ae import FLUX_AE_CONFIG
 
-    return Architecture(family, denoiser, encoders, vae["ae"], source, notes + vae_notes, vae_config=FLUX_AE_CONFIG)
+    return Architecture(family, denoiser, encoders, vae["ae"], source, notes + vae_notes, vae_config=FLUX_AE_CONFIG,
+                        text_modules=_flow_text_modules(config, family, location))
 
 
 def _sd3(config: RunConfig, family: str, location: Path) -> Architecture:
@@ -186,7 +188,19 @@ def _sd3(config: RunConfig, family: str, location: Path) -> Architecture:
         notes = [note for note in notes if not encoders.get(note.split(":")[0])]
     from engine.models.sd3.vae import SD3_VAE_CONFIG
 
-    return Architecture(family, denoiser, encoders, vae["vae"], source, notes + vae_notes, vae_config=SD3_VAE_CONFIG)
+    return Architecture(family, denoiser, encoders, vae["vae"], source, notes + vae_notes, vae_config=SD3_VAE_CONFIG,
+                        text_modules=_flow_text_modules(config, family, location))
+
+
+def _flow_text_modules(config: RunConfig, family: str, location: Path) -> list[nn.Module]:
+    """FLUX's and SD3's encoders on the meta device when the run may train them (T5-XXL alone is 4.8 B parameters:
+    not built for the many plans of runs that do not)."""
+    from engine.plan.text_modules import flow_text_modules
+    from engine.plan.text_trace import encoder_training
+
+    if not any(encoder_training(config, family, len(family_info(family).text_encoder_files))):
+        return []
+    return flow_text_modules(config, family, location)
 
 
 _BUILDERS: dict[str, Callable[[RunConfig, str, Path], Architecture]] = {"ldm": _sd, "flux": _flux, "sd3": _sd3}

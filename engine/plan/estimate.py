@@ -19,30 +19,23 @@ from typing import Any
 import torch
 
 from engine.config.schema import RunConfig
-from engine.models.block_swap import MOVED_LAYERS
 from engine.models.families import family_info
 from engine.models.vae import vae_dtype
 from engine.plan.architecture import Architecture, build_architecture
+from engine.plan.caches import device_caches
+from engine.plan.items import GIB, PlanItem, dtype_name
 from engine.plan.sampling import sample_shape, sampling_plan, trace_vae
 from engine.plan.trace import StepShape, TracedStep, trace_step
+from engine.plan.weights import denoiser_weights, other_parts
 from engine.train.precision import PRECISION_DTYPES
 from engine.train.precision import trained_dtype as weights_trained_dtype
 
 __all__ = ["GIB", "MemoryPlan", "PlanItem", "make_plan", "optimizer_state_bytes"]
 
-GIB = 1024**3
 # What the card holds beyond PyTorch's peak allocation: the CUDA context and kernels (~0.5 GiB) and the caching
 # allocator's rounding and fragmentation (reserved runs ~5-10 % above allocated in the device runs).
 CONTEXT_BYTES = int(0.6 * GIB)
 ALLOCATOR_SLACK = 0.10
-
-
-@dataclass(frozen=True)
-class PlanItem:
-    name: str
-    bytes: int
-    where: str  # "gpu" or "host"
-    detail: str = ""
 
 
 @dataclass
@@ -91,7 +84,7 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
     shape = step_shape(config, base_dir, architecture.family)
     frozen = PRECISION_DTYPES[config.training.mixed_precision]
     trained_dtype = weights_trained_dtype(config.training)
-    weights = _denoiser_weights(config, architecture, frozen)
+    weights = denoiser_weights(config, architecture, frozen)
     samples = sample_shape(config, base_dir, architecture.family, shape.text_tokens)
     key = trace_key(config, shape, samples)
     traced = (traces or {}).get(key)
@@ -101,30 +94,46 @@ def make_plan(config: RunConfig, base_dir: Path, *, gpu_capacity: int | None = N
                             text_encoders=architecture.text_modules)
         if traces is not None:
             traces[key] = traced
-    others = _other_parts(config, architecture, frozen)
+    others = other_parts(config, architecture, frozen)
     items = [*weights, *others]
     if config.method == "lora":
         items.append(PlanItem("trained weights (LoRA)", traced.trained_bytes, "gpu",
-                              f"{traced.trained_parameters:,} parameters, {_dtype_name(trained_dtype)}"))
+                              f"{traced.trained_parameters:,} parameters, {dtype_name(trained_dtype)}"))
     items.append(PlanItem("optimizer state", optimizer_state_bytes(config, traced.trained_parameters, trained_dtype),
                           "gpu", config.optimizer.optimizer_type))
     if config.ema.enabled:  # engine.train.ema: a float32 copy of the trained weights, where ema.device says
         where = "host" if config.ema.device == "cpu" else "gpu"
         items.append(PlanItem("EMA of the trained weights", traced.trained_parameters * 4, where,
                               f"{traced.trained_parameters:,} parameters, float32"))
-    items.append(PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
-                          f"{_step_detail(config, shape)}; gradients {traced.gradient_bytes / GIB:.2f} GiB of it"))
+    items.extend(_step_items(config, shape, traced))
     vae_trace = partial(_vae_bytes, architecture, traces if traces is not None else {})
     if not config.training.cache_latents and architecture.vae_config is not None:
         encode = vae_trace(shape, vae_dtype(config.model.no_half_vae, "cuda", frozen), encode=True)
         items.append(PlanItem("VAE encoding, beyond the step", max(0, encode - traced.peak_bytes), "gpu",
                               f"the batch's images encoded before each step: {encode / GIB:.2f} GiB (no latent "
                               "cache)"))
+    caches = device_caches(config, base_dir, architecture, shape.text_tokens)
+    if caches.total:
+        items.append(PlanItem("caches kept on the GPU", caches.total, "gpu", caches.detail()))
     if samples is not None:
         items.append(_sampling_item(config, architecture, others, traced, samples, vae_trace))
     if gpu_capacity is None:
         gpu_capacity = detected_gpu_memory()
     return MemoryPlan(architecture.family, items, shape, architecture.source, architecture.notes, gpu_capacity)
+
+
+def _step_items(config: RunConfig, shape: StepShape, traced: TracedStep) -> list[PlanItem]:
+    """The traced step, the optimizer's update where it needs more, and the activations offloaded to the host."""
+    items = [PlanItem("the step: activations, gradients and temporaries", traced.peak_bytes, "gpu",
+                      f"{_step_detail(config, shape)}; gradients {traced.gradient_bytes / GIB:.2f} GiB of it")]
+    update = _update_beyond_step(config, traced)
+    if update:
+        items.append(update)
+    if traced.offloaded_bytes:
+        items.append(PlanItem("checkpointed activations offloaded to the CPU", traced.offloaded_bytes, "host",
+                              "training.cpu_offload_checkpointing: the checkpointed blocks' inputs wait in system RAM "
+                              "until the backward pass recomputes each block on the GPU"))
+    return items
 
 
 def _sampling_item(config: RunConfig, architecture: Architecture, others: list[PlanItem], traced: TracedStep,
@@ -160,7 +169,7 @@ def trace_key(config: RunConfig, shape: StepShape, samples: StepShape | None = N
                    rates.text_encoder2_lr)  # which text encoders the LoRA trains (trace.trained_text_encoders)
     return (config.model.pretrained_model_name_or_path, config.model.model_family, config.method,
             config.network.model_dump_json(), training.mixed_precision, training.full_bf16, training.full_fp16,
-            training.gradient_checkpointing, trains_text, shape, samples)
+            training.gradient_checkpointing, training.cpu_offload_checkpointing, trains_text, shape, samples)
 
 
 def detected_gpu_memory() -> int | None:
@@ -209,94 +218,11 @@ def _datasets(config: RunConfig, base_dir: Path) -> list[Any]:
     return [resolve_general_only(section)]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _denoiser_weights(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
-    """The denoiser's weights: trained ones are counted with the trained weights; frozen ones in the weight dtype,
-    fp8 for the Linear weights with fp8_base (as store_in_fp8 keeps them). When swapping, the Linear and Conv2d
-    weights of the swapped blocks wait on the host (what the swapper moves; their biases and norms stay) and one
-    block's at a time visits the GPU while it runs."""
-    denoiser = architecture.denoiser
-    if config.method in ("dreambooth", "finetune"):
-        return _trained_denoiser_weights(config, architecture)
-    fp8 = config.model.fp8_base or config.model.fp8_base_unet
-    swapped = _swapped_blocks(config, architecture)
-    gpu = 0
-    for module in denoiser.modules():
-        # Buffers too: SD3's position table alone is 0.4 GiB at SD3.5 medium's 384 x 384.
-        gpu += sum(_frozen_bytes(module, tensor, fp8, frozen)
-                   for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
-    moved = [sum(_frozen_bytes(layer, layer.weight, fp8, frozen) for layer in denoiser.get_submodule(block).modules()
-                 if isinstance(layer, MOVED_LAYERS)) for block in swapped]
-    host, in_flight = sum(moved), max(moved, default=0)
-    detail = f"{_dtype_name(frozen)}{', Linear weights in fp8' if fp8 else ''}"
-    if swapped:
-        detail += f"; one swapped block's at a time while it runs ({in_flight / GIB:.2f} GiB)"
-    items = [PlanItem("denoiser weights (frozen)", gpu - host + in_flight, "gpu", detail)]
-    if swapped:
-        items.append(PlanItem("denoiser blocks swapped to the CPU", host, "host",
-                              f"{len(swapped)} blocks (training.blocks_to_swap): their Linear and Conv2d weights, "
-                              "pinned"))
-    return items
-
-
-def _frozen_bytes(module: torch.nn.Module, tensor: torch.Tensor, fp8: bool, frozen: torch.dtype) -> int:
-    fp8_weight = fp8 and isinstance(module, torch.nn.Linear) and tensor.ndim == 2
-    return tensor.numel() * (1 if fp8_weight else frozen.itemsize if tensor.is_floating_point()
-                             else tensor.element_size())
-
-
-def _trained_denoiser_weights(config: RunConfig, architecture: Architecture) -> list[PlanItem]:
-    """Full fine-tuning: the whole denoiser in its training dtype; the swapped blocks' parameters on the host (the
-    fused backward pass steps them while they visit the device)."""
-    dtype = weights_trained_dtype(config.training)
-    denoiser = architecture.denoiser
-    count = sum(p.numel() for p in denoiser.parameters())
-    swapped = _swapped_blocks(config, architecture)
-    on_host = sum(p.numel() for name in swapped for p in denoiser.get_submodule(name).parameters())
-    items = [PlanItem("trained weights (the whole denoiser)", (count - on_host) * dtype.itemsize, "gpu",
-                      f"{count - on_host:,} parameters, {_dtype_name(dtype)}")]
-    if on_host:
-        items.append(PlanItem("trained blocks swapped to the CPU", on_host * dtype.itemsize, "host",
-                              f"{len(swapped)} blocks (training.blocks_to_swap), {on_host:,} parameters"))
-    return items
-
-
-def _swapped_blocks(config: RunConfig, architecture: Architecture) -> list[str]:
-    """The module paths of the denoiser's swapped blocks (any family's: engine.models.swap_layouts); ValueError when
-    the model has fewer blocks than that."""
-    blocks = config.training.blocks_to_swap
-    if not blocks:
-        return []
-    from engine.models.swap_layouts import swapped_block_names
-
-    return list(swapped_block_names(architecture.denoiser, blocks))
-
-
-def _other_parts(config: RunConfig, architecture: Architecture, frozen: torch.dtype) -> list[PlanItem]:
-    """Text encoders and VAE: on the GPU in the weight dtype unless their outputs are cached (then on the host, the
-    encoders in the weight dtype and the VAE in float32, as placement keeps them on a GPU run)."""
-    training = config.training
-    items = []
-    encoders = sum(architecture.text_encoders.values())
-    if encoders:
-        cached = training.cache_text_encoder_outputs
-        items.append(PlanItem("text encoders", encoders * frozen.itemsize,
-                              "host" if cached else "gpu",
-                              ", ".join(f"{name} {count:,}" for name, count in architecture.text_encoders.items())
-                              + (" (outputs cached)" if cached else "")))
-    if architecture.vae:
-        cached = training.cache_latents
-        vae_dtype = 4 if cached or config.model.no_half_vae else frozen.itemsize
-        items.append(PlanItem("VAE", architecture.vae * vae_dtype, "host" if cached else "gpu",
-                              f"{architecture.vae:,} parameters" + (" (latents cached)" if cached else "")))
-    return items
-
-
 def _step_detail(config: RunConfig, shape: StepShape) -> str:
-    checkpointing = "gradient checkpointing" if config.training.gradient_checkpointing else "no checkpointing"
+    training = config.training
+    checkpointing = "gradient checkpointing" if training.gradient_checkpointing else "no checkpointing"
+    if training.gradient_checkpointing and training.cpu_offload_checkpointing:
+        checkpointing += " (its saved inputs offloaded to the CPU)"
     return (f"batch {shape.batch_size} at {shape.width}x{shape.height}, {config.training.mixed_precision} "
             f"autocast, {checkpointing} (traced with fake tensors)")
 
@@ -310,6 +236,24 @@ _STATE_PER_PARAMETER: dict[str, tuple[int, int]] = {  # (moments in the paramete
     "DAdaptAdan": (4, 0), "DAdaptAdanIP": (4, 0), "DAdaptLion": (2, 0), "DAdaptSGD": (2, 0), "Prodigy": (4, 0),
     "AdamWScheduleFree": (2, 0), "RAdamScheduleFree": (2, 0), "SGDScheduleFree": (1, 0), "Adafactor": (0, 0),
 }
+
+
+# Copies of the trained weights torch's own optimizers make in their update (their foreach implementation, CUDA's
+# default): AdamW's sqrt(v) + eps, SGD's Nesterov step; made while the gradients are alive, after the activations are
+# freed. bitsandbytes' 8-bit and paged optimizers update in fused kernels; Adafactor's factored temporaries are small.
+_UPDATE_COPIES: dict[str, int] = {"AdamW": 1, "SGDNesterov": 1}
+
+
+def _update_beyond_step(config: RunConfig, traced: TracedStep) -> PlanItem | None:
+    """The optimizer's update when it needs more than the step's peak (full fine-tuning: the gradients and the
+    update's temporaries of a whole model outgrow the activations; a LoRA's never do)."""
+    copies = _UPDATE_COPIES.get(config.optimizer.optimizer_type, 0) * traced.trained_bytes
+    beyond = traced.gradient_bytes + copies - traced.peak_bytes
+    if beyond <= 0 or config.optimizer.fused_backward_pass:  # fused: each gradient is applied and freed at once
+        return None
+    return PlanItem("the optimizer's update, beyond the step", beyond, "gpu",
+                    f"{config.optimizer.optimizer_type}: the gradients ({traced.gradient_bytes / GIB:.2f} GiB) and "
+                    f"its temporaries ({copies / GIB:.2f} GiB) after the activations are freed")
 
 
 def optimizer_state_bytes(config: RunConfig, parameters: int, dtype: torch.dtype) -> int:

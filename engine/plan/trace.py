@@ -27,9 +27,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from engine.config.schema import RunConfig
+from engine.models.checkpointing import offload_host
 from engine.models.families import family_info
+from engine.plan.text_trace import FULL_METHODS, cast_encoders, encode_for_loss, encoder_training, prepare_encoders
 
-__all__ = ["PeakBytes", "StepShape", "TracedStep", "trace_step"]
+__all__ = ["HOST_STAND_IN", "PeakBytes", "StepShape", "TracedStep", "trace_step"]
 
 
 @dataclass(frozen=True)
@@ -47,19 +49,26 @@ class TracedStep:
     trained_bytes: int  # the trained weights themselves (float32 unless full_bf16 / full_fp16)
     gradient_bytes: int  # the trained weights' gradients after backward (part of peak_bytes)
     sampling_bytes: int = 0  # the denoiser's inference for samples (no gradients), when a sample shape was given
+    offloaded_bytes: int = 0  # cpu_offload_checkpointing: the peak of the checkpoints' inputs waiting in host RAM
+
+
+# The device that stands for the host in a trace: cpu_offload_checkpointing's copies go there (offload_host), so that
+# they are new storages, counted apart from the device's.
+HOST_STAND_IN = "meta"
 
 
 class PeakBytes(TorchDispatchMode):
-    """Live bytes of the storages made while active, and their peak (each storage counted once, until freed)."""
+    """Live bytes of the storages made while active, and their peak (each storage counted once, until freed); those
+    on the host's stand-in (HOST_STAND_IN) are counted apart, in `host_peak`."""
 
     def __init__(self, resident: nn.Module) -> None:
         super().__init__()
         # Storages that exist before the step (weights, buffers): views of them (a transposed weight) are not new.
         self.resident = {tensor.untyped_storage()._cdata
                          for tensor in (*resident.parameters(), *resident.buffers())}
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
+        self.live: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, on the host)
+        self.current = self.peak = 0
+        self.host_current = self.host_peak = 0
 
     def _note(self, value: Any) -> None:
         if not isinstance(value, torch.Tensor):
@@ -68,14 +77,22 @@ class PeakBytes(TorchDispatchMode):
         key = storage._cdata
         if key in self.live or key in self.resident:
             return
-        size = storage.nbytes()
-        self.live[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
+        size, on_host = storage.nbytes(), value.device.type == HOST_STAND_IN
+        self.live[key] = (size, on_host)
+        if on_host:
+            self.host_current += size
+            self.host_peak = max(self.host_peak, self.host_current)
+        else:
+            self.current += size
+            self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
+        size, on_host = self.live.pop(key, (0, False))
+        if on_host:
+            self.host_current -= size
+        else:
+            self.current -= size
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -87,36 +104,39 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
                frozen_dtype: torch.dtype, trained_dtype: torch.dtype,
                sample_shape: StepShape | None = None, text_encoders: list[nn.Module] | None = None) -> TracedStep:
     """Trace one step (see the module docstring), and with `sample_shape` the denoiser's inference for samples
-    after it (engine.plan.sampling). `denoiser` (and `text_encoders`, SD1/SD2/SDXL's on the meta device, traced
-    when the run's LoRA trains them) is changed in place."""
+    after it (engine.plan.sampling). `denoiser` and `text_encoders` (the family's, on the meta device, where the
+    architecture has them: those the run trains are traced, engine.plan.text_trace) are changed in place."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    trains_denoiser = config.method in ("dreambooth", "finetune")
+    text_encoders = text_encoders or []
+    trains_denoiser = config.method in FULL_METHODS
     denoiser.to(trained_dtype if trains_denoiser else frozen_dtype)
-    encoders = trained_text_encoders(config, text_encoders or [])
-    for encoder in encoders:
-        encoder.to(frozen_dtype)
+    training = encoder_training(config, family, len(text_encoders))
+    encoders = [encoder for encoder, trains in zip(text_encoders, training, strict=True) if trains]
+    cast_encoders(config, encoders, frozen_dtype=frozen_dtype, trained_dtype=trained_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
         denoiser.requires_grad_(trains_denoiser)
-        for encoder in encoders:
-            encoder.to_empty(device="cpu").requires_grad_(False).train(True)
-            if config.training.gradient_checkpointing:
-                encoder.gradient_checkpointing_enable()
-        trained = _trained_parameters(config, family, denoiser, trains_denoiser, trained_dtype, text_encoders or [])
+        trained = prepare_encoders(config, encoders)
+        if trains_denoiser:
+            trained = [*denoiser.parameters(), *trained]
+        elif config.method == "lora":
+            trained, encoders = _lora_parameters(config, family, denoiser, trained_dtype, text_encoders, training)
         if config.training.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            from engine.train.placement import enable_checkpointing
+
+            enable_checkpointing(denoiser, family, config.training.cpu_offload_checkpointing)
         denoiser.train(True)
         # The LoRA modules are the denoiser's and encoders' submodules once applied.
         tracker = PeakBytes(nn.ModuleList([denoiser, *encoders]))
         # CUDA's float32 rule for norms and softmax, also while checkpointing recomputes under autocast in backward.
-        with tracker, _cuda_float32_ops():
+        with tracker, _cuda_float32_ops(), offload_host(HOST_STAND_IN):
             inputs = _INPUTS[family_info(family).loader](denoiser, shape, frozen_dtype)
             if config.method == "textual_inversion":  # the gradient flows through the denoiser to the text
                 inputs.text.requires_grad_(True)
             with _autocast(config):
                 # Trained encoders run first; what their forward keeps for backward stays while the denoiser runs.
-                encoded = _encode(encoders, shape)
+                encoded = encode_for_loss(encoders, family, shape.batch_size, shape.text_tokens)
                 prediction = inputs.forward()
             loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
             (loss + encoded).backward()
@@ -125,7 +145,7 @@ def trace_step(config: RunConfig, family: str, denoiser: nn.Module, shape: StepS
         sampling = _trace_inference(config, family, denoiser, trained, sample_shape, frozen_dtype)
     return TracedStep(peak_bytes=tracker.peak, trained_parameters=sum(p.numel() for p in trained),
                       trained_bytes=sum(p.numel() * p.element_size() for p in trained),
-                      gradient_bytes=gradient_bytes, sampling_bytes=sampling)
+                      gradient_bytes=gradient_bytes, sampling_bytes=sampling, offloaded_bytes=tracker.host_peak)
 
 
 def _trace_inference(config: RunConfig, family: str, denoiser: nn.Module, trained: list[nn.Parameter],
@@ -183,48 +203,27 @@ def _up(value: Any) -> Any:
 _CUDA_FLOAT32 = ("group_norm", "layer_norm", "softmax", "log_softmax")
 
 
-def trained_text_encoders(config: RunConfig, text_encoders: list[nn.Module]) -> list[nn.Module]:
-    """The encoders the run's LoRA trains, as the engine decides (engine.train.method_lora): a learning rate above 0,
-    not unet-only, outputs not cached."""
-    if config.method != "lora" or config.network.train_unet_only or config.training.cache_text_encoder_outputs:
-        return []
+def _lora_parameters(config: RunConfig, family: str, denoiser: nn.Module, trained_dtype: torch.dtype,
+                     text_encoders: list[nn.Module], training: list[bool]) -> tuple[list[nn.Parameter],
+                                                                                     list[nn.Module]]:
+    """The engine's LoRA on the denoiser and the trained encoders, applied: its weights, and the encoders it put
+    modules on (T5 only with train_t5xxl: the network decides, as in the run)."""
+    from engine.networks.lora import create_lora_network, network_options
     from engine.train.learning_rates import learning_rates
 
-    rates = learning_rates(config, len(text_encoders)).text_encoders
-    return [encoder for encoder, rate in zip(text_encoders, rates, strict=True) if rate > 0]
-
-
-def _encode(encoders: list[nn.Module], shape: StepShape) -> torch.Tensor:
-    """The trained encoders' forward on the batch's token ids (one row of 77 per chunk), as a term of the loss (0
-    without encoders) so that backward goes through them."""
-    total = torch.zeros(())
-    chunks = max(1, shape.text_tokens // 77)
-    for encoder in encoders:
-        ids = torch.zeros(shape.batch_size * chunks, 77, dtype=torch.long)
-        out = encoder(input_ids=ids, output_hidden_states=True)
-        total = total + out.hidden_states[-2].float().mean() * 0.0
-    return total
-
-
-def _trained_parameters(config: RunConfig, family: str, denoiser: nn.Module, trains_denoiser: bool,
-                        trained_dtype: torch.dtype, text_encoders: list[nn.Module]) -> list[nn.Parameter]:
-    if trains_denoiser:
-        return list(denoiser.parameters())
-    if config.method != "lora" or config.network.train_text_encoder_only:
-        return []  # textual inversion: a few embedding rows, counted with the text encoders
-    from engine.networks.lora import create_lora_network, network_options
-
-    trained = trained_text_encoders(config, text_encoders)
+    trains_unet = not config.network.train_text_encoder_only and learning_rates(config, len(training)).unet > 0
     # Stand-ins where the encoders are not traced: the network then puts no modules on them.
-    encoders = [*text_encoders] if trained else [nn.Module() for _ in family_info(family).text_encoder_lora_prefixes]
-    network = create_lora_network(denoiser, encoders, family,
-                                  train_text_encoder=[any(e is t for t in trained) for e in encoders],
+    encoders = [*text_encoders] if any(training) else \
+        [nn.Module() for _ in family_info(family).text_encoder_lora_prefixes]
+    network = create_lora_network(denoiser, encoders, family, train_unet=trains_unet,
+                                  train_text_encoder=training if any(training) else False,
                                   **network_options(config.network))
     network.apply_to()
     parameters = network.trainable_parameters()
     for parameter in parameters:
         parameter.data = parameter.data.to(trained_dtype)
-    return parameters
+    trained = [encoder for encoder, loras in zip(encoders, network.text_encoder_loras, strict=True) if loras]
+    return parameters, trained
 
 
 @dataclass

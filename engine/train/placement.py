@@ -20,7 +20,7 @@ from engine.models.vae import vae_dtype
 from engine.train.precision import trained_dtype as weights_trained_dtype
 from engine.train.setup import RunInputError
 
-__all__ = ["place_models", "store_frozen_in_fp8"]
+__all__ = ["enable_checkpointing", "place_models", "store_frozen_in_fp8"]
 
 
 def store_frozen_in_fp8(config: RunConfig, model: Any, dtype: torch.dtype) -> None:
@@ -68,6 +68,11 @@ _CHECKPOINTING: dict[str, Callable[[Any, bool], None]] = {
     "ldm": _unet_checkpointing, "flux": _transformer_checkpointing, "sd3": _transformer_checkpointing}
 
 
+def enable_checkpointing(denoiser: Any, family: str, cpu_offload: bool) -> None:
+    """Gradient checkpointing of the family's denoiser as a run switches it on (the memory plan traces the same)."""
+    _CHECKPOINTING[family_info(family).loader](denoiser, cpu_offload)
+
+
 def _place_denoiser(config: RunConfig, model: Any, device: torch.device, dtype: torch.dtype, trains: bool) -> Any:
     """The denoiser on the device (its swapped blocks' weights on the CPU); returns the block swapper, if any."""
     from engine.models.block_swap import place_denoiser
@@ -75,7 +80,7 @@ def _place_denoiser(config: RunConfig, model: Any, device: torch.device, dtype: 
     training, denoiser = config.training, model.unet
     denoiser.requires_grad_(False)
     if training.gradient_checkpointing:
-        _CHECKPOINTING[family_info(model.family).loader](denoiser, training.cpu_offload_checkpointing)
+        enable_checkpointing(denoiser, model.family, training.cpu_offload_checkpointing)
     try:
         return place_denoiser(denoiser, device, dtype, blocks_to_swap=training.blocks_to_swap, trainable=trains)
     except ValueError as error:  # more swapped blocks than this (possibly pruned) model has

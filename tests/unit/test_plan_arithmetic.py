@@ -14,7 +14,7 @@ from engine.config.io import deep_merge, default_config_dict
 from engine.config.schema import RunConfig
 from engine.plan import optimizer_state_bytes
 from engine.plan.architecture import Architecture
-from engine.plan.estimate import _denoiser_weights
+from engine.plan.weights import denoiser_weights as _denoiser_weights
 
 
 def _config(**sections: dict) -> RunConfig:
@@ -52,9 +52,9 @@ class _Tiny(nn.Module):
 
 
 def _weights(monkeypatch: pytest.MonkeyPatch, swapped: list[str], **model: object) -> dict[str, int]:
-    import engine.plan.estimate as estimate
+    import engine.plan.weights as weights
 
-    monkeypatch.setattr(estimate, "_swapped_blocks", lambda config, architecture: swapped)
+    monkeypatch.setattr(weights, "swapped_blocks", lambda config, architecture: swapped)
     config = _config(model=model, training={"mixed_precision": "bf16"})
     architecture = Architecture("flux1", _Tiny(), {}, 0, "test")
     return {item.name: item.bytes for item in _denoiser_weights(config, architecture, torch.bfloat16)}
@@ -88,3 +88,32 @@ def test_sizes(text, expected):
 def test_a_bad_size_is_refused_with_an_example():
     with pytest.raises(argparse.ArgumentTypeError, match="12GiB"):
         parse_size("twelve")
+
+
+def test_device_cache_entries_by_hand():
+    """training.cache_on_device: float32 latents at the bucket (8x smaller each way), twice with flip_aug, the loss
+    mask at the bucket's pixels; float32 hidden states and pooled embedding, T5's mask one byte a token."""
+    from engine.plan.caches import latent_entry_bytes, text_entry_bytes
+
+    assert latent_entry_bytes(4, 8, (1024, 768), flip=False, mask=False) == 4 * 96 * 128 * 4  # SDXL 1024x768
+    assert latent_entry_bytes(16, 8, (1024, 1024), flip=True, mask=True) == 16 * 128 * 128 * 4 * 2 + 1024 * 1024 * 4
+    assert text_entry_bytes(77, 2048, 1280, 0) == 77 * 2048 * 4 + 1280 * 4  # SDXL: CLIP-L+G states, G pooled
+    assert text_entry_bytes(512, 4096, 768, 512) == 512 * 4096 * 4 + 768 * 4 + 512  # FLUX.1 dev: T5, CLIP-L, mask
+
+
+@pytest.mark.parametrize("family, tokens, expected", [
+    ("sd1", 77, 77 * 768 * 4),
+    ("sdxl", 77, 77 * 2048 * 4 + 1280 * 4),
+    ("flux1", 512, 512 * 4096 * 4 + 768 * 4 + 512),
+    ("sd3", 256, (77 + 256) * 4096 * 4 + 2048 * 4),  # CLIP-L/G padded to T5's width, then T5; L+G pooled
+])
+def test_a_cached_captions_bytes_come_from_the_real_size_denoisers_inputs(family, tokens, expected, tmp_path):
+    from engine.models.families import family_info
+    from engine.plan.architecture import build_architecture
+    from engine.plan.caches import _TEXT_SHAPES, text_entry_bytes
+
+    config = RunConfig.model_validate(deep_merge(default_config_dict(), {"model": {"model_family": family}}),
+                                      context={"check_packages": False})
+    architecture = build_architecture(config, "not/local")
+    shape = _TEXT_SHAPES[family_info(family).text_encoding](architecture, tokens)
+    assert text_entry_bytes(*shape) == expected

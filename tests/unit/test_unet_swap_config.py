@@ -145,7 +145,7 @@ def test_full_fine_tuning_plans_the_swapped_trained_blocks_on_the_host():
     from engine.models.configs import shipped_configs
     from engine.models.swap_layouts import swapped_block_names
     from engine.plan.architecture import Architecture
-    from engine.plan.estimate import _denoiser_weights
+    from engine.plan.weights import denoiser_weights
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(shipped_configs("sdxl")["unet"])
@@ -154,10 +154,23 @@ def test_full_fine_tuning_plans_the_swapped_trained_blocks_on_the_host():
         "optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True},
         "training": {"mixed_precision": "bf16", "blocks_to_swap": 20}})
     config = RunConfig.model_validate(data, context={"check_packages": False})
-    items = {item.name: item for item in _denoiser_weights(config, Architecture("sdxl", unet, {}, 0, "test"),
+    items = {item.name: item for item in denoiser_weights(config, Architecture("sdxl", unet, {}, 0, "test"),
                                                            torch.bfloat16)}
     swapped = sum(p.numel() for name in swapped_block_names(unet, 20) for p in unet.get_submodule(name).parameters())
     total = sum(p.numel() for p in unet.parameters())
     assert items["trained blocks swapped to the CPU"].bytes == swapped * 4 > 0  # float32 trained weights
     assert items["trained blocks swapped to the CPU"].where == "host"
     assert items["trained weights (the whole denoiser)"].bytes == (total - swapped) * 4
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux1", "sd3"])
+def test_compiling_a_denoiser_whose_blocks_swap_is_refused_naming_both_fields(family):
+    """The swapper's hooks make dynamo trace again for every block (engine.config.rules_flux._swap_and_compile);
+    CPU-offloaded checkpointing compiles (the eager backend trains the tiny SD1 as without it)."""
+    memory = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+    found = problems(family, launch={"dynamo_backend": "inductor"}, training={**memory, "blocks_to_swap": 4})
+    assert [path for path, _ in found] == ["launch.dynamo_backend"], found
+    assert "blocks_to_swap" in found[0][1] and "dynamo_backend = 'no'" in found[0][1]
+    assert problems(family, launch={"dynamo_backend": "inductor"}, training={**memory,
+                                                                          "cpu_offload_checkpointing": True}) == []
+    assert problems(family, launch={"dynamo_backend": "no"}, training={**memory, "blocks_to_swap": 4}) == []
