@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import events_of, run_engine, write_config
+from train_helpers import engine_here, events_of, run_engine, write_config
 
 from engine.cache.entries import NonFiniteEntry
 from engine.cache.latent_files import load_entry as load_latents
@@ -37,8 +37,7 @@ def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_
     config = write_config(tmp_path / "config.toml", tiny_models, "sd1", training={"max_train_steps": 2},
                           dataset={"train_data_dir": str(images)})
     overrides = ["--set", "training.cache_latents=true", "--set", "training.cache_latents_to_disk=true"]
-    built = run_engine("cache-latents", str(config), *overrides)
-    assert built.returncode == 0, built.stderr
+    assert engine_here("cache-latents", str(config), *overrides) == 0  # in this process: the cache is the subject
     entries = sorted(images.rglob("*.npz"))
     assert entries
     damaged = entries[0]
@@ -58,11 +57,9 @@ def test_a_nan_latent_cache_file_stops_training_with_its_name_and_cache_latents_
     assert events[-1]["type"] == "done" and not events[-1]["ok"]
     assert not list((tmp_path / "out").glob("*.safetensors"))  # nothing was trained on it
 
-    rebuilt = run_engine("cache-latents", str(config), *overrides, "--force")  # what the message says to do
-    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert engine_here("cache-latents", str(config), *overrides, "--force") == 0  # what the message says to do
     assert np.isfinite(load_latents(damaged).latents).all()
-    result = run_engine("train", str(config), *overrides, "--run-dir", str(tmp_path / "run2"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("train", str(config), *overrides, "--run-dir", str(tmp_path / "run2")) == 0
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import events_of, run_engine, write_config
+from train_helpers import engine_here, events_of, write_config
 
 from engine.cli import main
 from engine.cli.common import EXIT_BAD_INPUT
@@ -32,8 +32,7 @@ def trained_run(tiny_models, tmp_path_factory) -> Path:
                           saving={"save_every_n_epochs": 1},
                           sampling={"sample_every_n_epochs": 1, "sample_prompts": [PROMPT],
                                     "sample_sampler": "euler"})
-    result = run_engine("train", str(config), "--run-dir", str(folder / "run"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("train", str(config), "--run-dir", str(folder / "run")) == 0
     return folder / "run"
 
 
@@ -42,9 +41,8 @@ def compared(trained_run, tmp_path_factory) -> tuple[Path, list[dict]]:
     """The default comparison of the run (its epochs, its sample prompt) at strengths 0, 0.5 and 1."""
     out = tmp_path_factory.mktemp("grid") / "out"
     events = out.parent / "events.jsonl"
-    result = run_engine("compare", str(trained_run), "--strengths", "0,0.5,1", "--out", str(out),
-                        "--events", str(events))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("compare", str(trained_run), "--strengths", "0,0.5,1", "--out", str(out),
+                       "--events", str(events)) == 0
     return out, read_events(events)
 
 
@@ -133,9 +131,8 @@ def test_chosen_checkpoints_prompts_and_seeds(trained_run, tmp_path):
                        encoding="utf-8")
     checkpoint = next(event["path"] for event in events_of(trained_run) if event["type"] == "checkpoint")
     out = tmp_path / "out"
-    result = run_engine("compare", str(trained_run), "--checkpoints", checkpoint, "--prompts", str(prompts),
-                        "--strengths", "1", "--seeds", "3,4", "--out", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("compare", str(trained_run), "--checkpoints", checkpoint, "--prompts", str(prompts),
+                       "--strengths", "1", "--seeds", "3,4", "--out", str(out)) == 0
     index = json.loads((out / "index.json").read_text(encoding="utf-8"))
     assert [(cell["prompt"], cell["seed"], cell["sampler"]) for cell in index["cells"]] == [
         ("a cat", 3, "euler"), ("a cat", 4, "euler"), ("a red car", 3, "ddim"), ("a red car", 4, "ddim")]
@@ -241,8 +238,7 @@ def test_a_validated_run_labels_its_columns_with_its_own_validation_losses(tiny_
                           dataset={"general": {"validation_split": 0.34, "validation_seed": 1}},
                           training={"max_train_steps": 0, "max_train_epochs": 2},
                           optimizer={"learning_rate": 1e-2}, saving={"save_every_n_epochs": 1})
-    result = run_engine("train", str(config), "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("train", str(config), "--run-dir", str(tmp_path / "run")) == 0
     measured = {event["checkpoint"]: event["loss"] for event in events_of(tmp_path / "run")
                 if event["type"] == "validation" and event.get("checkpoint")}
     listed = list_checkpoints(resolve_source(tmp_path / "run"))

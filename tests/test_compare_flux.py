@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_train_flux import PROMPT, flux_config
-from train_helpers import events_of, run_engine
+from train_helpers import engine_here, events_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -24,13 +24,11 @@ def test_flux_cells_equal_the_runs_samples_and_strength_zero_is_the_base(tiny_mo
                          saving={"save_every_n_steps": 4}, sampling={"sample_every_n_steps": 4,
                                                                      "sample_prompts": [PROMPT]})
     run = tmp_path / "run"
-    result = run_engine("train", str(config), "--run-dir", str(run))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("train", str(config), "--run-dir", str(run)) == 0
     samples = {event["step"]: event["images"][0]["path"] for event in events_of(run) if event["type"] == "sample"}
 
     out = tmp_path / "grid"
-    result = run_engine("compare", str(run), "--strengths", "0,1", "--out", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_here("compare", str(run), "--strengths", "0,1", "--out", str(out)) == 0
     index = json.loads((out / "index.json").read_text(encoding="utf-8"))
     assert [(c["label"], c["step"]) for c in index["checkpoints"]] == [("lora-step00000004", 4),
                                                                        ("lora-step00000008", 8), ("lora", 8)]

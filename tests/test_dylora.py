@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from train_helpers import events_of, load_models, load_pipeline, run_engine, validation_loss, write_config
+from train_helpers import events_of, load_models, load_pipeline, train_here, validation_loss, write_config
 
 from engine.networks.dylora import DyLoRAModule, DyLoRANetwork, create_dylora_network
 
@@ -190,8 +190,7 @@ def dylora_run(tiny_models, tmp_path_factory):
         training={"max_train_steps": 24, "mixed_precision": "fp16"},  # fp16 autocast and loss scaling, on a CPU too
         optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
     )
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     return folder
 
 

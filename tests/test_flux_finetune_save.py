@@ -429,7 +429,7 @@ def test_config_rules_for_the_fused_pass(sections, field) -> None:
 def test_dreambooth_trains_the_transformer_through_the_cli(tiny_models, tmp_path) -> None:
     """A short FLUX.1 dev DreamBooth run: the saved BFL file differs from the base only by training, names dev."""
     from safetensors.torch import load_file
-    from train_helpers import run_engine, write_config
+    from train_helpers import train_here, write_config
 
     files = tiny_flux_files("dev")
     config = write_config(
@@ -440,8 +440,7 @@ def test_dreambooth_trains_the_transformer_through_the_cli(tiny_models, tmp_path
         flow={"guidance_scale": 1.0}, dataset={"general": {"bucket_reso_steps": 16}},
         optimizer={"learning_rate": 1e-3}, training={"max_train_steps": 4, "cache_latents": True},
         saving={"output_name": "model", "save_model_as": "safetensors"})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     saved_path = tmp_path / "out" / "model.safetensors"
     saved, base = load_file(str(saved_path)), load_file(str(files["model"]))
     assert saved.keys() == base.keys()

@@ -22,6 +22,7 @@ from train_helpers import (
     events_of,
     run_engine,
     stop_by_sigterm_then_resume,
+    train_here,
     write_config,
 )
 
@@ -54,8 +55,7 @@ def dev_run(tiny_models, tmp_path_factory):
                          optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
                          saving={"save_every_n_steps": 20, "save_state": True},
                          sampling={"sample_every_n_steps": 20, "sample_prompts": [PROMPT]})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     return folder
 
 
@@ -247,8 +247,7 @@ def test_schnell_and_chroma_train_with_their_own_names(variant, tiny_models, tmp
     config = flux_config(tmp_path / "config.toml", tiny_models, variant, training={"max_train_steps": 24},
                          network=network, optimizer={"learning_rate": 5e-3, "lr_scheduler": "constant"},
                          sampling={"sample_every_n_steps": 24, "sample_prompts": [PROMPT + " --g 0 --l 2"]})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     lora = tmp_path / "out" / "lora.safetensors"
     with safe_open(str(lora), "pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
@@ -283,8 +282,7 @@ def test_flux_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_
                 "flow": {"timestep_sampling": "flux_shift"}, "network": {"network_dropout": 0.1},
                 "optimizer": {"lr_scheduler": "cosine", "lr_warmup_steps": 3}}
     whole = flux_config(tmp_path / "whole" / "config.toml", tiny_models, "dev", **sections)
-    result = run_engine("train", str(whole))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(whole)
 
     parted = flux_config(tmp_path / "parted" / "config.toml", tiny_models, "dev", **sections)
     run_dir = tmp_path / "parted" / "out"
@@ -307,8 +305,7 @@ def test_fused_adafactor_full_training_equals_the_unfused_run(tiny_models, tmp_p
         folder = tmp_path / ("fused" if fused else "plain")
         config = flux_config(folder / "config.toml", tiny_models, "schnell", **{
             **sections, "optimizer": {**sections["optimizer"], "fused_backward_pass": fused}})
-        result = run_engine("train", str(config), "--set", 'method="dreambooth"')
-        assert result.returncode == 0, result.stdout + result.stderr
+        train_here(config, "--set", 'method="dreambooth"')
         saved[fused] = load_file(str(folder / "out" / "lora.safetensors"))
     base = load_file(str(tiny_flux_files("schnell")["model"]))
     assert saved[True].keys() == saved[False].keys() == base.keys()
@@ -327,8 +324,7 @@ def test_two_flux_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_mo
 
     single = flux_config(tmp_path / "single" / "config.toml", tiny_models, "dev", training={"max_train_steps": 4},
                          dataset={"general": {"flip_aug": True, "batch_size": 2}})
-    result = run_engine("train", str(single))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(single)
     pair = flux_config(tmp_path / "pair" / "config.toml", tiny_models, "dev", training={"max_train_steps": 4},
                        dataset={"general": {"flip_aug": True, "batch_size": 1}},
                        launch={"num_processes": 2, "multi_gpu": True, "main_process_port": 29527})
@@ -414,8 +410,7 @@ def _bf16_losses(folder: Path, tiny_models: dict[str, Path], model_file: Path, m
                 "model": {"pretrained_model_name_or_path": str(model_file), **memory.get("model", {})},
                 "optimizer": {"learning_rate": 5e-3, "lr_scheduler": "constant"}}
     config = flux_config(folder / "config.toml", tiny_models, "dev", **sections)
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     return [event["loss"] for event in events_of(folder / "out") if event["type"] == "progress"]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import REPO, engine_env, events_of, load_pipeline, run_engine, validation_loss, write_config
+from train_helpers import REPO, engine_env, events_of, load_pipeline, train_here, validation_loss, write_config
 
 from engine.models.ldm_checkpoint import EMBEDDED_CONFIGS_KEY
 from engine.models.single_file import config_folder, file_configs, read_header
@@ -76,8 +76,7 @@ def sd1_run(tiny_models, tmp_path_factory):
     config = dreambooth_config(folder, tiny_models, "sd1",
                                training={"max_train_steps": 30, "stop_text_encoder_training": 10},
                                saving={"save_every_n_steps": 5, "save_state": True})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     return folder
 
 
@@ -155,8 +154,7 @@ def test_resume_after_the_text_encoder_stop_keeps_it_stopped(sd1_run, tiny_model
     config = dreambooth_config(tmp_path, tiny_models, "sd1",
                                training={"max_train_steps": 30, "stop_text_encoder_training": 10},
                                saving={"resume": str(sd1_run / "out" / "model-step00000015-state")})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     steps = [event["step"] for event in events_of(tmp_path / "out") if event["type"] == "progress"]
     assert steps == list(range(16, 31))
     expected = load_file(str(sd1_run / "out" / "model.safetensors"))
@@ -174,8 +172,7 @@ def test_sdxl_dreambooth_learns_and_saves_in_half_precision(tiny_models, tmp_pat
 
     config = dreambooth_config(tmp_path, tiny_models, "sdxl", training={"max_train_steps": 12},
                                saving={"save_precision": "fp16"})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     checkpoint = tmp_path / "out" / "model.safetensors"
     with safe_open(str(checkpoint), "pt") as handle:
         metadata = handle.metadata()
@@ -238,8 +235,7 @@ def test_finetune_from_metadata_saves_a_diffusers_folder(tiny_models, tmp_path):
                           saving={"output_name": "tuned", "save_model_as": "diffusers_safetensors",
                                   "save_every_n_steps": 3, "save_state_on_train_end": True},
                           sampling={"sample_every_n_steps": 6, "sample_prompts": ["sks dog --w 64 --h 64 --s 2"]})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     out = tmp_path / "out"
     assert [event["step"] for event in events_of(out) if event["type"] == "sample"] == [6]
     assert (out / "tuned" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -17,6 +17,7 @@ from train_helpers import (
     pipeline_text_encoders,
     run_engine,
     stop_by_sigterm_then_resume,
+    train_here,
     unet_conditioning,
     validation_loss,
     write_config,
@@ -46,8 +47,7 @@ def sd1_run(tiny_models, tmp_path_factory):
         sampling={"sample_every_n_steps": 20, "sample_at_first": True,
                   "sample_prompts": ["sks dog, red square --w 64 --h 64 --s 2 --d 5"]},
     )
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     return folder
 
 
@@ -139,8 +139,7 @@ def test_lora_learns_on_sd2_v_and_sdxl(family, tiny_models, tmp_path):
     # The validation loss is deterministic (fixed noise and timesteps), so a steady 1% drop is learning, not luck.
     config = write_config(tmp_path / "config.toml", tiny_models, family, training={"max_train_steps": 40},
                           optimizer={"learning_rate": 1e-2, "lr_scheduler": "constant"})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     lora = tmp_path / "out" / "lora.safetensors"
     v_prediction = family == "sd2"
     before = validation_loss(load_pipeline(tiny_models[family]), family, tiny_models["dataset_img"],
@@ -165,8 +164,7 @@ def test_locon_trains_conv_modules(tiny_models, tmp_path):
                           training={"max_train_steps": 2, "gradient_checkpointing": True},
                           model={"clip_skip": 2, "max_token_length": 150},
                           network={"network_type": "locon", "network_dim": 4, "conv_dim": 2, "conv_alpha": 1.0})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     tensors = load_file(str(tmp_path / "out" / "lora.safetensors"))
     conv_downs = [key for key, value in tensors.items() if key.endswith("lora_down.weight") and value.dim() == 4
                   and value.shape[-1] == 3]
@@ -182,8 +180,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tiny_models, tmp_path)
                 "dataset": {"general": {"flip_aug": True, "shuffle_caption": True}},
                 "network": {"network_dropout": 0.1}, "optimizer": {"lr_scheduler": "cosine", "lr_warmup_steps": 3}}
     whole = write_config(tmp_path / "whole" / "config.toml", tiny_models, **sections)
-    result = run_engine("train", str(whole))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(whole)
 
     parted = write_config(tmp_path / "parted" / "config.toml", tiny_models, **sections)
     run_dir = tmp_path / "parted" / "out"

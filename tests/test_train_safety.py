@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import events_of, run_engine, write_config
+from train_helpers import events_of, run_engine, train_here, write_config
 
 from engine.files import atomic_write_text
 
@@ -44,9 +44,7 @@ def _set(key: str, value: str) -> list[str]:
 def saved_states(tiny_models, tmp_path_factory) -> Path:
     """The output folder of a 2-step run that saved a state at every step (lora-step0000000N-state, lora-state)."""
     folder = tmp_path_factory.mktemp("states")
-    result = run_engine("train", str(write_config(folder / "config.toml", tiny_models, **QUICK)))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return folder / "out"
+    return train_here(write_config(folder / "config.toml", tiny_models, **QUICK))
 
 
 # --- a crafted state --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Training SD1 and SDXL LoRAs with training.blocks_to_swap and cpu_offload_checkpointing (issue 16): the real
-`python -m engine train` on the tiny models, against the same run without the option. Swapping and offloading change
-where tensors wait between uses, not what is computed: the losses and the trained LoRA weights are the same to float32
-rounding (the swapper's markers may make autograd add a skip connection's gradients in another order)."""
+`python -m engine train` (its code, run in the test's process) on the tiny models, against the same run without the
+option. Swapping and offloading change where tensors wait between uses, not what is computed: the losses and the
+trained LoRA weights are the same to float32 rounding (the swapper's markers may make autograd add a skip connection's
+gradients in another order)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import events_of, run_engine, write_config
+from train_helpers import events_of, train_here, write_config
 
 # SGD with momentum: a weight moves in proportion to its gradient, so float32 rounding in the gradients stays
 # rounding in the weights (Adam's normalisation would turn last-bit differences of near-zero gradients into steps).
@@ -24,8 +25,7 @@ def _train(folder: Path, tiny_models: dict[str, Path], family: str, training: di
     folder.mkdir(parents=True, exist_ok=True)
     config = write_config(folder / "config.toml", tiny_models, family, optimizer=OPTIMIZER,
                           training={"max_train_steps": STEPS, **training})
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     out = folder / "out"
     losses = [event["loss"] for event in events_of(out) if event["type"] == "progress"]
     return losses, load_file(str(out / "lora.safetensors")), (out / "train.log").read_text(encoding="utf-8")
@@ -74,8 +74,7 @@ def test_sd1_dreambooth_with_swapped_blocks_equals_the_run_without(tiny_models, 
                        "text_encoder_lr": 0.0, "max_grad_norm": 0.0, "fused_backward_pass": True,
                        "optimizer_args": {"relative_step": False, "scale_parameter": False, "warmup_init": False}},
             saving={"output_name": "model", "save_model_as": "safetensors"})
-        result = run_engine("train", str(config))
-        assert result.returncode == 0, result.stdout + result.stderr
+        train_here(config)
         if swap:
             assert "block swap: 8 blocks" in (folder / "out" / "train.log").read_text(encoding="utf-8")
         saved[swap] = load_file(str(folder / "out" / "model.safetensors"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import assert_same_tensors, events_of, run_engine, stop_by_sigterm_then_resume, write_config
+from train_helpers import assert_same_tensors, events_of, stop_by_sigterm_then_resume, train_here, write_config
 
 from engine.config.io import load_config
 
@@ -129,8 +129,7 @@ def test_validation_changes_nothing_training_does_and_resumes_exactly(tiny_model
                           "logging": {"logging_dir": "logs"}}
     validated = write_config(tmp_path / "validated" / "config.toml", tiny_models, **validated_sections)
     for config in (plain, validated):
-        result = run_engine("train", str(config))
-        assert result.returncode == 0, result.stdout + result.stderr
+        train_here(config)
     assert not [event for event in events_of(tmp_path / "plain" / "out") if event["type"] == "validation"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -220,8 +219,7 @@ def test_two_processes_validate_every_held_out_image_once(tiny_models, tmp_path)
     general = HELD_OUT["dataset"]["general"]
     single = write_config(tmp_path / "single" / "config.toml", tiny_models, "sd1",
                           **{**sections, "dataset": {"general": {**general, "batch_size": 2}}})
-    result = run_engine("train", str(single))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(single)
     pair = write_config(tmp_path / "pair" / "config.toml", tiny_models, "sd1",
                         **{**sections, "dataset": {"general": {**general, "batch_size": 1}}},
                         launch={"num_processes": 2, "multi_gpu": True, "main_process_port": 29527})

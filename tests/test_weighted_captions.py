@@ -18,7 +18,7 @@ from engine.models.text_encoding import encode_captions, tokenize_chunks
 from engine.models.weighted_prompt import parse_prompt_attention, tokenize_weighted, weighted_ids
 from engine.train.conditioning import check_text_options
 from engine.train.setup import RunInputError
-from tests.train_helpers import run_engine, write_config
+from tests.train_helpers import train_here, write_config
 
 PLAIN = "a photo of sks dog, red square"
 WEIGHTED = "a photo of (sks:1.5) dog, [red] square"
@@ -197,8 +197,7 @@ def weighted_images(tiny_models, tmp_path_factory):
 def train(tiny_models, folder, images, **sections):
     config = write_config(folder / "config.toml", tiny_models, "sd1", dataset={"train_data_dir": str(images)},
                           training={"max_train_steps": 6, **sections.pop("training", {})}, **sections)
-    result = run_engine("train", str(config))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config)
     return load_file(str(folder / "out" / "lora.safetensors"))
 
 

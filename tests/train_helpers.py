@@ -51,6 +51,24 @@ def run_engine(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def engine_here(*args: str) -> int:
+    """`python -m engine ARGS` run in this process: the CLI's own code (config loading, the run's events and log,
+    the exit code) without the seconds a new process spends importing torch, diffusers and transformers (about
+    half of a tiny run's time). For tests whose subject is not the process itself; those about signals, a crash's
+    exit or several processes start `python -m engine` (run_engine)."""
+    from engine.cli import main
+
+    return main(list(args))
+
+
+def train_here(config: Path, *args: str) -> Path:
+    """Train `config` in this process through the CLI (engine_here); the run must finish. Returns its output
+    folder as write_config sets it (the run's lines went to the captured stdout, which pytest shows on failure)."""
+    code = engine_here("train", str(config), *args)
+    assert code == 0, f"python -m engine train {config} {' '.join(args)}: exit {code}"
+    return config.parent / "out"
+
+
 def events_of(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "events.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -180,8 +198,7 @@ def stop_by_sigterm_then_resume(config: Path, run_dir: Path, total_steps: int, s
     assert done["type"] == "done" and done["stopped"], done
     stopped_at = done["global_step"]
     assert stop_after <= stopped_at < total_steps, "the run ended before the signal; nothing was resumed"
-    result = run_engine("train", str(config), "--set", f"saving.resume={done['state']!r}".replace("'", '"'))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_here(config, "--set", f"saving.resume={done['state']!r}".replace("'", '"'))  # resuming is not the signal
     return stopped_at
 
 
