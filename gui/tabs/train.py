@@ -18,6 +18,7 @@ import gradio as gr
 
 from engine.config.errors import ConfigError
 from gui.context import TabContext
+from gui.deferred import tab_built_on_first_open
 from gui.demo import DemoError, start_demo
 from gui.run_reader import ChartData
 from gui.runner import RunError, RunManager
@@ -213,28 +214,43 @@ def _viewer_state() -> ViewerState:
     return ViewerState(cache, samples_key, owners, timer)
 
 
+@dataclass(frozen=True)
+class TrainServices:
+    """What every page's Train tab shares: the runs and their queue, the charts' frames, the TensorBoards."""
+
+    manager: RunManager
+    frames: _Frames
+    boards: TensorBoards
+
+
 def build(ctx: TabContext) -> None:
-    """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir."""
+    """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir. The queue runs from the start; the
+    tab's content is built when a page first opens it."""
     manager = RunManager(ctx.runs_dir)
     start_queue_worker(manager)
     gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
-    with gr.Tab("Train", id="train"):
-        start = _start_section()
-        queue = _queue_section()
-        run = _run_section(manager)
-        viewer = _viewer_state()
-    TrainTab(ctx, manager, start, queue, run, viewer).wire()
+    services = TrainServices(manager, _Frames(), TensorBoards())
+    tab_built_on_first_open("Train", "train", lambda: _content(ctx, services))
+
+
+def _content(ctx: TabContext, services: TrainServices) -> None:
+    """The tab's sections and their events, for one page."""
+    start = _start_section()
+    queue = _queue_section()
+    run = _run_section(services.manager)
+    viewer = _viewer_state()
+    TrainTab(ctx, services, start, queue, run, viewer).wire()
 
 
 class TrainTab:
     """The tab's event handlers, over its sections."""
 
-    def __init__(self, ctx: TabContext, manager: RunManager, start: StartSection, queue: QueueSection,
+    def __init__(self, ctx: TabContext, services: TrainServices, start: StartSection, queue: QueueSection,
                  run: RunSection, viewer: ViewerState):
-        self.ctx, self.manager = ctx, manager
+        self.ctx, self.manager = ctx, services.manager
         self.start, self.queue, self.run, self.viewer = start, queue, run, viewer
-        self.frames = _Frames()
-        self.boards = TensorBoards()
+        self.frames = services.frames
+        self.boards = services.boards
 
     def run_view(self, name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
         """The run's part of a tick: the updates, and what the viewer keeps to compare next time (hashes and the
