@@ -19,6 +19,7 @@ import gradio as gr
 from engine.caption.edit import edit_folder
 from engine.config.choices import CAPTION_EXTENSIONS
 from gui.context import TabContext
+from gui.deferred import tab_built_on_first_open
 from gui.file_browser import browse_button, path_field
 from gui.jobs import FolderJobs
 from gui.views import captioning as view
@@ -246,12 +247,10 @@ def _batch_section() -> BatchSection:
 
 
 def build(ctx: TabContext) -> None:
-    """Add the Captioning tab to the current gr.Blocks.
-
-    Built at start, unlike Tools (gui.deferred): its caption editor writes files, and tests/test_exploit_chain.py
-    drives those handlers over HTTP as a hostile client would, which a per-page render would hide from it."""
-    with gr.Tab("Captioning", id="captioning"):
-        _content(ctx, FolderJobs())
+    """Add the Captioning tab to the current gr.Blocks; its content is built when a page first opens it (a client
+    without a browser builds it the same way: tests/test_exploit_chain.py drives its caption editor over HTTP)."""
+    jobs = FolderJobs()  # one for all pages: a reloaded page's Stop finds the job an earlier page started
+    tab_built_on_first_open("Captioning", "captioning", lambda: _content(ctx, jobs))
 
 
 def _content(ctx: TabContext, jobs: FolderJobs) -> None:
