@@ -19,7 +19,6 @@ import gradio as gr
 from engine.caption.edit import edit_folder
 from engine.config.choices import CAPTION_EXTENSIONS
 from gui.context import TabContext
-from gui.deferred import tab_built_on_first_open
 from gui.file_browser import browse_button, path_field
 from gui.jobs import FolderJobs
 from gui.views import captioning as view
@@ -246,15 +245,10 @@ def _batch_section() -> BatchSection:
     return BatchSection(fields, preview, apply, result, previewed)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Captioning tab to the current gr.Blocks; its content is built when a page first opens it (a client
-    without a browser builds it the same way: tests/test_exploit_chain.py drives its caption editor over HTTP)."""
-    jobs = FolderJobs()  # one for all pages: a reloaded page's Stop finds the job an earlier page started
-    tab_built_on_first_open("Captioning", "captioning", lambda: _content(ctx, jobs))
-
-
-def _content(ctx: TabContext, jobs: FolderJobs) -> None:
-    """The tab's sections and their events, for one page."""
+def content(ctx: TabContext, jobs: FolderJobs) -> None:
+    """The tab's sections and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py;
+    a client without a browser builds it the same way: tests/test_exploit_chain.py drives its caption editor over
+    HTTP). `jobs` is one for all pages: a reloaded page's Stop finds the job an earlier page started."""
     gr.Markdown("Caption every image of a folder, then check and edit the captions. Caption files sit next to "
                 "their images (`photo.jpg` → `photo.txt`).", elem_id="captioning-intro")
     place = _folder_fields(ctx)

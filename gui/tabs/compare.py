@@ -12,7 +12,6 @@ import gradio as gr
 
 from gui.browse import PathNotAllowed
 from gui.context import TabContext
-from gui.deferred import built_on_first_open
 from gui.jobs import FolderJobs, JobUpdate
 from gui.runs import discover
 from gui.views import compare as view
@@ -86,15 +85,9 @@ def _grid() -> CompareGrid:
     return CompareGrid(state, shown, prompt, heads, gallery, cell_image, cell_settings, grid_image, save)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Compare tab to the current gr.Blocks; its content is built when a page first opens it."""
-    running = FolderJobs()  # run folder -> its comparison (the Stop button's target), one for all pages
-    with gr.Tab("Compare", id="compare") as tab:
-        built_on_first_open(tab, "compare", lambda: _content(ctx, running, tab))
-
-
-def _content(ctx: TabContext, running: FolderJobs, tab: gr.Tab) -> None:
-    """The tab's form, grid and events, for one page."""
+def content(ctx: TabContext, running: FolderJobs, tab: gr.Tab) -> None:
+    """The tab's form, grid and events, for one page, built when it first opens the tab (gui/tabs/first_open.py).
+    `running`: run folder -> its comparison (the Stop button's target), one for all pages."""
     gr.Markdown("Render a run's checkpoints side by side: one column per checkpoint, one row per strength and "
                 "seed, with the run's sampler. The grids and an index are saved in the run's `compare` folder.",
                 elem_id="compare-intro")

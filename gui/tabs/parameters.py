@@ -2,7 +2,8 @@
 a TOML preview and presets. Handlers receive values keyed by field path, never by position.
 
 The form is built when a page first opens the tab (gui/deferred.py), from the page's form kept in the states of
-gui/tabs/parameters_page.py, which restore the user's last form and take other tabs' patches before then."""
+gui/tabs/parameters_page.py (which adds the tab), which restore the user's last form and take other tabs' patches
+before then."""
 
 from __future__ import annotations
 
@@ -20,19 +21,17 @@ from engine.config.schema import SECTIONS
 from gui.browse import FileRoots, PathNotAllowed
 from gui.context import TabContext
 from gui.dataset_editor import DatasetEditor, build_dataset_editor
-from gui.deferred import built_on_first_open
 from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_paths, unused_note
 from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
 from gui.form_store import FormStore
-from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
+from gui.presets import list_presets, preset_file_name, preset_path
 from gui.state import form_to_config
 from gui.tabs.parameters_memory import MemoryPanel, MemorySection, memory_section
 from gui.tabs.parameters_page import IN_ORDER, FormPage, PageState
 from gui.views.parameters import (
     SETTINGS_FILE_LABEL,
     cleared_by,
-    editable_fields,
     form_report,
     import_report_markdown,
     imported_values,
@@ -204,27 +203,9 @@ def _form_section(specs: dict[str, FieldSpec], values: Mapping[str, Any], roots:
     return FormSection(preset_message, status, layout, memory, preview)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Parameters tab to the current gr.Blocks: its page states now, its form when a page first opens it."""
-    presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
-    specs = editable_fields()
-    store = FormStore(ctx.runs_dir)
-    with gr.Tab("Parameters", id="parameters") as tab:
-        # Inside the tab: a component placed in gr.Tabs beside its tabs shifted the tab bar's labels ('Train' showed
-        # as 'Parameters').
-        page = FormPage(ctx, specs, store)
-        page.wire()
-        state = page.state
-
-        def content(latest: dict, message: str) -> None:
-            _content(ctx, presets_dir, page, message, page.values(latest))
-
-        # In the form's order: a page that opens the tab at once gets it built after its form was restored.
-        built_on_first_open(tab, "parameters", content, [state.latest, state.message], **IN_ORDER)
-
-
-def _content(ctx: TabContext, presets_dir: Path, page: FormPage, message: str, values: dict[str, Any]) -> None:
-    """The form and its events, built for one page from the page's form `values` ({path: widget value})."""
+def content(ctx: TabContext, presets_dir: Path, page: FormPage, message: str, values: dict[str, Any]) -> None:
+    """The form and its events, built for one page when it first opens the tab (gui/tabs/parameters_page.build),
+    from the page's form `values` ({path: widget value}); `message` is the form's first message."""
     presets = _preset_row(_preset_choices(presets_dir))  # the list as it is now, the user's new presets included
     confirm = _preset_confirm_row()
     open_row = _open_file_row(ctx)

@@ -1,4 +1,4 @@
-"""The Parameters tab's part that is there before a page first opens the tab (its form is built then, per page: see
+"""The Parameters tab as the app starts with it, before a page first opens it (its form is built then, per page: see
 gui/deferred.py). Other tabs read the form's config (TabContext.config: Train starts runs from it) and write into it
 (TabContext.config_patch, "Use in Parameters") whether the tab was opened or not, so the page's form lives in states
 here: the user's form restored when the page opens, and other tabs' patches applied, by the same code the form uses
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 import gradio as gr
 
 from engine.config.describe import FieldSpec
 from gui.context import TabContext
+from gui.deferred import built_on_first_open
 from gui.form_store import LOCAL_USER, FormStore, user_name
+from gui.presets import USER_DIR
 from gui.state import form_to_config
-from gui.views.parameters import default_form, patched_fields, shared_config
+from gui.views.parameters import default_form, editable_fields, patched_fields, shared_config
 
 RESTORED = "Restored your last form."
 # One form event at a time, in the order the page sent them (restoring, patches, edits, and the build of the form
@@ -81,3 +84,21 @@ class FormPage:
         ctx.config_patch.change(self.on_patch, inputs=[ctx.config_patch, state.user, state.latest, state.patched],
                                 outputs=[state.latest, state.patched, state.message, ctx.config],
                                 show_progress="hidden", **IN_ORDER)
+
+
+def build(ctx: TabContext) -> None:
+    """Add the Parameters tab to the current gr.Blocks: the page's form now, the form's widgets when a page first
+    opens the tab (gui/tabs/parameters.py, imported then)."""
+    presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
+    with gr.Tab("Parameters", id="parameters") as tab:
+        # Inside the tab: a component placed in gr.Tabs beside its tabs shifted the tab bar's labels ('Train' showed
+        # as 'Parameters').
+        page = FormPage(ctx, editable_fields(), FormStore(ctx.runs_dir))
+        page.wire()
+        state = page.state
+
+        def content(latest: dict, message: str) -> None:
+            import_module("gui.tabs.parameters").content(ctx, presets_dir, page, message, page.values(latest))
+
+        # In the form's order: a page that opens the tab at once gets it built after its form was restored.
+        built_on_first_open(tab, "parameters", content, [state.latest, state.message], **IN_ORDER)

@@ -11,7 +11,6 @@ from typing import Any
 import gradio as gr
 
 from gui.context import TabContext, config_patch_value
-from gui.deferred import tab_built_on_first_open
 from gui.file_browser import path_field
 from gui.jobs import FolderJobs, JobUpdate
 from gui.views import regularization as view
@@ -127,14 +126,9 @@ def _generate_section(ctx: TabContext) -> GenerateSection:
                            gallery)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Regularization tab to the current gr.Blocks; its content is built when a page first opens it."""
-    running = FolderJobs()  # class folder -> its generation job (the Stop button's target), one for all pages
-    tab_built_on_first_open("Regularization", "regularization", lambda: _content(ctx, running))
-
-
-def _content(ctx: TabContext, running: FolderJobs) -> None:
-    """The tab's sections and their events, for one page."""
+def content(ctx: TabContext, running: FolderJobs) -> None:
+    """The tab's sections and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py).
+    `running`: class folder -> its generation job (the Stop button's target), one for all pages."""
     gr.Markdown("Regularization (class) images keep the model's idea of your subject's class (e.g. *dog*) while "
                 "it learns your subject. They live in subfolders named `<repeats>_<class>` of a regularization "
                 "folder, e.g. `reg/1_dog`.", elem_id="reg-intro")

@@ -12,20 +12,22 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from engine.config.errors import ConfigError
 from gui.context import TabContext
-from gui.deferred import tab_built_on_first_open
 from gui.demo import DemoError, start_demo
 from gui.run_reader import ChartData
 from gui.runner import RunError, RunManager
 from gui.runs import PROCESS_LOG, RunHandle, tail_lines
-from gui.tensorboard import TensorBoardError, TensorBoards
-from gui.train_start import start_choice, start_queue_worker, start_run
+from gui.tensorboard import TensorBoardError
+from gui.train_start import start_choice, start_run
 from gui.views import train as view
+
+if TYPE_CHECKING:
+    from gui.tabs.first_open import TrainServices
 
 LOG_LINES = 200
 TICK_SECONDS = 1.0
@@ -214,27 +216,12 @@ def _viewer_state() -> ViewerState:
     return ViewerState(cache, samples_key, owners, timer)
 
 
-@dataclass(frozen=True)
-class TrainServices:
-    """What every page's Train tab shares: the runs and their queue, the charts' frames, the TensorBoards."""
-
-    manager: RunManager
-    frames: _Frames
-    boards: TensorBoards
+_FRAMES = _Frames()  # one for all pages (and apps) of this process
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir. The queue runs from the start; the
-    tab's content is built when a page first opens it."""
-    manager = RunManager(ctx.runs_dir)
-    start_queue_worker(manager)
-    gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
-    services = TrainServices(manager, _Frames(), TensorBoards())
-    tab_built_on_first_open("Train", "train", lambda: _content(ctx, services))
-
-
-def _content(ctx: TabContext, services: TrainServices) -> None:
-    """The tab's sections and their events, for one page."""
+def content(ctx: TabContext, services: TrainServices) -> None:
+    """The tab's sections and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py,
+    which also makes the `services` every page shares)."""
     start = _start_section()
     queue = _queue_section()
     run = _run_section(services.manager)
@@ -249,7 +236,7 @@ class TrainTab:
                  run: RunSection, viewer: ViewerState):
         self.ctx, self.manager = ctx, services.manager
         self.start, self.queue, self.run, self.viewer = start, queue, run, viewer
-        self.frames = services.frames
+        self.frames = _FRAMES
         self.boards = services.boards
 
     def run_view(self, name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
