@@ -26,14 +26,15 @@ def tab_built_on_first_open(label: str, tab_id: str, content: Callable[..., None
     return tab
 
 
-def built_on_first_open(tab: gr.Tab, tab_id: str, content: Callable[..., None], inputs: Sequence[Any] = (),
-                        **render_options: Any) -> None:
-    """The same, inside a `with gr.Tab(...)` the caller opened (where it first made the states `inputs` may hold)."""
+def built_on_first_open(tab: gr.Tab | gr.Accordion, key: str, content: Callable[..., None],
+                        inputs: Sequence[Any] = (), **render_options: Any) -> None:
+    """The same, inside a `with gr.Tab(...)` the caller opened (where it first made the states `inputs` may hold), or
+    inside a closed gr.Accordion, whose content is then built when the page first expands it."""
     # Inside the tab: a component beside the tabs in gr.Tabs shifts the tab bar's labels ('Train' showed as
     # 'Parameters'). A hidden box the page sets itself (js), not a gr.State, which lives on the server: the first
     # open then costs one round trip, not two, and does not wait behind the server's other work before the render is
     # even asked for.
-    opened = gr.Checkbox(False, visible="hidden", elem_id=f"opened-{tab_id}")
+    opened = gr.Checkbox(False, visible="hidden", elem_id=f"opened-{key}")
 
     @gr.render(inputs=[opened, *inputs], triggers=[opened.change], show_progress="hidden", **render_options)
     def _content(is_open: bool, *values: Any) -> None:
@@ -41,7 +42,8 @@ def built_on_first_open(tab: gr.Tab, tab_id: str, content: Callable[..., None], 
             content(*values)
             _settle_interactivity()
 
-    tab.select(None, js="() => true", outputs=opened)
+    opening = tab.expand if isinstance(tab, gr.Accordion) else tab.select
+    opening(None, js="() => true", outputs=opened)
 
 
 def _settle_interactivity() -> None:
