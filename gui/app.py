@@ -16,11 +16,13 @@ from engine.config.io import default_config_dict
 from gui.context import TabContext
 from gui.file_browser import FileRoots
 from gui.http_guard import GuardPolicy, HttpGuard, hidden_entries, host_names
-from gui.tabs import captioning, compare, dataset, parameters, regularization, tools, train
+from gui.tabs import dataset, first_open, parameters_page
 
 TITLE = "Atelier"
-# In the order a newcomer works: prepare images, caption them, add regularization, set parameters, train.
-TABS = (dataset, captioning, regularization, parameters, train, compare, tools)
+# In the order a newcomer works: prepare images, caption them, add regularization, set parameters, train. The first
+# is built at start; a page builds the others when it first opens them (gui/tabs/first_open.py).
+TABS = (dataset.build, first_open.captioning, first_open.regularization, parameters_page.build, first_open.train,
+        first_open.compare, first_open.tools)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,8 @@ def build_app(options: AppOptions) -> gr.Blocks:
                          roots=options.roots(),
                          config=gr.State(default_config_dict()), config_patch=gr.State(None), app=app)
         with gr.Tabs():
-            for tab in TABS:
-                tab.build(ctx)
+            for build_tab in TABS:
+                build_tab(ctx)
         keep_out_of_api_docs(app)
     return app
 

@@ -14,7 +14,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90, interval: float = 0.3) -> None:
+    """Returns once `url` answers 200, asking every `interval` seconds (bench/app_start.py times start-up with it: a
+    finer interval there)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -24,5 +26,5 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> N
                 if response.status == 200:
                     return
         except OSError:
-            time.sleep(0.3)
+            time.sleep(interval)
     raise TimeoutError(f"{url} did not answer within {timeout} s")

@@ -8,39 +8,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from importlib import import_module
 
 from engine import __version__
-from engine.cli import (
-    cache_cmd,
-    caption_cmd,
-    class_images_cmd,
-    compare_cmd,
-    doctor_cmd,
-    import_cmd,
-    lora_cmd,
-    metadata_cmd,
-    plan_cmd,
-    schema_cmd,
-    train_cmd,
-    validate_cmd,
-)
 
-# name -> function adding the subcommand's parser (with `handler` set as a default)
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
-    "validate": validate_cmd.add_parser,
-    "schema": schema_cmd.add_parser,
-    "import": import_cmd.add_parser,
-    "doctor": doctor_cmd.add_parser,
-    "plan": plan_cmd.add_parser,
-    "cache-latents": cache_cmd.add_parser,
-    "caption": caption_cmd.add_parser,
-    "captions": caption_cmd.add_edit_parser,
-    "metadata": metadata_cmd.add_parser,
-    "train": train_cmd.add_parser,
-    "lora": lora_cmd.add_parser,
-    "class-images": class_images_cmd.add_parser,
-    "compare": compare_cmd.add_parser,
+# name -> the module of engine.cli and its function adding the subcommand's parser (with `handler` set as a default).
+# Modules by name, imported when the parser is built: the GUI imports single command modules (their options and
+# task names), and the package must not import every command with them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("validate_cmd", "add_parser"),
+    "schema": ("schema_cmd", "add_parser"),
+    "import": ("import_cmd", "add_parser"),
+    "doctor": ("doctor_cmd", "add_parser"),
+    "plan": ("plan_cmd", "add_parser"),
+    "cache-latents": ("cache_cmd", "add_parser"),
+    "caption": ("caption_cmd", "add_parser"),
+    "captions": ("caption_cmd", "add_edit_parser"),
+    "metadata": ("metadata_cmd", "add_parser"),
+    "train": ("train_cmd", "add_parser"),
+    "lora": ("lora_cmd", "add_parser"),
+    "class-images": ("class_images_cmd", "add_parser"),
+    "compare": ("compare_cmd", "add_parser"),
 }
 
 
@@ -51,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"atelier engine {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS.values():
-        add(subparsers)
+    for module, function in COMMANDS.values():
+        getattr(import_module(f"engine.cli.{module}"), function)(subparsers)
     return parser
 
 

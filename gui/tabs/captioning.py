@@ -245,17 +245,10 @@ def _batch_section() -> BatchSection:
     return BatchSection(fields, preview, apply, result, previewed)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Captioning tab to the current gr.Blocks.
-
-    Built at start, unlike Tools (gui.deferred): its caption editor writes files, and tests/test_exploit_chain.py
-    drives those handlers over HTTP as a hostile client would, which a per-page render would hide from it."""
-    with gr.Tab("Captioning", id="captioning"):
-        _content(ctx, FolderJobs())
-
-
-def _content(ctx: TabContext, jobs: FolderJobs) -> None:
-    """The tab's sections and their events, for one page."""
+def content(ctx: TabContext, jobs: FolderJobs) -> None:
+    """The tab's sections and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py;
+    a client without a browser builds it the same way: tests/test_exploit_chain.py drives its caption editor over
+    HTTP). `jobs` is one for all pages: a reloaded page's Stop finds the job an earlier page started."""
     gr.Markdown("Caption every image of a folder, then check and edit the captions. Caption files sit next to "
                 "their images (`photo.jpg` → `photo.txt`).", elem_id="captioning-intro")
     place = _folder_fields(ctx)

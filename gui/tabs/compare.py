@@ -85,15 +85,15 @@ def _grid() -> CompareGrid:
     return CompareGrid(state, shown, prompt, heads, gallery, cell_image, cell_settings, grid_image, save)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Compare tab to the current gr.Blocks."""
-    with gr.Tab("Compare", id="compare") as tab:
-        gr.Markdown("Render a run's checkpoints side by side: one column per checkpoint, one row per strength and "
-                    "seed, with the run's sampler. The grids and an index are saved in the run's `compare` folder.",
-                    elem_id="compare-intro")
-        form = _form()
-        grid = _grid()
-    CompareTab(ctx, form, grid).wire(tab)
+def content(ctx: TabContext, running: FolderJobs, tab: gr.Tab) -> None:
+    """The tab's form, grid and events, for one page, built when it first opens the tab (gui/tabs/first_open.py).
+    `running`: run folder -> its comparison (the Stop button's target), one for all pages."""
+    gr.Markdown("Render a run's checkpoints side by side: one column per checkpoint, one row per strength and "
+                "seed, with the run's sampler. The grids and an index are saved in the run's `compare` folder.",
+                elem_id="compare-intro")
+    form = _form()
+    grid = _grid()
+    CompareTab(ctx, form, grid, running).wire(tab)
 
 
 def _placeholder() -> Any:
@@ -105,9 +105,9 @@ def _placeholder() -> Any:
 class CompareTab:
     """The tab's event handlers."""
 
-    def __init__(self, ctx: TabContext, form: CompareForm, grid: CompareGrid):
+    def __init__(self, ctx: TabContext, form: CompareForm, grid: CompareGrid, running: FolderJobs):
         self.ctx, self.form, self.grid = ctx, form, grid
-        self.running = FolderJobs()  # run folder -> its comparison (the Stop button's target)
+        self.running = running  # run folder -> its comparison (the Stop button's target)
 
     def runs(self, current: str | None) -> dict:
         choices = [(handle.name, str(handle.run_dir)) for handle in discover(self.ctx.runs_dir)]
@@ -210,8 +210,10 @@ class CompareTab:
 
     def wire(self, tab: gr.Tab) -> None:
         f, g = self.form, self.grid
-        for trigger in (tab.select, f.refresh.click):
-            trigger(self.runs, inputs=f.run, outputs=f.run, show_progress="hidden")
+        # The runs as they are now: when the tab is built (its first select, which came before these events) and
+        # on each later select.
+        for trigger in (None, tab.select, f.refresh.click):
+            gr.on(trigger, self.runs, inputs=f.run, outputs=f.run, show_progress="hidden")
         f.run.change(self.pick, inputs=f.run, outputs=[f.note, f.checkpoints, f.prompts], show_progress="hidden")
         form = {f.run, f.checkpoints, f.prompts, f.strengths, f.seeds}
         f.render.click(self.render, inputs=form, outputs=[f.progress, g.state, g.prompt])

@@ -19,6 +19,7 @@ from engine.config.errors import ConfigError
 from engine.data import project as projects
 from gui import metadata_view
 from gui.context import TabContext, config_patch_value
+from gui.deferred import built_on_first_open
 from gui.doctor_view import DoctorPanel, report_for
 from gui.file_browser import FileRoots, path_field
 from gui.views import dataset as view
@@ -67,40 +68,46 @@ _METADATA_INTRO = (
 
 
 def _metadata_panel(ctx: TabContext) -> None:
-    """The "Prepare fine-tune metadata" accordion, wired (gui.metadata_view holds its logic)."""
-    with gr.Accordion("Prepare fine-tune metadata", open=False, elem_id="dataset-metadata"):
-        gr.Markdown(_METADATA_INTRO)
-        with gr.Row():
-            folder = path_field(metadata_view.FOLDER_LABEL, ctx.roots, elem_id="dataset-metadata-folder",
-                                info="The training images with their caption and tag files beside them.")
-            recursive = gr.Checkbox(False, label="Include subfolders", elem_id="dataset-metadata-recursive", scale=0,
-                                    min_width=180)
-        with gr.Row():
-            captions = gr.Checkbox(True, label="Merge captions", elem_id="dataset-metadata-captions", scale=0,
-                                   min_width=170)
-            caption_extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=metadata_view.CAPTION_DEFAULT,
-                                            allow_custom_value=True, label="Caption extension", scale=0,
-                                            min_width=150, elem_id="dataset-metadata-caption-extension")
-            tags = gr.Checkbox(True, label="Merge tags", elem_id="dataset-metadata-tags", scale=0, min_width=150)
-            tags_extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=metadata_view.TAGS_DEFAULT,
-                                         allow_custom_value=True, label="Tags extension", scale=0, min_width=150,
-                                         elem_id="dataset-metadata-tags-extension")
-            clean = gr.Checkbox(False, label="Clean captions and tags", elem_id="dataset-metadata-clean",
-                                info="underscores to spaces, BLIP's 'woman' → 'girl', ... (sd-scripts' clean)")
-            full_path = gr.Checkbox(False, label="Full paths as keys", elem_id="dataset-metadata-full-path",
-                                    info="for several folders in one file; else image names")
-        with gr.Row():
-            in_json = path_field(metadata_view.IN_LABEL, ctx.roots, kind="file", extensions=(".json",),
-                                 elem_id="dataset-metadata-in", info="Optional: an existing metadata file to build "
-                                 "on (read, never changed).")
-            output = path_field(metadata_view.OUT_LABEL, ctx.roots, kind="file", extensions=(".json",),
-                                elem_id="dataset-metadata-out", placeholder="/home/me/project/meta_clean.json",
-                                info="A new .json file.")
-        with gr.Row():
-            write = gr.Button("Write metadata", variant="primary", elem_id="dataset-metadata-write")
-            use = gr.Button("Use in Parameters", interactive=False, elem_id="dataset-metadata-use")
-        result = gr.Markdown(elem_id="dataset-metadata-result")
-        written = gr.State(None)  # the Parameters fields of the file last written
+    """The "Prepare fine-tune metadata" accordion, closed; its content is built when a page first expands it (a
+    third of the first page's components)."""
+    with gr.Accordion("Prepare fine-tune metadata", open=False, elem_id="dataset-metadata") as accordion:
+        built_on_first_open(accordion, "dataset-metadata", lambda: _metadata_content(ctx))
+
+
+def _metadata_content(ctx: TabContext) -> None:
+    """The metadata form, wired (gui.metadata_view holds its logic)."""
+    gr.Markdown(_METADATA_INTRO)
+    with gr.Row():
+        folder = path_field(metadata_view.FOLDER_LABEL, ctx.roots, elem_id="dataset-metadata-folder",
+                            info="The training images with their caption and tag files beside them.")
+        recursive = gr.Checkbox(False, label="Include subfolders", elem_id="dataset-metadata-recursive", scale=0,
+                                min_width=180)
+    with gr.Row():
+        captions = gr.Checkbox(True, label="Merge captions", elem_id="dataset-metadata-captions", scale=0,
+                               min_width=170)
+        caption_extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=metadata_view.CAPTION_DEFAULT,
+                                        allow_custom_value=True, label="Caption extension", scale=0,
+                                        min_width=150, elem_id="dataset-metadata-caption-extension")
+        tags = gr.Checkbox(True, label="Merge tags", elem_id="dataset-metadata-tags", scale=0, min_width=150)
+        tags_extension = gr.Dropdown(list(CAPTION_EXTENSIONS), value=metadata_view.TAGS_DEFAULT,
+                                     allow_custom_value=True, label="Tags extension", scale=0, min_width=150,
+                                     elem_id="dataset-metadata-tags-extension")
+        clean = gr.Checkbox(False, label="Clean captions and tags", elem_id="dataset-metadata-clean",
+                            info="underscores to spaces, BLIP's 'woman' → 'girl', ... (sd-scripts' clean)")
+        full_path = gr.Checkbox(False, label="Full paths as keys", elem_id="dataset-metadata-full-path",
+                                info="for several folders in one file; else image names")
+    with gr.Row():
+        in_json = path_field(metadata_view.IN_LABEL, ctx.roots, kind="file", extensions=(".json",),
+                             elem_id="dataset-metadata-in", info="Optional: an existing metadata file to build "
+                             "on (read, never changed).")
+        output = path_field(metadata_view.OUT_LABEL, ctx.roots, kind="file", extensions=(".json",),
+                            elem_id="dataset-metadata-out", placeholder="/home/me/project/meta_clean.json",
+                            info="A new .json file.")
+    with gr.Row():
+        write = gr.Button("Write metadata", variant="primary", elem_id="dataset-metadata-write")
+        use = gr.Button("Use in Parameters", interactive=False, elem_id="dataset-metadata-use")
+    result = gr.Markdown(elem_id="dataset-metadata-result")
+    written = gr.State(None)  # the Parameters fields of the file last written
 
     form_fields = {"folder": folder, "output": output, "in_json": in_json, "captions": captions,
                    "caption_extension": caption_extension, "tags": tags, "tags_extension": tags_extension,

@@ -1,5 +1,9 @@
 """The Parameters tab: every config field as a widget, generated from the config model, with live validation,
-a TOML preview and presets. Handlers receive values keyed by field path, never by position."""
+a TOML preview and presets. Handlers receive values keyed by field path, never by position.
+
+The form is built when a page first opens the tab (gui/deferred.py), from the page's form kept in the states of
+gui/tabs/parameters_page.py (which adds the tab), which restore the user's last form and take other tabs' patches
+before then."""
 
 from __future__ import annotations
 
@@ -12,35 +16,28 @@ import gradio as gr
 
 from engine.config.describe import FieldSpec, section_title
 from engine.config.errors import ConfigError
-from engine.config.io import (
-    config_to_toml,
-    default_config_dict,
-    save_preset,
-)
-from engine.config.readiness import readiness_problems
-from engine.config.schema import SECTIONS, RunConfig
+from engine.config.io import save_preset
+from engine.config.schema import SECTIONS
 from gui.browse import FileRoots, PathNotAllowed
 from gui.context import TabContext
 from gui.dataset_editor import DatasetEditor, build_dataset_editor
 from gui.family_view import FAMILY_FIELD, FamilyBlock, family_specific, shown_paths, unused_note
 from gui.fields import build_field, element_id, is_path_field
 from gui.file_browser import path_field
-from gui.form_store import LOCAL_USER, FormStore, user_name
-from gui.presets import USER_DIR, list_presets, preset_file_name, preset_path
-from gui.state import config_to_form, form_to_config, to_widget
+from gui.form_store import FormStore
+from gui.presets import list_presets, preset_file_name, preset_path
+from gui.state import form_to_config
 from gui.tabs.parameters_memory import MemoryPanel, MemorySection, memory_section
+from gui.tabs.parameters_page import IN_ORDER, FormPage, PageState
 from gui.views.parameters import (
     SETTINGS_FILE_LABEL,
     cleared_by,
-    editable_fields,
+    form_report,
     import_report_markdown,
     imported_values,
     load_preset_values,
-    patch_values,
-    preview_markdown,
-    preview_text,
+    patched_fields,
     settings_file,
-    status_markdown,
 )
 
 
@@ -50,6 +47,7 @@ class _Form:
 
     def __init__(self, specs: dict[str, FieldSpec], values: Mapping[str, Any], roots: FileRoots):
         self.specs, self.values, self.roots = specs, values, roots
+        self.shown = shown_paths(specs, values)  # the family-specific parts start as the values show them
         self.components: dict[str, Any] = {}
         self.family_blocks: list[FamilyBlock] = []
         self.dataset_editor: DatasetEditor | None = None
@@ -63,7 +61,8 @@ class _Form:
             if not spec.families:
                 self.components[spec.path] = build_field(spec, self.values[spec.path], self.roots)
                 continue
-            with gr.Column(elem_id=f"{element_id(spec.path)}-shown") as holder:  # the box and its file browser
+            shown = self.starts_shown((spec.path,))
+            with gr.Column(elem_id=f"{element_id(spec.path)}-shown", visible=shown) as holder:  # box, file browser
                 self.components[spec.path] = build_field(spec, self.values[spec.path], self.roots)
             self.family_blocks.append(FamilyBlock(holder, (spec.path,)))
 
@@ -72,15 +71,23 @@ class _Form:
         with gr.Tab(section_title(section), id=f"section-{section}"):
             if family_specific(section_specs):  # e.g. flow, which only FLUX.1 and Chroma use
                 # The tab stays (Gradio 6 does not hide a tab's button on an update): its note says why it is empty.
-                note = gr.Markdown(unused_note(section_specs), visible=False, elem_id=f"unused-{section}")
-                self.family_blocks.append(FamilyBlock(note, tuple(s.path for s in section_specs), when_hidden=True))
+                paths = tuple(s.path for s in section_specs)
+                note = gr.Markdown(unused_note(section_specs), visible=self.starts_shown(paths, when_hidden=True),
+                                   elem_id=f"unused-{section}")
+                self.family_blocks.append(FamilyBlock(note, paths, when_hidden=True))
             self.add_fields([s for s in section_specs if not s.advanced])
             advanced = [s for s in section_specs if s.advanced]
             if advanced:
-                with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{section}") as accordion:
+                paths, hides = tuple(s.path for s in advanced), family_specific(advanced)
+                with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{section}",
+                                  visible=self.starts_shown(paths) if hides else True) as accordion:
                     self.add_fields(advanced)
-                if family_specific(advanced):
-                    self.family_blocks.append(FamilyBlock(accordion, tuple(s.path for s in advanced)))
+                if hides:
+                    self.family_blocks.append(FamilyBlock(accordion, paths))
+
+    def starts_shown(self, paths: tuple[str, ...], when_hidden: bool = False) -> bool:
+        """Whether a family-specific part starts shown, for the values the form is built with."""
+        return FamilyBlock(None, paths, when_hidden).visible(self.shown)
 
     def visibility(self, values: Mapping[str, Any]) -> dict[Any, Any]:
         """Show or hide each family-specific part for the form `values` ({path: widget value})."""
@@ -135,7 +142,6 @@ class ConfirmRow:
     apply: gr.Button
     keep: gr.Button
     cancel: gr.Button
-    patched: gr.State  # the paths other tabs set ("Use in Parameters"), which a preset asks about before clearing
 
 
 def _preset_confirm_row() -> ConfirmRow:
@@ -144,16 +150,7 @@ def _preset_confirm_row() -> ConfirmRow:
         apply = gr.Button("Apply, clear them", elem_id="preset-confirm-apply", variant="stop")
         keep = gr.Button("Apply, keep them", elem_id="preset-confirm-keep", variant="primary")
         cancel = gr.Button("Cancel", elem_id="preset-confirm-cancel")
-    return ConfirmRow(row, text, apply, keep, cancel, gr.State([]))
-
-
-@dataclass
-class PageState:
-    """Whose form this page edits, the newest form the server has seen from it, and a form to restore."""
-
-    user: gr.State  # set when the page opens (on_page_load)
-    latest: gr.State  # the newest form ({path: widget value}) the server has seen from this page
-    saved: gr.State  # the user's form kept on the server, when the page opens with one to restore
+    return ConfirmRow(row, text, apply, keep, cancel)
 
 
 @dataclass
@@ -176,10 +173,6 @@ class FormSection:
     preview: gr.Markdown
 
 
-def _page_state() -> PageState:
-    return PageState(gr.State(LOCAL_USER), gr.State({}), gr.State(None))
-
-
 def _preset_row(preset_choices: list[tuple[str, str]]) -> PresetRow:
     with gr.Row():
         preset = gr.Dropdown(choices=preset_choices, value=None, label="Preset", elem_id="preset-choice",
@@ -190,9 +183,11 @@ def _preset_row(preset_choices: list[tuple[str, str]]) -> PresetRow:
     return PresetRow(preset, preset_title, save_button)
 
 
-def _form_section(specs: dict[str, FieldSpec], values: Mapping[str, Any], roots: FileRoots) -> FormSection:
-    preset_message = gr.Markdown(elem_id="preset-message")
-    status = gr.Markdown(status_markdown(RunConfig(), readiness_problems(RunConfig())), elem_id="validation-status")
+def _form_section(specs: dict[str, FieldSpec], values: Mapping[str, Any], roots: FileRoots,
+                  message: str) -> FormSection:
+    preset_message = gr.Markdown(message, elem_id="preset-message")
+    status_text, preview_text, _ = form_report(values, specs, roots.refusal)
+    status = gr.Markdown(status_text, elem_id="validation-status")
     # The form has the page's width (all section tabs fit in one row at 1400 px, none hidden in Gradio's
     # overflow menu) and the preview comes below it: beside it, the long preview made a page-tall column.
     with gr.Column(elem_id="parameters-form"):
@@ -203,36 +198,28 @@ def _form_section(specs: dict[str, FieldSpec], values: Mapping[str, Any], roots:
                 layout.add_section(section)
     memory = memory_section()
     with gr.Accordion("Preview: the config.toml this form makes", open=True, elem_id="toml-preview-section"):
-        preview = gr.Markdown(preview_markdown(config_to_toml(RunConfig())), elem_id="toml-preview",
+        preview = gr.Markdown(preview_text, elem_id="toml-preview",
                               buttons=["copy"], max_height=720)
     return FormSection(preset_message, status, layout, memory, preview)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Parameters tab to the current gr.Blocks."""
-    presets_dir = ctx.presets_dir or USER_DIR  # the user's presets (--presets-dir), listed and saved there
-    specs = editable_fields()
-    values = config_to_form(default_config_dict(), specs)
-    preset_choices = _preset_choices(presets_dir)
-    with gr.Tab("Parameters", id="parameters"):
-        # Inside the tab: a component placed in gr.Tabs beside its tabs shifted the tab bar's labels ('Train' showed
-        # as 'Parameters').
-        page = _page_state()
-        presets = _preset_row(preset_choices)
-        confirm = _preset_confirm_row()
-        open_row = _open_file_row(ctx)
-        form = _form_section(specs, values, ctx.roots)
-    ParametersTab(ctx, presets_dir, specs, page, presets, confirm, open_row, form).wire()
+def content(ctx: TabContext, presets_dir: Path, page: FormPage, message: str, values: dict[str, Any]) -> None:
+    """The form and its events, built for one page when it first opens the tab (gui/tabs/parameters_page.build),
+    from the page's form `values` ({path: widget value}); `message` is the form's first message."""
+    presets = _preset_row(_preset_choices(presets_dir))  # the list as it is now, the user's new presets included
+    confirm = _preset_confirm_row()
+    open_row = _open_file_row(ctx)
+    form = _form_section(page.specs, values, ctx.roots, message)
+    ParametersTab(ctx, presets_dir, page.specs, page.store, page.state, presets, confirm, open_row, form).wire()
 
 
 class ParametersTab:
     """The tab's event handlers, over its sections. Handlers receive the form keyed by component and read it by
     field path (`path_of`)."""
 
-    def __init__(self, ctx: TabContext, presets_dir: Path, specs: dict[str, FieldSpec], page: PageState,
-                 presets: PresetRow, confirm: ConfirmRow, open_row: OpenFileRow, form: FormSection):
-        self.ctx, self.presets_dir, self.specs = ctx, presets_dir, specs
-        self.store = FormStore(ctx.runs_dir)
+    def __init__(self, ctx: TabContext, presets_dir: Path, specs: dict[str, FieldSpec], store: FormStore,
+                 page: PageState, presets: PresetRow, confirm: ConfirmRow, open_row: OpenFileRow, form: FormSection):
+        self.ctx, self.presets_dir, self.specs, self.store = ctx, presets_dir, specs, store
         self.page, self.presets, self.confirm, self.open_row, self.form = page, presets, confirm, open_row, form
         self.layout = form.layout
         self.components = form.layout.components
@@ -245,12 +232,9 @@ class ParametersTab:
     def evaluate(self, values: dict[str, Any], note: str = "") -> dict:
         """Validation status (with `note` below it), TOML preview and the shared config for form values keyed by
         field path."""
-        config, data, problems = form_to_config(values, self.specs)
-        ready = readiness_problems(config, refusal=self.ctx.roots.refusal) if config is not None else []
-        text = status_markdown(config, problems or ready)
-        return {self.form.status: f"{text}\n\n{note}" if note else text,
-                self.form.preview: preview_markdown(preview_text(config, data)),
-                self.ctx.config: data if config is not None else None}
+        text, preview, config = form_report(values, self.specs, self.ctx.roots.refusal)
+        return {self.form.status: f"{text}\n\n{note}" if note else text, self.form.preview: preview,
+                self.ctx.config: config}
 
     def on_input(self, form: dict) -> dict:
         values = self.form_values(form)
@@ -274,15 +258,9 @@ class ParametersTab:
     def on_patch(self, patch: dict | None, form: dict) -> dict:
         """Fields set by another tab (Dataset, Regularization); remembered, so that a preset asks before clearing
         them."""
-        patch = patch_values(patch)
-        known = [path for path in patch if path in self.components]
-        unknown = [path for path in patch if path not in self.components]
-        message = f"Set from another tab: {', '.join(f'`{path}`' for path in known)}." if known else ""
-        if unknown:
-            message += f" Not a field here: {', '.join(unknown)}."
-        patched = self.confirm.patched
-        return (self.fill({path: to_widget(self.specs[path], patch[path]) for path in known}, form, message)
-                | {patched: sorted({*form[patched], *known})})
+        new_values, message = patched_fields(patch, self.specs)
+        patched = self.page.patched
+        return self.fill(new_values, form, message) | {patched: sorted({*form[patched], *new_values})}
 
     def on_load(self, path: str, form: dict) -> dict:
         try:
@@ -316,7 +294,7 @@ class ParametersTab:
         except (ConfigError, ValueError) as error:
             return {preset_message: f"Could not read the preset: {error}"} | hide
         current = self.form_values(form)
-        patched = form[confirm.patched]
+        patched = form[self.page.patched]
         lost = cleared_by(new_values, current, patched)
         if lost and not answer:
             names = ", ".join(f"`{path}`" for path in lost)
@@ -324,7 +302,7 @@ class ParametersTab:
                     confirm.text: f"This preset would clear what another tab set: {names}."}
         if answer == "keep":
             return self.fill(new_values | {path: current[path] for path in lost}, form, "") | hide
-        return self.fill(new_values, form, "") | hide | {confirm.patched: [p for p in patched if p not in lost]}
+        return self.fill(new_values, form, "") | hide | {self.page.patched: [p for p in patched if p not in lost]}
 
     def on_save(self, title: str, form: dict) -> dict:
         preset_message = self.form.preset_message
@@ -341,20 +319,6 @@ class ParametersTab:
         save_preset(config, path, title)
         return {preset_message: f"Saved `{path}`.", self.presets.preset: gr.Dropdown(choices=_preset_choices(target))}
 
-    def on_page_load(self, request: gr.Request) -> dict:
-        """Who the page belongs to, the preset list as it is now (the page's own list is the one of the app's
-        start) and the user's last form kept on the server, which the `saved` change then fills in."""
-        name = user_name(getattr(request, "username", None))
-        kept = self.store.load(name, set(self.components))
-        return {self.page.user: name, self.presets.preset: gr.Dropdown(choices=_preset_choices(self.presets_dir)),
-                self.page.saved: {"user": name, "values": kept} if kept else None}
-
-    def on_saved(self, form: dict) -> dict:
-        kept = form[self.page.saved]
-        if not kept:
-            return {self.form.preset_message: gr.skip()}
-        return self.fill(kept["values"], form | {self.page.user: kept["user"]}, "Restored your last form.")
-
     def answered(self, answer: str) -> Any:
         return lambda form: self.on_preset(form[self.presets.preset], form, answer)
 
@@ -366,7 +330,7 @@ class ParametersTab:
         self.layout.dataset_editor.connect_general(components, self.specs)  # its export writes [dataset.general]
         # One form event at a time, in the order the page sent them: a handler that started earlier never finishes
         # later and overwrites the config with the form of before (a typed value then seemed lost).
-        in_order = {"concurrency_id": "parameters-form", "concurrency_limit": 1}
+        in_order = IN_ORDER
         evaluation = {"fn": self.on_input, "inputs": {*components.values(), page.user},
                       "outputs": [status, preview, ctx.config, page.latest], **in_order}
         gr.on([event for path, component in components.items() for event in _edit_events(component, self.specs[path])],
@@ -375,10 +339,10 @@ class ParametersTab:
         components[FAMILY_FIELD].change(lambda form: self.layout.visibility(self.form_values(form)),
                                         inputs=set(components.values()), outputs=family_outputs)
         field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
-                         confirm.row, confirm.text, confirm.patched, page.latest]
+                         confirm.row, confirm.text, page.patched, page.latest]
         # Handlers that fill the form also read it, to send only what changes; then the form is evaluated once more
         # as the page holds it, after the fill, so the last word is always the page's own.
-        with_form = {*components.values(), confirm.patched, page.user, page.latest}
+        with_form = {*components.values(), page.patched, page.user, page.latest}
         open_row.load.click(lambda form: self.on_load(form[open_row.path], form),
                             inputs={open_row.path, *with_form}, outputs=field_outputs, **in_order
                             ).then(**evaluation)
@@ -397,13 +361,6 @@ class ParametersTab:
         ctx.config_patch.change(lambda form: self.on_patch(form[ctx.config_patch], form),
                                 inputs={ctx.config_patch, *with_form}, outputs=field_outputs, **in_order
                                 ).then(**evaluation)
-        if ctx.app is not None:
-            # Two steps, so a page with nothing to restore never runs an event over the whole form: one whose inputs
-            # and outputs are the form's hundreds of widgets kept a new page busy for seconds.
-            ctx.app.load(self.on_page_load, outputs=[page.user, preset, page.saved], **in_order,
-                         show_progress="hidden")
-            page.saved.change(self.on_saved, inputs={page.saved, *with_form}, outputs=field_outputs, **in_order
-                              ).then(**evaluation)
         MemoryPanel(self).wire(field_outputs, with_form, evaluation)
         self.presets.save_button.click(lambda form: self.on_save(form[self.presets.preset_title], form),
                                        inputs={self.presets.preset_title, *components.values()},

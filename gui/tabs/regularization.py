@@ -126,25 +126,25 @@ def _generate_section(ctx: TabContext) -> GenerateSection:
                            gallery)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Regularization tab to the current gr.Blocks."""
-    with gr.Tab("Regularization", id="regularization"):
-        gr.Markdown("Regularization (class) images keep the model's idea of your subject's class (e.g. *dog*) while "
-                    "it learns your subject. They live in subfolders named `<repeats>_<class>` of a regularization "
-                    "folder, e.g. `reg/1_dog`.", elem_id="reg-intro")
-        folders = _class_folder_section(ctx)
-        balance = _balance_section(ctx)
-        generation = _generate_section(ctx)
-    RegularizationTab(ctx, folders, balance, generation).wire()
+def content(ctx: TabContext, running: FolderJobs) -> None:
+    """The tab's sections and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py).
+    `running`: class folder -> its generation job (the Stop button's target), one for all pages."""
+    gr.Markdown("Regularization (class) images keep the model's idea of your subject's class (e.g. *dog*) while "
+                "it learns your subject. They live in subfolders named `<repeats>_<class>` of a regularization "
+                "folder, e.g. `reg/1_dog`.", elem_id="reg-intro")
+    folders = _class_folder_section(ctx)
+    balance = _balance_section(ctx)
+    generation = _generate_section(ctx)
+    RegularizationTab(ctx, folders, balance, generation, running).wire()
 
 
 class RegularizationTab:
     """The tab's event handlers, over its sections."""
 
     def __init__(self, ctx: TabContext, folders: ClassFolderSection, balance: BalanceSection,
-                 generation: GenerateSection):
+                 generation: GenerateSection, running: FolderJobs):
         self.ctx, self.folders, self.balance, self.generation = ctx, folders, balance, generation
-        self.running = FolderJobs()  # class folder -> its generation job (the Stop button's target)
+        self.running = running  # class folder -> its generation job (the Stop button's target)
 
     def create(self, parent: str, repeats: float, class_prompt: str) -> dict:
         f = self.folders
@@ -238,8 +238,10 @@ class RegularizationTab:
         for trigger in (b.recount.click, b.train_dir.change, f.parent.change):
             trigger(self.recount, inputs=counted + config_input, outputs=b.balance, show_progress="hidden")
         if ctx.config is not None:
-            ctx.config.change(self.defaults_from_config, inputs=[ctx.config, g.model, b.train_dir, f.parent],
-                              outputs=[g.model, b.train_dir, f.parent])
+            # When the tab is built (the Parameters form may have changed long before) and at each change.
+            for trigger in (None, ctx.config.change):
+                gr.on(trigger, self.defaults_from_config, inputs=[ctx.config, g.model, b.train_dir, f.parent],
+                      outputs=[g.model, b.train_dir, f.parent])
         form = {f.folder, g.model, g.prompt, f.class_prompt, g.negative, g.count, g.steps, g.width, g.height,
                 g.seed} | set(config_input)
         generated = g.generate.click(self.generate, inputs=form, outputs=[g.progress, g.gallery])

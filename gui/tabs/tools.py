@@ -14,7 +14,6 @@ from engine.config.errors import ConfigError
 from gui import tools_commands as commands
 from gui import tools_render as render
 from gui.context import TabContext
-from gui.deferred import tab_built_on_first_open
 from gui.doctor_view import DoctorPanel
 from gui.file_browser import FileRoots, path_field
 from gui.jobs import EngineJob
@@ -298,12 +297,8 @@ def _doctor_tab(ctx: TabContext) -> None:
     button.click(run, inputs={source, path, quick, ctx.config}, outputs=panel.outputs)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Tools tab to the current gr.Blocks; its tools are built when a page first opens it."""
-    tab_built_on_first_open("Tools", "tools", lambda: _tools(ctx))
-
-
-def _tools(ctx: TabContext) -> None:
+def content(ctx: TabContext) -> None:
+    """The tools and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py)."""
     with gr.Tabs(elem_id="tools-tabs"):
         _inspect_tab(ctx.roots)
         _merge_tab(ctx.roots)

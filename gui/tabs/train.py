@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -22,9 +22,12 @@ from gui.demo import DemoError, start_demo
 from gui.run_reader import ChartData
 from gui.runner import RunError, RunManager
 from gui.runs import PROCESS_LOG, RunHandle, tail_lines
-from gui.tensorboard import TensorBoardError, TensorBoards
-from gui.train_start import start_choice, start_queue_worker, start_run
+from gui.tensorboard import TensorBoardError
+from gui.train_start import start_choice, start_run
 from gui.views import train as view
+
+if TYPE_CHECKING:
+    from gui.tabs.first_open import TrainServices
 
 LOG_LINES = 200
 TICK_SECONDS = 1.0
@@ -213,28 +216,28 @@ def _viewer_state() -> ViewerState:
     return ViewerState(cache, samples_key, owners, timer)
 
 
-def build(ctx: TabContext) -> None:
-    """Add the Train tab to the current gr.Blocks; runs live in ctx.runs_dir."""
-    manager = RunManager(ctx.runs_dir)
-    start_queue_worker(manager)
-    gr.set_static_paths([manager.runs_dir])  # sample images are served from the run directories
-    with gr.Tab("Train", id="train"):
-        start = _start_section()
-        queue = _queue_section()
-        run = _run_section(manager)
-        viewer = _viewer_state()
-    TrainTab(ctx, manager, start, queue, run, viewer).wire()
+_FRAMES = _Frames()  # one for all pages (and apps) of this process
+
+
+def content(ctx: TabContext, services: TrainServices) -> None:
+    """The tab's sections and their events, for one page, built when it first opens the tab (gui/tabs/first_open.py,
+    which also makes the `services` every page shares)."""
+    start = _start_section()
+    queue = _queue_section()
+    run = _run_section(services.manager)
+    viewer = _viewer_state()
+    TrainTab(ctx, services, start, queue, run, viewer).wire()
 
 
 class TrainTab:
     """The tab's event handlers, over its sections."""
 
-    def __init__(self, ctx: TabContext, manager: RunManager, start: StartSection, queue: QueueSection,
+    def __init__(self, ctx: TabContext, services: TrainServices, start: StartSection, queue: QueueSection,
                  run: RunSection, viewer: ViewerState):
-        self.ctx, self.manager = ctx, manager
+        self.ctx, self.manager = ctx, services.manager
         self.start, self.queue, self.run, self.viewer = start, queue, run, viewer
-        self.frames = _Frames()
-        self.boards = TensorBoards()
+        self.frames = _FRAMES
+        self.boards = services.boards
 
     def run_view(self, name: str, handle: RunHandle, seen: dict) -> tuple[dict, dict]:
         """The run's part of a tick: the updates, and what the viewer keeps to compare next time (hashes and the

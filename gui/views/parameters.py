@@ -15,6 +15,7 @@ from engine.config.describe import FieldSpec, iter_fields
 from engine.config.importers import ImportResult
 from engine.config.io import config_to_toml, deep_merge, default_config_dict, is_preset_document, read_document
 from engine.config.paths import get_path
+from engine.config.readiness import readiness_problems
 from engine.config.schema import RunConfig, config_warnings
 from gui.browse import FileRoots, PathNotAllowed
 from gui.state import DATASETS_SPEC, config_to_form, form_to_config, to_widget
@@ -49,6 +50,17 @@ def status_markdown(config: RunConfig | None, problems: list) -> str:
     lines = [f"**{len(problems)} problem(s) to fix:**", ""]
     lines += [f"- `{problem.path}`: {problem.message}" for problem in problems]
     return "\n".join(lines)
+
+
+def form_report(values: Mapping[str, Any], specs: Mapping[str, FieldSpec],
+                refusal: Any = None) -> tuple[str, str, dict[str, Any] | None]:
+    """What the form shows and gives for its values ({path: widget value}): the validation status, the TOML
+    preview (Markdown) and the config the other tabs read (shared_config). `refusal` is the roots' rule for paths
+    (engine.config.readiness)."""
+    config, data, problems = form_to_config(values, specs)
+    ready = readiness_problems(config, refusal=refusal) if config is not None else []
+    return (status_markdown(config, problems or ready), preview_markdown(preview_text(config, data)),
+            shared_config(config, data))
 
 
 def preview_text(config: RunConfig | None, data: Mapping[str, Any]) -> str:
@@ -121,6 +133,29 @@ def import_report_markdown(result: ImportResult, path: str) -> str:
 def patch_values(patch: Mapping[str, Any] | None) -> dict[str, Any]:
     """The fields of a `config_patch` value (gui.context.config_patch_value)."""
     return dict((patch or {}).get("values") or {})
+
+
+def patched_fields(patch: Mapping[str, Any] | None, specs: Mapping[str, FieldSpec]) -> tuple[dict[str, Any], str]:
+    """What another tab's `config_patch` sets in the form: the widget values of the fields it has ({path: value}),
+    and the message saying which fields were set (and which are not fields here)."""
+    values = patch_values(patch)
+    known = [path for path in values if path in specs]
+    unknown = [path for path in values if path not in specs]
+    message = f"Set from another tab: {', '.join(f'`{path}`' for path in known)}." if known else ""
+    if unknown:
+        message += f" Not a field here: {', '.join(unknown)}."
+    return {path: to_widget(specs[path], values[path]) for path in known}, message
+
+
+def default_form(specs: Mapping[str, FieldSpec]) -> dict[str, Any]:
+    """The form's widget values for the default config ({path: widget value})."""
+    return config_to_form(default_config_dict(), specs)
+
+
+def shared_config(config: RunConfig | None, data: dict[str, Any]) -> dict[str, Any] | None:
+    """What the form gives the other tabs (TabContext.config) for form_to_config's config and dict: the config dict
+    once it validates, None while the form has problems."""
+    return data if config is not None else None
 
 
 def cleared_by(new_values: Mapping[str, Any], current: Mapping[str, Any], patched: list[str]) -> list[str]:

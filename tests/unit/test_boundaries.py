@@ -157,9 +157,12 @@ def test_top_level_layout():
     assert top <= allowed, top - allowed
 
 
-# Modules the GUI imports inside its handlers (run in the GUI process when a button is pressed).
+# Modules the GUI imports inside its handlers (run in the GUI process when a button is pressed, or when a page first
+# opens a tab: gui/tabs/first_open.py).
 GUI_LAZY_IMPORTS = ("engine.data.doctor", "engine.config.importers.registry", "engine.data.project",
-                    "engine.caption.edit", "engine.caption.registry", "engine.cache.latent_jobs", "engine.data.scan")
+                    "engine.caption.edit", "engine.caption.registry", "engine.cache.latent_jobs", "engine.data.scan",
+                    *(f"gui.tabs.{tab}" for tab in ("captioning", "regularization", "parameters", "train", "compare",
+                                                    "tools")))
 
 
 @pytest.mark.slow

@@ -186,7 +186,7 @@ def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_row
 
     from gui.browse import FileRoots
     from gui.context import TabContext
-    from gui.tabs import train
+    from gui.tabs import first_open, train
 
     image = run_dir / "samples" / "a.png"
     image.parent.mkdir()
@@ -196,9 +196,9 @@ def test_the_train_tabs_tick_sends_charts_only_when_they_change_and_keeps_no_row
            + "".join(progress(step, total=5000) for step in range(1, 3001)))
     write_record(run_dir, {"created_at": 1.0, "pid": os.getpid(), "proc_start": runs.process_start_ticks(os.getpid())})
     runs_dir = run_dir.parent
-    with gr.Blocks() as blocks:
-        train.build(TabContext(runs_dir=runs_dir, presets_dir=None, roots=FileRoots.from_paths(runs_dir=runs_dir),
-                               config=gr.State(None)))
+    with gr.Blocks() as blocks:  # the tab as a page's first opening builds it
+        train.content(TabContext(runs_dir=runs_dir, presets_dir=None, roots=FileRoots.from_paths(runs_dir=runs_dir),
+                                 config=gr.State(None)), first_open.train_services(runs_dir))
     tick = next(fn for fn in blocks.fns.values() if fn.api_name == "tick")
     draw_samples = next(fn for fn in blocks.fns.values() if fn.api_name == "draw_samples")
     position = {getattr(block, "elem_id", None): index for index, block in enumerate(tick.outputs)}
