@@ -47,8 +47,9 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _measured_peak(config_path: Path) -> int:
-    """The denoiser's resident weights plus the training steps' peak of live storages, in a real run on the CPU."""
+def track_run(config_path: Path, on_device: Any) -> tuple[Any, list[torch.Tensor], int]:
+    """Train the run for real on the CPU: (its session, the tensors of the modules `on_device(session)` names, which
+    a GPU would hold before the first step, and the steps' peak of live storages beyond them)."""
     from accelerate.state import AcceleratorState
 
     from engine.config.io import load_config
@@ -62,19 +63,25 @@ def _measured_peak(config_path: Path) -> int:
     log = RunLog(out)
     try:
         session = build_session(load_config(config_path, check_packages=False), config_path.parent, out, log)
-        # What a GPU would hold: the denoiser, and the text encoders when their outputs are not cached.
-        on_device = [session.model.unet, *([] if session.text_cached else session.model.text.encoders)]
-        resident = {t.untyped_storage()._cdata for module in on_device for t in (*module.parameters(),
-                                                                                  *module.buffers())}
-        frozen = sum(p.numel() * p.element_size() for module in on_device for p in module.parameters()
-                     if not p.requires_grad)
+        tensors = list({id(t): t for module in on_device(session)
+                        for t in (*module.parameters(), *module.buffers())}.values())
         trainer = Trainer(session, ControlChannel(out))
-        tracker = _LiveBytes(resident)
+        tracker = _LiveBytes({t.untyped_storage()._cdata for t in tensors})
         with tracker:
             assert trainer.run().status == "finished"
     finally:
         log.close()
-    return frozen + tracker.peak
+    return session, tensors, tracker.peak
+
+
+def _measured_peak(config_path: Path) -> int:
+    """The denoiser's resident weights plus the training steps' peak of live storages, in a real run on the CPU."""
+    # What a GPU would hold: the denoiser, and the text encoders when their outputs are not cached.
+    _, tensors, peak = track_run(config_path, lambda session: [
+        session.model.unet, *([] if session.text_cached else session.model.text.encoders)])
+    frozen = sum(t.numel() * t.element_size() for t in tensors
+                 if isinstance(t, torch.nn.Parameter) and not t.requires_grad)
+    return frozen + peak
 
 
 @pytest.mark.parametrize("family, network, training", [

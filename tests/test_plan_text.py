@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_plan import _LiveBytes
+from test_plan import track_run
 from train_helpers import write_config
 
 pytestmark = pytest.mark.slow
@@ -22,32 +22,14 @@ pytestmark = pytest.mark.slow
 
 def _measured_peak(config_path: Path) -> tuple[int, list[bool]]:
     """(the weights on the device before the first step plus the steps' peak, which encoders the run trains)."""
-    from accelerate.state import AcceleratorState
 
-    from engine.config.io import load_config
-    from engine.rundir.control import ControlChannel
-    from engine.train.build import build_session
-    from engine.train.reporting import RunLog
-    from engine.train.trainer import Trainer
-
-    AcceleratorState._reset_state(True)
-    out = config_path.parent / "out"
-    log = RunLog(out)
-    try:
-        session = build_session(load_config(config_path, check_packages=False), config_path.parent, out, log)
+    def on_device(session: Any) -> list[Any]:
         network = getattr(session.method, "network", None)
-        on_device = [session.model.unet, *([] if session.text_cached else session.model.text.encoders),
-                     *([network] if network is not None else [])]
-        tensors = {id(t): t for module in on_device for t in (*module.parameters(), *module.buffers())}
-        resident = {t.untyped_storage()._cdata for t in tensors.values()}
-        weights = sum(t.numel() * t.element_size() for t in tensors.values())
-        trainer = Trainer(session, ControlChannel(out))
-        tracker = _LiveBytes(resident)
-        with tracker:
-            assert trainer.run().status == "finished"
-    finally:
-        log.close()
-    return weights + tracker.peak, list(session.method.trains_text_encoders)
+        return [session.model.unet, *([] if session.text_cached else session.model.text.encoders),
+                *([network] if network is not None else [])]
+
+    session, tensors, peak = track_run(config_path, on_device)
+    return sum(t.numel() * t.element_size() for t in tensors) + peak, list(session.method.trains_text_encoders)
 
 
 def _flux(tmp_path: Path, tiny_models: dict[str, Path], **network: Any) -> Path:
