@@ -2,11 +2,11 @@
 weights, and their forward on the batch's tokens, whose activations stay for the backward pass while the denoiser
 runs.
 
-Which encoders train is the engine's decision, repeated here from the same settings: a LoRA puts modules on those
-with a learning rate above 0 unless it trains the denoiser only or their outputs are cached (engine.train.method_lora;
-T5 only with network_args train_t5xxl, which the network itself decides); DreamBooth and fine-tuning train the
-encoders' own weights where the family's full method does (SD1/SD2/SDXL: engine.train.method_full; SD3: CLIP-L and
-CLIP-G, engine.train.method_full_sd3; FLUX.1 never).
+Which encoders train is the engine's decision, by the engine's own rules: a LoRA's
+(engine.train.learning_rates.lora_trains_text_encoders; T5 only with network_args train_t5xxl, which the network
+itself decides); DreamBooth and fine-tuning train the encoders' own weights where the family's full method does
+(SD1/SD2/SDXL: learning_rates.full_trains_text_encoders; SD3: CLIP-L and CLIP-G by
+engine.train.method_full_sd3.text_encoder_rates; FLUX.1 never).
 """
 
 from __future__ import annotations
@@ -29,19 +29,17 @@ def encoder_training(config: RunConfig, family: str, count: int) -> list[bool]:
     """Whether the run trains each of the family's `count` text encoders (LoRA modules on it, or its weights)."""
     if count == 0 or config.training.cache_text_encoder_outputs or config.method == "textual_inversion":
         return [False] * count
-    from engine.train.learning_rates import learning_rates
+    from engine.train.learning_rates import lora_trains_text_encoders
 
     if config.method == "lora":
-        if config.network.train_unet_only:
-            return [False] * count
-        return [rate > 0 for rate in learning_rates(config, count).text_encoders]
+        return lora_trains_text_encoders(config, count)
     return _FULL_TRAINING[family_info(family).loader](config, count)
 
 
 def _sd_full(config: RunConfig, count: int) -> list[bool]:
-    from engine.train.learning_rates import learning_rates
+    from engine.train.learning_rates import full_trains_text_encoders
 
-    return [rate > 0 for rate in learning_rates(config, count).text_encoders]
+    return full_trains_text_encoders(config, count)
 
 
 def _sd3_full(config: RunConfig, count: int) -> list[bool]:

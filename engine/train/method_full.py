@@ -27,7 +27,7 @@ from engine.files import atomic_output, replace_folder
 from engine.models.families import family_info
 from engine.models.ldm_checkpoint import cpu_cast
 from engine.models.text_encoders import TEXT_COMPONENTS
-from engine.train.learning_rates import learning_rates
+from engine.train.learning_rates import full_trains_text_encoders, learning_rates
 from engine.train.setup import RunInputError
 
 if TYPE_CHECKING:
@@ -60,8 +60,7 @@ class FullModelMethod:
         self.model = model
         rates = learning_rates(config, len(model.text.encoders))
         self.trains_unet = rates.unet > 0
-        caches_text = config.training.cache_text_encoder_outputs  # cached outputs mean the encoders never run
-        self.trains_text_encoders = [rate > 0 and not caches_text for rate in rates.text_encoders]
+        self.trains_text_encoders = full_trains_text_encoders(config, len(model.text.encoders))
         names = [encoder for _, encoder in TEXT_COMPONENTS[model.family]]
         # The trained parts as (component name, module, learning rate); fixed for the run, even after the stop.
         self.parts: list[tuple[str, torch.nn.Module, float]] = [("unet", model.unet, rates.unet)] \

@@ -16,7 +16,7 @@ from engine.config.choices import NETWORK_TYPES
 from engine.models.families import family_info
 from engine.networks.dylora import dylora_network
 from engine.networks.lycoris_network import lycoris_network
-from engine.train.learning_rates import learning_rates
+from engine.train.learning_rates import learning_rates, lora_trains_text_encoders
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -34,9 +34,7 @@ class LoraMethod:
         rates = learning_rates(config, len(model.text.encoders))
         self.rates = rates
         self.trains_unet = rates.unet > 0 and not section.train_text_encoder_only
-        caches_text = config.training.cache_text_encoder_outputs
-        self.trains_text_encoders = [lr > 0 and not section.train_unet_only and not caches_text
-                                     for lr in rates.text_encoders]
+        self.trains_text_encoders = lora_trains_text_encoders(config, len(model.text.encoders))
         backend = NETWORK_TYPES[section.network_type].backend
         self.network_module = NETWORK_MODULES[backend] if backend != "kohya" else \
             family_info(model.family).kohya_network_module
