@@ -7,7 +7,6 @@ or --auth). What the server exposes and how it is guarded: SECURITY.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from pathlib import Path
@@ -56,18 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.auth:
         print(AUTH_ON_COMMAND_LINE, file=sys.stderr)
-    # Start-up makes ~300,000 objects that live as long as the app (Gradio's and FastAPI's modules, the page's
-    # components) and almost no garbage (~5,000 objects). With the collector on, each time that heap grew by a quarter
-    # it rescanned all of it: 0.3 s of gradio's import and 0.08 s of building the page. So it is off until the page
-    # is built, and what start-up made is then frozen (never rescanned; the little garbage in it stays).
-    gc.disable()
+    # The garbage collector is off until the page is built (engine.startup: it rescanned the growing heap for
+    # 0.3 s of gradio's import and 0.08 s of building the page).
+    from engine.startup import pause_collector, start_up_done
+
+    pause_collector()
     from gui.app import AppOptions, ServeOptions, build_app, serve  # gradio loads here, after the checks
 
     options = AppOptions(runs_dir=args.runs_dir.resolve(), presets_dir=args.presets_dir,
                          allowed_paths=tuple(path.resolve() for path in args.allow_path))
     app = build_app(options)
-    gc.freeze()
-    gc.enable()
+    start_up_done()
     serve(app, options, ServeOptions(host=args.host, port=args.port, auth=auth,
                                      allowed_hosts=tuple(args.allowed_host)))
     return 0

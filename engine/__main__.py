@@ -3,6 +3,10 @@
 import sys
 
 if __name__ == "__main__":
+    # Before the imports: the garbage collector is off until the command has loaded its model (engine.startup).
+    from engine.startup import pause_collector
+
+    pause_collector()
     if sys.argv[1:2] == ["train"]:
         # Before anything heavy (the CLI pulls in pydantic, training torch): from here on SIGTERM, Ctrl+C and
         # `stop` lines in the run's control file ask for a graceful stop, which the run honours at its next phase

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.caption.base import CaptionOutput
+from engine.startup import start_up_done
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -229,6 +230,7 @@ def load_model(folder: Path, model_class: str, device: str):
     except (OSError, ValueError) as exc:
         message = f"Cannot load {model_class} from {folder} (weights missing or damaged?): {exc}"
         raise CaptionModelError(message) from exc
+    start_up_done()  # the imports and the model: the heavy part of the caption command's start-up is over
     return model.to(device).eval()
 
 

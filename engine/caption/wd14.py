@@ -26,6 +26,7 @@ from engine.caption.wd14_tags import (
 )
 from engine.data.images import to_rgb
 from engine.data.resize import resize_image
+from engine.startup import start_up_done
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -174,6 +175,7 @@ def _open_session(model_path: Path, device: str) -> onnxruntime.InferenceSession
     if device.startswith("cuda") and session.get_providers()[0] != _CUDA:
         raise RuntimeError(f"onnxruntime could not start CUDA for {model_path}; check the CUDA/cuDNN libraries "
                            "that onnxruntime-gpu needs, or use device 'cpu'")
+    start_up_done()  # the imports and the model: the heavy part of the caption command's start-up is over
     return session
 
 

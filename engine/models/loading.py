@@ -45,6 +45,7 @@ from engine.models.vae import (
     pipeline_family,
     ready_vae,
 )
+from engine.startup import start_up_done
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -82,10 +83,13 @@ def load_model(location: str | Path, *, family: str = "auto", vae_path: str | Pa
     transformer_loader = _TRANSFORMER_LOADERS.get(_loader_kind(str(location), family))
     if transformer_loader is not None:
         files = {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl, "ae": ae, "vae": vae_path}
-        return transformer_loader(location, family, files, tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype,
-                                  device=device, fp8=fp8)
-    kind, path = _locate(str(location))
-    return _LOADERS[kind](path, _Request(str(location), family, str(vae_path or ""), dtype, device))
+        model = transformer_loader(location, family, files, tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype,
+                                   device=device, fp8=fp8)
+    else:
+        kind, path = _locate(str(location))
+        model = _LOADERS[kind](path, _Request(str(location), family, str(vae_path or ""), dtype, device))
+    start_up_done()  # the imports and the model: the heavy part of an engine command's start-up is over
+    return model
 
 
 def _flux_model(location: str | Path, family: str, files: dict[str, Any], **options: Any) -> LoadedModel:
