@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from engine.models.families import FAMILY_INFO
+
 Method = Literal["lora", "dreambooth", "finetune", "textual_inversion"]
 ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "chroma", "sd3"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -72,46 +74,13 @@ SD3_FAMILIES: tuple[str, ...] = ("sd3",)  # SD3 medium, SD3.5 medium and large: 
 FLOW_FAMILIES: tuple[str, ...] = FLUX_FAMILIES + SD3_FAMILIES
 
 
-@dataclass(frozen=True)
-class FamilyLimits:
-    """What the config rules check per declared model family (detection of "auto" is the loader's job)."""
-
-    label: str  # how messages name the family
-    bucket_multiple: int  # image sides (bucket_reso_steps) must be multiples of this, in pixels
-    text_encoders: tuple[str, ...]  # the text encoders' names, in order
-    max_blocks_to_swap: int = 0  # 0: block swapping is not available for the family
-    # whether full fine-tuning may swap blocks too (the trained weights step inside backward: fused_backward_pass)
-    swaps_trained_blocks: bool = False
-
-
-FAMILY_LIMITS: dict[str, FamilyLimits] = {
-    # SD1/SD2: three 2x downsamplings of a 1/8 latent -> 64 px; SDXL's UNet has one fewer -> 32 px. Their UNets swap
-    # resnets and transformer blocks (engine.models.swap_layouts), all but two: SD1/SD2 have 22 resnets and 16
-    # transformer blocks, SDXL 17 and 70; a UNet of another shape is checked once it is loaded. Full fine-tuning
-    # swaps trained blocks as SD3's does (with the fused backward pass).
-    "sd1": FamilyLimits("SD1.x", 64, ("CLIP-L",), max_blocks_to_swap=36,
-                        swaps_trained_blocks=True),
-    "sd2": FamilyLimits("SD2.x", 64, ("OpenCLIP-H",), max_blocks_to_swap=36,
-                        swaps_trained_blocks=True),
-    "sdxl": FamilyLimits("SDXL", 32, ("CLIP-L", "OpenCLIP-G"), max_blocks_to_swap=85,
-                         swaps_trained_blocks=True),
-    # FLUX packs 2x2 patches of a 1/8 latent -> 16 px (spec §2.2); 19 double + 38 single blocks swap at most
-    # 17 double and 36 single, i.e. blocks_to_swap <= 35 (spec §6.2).
-    "flux1": FamilyLimits("FLUX.1", 16, ("CLIP-L", "T5-XXL"), max_blocks_to_swap=35),
-    "chroma": FamilyLimits("Chroma", 16, ("T5-XXL",), max_blocks_to_swap=35),
-    # SD3's MMDiT patchifies 2x2 patches of a 1/8 latent itself -> 16 px (spec §10). It swaps at most depth - 2
-    # joint blocks (spec §8.6): 36 for SD3.5 large (38 blocks); the medium models' 22 is checked once the file is
-    # loaded, since the variant is known only then.
-    "sd3": FamilyLimits("SD3 / SD3.5", 16, ("CLIP-L", "CLIP-G", "T5-XXL"), max_blocks_to_swap=36,
-                        swaps_trained_blocks=True),
-}
 # Before a family is declared ("auto") only what every family accepts is enforced.
 AUTO_BUCKET_MULTIPLE = 32
 
 
 def family_label(name: str) -> str:
-    limits = FAMILY_LIMITS.get(name)
-    return limits.label if limits else name
+    info = FAMILY_INFO.get(name)
+    return info.label if info else name
 
 
 def family_names(names: Iterable[str]) -> str:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from engine.config.choices import (
     AUTO_BUCKET_MULTIPLE,
-    FAMILY_LIMITS,
     FLUX_FAMILIES,
     FULL_MODEL_FORMATS,
     NETWORK_TYPES,
@@ -181,7 +180,7 @@ def format_suits_the_method(config: RunConfig, context: RuleContext) -> Iterator
 @rule
 def buckets_suit_the_family(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
     family = config.model.model_family
-    limits = FAMILY_LIMITS.get(family)
+    limits = FAMILY_INFO.get(family)
     multiple = limits.bucket_multiple if limits else AUTO_BUCKET_MULTIPLE
     for dataset in context.datasets:
         steps = dataset.params["bucket_reso_steps"]

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import PurePath
 from typing import TYPE_CHECKING
 
-from engine.config.choices import FAMILY_LIMITS, FLUX_FAMILIES, FamilyLimits, family_label
+from engine.config.choices import FLUX_FAMILIES, family_label
 from engine.config.rule_registry import Problem, RuleContext, rule
-from engine.models.families import FAMILY_INFO
+from engine.models.families import FAMILY_INFO, FamilyInfo
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -66,7 +66,7 @@ _FP8_TORCH = (2, 1)
 
 @rule
 def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iterator[Problem]:
-    limits = FAMILY_LIMITS.get(config.model.model_family)
+    limits = FAMILY_INFO.get(config.model.model_family)
     fp8 = [key for key in ("fp8_base", "fp8_base_unet") if getattr(config.model, key)]
     yield from _swap_and_offload(config, limits)
     yield from _swap_and_compile(config)
@@ -75,7 +75,7 @@ def flux_memory_options_combine(config: RunConfig, context: RuleContext) -> Iter
     yield from _fp8_torch_version(context, fp8)
 
 
-def _swap_and_offload(config: RunConfig, limits: FamilyLimits | None) -> Iterator[Problem]:
+def _swap_and_offload(config: RunConfig, limits: FamilyInfo | None) -> Iterator[Problem]:
     """Block swapping and CPU-offloaded checkpointing: each on its own, within the family's limits."""
     training = config.training
     if training.blocks_to_swap and training.cpu_offload_checkpointing:
@@ -111,7 +111,7 @@ def _fp8_precision_and_method(config: RunConfig, fp8: list[str]) -> Iterator[Pro
                       f"{config.method!r} trains the model's own weights: turn fp8 off or use method 'lora'")
 
 
-def _swap_trained_blocks(config: RunConfig, limits: FamilyLimits | None) -> Iterator[Problem]:
+def _swap_trained_blocks(config: RunConfig, limits: FamilyInfo | None) -> Iterator[Problem]:
     """Swapping blocks that full training updates works only where the family swaps trained blocks; LoRA and Textual
     Inversion leave the denoiser frozen."""
     if not config.training.blocks_to_swap or config.method in ("lora", "textual_inversion"):

@@ -3,7 +3,7 @@
 What SD3 trains and saves, the network_args sd-scripts' `networks.lora_sd3` does not take (spec §8.6), and the
 loss options flow matching cannot use. Settings that only other families use are refused by the generic
 `settings_suit_the_family` rule through their `families`; the bucket multiple (16 px) and the block-swap limit
-(36, the exact depth - 2 checked when the model is loaded) come from `FAMILY_LIMITS["sd3"]`. Registered with the same
+(36, the exact depth - 2 checked when the model is loaded) come from `FAMILY_INFO["sd3"]`. Registered with the same
 `@rule` as the rules in :mod:`engine.config.rules`, which imports this module so that `check()` runs them all.
 """
 

@@ -1,6 +1,8 @@
-"""What differs between the model families we train: names in saved files, default sizes, text encoders.
+"""What differs between the model families we train: names in saved files, default sizes, text encoders, and the
+limits the config rules check (bucket sides, blocks to swap).
 
-One registry, so LoRA naming, metadata, sampling and the trainer never branch on family names themselves.
+One registry, so LoRA naming, metadata, sampling, the trainer and the config rules never branch on family names
+themselves.
 Pure data: importing this module imports no torch.
 """
 
@@ -33,7 +35,10 @@ class FamilyInfo:
     loader: str = "ldm"  # engine.models.loading: "ldm" (SD checkpoints and pipelines), "flux" or "sd3"
     latent_channels: int = 4
     latent_shift: float = 0.0  # latents are (z - shift) * scaling_factor before the denoiser sees them
-    bucket_multiple: int = 8  # image sides must be multiples of this (FLUX packs 2x2 latent patches: 16 px)
+    # Image sides (bucket_reso_steps) must be multiples of this, in pixels. SD1/SD2: three 2x downsamplings of a 1/8
+    # latent -> 64 px; SDXL's UNet has one fewer -> 32 px; FLUX packs 2x2 patches of a 1/8 latent (spec §2.2) and
+    # SD3's MMDiT patchifies 2x2 itself (spec §10) -> 16 px.
+    bucket_multiple: int = 64
     model_type: str = ""  # sd-scripts' ss_model_type ("flux", "chroma"); "" writes none
     kohya_network_module: str = "networks.lora"  # ss_network_module of our kohya-format LoRA files
     kohya_v2: bool = False  # sd-scripts' ss_v2 flag (the SD2 text encoder and its defaults)
@@ -51,6 +56,16 @@ class FamilyInfo:
     # The UNet's heads per block whatever its width (SD1: 8, diffusers' attention_head_dim); 0: heads of 64 channels
     unet_attention_heads: int = 0
     latent_cache_suffix: str = "sd"  # the latent cache files' suffix: families sharing an AE share the files
+    label: str = ""  # how messages and the GUI name the family ("SD1.x", "FLUX.1")
+    # The most blocks training.blocks_to_swap may name (0: no swapping for the family). SD1/SD2/SDXL swap resnets and
+    # transformer blocks (engine.models.swap_layouts), all but two: SD1/SD2 have 22 resnets and 16 transformer blocks,
+    # SDXL 17 and 70; a UNet of another shape is checked once it is loaded. FLUX's 19 double + 38 single blocks swap
+    # at most 17 double and 36 single: 35 (spec §6.2). SD3 swaps at most depth - 2 joint blocks (spec §8.6): 36 for
+    # SD3.5 large (38 blocks); the medium models' 22 is checked once the file is loaded, since the variant is known
+    # only then.
+    max_blocks_to_swap: int = 0
+    # whether full fine-tuning may swap blocks too (the trained weights step inside backward: fused_backward_pass)
+    swaps_trained_blocks: bool = False
 
     def base_model_version(self, v_prediction: bool, variant: str = "") -> str:
         if self.base_version_is_variant and variant:
@@ -72,13 +87,16 @@ _SGM = "https://github.com/Stability-AI/generative-models"
 
 FAMILY_INFO: dict[str, FamilyInfo] = {
     "sd1": FamilyInfo("sd1", ("lora_te",), 512, "sd_v1", "sd_v1_v", "stable-diffusion-v1", "stable-diffusion-v1",
-                      "diffusers", 0.18215, noise_prediction_only=True, unet_attention_heads=8),
+                      "diffusers", 0.18215, noise_prediction_only=True, unet_attention_heads=8, label="SD1.x",
+                      max_blocks_to_swap=36, swaps_trained_blocks=True),
     "sd2": FamilyInfo("sd2", ("lora_te",), 512, "sd_v2", "sd_v2_v", "stable-diffusion-v2-512",
-                      "stable-diffusion-v2-768-v", "diffusers", 0.18215, kohya_v2=True),
+                      "stable-diffusion-v2-768-v", "diffusers", 0.18215, kohya_v2=True, label="SD2.x",
+                      max_blocks_to_swap=36, swaps_trained_blocks=True),
     "sdxl": FamilyInfo("sdxl", ("lora_te1", "lora_te2"), 1024, "sdxl_base_v1-0", "sdxl_base_v1-0",
                        "stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base", _SGM, 0.13025,
                        uses_size_conditioning=True, unet_naming="sai", text_encoding="sdxl", sampler="sdxl",
-                       diffusers_pipeline="StableDiffusionXLPipeline", latent_cache_suffix="sdxl"),
+                       diffusers_pipeline="StableDiffusionXLPipeline", latent_cache_suffix="sdxl", bucket_multiple=32,
+                       label="SDXL", max_blocks_to_swap=85, swaps_trained_blocks=True),
     # FLUX.1 dev and schnell share an entry: the file tells them apart (guidance_in), spec §1.3 and §5.4.
     "flux1": FamilyInfo("flux1", ("lora_te1", "lora_te3"), 1024, "flux1", "flux1", "flux-1", "flux-1",
                         "https://github.com/black-forest-labs/flux", 0.3611, objective="flow", unet_naming="bfl",
@@ -86,13 +104,15 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                         bucket_multiple=16, model_type="flux", kohya_network_module="networks.lora_flux",
                         diffusers_pipeline="FluxPipeline",
                         variant_architectures=(("dev", "flux-1-dev"), ("schnell", "flux-1-schnell")),
-                        text_encoder_files=("clip_l", "t5xxl"), latent_cache_suffix="flux"),
+                        text_encoder_files=("clip_l", "t5xxl"), latent_cache_suffix="flux", label="FLUX.1",
+                        max_blocks_to_swap=35),
     "chroma": FamilyInfo("chroma", ("lora_te3",), 1024, "chroma", "chroma", "chroma", "chroma",
                          "https://huggingface.co/lodestones/Chroma", 0.3611, objective="flow", unet_naming="bfl",
                          text_encoding="flux", sampler="flux", loader="flux", latent_channels=16, latent_shift=0.1159,
                          bucket_multiple=16, model_type="chroma", kohya_network_module="networks.lora_flux",
                          diffusers_pipeline="ChromaPipeline", text_encoder_files=("t5xxl",),
-                         t5_attn_mask_required=True, trained_guidance_scale=0.0, latent_cache_suffix="flux"),
+                         t5_attn_mask_required=True, trained_guidance_scale=0.0, latent_cache_suffix="flux",
+                         label="Chroma", max_blocks_to_swap=35),
     # SD3 medium, SD3.5 medium and SD3.5 large share an entry: the file tells them apart (qk-norm, attn2; spec §8.1)
     # and the variant names them in the metadata, as sd-scripts' model_type does (spec §8.6).
     "sd3": FamilyInfo("sd3", ("lora_te1", "lora_te2", "lora_te3"), 1024, "medium", "medium",
@@ -104,7 +124,8 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                                              ("5-medium", "stable-diffusion-3-5-medium"),
                                              ("5-large", "stable-diffusion-3-5-large")),
                       base_version_is_variant=True, text_encoder_files=("clip_l", "clip_g", "t5xxl"),
-                      latent_cache_suffix="sd3"),
+                      latent_cache_suffix="sd3", label="SD3 / SD3.5", max_blocks_to_swap=36,
+                      swaps_trained_blocks=True),
 }
 
 

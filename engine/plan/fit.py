@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config.choices import FAMILY_LIMITS
 from engine.config.schema import RunConfig
-from engine.models.families import family_info
+from engine.models.families import FAMILY_INFO, family_info
 from engine.plan.estimate import MemoryPlan, make_plan
 
 __all__ = ["Change", "FitResult", "fit_to_gpu"]
@@ -143,7 +142,7 @@ def _offload_checkpoints(config: RunConfig, family: str) -> Patch:
 def _swap(config: RunConfig, family: str) -> Patch:
     """More swapped blocks (a frozen denoiser only), in sixths of the family's limit and at least 6 at a time: FLUX
     and SD3 go 6, 12, ... (their 35 or 36 blocks), SDXL's 85 resnets and transformer blocks 14, 28, ..."""
-    limits = FAMILY_LIMITS.get(family)
+    limits = FAMILY_INFO.get(family)
     if limits is None or not limits.max_blocks_to_swap or config.method not in ("lora", "textual_inversion"):
         return None
     blocks = config.training.blocks_to_swap + max(6, limits.max_blocks_to_swap // 6)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.config.choices import FAMILY_LIMITS, FLOW_FAMILIES, FLUX_FAMILIES, SD3_FAMILIES, family_names
+from engine.config.choices import FLOW_FAMILIES, FLUX_FAMILIES, SD3_FAMILIES, family_names
 from engine.config.describe import iter_fields
 from engine.config.errors import ConfigError
 from engine.config.io import config_to_toml, deep_merge, load_preset, validate_config
 from engine.config.reference import parameters_markdown
 from engine.config.schema import RunConfig, config_warnings
 from engine.config.sections_model import t5xxl_token_length
+from engine.models.families import FAMILY_INFO
 
 PRESETS = Path(__file__).resolve().parents[2] / "presets"
 SD3_FILES = {"pretrained_model_name_or_path": "/m/sd3.5_large.safetensors", "clip_l": "/m/clip_l.safetensors",
@@ -52,9 +53,9 @@ def test_sd3_keys_have_sd_scripts_names_and_defaults():
     assert "sd3" in specs["model.model_family"].choices and specs["model.clip_g"].widget == "path"
     assert SD3_FAMILIES == ("sd3",)
     assert FLOW_FAMILIES == FLUX_FAMILIES + SD3_FAMILIES
-    limits = FAMILY_LIMITS["sd3"]
+    limits = FAMILY_INFO["sd3"]
     assert (limits.label, limits.bucket_multiple, limits.max_blocks_to_swap) == ("SD3 / SD3.5", 16, 36)
-    assert limits.text_encoders == ("CLIP-L", "CLIP-G", "T5-XXL")
+    assert limits.text_encoder_files == ("clip_l", "clip_g", "t5xxl")
     assert family_names(("sd1", "sd2", "sd3")) == "SD1.x, SD2.x and SD3 / SD3.5" and family_names(("sdxl",)) == "SDXL"
 
 

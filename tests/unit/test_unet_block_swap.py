@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from train_helpers import random_up_lora
 
-from engine.config.choices import FAMILY_LIMITS
 from engine.models.block_swap import BlockSwapper, place_denoiser
 from engine.models.checkpointing import unet_checkpointing
+from engine.models.families import FAMILY_INFO
 from engine.models.swap_layouts import swap_limits, swap_split, swapped_block_names, unet_swap_units
 
 FAMILIES = ("sd1", "sdxl")
@@ -117,7 +117,7 @@ def test_the_units_are_every_resnet_and_transformer_block_in_the_order_the_forwa
 
 @pytest.mark.parametrize("family, units", [("sd1", 38), ("sd2", 38), ("sdxl", 87)])
 def test_the_family_limits_are_the_standard_unets_units_minus_two(family, units):
-    """FamilyLimits.max_blocks_to_swap (what the config rules check) is what the real architectures allow."""
+    """FamilyInfo.max_blocks_to_swap (what the config rules check) is what the real architectures allow."""
     from diffusers import UNet2DConditionModel
 
     from engine.models.configs import shipped_configs
@@ -125,7 +125,7 @@ def test_the_family_limits_are_the_standard_unets_units_minus_two(family, units)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(shipped_configs(family)["unet"])
     assert len(unet_swap_units(unet)) == units
-    assert swap_limits(unet) == FAMILY_LIMITS[family].max_blocks_to_swap == units - 2
+    assert swap_limits(unet) == FAMILY_INFO[family].max_blocks_to_swap == units - 2
     # Nearly all of the UNet's weights are in the units (what swapping them can take off the device).
     in_units = sum(p.numel() for name in unet_swap_units(unet) for p in unet.get_submodule(name).parameters())
     assert in_units > 0.9 * sum(p.numel() for p in unet.parameters())

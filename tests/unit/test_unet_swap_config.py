@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config.choices import FAMILY_LIMITS
 from engine.config.errors import ConfigError
 from engine.config.io import deep_merge, validate_config
+from engine.models.families import FAMILY_INFO
 
 SD = ("sd1", "sd2", "sdxl")
 
@@ -27,7 +27,7 @@ def problems(family: str, **sections: dict) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("family", SD)
 def test_swapping_up_to_the_family_limit_is_accepted(family):
-    limit = FAMILY_LIMITS[family].max_blocks_to_swap
+    limit = FAMILY_INFO[family].max_blocks_to_swap
     assert limit == (85 if family == "sdxl" else 36)
     assert problems(family, training={"blocks_to_swap": limit}) == []
     assert problems(family, training={"blocks_to_swap": 1}) == []
@@ -38,10 +38,10 @@ def test_swapping_up_to_the_family_limit_is_accepted(family):
 
 @pytest.mark.parametrize("family", SD)
 def test_more_blocks_than_the_family_has_are_refused_with_the_limit(family):
-    limit = FAMILY_LIMITS[family].max_blocks_to_swap
+    limit = FAMILY_INFO[family].max_blocks_to_swap
     [(path, message)] = problems(family, training={"blocks_to_swap": limit + 1})
     assert path == "training.blocks_to_swap"
-    assert message == (f"{FAMILY_LIMITS[family].label} can swap at most {limit} blocks, not {limit + 1}; use {limit} "
+    assert message == (f"{FAMILY_INFO[family].label} can swap at most {limit} blocks, not {limit + 1}; use {limit} "
                        "or fewer")
 
 
@@ -73,7 +73,7 @@ def test_the_descriptions_say_which_families_have_them():
 
     specs = {spec.path: spec for spec in iter_fields()}
     for path in ("training.blocks_to_swap", "training.cpu_offload_checkpointing"):
-        assert all(specs[path].applies_to(family) for family in FAMILY_LIMITS), path  # shown and read for all
+        assert all(specs[path].applies_to(family) for family in FAMILY_INFO), path  # shown and read for all
         assert "SD1/SD2/SDXL" in specs[path].description and "FLUX" in specs[path].description, path
 
 
