@@ -1,8 +1,9 @@
-"""`python -m engine ...`: the engine's command line."""
+"""`python -m engine ...` (or the `atelier-engine` script): the engine's command line."""
 
 import sys
 
-if __name__ == "__main__":
+
+def main() -> int:
     # Before the imports: the garbage collector is off until the command has loaded its model (engine.startup).
     from engine.startup import pause_collector
 
@@ -14,6 +15,10 @@ if __name__ == "__main__":
         from engine.rundir.control import watch_from_process_start
 
         watch_from_process_start(sys.argv[1:])
-    from engine.cli import main
+    from engine.cli import main as cli_main
 
+    return cli_main()
+
+
+if __name__ == "__main__":
     raise SystemExit(main())

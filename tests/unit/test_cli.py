@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,17 @@ def test_help_lists_the_commands():
     for command in ("validate", "schema", "import"):
         assert command in result.stdout
         assert engine(command, "--help").returncode == 0
+
+
+def test_the_console_scripts_pyproject_declares_run():
+    """`atelier-engine` (pyproject's [project.scripts]) is what pip installs: its target must exist and run."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        code = f"import sys; sys.argv = [{name!r}, '--version']; from {module} import {function}; {function}()"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.stdout.startswith("atelier engine"), (name, result.stderr)
 
 
 def test_validate_accepts_a_good_config_with_a_one_line_summary(tmp_path):
