@@ -96,14 +96,17 @@ class _Form:
 
 
 def _edit_events(component: gr.components.Component, spec: FieldSpec) -> list[Any]:
-    """The events of a user's edit. Text and number boxes use `input` (typing) and `blur` (leaving the box, e.g.
-    after a paste), which programmatic fills do not fire, so a preset does not revalidate once per field; that froze
-    the page for tens of seconds. Dropdowns and checkboxes use `change` (a preset sets few of them), and so do path
-    boxes: their file browser fills them without a keystroke."""
+    """The events of a user's edit, which programmatic fills do not fire: text and number boxes use `input` (typing)
+    and `blur` (leaving the box, e.g. after a paste), dropdowns and checkboxes `input` (the user's pick). A fill
+    (preset, loaded file, another tab's patch) evaluates the form once after it; with `change`, every field it set
+    evaluated it again, each time sending the whole form (one preset: up to 11 requests, and Gradio's page spent
+    about 3 s of CPU on each preset). Path boxes keep `change`: their file browser fills them without a keystroke."""
     if is_path_field(spec):
         return [component.change]
     if isinstance(component, gr.Textbox | gr.Number):
         return [component.input, component.blur]
+    if isinstance(component, gr.Dropdown | gr.Checkbox):
+        return [component.input]
     return [component.change]
 
 
@@ -336,7 +339,8 @@ class ParametersTab:
         gr.on([event for path, component in components.items() for event in _edit_events(component, self.specs[path])],
               trigger_mode="always_last", **evaluation)
         family_outputs = [part.block for part in self.layout.family_blocks]
-        components[FAMILY_FIELD].change(lambda form: self.layout.visibility(self.form_values(form)),
+        # The user's pick of a family shows its fields; a fill shows them itself (ParametersTab.fill).
+        components[FAMILY_FIELD].input(lambda form: self.layout.visibility(self.form_values(form)),
                                         inputs=set(components.values()), outputs=family_outputs)
         field_outputs = [*components.values(), preset_message, status, preview, ctx.config, *family_outputs,
                          confirm.row, confirm.text, page.patched, page.latest]
