@@ -150,7 +150,7 @@ def _settle_without_done(status: RunStatus, record: dict[str, Any], run_dir: Pat
                                       "Resume from the last saved state, if there is one.")
 
 
-# --- incremental reading (the Train tab's 1-second tick) -------------------------------------------------------
+# --- incremental reading (the Train tab's tick) -------------------------------------------------------
 
 # A long file is parsed in small pieces: a first read then never holds many events at once, and the few rows it
 # keeps do not pin the memory of the many it parsed (with 4 MiB pieces a 100k-event read left RSS 38 MiB higher).
@@ -250,7 +250,7 @@ class ChartData:
 class _ExistenceCache:
     """Which checkpoint paths still exist. A path is re-checked only when its folder's mtime moved (adding or
     removing an entry moves it; the engine removes old checkpoints with keep-last-N) or every _RECHECK_S, so a run
-    with thousands of checkpoints does not stat them all every second."""
+    with thousands of checkpoints does not stat them all at every tick."""
 
     def __init__(self) -> None:
         self._folders: dict[str, int | None] = {}
@@ -352,7 +352,7 @@ class RunReader:
         return [{"step": 0, "val_loss": math.nan}]
 
     def _log_tail(self, count: int) -> list[str]:
-        """train.log's last lines, read again only when the file changed (every viewer asks every second)."""
+        """train.log's last lines, read again only when the file changed (every viewer asks at every tick)."""
         if count <= 0:  # a caller that wants no lines (the gallery's redraw) must not evict the tick's cached tail
             return []
         path = train_log_path(self.run_dir)

@@ -113,7 +113,7 @@ def discover(runs_dir: Path) -> list[RunHandle]:
         return []
     records = {path: read_record(path) for path in runs_dir.iterdir() if (path / RECORD_FILE).is_file()}
     found = [RunHandle.from_record(path, record) for path, record in records.items()]
-    # One read of each record (the Train tab lists the runs every second).
+    # One read of each record (the Train tab lists the runs at every tick).
     return sorted(found, key=lambda handle: (records[handle.run_dir].get("created_at", 0), handle.name),
                   reverse=True)
 

@@ -1,6 +1,6 @@
 """The Train tab: pick a run (or try the demo), watch it live and control it.
 
-Everything shown is read from the run directory on a 1-second timer (RunManager.status and chart only read
+Everything shown is read from the run directory on a 2-second timer (RunManager.status and chart only read
 files), so a reloaded page or a restarted GUI re-attaches to running and finished runs alike. The manager keeps one
 reader per run for all viewers, which reads only the events appended since the last tick; a viewer keeps only
 versions and hashes of what it drew, and the charts and gallery are sent only when they changed.
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from gui.tabs.first_open import TrainServices
 
 LOG_LINES = 200
-TICK_SECONDS = 1.0
+# Every event costs Gradio's page work that grows with the page's components (it looks each output up in its whole
+# layout tree): with the Parameters tab built, a 1-second tick kept the page's renderer busy all the time on the
+# 2-core test machine (20.6 s of CPU in 20 s of a running run) and slowed everything else on the page.
+TICK_SECONDS = 2.0
 _RUNNING = ("running",)
 # Gradio's own autoscroll scrolls a textbox once, not on later updates: keep the log at its end as lines arrive,
 # unless the user scrolled up to read (then it stays put until they scroll back to the end).
