@@ -20,6 +20,7 @@ from engine.cli.options import add_arguments, option
 from engine.config.errors import ConfigError
 from engine.config.io import load_config
 from engine.models.locations import model_location
+from engine.startup import start_up_done
 
 if TYPE_CHECKING:
     from engine.config.schema import RunConfig
@@ -156,7 +157,9 @@ def latent_encoder(config: RunConfig, base_dir: Path, *, dtype: Any, device: str
     if family == "auto" and location:
         family = detect_model_family(location)
     loader = family_info(family).loader if family != "auto" else "ldm"
-    return _LATENT_ENCODERS[loader](model, location, base_dir, family, dtype, device)
+    encoder = _LATENT_ENCODERS[loader](model, location, base_dir, family, dtype, device)
+    start_up_done()  # the imports and the encoder: the heavy part of the cache command's start-up is over
+    return encoder
 
 
 def _flux_ae(model: Any, location: str, base_dir: Path, family: str, dtype: Any, device: str) -> Any:
