@@ -27,16 +27,15 @@ def learning_rates(config: RunConfig, text_encoder_count: int) -> LearningRates:
     return LearningRates(unet, (first, *[second] * max(0, text_encoder_count - 1))[:text_encoder_count])
 
 
-def lora_trains_text_encoders(config: RunConfig, text_encoder_count: int) -> list[bool]:
-    """Which text encoders a LoRA puts modules on, before the network's own say (FLUX's and SD3's T5 only with
-    train_t5xxl): a learning rate above 0, unless it trains the denoiser only or their outputs are cached."""
-    caches_text = config.training.cache_text_encoder_outputs
-    return [rate > 0 and not config.network.train_unet_only and not caches_text
-            for rate in learning_rates(config, text_encoder_count).text_encoders]
-
-
 def full_trains_text_encoders(config: RunConfig, text_encoder_count: int) -> list[bool]:
     """Which text encoders SD1/SD2/SDXL DreamBooth and fine-tuning train: a learning rate above 0, unless their
     outputs are cached (the encoders then never run)."""
     caches_text = config.training.cache_text_encoder_outputs
     return [rate > 0 and not caches_text for rate in learning_rates(config, text_encoder_count).text_encoders]
+
+
+def lora_trains_text_encoders(config: RunConfig, text_encoder_count: int) -> list[bool]:
+    """Which text encoders a LoRA puts modules on, before the network's own say (FLUX's and SD3's T5 only with
+    train_t5xxl): those full training would train, unless the LoRA trains the denoiser only."""
+    unet_only = config.network.train_unet_only
+    return [trains and not unet_only for trains in full_trains_text_encoders(config, text_encoder_count)]
