@@ -38,6 +38,12 @@ class Architecture:
     text_modules: list[nn.Module] = field(default_factory=list)
 
 
+def latent_scale(vae_config: dict[str, Any] | None) -> int:
+    """How many pixels one latent cell covers per side: the VAE halves the size between its blocks (8 for every
+    family's VAE, and assumed where a config does not say)."""
+    return 2 ** (len((vae_config or {}).get("block_out_channels", (0, 0, 0, 0))) - 1)
+
+
 def resolve_family(config: RunConfig, location: Path | str) -> str:
     """The run's family: the config's, or detected from the model's keys when it says "auto"."""
     family = config.model.model_family

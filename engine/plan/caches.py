@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
-from engine.plan.architecture import Architecture
+from engine.plan.architecture import Architecture, latent_scale
 
 __all__ = ["DeviceCaches", "device_caches", "latent_entry_bytes", "text_entry_bytes"]
 
@@ -75,8 +75,7 @@ def device_caches(config: RunConfig, base_dir: Path, architecture: Architecture,
         from engine.cache.latent_jobs import jobs_from_scan
 
         channels = family_info(architecture.family).latent_channels
-        vae = architecture.vae_config or {}
-        scale = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
+        scale = latent_scale(architecture.vae_config)
         jobs = jobs_from_scan(scan)
         latent_entries = len(jobs)
         latent_bytes = sum(latent_entry_bytes(channels, scale, job.record.bucket, flip=job.options.flip_aug,

@@ -16,6 +16,7 @@ import torch
 
 from engine.config.schema import RunConfig
 from engine.models.families import family_info
+from engine.plan.architecture import latent_scale
 from engine.plan.trace import PeakBytes, StepShape
 
 __all__ = ["sample_shape", "sampling_plan", "trace_vae", "trace_vae_decode"]
@@ -53,7 +54,7 @@ def trace_vae(vae_config: dict[str, Any], shape: StepShape, dtype: torch.dtype, 
 
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(vae_config).to(dtype)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = latent_scale(vae_config)
     with FakeTensorMode(allow_non_fake_inputs=True):
         vae.to_empty(device="cpu")
         vae.eval()
